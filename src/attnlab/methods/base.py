@@ -1,0 +1,175 @@
+"""The one interface every attention method implements.
+
+    out, probs = method(q, k, v, causal=False, key_padding_mask=None, attn_mask=None, scale=None, need_probs=False)
+
+q: [B, H, Tq, D]; k, v: [B, Hkv, Tk, D] with H % Hkv == 0; out: [B, H, Tq, D];
+probs: [B, H, Tq, Tk] (the implied attention matrix) or None.
+
+`forward` checks the request against the method's `Capabilities` before any compute, expands GQA
+heads, fills the default scale and then calls the method's `_attend`. Subclasses only write `_attend`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..types import Capabilities, OptionError, ShapeError, UnsupportedError
+
+
+def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """[B, Hkv, T, D] -> [B, Hkv * groups, T, D] (each kv head serves `groups` query heads)."""
+    if groups == 1:
+        return x
+    b, hkv, t, d = x.shape
+    return x[:, :, None].expand(b, hkv, groups, t, d).reshape(b, hkv * groups, t, d)
+
+
+def _is_block_mask(obj) -> bool:
+    return type(obj).__name__ == "BlockMask"
+
+
+class AttentionMethod(nn.Module):
+    name: ClassVar[str] = "?"
+    capabilities: ClassVar[Capabilities] = Capabilities()
+    # GQA handled natively by `_attend` (k, v arrive with Hkv heads) instead of expanded by the base.
+    native_gqa: ClassVar[bool] = False
+
+    @dataclasses.dataclass
+    class Options:
+        pass
+
+    def __init__(self, head_dim: int, num_heads: int, num_kv_heads: int | None = None, **options):
+        super().__init__()
+        if head_dim <= 0 or num_heads <= 0:
+            raise OptionError(f"{self.name}: head_dim and num_heads must be positive, got {head_dim}, {num_heads}")
+        if num_kv_heads is not None and (num_kv_heads <= 0 or num_heads % num_kv_heads):
+            raise OptionError(
+                f"{self.name}: num_kv_heads={num_kv_heads} must divide num_heads={num_heads} (GQA groups)"
+            )
+        self.head_dim = head_dim
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        try:
+            self.opts = self.Options(**options)
+        except TypeError as e:  # unknown option names reach here only when built without make()
+            valid = ", ".join(f.name for f in dataclasses.fields(self.Options))
+            raise OptionError(f"{self.name}: {e}; valid options: {valid or '(none)'}") from None
+        self.max_len: int | None = None
+
+    def extra_repr(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(self.opts).items())
+        return f"head_dim={self.head_dim}, num_heads={self.num_heads}" + (f", {opts}" if opts else "")
+
+    # ---- the contract ------------------------------------------------------------------------------
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        causal: bool = False,
+        key_padding_mask: torch.Tensor | None = None,
+        attn_mask=None,
+        scale: float | None = None,
+        need_probs: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self.check(q, k, v, causal=causal, key_padding_mask=key_padding_mask, attn_mask=attn_mask, need_probs=need_probs)
+        if scale is None:
+            scale = q.shape[-1] ** -0.5
+        groups = q.shape[1] // k.shape[1]
+        if not self.native_gqa:
+            k, v = repeat_kv(k, groups), repeat_kv(v, groups)
+        if key_padding_mask is not None:
+            key_padding_mask = key_padding_mask.bool()
+        return self._attend(
+            q, k, v, causal=causal, key_padding_mask=key_padding_mask, attn_mask=attn_mask, scale=float(scale),
+            need_probs=need_probs,
+        )
+
+    def _attend(self, q, k, v, *, causal, key_padding_mask, attn_mask, scale, need_probs):
+        raise NotImplementedError
+
+    # ---- validation, before any compute --------------------------------------------------------------
+    def unsupported_reasons(
+        self, *, causal: bool = False, padding: bool = False, attn_mask=None, need_probs: bool = False,
+        tq: int | None = None, tk: int | None = None, gqa: bool = False, dtype: torch.dtype | None = None,
+    ) -> list[str]:
+        """Why this method cannot serve a request (empty list: it can). xformers' not_supported_reasons."""
+        caps, why = self.capabilities, []
+        if causal and not caps.causal:
+            why.append("it cannot do causal attention")
+        if padding and not caps.padding:
+            why.append("it does not support key_padding_mask")
+        if attn_mask is not None:
+            if _is_block_mask(attn_mask):
+                if not caps.block_mask:
+                    why.append("it does not accept a FlexAttention BlockMask")
+            elif not caps.attn_mask:
+                why.append("it does not support an arbitrary attn_mask (only causal and key_padding_mask)")
+        if need_probs and not caps.probs:
+            why.append("it cannot return attention probabilities (need_probs=True)")
+        if gqa and not caps.gqa:
+            why.append("it does not support grouped-query attention (Hkv < H)")
+        if tq is not None and tk is not None and tq != tk and not caps.cross:
+            why.append(f"it needs Tq == Tk (got Tq={tq}, Tk={tk})")
+        if tk is not None and self.max_len is not None and tk > self.max_len:
+            why.append(f"it was built for at most max_len={self.max_len} keys, got {tk}")
+        if dtype is not None and dtype not in caps.dtypes:
+            why.append(f"it does not support dtype {dtype}")
+        return why
+
+    def check(self, q, k, v, *, causal=False, key_padding_mask=None, attn_mask=None, need_probs=False) -> None:
+        n = self.name
+        for t, nm in ((q, "q"), (k, "k"), (v, "v")):
+            if not isinstance(t, torch.Tensor) or t.dim() != 4:
+                shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ShapeError(f"{n}: {nm} must be a 4D tensor [B, heads, T, head_dim], got {shape}")
+        b, h, tq, d = q.shape
+        if k.shape[0] != b or v.shape[0] != b:
+            raise ShapeError(f"{n}: batch sizes differ: q {b}, k {k.shape[0]}, v {v.shape[0]}")
+        if k.shape[:3] != v.shape[:3]:
+            raise ShapeError(f"{n}: k {tuple(k.shape)} and v {tuple(v.shape)} must agree in [B, Hkv, Tk]")
+        if k.shape[-1] != d:
+            raise ShapeError(f"{n}: q head_dim {d} != k head_dim {k.shape[-1]}")
+        if d != self.head_dim or v.shape[-1] != self.head_dim:
+            raise ShapeError(f"{n}: built for head_dim={self.head_dim}, got q/k {d}, v {v.shape[-1]}")
+        if h != self.num_heads:
+            raise ShapeError(f"{n}: built for num_heads={self.num_heads}, got q with {h} heads")
+        hkv, tk = k.shape[1], k.shape[2]
+        if h % hkv:
+            raise ShapeError(f"{n}: kv heads ({hkv}) must divide query heads ({h}) for GQA")
+        if self.num_kv_heads is not None and hkv != self.num_kv_heads:
+            raise ShapeError(f"{n}: built for num_kv_heads={self.num_kv_heads}, got k/v with {hkv} heads")
+        if tq == 0 or tk == 0 or b == 0:
+            raise ShapeError(f"{n}: empty input (B={b}, Tq={tq}, Tk={tk})")
+        if not (q.dtype == k.dtype == v.dtype):
+            raise ShapeError(f"{n}: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+        if not (q.device == k.device == v.device):
+            raise ShapeError(f"{n}: q, k, v are on different devices")
+        if key_padding_mask is not None:
+            if not isinstance(key_padding_mask, torch.Tensor) or tuple(key_padding_mask.shape) != (b, tk):
+                got = tuple(key_padding_mask.shape) if isinstance(key_padding_mask, torch.Tensor) else key_padding_mask
+                raise ShapeError(f"{n}: key_padding_mask must be Bool[B={b}, Tk={tk}] (True = real key), got {got}")
+            if key_padding_mask.dtype != torch.bool:
+                raise ShapeError(
+                    f"{n}: key_padding_mask must be bool (True = real key, as in SDPA), got {key_padding_mask.dtype}"
+                )
+        if attn_mask is not None and not _is_block_mask(attn_mask):
+            if not isinstance(attn_mask, torch.Tensor):
+                raise ShapeError(f"{n}: attn_mask must be a tensor or a BlockMask, got {type(attn_mask).__name__}")
+            try:
+                torch.broadcast_shapes(attn_mask.shape, (b, h, tq, tk))
+                ok = attn_mask.dim() <= 4
+            except RuntimeError:
+                ok = False
+            if not ok:
+                raise ShapeError(f"{n}: attn_mask {tuple(attn_mask.shape)} does not broadcast to [B, H, Tq, Tk]={(b, h, tq, tk)}")
+        why = self.unsupported_reasons(
+            causal=causal, padding=key_padding_mask is not None, attn_mask=attn_mask, need_probs=need_probs,
+            tq=tq, tk=tk, gqa=hkv != h, dtype=q.dtype,
+        )
+        if why:
+            raise UnsupportedError(f"method {n!r} cannot run this request: " + "; ".join(why))

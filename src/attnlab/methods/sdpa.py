@@ -1,0 +1,67 @@
+"""torch.nn.functional.scaled_dot_product_attention: flash / memory-efficient / math chosen by torch."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from .. import masks
+from ..registry import register
+from ..types import Capabilities, OptionError, opt
+from .base import AttentionMethod, repeat_kv
+
+_BACKENDS = ("auto", "flash", "efficient", "math", "cudnn")
+
+
+@register("sdpa")
+class SDPA(AttentionMethod):
+    """PyTorch's fused attention. Same numbers as `dense`, never builds the matrix (flash/efficient paths)."""
+
+    capabilities = Capabilities(causal=True, padding=True, attn_mask=True, probs=False)
+    native_gqa = True
+
+    @dataclasses.dataclass
+    class Options:
+        backend: str = opt("auto", "auto | flash | efficient | math | cudnn (torch.nn.attention.sdpa_kernel)")
+
+        def __post_init__(self):
+            if self.backend not in _BACKENDS:
+                raise OptionError(f"sdpa: backend must be one of {_BACKENDS}, got {self.backend!r}")
+
+    def _attend(self, q, k, v, *, causal, key_padding_mask, attn_mask, scale, need_probs):
+        tq, tk = q.shape[-2], k.shape[-2]
+        mask, allowed, is_causal = None, None, causal
+        if key_padding_mask is not None or attn_mask is not None or (causal and tq != tk):
+            # SDPA's is_causal aligns top-left; ours aligns bottom-right, so build the mask when Tq != Tk.
+            allowed, bias = masks.combine(
+                tq, tk, causal=causal, key_padding_mask=key_padding_mask, attn_mask=attn_mask, device=q.device
+            )
+            mask = allowed if bias is None else bias.to(q.dtype).masked_fill(~allowed, float("-inf"))
+            is_causal = False
+        gqa = q.shape[1] != k.shape[1]
+        if gqa and mask is not None:
+            # enable_gqa together with an explicit mask is not served by every backend: expand instead.
+            groups = q.shape[1] // k.shape[1]
+            k, v, gqa = repeat_kv(k, groups), repeat_kv(v, groups), False
+        with _backend(self.opts.backend):
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=gqa)
+        if allowed is not None:
+            out = out.masked_fill(~allowed.any(-1, keepdim=True), 0.0)  # fully masked rows: zeros, never NaN
+        return out, None
+
+
+def _backend(name: str):
+    import contextlib
+
+    if name == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    table = {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "math": SDPBackend.MATH,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+    }
+    return sdpa_kernel([table[name]])

@@ -1,0 +1,76 @@
+"""Shared test helpers: seeded inputs, the fp64 reference, and THE tolerance rule (constants here only).
+
+Tolerance rule (flash-attention's): a method's max abs error vs an fp64 dense reference must be at most
+FACTOR x the max abs error of `dense` computed in the same dtype, plus a small absolute FLOOR (for fp32 the
+dense error is ~1e-7, below what a different but exact order of operations can promise).
+"""
+from __future__ import annotations
+
+import torch
+
+import attnlab
+from attnlab.methods.base import repeat_kv
+from attnlab.methods.dense import dense_attention
+
+FACTOR = 2.0
+FLOOR = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-3, torch.float16: 1e-3}
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+def rand_qkv(b=2, h=4, tq=16, tk=None, d=16, hkv=None, dtype=torch.float32, seed=0, std=1.0, requires_grad=False):
+    """Seeded q [b,h,tq,d], k/v [b,hkv,tk,d]. Drawn in fp64 then cast, so every dtype sees the same values."""
+    tk = tq if tk is None else tk
+    hkv = h if hkv is None else hkv
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, tq, d, generator=g, dtype=torch.float64) * std
+    k = torch.randn(b, hkv, tk, d, generator=g, dtype=torch.float64) * std
+    v = torch.randn(b, hkv, tk, d, generator=g, dtype=torch.float64)
+    out = [x.to(dtype) for x in (q, k, v)]
+    if requires_grad:
+        for x in out:
+            x.requires_grad_(True)
+    return out
+
+
+def reference(q, k, v, **mask_kw) -> torch.Tensor:
+    """fp64 dense attention on GQA-expanded heads: the truth every method is judged against."""
+    groups = q.shape[1] // k.shape[1]
+    out, _ = dense_attention(
+        q.detach().double(), repeat_kv(k.detach().double(), groups), repeat_kv(v.detach().double(), groups), **mask_kw
+    )
+    return out
+
+
+def dense_error(q, k, v, **mask_kw) -> float:
+    """Max abs error of `dense` run in q's dtype vs the fp64 reference: the yardstick for FACTOR."""
+    groups = q.shape[1] // k.shape[1]
+    with torch.no_grad():
+        low, _ = dense_attention(q, repeat_kv(k, groups), repeat_kv(v, groups), **mask_kw)
+    return (low.double() - reference(q, k, v, **mask_kw)).abs().max().item()
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.detach().double() - b.detach().double()).abs().max().item()
+
+
+def assert_matches_reference(out, q, k, v, ref=None, factor: float = FACTOR, **mask_kw) -> float:
+    """Assert the tolerance rule; return the measured error (tests print it for the closing note)."""
+    assert torch.isfinite(out).all(), "output has NaN/inf"
+    ref = reference(q, k, v, **mask_kw) if ref is None else ref
+    err = max_err(out, ref)
+    bound = factor * dense_error(q, k, v, **mask_kw) + FLOOR[q.dtype]
+    assert err <= bound, f"max abs error {err:.3e} > bound {bound:.3e} ({q.dtype})"
+    return err
+
+
+def grads(fn, q, k, v):
+    """d(sum(out * w))/d(q, k, v) for a fixed random w."""
+    q, k, v = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
+    out = fn(q, k, v)
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(123), dtype=torch.float64).to(out.dtype)
+    (out * w).sum().backward()
+    return q.grad, k.grad, v.grad
+
+
+def make(name, q, k, **opts):
+    return attnlab.make(name, head_dim=q.shape[-1], num_heads=q.shape[1], num_kv_heads=k.shape[1], **opts)
