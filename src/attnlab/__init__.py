@@ -2,7 +2,12 @@
 
 Public API (nothing runs at import; methods register on first lookup):
     list_methods(), capabilities(name), options(name), make(name, head_dim=, num_heads=, **options)
+    swap(model, name, **options), unswap(model), swapped(model, name, **options), replace_mha(model, name)
+    nn.MultiheadAttention (drop-in for torch.nn.MultiheadAttention)
 """
+from . import nn
+from .adapters import attention_modules, swap, swapped, unswap
+from .adapters.mha import replace_mha
 from .registry import capabilities, list_methods, make, options, register
 from .types import AttnlabError, Capabilities, OptionError, ShapeError, UnknownMethodError, UnsupportedError
 
@@ -10,5 +15,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AttnlabError", "Capabilities", "OptionError", "ShapeError", "UnknownMethodError", "UnsupportedError",
-    "capabilities", "list_methods", "make", "options", "register",
+    "attention_modules", "capabilities", "list_methods", "make", "nn", "options", "register", "replace_mha",
+    "swap", "swapped", "unswap",
 ]

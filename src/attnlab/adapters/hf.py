@@ -1,0 +1,160 @@
+"""Hugging Face transformers adapter: one attention function and one mask function, registered under "attnlab".
+
+transformers calls `attention_interface(module, q, k, v, attention_mask, dropout=, scaling=, **kw)` with
+q [B, H, Tq, D], k/v [B, Hkv, Tk, D] and expects (out [B, Tq, H, D], weights | None). The method for a layer
+lives on the module (`module.attnlab_method`) so its parameters are part of the model.
+
+The mask trap: an attention name registered without a mask function gets *no* mask at all (transformers
+skips mask creation for unknown names), so a decoder would silently attend to the future. We register
+`attnlab_mask` as well. It returns the cheapest faithful description of the mask:
+  - None when the mask is exactly "causal (or full) and no padding": the layer's `is_causal` says which;
+  - a Bool[B, Tk] key padding mask when it is causal/full + padding, with queries aligned bottom-right
+    (the last query is the last key: prefill and KV-cache decoding alike);
+  - otherwise the full Bool[B, 1, Tq, Tk] mask (sliding windows, packed sequences, static caches, ...),
+    which only methods that accept an arbitrary attn_mask can serve; the others raise a clear error.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from ..types import UnsupportedError
+
+NAME = "attnlab"
+
+
+def _plain_mask_functions():
+    from transformers import masking_utils as mu
+
+    return mu.causal_mask_function, getattr(mu, "bidirectional_mask_function", None)
+
+
+def attnlab_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    mask_function=None,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs,
+):
+    from transformers import masking_utils as mu
+
+    causal_fn, bidir_fn = _plain_mask_functions()
+    mask_function = causal_fn if mask_function is None else mask_function
+    plain = mask_function is causal_fn or (bidir_fn is not None and mask_function is bidir_fn)
+    aligned = (
+        isinstance(q_offset, int) and isinstance(kv_offset, int) and kv_offset == 0 and q_offset + q_length == kv_length
+    ) or mask_function is bidir_fn
+    if plain and aligned:
+        if attention_mask is None:
+            return None
+        padding = attention_mask[:, :kv_length].bool()
+        if padding.shape[-1] == kv_length:
+            return None if bool(padding.all()) else padding
+    kwargs.pop("allow_is_causal_skip", None)
+    kwargs.pop("allow_is_bidirectional_skip", None)
+    return mu.sdpa_mask(
+        batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset, kv_offset=kv_offset,
+        mask_function=mask_function, attention_mask=attention_mask, allow_is_causal_skip=False, **kwargs,
+    )
+
+
+_warned_dropout = False
+
+
+def attnlab_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None, **kwargs):
+    method = getattr(module, "attnlab_method", None)
+    if method is None:
+        raise UnsupportedError(
+            f"{type(module).__name__} runs attn_implementation='attnlab' but has no method attached; "
+            "use attnlab.swap(model, ...) rather than setting the implementation by hand"
+        )
+    global _warned_dropout
+    if dropout and not _warned_dropout:
+        warnings.warn("attnlab methods do not apply attention dropout (the model asked for %.3g)" % dropout)
+        _warned_dropout = True
+    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False))
+    key_padding_mask = attn_mask = None
+    if attention_mask is not None:
+        if attention_mask.dim() == 2:
+            key_padding_mask = attention_mask
+        elif attention_mask.dim() == 4:
+            attn_mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask.to(query.dtype)
+        else:
+            raise UnsupportedError(f"attnlab: unexpected attention_mask of shape {tuple(attention_mask.shape)}")
+    capture = getattr(module, "attnlab_capture", False)
+    need_probs = bool(kwargs.get("output_attentions", False)) or capture
+    out, probs = method(
+        query, key, value, causal=causal, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
+        scale=scaling, need_probs=need_probs,
+    )
+    if capture:
+        module.attnlab_probs = probs
+    return out.transpose(1, 2).contiguous(), probs  # (B, Tq, H, D)
+
+
+_registered = False
+
+
+def register() -> None:
+    """Register the attention and mask functions under "attnlab" (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(NAME, attnlab_attention)
+    AttentionMaskInterface.register(NAME, attnlab_mask)
+    _registered = True
+
+
+def is_hf_model(model) -> bool:
+    return hasattr(model, "config") and hasattr(model.config, "_attn_implementation")
+
+
+def attention_modules(model) -> list[tuple[str, torch.nn.Module]]:
+    """Modules whose forward dispatches through transformers' attention interface."""
+    import inspect
+
+    found, seen = [], {}
+    for name, mod in model.named_modules():
+        cls = type(mod)
+        if cls not in seen:
+            try:
+                src = inspect.getsource(cls.forward)
+            except (OSError, TypeError):
+                src = ""
+            seen[cls] = "ALL_ATTENTION_FUNCTIONS" in src or "attention_interface" in src
+        if seen[cls]:
+            found.append((name, mod))
+    return found
+
+
+def head_shape(module, config) -> tuple[int, int, int]:
+    """(num_heads, num_kv_heads, head_dim) of one attention module."""
+    cfg = getattr(module, "config", None) or config
+    cfg = getattr(cfg, "get_text_config", lambda: cfg)()
+    heads = getattr(module, "num_heads", None) or getattr(module, "num_attention_heads", None) or cfg.num_attention_heads
+    head_dim = (
+        getattr(module, "head_dim", None)
+        or getattr(module, "attention_head_size", None)
+        or getattr(cfg, "head_dim", None)
+        or cfg.hidden_size // cfg.num_attention_heads
+    )
+    groups = getattr(module, "num_key_value_groups", 1)
+    kv = getattr(cfg, "num_key_value_heads", None) or heads // groups
+    return int(heads), int(kv), int(head_dim)
+
+
+def set_implementation(model, name: str) -> None:
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(name)
+    else:  # transformers < 4.56-ish: set it on every config the model holds
+        for mod in model.modules():
+            cfg = getattr(mod, "config", None)
+            if cfg is not None and hasattr(cfg, "_attn_implementation"):
+                cfg._attn_implementation = name

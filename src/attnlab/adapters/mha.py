@@ -1,0 +1,154 @@
+"""`attnlab.nn.MultiheadAttention`: a drop-in for `torch.nn.MultiheadAttention` running any attnlab method.
+
+Same constructor, forward signature and state_dict keys as torch's module (it *is* a subclass, so
+`load_state_dict(torch_mha.state_dict())` works unchanged); the attention itself runs through
+`attnlab.make(method, ...)`. torch's conventions are translated at the boundary:
+- torch's key_padding_mask is True where the key is *padding*; attnlab's is True where it is real;
+- torch's bool attn_mask is True where attention is *not allowed*; attnlab's (SDPA's) is True where allowed;
+- `is_causal=True` becomes the method's causal flag (so linear methods use prefix sums, not a mask).
+Attention dropout is not applied (a warning says so once, in training mode).
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import registry
+from ..types import ShapeError, UnsupportedError
+
+
+def _no_fastpath(module, args):
+    """A forward pre-hook: torch's TransformerEncoderLayer skips its fused fast path (which would read
+    the projection weights and bypass the method) whenever a hook is attached."""
+    return None
+
+
+class MultiheadAttention(nn.MultiheadAttention):
+    def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False, add_zero_attn=False,
+                 kdim=None, vdim=None, batch_first=False, device=None, dtype=None, *, method: str = "dense", **options):
+        if add_bias_kv or add_zero_attn:
+            raise UnsupportedError("attnlab.nn.MultiheadAttention does not support add_bias_kv / add_zero_attn")
+        super().__init__(embed_dim, num_heads, dropout=dropout, bias=bias, kdim=kdim, vdim=vdim,
+                         batch_first=batch_first, device=device, dtype=dtype)
+        self.method_name = method
+        self.attnlab_method = registry.make(method, head_dim=self.head_dim, num_heads=num_heads, **options)
+        if device is not None or dtype is not None:
+            self.attnlab_method.to(device=device, dtype=dtype)
+        self.register_forward_pre_hook(_no_fastpath)
+        self._warned = False
+
+    def extra_repr(self) -> str:
+        return f"method={self.method_name!r}"
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # torch's own state_dict has no keys for the method's parameters: keep ours where they are missing.
+        for key, val in self.attnlab_method.state_dict(prefix=prefix + "attnlab_method.").items():
+            state_dict.setdefault(key, val)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        batched = query.dim() == 3
+        if not batched:
+            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif not self.batch_first:  # internal layout is batch-first
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        b, tq, e = query.shape
+        tk = key.shape[1]
+        if e != self.embed_dim:
+            raise ShapeError(f"MultiheadAttention: query embed dim {e} != embed_dim {self.embed_dim}")
+        if need_weights and not self.attnlab_method.capabilities.probs:
+            raise UnsupportedError(
+                f"method {self.method_name!r} cannot return attention weights; call with need_weights=False"
+            )
+        if self.training and self.dropout > 0 and not self._warned:
+            warnings.warn("attnlab.nn.MultiheadAttention does not apply attention dropout")
+            self._warned = True
+
+        if self._qkv_same_embed_dim:
+            w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        else:
+            w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+        b_q = b_k = b_v = None
+        if self.in_proj_bias is not None:
+            b_q, b_k, b_v = self.in_proj_bias.chunk(3)
+        h, d = self.num_heads, self.head_dim
+        q = F.linear(query, w_q, b_q).view(b, tq, h, d).transpose(1, 2)  # (B, H, Tq, D)
+        k = F.linear(key, w_k, b_k).view(b, tk, h, d).transpose(1, 2)  # (B, H, Tk, D)
+        v = F.linear(value, w_v, b_v).view(b, tk, h, d).transpose(1, 2)
+
+        kpm = None
+        if key_padding_mask is not None:  # torch: True/-inf = padding  ->  attnlab: True = real key
+            kpm = ~key_padding_mask if key_padding_mask.dtype == torch.bool else key_padding_mask > float("-inf")
+        mask = None
+        if attn_mask is not None and not is_causal:
+            if attn_mask.dim() == 3:  # (B * H, Tq, Tk) -> (B, H, Tq, Tk)
+                attn_mask = attn_mask.view(b, h, tq, tk)
+            mask = ~attn_mask if attn_mask.dtype == torch.bool else attn_mask.to(q.dtype)
+        out, probs = self.attnlab_method(
+            q, k, v, causal=bool(is_causal), key_padding_mask=kpm, attn_mask=mask, need_probs=need_weights
+        )
+        out = self.out_proj(out.transpose(1, 2).reshape(b, tq, e))  # (B, Tq, E)
+        if not batched:
+            out = out.squeeze(0)
+        elif not self.batch_first:
+            out = out.transpose(0, 1)
+        weights = None
+        if need_weights:
+            weights = probs.to(out.dtype)
+            if average_attn_weights:
+                weights = weights.mean(dim=1)
+            if not batched:
+                weights = weights.squeeze(0)
+        return out, weights
+
+
+def mha_modules(model):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+
+
+def replace_mha(model: nn.Module, method: str, **options) -> nn.Module:
+    """Swap every torch.nn.MultiheadAttention in `model` for attnlab's, keeping the weights. Reversible."""
+    targets = [(n, m) for n, m in mha_modules(model) if not isinstance(m, MultiheadAttention)]
+    if not targets:
+        raise UnsupportedError(f"no torch.nn.MultiheadAttention found in {type(model).__name__}")
+    news = []
+    for name, old in targets:
+        p = old.in_proj_weight if old.in_proj_weight is not None else old.q_proj_weight
+        new = MultiheadAttention(
+            old.embed_dim, old.num_heads, dropout=old.dropout, bias=old.in_proj_bias is not None, kdim=old.kdim,
+            vdim=old.vdim, batch_first=old.batch_first, device=p.device, dtype=p.dtype, method=method, **options,
+        )
+        new.load_state_dict(old.state_dict())
+        new.train(old.training)
+        news.append((name, old, new))
+    for name, old, new in news:
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, new)
+        new._attnlab_original = [old]  # a list, so torch does not register it as a submodule
+    # nn.TransformerEncoder's nested-tensor fast path would also bypass the method: turn it off (restored later)
+    for mod in model.modules():
+        if isinstance(mod, nn.TransformerEncoder) and getattr(mod, "use_nested_tensor", False):
+            mod.use_nested_tensor = False
+            mod._attnlab_nested = True
+    return model
+
+
+def restore_mha(model: nn.Module) -> bool:
+    """Undo replace_mha; returns whether anything was restored."""
+    done = False
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, MultiheadAttention) and hasattr(mod, "_attnlab_original"):
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attr, mod._attnlab_original[0])
+            done = True
+    for mod in model.modules():
+        if getattr(mod, "_attnlab_nested", False):
+            mod.use_nested_tensor = True
+            del mod._attnlab_nested
+    return done

@@ -1,0 +1,221 @@
+"""Timing and memory core: one (callable, inputs, mode) -> one result row.
+
+    row = bench_one(fn, make_inputs, mode="fwd+bwd", device="cuda", repeats=10, warmup=3)
+
+`make_inputs()` returns a tuple of tensors (the same values for every implementation at one length);
+`fn(*inputs)` returns the output tensor (or a tuple whose first item is it).
+
+Conventions, recorded in every row:
+- time: median over `repeats` timed calls after `warmup` untimed ones (the first warm-up call pays any
+  compilation / autotuning). CUDA events around each call on GPU, `time.perf_counter` (after a sync)
+  on CPU. `fwd` runs under `torch.no_grad()` (inference); `fwd+bwd` is forward then
+  `out.backward(grad_out)` with q, k, v (and any method parameters) requiring grad.
+- memory (CUDA only): `peak_mem_bytes` = torch.cuda.max_memory_allocated over the timed calls after
+  reset_peak_memory_stats; `extra_mem_bytes` = peak minus what was allocated just before them
+  (the inputs, grad_out, the module's own parameters/buffers); `input_bytes` = the inputs' own size.
+  On CPU all three are None and `mem_note` says why (the CPU allocator keeps no peak statistics).
+- status: ok | oom | unsupported | not installed | error | skipped (+ `error` text when not ok).
+"""
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+import traceback
+from typing import Callable, Sequence
+
+import torch
+
+STATUSES = ("ok", "oom", "unsupported", "not installed", "error", "skipped")
+MODES = ("fwd", "fwd+bwd")
+CPU_MEM_NOTE = "peak memory is not measured on CPU (no allocator statistics); null"
+
+
+class NotInstalled(Exception):
+    """A peer package (or one of its dependencies) cannot be imported."""
+
+
+class Unsupported(Exception):
+    """A request (causal, device, dtype, length) the implementation cannot serve."""
+
+
+def dense_flops(batch: int, heads: int, seq_len: int, head_dim: int, mode: str, causal: bool) -> float:
+    """Dense-equivalent attention FLOPs (flash-attention's convention).
+
+    fwd: 4 * B * H * T^2 * D (QK^T and PV, 2 FLOPs per multiply-add), halved when causal;
+    fwd+bwd: 3.5x the forward (backward = 2.5x forward). The same count is used for every method, so
+    an approximate method's TFLOP/s is "effective" (dense work per second), not its own arithmetic.
+    """
+    flops = 4.0 * batch * heads * seq_len * seq_len * head_dim
+    if causal:
+        flops /= 2
+    if mode == "fwd+bwd":
+        flops *= 3.5
+    return flops
+
+
+def is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    msg = str(exc)
+    return isinstance(exc, (RuntimeError, MemoryError)) and (
+        "out of memory" in msg.lower() or "can't allocate memory" in msg or isinstance(exc, MemoryError)
+    )
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_memory(device: torch.device | str) -> None:
+    device = torch.device(device)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _error_text(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip()
+    if not isinstance(exc, (NotInstalled, Unsupported)) and not is_oom(exc):
+        # where it failed, in one line: the innermost frame
+        tb = traceback.extract_tb(exc.__traceback__)
+        if tb:
+            fr = tb[-1]
+            text += f" [at {fr.filename.rsplit('/', 1)[-1]}:{fr.lineno} in {fr.name}]"
+    return text[:2000]
+
+
+def classify(exc: BaseException) -> str:
+    from ..types import UnsupportedError
+
+    if is_oom(exc):
+        return "oom"
+    if isinstance(exc, NotInstalled):
+        return "not installed"
+    if isinstance(exc, (Unsupported, UnsupportedError)):
+        return "unsupported"
+    return "error"
+
+
+def failed_row(exc: BaseException) -> dict:
+    return {"status": classify(exc), "error": _error_text(exc), "ms": None}
+
+
+def bench_one(
+    fn: Callable,
+    make_inputs: Callable[[], Sequence[torch.Tensor]],
+    mode: str,
+    device: torch.device | str,
+    repeats: int = 10,
+    warmup: int = 3,
+    *,
+    row_budget_s: float | None = None,
+    params: Sequence[torch.nn.Parameter] = (),
+) -> dict:
+    """Time and measure one callable. Never raises for OOM / unsupported / errors: they become the row.
+
+    row_budget_s: soft cap on the timed loop; when one call is slow the number of repeats is lowered
+    (never below 1) so one row cannot eat the sweep. `repeats` in the row says how many were timed.
+    params: module parameters whose .grad is reset between fwd+bwd calls.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    device = torch.device(device)
+    row: dict = {
+        "status": "ok", "error": None, "ms": None, "ms_min": None, "ms_max": None, "repeats": 0, "warmup": 0,
+        "peak_mem_bytes": None, "extra_mem_bytes": None, "input_bytes": None,
+        "mem_note": CPU_MEM_NOTE if device.type != "cuda" else None,
+    }
+    t_start = time.perf_counter()
+    exc_info: tuple[str, str] | None = None
+    inputs = grad_out = None
+    leaves: list = []
+    try:
+        inputs = tuple(make_inputs())
+        backward = mode == "fwd+bwd"
+        if backward:
+            inputs = tuple(x.detach().requires_grad_(x.is_floating_point()) for x in inputs)
+        leaves = [x for x in inputs if x.requires_grad] + [p for p in params if p.requires_grad]
+
+        def call():
+            for x in leaves:
+                x.grad = None
+            if backward:
+                out = _first(fn(*inputs))
+                out.backward(grad_out)
+            else:
+                with torch.no_grad():
+                    out = _first(fn(*inputs))
+            return out
+
+        # ---- warm-up: the first call pays compilation; later ones estimate the per-call time
+        t_call = None
+        for i in range(max(1, warmup)):
+            t0 = time.perf_counter()
+            if backward and grad_out is None:
+                with torch.no_grad():
+                    shape_probe = _first(fn(*(x.detach() for x in inputs)))
+                grad_out = torch.randn_like(shape_probe)
+                del shape_probe
+            out = call()
+            del out
+            _sync(device)
+            t_call = time.perf_counter() - t0
+            row["warmup"] = i + 1
+            if row_budget_s is not None and i >= 1 and t_call * (warmup - i - 1) > row_budget_s / 2:
+                break  # slow call: further warm-ups would only spend the budget
+        n = repeats
+        if row_budget_s is not None and t_call is not None and t_call > 0:
+            n = max(1, min(repeats, int(row_budget_s / t_call)))
+
+        # ---- timed loop (memory peak taken over the same calls)
+        input_bytes = sum(x.numel() * x.element_size() for x in inputs)
+        if grad_out is not None:
+            input_bytes += grad_out.numel() * grad_out.element_size()
+        if device.type == "cuda":
+            gc.collect()
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+            ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+            for i in range(n):
+                for x in leaves:  # outside the timed region
+                    x.grad = None
+                starts[i].record()
+                out = call()
+                ends[i].record()
+                del out
+            torch.cuda.synchronize(device)
+            times = [s.elapsed_time(e) for s, e in zip(starts, ends)]
+            peak = torch.cuda.max_memory_allocated(device)
+            row.update(peak_mem_bytes=int(peak), extra_mem_bytes=int(peak - base), input_bytes=int(input_bytes))
+        else:
+            times = []
+            for _ in range(n):
+                for x in leaves:
+                    x.grad = None
+                t0 = time.perf_counter()
+                out = call()
+                times.append((time.perf_counter() - t0) * 1e3)
+                del out
+            row["input_bytes"] = int(input_bytes)
+        row.update(
+            ms=float(statistics.median(times)), ms_min=float(min(times)), ms_max=float(max(times)), repeats=n,
+        )
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a row, the sweep goes on
+        exc_info = (classify(exc), _error_text(exc))
+        del exc  # drop the traceback (it pins the frames that hold the big tensors)
+    if exc_info is not None:
+        inputs = grad_out = None
+        leaves = []
+        row.update(status=exc_info[0], error=exc_info[1], ms=None)
+        free_memory(device)
+    row["wall_s"] = round(time.perf_counter() - t_start, 3)
+    return row

@@ -1,0 +1,56 @@
+"""Linear attention (Katharopoulos et al. 2020, "Transformers are RNNs", arXiv:2006.16236).
+
+    out_i = sum_j phi(q_i).phi(k_j) v_j / sum_j phi(q_i).phi(k_j),   phi = elu(x) + 1  (or relu)
+
+O(T F D) instead of O(T^2 D); causal runs the chunked prefix-sum form of `_linear_core`.
+
+`scale` is ignored, as in the paper: phi is applied to q and k directly. The softmax temperature has no
+counterpart here: with relu features any positive factor on q or k cancels exactly in the normalisation
+(relu is positively homogeneous), and for elu+1 folding sqrt(scale) into q, k would just be another,
+non-standard feature map. The argument is accepted only so the method fits the common interface.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from ..registry import register
+from ..types import Capabilities, OptionError, opt
+from ._linear_core import _compute_dtype, linear_attention, linear_attention_quadratic
+from .base import AttentionMethod
+
+_FEATURE_MAPS = ("elu", "relu")
+
+
+@register("linear")
+class Linear(AttentionMethod):
+    """Kernelised attention with a fixed positive feature map; never builds Tq x Tk unless need_probs."""
+
+    # relu features can make a row's normaliser exactly 0 (all q, k features off): that row returns zeros.
+    capabilities = Capabilities(causal=True, padding=True, attn_mask=False, probs=True)
+
+    @dataclasses.dataclass
+    class Options:
+        feature_map: str = opt("elu", "elu (elu(x)+1, the paper's) | relu")
+        chunk_size: int = opt(64, "tokens per chunk of the causal chunked prefix-sum form")
+
+        def __post_init__(self):
+            if self.feature_map not in _FEATURE_MAPS:
+                raise OptionError(f"linear: feature_map must be one of {_FEATURE_MAPS}, got {self.feature_map!r}")
+            if not isinstance(self.chunk_size, int) or self.chunk_size <= 0:
+                raise OptionError(f"linear: chunk_size must be a positive int, got {self.chunk_size!r}")
+
+    def feature(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(_compute_dtype(x.dtype))  # features in fp32 for half inputs
+        return F.elu(x) + 1.0 if self.opts.feature_map == "elu" else F.relu(x)
+
+    def _attend(self, q, k, v, *, causal, key_padding_mask, attn_mask, scale, need_probs):
+        phi_q, phi_k = self.feature(q), self.feature(k)  # (B, H, Tq, D), (B, H, Tk, D): F = D
+        if need_probs:
+            return linear_attention_quadratic(phi_q, phi_k, v, causal=causal, key_padding_mask=key_padding_mask)
+        out = linear_attention(
+            phi_q, phi_k, v, causal=causal, key_padding_mask=key_padding_mask, chunk_size=self.opts.chunk_size
+        )
+        return out, None

@@ -1,0 +1,93 @@
+"""Linformer (Wang et al. 2020, "Linformer: Self-Attention with Linear Complexity", arXiv:2006.04768).
+
+Keys and values are projected along the sequence axis by learned E, F of shape [proj_len, max_len]:
+
+    out = softmax(Q (E K)^T * scale) (F V)          # (Tq x proj_len) scores, never Tq x Tk
+
+A shorter input uses the first Tk columns of E/F (the same as zero-padding it to max_len). Padded keys
+are zeroed before projecting, and a projected row that reads no real key (E[r, j] == 0 for every real
+j) is masked out of the softmax. That makes the identity limit (init="identity", proj_len == max_len)
+exactly dense attention, with or without padding and for any Tk <= max_len. Non-causal only: a
+projected row mixes future and past keys.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from .. import masks
+from ..registry import register
+from ..types import Capabilities, OptionError, opt
+from .base import AttentionMethod
+
+_INITS = ("normal", "identity")
+
+
+def _positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise OptionError(f"linformer: {name} must be a positive int, got {value!r}")
+
+
+@register("linformer")
+class Linformer(AttentionMethod):
+    """Low-rank projection of keys/values along the sequence (O(T * proj_len)); trainable E, F."""
+
+    capabilities = Capabilities(causal=False, padding=True, probs=False, trainable=True, max_len=True)
+
+    @dataclasses.dataclass
+    class Options:
+        proj_len: int = opt(256, "k: number of projected key/value rows (E, F are [proj_len, max_len])")
+        max_len: int = opt(4096, "n: longest key sequence accepted; longer inputs are refused")
+        share_kv: bool = opt(False, "one projection for keys and values (F = E)")
+        init: str = opt("normal", "normal: N(0, 1/proj_len) | identity: exact attention, needs proj_len == max_len")
+        per_head: bool = opt(False, "one E, F per head (default: one pair shared by all heads, as in the paper)")
+
+        def __post_init__(self):
+            _positive_int("proj_len", self.proj_len)
+            _positive_int("max_len", self.max_len)
+            if self.init not in _INITS:
+                raise OptionError(f"linformer: init must be one of {_INITS}, got {self.init!r}")
+            if self.init == "identity" and self.proj_len != self.max_len:
+                raise OptionError(
+                    f"linformer: init='identity' needs proj_len == max_len, got proj_len={self.proj_len}, "
+                    f"max_len={self.max_len}; set both to the same value or use init='normal'"
+                )
+
+    def __init__(self, head_dim: int, num_heads: int, num_kv_heads: int | None = None, **options):
+        super().__init__(head_dim, num_heads, num_kv_heads, **options)
+        o = self.opts
+        self.max_len = o.max_len  # the base class refuses longer keys before compute
+        # GQA heads are expanded by the base class, so a per-head projection has one slice per query head.
+        shape = (num_heads, o.proj_len, o.max_len) if o.per_head else (o.proj_len, o.max_len)
+        self.E = nn.Parameter(self._init_projection(shape))
+        self.F = None if o.share_kv else nn.Parameter(self._init_projection(shape))
+
+    def _init_projection(self, shape) -> torch.Tensor:
+        if self.opts.init == "identity":
+            return torch.eye(self.opts.max_len).expand(shape).clone()
+        return torch.randn(shape) * self.opts.proj_len**-0.5  # variance 1/k: the paper's JL projection
+
+    def _attend(self, q, k, v, *, causal, key_padding_mask, attn_mask, scale, need_probs):
+        tk = k.shape[-2]
+        E = self.E[..., :tk].to(k.dtype)  # (P, Tk) or (H, P, Tk)
+        F = E if self.F is None else self.F[..., :tk].to(v.dtype)  # (P, Tk) or (H, P, Tk)
+        if key_padding_mask is None:
+            real = torch.ones(1, tk, device=k.device)  # (1, Tk)
+        else:
+            real = key_padding_mask.to(torch.float32)  # (B, Tk)
+            # zero padded keys/values so the projection sums only real tokens
+            k = k.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
+            v = v.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
+        # a projected row is a real key only if it reads some real key; otherwise it would add a spurious
+        # score-0 key (this is what makes the identity limit exact for Tk < max_len and under padding)
+        reads = torch.einsum("...pt,bt->b...p", (E != 0).to(torch.float32), real)  # (B|1, P) or (B|1, H, P)
+        allowed = reads > 0
+        allowed = allowed[:, :, None, :] if self.opts.per_head else allowed[:, None, None, :]  # (B|1, H|1, 1, P)
+        k_proj = torch.matmul(E, k)  # (B, H, P, D)
+        v_proj = torch.matmul(F, v)  # (B, H, P, D)
+        scores = torch.matmul(q, k_proj.transpose(-1, -2)) * scale  # (B, H, Tq, P)
+        probs = masks.masked_softmax(scores, allowed)  # fp32; a row with no real key gives zeros
+        out = torch.matmul(probs.to(v.dtype), v_proj)  # (B, H, Tq, D)
+        return out, None

@@ -1,0 +1,204 @@
+"""Reformer LSH attention (Kitaev, Kaiser & Levskaya, "Reformer: The Efficient Transformer", ICLR 2020).
+
+Each hash round r (of `n_hashes`):
+
+1. Hash every token with angular LSH: h(x) = argmax([x R_r ; -x R_r]) for a random rotation
+   R_r [D, n_buckets/2] (paper section 2, after Andoni et al. 2015). Only x's direction matters.
+2. Sort the tokens by (bucket, position) and cut the sorted sequence into chunks of `bucket_size`.
+3. Each query chunk attends to its own key chunk and the previous one ("look one back"), masked so a
+   query sees only keys of its own bucket (plus causal and key padding, both on ORIGINAL positions).
+4. Keep the chunk softmax's log-sum-exp per query, unsort.
+
+The rounds are combined with their log-sum-exps: out_i = sum_r softmax_r(lse_r,i) * out_r,i, which is
+the softmax over the union of the rounds' key sets (a key found in k rounds is counted k times, as in
+trax / reformer-pytorch's default; the paper's optional duplicate-count correction is not applied).
+
+Memory per round is O(T * bucket_size): the T x T matrix is built only when `need_probs=True`.
+
+shared_qk=True (the paper's definition, default)
+    Keys are the queries normalised, k_j = q_j / |q_j|, and THE `k` ARGUMENT IS IGNORED (it is only
+    shape-checked). Values are `v`. Because q_i . k_i is then the largest score a query can have, a
+    token attends to itself only when no other key is allowed: its self score is set to the finite
+    -1e5 (paper section 2, "Causal masking for shared-QK attention"), never -inf, so a row whose only
+    allowed key is itself still has an answer. A padded or causally hidden self key stays hidden.
+
+shared_qk=False (an approximation BEYOND the paper, for dropping LSH into a pretrained model that has
+    real keys): q and k are hashed with the same rotations, sorted separately by (bucket, position) and
+    chunked; query chunk c attends to key chunks c and c-1, masked to the same bucket (+ causal,
+    padding). There is no self special case. Queries and keys of one bucket need not line up in the
+    two sorted orders, so recall depends on how balanced the buckets of q and k are.
+
+Exact limit: bucket_size >= T gives one bucket and one chunk, i.e. dense attention (shared-QK dense
+attention with the -1e5 diagonal when shared_qk=True). Tq must equal Tk (self-attention only).
+
+Causality: no query ever gives weight to a key at a later position (the mask is on original
+positions; `need_probs` is exactly 0 above the diagonal). But an output at position i is NOT a
+function of tokens <= i alone once there are several buckets: a later token's bucket decides where it
+sorts, which can shift chunk boundaries and so change which EARLIER keys fall in an earlier query's
+window. This is inherent to Reformer's chunking (it does not leak future content into the weighted
+sum, it changes the candidate set). Perturbing only future values, or future queries/keys in ways that
+keep their buckets, leaves earlier outputs bit-identical.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..registry import register
+from ..types import Capabilities, OptionError, opt
+from .base import AttentionMethod
+
+SELF_SCORE = -1e5  # Reformer's value for a token attending to itself (finite, so it can be the last resort)
+
+
+@register("lsh")
+class LSH(AttentionMethod):
+    """Reformer LSH attention: hash, sort, chunk, attend within bucket (look one back), combine rounds."""
+
+    capabilities = Capabilities(causal=True, padding=True, attn_mask=False, probs=True, cross=False)
+
+    @dataclasses.dataclass
+    class Options:
+        bucket_size: int = opt(64, "tokens per chunk of the sorted sequence; n_buckets ~ T / bucket_size")
+        n_hashes: int = opt(2, "hash rounds, combined by their log-sum-exps (more rounds: better recall)")
+        seed: int = opt(0, "seed of the random rotations (same seed: same buckets, same output)")
+        shared_qk: bool = opt(
+            True, "Reformer's shared-QK: keys = q/|q| and the k argument is IGNORED; False hashes the real k"
+        )
+
+        def __post_init__(self):
+            if isinstance(self.bucket_size, bool) or not isinstance(self.bucket_size, int) or self.bucket_size < 1:
+                raise OptionError(f"lsh: bucket_size must be an int >= 1, got {self.bucket_size!r}")
+            if isinstance(self.n_hashes, bool) or not isinstance(self.n_hashes, int) or self.n_hashes < 1:
+                raise OptionError(f"lsh: n_hashes must be an int >= 1, got {self.n_hashes!r}")
+            if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+                raise OptionError(f"lsh: seed must be an int, got {self.seed!r}")
+            if not isinstance(self.shared_qk, bool):
+                raise OptionError(f"lsh: shared_qk must be a bool, got {self.shared_qk!r}")
+
+    def __init__(self, head_dim: int, num_heads: int, num_kv_heads: int | None = None, **options):
+        super().__init__(head_dim, num_heads, num_kv_heads, **options)
+        # Rotations depend on n_buckets, which depends on T: drawn on demand from the seed and cached
+        # (not a buffer: they are a pure function of (seed, n_buckets, head_dim), nothing to save).
+        self._rotations: dict[tuple, torch.Tensor] = {}
+
+    # ---- hashing -------------------------------------------------------------------------------------
+    def n_buckets(self, t: int) -> int:
+        """ceil(T / bucket_size), rounded up to even (angular LSH makes buckets in +/- pairs)."""
+        n = max(1, math.ceil(t / self.opts.bucket_size))
+        return n + (n % 2) if n > 1 else 1
+
+    def rotations(self, n_buckets: int, device, dtype) -> torch.Tensor:
+        """R [D, n_hashes, n_buckets / 2], deterministic in (seed, n_buckets)."""
+        key = (n_buckets, str(device), dtype)
+        if key not in self._rotations:
+            g = torch.Generator().manual_seed(self.opts.seed)
+            r = torch.randn(self.head_dim, self.opts.n_hashes, n_buckets // 2, generator=g, dtype=torch.float64)
+            self._rotations[key] = r.to(device=device, dtype=dtype)
+        return self._rotations[key]
+
+    def _hash(self, x: torch.Tensor, n_buckets: int, t_real: int) -> torch.Tensor:
+        """x (B, H, Tp, D) -> buckets (B, H, R, Tp); internal padding positions get bucket n_buckets (sort last)."""
+        b, h, tp, _ = x.shape
+        if n_buckets == 1:
+            buckets = torch.zeros(b, h, self.opts.n_hashes, tp, dtype=torch.long, device=x.device)
+        else:
+            with torch.no_grad():  # argmax has no gradient; keep hashing out of the graph
+                rot = torch.einsum("bhtd,dre->bhrte", x, self.rotations(n_buckets, x.device, x.dtype))  # (B,H,R,Tp,nb/2)
+                buckets = torch.cat([rot, -rot], dim=-1).argmax(dim=-1)  # (B, H, R, Tp)
+        buckets[..., t_real:] = n_buckets
+        return buckets
+
+    # ---- attention -----------------------------------------------------------------------------------
+    def _attend(self, q, k, v, *, causal, key_padding_mask, attn_mask, scale, need_probs):
+        o = self.opts
+        b, h, t, d = q.shape
+        r = o.n_hashes
+        # Half precision: compute in fp32 (scores, -1e5 and the log-sum-exps do not fit fp16), cast at the end.
+        ct = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+        n_buckets = self.n_buckets(t)
+        chunk = min(o.bucket_size, t)  # one bucket  <=>  one chunk of length T (no internal padding)
+        n_chunks = math.ceil(t / chunk)
+        tp = n_chunks * chunk  # T padded up to whole chunks
+        device = q.device
+
+        qf, vf = q.to(ct), v.to(ct)
+        kf = F.normalize(qf, dim=-1) if o.shared_qk else k.to(ct)  # shared-QK: k_j = q_j / |q_j|
+        if tp > t:
+            qf, kf, vf = (F.pad(x, (0, 0, 0, tp - t)) for x in (qf, kf, vf))  # (B, H, Tp, D)
+        real = torch.zeros(b, tp, dtype=torch.bool, device=device)  # keys that may be attended to
+        real[:, :t] = True if key_padding_mask is None else key_padding_mask
+        pos = torch.arange(tp, device=device)
+
+        # Hash and sort by (bucket, position): the key bucket * Tp + pos is unique, so argsort is stable.
+        q_bkt = self._hash(qf, n_buckets, t)  # (B, H, R, Tp)
+        k_bkt = q_bkt if o.shared_qk else self._hash(kf, n_buckets, t)
+
+        def sort(bkt):
+            order = (bkt * tp + pos).argsort(dim=-1)  # (B, H, R, Tp): sorted slot -> original position
+            return order, bkt.gather(-1, order)
+
+        q_order, q_sbkt = sort(q_bkt)
+        k_order, k_sbkt = (q_order, q_sbkt) if o.shared_qk else sort(k_bkt)
+
+        def gather(x, order):  # (B, H, Tp, D) -> (B, H, R, n_chunks, chunk, D) in sorted order
+            x = x.unsqueeze(2).expand(b, h, r, tp, x.shape[-1])
+            return x.gather(3, order.unsqueeze(-1).expand(b, h, r, tp, x.shape[-1])).view(b, h, r, n_chunks, chunk, -1)
+
+        def chunked(x):  # (B, H, R, Tp) -> (B, H, R, n_chunks, chunk)
+            return x.view(b, h, r, n_chunks, chunk)
+
+        sq = gather(qf, q_order)  # (B, H, R, C, L, D)
+        sk, sv = gather(kf, k_order), gather(vf, k_order)
+        q_pos, q_sbkt = chunked(q_order), chunked(q_sbkt)  # (B, H, R, C, L)
+        k_pos, k_sbkt = chunked(k_order), chunked(k_sbkt)
+        k_real = chunked(real[:, None, None, :].expand(b, h, r, tp).gather(-1, k_order))
+
+        if n_chunks > 1:
+            # Look one back: key window of chunk c = chunk c ++ chunk c-1 (W = 2L). Chunk 0 has no
+            # predecessor (no wrap-around to the last chunk): its look-back half is marked invalid.
+            def back(x):
+                return torch.cat([x, x.roll(1, dims=3)], dim=4)
+
+            sk, sv, k_pos, k_sbkt = back(sk), back(sv), back(k_pos), back(k_sbkt)  # (B,H,R,C,W[,D])
+            has_prev = (torch.arange(n_chunks, device=device) > 0)[:, None]  # (C, 1)
+            k_real = torch.cat([k_real, k_real.roll(1, dims=3) & has_prev], dim=4)
+
+        scores = torch.einsum("bhrcid,bhrcjd->bhrcij", sq, sk) * scale  # (B, H, R, C, L, W)
+        allowed = (q_sbkt.unsqueeze(-1) == k_sbkt.unsqueeze(-2)) & k_real.unsqueeze(-2)  # same bucket, real key
+        if causal:
+            allowed = allowed & (k_pos.unsqueeze(-2) <= q_pos.unsqueeze(-1))  # by ORIGINAL positions
+        if o.shared_qk:
+            # Self last: applied before the -inf fill, so a padded self key stays invisible.
+            scores = scores.masked_fill(k_pos.unsqueeze(-2) == q_pos.unsqueeze(-1), float('-inf'))
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        has = allowed.any(dim=-1)  # (B, H, R, C, L): the query has a key in this round
+        # Rows with nothing allowed get dummy finite scores so neither forward nor backward sees -inf - -inf.
+        scores = scores.masked_fill(~has.unsqueeze(-1), 0.0)
+        lse = torch.logsumexp(scores, dim=-1)  # (B, H, R, C, L)
+        p = torch.exp(scores - lse.unsqueeze(-1))  # (B, H, R, C, L, W)
+        out_s = torch.einsum("bhrcij,bhrcjd->bhrcid", p, sv).reshape(b, h, r, tp, d)  # sorted order
+        lse_s = lse.masked_fill(~has, float("-inf")).reshape(b, h, r, tp)
+
+        # Unsort each round, then combine the rounds weighted by softmax over their log-sum-exps.
+        undo = q_order.argsort(dim=-1)  # (B, H, R, Tp): original position -> sorted slot
+        out_r = out_s.gather(3, undo.unsqueeze(-1).expand(b, h, r, tp, d))  # (B, H, R, Tp, D)
+        lse_r = lse_s.gather(-1, undo)  # (B, H, R, Tp)
+        any_key = (lse_r > float("-inf")).any(dim=2, keepdim=True)  # (B, H, 1, Tp)
+        w = torch.softmax(lse_r.masked_fill(~any_key, 0.0), dim=2)  # (B, H, R, Tp); finite even for empty rows
+        out = (w.unsqueeze(-1) * out_r).sum(dim=2) * any_key.squeeze(2).unsqueeze(-1).to(ct)  # (B, H, Tp, D)
+        out = out[:, :, :t].to(v.dtype)
+
+        probs = None
+        if need_probs:
+            # Implied matrix: P[i, j] = sum_r w_r,i * p_r,ij, scattered from the chunks (T x T only here).
+            w_s = chunked(w.gather(-1, q_order))  # (B, H, R, C, L): round weights in sorted order
+            contrib = p.masked_fill(~allowed, 0.0) * w_s.unsqueeze(-1)  # (B, H, R, C, L, W)
+            idx = q_pos.unsqueeze(-1) * tp + k_pos.unsqueeze(-2)  # flat (query, key) in original positions
+            probs = torch.zeros(b, h, tp * tp, dtype=ct, device=device)
+            probs = probs.scatter_add(-1, idx.reshape(b, h, -1), contrib.reshape(b, h, -1))
+            probs = probs.view(b, h, tp, tp)[:, :, :t, :t]
+        return out, probs

@@ -1,0 +1,116 @@
+"""Nystromformer (Xiong et al. 2021, "Nystromformer: A Nystrom-Based Algorithm for Approximating
+Self-Attention", arXiv:2102.03902).
+
+With m landmarks Q~, K~ (segment means of q and k):
+
+    F = softmax(Q K~^T s)   A = softmax(Q~ K~^T s)   B = softmax(Q~ K^T s)
+    out = F pinv(A) (B V)                             # multiplied right to left: no T x T matrix
+
+pinv is the paper's Newton-Schulz iteration or torch.linalg.pinv. With m = T (T <= num_landmarks) each
+landmark is one token, so F = A = B = S and, with the exact pinv, S pinv(S) S V = S V: dense attention.
+Padding: landmarks average real tokens only and a landmark with none is dropped (masked out of F's and
+A's columns, its A and B rows zeroed), so that limit holds under padding too. Non-causal and Tq == Tk
+only: landmarks summarise the whole sequence, and q and k landmarks must pair up segment by segment.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from .. import masks
+from ..registry import register
+from ..types import Capabilities, OptionError, opt
+from .base import AttentionMethod
+
+_PINV = ("iterative", "exact")
+
+
+def iterative_pinv(a: torch.Tensor, iters: int) -> torch.Tensor:
+    """Moore-Penrose pseudo-inverse of [..., m, m] by the paper's cubic Newton-Schulz iteration."""
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    col = a.abs().sum(-2).amax(-1, keepdim=True)[..., None]  # (..., 1, 1) max column sum, ||A||_1
+    row = a.abs().sum(-1).amax(-1, keepdim=True)[..., None]  # (..., 1, 1) max row sum, ||A||_inf
+    # Z0 = A^T / (||A||_1 ||A||_inf) makes ||I - A Z0|| < 1, so the iteration converges; clamp keeps an
+    # all-zero A (all-padded row) at Z = 0 instead of NaN
+    z = a.transpose(-1, -2) / (col * row).clamp_min(torch.finfo(a.dtype).tiny)  # (..., m, m)
+    for _ in range(iters):
+        az = a @ z
+        z = 0.25 * z @ (13 * eye - az @ (15 * eye - az @ (7 * eye - az)))
+    return z
+
+
+def segment_means(m: int, t: int, key_padding_mask: torch.Tensor | None, dtype, device):
+    """Averaging matrix [B|1, 1, m, T] (token i in segment floor(i*m/T), real tokens only) and which
+    landmarks hold a real token, Bool[B|1, m]."""
+    seg = torch.arange(t, device=device) * m // t  # (T,) segment of each token; T need not divide by m
+    member = (seg[None, :] == torch.arange(m, device=device)[:, None])[None]  # (1, m, T)
+    if key_padding_mask is not None:
+        member = member & key_padding_mask[:, None, :]  # (B, m, T)
+    counts = member.sum(-1)  # (B|1, m)
+    avg = member.to(dtype) / counts.clamp_min(1)[..., None].to(dtype)  # (B|1, m, T)
+    return avg[:, None], counts > 0
+
+
+@register("nystrom")
+class Nystrom(AttentionMethod):
+    """Nystrom approximation of the softmax matrix through m segment-mean landmarks (O(T m))."""
+
+    capabilities = Capabilities(causal=False, padding=True, probs=True, cross=False)
+
+    @dataclasses.dataclass
+    class Options:
+        num_landmarks: int = opt(64, "m: landmarks (segment means); T <= m uses every token, exact with pinv='exact'")
+        pinv_iters: int = opt(6, "Newton-Schulz iterations for pinv='iterative'")
+        pinv: str = opt("iterative", "iterative (the paper's Newton-Schulz) | exact (torch.linalg.pinv)")
+        conv_kernel: int = opt(0, "odd size of the paper's depthwise residual conv on V (trainable); 0 = off")
+
+        def __post_init__(self):
+            for name in ("num_landmarks", "pinv_iters", "conv_kernel"):
+                val = getattr(self, name)
+                if isinstance(val, bool) or not isinstance(val, int) or val < 0:
+                    raise OptionError(f"nystrom: {name} must be a non-negative int, got {val!r}")
+            if self.num_landmarks == 0:
+                raise OptionError("nystrom: num_landmarks must be >= 1")
+            if self.pinv not in _PINV:
+                raise OptionError(f"nystrom: pinv must be one of {_PINV}, got {self.pinv!r}")
+            if self.conv_kernel and self.conv_kernel % 2 == 0:
+                raise OptionError(f"nystrom: conv_kernel must be odd (same-length output), got {self.conv_kernel}")
+
+    def __init__(self, head_dim: int, num_heads: int, num_kv_heads: int | None = None, **options):
+        super().__init__(head_dim, num_heads, num_kv_heads, **options)
+        c = self.opts.conv_kernel
+        # off by default: the residual conv is not attention, and would break the exact limit
+        self.conv = (
+            nn.Conv2d(num_heads, num_heads, (c, 1), padding=(c // 2, 0), groups=num_heads, bias=False) if c else None
+        )
+
+    def _attend(self, q, k, v, *, causal, key_padding_mask, attn_mask, scale, need_probs):
+        out_dtype = v.dtype
+        # fp32 at least: pinv of a softmax matrix is far too ill-conditioned for bf16/fp16
+        ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+        q, k, v = q.to(ct), k.to(ct), v.to(ct)
+        t = k.shape[-2]
+        m = min(self.opts.num_landmarks, t)
+        if key_padding_mask is not None:
+            v = v.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
+        avg, lm_real = segment_means(m, t, key_padding_mask, ct, q.device)  # (B|1, 1, m, T), (B|1, m)
+        q_lm = avg @ q  # (B, H, m, D)
+        k_lm = avg @ k  # (B, H, m, D)
+        lm_cols = lm_real[:, None, None, :]  # (B|1, 1, 1, m): landmarks usable as keys
+        lm_rows = lm_real[:, None, :, None].to(ct)  # (B|1, 1, m, 1): landmarks usable as queries
+        kernel_f = masks.masked_softmax(q @ k_lm.transpose(-1, -2) * scale, lm_cols)  # (B, H, T, m)
+        kernel_a = masks.masked_softmax(q_lm @ k_lm.transpose(-1, -2) * scale, lm_cols) * lm_rows  # (B, H, m, m)
+        key_cols = None if key_padding_mask is None else key_padding_mask[:, None, None, :]  # (B, 1, 1, T)
+        kernel_b = masks.masked_softmax(q_lm @ k.transpose(-1, -2) * scale, key_cols) * lm_rows  # (B, H, m, T)
+        if self.opts.pinv == "exact":
+            a_inv = torch.linalg.pinv(kernel_a)  # (B, H, m, m)
+        else:
+            a_inv = iterative_pinv(kernel_a, self.opts.pinv_iters)  # (B, H, m, m)
+        out = kernel_f @ (a_inv @ (kernel_b @ v))  # (B, H, T, D), right to left: O(T m D)
+        if self.conv is not None:
+            c = self.opts.conv_kernel
+            out = out + nn.functional.conv2d(v, self.conv.weight.to(ct), padding=(c // 2, 0), groups=v.shape[1])  # (B, H, T, D)
+        probs = kernel_f @ (a_inv @ kernel_b) if need_probs else None  # (B, H, T, T), only when asked
+        return out.to(out_dtype), probs

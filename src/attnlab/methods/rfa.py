@@ -1,0 +1,82 @@
+"""Random Feature Attention (Peng et al. 2021, "Random Feature Attention", arXiv:2103.02143).
+
+Random Fourier (trigonometric) features of the Gaussian kernel (Rahimi & Recht 2007):
+
+    exp(-|x - y|^2 / 2) = E_w[phi(x).phi(y)],  phi(x) = [sin(W x), cos(W x)] / sqrt(m),  W [m, D] ~ N(0, I)
+
+and exp(q'.k') = exp(|q'|^2/2) exp(|k'|^2/2) exp(-|q' - k'|^2/2) with q' = q sqrt(scale), k' = k sqrt(scale).
+The q factor is constant along a row and cancels in the normalisation, so it is dropped; the k factor
+does not and multiplies phi(k'). It is stabilised by subtracting ONE max over the (real) keys of a
+(batch, head) of |k'|^2/2, which cancels too (a per-key constant would not). Feature dimension: 2m.
+
+Caveat: trig features are not positive, so the estimated normaliser sum_j phi(q_i).phi(k_j) can be
+near zero or negative for small m or large-norm inputs, and the output then blows up. Rows with no
+visible key have a normaliser of exactly 0 and return zeros (the core does this).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from ..registry import register
+from ..types import Capabilities, OptionError, opt
+from ._linear_core import _compute_dtype, linear_attention, linear_attention_quadratic
+from .base import AttentionMethod
+
+
+@register("rfa")
+class RFA(AttentionMethod):
+    """Random Fourier feature estimate of softmax attention; unbiased kernel, error ~ 1/sqrt(m)."""
+
+    capabilities = Capabilities(causal=True, padding=True, attn_mask=False, probs=True)
+
+    @dataclasses.dataclass
+    class Options:
+        num_features: int = opt(256, "random frequencies m (feature dimension 2m: sin and cos)")
+        redraw: bool = opt(False, "draw fresh frequencies at every forward in training mode")
+        seed: int = opt(0, "seed of the frequency draw (same seed => same features)")
+        chunk_size: int = opt(64, "tokens per chunk of the causal chunked prefix-sum form")
+
+        def __post_init__(self):
+            for name in ("num_features", "chunk_size"):
+                val = getattr(self, name)
+                if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
+                    raise OptionError(f"rfa: {name} must be a positive int, got {val!r}")
+
+    def __init__(self, head_dim: int, num_heads: int, num_kv_heads: int | None = None, **options):
+        super().__init__(head_dim, num_heads, num_kv_heads, **options)
+        self._gen = torch.Generator().manual_seed(self.opts.seed)  # redraws continue the seeded stream
+        self.register_buffer("features", self._draw())  # (m, D)
+
+    def _draw(self) -> torch.Tensor:
+        return torch.randn(self.opts.num_features, self.head_dim, generator=self._gen, dtype=torch.float64).float()
+
+    def redraw_features(self) -> None:
+        # Rebind (not copy_ in place): a graph from the previous forward may still need the old tensor.
+        self.features = self._draw().to(device=self.features.device, dtype=self.features.dtype)
+
+    def _phi(self, x: torch.Tensor) -> torch.Tensor:
+        proj = x @ self.features.to(x.dtype).T  # (B, H, T, m)
+        return torch.cat([proj.sin(), proj.cos()], dim=-1) * self.opts.num_features ** -0.5  # (B, H, T, 2m)
+
+    def _attend(self, q, k, v, *, causal, key_padding_mask, attn_mask, scale, need_probs):
+        if self.training and self.opts.redraw:
+            self.redraw_features()
+        ct = _compute_dtype(q.dtype)
+        root = math.sqrt(scale)
+        qs, ks = q.to(ct) * root, k.to(ct) * root  # (B, H, Tq, D), (B, H, Tk, D)
+        lk = ks.pow(2).sum(-1, keepdim=True) / 2  # (B, H, Tk, 1): log of the per-key factor
+        if key_padding_mask is not None:
+            lk = lk.masked_fill(~key_padding_mask[:, None, :, None], float("-inf"))  # padded keys: weight 0
+        k_max = lk.amax(-2, keepdim=True).detach()  # (B, H, 1, 1): one constant, cancels
+        k_max = torch.where(torch.isfinite(k_max), k_max, torch.zeros_like(k_max))  # all keys padded
+        phi_q = self._phi(qs)  # (B, H, Tq, 2m)
+        phi_k = self._phi(ks) * torch.exp(lk - k_max)  # (B, H, Tk, 2m)
+        if need_probs:
+            return linear_attention_quadratic(phi_q, phi_k, v, causal=causal, key_padding_mask=key_padding_mask)
+        out = linear_attention(
+            phi_q, phi_k, v, causal=causal, key_padding_mask=key_padding_mask, chunk_size=self.opts.chunk_size
+        )
+        return out, None

@@ -1,0 +1,200 @@
+"""Nystromformer: with m = T landmarks and the exact pinv it is dense attention (also under padding and in
+its gradients), the iterative pinv converges to the exact one, the approximation improves as m grows,
+padding is honoured, implied probs are consistent, and refusals come before compute."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnlab
+from attnlab.methods.base import repeat_kv
+from attnlab.methods.dense import dense_attention
+from attnlab.methods.nystrom import iterative_pinv, segment_means
+from tests.helpers import DTYPES, FACTOR, FLOOR, assert_matches_reference, grads, make, max_err, rand_qkv, reference
+
+# The exact limit computes S pinv(S) S V in fp32; its rounding grows with cond(S), which grows with T and
+# with the q/k scale. T <= 16 at std 1 keeps it under the shared fp32 FLOOR (measured up to ~6e-6 at T=16;
+# T=32 reaches ~1.5e-5, T=64 ~2.5e-5, which would exceed it).
+
+
+def _exact(q, k, **opts):
+    return make("nystrom", q, k, num_landmarks=64, pinv="exact", **opts)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("t,hkv", [(16, 4), (13, 2), (8, 1)])
+def test_exact_limit_is_dense(dtype, t, hkv):
+    q, k, v = rand_qkv(tq=t, hkv=hkv, dtype=dtype, seed=t)
+    out, probs = _exact(q, k)(q, k, v)
+    assert probs is None and out.dtype == dtype
+    err = assert_matches_reference(out, q, k, v)
+    print(f"nystrom exact pinv m=T={t} {dtype}: max err {err:.2e}")
+
+
+def test_exact_limit_single_token():
+    q, k, v = rand_qkv(b=1, tq=1)
+    for pinv in ("exact", "iterative"):
+        out, _ = make("nystrom", q, k, num_landmarks=4, pinv=pinv)(q, k, v)
+        torch.testing.assert_close(out, v, rtol=0, atol=1e-6)
+
+
+def test_iterative_pinv_converges_to_exact():
+    q, k, v = rand_qkv(tq=16, hkv=2, seed=2)
+    exact = _exact(q, k)(q, k, v)[0]
+    errs = [max_err(make("nystrom", q, k, num_landmarks=64, pinv_iters=n)(q, k, v)[0], exact) for n in (1, 3, 6, 10, 16)]
+    assert all(a > b for a, b in zip(errs, errs[1:])), errs
+    # enough iterations reach dense attention; a looser bound than the exact pinv's, since the iteration's
+    # own fp32 rounding accumulates (measured ~1-2e-5 at 30 iterations)
+    out = make("nystrom", q, k, num_landmarks=64, pinv_iters=30)(q, k, v)[0]
+    assert max_err(out, reference(q, k, v)) < 1e-4
+
+
+def test_iterative_pinv_is_moore_penrose():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 12, 12, generator=g, dtype=torch.float64).softmax(-1)
+    a[1, 8:], a[1, :, 8:] = 0, 0  # the block-zero shape padding produces: pinv, not inverse
+    a[2] = 0  # all padded: Z must stay 0, not NaN
+    z = iterative_pinv(a, 40)
+    torch.testing.assert_close(z, torch.linalg.pinv(a), rtol=0, atol=1e-8)
+
+
+def test_exact_limit_gradients_match_dense():
+    q, k, v = rand_qkv(tq=12, hkv=2, seed=5)
+    method = _exact(q, k)
+    got = grads(lambda a, b, c: method(a, b, c)[0], q, k, v)
+    g = q.shape[1] // k.shape[1]
+
+    def dense(a, b, c):
+        return dense_attention(a, repeat_kv(b, g), repeat_kv(c, g))[0]
+
+    low = grads(dense, q, k, v)
+    truth = grads(dense, *(x.double() for x in (q, k, v)))
+    for name, x, d, t in zip("qkv", got, low, truth):
+        err, bound = max_err(x, t), FACTOR * max_err(d, t) + FLOOR[torch.float32]
+        assert err <= bound, f"d{name}: {err:.2e} > {bound:.2e}"
+
+
+def _padding_mask():
+    kpm = torch.ones(4, 14, dtype=torch.bool)
+    kpm[0, 10:] = False  # right padding
+    kpm[1, :3] = False  # left padding
+    kpm[2, 1::4] = False  # holes
+    kpm[3] = False  # all padded
+    return kpm
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_exact_limit_with_padding(dtype):
+    q, k, v = rand_qkv(b=4, tq=14, hkv=2, dtype=dtype, seed=7)
+    kpm = _padding_mask()
+    out, _ = _exact(q, k)(q, k, v, key_padding_mask=kpm)
+    assert torch.isfinite(out).all()
+    assert_matches_reference(out[:3], q[:3], k[:3], v[:3], key_padding_mask=kpm[:3])
+    assert out[3].abs().max() == 0
+    g = grads(lambda a, b, c: _exact(q, k)(a, b, c, key_padding_mask=kpm)[0], q, k, v)
+    assert all(torch.isfinite(x).all() for x in g)
+
+
+@pytest.mark.parametrize("pinv", ["iterative", "exact"])
+def test_padding_ignored_in_approximate_regime(pinv):
+    # m < T: landmarks average real tokens only, so whatever sits at padded positions cannot matter
+    q, k, v = rand_qkv(b=4, tq=30, hkv=2, seed=9)
+    kpm = torch.ones(4, 30, dtype=torch.bool)
+    kpm[0, 21:], kpm[1, :7], kpm[2, 3::5], kpm[3] = False, False, False, False
+    method = make("nystrom", q, k, num_landmarks=6, pinv=pinv, conv_kernel=3)
+    out, _ = method(q, k, v, key_padding_mask=kpm)
+    pad = ~kpm[:, None, :, None]
+    q2, k2, v2 = (x.masked_fill(pad, 1e2) for x in (q, k, v))
+    out2, _ = method(q2, k2, v2, key_padding_mask=kpm)
+    real = kpm[:, None, :, None].expand_as(out)
+    torch.testing.assert_close(out2[real], out[real], rtol=0, atol=1e-5)
+    assert out[3].abs().max() == 0 and torch.isfinite(out).all()
+
+
+def test_segments_need_not_divide():
+    avg, real = segment_means(4, 10, None, torch.float64, "cpu")  # floor(i * 4 / 10)
+    seg = [0, 0, 0, 1, 1, 2, 2, 2, 3, 3]
+    want = torch.zeros(4, 10, dtype=torch.float64)
+    for i, s in enumerate(seg):
+        want[s, i] = 1 / seg.count(s)
+    torch.testing.assert_close(avg[0, 0], want)
+    assert real.all()
+    kpm = torch.tensor([[True] * 5 + [False] * 5])
+    avg, real = segment_means(4, 10, kpm, torch.float64, "cpu")
+    assert real.tolist() == [[True, True, False, False]] and avg[0, 0, 1, 3:5].tolist() == [0.5, 0.5]
+
+
+def _smooth(b, t, d, seed):
+    # random walks: neighbouring tokens are alike, the structure segment-mean landmarks are built for
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, 4, t, d, generator=g, dtype=torch.float64).cumsum(-2) / t**0.5).float()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_error_falls_as_landmarks_grow(seed):
+    q, k, v = _smooth(2, 64, 16, 3 * seed), _smooth(2, 64, 16, 3 * seed + 1), rand_qkv(2, 4, 64, seed=seed)[2]
+    ref = reference(q, k, v)
+
+    def rms(m, **opts):
+        out = make("nystrom", q, k, num_landmarks=m, **opts)(q, k, v)[0]
+        return (out.double() - ref).pow(2).mean().sqrt().item()
+
+    # the paper's default (6 Newton-Schulz steps) improves at every step (measured ~0.015 -> 0.004)
+    errs = [rms(m) for m in (2, 4, 8, 16, 32)]
+    assert all(a > b for a, b in zip(errs, errs[1:])), errs
+    assert errs[0] > 3 * errs[-1]
+    # the exact pinv is not monotone in between (A is ill-conditioned at some m), but coarse vs fine holds
+    assert rms(32, pinv="exact") < rms(4, pinv="exact") / 10
+
+
+def test_implied_probs():
+    q, k, v = rand_qkv(tq=12, hkv=2, seed=4)
+    out, probs = _exact(q, k)(q, k, v, need_probs=True)
+    _, dense_probs = dense_attention(q.double(), repeat_kv(k.double(), 2), repeat_kv(v.double(), 2))
+    assert probs.shape == (2, 4, 12, 12) and max_err(probs, dense_probs) < 2e-5
+    q, k, v = rand_qkv(tq=40, hkv=2, seed=4)  # approximate regime: out is exactly probs @ v
+    out, probs = make("nystrom", q, k, num_landmarks=8)(q, k, v, need_probs=True)
+    assert max_err(out, probs @ repeat_kv(v, 2)) < 1e-5
+    assert max_err(probs.sum(-1), torch.ones(())) < 0.1  # rows of F pinv(A) B sum to ~1, not exactly
+
+
+def test_conv_is_trainable_residual():
+    q, k, v = rand_qkv(tq=20, seed=6)
+    base = make("nystrom", q, k, num_landmarks=5)
+    assert list(base.parameters()) == []  # off by default: nothing that breaks the exact limit
+    method = make("nystrom", q, k, num_landmarks=5, conv_kernel=3)
+    assert method.conv.weight.shape == (4, 1, 3, 1) and "conv.weight" in method.state_dict()
+    with torch.no_grad():
+        method.conv.weight.zero_()
+    torch.testing.assert_close(method(q, k, v)[0], base(q, k, v)[0])
+    with torch.no_grad():
+        method.conv.weight.zero_()
+        method.conv.weight[:, :, 1] = 1.0  # centre tap: residual is v itself
+    torch.testing.assert_close(method(q, k, v)[0], base(q, k, v)[0] + v)
+    method(q, k, v)[0].sum().backward()
+    assert method.conv.weight.grad.abs().max() > 0
+
+
+def _no_compute(method):
+    method._attend = lambda *a, **kw: pytest.fail("_attend ran for a request that should be refused")
+    return method
+
+
+def test_refusals_before_compute():
+    q, k, v = rand_qkv(tq=10)
+    with pytest.raises(attnlab.types.UnsupportedError, match="causal"):
+        _no_compute(make("nystrom", q, k))(q, k, v, causal=True)
+    q2, k2, v2 = rand_qkv(tq=6, tk=10)
+    with pytest.raises(attnlab.types.UnsupportedError, match="Tq == Tk"):
+        _no_compute(make("nystrom", q2, k2))(q2, k2, v2)
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [dict(pinv="foo"), dict(num_landmarks=0), dict(num_landmarks=-1), dict(pinv_iters=-1), dict(conv_kernel=4),
+     dict(num_landmarks=2.5), dict(landmarks=8)],
+)
+def test_bad_options(opts):
+    q, k, _ = rand_qkv(tq=4)
+    with pytest.raises(attnlab.types.OptionError):
+        make("nystrom", q, k, **opts)

@@ -1,0 +1,190 @@
+"""rfa (random Fourier features): converges to softmax as features grow; exact vs its own quadratic form."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnlab
+from tests.helpers import FACTOR, FLOOR, dense_error, grads, make, max_err, rand_qkv, reference
+
+NAME = "rfa"
+
+
+def quadratic(m, q, k, v, **kw):
+    return m(q, k, v, need_probs=True, **kw)[0]
+
+
+def check_vs_quadratic(out, q, k, v, m, **kw) -> float:
+    """out vs the fp64 quadratic form with the same features; bound = FACTOR x low-precision quadratic's error + FLOOR."""
+    assert torch.isfinite(out).all()
+    truth = quadratic(m, q.double(), k.double(), v.double(), **kw)
+    err = max_err(out, truth)
+    bound = FACTOR * max_err(quadratic(m, q, k, v, **kw), truth) + FLOOR[q.dtype]
+    assert err <= bound, f"{err:.3e} > {bound:.3e} ({q.dtype}, {kw})"
+    return err
+
+
+def mean_err(m_feats, causal, std=0.3, seeds=(0, 1, 2)):
+    errs = []
+    for s in seeds:
+        q, k, v = rand_qkv(b=2, h=2, tq=32, d=16, seed=s, std=std)
+        out, _ = make(NAME, q, k, num_features=m_feats, seed=s)(q, k, v, causal=causal)
+        errs.append((out.double() - reference(q, k, v, causal=causal)).abs().mean().item())
+    return sum(errs) / len(errs)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_estimator_converges_to_softmax(causal):
+    # error ~ 1/sqrt(m): 64 -> 4096 features is 8x in theory; demand 4x (mean abs error, 3 seeds)
+    e64, e4096 = mean_err(64, causal), mean_err(4096, causal)
+    print(f"{NAME} causal={causal}: mean abs err m=64 {e64:.2e}, m=4096 {e4096:.2e}, ratio {e64 / e4096:.1f}")
+    assert e64 >= 4 * e4096
+    assert e4096 < 5e-3
+
+
+def test_probs_are_the_rfa_formula():
+    # independent fp64 formula from the stored frequencies: phi(x) = [sin Wx, cos Wx] / sqrt(m), keys
+    # weighted by exp(|k'|^2 / 2); std 1.5 keys make that weight span orders of magnitude, so the
+    # stabiliser (one max over keys, which cancels) is exercised.
+    q, k, v = rand_qkv(b=1, h=2, tq=6, tk=9, d=8, std=1.5, seed=1)
+    m = make(NAME, q, k, num_features=32)
+    w, root = m.features.double(), 8 ** -0.25
+    trig = lambda x: torch.cat([torch.sin(x @ w.T), torch.cos(x @ w.T)], -1) / 32 ** 0.5
+    qs, ks = q.double() * root, k.double() * root
+    s = trig(qs) @ (trig(ks) * torch.exp(ks.pow(2).sum(-1, keepdim=True) / 2)).transpose(-1, -2)  # (B, H, 6, 9)
+    s = s.masked_fill(~torch.ones(6, 9, dtype=torch.bool).tril(3), 0.0)  # bottom-right causal
+    want = s / s.sum(-1, keepdim=True)
+    out, probs = m(q, k, v, causal=True, need_probs=True)
+    torch.testing.assert_close(probs.double(), want, atol=1e-4, rtol=1e-4)
+    fast, _ = m(q, k, v, causal=True)
+    torch.testing.assert_close(fast.double(), want @ v.double(), atol=1e-4, rtol=1e-4)
+    assert m.features.shape == (32, 8)
+
+
+def test_kernel_is_unbiased():
+    # E[phi(x).phi(y)] = exp(-|x - y|^2 / 2): checked with many frequencies on a few pairs
+    m = make(NAME, *rand_qkv(b=1, h=1, tq=2, d=8)[:2], num_features=20000)
+    x, y = (torch.randn(4, 8, generator=torch.Generator().manual_seed(i)) * 0.4 for i in (1, 2))
+    est = (m._phi(x) * m._phi(y)).sum(-1)
+    torch.testing.assert_close(est, torch.exp(-(x - y).pow(2).sum(-1) / 2), atol=2e-2, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("tq,tk,chunk", [(32, 32, 8), (33, 33, 8), (1, 1, 4), (5, 21, 4), (21, 5, 4)])
+def test_matches_quadratic(dtype, causal, tq, tk, chunk):
+    q, k, v = rand_qkv(b=2, h=2, tq=tq, tk=tk, d=8, dtype=dtype, seed=tq + tk)
+    m = make(NAME, q, k, num_features=24, chunk_size=chunk)
+    out, probs = m(q, k, v, causal=causal)
+    assert probs is None and out.dtype == dtype and out.shape == q.shape
+    check_vs_quadratic(out, q, k, v, m, causal=causal)
+
+
+def test_causal_no_leak():
+    q, k, v = rand_qkv(b=2, h=2, tq=29, d=8, seed=7)
+    m = make(NAME, q, k, num_features=32, chunk_size=8)
+    out, _ = m(q, k, v, causal=True)
+    for t in (0, 7, 8, 20):
+        k2, v2 = k.clone(), v.clone()
+        k2[:, :, t + 1 :] = torch.randn_like(k2[:, :, t + 1 :])
+        v2[:, :, t + 1 :] = torch.randn_like(v2[:, :, t + 1 :]) * 5
+        out2, _ = m(q, k2, v2, causal=True)
+        assert max_err(out[:, :, : t + 1], out2[:, :, : t + 1]) < 1e-5  # only the (cancelling) key max moved
+        assert max_err(out[:, :, t + 1 :], out2[:, :, t + 1 :]) > 1e-2
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_key_padding(causal):
+    q, k, v = rand_qkv(b=3, h=2, tq=11, d=8, seed=3)
+    lens = [11, 6, 0]  # row 2: every key padded
+    kpm = torch.arange(11)[None, :] < torch.tensor(lens)[:, None]  # (B, Tk)
+    pad = ~kpm[:, None, :, None]
+    k, v = k.masked_fill(pad, 50.0), v.masked_fill(pad, 1e3)  # garbage (huge exp) in padded slots
+    m = make(NAME, q, k, num_features=32, chunk_size=4)
+    out, _ = m(q, k, v, causal=causal, key_padding_mask=kpm)
+    assert torch.isfinite(out).all()
+    check_vs_quadratic(out, q, k, v, m, causal=causal, key_padding_mask=kpm)
+    assert (out[2] == 0).all()  # no real key: exact zeros, never NaN
+    n = lens[1]
+    alone, _ = m(q[1:2, :, :n] if causal else q[1:2], k[1:2, :, :n], v[1:2, :, :n], causal=causal)
+    torch.testing.assert_close(out[1:2, :, :n] if causal else out[1:2], alone, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_bf16_close_to_fp32(causal):
+    q, k, v = rand_qkv(b=2, h=2, tq=24, d=16, std=0.5)
+    m = make(NAME, q, k, num_features=64, chunk_size=8)
+    ref32, _ = m(q, k, v, causal=causal)
+    out16, _ = m(*(x.bfloat16() for x in (q, k, v)), causal=causal)
+    assert out16.dtype == torch.bfloat16 and torch.isfinite(out16).all()
+    bound = FACTOR * dense_error(*(x.bfloat16() for x in (q, k, v)), causal=causal) + FLOOR[torch.bfloat16]
+    assert max_err(out16, ref32) <= bound
+
+
+def test_seed_and_state():
+    q, k, v = rand_qkv(b=1, h=2, tq=8, d=8)
+    a, b, c = (make(NAME, q, k, num_features=16, seed=s) for s in (3, 3, 4))
+    assert torch.equal(a(q, k, v)[0], b(q, k, v)[0])
+    assert not torch.equal(a.features, c.features)
+    assert "features" in a.state_dict()  # a buffer: saved, loaded and moved with .to()
+    c.load_state_dict(a.state_dict())
+    assert torch.equal(a(q, k, v)[0], c(q, k, v)[0])
+    assert a.to(torch.float64).features.dtype == torch.float64
+
+
+def test_redraw():
+    q, k, v = rand_qkv(b=1, h=2, tq=8, d=8)
+    m = make(NAME, q, k, num_features=16, redraw=True).train()
+    w0 = m.features.clone()
+    o1, _ = m(q, k, v)
+    w1 = m.features.clone()
+    o2, _ = m(q, k, v)
+    assert not torch.equal(w0, w1) and not torch.equal(w1, m.features) and not torch.equal(o1, o2)
+    m.eval()
+    w2 = m.features.clone()
+    m(q, k, v)
+    assert torch.equal(w2, m.features)  # eval: fixed features
+    fixed = make(NAME, q, k, num_features=16).train()
+    w3 = fixed.features.clone()
+    fixed(q, k, v)
+    assert torch.equal(w3, fixed.features)  # redraw=False: fixed even in training
+    # two redrawing modules with one seed draw the same stream
+    m2 = make(NAME, q, k, num_features=16, redraw=True).train()
+    m2(q, k, v)
+    assert torch.equal(m2.features, w1)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_gqa(causal):
+    q, k, v = rand_qkv(b=2, h=4, hkv=2, tq=13, d=8)
+    m = make(NAME, q, k, num_features=32, chunk_size=4)
+    out, _ = m(q, k, v, causal=causal)
+    check_vs_quadratic(out, q, k, v, m, causal=causal)
+    full = make(NAME, q, q, num_features=32, chunk_size=4)
+    torch.testing.assert_close(out, full(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), causal=causal)[0])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_gradients_match_quadratic(causal):
+    q, k, v = rand_qkv(b=1, h=2, tq=19, d=8, dtype=torch.float64, seed=5)
+    m = make(NAME, q, k, num_features=32, chunk_size=4).double()
+    g_fast = grads(lambda a, b, c: m(a, b, c, causal=causal)[0], q, k, v)
+    g_quad = grads(lambda a, b, c: quadratic(m, a, b, c, causal=causal), q, k, v)
+    for a, b in zip(g_fast, g_quad):
+        assert torch.isfinite(a).all() and a.abs().sum() > 0
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
+    g32 = grads(lambda a, b, c: m.float()(a, b, c, causal=causal)[0], q.float(), k.float(), v.float())
+    for a, b in zip(g32, g_quad):
+        assert max_err(a, b) < 1e-4
+
+
+def test_errors():
+    q, k, v = rand_qkv(b=1, h=2, tq=4, d=8)
+    m = make(NAME, q, k, redraw=True).train()
+    w = m.features.clone()
+    with pytest.raises(attnlab.UnsupportedError, match="attn_mask"):
+        m(q, k, v, attn_mask=torch.ones(4, 4, dtype=torch.bool))
+    assert torch.equal(w, m.features)  # refused before any compute (not even a redraw)
+    for bad in ({"num_features": 0}, {"num_features": -3}, {"chunk_size": 0}):
+        with pytest.raises(attnlab.OptionError):
+            make(NAME, q, k, **bad)

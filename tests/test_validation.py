@@ -1,0 +1,78 @@
+"""Bad input gets one clear attnlab error before any compute."""
+import pytest
+import torch
+
+import attnlab
+from tests.helpers import make, rand_qkv
+
+
+@pytest.fixture
+def qkv():
+    return rand_qkv(b=2, h=4, tq=8, d=16, hkv=2)
+
+
+def test_wrong_rank(qkv):
+    q, k, v = qkv
+    m = make("dense", q, k)
+    with pytest.raises(attnlab.ShapeError, match="4D"):
+        m(q[0], k, v)
+
+
+def test_head_dim_mismatch(qkv):
+    q, k, v = qkv
+    m = make("dense", q, k)
+    with pytest.raises(attnlab.ShapeError, match="head_dim"):
+        m(q, k[..., :8], v)
+
+
+def test_kv_heads_must_divide():
+    q, k, v = rand_qkv(h=4, hkv=3)
+    m = attnlab.make("dense", head_dim=16, num_heads=4)
+    with pytest.raises(attnlab.ShapeError, match="must divide"):
+        m(q, k, v)
+
+
+def test_num_heads_checked(qkv):
+    q, k, v = qkv
+    m = attnlab.make("dense", head_dim=16, num_heads=8)
+    with pytest.raises(attnlab.ShapeError, match="num_heads=8"):
+        m(q, k, v)
+
+
+def test_padding_mask_shape_and_dtype(qkv):
+    q, k, v = qkv
+    m = make("dense", q, k)
+    with pytest.raises(attnlab.ShapeError, match="key_padding_mask"):
+        m(q, k, v, key_padding_mask=torch.ones(2, 7, dtype=torch.bool))
+    with pytest.raises(attnlab.ShapeError, match="must be bool"):
+        m(q, k, v, key_padding_mask=torch.ones(2, 8))
+
+
+def test_attn_mask_must_broadcast(qkv):
+    q, k, v = qkv
+    m = make("dense", q, k)
+    with pytest.raises(attnlab.ShapeError, match="broadcast"):
+        m(q, k, v, attn_mask=torch.ones(3, 8, 8, dtype=torch.bool))
+
+
+def test_mixed_dtypes(qkv):
+    q, k, v = qkv
+    m = make("dense", q, k)
+    with pytest.raises(attnlab.ShapeError, match="dtypes differ"):
+        m(q.double(), k, v)
+
+
+def test_probs_not_available_is_an_error(qkv):
+    q, k, v = qkv
+    with pytest.raises(attnlab.UnsupportedError, match="cannot return attention probabilities"):
+        make("sdpa", q, k)(q, k, v, need_probs=True)
+
+
+def test_error_is_raised_before_compute(qkv, monkeypatch):
+    q, k, v = qkv
+    m = make("sdpa", q, k)
+    called = []
+    monkeypatch.setattr(type(m), "_attend", lambda *a, **kw: called.append(1))
+    with pytest.raises(attnlab.UnsupportedError):
+        m(q, k, v, need_probs=True)
+    assert not called
