@@ -177,9 +177,31 @@ def test_several_buckets_match_loop_transcription(shared_qk, causal, t):
     ref_out, ref_probs = loop_lsh(m, q, k, v, causal=causal, key_padding_mask=kpm)
     assert max_err(out, ref_out) < 1e-10
     assert max_err(probs, ref_probs) < 1e-12
-    assert m.n_buckets(t) == 6 if t == 40 else 6  # ceil(40/8)=5 -> 6; ceil(37/8)=5 -> 6
+    assert m.n_buckets(t) == 6  # ceil(40/8) = ceil(37/8) = 5, rounded up to even
     # the several buckets really split the keys: the matrix is far from dense
     assert (probs > 0).float().mean() < 0.5
+
+
+@pytest.mark.parametrize("shared_qk", [True, False])
+def test_one_crowded_bucket_looks_back_exactly_one_chunk(shared_qk):
+    """All tokens in one bucket over 4 chunks: query chunk c sees key chunks c and c-1 only (chunk 0 does
+    not wrap around to the last chunk; no key is counted twice)."""
+    t, bs = 32, 8
+    g = torch.Generator().manual_seed(19)
+    base = torch.randn(16, generator=g, dtype=torch.float64)
+    q = (base + 0.01 * torch.randn(1, 2, t, 16, generator=g, dtype=torch.float64))
+    k, v = q.clone(), torch.randn(1, 2, t, 16, generator=g, dtype=torch.float64)
+    m = make("lsh", q, k, bucket_size=bs, n_hashes=1, shared_qk=shared_qk)
+    rot = m.rotations(m.n_buckets(t), q.device, torch.float64)[:, 0]
+    xr = q @ rot
+    assert torch.cat([xr, -xr], -1).argmax(-1).unique().numel() == 1  # really one crowded bucket
+    out, probs = m(q, k, v, need_probs=True)
+    chunk = torch.arange(t) // bs  # sort by (bucket, position) = identity here
+    window = (chunk[None, :] == chunk[:, None]) | (chunk[None, :] == chunk[:, None] - 1)
+    if shared_qk:
+        window &= ~torch.eye(t, dtype=torch.bool)  # self gets exactly 0 when others are visible
+    assert (probs[..., ~window] == 0).all() and (probs[..., window] > 0).all()
+    assert max_err(out, loop_lsh(m, q, k, v)[0]) < 1e-10
 
 
 def test_probs_live_on_own_bucket_within_chunk_window():

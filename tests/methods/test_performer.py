@@ -114,10 +114,16 @@ def test_bf16_close_to_fp32(causal):
     q, k, v = rand_qkv(b=2, h=2, tq=24, d=16, std=0.5)
     m = make(NAME, q, k, num_features=64, chunk_size=8)
     ref32, _ = m(q, k, v, causal=causal)
-    out16, _ = m(*(x.bfloat16() for x in (q, k, v)), causal=causal)
+    q16, k16, v16 = (x.bfloat16() for x in (q, k, v))
+    out16, _ = m(q16, k16, v16, causal=causal)
     assert out16.dtype == torch.bfloat16 and torch.isfinite(out16).all()
-    bound = FACTOR * dense_error(*(x.bfloat16() for x in (q, k, v)), causal=causal) + FLOOR[torch.bfloat16]
-    assert max_err(out16, ref32) <= bound
+    yardstick = dense_error(q16, k16, v16, causal=causal)  # dense attention's own bf16 error
+    # bf16 arithmetic alone (same rounded inputs, fp32 run): the flash rule
+    same_in, _ = m(q16.float(), k16.float(), v16.float(), causal=causal)
+    assert max_err(out16, same_in) <= FACTOR * yardstick + FLOOR[torch.bfloat16]
+    # including input rounding: random-feature estimates are rougher functions of q, k than softmax
+    # (projections W x with |w| ~ sqrt(D)), so allow 4x (measured: up to ~2.4x for rfa causal rows)
+    assert max_err(out16, ref32) <= 4 * yardstick + FLOOR[torch.bfloat16]
 
 
 def test_seed_and_state():

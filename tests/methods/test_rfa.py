@@ -8,6 +8,10 @@ import attnlab
 from tests.helpers import FACTOR, FLOOR, dense_error, grads, make, max_err, rand_qkv, reference
 
 NAME = "rfa"
+# Trig features make the implied weights signed, so rounding is amplified by sum_j |p_ij| (about 30 at
+# std 1.0 with 32 features). Tests that compare roundings (fp32 vs fp64, bf16 vs fp32, a cancelling
+# stabiliser that moved) use std 0.5 inputs, where that amplification is a few units.
+STD = 0.5
 
 
 def quadratic(m, q, k, v, **kw):
@@ -81,12 +85,12 @@ def test_matches_quadratic(dtype, causal, tq, tk, chunk):
 
 
 def test_causal_no_leak():
-    q, k, v = rand_qkv(b=2, h=2, tq=29, d=8, seed=7)
+    q, k, v = rand_qkv(b=2, h=2, tq=29, d=8, seed=7, std=STD)
     m = make(NAME, q, k, num_features=32, chunk_size=8)
     out, _ = m(q, k, v, causal=True)
     for t in (0, 7, 8, 20):
         k2, v2 = k.clone(), v.clone()
-        k2[:, :, t + 1 :] = torch.randn_like(k2[:, :, t + 1 :])
+        k2[:, :, t + 1 :] = torch.randn_like(k2[:, :, t + 1 :]) * STD
         v2[:, :, t + 1 :] = torch.randn_like(v2[:, :, t + 1 :]) * 5
         out2, _ = m(q, k2, v2, causal=True)
         assert max_err(out[:, :, : t + 1], out2[:, :, : t + 1]) < 1e-5  # only the (cancelling) key max moved
@@ -112,13 +116,19 @@ def test_key_padding(causal):
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_bf16_close_to_fp32(causal):
-    q, k, v = rand_qkv(b=2, h=2, tq=24, d=16, std=0.5)
+    q, k, v = rand_qkv(b=2, h=2, tq=24, d=16, std=STD)
     m = make(NAME, q, k, num_features=64, chunk_size=8)
     ref32, _ = m(q, k, v, causal=causal)
-    out16, _ = m(*(x.bfloat16() for x in (q, k, v)), causal=causal)
+    q16, k16, v16 = (x.bfloat16() for x in (q, k, v))
+    out16, _ = m(q16, k16, v16, causal=causal)
     assert out16.dtype == torch.bfloat16 and torch.isfinite(out16).all()
-    bound = FACTOR * dense_error(*(x.bfloat16() for x in (q, k, v)), causal=causal) + FLOOR[torch.bfloat16]
-    assert max_err(out16, ref32) <= bound
+    yardstick = dense_error(q16, k16, v16, causal=causal)  # dense attention's own bf16 error
+    # bf16 arithmetic alone (same rounded inputs, fp32 run): the flash rule
+    same_in, _ = m(q16.float(), k16.float(), v16.float(), causal=causal)
+    assert max_err(out16, same_in) <= FACTOR * yardstick + FLOOR[torch.bfloat16]
+    # including input rounding: random-feature estimates are rougher functions of q, k than softmax
+    # (projections W x with |w| ~ sqrt(D)), so allow 4x (measured: up to ~2.4x for rfa causal rows)
+    assert max_err(out16, ref32) <= 4 * yardstick + FLOOR[torch.bfloat16]
 
 
 def test_seed_and_state():
@@ -166,7 +176,7 @@ def test_gqa(causal):
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_gradients_match_quadratic(causal):
-    q, k, v = rand_qkv(b=1, h=2, tq=19, d=8, dtype=torch.float64, seed=5)
+    q, k, v = rand_qkv(b=1, h=2, tq=19, d=8, dtype=torch.float64, seed=5, std=STD)
     m = make(NAME, q, k, num_features=32, chunk_size=4).double()
     g_fast = grads(lambda a, b, c: m(a, b, c, causal=causal)[0], q, k, v)
     g_quad = grads(lambda a, b, c: quadratic(m, a, b, c, causal=causal), q, k, v)

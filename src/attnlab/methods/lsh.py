@@ -26,7 +26,8 @@ shared_qk=False (an approximation BEYOND the paper, for dropping LSH into a pret
     real keys): q and k are hashed with the same rotations, sorted separately by (bucket, position) and
     chunked; query chunk c attends to key chunks c and c-1, masked to the same bucket (+ causal,
     padding). There is no self special case. Queries and keys of one bucket need not line up in the
-    two sorted orders, so recall depends on how balanced the buckets of q and k are.
+    two sorted orders, so recall depends on how balanced the buckets of q and k are, and a query whose
+    window holds no key of its bucket gets an output of zeros (as a fully masked row does).
 
 Exact limit: bucket_size >= T gives one bucket and one chunk, i.e. dense attention (shared-QK dense
 attention with the -1e5 diagonal when shared_qk=True). Tq must equal Tk (self-attention only).
@@ -173,7 +174,7 @@ class LSH(AttentionMethod):
             allowed = allowed & (k_pos.unsqueeze(-2) <= q_pos.unsqueeze(-1))  # by ORIGINAL positions
         if o.shared_qk:
             # Self last: applied before the -inf fill, so a padded self key stays invisible.
-            scores = scores.masked_fill(k_pos.unsqueeze(-2) == q_pos.unsqueeze(-1), float('-inf'))
+            scores = scores.masked_fill(k_pos.unsqueeze(-2) == q_pos.unsqueeze(-1), SELF_SCORE)
         scores = scores.masked_fill(~allowed, float("-inf"))
         has = allowed.any(dim=-1)  # (B, H, R, C, L): the query has a key in this round
         # Rows with nothing allowed get dummy finite scores so neither forward nor backward sees -inf - -inf.
