@@ -100,7 +100,7 @@ def _attn_peak(spec: Spec, model, seq_len: int, device, dtype) -> int | None:
         return fm.peak_cpu_memory(lambda: m(q, k, v, causal=causal))
 
 
-def compare_lm(model, windows: torch.Tensor, specs: list[Spec], *, grad_tokens: int = 256, progress: bool = True) -> list[dict]:
+def compare_lm(model, windows: torch.Tensor, specs: list[Spec], *, grad_tokens: int = 128, progress: bool = True) -> list[dict]:
     """One row per method. `windows`: LongTensor [N, T] of held-out text."""
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -117,6 +117,7 @@ def compare_lm(model, windows: torch.Tensor, specs: list[Spec], *, grad_tokens: 
             base_ms.append((time.perf_counter() - t) * 1e3)
     grad_ids = windows[:1, :grad_tokens]
     base_grad = fm._lm_grads(model, grad_ids)
+    _, ref_probs = fm.swapped_probs(model, windows[:1], "dense", {})  # dense == original, with its probs
     bar.update()
     for spec in specs:
         bar.set_postfix_str(spec.method)
@@ -139,7 +140,11 @@ def compare_lm(model, windows: torch.Tensor, specs: list[Spec], *, grad_tokens: 
                 ppl_new=torch.cat([s["nll_new"] for s in stats]).mean().exp().item(),
                 ms_per_window=statistics.median(ms), ms_per_window_base=statistics.median(base_ms),
             )
-            row["attn_mse"] = fm.attention_mse(model, windows[:1], spec.method, spec.options) if caps.probs else None
+            row["attn_mse"] = None
+            if caps.probs:
+                _, probs = fm.swapped_probs(model, windows[:1], spec.method, spec.options)
+                row["attn_mse"] = fm.probs_mse(ref_probs, probs, causal=True)
+                del probs
             row["grad_cos"], _ = fm.grad_cosine(model, grad_ids, spec.method, spec.options, base_grad)
             row["attn_peak_bytes"] = _attn_peak(spec, model, seq_len, device, dtype)
         except UnsupportedError as e:

@@ -22,7 +22,7 @@ def add_parser(sub) -> None:
     p.add_argument("--seq-len", type=int, default=None, help="tokens per window (lm: 512, spam: 256)")
     p.add_argument("--num-tokens", type=int, default=2048, help="lm: held-out tokens evaluated (windows = num_tokens / seq_len)")
     p.add_argument("--num-examples", type=int, default=None, help="spam: cap on train and test emails (default 1500 / 600)")
-    p.add_argument("--grad-tokens", type=int, default=256, help="lm: tokens of the window used for gradient cosine")
+    p.add_argument("--grad-tokens", type=int, default=128, help="lm: tokens of the window used for gradient cosine")
     p.add_argument("--text", default=None, help="lm: a UTF-8 text file instead of the packaged Moby Dick")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

@@ -56,31 +56,40 @@ def capture_probs(model):
             m.attnlab_probs = None
 
 
-def attention_mse(model, input_ids: torch.Tensor, method: str, options: dict, attention_mask=None) -> float:
-    """Mean squared difference of attention probabilities vs dense, over every layer and head and over the
-    entries a query may see (causal lower triangle / real keys). The dense reference is `dense` swapped in,
-    which reproduces the original model (tested to 1e-4 on logits)."""
-    kw = {} if attention_mask is None else {"attention_mask": attention_mask}
-    with torch.no_grad():
-        with swapped(model, "dense"), capture_probs(model) as mods:
-            model(input_ids, **kw)
-            ref = [m.attnlab_probs.float() for m in mods]
-        with swapped(model, method, **options), capture_probs(model) as mods:
-            model(input_ids, **kw)
-            new = [m.attnlab_probs.float() for m in mods]
-    causal = any(getattr(m, "is_causal", False) for m in mods)
-    t = input_ids.shape[1]
-    visible = torch.ones(t, t, dtype=torch.bool)
+def probs_mse(ref: list[torch.Tensor], new: list[torch.Tensor], *, causal: bool, attention_mask=None) -> float:
+    """Mean squared difference of per-layer attention probabilities [B, H, T, T], over every layer and head and
+    over the entries a query may see (causal lower triangle, real keys and queries)."""
+    t = ref[0].shape[-1]
+    visible = torch.ones(t, t, dtype=torch.bool, device=ref[0].device)
     if causal:
         visible = visible.tril()
     if attention_mask is not None:
-        visible = visible[None, None] & attention_mask.bool()[:, None, None, :] & attention_mask.bool()[:, None, :, None]
+        real = attention_mask.bool().to(visible.device)
+        visible = visible[None, None] & real[:, None, None, :] & real[:, None, :, None]
     sq, count = 0.0, 0
     for r, n in zip(ref, new):
         vis = visible.expand_as(r)
-        sq += ((r - n) ** 2)[vis].sum().item()
+        sq += ((r.float() - n.float()) ** 2)[vis].sum().item()
         count += int(vis.sum())
     return sq / max(count, 1)
+
+
+def swapped_probs(model, input_ids, method: str, options: dict, attention_mask=None) -> tuple[torch.Tensor, list]:
+    """(logits, per-layer implied attention probs) of `model` with `method` swapped in."""
+    kw = {} if attention_mask is None else {"attention_mask": attention_mask}
+    with torch.no_grad(), swapped(model, method, **options), capture_probs(model) as mods:
+        out = model(input_ids, **kw)
+        logits = out.logits if hasattr(out, "logits") else out.last_hidden_state
+        return logits, [m.attnlab_probs for m in mods]
+
+
+def attention_mse(model, input_ids: torch.Tensor, method: str, options: dict, attention_mask=None) -> float:
+    """Attention-probability MSE of `method` vs dense. The reference is `dense` swapped in, which reproduces
+    the original model (tested to 1e-4 on logits)."""
+    _, ref = swapped_probs(model, input_ids, "dense", {}, attention_mask)
+    _, new = swapped_probs(model, input_ids, method, options, attention_mask)
+    causal = any(getattr(m, "is_causal", False) for _, m in hf.attention_modules(model))
+    return probs_mse(ref, new, causal=causal, attention_mask=attention_mask)
 
 
 def _lm_grads(model, input_ids, attention_mask=None) -> torch.Tensor:
