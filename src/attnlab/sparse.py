@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import importlib
+import importlib.util
 from typing import Callable, Iterable
 
 import torch
@@ -115,13 +117,11 @@ def flex_unavailable_reason(device: torch.device) -> str | None:
         return (f"FlexAttention on {device.type} needs torch >= {need[0]}.{need[1]}, found {torch.__version__}; "
                 "use backend='torch'")
     try:
-        import torch.nn.attention.flex_attention  # noqa: F401
+        importlib.import_module("torch.nn.attention.flex_attention")
     except ImportError as e:  # pragma: no cover - builds without flex
         return f"torch.nn.attention.flex_attention is not importable ({e}); use backend='torch'"
     if device.type == "cuda":
-        try:
-            import triton  # noqa: F401
-        except ImportError:
+        if importlib.util.find_spec("triton") is None:
             return "FlexAttention on CUDA compiles Triton kernels but triton is not installed; use backend='torch'"
     return None
 
@@ -158,18 +158,36 @@ def layout_key(layout: torch.Tensor) -> str:
     return hashlib.sha1(repr(tuple(lay.shape)).encode() + lay.numpy().tobytes()).hexdigest()[:16]
 
 
-_COMPILED_FLEX = None
+_COMPILED_FLEX: dict = {}
 
 
-def compiled_flex_attention():
-    """flex_attention under torch.compile, compiled once per process (CPU has no eager flex kernel; on CUDA
-    eager flex is a slow reference). Graph breaks or recompiles across lengths use dynamic shapes."""
-    global _COMPILED_FLEX
-    if _COMPILED_FLEX is None:
+def compiled_flex_attention(device_type: str = "cuda"):
+    """flex_attention under torch.compile, compiled once per process and device type (CPU has no eager flex
+    kernel; on CUDA eager flex is a slow reference).
+
+    CPU compiles with static shapes: with automatic dynamic shapes, a second pattern in the same process (a
+    captured layout table whose size became symbolic) made the CPU C++ flex template fail to build in torch
+    2.13 ("cur_kvSplitSize3 was not declared"). CUDA keeps torch's default (dynamic after a shape change), so
+    new lengths do not each cost a recompile there.
+    """
+    fn = _COMPILED_FLEX.get(device_type)
+    if fn is None:
         from torch.nn.attention.flex_attention import flex_attention
 
-        _COMPILED_FLEX = torch.compile(flex_attention)
-    return _COMPILED_FLEX
+        fn = torch.compile(flex_attention, dynamic=False if device_type == "cpu" else None)
+        _COMPILED_FLEX[device_type] = fn
+    return fn
+
+
+BACKENDS = ("auto", "flex", "torch")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """auto -> flex on CUDA (where flex can run there), else torch. Both compute the same pattern exactly, so
+    this is a kernel choice, not a change of method; an explicit "flex" that cannot run is an error instead."""
+    if backend != "auto":
+        return backend
+    return "flex" if device.type == "cuda" and flex_unavailable_reason(device) is None else "torch"
 
 
 def check_flex(method: str, q, k, v) -> None:
@@ -196,7 +214,7 @@ def flex(q, k, v, block_mask, *, scale: float, key_padding_mask: torch.Tensor | 
             return torch.where(real[b, kv_idx], score, -float("inf"))
 
         score_mod = key_padding_score
-    fn = compiled_flex_attention()
+    fn = compiled_flex_attention(q.device.type)
     if q.device.type == "cpu":
         # No logsumexp on CPU; the kernel itself writes 0 for a row whose scores are all -inf.
         return fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
