@@ -44,7 +44,8 @@ def test_estimator_converges_to_softmax(causal):
 
 def test_probs_are_the_favor_formula():
     # independent fp64 formula from the stored features; large-norm keys (std 3) stress the stabilisers:
-    # a per-key max (which does NOT cancel) or an overflow would fail this in fp32.
+    # a per-key max not compensated by the key log-scale (it does NOT cancel alone) or an overflow would
+    # fail this in fp32.
     q, k, v = rand_qkv(b=1, h=2, tq=6, tk=9, d=8, std=3.0, seed=1)
     m = make(NAME, q, k, num_features=32)
     w, root = m.features.double(), 8 ** -0.25
@@ -90,6 +91,52 @@ def test_causal_no_leak():
         out2, _ = m(q, k2, v2, causal=True)
         assert max_err(out[:, :, : t + 1], out2[:, :, : t + 1]) < 1e-5  # only the (cancelling) key max moved
         assert max_err(out[:, :, t + 1 :], out2[:, :, t + 1 :]) > 1e-2
+
+
+def max_leak(m, q, k, v, perturb, ts=(3, 8, 17, 30)) -> tuple[float, float]:
+    """(largest change of the causal outputs at key positions <= t, relative to their max |value|; smallest
+    absolute change of the output at the perturbed position) when perturb(k, p) changes ONE key p > t; both
+    the chunked form and the quadratic (need_probs) form. Query row r sits at key position r + Tk - Tq."""
+    tq, tk = q.shape[-2], k.shape[-2]
+    worst, moved = 0.0, float("inf")
+    for need_probs in (False, True):
+        out = m(q, k, v, causal=True, need_probs=need_probs)[0]
+        for t in ts:
+            for p in (t + 1, tk - 1):
+                out2 = m(q, perturb(k.clone(), p), v, causal=True, need_probs=need_probs)[0]
+                rows = t + 1 - (tk - tq)  # query rows at key positions <= t
+                if rows > 0:
+                    past = out[:, :, :rows]
+                    worst = max(worst, max_err(past, out2[:, :, :rows]) / past.abs().max().item())
+                r = p - (tk - tq)
+                moved = min(moved, max_err(out[:, :, r], out2[:, :, r]))
+    return worst, moved
+
+
+@pytest.mark.parametrize("tq,chunk", [(40, 8), (40, 64), (27, 8)])
+@pytest.mark.parametrize("mode", ["feature", "x4"])
+def test_causal_no_leak_from_one_large_future_key(mode, tq, chunk):
+    """Strict: changing ONE later key must not change outputs at <= t beyond fp32 rounding (1e-6 relative).
+    "feature": the key k' = w_f of the largest-norm random feature maximises w.k' - |k'|^2/2 (to |w_f|^2/2,
+    ~30 at d=32); with a stabiliser over ALL keys it pushed the earlier keys' features to ~e^-30 and their
+    products with the queries' to underflow (measured before the fix: outputs moved by up to 0.7x their size
+    with chunk 8, 7e-7 relative with one chunk). "x4": a moderate rescale, which before the fix moved outputs
+    at rounding level only (<= 4e-7 relative). After the fix both are bit-identical."""
+    q, k, v = rand_qkv(b=2, h=2, tq=tq, tk=40, d=32, seed=11)
+    m = make(NAME, q, k, num_features=128, chunk_size=chunk)
+    w = m.features[m.features.norm(dim=1).argmax()]  # (D,)
+
+    def perturb(k2, p):
+        if mode == "feature":
+            k2[:, :, p] = w * 32 ** 0.25  # k' = k sqrt(scale) = w
+        else:
+            k2[:, :, p] *= 4
+        return k2
+
+    worst, moved = max_leak(m, q, k, v, perturb)
+    print(f"{NAME} {mode} tq={tq} chunk={chunk}: max relative change at <= t {worst:.2e}, at p {moved:.2e}")
+    assert worst <= 1e-6
+    assert moved > 1e-3  # the perturbation does reach the perturbed position
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -8,6 +8,25 @@ Non-causal: one pass, O(T F D). Causal: the chunked form (as in flash-linear-att
 of C tokens the masked C x C quadratic form, across chunks a prefix sum of per-chunk states
 phi(K_c)^T V_c, so memory is O(T F D / C) instead of the O(T F D) of a per-token cumulative sum.
 A row whose normaliser is exactly 0 (no visible key) returns zeros.
+
+Key log-scales (`key_log_scale` b [B, H, Tk], used by performer and rfa): the true key feature is
+exp(b_j) phi(k_j) with phi(k_j) bounded and b_j unbounded (it would overflow exp()). Stabilising it needs
+a constant subtracted from b, and in causal mode that constant must not depend on keys a query cannot see:
+ONE max over all keys cancels in exact arithmetic, but a large FUTURE key then underflows the earlier keys'
+weights and changes earlier outputs (a causal leak). So each query i uses its own stabiliser
+M_i = max_{j visible to i} b_j (a running max over keys <= i), and every weight exp(b_j - M_i) <= 1:
+
+    out_i = sum_j e^{b_j - M_i} phi(q_i).phi(k_j) v_j / sum_j e^{b_j - M_i} phi(q_i).phi(k_j)
+
+Chunked: intra-chunk the masked C x C weights e^{b_j - M_i}; across chunks the state
+S_c = sum_{j before chunk c} e^{b_j - P_c} phi(k_j) (x) v_j with P_c = max b before chunk c, carried by a
+sequential loop over the T / C chunks (S_{c+1} = e^{P_c - P_{c+1}} S_c + [chunk c, rescaled to P_{c+1}]);
+query i of chunk c reads it with the factor e^{P_c - M_i} <= 1. The loop costs N = T / C small
+[B, H, F, D] updates (Python overhead ~ N x tens of microseconds) on top of the vectorised chunk work;
+without key_log_scale (plain `linear`) the fully vectorised cumsum path runs. Non-causal: one max over the
+real keys (every query sees every key, so it cancels without any leak). Padded keys get b = -inf (weight
+exactly 0); a max over no real key is -inf and is replaced before any exp(-inf - -inf) could happen. The
+stabilisers are detached: they cancel, so their true gradient is zero (b itself carries gradient).
 """
 from __future__ import annotations
 
@@ -26,6 +45,16 @@ def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     return torch.where(zero.unsqueeze(-1), torch.zeros_like(num), num / den.masked_fill(zero, 1.0).unsqueeze(-1))
 
 
+def _finite_or_zero(m: torch.Tensor) -> torch.Tensor:
+    """A stabiliser that is -inf (max over no real key) replaced by 0: then exp(b - m) = exp(-inf) = 0."""
+    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+
+
+def _rel_exp(a: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """exp(a - m) for stabilisers a <= m (detached), with exp(-inf - anything) = 0 and never NaN."""
+    return torch.where(torch.isfinite(a), torch.exp(a - _finite_or_zero(m)), torch.zeros_like(a))
+
+
 def linear_attention(
     phi_q: torch.Tensor,
     phi_k: torch.Tensor,
@@ -34,12 +63,25 @@ def linear_attention(
     causal: bool,
     key_padding_mask: torch.Tensor | None = None,
     chunk_size: int = 64,
+    key_log_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """key_log_scale b [B, H, Tk] (optional): the key features are exp(b_j) phi_k_j (see the module doc)."""
     out_dtype = v.dtype
     ct = _compute_dtype(phi_q.dtype)
     phi_q, phi_k, v = phi_q.to(ct), phi_k.to(ct), v.to(ct)
     if key_padding_mask is not None:
-        phi_k = phi_k * key_padding_mask[:, None, :, None].to(ct)  # padded keys contribute nothing
+        keep = key_padding_mask[:, None, :, None]
+        phi_k = torch.where(keep, phi_k, torch.zeros_like(phi_k))  # padded keys contribute nothing
+        if key_log_scale is not None:
+            key_log_scale = key_log_scale.masked_fill(~keep[..., 0], float("-inf"))
+    if key_log_scale is not None:
+        key_log_scale = key_log_scale.to(ct)
+        if causal:
+            return _causal_chunked_scaled(phi_q, phi_k, v, key_log_scale, chunk_size).to(out_dtype)
+        # every query sees every key: one max over the real keys cancels exactly
+        m = key_log_scale.detach().amax(-1, keepdim=True)  # (B, H, 1); -inf when every key is padded
+        w = torch.exp(key_log_scale - _finite_or_zero(m))  # (B, H, Tk): <= 1, exactly 0 for padded keys
+        phi_k = phi_k * w.unsqueeze(-1)
     if not causal:
         kv = torch.einsum("bhkf,bhkd->bhfd", phi_k, v)  # (B, H, F, D)
         z = phi_k.sum(dim=-2)  # (B, H, F)
@@ -47,6 +89,72 @@ def linear_attention(
         den = torch.einsum("bhqf,bhf->bhq", phi_q, z)
         return _safe_div(num, den).to(out_dtype)
     return _causal_chunked(phi_q, phi_k, v, chunk_size).to(out_dtype)
+
+
+def _causal_chunked_scaled(phi_q, phi_k, v, lk, chunk: int) -> torch.Tensor:
+    """Causal chunked form with key log-scales lk [B, H, Tk] and per-query running-max stabilisers."""
+    b, h, tq, f = phi_q.shape
+    tk, d = phi_k.shape[-2], v.shape[-1]
+    offset = tk - tq  # bottom-right alignment: query i sits at key position i + offset
+    state_kv = phi_q.new_zeros(b, h, f, d)
+    state_z = phi_q.new_zeros(b, h, f)
+    state_max = phi_q.new_full((b, h), float("-inf"))  # P: max b of the keys in the state
+    if offset > 0:  # keys before the first query: the initial state, every query sees it
+        pre = lk[:, :, :offset]
+        state_max = pre.detach().amax(-1)
+        w = torch.exp(pre - _finite_or_zero(state_max).unsqueeze(-1)).unsqueeze(-1)  # (B, H, offset, 1)
+        state_kv = torch.einsum("bhkf,bhkd->bhfd", phi_k[:, :, :offset] * w, v[:, :, :offset])
+        state_z = (phi_k[:, :, :offset] * w).sum(-2)
+        phi_k, v, lk = phi_k[:, :, offset:], v[:, :, offset:], lk[:, :, offset:]
+    elif offset < 0:  # the first -offset queries see no key at all
+        phi_q = phi_q[:, :, -offset:]
+    t = phi_q.shape[-2]
+    n = -(-t // chunk)
+    pad = n * chunk - t
+    if pad:
+        phi_q, phi_k, v = (F.pad(x, (0, 0, 0, pad)) for x in (phi_q, phi_k, v))
+        lk = F.pad(lk, (0, pad), value=float("-inf"))
+    qc = phi_q.reshape(b, h, n, chunk, f)
+    kc = phi_k.reshape(b, h, n, chunk, f)
+    vc = v.reshape(b, h, n, chunk, d)
+    lc = lk.reshape(b, h, n, chunk)
+    lc_det = lc.detach()
+    # per-chunk local states, each rescaled to its own chunk max m_c (vectorised)
+    cmax = lc_det.amax(-1)  # (B, H, N)
+    kw = kc * torch.exp(lc - _finite_or_zero(cmax).unsqueeze(-1)).unsqueeze(-1)  # (B, H, N, C, F)
+    loc_kv = torch.einsum("bhncf,bhncd->bhnfd", kw, vc)  # (B, H, N, F, D)
+    loc_z = kw.sum(-2)  # (B, H, N, F)
+    # the sequential carry: S_c sees the keys before chunk c, rescaled to P_c (N small updates)
+    kvs, zs, ps = [], [], []
+    for c in range(n):
+        kvs.append(state_kv)
+        zs.append(state_z)
+        ps.append(state_max)
+        if c + 1 == n:
+            break
+        new_max = torch.maximum(state_max, cmax[:, :, c])
+        a_old, a_loc = _rel_exp(state_max, new_max), _rel_exp(cmax[:, :, c], new_max)  # (B, H), <= 1
+        state_kv = a_old[..., None, None] * state_kv + a_loc[..., None, None] * loc_kv[:, :, c]
+        state_z = a_old[..., None] * state_z + a_loc[..., None] * loc_z[:, :, c]
+        state_max = new_max
+    kv = torch.stack(kvs, dim=2)  # (B, H, N, F, D)
+    z = torch.stack(zs, dim=2)  # (B, H, N, F)
+    p = torch.stack(ps, dim=2)  # (B, H, N): P_c
+    # per-query stabiliser M_i = max(P_c, running max of b within the chunk up to i)
+    qmax = torch.maximum(lc_det.cummax(dim=-1).values, p.unsqueeze(-1))  # (B, H, N, C)
+    qfac = _rel_exp(p.unsqueeze(-1), qmax)  # (B, H, N, C): e^{P_c - M_i}
+    num = torch.einsum("bhncf,bhnfd->bhncd", qc, kv) * qfac.unsqueeze(-1)
+    den = torch.einsum("bhncf,bhnf->bhnc", qc, z) * qfac
+    tri = torch.ones(chunk, chunk, dtype=torch.bool, device=qc.device).tril()
+    # intra-chunk weights e^{b_j - M_i}, masked to j <= i BEFORE the exp (no inf, no NaN gradient)
+    logw = (lc.unsqueeze(-2) - _finite_or_zero(qmax).unsqueeze(-1)).masked_fill(~tri, float("-inf"))
+    scores = torch.einsum("bhncf,bhnmf->bhncm", qc, kc) * torch.exp(logw)  # (B, H, N, C, C)
+    num = num + torch.einsum("bhncm,bhnmd->bhncd", scores, vc)
+    den = den + scores.sum(-1)
+    out = _safe_div(num, den).reshape(b, h, n * chunk, d)[:, :, :t]
+    if offset < 0:
+        out = F.pad(out, (0, 0, -offset, 0))
+    return out
 
 
 def _causal_chunked(phi_q, phi_k, v, chunk: int) -> torch.Tensor:
@@ -94,13 +202,29 @@ def linear_attention_quadratic(
     *,
     causal: bool,
     key_padding_mask: torch.Tensor | None = None,
+    key_log_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same function in its O(T^2) form; returns (out, implied probs). Reference and need_probs path."""
+    """The same function in its O(T^2) form; returns (out, implied probs). Reference and need_probs path.
+    With key_log_scale: non-causal, one max over the real keys; causal, each row's max b over the keys it
+    sees (both cancel; the causal one never depends on a later key)."""
     ct = _compute_dtype(phi_q.dtype)
-    scores = torch.einsum("bhqf,bhkf->bhqk", phi_q.to(ct), phi_k.to(ct))
+    phi_q, phi_k = phi_q.to(ct), phi_k.to(ct)
+    if key_log_scale is not None and not causal:  # one max over the real keys, as the one-pass form
+        lk = key_log_scale.to(ct)
+        if key_padding_mask is not None:
+            lk = lk.masked_fill(~key_padding_mask[:, None, :], float("-inf"))
+        w = torch.exp(lk - _finite_or_zero(lk.detach().amax(-1, keepdim=True)))  # (B, H, Tk)
+        phi_k, key_log_scale = phi_k * w.unsqueeze(-1), None
+    scores = torch.einsum("bhqf,bhkf->bhqk", phi_q, phi_k)
     allowed, _ = masks.combine(
         phi_q.shape[-2], phi_k.shape[-2], causal=causal, key_padding_mask=key_padding_mask, device=phi_q.device
     )
+    if key_log_scale is not None:  # causal: each row's own max over the keys it sees (no future key in it)
+        logw = key_log_scale.to(ct).unsqueeze(-2).expand_as(scores)  # (B, H, Tq, Tk)
+        if allowed is not None:
+            logw = logw.masked_fill(~allowed, float("-inf"))  # before the exp: no inf * 0
+        row_max = logw.detach().amax(-1, keepdim=True)  # (B, H, Tq, 1); -inf for a row with no key
+        scores = scores * torch.exp(logw - _finite_or_zero(row_max))
     if allowed is not None:
         scores = scores.masked_fill(~allowed, 0.0)
     den = scores.sum(-1, keepdim=True)

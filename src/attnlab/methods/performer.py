@@ -7,13 +7,15 @@ Positive orthogonal random features estimate the softmax kernel without bias:
 
 then `_linear_core` runs the kernelised attention (O(T m D); causal by chunked prefix sums).
 
-Stabilisation: exp() overflows for large projections, so constants are subtracted in the exponent. Only
-constants that cancel in out_i = sum_j K_ij v_j / sum_j K_ij are allowed:
+Stabilisation: exp() overflows for large projections, so maxima are subtracted in the exponent:
 - queries: a per-query-row max (a factor c_i on row i multiplies numerator and denominator alike);
-- keys: ONE max over all (real) keys and features of a (batch, head) -- a per-key max would rescale
-  each K_ij by its own c_j and change the weights. Padded keys are left out of that max (their garbage
-  must not underflow the real keys) and get weight exactly 0.
-Both maxima are detached: they cancel, so their true gradient is zero.
+- keys: a per-key max b_j = max_f (w_f.k'_j - |k'_j|^2/2), so phi(k_j) = exp(b_j) * [a bounded vector]. The
+  per-key factor exp(b_j) does NOT cancel, so it is handed to `_linear_core` as the key log-scale, which
+  stabilises it with maxima that do cancel: in causal mode a running max over the keys each query can see.
+  (ONE max over all keys, as before, let a later key with a large b underflow the earlier keys' features:
+  a causal leak, up to O(1) changes of earlier outputs for a key aligned with a large-norm feature.)
+  Padded keys get weight exactly 0.
+Both maxima are detached: exp(b_j) exp(a_jf - b_j) does not depend on b_j, so its gradient is zero.
 """
 from __future__ import annotations
 
@@ -82,17 +84,12 @@ class Performer(AttentionMethod):
         root = math.sqrt(scale)
         lq = self._log_features(q.to(ct) * root)  # (B, H, Tq, m)
         lk = self._log_features(k.to(ct) * root)  # (B, H, Tk, m)
-        if key_padding_mask is not None:
-            lk = lk.masked_fill(~key_padding_mask[:, None, :, None], float("-inf"))  # padded keys: weight 0
         q_max = lq.amax(-1, keepdim=True).detach()  # (B, H, Tq, 1): per row, cancels row-wise
-        k_max = lk.amax((-2, -1), keepdim=True).detach()  # (B, H, 1, 1): one constant for all keys
-        k_max = torch.where(torch.isfinite(k_max), k_max, torch.zeros_like(k_max))  # all keys padded
+        k_log = lk.amax(-1).detach()  # (B, H, Tk): per key; NOT cancelling alone, so it goes to the core
         inv = self.opts.num_features ** -0.5
         phi_q = torch.exp(lq - q_max) * inv  # (B, H, Tq, m)
-        phi_k = torch.exp(lk - k_max) * inv  # (B, H, Tk, m)
+        phi_k = torch.exp(lk - k_log.unsqueeze(-1)) * inv  # (B, H, Tk, m): <= 1/sqrt(m); true one: exp(k_log) x
+        kw = dict(causal=causal, key_padding_mask=key_padding_mask, key_log_scale=k_log)
         if need_probs:
-            return linear_attention_quadratic(phi_q, phi_k, v, causal=causal, key_padding_mask=key_padding_mask)
-        out = linear_attention(
-            phi_q, phi_k, v, causal=causal, key_padding_mask=key_padding_mask, chunk_size=self.opts.chunk_size
-        )
-        return out, None
+            return linear_attention_quadratic(phi_q, phi_k, v, **kw)
+        return linear_attention(phi_q, phi_k, v, chunk_size=self.opts.chunk_size, **kw), None

@@ -6,8 +6,10 @@ Random Fourier (trigonometric) features of the Gaussian kernel (Rahimi & Recht 2
 
 and exp(q'.k') = exp(|q'|^2/2) exp(|k'|^2/2) exp(-|q' - k'|^2/2) with q' = q sqrt(scale), k' = k sqrt(scale).
 The q factor is constant along a row and cancels in the normalisation, so it is dropped; the k factor
-does not and multiplies phi(k'). It is stabilised by subtracting ONE max over the (real) keys of a
-(batch, head) of |k'|^2/2, which cancels too (a per-key constant would not). Feature dimension: 2m.
+does not and multiplies phi(k'). It is unbounded (it would overflow exp()), so it goes to `_linear_core` as
+the key log-scale |k'|^2/2, which stabilises it with maxima that cancel: in causal mode the running max over
+the keys each query can see, never one over all keys (a large later key would underflow the earlier keys'
+weights and change earlier outputs: a causal leak). Padded keys get weight exactly 0. Feature dimension: 2m.
 
 Caveat: trig features are not positive, so the estimated normaliser sum_j phi(q_i).phi(k_j) can be
 near zero or negative for small m or large-norm inputs, and the output then blows up. Rows with no
@@ -67,16 +69,10 @@ class RFA(AttentionMethod):
         ct = _compute_dtype(q.dtype)
         root = math.sqrt(scale)
         qs, ks = q.to(ct) * root, k.to(ct) * root  # (B, H, Tq, D), (B, H, Tk, D)
-        lk = ks.pow(2).sum(-1, keepdim=True) / 2  # (B, H, Tk, 1): log of the per-key factor
-        if key_padding_mask is not None:
-            lk = lk.masked_fill(~key_padding_mask[:, None, :, None], float("-inf"))  # padded keys: weight 0
-        k_max = lk.amax(-2, keepdim=True).detach()  # (B, H, 1, 1): one constant, cancels
-        k_max = torch.where(torch.isfinite(k_max), k_max, torch.zeros_like(k_max))  # all keys padded
+        lk = ks.pow(2).sum(-1) / 2  # (B, H, Tk): log of the per-key factor, passed to the core unexponentiated
         phi_q = self._phi(qs)  # (B, H, Tq, 2m)
-        phi_k = self._phi(ks) * torch.exp(lk - k_max)  # (B, H, Tk, 2m)
+        phi_k = self._phi(ks)  # (B, H, Tk, 2m): bounded; the core applies exp(lk) with causal-safe stabilisers
+        kw = dict(causal=causal, key_padding_mask=key_padding_mask, key_log_scale=lk)
         if need_probs:
-            return linear_attention_quadratic(phi_q, phi_k, v, causal=causal, key_padding_mask=key_padding_mask)
-        out = linear_attention(
-            phi_q, phi_k, v, causal=causal, key_padding_mask=key_padding_mask, chunk_size=self.opts.chunk_size
-        )
-        return out, None
+            return linear_attention_quadratic(phi_q, phi_k, v, **kw)
+        return linear_attention(phi_q, phi_k, v, chunk_size=self.opts.chunk_size, **kw), None
