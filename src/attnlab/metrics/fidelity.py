@@ -28,7 +28,10 @@ def kl_per_token(base_logits: torch.Tensor, new_logits: torch.Tensor) -> torch.T
     """KL(P_base || P_new) per position, in nats, fp32: [..., V] -> [...]."""
     lp = F.log_softmax(base_logits.float(), dim=-1)
     lq = F.log_softmax(new_logits.float(), dim=-1)
-    return (lp.exp() * (lp - lq)).sum(-1).clamp_min(0.0)
+    p = lp.exp()
+    # 0 * log(0 / q) = 0: a token the base model rules out (logit -inf) contributes nothing, not NaN
+    terms = torch.where(p > 0, p * (lp - lq), torch.zeros_like(p))
+    return terms.sum(-1).clamp_min(0.0)
 
 
 def next_token_stats(base_logits: torch.Tensor, new_logits: torch.Tensor, input_ids: torch.Tensor) -> dict:

