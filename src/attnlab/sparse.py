@@ -17,6 +17,7 @@ so a window or a causal limit is measured from there; `offset = Tk - Tq`.
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import importlib
 import importlib.util
@@ -109,11 +110,21 @@ def dense_mask(mask_mod: MaskMod, tq: int, tk: int, device=None) -> torch.Tensor
 
 
 # ---- FlexAttention: availability, BlockMask cache, compiled kernel -------------------------------------------
-def flex_unavailable_reason(device: torch.device) -> str | None:
+@functools.lru_cache(maxsize=None)
+def _flex_unavailable_reason(device_type: str, torch_version: tuple) -> str | None:
+    return _flex_unavailable_reason_uncached(torch.device(device_type), torch_version)
+
+
+def flex_unavailable_reason(device) -> str | None:
+    """Why FlexAttention cannot run on `device` (None: it can). Cached per device type: it is on the hot path."""
+    return _flex_unavailable_reason(torch.device(device).type, TORCH_VERSION)
+
+
+def _flex_unavailable_reason_uncached(device: torch.device, torch_version: tuple) -> str | None:
     """Why flex_attention cannot run on `device` (None: it can). Checked before any compute."""
     device = torch.device(device)
     need = (2, 6) if device.type == "cpu" else (2, 5)  # CPU flex (inductor C++ template) landed in 2.6
-    if TORCH_VERSION < need:
+    if torch_version < need:
         return (f"FlexAttention on {device.type} needs torch >= {need[0]}.{need[1]}, found {torch.__version__}; "
                 "use backend='torch'")
     try:
@@ -214,12 +225,9 @@ def flex(q, k, v, block_mask, *, scale: float, key_padding_mask: torch.Tensor | 
             return torch.where(real[b, kv_idx], score, -float("inf"))
 
         score_mod = key_padding_score
-    fn = compiled_flex_attention(q.device.type)
-    if q.device.type == "cpu":
-        # No logsumexp on CPU; the kernel itself writes 0 for a row whose scores are all -inf.
-        return fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
-    out, lse = fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, return_lse=True)
-    return out.masked_fill((lse == -float("inf"))[..., None], 0.0)  # belt and braces: empty rows -> exact zeros
+    # A row whose scores are all -inf comes back as exact zeros from the kernel itself (CPU and CUDA; checked by
+    # tests/test_sparse.py on CPU and benchmarks/gpu_checks.py on CUDA), so no logsumexp fix-up pass is needed.
+    return compiled_flex_attention(q.device.type)(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
 
 
 # ---- the plain-PyTorch fallback ---------------------------------------------------------------------------------
