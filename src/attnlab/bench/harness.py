@@ -55,12 +55,11 @@ def dense_flops(batch: int, heads: int, seq_len: int, head_dim: int, mode: str, 
 
 
 def is_oom(exc: BaseException) -> bool:
-    if isinstance(exc, torch.cuda.OutOfMemoryError):
+    """torch.cuda.OutOfMemoryError, or an OOM re-raised under another type (torch.compile wraps errors)."""
+    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
         return True
-    msg = str(exc)
-    return isinstance(exc, (RuntimeError, MemoryError)) and (
-        "out of memory" in msg.lower() or "can't allocate memory" in msg or isinstance(exc, MemoryError)
-    )
+    msg = str(exc).lower()
+    return "out of memory" in msg or "can't allocate memory" in msg
 
 
 def _sync(device: torch.device) -> None:
@@ -103,8 +102,17 @@ def classify(exc: BaseException) -> str:
     return "error"
 
 
-def failed_row(exc: BaseException) -> dict:
-    return {"status": classify(exc), "error": _error_text(exc), "ms": None}
+def result_fields(device) -> dict:
+    """The measurement fields of a row, all present (None) even when nothing was measured."""
+    return {
+        "status": "ok", "error": None, "ms": None, "ms_min": None, "ms_max": None, "repeats": 0, "warmup": 0,
+        "peak_mem_bytes": None, "extra_mem_bytes": None, "input_bytes": None,
+        "mem_note": CPU_MEM_NOTE if torch.device(device).type != "cuda" else None, "wall_s": 0.0,
+    }
+
+
+def failed_row(exc: BaseException, device="cpu") -> dict:
+    return {**result_fields(device), "status": classify(exc), "error": _error_text(exc)}
 
 
 def bench_one(
@@ -127,11 +135,7 @@ def bench_one(
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     device = torch.device(device)
-    row: dict = {
-        "status": "ok", "error": None, "ms": None, "ms_min": None, "ms_max": None, "repeats": 0, "warmup": 0,
-        "peak_mem_bytes": None, "extra_mem_bytes": None, "input_bytes": None,
-        "mem_note": CPU_MEM_NOTE if device.type != "cuda" else None,
-    }
+    row = result_fields(device)
     t_start = time.perf_counter()
     exc_info: tuple[str, str] | None = None
     inputs = grad_out = None
@@ -159,11 +163,13 @@ def bench_one(
         for i in range(max(1, warmup)):
             t0 = time.perf_counter()
             if backward and grad_out is None:
-                with torch.no_grad():
-                    shape_probe = _first(fn(*(x.detach() for x in inputs)))
-                grad_out = torch.randn_like(shape_probe)
-                del shape_probe
-            out = call()
+                # the first call also makes grad_out (its shape is the output's); grad mode stays on, so a
+                # compiled callable is not compiled a second time for no_grad
+                out = _first(fn(*inputs))
+                grad_out = torch.randn_like(out)
+                out.backward(grad_out)
+            else:
+                out = call()
             del out
             _sync(device)
             t_call = time.perf_counter() - t0
@@ -179,7 +185,6 @@ def bench_one(
         if grad_out is not None:
             input_bytes += grad_out.numel() * grad_out.element_size()
         if device.type == "cuda":
-            gc.collect()
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)

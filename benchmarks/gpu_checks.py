@@ -1,0 +1,58 @@
+"""Correctness on the GPU (CI has none): every method in its exact limit vs an fp64 dense reference, on CUDA,
+bf16 and fp32, causal and not, with padding (incl. fully padded rows through FlexAttention: zeros, not NaN).
+
+    PYTHONPATH=src python benchmarks/gpu_checks.py          # prints one line per check, exits 1 on a failure
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+import attnlab
+from attnlab.methods.base import repeat_kv
+from attnlab.methods.dense import dense_attention
+
+T, D, H, HKV, B = 256, 64, 8, 4, 2
+LIMITS = {  # exact-limit options at length T
+    "dense": {}, "sdpa": {}, "window": {"window": T}, "block_sparse": {"layout": [[True] * 4] * 4, "block_size": 64},
+    "linformer": {"proj_len": T, "max_len": T, "init": "identity"},
+    # nystrom's exact limit is ill-conditioned in fp32 at T=256 (pinv of a 256x256 softmax): CPU tests cover it
+
+}
+
+
+def main() -> int:
+    dev = "cuda"
+    g = torch.Generator().manual_seed(0)
+    q64 = torch.randn(B, H, T, D, generator=g, dtype=torch.float64)
+    k64 = torch.randn(B, HKV, T, D, generator=g, dtype=torch.float64)
+    v64 = torch.randn(B, HKV, T, D, generator=g, dtype=torch.float64)
+    kpm = torch.ones(B, T, dtype=torch.bool)
+    kpm[1, :] = False  # a batch row with no real key: every query row must return zeros
+    kpm[0, 200:] = False
+    failures = 0
+    for name, opts in LIMITS.items():
+        caps = attnlab.capabilities(name)
+        for causal in ((False, True) if caps.causal else (False,)):
+            for dtype in (torch.float32, torch.bfloat16):
+                m = attnlab.make(name, head_dim=D, num_heads=H, num_kv_heads=HKV, **opts).to(dev)
+                q, k, v = (x.to(dev, dtype) for x in (q64, k64, v64))
+                out, _ = m(q, k, v, causal=causal, key_padding_mask=kpm.to(dev))
+                ref, _ = dense_attention(q64, repeat_kv(k64, 2), repeat_kv(v64, 2), causal=causal, key_padding_mask=kpm)
+                low, _ = dense_attention(q.cpu().double().to(dtype), repeat_kv(k.cpu(), 2), repeat_kv(v.cpu(), 2),
+                                         causal=causal, key_padding_mask=kpm)
+                err = (out.double().cpu() - ref).abs().max().item()
+                bound = 2 * (low.double() - ref).abs().max().item() + (2e-5 if dtype == torch.float32 else 2e-3)
+                finite = bool(torch.isfinite(out).all())
+                zeros = bool((out[1] == 0).all())
+                ok = finite and zeros and err <= bound
+                failures += not ok
+                print(f"{'ok ' if ok else 'FAIL'} {name:13} causal={causal!s:5} {str(dtype):15} err={err:.2e} bound={bound:.2e} "
+                      f"finite={finite} padded-row-zeros={zeros}")
+    print(f"{failures} failure(s) on {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""Model-level cost: SmolLM2-135M (its exact config, random weights: cost does not depend on weight values, and
+the 540 MB checkpoint cannot travel to the GPU machine) forward and forward+backward vs sequence length, with
+each method swapped in, against the original model in eager mode (builds the attention matrix) and sdpa mode.
+
+    PYTHONPATH=src python benchmarks/model_bench.py --device cuda --dtype bfloat16 --out benchmarks/results
+
+Writes model_bench.json (one row per measurement) and model_bench.png. Peak memory target from the research:
+at least 30% below eager dense at every length >= 1024.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import attnlab
+from attnlab.compare import default_options
+
+HERE = Path(__file__).parent
+
+
+def build(device, dtype, impl):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig.from_dict(json.loads((HERE / "smollm2_config.json").read_text()))
+    cfg.max_position_embeddings = 1 << 17
+    torch.manual_seed(0)
+    model = LlamaForCausalLM._from_config(cfg, attn_implementation=impl, dtype=dtype).to(device)
+    return model
+
+
+def measure(model, ids, mode, device, warmup, repeats):
+    def step():
+        if mode == "fwd":
+            with torch.no_grad():
+                model(ids, use_cache=False)
+        else:
+            out = model(ids, labels=ids, use_cache=False)
+            out.loss.backward()
+            model.zero_grad(set_to_none=True)
+
+    cuda = device.startswith("cuda")
+    for _ in range(warmup):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            step()
+            e.record()
+            torch.cuda.synchronize()
+            times.append(s.elapsed_time(e))
+        else:
+            t = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t) * 1e3)
+    peak = torch.cuda.max_memory_allocated() - base if cuda else None
+    return statistics.median(times), peak
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768")
+    p.add_argument("--methods", default="sdpa,window,linear,performer,block_sparse,lsh")
+    p.add_argument("--modes", default="fwd,fwd+bwd")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--budget-s", type=float, default=400, help="stop starting new rows after this many seconds")
+    p.add_argument("--out", default=str(HERE / "results"))
+    a = p.parse_args(argv)
+    dtype = getattr(torch, a.dtype)
+    lengths = [int(x) for x in a.lengths.split(",")]
+    env = {"device_name": torch.cuda.get_device_name() if a.device.startswith("cuda") else platform.processor(),
+           "torch": torch.__version__, "command": "python " + " ".join(sys.argv)}
+    try:
+        import transformers
+        import triton
+
+        env.update(transformers=transformers.__version__, triton=triton.__version__)
+    except ImportError:
+        pass
+    rows, t0 = [], time.time()
+    dead = set()  # (impl, mode) that ran out of memory: longer lengths are skipped
+    configs = [("original", "eager", None), ("original", "sdpa", None)] + [
+        ("attnlab", "sdpa", m) for m in a.methods.split(",")
+    ]
+    for impl_kind, impl, method in configs:
+        model = build(a.device, dtype, impl)
+        name = f"original-{impl}" if method is None else method
+        for mode in a.modes.split(","):
+            for n in lengths:
+                row = {"model": "SmolLM2-135M (config, random weights)", "impl": name, "method": method or impl,
+                       "seq_len": n, "batch": 1, "mode": mode, "dtype": a.dtype, "device": a.device, **env}
+                if (name, mode) in dead or time.time() - t0 > a.budget_s:
+                    row["status"] = "skipped" if time.time() - t0 > a.budget_s else "oom"
+                    rows.append(row)
+                    continue
+                opts = default_options(method, n) if method else {}
+                if method == "window":
+                    opts = {"window": 256, "sinks": 4}
+                if method == "block_sparse":
+                    opts = {"block_size": 128}
+                if method == "lsh":
+                    opts = {"bucket_size": 128, "n_hashes": 2, "shared_qk": False}
+                row["options"] = opts
+                ids = torch.randint(0, 49152, (1, n), device=a.device)
+                try:
+                    if method:
+                        attnlab.swap(model, method, **opts)
+                    ms, peak = measure(model, ids, mode, a.device, a.warmup, a.repeats)
+                    row.update(status="ok", ms=ms, ms_per_token=ms / n, peak_mem_bytes=peak)
+                except torch.cuda.OutOfMemoryError:
+                    row["status"] = "oom"
+                    dead.add((name, mode))
+                except Exception as e:  # recorded, not hidden: the row says what failed
+                    row.update(status="error", error=f"{type(e).__name__}: {e}"[:300])
+                finally:
+                    if method:
+                        attnlab.unswap(model)
+                    model.zero_grad(set_to_none=True)
+                    if a.device.startswith("cuda"):
+                        torch.cuda.empty_cache()
+                rows.append(row)
+                print(f"{name:>16} {mode:>8} {n:>6} {row['status']:>7} "
+                      f"{row.get('ms', float('nan')):9.2f} ms {((row.get('peak_mem_bytes') or 0) / 2**30):7.2f} GiB", flush=True)
+        del model
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "model_bench.json").write_text(json.dumps(rows, indent=1))
+    plot(rows, out / "model_bench.png")
+    return 0
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = sorted({r["mode"] for r in rows})
+    fig, axes = plt.subplots(2, len(modes), figsize=(6 * len(modes), 8), squeeze=False)
+    for j, mode in enumerate(modes):
+        for impl in dict.fromkeys(r["impl"] for r in rows):
+            pts = [r for r in rows if r["impl"] == impl and r["mode"] == mode and r["status"] == "ok"]
+            if not pts:
+                continue
+            xs = [r["seq_len"] for r in pts]
+            axes[0][j].plot(xs, [r["ms_per_token"] * 1e3 for r in pts], marker="o", label=impl)
+            if pts[0].get("peak_mem_bytes") is not None:
+                axes[1][j].plot(xs, [r["peak_mem_bytes"] / 2**30 for r in pts], marker="o", label=impl)
+        for i, lab in enumerate(("time per token (us)", "peak memory (GiB)")):
+            axes[i][j].set(xscale="log", yscale="log", xlabel="sequence length", ylabel=lab, title=f"SmolLM2-135M {mode}")
+            axes[i][j].grid(alpha=0.3)
+            axes[i][j].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""The cost harness on CPU at tiny sizes: row schema, statuses (ok / not installed / oom / unsupported),
+crossover on synthetic rows, JSON + PNG output. No FlexAttention compile (window runs backend="torch")."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import attnlab
+from attnlab.bench import cli, harness, peers, plot
+
+SCHEMA = ("method", "impl", "options", "seq_len", "batch", "heads", "head_dim", "mode", "causal", "dtype", "device",
+          "ms", "peak_mem_bytes", "status", "error", "device_name", "torch_version", "triton_version", "command",
+          "tflops", "note")
+TINY = dict(heads=2, head_dim=16, batch=1, dtype=torch.float32, device="cpu", repeats=2, warmup=1,
+            progress=False, row_budget_s=0.5)
+
+
+def _qkv():
+    g = torch.Generator().manual_seed(0)
+    return tuple(torch.randn(1, 2, 32, 16, generator=g) for _ in range(3))
+
+
+@pytest.mark.parametrize("mode", harness.MODES)
+def test_bench_one_times_a_method(mode):
+    m = attnlab.make("sdpa", head_dim=16, num_heads=2)
+    row = harness.bench_one(lambda q, k, v: m(q, k, v, causal=True)[0], _qkv, mode, "cpu", repeats=3, warmup=1)
+    assert row["status"] == "ok" and row["error"] is None
+    assert row["ms"] > 0 and row["ms_min"] <= row["ms"] <= row["ms_max"] and row["repeats"] == 3
+    assert row["peak_mem_bytes"] is None and "CPU" in row["mem_note"]  # no allocator statistics on CPU
+    assert row["input_bytes"] == 3 * 32 * 2 * 16 * 4 + (32 * 2 * 16 * 4 if mode == "fwd+bwd" else 0)
+
+
+def test_backward_really_runs():
+    seen = {}
+
+    def fn(q, k, v):
+        seen["grad_enabled"] = torch.is_grad_enabled()
+        seen["requires_grad"] = q.requires_grad
+        return (q * k).sum(-1, keepdim=True) * v
+
+    harness.bench_one(fn, _qkv, "fwd+bwd", "cpu", repeats=1, warmup=1)
+    assert seen == {"grad_enabled": True, "requires_grad": True}
+    harness.bench_one(fn, _qkv, "fwd", "cpu", repeats=1, warmup=1)
+    assert seen["grad_enabled"] is False  # fwd = inference, under no_grad
+
+
+def test_oom_is_a_row_not_a_crash():
+    def fn(q, k, v):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB")
+
+    row = harness.bench_one(fn, _qkv, "fwd", "cpu", repeats=2, warmup=1)
+    assert row["status"] == "oom" and "out of memory" in row["error"] and row["ms"] is None
+
+
+def test_errors_are_classified():
+    def unsupported(q, k, v):
+        raise attnlab.UnsupportedError("nope")
+
+    def broken(q, k, v):
+        raise ValueError("boom")
+
+    assert harness.bench_one(unsupported, _qkv, "fwd", "cpu")["status"] == "unsupported"
+    row = harness.bench_one(broken, _qkv, "fwd", "cpu")
+    assert row["status"] == "error" and "ValueError: boom" in row["error"]
+
+
+def test_dense_flops_convention():
+    f = harness.dense_flops(2, 3, 128, 64, "fwd", False)
+    assert f == 4 * 2 * 3 * 128 * 128 * 64
+    assert harness.dense_flops(2, 3, 128, 64, "fwd", True) == f / 2
+    assert harness.dense_flops(2, 3, 128, 64, "fwd+bwd", False) == 3.5 * f
+
+
+def _fake_missing_peer(seq_len, heads, head_dim, causal, dtype, device, **options):
+    peers._import("attnlab_no_such_peer_pkg", "no-such-peer")  # raises NotInstalled
+
+
+def _fake_peer_that_runs(seq_len, heads, head_dim, causal, dtype, device, **options):
+    return peers.PeerFn(lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal),
+                        prepare=lambda q, k, v: (q.contiguous(), k, v), note="fake")
+
+
+def test_sweep_rows_statuses_json_png(tmp_path):
+    fake = [peers.Peer("no-such-peer", "sdpa", _fake_missing_peer),
+            peers.Peer("fake-sdpa", "sdpa", _fake_peer_that_runs)]
+    out = tmp_path / "rows.json"
+    rows = cli.run_sweep(methods=["sdpa", "dense", "window", "linformer"], lengths=[32, 64], modes=["fwd", "fwd+bwd"],
+                         causal_list=[False, True], peer_list=fake, out_path=out, command="pytest", **TINY)
+    assert len(rows) == (4 + 2) * 2 * 2 * 2
+    for r in rows:
+        for key in SCHEMA:
+            assert key in r, key
+        assert r["status"] in harness.STATUSES
+        assert (r["status"] == "ok") == (r["ms"] is not None)
+        assert r["device"] == "cpu" and r["dtype"] == "float32" and r["command"] == "pytest"
+
+    def status(method, impl, causal):
+        return {r["status"] for r in rows if (r["method"], r["impl"], r["causal"]) == (method, impl, causal)}
+
+    for method in ("sdpa", "dense", "window"):
+        assert status(method, "attnlab", False) == status(method, "attnlab", True) == {"ok"}
+    assert status("linformer", "attnlab", False) == {"ok"}
+    assert status("linformer", "attnlab", True) == {"unsupported"}  # cannot do causal: a row, not a crash
+    assert status("sdpa", "no-such-peer", False) == {"not installed"}
+    assert status("sdpa", "fake-sdpa", True) == {"ok"}
+    lin = next(r for r in rows if r["method"] == "linformer" and r["status"] == "ok" and r["seq_len"] == 64)
+    assert lin["options"]["max_len"] == 64  # per-length option adjustment
+    win = next(r for r in rows if r["method"] == "window")
+    assert win["options"].get("backend") == "torch"  # no flex compile on CPU
+
+    saved = json.loads(out.read_text())  # written incrementally, complete at the end
+    assert saved == json.loads(json.dumps(rows))
+    png = plot.plot(saved, tmp_path / "rows.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_oom_skips_longer_lengths(monkeypatch):
+    def fake_measure(im, t, *args, **kwargs):
+        if t >= 64:
+            return {"status": "oom", "error": "OutOfMemoryError: CUDA out of memory", "ms": None, "wall_s": 0.0}
+        return {"status": "ok", "error": None, "ms": 1.0, "peak_mem_bytes": None, "wall_s": 0.0}
+
+    monkeypatch.setattr(cli, "_measure", fake_measure)
+    rows = cli.run_sweep(methods=["dense"], lengths=[32, 64, 128, 256], peer_list=[], **TINY)
+    assert [r["status"] for r in rows] == ["ok", "oom", "skipped", "skipped"]
+    assert "out of memory at seq_len=64" in rows[2]["error"]
+
+
+def test_cli_main_writes_files(tmp_path):
+    rc = cli.main(["--methods", "sdpa,linear", "--lengths", "32,64", "--heads", "2", "--head-dim", "16",
+                   "--device", "cpu", "--dtype", "fp32", "--peers", "none", "--repeats", "2", "--warmup", "1",
+                   "--out", str(tmp_path), "--name", "t", "--no-progress"])
+    assert rc == 0
+    rows = json.loads((tmp_path / "t.json").read_text())
+    assert {r["status"] for r in rows} == {"ok"} and len(rows) == 4
+    assert (tmp_path / "t.png").stat().st_size > 0
+    assert "--methods sdpa,linear" in (tmp_path / "t.cmd.txt").read_text()
+    assert isinstance(json.loads((tmp_path / "t.crossover.json").read_text()), list)
+
+
+def _row(method, impl, t, ms, status="ok", mem=None):
+    return {"method": method, "impl": impl, "seq_len": t, "batch": 1, "mode": "fwd", "causal": False,
+            "dtype": "bfloat16", "device": "cuda", "heads": 16, "head_dim": 64, "ms": ms, "status": status,
+            "peak_mem_bytes": mem}
+
+
+def test_crossover_on_synthetic_rows():
+    lengths = [1024, 2048, 4096, 8192, 16384]
+    sdpa = [_row("sdpa", "attnlab", t, t * t / 1e6, mem=t * t) for t in lengths[:-1]]
+    sdpa.append(_row("sdpa", "attnlab", 16384, None, status="oom"))
+    lin = [_row("linear", "attnlab", t, t / 1e3 * 4, mem=t * 5000) for t in lengths]  # cheaper from 4096 on
+    noisy = [_row("nystrom", "attnlab", t, ms) for t, ms in zip(lengths, [0.1, 99, 0.1, 0.1, 0.1])]
+    never = [_row("dense", "attnlab", t, t * t / 1e5) for t in lengths[:-1]]
+    got = {e["method"]: e for e in plot.crossover(sdpa + lin + noisy + never)}
+    assert got["linear"]["crossover_time"] == 4096  # 4.096 < 16.8 ms; at 2048: 8.2 > 4.2
+    assert got["linear"]["crossover_memory"] == 8192  # 8192*5000 < 8192^2; at 4096: 20.5M > 16.8M
+    assert got["nystrom"]["crossover_time"] == 4096  # it must stay cheaper: the dip at 1024 does not count
+    assert got["dense"]["crossover_time"] is None
+    assert got["linear"]["ratio_time"]["16384"] is None  # SDPA ran out of memory there: cheaper, no ratio
+    assert "sdpa" not in got
+    assert "linear" in plot.crossover_table(list(got.values()))
