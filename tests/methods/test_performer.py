@@ -240,3 +240,22 @@ def test_errors():
     for bad in ({"num_features": 0}, {"num_features": -3}, {"chunk_size": 0}):
         with pytest.raises(attnlab.OptionError):
             make(NAME, q, k, **bad)
+
+
+@pytest.mark.parametrize("group", [1, 2, 3, 32])
+@pytest.mark.parametrize("name", ["performer", "rfa"])
+def test_two_level_carry_matches_quadratic_form(monkeypatch, name, group):
+    """The causal carry over many chunk groups (group=1: one chunk a group, fully sequential) equals the
+    O(T^2) form in fp64, and a huge future key still changes nothing before it."""
+    from attnlab.methods import _linear_core
+
+    monkeypatch.setattr(_linear_core, "_GROUP", group)
+    q, k, v = rand_qkv(b=1, h=2, tq=41, d=8, dtype=torch.float64, seed=7, std=0.5)
+    m = make(name, q, k, num_features=16, chunk_size=4)
+    out, _ = m(q, k, v, causal=True)
+    _, probs = m(q, k, v, causal=True, need_probs=True)
+    assert torch.allclose(out, probs @ v, atol=1e-10)
+    k2 = k.clone()
+    k2[:, :, 30] *= 8.0
+    out2, _ = m(q, k2, v, causal=True)
+    assert torch.equal(out[:, :, :30], out2[:, :, :30])

@@ -124,22 +124,7 @@ def _causal_chunked_scaled(phi_q, phi_k, v, lk, chunk: int) -> torch.Tensor:
     kw = kc * torch.exp(lc - _finite_or_zero(cmax).unsqueeze(-1)).unsqueeze(-1)  # (B, H, N, C, F)
     loc_kv = torch.einsum("bhncf,bhncd->bhnfd", kw, vc)  # (B, H, N, F, D)
     loc_z = kw.sum(-2)  # (B, H, N, F)
-    # the sequential carry: S_c sees the keys before chunk c, rescaled to P_c (N small updates)
-    kvs, zs, ps = [], [], []
-    for c in range(n):
-        kvs.append(state_kv)
-        zs.append(state_z)
-        ps.append(state_max)
-        if c + 1 == n:
-            break
-        new_max = torch.maximum(state_max, cmax[:, :, c])
-        a_old, a_loc = _rel_exp(state_max, new_max), _rel_exp(cmax[:, :, c], new_max)  # (B, H), <= 1
-        state_kv = a_old[..., None, None] * state_kv + a_loc[..., None, None] * loc_kv[:, :, c]
-        state_z = a_old[..., None] * state_z + a_loc[..., None] * loc_z[:, :, c]
-        state_max = new_max
-    kv = torch.stack(kvs, dim=2)  # (B, H, N, F, D)
-    z = torch.stack(zs, dim=2)  # (B, H, N, F)
-    p = torch.stack(ps, dim=2)  # (B, H, N): P_c
+    kv, z, p = _carry_states(loc_kv, loc_z, cmax, state_kv, state_z, state_max)  # S_c, z_c, P_c for every chunk
     # per-query stabiliser M_i = max(P_c, running max of b within the chunk up to i)
     qmax = torch.maximum(lc_det.cummax(dim=-1).values, p.unsqueeze(-1))  # (B, H, N, C)
     qfac = _rel_exp(p.unsqueeze(-1), qmax)  # (B, H, N, C): e^{P_c - M_i}
@@ -231,3 +216,53 @@ def linear_attention_quadratic(
     probs = torch.where(den == 0, torch.zeros_like(scores), scores / den.masked_fill(den == 0, 1.0))
     out = torch.matmul(probs, v.to(ct)).to(v.dtype)
     return out, probs
+
+
+_GROUP = 32  # chunks per group in the two-level carry
+
+
+def _carry_states(loc_kv, loc_z, cmax, init_kv, init_z, init_max):
+    """States before every chunk: S_c = sum over chunks c' < c of e^{m_c' - P_c} loc_c' (+ the initial state),
+    P_c = max(init_max, m_0..m_{c-1}), every factor <= 1 and none depending on chunks >= c (no leak).
+
+    Two levels, so the Python loop runs N / 32 times rather than N: inside a group of g chunks the weights
+    e^{m_c' - P_c} form a g x g lower-triangular matrix (one batched matmul); only the group states are
+    carried sequentially. loc_kv [B, H, N, F, D], loc_z [B, H, N, F], cmax [B, H, N] (detached).
+    """
+    b, h, n, f, d = loc_kv.shape
+    g = min(_GROUP, n)
+    s = -(-n // g)
+    pad = s * g - n
+    if pad:
+        loc_kv = F.pad(loc_kv, (0, 0, 0, 0, 0, pad))
+        loc_z = F.pad(loc_z, (0, 0, 0, pad))
+        cmax = F.pad(cmax, (0, pad), value=float("-inf"))
+    # P_c, exclusive running max over chunks (and the initial state)
+    incl = torch.maximum(cmax.cummax(dim=-1).values, init_max.unsqueeze(-1))  # (B, H, N): max up to chunk c
+    p = torch.cat([init_max.unsqueeze(-1), incl[..., :-1]], dim=-1)  # (B, H, N): max before chunk c
+    lkv = loc_kv.reshape(b, h, s, g, f, d)
+    lz = loc_z.reshape(b, h, s, g, f)
+    cm = cmax.reshape(b, h, s, g)
+    pg = p.reshape(b, h, s, g)
+    strict = torch.ones(g, g, dtype=torch.bool, device=cmax.device).tril(-1)  # c' < c within the group
+    # in-group weights W[c, c'] = e^{m_c' - P_c}, c' < c (both in the group): exponent <= 0
+    logw = (cm.unsqueeze(-2) - _finite_or_zero(pg).unsqueeze(-1)).masked_fill(~strict, float("-inf"))
+    w = torch.where(torch.isfinite(logw), torch.exp(logw), torch.zeros_like(logw))  # (B, H, S, g, g)
+    in_kv = torch.einsum("bhsgc,bhscfd->bhsgfd", w, lkv)
+    in_z = torch.einsum("bhsgc,bhscf->bhsgf", w, lz)
+    # sequential over groups: the state entering each group, rescaled to its chunks' P_c
+    kvs, zs = [], []
+    state_kv, state_z, state_max = init_kv, init_z, init_max
+    for i in range(s):
+        fac = _rel_exp(state_max.unsqueeze(-1), pg[:, :, i])  # (B, H, g): e^{P_group_start - P_c}
+        kvs.append(in_kv[:, :, i] + fac[..., None, None] * state_kv.unsqueeze(2))
+        zs.append(in_z[:, :, i] + fac[..., None] * state_z.unsqueeze(2))
+        new_max = torch.maximum(state_max, cm[:, :, i].amax(-1))
+        a_old = _rel_exp(state_max, new_max)  # (B, H)
+        a_loc = _rel_exp(cm[:, :, i], new_max.unsqueeze(-1))  # (B, H, g)
+        state_kv = a_old[..., None, None] * state_kv + torch.einsum("bhg,bhgfd->bhfd", a_loc, lkv[:, :, i])
+        state_z = a_old[..., None] * state_z + torch.einsum("bhg,bhgf->bhf", a_loc, lz[:, :, i])
+        state_max = new_max
+    kv = torch.stack(kvs, dim=2).reshape(b, h, s * g, f, d)[:, :, :n]
+    z = torch.stack(zs, dim=2).reshape(b, h, s * g, f)[:, :, :n]
+    return kv, z, p[..., :n]
