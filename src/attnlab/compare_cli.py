@@ -99,7 +99,7 @@ def _fmt(v, spec):
 
 def format_table(rows, task) -> str:
     if task == "lm":
-        head = f"{'method':<13}{'options':<38}{'KL mean':>9}{'KL p95':>9}{'top1':>7}{'ppl':>9}{'ppl0':>7}{'attnMSE':>9}{'gradcos':>8}{'ms/win':>8}{'attnMB':>8}  targets"
+        head = f"{'method':<13}{'options':<38}{'KL mean':>9}{'KL p95':>9}{'top1':>7}{'ppl':>10}{'ppl0':>7}{'attnMSE':>9}{'gradcos':>8}{'ms/win':>8}{'attnMB':>8}  targets"
         lines = [head, "-" * len(head)]
         for r in rows:
             opts = ",".join(f"{k}={v}" for k, v in r["options"].items())[:37]
@@ -111,7 +111,7 @@ def format_table(rows, task) -> str:
             mem = None if r.get("attn_peak_bytes") is None else r["attn_peak_bytes"] / 2**20
             lines.append(
                 f"{r['method']:<13}{opts:<38}{_fmt(r['kl_mean'], '9.2e')}{_fmt(r['kl_p95'], '9.2e')}"
-                f"{_fmt(r['top1_agree'], '7.3f')}{_fmt(r['ppl_new'], '9.4g')}{_fmt(r['ppl_base'], '7.2f')}"
+                f"{_fmt(r['top1_agree'], '7.3f')}{_fmt(r['ppl_new'], '10.4g')}{_fmt(r['ppl_base'], '7.2f')}"
                 f"{_fmt(r.get('attn_mse'), '9.2e')}{_fmt(r.get('grad_cos'), '8.4f')}{_fmt(r['ms_per_window'], '8.0f')}"
                 f"{_fmt(mem, '8.1f')}  {tags}"
             )
