@@ -41,14 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("list", help="every attention method with its capabilities and options")
     pl.add_argument("--json", action="store_true", help="machine-readable output")
     pl.set_defaults(func=_cmd_list)
-    for mod in ("compare", "bench", "data"):
-        try:
-            m = __import__(f"attnlab.{mod}_cli" if mod != "bench" else "attnlab.bench.cli", fromlist=["add_parser"])
-        except ModuleNotFoundError as e:
-            if e.name and e.name.startswith("attnlab"):
-                continue
-            raise
-        m.add_parser(sub)
+    from . import compare_cli, data_cli
+    from .bench import cli as bench_cli
+
+    for module in (compare_cli, bench_cli, data_cli):
+        module.add_parser(sub)
     return p
 
 
