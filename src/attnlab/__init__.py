@@ -5,7 +5,7 @@ Public API (nothing runs at import; methods register on first lookup):
     swap(model, name, **options), unswap(model), swapped(model, name, **options), replace_mha(model, name)
     nn.MultiheadAttention (drop-in for torch.nn.MultiheadAttention)
 """
-from . import nn
+from . import data, models, nn
 from .adapters import attention_modules, swap, swapped, unswap
 from .adapters.mha import replace_mha
 from .registry import capabilities, list_methods, make, options, register
@@ -15,6 +15,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AttnlabError", "Capabilities", "OptionError", "ShapeError", "UnknownMethodError", "UnsupportedError",
-    "attention_modules", "capabilities", "list_methods", "make", "nn", "options", "register", "replace_mha",
+    "attention_modules", "capabilities", "data", "list_methods", "make", "models", "nn", "options", "register", "replace_mha",
     "swap", "swapped", "unswap",
 ]
