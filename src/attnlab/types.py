@@ -50,6 +50,18 @@ class Capabilities:
         return out
 
 
+def check_int(method: str, name: str, value, low: int | None = None) -> None:
+    """Option validation shared by every method: an int (not a bool), at least `low`."""
+    if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
+        bound = "" if low is None else f" >= {low}"
+        raise OptionError(f"{method}: {name} must be an int{bound}, got {value!r}")
+
+
+def check_choice(method: str, name: str, value, choices) -> None:
+    if value not in choices:
+        raise OptionError(f"{method}: {name} must be one of {tuple(choices)}, got {value!r}")
+
+
 def opt(default, help: str):
     """A method option: a dataclass field with a one-line help string (shown by `attnlab list`)."""
     if isinstance(default, (list, dict, set)):

@@ -22,7 +22,7 @@ import torch
 
 from .. import sparse
 from ..registry import register
-from ..types import Capabilities, OptionError, UnsupportedError, opt
+from ..types import Capabilities, OptionError, UnsupportedError, check_choice, check_int, opt
 from .base import AttentionMethod
 from .dense import dense_attention
 
@@ -53,11 +53,6 @@ def bigbird_layout(tq: int, tk: int, block_size: int, causal: bool, num_global: 
     return layout
 
 
-def _check_int(name: str, value, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise OptionError(f"block_sparse: {name} must be an int >= {low}, got {value!r}")
-
-
 @register("block_sparse")
 class BlockSparse(AttentionMethod):
     """Block-sparse attention over a fixed layout or BigBird's global + window + random recipe."""
@@ -75,11 +70,10 @@ class BlockSparse(AttentionMethod):
         backend: str = opt("auto", "auto (flex on CUDA, torch on CPU) | flex | torch")
 
         def __post_init__(self):
-            _check_int("block_size", self.block_size, 1)
+            check_int("block_sparse", "block_size", self.block_size, 1)
             for name in _RECIPE:
-                _check_int(name, getattr(self, name), 0)
-            if self.backend not in sparse.BACKENDS:
-                raise OptionError(f"block_sparse: backend must be one of {sparse.BACKENDS}, got {self.backend!r}")
+                check_int("block_sparse", name, getattr(self, name), 0)
+            check_choice("block_sparse", "backend", self.backend, sparse.BACKENDS)
             if self.layout is not None:
                 changed = [n for n, d in _RECIPE.items() if getattr(self, n) != d]
                 if changed:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..registry import register
-from ..types import Capabilities, OptionError, opt
+from ..types import Capabilities, check_choice, check_int, opt
 from ._linear_core import _compute_dtype, linear_attention, linear_attention_quadratic
 from .base import AttentionMethod
 
@@ -37,10 +37,8 @@ class Linear(AttentionMethod):
         chunk_size: int = opt(64, "tokens per chunk of the causal chunked prefix-sum form")
 
         def __post_init__(self):
-            if self.feature_map not in _FEATURE_MAPS:
-                raise OptionError(f"linear: feature_map must be one of {_FEATURE_MAPS}, got {self.feature_map!r}")
-            if not isinstance(self.chunk_size, int) or self.chunk_size <= 0:
-                raise OptionError(f"linear: chunk_size must be a positive int, got {self.chunk_size!r}")
+            check_choice("linear", "feature_map", self.feature_map, _FEATURE_MAPS)
+            check_int("linear", "chunk_size", self.chunk_size, 1)
 
     def feature(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(_compute_dtype(x.dtype))  # features in fp32 for half inputs

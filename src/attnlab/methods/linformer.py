@@ -19,15 +19,10 @@ from torch import nn
 
 from .. import masks
 from ..registry import register
-from ..types import Capabilities, OptionError, opt
+from ..types import Capabilities, OptionError, check_choice, check_int, opt
 from .base import AttentionMethod
 
 _INITS = ("normal", "identity")
-
-
-def _positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise OptionError(f"linformer: {name} must be a positive int, got {value!r}")
 
 
 @register("linformer")
@@ -45,10 +40,9 @@ class Linformer(AttentionMethod):
         per_head: bool = opt(False, "one E, F per head (default: one pair shared by all heads, as in the paper)")
 
         def __post_init__(self):
-            _positive_int("proj_len", self.proj_len)
-            _positive_int("max_len", self.max_len)
-            if self.init not in _INITS:
-                raise OptionError(f"linformer: init must be one of {_INITS}, got {self.init!r}")
+            check_int("linformer", "proj_len", self.proj_len, 1)
+            check_int("linformer", "max_len", self.max_len, 1)
+            check_choice("linformer", "init", self.init, _INITS)
             if self.init == "identity" and self.proj_len != self.max_len:
                 raise OptionError(
                     f"linformer: init='identity' needs proj_len == max_len, got proj_len={self.proj_len}, "

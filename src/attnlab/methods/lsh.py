@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from ..registry import register
-from ..types import Capabilities, OptionError, opt
+from ..types import Capabilities, check_choice, check_int, opt
 from .base import AttentionMethod
 
 SELF_SCORE = -1e5  # Reformer's value for a token attending to itself (finite, so it can be the last resort)
@@ -71,14 +71,10 @@ class LSH(AttentionMethod):
         )
 
         def __post_init__(self):
-            if isinstance(self.bucket_size, bool) or not isinstance(self.bucket_size, int) or self.bucket_size < 1:
-                raise OptionError(f"lsh: bucket_size must be an int >= 1, got {self.bucket_size!r}")
-            if isinstance(self.n_hashes, bool) or not isinstance(self.n_hashes, int) or self.n_hashes < 1:
-                raise OptionError(f"lsh: n_hashes must be an int >= 1, got {self.n_hashes!r}")
-            if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-                raise OptionError(f"lsh: seed must be an int, got {self.seed!r}")
-            if not isinstance(self.shared_qk, bool):
-                raise OptionError(f"lsh: shared_qk must be a bool, got {self.shared_qk!r}")
+            check_int("lsh", "bucket_size", self.bucket_size, 1)
+            check_int("lsh", "n_hashes", self.n_hashes, 1)
+            check_int("lsh", "seed", self.seed)
+            check_choice("lsh", "shared_qk", self.shared_qk, (True, False))
 
     def __init__(self, head_dim: int, num_heads: int, num_kv_heads: int | None = None, **options):
         super().__init__(head_dim, num_heads, num_kv_heads, **options)

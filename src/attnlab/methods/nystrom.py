@@ -21,7 +21,7 @@ from torch import nn
 
 from .. import masks
 from ..registry import register
-from ..types import Capabilities, OptionError, opt
+from ..types import Capabilities, OptionError, check_choice, check_int, opt
 from .base import AttentionMethod
 
 _PINV = ("iterative", "exact")
@@ -67,14 +67,10 @@ class Nystrom(AttentionMethod):
         conv_kernel: int = opt(0, "odd size of the paper's depthwise residual conv on V (trainable); 0 = off")
 
         def __post_init__(self):
-            for name in ("num_landmarks", "pinv_iters", "conv_kernel"):
-                val = getattr(self, name)
-                if isinstance(val, bool) or not isinstance(val, int) or val < 0:
-                    raise OptionError(f"nystrom: {name} must be a non-negative int, got {val!r}")
-            if self.num_landmarks == 0:
-                raise OptionError("nystrom: num_landmarks must be >= 1")
-            if self.pinv not in _PINV:
-                raise OptionError(f"nystrom: pinv must be one of {_PINV}, got {self.pinv!r}")
+            check_int("nystrom", "num_landmarks", self.num_landmarks, 1)
+            check_int("nystrom", "pinv_iters", self.pinv_iters, 0)
+            check_int("nystrom", "conv_kernel", self.conv_kernel, 0)
+            check_choice("nystrom", "pinv", self.pinv, _PINV)
             if self.conv_kernel and self.conv_kernel % 2 == 0:
                 raise OptionError(f"nystrom: conv_kernel must be odd (same-length output), got {self.conv_kernel}")
 

@@ -23,7 +23,7 @@ import math
 import torch
 
 from ..registry import register
-from ..types import Capabilities, OptionError, opt
+from ..types import Capabilities, check_int, opt
 from ._linear_core import _compute_dtype, linear_attention, linear_attention_quadratic
 from .base import AttentionMethod
 
@@ -43,9 +43,7 @@ class RFA(AttentionMethod):
 
         def __post_init__(self):
             for name in ("num_features", "chunk_size"):
-                val = getattr(self, name)
-                if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
-                    raise OptionError(f"rfa: {name} must be a positive int, got {val!r}")
+                check_int("rfa", name, getattr(self, name), 1)
 
     def __init__(self, head_dim: int, num_heads: int, num_kv_heads: int | None = None, **options):
         super().__init__(head_dim, num_heads, num_kv_heads, **options)

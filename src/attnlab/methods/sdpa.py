@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
 import torch.nn.functional as F
 
 from .. import masks
 from ..registry import register
-from ..types import Capabilities, OptionError, opt
+from ..types import Capabilities, check_choice, opt
 from .base import AttentionMethod, repeat_kv
 
 _BACKENDS = ("auto", "flash", "efficient", "math", "cudnn")
@@ -26,8 +25,7 @@ class SDPA(AttentionMethod):
         backend: str = opt("auto", "auto | flash | efficient | math | cudnn (torch.nn.attention.sdpa_kernel)")
 
         def __post_init__(self):
-            if self.backend not in _BACKENDS:
-                raise OptionError(f"sdpa: backend must be one of {_BACKENDS}, got {self.backend!r}")
+            check_choice("sdpa", "backend", self.backend, _BACKENDS)
 
     def _attend(self, q, k, v, *, causal, key_padding_mask, attn_mask, scale, need_probs):
         tq, tk = q.shape[-2], k.shape[-2]

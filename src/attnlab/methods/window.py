@@ -15,14 +15,9 @@ import dataclasses
 
 from .. import sparse
 from ..registry import register
-from ..types import Capabilities, OptionError, opt
+from ..types import Capabilities, check_choice, check_int, opt
 from .base import AttentionMethod
 from .dense import dense_attention
-
-
-def _check_int(name: str, value, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise OptionError(f"window: {name} must be an int >= {low}, got {value!r}")
 
 
 @register("window")
@@ -39,11 +34,10 @@ class Window(AttentionMethod):
         block_size: int = opt(128, "FlexAttention BlockMask BLOCK_SIZE (keep a multiple of 128 on CUDA)")
 
         def __post_init__(self):
-            _check_int("window", self.window, 0)
-            _check_int("sinks", self.sinks, 0)
-            _check_int("block_size", self.block_size, 1)
-            if self.backend not in sparse.BACKENDS:
-                raise OptionError(f"window: backend must be one of {sparse.BACKENDS}, got {self.backend!r}")
+            check_int("window", "window", self.window, 0)
+            check_int("window", "sinks", self.sinks, 0)
+            check_int("window", "block_size", self.block_size, 1)
+            check_choice("window", "backend", self.backend, sparse.BACKENDS)
 
     def mask_mod(self, tq: int, tk: int, causal: bool, device=None) -> sparse.MaskMod:
         off, o = tk - tq, self.opts
