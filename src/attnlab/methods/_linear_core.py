@@ -55,6 +55,23 @@ def _rel_exp(a: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(a), torch.exp(a - _finite_or_zero(m)), torch.zeros_like(a))
 
 
+def _chunks(x: torch.Tensor, chunk: int, pad_value: float = 0.0) -> torch.Tensor:
+    """[B, H, T, F] -> [B, H, N, C, F], zero-padding T up to a multiple of the chunk size."""
+    b, h, t, f = x.shape
+    n = -(-t // chunk)
+    if n * chunk != t:
+        x = F.pad(x, (0, 0, 0, n * chunk - t), value=pad_value)
+    return x.reshape(b, h, n, chunk, f)
+
+
+def _unchunk(out: torch.Tensor, t: int, offset: int) -> torch.Tensor:
+    """[B, H, N, C, D] -> [B, H, Tq, D]: drop the chunk padding, and put back (as zeros) the first -offset
+    queries that see no key when Tk < Tq."""
+    b, h, n, c, d = out.shape
+    out = out.reshape(b, h, n * c, d)[:, :, :t]
+    return F.pad(out, (0, 0, -offset, 0)) if offset < 0 else out
+
+
 def linear_attention(
     phi_q: torch.Tensor,
     phi_k: torch.Tensor,
@@ -109,15 +126,8 @@ def _causal_chunked_scaled(phi_q, phi_k, v, lk, chunk: int) -> torch.Tensor:
     elif offset < 0:  # the first -offset queries see no key at all
         phi_q = phi_q[:, :, -offset:]
     t = phi_q.shape[-2]
-    n = -(-t // chunk)
-    pad = n * chunk - t
-    if pad:
-        phi_q, phi_k, v = (F.pad(x, (0, 0, 0, pad)) for x in (phi_q, phi_k, v))
-        lk = F.pad(lk, (0, pad), value=float("-inf"))
-    qc = phi_q.reshape(b, h, n, chunk, f)
-    kc = phi_k.reshape(b, h, n, chunk, f)
-    vc = v.reshape(b, h, n, chunk, d)
-    lc = lk.reshape(b, h, n, chunk)
+    qc, kc, vc = (_chunks(x, chunk) for x in (phi_q, phi_k, v))  # (B, H, N, C, F|D)
+    lc = _chunks(lk.unsqueeze(-1), chunk, pad_value=float("-inf")).squeeze(-1)  # (B, H, N, C)
     lc_det = lc.detach()
     # per-chunk local states, each rescaled to its own chunk max m_c (vectorised)
     cmax = lc_det.amax(-1)  # (B, H, N)
@@ -136,15 +146,11 @@ def _causal_chunked_scaled(phi_q, phi_k, v, lk, chunk: int) -> torch.Tensor:
     scores = torch.einsum("bhncf,bhnmf->bhncm", qc, kc) * torch.exp(logw)  # (B, H, N, C, C)
     num = num + torch.einsum("bhncm,bhnmd->bhncd", scores, vc)
     den = den + scores.sum(-1)
-    out = _safe_div(num, den).reshape(b, h, n * chunk, d)[:, :, :t]
-    if offset < 0:
-        out = F.pad(out, (0, 0, -offset, 0))
-    return out
+    return _unchunk(_safe_div(num, den), t, offset)
 
 
 def _causal_chunked(phi_q, phi_k, v, chunk: int) -> torch.Tensor:
-    b, h, tq, f = phi_q.shape
-    tk, d = phi_k.shape[-2], v.shape[-1]
+    tq, tk = phi_q.shape[-2], phi_k.shape[-2]
     offset = tk - tq  # bottom-right alignment: query i sits at key position i + offset
     init_kv = init_z = None
     if offset > 0:  # keys before the first query: one state every query sees
@@ -154,13 +160,7 @@ def _causal_chunked(phi_q, phi_k, v, chunk: int) -> torch.Tensor:
     elif offset < 0:  # the first -offset queries see no key at all
         phi_q = phi_q[:, :, -offset:]
     t = phi_q.shape[-2]
-    n = -(-t // chunk)
-    pad = n * chunk - t
-    if pad:
-        phi_q, phi_k, v = (F.pad(x, (0, 0, 0, pad)) for x in (phi_q, phi_k, v))
-    qc = phi_q.reshape(b, h, n, chunk, f)
-    kc = phi_k.reshape(b, h, n, chunk, f)
-    vc = v.reshape(b, h, n, chunk, d)
+    qc, kc, vc = (_chunks(x, chunk) for x in (phi_q, phi_k, v))  # (B, H, N, C, F|D)
     kv = torch.einsum("bhncf,bhncd->bhnfd", kc, vc)  # per-chunk states (B, H, N, F, D)
     z = kc.sum(dim=-2)  # (B, H, N, F)
     kv = kv.cumsum(dim=2) - kv  # exclusive prefix: what chunk n sees from chunks < n
@@ -174,10 +174,7 @@ def _causal_chunked(phi_q, phi_k, v, chunk: int) -> torch.Tensor:
     scores = torch.einsum("bhncf,bhnmf->bhncm", qc, kc).masked_fill(~tri, 0.0)  # (B, H, N, C, C)
     num = num + torch.einsum("bhncm,bhnmd->bhncd", scores, vc)
     den = den + scores.sum(-1)
-    out = _safe_div(num, den).reshape(b, h, n * chunk, d)[:, :, :t]
-    if offset < 0:
-        out = F.pad(out, (0, 0, -offset, 0))
-    return out
+    return _unchunk(_safe_div(num, den), t, offset)
 
 
 def linear_attention_quadratic(
