@@ -39,7 +39,7 @@ def cell(r) -> str:
 
 def table(rows: dict, mode: str, causal: bool) -> str:
     methods = sorted({k[2] for k in rows if k[0] == mode and k[1] == causal and k[3] == "attnlab"})
-    head = (f"| method | " + " | ".join(f"{n // 1024}k time / peak mem" for n in LENGTHS)
+    head = ("| method | " + " | ".join(f"{n // 1024}k time / peak mem" for n in LENGTHS)
             + " | x SDPA at 64k | best peer at 64k | x best peer at 64k |")
     lines = [f"**{mode}, {'causal' if causal else 'non-causal'}**", "", head, "|" + "---|" * (len(LENGTHS) + 4)]
     for m in methods:

@@ -117,7 +117,7 @@ def compare_lm(model, windows: torch.Tensor, specs: list[Spec], *, grad_tokens: 
             base_logits.append(model(w[None]).logits.float().cpu())
             base_ms.append((time.perf_counter() - t) * 1e3)
     grad_ids = windows[:1, :grad_tokens]
-    base_grad = fm._lm_grads(model, grad_ids)
+    base_grad = fm.lm_grads(model, grad_ids)
     _, ref_probs = fm.swapped_probs(model, windows[:1], "dense", {})  # dense == original, with its probs
     bar.update()
     for spec in specs:

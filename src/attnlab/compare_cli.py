@@ -33,7 +33,8 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from . import compare, data, models, registry
+    from . import compare, data, models
+    from .metrics import TARGETS
 
     task = args.task or ("spam" if args.model == "minilm" else "lm")
     model_name = args.model or ("minilm" if task == "spam" else "smollm2")
@@ -79,7 +80,7 @@ def run(args) -> int:
     result = {
         "command": "attnlab " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv and sys.argv[0].endswith("attnlab") else "attnlab compare",
         "task": task, "model": model_name, "seq_len": seq_len, "dtype": args.dtype, "setup": setup,
-        "environment": compare.environment(args.device), "elapsed_s": round(elapsed, 1), "targets": {k: list(v) for k, v in __import__("attnlab.metrics", fromlist=["TARGETS"]).TARGETS.items()},
+        "environment": compare.environment(args.device), "elapsed_s": round(elapsed, 1), "targets": {k: list(v) for k, v in TARGETS.items()},
         "rows": rows,
     }
     path = out / f"compare-{task}-{stamp}.json"

@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 
 import attnlab
-from attnlab.methods._linear_core import linear_attention_quadratic
 from tests.helpers import FACTOR, FLOOR, grads, make, max_err, rand_qkv
 
 

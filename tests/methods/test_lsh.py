@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import attnlab
 from attnlab import masks
 from attnlab.methods.base import repeat_kv
-from tests.helpers import FACTOR, FLOOR, assert_matches_reference, grads, make, max_err, rand_qkv, reference
+from tests.helpers import FACTOR, FLOOR, assert_matches_reference, grads, make, max_err, rand_qkv
 
 SELF = -1e5
 

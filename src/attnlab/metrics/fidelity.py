@@ -95,7 +95,8 @@ def attention_mse(model, input_ids: torch.Tensor, method: str, options: dict, at
     return probs_mse(ref, new, causal=causal, attention_mask=attention_mask)
 
 
-def _lm_grads(model, input_ids, attention_mask=None) -> torch.Tensor:
+def lm_grads(model, input_ids, attention_mask=None) -> torch.Tensor:
+    """Flattened gradient of the LM loss w.r.t. every model parameter except the swapped methods' own."""
     params = [p for n, p in model.named_parameters() if "attnlab_method" not in n and p.requires_grad]
     model.zero_grad(set_to_none=True)
     out = model(input_ids, labels=input_ids, attention_mask=attention_mask)
@@ -107,9 +108,9 @@ def grad_cosine(model, input_ids: torch.Tensor, method: str, options: dict, base
     """Cosine between the parameter gradients of the LM loss with the original attention and with `method`.
     Returns (cosine, base_grad) so callers can reuse the base gradient across methods."""
     if base_grad is None:
-        base_grad = _lm_grads(model, input_ids)
+        base_grad = lm_grads(model, input_ids)
     with swapped(model, method, **options):
-        new = _lm_grads(model, input_ids)
+        new = lm_grads(model, input_ids)
     cos = F.cosine_similarity(base_grad.double(), new.double(), dim=0).item()
     return cos, base_grad
 
