@@ -15,6 +15,8 @@ skips mask creation for unknown names), so a decoder would silently attend to th
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import warnings
 
 import torch
@@ -116,22 +118,19 @@ def is_hf_model(model) -> bool:
     return hasattr(model, "config") and hasattr(model.config, "_attn_implementation")
 
 
+@functools.lru_cache(maxsize=None)
+def _dispatches_attention(cls: type) -> bool:
+    """Whether a module class's forward goes through transformers' attention interface (read once per class)."""
+    try:
+        src = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+    return "ALL_ATTENTION_FUNCTIONS" in src or "attention_interface" in src
+
+
 def attention_modules(model) -> list[tuple[str, torch.nn.Module]]:
     """Modules whose forward dispatches through transformers' attention interface."""
-    import inspect
-
-    found, seen = [], {}
-    for name, mod in model.named_modules():
-        cls = type(mod)
-        if cls not in seen:
-            try:
-                src = inspect.getsource(cls.forward)
-            except (OSError, TypeError):
-                src = ""
-            seen[cls] = "ALL_ATTENTION_FUNCTIONS" in src or "attention_interface" in src
-        if seen[cls]:
-            found.append((name, mod))
-    return found
+    return [(name, mod) for name, mod in model.named_modules() if _dispatches_attention(type(mod))]
 
 
 def head_shape(module, config) -> tuple[int, int, int]:
