@@ -5,23 +5,13 @@ import pytest
 import torch
 
 import attnlab
-from tests.helpers import FACTOR, FLOOR, dense_error, grads, make, max_err, rand_qkv, reference
+from tests.helpers import FACTOR, FLOOR, check_vs_quadratic, dense_error, grads, make, max_err, rand_qkv, reference
 
 NAME = "performer"
 
 
 def quadratic(m, q, k, v, **kw):
     return m(q, k, v, need_probs=True, **kw)[0]
-
-
-def check_vs_quadratic(out, q, k, v, m, **kw) -> float:
-    """out vs the fp64 quadratic form with the same features; bound = FACTOR x low-precision quadratic's error + FLOOR."""
-    assert torch.isfinite(out).all()
-    truth = quadratic(m, q.double(), k.double(), v.double(), **kw)
-    err = max_err(out, truth)
-    bound = FACTOR * max_err(quadratic(m, q, k, v, **kw), truth) + FLOOR[q.dtype]
-    assert err <= bound, f"{err:.3e} > {bound:.3e} ({q.dtype}, {kw})"
-    return err
 
 
 def mean_err(m_feats, causal, std=0.3, seeds=(0, 1, 2)):

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import attnlab
-from tests.helpers import FACTOR, FLOOR, dense_error, grads, make, max_err, rand_qkv, reference
+from attnlab.methods.rfa import fourier_features
+from tests.helpers import FACTOR, FLOOR, check_vs_quadratic, dense_error, grads, make, max_err, rand_qkv, reference
 
 NAME = "rfa"
 # Trig features make the implied weights signed, so rounding is amplified by sum_j |p_ij| (about 30 at
@@ -16,16 +17,6 @@ STD = 0.5
 
 def quadratic(m, q, k, v, **kw):
     return m(q, k, v, need_probs=True, **kw)[0]
-
-
-def check_vs_quadratic(out, q, k, v, m, **kw) -> float:
-    """out vs the fp64 quadratic form with the same features; bound = FACTOR x low-precision quadratic's error + FLOOR."""
-    assert torch.isfinite(out).all()
-    truth = quadratic(m, q.double(), k.double(), v.double(), **kw)
-    err = max_err(out, truth)
-    bound = FACTOR * max_err(quadratic(m, q, k, v, **kw), truth) + FLOOR[q.dtype]
-    assert err <= bound, f"{err:.3e} > {bound:.3e} ({q.dtype}, {kw})"
-    return err
 
 
 def mean_err(m_feats, causal, std=0.3, seeds=(0, 1, 2)):
@@ -69,7 +60,8 @@ def test_kernel_is_unbiased():
     # E[phi(x).phi(y)] = exp(-|x - y|^2 / 2): checked with many frequencies on a few pairs
     m = make(NAME, *rand_qkv(b=1, h=1, tq=2, d=8)[:2], num_features=20000)
     x, y = (torch.randn(4, 8, generator=torch.Generator().manual_seed(i)) * 0.4 for i in (1, 2))
-    est = (m._phi(x) * m._phi(y)).sum(-1)
+    phi = [fourier_features(t, m.features, 0.5, m.opts.num_features ** -0.5)[0] for t in (x, y)]  # scale 1
+    est = (phi[0] * phi[1]).sum(-1)
     torch.testing.assert_close(est, torch.exp(-(x - y).pow(2).sum(-1) / 2), atol=2e-2, rtol=0)
 
 

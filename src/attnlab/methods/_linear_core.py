@@ -27,6 +27,12 @@ without key_log_scale (plain `linear`) the fully vectorised cumsum path runs. No
 real keys (every query sees every key, so it cancels without any leak). Padded keys get b = -inf (weight
 exactly 0); a max over no real key is -inf and is replaced before any exp(-inf - -inf) could happen. The
 stabilisers are detached: they cancel, so their true gradient is zero (b itself carries gradient).
+
+Precision (as flash-linear-attention): features, values and per-chunk states stay in the inputs' dtype for
+every matmul (bf16 inputs run on tensor cores with fp32 accumulation inside each matmul); what accumulates
+over the whole sequence (prefix sums of chunk states and normalisers) and the final division run in fp32.
+A normaliser's state enters its matmul as a bf16 hi + lo pair, so its rounding is ~2^-16, not 2^-8 (random
+Fourier features have normalisers that cancel).
 """
 from __future__ import annotations
 
@@ -72,6 +78,13 @@ def _unchunk(out: torch.Tensor, t: int, offset: int) -> torch.Tensor:
     return F.pad(out, (0, 0, -offset, 0)) if offset < 0 else out
 
 
+def _den(q: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """q [..., C, F] (dtype dt) . z [..., F] (fp32) -> [..., C] in fp32; z enters as a dt hi + lo pair."""
+    z_hi = z.to(q.dtype)
+    pair = torch.stack([z_hi, (z - z_hi.to(z.dtype)).to(q.dtype)], dim=-1)  # (..., F, 2)
+    return torch.matmul(q, pair).sum(-1, dtype=z.dtype)
+
+
 def linear_attention(
     phi_q: torch.Tensor,
     phi_k: torch.Tensor,
@@ -83,45 +96,46 @@ def linear_attention(
     key_log_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """key_log_scale b [B, H, Tk] (optional): the key features are exp(b_j) phi_k_j (see the module doc)."""
-    out_dtype = v.dtype
-    ct = _compute_dtype(phi_q.dtype)
-    phi_q, phi_k, v = phi_q.to(ct), phi_k.to(ct), v.to(ct)
+    dt = v.dtype  # matmul dtype
+    acc = _compute_dtype(dt)  # sums over the sequence, normalisers, the division
+    phi_q, phi_k = phi_q.to(dt), phi_k.to(dt)
     if key_padding_mask is not None:
         keep = key_padding_mask[:, None, :, None]
         phi_k = torch.where(keep, phi_k, torch.zeros_like(phi_k))  # padded keys contribute nothing
         if key_log_scale is not None:
             key_log_scale = key_log_scale.masked_fill(~keep[..., 0], float("-inf"))
     if key_log_scale is not None:
-        key_log_scale = key_log_scale.to(ct)
+        key_log_scale = key_log_scale.to(acc)
         if causal:
-            return _causal_chunked_scaled(phi_q, phi_k, v, key_log_scale, chunk_size).to(out_dtype)
+            return _causal_chunked_scaled(phi_q, phi_k, v, key_log_scale, chunk_size).to(dt)
         # every query sees every key: one max over the real keys cancels exactly
         m = key_log_scale.detach().amax(-1, keepdim=True)  # (B, H, 1); -inf when every key is padded
         w = torch.exp(key_log_scale - _finite_or_zero(m))  # (B, H, Tk): <= 1, exactly 0 for padded keys
-        phi_k = phi_k * w.unsqueeze(-1)
+        phi_k = (phi_k * w.unsqueeze(-1)).to(dt)
     if not causal:
-        kv = torch.einsum("bhkf,bhkd->bhfd", phi_k, v)  # (B, H, F, D)
-        z = phi_k.sum(dim=-2)  # (B, H, F)
-        num = torch.einsum("bhqf,bhfd->bhqd", phi_q, kv)
-        den = torch.einsum("bhqf,bhf->bhq", phi_q, z)
-        return _safe_div(num, den).to(out_dtype)
-    return _causal_chunked(phi_q, phi_k, v, chunk_size).to(out_dtype)
+        kv = torch.matmul(phi_k.transpose(-1, -2), v)  # (B, H, F, D)
+        z = phi_k.sum(dim=-2, dtype=acc)  # (B, H, F)
+        num = torch.matmul(phi_q, kv)  # (B, H, Tq, D)
+        return _safe_div(num.to(acc), _den(phi_q, z)).to(dt)
+    return _causal_chunked(phi_q, phi_k, v, chunk_size).to(dt)
 
 
 def _causal_chunked_scaled(phi_q, phi_k, v, lk, chunk: int) -> torch.Tensor:
-    """Causal chunked form with key log-scales lk [B, H, Tk] and per-query running-max stabilisers."""
+    """Causal chunked form with key log-scales lk [B, H, Tk] (fp32) and per-query running-max stabilisers."""
     b, h, tq, f = phi_q.shape
     tk, d = phi_k.shape[-2], v.shape[-1]
+    dt, acc = v.dtype, lk.dtype
     offset = tk - tq  # bottom-right alignment: query i sits at key position i + offset
-    state_kv = phi_q.new_zeros(b, h, f, d)
-    state_z = phi_q.new_zeros(b, h, f)
-    state_max = phi_q.new_full((b, h), float("-inf"))  # P: max b of the keys in the state
+    state_kv = phi_q.new_zeros(b, h, f, d, dtype=acc)
+    state_z = phi_q.new_zeros(b, h, f, dtype=acc)
+    state_max = lk.new_full((b, h), float("-inf"))  # P: max b of the keys in the state
     if offset > 0:  # keys before the first query: the initial state, every query sees it
         pre = lk[:, :, :offset]
         state_max = pre.detach().amax(-1)
         w = torch.exp(pre - _finite_or_zero(state_max).unsqueeze(-1)).unsqueeze(-1)  # (B, H, offset, 1)
-        state_kv = torch.einsum("bhkf,bhkd->bhfd", phi_k[:, :, :offset] * w, v[:, :, :offset])
-        state_z = (phi_k[:, :, :offset] * w).sum(-2)
+        kw = (phi_k[:, :, :offset] * w).to(dt)
+        state_kv = torch.matmul(kw.transpose(-1, -2), v[:, :, :offset]).to(acc)
+        state_z = kw.sum(-2, dtype=acc)
         phi_k, v, lk = phi_k[:, :, offset:], v[:, :, offset:], lk[:, :, offset:]
     elif offset < 0:  # the first -offset queries see no key at all
         phi_q = phi_q[:, :, -offset:]
@@ -131,49 +145,52 @@ def _causal_chunked_scaled(phi_q, phi_k, v, lk, chunk: int) -> torch.Tensor:
     lc_det = lc.detach()
     # per-chunk local states, each rescaled to its own chunk max m_c (vectorised)
     cmax = lc_det.amax(-1)  # (B, H, N)
-    kw = kc * torch.exp(lc - _finite_or_zero(cmax).unsqueeze(-1)).unsqueeze(-1)  # (B, H, N, C, F)
-    loc_kv = torch.einsum("bhncf,bhncd->bhnfd", kw, vc)  # (B, H, N, F, D)
-    loc_z = kw.sum(-2)  # (B, H, N, F)
+    kw = (kc * torch.exp(lc - _finite_or_zero(cmax).unsqueeze(-1)).unsqueeze(-1)).to(dt)  # (B, H, N, C, F)
+    loc_kv = torch.matmul(kw.transpose(-1, -2), vc)  # (B, H, N, F, D)
+    loc_z = kw.sum(-2, dtype=acc)  # (B, H, N, F)
     kv, z, p = _carry_states(loc_kv, loc_z, cmax, state_kv, state_z, state_max)  # S_c, z_c, P_c for every chunk
     # per-query stabiliser M_i = max(P_c, running max of b within the chunk up to i)
     qmax = torch.maximum(lc_det.cummax(dim=-1).values, p.unsqueeze(-1))  # (B, H, N, C)
     qfac = _rel_exp(p.unsqueeze(-1), qmax)  # (B, H, N, C): e^{P_c - M_i}
-    num = torch.einsum("bhncf,bhnfd->bhncd", qc, kv) * qfac.unsqueeze(-1)
-    den = torch.einsum("bhncf,bhnf->bhnc", qc, z) * qfac
+    num = torch.matmul(qc, kv) * qfac.unsqueeze(-1)  # (B, H, N, C, D), fp32
+    den = _den(qc, z) * qfac  # (B, H, N, C)
     tri = torch.ones(chunk, chunk, dtype=torch.bool, device=qc.device).tril()
     # intra-chunk weights e^{b_j - M_i}, masked to j <= i BEFORE the exp (no inf, no NaN gradient)
     logw = (lc.unsqueeze(-2) - _finite_or_zero(qmax).unsqueeze(-1)).masked_fill(~tri, float("-inf"))
-    scores = torch.einsum("bhncf,bhnmf->bhncm", qc, kc) * torch.exp(logw)  # (B, H, N, C, C)
-    num = num + torch.einsum("bhncm,bhnmd->bhncd", scores, vc)
+    scores = torch.matmul(qc, kc.transpose(-1, -2)) * torch.exp(logw)  # (B, H, N, C, C), fp32
+    num = num + torch.matmul(scores.to(dt), vc)
     den = den + scores.sum(-1)
     return _unchunk(_safe_div(num, den), t, offset)
 
 
 def _causal_chunked(phi_q, phi_k, v, chunk: int) -> torch.Tensor:
+    dt, acc = v.dtype, _compute_dtype(v.dtype)
     tq, tk = phi_q.shape[-2], phi_k.shape[-2]
     offset = tk - tq  # bottom-right alignment: query i sits at key position i + offset
     init_kv = init_z = None
     if offset > 0:  # keys before the first query: one state every query sees
-        init_kv = torch.einsum("bhkf,bhkd->bhfd", phi_k[:, :, :offset], v[:, :, :offset])
-        init_z = phi_k[:, :, :offset].sum(-2)
+        init_kv = torch.matmul(phi_k[:, :, :offset].transpose(-1, -2), v[:, :, :offset]).to(acc)
+        init_z = phi_k[:, :, :offset].sum(-2, dtype=acc)
         phi_k, v = phi_k[:, :, offset:], v[:, :, offset:]
     elif offset < 0:  # the first -offset queries see no key at all
         phi_q = phi_q[:, :, -offset:]
     t = phi_q.shape[-2]
     qc, kc, vc = (_chunks(x, chunk) for x in (phi_q, phi_k, v))  # (B, H, N, C, F|D)
-    kv = torch.einsum("bhncf,bhncd->bhnfd", kc, vc)  # per-chunk states (B, H, N, F, D)
-    z = kc.sum(dim=-2)  # (B, H, N, F)
-    kv = kv.cumsum(dim=2) - kv  # exclusive prefix: what chunk n sees from chunks < n
-    z = z.cumsum(dim=2) - z
+    kv = torch.matmul(kc.transpose(-1, -2), vc)  # per-chunk states (B, H, N, F, D)
+    z = kc.sum(dim=-2, dtype=acc)  # (B, H, N, F)
+    # exclusive prefix in fp32 (what chunk n sees from chunks < n) by shifting the inclusive one: cum - kv
+    # would round differently when a LATER chunk changes (measured 1.8e-7 on CUDA: a rounding-level leak)
+    kv = F.pad(kv[:, :, :-1].cumsum(dim=2, dtype=acc), (0, 0, 0, 0, 1, 0))
+    z = F.pad(z[:, :, :-1].cumsum(dim=2), (0, 0, 1, 0))
     if init_kv is not None:
         kv = kv + init_kv[:, :, None]
         z = z + init_z[:, :, None]
-    num = torch.einsum("bhncf,bhnfd->bhncd", qc, kv)
-    den = torch.einsum("bhncf,bhnf->bhnc", qc, z)
+    num = torch.matmul(qc, kv.to(dt)).to(acc)  # (B, H, N, C, D)
+    den = _den(qc, z)  # (B, H, N, C)
     tri = torch.ones(chunk, chunk, dtype=torch.bool, device=qc.device).tril()
-    scores = torch.einsum("bhncf,bhnmf->bhncm", qc, kc).masked_fill(~tri, 0.0)  # (B, H, N, C, C)
-    num = num + torch.einsum("bhncm,bhnmd->bhncd", scores, vc)
-    den = den + scores.sum(-1)
+    scores = torch.matmul(qc, kc.transpose(-1, -2)).masked_fill(~tri, 0.0)  # (B, H, N, C, C)
+    num = num + torch.matmul(scores, vc)
+    den = den + scores.sum(-1, dtype=acc)
     return _unchunk(_safe_div(num, den), t, offset)
 
 
@@ -189,15 +206,18 @@ def linear_attention_quadratic(
     """The same function in its O(T^2) form; returns (out, implied probs). Reference and need_probs path.
     With key_log_scale: non-causal, one max over the real keys; causal, each row's max b over the keys it
     sees (both cancel; the causal one never depends on a later key)."""
-    ct = _compute_dtype(phi_q.dtype)
-    phi_q, phi_k = phi_q.to(ct), phi_k.to(ct)
+    # the same precision convention as `dense` (and the chunked form): features and scores in the inputs'
+    # dtype, weights / normalisation in fp32, probabilities rounded to the inputs' dtype for the value matmul
+    dt = v.dtype
+    ct = _compute_dtype(dt)
+    phi_q, phi_k = phi_q.to(dt), phi_k.to(dt)
     if key_log_scale is not None and not causal:  # one max over the real keys, as the one-pass form
         lk = key_log_scale.to(ct)
         if key_padding_mask is not None:
             lk = lk.masked_fill(~key_padding_mask[:, None, :], float("-inf"))
         w = torch.exp(lk - _finite_or_zero(lk.detach().amax(-1, keepdim=True)))  # (B, H, Tk)
-        phi_k, key_log_scale = phi_k * w.unsqueeze(-1), None
-    scores = torch.einsum("bhqf,bhkf->bhqk", phi_q, phi_k)
+        phi_k, key_log_scale = (phi_k * w.unsqueeze(-1)).to(dt), None
+    scores = torch.matmul(phi_q, phi_k.transpose(-1, -2)).to(ct)  # (B, H, Tq, Tk)
     allowed, _ = masks.combine(
         phi_q.shape[-2], phi_k.shape[-2], causal=causal, key_padding_mask=key_padding_mask, device=phi_q.device
     )
@@ -211,7 +231,7 @@ def linear_attention_quadratic(
         scores = scores.masked_fill(~allowed, 0.0)
     den = scores.sum(-1, keepdim=True)
     probs = torch.where(den == 0, torch.zeros_like(scores), scores / den.masked_fill(den == 0, 1.0))
-    out = torch.matmul(probs, v.to(ct)).to(v.dtype)
+    out = torch.matmul(probs.to(dt), v)
     return out, probs
 
 
@@ -224,7 +244,8 @@ def _carry_states(loc_kv, loc_z, cmax, init_kv, init_z, init_max):
 
     Two levels, so the Python loop runs N / 32 times rather than N: inside a group of g chunks the weights
     e^{m_c' - P_c} form a g x g lower-triangular matrix (one batched matmul); only the group states are
-    carried sequentially. loc_kv [B, H, N, F, D], loc_z [B, H, N, F], cmax [B, H, N] (detached).
+    carried sequentially. loc_kv [B, H, N, F, D] (matmul dtype), loc_z [B, H, N, F], cmax [B, H, N] (fp32,
+    detached). Returns kv in loc_kv's dtype (carried in fp32), z and P in fp32.
     """
     b, h, n, f, d = loc_kv.shape
     g = min(_GROUP, n)
@@ -245,20 +266,25 @@ def _carry_states(loc_kv, loc_z, cmax, init_kv, init_z, init_max):
     # in-group weights W[c, c'] = e^{m_c' - P_c}, c' < c (both in the group): exponent <= 0
     logw = (cm.unsqueeze(-2) - _finite_or_zero(pg).unsqueeze(-1)).masked_fill(~strict, float("-inf"))
     w = torch.where(torch.isfinite(logw), torch.exp(logw), torch.zeros_like(logw))  # (B, H, S, g, g)
-    in_kv = torch.einsum("bhsgc,bhscfd->bhsgfd", w, lkv)
-    in_z = torch.einsum("bhsgc,bhscf->bhsgf", w, lz)
-    # sequential over groups: the state entering each group, rescaled to its chunks' P_c
+    # (B, H, S, g, F*D): the chunk states of a group combined by one matmul in the states' dtype
+    in_kv = torch.matmul(w.to(lkv.dtype), lkv.flatten(-2)).unflatten(-1, (f, d))
+    in_z = torch.matmul(w, lz)  # (B, H, S, g, F), fp32
+    # sequential over groups: the state entering each group (fp32), rescaled to its chunks' P_c
     kvs, zs = [], []
     state_kv, state_z, state_max = init_kv, init_z, init_max
-    for i in range(s):
-        fac = _rel_exp(state_max.unsqueeze(-1), pg[:, :, i])  # (B, H, g): e^{P_group_start - P_c}
-        kvs.append(in_kv[:, :, i] + fac[..., None, None] * state_kv.unsqueeze(2))
-        zs.append(in_z[:, :, i] + fac[..., None] * state_z.unsqueeze(2))
-        new_max = torch.maximum(state_max, cm[:, :, i].amax(-1))
+    # unbind, not [:, :, i]: indexing's backward writes a zero tensor of the full size per group (measured:
+    # half of a causal Performer's fwd+bwd at 64k), unbind's is one stack
+    groups = zip(in_kv.unbind(2), in_z.unbind(2), lkv.flatten(-2).unbind(2), lz.unbind(2), cm.unbind(2), pg.unbind(2))
+    for g_in_kv, g_in_z, g_kv, g_z, g_cm, g_p in groups:
+        fac = _rel_exp(state_max.unsqueeze(-1), g_p)  # (B, H, g): e^{P_group_start - P_c}
+        kvs.append((g_in_kv + fac[..., None, None] * state_kv.unsqueeze(2)).to(lkv.dtype))
+        zs.append(g_in_z + fac[..., None] * state_z.unsqueeze(2))
+        new_max = torch.maximum(state_max, g_cm.amax(-1))
         a_old = _rel_exp(state_max, new_max)  # (B, H)
-        a_loc = _rel_exp(cm[:, :, i], new_max.unsqueeze(-1))  # (B, H, g)
-        state_kv = a_old[..., None, None] * state_kv + torch.einsum("bhg,bhgfd->bhfd", a_loc, lkv[:, :, i])
-        state_z = a_old[..., None] * state_z + torch.einsum("bhg,bhgf->bhf", a_loc, lz[:, :, i])
+        a_loc = _rel_exp(g_cm, new_max.unsqueeze(-1))  # (B, H, g)
+        group_kv = torch.matmul(a_loc.unsqueeze(-2).to(lkv.dtype), g_kv).squeeze(-2).unflatten(-1, (f, d))
+        state_kv = a_old[..., None, None] * state_kv + group_kv
+        state_z = a_old[..., None] * state_z + torch.matmul(a_loc.unsqueeze(-2), g_z).squeeze(-2)
         state_max = new_max
     kv = torch.stack(kvs, dim=2).reshape(b, h, s * g, f, d)[:, :, :n]
     z = torch.stack(zs, dim=2).reshape(b, h, s * g, f)[:, :, :n]

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from ..registry import register
 from ..types import Capabilities, check_choice, check_int, opt
-from ._linear_core import _compute_dtype, linear_attention, linear_attention_quadratic
+from ..fused import fused
+from ._linear_core import linear_attention, linear_attention_quadratic
 from .base import AttentionMethod
 
 _FEATURE_MAPS = ("elu", "relu")
@@ -34,15 +35,15 @@ class Linear(AttentionMethod):
     @dataclasses.dataclass
     class Options:
         feature_map: str = opt("elu", "elu (elu(x)+1, the paper's) | relu")
-        chunk_size: int = opt(64, "tokens per chunk of the causal chunked prefix-sum form")
+        chunk_size: int = opt(128, "tokens per chunk of the causal chunked form (same result for any value; 128: fastest measured on an H100 at 64k)")
 
         def __post_init__(self):
             check_choice("linear", "feature_map", self.feature_map, _FEATURE_MAPS)
             check_int("linear", "chunk_size", self.chunk_size, 1)
 
     def feature(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(_compute_dtype(x.dtype))  # features in fp32 for half inputs
-        return F.elu(x) + 1.0 if self.opts.feature_map == "elu" else F.relu(x)
+        """phi(x) in x's dtype (computed in fp32 for half inputs; one fused kernel on CUDA)."""
+        return _elu_plus_one(x) if self.opts.feature_map == "elu" else F.relu(x)
 
     def _attend(self, q, k, v, *, causal, key_padding_mask, attn_mask, scale, need_probs):
         phi_q, phi_k = self.feature(q), self.feature(k)  # (B, H, Tq, D), (B, H, Tk, D): F = D
@@ -52,3 +53,9 @@ class Linear(AttentionMethod):
             phi_q, phi_k, v, causal=causal, key_padding_mask=key_padding_mask, chunk_size=self.opts.chunk_size
         )
         return out, None
+
+
+@fused
+def _elu_plus_one(x: torch.Tensor) -> torch.Tensor:
+    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    return (F.elu(xf) + 1.0).to(x.dtype)

@@ -17,10 +17,10 @@ import dataclasses
 import torch
 from torch import nn
 
-from .. import masks
 from ..registry import register
 from ..types import Capabilities, OptionError, check_choice, check_int, opt
 from .base import AttentionMethod
+from .sdpa import sdpa_allowed
 
 _INITS = ("normal", "identity")
 
@@ -79,9 +79,9 @@ class Linformer(AttentionMethod):
         reads = torch.einsum("...pt,bt->b...p", (E != 0).to(torch.float32), real)  # (B|1, P) or (B|1, H, P)
         allowed = reads > 0
         allowed = allowed[:, :, None, :] if self.opts.per_head else allowed[:, None, None, :]  # (B|1, H|1, 1, P)
+        if key_padding_mask is None and bool(allowed.all()):
+            allowed = None  # every projected row reads a real key (always, for init="normal"): no mask, flash
         k_proj = torch.matmul(E, k)  # (B, H, P, D)
         v_proj = torch.matmul(F, v)  # (B, H, P, D)
-        scores = torch.matmul(q, k_proj.transpose(-1, -2)) * scale  # (B, H, Tq, P)
-        probs = masks.masked_softmax(scores, allowed)  # fp32; a row with no real key gives zeros
-        out = torch.matmul(probs.to(v.dtype), v_proj)  # (B, H, Tq, D)
-        return out, None
+        # attention over P projected keys: fused SDPA in the inputs' dtype; a row with no real key gives zeros
+        return sdpa_allowed(q, k_proj, v_proj, allowed, scale=scale), None

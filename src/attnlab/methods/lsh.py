@@ -50,6 +50,7 @@ import torch.nn.functional as F
 
 from ..registry import register
 from ..types import Capabilities, check_choice, check_int, opt
+from ..fused import fused
 from .base import AttentionMethod
 
 SELF_SCORE = -1e5  # Reformer's value for a token attending to itself (finite, so it can be the last resort)
@@ -114,8 +115,10 @@ class LSH(AttentionMethod):
         o = self.opts
         b, h, t, d = q.shape
         r = o.n_hashes
-        # Half precision: compute in fp32 (scores, -1e5 and the log-sum-exps do not fit fp16), cast at the end.
+        # Matmuls in bf16 (as `dense`: scores and probabilities rounded to it, fp32 softmax); fp16 computes in
+        # fp32 (-1e5 does not fit it). Hashing, log-sum-exps and the combination of rounds run in fp32.
         ct = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+        mm = torch.bfloat16 if q.dtype == torch.bfloat16 else ct
         n_buckets = self.n_buckets(t)
         chunk = min(o.bucket_size, t)  # one bucket  <=>  one chunk of length T (no internal padding)
         n_chunks = math.ceil(t / chunk)
@@ -148,8 +151,8 @@ class LSH(AttentionMethod):
         def chunked(x):  # (B, H, R, Tp) -> (B, H, R, n_chunks, chunk)
             return x.view(b, h, r, n_chunks, chunk)
 
-        sq = gather(qf, q_order)  # (B, H, R, C, L, D)
-        sk, sv = gather(kf, k_order), gather(vf, k_order)
+        sq = gather(qf.to(mm), q_order)  # (B, H, R, C, L, D)
+        sk, sv = gather(kf.to(mm), k_order), gather(vf.to(mm), k_order)
         q_pos, q_sbkt = chunked(q_order), chunked(q_sbkt)  # (B, H, R, C, L)
         k_pos, k_sbkt = chunked(k_order), chunked(k_sbkt)
         k_real = chunked(real[:, None, None, :].expand(b, h, r, tp).gather(-1, k_order))
@@ -164,20 +167,9 @@ class LSH(AttentionMethod):
             has_prev = (torch.arange(n_chunks, device=device) > 0)[:, None]  # (C, 1)
             k_real = torch.cat([k_real, k_real.roll(1, dims=3) & has_prev], dim=4)
 
-        scores = torch.einsum("bhrcid,bhrcjd->bhrcij", sq, sk) * scale  # (B, H, R, C, L, W)
-        allowed = (q_sbkt.unsqueeze(-1) == k_sbkt.unsqueeze(-2)) & k_real.unsqueeze(-2)  # same bucket, real key
-        if causal:
-            allowed = allowed & (k_pos.unsqueeze(-2) <= q_pos.unsqueeze(-1))  # by ORIGINAL positions
-        if o.shared_qk:
-            # Self last: applied before the -inf fill, so a padded self key stays invisible.
-            scores = scores.masked_fill(k_pos.unsqueeze(-2) == q_pos.unsqueeze(-1), SELF_SCORE)
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        has = allowed.any(dim=-1)  # (B, H, R, C, L): the query has a key in this round
-        # Rows with nothing allowed get dummy finite scores so neither forward nor backward sees -inf - -inf.
-        scores = scores.masked_fill(~has.unsqueeze(-1), 0.0)
-        lse = torch.logsumexp(scores, dim=-1)  # (B, H, R, C, L)
-        p = torch.exp(scores - lse.unsqueeze(-1))  # (B, H, R, C, L, W)
-        out_s = torch.einsum("bhrcij,bhrcjd->bhrcid", p, sv).reshape(b, h, r, tp, d)  # sorted order
+        masks_kw = dict(q_pos=q_pos, k_pos=k_pos, q_sbkt=q_sbkt, k_sbkt=k_sbkt, k_real=k_real)
+        out_s, lse, has = _chunk_attention(sq, sk, sv, scale, causal, o.shared_qk, **masks_kw)
+        out_s = out_s.reshape(b, h, r, tp, d)  # sorted order, fp32
         lse_s = lse.masked_fill(~has, float("-inf")).reshape(b, h, r, tp)
 
         # Unsort each round, then combine the rounds weighted by softmax over their log-sum-exps.
@@ -193,9 +185,37 @@ class LSH(AttentionMethod):
         if need_probs:
             # Implied matrix: P[i, j] = sum_r w_r,i * p_r,ij, scattered from the chunks (T x T only here).
             w_s = chunked(w.gather(-1, q_order))  # (B, H, R, C, L): round weights in sorted order
+            scores, allowed, _ = _chunk_scores(sq, sk, scale, causal, o.shared_qk, **masks_kw)
+            p = torch.exp(scores - lse.unsqueeze(-1))  # (B, H, R, C, L, W)
             contrib = p.masked_fill(~allowed, 0.0) * w_s.unsqueeze(-1)  # (B, H, R, C, L, W)
             idx = q_pos.unsqueeze(-1) * tp + k_pos.unsqueeze(-2)  # flat (query, key) in original positions
             probs = torch.zeros(b, h, tp * tp, dtype=ct, device=device)
             probs = probs.scatter_add(-1, idx.reshape(b, h, -1), contrib.reshape(b, h, -1))
             probs = probs.view(b, h, tp, tp)[:, :, :t, :t]
         return out, probs
+
+
+def _chunk_scores(sq, sk, scale, causal, shared_qk, *, q_pos, k_pos, q_sbkt, k_sbkt, k_real):
+    """Masked chunk scores [B, H, R, C, L, W] in fp32 (fp64 for fp64), the allowed mask and whether each query has a key."""
+    acc = torch.promote_types(sq.dtype, torch.float32)  # fp32 (fp64 for fp64 inputs)
+    scores = torch.matmul(sq, sk.transpose(-1, -2)).to(acc) * scale  # (B, H, R, C, L, W)
+    allowed = (q_sbkt.unsqueeze(-1) == k_sbkt.unsqueeze(-2)) & k_real.unsqueeze(-2)  # same bucket, real key
+    if causal:
+        allowed = allowed & (k_pos.unsqueeze(-2) <= q_pos.unsqueeze(-1))  # by ORIGINAL positions
+    if shared_qk:
+        # Self last: applied before the -inf fill, so a padded self key stays invisible.
+        scores = scores.masked_fill(k_pos.unsqueeze(-2) == q_pos.unsqueeze(-1), SELF_SCORE)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    has = allowed.any(dim=-1)  # (B, H, R, C, L): the query has a key in this round
+    # Rows with nothing allowed get dummy finite scores so neither forward nor backward sees -inf - -inf.
+    return scores.masked_fill(~has.unsqueeze(-1), 0.0), allowed, has
+
+
+@fused
+def _chunk_attention(sq, sk, sv, scale, causal, shared_qk, **masks_kw):
+    """Softmax attention inside each chunk window: (out [B, H, R, C, L, D] in fp32 at least, lse [B, H, R, C, L], has).
+    One fused kernel chain on CUDA (the masks, log-sum-exp and exp never round-trip through memory)."""
+    scores, _, has = _chunk_scores(sq, sk, scale, causal, shared_qk, **masks_kw)
+    lse = torch.logsumexp(scores, dim=-1)  # (B, H, R, C, L)
+    p = torch.exp(scores - lse.unsqueeze(-1))  # (B, H, R, C, L, W)
+    return torch.matmul(p.to(sv.dtype), sv).to(p.dtype), lse, has

@@ -84,22 +84,31 @@ class Nystrom(AttentionMethod):
 
     def _attend(self, q, k, v, *, causal, key_padding_mask, attn_mask, scale, need_probs):
         out_dtype = v.dtype
-        # fp32 at least: pinv of a softmax matrix is far too ill-conditioned for bf16/fp16
+        # fp32 at least, everywhere: X = pinv(A) B V is ~cond(A) larger than the output, so bf16 rounding
+        # of F, B or B V is magnified by cond(A) (measured: a fused bf16 SDPA for B V lost 0.1 in the bf16
+        # exact limit with padding). Speed comes from touching each T-long tensor few times instead.
         ct = torch.float64 if q.dtype == torch.float64 else torch.float32
         q, k, v = q.to(ct), k.to(ct), v.to(ct)
         t = k.shape[-2]
         m = min(self.opts.num_landmarks, t)
-        if key_padding_mask is not None:
-            v = v.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
-        avg, lm_real = segment_means(m, t, key_padding_mask, ct, q.device)  # (B|1, 1, m, T), (B|1, m)
-        q_lm = avg @ q  # (B, H, m, D)
-        k_lm = avg @ k  # (B, H, m, D)
-        lm_cols = lm_real[:, None, None, :]  # (B|1, 1, 1, m): landmarks usable as keys
-        lm_rows = lm_real[:, None, :, None].to(ct)  # (B|1, 1, m, 1): landmarks usable as queries
-        kernel_f = masks.masked_softmax(q @ k_lm.transpose(-1, -2) * scale, lm_cols)  # (B, H, T, m)
-        kernel_a = masks.masked_softmax(q_lm @ k_lm.transpose(-1, -2) * scale, lm_cols) * lm_rows  # (B, H, m, m)
-        key_cols = None if key_padding_mask is None else key_padding_mask[:, None, None, :]  # (B, 1, 1, T)
-        kernel_b = masks.masked_softmax(q_lm @ k.transpose(-1, -2) * scale, key_cols) * lm_rows  # (B, H, m, T)
+        pad = key_padding_mask
+        if pad is not None:
+            v = v.masked_fill(~pad[:, None, :, None], 0.0)
+        avg, lm_real = segment_means(m, t, pad, ct, q.device)  # (B|1, 1, m, T), (B|1, m)
+        if pad is None and t % m == 0:  # equal segments: a reshape-mean instead of the averaging matmul
+            q_lm, k_lm = (x.unflatten(-2, (m, t // m)).mean(-2) for x in (q, k))  # (B, H, m, D)
+        else:
+            q_lm, k_lm = avg @ q, avg @ k  # (B, H, m, D)
+        # without padding every landmark and key is real: plain softmaxes, no masks
+        lm_cols = None if pad is None else lm_real[:, None, None, :]  # (B|1, 1, 1, m): landmarks usable as keys
+        key_cols = None if pad is None else pad[:, None, None, :]  # (B, 1, 1, T)
+        k_lm = k_lm * scale  # the scale folded into the m landmark keys, not into T x m scores
+        kernel_f = masks.masked_softmax(q @ k_lm.transpose(-1, -2), lm_cols)  # (B, H, T, m)
+        kernel_a = masks.masked_softmax(q_lm @ k_lm.transpose(-1, -2), lm_cols)  # (B, H, m, m)
+        kernel_b = masks.masked_softmax((q_lm * scale) @ k.transpose(-1, -2), key_cols)  # (B, H, m, T)
+        if pad is not None:  # landmarks holding no real token are no query either
+            lm_rows = lm_real[:, None, :, None].to(ct)  # (B|1, 1, m, 1)
+            kernel_a, kernel_b = kernel_a * lm_rows, kernel_b * lm_rows
         if self.opts.pinv == "exact":
             a_inv = torch.linalg.pinv(kernel_a)  # (B, H, m, m)
         else:

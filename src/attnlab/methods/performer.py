@@ -26,7 +26,8 @@ import torch
 
 from ..registry import register
 from ..types import Capabilities, check_int, opt
-from ._linear_core import _compute_dtype, linear_attention, linear_attention_quadratic
+from ..fused import fused
+from ._linear_core import linear_attention, linear_attention_quadratic
 from .base import AttentionMethod
 
 
@@ -54,7 +55,7 @@ class Performer(AttentionMethod):
         num_features: int = opt(256, "random features m (the estimator's error falls like 1/sqrt(m))")
         redraw: bool = opt(False, "draw fresh features at every forward in training mode")
         seed: int = opt(0, "seed of the feature draw (same seed => same features)")
-        chunk_size: int = opt(64, "tokens per chunk of the causal chunked prefix-sum form")
+        chunk_size: int = opt(256, "tokens per chunk of the causal chunked form (same result for any value; 256: fastest measured on an H100 at 64k)")
 
         def __post_init__(self):
             for name in ("num_features", "chunk_size"):
@@ -71,23 +72,29 @@ class Performer(AttentionMethod):
         # Rebind (not copy_ in place): a graph from the previous forward may still need the old tensor.
         self.features = w.to(device=self.features.device, dtype=self.features.dtype)
 
-    def _log_features(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.features.to(x.dtype)  # (m, D)
-        return x @ w.T - x.pow(2).sum(-1, keepdim=True) / 2  # (B, H, T, m)
-
     def _attend(self, q, k, v, *, causal, key_padding_mask, attn_mask, scale, need_probs):
         if self.training and self.opts.redraw:
             self.redraw_features()
-        ct = _compute_dtype(q.dtype)
-        root = math.sqrt(scale)
-        lq = self._log_features(q.to(ct) * root)  # (B, H, Tq, m)
-        lk = self._log_features(k.to(ct) * root)  # (B, H, Tk, m)
-        q_max = lq.amax(-1, keepdim=True).detach()  # (B, H, Tq, 1): per row, cancels row-wise
-        k_log = lk.amax(-1).detach()  # (B, H, Tk): per key; NOT cancelling alone, so it goes to the core
-        inv = self.opts.num_features ** -0.5
-        phi_q = torch.exp(lq - q_max) * inv  # (B, H, Tq, m)
-        phi_k = torch.exp(lk - k_log.unsqueeze(-1)) * inv  # (B, H, Tk, m): <= 1/sqrt(m); true one: exp(k_log) x
+        w = self.features.float() * math.sqrt(scale)  # (m, D): sqrt(scale) folded into the features
+        log_inv = -0.5 * math.log(self.opts.num_features)
+        phi_q, _ = favor_features(q, w, scale / 2, log_inv)  # (B, H, Tq, m); the per-row max cancels row-wise
+        phi_k, k_log = favor_features(k, w, scale / 2, log_inv)  # (B, H, Tk, m), (B, H, Tk): true one exp(k_log) x
         kw = dict(causal=causal, key_padding_mask=key_padding_mask, key_log_scale=k_log)
         if need_probs:
             return linear_attention_quadratic(phi_q, phi_k, v, **kw)
         return linear_attention(phi_q, phi_k, v, chunk_size=self.opts.chunk_size, **kw), None
+
+
+@fused
+def favor_features(x: torch.Tensor, w: torch.Tensor, half_scale: float, log_inv: float):
+    """FAVOR+ positive features of x [B, H, T, D] with w = sqrt(scale) * W [m, D] (fp32):
+
+        log phi(x) = x.w - scale |x|^2 / 2 - b(x) + log_inv,  b(x) = max over the m features (detached)
+
+    Returns (phi in x's dtype, b in fp32 [B, H, T]): the true feature is exp(b) phi. The exponent is
+    computed in fp32 (bf16 rounding of x.w, |x.w| ~ 10-20, would move every feature by several percent);
+    compiled on CUDA into one matmul and one fused kernel."""
+    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    lx = xf @ w.to(xf.dtype).T - xf.pow(2).sum(-1, keepdim=True) * half_scale  # (B, H, T, m)
+    b = lx.detach().amax(-1, keepdim=True)  # (B, H, T, 1)
+    return torch.exp(lx - b + log_inv).to(x.dtype), b.squeeze(-1)

@@ -24,7 +24,8 @@ import torch
 
 from ..registry import register
 from ..types import Capabilities, check_int, opt
-from ._linear_core import _compute_dtype, linear_attention, linear_attention_quadratic
+from ..fused import fused
+from ._linear_core import linear_attention, linear_attention_quadratic
 from .base import AttentionMethod
 
 
@@ -39,7 +40,7 @@ class RFA(AttentionMethod):
         num_features: int = opt(256, "random frequencies m (feature dimension 2m: sin and cos)")
         redraw: bool = opt(False, "draw fresh frequencies at every forward in training mode")
         seed: int = opt(0, "seed of the frequency draw (same seed => same features)")
-        chunk_size: int = opt(64, "tokens per chunk of the causal chunked prefix-sum form")
+        chunk_size: int = opt(256, "tokens per chunk of the causal chunked form (same result for any value; 256: fastest measured on an H100 at 64k)")
 
         def __post_init__(self):
             for name in ("num_features", "chunk_size"):
@@ -57,20 +58,27 @@ class RFA(AttentionMethod):
         # Rebind (not copy_ in place): a graph from the previous forward may still need the old tensor.
         self.features = self._draw().to(device=self.features.device, dtype=self.features.dtype)
 
-    def _phi(self, x: torch.Tensor) -> torch.Tensor:
-        proj = x @ self.features.to(x.dtype).T  # (B, H, T, m)
-        return torch.cat([proj.sin(), proj.cos()], dim=-1) * self.opts.num_features ** -0.5  # (B, H, T, 2m)
-
     def _attend(self, q, k, v, *, causal, key_padding_mask, attn_mask, scale, need_probs):
         if self.training and self.opts.redraw:
             self.redraw_features()
-        ct = _compute_dtype(q.dtype)
-        root = math.sqrt(scale)
-        qs, ks = q.to(ct) * root, k.to(ct) * root  # (B, H, Tq, D), (B, H, Tk, D)
-        lk = ks.pow(2).sum(-1) / 2  # (B, H, Tk): log of the per-key factor, passed to the core unexponentiated
-        phi_q = self._phi(qs)  # (B, H, Tq, 2m)
-        phi_k = self._phi(ks)  # (B, H, Tk, 2m): bounded; the core applies exp(lk) with causal-safe stabilisers
+        w = self.features.float() * math.sqrt(scale)  # (m, D): sqrt(scale) folded into the frequencies
+        inv = self.opts.num_features ** -0.5
+        phi_q, _ = fourier_features(q, w, scale / 2, inv)  # (B, H, Tq, 2m)
+        # (B, H, Tk, 2m) bounded, and lk = scale |k|^2 / 2 [B, H, Tk]: the log of the per-key factor, passed
+        # to the core unexponentiated (it applies exp(lk) with causal-safe stabilisers)
+        phi_k, lk = fourier_features(k, w, scale / 2, inv)
         kw = dict(causal=causal, key_padding_mask=key_padding_mask, key_log_scale=lk)
         if need_probs:
             return linear_attention_quadratic(phi_q, phi_k, v, **kw)
         return linear_attention(phi_q, phi_k, v, chunk_size=self.opts.chunk_size, **kw), None
+
+
+@fused
+def fourier_features(x: torch.Tensor, w: torch.Tensor, half_scale: float, inv: float):
+    """[sin(x.w), cos(x.w)] * inv in x's dtype [B, H, T, 2m], and scale |x|^2 / 2 in fp32 [B, H, T], for
+    w = sqrt(scale) * W [m, D]. The phases are computed in fp32; compiled on CUDA into one matmul and one
+    fused kernel."""
+    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    proj = xf @ w.to(xf.dtype).T  # (B, H, T, m)
+    phi = torch.cat([proj.sin(), proj.cos()], dim=-1) * inv
+    return phi.to(x.dtype), xf.pow(2).sum(-1) * half_scale

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
 import torch.nn.functional as F
 
 from .. import masks
@@ -35,7 +36,9 @@ class SDPA(AttentionMethod):
             allowed, bias = masks.combine(
                 tq, tk, causal=causal, key_padding_mask=key_padding_mask, attn_mask=attn_mask, device=q.device
             )
-            mask = allowed if bias is None else bias.to(q.dtype).masked_fill(~allowed, float("-inf"))
+            has = allowed.any(-1, keepdim=True)
+            allowed = allowed | ~has  # empty rows: finite inside the kernel (no NaN gradient), zeroed below
+            mask = allowed if bias is None else bias.to(q.dtype).masked_fill(~has, 0.0).masked_fill(~allowed, float("-inf"))
             is_causal = False
         gqa = q.shape[1] != k.shape[1]
         if gqa and mask is not None:
@@ -45,8 +48,21 @@ class SDPA(AttentionMethod):
         with _backend(self.opts.backend):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=gqa)
         if allowed is not None:
-            out = out.masked_fill(~allowed.any(-1, keepdim=True), 0.0)  # fully masked rows: zeros, never NaN
+            out = out.masked_fill(~has, 0.0)  # fully masked rows: zeros, never NaN
         return out, None
+
+
+def sdpa_allowed(q, k, v, allowed: torch.Tensor | None, *, scale: float) -> torch.Tensor:
+    """SDPA under a Bool `allowed` mask (broadcastable to [B, H, Tq, Tk]; None = every key) in the inputs' dtype,
+    with rows that have no allowed key set to zeros, never NaN. The fused core linformer and nystrom reuse:
+    no mask lets torch pick flash; a mask picks the memory-efficient kernel."""
+    if allowed is None:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    has = allowed.any(-1, keepdim=True)
+    # an empty row attends to everything inside the kernel (finite, and no NaN in its backward: measured on
+    # CUDA's memory-efficient kernel), then is zeroed, which also stops its gradient
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | ~has, scale=scale)
+    return out.masked_fill(~has, 0.0)
 
 
 def _backend(name: str):
