@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Re-measure the kernelised / low-rank / LSH methods after a speed change, without the peers (their rows
 # from the full sweep stay valid: same GPU kind, same inputs; the README table takes the latest row per key).
-#   bash benchmarks/gpu_rerun.sh checks    # gpu_checks.py + tune_chunks.py (~4 min on an H100)
+#   bash benchmarks/gpu_rerun.sh checks    # gpu_checks.py (~3 min on an H100, mostly torch.compile)
+#   bash benchmarks/gpu_rerun.sh tune      # tune_chunks.py (~2 min)
 #   bash benchmarks/gpu_rerun.sh fwd       # attnlab bench, fwd, non-causal and causal, 4k/16k/64k
 #   bash benchmarks/gpu_rerun.sh fwd+bwd   # the same, fwd+bwd
-# Env: OUT (default benchmarks/results/rerun), METHODS, LENGTHS, BUDGET (seconds per bench call).
+# Env: OUT (default benchmarks/results/rerun), METHODS, LENGTHS, BUDGET (seconds per bench call), CAUSAL
+# (--both-causal by default; --causal for causal only), NAME (file stem, default rerun_fwd / rerun_fwdbwd).
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results/rerun}"
@@ -15,13 +17,14 @@ export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 case "${1:-}" in
   checks)
     python3 benchmarks/gpu_checks.py 2>&1 | tee "$OUT/gpu_checks.txt" | grep -v "^ok " ; echo "checks rc=${PIPESTATUS[0]}"
-    grep -c "^ok " "$OUT/gpu_checks.txt" | sed 's/^/ok checks: /'
-    python3 benchmarks/tune_chunks.py --out "$OUT" 2>&1 | grep -v Warning | tail -80 ;;
+    grep -c "^ok " "$OUT/gpu_checks.txt" | sed 's/^/ok checks: /' ;;
+  tune)
+    python3 benchmarks/tune_chunks.py --out "$OUT" --chunks "${CHUNKS:-64,128,256}" 2>&1 | grep -v Warning | tail -80 ;;
   fwd|fwd+bwd)
     name=$(echo "$1" | tr -d '+')
     python3 -m attnlab.bench.cli --methods "$METHODS" --peers none --lengths "${LENGTHS:-4096,16384,65536}" \
-      --batch 4,16384:1 --heads 16 --head-dim 64 --dtype bf16 --mode "$1" --both-causal --device cuda \
-      --warmup 3 --repeats 10 --no-progress --out "$OUT" --name "rerun_$name" --time-budget "${BUDGET:-400}" 2>&1 \
+      --batch 4,16384:1 --heads 16 --head-dim 64 --dtype bf16 --mode "$1" ${CAUSAL:---both-causal} --device cuda \
+      --warmup 3 --repeats 10 --no-progress --out "$OUT" --name "${NAME:-rerun_$name}" --time-budget "${BUDGET:-400}" 2>&1 \
       | grep -v "Warning\|warn(" | tail -60 ;;
-  *) echo "usage: $0 checks|fwd|fwd+bwd"; exit 2 ;;
+  *) echo "usage: $0 checks|tune|fwd|fwd+bwd"; exit 2 ;;
 esac
