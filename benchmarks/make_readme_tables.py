@@ -21,7 +21,7 @@ def load_rows() -> dict:
             continue
         data = json.load(open(f))
         for r in data if isinstance(data, list) else []:
-            if not isinstance(r, dict) or "status" not in r or "seq_len" not in r:
+            if not isinstance(r, dict) or not {"status", "seq_len", "causal", "mode", "impl"} <= r.keys():
                 continue
             key = (r["mode"], bool(r["causal"]), r["method"], r["impl"], r["seq_len"])
             if key not in latest or str(r.get("timestamp", "")) >= str(latest[key].get("timestamp", "")):

@@ -80,6 +80,9 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--budget-s", type=float, default=400, help="stop starting new rows after this many seconds")
     p.add_argument("--out", default=str(HERE / "results"))
+    p.add_argument("--no-original", action="store_true", help="skip the original eager/sdpa model rows")
+    p.add_argument("--merge", default=None, help="an earlier model_bench.json: its rows for the impls measured "
+                   "now are replaced, the others kept (rerun a few methods after a change)")
     a = p.parse_args(argv)
     dtype = getattr(torch, a.dtype)
     lengths = [int(x) for x in a.lengths.split(",")]
@@ -94,7 +97,7 @@ def main(argv=None):
         pass
     rows, t0 = [], time.time()
     dead = set()  # (impl, mode) that ran out of memory: longer lengths are skipped
-    configs = [("original", "eager", None), ("original", "sdpa", None)] + [
+    configs = ([] if a.no_original else [("original", "eager", None), ("original", "sdpa", None)]) + [
         ("attnlab", "sdpa", m) for m in a.methods.split(",")
     ]
     for impl_kind, impl, method in configs:
@@ -137,6 +140,9 @@ def main(argv=None):
                 print(f"{name:>16} {mode:>8} {n:>6} {row['status']:>7} "
                       f"{row.get('ms', float('nan')):9.2f} ms {((row.get('peak_mem_bytes') or 0) / 2**30):7.2f} GiB", flush=True)
         del model
+    if a.merge:
+        fresh = {r["impl"] for r in rows}
+        rows = [r for r in json.loads(Path(a.merge).read_text()) if r["impl"] not in fresh] + rows
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "model_bench.json").write_text(json.dumps(rows, indent=1))
