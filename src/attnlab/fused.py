@@ -36,5 +36,4 @@ def fused(fn):
             return compiled(x, *args, **kwargs)
         return fn(x, *args, **kwargs)
 
-    wrapper.eager = fn
     return wrapper

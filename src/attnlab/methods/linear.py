@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from ..registry import register
 from ..types import Capabilities, check_choice, check_int, opt
 from ..fused import fused
-from ._linear_core import linear_attention, linear_attention_quadratic
+from ._linear_core import _compute_dtype, linear_attention, linear_attention_quadratic
 from .base import AttentionMethod
 
 _FEATURE_MAPS = ("elu", "relu")
@@ -57,5 +57,5 @@ class Linear(AttentionMethod):
 
 @fused
 def _elu_plus_one(x: torch.Tensor) -> torch.Tensor:
-    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    xf = x.to(_compute_dtype(x.dtype))  # fp32 for half inputs
     return (F.elu(xf) + 1.0).to(x.dtype)

@@ -27,7 +27,7 @@ import torch
 from ..registry import register
 from ..types import Capabilities, check_int, opt
 from ..fused import fused
-from ._linear_core import linear_attention, linear_attention_quadratic
+from ._linear_core import _compute_dtype, linear_attention, linear_attention_quadratic
 from .base import AttentionMethod
 
 
@@ -94,7 +94,7 @@ def favor_features(x: torch.Tensor, w: torch.Tensor, half_scale: float, log_inv:
     Returns (phi in x's dtype, b in fp32 [B, H, T]): the true feature is exp(b) phi. The exponent is
     computed in fp32 (bf16 rounding of x.w, |x.w| ~ 10-20, would move every feature by several percent);
     compiled on CUDA into one matmul and one fused kernel."""
-    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    xf = x.to(_compute_dtype(x.dtype))  # fp32 for half inputs
     lx = xf @ w.to(xf.dtype).T - xf.pow(2).sum(-1, keepdim=True) * half_scale  # (B, H, T, m)
     b = lx.detach().amax(-1, keepdim=True)  # (B, H, T, 1)
     return torch.exp(lx - b + log_inv).to(x.dtype), b.squeeze(-1)

@@ -25,7 +25,7 @@ import torch
 from ..registry import register
 from ..types import Capabilities, check_int, opt
 from ..fused import fused
-from ._linear_core import linear_attention, linear_attention_quadratic
+from ._linear_core import _compute_dtype, linear_attention, linear_attention_quadratic
 from .base import AttentionMethod
 
 
@@ -78,7 +78,7 @@ def fourier_features(x: torch.Tensor, w: torch.Tensor, half_scale: float, inv: f
     """[sin(x.w), cos(x.w)] * inv in x's dtype [B, H, T, 2m], and scale |x|^2 / 2 in fp32 [B, H, T], for
     w = sqrt(scale) * W [m, D]. The phases are computed in fp32; compiled on CUDA into one matmul and one
     fused kernel."""
-    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    xf = x.to(_compute_dtype(x.dtype))  # fp32 for half inputs
     proj = xf @ w.to(xf.dtype).T  # (B, H, T, m)
     phi = torch.cat([proj.sin(), proj.cos()], dim=-1) * inv
     return phi.to(x.dtype), xf.pow(2).sum(-1) * half_scale
