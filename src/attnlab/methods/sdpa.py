@@ -30,38 +30,33 @@ class SDPA(AttentionMethod):
 
     def _attend(self, q, k, v, *, causal, key_padding_mask, attn_mask, scale, need_probs):
         tq, tk = q.shape[-2], k.shape[-2]
-        mask, allowed, is_causal = None, None, causal
-        if key_padding_mask is not None or attn_mask is not None or (causal and tq != tk):
+        with _backend(self.opts.backend):
+            if key_padding_mask is None and attn_mask is None and not (causal and tq != tk):
+                gqa = q.shape[1] != k.shape[1]
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa), None
             # SDPA's is_causal aligns top-left; ours aligns bottom-right, so build the mask when Tq != Tk.
             allowed, bias = masks.combine(
                 tq, tk, causal=causal, key_padding_mask=key_padding_mask, attn_mask=attn_mask, device=q.device
             )
-            has = allowed.any(-1, keepdim=True)
-            allowed = allowed | ~has  # empty rows: finite inside the kernel (no NaN gradient), zeroed below
-            mask = allowed if bias is None else bias.to(q.dtype).masked_fill(~has, 0.0).masked_fill(~allowed, float("-inf"))
-            is_causal = False
-        gqa = q.shape[1] != k.shape[1]
-        if gqa and mask is not None:
             # enable_gqa together with an explicit mask is not served by every backend: expand instead.
             groups = q.shape[1] // k.shape[1]
-            k, v, gqa = repeat_kv(k, groups), repeat_kv(v, groups), False
-        with _backend(self.opts.backend):
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=gqa)
-        if allowed is not None:
-            out = out.masked_fill(~has, 0.0)  # fully masked rows: zeros, never NaN
-        return out, None
+            return sdpa_allowed(q, repeat_kv(k, groups), repeat_kv(v, groups), allowed, bias=bias, scale=scale), None
 
 
-def sdpa_allowed(q, k, v, allowed: torch.Tensor | None, *, scale: float) -> torch.Tensor:
-    """SDPA under a Bool `allowed` mask (broadcastable to [B, H, Tq, Tk]; None = every key) in the inputs' dtype,
-    with rows that have no allowed key set to zeros, never NaN. The fused core linformer and nystrom reuse:
-    no mask lets torch pick flash; a mask picks the memory-efficient kernel."""
+def sdpa_allowed(q, k, v, allowed: torch.Tensor | None, *, scale: float, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """SDPA under a Bool `allowed` mask (broadcastable to [B, H, Tq, Tk]; None = every key) and an optional
+    float `bias` added to the scores, in the inputs' dtype, with rows that have no allowed key set to zeros,
+    never NaN. Used by the `sdpa` method and linformer: no mask lets torch pick flash; a mask picks
+    the memory-efficient kernel."""
     if allowed is None:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     has = allowed.any(-1, keepdim=True)
     # an empty row attends to everything inside the kernel (finite, and no NaN in its backward: measured on
     # CUDA's memory-efficient kernel), then is zeroed, which also stops its gradient
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | ~has, scale=scale)
+    mask = allowed | ~has
+    if bias is not None:
+        mask = bias.to(q.dtype).masked_fill(~has, 0.0).masked_fill(~mask, float("-inf"))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     return out.masked_fill(~has, 0.0)
 
 
