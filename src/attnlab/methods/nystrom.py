@@ -94,10 +94,10 @@ class Nystrom(AttentionMethod):
         pad = key_padding_mask
         if pad is not None:
             v = v.masked_fill(~pad[:, None, :, None], 0.0)
-        avg, lm_real = segment_means(m, t, pad, ct, q.device)  # (B|1, 1, m, T), (B|1, m)
-        if pad is None and t % m == 0:  # equal segments: a reshape-mean instead of the averaging matmul
+        if pad is None and t % m == 0:  # equal segments: a reshape-mean, no m x T averaging matrix
             q_lm, k_lm = (x.unflatten(-2, (m, t // m)).mean(-2) for x in (q, k))  # (B, H, m, D)
         else:
+            avg, lm_real = segment_means(m, t, pad, ct, q.device)  # (B|1, 1, m, T), (B|1, m)
             q_lm, k_lm = avg @ q, avg @ k  # (B, H, m, D)
         # without padding every landmark and key is real: plain softmaxes, no masks
         lm_cols = None if pad is None else lm_real[:, None, None, :]  # (B|1, 1, 1, m): landmarks usable as keys
