@@ -11,26 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 
 import torch
 
 import attnlab
-
-
-def time_call(fn, warmup=2, repeats=7):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b))
-    return statistics.median(ts)
+from attnlab.bench.harness import bench_one
 
 
 def main():
@@ -49,23 +34,10 @@ def main():
         for chunk in map(int, args.chunks.split(",")):
             m = attnlab.make(name, head_dim=d, num_heads=h, chunk_size=chunk).to(dev)
             for mode in ("fwd", "fwd+bwd"):
-                qq, kk, vv = (x.detach().requires_grad_(mode == "fwd+bwd") for x in (q, k, v))
-
-                def call():
-                    if mode == "fwd":
-                        with torch.no_grad():
-                            m(qq, kk, vv, causal=True)
-                    else:
-                        m(qq, kk, vv, causal=True)[0].sum().backward()
-
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-                try:
-                    ms = time_call(call)
-                    row = dict(method=name, chunk_size=chunk, mode=mode, seq_len=t, ms=ms, status="ok",
-                               peak_mem_bytes=torch.cuda.max_memory_allocated())
-                except torch.OutOfMemoryError:
-                    row = dict(method=name, chunk_size=chunk, mode=mode, seq_len=t, status="oom")
+                # the sweep's own timing: warm-up, CUDA events, median, peak memory, OOM as a row
+                r = bench_one(lambda a, b, c: m(a, b, c, causal=True), lambda: (q, k, v), mode, dev, repeats=7, warmup=2)
+                row = dict(method=name, chunk_size=chunk, mode=mode, seq_len=t, status=r["status"], ms=r["ms"],
+                           peak_mem_bytes=r.get("peak_mem_bytes"))
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, dtype="bf16", heads=h, head_dim=d, batch=1)
