@@ -2,6 +2,7 @@
 bf16 and fp32, causal and not, with padding (incl. fully padded rows through FlexAttention: zeros, not NaN).
 
     PYTHONPATH=src python benchmarks/gpu_checks.py          # prints one line per check, exits 1 on a failure
+    PYTHONPATH=src python benchmarks/gpu_checks.py linear,performer   # only these methods
 """
 from __future__ import annotations
 
@@ -23,6 +24,12 @@ LIMITS = {  # exact-limit options at length T
 
 
 def main() -> int:
+    if len(sys.argv) > 1:  # a comma-separated subset of methods
+        keep = set(sys.argv[1].split(","))
+        for table in (LIMITS, APPROX):
+            for name in list(table):
+                if name not in keep:
+                    del table[name]
     dev = "cuda"
     g = torch.Generator().manual_seed(0)
     q64 = torch.randn(B, H, T, D, generator=g, dtype=torch.float64)

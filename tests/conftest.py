@@ -1,9 +1,16 @@
 """Session fixtures: the real packaged models, each loaded ONCE per test session (SmolLM2 takes ~7 s).
 
-Tests using them must leave them unmodified (swap only through `attnlab.swapped`)."""
+Tests using them must leave them unmodified (swap only through `attnlab.swapped`).
+
+Triton's CPU interpreter is switched on here, before anything imports triton (its own library functions are
+built for the mode in force at import): with triton installed, the causal kernelised methods then run their
+Triton kernels on CPU tensors wherever the shapes fit them (`_linear_core._use_triton`), as CUDA would."""
 from __future__ import annotations
 
+import os
 import warnings
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 

@@ -33,13 +33,32 @@ every matmul (bf16 inputs run on tensor cores with fp32 accumulation inside each
 over the whole sequence (prefix sums of chunk states and normalisers) and the final division run in fp32.
 A normaliser's state enters its matmul as a bf16 hi + lo pair, so its rounding is ~2^-16, not 2^-8 (random
 Fourier features have normalisers that cancel).
+
+On CUDA with Triton installed, the causal form (Tq == Tk) runs `_linear_triton`'s kernels instead, which keep
+the state on chip and compute the same function (the same stabilisers); the PyTorch form here is the CPU
+path and the fallback (Tq != Tk, head dims the kernels do not take, ATTNLAB_NO_TRITON=1).
 """
 from __future__ import annotations
+
+import importlib.util
+import os
 
 import torch
 import torch.nn.functional as F
 
 from .. import masks
+
+
+def _use_triton(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor) -> bool:
+    """The Triton kernels: CUDA tensors (or any under Triton's CPU interpreter, TRITON_INTERPRET=1: the tests)
+    with Triton installed, unless ATTNLAB_NO_TRITON=1; then shapes `_linear_triton.supported` takes."""
+    if os.environ.get("ATTNLAB_NO_TRITON", "") not in ("", "0"):
+        return False
+    if not (phi_q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") or importlib.util.find_spec("triton") is None:
+        return False
+    from . import _linear_triton
+
+    return _linear_triton.supported(phi_q, phi_k, v)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -104,6 +123,11 @@ def linear_attention(
         phi_k = torch.where(keep, phi_k, torch.zeros_like(phi_k))  # padded keys contribute nothing
         if key_log_scale is not None:
             key_log_scale = key_log_scale.masked_fill(~keep[..., 0], float("-inf"))
+    if causal and _use_triton(phi_q, phi_k, v):
+        from . import _linear_triton
+
+        lk = None if key_log_scale is None else key_log_scale.to(acc)
+        return _linear_triton.causal_linear(phi_q, phi_k, v, lk)
     if key_log_scale is not None:
         key_log_scale = key_log_scale.to(acc)
         if causal:

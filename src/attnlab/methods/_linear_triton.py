@@ -1,0 +1,353 @@
+"""Causal linear attention as Triton kernels: flash-linear-attention's chunked form, written for attnlab's
+normaliser and key log-scales.
+
+    num_i = sum_{j <= i} w_ij (q_i . k_j) v_j,   den_i = sum_{j <= i} w_ij (q_i . k_j),   w_ij = e^{b_j - M_i}
+
+q, k [BH, T, F] (features), v [BH, T, D]; without key log-scales b, w_ij = 1. M_i is query i's running max
+of b over the keys it sees (the stabiliser of `_linear_core`'s module doc, detached); out = num / den, and
+0 for a row whose den is exactly 0 (no visible key).
+
+Forward, as flash-linear-attention's `chunk` kernels (two passes, so that only the state recurrence is
+sequential):
+1. `_state_kernel`: one program per (head, 64 features, value block) walks the T / 64 chunks in order, keeps
+   S = sum_j e^{b_j - P} k_j v_j^T and z = sum_j e^{b_j - P} k_j in registers (fp32; P: the max b of the
+   keys in the state) and writes the state entering every chunk, H [BH, N, F, D] in the inputs' dtype
+   (the dtype its matmul reads it in) and Z [BH, N, F] in fp32.
+2. `_out_kernel`: one program per (head, chunk), all in parallel: num = e^{P_c - M_i} q H[c] + the masked
+   intra-chunk quadratic form, den likewise.
+Backward: H, Z recomputed (not stored between passes: O(T F D / 64) memory), `_grad_state_kernel` walks
+the chunks in reverse and writes G[c] = sum_{i after chunk c} e^{P_{c+1} - M_i} q_i dnum_i^T and GZ[c]
+(every factor <= 1 since M_i >= P_{c+1}), then `_grad_kernel` computes dq, dk, dv of every chunk in
+parallel (and the key log-scales' db_j = k_j . dk_j). The division out = num / den happens in `_out_kernel`,
+and its gradient in `_grad_prep_kernel` from out and den (flash-attention's delta trick), so no fp32
+[T, D] tensor is ever stored.
+
+Precision as `_linear_core`: matmuls in the inputs' dtype with fp32 accumulation (fp32 inputs: IEEE fp32,
+not TF32, as torch.matmul); states carried in fp32 (stored in the inputs' dtype, which their matmul reads),
+normalisers and the weights in fp32. A causal row never reads a later
+key: intra-chunk weights are exactly 0 above the diagonal, and the state entering chunk c holds chunks < c.
+The kernels also run on CPU tensors under TRITON_INTERPRET=1 (how the CPU tests check them).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+BT = 64  # tokens per chunk
+BK = 64  # features per program
+# launch settings: the fastest measured on an H100 at 64k tokens (benchmarks/results/triton/tune.json)
+CONFIG = {"state": dict(num_warps=4, num_stages=3), "out": dict(num_warps=4, num_stages=2),
+          "grad": dict(num_warps=4, num_stages=2)}
+STATE_BV = 32  # value columns per program of the two sequential passes (fewer: more programs in parallel)
+
+
+@triton.jit
+def _max2(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _dot(a, b, PREC: tl.constexpr):
+    """a @ b with fp32 accumulation. PREC "ieee" (fp32 inputs), "tf32" (half inputs: the tensor cores), or
+    "upcast": half inputs taken to fp32 first, the same products (bf16 x bf16 is exact in fp32), for
+    Triton's CPU interpreter, whose dot of half inputs is wrong (it multiplies their bit patterns)."""
+    if PREC == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def _to(x, dtype: tl.constexpr, PREC: tl.constexpr):
+    """fp32 x to the matmul dtype, rounded to nearest-even. Triton's CPU interpreter truncates fp32 -> bf16
+    (twice the rounding error of the GPU's cast), so under it ("upcast") the bits are rounded first."""
+    if PREC == "upcast":
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _rel_exp(a, m):
+    """e^{a - m} for a <= m, and 0 where a is -inf (also when m is: never exp(-inf - -inf))."""
+    return tl.where(a == float("-inf"), 0.0, tl.exp(a - tl.where(m == float("-inf"), 0.0, m)))
+
+
+@triton.jit
+def _weights(LK, PEX, bh, c, n_chunks, T, offs_t, BT: tl.constexpr):
+    """For chunk c: intra-chunk weights w [BT, BT] (0 above the diagonal and past T), the query factor
+    e^{P_c - M_i} [BT], the key factor e^{b_j - P_{c+1}} [BT] and the state factor e^{P_c - P_{c+1}}.
+    Plain linear attention runs this same path with b = 0: with constant factors Triton 3.6 fed the state
+    pass's matmul from the pipelined shared-memory tile of k directly, and on an H100 the state stored for
+    chunk c then held later chunks (bf16: a 0.2 causal leak, found by benchmarks/gpu_checks.py)."""
+    t = c * BT + offs_t
+    tri = (offs_t[:, None] >= offs_t[None, :]) & (t[None, :] < T)
+    b = tl.load(LK + bh * T + t, mask=t < T, other=float("-inf"))
+    p = tl.load(PEX + bh * (n_chunks + 1) + c)
+    pn = tl.load(PEX + bh * (n_chunks + 1) + c + 1)
+    m = tl.maximum(tl.associative_scan(b, 0, _max2), p)  # M_i
+    w = _rel_exp(tl.where(tri, b[None, :], float("-inf")), m[:, None])  # masked before the exp: no overflow
+    qfac = _rel_exp(p + tl.zeros([BT], tl.float32), m)
+    kfac = _rel_exp(b, pn + tl.zeros([BT], tl.float32))
+    sfac = _rel_exp(p, pn)
+    return w, qfac, kfac, sfac
+
+
+@triton.jit
+def _state_kernel(K, V, LK, PEX, H, Z, T, F, D, n_chunks,
+                  HAS_SCALE: tl.constexpr, PREC: tl.constexpr,
+                  BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """The state entering every chunk, H[c] = sum_{j < chunk c} e^{b_j - P_c} k_j v_j^T (in the matmul dtype,
+    carried in fp32) and Z[c] (fp32): the only sequential pass, one (feature block, value block) per program."""
+    ik, iv = tl.program_id(0), tl.program_id(1)
+    bh = tl.program_id(2).to(tl.int64)
+    offs_t = tl.arange(0, BT)
+    offs_k = ik * BK + tl.arange(0, BK)
+    offs_v = iv * BV + tl.arange(0, BV)
+    kmask, vmask = offs_k < F, offs_v < D
+    s_kv = tl.zeros([BK, BV], tl.float32)
+    s_z = tl.zeros([BK], tl.float32)
+    for c in range(0, n_chunks):
+        row = bh * n_chunks + c
+        tl.store(H + (row * F + offs_k[:, None]) * D + offs_v[None, :], _to(s_kv, H.dtype.element_ty, PREC),
+                 mask=kmask[:, None] & vmask[None, :])
+        if iv == 0:
+            tl.store(Z + row * F + offs_k, s_z, mask=kmask)
+        t = c * BT + offs_t
+        tmask = t < T
+        k = tl.load(K + bh * T * F + t[:, None] * F + offs_k[None, :], mask=tmask[:, None] & kmask[None, :], other=0.0)
+        v = tl.load(V + bh * T * D + t[:, None] * D + offs_v[None, :], mask=tmask[:, None] & vmask[None, :], other=0.0)
+        _, _, kfac, sfac = _weights(LK, PEX, bh, c, n_chunks, T, offs_t, BT)
+        kw = _to(k.to(tl.float32) * kfac[:, None], k.dtype, PREC)
+        s_kv = s_kv * sfac + _dot(tl.trans(kw), v, PREC)
+        s_z = s_z * sfac + tl.sum(kw.to(tl.float32), 0)
+
+
+@triton.jit
+def _grad_state_kernel(Q, LK, PEX, DNUM, DDEN, G, GZ, T, F, D, n_chunks,
+                       HAS_SCALE: tl.constexpr, PREC: tl.constexpr,
+                       BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """The reverse pass: G[c] = sum_{i after chunk c} e^{P_{c+1} - M_i} q_i dnum_i^T (matmul dtype) and
+    GZ[c] = the same with dden_i (fp32); every factor <= 1 since M_i >= P_{c+1}."""
+    ik, iv = tl.program_id(0), tl.program_id(1)
+    bh = tl.program_id(2).to(tl.int64)
+    offs_t = tl.arange(0, BT)
+    offs_k = ik * BK + tl.arange(0, BK)
+    offs_v = iv * BV + tl.arange(0, BV)
+    kmask, vmask = offs_k < F, offs_v < D
+    g_kv = tl.zeros([BK, BV], tl.float32)
+    g_z = tl.zeros([BK], tl.float32)
+    for cc in range(0, n_chunks):
+        c = n_chunks - 1 - cc
+        row = bh * n_chunks + c
+        tl.store(G + (row * F + offs_k[:, None]) * D + offs_v[None, :], _to(g_kv, G.dtype.element_ty, PREC),
+                 mask=kmask[:, None] & vmask[None, :])
+        if iv == 0:
+            tl.store(GZ + row * F + offs_k, g_z, mask=kmask)
+        t = c * BT + offs_t
+        tmask = t < T
+        q = tl.load(Q + bh * T * F + t[:, None] * F + offs_k[None, :], mask=tmask[:, None] & kmask[None, :], other=0.0)
+        dnum = tl.load(DNUM + bh * T * D + t[:, None] * D + offs_v[None, :], mask=tmask[:, None] & vmask[None, :],
+                       other=0.0)
+        dden = tl.load(DDEN + bh * T + t, mask=tmask, other=0.0)
+        _, qfac, _, sfac = _weights(LK, PEX, bh, c, n_chunks, T, offs_t, BT)
+        qw = _to(q.to(tl.float32) * qfac[:, None], q.dtype, PREC)
+        g_kv = g_kv * sfac + _dot(tl.trans(qw), dnum, PREC)
+        g_z = g_z * sfac + tl.sum(qw.to(tl.float32) * dden[:, None], 0)
+
+
+@triton.jit
+def _out_kernel(Q, K, V, LK, PEX, H, Z, OUT, DEN, T, F, D, n_chunks,
+                HAS_SCALE: tl.constexpr, PREC: tl.constexpr,
+                BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """Chunk c's outputs from its entering state, in parallel over chunks: out = num / den (0 where den = 0),
+    num = e^{P_c - M_i} q H[c] + (w * q k^T) v, den = e^{P_c - M_i} q . Z[c] + rowsum(w * q k^T) (kept, fp32)."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    row = bh * n_chunks + c
+    offs_t = tl.arange(0, BT)
+    offs_v = tl.arange(0, BV)
+    vmask = offs_v < D
+    t = c * BT + offs_t
+    tmask = t < T
+    s = tl.zeros([BT, BT], tl.float32)
+    num = tl.zeros([BT, BV], tl.float32)
+    den = tl.zeros([BT], tl.float32)
+    for kb in range(0, tl.cdiv(F, BK)):
+        offs_k = kb * BK + tl.arange(0, BK)
+        kmask = offs_k < F
+        qk_off = bh * T * F + t[:, None] * F + offs_k[None, :]
+        q = tl.load(Q + qk_off, mask=tmask[:, None] & kmask[None, :], other=0.0)
+        k = tl.load(K + qk_off, mask=tmask[:, None] & kmask[None, :], other=0.0)
+        h = tl.load(H + (row * F + offs_k[:, None]) * D + offs_v[None, :], mask=kmask[:, None] & vmask[None, :], other=0.0)
+        z = tl.load(Z + row * F + offs_k, mask=kmask, other=0.0)
+        s += _dot(q, tl.trans(k), PREC)
+        num += _dot(q, h, PREC)
+        den += tl.sum(q.to(tl.float32) * z[None, :], 1)
+    v = tl.load(V + bh * T * D + t[:, None] * D + offs_v[None, :], mask=tmask[:, None] & vmask[None, :], other=0.0)
+    w, qfac, _, _ = _weights(LK, PEX, bh, c, n_chunks, T, offs_t, BT)
+    s = s * w
+    num = num * qfac[:, None] + _dot(_to(s, v.dtype, PREC), v, PREC)
+    den = den * qfac + tl.sum(s, 1)
+    out = tl.where(den[:, None] == 0, 0.0, num / tl.where(den == 0, 1.0, den)[:, None])  # no visible key: 0
+    tl.store(OUT + bh * T * D + t[:, None] * D + offs_v[None, :], _to(out, OUT.dtype.element_ty, PREC),
+             mask=tmask[:, None] & vmask[None, :])
+    tl.store(DEN + bh * T + t, den, mask=tmask)
+
+
+@triton.jit
+def _grad_prep_kernel(DOUT, OUT, DEN, DNUM, DDEN, T, D, PREC: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr):
+    """The division's gradient (flash-attention's delta trick: no fp32 num is kept): dnum = dout / den in the
+    matmul dtype, dden = -(dout . out) / den in fp32; both 0 where den = 0."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    t = c * BT + tl.arange(0, BT)
+    offs_v = tl.arange(0, BV)
+    tmask = t < T
+    mask = tmask[:, None] & (offs_v < D)[None, :]
+    off = bh * T * D + t[:, None] * D + offs_v[None, :]
+    dout = tl.load(DOUT + off, mask=mask, other=0.0).to(tl.float32)
+    out = tl.load(OUT + off, mask=mask, other=0.0).to(tl.float32)
+    den = tl.load(DEN + bh * T + t, mask=tmask, other=0.0)
+    inv = tl.where(den == 0, 0.0, 1.0 / tl.where(den == 0, 1.0, den))
+    tl.store(DNUM + off, _to(dout * inv[:, None], DNUM.dtype.element_ty, PREC), mask=mask)
+    tl.store(DDEN + bh * T + t, -tl.sum(dout * out, 1) * inv, mask=tmask)
+
+
+@triton.jit
+def _grad_kernel(Q, K, V, LK, PEX, H, Z, G, GZ, DNUM, DDEN, DQ, DK, DV, DB, T, F, D, n_chunks,
+                 HAS_SCALE: tl.constexpr, PREC: tl.constexpr,
+                 BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """Chunk c's dq, dk, dv, in parallel over chunks, from the states entering it (H, Z) and leaving it
+    backwards (G, GZ). With dA = w * (dnum v^T + dden) (the gradient of the masked weighted scores):
+    dq = dA k + e^{P_c - M_i} (dnum H^T + dden Z^T), dk = dA^T q + e^{b_j - P_{c+1}} (v G^T + GZ),
+    dv = (w * q k^T)^T dnum + e^{b_j - P_{c+1}} k G; with key log-scales db_j = k_j . dk_j (fp32)."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    row = bh * n_chunks + c
+    offs_t = tl.arange(0, BT)
+    offs_v = tl.arange(0, BV)
+    vmask = offs_v < D
+    t = c * BT + offs_t
+    tmask = t < T
+    tv_off = bh * T * D + t[:, None] * D + offs_v[None, :]
+    tv_mask = tmask[:, None] & vmask[None, :]
+    v = tl.load(V + tv_off, mask=tv_mask, other=0.0)
+    dn = tl.load(DNUM + tv_off, mask=tv_mask, other=0.0)
+    dden = tl.load(DDEN + bh * T + t, mask=tmask, other=0.0)
+    w, qfac, kfac, _ = _weights(LK, PEX, bh, c, n_chunks, T, offs_t, BT)
+    da = (_dot(dn, tl.trans(v), PREC) + dden[:, None]) * w  # [i, j]
+    da_in = _to(da, v.dtype, PREC)
+    s = tl.zeros([BT, BT], tl.float32)
+    dv = tl.zeros([BT, BV], tl.float32)
+    db = tl.zeros([BT], tl.float32)
+    for kb in range(0, tl.cdiv(F, BK)):
+        offs_k = kb * BK + tl.arange(0, BK)
+        kmask = offs_k < F
+        qk_off = bh * T * F + t[:, None] * F + offs_k[None, :]
+        qk_mask = tmask[:, None] & kmask[None, :]
+        st_off = (row * F + offs_k[:, None]) * D + offs_v[None, :]
+        st_mask = kmask[:, None] & vmask[None, :]
+        q = tl.load(Q + qk_off, mask=qk_mask, other=0.0)
+        k = tl.load(K + qk_off, mask=qk_mask, other=0.0)
+        h = tl.load(H + st_off, mask=st_mask, other=0.0)
+        g = tl.load(G + st_off, mask=st_mask, other=0.0)
+        z = tl.load(Z + row * F + offs_k, mask=kmask, other=0.0)
+        gz = tl.load(GZ + row * F + offs_k, mask=kmask, other=0.0)
+        s += _dot(q, tl.trans(k), PREC)
+        kw = _to(k.to(tl.float32) * kfac[:, None], k.dtype, PREC)
+        dv += _dot(kw, g, PREC)
+        dq = _dot(da_in, k, PREC) + (_dot(dn, tl.trans(h), PREC) + dden[:, None] * z[None, :]) * qfac[:, None]
+        dk = _dot(tl.trans(da_in), q, PREC) + (_dot(v, tl.trans(g), PREC) + gz[None, :]) * kfac[:, None]
+        tl.store(DQ + qk_off, _to(dq, DQ.dtype.element_ty, PREC), mask=qk_mask)
+        tl.store(DK + qk_off, _to(dk, DK.dtype.element_ty, PREC), mask=qk_mask)
+        if HAS_SCALE:
+            db += tl.sum(dk * k.to(tl.float32), 1)  # db_j = k_j . dk_j, before dk is rounded
+    dv += _dot(tl.trans(_to(s * w, dn.dtype, PREC)), dn, PREC)
+    tl.store(DV + tv_off, _to(dv, DV.dtype.element_ty, PREC), mask=tv_mask)
+    if HAS_SCALE:
+        tl.store(DB + bh * T + t, db, mask=tmask)
+
+
+def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Shapes the kernels take: Tq == Tk, 16 <= D <= 128 (the value block is one tile), F >= 16."""
+    f, d = q.shape[-1], v.shape[-1]
+    return q.shape[-2] == k.shape[-2] and 16 <= d <= 128 and f >= 16 and q.dtype in (
+        torch.float32, torch.bfloat16, torch.float16)
+
+
+def _precision(q: torch.Tensor) -> str:
+    if q.dtype == torch.float32:
+        return "ieee"
+    return "upcast" if os.environ.get("TRITON_INTERPRET") == "1" else "tf32"
+
+
+def _exclusive_chunk_max(lk: torch.Tensor, n_chunks: int) -> torch.Tensor:
+    """[BH, T] -> P [BH, N + 1]: P_c = max b over the keys before chunk c (P_0 = -inf), fp32."""
+    bh, t = lk.shape
+    padded = torch.nn.functional.pad(lk, (0, n_chunks * BT - t), value=float("-inf"))
+    incl = padded.reshape(bh, n_chunks, BT).amax(-1).cummax(-1).values
+    return torch.nn.functional.pad(incl, (1, 0), value=float("-inf")).contiguous()
+
+
+def _states(q, k, v, lkf, pex, meta, n_chunks):
+    """H [BH, N, F, D] (the inputs' dtype) and Z [BH, N, F] (fp32): the state entering each chunk."""
+    bh, t, f = k.shape
+    d = v.shape[-1]
+    h = k.new_empty(bh, n_chunks, f, d)
+    z = k.new_empty(bh, n_chunks, f, dtype=torch.float32)
+    meta = {**meta, "BV": min(meta["BV"], STATE_BV)}
+    grid = (triton.cdiv(f, BK), triton.cdiv(d, meta["BV"]), bh)
+    _state_kernel[grid](k, v, lkf, pex, h, z, t, f, d, n_chunks, **meta, **CONFIG["state"])
+    return h, z
+
+
+class _CausalLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, lk):
+        b, nh, t, f = q.shape
+        d = v.shape[-1]
+        q, k, v = (x.reshape(b * nh, t, x.shape[-1]).contiguous() for x in (q, k, v))
+        n_chunks = triton.cdiv(t, BT)
+        has_scale = lk is not None
+        # without log-scales b = 0 (every weight 1), through the same kernels (see `_weights`)
+        lkf = lk.reshape(b * nh, t).float().contiguous() if has_scale else q.new_zeros(b * nh, t, dtype=torch.float32)
+        pex = _exclusive_chunk_max(lkf.detach(), n_chunks)
+        meta = dict(HAS_SCALE=has_scale, PREC=_precision(q), BT=BT, BK=BK, BV=max(16, triton.next_power_of_2(d)))
+        h, z = _states(q, k, v, lkf, pex, meta, n_chunks)
+        out = torch.empty_like(v)
+        den = q.new_empty(b * nh, t, dtype=torch.float32)
+        _out_kernel[(n_chunks, b * nh)](q, k, v, lkf, pex, h, z, out, den, t, f, d, n_chunks, **meta, **CONFIG["out"])
+        ctx.save_for_backward(q, k, v, lkf, pex, out, den)  # H, Z are recomputed: O(T F D / 64) memory saved
+        ctx.meta, ctx.shape = meta, (b, nh, t, f, d, n_chunks)
+        return out.reshape(b, nh, t, d)
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, lkf, pex, out, den = ctx.saved_tensors
+        b, nh, t, f, d, n_chunks = ctx.shape
+        meta = ctx.meta
+        dout = dout.reshape(b * nh, t, d).contiguous()
+        dnum, dden = torch.empty_like(v), torch.empty_like(den)
+        _grad_prep_kernel[(n_chunks, b * nh)](dout, out, den, dnum, dden, t, d, meta["PREC"], BT, meta["BV"])
+        h, z = _states(q, k, v, lkf, pex, meta, n_chunks)
+        g, gz = torch.empty_like(h), torch.empty_like(z)
+        smeta = {**meta, "BV": min(meta["BV"], STATE_BV)}
+        grid = (triton.cdiv(f, BK), triton.cdiv(d, smeta["BV"]), b * nh)
+        _grad_state_kernel[grid](q, lkf, pex, dnum, dden, g, gz, t, f, d, n_chunks, **smeta, **CONFIG["state"])
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        db = torch.empty_like(den) if meta["HAS_SCALE"] else den
+        _grad_kernel[(n_chunks, b * nh)](q, k, v, lkf, pex, h, z, g, gz, dnum, dden, dq, dk, dv, db, t, f, d, n_chunks,
+                                         **meta, **CONFIG["grad"])
+        dlk = db.reshape(b, nh, t) if meta["HAS_SCALE"] and ctx.needs_input_grad[3] else None
+        return dq.reshape(b, nh, t, f), dk.reshape(b, nh, t, f), dv.reshape(b, nh, t, d), dlk
+
+
+def causal_linear(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_log_scale: torch.Tensor | None = None):
+    """out [B, H, T, D] in v's dtype: causal linear attention of features q, k [B, H, T, F] (v's dtype) with
+    optional key log-scales [B, H, T] (fp32; -inf: a key to ignore). Rows with no visible key are 0."""
+    return _CausalLinear.apply(q, k, v, key_log_scale)

@@ -1,0 +1,165 @@
+"""The causal linear-attention Triton kernels (`_linear_triton`), run on CPU by Triton's interpreter.
+
+The same kernels run compiled on CUDA (benchmarks/gpu_checks.py checks them there against the CPU path).
+Every check is against the method's own quadratic form or the PyTorch chunked path: forward, gradients
+(key log-scales included), padding, all-masked rows, shapes that are not multiples of the tile sizes,
+and bit-exact causal no-leak.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from tests.helpers import check_vs_quadratic, grads, make, max_err, rand_qkv
+
+pytestmark = [
+    pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed"),
+    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs Triton's CPU interpreter (conftest)"),
+]
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    """The kernel module, run by Triton's CPU interpreter (TRITON_INTERPRET=1, set by conftest before triton
+    is imported); `linear_attention` dispatches CPU tensors to it."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("ATTNLAB_NO_TRITON", raising=False)
+        _numpy_index_shim(mp)
+        from attnlab.methods import _linear_triton
+
+        yield _linear_triton
+
+
+def _numpy_index_shim(mp):
+    """Triton < 3.9's interpreter calls int() on 1-element arrays, an error from NumPy 2.4 (fixed in 3.9)."""
+    import triton.runtime.interpreter as interp
+
+    orig = interp._patch_lang_tensor
+
+    def patched(tensor, scope):
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    mp.setattr(interp, "_patch_lang_tensor", patched)
+
+
+def _features(b, h, t, f, d, dtype, seed, scale):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.rand(b, h, t, f, generator=g, dtype=torch.float64)
+    k = torch.rand(b, h, t, f, generator=g, dtype=torch.float64)
+    v = torch.randn(b, h, t, d, generator=g, dtype=torch.float64)
+    lk = torch.randn(b, h, t, generator=g, dtype=torch.float64) * 4 if scale else None
+    return [x.to(dtype) for x in (q, k, v)] + [None if lk is None else lk.float()]
+
+
+def _quadratic(q, k, v, lk):
+    from attnlab.methods._linear_core import linear_attention_quadratic
+
+    return linear_attention_quadratic(q, k, v, causal=True, key_log_scale=lk)[0]
+
+
+def _kernel_out(kernels, q, k, v, lk):
+    return kernels.causal_linear(q, k, v, lk)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scale", [False, True], ids=["plain", "log-scale"])
+@pytest.mark.parametrize("t,f,d", [(130, 64, 64), (64, 40, 24), (77, 96, 32)])
+def test_kernel_matches_quadratic_with_gradients(kernels, dtype, scale, t, f, d):
+    # t not a multiple of the 64-token chunk, f of the 64-feature block (96: two blocks, partial sums), d < 64
+    q, k, v, lk = _features(2, 2, t, f, d, dtype, seed=t + f, scale=scale)
+    ins = [q, k, v] + ([lk] if scale else [])
+    for x in ins:
+        x.requires_grad_(True)
+    out = _kernel_out(kernels, q, k, v, lk)
+    want = _quadratic(*(x.double() for x in (q, k, v)), None if lk is None else lk.double())
+    low = _quadratic(q, k, v, lk)  # the same form in the inputs' dtype: the yardstick
+    tol = 2 * max_err(low, want) + (2e-5 if dtype == torch.float32 else 2e-3 + 2.0**-7 * want.abs().max().item())
+    assert max_err(out, want) <= tol
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    got = torch.autograd.grad((out.double() * w).sum(), ins)
+    ref = torch.autograd.grad((want * w).sum(), ins)
+    lref = torch.autograd.grad((low.double() * w).sum(), ins)
+    for name, a, b, c in zip("q k v b".split(), got, ref, lref):
+        assert torch.isfinite(a).all(), name
+        rel = max_err(a, b) / b.abs().max().item()
+        rel_low = max_err(c, b) / b.abs().max().item()
+        assert rel <= 2 * rel_low + (1e-5 if dtype == torch.float32 else 1e-2), (name, rel, rel_low)
+
+
+@pytest.mark.parametrize("scale", [False, True], ids=["plain", "log-scale"])
+def test_kernel_causal_no_leak_bit_identical(kernels, scale):
+    q, k, v, lk = _features(1, 2, 150, 32, 16, torch.float32, seed=5, scale=scale)
+    out = _kernel_out(kernels, q, k, v, lk)
+    cut = 70  # inside the second chunk: the rest of that chunk and all later chunks change
+    q2, k2, v2 = (x.clone() for x in (q, k, v))
+    for x in (q2, k2, v2):
+        x[:, :, cut:] = torch.rand_like(x[:, :, cut:]) * 5
+    lk2 = None
+    if scale:
+        lk2 = lk.clone()
+        lk2[:, :, cut:] = 60.0  # a huge later key log-scale: must not underflow the earlier keys' weights
+    out2 = _kernel_out(kernels, q2, k2, v2, lk2)
+    assert torch.equal(out[:, :, :cut], out2[:, :, :cut])
+    assert not torch.equal(out[:, :, cut:], out2[:, :, cut:])
+
+
+@pytest.mark.parametrize("method,opts", [("linear", {}), ("performer", {"num_features": 48}), ("rfa", {"num_features": 48})])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_methods_dispatch_to_kernels_and_match(kernels, method, opts, dtype, monkeypatch):
+    # each path's output and gradients vs the fp64 quadratic form: the kernels' error at most 2x the larger of
+    # the PyTorch path's and the quadratic form's in the same dtype (rfa's normalisers cancel: its gradients
+    # reach 1e5 here, so two exact-order paths differ by more than a fixed fraction; the yardsticks scale)
+    q, k, v = rand_qkv(b=2, h=2, tq=80, d=16, dtype=dtype, seed=3)
+    m = make(method, q, k, **opts)
+    from attnlab.methods import _linear_core
+
+    def run(*a):
+        return m(*a, causal=True)[0]
+
+    def quad(*a):
+        return m(*a, causal=True, need_probs=True)[0]
+
+    truth = quad(q.double(), k.double(), v.double())
+    g_truth = grads(quad, q.double(), k.double(), v.double())
+    assert _linear_core._use_triton(q, k, v)
+    out = run(q, k, v)
+    check_vs_quadratic(out, q, k, v, m, causal=True)
+    g_kernel = grads(run, q, k, v)
+    monkeypatch.setenv("ATTNLAB_NO_TRITON", "1")  # the PyTorch chunked path
+    assert not _linear_core._use_triton(q, k, v)
+    torch_out, g_torch = run(q, k, v), grads(run, q, k, v)
+    low_out, g_low = quad(q, k, v), grads(quad, q, k, v)
+    rel = 1e-4 if dtype == torch.float32 else 1e-3  # of the largest true value: a real bug is O(1)
+    for got, other, low, t in zip([out, *g_kernel], [torch_out, *g_torch], [low_out, *g_low], [truth, *g_truth]):
+        assert max_err(got, t) <= 2 * max(max_err(other, t), max_err(low, t)) + rel * t.abs().max().item()
+
+
+@pytest.mark.parametrize("method", ["linear", "performer"])
+def test_padding_and_all_masked_rows(kernels, method):
+    q, k, v = rand_qkv(b=3, h=2, tq=70, d=16, seed=4)
+    lens = [70, 33, 0]  # row 2: every key padded -> zeros and finite gradients
+    kpm = torch.arange(70)[None, :] < torch.tensor(lens)[:, None]
+    pad = ~kpm[:, None, :, None]
+    k, v = k.masked_fill(pad, 1e3), v.masked_fill(pad, 1e3)  # garbage in padded slots must not matter
+    m = make(method, q, k, **({"num_features": 32} if method == "performer" else {}))
+    out, _ = m(q, k, v, causal=True, key_padding_mask=kpm)
+    check_vs_quadratic(out, q, k, v, m, causal=True, key_padding_mask=kpm)
+    assert (out[2] == 0).all()
+    g = grads(lambda *a: m(*a, causal=True, key_padding_mask=kpm)[0], q, k, v)
+    assert all(torch.isfinite(x).all() for x in g)
+    assert all((x[2] == 0).all() for x in g)
+
+
+def test_unsupported_shapes_fall_back(kernels):
+    from attnlab.methods import _linear_core
+
+    q, k, v = rand_qkv(b=1, h=2, tq=20, d=8)  # D = 8: below the kernels' 16-wide tiles
+    assert not _linear_core._use_triton(q, k, v)
+    q, k, v = rand_qkv(b=1, h=2, tq=5, tk=20, d=16)  # Tq != Tk (decode): the PyTorch form
+    assert not _linear_core._use_triton(q, k, v)
+    m = make("linear", q, k)
+    check_vs_quadratic(m(q, k, v, causal=True)[0], q, k, v, m, causal=True)
