@@ -1,9 +1,20 @@
-"""Name -> method class. `attnlab list` is this registry printed."""
+"""Name -> method class. `attnlab list` is this registry printed.
+
+A method is one file: a module under `attnlab/methods/` whose class carries `@register("name")`. The registry
+finds those files itself (every module of the package not starting with "_", on first lookup, never at
+`import attnlab`), so adding a method is adding a file. Methods outside attnlab are plugins: a distribution
+that declares an entry point in the group "attnlab.methods" (value: the module to import) is imported the
+same way, e.g. in pyproject.toml
+
+    [project.entry-points."attnlab.methods"]
+    mymethod = "mypackage.mymethod"
+"""
 from __future__ import annotations
 
 import dataclasses
 import importlib
-import importlib.util
+import importlib.metadata
+import pkgutil
 from typing import TYPE_CHECKING
 
 from .types import Capabilities, OptionError, UnknownMethodError
@@ -12,19 +23,18 @@ if TYPE_CHECKING:
     from .methods.base import AttentionMethod
 
 _REGISTRY: dict[str, type["AttentionMethod"]] = {}
-
-# Method modules are imported on first lookup, not at `import attnlab` (no import-time work).
-_METHOD_MODULES = (
-    "dense", "sdpa", "linear", "performer", "rfa", "linformer", "nystrom", "lsh", "window", "block_sparse",
-)
+ENTRY_POINT_GROUP = "attnlab.methods"
+_loaded = False
+_plugin_errors: dict[str, str] = {}
 
 
 def register(name: str):
     """Class decorator: put a method under `name`. A duplicate name is an error, never an overwrite."""
 
     def deco(cls):
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"attention method {name!r} is already registered by {_REGISTRY[name].__qualname__}")
+        old = _REGISTRY.get(name)
+        if old is not None and old is not cls and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise ValueError(f"attention method {name!r} is already registered by {old.__module__}.{old.__qualname__}")
         cls.name = name
         _REGISTRY[name] = cls
         return cls
@@ -32,25 +42,50 @@ def register(name: str):
     return deco
 
 
-def _load_builtin() -> None:
-    # tests/test_registry.py asserts the full list, so a module missing here cannot go unnoticed.
-    for mod in _METHOD_MODULES:
-        if importlib.util.find_spec(f"attnlab.methods.{mod}") is not None:
-            importlib.import_module(f"attnlab.methods.{mod}")
+def _discover() -> None:
+    """Import every built-in method file and every plugin module, once."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    from . import methods
+
+    for info in pkgutil.iter_modules(methods.__path__):
+        if not info.name.startswith("_") and info.name != "base":
+            importlib.import_module(f"{methods.__name__}.{info.name}")
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            importlib.import_module(ep.value.split(":")[0])
+        except Exception as e:  # noqa: BLE001 - a broken plugin must not hide the built-in methods
+            _plugin_errors[ep.name] = f"{type(e).__name__}: {e}"
+
+
+def rediscover() -> None:
+    """Look for method files and plugins again (after installing a plugin in a running process)."""
+    global _loaded
+    _loaded = False
+    _discover()
+
+
+def plugin_errors() -> dict[str, str]:
+    """Plugins that were found but failed to import: {entry point name: error}."""
+    _discover()
+    return dict(_plugin_errors)
 
 
 def list_methods() -> list[str]:
-    _load_builtin()
+    _discover()
     return sorted(_REGISTRY)
 
 
 def get(name: str) -> type["AttentionMethod"]:
-    _load_builtin()
+    _discover()
     try:
         return _REGISTRY[name]
     except KeyError:
+        hint = "".join(f"; plugin {n!r} failed to import ({e})" for n, e in _plugin_errors.items())
         raise UnknownMethodError(
-            f"unknown attention method {name!r}; valid methods: {', '.join(sorted(_REGISTRY))}"
+            f"unknown attention method {name!r}; valid methods: {', '.join(sorted(_REGISTRY))}{hint}"
         ) from None
 
 
@@ -68,14 +103,24 @@ def options(name: str) -> dict[str, tuple[object, str]]:
     return out
 
 
-def make(name: str, head_dim: int, num_heads: int, num_kv_heads: int | None = None, **opts) -> "AttentionMethod":
-    """Build one method instance (an nn.Module) for a layer with `num_heads` heads of size `head_dim`."""
-    cls = get(name)
-    valid = {f.name for f in dataclasses.fields(cls.Options)}
+def check_options(name: str, opts: dict) -> None:
+    """Unknown option names are an error that lists the valid ones."""
+    valid = {f.name for f in dataclasses.fields(get(name).Options)}
     unknown = sorted(set(opts) - valid)
     if unknown:
         raise OptionError(
             f"method {name!r} has no option(s) {', '.join(map(repr, unknown))}; "
             f"valid options: {', '.join(sorted(valid)) or '(none)'}"
         )
+
+
+def make(name: str, head_dim: int, num_heads: int, num_kv_heads: int | None = None, **opts) -> "AttentionMethod":
+    """Build one method instance (an nn.Module) for a layer with `num_heads` heads of size `head_dim`."""
+    cls = get(name)
+    check_options(name, opts)
     return cls(head_dim=head_dim, num_heads=num_heads, num_kv_heads=num_kv_heads, **opts)
+
+
+def defaults(name: str, seq_len: int) -> dict:
+    """The options a method uses at sequence length `seq_len` unless told otherwise (the method owns them)."""
+    return dict(get(name).defaults(seq_len))

@@ -1,6 +1,7 @@
-"""Capabilities and the error family shared by every part of attnlab."""
+"""Capabilities, options, the result of a call, and the error family shared by every part of attnlab."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -27,6 +28,9 @@ class ShapeError(AttnlabError):
     """Tensors whose shapes, dtypes or devices do not fit the contract."""
 
 
+EXTRAS = ("lse", "col_sums")
+
+
 @dataclass(frozen=True)
 class Capabilities:
     """What a method can do. Checked before any compute; nothing falls back silently."""
@@ -40,18 +44,43 @@ class Capabilities:
     cross: bool = True  # accepts Tq != Tk
     trainable: bool = False  # holds parameters meant to be trained (distillation)
     max_len: bool = False  # built for a maximum key length (option `max_len`)
+    # extras computed blockwise besides `out`, never through a Tq x Tk matrix (need_lse / need_col_sums):
+    # "lse": each query row's log-sum-exp of its scores [B, H, Tq]; "col_sums": the attention each key receives,
+    # summed over the query rows [B, H, Tk]
+    extras: tuple[str, ...] = ()
     dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
     def as_dict(self) -> dict:
         out = {}
         for f in fields(self):
             val = getattr(self, f.name)
-            out[f.name] = [str(d).removeprefix("torch.") for d in val] if f.name == "dtypes" else val
+            out[f.name] = [str(d).removeprefix("torch.") for d in val] if f.name == "dtypes" else (
+                list(val) if isinstance(val, tuple) else val)
         return out
 
 
+class AttnOutput(tuple):
+    """What a method returns: the pair (out, probs), so `out, probs = method(...)` works, plus the extras asked
+    for as attributes: `.lse` Float[B, H, Tq] (fp32; -inf for a row with no visible key) and `.col_sums`
+    Float[B, H, Tk] (fp32), each None unless requested."""
+
+    def __new__(cls, out: torch.Tensor, probs: torch.Tensor | None = None, *, lse=None, col_sums=None):
+        self = super().__new__(cls, (out, probs))
+        self.lse = lse
+        self.col_sums = col_sums
+        return self
+
+    @property
+    def out(self) -> torch.Tensor:
+        return self[0]
+
+    @property
+    def probs(self) -> torch.Tensor | None:
+        return self[1]
+
+
 def check_int(method: str, name: str, value, low: int | None = None) -> None:
-    """Option validation shared by every method: an int (not a bool), at least `low`."""
+    """An int (not a bool), at least `low`."""
     if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
         bound = "" if low is None else f" >= {low}"
         raise OptionError(f"{method}: {name} must be an int{bound}, got {value!r}")
@@ -62,8 +91,62 @@ def check_choice(method: str, name: str, value, choices) -> None:
         raise OptionError(f"{method}: {name} must be one of {tuple(choices)}, got {value!r}")
 
 
-def opt(default, help: str):
-    """A method option: a dataclass field with a one-line help string (shown by `attnlab list`)."""
+def opt(default, help: str, *, low=None, high=None, choices=None, kind=None):
+    """A method option: a dataclass field with a one-line help string (shown by `attnlab list`) and what values
+    it takes, checked for every method by `validate_options` before anything is built:
+    `kind` (default: the type of `default`; `object` skips the check), `low` / `high` bounds for numbers,
+    `choices` for anything else. A default of None admits None besides `kind`."""
+    meta = {"help": help, "low": low, "high": high, "choices": tuple(choices) if choices is not None else None,
+            "kind": kind if kind is not None else type(default), "nullable": default is None}
     if isinstance(default, (list, dict, set)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def validate_options(method: str, options) -> None:
+    """Check every field of an Options dataclass against the metadata `opt` recorded (type, bounds, choices)."""
+    for f in dataclasses.fields(options):
+        meta, value = f.metadata, getattr(options, f.name)
+        if not meta or (value is None and meta.get("nullable")):
+            continue
+        kind = meta.get("kind")
+        if kind is int:
+            check_int(method, f.name, value, meta.get("low"))
+        elif kind is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise OptionError(f"{method}: {f.name} must be a number, got {value!r}")
+        elif kind is bool:
+            if not isinstance(value, bool):
+                raise OptionError(f"{method}: {f.name} must be true or false, got {value!r}")
+        elif kind is str and not isinstance(value, str):
+            raise OptionError(f"{method}: {f.name} must be a string, got {value!r}")
+        if kind is float:
+            low, high = meta.get("low"), meta.get("high")
+            if (low is not None and value < low) or (high is not None and value > high):
+                raise OptionError(f"{method}: {f.name} must be in [{low}, {high}], got {value!r}")
+        elif kind is int and meta.get("high") is not None and value > meta["high"]:
+            raise OptionError(f"{method}: {f.name} must be <= {meta['high']}, got {value!r}")
+        if meta.get("choices") is not None:
+            check_choice(method, f.name, value, meta["choices"])
+
+
+def bad_option_values(options_cls) -> list[tuple[str, object]]:
+    """(option, value) pairs that `validate_options` must refuse, derived from the metadata: the conformance
+    suite feeds them to every registered method."""
+    out = []
+    for f in dataclasses.fields(options_cls):
+        meta = f.metadata
+        kind = meta.get("kind") if meta else None
+        if kind is int:
+            out += [(f.name, "seven"), (f.name, 2.5), (f.name, True)]
+            if meta.get("low") is not None:
+                out.append((f.name, meta["low"] - 1))
+        elif kind is float:
+            out.append((f.name, "x"))
+            if meta.get("low") is not None:
+                out.append((f.name, meta["low"] - 1.0))
+        elif kind is bool:
+            out.append((f.name, "yes"))
+        elif kind is str and meta.get("choices"):
+            out.append((f.name, "no-such-choice"))
+    return out

@@ -1,20 +1,26 @@
-"""block_sparse: fixed layouts and BigBird's recipe vs the dense fp64 reference under the expanded mask."""
+"""block_sparse: fixed layouts (one for all heads or per head) and BigBird's recipe vs the dense fp64 reference
+under the expanded mask. Generic checks (exact limit, causal, padding, GQA, gradients in the limit, state,
+options) are in the conformance suite."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from attnlab import OptionError, UnsupportedError, sparse
-from attnlab.methods.block_sparse import bigbird_layout
+from attnlab import OptionError, UnsupportedError
+from attnlab.ops import sparse
+from attnlab.patterns import bigbird_layout
 from tests.helpers import DTYPES, assert_matches_reference, grads, make, max_err, rand_qkv, reference
 
 FLEX_SHAPE = dict(b=2, h=2, tq=37, d=16)  # the same shape as test_window's flex tests
 
 
 def expand(layout, tq, tk, block_size):
-    """Bool[nq, nk] block layout -> Bool[Tq, Tk] token mask, written out independently of attnlab.sparse."""
+    """Bool[(H,) nq, nk] block layout -> Bool[(H,) Tq, Tk] token mask, written out independently of attnlab:
+    rows by query position, bottom-right (query i sits at position max(0, i + Tk - Tq))."""
     layout = torch.as_tensor(layout, dtype=torch.bool)
-    return layout.repeat_interleave(block_size, 0).repeat_interleave(block_size, 1)[:tq, :tk]
+    rows = (torch.arange(tq) + tk - tq).clamp(min=0) // block_size
+    cols = torch.arange(tk) // block_size
+    return layout[..., rows[:, None], cols[None, :]]
 
 
 def holey_layout(nq, nk, seed=0):
@@ -64,7 +70,7 @@ def test_recipe_matches_dense_with_its_layout(dtype):
     q, k, v = rand_qkv(tq=150, dtype=dtype, seed=4)
     m = make("block_sparse", q, k, block_size=16, seed=3, backend="torch")
     out, _ = m(q, k, v, causal=True)
-    lay = m.layout_for(150, 150, True)
+    lay = m.pattern.layout_for(150, 150, True)
     assert not lay.tril().all()  # the recipe leaves holes at this length
     assert_matches_reference(out, q, k, v, attn_mask=expand(lay, 150, 150, 16), causal=True)
 
@@ -100,17 +106,6 @@ def test_need_probs():
     assert_matches_reference(out, q, k, v, attn_mask=expand(lay, 23, 23, 4), causal=True, key_padding_mask=kpm)
 
 
-def test_causal_no_leak():
-    q, k, v = rand_qkv(tq=64, seed=6)
-    m = make("block_sparse", q, k, block_size=8, backend="torch")
-    out, _ = m(q, k, v, causal=True)
-    k2, v2 = k.clone(), v.clone()
-    k2[:, :, 29:] += 5.0
-    v2[:, :, 29:] -= 3.0
-    out2, _ = m(q, k2, v2, causal=True)
-    assert torch.equal(out[:, :, :29], out2[:, :, :29])
-
-
 def test_key_padding_and_empty_rows():
     lay = torch.eye(10, dtype=torch.bool)  # each query block sees only its own key block
     q, k, v = rand_qkv(tq=37, seed=7)
@@ -126,20 +121,9 @@ def test_key_padding_and_empty_rows():
     torch.testing.assert_close(out[1, :, :30], alone[0], rtol=0, atol=1e-6)
 
 
-def test_single_token_and_gqa():
-    q, k, v = rand_qkv(tq=1, seed=8)
-    out, _ = make("block_sparse", q, k, block_size=4, backend="torch")(q, k, v, causal=True)
-    assert_matches_reference(out, q, k, v, causal=True)
-    q, k, v = rand_qkv(h=6, hkv=3, tq=37, seed=9)
-    lay = holey_layout(10, 10, seed=9)
-    out, _ = make("block_sparse", q, k, block_size=4, layout=lay, backend="torch")(q, k, v, causal=True)
-    assert_matches_reference(out, q, k, v, attn_mask=expand(lay, 37, 37, 4), causal=True)
-
-
-@pytest.mark.parametrize("full", [True, False])
-def test_gradients_match_dense(full):
+def test_gradients_match_dense_with_holes():
     q, k, v = rand_qkv(tq=29, h=4, hkv=2, seed=10)
-    lay = torch.ones(8, 8, dtype=torch.bool) if full else holey_layout(8, 8, seed=10)
+    lay = holey_layout(8, 8, seed=10)
     m = make("block_sparse", q, k, block_size=4, layout=lay, backend="torch")
     dense = make("dense", q, k)
     mask = expand(lay, 29, 29, 4)
@@ -157,11 +141,22 @@ def test_layout_too_small_is_refused_before_compute(monkeypatch):
         raise AssertionError("computed before refusing")
 
     monkeypatch.setattr(sparse, "gathered_attention", boom)
-    with pytest.raises(UnsupportedError, match="max_len=32"):  # 37 keys > 4 blocks x 8
+    with pytest.raises(UnsupportedError, match="covers positions up to 32, got Tk=37"):  # 37 keys > 4 blocks x 8
         m(q, k, v)
-    q1, k1, v1 = rand_qkv(tq=37, tk=20, seed=11)  # keys fit, queries do not
-    with pytest.raises(UnsupportedError, match="at most Tq=32"):
-        m(q1, k1, v1)
+
+
+def test_per_head_layout_matches_dense_per_head():
+    g = torch.Generator().manual_seed(12)
+    lay = torch.rand(4, 8, 8, generator=g) < 0.5
+    lay[:, torch.arange(8), torch.arange(8)] = True
+    q, k, v = rand_qkv(h=4, hkv=2, tq=29, seed=12)
+    m = make("block_sparse", q, k, block_size=4, layout=lay, backend="torch")
+    assert m.pattern.per_head
+    for causal in (False, True):
+        out = m(q, k, v, causal=causal).out
+        assert_matches_reference(out, q, k, v, attn_mask=expand(lay, 29, 29, 4)[None], causal=causal)
+    with pytest.raises(OptionError, match="per-head layout has 4 heads"):
+        make("block_sparse", *rand_qkv(h=2, tq=8)[:2], block_size=4, layout=lay)
 
 
 @pytest.mark.parametrize("opts", [dict(block_size=0), dict(backend="foo"), dict(num_random_blocks=-1),

@@ -1,4 +1,4 @@
-"""The causal linear-attention Triton kernels (`_linear_triton`), run on CPU by Triton's interpreter.
+"""The causal linear-attention Triton kernels (`ops.linear_triton`), run on CPU by Triton's interpreter.
 
 The same kernels run compiled on CUDA (benchmarks/gpu_checks.py checks them there against the CPU path).
 Every check is against the method's own quadratic form or the PyTorch chunked path: forward, gradients
@@ -24,13 +24,12 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def kernels():
     """The kernel module, run by Triton's CPU interpreter (TRITON_INTERPRET=1, set by conftest before triton
-    is imported); `linear_attention` dispatches CPU tensors to it."""
+    is imported); methods built with backend="triton" run CPU tensors through it."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("ATTNLAB_NO_TRITON", raising=False)
         _numpy_index_shim(mp)
-        from attnlab.methods import _linear_triton
+        from attnlab.ops import linear_triton
 
-        yield _linear_triton
+        yield linear_triton
 
 
 def _numpy_index_shim(mp):
@@ -56,7 +55,7 @@ def _features(b, h, t, f, d, dtype, seed, scale):
 
 
 def _quadratic(q, k, v, lk):
-    from attnlab.methods._linear_core import linear_attention_quadratic
+    from attnlab.ops.linear import linear_attention_quadratic
 
     return linear_attention_quadratic(q, k, v, causal=True, key_log_scale=lk)[0]
 
@@ -109,13 +108,13 @@ def test_kernel_causal_no_leak_bit_identical(kernels, scale):
 
 @pytest.mark.parametrize("method,opts", [("linear", {}), ("performer", {"num_features": 48}), ("rfa", {"num_features": 48})])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_methods_dispatch_to_kernels_and_match(kernels, method, opts, dtype, monkeypatch):
+def test_methods_run_the_kernels_and_match(kernels, method, opts, dtype):
     # each path's output and gradients vs the fp64 quadratic form: the kernels' error at most 2x the larger of
     # the PyTorch path's and the quadratic form's in the same dtype (rfa's normalisers cancel: its gradients
     # reach 1e5 here, so two exact-order paths differ by more than a fixed fraction; the yardsticks scale)
     q, k, v = rand_qkv(b=2, h=2, tq=80, d=16, dtype=dtype, seed=3)
-    m = make(method, q, k, **opts)
-    from attnlab.methods import _linear_core
+    m = make(method, q, k, backend="triton", **opts)
+    eager = make(method, q, k, backend="eager", **opts)
 
     def run(*a):
         return m(*a, causal=True)[0]
@@ -125,13 +124,16 @@ def test_methods_dispatch_to_kernels_and_match(kernels, method, opts, dtype, mon
 
     truth = quad(q.double(), k.double(), v.double())
     g_truth = grads(quad, q.double(), k.double(), v.double())
-    assert _linear_core._use_triton(q, k, v)
     out = run(q, k, v)
+    assert m.kernel.startswith("triton")
     check_vs_quadratic(out, q, k, v, m, causal=True)
     g_kernel = grads(run, q, k, v)
-    monkeypatch.setenv("ATTNLAB_NO_TRITON", "1")  # the PyTorch chunked path
-    assert not _linear_core._use_triton(q, k, v)
-    torch_out, g_torch = run(q, k, v), grads(run, q, k, v)
+
+    def run_torch(*a):
+        return eager(*a, causal=True)[0]
+
+    torch_out, g_torch = run_torch(q, k, v), grads(run_torch, q, k, v)
+    assert eager.kernel == "chunked"
     low_out, g_low = quad(q, k, v), grads(quad, q, k, v)
     rel = 1e-4 if dtype == torch.float32 else 1e-3  # of the largest true value: a real bug is O(1)
     for got, other, low, t in zip([out, *g_kernel], [torch_out, *g_torch], [low_out, *g_low], [truth, *g_truth]):
@@ -145,8 +147,9 @@ def test_padding_and_all_masked_rows(kernels, method):
     kpm = torch.arange(70)[None, :] < torch.tensor(lens)[:, None]
     pad = ~kpm[:, None, :, None]
     k, v = k.masked_fill(pad, 1e3), v.masked_fill(pad, 1e3)  # garbage in padded slots must not matter
-    m = make(method, q, k, **({"num_features": 32} if method == "performer" else {}))
+    m = make(method, q, k, backend="triton", **({"num_features": 32} if method == "performer" else {}))
     out, _ = m(q, k, v, causal=True, key_padding_mask=kpm)
+    assert m.kernel.startswith("triton")
     check_vs_quadratic(out, q, k, v, m, causal=True, key_padding_mask=kpm)
     assert (out[2] == 0).all()
     g = grads(lambda *a: m(*a, causal=True, key_padding_mask=kpm)[0], q, k, v)
@@ -154,12 +157,18 @@ def test_padding_and_all_masked_rows(kernels, method):
     assert all((x[2] == 0).all() for x in g)
 
 
-def test_unsupported_shapes_fall_back(kernels):
-    from attnlab.methods import _linear_core
+def test_shapes_the_kernels_cannot_take_are_refused_when_asked_and_named_under_auto(kernels):
+    """backend="triton" refuses, before compute, what the kernels cannot take; "auto" runs the PyTorch form there
+    (the same maths) and says so in `kernel`."""
+    import attnlab
 
     q, k, v = rand_qkv(b=1, h=2, tq=20, d=8)  # D = 8: below the kernels' 16-wide tiles
-    assert not _linear_core._use_triton(q, k, v)
-    q, k, v = rand_qkv(b=1, h=2, tq=5, tk=20, d=16)  # Tq != Tk (decode): the PyTorch form
-    assert not _linear_core._use_triton(q, k, v)
+    with pytest.raises(attnlab.UnsupportedError, match="head dims 16..128"):
+        make("linear", q, k, backend="triton")(q, k, v, causal=True)
+    q, k, v = rand_qkv(b=1, h=2, tq=5, tk=20, d=16)  # Tq != Tk (decode)
+    with pytest.raises(attnlab.UnsupportedError, match="Tq == Tk"):
+        make("linear", q, k, backend="triton")(q, k, v, causal=True)
     m = make("linear", q, k)
-    check_vs_quadratic(m(q, k, v, causal=True)[0], q, k, v, m, causal=True)
+    out = m(q, k, v, causal=True)[0]
+    assert m.kernel == "chunked"
+    check_vs_quadratic(out, q, k, v, m, causal=True)

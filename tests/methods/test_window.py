@@ -1,11 +1,14 @@
-"""window: sliding-window attention (+ sinks) vs the dense fp64 reference under the equivalent bool mask."""
+"""window: sliding-window attention (+ sinks) vs the dense fp64 reference under the equivalent bool mask, written
+out independently. Generic checks (exact limit, causal, padding, GQA, state, options) are in the conformance
+suite."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from attnlab import OptionError, UnsupportedError, sparse
-from tests.helpers import DTYPES, assert_matches_reference, grads, make, max_err, rand_qkv, reference
+from attnlab import UnsupportedError
+from attnlab.ops import sparse
+from tests.helpers import assert_matches_reference, grads, make, max_err, rand_qkv, reference
 
 # One shape for every flex test, so the compiled kernels are shared between them.
 FLEX_SHAPE = dict(b=2, h=2, tq=37, d=16)
@@ -16,15 +19,6 @@ def window_mask(tq, tk, window, sinks=0):
     pos = torch.arange(tq)[:, None] + (tk - tq)
     j = torch.arange(tk)[None, :]
     return ((pos - j).abs() <= window) | (j < sinks)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("causal", [False, True])
-def test_exact_limit_torch(dtype, causal):
-    q, k, v = rand_qkv(tq=37, dtype=dtype, seed=1)
-    out, _ = make("window", q, k, window=37, backend="torch")(q, k, v, causal=causal)
-    err = assert_matches_reference(out, q, k, v, causal=causal)
-    print(f"window torch exact limit {dtype} causal={causal}: {err:.2e}")
 
 
 @pytest.mark.flex
@@ -93,18 +87,6 @@ def test_need_probs():
     assert_matches_reference(out, q, k, v, attn_mask=window_mask(23, 23, 4, 1), causal=True, key_padding_mask=kpm)
 
 
-def test_causal_no_leak():
-    q, k, v = rand_qkv(tq=90, seed=8)
-    m = make("window", q, k, window=6, sinks=2, backend="torch")
-    out, _ = m(q, k, v, causal=True)
-    k2, v2 = k.clone(), v.clone()
-    k2[:, :, 50:] += 5.0
-    v2[:, :, 50:] -= 3.0
-    out2, _ = m(q, k2, v2, causal=True)
-    assert torch.equal(out[:, :, :50], out2[:, :, :50])
-    assert not torch.allclose(out[:, :, 50:], out2[:, :, 50:])
-
-
 def test_key_padding_matches_unpadded_and_empty_rows_are_zero():
     q, k, v = rand_qkv(tq=80, seed=9)
     m = make("window", q, k, window=5, sinks=1, backend="torch")
@@ -148,14 +130,6 @@ def test_gradients_match_dense(window):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("opts", [dict(window=-1), dict(window=2.5), dict(sinks=-1), dict(block_size=0),
-                                  dict(backend="foo"), dict(window=True)])
-def test_bad_options(opts):
-    q, k, _ = rand_qkv()
-    with pytest.raises(OptionError):
-        make("window", q, k, **opts)
-
-
 def test_flex_unavailable_is_a_clear_error_before_compute(monkeypatch):
     q, k, v = rand_qkv()
     m = make("window", q, k, window=3, backend="flex")
@@ -173,7 +147,3 @@ def test_flex_unavailable_is_a_clear_error_before_compute(monkeypatch):
         m(q, k, v)
 
 
-def test_arbitrary_attn_mask_is_refused():
-    q, k, v = rand_qkv()
-    with pytest.raises(UnsupportedError, match="attn_mask"):
-        make("window", q, k, window=3)(q, k, v, attn_mask=torch.ones(16, 16, dtype=torch.bool))

@@ -1,12 +1,22 @@
 """The one interface every attention method implements.
 
     out, probs = method(q, k, v, causal=False, key_padding_mask=None, attn_mask=None, scale=None, need_probs=False)
+    res = method(q, k, v, causal=True, need_lse=True, need_col_sums=True)   # res.out, res.probs, res.lse, res.col_sums
 
 q: [B, H, Tq, D]; k, v: [B, Hkv, Tk, D] with H % Hkv == 0; out: [B, H, Tq, D];
-probs: [B, H, Tq, Tk] (the implied attention matrix) or None.
+probs: [B, H, Tq, Tk] (the implied attention matrix) or None. The result is an `AttnOutput`: the pair
+(out, probs) with the extras asked for as attributes (`types.AttnOutput`).
 
-`forward` checks the request against the method's `Capabilities` before any compute, expands GQA
-heads, fills the default scale and then calls the method's `_attend`. Subclasses only write `_attend`.
+`forward` checks the request against the method's `Capabilities` before any compute, expands GQA heads,
+fills the default scale and then calls the method's `_attend`. Subclasses write `_attend` and may set
+`self.kernel` (which kernel ran: visible on the module and in bench rows).
+
+What else a method owns (class methods, read by compare, bench, the tests and the GPU checks):
+- `defaults(seq_len)`: the options it runs with at that length unless told otherwise;
+- `exact_limit(tq, tk)`: options under which it IS dense attention (None: it has no such limit, and its
+  own implied-matrix form, need_probs=True, is its reference);
+- `test_options(seq_len)`: small but non-trivial options for checks at a short length (a window narrower than
+  the sequence, several blocks), causal-safe where the method is causal.
 """
 from __future__ import annotations
 
@@ -16,7 +26,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..types import Capabilities, OptionError, ShapeError, UnsupportedError
+from ..types import AttnOutput, Capabilities, OptionError, ShapeError, UnsupportedError, validate_options
 
 
 def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -27,7 +37,7 @@ def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x[:, :, None].expand(b, hkv, groups, t, d).reshape(b, hkv * groups, t, d)
 
 
-def _is_block_mask(obj) -> bool:
+def is_block_mask(obj) -> bool:
     return type(obj).__name__ == "BlockMask"
 
 
@@ -57,10 +67,36 @@ class AttentionMethod(nn.Module):
         except TypeError as e:  # unknown option names reach here only when built without make()
             valid = ", ".join(f.name for f in dataclasses.fields(self.Options))
             raise OptionError(f"{self.name}: {e}; valid options: {valid or '(none)'}") from None
+        validate_options(self.name, self.opts)
         self.max_len: int | None = None
+        self.kernel: str | None = None  # the kernel the last call ran (set by _attend)
+
+    # ---- what the method owns besides its maths ------------------------------------------------------------
+    @classmethod
+    def defaults(cls, seq_len: int) -> dict:
+        """Options at sequence length `seq_len` unless told otherwise (compare, bench, advice read them here)."""
+        return {}
+
+    @classmethod
+    def exact_limit(cls, tq: int, tk: int) -> dict | None:
+        """Options under which the method computes dense attention exactly; None when it has no such limit."""
+        return None
+
+    @classmethod
+    def test_options(cls, seq_len: int) -> dict:
+        """Small, non-trivial options for checks at a short length (leak, padding, conformance)."""
+        return cls.defaults(seq_len)
+
+    def options_dict(self) -> dict:
+        """The options this instance was built with, as plain JSON-able values."""
+        out = {}
+        for f in dataclasses.fields(self.opts):
+            val = getattr(self.opts, f.name)
+            out[f.name] = val.tolist() if isinstance(val, torch.Tensor) else val
+        return out
 
     def extra_repr(self) -> str:
-        opts = ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(self.opts).items())
+        opts = ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(self.opts).items() if not isinstance(v, (list, torch.Tensor)))
         return f"head_dim={self.head_dim}, num_heads={self.num_heads}" + (f", {opts}" if opts else "")
 
     # ---- the contract ------------------------------------------------------------------------------
@@ -75,8 +111,11 @@ class AttentionMethod(nn.Module):
         attn_mask=None,
         scale: float | None = None,
         need_probs: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        self.check(q, k, v, causal=causal, key_padding_mask=key_padding_mask, attn_mask=attn_mask, need_probs=need_probs)
+        need_lse: bool = False,
+        need_col_sums: bool = False,
+    ) -> AttnOutput:
+        self.check(q, k, v, causal=causal, key_padding_mask=key_padding_mask, attn_mask=attn_mask, need_probs=need_probs,
+                   need_lse=need_lse, need_col_sums=need_col_sums)
         if scale is None:
             scale = q.shape[-1] ** -0.5
         groups = q.shape[1] // k.shape[1]
@@ -84,10 +123,12 @@ class AttentionMethod(nn.Module):
             k, v = repeat_kv(k, groups), repeat_kv(v, groups)
         if key_padding_mask is not None:
             key_padding_mask = key_padding_mask.bool()
-        return self._attend(
-            q, k, v, causal=causal, key_padding_mask=key_padding_mask, attn_mask=attn_mask, scale=float(scale),
-            need_probs=need_probs,
-        )
+        kw = dict(causal=causal, key_padding_mask=key_padding_mask, attn_mask=attn_mask, scale=float(scale),
+                  need_probs=need_probs)
+        if need_lse or need_col_sums:
+            kw.update(need_lse=need_lse, need_col_sums=need_col_sums)
+        res = self._attend(q, k, v, **kw)
+        return res if isinstance(res, AttnOutput) else AttnOutput(*res)
 
     def _attend(self, q, k, v, *, causal, key_padding_mask, attn_mask, scale, need_probs):
         raise NotImplementedError
@@ -96,6 +137,7 @@ class AttentionMethod(nn.Module):
     def unsupported_reasons(
         self, *, causal: bool = False, padding: bool = False, attn_mask=None, need_probs: bool = False,
         tq: int | None = None, tk: int | None = None, gqa: bool = False, dtype: torch.dtype | None = None,
+        need_lse: bool = False, need_col_sums: bool = False, device=None,
     ) -> list[str]:
         """Why this method cannot serve a request (empty list: it can). xformers' not_supported_reasons."""
         caps, why = self.capabilities, []
@@ -104,13 +146,17 @@ class AttentionMethod(nn.Module):
         if padding and not caps.padding:
             why.append("it does not support key_padding_mask")
         if attn_mask is not None:
-            if _is_block_mask(attn_mask):
+            if is_block_mask(attn_mask):
                 if not caps.block_mask:
                     why.append("it does not accept a FlexAttention BlockMask")
             elif not caps.attn_mask:
                 why.append("it does not support an arbitrary attn_mask (only causal and key_padding_mask)")
         if need_probs and not caps.probs:
             why.append("it cannot return attention probabilities (need_probs=True)")
+        for extra, asked in (("lse", need_lse), ("col_sums", need_col_sums)):
+            if asked and extra not in caps.extras:
+                why.append(f"it cannot compute {extra} blockwise (need_{extra}=True; it offers: "
+                           f"{', '.join(caps.extras) or 'none'})")
         if gqa and not caps.gqa:
             why.append("it does not support grouped-query attention (Hkv < H)")
         if tq is not None and tk is not None and tq != tk and not caps.cross:
@@ -119,9 +165,17 @@ class AttentionMethod(nn.Module):
             why.append(f"it was built for at most max_len={self.max_len} keys, got {tk}")
         if dtype is not None and dtype not in caps.dtypes:
             why.append(f"it does not support dtype {dtype}")
+        why += self._unsupported_reasons(causal=causal, tq=tq, tk=tk, dtype=dtype, device=device, need_lse=need_lse,
+                                          need_col_sums=need_col_sums, need_probs=need_probs)
         return why
 
-    def check(self, q, k, v, *, causal=False, key_padding_mask=None, attn_mask=None, need_probs=False) -> None:
+    def _unsupported_reasons(self, *, causal: bool, tq, tk, dtype, device, need_lse=False, need_col_sums=False,
+                             need_probs=False) -> list[str]:
+        """Reasons that depend on the instance's options (e.g. a backend that cannot run here). Override."""
+        return []
+
+    def check(self, q, k, v, *, causal=False, key_padding_mask=None, attn_mask=None, need_probs=False,
+              need_lse=False, need_col_sums=False) -> None:
         n = self.name
         for t, nm in ((q, "q"), (k, "k"), (v, "v")):
             if not isinstance(t, torch.Tensor) or t.dim() != 4:
@@ -157,7 +211,7 @@ class AttentionMethod(nn.Module):
                 raise ShapeError(
                     f"{n}: key_padding_mask must be bool (True = real key, as in SDPA), got {key_padding_mask.dtype}"
                 )
-        if attn_mask is not None and not _is_block_mask(attn_mask):
+        if attn_mask is not None and not is_block_mask(attn_mask):
             if not isinstance(attn_mask, torch.Tensor):
                 raise ShapeError(f"{n}: attn_mask must be a tensor or a BlockMask, got {type(attn_mask).__name__}")
             try:
@@ -169,7 +223,7 @@ class AttentionMethod(nn.Module):
                 raise ShapeError(f"{n}: attn_mask {tuple(attn_mask.shape)} does not broadcast to [B, H, Tq, Tk]={(b, h, tq, tk)}")
         why = self.unsupported_reasons(
             causal=causal, padding=key_padding_mask is not None, attn_mask=attn_mask, need_probs=need_probs,
-            tq=tq, tk=tk, gqa=hkv != h, dtype=q.dtype,
+            tq=tq, tk=tk, gqa=hkv != h, dtype=q.dtype, need_lse=need_lse, need_col_sums=need_col_sums, device=q.device,
         )
         if why:
             raise UnsupportedError(f"method {n!r} cannot run this request: " + "; ".join(why))

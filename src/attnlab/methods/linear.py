@@ -2,7 +2,7 @@
 
     out_i = sum_j phi(q_i).phi(k_j) v_j / sum_j phi(q_i).phi(k_j),   phi = elu(x) + 1  (or relu)
 
-O(T F D) instead of O(T^2 D); causal runs the chunked prefix-sum form of `_linear_core`.
+O(T F D) instead of O(T^2 D); causal runs the chunked prefix-sum form of `ops.linear` (or its Triton kernels).
 
 `scale` is ignored, as in the paper: phi is applied to q and k directly. The softmax temperature has no
 counterpart here: with relu features any positive factor on q or k cancels exactly in the normalisation
@@ -13,49 +13,30 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
-import torch.nn.functional as F
-
+from .. import feature_maps
 from ..registry import register
-from ..types import Capabilities, check_choice, check_int, opt
-from ..fused import fused
-from ._linear_core import _compute_dtype, linear_attention, linear_attention_quadratic
-from .base import AttentionMethod
-
-_FEATURE_MAPS = ("elu", "relu")
+from ..types import Capabilities, opt
+from ._kernel import BACKENDS, KernelAttention
 
 
 @register("linear")
-class Linear(AttentionMethod):
+class Linear(KernelAttention):
     """Kernelised attention with a fixed positive feature map; never builds Tq x Tk unless need_probs."""
 
     # relu features can make a row's normaliser exactly 0 (all q, k features off): that row returns zeros.
-    capabilities = Capabilities(causal=True, padding=True, attn_mask=False, probs=True)
+    capabilities = Capabilities(causal=True, padding=True, attn_mask=False, probs=True, extras=("col_sums",))
 
     @dataclasses.dataclass
     class Options:
-        feature_map: str = opt("elu", "elu (elu(x)+1, the paper's) | relu")
-        chunk_size: int = opt(128, "tokens per chunk of the causal chunked form (same result for any value; 128: fastest measured on an H100 at 64k)")
+        feature_map: str = opt("elu", "elu (elu(x)+1, the paper's) | relu", choices=("elu", "relu"))
+        chunk_size: int = opt(128, "tokens per chunk of the causal chunked form (same result for any value; 128: "
+                                   "fastest measured on an H100 at 64k)", low=1)
+        backend: str = opt("auto", "auto | triton | compiled | eager (methods/_kernel.py)", choices=BACKENDS)
 
-        def __post_init__(self):
-            check_choice("linear", "feature_map", self.feature_map, _FEATURE_MAPS)
-            check_int("linear", "chunk_size", self.chunk_size, 1)
+    def __init__(self, head_dim: int, num_heads: int, num_kv_heads: int | None = None, **options):
+        super().__init__(head_dim, num_heads, num_kv_heads, **options)
+        self.feature_map = feature_maps.ELU() if self.opts.feature_map == "elu" else feature_maps.ReLU()
 
-    def feature(self, x: torch.Tensor) -> torch.Tensor:
-        """phi(x) in x's dtype (computed in fp32 for half inputs; one fused kernel on CUDA)."""
-        return _elu_plus_one(x) if self.opts.feature_map == "elu" else F.relu(x)
-
-    def _attend(self, q, k, v, *, causal, key_padding_mask, attn_mask, scale, need_probs):
-        phi_q, phi_k = self.feature(q), self.feature(k)  # (B, H, Tq, D), (B, H, Tk, D): F = D
-        if need_probs:
-            return linear_attention_quadratic(phi_q, phi_k, v, causal=causal, key_padding_mask=key_padding_mask)
-        out = linear_attention(
-            phi_q, phi_k, v, causal=causal, key_padding_mask=key_padding_mask, chunk_size=self.opts.chunk_size
-        )
-        return out, None
-
-
-@fused
-def _elu_plus_one(x: torch.Tensor) -> torch.Tensor:
-    xf = x.to(_compute_dtype(x.dtype))  # fp32 for half inputs
-    return (F.elu(xf) + 1.0).to(x.dtype)
+    @classmethod
+    def test_options(cls, seq_len):
+        return {"chunk_size": 8}

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..registry import register
-from ..types import Capabilities, OptionError, check_choice, check_int, opt
+from ..types import Capabilities, OptionError, opt
 from .base import AttentionMethod
 from .sdpa import sdpa_allowed
 
@@ -33,16 +33,15 @@ class Linformer(AttentionMethod):
 
     @dataclasses.dataclass
     class Options:
-        proj_len: int = opt(256, "k: number of projected key/value rows (E, F are [proj_len, max_len])")
-        max_len: int = opt(4096, "n: longest key sequence accepted; longer inputs are refused")
+        proj_len: int = opt(256, "k: number of projected key/value rows (E, F are [proj_len, max_len])", low=1)
+        max_len: int = opt(4096, "n: longest key sequence accepted; longer inputs are refused", low=1)
         share_kv: bool = opt(False, "one projection for keys and values (F = E)")
-        init: str = opt("normal", "normal: N(0, 1/proj_len) | identity: exact attention, needs proj_len == max_len")
+        init: str = opt("normal", "normal: N(0, 1/proj_len) | identity: exact attention, needs proj_len == max_len",
+                        choices=_INITS)
         per_head: bool = opt(False, "one E, F per head (default: one pair shared by all heads, as in the paper)")
+        seed: int = opt(0, "seed of the random E, F init (per layer from the swap seed)")
 
         def __post_init__(self):
-            check_int("linformer", "proj_len", self.proj_len, 1)
-            check_int("linformer", "max_len", self.max_len, 1)
-            check_choice("linformer", "init", self.init, _INITS)
             if self.init == "identity" and self.proj_len != self.max_len:
                 raise OptionError(
                     f"linformer: init='identity' needs proj_len == max_len, got proj_len={self.proj_len}, "
@@ -55,15 +54,29 @@ class Linformer(AttentionMethod):
         self.max_len = o.max_len  # the base class refuses longer keys before compute
         # GQA heads are expanded by the base class, so a per-head projection has one slice per query head.
         shape = (num_heads, o.proj_len, o.max_len) if o.per_head else (o.proj_len, o.max_len)
-        self.E = nn.Parameter(self._init_projection(shape))
-        self.F = None if o.share_kv else nn.Parameter(self._init_projection(shape))
+        gen = torch.Generator().manual_seed(o.seed)
+        self.E = nn.Parameter(self._init_projection(shape, gen))
+        self.F = None if o.share_kv else nn.Parameter(self._init_projection(shape, gen))
 
-    def _init_projection(self, shape) -> torch.Tensor:
+    @classmethod
+    def defaults(cls, seq_len):
+        return {"max_len": seq_len, "proj_len": max(8, min(256, seq_len // 4))}
+
+    @classmethod
+    def exact_limit(cls, tq, tk):
+        return {"max_len": tk, "proj_len": tk, "init": "identity"}
+
+    @classmethod
+    def test_options(cls, seq_len):
+        return {"max_len": seq_len, "proj_len": max(2, seq_len // 4)}
+
+    def _init_projection(self, shape, gen: torch.Generator) -> torch.Tensor:
         if self.opts.init == "identity":
             return torch.eye(self.opts.max_len).expand(shape).clone()
-        return torch.randn(shape) * self.opts.proj_len**-0.5  # variance 1/k: the paper's JL projection
+        return torch.randn(shape, generator=gen) * self.opts.proj_len**-0.5  # variance 1/k: the paper's JL projection
 
     def _attend(self, q, k, v, *, causal, key_padding_mask, attn_mask, scale, need_probs):
+        self.kernel = "sdpa"
         tk = k.shape[-2]
         E = self.E[..., :tk].to(k.dtype)  # (P, Tk) or (H, P, Tk)
         F = E if self.F is None else self.F[..., :tk].to(v.dtype)  # (P, Tk) or (H, P, Tk)

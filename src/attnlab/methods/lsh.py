@@ -49,8 +49,8 @@ import torch
 import torch.nn.functional as F
 
 from ..registry import register
-from ..types import Capabilities, check_choice, check_int, opt
-from ..fused import fused
+from ..ops.fused import compile_unavailable_reason, fused
+from ..types import Capabilities, opt
 from .base import AttentionMethod
 
 SELF_SCORE = -1e5  # Reformer's value for a token attending to itself (finite, so it can be the last resort)
@@ -64,18 +64,33 @@ class LSH(AttentionMethod):
 
     @dataclasses.dataclass
     class Options:
-        bucket_size: int = opt(64, "tokens per chunk of the sorted sequence; n_buckets ~ T / bucket_size")
-        n_hashes: int = opt(2, "hash rounds, combined by their log-sum-exps (more rounds: better recall)")
-        seed: int = opt(0, "seed of the random rotations (same seed: same buckets, same output)")
+        bucket_size: int = opt(64, "tokens per chunk of the sorted sequence; n_buckets ~ T / bucket_size", low=1)
+        n_hashes: int = opt(2, "hash rounds, combined by their log-sum-exps (more rounds: better recall)", low=1)
+        seed: int = opt(0, "seed of the random rotations (same seed: same buckets; per layer from the swap seed)")
         shared_qk: bool = opt(
             True, "Reformer's shared-QK: keys = q/|q| and the k argument is IGNORED; False hashes the real k"
         )
+        backend: str = opt("auto", "auto (compiled on CUDA, eager elsewhere) | compiled (the chunk softmax through "
+                                   "torch.compile) | eager", choices=("auto", "compiled", "eager"))
 
-        def __post_init__(self):
-            check_int("lsh", "bucket_size", self.bucket_size, 1)
-            check_int("lsh", "n_hashes", self.n_hashes, 1)
-            check_int("lsh", "seed", self.seed)
-            check_choice("lsh", "shared_qk", self.shared_qk, (True, False))
+    @classmethod
+    def defaults(cls, seq_len):
+        return {"bucket_size": max(16, min(64, seq_len // 8)), "n_hashes": 2, "shared_qk": False}
+
+    @classmethod
+    def exact_limit(cls, tq, tk):
+        return {"bucket_size": 2 * max(tq, tk), "shared_qk": False}
+
+    @classmethod
+    def test_options(cls, seq_len):
+        # one bucket: with several, Reformer's chunking lets a later token's bucket shift which EARLIER keys share
+        # a chunk with an earlier query (see the module doc), so a leak check would see changes at <= t
+        return {"bucket_size": 2 * seq_len, "shared_qk": False}
+
+    def _unsupported_reasons(self, *, causal, tq, tk, dtype, device, **extras):
+        if self.opts.backend == "compiled" and device is not None and compile_unavailable_reason(device):
+            return [f"backend='compiled': {compile_unavailable_reason(device)}"]
+        return []
 
     def __init__(self, head_dim: int, num_heads: int, num_kv_heads: int | None = None, **options):
         super().__init__(head_dim, num_heads, num_kv_heads, **options)
@@ -168,7 +183,9 @@ class LSH(AttentionMethod):
             k_real = torch.cat([k_real, k_real.roll(1, dims=3) & has_prev], dim=4)
 
         masks_kw = dict(q_pos=q_pos, k_pos=k_pos, q_sbkt=q_sbkt, k_sbkt=k_sbkt, k_real=k_real)
-        out_s, lse, has = _chunk_attention(sq, sk, sv, scale, causal, o.shared_qk, **masks_kw)
+        compiled = o.backend == "compiled" or (o.backend == "auto" and q.is_cuda and compile_unavailable_reason(q.device) is None)
+        self.kernel = "chunked+compiled" if compiled else "chunked"
+        out_s, lse, has = _chunk_attention(sq, sk, sv, scale, causal, o.shared_qk, compiled=compiled, **masks_kw)
         out_s = out_s.reshape(b, h, r, tp, d)  # sorted order, fp32
         lse_s = lse.masked_fill(~has, float("-inf")).reshape(b, h, r, tp)
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from .. import masks
 from ..registry import register
-from ..types import Capabilities, OptionError, check_choice, check_int, opt
+from ..types import Capabilities, OptionError, opt
 from .base import AttentionMethod
 
 _PINV = ("iterative", "exact")
@@ -61,17 +61,14 @@ class Nystrom(AttentionMethod):
 
     @dataclasses.dataclass
     class Options:
-        num_landmarks: int = opt(64, "m: landmarks (segment means); T <= m uses every token, exact with pinv='exact'")
-        pinv_iters: int = opt(6, "Newton-Schulz iterations for pinv='iterative'")
-        pinv: str = opt("iterative", "iterative (the paper's Newton-Schulz) | exact (torch.linalg.pinv)")
-        conv_kernel: int = opt(0, "odd size of the paper's depthwise residual conv on V (trainable); 0 = off")
+        num_landmarks: int = opt(64, "m: landmarks (segment means); T <= m uses every token, exact with pinv='exact'",
+                                 low=1)
+        pinv_iters: int = opt(6, "Newton-Schulz iterations for pinv='iterative'", low=0)
+        pinv: str = opt("iterative", "iterative (the paper's Newton-Schulz) | exact (torch.linalg.pinv)", choices=_PINV)
+        conv_kernel: int = opt(0, "odd size of the paper's depthwise residual conv on V (trainable); 0 = off", low=0)
 
         def __post_init__(self):
-            check_int("nystrom", "num_landmarks", self.num_landmarks, 1)
-            check_int("nystrom", "pinv_iters", self.pinv_iters, 0)
-            check_int("nystrom", "conv_kernel", self.conv_kernel, 0)
-            check_choice("nystrom", "pinv", self.pinv, _PINV)
-            if self.conv_kernel and self.conv_kernel % 2 == 0:
+            if isinstance(self.conv_kernel, int) and self.conv_kernel % 2 == 0 and self.conv_kernel:
                 raise OptionError(f"nystrom: conv_kernel must be odd (same-length output), got {self.conv_kernel}")
 
     def __init__(self, head_dim: int, num_heads: int, num_kv_heads: int | None = None, **options):
@@ -82,7 +79,20 @@ class Nystrom(AttentionMethod):
             nn.Conv2d(num_heads, num_heads, (c, 1), padding=(c // 2, 0), groups=num_heads, bias=False) if c else None
         )
 
+    @classmethod
+    def defaults(cls, seq_len):
+        return {"num_landmarks": max(8, min(64, seq_len // 4))}
+
+    @classmethod
+    def exact_limit(cls, tq, tk):
+        return {"num_landmarks": max(tq, tk), "pinv": "exact"}
+
+    @classmethod
+    def test_options(cls, seq_len):
+        return {"num_landmarks": max(2, seq_len // 4)}
+
     def _attend(self, q, k, v, *, causal, key_padding_mask, attn_mask, scale, need_probs):
+        self.kernel = "torch"
         out_dtype = v.dtype
         # fp32 at least, everywhere: X = pinv(A) B V is ~cond(A) larger than the output, so bf16 rounding
         # of F, B or B V is magnified by cond(A) (measured: a fused bf16 SDPA for B V lost 0.1 in the bf16

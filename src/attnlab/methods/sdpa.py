@@ -1,14 +1,18 @@
-"""torch.nn.functional.scaled_dot_product_attention: flash / memory-efficient / math chosen by torch."""
+"""torch.nn.functional.scaled_dot_product_attention: flash / memory-efficient / math / cuDNN chosen by torch
+(`backend="auto"`) or by name. Its extras (lse, column sums) come from `ops.reference`'s blockwise pass: the
+same maths as SDPA's math kernel, a block of query rows at a time, never the Tq x Tk matrix."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
 import torch.nn.functional as F
 
 from .. import masks
+from ..ops.reference import blockwise_attention
 from ..registry import register
-from ..types import Capabilities, check_choice, opt
+from ..types import AttnOutput, Capabilities, opt
 from .base import AttentionMethod, repeat_kv
 
 _BACKENDS = ("auto", "flash", "efficient", "math", "cudnn")
@@ -18,29 +22,43 @@ _BACKENDS = ("auto", "flash", "efficient", "math", "cudnn")
 class SDPA(AttentionMethod):
     """PyTorch's fused attention. Same numbers as `dense`, never builds the matrix (flash/efficient paths)."""
 
-    capabilities = Capabilities(causal=True, padding=True, attn_mask=True, probs=False)
+    capabilities = Capabilities(causal=True, padding=True, attn_mask=True, probs=False, extras=("lse", "col_sums"))
     native_gqa = True
 
     @dataclasses.dataclass
     class Options:
-        backend: str = opt("auto", "auto | flash | efficient | math | cudnn (torch.nn.attention.sdpa_kernel)")
+        backend: str = opt("auto", "auto | flash | efficient | math | cudnn (torch.nn.attention.sdpa_kernel)",
+                           choices=_BACKENDS)
 
-        def __post_init__(self):
-            check_choice("sdpa", "backend", self.backend, _BACKENDS)
+    @classmethod
+    def exact_limit(cls, tq, tk):
+        return {}
 
-    def _attend(self, q, k, v, *, causal, key_padding_mask, attn_mask, scale, need_probs):
+    def _attend(self, q, k, v, *, causal, key_padding_mask, attn_mask, scale, need_probs, need_lse=False,
+                need_col_sums=False):
         tq, tk = q.shape[-2], k.shape[-2]
+        self.kernel = f"sdpa[{self.opts.backend}]"
         with _backend(self.opts.backend):
             if key_padding_mask is None and attn_mask is None and not (causal and tq != tk):
                 gqa = q.shape[1] != k.shape[1]
-                return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa), None
-            # SDPA's is_causal aligns top-left; ours aligns bottom-right, so build the mask when Tq != Tk.
-            allowed, bias = masks.combine(
-                tq, tk, causal=causal, key_padding_mask=key_padding_mask, attn_mask=attn_mask, device=q.device
-            )
-            # enable_gqa together with an explicit mask is not served by every backend: expand instead.
-            groups = q.shape[1] // k.shape[1]
-            return sdpa_allowed(q, repeat_kv(k, groups), repeat_kv(v, groups), allowed, bias=bias, scale=scale), None
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
+            else:
+                # SDPA's is_causal aligns top-left; ours aligns bottom-right, so build the mask when Tq != Tk.
+                allowed, bias = masks.combine(
+                    tq, tk, causal=causal, key_padding_mask=key_padding_mask, attn_mask=attn_mask, device=q.device
+                )
+                # enable_gqa together with an explicit mask is not served by every backend: expand instead.
+                groups = q.shape[1] // k.shape[1]
+                out = sdpa_allowed(q, repeat_kv(k, groups), repeat_kv(v, groups), allowed, bias=bias, scale=scale)
+        if not (need_lse or need_col_sums):
+            return out, None
+        groups = q.shape[1] // k.shape[1]
+        _, lse, cols = blockwise_attention(
+            q, repeat_kv(k, groups), repeat_kv(v, groups), scale=scale, causal=causal,
+            key_padding_mask=key_padding_mask, attn_mask=attn_mask, need_out=False, need_lse=need_lse,
+            need_col_sums=need_col_sums,
+        )
+        return AttnOutput(out, None, lse=lse, col_sums=cols)
 
 
 def sdpa_allowed(q, k, v, allowed: torch.Tensor | None, *, scale: float, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -61,8 +79,6 @@ def sdpa_allowed(q, k, v, allowed: torch.Tensor | None, *, scale: float, bias: t
 
 
 def _backend(name: str):
-    import contextlib
-
     if name == "auto":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel

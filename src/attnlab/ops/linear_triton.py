@@ -4,7 +4,7 @@ normaliser and key log-scales.
     num_i = sum_{j <= i} w_ij (q_i . k_j) v_j,   den_i = sum_{j <= i} w_ij (q_i . k_j),   w_ij = e^{b_j - M_i}
 
 q, k [BH, T, F] (features), v [BH, T, D]; without key log-scales b, w_ij = 1. M_i is query i's running max
-of b over the keys it sees (the stabiliser of `_linear_core`'s module doc, detached); out = num / den, and
+of b over the keys it sees (the stabiliser of `ops.linear`'s module doc, detached); out = num / den, and
 0 for a row whose den is exactly 0 (no visible key).
 
 Forward, as flash-linear-attention's `chunk` kernels (two passes, so that only the state recurrence is
@@ -22,7 +22,7 @@ parallel (and the key log-scales' db_j = k_j . dk_j). The division out = num / d
 and its gradient in `_grad_prep_kernel` from out and den (flash-attention's delta trick), so no fp32
 [T, D] tensor is ever stored.
 
-Precision as `_linear_core`: matmuls in the inputs' dtype with fp32 accumulation (fp32 inputs: IEEE fp32,
+Precision as `ops.linear`: matmuls in the inputs' dtype with fp32 accumulation (fp32 inputs: IEEE fp32,
 not TF32, as torch.matmul); states carried in fp32 (stored in the inputs' dtype, which their matmul reads),
 normalisers and the weights in fp32. A causal row never reads a later
 key: intra-chunk weights are exactly 0 above the diagonal, and the state entering chunk c holds chunks < c.
@@ -271,13 +271,6 @@ def _grad_kernel(Q, K, V, LK, PEX, H, Z, G, GZ, DNUM, DDEN, DQ, DK, DV, DB, T, F
     tl.store(DV + tv_off, _to(dv, DV.dtype.element_ty, PREC), mask=tv_mask)
     if HAS_SCALE:
         tl.store(DB + bh * T + t, db, mask=tmask)
-
-
-def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Shapes the kernels take: Tq == Tk, 16 <= D <= 128 (the value block is one tile), F >= 16."""
-    f, d = q.shape[-1], v.shape[-1]
-    return q.shape[-2] == k.shape[-2] and 16 <= d <= 128 and f >= 16 and q.dtype in (
-        torch.float32, torch.bfloat16, torch.float16)
 
 
 def _precision(q: torch.Tensor) -> str:

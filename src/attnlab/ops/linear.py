@@ -34,9 +34,9 @@ over the whole sequence (prefix sums of chunk states and normalisers) and the fi
 A normaliser's state enters its matmul as a bf16 hi + lo pair, so its rounding is ~2^-16, not 2^-8 (random
 Fourier features have normalisers that cancel).
 
-On CUDA with Triton installed, the causal form (Tq == Tk) runs `_linear_triton`'s kernels instead, which keep
-the state on chip and compute the same function (the same stabilisers); the PyTorch form here is the CPU
-path and the fallback (Tq != Tk, head dims the kernels do not take, ATTNLAB_NO_TRITON=1).
+The causal form also exists as Triton kernels (`ops.linear_triton`), which keep the state on chip and compute
+the same function (the same stabilisers): `linear_attention(..., kernel="triton")`. Which one runs is the
+calling method's choice (its `backend` option); `triton_unsupported_reasons` says when the kernels cannot.
 """
 from __future__ import annotations
 
@@ -48,20 +48,68 @@ import torch.nn.functional as F
 
 from .. import masks
 
-
-def _use_triton(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor) -> bool:
-    """The Triton kernels: CUDA tensors (or any under Triton's CPU interpreter, TRITON_INTERPRET=1: the tests)
-    with Triton installed, unless ATTNLAB_NO_TRITON=1; then shapes `_linear_triton.supported` takes."""
-    if os.environ.get("ATTNLAB_NO_TRITON", "") not in ("", "0"):
-        return False
-    if not (phi_q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") or importlib.util.find_spec("triton") is None:
-        return False
-    from . import _linear_triton
-
-    return _linear_triton.supported(phi_q, phi_k, v)
+TRITON_DIMS = (16, 128)  # head dims and feature dims the Triton kernels take (F may be larger than 128)
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def triton_unsupported_reasons(device, *, causal: bool, tq: int | None, tk: int | None, head_dim: int,
+                               feature_dim: int, dtype=None) -> list[str]:
+    """Why the causal Triton kernels cannot serve a call (empty: they can). They run on CUDA, or on CPU tensors
+    under Triton's interpreter (TRITON_INTERPRET=1, set by the test suite before triton is imported)."""
+    why = []
+    if importlib.util.find_spec("triton") is None:
+        why.append("triton is not installed")
+    elif device is not None and torch.device(device).type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        why.append(f"the Triton kernels need a CUDA device (got {torch.device(device).type})")
+    if not causal:
+        why.append("the Triton kernels are the causal form (non-causal linear attention is two matmuls)")
+    if tq is not None and tk is not None and tq != tk:
+        why.append(f"the Triton kernels need Tq == Tk (got {tq}, {tk})")
+    lo, hi = TRITON_DIMS
+    if not lo <= head_dim <= hi:
+        why.append(f"the Triton kernels take head dims {lo}..{hi} (got {head_dim})")
+    if feature_dim < lo:
+        why.append(f"the Triton kernels take feature dims >= {lo} (got {feature_dim})")
+    if dtype is not None and dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        why.append(f"the Triton kernels take fp32, bf16 and fp16 (got {dtype})")
+    return why
+
+
+def linear_col_sums(phi_q: torch.Tensor, phi_k: torch.Tensor, *, causal: bool,
+                    key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The attention each key receives, summed over the query rows, without the Tq x Tk matrix [B, H, Tk] fp32:
+
+        col_j = phi(k_j) . sum_{i sees j} phi(q_i) / den_i,   den_i = phi(q_i) . sum_{j seen by i} phi(k_j)
+
+    (no key log-scales: linear attention with a fixed or learned map). Causal: i sees j iff j <= i + Tk - Tq,
+    a reverse cumulative sum over the queries. Padded keys get 0; with Tq == Tk padded query rows are left
+    out (self-attention: they are the same padded tokens); a row with den 0 contributes nothing."""
+    acc = torch.float64 if phi_q.dtype == torch.float64 else torch.float32
+    pq, pk = phi_q.to(acc), phi_k.to(acc)
+    tq, tk = pq.shape[-2], pk.shape[-2]
+    off = tk - tq
+    if key_padding_mask is not None:
+        pk = pk * key_padding_mask[:, None, :, None].to(acc)
+    if causal:
+        # den_i = phi_q_i . cumsum(phi_k)[i + off]  (0 when i + off < 0)
+        ck = pk.cumsum(-2)  # (B, H, Tk, F)
+        idx = torch.arange(tq, device=pq.device) + off
+        seen = ck.index_select(-2, idx.clamp(min=0)) * (idx >= 0).to(acc)[:, None]  # (B, H, Tq, F)
+        den = (pq * seen).sum(-1)
+    else:
+        den = (pq * pk.sum(-2, keepdim=True)).sum(-1)  # (B, H, Tq)
+    w = pq / den.masked_fill(den == 0, 1.0).unsqueeze(-1) * (den != 0).unsqueeze(-1).to(acc)  # (B, H, Tq, F)
+    if key_padding_mask is not None and tq == tk:
+        w = w * key_padding_mask[:, None, :, None].to(acc)
+    if not causal:
+        return (pk * w.sum(-2, keepdim=True)).sum(-1)
+    # key j is seen by queries i >= j - off: u_j = sum over those of w_i (a reverse cumsum, shifted by off)
+    rev = w.flip(-2).cumsum(-2).flip(-2)  # rev[i] = sum_{i' >= i} w_i'
+    start = (torch.arange(tk, device=pq.device) - off).clamp(min=0)  # the first query that sees key j
+    u = torch.where((start < tq)[:, None], rev.index_select(-2, start.clamp(max=tq - 1)), torch.zeros((), dtype=acc, device=pq.device))
+    return (pk * u).sum(-1)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
@@ -113,21 +161,23 @@ def linear_attention(
     key_padding_mask: torch.Tensor | None = None,
     chunk_size: int = 64,
     key_log_scale: torch.Tensor | None = None,
+    kernel: str = "torch",
 ) -> torch.Tensor:
-    """key_log_scale b [B, H, Tk] (optional): the key features are exp(b_j) phi_k_j (see the module doc)."""
+    """key_log_scale b [B, H, Tk] (optional): the key features are exp(b_j) phi_k_j (see the module doc).
+    kernel: "torch" (the chunked PyTorch form) or "triton" (causal only; the caller checked it can run)."""
     dt = v.dtype  # matmul dtype
-    acc = _compute_dtype(dt)  # sums over the sequence, normalisers, the division
+    acc = compute_dtype(dt)  # sums over the sequence, normalisers, the division
     phi_q, phi_k = phi_q.to(dt), phi_k.to(dt)
     if key_padding_mask is not None:
         keep = key_padding_mask[:, None, :, None]
         phi_k = torch.where(keep, phi_k, torch.zeros_like(phi_k))  # padded keys contribute nothing
         if key_log_scale is not None:
             key_log_scale = key_log_scale.masked_fill(~keep[..., 0], float("-inf"))
-    if causal and _use_triton(phi_q, phi_k, v):
-        from . import _linear_triton
+    if kernel == "triton":
+        from . import linear_triton
 
         lk = None if key_log_scale is None else key_log_scale.to(acc)
-        return _linear_triton.causal_linear(phi_q, phi_k, v, lk)
+        return linear_triton.causal_linear(phi_q, phi_k, v, lk)
     if key_log_scale is not None:
         key_log_scale = key_log_scale.to(acc)
         if causal:
@@ -188,7 +238,7 @@ def _causal_chunked_scaled(phi_q, phi_k, v, lk, chunk: int) -> torch.Tensor:
 
 
 def _causal_chunked(phi_q, phi_k, v, chunk: int) -> torch.Tensor:
-    dt, acc = v.dtype, _compute_dtype(v.dtype)
+    dt, acc = v.dtype, compute_dtype(v.dtype)
     tq, tk = phi_q.shape[-2], phi_k.shape[-2]
     offset = tk - tq  # bottom-right alignment: query i sits at key position i + offset
     init_kv = init_z = None
@@ -233,7 +283,7 @@ def linear_attention_quadratic(
     # the same precision convention as `dense` (and the chunked form): features and scores in the inputs'
     # dtype, weights / normalisation in fp32, probabilities rounded to the inputs' dtype for the value matmul
     dt = v.dtype
-    ct = _compute_dtype(dt)
+    ct = compute_dtype(dt)
     phi_q, phi_k = phi_q.to(dt), phi_k.to(dt)
     if key_log_scale is not None and not causal:  # one max over the real keys, as the one-pass form
         lk = key_log_scale.to(ct)

@@ -1,0 +1,128 @@
+"""The shared shape of kernelised (linear) attention methods: a feature map (feature_maps/) for queries and
+keys, then `ops.linear`'s core. linear, performer and rfa (and the learned maps of distillation) are this
+class with their own options and feature maps.
+
+Kernels (`backend`): "triton" runs the causal form through `ops.linear_triton` (CUDA; the CPU tests run it
+under Triton's interpreter) with compiled feature maps; "compiled" the chunked PyTorch core with feature maps
+through torch.compile; "eager" everything in plain PyTorch; "auto" is triton where it can serve the call on
+CUDA, compiled on the rest of CUDA, eager on CPU. All compute the same function. `self.kernel` names the
+one that ran ("triton", "chunked", "one-pass" or "quadratic", "+compiled" when the feature maps were).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import torch
+
+from ..ops.fused import compile_unavailable_reason
+from ..ops.linear import linear_attention, linear_attention_quadratic, linear_col_sums, triton_unsupported_reasons
+from ..types import AttnOutput, opt
+from .base import AttentionMethod
+
+BACKENDS = ("auto", "triton", "compiled", "eager")
+
+
+class KernelAttention(AttentionMethod):
+    """Subclasses set `self.feature_map` (one map for queries and keys) or `self.fm_q` and `self.fm_k`."""
+
+    def maps(self) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """(query map, key map)."""
+        if "feature_map" in self._modules:
+            return self.feature_map, self.feature_map
+        return self.fm_q, self.fm_k
+
+    def feature_dim(self) -> int:
+        return self.maps()[1].out_dim(self.head_dim)
+
+    def _triton_reasons(self, device, causal, tq, tk, dtype) -> list[str]:
+        return triton_unsupported_reasons(device, causal=causal, tq=tq, tk=tk, head_dim=self.head_dim,
+                                          feature_dim=self.feature_dim(), dtype=dtype)
+
+    def _unsupported_reasons(self, *, causal, tq, tk, dtype, device, need_probs=False, **extras):
+        b = self.opts.backend
+        if need_probs:  # the implied-matrix form is plain PyTorch whatever the backend
+            return []
+        if b == "triton":
+            return [f"backend='triton': {r}" for r in self._triton_reasons(device, causal, tq, tk, dtype)]
+        if b == "compiled" and device is not None and compile_unavailable_reason(device):
+            return [f"backend='compiled': {compile_unavailable_reason(device)}"]
+        return []
+
+    def _choose(self, q, causal, tq, tk) -> tuple[str, bool]:
+        """(core kernel "triton" | "torch", compile the feature maps)."""
+        b = self.opts.backend
+        if b == "auto":
+            if not q.is_cuda:
+                return "torch", False
+            compiled = compile_unavailable_reason(q.device) is None
+            core = "triton" if causal and not self._triton_reasons(q.device, causal, tq, tk, q.dtype) else "torch"
+            return core, compiled
+        return ("triton" if b == "triton" else "torch"), b in ("triton", "compiled")
+
+    def maybe_redraw(self) -> None:
+        for fm in {id(m): m for m in self.maps()}.values():
+            if hasattr(fm, "maybe_redraw"):
+                fm.maybe_redraw()
+
+    def _attend(self, q, k, v, *, causal, key_padding_mask, attn_mask, scale, need_probs, need_lse=False,
+                need_col_sums=False):
+        self.maybe_redraw()
+        tq, tk = q.shape[-2], k.shape[-2]
+        core, compiled = self._choose(q, causal, tq, tk)
+        fm_q, fm_k = self.maps()
+        phi_q, _ = fm_q(q, scale=scale, is_query=True, compiled=compiled)  # (B, H, Tq, F)
+        phi_k, k_log = fm_k(k, scale=scale, is_query=False, compiled=compiled)  # (B, H, Tk, F), (B, H, Tk)|None
+        kw = dict(causal=causal, key_padding_mask=key_padding_mask, key_log_scale=k_log)
+        tag = "+compiled" if compiled else ""
+        if need_probs:
+            self.kernel = "quadratic" + tag
+            out, probs = linear_attention_quadratic(phi_q, phi_k, v, **kw)
+            cols = None
+            if need_col_sums:
+                rows = probs if key_padding_mask is None or tq != tk else probs * key_padding_mask[:, None, :, None]
+                cols = rows.float().sum(-2)
+            return AttnOutput(out, probs, col_sums=cols)
+        self.kernel = ("triton" if core == "triton" else ("chunked" if causal else "one-pass")) + tag
+        out = linear_attention(phi_q, phi_k, v, chunk_size=self.opts.chunk_size, kernel=core, **kw)
+        if need_col_sums:
+            return AttnOutput(out, None, col_sums=linear_col_sums(phi_q, phi_k, causal=causal,
+                                                                  key_padding_mask=key_padding_mask))
+        return out, None
+
+
+@dataclasses.dataclass
+class RandomFeatureOptions:
+    num_features: int = opt(256, "random features m (the estimator's error falls like 1/sqrt(m))", low=1)
+    redraw: bool = opt(False, "draw fresh features at every forward in training mode")
+    seed: int = opt(0, "seed of the feature draw (same seed => same features; per layer from the swap seed)")
+    chunk_size: int = opt(256, "tokens per chunk of the causal chunked form (same result for any value; 256: "
+                               "fastest measured on an H100 at 64k)", low=1)
+    backend: str = opt("auto", "auto | triton | compiled | eager (methods/_kernel.py)", choices=BACKENDS)
+
+
+class RandomFeatureAttention(KernelAttention):
+    """A kernelised method whose feature map is drawn at random (`feature_map_cls`, one map for q and k)."""
+
+    feature_map_cls: ClassVar[type]
+    Options = RandomFeatureOptions
+
+    def __init__(self, head_dim: int, num_heads: int, num_kv_heads: int | None = None, **options):
+        super().__init__(head_dim, num_heads, num_kv_heads, **options)
+        o = self.opts
+        self.feature_map = self.feature_map_cls(head_dim, o.num_features, o.seed, o.redraw)
+
+    @property
+    def features(self) -> torch.Tensor:
+        return self.feature_map.features
+
+    def redraw_features(self) -> None:
+        self.feature_map.redraw_features()
+
+    @classmethod
+    def defaults(cls, seq_len):
+        return {"num_features": 256}
+
+    @classmethod
+    def test_options(cls, seq_len):
+        return {"num_features": 64, "chunk_size": 8}

@@ -1,0 +1,200 @@
+"""How a sparsity pattern (patterns/) is computed. Three kernels, one pattern definition:
+
+- "flex": compiled `flex_attention` with the pattern's cached BlockMask (skips empty blocks; CUDA, and CPU for
+  inference with torch >= 2.6);
+- "torch": the plain-PyTorch gathered kernel: each query chunk attends to the keys its `key_chunks` lists,
+  masked exactly by the mask_mod on those (query, key) pairs: O(T x reachable keys) memory, never Tq x Tk.
+  It also yields each row's log-sum-exp and the per-key column sums in the same pass;
+- dense under the pattern's Bool[Tq, Tk] mask, when the implied matrix is asked for (need_probs).
+
+`sparse_attention` picks the kernel from the method's `backend` option ("auto": flex on CUDA, torch elsewhere)
+and reports which one ran. A request the chosen kernel cannot serve is an UnsupportedError before compute;
+"auto" picks the torch kernel for column sums (flex cannot sum columns), which is the same maths.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+
+import torch
+
+from .. import masks
+from ..types import AttnOutput, UnsupportedError
+from .reference import lse_and_probs
+
+BACKENDS = ("auto", "flex", "torch")
+
+# Parsed once; tests monkeypatch it to prove the "flex unavailable" error path.
+TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+
+
+@functools.lru_cache(maxsize=None)
+def _flex_unavailable_reason(device_type: str, torch_version: tuple) -> str | None:
+    need = (2, 6) if device_type == "cpu" else (2, 5)  # CPU flex (inductor C++ template) landed in 2.6
+    if torch_version < need:
+        return (f"FlexAttention on {device_type} needs torch >= {need[0]}.{need[1]}, found {torch.__version__}; "
+                "use backend='torch'")
+    try:
+        importlib.import_module("torch.nn.attention.flex_attention")
+    except ImportError as e:  # pragma: no cover - builds without flex
+        return f"torch.nn.attention.flex_attention is not importable ({e}); use backend='torch'"
+    if device_type == "cuda" and importlib.util.find_spec("triton") is None:
+        return "FlexAttention on CUDA compiles Triton kernels but triton is not installed; use backend='torch'"
+    return None
+
+
+def flex_unavailable_reason(device) -> str | None:
+    """Why FlexAttention cannot run on `device` (None: it can). Cached per device type: it is on the hot path."""
+    return _flex_unavailable_reason(torch.device(device).type, TORCH_VERSION)
+
+
+_COMPILED_FLEX: dict = {}
+
+
+def compiled_flex_attention(device_type: str = "cuda"):
+    """flex_attention under torch.compile, compiled once per process and device type (CPU has no eager flex
+    kernel; on CUDA eager flex is a slow reference).
+
+    CPU compiles with static shapes: with automatic dynamic shapes, a second pattern in the same process (a
+    captured layout table whose size became symbolic) made the CPU C++ flex template fail to build in torch
+    2.13 ("cur_kvSplitSize3 was not declared"). CUDA keeps torch's default (dynamic after a shape change), so
+    new lengths do not each cost a recompile there.
+    """
+    fn = _COMPILED_FLEX.get(device_type)
+    if fn is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        fn = torch.compile(flex_attention, dynamic=False if device_type == "cpu" else None)
+        _COMPILED_FLEX[device_type] = fn
+    return fn
+
+
+def unsupported_reasons(backend: str, device, *, need_lse: bool = False, need_col_sums: bool = False) -> list[str]:
+    """Why an explicitly asked backend cannot serve a request on `device` (checked before compute)."""
+    if backend != "flex" or device is None:
+        return []
+    why = []
+    reason = flex_unavailable_reason(device)
+    if reason:
+        why.append(f"backend='flex' cannot run: {reason}")
+    if need_col_sums:
+        why.append("backend='flex' cannot compute col_sums (use backend='torch' or 'auto')")
+    if need_lse and torch.device(device).type == "cpu":
+        why.append("backend='flex' returns no log-sum-exp on CPU (use backend='torch' or 'auto')")
+    return why
+
+
+def resolve(backend: str, q: torch.Tensor, *, need_lse: bool, need_col_sums: bool) -> str:
+    """The kernel that will run. auto -> flex on CUDA where it can serve the request, else torch (the same
+    maths); flex asked explicitly where it cannot run is refused."""
+    if backend == "auto":
+        ok = q.device.type == "cuda" and flex_unavailable_reason(q.device) is None and not need_col_sums
+        return "flex" if ok else "torch"
+    if backend == "flex":
+        if q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
+            # The CPU flex template is inference-only (no backward) in torch 2.6-2.13.
+            raise UnsupportedError("backend='flex' on CPU is inference-only (no backward); use backend='torch' to "
+                                   "train on CPU")
+    return backend
+
+
+def flex(q, k, v, block_mask, *, scale: float, key_padding_mask: torch.Tensor | None = None, return_lse: bool = False):
+    """Compiled flex_attention; rows with no visible key return zeros, never NaN.
+
+    Padding reaches the kernel as a score_mod (score -> -inf at padded keys) so the BlockMask stays
+    batch-independent and cached; the price is that padded tail blocks are computed, not skipped.
+    """
+    score_mod = None
+    if key_padding_mask is not None:
+        real = key_padding_mask
+
+        def key_padding_score(score, b, h, q_idx, kv_idx):
+            return torch.where(real[b, kv_idx], score, -float("inf"))
+
+        score_mod = key_padding_score
+    # A row whose scores are all -inf comes back as exact zeros from the kernel itself (CPU and CUDA; checked by
+    # the tests on CPU and benchmarks/gpu_checks.py on CUDA), so no logsumexp fix-up pass is needed.
+    fn = compiled_flex_attention(q.device.type)
+    if return_lse:
+        out, lse = fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, return_lse=True)
+        # flex reports a row with no visible key as lse = -inf (CUDA) or a large negative number; keep -inf
+        return out, lse.float()
+    return fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
+
+
+def gathered_attention(q, k, v, mask_mod, chunks, *, scale: float, key_padding_mask: torch.Tensor | None = None,
+                       need_lse: bool = False, need_col_sums: bool = False):
+    """Attention where each query chunk [s, e) sees only the keys `kidx` (LongTensor) it lists, masked exactly
+    by `mask_mod` evaluated on those (head, query, key) index triples. Memory O(chunk x len(kidx)) per step.
+    Numerics follow dense: scores in the input dtype, fp32 softmax. Returns (out, lse | None, col_sums | None).
+    Column sums leave out padded query rows of self-attention (Tq == Tk), as ops.reference does."""
+    b, h, tq, d = q.shape
+    tk = k.shape[-2]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    zero = torch.zeros((), dtype=torch.long, device=q.device)
+    hidx = torch.arange(h, device=q.device)[:, None, None]
+    outs, lses = [], []
+    cols = torch.zeros(b, h, tk, dtype=acc, device=q.device) if need_col_sums else None
+    row_real = key_padding_mask if (need_col_sums and key_padding_mask is not None and tq == tk) else None
+    for s, e, kidx in chunks:
+        qc = q[:, :, s:e]  # (B, H, C, D)
+        kidx = kidx.to(q.device)
+        if kidx.numel() == 0:  # nothing reachable: zeros, as for any fully masked row
+            outs.append(torch.zeros_like(qc))
+            if need_lse:
+                lses.append(torch.full((b, h, e - s), float("-inf"), dtype=acc, device=q.device))
+            continue
+        kc, vc = k.index_select(2, kidx), v.index_select(2, kidx)  # (B, H, K, D)
+        qi = torch.arange(s, e, device=q.device)[:, None]
+        allowed = mask_mod(zero, hidx, qi, kidx[None, :])  # (H|1, C, K) or (C, K)
+        allowed = allowed.expand(*allowed.shape[:-2], e - s, kidx.numel())[None] if allowed.dim() == 3 else allowed[None, None]
+        if key_padding_mask is not None:
+            allowed = allowed & key_padding_mask.index_select(1, kidx)[:, None, None, :]  # (B, H|1, C, K)
+        scores = torch.matmul(qc, kc.transpose(-1, -2)) * scale  # (B, H, C, K)
+        if not (need_lse or need_col_sums):
+            probs = masks.masked_softmax(scores, allowed)
+            outs.append(torch.matmul(probs.to(v.dtype), vc))
+            continue
+        scores = scores.to(acc).masked_fill(~allowed, float("-inf"))
+        lse, probs = lse_and_probs(scores)  # (B, H, C), (B, H, C, K)
+        outs.append(torch.matmul(probs.to(v.dtype), vc))
+        if need_lse:
+            lses.append(lse)
+        if cols is not None:
+            if row_real is not None:
+                probs = probs * row_real[:, None, s:e, None].to(acc)
+            cols.index_add_(2, kidx, probs.sum(-2))
+    out = torch.cat(outs, dim=2)
+    return out, (torch.cat(lses, dim=2) if need_lse else None), cols
+
+
+def sparse_attention(q, k, v, pattern, *, causal: bool, key_padding_mask, scale: float, backend: str,
+                     need_probs: bool = False, need_lse: bool = False, need_col_sums: bool = False,
+                     flex_block_size: int = 128) -> tuple[AttnOutput, str]:
+    """Run `pattern` (heads already expanded) with the chosen kernel. Returns (AttnOutput, kernel name)."""
+    from .reference import blockwise_attention
+
+    tq, tk = q.shape[-2], k.shape[-2]
+    if need_probs:  # the implied matrix is Tq x Tk anyway: dense maths under the same mask_mod
+        from ..methods.dense import dense_attention
+
+        allowed = pattern.dense(tq, tk, causal, q.device)[None]  # (1, H|1, Tq, Tk)
+        out, probs = dense_attention(q, k, v, key_padding_mask=key_padding_mask, attn_mask=allowed, scale=scale)
+        lse = cols = None
+        if need_lse or need_col_sums:
+            _, lse, cols = blockwise_attention(q, k, v, scale=scale, key_padding_mask=key_padding_mask, attn_mask=allowed,
+                                               need_out=False, need_lse=need_lse, need_col_sums=need_col_sums)
+        return AttnOutput(out, probs, lse=lse, col_sums=cols), "dense"
+    kernel = resolve(backend, q, need_lse=need_lse, need_col_sums=need_col_sums)
+    if kernel == "flex":
+        bm = pattern.block_mask(tq, tk, causal, q.device, flex_block_size)
+        if need_lse:
+            out, lse = flex(q, k, v, bm, scale=scale, key_padding_mask=key_padding_mask, return_lse=True)
+            return AttnOutput(out, None, lse=lse), "flex"
+        return AttnOutput(flex(q, k, v, bm, scale=scale, key_padding_mask=key_padding_mask)), "flex"
+    out, lse, cols = gathered_attention(
+        q, k, v, pattern.mask_mod(tq, tk, causal, q.device), pattern.key_chunks(tq, tk, causal), scale=scale,
+        key_padding_mask=key_padding_mask, need_lse=need_lse, need_col_sums=need_col_sums,
+    )
+    return AttnOutput(out, None, lse=lse, col_sums=cols), "torch"

@@ -1,0 +1,152 @@
+"""`Pattern`: which (query, key) pairs may attend, as an nn.Module whose data are buffers.
+
+    pattern.mask_mod(tq, tk, causal=True)   # fn(b, h, q_idx, kv_idx) -> Bool, FlexAttention's signature
+    pattern.block_mask(tq, tk, causal, device, block_size, heads)   # the cached FlexAttention BlockMask
+    pattern.key_chunks(tq, tk, causal)      # (start, end, key indices) per query chunk: the plain-PyTorch kernel
+    pattern.dense(tq, tk, causal)           # Bool[H|1, Tq, Tk], for need_probs and tests
+
+Positions are bottom-right aligned (masks.py): with Tq != Tk, query i sits at key position i + Tk - Tq, for
+the pattern as for causal. Pattern data (a block layout, learned or measured block scores) are buffers, so
+they are saved in state_dict, moved by `.to()` and shared with nothing else.
+
+The BlockMask cache lives on the pattern and is keyed by the pattern's identity and the *versions* of its
+buffers (`tensor._version`, which every in-place change bumps, and the storage pointer, which a rebinding
+changes) plus `touch()`'s counter: a pattern whose data change every training step never serves a stale
+BlockMask, and building the key needs no device sync and no hash of the contents.
+
+Pattern parameters captured by a mask_mod are 0-d tensors, not Python ints: torch.compile guards on captured
+ints, so an int window would recompile flex_attention for every window size; a tensor reuses one kernel.
+"""
+from __future__ import annotations
+
+import collections
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+MaskMod = Callable[..., torch.Tensor]
+
+
+def const(value, device=None) -> torch.Tensor:
+    return torch.tensor(value, device=device)
+
+
+def causal_mod(offset: int = 0, device=None) -> MaskMod:
+    """Key j visible from query i iff j <= i + offset (offset = Tk - Tq: bottom-right alignment)."""
+    off = const(offset, device)
+
+    def causal_mask(b, h, q_idx, kv_idx):
+        return kv_idx <= q_idx + off
+
+    return causal_mask
+
+
+def and_masks(*mods: MaskMod) -> MaskMod:
+    from torch.nn.attention.flex_attention import and_masks as _and
+
+    return _and(*mods)
+
+
+def or_masks(*mods: MaskMod) -> MaskMod:
+    from torch.nn.attention.flex_attention import or_masks as _or
+
+    return _or(*mods)
+
+
+def dense_mask(mask_mod: MaskMod, tq: int, tk: int, device=None, heads: int | None = None) -> torch.Tensor:
+    """Bool[H|1, Tq, Tk] of a batch-independent mask_mod, by plain broadcasting: no vmap, no compile."""
+    zero = torch.zeros((), dtype=torch.long, device=device)
+    h = zero if heads is None else torch.arange(heads, device=device)[:, None, None]
+    qi = torch.arange(tq, device=device)[:, None]
+    kj = torch.arange(tk, device=device)[None, :]
+    out = mask_mod(zero, h, qi, kj)
+    return out.expand(heads or 1, tq, tk) if out.dim() == 3 else out.expand(tq, tk)[None].expand(heads or 1, tq, tk)
+
+
+class Pattern(nn.Module):
+    """Base of every sparsity pattern. Subclasses write `_mask_mod(offset, device)` (the pattern alone, causal
+    is added here) and, for an efficient plain-PyTorch kernel, `key_chunks`."""
+
+    per_head = False  # True when the pattern depends on the head (its BlockMask then has an H dimension)
+    chunk_queries = 64  # query rows per step of the default key_chunks
+
+    def __init__(self):
+        super().__init__()
+        self._touched = 0
+        self._block_masks: collections.OrderedDict = collections.OrderedDict()
+
+    # ---- what subclasses write -----------------------------------------------------------------------------
+    def _mask_mod(self, offset: int, device) -> MaskMod:
+        raise NotImplementedError
+
+    def key_chunks(self, tq: int, tk: int, causal: bool) -> Iterable[tuple[int, int, torch.Tensor]]:
+        """(start, end, key indices): query rows [start, end) can only see the listed keys (no duplicates).
+        The default lists every key (subclasses narrow it to what the pattern reaches)."""
+        device = self.device
+        for s in range(0, tq, self.chunk_queries):
+            e = min(s + self.chunk_queries, tq)
+            hi = min(tk, e - 1 + (tk - tq) + 1) if causal else tk
+            yield s, e, torch.arange(0, max(0, hi), device=device)
+
+    def covers(self, tq: int, tk: int) -> str | None:
+        """Why the pattern cannot serve these lengths (None: it can). Fixed-size layouts override."""
+        return None
+
+    # ---- shared mechanics ----------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        for buf in self.buffers():
+            return buf.device
+        return torch.device("cpu")
+
+    def mask_mod(self, tq: int, tk: int, causal: bool = False, device=None) -> MaskMod:
+        device = self.device if device is None else device
+        mod = self._mask_mod(tk - tq, device)
+        return and_masks(mod, causal_mod(tk - tq, device)) if causal else mod
+
+    def dense(self, tq: int, tk: int, causal: bool = False, device=None) -> torch.Tensor:
+        """Bool[H|1, Tq, Tk]: True where query i may see key j."""
+        device = self.device if device is None else device
+        heads = self.num_heads if self.per_head else None
+        return dense_mask(self.mask_mod(tq, tk, causal, device), tq, tk, device, heads)
+
+    def density(self, tq: int, tk: int, causal: bool = True) -> float:
+        """Fraction of the pairs allowed by causal (or all pairs) that the pattern keeps, averaged over heads."""
+        allowed = self.dense(tq, tk, causal)
+        if causal:
+            total = int(dense_mask(causal_mod(tk - tq), tq, tk).sum()) * allowed.shape[0]
+        else:
+            total = allowed.numel()
+        return float(allowed.sum()) / max(total, 1)
+
+    def touch(self) -> None:
+        """Say that the pattern's data changed in a way buffer versions cannot see (cached BlockMasks are dropped)."""
+        self._touched += 1
+        self._block_masks.clear()
+
+    def version_key(self) -> tuple:
+        """Identity and data version, for caches: no device sync, no content hash."""
+        return (id(self), self._touched, *((b.data_ptr(), b._version) for b in self.buffers()))
+
+    def block_mask(self, tq: int, tk: int, causal: bool, device, block_size: int = 128):
+        """The FlexAttention BlockMask of this pattern at (Tq, Tk), built once per data version and LRU-cached."""
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        device = torch.device(device)
+        heads = self.num_heads if self.per_head else None
+        key = (self.version_key(), tq, tk, causal, str(device), block_size)
+        hit = self._block_masks.get(key)
+        if hit is not None:
+            self._block_masks.move_to_end(key)
+            return hit
+        bm = create_block_mask(self.mask_mod(tq, tk, causal, device), None, heads, tq, tk, device=device,
+                               BLOCK_SIZE=block_size)
+        self._block_masks[key] = bm
+        while len(self._block_masks) > 16:
+            self._block_masks.popitem(last=False)
+        return bm
+
+    def _apply(self, fn, *args, **kwargs):  # .to() / .cuda() move the buffers: cached BlockMasks go with the old ones
+        self._block_masks.clear()
+        return super()._apply(fn, *args, **kwargs)

@@ -1,0 +1,56 @@
+"""Sliding window (Longformer's local band; Mistral's window when causal) plus StreamingLLM's attention sinks:
+query i sees keys j with |pos(i) - j| <= window, and the first `sinks` keys, pos(i) = i + Tk - Tq."""
+from __future__ import annotations
+
+import torch
+
+from .base import MaskMod, Pattern, const, or_masks
+
+
+def sliding_window_mod(window: int, offset: int = 0, device=None) -> MaskMod:
+    """|(i + offset) - j| <= window (both sides; AND with causal for one side)."""
+    w, off = const(window, device), const(offset, device)
+
+    def sliding_window_mask(b, h, q_idx, kv_idx):
+        return (q_idx + off - kv_idx).abs() <= w
+
+    return sliding_window_mask
+
+
+def sinks_mod(num_sinks: int, device=None) -> MaskMod:
+    """The first `num_sinks` keys are visible to every query."""
+    n = const(num_sinks, device)
+
+    def sink_mask(b, h, q_idx, kv_idx):
+        return kv_idx < n
+
+    return sink_mask
+
+
+class WindowPattern(Pattern):
+    def __init__(self, window: int, sinks: int = 0):
+        super().__init__()
+        self.window, self.sinks = int(window), int(sinks)
+
+    def extra_repr(self) -> str:
+        return f"window={self.window}, sinks={self.sinks}"
+
+    def version_key(self) -> tuple:
+        return (*super().version_key(), self.window, self.sinks)
+
+    def _mask_mod(self, offset, device):
+        mod = sliding_window_mod(self.window, offset, device)
+        return or_masks(mod, sinks_mod(self.sinks, device)) if self.sinks else mod
+
+    def key_chunks(self, tq, tk, causal, chunk: int | None = None):
+        """The band [s+off-w, e-1+off+w] (causal: up to e-1+off) and the sinks before it; chunks of at least 64
+        queries so the Python loop stays short for small windows."""
+        off, w, device = tk - tq, self.window, self.device
+        chunk = chunk or max(w, self.chunk_queries)
+        for s in range(0, tq, chunk):
+            e = min(s + chunk, tq)
+            lo = max(0, s + off - w)
+            hi = min(tk, e - 1 + off + (0 if causal else w) + 1)
+            band = torch.arange(lo, max(lo, hi), device=device)
+            sink = torch.arange(min(self.sinks, lo, tk), device=device)
+            yield s, e, torch.cat([sink, band])

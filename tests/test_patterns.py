@@ -1,0 +1,129 @@
+"""attnlab.patterns: mask_mod factories, composition, block patterns from tensors (per head too), key chunks,
+and the BlockMask cache keyed by identity and data version (never stale when the data change)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnlab
+from attnlab import patterns
+from attnlab.ops import sparse
+from tests.helpers import assert_matches_reference, rand_qkv
+
+
+def test_factories_match_hand_written_masks():
+    i, j = torch.arange(9)[:, None], torch.arange(12)[None, :]
+    off = 12 - 9
+    dm = patterns.dense_mask
+    torch.testing.assert_close(dm(patterns.causal_mod(off), 9, 12)[0], j <= i + off)
+    torch.testing.assert_close(dm(patterns.sliding_window_mod(2, off), 9, 12)[0], (i + off - j).abs() <= 2)
+    torch.testing.assert_close(dm(patterns.sinks_mod(3), 9, 12)[0], (j < 3).expand(9, 12))
+    lay = torch.tensor([[1, 0, 0], [0, 1, 1], [1, 0, 1]], dtype=torch.bool)
+    want = lay.repeat_interleave(4, 0).repeat_interleave(4, 1)[off: off + 9, :12]  # rows by position
+    torch.testing.assert_close(dm(patterns.block_layout_mod(lay, 4, off), 9, 12)[0], want)
+    win = patterns.WindowPattern(2, sinks=1)
+    torch.testing.assert_close(win.dense(9, 12, causal=True)[0], (((i + off - j).abs() <= 2) | (j < 1)) & (j <= i + off))
+
+
+def test_block_pattern_from_tensor_equals_dense_masked_reference():
+    g = torch.Generator().manual_seed(0)
+    blocks = torch.rand(5, 5, generator=g) < 0.5
+    blocks.fill_diagonal_(True)
+    pat = patterns.BlockPattern.from_blocks(blocks, block_size=8)
+    q, k, v = rand_qkv(tq=37, seed=1)
+    mask = blocks.repeat_interleave(8, 0).repeat_interleave(8, 1)[:37, :37]
+    for causal in (False, True):
+        res, kernel = sparse.sparse_attention(q, k, v, pat, causal=causal, key_padding_mask=None, scale=16 ** -0.5,
+                                              backend="torch")
+        assert kernel == "torch"
+        assert_matches_reference(res.out, q, k, v, attn_mask=mask, causal=causal)
+    assert "layout" in pat.state_dict()  # the data is a buffer: saved, loaded, moved with .to()
+
+
+@pytest.mark.flex
+def test_changing_the_blocks_changes_the_output_without_a_stale_block_mask():
+    """The BlockMask cache is keyed by the pattern's identity and its buffers' versions: an in-place edit of the
+    layout (as a learned mask's training step makes) builds a new BlockMask; equal data reuses the cached one."""
+    blocks = torch.ones(5, 5, dtype=torch.bool)
+    pat = patterns.BlockPattern.from_blocks(blocks, block_size=8)
+    q, k, v = rand_qkv(b=2, h=2, tq=37, d=16, seed=2)  # the flex shape the other flex tests compile for
+
+    def run():
+        with torch.no_grad():
+            res, kernel = sparse.sparse_attention(q, k, v, pat, causal=False, key_padding_mask=None,
+                                                  scale=16 ** -0.5, backend="flex", flex_block_size=128)
+        assert kernel == "flex"
+        return res.out
+
+    first = run()
+    bm = pat.block_mask(37, 37, False, "cpu", 128)
+    assert run() is not None and pat.block_mask(37, 37, False, "cpu", 128) is bm  # cached while nothing changes
+    assert_matches_reference(first, q, k, v)
+    new = torch.eye(5, dtype=torch.bool)
+    pat.layout.copy_(new)  # in place, no touch(): the buffer's version changes
+    second = run()
+    assert pat.block_mask(37, 37, False, "cpu", 128) is not bm
+    mask = new.repeat_interleave(8, 0).repeat_interleave(8, 1)[:37, :37]
+    assert_matches_reference(second, q, k, v, attn_mask=mask)
+    pat.set_blocks(torch.ones(5, 5, dtype=torch.bool))  # through the API: same result as the first run
+    torch.testing.assert_close(run(), first)
+
+
+def test_version_key_changes_with_data_not_with_reads():
+    pat = patterns.BlockPattern(torch.ones(3, 3, dtype=torch.bool), 4)
+    key = pat.version_key()
+    pat.dense(12, 12)
+    assert pat.version_key() == key
+    pat.layout[0, 1] = False
+    assert pat.version_key() != key
+    key = pat.version_key()
+    pat.touch()
+    assert pat.version_key() != key
+
+
+@pytest.mark.parametrize("tq,tk,window,sinks,causal", [(200, 200, 5, 3, True), (200, 200, 70, 0, False),
+                                                       (30, 200, 4, 2, True), (200, 30, 4, 0, True)])
+def test_window_key_chunks_reach_every_visible_key_and_stay_small(tq, tk, window, sinks, causal):
+    pat = patterns.WindowPattern(window, sinks)
+    full = pat.dense(tq, tk, causal)[0]
+    seen = torch.zeros(tq, tk, dtype=torch.bool)
+    covered = 0
+    for s, e, kidx in pat.key_chunks(tq, tk, causal):
+        assert s == covered  # chunks tile the query rows in order
+        covered = e
+        assert len(set(kidx.tolist())) == len(kidx)  # no key twice (it would be double counted)
+        assert len(kidx) <= (e - s) + 2 * window + sinks + 1  # O(chunk + window), not O(T)
+        seen[s:e, kidx] = True
+    assert covered == tq and not (full & ~seen).any()
+
+
+@pytest.mark.parametrize("tq,tk,causal", [(10, 10, False), (10, 10, True), (4, 10, True), (13, 10, False)])
+def test_block_key_chunks_cover_kept_blocks(tq, tk, causal):
+    lay = torch.tensor([[1, 0, 1], [0, 1, 0], [1, 1, 1]], dtype=torch.bool)
+    pat = patterns.BlockPattern(lay, 4)
+    full = pat.dense(tq, tk, causal)[0]
+    seen, covered = torch.zeros(tq, tk, dtype=torch.bool), 0
+    for s, e, kidx in pat.key_chunks(tq, tk, causal):
+        assert s == covered
+        covered = e
+        seen[s:e, kidx] = True
+    assert covered == tq and not (full & ~seen).any()
+    chunks = list(pat.key_chunks(10, 10, False))
+    assert chunks[0][2].tolist() == [0, 1, 2, 3, 8, 9] and chunks[1][2].tolist() == [4, 5, 6, 7]
+
+
+def test_patterns_are_parts_of_the_sparse_methods():
+    w = attnlab.make("window", head_dim=8, num_heads=2, window=3, sinks=1)
+    b = attnlab.make("block_sparse", head_dim=8, num_heads=2, block_size=4, layout=torch.eye(3, dtype=torch.bool))
+    assert isinstance(w.pattern, patterns.WindowPattern) and isinstance(b.pattern, patterns.BlockPattern)
+    assert "pattern.layout" in b.state_dict()
+    assert b.to(torch.float64).pattern.layout.dtype == torch.bool  # .to(dtype) leaves the bool data alone
+    assert 0 < w.pattern.density(12, 12, causal=True) < 1
+
+
+def test_flex_availability(monkeypatch):
+    assert sparse.resolve("auto", torch.zeros(1), need_lse=False, need_col_sums=False) == "torch"
+    assert sparse.flex_unavailable_reason(torch.device("cpu")) is None
+    monkeypatch.setattr(sparse, "TORCH_VERSION", (2, 5))
+    assert "torch >= 2.6" in sparse.flex_unavailable_reason(torch.device("cpu"))
+    assert sparse.unsupported_reasons("flex", "cpu", need_col_sums=True)
