@@ -1,20 +1,33 @@
 """attnlab: swap cheaper attention into a Transformer and measure exactly what it costs.
 
-Public API (nothing runs at import; methods register on first lookup):
-    list_methods(), capabilities(name), options(name), make(name, head_dim=, num_heads=, **options)
-    swap(model, name, **options), unswap(model), swapped(model, name, **options), replace_mha(model, name)
-    nn.MultiheadAttention (drop-in for torch.nn.MultiheadAttention)
+Public API (nothing runs at import; methods are found on first lookup):
+    list_methods(), capabilities(name), options(name), defaults(name, seq_len), make(name, head_dim=, num_heads=, **options)
+    swap(model, spec, **options), unswap(model), swapped(model, spec, **options), original(model)
+    swapped_spec(model), swapped_layers(model), SwapSpec, Rule, save(model, dir), load(model, dir)
+    replace_mha(model, name), nn.MultiheadAttention (drop-in for torch.nn.MultiheadAttention)
+    patterns (sparsity patterns), feature_maps (kernel feature maps), AttnOutput (out, probs + .lse, .col_sums)
 """
 from . import data, models, nn
-from .adapters import attention_modules, swap, swapped, unswap
+from .adapters import (CheckpointError, Rule, Saved, SwapSpec, attention_modules, load, original, save, swap, swapped, swapped_layers,
+                       swapped_spec, unswap)
 from .adapters.mha import replace_mha
-from .registry import capabilities, list_methods, make, options, register
-from .types import AttnlabError, Capabilities, OptionError, ShapeError, UnknownMethodError, UnsupportedError
+from .registry import capabilities, defaults, list_methods, make, options, register
+from .types import (AttnlabError, AttnOutput, Capabilities, OptionError, ShapeError, UnknownMethodError,
+                    UnsupportedError)
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
-    "AttnlabError", "Capabilities", "OptionError", "ShapeError", "UnknownMethodError", "UnsupportedError",
-    "attention_modules", "capabilities", "data", "list_methods", "make", "models", "nn", "options", "register", "replace_mha",
-    "swap", "swapped", "unswap",
+    "AttnOutput", "AttnlabError", "Capabilities", "CheckpointError", "OptionError", "Rule", "Saved", "ShapeError", "SwapSpec", "UnknownMethodError",
+    "UnsupportedError", "attention_modules", "capabilities", "data", "defaults", "list_methods", "load", "make",
+    "models", "nn", "options", "original", "register", "replace_mha", "save", "swap", "swapped", "swapped_layers",
+    "swapped_spec", "unswap",
 ]
+
+
+def __getattr__(name):  # subpackages loaded on first use (nothing heavy at import)
+    if name in ("patterns", "feature_maps", "ops", "bench", "metrics"):
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

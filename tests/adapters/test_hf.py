@@ -28,17 +28,11 @@ LEAK_TOL = 1e-5  # fp32 rounding; every method that is causal by construction gi
 
 
 def leak_options(method: str, seq_len: int) -> dict:
-    """Options that keep the leak check meaningful. lsh: one bucket (bucket_size >= T). With several
-    buckets Reformer's chunking lets a later token's bucket shift which EARLIER keys share a chunk with an
-    earlier query (documented in methods/lsh.py): outputs <= t may change although no weight goes to a
-    future key; that property is tested separately (test_lsh_several_buckets_gives_no_weight_to_future)."""
-    return {
-        "lsh": {"bucket_size": 2 * seq_len, "shared_qk": False},
-        "window": {"window": 4, "sinks": 1},  # a real band, narrower than t
-        "block_sparse": {"block_size": 4},  # several blocks, so the layout is not all-kept
-        "performer": {"num_features": 64},
-        "rfa": {"num_features": 64},
-    }.get(method, {})
+    """Options that keep the leak check meaningful, owned by each method (`test_options`): a window narrower
+    than t, several blocks, lsh with one bucket (with several, Reformer's chunking lets a later token's bucket
+    shift which EARLIER keys share a chunk with an earlier query, documented in methods/lsh.py; that property
+    is tested separately: test_lsh_several_buckets_gives_no_weight_to_future)."""
+    return registry.get(method).test_options(seq_len)
 
 
 def perturbed_pair(seq_len: int, at: int, vocab: int, seed: int = 0, base: torch.Tensor | None = None):
@@ -122,7 +116,7 @@ def test_swap_twice_is_refused_and_changes_nothing():
     model = tiny_model("llama")
     with attnlab.swapped(model, "linear"):
         methods = [m.attnlab_method for _, m in attnlab.attention_modules(model)]
-        with pytest.raises(attnlab.AttnlabError, match="already has 'linear'"):
+        with pytest.raises(attnlab.AttnlabError, match="already has '\\*: linear' swapped in"):
             attnlab.swap(model, "dense")
         assert [m.attnlab_method for _, m in attnlab.attention_modules(model)] == methods
     assert attnlab_leftovers(model) == []
@@ -434,19 +428,22 @@ def test_kl_per_token():
 def test_attention_mse():
     model = tiny_model("llama")
     ids = rand_ids(1, 16)
-    assert fm.attention_mse(model, ids, "dense", {}) == 0.0
-    mse = fm.attention_mse(model, ids, "window", {"window": 2})
+    assert fm.attention_mse(model, ids, "dense") == 0.0
+    mse = fm.attention_mse(model, ids, attnlab.SwapSpec.of("window", window=2))
     assert mse > 1e-4
-    assert fm.attention_mse(model, ids, "window", {"window": 16}) <= 1e-12  # exact limit
+    assert fm.attention_mse(model, ids, attnlab.SwapSpec.of("window", window=16)) <= 1e-12  # exact limit
+    # a per-layer spec: the layer left original contributes no error, so the MSE falls
+    half = fm.attention_mse(model, ids, {"*": ("window", {"window": 2}), "0": "original"})
+    assert 0 < half < mse
     assert attnlab_leftovers(model) == []
 
 
 def test_grad_cosine():
     model = tiny_model("llama")
     ids = rand_ids(1, 16)
-    cos, base = fm.grad_cosine(model, ids, "sdpa", {})
+    cos, base = fm.grad_cosine(model, ids, "sdpa")
     assert abs(cos - 1.0) <= 1e-6
-    cos_lin, base2 = fm.grad_cosine(model, ids, "linear", {}, base_grad=base)
+    cos_lin, base2 = fm.grad_cosine(model, ids, "linear", base_grad=base)
     assert base2 is base
     assert cos_lin < 0.999
     assert attnlab_leftovers(model) == []

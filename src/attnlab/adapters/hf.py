@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 import warnings
 
 import torch
 
+from .. import masks
 from ..types import UnsupportedError
 
 NAME = "attnlab"
@@ -67,8 +69,45 @@ def attnlab_mask(
 _warned_dropout = False
 
 
+ORIGINAL_IMPLS = ("sdpa", "eager")
+
+
+def check_original_impl(impl: str) -> None:
+    """A spec that leaves layers original runs them through the model's own attention function under attnlab's
+    mask; that translation exists for these implementations."""
+    if impl not in ORIGINAL_IMPLS:
+        raise UnsupportedError(f"a per-layer spec that keeps some layers original needs the model loaded with "
+                               f"attn_implementation in {ORIGINAL_IMPLS}, got {impl!r}")
+
+
+def _original_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs):
+    """A layer the spec leaves original: the model's own attention function, with attnlab's mask (None, a
+    Bool[B, Tk] key padding mask or a 4D mask) turned back into what that function expects."""
+    impl = module.attnlab_original_impl
+    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False))
+    tq, tk = query.shape[-2], key.shape[-2]
+    mask = attention_mask
+    if mask is not None and mask.dim() == 2:  # key padding (+ causal): the 4D bool mask sdpa_mask would build
+        allowed = mask.bool()[:, None, None, :]
+        mask = allowed & masks.causal_allowed(tq, tk, query.device)[None, None] if causal else allowed.expand(-1, 1, tq, tk)
+    if impl == "eager":
+        if mask is None and causal:  # eager relies on the mask for causality
+            mask = masks.causal_allowed(tq, tk, query.device)[None, None]
+        if mask is not None and mask.dtype == torch.bool:
+            mask = torch.where(mask, torch.zeros((), dtype=query.dtype, device=query.device),
+                               torch.tensor(torch.finfo(query.dtype).min, dtype=query.dtype, device=query.device))
+        fn = sys.modules[type(module).__module__].eager_attention_forward
+        return fn(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ALL_ATTENTION_FUNCTIONS[impl](module, query, key, value, mask, dropout=dropout, scaling=scaling,
+                                         is_causal=is_causal, **kwargs)
+
+
 def attnlab_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None, **kwargs):
     method = getattr(module, "attnlab_method", None)
+    if method is None and getattr(module, "attnlab_original_impl", None) is not None:
+        return _original_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
     if method is None:
         raise UnsupportedError(
             f"{type(module).__name__} runs attn_implementation='attnlab' but has no method attached; "

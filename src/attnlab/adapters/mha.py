@@ -119,46 +119,111 @@ class MultiheadAttention(nn.MultiheadAttention):
 
 
 def mha_modules(model):
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    """torch.nn.MultiheadAttention layers of `model` that are not attnlab's own, in model order."""
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, nn.MultiheadAttention) and not isinstance(m, MultiheadAttention)]
 
 
-def replace_mha(model: nn.Module, method: str, **options) -> nn.Module:
-    """Swap every torch.nn.MultiheadAttention in `model` for attnlab's, keeping the weights. Reversible."""
-    targets = [(n, m) for n, m in mha_modules(model) if not isinstance(m, MultiheadAttention)]
-    if not targets:
-        raise UnsupportedError(f"no torch.nn.MultiheadAttention found in {type(model).__name__}")
+def _share_weights(new: "MultiheadAttention", old: nn.MultiheadAttention) -> None:
+    """Make `new` use `old`'s parameters and output projection (the same tensors, not copies): the model's own
+    attention (`attnlab.original`) and the swapped one then always see the same weights."""
+    for name, param in old._parameters.items():
+        new._parameters[name] = param
+    new.out_proj = old.out_proj
+
+
+def swap_modules(model: nn.Module, plans) -> list:
+    """Replace the MultiheadAttention layers the plans assign a method to by attnlab's, sharing their weights.
+    Everything is built before anything is replaced (a bad option leaves the model untouched)."""
+    from .spec import ORIGINAL
+
+    sites = mha_modules(model)
     news = []
-    for name, old in targets:
+    for plan, (name, old) in zip(plans, sites):
+        if plan.method == ORIGINAL:
+            continue
         p = old.in_proj_weight if old.in_proj_weight is not None else old.q_proj_weight
         new = MultiheadAttention(
             old.embed_dim, old.num_heads, dropout=old.dropout, bias=old.in_proj_bias is not None, kdim=old.kdim,
-            vdim=old.vdim, batch_first=old.batch_first, device=p.device, dtype=p.dtype, method=method, **options,
+            vdim=old.vdim, batch_first=old.batch_first, device=p.device, dtype=p.dtype, method=plan.method,
+            **plan.options,
         )
-        new.load_state_dict(old.state_dict())
+        _share_weights(new, old)
         new.train(old.training)
         news.append((name, old, new))
     for name, old, new in news:
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr, new)
+        _set(model, name, new)
         new._attnlab_original = [old]  # a list, so torch does not register it as a submodule
     # nn.TransformerEncoder's nested-tensor fast path would also bypass the method: turn it off (restored later)
     for mod in model.modules():
         if isinstance(mod, nn.TransformerEncoder) and getattr(mod, "use_nested_tensor", False):
             mod.use_nested_tensor = False
             mod._attnlab_nested = True
-    return model
+    return news
+
+
+def _set(model, name, module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, module)
+
+
+def swapped_modules(model, plans) -> list:
+    """attnlab's MultiheadAttention per plan (None for layers left original), in plan order."""
+    from .spec import ORIGINAL
+
+    found = {}
+    for n, m in model.named_modules():
+        if isinstance(m, MultiheadAttention):
+            found[n] = m
+        elif hasattr(m, "_attnlab_swapped"):  # inside attnlab.original: the method module is parked on the torch one
+            found[n] = m._attnlab_swapped[0]
+    return [None if p.method == ORIGINAL else found.get(p.name) for p in plans]
+
+
+def put_back_originals(model) -> None:
+    """Inside `attnlab.original`: the torch modules back in place (the method modules are parked on them)."""
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, MultiheadAttention) and hasattr(mod, "_attnlab_original"):
+            old = mod._attnlab_original[0]
+            old._attnlab_swapped = [mod]
+            _set(model, name, old)
+    for mod in model.modules():
+        if getattr(mod, "_attnlab_nested", False):
+            mod.use_nested_tensor = True
+
+
+def put_back_swapped(model) -> None:
+    for name, mod in list(model.named_modules()):
+        if hasattr(mod, "_attnlab_swapped"):
+            new = mod._attnlab_swapped[0]
+            del mod._attnlab_swapped
+            _set(model, name, new)
+    for mod in model.modules():
+        if getattr(mod, "_attnlab_nested", False):
+            mod.use_nested_tensor = False
+
+
+def replace_mha(model: nn.Module, method: str, **options) -> nn.Module:
+    """Swap every torch.nn.MultiheadAttention in `model` for attnlab's, keeping (sharing) the weights.
+    The same as `attnlab.swap(model, method, **options)` on a model without transformers layers."""
+    from .swap import swap
+
+    if not mha_modules(model):
+        raise UnsupportedError(f"no torch.nn.MultiheadAttention found in {type(model).__name__}")
+    return swap(model, method, **options)
 
 
 def restore_mha(model: nn.Module) -> bool:
-    """Undo replace_mha; returns whether anything was restored."""
+    """Undo the MHA swap; returns whether anything was restored."""
     done = False
     for name, mod in list(model.named_modules()):
         if isinstance(mod, MultiheadAttention) and hasattr(mod, "_attnlab_original"):
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, attr, mod._attnlab_original[0])
+            _set(model, name, mod._attnlab_original[0])
             done = True
     for mod in model.modules():
         if getattr(mod, "_attnlab_nested", False):
             mod.use_nested_tensor = True
             del mod._attnlab_nested
+    if hasattr(model, "_attnlab_swap_state"):
+        del model._attnlab_swap_state
     return done

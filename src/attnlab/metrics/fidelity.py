@@ -51,6 +51,7 @@ def capture_probs(model):
     mods = [m for _, m in hf.attention_modules(model)]
     for m in mods:
         m.attnlab_capture = True
+        m.attnlab_probs = None  # stays None for a layer left original
     try:
         yield mods
     finally:
@@ -71,26 +72,29 @@ def probs_mse(ref: list[torch.Tensor], new: list[torch.Tensor], *, causal: bool,
         visible = visible[None, None] & real[:, None, None, :] & real[:, None, :, None]
     sq, count = 0.0, 0
     for r, n in zip(ref, new):
+        if n is None:  # a layer left original: its probs are the reference's
+            n = r
         vis = visible.expand_as(r)
         sq += ((r.float() - n.float()) ** 2)[vis].sum().item()
         count += int(vis.sum())
     return sq / max(count, 1)
 
 
-def swapped_probs(model, input_ids, method: str, options: dict, attention_mask=None) -> tuple[torch.Tensor, list]:
-    """(logits, per-layer implied attention probs) of `model` with `method` swapped in."""
+def swapped_probs(model, input_ids, target, attention_mask=None) -> tuple[torch.Tensor, list]:
+    """(logits, per-layer implied attention probs) of `model` with `target` swapped in (a method name, a
+    SwapSpec / per-layer spec, or attnlab.Saved(DIR)). Layers the target leaves original give None."""
     kw = {} if attention_mask is None else {"attention_mask": attention_mask}
-    with torch.no_grad(), swapped(model, method, **options), capture_probs(model) as mods:
+    with torch.no_grad(), swapped(model, target), capture_probs(model) as mods:
         out = model(input_ids, **kw)
         logits = out.logits if hasattr(out, "logits") else out.last_hidden_state
         return logits, [m.attnlab_probs for m in mods]
 
 
-def attention_mse(model, input_ids: torch.Tensor, method: str, options: dict, attention_mask=None) -> float:
-    """Attention-probability MSE of `method` vs dense. The reference is `dense` swapped in, which reproduces
+def attention_mse(model, input_ids: torch.Tensor, target, attention_mask=None) -> float:
+    """Attention-probability MSE of `target` vs dense. The reference is `dense` swapped in, which reproduces
     the original model (tested to 1e-4 on logits)."""
-    _, ref = swapped_probs(model, input_ids, "dense", {}, attention_mask)
-    _, new = swapped_probs(model, input_ids, method, options, attention_mask)
+    _, ref = swapped_probs(model, input_ids, "dense", attention_mask)
+    _, new = swapped_probs(model, input_ids, target, attention_mask)
     causal = any(getattr(m, "is_causal", False) for _, m in hf.attention_modules(model))
     return probs_mse(ref, new, causal=causal, attention_mask=attention_mask)
 
@@ -104,12 +108,12 @@ def lm_grads(model, input_ids, attention_mask=None) -> torch.Tensor:
     return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)])
 
 
-def grad_cosine(model, input_ids: torch.Tensor, method: str, options: dict, base_grad: torch.Tensor | None = None) -> tuple[float, torch.Tensor]:
-    """Cosine between the parameter gradients of the LM loss with the original attention and with `method`.
+def grad_cosine(model, input_ids: torch.Tensor, target, base_grad: torch.Tensor | None = None) -> tuple[float, torch.Tensor]:
+    """Cosine between the parameter gradients of the LM loss with the original attention and with `target`.
     Returns (cosine, base_grad) so callers can reuse the base gradient across methods."""
     if base_grad is None:
         base_grad = lm_grads(model, input_ids)
-    with swapped(model, method, **options):
+    with swapped(model, target):
         new = lm_grads(model, input_ids)
     cos = F.cosine_similarity(base_grad.double(), new.double(), dim=0).item()
     return cos, base_grad
