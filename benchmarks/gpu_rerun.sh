@@ -22,7 +22,7 @@ case "${1:-}" in
     python3 benchmarks/tune_chunks.py --out "$OUT" --chunks "${CHUNKS:-64,128,256}" 2>&1 | grep -v Warning | tail -80 ;;
   fwd|fwd+bwd)
     name=$(echo "$1" | tr -d '+')
-    python3 -m attnlab.bench.cli --methods "$METHODS" --peers none --lengths "${LENGTHS:-4096,16384,65536}" \
+    python3 -m attnlab bench --methods "$METHODS" --peers none --lengths "${LENGTHS:-4096,16384,65536}" \
       --batch 4,16384:1 --heads 16 --head-dim 64 --dtype bf16 --mode "$1" ${CAUSAL:---both-causal} --device cuda \
       --warmup 3 --repeats 10 --no-progress --out "$OUT" --name "${NAME:-rerun_$name}" --time-budget "${BUDGET:-400}" 2>&1 \
       | grep -v "Warning\|warn(" | tail -60 ;;

@@ -55,7 +55,7 @@ COMMON=(--lengths "${LENGTHS:-1024,2048,4096,8192,16384,32768,65536}" --batch 4,
         --dtype bf16 --device cuda --warmup 3 --repeats 10 --row-budget 1.0 --max-row-seconds 60 --out "$WORK")
 run() {  # run NAME BUDGET_S ARGS...
   local name=$1 budget=$2; shift 2
-  local cmd=(python3 -m attnlab.bench.cli "${COMMON[@]}" --name "$name" --time-budget "$budget" "$@")
+  local cmd=(python3 -m attnlab bench "${COMMON[@]}" --name "$name" --time-budget "$budget" "$@")
   echo "== $name (budget ${budget}s, at +$(( $(date +%s) - T0 ))s)" | tee -a "$LOG"
   echo "PYTHONPATH=/tmp/site:src ${cmd[*]}" >> "$LOG"
   timeout -k 5 $(( budget + 25 )) "${cmd[@]}" > "$WORK/$name.log" 2> "$WORK/$name.err"

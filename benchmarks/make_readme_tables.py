@@ -1,6 +1,9 @@
-"""Build the README's cost tables from the committed JSON under benchmarks/results/ (latest row wins).
+"""Build the README's tables from committed JSON: the cost tables from benchmarks/results/ (latest row wins) and
+the fidelity tables from docs/compare-<task>.json (the result file `attnlab compare` wrote, with its command and
+commit). Nothing in those README blocks is typed by hand.
 
-    python benchmarks/make_readme_tables.py            # rewrites the block between the bench-table markers
+    python benchmarks/make_readme_tables.py            # rewrites the blocks between the markers
+    python benchmarks/make_readme_tables.py --check    # exit 1 if the README differs from what the JSON gives
 """
 from __future__ import annotations
 
@@ -88,7 +91,55 @@ def model_table() -> str:
     return "\n".join(out)
 
 
-def main() -> None:
+def compare_block(task: str) -> str:
+    """The `attnlab compare` table of docs/compare-<task>.json, headed by what produced it."""
+    import sys
+
+    sys.path.insert(0, str(HERE.parent / "src"))
+    from attnlab.eval.tasks import get
+
+    res = json.loads((HERE.parent / "docs" / f"compare-{task}.json").read_text())
+    env = res.get("environment", {})
+    head = (f"`{res['command']}` at commit `{res.get('commit') or 'unknown'}`; {res['model']}, {res['dtype']}, "
+            f"{res['setup']}; {env.get('device_name') or env.get('device')} ({env.get('cpu_threads', '?')} threads), "
+            f"torch {env.get('torch_version', '?')}, transformers {env.get('transformers_version', '?')}; "
+            f"{res['elapsed_s']:.0f} s. JSON: [`docs/compare-{task}.json`](docs/compare-{task}.json).")
+    return head + "\n\n```\n" + get(task).table(res["rows"]) + "\n```"
+
+
+def blocks() -> dict[tuple[str, str], str]:
+    out = {(START, END): bench_block()}
+    for task in ("lm", "spam"):
+        if (HERE.parent / "docs" / f"compare-{task}.json").exists():
+            out[(f"<!-- compare-{task}:start -->", f"<!-- compare-{task}:end -->")] = compare_block(task)
+    return out
+
+
+def render(text: str) -> str:
+    for (start, end), body in blocks().items():
+        block = start + "\n" + body + "\n" + end
+        if start in text:
+            text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+    return text
+
+
+def main() -> int:
+    import sys
+
+    readme = HERE.parent / "README.md"
+    text = readme.read_text()
+    new = render(text)
+    if "--check" in sys.argv:
+        if new != text:
+            print("README.md differs from the tables the committed JSON gives: run python benchmarks/make_readme_tables.py")
+            return 1
+        return 0
+    readme.write_text(new)
+    print("README.md tables regenerated")
+    return 0
+
+
+def bench_block() -> str:
     rows = load_rows()
     any_row = next(iter(rows.values()))
     parts = [f"H100 ({any_row.get('device_name', 'cuda')}), bf16, 16 heads, head dim 64, batch 4 up to 8k and 1 from 16k; "
@@ -98,13 +149,8 @@ def main() -> None:
         for causal in (False, True):
             parts.append(table(rows, mode, causal))
     parts.append("### Model level: `python benchmarks/model_bench.py` (SmolLM2-135M config, random weights)\n\n" + model_table())
-    block = START + "\n" + "\n\n".join(parts) + "\n" + END
-    readme = HERE.parent / "README.md"
-    text = readme.read_text()
-    text = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S) if START in text else text + "\n" + block + "\n"
-    readme.write_text(text)
-    print(block)
+    return "\n\n".join(parts)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import attnlab
-from attnlab.compare import default_options
+from attnlab import defaults as method_defaults
 
 HERE = Path(__file__).parent
 
@@ -111,7 +111,7 @@ def main(argv=None):
                     row["status"] = "skipped" if time.time() - t0 > a.budget_s else "oom"
                     rows.append(row)
                     continue
-                opts = default_options(method, n) if method else {}
+                opts = method_defaults(method, n) if method else {}
                 if method == "window":
                     opts = {"window": 256, "sinks": 4}
                 if method == "block_sparse":

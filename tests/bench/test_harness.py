@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import attnlab
-from attnlab.bench import cli, harness, peers, plot
+from attnlab.bench import harness, peers, plot, sweep
+from attnlab.cli import main as attnlab_main
 
 SCHEMA = ("method", "impl", "options", "seq_len", "batch", "heads", "head_dim", "mode", "causal", "dtype", "device",
           "ms", "peak_mem_bytes", "status", "error", "device_name", "torch_version", "triton_version", "command",
@@ -86,7 +87,7 @@ def test_sweep_rows_statuses_json_png(tmp_path):
     fake = [peers.Peer("no-such-peer", "sdpa", _fake_missing_peer),
             peers.Peer("fake-sdpa", "sdpa", _fake_peer_that_runs)]
     out = tmp_path / "rows.json"
-    rows = cli.run_sweep(methods=["sdpa", "dense", "window", "linformer"], lengths=[32, 64], modes=["fwd", "fwd+bwd"],
+    rows = sweep.run_sweep(methods=["sdpa", "dense", "window", "linformer"], lengths=[32, 64], modes=["fwd", "fwd+bwd"],
                          causal_list=[False, True], peer_list=fake, out_path=out, command="pytest", **TINY)
     assert len(rows) == (4 + 2) * 2 * 2 * 2
     for r in rows:
@@ -108,7 +109,8 @@ def test_sweep_rows_statuses_json_png(tmp_path):
     lin = next(r for r in rows if r["method"] == "linformer" and r["status"] == "ok" and r["seq_len"] == 64)
     assert lin["options"]["max_len"] == 64  # per-length option adjustment
     win = next(r for r in rows if r["method"] == "window")
-    assert win["options"].get("backend") == "torch"  # no flex compile on CPU
+    assert win["kernel"] == "torch"  # auto on CPU: no flex compile; the row says which kernel ran
+    assert win["options"] == attnlab.defaults("window", win["seq_len"])  # the method's own defaults
 
     saved = json.loads(out.read_text())  # written incrementally, complete at the end
     assert saved == json.loads(json.dumps(rows))
@@ -122,21 +124,21 @@ def test_oom_skips_longer_lengths(monkeypatch):
             return {"status": "oom", "error": "OutOfMemoryError: CUDA out of memory", "ms": None, "wall_s": 0.0}
         return {"status": "ok", "error": None, "ms": 1.0, "peak_mem_bytes": None, "wall_s": 0.0}
 
-    monkeypatch.setattr(cli, "_measure", fake_measure)
-    rows = cli.run_sweep(methods=["dense"], lengths=[32, 64, 128, 256], peer_list=[], **TINY)
+    monkeypatch.setattr(sweep, "_measure", fake_measure)
+    rows = sweep.run_sweep(methods=["dense"], lengths=[32, 64, 128, 256], peer_list=[], **TINY)
     assert [r["status"] for r in rows] == ["ok", "oom", "skipped", "skipped"]
     assert "out of memory at seq_len=64" in rows[2]["error"]
 
 
 def test_cli_main_writes_files(tmp_path):
-    rc = cli.main(["--methods", "sdpa,linear", "--lengths", "32,64", "--heads", "2", "--head-dim", "16",
+    rc = attnlab_main(["bench", "--methods", "sdpa,linear", "--lengths", "32,64", "--heads", "2", "--head-dim", "16",
                    "--device", "cpu", "--dtype", "fp32", "--peers", "none", "--repeats", "2", "--warmup", "1",
                    "--out", str(tmp_path), "--name", "t", "--no-progress"])
     assert rc == 0
     rows = json.loads((tmp_path / "t.json").read_text())
     assert {r["status"] for r in rows} == {"ok"} and len(rows) == 4
     assert (tmp_path / "t.png").stat().st_size > 0
-    assert "--methods sdpa,linear" in (tmp_path / "t.cmd.txt").read_text()
+    assert "bench --methods sdpa,linear" in (tmp_path / "t.cmd.txt").read_text()
     assert isinstance(json.loads((tmp_path / "t.crossover.json").read_text()), list)
 
 

@@ -1,14 +1,14 @@
 """Cost benchmarks: time, peak memory and the SDPA crossover of every method and its peer packages.
 
     from attnlab.bench import bench_one, run_sweep, crossover
-    python -m attnlab.bench.cli --methods sdpa,linear --lengths 1024,2048 --device cuda --out results/
+    attnlab bench --methods sdpa,linear --lengths 1024,2048 --device cuda --out results/
 
 Nothing here runs at import; submodules (and matplotlib, tqdm, the peers) load on first use.
 """
 __all__ = ["NotInstalled", "Unsupported", "bench_one", "crossover", "dense_flops", "run_sweep"]
 
 _WHERE = {"NotInstalled": "harness", "Unsupported": "harness", "bench_one": "harness", "dense_flops": "harness",
-          "crossover": "plot", "run_sweep": "cli"}
+          "crossover": "plot", "run_sweep": "sweep"}
 
 
 def __getattr__(name):

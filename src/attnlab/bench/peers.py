@@ -20,7 +20,6 @@ import contextlib
 import importlib
 import importlib.util
 import io
-import math
 import sys
 import types
 from dataclasses import dataclass
@@ -309,79 +308,27 @@ def _flex():
     return _FLEX_COMPILED
 
 
-def window_mask_mod(window: int, causal: bool):
-    def mask_mod(b, h, q_idx, kv_idx):
-        near = (q_idx - kv_idx <= window) & (kv_idx - q_idx <= window)
-        return near & (kv_idx <= q_idx) if causal else near
-
-    return mask_mod
-
-
-def bigbird_block_table(n_blocks: int, global_blocks=1, window_blocks=3, random_blocks=3, seed=0) -> torch.Tensor:
-    """Bool[n_blocks, n_blocks]: BigBird's pattern at block level (global rows/cols, a band, random blocks)."""
-    table = torch.zeros(n_blocks, n_blocks, dtype=torch.bool)
-    idx = torch.arange(n_blocks)
-    table |= (idx[:, None] - idx[None, :]).abs() <= window_blocks // 2
-    table[:global_blocks, :] = True
-    table[:, :global_blocks] = True
-    g = torch.Generator().manual_seed(seed)
-    for i in range(n_blocks):
-        if random_blocks > 0:
-            table[i, torch.randperm(n_blocks, generator=g)[:random_blocks]] = True
-    return table
-
-
 def _method_block_mask(method: str, seq_len, heads, head_dim, causal, device, options):
-    """(BlockMask, description) built from the attnlab method's own mask_mod, or None where it has none.
-
-    Uses the method's public `mask_mod` (and `layout_for` for block_sparse) with the same options, and the
-    BLOCK_SIZE the method gives FlexAttention, so the peer runs exactly the method's sparsity pattern.
-    """
+    """(BlockMask, description) of the attnlab method's own pattern (its `pattern` part, the same options, the
+    same BLOCK_SIZE it gives FlexAttention), so the raw-flex peer runs exactly the method's sparsity."""
     import attnlab
+
+    inst = attnlab.make(method, head_dim=head_dim, num_heads=heads, **options)
+    pattern = getattr(inst, "pattern", None)
+    if pattern is None:
+        raise Unsupported(f"method {method!r} has no sparsity pattern for a raw flex_attention peer")
+    bs = inst.flex_block_size
     from torch.nn.attention.flex_attention import create_block_mask
 
-    try:
-        inst = attnlab.make(method, head_dim=head_dim, num_heads=heads, **options)
-        if method == "window":
-            mod = inst.mask_mod(seq_len, seq_len, causal, device)
-            bs = inst.opts.block_size
-        else:
-            layout = inst.layout_for(seq_len, seq_len, causal)
-            mod = inst.mask_mod(layout, seq_len, seq_len, causal, device)
-            bs = inst.opts.block_size if inst.opts.block_size % 128 == 0 else 128
-    except (AttributeError, TypeError):  # the method's mask API changed: fall back, and say so in the note
-        return None
-    bm = create_block_mask(mod, None, None, seq_len, seq_len, device=device, BLOCK_SIZE=bs)
-    return bm, f"the attnlab {method} method's own mask_mod (BLOCK_SIZE={bs})"
+    heads_dim = pattern.num_heads if pattern.per_head else None
+    bm = create_block_mask(pattern.mask_mod(seq_len, seq_len, causal, device), None, heads_dim, seq_len, seq_len,
+                           device=device, BLOCK_SIZE=bs)
+    return bm, f"the attnlab {method} method's own pattern ({type(pattern).__name__}, BLOCK_SIZE={bs})"
 
 
 def _flex_factory(method: str):
     def factory(seq_len, heads, head_dim, causal, dtype, device, **options):
-        from torch.nn.attention.flex_attention import create_block_mask
-
-        got = _method_block_mask(method, seq_len, heads, head_dim, causal, device, options)
-        if got is not None:
-            bm, src = got
-        elif method == "window":
-            w = int(_opt(options, "window", "window_size", default=256))
-            bm = create_block_mask(window_mask_mod(w, causal), None, None, seq_len, seq_len, device=device)
-            src = f"its own mask_mod |i-j| <= {w}" + (" and j <= i" if causal else "") + " (method mask API not found)"
-        else:
-            bs = int(_opt(options, "block_size", default=128))
-            n_blocks = math.ceil(seq_len / bs)
-            table = bigbird_block_table(
-                n_blocks,
-                int(_opt(options, "num_global_blocks", "global_blocks", default=1)),
-                int(_opt(options, "num_window_blocks", "window_blocks", default=3)),
-                int(_opt(options, "num_random_blocks", "random_blocks", default=2)),
-            ).to(device)
-
-            def mask_mod(b, h, q_idx, kv_idx):
-                keep = table[q_idx // bs, kv_idx // bs]
-                return keep & (kv_idx <= q_idx) if causal else keep
-
-            bm = create_block_mask(mask_mod, None, None, seq_len, seq_len, device=device, BLOCK_SIZE=bs)
-            src = f"its own BigBird block table (block {bs}; method mask API not found)"
+        bm, src = _method_block_mask(method, seq_len, heads, head_dim, causal, device, options)
         flex = _flex()
         note = f"torch.compile(flex_attention)(q, k, v, block_mask=...) with {src}; no lse / empty-row fix-up"
         return PeerFn(lambda q, k, v: flex(q, k, v, block_mask=bm), note=note)

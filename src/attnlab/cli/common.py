@@ -1,0 +1,129 @@
+"""What every subcommand shares: the one option-override parser (`--set METHOD.OPTION=VALUE`), the one
+environment record written into every result file, argument checks that fail in one line, and the results
+folder default (outside the source tree)."""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import platform
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+from ..types import AttnlabError
+
+
+# ---- --set METHOD.OPTION=VALUE ------------------------------------------------------------------------------
+def add_set_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="METHOD.OPTION=VALUE",
+                   help="override a method option, e.g. --set window.window=64 (repeatable; values are Python/JSON "
+                        "literals: 64, 0.5, true, 'elu', [1, 2])")
+
+
+def parse_value(raw: str):
+    """'64' -> 64, '0.5' -> 0.5, 'true'/'false' -> bool, JSON/Python literals, anything else a string."""
+    low = raw.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for parse in (json.loads, ast.literal_eval):
+        try:
+            return parse(raw)
+        except (ValueError, SyntaxError, TypeError):
+            pass
+    return raw
+
+
+def parse_overrides(items: list[str] | None, methods: list[str] | None = None) -> dict[str, dict]:
+    """['window.window=64', ...] -> {'window': {'window': 64}}. With `methods`, a method outside them is an error."""
+    out: dict[str, dict] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        method, dot, name = key.partition(".")
+        if not sep or not dot or not method or not name:
+            raise AttnlabError(f"--set expects METHOD.OPTION=VALUE, got {item!r}")
+        if methods is not None and method not in methods:
+            raise AttnlabError(f"--set {item!r}: method {method!r} is not among the methods of this run {methods}")
+        out.setdefault(method, {})[name] = parse_value(raw)
+    return out
+
+
+# ---- one environment record -----------------------------------------------------------------------------------
+def environment(device: str | torch.device = "cpu") -> dict:
+    """Machine and versions, recorded in every result file (compare, bench, distill)."""
+    import attnlab
+
+    dev = torch.device(device)
+    env = {
+        "device": dev.type,
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine()),
+        "torch_version": torch.__version__,
+        "cuda_version": torch.version.cuda,
+        "python_version": platform.python_version(),
+        "attnlab_version": attnlab.__version__,
+        "cpu_threads": torch.get_num_threads(),
+        "transformers_version": None,
+        "triton_version": None,
+    }
+    for mod, key in (("transformers", "transformers_version"), ("triton", "triton_version")):
+        try:
+            env[key] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001 - optional
+            pass
+    return env
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    args = sys.argv[1:] if argv is None else argv
+    return "attnlab " + shlex.join(args)
+
+
+def git_commit() -> str | None:
+    """The source tree's commit, when attnlab runs from a git checkout (results name what produced them)."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+# ---- argument checks: one line, before anything heavy ---------------------------------------------------------
+def positive_int(name: str, value, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise AttnlabError(f"{name} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def fraction(name: str, value, *, open_low: bool = True) -> float:
+    """A ratio in (0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value <= 1 if open_low else 0 <= value <= 1):
+        raise AttnlabError(f"{name} must be in {'(0, 1]' if open_low else '[0, 1]'}, got {value!r}")
+    return float(value)
+
+
+def check_device(device: str) -> str:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise AttnlabError(f"--device {device!r} is not a device (cpu, cuda, cuda:0, ...)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise AttnlabError(f"--device {device} asked for, but torch sees no CUDA device; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise AttnlabError(f"--device {device!r}: attnlab runs on cpu or cuda")
+    return device
+
+
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+          "fp32": torch.float32, "float32": torch.float32, "fp64": torch.float64, "float64": torch.float64}
+
+
+def default_results_dir(kind: str) -> Path:
+    """Where results go unless --out says otherwise: ./attnlab-results/<kind> (never inside the package)."""
+    return Path("attnlab-results") / kind

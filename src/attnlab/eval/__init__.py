@@ -1,0 +1,1 @@
+"""Evaluation: compare (fidelity of swapped models) and its tasks registry."""

