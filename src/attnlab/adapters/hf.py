@@ -126,6 +126,12 @@ def attnlab_attention(module, query, key, value, attention_mask, dropout: float 
             attn_mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask.to(query.dtype)
         else:
             raise UnsupportedError(f"attnlab: unexpected attention_mask of shape {tuple(attention_mask.shape)}")
+    if getattr(module, "attnlab_calibrate", False) and hasattr(method, "calibrate"):
+        method.calibrate(query, repeat_kv_for(method, key, query), causal=causal, key_padding_mask=key_padding_mask,
+                         scale=scaling if scaling is not None else query.shape[-1] ** -0.5)
+    if getattr(module, "attnlab_transfer", None) is not None:
+        return _transfer_attention(module, method, query, key, value, attention_mask, dropout, scaling, is_causal,
+                                   causal, key_padding_mask, attn_mask, **kwargs)
     capture = getattr(module, "attnlab_capture", False)
     need_probs = bool(kwargs.get("output_attentions", False)) or capture
     out, probs = method(
@@ -135,6 +141,30 @@ def attnlab_attention(module, query, key, value, attention_mask, dropout: float 
     if capture:
         module.attnlab_probs = probs
     return out.transpose(1, 2).contiguous(), probs  # (B, Tq, H, D)
+
+
+def repeat_kv_for(method, key, query):
+    """k expanded to the query heads (GQA) for a method's own bookkeeping outside its forward."""
+    from ..methods.base import repeat_kv
+
+    return repeat_kv(key, query.shape[1] // key.shape[1])
+
+
+def _transfer_attention(module, method, query, key, value, attention_mask, dropout, scaling, is_causal, causal,
+                        key_padding_mask, attn_mask, **kwargs):
+    """Attention transfer (LoLCATs, Hedgehog): the layer's method runs on the original attention's inputs, the
+    squared error to the original's output is recorded in `module.attnlab_transfer`, and the ORIGINAL output goes
+    on, so every layer trains on the teacher's activations in one forward, with no backward through the model."""
+    with torch.no_grad():
+        teacher, _ = _original_attention(module, query.detach(), key.detach(), value.detach(), attention_mask,
+                                         dropout, scaling, is_causal, **kwargs)  # (B, Tq, H, D)
+    out = method(query.detach(), key.detach(), value.detach(), causal=causal, key_padding_mask=key_padding_mask,
+                 attn_mask=attn_mask, scale=scaling).out.transpose(1, 2)  # (B, Tq, H, D)
+    module.attnlab_transfer.append(torch.nn.functional.mse_loss(out.float(), teacher.float()))
+    aux = getattr(method, "aux_loss", None)
+    if aux is not None:
+        module.attnlab_transfer.append(aux)
+    return teacher.contiguous(), None
 
 
 _registered = False

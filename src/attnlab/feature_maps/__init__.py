@@ -61,11 +61,14 @@ class ReLU(FeatureMap):
 class _RandomFeatures(FeatureMap):
     """Shared mechanics of the random maps: a `features` buffer [m, D] and a seeded, saved generator."""
 
-    def __init__(self, head_dim: int, num_features: int, seed: int, redraw: bool):
+    def __init__(self, head_dim: int, num_features: int, seed: int, redraw: bool, learn: bool = False):
         super().__init__()
-        self.head_dim, self.num_features, self.redraw = head_dim, num_features, redraw
+        self.head_dim, self.num_features, self.redraw, self.learn = head_dim, num_features, redraw, learn
         gen = torch.Generator().manual_seed(seed)
-        self.register_buffer("features", self._draw(gen))  # (m, D)
+        if learn:  # the drawn features are the init of a trained projection (redraw-free)
+            self.features = nn.Parameter(self._draw(gen))  # (m, D)
+        else:
+            self.register_buffer("features", self._draw(gen))  # (m, D)
         self.register_buffer("rng_state", gen.get_state())  # where the next redraw continues
 
     def _draw(self, gen: torch.Generator) -> torch.Tensor:
@@ -83,8 +86,12 @@ class _RandomFeatures(FeatureMap):
         if self.training and self.redraw:
             self.redraw_features()
 
+    @property
+    def trainable(self) -> bool:
+        return self.learn
+
     def extra_repr(self) -> str:
-        return f"num_features={self.num_features}, redraw={self.redraw}"
+        return f"num_features={self.num_features}, redraw={self.redraw}, learn={self.learn}"
 
 
 def orthogonal_gaussian(m: int, d: int, gen: torch.Generator) -> torch.Tensor:

@@ -99,6 +99,14 @@ class RandomFeatureOptions:
     chunk_size: int = opt(256, "tokens per chunk of the causal chunked form (same result for any value; 256: "
                                "fastest measured on an H100 at 64k)", low=1)
     backend: str = opt("auto", "auto | triton | compiled | eager (methods/_kernel.py)", choices=BACKENDS)
+    learn_features: bool = opt(False, "train the projection (a parameter initialised by the draw; redraw-free): "
+                                      "distillation")
+
+    def __post_init__(self):
+        from ..types import OptionError
+
+        if self.learn_features is True and self.redraw is True:
+            raise OptionError("learn_features and redraw exclude each other (a trained projection is never redrawn)")
 
 
 class RandomFeatureAttention(KernelAttention):
@@ -110,7 +118,7 @@ class RandomFeatureAttention(KernelAttention):
     def __init__(self, head_dim: int, num_heads: int, num_kv_heads: int | None = None, **options):
         super().__init__(head_dim, num_heads, num_kv_heads, **options)
         o = self.opts
-        self.feature_map = self.feature_map_cls(head_dim, o.num_features, o.seed, o.redraw)
+        self.feature_map = self.feature_map_cls(head_dim, o.num_features, o.seed, o.redraw, o.learn_features)
 
     @property
     def features(self) -> torch.Tensor:

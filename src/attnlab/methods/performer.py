@@ -18,5 +18,5 @@ from ._kernel import RandomFeatureAttention
 class Performer(RandomFeatureAttention):
     """FAVOR+ softmax-kernel estimator; unbiased, error falls like 1/sqrt(num_features)."""
 
-    capabilities = Capabilities(causal=True, padding=True, attn_mask=False, probs=True)
+    capabilities = Capabilities(causal=True, padding=True, attn_mask=False, probs=True, trainable=True)  # learn_features
     feature_map_cls = feature_maps.FAVOR

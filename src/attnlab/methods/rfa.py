@@ -20,5 +20,5 @@ from ._kernel import RandomFeatureAttention
 class RFA(RandomFeatureAttention):
     """Random Fourier feature estimate of softmax attention; unbiased kernel, error ~ 1/sqrt(m)."""
 
-    capabilities = Capabilities(causal=True, padding=True, attn_mask=False, probs=True)
+    capabilities = Capabilities(causal=True, padding=True, attn_mask=False, probs=True, trainable=True)  # learn_features
     feature_map_cls = feature_maps.Fourier

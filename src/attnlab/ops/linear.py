@@ -237,7 +237,20 @@ def _causal_chunked_scaled(phi_q, phi_k, v, lk, chunk: int) -> torch.Tensor:
     return _unchunk(_safe_div(num, den), t, offset)
 
 
-def _causal_chunked(phi_q, phi_k, v, chunk: int) -> torch.Tensor:
+def linear_parts(phi_q, phi_k, v, *, causal: bool, key_padding_mask=None, chunk_size: int = 64):
+    """The numerator [B, H, Tq, D] and normaliser [B, H, Tq] of linear attention before the division, both in
+    fp32 (no key log-scales): for methods that add other terms to both (the hybrid window + linear attention)."""
+    dt, acc = v.dtype, compute_dtype(v.dtype)
+    phi_q, phi_k = phi_q.to(dt), phi_k.to(dt)
+    if key_padding_mask is not None:
+        phi_k = torch.where(key_padding_mask[:, None, :, None], phi_k, torch.zeros_like(phi_k))
+    if not causal:
+        kv = torch.matmul(phi_k.transpose(-1, -2), v)  # (B, H, F, D)
+        return torch.matmul(phi_q, kv).to(acc), _den(phi_q, phi_k.sum(dim=-2, dtype=acc))
+    return _causal_chunked(phi_q, phi_k, v, chunk_size, parts=True)
+
+
+def _causal_chunked(phi_q, phi_k, v, chunk: int, parts: bool = False):
     dt, acc = v.dtype, compute_dtype(v.dtype)
     tq, tk = phi_q.shape[-2], phi_k.shape[-2]
     offset = tk - tq  # bottom-right alignment: query i sits at key position i + offset
@@ -265,6 +278,8 @@ def _causal_chunked(phi_q, phi_k, v, chunk: int) -> torch.Tensor:
     scores = torch.matmul(qc, kc.transpose(-1, -2)).masked_fill(~tri, 0.0)  # (B, H, N, C, C)
     num = num + torch.matmul(scores, vc)
     den = den + scores.sum(-1, dtype=acc)
+    if parts:  # (B, H, Tq, D), (B, H, Tq): rows before the first key (Tk < Tq) get 0 / 0
+        return _unchunk(num.to(acc), t, offset), _unchunk(den.unsqueeze(-1), t, offset).squeeze(-1)
     return _unchunk(_safe_div(num, den), t, offset)
 
 

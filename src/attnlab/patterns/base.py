@@ -150,3 +150,43 @@ class Pattern(nn.Module):
     def _apply(self, fn, *args, **kwargs):  # .to() / .cuda() move the buffers: cached BlockMasks go with the old ones
         self._block_masks.clear()
         return super()._apply(fn, *args, **kwargs)
+
+
+class UnionPattern(Pattern):
+    """Pairs allowed by any of the parts (attention-gym's or_masks, with each part's data kept as its own module).
+    Its key chunks follow the first part's chunking, each chunk's keys being the union of what every part
+    reaches from the chunk's query rows."""
+
+    def __init__(self, *parts: Pattern):
+        super().__init__()
+        self.parts = torch.nn.ModuleList(parts)
+
+    @property
+    def per_head(self) -> bool:
+        return any(p.per_head for p in self.parts)
+
+    @property
+    def num_heads(self) -> int:
+        return next(p.num_heads for p in self.parts if p.per_head)
+
+    def version_key(self) -> tuple:
+        return (id(self), self._touched, *(p.version_key() for p in self.parts))
+
+    def touch(self) -> None:
+        super().touch()
+        for p in self.parts:
+            p.touch()
+
+    def covers(self, tq, tk):
+        return next((why for why in (p.covers(tq, tk) for p in self.parts) if why), None)
+
+    def mask_mod(self, tq, tk, causal=False, device=None):
+        mods = [p.mask_mod(tq, tk, False, device) for p in self.parts]
+        mod = or_masks(*mods)
+        return and_masks(mod, causal_mod(tk - tq, device if device is not None else self.device)) if causal else mod
+
+    def key_chunks(self, tq, tk, causal):
+        first, *rest = self.parts
+        for s, e, kidx in first.key_chunks(tq, tk, causal):
+            extra = [k for p in rest for s2, e2, k in p.key_chunks(tq, tk, causal) if s2 < e and e2 > s]
+            yield s, e, torch.unique(torch.cat([kidx.to(self.device), *(k.to(self.device) for k in extra)]))

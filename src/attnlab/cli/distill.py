@@ -1,0 +1,102 @@
+"""`attnlab distill`: train only the swapped attention of a frozen model to match the original (KL)."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from ..types import AttnlabError
+from . import common
+
+
+def add_parser(sub) -> None:
+    from ..train.distill import DistillConfig
+
+    d = DistillConfig()
+    p = sub.add_parser("distill", help="train the swapped attention to match the frozen original model (KL)",
+                       description="Freeze a model, swap in a method, train only the method's parameters to minimise "
+                                   "KL(original || swapped) on next-token distributions; evaluate on held-out text; "
+                                   "checkpoint, resume, and run under torchrun as DDP.")
+    p.add_argument("--model", default="smollm2", help="a packaged causal LM (smollm2) or a local model folder")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--method", default=None, help="the method to distil into every layer (e.g. learned_mask, hybrid, "
+                                                     "hedgehog; performer / rfa with --set M.learn_features=true)")
+    what.add_argument("--spec", default=None, metavar="FILE.json", help="a per-layer swap spec (attnlab.SwapSpec JSON)")
+    what.add_argument("--init", default=None, metavar="DIR", help="continue training a saved attention (attnlab.save / "
+                                                                  "a previous run's OUT/attention)")
+    common.add_set_argument(p)
+    p.add_argument("--density", type=float, default=None, help="shorthand for --set METHOD.density=X (learned_mask)")
+    p.add_argument("--train", default=",".join(d.train), help="training corpora, comma-separated: sotu, brown, moby "
+                                                              "(moby: its first 90%% only) (default: %(default)s)")
+    p.add_argument("--eval", dest="eval_text", default="moby", help="held-out text: moby (the tail of Moby Dick, as in "
+                                                                     "compare) or a UTF-8 file (default: %(default)s)")
+    for f in dataclasses.fields(d):
+        if f.name in ("train", "eval_text", "baseline", "progress"):
+            continue
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+                       help=f"(default: {f.default})")
+    p.add_argument("--device", default="cpu", help="cpu | cuda (under torchrun: each rank takes cuda:LOCAL_RANK)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                   help="compute dtype: bfloat16 = autocast (default on CUDA), float32 (default on CPU)")
+    p.add_argument("--out", required=True, help="run folder: attention/, result.json, log.jsonl, curve.png, checkpoints/")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    p.add_argument("--no-baseline", action="store_true", help="learned_mask: skip the window + sinks baseline")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import os
+
+    import torch
+
+    from .. import data, models, registry
+    from ..adapters.spec import SwapSpec
+    from ..adapters.state import read_meta
+    from ..train.distill import DistillConfig, check_out, check_spec_trainable, distill
+
+    cfg = DistillConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DistillConfig)
+                           if f.name not in ("train", "eval_text", "baseline", "progress")},
+                        train=tuple(t.strip() for t in args.train.split(",") if t.strip()),
+                        eval_text=None if args.eval_text == "moby" else args.eval_text,
+                        baseline=not args.no_baseline, progress=not args.no_progress)
+    cfg.check()
+    common.check_device(args.device)
+    device = args.device
+    if torch.device(device).type == "cuda" and "LOCAL_RANK" in os.environ:
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+    overrides = common.parse_overrides(args.overrides)
+    if args.init:
+        spec = SwapSpec.from_dict(read_meta(args.init)["spec"])
+    elif args.spec:
+        if not Path(args.spec).is_file():
+            raise AttnlabError(f"--spec {args.spec!r}: no such file")
+        spec = SwapSpec.from_json(Path(args.spec))
+    else:
+        if not args.method:
+            raise AttnlabError("say what to distil: --method NAME, --spec FILE.json or --init DIR")
+        registry.get(args.method)
+        opts = {**registry.defaults(args.method, cfg.seq_len), **overrides.pop(args.method, {})}
+        if args.density is not None:
+            opts["density"] = args.density
+        spec = SwapSpec.of(args.method, **opts)
+    if overrides:
+        raise AttnlabError(f"--set for methods not distilled here: {sorted(overrides)}")
+    check_spec_trainable(spec)  # a method without parameters, bad options: before the model loads
+    data.check_corpora(list(cfg.train))  # unknown or unfetched corpora, too
+    if cfg.eval_text is not None:
+        data.read_text(cfg.eval_text)
+    if os.environ.get("RANK", "0") == "0":
+        check_out(Path(args.out), args.resume)
+    path, causal = models.resolve(args.model)
+    if not causal:
+        raise AttnlabError(f"attnlab distill trains against next-token distributions: {args.model!r} is not a causal LM")
+    dtype = args.dtype or ("bfloat16" if torch.device(device).type == "cuda" else "float32")
+    model, tok = models.load(args.model, device=device)
+    if args.init:
+        from ..adapters.state import load
+
+        load(model, args.init)
+    distill(model, spec, tokenizer=tok, out=args.out, config=cfg, resume=args.resume, device=device,
+            autocast_dtype=torch.bfloat16 if dtype == "bfloat16" else None)
+    return 0
