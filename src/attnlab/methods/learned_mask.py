@@ -4,7 +4,7 @@ density (the fraction of the causal block pairs kept), learned by distillation (
 Two forms:
 
 - `form="static"`: a score per head and block distance, theta[h, d] (d = query block - key block), plus the
-  first `sink_blocks` key blocks and the diagonal block always kept. At any length n (nb blocks) the layer keeps
+  diagonal block always kept. At any length n (nb blocks) the layer keeps
   the (head, distance) pairs with the highest scores until the density is met: the heads share the layer's
   budget, so a head that needs far context can take it from heads that only look nearby (DuoAttention and MoA
   found layers and heads differ that way). One trained mask transfers across lengths. `init="window"`: scores
@@ -18,8 +18,9 @@ Two forms:
   KL loss the module leaves in `aux_loss` during training; the output itself uses the hard selection.
 
 Under the learned blocks every query also keeps a token-level band of its `local` previous tokens (default: one
-block): a block "staircase" alone would give the first queries of a block less nearby context than a sliding
-window of the same density.
+block) and the first `sinks` tokens: a block "staircase" alone would give the first queries of a block less
+nearby context than a sliding window of the same density, and a whole sink block costs a block per row where
+StreamingLLM's 4 sink tokens do.
 
 Training (module in training mode, scores requiring grad): straight-through gates, value = the hard mask,
 gradient = sigmoid(theta / temperature), through `ops.gated` (query chunks, checkpointed: no T x T matrix).
@@ -57,7 +58,8 @@ class LearnedMask(AttentionMethod):
         form: str = opt("static", "static (scores per head and block distance) | content (SeerAttention gate)",
                         choices=("static", "content"))
         block_size: int = opt(64, "tokens per block", low=1)
-        sink_blocks: int = opt(1, "leading key blocks every query keeps (attention sinks)", low=0)
+        sinks: int = opt(4, "leading key tokens every query keeps (StreamingLLM's attention sinks)", low=0)
+        sink_blocks: int = opt(0, "leading key blocks every query keeps (block-level sinks, on top of `sinks`)", low=0)
         local: int = opt(-1, "tokens back every query always sees, a token-level band under the learned blocks "
                              "(-1: one block; 0: none)", low=-1)
         max_blocks: int = opt(256, "static: block distances with a learned score (longer inputs are refused)", low=1)
@@ -181,13 +183,13 @@ class LearnedMask(AttentionMethod):
         if pat is None:
             self._patterns.clear()
             blocks = BlockPattern.from_blocks(self.static_layout(nb, causal), self.opts.block_size)
-            pat = UnionPattern(blocks, WindowPattern(self.local)) if self.local else blocks
+            pat = UnionPattern(blocks, WindowPattern(self.local, self.opts.sinks)) if (self.local or self.opts.sinks) else blocks
             self._patterns[key] = pat
         return pat
 
     def _band(self, rows_pos: torch.Tensor, kidx: torch.Tensor) -> torch.Tensor:
-        """Bool[C, K]: the local band (|pos(i) - j| <= local; causal is applied by the caller)."""
-        return (rows_pos[:, None] - kidx[None, :]).abs() <= self.local
+        """Bool[C, K]: the local band (|pos(i) - j| <= local) and the sink tokens; causal is applied by the caller."""
+        return ((rows_pos[:, None] - kidx[None, :]).abs() <= self.local) | (kidx[None, :] < self.opts.sinks)
 
     def _token_mask(self, layout: torch.Tensor, tq: int, tk: int) -> torch.Tensor:
         """Bool[..., Tq, Tk] from a block layout [..., nb, nb] (bottom-right query positions), band included."""
@@ -195,7 +197,7 @@ class LearnedMask(AttentionMethod):
         pos = torch.arange(tq, device=layout.device) + tk - tq
         kidx = torch.arange(tk, device=layout.device)
         mask = layout[..., (pos.clamp(min=0) // bs)[:, None], (kidx // bs)[None, :]]
-        return mask | self._band(pos, kidx) if self.local else mask
+        return mask | self._band(pos, kidx)
 
     def _attend(self, q, k, v, *, causal, key_padding_mask, attn_mask, scale, need_probs, need_lse=False,
                 need_col_sums=False):
@@ -250,9 +252,7 @@ class LearnedMask(AttentionMethod):
             soft = torch.sigmoid(self.scores[:, dist] / o.temperature)  # (H, C, K)
             h = hard[:, rows[:, None], cols[None, :]].to(soft.dtype)
             st = h + soft - soft.detach()
-            always = forced[rows[:, None], cols[None, :]]
-            if self.local:
-                always = always | self._band(pos, kidx)
+            always = forced[rows[:, None], cols[None, :]] | self._band(pos, kidx)
             return torch.where(always, torch.ones_like(st), st)[None]  # (1, H, C, K)
 
         return gate
@@ -263,7 +263,7 @@ class LearnedMask(AttentionMethod):
         def gate(s, e, kidx):
             pos = torch.arange(s, e, device=kidx.device) + tk - tq
             g = layout[:, :, (pos.clamp(min=0) // bs)[:, None], (kidx // bs)[None, :]]  # (B, H, C, K)
-            return (g | self._band(pos, kidx) if self.local else g).float()
+            return (g | self._band(pos, kidx)).float()
 
         return gate
 
@@ -309,7 +309,9 @@ class LearnedMask(AttentionMethod):
             allowed, _ = masks.combine(tq, tk, causal=causal, key_padding_mask=key_padding_mask, device=q.device)
             sc = torch.matmul(q[:, :, s:e].float(), k.float().transpose(-1, -2)) * scale
             p = masks.masked_softmax(sc, None if allowed is None else allowed[..., s:e, :])  # (B, H, C, Tk)
-            per_block = torch.nn.functional.pad(p, (0, nb * bs - tk)).unflatten(-1, (nb, bs)).sum((-1, -2))  # (B, H, nb)
+            p = p.clone()
+            p[..., : self.opts.sinks] = 0  # the sink tokens are always kept: their mass says nothing about distances
+            per_block = torch.nn.functional.pad(p, (0, nb * bs - tk)).unflatten(-1, (nb, bs)).sum(-1).sum(-2)  # (B, H, nb)
             d = (a - torch.arange(nb, device=q.device)).abs()
             keep = d <= a if causal else torch.ones_like(d, dtype=torch.bool)
             mass.index_add_(1, d[keep], per_block.sum(0)[:, keep].double() / (e - s) / q.shape[0])

@@ -42,6 +42,29 @@ class WindowPattern(Pattern):
         mod = sliding_window_mod(self.window, offset, device)
         return or_masks(mod, sinks_mod(self.sinks, device)) if self.sinks else mod
 
+    def density(self, tq: int, tk: int, causal: bool = True) -> float:
+        """Closed form for causal self-attention (row i keeps min(i, w) + 1 band keys and the sinks below the band);
+        the generic count otherwise."""
+        if not (causal and tq == tk):
+            return super().density(tq, tk, causal)
+        i = torch.arange(tq, dtype=torch.float64)
+        band = torch.clamp(i, max=self.window) + 1
+        sinks = torch.clamp(torch.clamp(i - self.window, min=0), max=self.sinks)
+        return float((band + sinks).sum() / (tq * (tq + 1) / 2))
+
+    @classmethod
+    def for_density(cls, density: float, seq_len: int, sinks: int = 0) -> "WindowPattern":
+        """The causal window (+ sinks) whose density at seq_len is closest to `density` (binary search)."""
+        lo, hi = 0, seq_len
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if cls(mid, sinks).density(seq_len, seq_len, True) < density:
+                lo = mid + 1
+            else:
+                hi = mid
+        best = min((max(0, lo - 1), lo), key=lambda w: abs(cls(w, sinks).density(seq_len, seq_len, True) - density))
+        return cls(best, sinks)
+
     def key_chunks(self, tq, tk, causal, chunk: int | None = None):
         """The band [s+off-w, e-1+off+w] (causal: up to e-1+off) and the sinks before it; chunks of at least 64
         queries so the Python loop stays short for small windows."""

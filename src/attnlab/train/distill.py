@@ -562,7 +562,7 @@ class _Run:
             return []
         t = self.cfg.seq_len
         target = sum(m.density_at(t) for m in lm) / len(lm)
-        window = min(range(t), key=lambda w: abs(WindowPattern(w, 4).density(t, t, causal=True) - target))
+        window = WindowPattern.for_density(target, t, sinks=4).window
         tmp = self.out / ".trained"
         save(self.model, tmp)
         unswap(self.model)
