@@ -80,7 +80,7 @@ def quality(args) -> None:
                                 warmup=1, progress=False, transfer_steps=2, steps=1)
             spec = {"*": (spec["*"][0], {**spec["*"][1], **({"block_size": 16} if "block_size" in spec["*"][1] else {}),
                                          **({"window": 8} if "window" in spec["*"][1] else {})})}
-        out = Path(args.out) / "runs" / name
+        out = Path(args.runs) / name
         shutil.rmtree(out, ignore_errors=True)
         t0 = time.time()
         try:
@@ -144,7 +144,7 @@ def speed(args) -> None:
                 opts["learn_features"] = True
             if method == "learned_mask":
                 opts.update(density=0.25, block_size=128)
-            out = Path(args.out) / "speed" / f"{method}-{seq}"
+            out = Path(args.runs) / "speed" / f"{method}-{seq}"
             shutil.rmtree(out, ignore_errors=True)
             cfg = DistillConfig(seq_len=seq, batch_size=1, steps=6, transfer_steps=0, eval_every=1000, eval_windows=1,
                                 checkpoint_every=1000, warmup=1, progress=False, baseline=False)
@@ -165,9 +165,13 @@ def speed(args) -> None:
 
 
 def main() -> None:
+    from attnlab.bench.sweep import raise_recompile_limit
+
+    raise_recompile_limit()  # flex variants per (shape, pattern, grad mode): past dynamo's default 8 it runs eagerly
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("plan", choices=["prepare", "quality", "speed"])
-    p.add_argument("--out", default="/tmp/distill_gpu")
+    p.add_argument("--out", default="/tmp/distill_gpu", help="quality.json, curves.png, speed.json")
+    p.add_argument("--runs", default="/tmp/distill_runs", help="each run's own folder (checkpoints, attention)")
     p.add_argument("--budget", type=float, default=420.0, help="quality: no new run starts after this many seconds")
     p.add_argument("--only", default=None, help="quality: comma list of run names")
     p.add_argument("--device", default="cuda")

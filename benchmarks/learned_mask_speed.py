@@ -23,6 +23,9 @@ from attnlab.patterns import WindowPattern
 
 
 def main() -> None:
+    from attnlab.bench.sweep import raise_recompile_limit
+
+    raise_recompile_limit()  # flex variants per (shape, pattern, grad mode): past dynamo's default 8 it runs eagerly
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="/tmp/lm_speed")
     p.add_argument("--lengths", default="4096,16384,65536")

@@ -138,7 +138,7 @@ def run_sweep(
     from tqdm.auto import tqdm
 
     started = time.perf_counter() if started is None else started
-    _raise_recompile_limit()
+    raise_recompile_limit()
     deadline = None if time_budget_s is None else started + time_budget_s
     steps = parse_batch(str(batch))
     lengths = sorted(lengths)
@@ -196,7 +196,7 @@ def run_sweep(
     return rows
 
 
-def _raise_recompile_limit(limit: int = 256) -> None:
+def raise_recompile_limit(limit: int = 256) -> None:
     """A sweep compiles flex_attention for many (impl, length, batch, grad mode) variants; at torch's default
     limit (8 per function) dynamo silently falls back to eager flex, which builds the dense matrix and
     turns a sparse kernel into an OOM. Raise the limits for the benchmark process only."""

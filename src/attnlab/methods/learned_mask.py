@@ -325,8 +325,16 @@ class LearnedMask(AttentionMethod):
 
     def density_at(self, seq_len: int, causal: bool = True) -> float:
         """Fraction of the causal token pairs the static mask keeps at this length (averaged over heads)."""
-        nb = -(-seq_len // self.opts.block_size)
-        allowed = self._token_mask(self.static_layout(nb, causal), seq_len, seq_len)
-        vis = torch.ones(seq_len, seq_len, dtype=torch.bool, device=allowed.device)
-        vis = vis.tril() if causal else vis
-        return float((allowed & vis).sum()) / float(vis.sum() * allowed.shape[0])
+        bs = self.opts.block_size
+        nb = -(-seq_len // bs)
+        layout = self.static_layout(nb, causal)
+        kept = 0
+        kidx = torch.arange(seq_len, device=layout.device)
+        for a in range(nb):  # a block of query rows at a time: never a T x T mask
+            pos = torch.arange(a * bs, min((a + 1) * bs, seq_len), device=layout.device)
+            rows = layout[:, a][:, kidx // bs][:, None, :] | self._band(pos, kidx)[None]  # (H, C, T)
+            if causal:
+                rows = rows & (kidx[None, :] <= pos[:, None])[None]
+            kept += int(rows.sum())
+        total = seq_len * (seq_len + 1) // 2 if causal else seq_len * seq_len
+        return kept / (total * layout.shape[0])
