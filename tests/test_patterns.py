@@ -127,3 +127,41 @@ def test_flex_availability(monkeypatch):
     monkeypatch.setattr(sparse, "TORCH_VERSION", (2, 5))
     assert "torch >= 2.6" in sparse.flex_unavailable_reason(torch.device("cpu"))
     assert sparse.unsupported_reasons("flex", "cpu", need_col_sums=True)
+
+
+def _true_tables(pat, t, bs, causal):
+    nb, pad = -(-t // bs), -(-t // bs) * bs - t
+    d = torch.nn.functional.pad(pat.dense(t, t, causal), (0, pad, 0, pad)).reshape(-1, nb, bs, nb, bs)
+    valid = torch.nn.functional.pad(torch.ones(t, t, dtype=torch.bool), (0, pad, 0, pad)).reshape(nb, bs, nb, bs)
+    return (d & valid).any(4).any(2), (d | ~valid).all(4).all(2)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("t", [64, 61])
+def test_block_tables_never_claim_a_full_block_wrongly_nor_miss_a_pair(causal, t):
+    """BlockMasks built from block tables (no token-level evaluation): a block marked full skips the mask, so it
+    must really be full; a block left out skips the keys, so it must really be empty."""
+    lay = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(0)) < 0.4
+    pats = [patterns.WindowPattern(5), patterns.WindowPattern(20, 3), patterns.WindowPattern(0, 4),
+            patterns.BlockPattern(lay, 4), patterns.UnionPattern(patterns.BlockPattern(lay, 4), patterns.WindowPattern(6, 4))]
+    for pat in pats:
+        any_, full = pat.block_tables(-(-t // 8), 8, causal)
+        true_any, true_full = _true_tables(pat, t, 8, causal)
+        assert not (full & ~true_full).any(), pat
+        assert not (true_any & ~any_).any(), pat
+        if isinstance(pat, patterns.WindowPattern) and not pat.sinks and t % 8 == 0:  # else conservative, not exact
+            assert torch.equal(any_.expand_as(true_any), true_any) and torch.equal(full.expand_as(true_full), true_full)
+
+
+@pytest.mark.flex
+@pytest.mark.parametrize("causal", [False, True])
+def test_flex_through_a_table_built_block_mask_equals_dense(causal):
+    q, k, v = rand_qkv(b=2, h=3, tq=37, d=16, seed=1)
+    lay = torch.rand(3, 10, 10, generator=torch.Generator().manual_seed(1)) < 0.4
+    pat = patterns.UnionPattern(patterns.BlockPattern(lay, 4), patterns.WindowPattern(5, 4))
+    assert pat.block_tables(3, 16, causal) is not None  # the path under test
+    with torch.no_grad():
+        res, kernel = sparse.sparse_attention(q, k, v, pat, causal=causal, key_padding_mask=None, scale=0.25,
+                                              backend="flex", flex_block_size=16)
+    assert kernel == "flex"
+    assert_matches_reference(res.out, q, k, v, attn_mask=pat.dense(37, 37, False)[None], causal=causal, scale=0.25)

@@ -64,6 +64,24 @@ def dense_mask(mask_mod: MaskMod, tq: int, tk: int, device=None, heads: int | No
     return out.expand(heads or 1, tq, tk) if out.dim() == 3 else out.expand(tq, tk)[None].expand(heads or 1, tq, tk)
 
 
+def block_mask_from_tables(any_: torch.Tensor, full: torch.Tensor, mask_mod: MaskMod, tq: int, tk: int, bs: int, device):
+    """A FlexAttention BlockMask from block tables (Bool[H|1, nq, nk]): blocks in `full` skip the mask_mod, the
+    other blocks in `any_` evaluate it; nothing is evaluated at token resolution (O(H nq nk) to build)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    any_, full = any_.to(device), full.to(device)
+    partial = any_ & ~full
+
+    def ordered(table):  # counts [1, H, nq] and the True block indices first, ascending [1, H, nq, nk]
+        idx = torch.argsort((~table).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+        return table.sum(-1).to(torch.int32)[None], idx[None]
+
+    kv_num, kv_idx = ordered(partial)
+    full_num, full_idx = ordered(full)
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=bs, mask_mod=mask_mod,
+                                    seq_lengths=(tq, tk))
+
+
 class Pattern(nn.Module):
     """Base of every sparsity pattern. Subclasses write `_mask_mod(offset, device)` (the pattern alone, causal
     is added here) and, for an efficient plain-PyTorch kernel, `key_chunks`."""
@@ -91,6 +109,12 @@ class Pattern(nn.Module):
 
     def covers(self, tq: int, tk: int) -> str | None:
         """Why the pattern cannot serve these lengths (None: it can). Fixed-size layouts override."""
+        return None
+
+    def block_tables(self, nb: int, bs: int, causal: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(any, full): Bool[H|1, nb, nb] for self-attention in blocks of `bs` tokens: `any` where some pair of the
+        block pair is allowed, `full` where every pair is (causal included). None: not known at block level; the
+        BlockMask is then built by evaluating the mask_mod at token resolution."""
         return None
 
     # ---- shared mechanics ----------------------------------------------------------------------------------
@@ -140,8 +164,13 @@ class Pattern(nn.Module):
         if hit is not None:
             self._block_masks.move_to_end(key)
             return hit
-        bm = create_block_mask(self.mask_mod(tq, tk, causal, device), None, heads, tq, tk, device=device,
-                               BLOCK_SIZE=block_size)
+        nb = -(-tk // block_size)
+        tables = self.block_tables(nb, block_size, causal) if tq == tk else None
+        if tables is None:
+            bm = create_block_mask(self.mask_mod(tq, tk, causal, device), None, heads, tq, tk, device=device,
+                                   BLOCK_SIZE=block_size)
+        else:
+            bm = block_mask_from_tables(*tables, self.mask_mod(tq, tk, causal, device), tq, tk, block_size, device)
         self._block_masks[key] = bm
         while len(self._block_masks) > 16:
             self._block_masks.popitem(last=False)
@@ -179,6 +208,15 @@ class UnionPattern(Pattern):
 
     def covers(self, tq, tk):
         return next((why for why in (p.covers(tq, tk) for p in self.parts) if why), None)
+
+    def block_tables(self, nb, bs, causal):
+        tables = [p.block_tables(nb, bs, causal) for p in self.parts]
+        if any(t is None for t in tables):
+            return None
+        any_, full = tables[0]
+        for a, f in tables[1:]:
+            any_, full = any_ | a, full | f
+        return any_, full
 
     def mask_mod(self, tq, tk, causal=False, device=None):
         mods = [p.mask_mod(tq, tk, False, device) for p in self.parts]

@@ -114,6 +114,23 @@ class BlockPattern(Pattern):
     def _mask_mod(self, offset, device):
         return block_layout_mod(self.layout, self.block_size, offset, device)
 
+    def block_tables(self, nb, bs, causal):
+        if bs % self.block_size:
+            return None
+        f = bs // self.block_size  # flex blocks of f x f layout blocks
+        lay = self.layout if self.layout.dim() == 3 else self.layout[None]  # (H|1, nq, nk)
+        n = nb * f
+        lay = torch.nn.functional.pad(lay, (0, max(0, n - lay.shape[-1]), 0, max(0, n - lay.shape[-2])))[:, :n, :n]
+        blocks = lay.reshape(lay.shape[0], nb, f, nb, f)
+        a = torch.arange(nb)[:, None]
+        b = torch.arange(nb)[None, :]
+        any_ = blocks.any(4).any(2).cpu()
+        full = blocks.all(4).all(2).cpu()
+        if causal:
+            any_ = any_ & (b <= a)
+            full = full & (b < a)
+        return any_, full
+
     def key_chunks(self, tq, tk, causal):
         return layout_chunks(self.layout, tq, tk, self.block_size, causal=causal, device=self.device)
 

@@ -42,6 +42,25 @@ class WindowPattern(Pattern):
         mod = sliding_window_mod(self.window, offset, device)
         return or_masks(mod, sinks_mod(self.sinks, device)) if self.sinks else mod
 
+    def block_tables(self, nb, bs, causal):
+        a = torch.arange(nb)[:, None]
+        b = torch.arange(nb)[None, :]
+        near = a * bs - ((b + 1) * bs - 1)  # i - j at the closest pair of the block pair (negative: b after a)
+        far = (a + 1) * bs - 1 - b * bs  # i - j at the farthest pair
+        w = self.window
+        if causal:
+            any_ = (b <= a) & (near <= w)
+            full = (b < a) & (far <= w)
+        else:
+            closest = torch.where(b < a, near, torch.where(b > a, b * bs - ((a + 1) * bs - 1), torch.zeros_like(near)))
+            any_ = closest <= w
+            full = torch.maximum(far, (b + 1) * bs - 1 - a * bs) <= w
+        if self.sinks:
+            sink_any = (b * bs < self.sinks) & ((b <= a) if causal else torch.ones_like(any_))
+            sink_full = ((b + 1) * bs <= self.sinks) & ((b < a) if causal else torch.ones_like(any_))
+            any_, full = any_ | sink_any, full | sink_full
+        return any_[None], full[None]
+
     def density(self, tq: int, tk: int, causal: bool = True) -> float:
         """Closed form for causal self-attention (row i keeps min(i, w) + 1 band keys and the sinks below the band);
         the generic count otherwise."""
