@@ -115,7 +115,6 @@ def cuda_vs_cpu(names, dtypes) -> int:
                 # the CUDA path's error vs fp64, against the CPU path's own error in the same dtype (the yardstick)
                 e_cpu, e_cuda = ((o - truth).abs().max().item() for o in outs)
                 scale = max(1.0, truth.abs().max().item())
-                err = e_cuda
                 g_rel = [max(((a - t).abs().max() / t.abs().max().clamp_min(1e-6)).item() for a, t in zip(g, gtruth))
                          for g in grads]
                 gerr = g_rel[1]

@@ -171,7 +171,10 @@ def evaluate(model, windows: torch.Tensor, *, ref_probs=None, grad_ids=None, bas
                 t = model(ids).logits.float()
             s = model(ids).logits.float()
         st = fm.next_token_stats(t.cpu(), s.cpu(), ids.cpu())
-        kls.append(st["kl"]), agree.append(st["agree"]), nll_t.append(st["nll_base"]), nll_s.append(st["nll_new"])
+        kls.append(st["kl"])
+        agree.append(st["agree"])
+        nll_t.append(st["nll_base"])
+        nll_s.append(st["nll_new"])
     kl = torch.cat(kls)
     out = {"kl_mean": kl.mean().item(), "kl_p95": kl.quantile(0.95).item(), "top1": torch.cat(agree).mean().item(),
            "ppl_base": torch.cat(nll_t).mean().exp().item(), "ppl": torch.cat(nll_s).mean().exp().item()}
@@ -281,6 +284,7 @@ class _Run:
         self.last, self.counts = last, counts
         self.autocast_dtype = autocast_dtype
         self.log: list[dict] = []
+        self._logged = 0  # lines of self.log already in OUT/log.jsonl
 
     def autocast(self):
         import contextlib
@@ -392,7 +396,7 @@ class _Run:
 
             save(model, self.out / "attention", extra={"distill": {k: result[k] for k in ("kl_before", "kl_after")}})
             (self.out / "result.json").write_text(json.dumps(result, indent=1, default=str))
-            self._append_log(final=True)
+            self._append_log()
             self._plot()
             print(f"attnlab distill: KL {result['kl_before']:.4g} -> {result['kl_after']:.4g} nats/token, ppl "
                   f"{result['ppl_before']:.4g} -> {result['ppl_after']:.4g} (original {result['ppl_base']:.4g}), top-1 "
@@ -518,8 +522,8 @@ class _Run:
         (self.out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self.log))
         self._logged = len(self.log)
 
-    def _append_log(self, final: bool = False) -> None:
-        new = self.log[getattr(self, "_logged", 0):]
+    def _append_log(self) -> None:
+        new = self.log[self._logged:]
         if new:
             with (self.out / "log.jsonl").open("a") as fh:
                 fh.write("".join(json.dumps(r) + "\n" for r in new))
