@@ -100,6 +100,12 @@ def run(args) -> int:
     print(f"\nwrote {path}")
     if not args.no_plot:
         png = path.with_suffix(".png")
-        task.plot(rows, png, title=f"{model_name}, {setup}")
+        if task.name == "lm":
+            title = (f"attnlab compare: {model_name}, {setup['windows']} held-out windows x {args.seq_len} tokens of "
+                     f"{setup['text']}; every method swapped in without fine-tuning")
+        else:
+            title = (f"attnlab compare: {model_name} on Spam Assassin ({setup['train']} train / {setup['test']} test "
+                     f"emails, {args.seq_len} tokens); frozen head, no fine-tuning")
+        task.plot(rows, png, title=title)
         print(f"wrote {png}")
     return 0

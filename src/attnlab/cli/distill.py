@@ -29,11 +29,21 @@ def add_parser(sub) -> None:
                                                               "(moby: its first 90%% only) (default: %(default)s)")
     p.add_argument("--eval", dest="eval_text", default="moby", help="held-out text: moby (the tail of Moby Dick, as in "
                                                                      "compare) or a UTF-8 file (default: %(default)s)")
+    helps = {
+        "steps": "optimiser steps of the KL stage", "seq_len": "tokens per training and held-out window",
+        "batch_size": "windows per step and process", "grad_accum": "micro-batches per optimiser step",
+        "lr": "learning rate of the KL stage", "transfer_lr": "learning rate of the attention-transfer stage",
+        "warmup": "linear warmup steps of each stage (then cosine decay to 10%%)", "weight_decay": "AdamW weight decay",
+        "clip": "max gradient norm (0: none)", "transfer_steps": "attention-transfer steps before the KL stage (LoLCATs)",
+        "eval_every": "held-out evaluation every N steps (and before and after)",
+        "eval_windows": "held-out windows per evaluation", "checkpoint_every": "checkpoint every N steps",
+        "seed": "seed of the data order and the parameters' init",
+    }
     for f in dataclasses.fields(d):
         if f.name in ("train", "eval_text", "baseline", "progress"):
             continue
         p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
-                       help=f"(default: {f.default})")
+                       help=f"{helps.get(f.name, f.name)} (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu | cuda (under torchrun: each rank takes cuda:LOCAL_RANK)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                    help="compute dtype: bfloat16 = autocast (default on CUDA), float32 (default on CPU)")

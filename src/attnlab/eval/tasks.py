@@ -124,41 +124,80 @@ def plot(rows, task, path, title="") -> None:
     import matplotlib.pyplot as plt
 
     ok = [r for r in rows if r["status"] == "ok"]
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    skipped = [r for r in rows if r["status"] != "ok"]
     if task == "lm":
-        xs = [r["ms_per_window"] for r in ok]
-        ys = [max(r["kl_mean"], 1e-9) for r in ok]
-        ax.set_xlabel("model forward time per window (ms)")
-        ax.set_ylabel("next-token KL(original || swapped), nats/token")
-        ax.set_yscale("log")
-        ax.axhline(1e-3, color="gray", ls="--", lw=1)
-        ax.text(min(xs), 1.1e-3, "target 1e-3", color="gray", fontsize=8)
-    else:  # accuracy per method as sorted bars: the cluster near the original stays readable
-        ok = sorted(ok, key=lambda r: r["accuracy"])
-        base = next((r["accuracy"] for r in ok if r["method"] == "original"), None)
-        colors = ["tab:gray" if r["method"] == "original" else
-                  ("tab:green" if base and r["accuracy"] >= 0.95 * base else "tab:red") for r in ok]
-        ax.barh([r["method"] for r in ok], [r["accuracy"] for r in ok], color=colors)
-        for i, r in enumerate(ok):
-            ax.text(r["accuracy"], i, f" {r['accuracy']:.3f} ({r['seconds']:.0f} s)", va="center", fontsize=8)
-        if base:
-            ax.axvline(0.95 * base, color="gray", ls="--", lw=1)
-            ax.text(0.95 * base, len(ok) - 0.5, " 95% of original", color="gray", fontsize=8)
-        ax.set_xlabel("test accuracy, no fine-tuning (green: >= 95% of the original)")
-        ax.set_xlim(0, 1.12)
-        ax.set_title(f"attnlab compare ({task}): {title}"[:110], fontsize=9)
-        ax.grid(alpha=0.3, axis="x")
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+        _plot_lm(plt, ok, skipped, path, title)
         return
-    ax.scatter(xs, ys)
-    for r, x, y in zip(ok, xs, ys):
-        ax.annotate(r["method"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_title(f"attnlab compare ({task}): {title}"[:110], fontsize=9)
-    ax.grid(alpha=0.3)
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    ok = sorted(ok, key=lambda r: r["accuracy"])  # sorted bars: the cluster near the original stays readable
+    base = next((r["accuracy"] for r in ok if r["method"] == "original"), None)
+    colors = ["tab:gray" if r["method"] == "original" else
+              ("tab:green" if base and r["accuracy"] >= 0.95 * base else "tab:red") for r in ok]
+    ax.barh([r["method"] for r in ok], [r["accuracy"] for r in ok], color=colors)
+    for i, r in enumerate(ok):
+        ax.text(r["accuracy"], i, f" {r['accuracy']:.3f} ({r['seconds']:.0f} s)", va="center", fontsize=8)
+    if base:
+        ax.axvline(0.95 * base, color="gray", ls="--", lw=1)
+        ax.text(0.95 * base, -0.9, "95% of original ", color="gray", fontsize=8, ha="right", va="center")
+    ax.set_ylim(-1.3, len(ok) - 0.4)
+    ax.set_xlabel("test accuracy, no fine-tuning (green: >= 95% of the original)")
+    ax.set_xlim(0, 1.15)
+    if skipped:
+        ax.text(0.01, 0.01, "not run: " + ", ".join(r["method"] for r in skipped), transform=ax.transAxes, fontsize=7)
+    ax.set_title(title, fontsize=9, wrap=True)
+    ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _place_labels(fig, ax, points) -> None:
+    """Annotate (x, y, text) points, each label at the first of a few offsets whose box (display coordinates,
+    ~6 px a character) overlaps no label placed before it."""
+    fig.canvas.draw()
+    placed = []
+    offsets = [(5, 5), (5, -13), (-5, 5), (-5, -13), (5, 16), (5, -24), (-5, 16), (-5, -24)]
+    for x, y, text in points:
+        px, py = ax.transData.transform((x, y))
+        w, h = 6.0 * len(text), 10.0
+        for dx, dy in offsets:
+            x0 = px + dx if dx > 0 else px + dx - w
+            box = (x0, py + dy, x0 + w, py + dy + h)
+            if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in placed):
+                break
+        placed.append(box)
+        ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=8,
+                    ha="left" if dx > 0 else "right")
+
+
+def _plot_lm(plt, ok, skipped, path, title) -> None:
+    """KL against forward time and against attention memory, one point per method; an exact KL of 0 is drawn as
+    a triangle on the floor and said so; labels of neighbouring points alternate above and below."""
+    positive = [r["kl_mean"] for r in ok if r["kl_mean"] > 0]
+    floor = min(positive) / 10 if positive else 1e-9
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
+    panels = [("ms_per_window", "model forward time per window (ms)", 1.0),
+              ("attn_peak_bytes", "peak memory of one attention call (MiB)", 2.0 ** -20)]
+    for ax, (key, label, unit) in zip(axes, panels):
+        pts = sorted(((r[key] * unit, r) for r in ok if r.get(key) is not None), key=lambda p: p[0])
+        for x, r in pts:
+            zero = r["kl_mean"] <= 0
+            ax.scatter([x], [floor if zero else r["kl_mean"]], marker="v" if zero else "o",
+                       color="tab:orange" if zero else "tab:blue")
+        ax.set_yscale("log")
+        _place_labels(fig, ax, [(x, floor if r["kl_mean"] <= 0 else r["kl_mean"],
+                                 r["method"] + (" (KL = 0)" if r["kl_mean"] <= 0 else "")) for x, r in pts])
+        ax.set_xlabel(label)
+        ax.axhline(1e-3, color="gray", ls="--", lw=1)
+        ax.text(0.99, 1.1e-3, "target KL 1e-3", color="gray", fontsize=8, ha="right", transform=ax.get_yaxis_transform())
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("next-token KL(original || swapped), nats/token")
+    if skipped:
+        axes[1].text(0.01, 0.01, "not run: " + "; ".join(f"{r['method']} ({r['status']})" for r in skipped),
+                     transform=axes[1].transAxes, fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
