@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
+from ..plotting import place_labels
 from ..types import AttnlabError
 
 
@@ -151,25 +152,6 @@ def plot(rows, task, path, title="") -> None:
     plt.close(fig)
 
 
-def _place_labels(fig, ax, points) -> None:
-    """Annotate (x, y, text) points, each label at the first of a few offsets whose box (display coordinates,
-    ~6 px a character) overlaps no label placed before it."""
-    fig.canvas.draw()
-    placed = []
-    offsets = [(5, 5), (5, -13), (-5, 5), (-5, -13), (5, 16), (5, -24), (-5, 16), (-5, -24)]
-    for x, y, text in points:
-        px, py = ax.transData.transform((x, y))
-        w, h = 6.0 * len(text), 10.0
-        for dx, dy in offsets:
-            x0 = px + dx if dx > 0 else px + dx - w
-            box = (x0, py + dy, x0 + w, py + dy + h)
-            if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in placed):
-                break
-        placed.append(box)
-        ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=8,
-                    ha="left" if dx > 0 else "right")
-
-
 def _plot_lm(plt, ok, skipped, path, title) -> None:
     """KL against forward time and against attention memory, one point per method; an exact KL of 0 is drawn as
     a triangle on the floor and said so; labels of neighbouring points alternate above and below."""
@@ -185,7 +167,7 @@ def _plot_lm(plt, ok, skipped, path, title) -> None:
             ax.scatter([x], [floor if zero else r["kl_mean"]], marker="v" if zero else "o",
                        color="tab:orange" if zero else "tab:blue")
         ax.set_yscale("log")
-        _place_labels(fig, ax, [(x, floor if r["kl_mean"] <= 0 else r["kl_mean"],
+        place_labels(fig, ax, [(x, floor if r["kl_mean"] <= 0 else r["kl_mean"],
                                  r["method"] + (" (KL = 0)" if r["kl_mean"] <= 0 else "")) for x, r in pts])
         ax.set_xlabel(label)
         ax.axhline(1e-3, color="gray", ls="--", lw=1)

@@ -15,6 +15,7 @@ What else a method owns (class methods, read by compare, bench, the tests and th
 - `defaults(seq_len)`: the options it runs with at that length unless told otherwise;
 - `exact_limit(tq, tk)`: options under which it IS dense attention (None: it has no such limit, and its
   own implied-matrix form, need_probs=True, is its reference);
+- `complexity`: its time and memory per head in n, d and its own parameters (README tables);
 - `test_options(seq_len)`: small but non-trivial options for checks at a short length (a window narrower than
   the sequence, several blocks), causal-safe where the method is causal.
 """
@@ -46,6 +47,9 @@ class AttentionMethod(nn.Module):
     capabilities: ClassVar[Capabilities] = Capabilities()
     # GQA handled natively by `_attend` (k, v arrive with Hkv heads) instead of expanded by the base.
     native_gqa: ClassVar[bool] = False
+    # (time, memory, what the symbols are) per head as the method runs in attnlab, n the sequence length and d the
+    # head dim, e.g. ("O(n m d)", "O(n m + m d)", "m: num_features"); the README's vision table prints it
+    complexity: ClassVar[tuple[str, str, str]] = ("?", "?", "")
 
     @dataclasses.dataclass
     class Options:

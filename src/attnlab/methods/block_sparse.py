@@ -25,6 +25,7 @@ _RECIPE = {"num_global_blocks": 1, "num_window_blocks": 3, "num_random_blocks": 
 @register("block_sparse")
 class BlockSparse(SparseAttention):
     """Block-sparse attention over a fixed layout or BigBird's global + window + random recipe."""
+    complexity = ("O(n k b d)", "O(n)", "b: block_size, k: blocks kept per row")
 
     @dataclasses.dataclass
     class Options:

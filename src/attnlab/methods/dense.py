@@ -43,6 +43,7 @@ def column_sums(probs: torch.Tensor, key_padding_mask=None) -> torch.Tensor:
 @register("dense")
 class Dense(AttentionMethod):
     """Explicit softmax(QK^T*scale + mask)V, fp32 softmax, can return probs. The reference for every test."""
+    complexity = ("O(n² d)", "O(n²)", "explicit score matrix")
 
     capabilities = Capabilities(causal=True, padding=True, attn_mask=True, probs=True, extras=("lse", "col_sums"))
 

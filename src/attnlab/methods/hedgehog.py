@@ -20,6 +20,7 @@ from ._kernel import BACKENDS, KernelAttention
 @register("hedgehog")
 class HedgehogAttention(KernelAttention):
     """Linear attention with Hedgehog's learnable softmax-mimicking feature map (trainable)."""
+    complexity = ("O(n m d)", "O(n m + m d)", "m: feature_dim")
 
     capabilities = Capabilities(causal=True, padding=True, probs=True, trainable=True, extras=("col_sums",))
 

@@ -35,6 +35,7 @@ from .base import AttentionMethod
 @register("hybrid")
 class Hybrid(AttentionMethod):
     """Sliding-window softmax + Hedgehog linear attention beyond the window, one normaliser (trainable)."""
+    complexity = ("O(n (w + m) d)", "O(n (w + m) + m d)", "w: window, m: feature_dim")
 
     capabilities = Capabilities(causal=True, padding=True, probs=True, trainable=True)
 

@@ -49,6 +49,7 @@ from .dense import column_sums, dense_attention
 @register("learned_mask")
 class LearnedMask(AttentionMethod):
     """Block-sparse attention whose blocks are learned (static per distance, or content-based): trainable."""
+    complexity = ("O(ρ n² d)", "O(n + (n/b)²)", "ρ: density, b: block_size (the block table)")
 
     capabilities = Capabilities(causal=True, padding=True, probs=True, trainable=True, extras=("lse", "col_sums"))
 

@@ -22,6 +22,7 @@ from ._kernel import BACKENDS, KernelAttention
 @register("linear")
 class Linear(KernelAttention):
     """Kernelised attention with a fixed positive feature map; never builds Tq x Tk unless need_probs."""
+    complexity = ("O(n d²)", "O(n d + d²)", "d: head dim")
 
     # relu features can make a row's normaliser exactly 0 (all q, k features off): that row returns zeros.
     capabilities = Capabilities(causal=True, padding=True, attn_mask=False, probs=True, extras=("col_sums",))

@@ -28,6 +28,7 @@ _INITS = ("normal", "identity")
 @register("linformer")
 class Linformer(AttentionMethod):
     """Low-rank projection of keys/values along the sequence (O(T * proj_len)); trainable E, F."""
+    complexity = ("O(n k d)", "O(n k)", "k: proj_len")
 
     capabilities = Capabilities(causal=False, padding=True, probs=False, trainable=True, max_len=True)
 

@@ -59,6 +59,7 @@ SELF_SCORE = -1e5  # Reformer's value for a token attending to itself (finite, s
 @register("lsh")
 class LSH(AttentionMethod):
     """Reformer LSH attention: hash, sort, chunk, attend within bucket (look one back), combine rounds."""
+    complexity = ("O(r n (log n + c d))", "O(r n c)", "r: n_hashes, c: bucket_size")
 
     capabilities = Capabilities(causal=True, padding=True, attn_mask=False, probs=True, cross=False)
 

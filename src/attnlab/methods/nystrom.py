@@ -56,6 +56,7 @@ def segment_means(m: int, t: int, key_padding_mask: torch.Tensor | None, dtype, 
 @register("nystrom")
 class Nystrom(AttentionMethod):
     """Nystrom approximation of the softmax matrix through m segment-mean landmarks (O(T m))."""
+    complexity = ("O(n m d + m³)", "O(n m + m²)", "m: num_landmarks")
 
     capabilities = Capabilities(causal=False, padding=True, probs=True, cross=False)
 

@@ -17,6 +17,7 @@ from ._kernel import RandomFeatureAttention
 @register("performer")
 class Performer(RandomFeatureAttention):
     """FAVOR+ softmax-kernel estimator; unbiased, error falls like 1/sqrt(num_features)."""
+    complexity = ("O(n m d)", "O(n m + m d)", "m: num_features")
 
     capabilities = Capabilities(causal=True, padding=True, attn_mask=False, probs=True, trainable=True)  # learn_features
     feature_map_cls = feature_maps.FAVOR

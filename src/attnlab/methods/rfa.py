@@ -19,6 +19,7 @@ from ._kernel import RandomFeatureAttention
 @register("rfa")
 class RFA(RandomFeatureAttention):
     """Random Fourier feature estimate of softmax attention; unbiased kernel, error ~ 1/sqrt(m)."""
+    complexity = ("O(n m d)", "O(n m + m d)", "m: num_features")
 
     capabilities = Capabilities(causal=True, padding=True, attn_mask=False, probs=True, trainable=True)  # learn_features
     feature_map_cls = feature_maps.Fourier

@@ -21,6 +21,7 @@ _BACKENDS = ("auto", "flash", "efficient", "math", "cudnn")
 @register("sdpa")
 class SDPA(AttentionMethod):
     """PyTorch's fused attention. Same numbers as `dense`, never builds the matrix (flash/efficient paths)."""
+    complexity = ("O(n² d)", "O(n)", "fused flash / memory-efficient kernels")
 
     capabilities = Capabilities(causal=True, padding=True, attn_mask=True, probs=False, extras=("lse", "col_sums"))
     native_gqa = True

@@ -21,6 +21,7 @@ from ._sparse import BACKENDS, SparseAttention
 @register("window")
 class Window(SparseAttention):
     """Sliding-window attention (+ StreamingLLM sinks): O(T * window) instead of O(T^2)."""
+    complexity = ("O(n (w + s) d)", "O(n)", "w: window, s: sinks; FlexAttention keeps no score matrix")
 
     @dataclasses.dataclass
     class Options:
