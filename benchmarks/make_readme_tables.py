@@ -192,9 +192,33 @@ def vision_block() -> str:
     return "\n".join(lines)
 
 
+def sparsify_block() -> str:
+    """Every committed `attnlab sparsify` result: global sparse beside window + sinks at each pruned fraction."""
+    lines = []
+    for f in sorted(glob.glob(str(HERE / "results" / "sparsify" / "*" / "sparsify.json"))):
+        res = json.loads(Path(f).read_text())
+        env = res["environment"]
+        rel = Path(f).relative_to(HERE.parent)
+        lines += [f"`{res['command']}` at commit `{res.get('commit') or 'unknown'}`; {env.get('device_name')} "
+                  f"({env.get('cpu_threads')} threads), {res['eval_windows']} held-out windows x {res['seq_len']} tokens "
+                  f"of {res['eval_text']}, {res['block_size']}-token blocks. JSON: [`{rel}`]({rel}).", "",
+                  "| pruned (requested) | global sparse: density | ppl | KL | top-1 | window + sinks: window | density "
+                  "| ppl | KL | top-1 |", "|" + "---|" * 10]
+        rows = res["rows"]
+        for g in (r for r in rows if r["technique"] == "global_sparse"):
+            w = next((r for r in rows if r["technique"] == "window_sinks" and r["fraction"] == g["fraction"]), None)
+            wcells = (f"{w['options']['window']} | {w['density']:.3f} | {w['ppl']:.2f} | {w['kl']:.4f} | {w['top1']:.3f}"
+                      if w else "- | - | - | - | -")
+            lines.append(f"| {g['fraction']:.0%} | {g['density']:.3f} | {g['ppl']:.2f} | {g['kl']:.4f} | {g['top1']:.3f} | "
+                         f"{wcells} |")
+        lines.append(f"\nOriginal model: ppl {rows[0]['ppl_original']:.2f}.")
+    return "\n".join(lines) or "(no committed result)"
+
+
 def blocks() -> dict[tuple[str, str], str]:
     out = {(START, END): bench_block(), ("<!-- distill-table:start -->", "<!-- distill-table:end -->"): distill_block(),
-           ("<!-- vision-table:start -->", "<!-- vision-table:end -->"): vision_block()}
+           ("<!-- vision-table:start -->", "<!-- vision-table:end -->"): vision_block(),
+           ("<!-- sparsify-table:start -->", "<!-- sparsify-table:end -->"): sparsify_block()}
     for task in ("lm", "spam"):
         if (HERE.parent / "docs" / f"compare-{task}.json").exists():
             out[(f"<!-- compare-{task}:start -->", f"<!-- compare-{task}:end -->")] = compare_block(task)

@@ -78,6 +78,12 @@ def list_methods() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def standalone_methods() -> list[str]:
+    """Methods that run from their defaults alone (not those built from data, like global_sparse's pattern):
+    what "every method" means in compare, bench and vision."""
+    return [n for n in list_methods() if not get(n).requires]
+
+
 def get(name: str) -> type["AttentionMethod"]:
     _discover()
     try:

@@ -317,7 +317,8 @@ def test_kernel_that_ran_is_visible(name):
 @pytest.mark.parametrize("name", METHODS)
 def test_defaults_are_valid_options(name):
     for t in (64, 512, 4096, 65536):
-        attnlab.make(name, head_dim=D, num_heads=4, **cls(name).defaults(t))
+        extra = cls(name).test_options(t) if cls(name).requires else {}  # the data it is built from
+        attnlab.make(name, head_dim=D, num_heads=4, **{**extra, **cls(name).defaults(t)})
         assert cls(name).test_options(t) is not None
 
 
@@ -331,7 +332,8 @@ _DIGEST_SCRIPT = textwrap.dedent("""
         g = torch.Generator().manual_seed(0)
         hkv = 2 if caps.gqa else 4
         q = torch.randn(2, 4, 24, 16, generator=g); k = torch.randn(2, hkv, 24, 16, generator=g); v = torch.randn(2, hkv, 24, 16, generator=g)
-        m = attnlab.make(name, head_dim=16, num_heads=4, num_kv_heads=hkv if caps.gqa else None, **cls.defaults(24))
+        opts = {**(cls.test_options(24) if cls.requires else {}), **cls.defaults(24)}
+        m = attnlab.make(name, head_dim=16, num_heads=4, num_kv_heads=hkv if caps.gqa else None, **opts)
         with torch.no_grad():
             o = m(q, k, v, causal=caps.causal).out
         out[name] = hashlib.sha256(o.numpy().tobytes()).hexdigest()

@@ -173,6 +173,8 @@ class SwapSpec:
             opts = dict(rule.options)
             if "seed" in registry.options(rule.method) and "seed" not in opts:
                 opts["seed"] = layer_seed(self.seed, i)
+            if "layer" in registry.options(rule.method) and "layer" not in opts:  # per-layer data (global_sparse)
+                opts["layer"] = i
             out.append(LayerPlan(i, name, rule.method, opts))
         for r in self.rules:  # a selector that picks no layer is almost always a typo
             if not any(r.matches(i, nm, n) for i, nm in enumerate(layer_names)):

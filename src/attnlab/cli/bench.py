@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     common.check_device(device)
     on_cpu = torch.device(device).type == "cpu"
-    methods = attnlab.list_methods() if args.methods in ("all", "") else [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = attnlab.registry.standalone_methods() if args.methods in ("all", "") else [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
         attnlab.registry.get(m)  # unknown names: one line listing the valid ones
     modes = [m.strip() for m in args.mode.split(",")]

@@ -16,7 +16,10 @@ def run(args) -> int:
     names = registry.list_methods()
     if args.json:
         print(json.dumps({n: {"capabilities": registry.capabilities(n).as_dict(),
-                              "options": {k: d for k, (d, _) in registry.options(n).items()}} for n in names},
+                              "options": {k: d for k, (d, _) in registry.options(n).items()},
+                              "requires": list(registry.get(n).requires),
+                              "complexity": dict(zip(("time", "memory", "symbols"), registry.get(n).complexity))}
+                          for n in names},
                          indent=2, default=str))
         return 0
     flags = ("causal", "padding", "attn_mask", "block_mask", "probs", "gqa", "cross", "trainable", "max_len")
@@ -33,7 +36,7 @@ def run(args) -> int:
         doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
         print(f"{n}: {doc}")
         for opt, (default, help_) in registry.options(n).items():
-            print(f"    {opt} = {default!r}  {help_}")
+            print(f"    {opt} (required)  {help_}" if opt in cls.requires else f"    {opt} = {default!r}  {help_}")
     errors = registry.plugin_errors()
     for name, err in errors.items():
         print(f"plugin {name!r} failed to import: {err}")

@@ -68,7 +68,7 @@ def run(args) -> int:
     from ..vision.data import fashion_mnist_dir
     from ..vision.train import VisionConfig, run_vision
 
-    methods = registry.list_methods() if args.methods.strip() == "all" else \
+    methods = registry.standalone_methods() if args.methods.strip() == "all" else \
         [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods:
         raise AttnlabError("--methods is empty")

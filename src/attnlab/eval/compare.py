@@ -53,7 +53,7 @@ def resolve(methods: list[str] | None, overrides: dict[str, dict], seq_len: int,
     any model work."""
     if methods is None and not specs and not loads:
         # references first, then the approximations alphabetically
-        methods = sorted(registry.list_methods(), key=lambda n: (n not in ("dense", "sdpa"), n))
+        methods = sorted(registry.standalone_methods(), key=lambda n: (n not in ("dense", "sdpa"), n))
     methods = list(methods or [])
     for n in methods:
         registry.get(n)  # unknown names fail here, listing the valid ones

@@ -50,6 +50,9 @@ class AttentionMethod(nn.Module):
     # (time, memory, what the symbols are) per head as the method runs in attnlab, n the sequence length and d the
     # head dim, e.g. ("O(n m d)", "O(n m + m d)", "m: num_features"); the README's vision table prints it
     complexity: ClassVar[tuple[str, str, str]] = ("?", "?", "")
+    # options with no usable default: the data a method is built from (global_sparse's measured pattern). Runs
+    # over "every method" (compare, bench all, vision all) leave such a method out unless it is named with them.
+    requires: ClassVar[tuple[str, ...]] = ()
 
     @dataclasses.dataclass
     class Options:

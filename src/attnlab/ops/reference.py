@@ -78,3 +78,28 @@ def blockwise_attention(q, k, v, *, scale: float, causal: bool = False, key_padd
             cols += probs.sum(-2)
     out = torch.cat(outs, dim=2) if need_out else None
     return out, (torch.cat(lses, dim=2) if need_lse else None), cols
+
+
+def block_mass(q, k, *, block_size: int, scale: float, causal: bool, sinks: int = 0):
+    """The attention each query block gives each key block, summed over the block's queries: [B, H, nq_blocks,
+    nk_blocks] fp32, computed one query block at a time (never a T x T matrix). q [B, H, Tq, D], k [B, H, Tk, D]
+    (heads expanded); causal is bottom-right aligned for Tq != Tk. Each query's row sums to 1 (0 if it sees no key).
+    With `sinks` > 0, returns (mass, sink_mass [B, H, nq_blocks]): the part of it that goes to the first `sinks` keys."""
+    b, h, tq, _ = q.shape
+    tk = k.shape[-2]
+    bs = int(block_size)
+    nk = -(-tk // bs)
+    out = torch.zeros(b, h, -(-tq // bs), nk, dtype=torch.float32, device=q.device)
+    sink = torch.zeros(b, h, -(-tq // bs), dtype=torch.float32, device=q.device)
+    kpos = torch.arange(tk, device=q.device)
+    for i, s in enumerate(range(0, tq, bs)):
+        e = min(s + bs, tq)
+        scores = (torch.matmul(q[:, :, s:e], k.transpose(-1, -2)) * scale).float()  # [B, H, <=bs, Tk]
+        if causal:
+            qpos = torch.arange(s, e, device=q.device)[:, None] + (tk - tq)
+            scores = scores.masked_fill(kpos[None, :] > qpos, float("-inf"))
+        _, probs = lse_and_probs(scores)
+        probs = torch.nn.functional.pad(probs.sum(2), (0, nk * bs - tk))  # [B, H, nk * bs]
+        out[:, :, i] = probs.view(b, h, nk, bs).sum(-1)
+        sink[:, :, i] = probs[..., :sinks].sum(-1)
+    return (out, sink) if sinks > 0 else out

@@ -1,0 +1,181 @@
+"""`attnlab sparsify`: measure where a model's attention goes on a corpus, keep the top blocks per layer and head
+as a global sparse pattern, and report held-out perplexity and KL at several sparsities beside a window + sinks
+mask of the same density."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from ..types import AttnlabError
+from . import common
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("sparsify", help="data-informed global sparse attention: measure, select blocks, evaluate",
+                       description="Run the model over a corpus, average its attention per layer and head over "
+                                   "block x block tiles (blockwise, no T x T matrix), save the scores as a pattern "
+                                   "(OUT/pattern: safetensors + JSON), and evaluate held-out perplexity and KL vs the "
+                                   "original with the top (1 - p) of the blocks kept (diagonal always), beside a window "
+                                   "+ sinks mask of the same causal density. Use the pattern with "
+                                   "attnlab.swap(model, 'global_sparse', pattern='OUT/pattern', sparsity=p).")
+    p.add_argument("--model", default="smollm2", help="a packaged causal LM (smollm2) or a local model folder")
+    p.add_argument("--data", default="sotu,brown", help="corpora measured on, comma-separated (sotu, brown, moby's "
+                                                         "first 90%%, or UTF-8 files) (default: %(default)s)")
+    p.add_argument("--eval", dest="eval_text", default="moby", help="held-out text: moby (the tail of Moby Dick) or a "
+                                                                     "UTF-8 file (default: %(default)s)")
+    p.add_argument("--seq-len", type=int, default=1024, help="tokens per window, measured and evaluated (default: %(default)s)")
+    p.add_argument("--block-size", type=int, default=64, help="tokens per block of the pattern (default: %(default)s)")
+    p.add_argument("--sinks", type=int, default=4, help="first tokens every query keeps at token level, as "
+                                                         "StreamingLLM's sinks (0: none) (default: %(default)s)")
+    p.add_argument("--windows", type=int, default=16, help="corpus windows measured (default: %(default)s)")
+    p.add_argument("--eval-windows", type=int, default=4, help="held-out windows evaluated (default: %(default)s)")
+    p.add_argument("--sparsity", default="0,0.5,0.7,0.8,0.9,0.95",
+                   help="fractions of the causal blocks pruned, each in [0, 1) (default: %(default)s)")
+    p.add_argument("--pattern", default=None, metavar="DIR", help="evaluate an existing pattern instead of measuring one")
+    p.add_argument("--no-baseline", action="store_true", help="skip the window + sinks baseline")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model dtype")
+    p.add_argument("--out", default=str(common.default_results_dir("sparsify")),
+                   help="folder for pattern/, sparsify.json and sparsify.png (default: %(default)s)")
+    p.add_argument("--no-plot", action="store_true", help="write no PNG")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def parse_fractions(raw: str) -> list[float]:
+    try:
+        vals = [float(x) for x in raw.split(",") if x.strip()]
+    except ValueError:
+        raise AttnlabError(f"--sparsity expects numbers such as 0.5,0.9, got {raw!r}") from None
+    if not vals:
+        raise AttnlabError("--sparsity needs at least one value")
+    bad = [v for v in vals if not 0 <= v < 1]
+    if bad:
+        raise AttnlabError(f"--sparsity values must be in [0, 1) (the fraction of blocks pruned), got {bad}")
+    return vals
+
+
+def run(args) -> int:
+    import torch
+
+    from .. import data, models
+    from ..reduction import global_sparse as gs
+    from ..train.data import TrainWindows, eval_windows
+
+    sparsities = parse_fractions(args.sparsity)
+    common.positive_int("--seq-len", args.seq_len, 2)
+    common.positive_int("--block-size", args.block_size, 1)
+    common.positive_int("--windows", args.windows, 1)
+    common.positive_int("--sinks", args.sinks, 0)
+    common.positive_int("--eval-windows", args.eval_windows, 1)
+    if args.block_size > args.seq_len:
+        raise AttnlabError(f"--block-size {args.block_size} exceeds --seq-len {args.seq_len}")
+    common.check_device(args.device)
+    corpora = [c.strip() for c in args.data.split(",") if c.strip()]
+    pattern = None
+    if args.pattern:
+        pattern = gs.load_pattern(args.pattern)  # a foreign or damaged folder fails here
+        if args.seq_len > pattern.max_len:
+            raise AttnlabError(f"--seq-len {args.seq_len} exceeds what the pattern covers ({pattern.max_len} tokens)")
+    else:
+        data.check_corpora(corpora)
+    if args.eval_text != "moby" and not Path(args.eval_text).is_file():
+        raise AttnlabError(f"--eval {args.eval_text!r}: no such file (use moby or a UTF-8 text file)")
+    path, causal = models.resolve(args.model)
+    if not causal:
+        raise AttnlabError(f"{args.model!r} is not a causal LM; sparsify evaluates next-token perplexity and KL")
+    out = Path(args.out)
+    print(f"attnlab sparsify: model={args.model} seq_len={args.seq_len} block={args.block_size} device={args.device}",
+          flush=True)
+    model, tok = models.load(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos and args.seq_len > max_pos:
+        raise AttnlabError(f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings={max_pos}")
+    t0 = time.time()
+    if pattern is None:
+        windows = TrainWindows(tok, corpora, args.seq_len, args.windows).batch(0, args.windows)
+        measured = gs.measure_block_mass(model, windows, block_size=args.block_size, sinks=args.sinks,
+                                         progress=not args.no_progress)
+        mass = measured.mass
+        measured.meta = {"model": args.model, "model_type": model.config.model_type, "corpora": corpora,
+                "windows": args.windows, "seq_len": args.seq_len, "tokens": args.windows * args.seq_len,
+                "command": common.command_line(), "commit": common.git_commit()}
+        pattern_dir = gs.save_pattern(out / "pattern", measured)
+        print(f"wrote {pattern_dir} ({mass.shape[0]} layers x {mass.shape[1]} heads x {mass.shape[2]}^2 blocks)")
+    else:
+        pattern_dir = Path(args.pattern)
+    measure_s = time.time() - t0
+    held = eval_windows(tok, None if args.eval_text == "moby" else args.eval_text, args.seq_len, args.eval_windows)
+    rows = gs.evaluate(model, held, pattern_dir, sparsities, baseline=not args.no_baseline,
+                       progress=not args.no_progress)
+    env = common.environment(args.device)
+    for r in rows:
+        r.update(impl="attnlab", device=env["device_name"])
+    print()
+    print(format_table(rows))
+    result = {"command": common.command_line(), "commit": common.git_commit(), "model": args.model,
+              "pattern": str(pattern_dir), "seq_len": args.seq_len, "block_size": args.block_size,
+              "eval_windows": args.eval_windows, "eval_text": args.eval_text, "measure_s": round(measure_s, 1),
+              "environment": env, "rows": rows, "result_rows": result_rows(rows)}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sparsify.json").write_text(json.dumps(result, indent=2, default=str))
+    print(f"\nwrote {out / 'sparsify.json'}")
+    if not args.no_plot:
+        plot(rows, out / "sparsify.png", title=f"attnlab sparsify: {args.model}, {args.eval_windows} held-out windows x "
+                                                f"{args.seq_len} tokens, {args.block_size}-token blocks")
+        print(f"wrote {out / 'sparsify.png'}")
+    return 0
+
+
+def result_rows(rows: list[dict]) -> list[dict]:
+    """The issue's flat schema: one row per (technique, fraction, metric)."""
+    out = []
+    for r in rows:
+        for metric, base in (("ppl", r["ppl_original"]), ("kl", 0.0)):
+            out.append({"technique": r["technique"], "impl": r["impl"], "fraction": r["fraction"], "metric": metric,
+                        "value": r[metric], "baseline_value": base, "ms": r["ms"], "peak_mem_bytes": None,
+                        "kv_bytes": None, "device": r["device"], "density": r["density"]})
+    return out
+
+
+def format_table(rows: list[dict]) -> str:
+    head = f"{'technique':<14} {'pruned':>6} {'density':>7} {'ppl':>9} {'(orig)':>8} {'KL':>9} {'KL p95':>8} {'top-1':>6} {'ms':>8}"
+    lines = [head]
+    for r in rows:
+        lines.append(f"{r['technique']:<14} {r['fraction']:>6.0%} {r['density']:>7.3f} {r['ppl']:>9.3f} "
+                     f"{r['ppl_original']:>8.3f} {r['kl']:>9.4f} {r['kl_p95']:>8.3f} {r['top1']:>6.3f} {r['ms']:>8.1f}")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    base = rows[0]["ppl_original"]
+    styles = {"global_sparse": ("tab:blue", "o", "global sparse (measured blocks)"),
+              "window_sinks": ("tab:orange", "s", "window + 4 sinks, same density")}
+    for tech, (color, marker, label) in styles.items():
+        rs = sorted((r for r in rows if r["technique"] == tech), key=lambda r: r["fraction"])
+        if not rs:
+            continue
+        x = [100 * (1 - r["density"]) for r in rs]  # what was really pruned (a requested p past the floor of
+        axes[0].plot(x, [r["ppl"] for r in rs], marker=marker, color=color, label=label)  # band + sinks lands there)
+        axes[1].plot(x, [r["kl"] for r in rs], marker=marker, color=color, label=label)
+    axes[0].axhline(base, color="gray", ls="--", lw=1)
+    axes[0].text(0.99, base, f"original model {base:.2f} ", color="gray", fontsize=8, va="bottom", ha="right",
+                 transform=axes[0].get_yaxis_transform())
+    axes[0].set_ylabel("held-out perplexity")
+    axes[1].set_ylabel("KL(original || sparse), nats/token")
+    for ax in axes:
+        ax.set_xlabel("causal token pairs pruned (%) = 100 x (1 - density)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

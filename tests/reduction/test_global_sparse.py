@@ -1,0 +1,199 @@
+"""Data-informed global sparsity: blockwise attention mass vs the dense matrix, block selection on hand-made
+scores, the method's pattern vs the dense masked reference, save/load, and the CLI's one-line errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import attnlab
+from attnlab.ops.reference import block_mass
+from attnlab.reduction import GlobalPattern, load_pattern, make_pattern, save_pattern, select_blocks
+from attnlab.reduction.global_sparse import PatternError
+from attnlab.types import OptionError, UnsupportedError
+
+
+@pytest.mark.parametrize("causal,t,bs", [(True, 24, 8), (True, 21, 8), (False, 20, 6)])
+def test_block_mass_equals_the_dense_matrix_summed(causal, t, bs):
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 3, t, 8, generator=g), torch.randn(2, 3, t, 8, generator=g)
+    scores = q @ k.transpose(-1, -2) * 8 ** -0.5
+    if causal:
+        scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+    probs = scores.softmax(-1)
+    nb = -(-t // bs)
+    pad = torch.nn.functional.pad(probs, (0, nb * bs - t, 0, nb * bs - t))
+    want = pad.view(2, 3, nb, bs, nb, bs).sum((3, 5))
+    got, sink = block_mass(q, k, block_size=bs, scale=8 ** -0.5, causal=causal, sinks=3)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sink, torch.nn.functional.pad(probs[..., :3].sum(-1), (0, nb * bs - t)).view(2, 3, nb, bs).sum(-1))
+    if causal:
+        assert got.triu(1).abs().max() == 0
+
+
+def test_selection_on_known_scores():
+    """Column masses 0.6, 0.4, 1.9-like: the heaviest block is kept first, the diagonal always, the budget exact."""
+    mass = torch.tensor([[1.0, 0, 0, 0],
+                         [0.5, 0.5, 0, 0],
+                         [0.1, 0.6, 0.3, 0],
+                         [0.05, 0.05, 0.8, 0.1]])
+    keep = select_blocks(mass, 0.0)
+    assert torch.equal(keep, mass > 0)  # nothing pruned: every block that received attention
+    keep = select_blocks(mass, 0.6)  # 10 causal blocks -> 4 kept: the 4 diagonal ones
+    assert torch.equal(keep, torch.eye(4, dtype=torch.bool))
+    keep = select_blocks(mass, 0.4)  # 6 kept: the diagonal + the two with the largest log gain
+    assert int(keep.sum()) == 6 and keep.diagonal().all()
+    assert keep[3, 2] and keep[2, 1]  # 0.8 in a row whose diagonal holds 0.1; 0.6 beside 0.3
+    assert not keep[3, 0] and not keep[3, 1]
+    with pytest.raises(OptionError, match=r"sparsity must be in \[0, 1\)"):
+        select_blocks(mass, 1.0)
+
+
+def test_log_selection_does_not_starve_late_rows():
+    """Raw-mass greedy would give row 3's far block to row 1; the log objective balances rows."""
+    mass = torch.tensor([[1.0, 0, 0, 0],
+                         [0.3, 0.7, 0, 0],
+                         [0.2, 0.2, 0.6, 0],
+                         [0.28, 0.24, 0.24, 0.24]])
+    keep = select_blocks(mass, 0.5)  # 5 of 10: diagonal + 1
+    assert keep[3, 0] and not keep[1, 0]
+
+
+def test_sinks_and_band_count_as_kept():
+    mass = torch.tensor([[1.0, 0, 0], [0.6, 0.4, 0], [0.5, 0.2, 0.3]])
+    sink = torch.tensor([1.0, 0.6, 0.5])  # all of block 0's mass goes to the sink tokens
+    keep = select_blocks(mass, 0.34, sink_mass=sink)  # 6 causal -> 4 kept: diagonal + 1
+    assert not keep[1, 0] and not keep[2, 0] and keep[2, 1]
+
+
+def _scores(l=2, h=2, nb=4):
+    g = torch.Generator().manual_seed(1)
+    m = torch.rand(l, h, nb, nb, generator=g).tril()
+    return m / m.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("sinks,band", [(0, False), (2, True)])
+def test_method_equals_dense_masked_reference(sinks, band, tmp_path):
+    """The method over a saved pattern == softmax attention under the pattern's dense mask (fp64)."""
+    mass = _scores()
+    save_pattern(tmp_path / "p", GlobalPattern(mass, 4, {"sparsity": 0.5}, torch.full(mass.shape[:3], 0.1) if sinks else None,
+                                               sinks, band))
+    m = attnlab.make("global_sparse", head_dim=8, num_heads=2, pattern=str(tmp_path / "p"), layer=1, sparsity=0.5)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 16, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    out = m(q, k, v, causal=True).out
+    pat = make_pattern(select_blocks(mass[1], 0.5, torch.full((2, 4), 0.1) if sinks else None, band), 4, sinks, band)
+    allowed = pat.dense(16, 16, causal=True)
+    scores = (q @ k.transpose(-1, -2) * 8 ** -0.5).masked_fill(~allowed, float("-inf"))
+    torch.testing.assert_close(out, scores.softmax(-1) @ v)
+    assert m.sparsity == 0.5
+    dense = attnlab.make("dense", head_dim=8, num_heads=2)
+    assert not torch.allclose(out, dense(q, k, v, causal=True).out)  # the pattern really prunes
+
+
+def test_pattern_errors(tmp_path):
+    mass = _scores()
+    save_pattern(tmp_path / "p", GlobalPattern(mass, 4, {}))
+    with pytest.raises(OptionError, match="2 heads per layer, this layer 3"):
+        attnlab.make("global_sparse", head_dim=8, num_heads=3, pattern=str(tmp_path / "p"), layer=0)
+    with pytest.raises(OptionError, match="layer 5 is outside the pattern's 2 layers"):
+        attnlab.make("global_sparse", head_dim=8, num_heads=2, pattern=str(tmp_path / "p"), layer=5)
+    with pytest.raises(OptionError, match="measured with 4-token blocks"):
+        attnlab.make("global_sparse", head_dim=8, num_heads=2, pattern=str(tmp_path / "p"), layer=0, block_size=8)
+    with pytest.raises(PatternError, match="not a global-sparse pattern folder"):
+        attnlab.make("global_sparse", head_dim=8, num_heads=2, pattern=str(tmp_path), layer=0)
+    with pytest.raises(OptionError, match="sparsity must be in"):
+        attnlab.make("global_sparse", head_dim=8, num_heads=2, pattern=str(tmp_path / "p"), layer=0, sparsity=1.5)
+    m = attnlab.make("global_sparse", head_dim=8, num_heads=2, pattern=str(tmp_path / "p"), layer=0)
+    q = torch.randn(1, 2, 17, 8)  # the pattern covers 16 tokens
+    with pytest.raises(UnsupportedError, match="covers positions up to 16"):
+        m(q, q, q, causal=True)
+    (tmp_path / "p" / "pattern.safetensors").write_bytes(b"garbage")
+    with pytest.raises(PatternError, match="damaged"):
+        load_pattern(tmp_path / "p")
+    save_pattern(tmp_path / "q", GlobalPattern(mass, 4, {}))
+    meta = json.loads((tmp_path / "q" / "pattern.json").read_text())
+    (tmp_path / "q" / "pattern.json").write_text(json.dumps({**meta, "num_heads": 3}))
+    with pytest.raises(PatternError, match="pattern.json says"):
+        load_pattern(tmp_path / "q")
+
+
+def test_on_the_real_model_no_leak_per_layer_and_save_load(smollm2, tmp_path):
+    """Measured on SmolLM2: rows sum to 1; the swap gives each layer its own slice; a later token never changes
+    an earlier logit; saved with attnlab.save and loaded into a fresh swap, outputs are identical."""
+    from attnlab.reduction import measure_block_mass
+
+    model, tok = smollm2
+    ids = tok("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in "
+              "want of a wife. However little known the feelings or views of such a man may be", return_tensors="pt")["input_ids"][:, :32]
+    pat = measure_block_mass(model, ids, block_size=8, sinks=2, progress=False)
+    assert pat.mass.shape == (30, 9, 4, 4)
+    torch.testing.assert_close(pat.mass.sum(-1), torch.ones(30, 9, 4), rtol=1e-4, atol=1e-4)
+    save_pattern(tmp_path / "p", pat)
+    with attnlab.swapped(model, "global_sparse", pattern=str(tmp_path / "p"), sparsity=0.5):
+        from attnlab.adapters.swap import method_modules
+
+        layers = [m.opts.layer for _, m in method_modules(model)]
+        assert layers == list(range(30))
+        with torch.no_grad():
+            full = model(ids).logits
+            changed = ids.clone()
+            changed[0, 20:] = (changed[0, 20:] + 7) % 1000
+            part = model(changed).logits
+        torch.testing.assert_close(part[0, :20], full[0, :20], rtol=0, atol=0)
+        attnlab.save(model, tmp_path / "saved")
+    with attnlab.swapped(model, "global_sparse", pattern=str(tmp_path / "p"), sparsity=0.5):
+        attnlab.load(model, tmp_path / "saved")
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids).logits, full, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--sparsity", "1.0"], "--sparsity values must be in [0, 1)"),
+    (["--sparsity", "x"], "--sparsity expects numbers"),
+    (["--block-size", "0"], "--block-size must be an integer >= 1"),
+    (["--seq-len", "64", "--block-size", "128"], "exceeds --seq-len"),
+    (["--data", "nosuch"], "unknown corpus"),
+    (["--pattern", "/no/such"], "not a global-sparse pattern folder"),
+    (["--model", "/no/such/folder"], "neither a packaged model"),
+    (["--eval", "/no/such.txt"], "no such file"),
+])
+def test_cli_bad_input_is_one_line(args, match, tmp_path, capsys, monkeypatch):
+    import attnlab.cli
+    import attnlab.models
+
+    monkeypatch.setattr(attnlab.models, "load", lambda *a, **k: pytest.fail("the model loaded before the check"))
+    rc = attnlab.cli.main(["sparsify", *args, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert rc == 2 and len(lines) == 1 and match in lines[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_end_to_end_on_a_tiny_model(tiny_lm_dir, tmp_path, capsys):
+    """Measure, save, evaluate (global sparse and the window baseline), JSON rows in the issue's schema, a plot;
+    then evaluate the saved pattern again without measuring."""
+    import attnlab.cli
+
+    out = tmp_path / "out"
+    base = ["sparsify", "--model", str(tiny_lm_dir), "--seq-len", "64", "--block-size", "16", "--eval-windows", "1",
+            "--sparsity", "0,0.5", "--no-progress"]
+    assert attnlab.cli.main([*base, "--data", "moby", "--windows", "2", "--out", str(out)]) == 0
+    res = json.loads((out / "sparsify.json").read_text())
+    rows = {(r["technique"], r["fraction"]): r for r in res["rows"]}
+    assert set(rows) == {("global_sparse", 0.0), ("global_sparse", 0.5), ("window_sinks", 0.0), ("window_sinks", 0.5)}
+    assert rows[("global_sparse", 0.0)]["kl"] < 1e-5 and rows[("global_sparse", 0.0)]["density"] == 1.0
+    assert rows[("global_sparse", 0.5)]["density"] < 0.9 and rows[("global_sparse", 0.5)]["kl"] > 0
+    assert abs(rows[("window_sinks", 0.5)]["density"] - rows[("global_sparse", 0.5)]["density"]) < 0.1
+    flat = res["result_rows"]
+    assert len(flat) == 8 and {"technique", "impl", "fraction", "metric", "value", "baseline_value", "ms",
+                               "peak_mem_bytes", "kv_bytes", "device"} <= flat[0].keys()
+    assert (out / "sparsify.png").stat().st_size > 10_000
+    meta = json.loads((out / "pattern" / "pattern.json").read_text())
+    assert meta["num_layers"] == 2 and meta["block_size"] == 16 and meta["corpora"] == ["moby"]
+    again = tmp_path / "again"
+    assert attnlab.cli.main([*base, "--pattern", str(out / "pattern"), "--out", str(again)]) == 0
+    res2 = json.loads((again / "sparsify.json").read_text())
+    assert [r["kl"] for r in res2["rows"]] == [r["kl"] for r in res["rows"]]  # the same pattern, the same numbers
+    capsys.readouterr()
