@@ -92,3 +92,15 @@ def grads(fn, q, k, v):
 
 def make(name, q, k, **opts):
     return attnlab.make(name, head_dim=q.shape[-1], num_heads=q.shape[1], num_kv_heads=k.shape[1], **opts)
+
+
+def assert_cli_one_line_error(argv: list[str], match: str, capsys, out=None) -> None:
+    """`attnlab ARGV` (in-process) exits 2 with exactly one line on stderr containing `match`, and writes
+    nothing into `out` (a folder that must not exist afterwards)."""
+    import attnlab.cli
+
+    rc = attnlab.cli.main(argv)
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert rc == 2 and len(lines) == 1 and match in lines[0], err
+    assert out is None or not out.exists()

@@ -119,3 +119,33 @@ def test_missing_text_file_exit_code_2(no_model_load, tmp_path, capsys):
     assert rc == 2
     assert "nope.txt" in err and "does not exist" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_gradient_cosine_in_chunks_equals_the_float64_whole():
+    """compare's gradient cosine is accumulated a chunk at a time (whole-vector float64 copies of 135M-entry
+    gradients were most of its 9 GB peak): the same number as F.cosine_similarity in float64."""
+    import torch
+    import torch.nn.functional as F
+
+    from attnlab.metrics.fidelity import cosine
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(100_003, generator=g), torch.randn(100_003, generator=g)
+    b = 0.3 * a + b
+    want = F.cosine_similarity(a.double(), b.double(), dim=0).item()
+    assert abs(cosine(a, b, chunk=4096) - want) < 1e-12
+    assert abs(cosine(a, a) - 1) < 1e-12 and abs(cosine(a, -a) + 1) < 1e-12
+
+
+def test_cpu_memory_profiler_prints_nothing():
+    """The profiler's C++ side writes 'USDT: ... profiler_start/stop' to stderr at every start and stop; compare
+    used to print a dozen of them. Fresh process: stderr stays empty, and the peak is measured."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\nfrom attnlab.metrics.fidelity import peak_cpu_memory\n"
+            "print(peak_cpu_memory(lambda: torch.ones(1000, 1000)))\nprint('after', file=sys.stderr)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert int(res.stdout.strip()) >= 4_000_000
+    assert res.stderr.strip() == "after", res.stderr  # stderr works again after the profiler

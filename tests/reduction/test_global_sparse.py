@@ -12,6 +12,7 @@ from attnlab.ops.reference import block_mass
 from attnlab.reduction import GlobalPattern, load_pattern, make_pattern, save_pattern, select_blocks
 from attnlab.reduction.global_sparse import PatternError
 from attnlab.types import OptionError, UnsupportedError
+from tests.helpers import assert_cli_one_line_error
 
 
 @pytest.mark.parametrize("causal,t,bs", [(True, 24, 8), (True, 21, 8), (False, 20, 6)])
@@ -160,15 +161,10 @@ def test_on_the_real_model_no_leak_per_layer_and_save_load(smollm2, tmp_path):
     (["--eval", "/no/such.txt"], "no such file"),
 ])
 def test_cli_bad_input_is_one_line(args, match, tmp_path, capsys, monkeypatch):
-    import attnlab.cli
     import attnlab.models
 
     monkeypatch.setattr(attnlab.models, "load", lambda *a, **k: pytest.fail("the model loaded before the check"))
-    rc = attnlab.cli.main(["sparsify", *args, "--out", str(tmp_path / "out")])
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    assert rc == 2 and len(lines) == 1 and match in lines[0], err
-    assert not (tmp_path / "out").exists()
+    assert_cli_one_line_error(["sparsify", *args, "--out", str(tmp_path / "out")], match, capsys, tmp_path / "out")
 
 
 def test_cli_end_to_end_on_a_tiny_model(tiny_lm_dir, tmp_path, capsys):

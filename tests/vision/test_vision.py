@@ -16,6 +16,7 @@ from attnlab.types import OptionError
 from attnlab.vision import VisionConfig, ViT, ViTConfig, fashion_mnist, train_one
 from attnlab.vision import data as vdata
 from attnlab.vision.train import _augment, _draws
+from tests.helpers import assert_cli_one_line_error
 
 TINY = dict(dim=16, depth=1, heads=2, mlp_dim=32)
 
@@ -146,22 +147,12 @@ def test_every_method_declares_its_complexity():
     (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
 ])
 def test_cli_bad_input_is_one_line(args, match, tmp_path, capsys):
-    import attnlab.cli
-
-    rc = attnlab.cli.main(["vision", *args, "--out", str(tmp_path / "out")])
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    assert rc == 2 and len(lines) == 1 and match in lines[0], err
-    assert not (tmp_path / "out").exists()
+    assert_cli_one_line_error(["vision", *args, "--out", str(tmp_path / "out")], match, capsys, tmp_path / "out")
 
 
 def test_cli_without_the_dataset_is_one_line(tmp_path, capsys, monkeypatch):
-    import attnlab.cli
-
     monkeypatch.setenv("ATTNLAB_FASHION_MNIST", str(tmp_path / "nowhere"))
-    rc = attnlab.cli.main(["vision", "--out", str(tmp_path / "out")])
-    err = capsys.readouterr().err
-    assert rc == 2 and len(err.strip().splitlines()) == 1 and "dataset-fashion-mnist" in err
+    assert_cli_one_line_error(["vision", "--out", str(tmp_path / "out")], "dataset-fashion-mnist", capsys)
 
 
 def test_cli_run_writes_json_rows_and_a_plot(tmp_path, capsys):

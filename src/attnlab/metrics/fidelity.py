@@ -104,8 +104,18 @@ def lm_grads(model, input_ids, attention_mask=None) -> torch.Tensor:
     params = [p for n, p in model.named_parameters() if "attnlab_method" not in n and p.requires_grad]
     model.zero_grad(set_to_none=True)
     out = model(input_ids, labels=input_ids, attention_mask=attention_mask)
-    grads = torch.autograd.grad(out.loss, params, allow_unused=True)
-    return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)])
+    grads = list(torch.autograd.grad(out.loss, params, allow_unused=True))
+    flat = torch.empty(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+    i = 0
+    for j, p in enumerate(params):  # into one preallocated vector, each gradient freed once copied
+        n = p.numel()
+        if grads[j] is None:
+            flat[i:i + n] = 0
+        else:
+            flat[i:i + n] = grads[j].reshape(-1)
+        grads[j] = None
+        i += n
+    return flat
 
 
 def grad_cosine(model, input_ids: torch.Tensor, target, base_grad: torch.Tensor | None = None) -> tuple[float, torch.Tensor]:
@@ -115,17 +125,54 @@ def grad_cosine(model, input_ids: torch.Tensor, target, base_grad: torch.Tensor 
         base_grad = lm_grads(model, input_ids)
     with swapped(model, target):
         new = lm_grads(model, input_ids)
-    cos = F.cosine_similarity(base_grad.double(), new.double(), dim=0).item()
-    return cos, base_grad
+    return cosine(base_grad, new), base_grad
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor, chunk: int = 1 << 22) -> float:
+    """Cosine of two flat vectors, accumulated in float64 a chunk at a time: the whole-vector float64 copies of
+    F.cosine_similarity cost ~5 GB for SmolLM2's 135M-entry gradients (most of `attnlab compare`'s 9 GB peak)."""
+    dot = na = nb = 0.0
+    for s in range(0, a.numel(), chunk):
+        x, y = a[s:s + chunk].double(), b[s:s + chunk].double()
+        dot += float(x @ y)
+        na += float(x @ x)
+        nb += float(y @ y)
+    return dot / max((na * nb) ** 0.5, 1e-300)
+
+
+@contextlib.contextmanager
+def _fd2_silenced():
+    """Send file descriptor 2 to /dev/null for the block: the profiler's C++ side prints "USDT: ...
+    profiler_start / profiler_stop" lines there at every start and stop, which no setting turns off."""
+    import os
+    import sys
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
 
 
 def peak_cpu_memory(fn) -> int:
     """Peak bytes allocated by torch on the CPU while `fn()` runs (profiler memory events; CPU has no
-    max_memory_allocated). Allocations held before the call are not counted."""
+    max_memory_allocated). Allocations held before the call are not counted. Only the profiler's start and
+    stop run with stderr silenced, not `fn`."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _fd2_silenced():
+        prof.__enter__()
+    try:
         fn()
+    finally:
+        with _fd2_silenced():
+            prof.__exit__(None, None, None)
     events = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage)
     cur = peak = 0
     for _, delta in events:
