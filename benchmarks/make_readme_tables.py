@@ -215,10 +215,35 @@ def sparsify_block() -> str:
     return "\n".join(lines) or "(no committed result)"
 
 
+def scan_block() -> str:
+    """The committed `attnlab scan` result: per method, KL by layer (sorted) and the heat map."""
+    f = HERE / "results" / "scan" / "cpu" / "scan.json"
+    if not f.exists():
+        return "(no committed result)"
+    res = json.loads(f.read_text())
+    env = res["environment"]
+    rel = f.relative_to(HERE.parent)
+    lines = [f"`{res['command']}` at commit `{res.get('commit') or 'unknown'}`; {res['model']}, {res['windows']} held-out "
+             f"windows x {res['seq_len']} tokens of {res['text']}; {env.get('device_name')} ({env.get('cpu_threads')} "
+             f"threads), {res['elapsed_s']:.0f} s. JSON: [`{rel}`]({rel}); heat map: "
+             f"[`{rel.with_suffix('.png')}`]({rel.with_suffix('.png')}).", "",
+             "| method | options | KL, whole range (min / median / max) | 5 least sensitive layers | 5 most sensitive layers |",
+             "|---|---|---|---|---|"]
+    rows = res["rows"]
+    for m in dict.fromkeys(r["method"] for r in rows):
+        rs = sorted((r for r in rows if r["method"] == m), key=lambda r: r["kl"])
+        opts = ", ".join(f"{k}={v}" for k, v in rs[0]["options"].items() if k not in ("backend", "seed")) or "-"
+        fmt = lambda sel: ", ".join(f"{r['layer']} ({r['kl']:.2g})" for r in sel)  # noqa: E731
+        lines.append(f"| {m} | {opts} | {rs[0]['kl']:.2g} / {rs[len(rs) // 2]['kl']:.2g} / {rs[-1]['kl']:.2g} | "
+                     f"{fmt(rs[:5])} | {fmt(rs[::-1][:5])} |")
+    return "\n".join(lines)
+
+
 def blocks() -> dict[tuple[str, str], str]:
     out = {(START, END): bench_block(), ("<!-- distill-table:start -->", "<!-- distill-table:end -->"): distill_block(),
            ("<!-- vision-table:start -->", "<!-- vision-table:end -->"): vision_block(),
-           ("<!-- sparsify-table:start -->", "<!-- sparsify-table:end -->"): sparsify_block()}
+           ("<!-- sparsify-table:start -->", "<!-- sparsify-table:end -->"): sparsify_block(),
+           ("<!-- scan-table:start -->", "<!-- scan-table:end -->"): scan_block()}
     for task in ("lm", "spam"):
         if (HERE.parent / "docs" / f"compare-{task}.json").exists():
             out[(f"<!-- compare-{task}:start -->", f"<!-- compare-{task}:end -->")] = compare_block(task)

@@ -76,3 +76,27 @@ def test_error_is_raised_before_compute(qkv, monkeypatch):
     with pytest.raises(attnlab.UnsupportedError):
         m(q, k, v, need_probs=True)
     assert not called
+
+
+def test_every_cli_flag_has_help():
+    """Every option of every subcommand says what it does in --help (a newcomer reads nothing else)."""
+    import argparse
+
+    from attnlab.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    missing = []
+    for name, p in sub.choices.items():
+        for a in p._actions:
+            if isinstance(a, argparse._HelpAction) or isinstance(a, argparse._SubParsersAction):
+                continue
+            if not (a.help or "").strip():
+                missing.append(f"{name} {'/'.join(a.option_strings) or a.dest}")
+        nested = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+        for n in nested:
+            for sname, sp in n.choices.items():
+                missing += [f"{name} {sname} {'/'.join(a.option_strings) or a.dest}" for a in sp._actions
+                            if not isinstance(a, argparse._HelpAction) and not (a.help or "").strip()]
+        assert (p.description or "").strip(), f"{name} has no description"
+    assert not missing, missing

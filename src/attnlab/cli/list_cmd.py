@@ -5,7 +5,9 @@ import json
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("list", help="every attention method with its capabilities and options")
+    p = sub.add_parser("list", help="every attention method with its capabilities and options",
+                       description="Every registered attention method (plugins included): capabilities, extras, and "
+                                   "every option with its default and help.")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=run)
 

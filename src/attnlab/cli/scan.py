@@ -1,0 +1,117 @@
+"""`attnlab scan`: per-layer sensitivity, one method in one layer at a time; heat map, table, JSON."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from ..types import AttnlabError
+from . import common
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("scan", help="per-layer sensitivity: each method in one layer at a time, held-out KL",
+                       description="Swap one method into one attention layer at a time (the rest original) and "
+                                   "measure the held-out KL(original || swapped) it causes: a layer x method heat map "
+                                   "(PNG), a table and JSON rows. The original logits are computed once.")
+    p.add_argument("--model", default="smollm2", help="a packaged causal LM (smollm2) or a local model folder")
+    p.add_argument("--methods", default="window,linear,performer",
+                   help="comma-separated methods, each with its defaults at --seq-len (default: %(default)s)")
+    common.add_set_argument(p)
+    p.add_argument("--layers", default=None, help="layer indices to scan, e.g. 0-3,10 (default: all)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per held-out window (default: %(default)s)")
+    p.add_argument("--num-tokens", type=int, default=1024, help="held-out tokens (windows = num_tokens / seq_len) "
+                                                               "(default: %(default)s)")
+    p.add_argument("--text", default=None, help="a UTF-8 text file instead of Moby Dick's held-out tail")
+    p.add_argument("--seed", type=int, default=0, help="the spec seed random methods draw per-layer seeds from")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model dtype")
+    p.add_argument("--out", default=str(common.default_results_dir("scan")),
+                   help="folder for scan.json and scan.png (default: %(default)s)")
+    p.add_argument("--no-plot", action="store_true", help="write no PNG")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def parse_layers(raw: str | None) -> list[int] | None:
+    if raw is None:
+        return None
+    out = []
+    try:
+        for part in raw.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            lo, dash, hi = part.partition("-")
+            out += list(range(int(lo), int(hi) + 1)) if dash else [int(lo)]
+    except ValueError:
+        raise AttnlabError(f"--layers expects indices and ranges such as 0-3,10, got {raw!r}") from None
+    if not out or min(out) < 0:
+        raise AttnlabError(f"--layers expects non-negative indices, got {raw!r}")
+    return sorted(set(out))
+
+
+def run(args) -> int:
+    import torch
+
+    from .. import data, models, registry
+    from ..advice.scan import heatmap, scan
+    from ..train.data import eval_windows
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        raise AttnlabError("--methods is empty")
+    for m in methods:
+        registry.get(m)
+    common.positive_int("--seq-len", args.seq_len, 2)
+    common.positive_int("--num-tokens", args.num_tokens, 2)
+    if args.num_tokens < args.seq_len:
+        raise AttnlabError(f"--num-tokens {args.num_tokens} is less than one window of --seq-len {args.seq_len}")
+    layers = parse_layers(args.layers)
+    common.check_device(args.device)
+    overrides = common.parse_overrides(args.overrides, methods)
+    opts = {}
+    for m in methods:
+        opts[m] = {**registry.defaults(m, args.seq_len), **overrides.get(m, {})}
+        registry.make(m, head_dim=8, num_heads=1, **opts[m])  # bad options fail here, before the model loads
+    if args.text is not None:
+        data.read_text(args.text)
+    path, causal = models.resolve(args.model)
+    if not causal:
+        raise AttnlabError(f"{args.model!r} is not a causal LM; scan measures next-token KL")
+    for m in methods:
+        if not registry.capabilities(m).causal:
+            raise AttnlabError(f"method {m!r} cannot do causal attention; {args.model!r} is a causal LM")
+    cfg_file = Path(path) / "config.json"
+    n_layers = json.loads(cfg_file.read_text()).get("num_hidden_layers") if cfg_file.is_file() else None
+    if layers is not None and n_layers is not None and max(layers) >= n_layers:
+        raise AttnlabError(f"--layers {args.layers}: the model has {n_layers} attention layers (0..{n_layers - 1})")
+    model, tok = models.load(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    windows = eval_windows(tok, args.text, args.seq_len, max(1, args.num_tokens // args.seq_len))
+    t0 = time.time()
+    rows = scan(model, windows, opts, layers=layers, seed=args.seed, progress=not args.no_progress)
+    print()
+    print(format_table(rows))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"command": common.command_line(), "commit": common.git_commit(), "model": args.model,
+              "seq_len": args.seq_len, "windows": len(windows), "text": args.text or "moby (held-out tail)",
+              "seed": args.seed, "environment": common.environment(args.device), "elapsed_s": round(time.time() - t0, 1),
+              "rows": rows}
+    (out / "scan.json").write_text(json.dumps(result, indent=2, default=str))
+    print(f"\nwrote {out / 'scan.json'}")
+    if not args.no_plot:
+        heatmap(rows, out / "scan.png", title=f"attnlab scan: {args.model}, {len(windows)} held-out windows x "
+                                              f"{args.seq_len} tokens; KL when only that layer is swapped")
+        print(f"wrote {out / 'scan.png'}")
+    return 0
+
+
+def format_table(rows: list[dict]) -> str:
+    """Per method: the least and most sensitive layers and the KL range."""
+    lines = [f"{'method':<14} {'least sensitive layers (KL)':<52} most sensitive layers (KL)"]
+    for m in dict.fromkeys(r["method"] for r in rows):
+        rs = sorted((r for r in rows if r["method"] == m), key=lambda r: r["kl"])
+        fmt = lambda sel: ", ".join(f"{r['layer']} ({r['kl']:.2g})" for r in sel)  # noqa: E731
+        lines.append(f"{m:<14} {fmt(rs[:4]):<52} {fmt(rs[::-1][:4])}")
+    return "\n".join(lines)
