@@ -100,3 +100,20 @@ def test_every_cli_flag_has_help():
                             if not isinstance(a, argparse._HelpAction) and not (a.help or "").strip()]
         assert (p.description or "").strip(), f"{name} has no description"
     assert not missing, missing
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["nosuchcmd"], "invalid choice: 'nosuchcmd'"),
+    (["compare", "--seq-len", "x"], "invalid int value: 'x'"),
+    (["vision", "--nosuch"], "unrecognized arguments: --nosuch"),
+    (["data", "nosuch"], "invalid choice: 'nosuch'"),
+    ([], "the following arguments are required"),
+])
+def test_argparse_errors_are_one_line(argv, match, capsys):
+    """argparse's own errors (unknown flag, bad choice, wrong type) are one line too, not usage + error."""
+    from attnlab.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and len(err.strip().splitlines()) == 1 and match in err and "--help" in err, err

@@ -163,3 +163,20 @@ def test_crossover_on_synthetic_rows():
     assert got["linear"]["ratio_time"]["16384"] is None  # SDPA ran out of memory there: cheaper, no ratio
     assert "sdpa" not in got
     assert "linear" in plot.crossover_table(list(got.values()))
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--lengths", "x"], "--lengths expects comma-separated integers"),
+    (["--lengths", "64,-1"], "--lengths must be positive integers"),
+    (["--methods", "window,nosuch"], "unknown attention method 'nosuch'"),
+    (["--methods", "window", "--set", "window.nosuch=1"], "has no option(s) 'nosuch'"),
+    (["--methods", "window", "--set", "window.window=-3"], "window"),
+    (["--methods", "global_sparse"], "`pattern` is required"),
+    (["--repeats", "0"], "--repeats must be an integer >= 1"),
+    (["--mode", "back"], "--mode must be fwd, fwd+bwd or both"),
+])
+def test_cli_bad_input_is_one_line_before_any_timing(args, match, tmp_path, capsys):
+    from tests.helpers import assert_cli_one_line_error
+
+    assert_cli_one_line_error(["bench", "--device", "cpu", *args, "--out", str(tmp_path / "out")], match, capsys,
+                              tmp_path / "out")

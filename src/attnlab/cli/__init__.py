@@ -12,13 +12,21 @@ from ..types import AttnlabError
 COMMANDS = ("list", "compare", "scan", "distill", "sparsify", "vision", "bench", "data")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's own errors (an unknown flag, a bad choice, a non-integer) as one line too, naming --help."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     import attnlab
 
-    p = argparse.ArgumentParser(prog="attnlab", description="Swap cheaper attention into a Transformer and measure "
+    p = OneLineParser(prog="attnlab", description="Swap cheaper attention into a Transformer and measure "
                                                              "exactly what it costs.")
     p.add_argument("--version", action="version", version=f"attnlab {attnlab.__version__}")
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="{" + ",".join(COMMANDS) + "}")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="{" + ",".join(COMMANDS) + "}",
+                           parser_class=OneLineParser)
     for name in COMMANDS:
         importlib.import_module(f".{name}_cmd" if name == "list" else f".{name}", __name__).add_parser(sub)
     return p
