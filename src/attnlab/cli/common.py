@@ -124,6 +124,16 @@ DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.floa
           "fp32": torch.float32, "float32": torch.float32, "fp64": torch.float64, "float64": torch.float64}
 
 
+def add_model_run_arguments(p: argparse.ArgumentParser, kind: str, writes: str) -> None:
+    """--device, --dtype (the model's), --out (default ./attnlab-results/KIND), --no-plot, --no-progress: what every
+    command that runs a packaged model and writes results takes."""
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model dtype")
+    p.add_argument("--out", default=str(default_results_dir(kind)), help=f"folder for {writes} (default: %(default)s)")
+    p.add_argument("--no-plot", action="store_true", help="write no PNG")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
 def default_results_dir(kind: str) -> Path:
     """Where results go unless --out says otherwise: ./attnlab-results/<kind> (never inside the package)."""
     return Path("attnlab-results") / kind

@@ -24,12 +24,7 @@ def add_parser(sub) -> None:
                                                                "(default: %(default)s)")
     p.add_argument("--text", default=None, help="a UTF-8 text file instead of Moby Dick's held-out tail")
     p.add_argument("--seed", type=int, default=0, help="the spec seed random methods draw per-layer seeds from")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model dtype")
-    p.add_argument("--out", default=str(common.default_results_dir("scan")),
-                   help="folder for scan.json and scan.png (default: %(default)s)")
-    p.add_argument("--no-plot", action="store_true", help="write no PNG")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    common.add_model_run_arguments(p, "scan", "scan.json and scan.png")
     p.set_defaults(func=run)
 
 

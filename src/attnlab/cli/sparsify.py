@@ -34,12 +34,7 @@ def add_parser(sub) -> None:
                    help="fractions of the causal blocks pruned, each in [0, 1) (default: %(default)s)")
     p.add_argument("--pattern", default=None, metavar="DIR", help="evaluate an existing pattern instead of measuring one")
     p.add_argument("--no-baseline", action="store_true", help="skip the window + sinks baseline")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model dtype")
-    p.add_argument("--out", default=str(common.default_results_dir("sparsify")),
-                   help="folder for pattern/, sparsify.json and sparsify.png (default: %(default)s)")
-    p.add_argument("--no-plot", action="store_true", help="write no PNG")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    common.add_model_run_arguments(p, "sparsify", "pattern/, sparsify.json and sparsify.png")
     p.set_defaults(func=run)
 
 
