@@ -17,7 +17,7 @@ import importlib.metadata
 import pkgutil
 from typing import TYPE_CHECKING
 
-from .types import Capabilities, OptionError, UnknownMethodError
+from .types import Capabilities, OptionError, UnknownMethodError, validate_options
 
 if TYPE_CHECKING:
     from .methods.base import AttentionMethod
@@ -109,7 +109,7 @@ def options(name: str) -> dict[str, tuple[object, str]]:
     return out
 
 
-def check_options(name: str, opts: dict) -> None:
+def _check_names(name: str, opts: dict) -> None:
     """Unknown option names are an error that lists the valid ones."""
     valid = {f.name for f in dataclasses.fields(get(name).Options)}
     unknown = sorted(set(opts) - valid)
@@ -120,10 +120,18 @@ def check_options(name: str, opts: dict) -> None:
         )
 
 
+def check_options(name: str, opts: dict) -> None:
+    """Option names, then values as the method's Options check them (types, bounds, choices, combinations),
+    without building the method: what the CLIs run before any heavy work. A method built from data
+    (global_sparse's pattern) meets a layer's shape only when the swap builds it."""
+    _check_names(name, opts)
+    validate_options(name, get(name).Options(**opts))
+
+
 def make(name: str, head_dim: int, num_heads: int, num_kv_heads: int | None = None, **opts) -> "AttentionMethod":
     """Build one method instance (an nn.Module) for a layer with `num_heads` heads of size `head_dim`."""
     cls = get(name)
-    check_options(name, opts)
+    _check_names(name, opts)  # the values are checked by the method's own __init__
     return cls(head_dim=head_dim, num_heads=num_heads, num_kv_heads=num_kv_heads, **opts)
 
 

@@ -79,8 +79,7 @@ def run(args: argparse.Namespace) -> int:
     parse_batch(args.batch)
     overrides = common.parse_overrides(args.overrides, methods)
     for m in methods:  # option names and values (and options a method cannot do without) fail here, in one line
-        attnlab.make(m, head_dim=args.head_dim, num_heads=args.heads,
-                     **{**attnlab.registry.defaults(m, lengths[0]), **overrides.get(m, {})})
+        attnlab.registry.check_options(m, {**attnlab.registry.defaults(m, lengths[0]), **overrides.get(m, {})})
     dtype = common.DTYPES[args.dtype or ("fp32" if on_cpu else "bf16")]
     causal_list = [False, True] if args.both_causal else [bool(args.causal)]
     if "sdpa" not in methods:

@@ -134,6 +134,21 @@ def add_model_run_arguments(p: argparse.ArgumentParser, kind: str, writes: str) 
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def write_result(path, device, fields: dict, plot=None) -> Path:
+    """PATH (JSON): the command, commit and environment, then `fields`; and, unless `plot` is None, PATH's .png
+    drawn by plot(png_path). Prints what it wrote. The one result writer of compare, scan, sparsify and vision."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    result = {"command": command_line(), "commit": git_commit(), "environment": environment(device), **fields}
+    path.write_text(json.dumps(result, indent=2, default=str))
+    print(f"\nwrote {path}")
+    if plot is not None:
+        png = path.with_suffix(".png")
+        plot(png)
+        print(f"wrote {png}")
+    return path
+
+
 def default_results_dir(kind: str) -> Path:
     """Where results go unless --out says otherwise: ./attnlab-results/<kind> (never inside the package)."""
     return Path("attnlab-results") / kind

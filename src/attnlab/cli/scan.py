@@ -68,7 +68,7 @@ def run(args) -> int:
     opts = {}
     for m in methods:
         opts[m] = {**registry.defaults(m, args.seq_len), **overrides.get(m, {})}
-        registry.make(m, head_dim=8, num_heads=1, **opts[m])  # bad options fail here, before the model loads
+        registry.check_options(m, opts[m])  # bad options fail here, before the model loads
     if args.text is not None:
         data.read_text(args.text)
     path, causal = models.resolve(args.model)
@@ -87,18 +87,13 @@ def run(args) -> int:
     rows = scan(model, windows, opts, layers=layers, seed=args.seed, progress=not args.no_progress)
     print()
     print(format_table(rows))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    result = {"command": common.command_line(), "commit": common.git_commit(), "model": args.model,
-              "seq_len": args.seq_len, "windows": len(windows), "text": args.text or "moby (held-out tail)",
-              "seed": args.seed, "environment": common.environment(args.device), "elapsed_s": round(time.time() - t0, 1),
-              "rows": rows}
-    (out / "scan.json").write_text(json.dumps(result, indent=2, default=str))
-    print(f"\nwrote {out / 'scan.json'}")
-    if not args.no_plot:
-        heatmap(rows, out / "scan.png", title=f"attnlab scan: {args.model}, {len(windows)} held-out windows x "
-                                              f"{args.seq_len} tokens; KL when only that layer is swapped")
-        print(f"wrote {out / 'scan.png'}")
+    common.write_result(
+        Path(args.out) / "scan.json", args.device,
+        {"model": args.model, "seq_len": args.seq_len, "windows": len(windows), "text": args.text or "moby (held-out tail)",
+         "seed": args.seed, "elapsed_s": round(time.time() - t0, 1), "rows": rows},
+        None if args.no_plot else lambda png: heatmap(rows, png, title=f"attnlab scan: {args.model}, {len(windows)} "
+                                                      f"held-out windows x {args.seq_len} tokens; KL when only that "
+                                                      "layer is swapped"))
     return 0
 
 

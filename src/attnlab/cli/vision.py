@@ -66,14 +66,12 @@ def run(args) -> int:
     from .. import registry
     from ..vision import report
     from ..vision.data import fashion_mnist_dir
-    from ..vision.train import VisionConfig, run_vision
+    from ..vision.train import VisionConfig, check_methods, run_vision
 
     methods = registry.standalone_methods() if args.methods.strip() == "all" else \
         [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods:
         raise AttnlabError("--methods is empty")
-    for m in methods:
-        registry.get(m)
     cfg = VisionConfig(patches=parse_patches(args.patch), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                        weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
                        label_smoothing=args.label_smoothing, augment=not args.no_augment, dim=args.dim,
@@ -83,8 +81,7 @@ def run(args) -> int:
     cfg.check()
     common.check_device(args.device)
     overrides = common.parse_overrides(args.overrides, methods)
-    for m in methods:
-        registry.check_options(m, overrides.get(m, {}))
+    check_methods(methods, cfg, overrides)
     fashion_mnist_dir()  # a missing dataset fails here, in one line
     dtype = getattr(torch, args.dtype) if args.dtype else None
     out = Path(args.out)
@@ -105,13 +102,9 @@ def run(args) -> int:
     rows = run_vision(methods, cfg, overrides=overrides, device=args.device, dtype=dtype, on_row=on_row)
     print()
     print(report.format_table(rows))
-    result = {"command": common.command_line(), "commit": common.git_commit(), "config": dataclasses.asdict(cfg),
-              "environment": common.environment(args.device), "elapsed_s": round(time.time() - t0, 1), "rows": rows}
-    path.write_text(json.dumps(result, indent=2, default=str))
-    print(f"\nwrote {path}")
-    if not args.no_plot:
-        png = path.with_suffix(".png")
-        report.plot(rows, png, title=f"attnlab vision: ViT (dim {cfg.dim}, depth {cfg.depth}) on Fashion-MNIST, "
-                                     f"{cfg.epochs} epochs, {args.device}")
-        print(f"wrote {png}")
+    common.write_result(
+        path, args.device, {"config": dataclasses.asdict(cfg), "elapsed_s": round(time.time() - t0, 1), "rows": rows},
+        None if args.no_plot else lambda png: report.plot(
+            rows, png, title=f"attnlab vision: ViT (dim {cfg.dim}, depth {cfg.depth}) on Fashion-MNIST, {cfg.epochs} "
+                             f"epochs, {args.device}"))
     return 0

@@ -63,7 +63,7 @@ def resolve(methods: list[str] | None, overrides: dict[str, dict], seq_len: int,
     out = []
     for n in methods:
         opts = {**registry.defaults(n, seq_len), **overrides.get(n, {})}
-        registry.make(n, head_dim=8, num_heads=1, **opts)  # bad option names/values fail before any model work
+        registry.check_options(n, opts)  # bad option names/values fail before any model work
         out.append(Variant.of_method(n, opts))
     for path in specs:
         spec = SwapSpec.from_json(Path(path)) if Path(path).is_file() else None
@@ -86,14 +86,15 @@ def _attn_peak(variant: Variant, model, seq_len: int, device, dtype) -> int | No
 
     if variant.method in ("spec", "saved"):
         return None
-    _, mod = hf.attention_modules(model)[0]
-    heads, kv, d = hf.head_shape(mod, model.config)
-    m = registry.make(variant.method, head_dim=d, num_heads=heads, num_kv_heads=kv, **variant.options).to(device)
+    sites = hf.attention_modules(model)
+    heads, kv, d = hf.head_shape(sites[0][1], model.config)
+    plan = variant.target.plan([n for n, _ in sites])[0]  # layer 0 as the swap builds it (its seed, its `layer`)
+    m = registry.make(plan.method, head_dim=d, num_heads=heads, num_kv_heads=kv, **plan.options).to(device)
     g = torch.Generator(device="cpu").manual_seed(0)
     q = torch.randn(1, heads, seq_len, d, generator=g).to(device, dtype)
     k = torch.randn(1, kv, seq_len, d, generator=g).to(device, dtype)
     v = torch.randn(1, kv, seq_len, d, generator=g).to(device, dtype)
-    causal = bool(getattr(mod, "is_causal", False))
+    causal = bool(getattr(sites[0][1], "is_causal", False))
     with torch.no_grad():
         if torch.device(device).type == "cuda":
             torch.cuda.synchronize()

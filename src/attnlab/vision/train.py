@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from .. import registry
 from ..adapters.swap import method_modules, swap
 from ..timing import sync
-from ..types import OptionError
+from ..types import OptionError, UnsupportedError
 from . import data as vdata
 from .vit import ViT, ViTConfig
 
@@ -215,16 +215,20 @@ def train_one(method: str, options: dict, patch: int, cfg: VisionConfig, train_s
     return row
 
 
+def check_methods(methods: list[str], cfg: VisionConfig, overrides: dict) -> None:
+    """Unknown methods, option names and values (the method's defaults at each patch's length with the overrides
+    on top, as `train_one` builds them) fail here, before any data is read."""
+    for m in methods:
+        for patch in cfg.patches:
+            registry.check_options(m, {**registry.defaults(m, cfg.vit(patch).seq_len), **overrides.get(m, {})})
+
+
 def run_vision(methods: list[str], cfg: VisionConfig, *, overrides: dict | None = None, device="cpu",
                dtype=None, on_row=None) -> list[dict]:
     """Train once per (patch, method); returns the rows. A method that cannot run gives a row with `error`."""
-    from ..types import UnsupportedError
-
     cfg.check()
     overrides = overrides or {}
-    for m in methods:
-        registry.get(m)  # unknown names fail here, before any data is read
-        registry.check_options(m, overrides.get(m, {}))
+    check_methods(methods, cfg, overrides)
     device = torch.device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     train_set = vdata.fashion_mnist("train", cfg.train_size)
