@@ -75,12 +75,13 @@ def heatmap(rows: list[dict], path, title: str = "") -> None:
     ax.set_xticks(range(len(layers)), [str(x) for x in layers], fontsize=7)
     ax.set_yticks(range(len(methods)), methods, fontsize=8)
     ax.set_xlabel("layer swapped (all others original)")
+    dark = grid[~grid.isnan()].median().item()  # cells above the median are drawn dark: white text there
     for i in range(len(methods)):
         for j in range(len(layers)):
             v = grid[i, j].item()
             if not math.isnan(v):
                 ax.text(j, i, f"{10 ** v:.2g}" if 10 ** v >= 1e-3 else "<1e-3", ha="center", va="center", fontsize=5.5,
-                        color="white" if v > grid[~grid.isnan()].median().item() else "black")
+                        color="white" if v > dark else "black")
     fig.colorbar(im, ax=ax, label="log10 KL (nats/token)", fraction=0.025, pad=0.01)
     if title:
         ax.set_title(title, fontsize=9)

@@ -1,7 +1,6 @@
 """`attnlab compare`: the main job. Defaults: SmolLM2-135M on held-out Moby Dick windows, every method."""
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -87,25 +86,15 @@ def run(args) -> int:
     elapsed = time.time() - t0
     print()
     print(task.table(rows))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    result = {
-        "command": common.command_line(), "commit": common.git_commit(), "task": task.name, "model": model_name,
-        "seq_len": args.seq_len, "dtype": args.dtype, "setup": setup, "environment": common.environment(args.device),
-        "elapsed_s": round(elapsed, 1), "targets": {k: list(v) for k, v in TARGETS.items()}, "rows": rows,
-    }
-    path = out / f"compare-{task.name}-{stamp}.json"
-    path.write_text(json.dumps(result, indent=2, default=str))
-    print(f"\nwrote {path}")
-    if not args.no_plot:
-        png = path.with_suffix(".png")
-        if task.name == "lm":
-            title = (f"attnlab compare: {model_name}, {setup['windows']} held-out windows x {args.seq_len} tokens of "
-                     f"{setup['text']}; every method swapped in without fine-tuning")
-        else:
-            title = (f"attnlab compare: {model_name} on Spam Assassin ({setup['train']} train / {setup['test']} test "
-                     f"emails, {args.seq_len} tokens); frozen head, no fine-tuning")
-        task.plot(rows, png, title=title)
-        print(f"wrote {png}")
+    if task.name == "lm":
+        title = (f"attnlab compare: {model_name}, {setup['windows']} held-out windows x {args.seq_len} tokens of "
+                 f"{setup['text']}; every method swapped in without fine-tuning")
+    else:
+        title = (f"attnlab compare: {model_name} on Spam Assassin ({setup['train']} train / {setup['test']} test "
+                 f"emails, {args.seq_len} tokens); frozen head, no fine-tuning")
+    common.write_result(
+        Path(args.out) / f"compare-{task.name}-{time.strftime('%Y%m%d-%H%M%S')}.json", args.device,
+        {"task": task.name, "model": model_name, "seq_len": args.seq_len, "dtype": args.dtype, "setup": setup,
+         "elapsed_s": round(elapsed, 1), "targets": {k: list(v) for k, v in TARGETS.items()}, "rows": rows},
+        None if args.no_plot else lambda png: task.plot(rows, png, title=title))
     return 0

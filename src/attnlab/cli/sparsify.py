@@ -3,7 +3,6 @@ as a global sparse pattern, and report held-out perplexity and KL at several spa
 mask of the same density."""
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -104,22 +103,18 @@ def run(args) -> int:
     held = eval_windows(tok, None if args.eval_text == "moby" else args.eval_text, args.seq_len, args.eval_windows)
     rows = gs.evaluate(model, held, pattern_dir, sparsities, baseline=not args.no_baseline,
                        progress=not args.no_progress)
-    env = common.environment(args.device)
+    device_name = common.environment(args.device)["device_name"]
     for r in rows:
-        r.update(impl="attnlab", device=env["device_name"])
+        r.update(impl="attnlab", device=device_name)
     print()
     print(format_table(rows))
-    result = {"command": common.command_line(), "commit": common.git_commit(), "model": args.model,
-              "pattern": str(pattern_dir), "seq_len": args.seq_len, "block_size": args.block_size,
-              "eval_windows": args.eval_windows, "eval_text": args.eval_text, "measure_s": round(measure_s, 1),
-              "environment": env, "rows": rows, "result_rows": result_rows(rows)}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sparsify.json").write_text(json.dumps(result, indent=2, default=str))
-    print(f"\nwrote {out / 'sparsify.json'}")
-    if not args.no_plot:
-        plot(rows, out / "sparsify.png", title=f"attnlab sparsify: {args.model}, {args.eval_windows} held-out windows x "
-                                                f"{args.seq_len} tokens, {args.block_size}-token blocks")
-        print(f"wrote {out / 'sparsify.png'}")
+    common.write_result(
+        out / "sparsify.json", args.device,
+        {"model": args.model, "pattern": str(pattern_dir), "seq_len": args.seq_len, "block_size": args.block_size,
+         "eval_windows": args.eval_windows, "eval_text": args.eval_text, "measure_s": round(measure_s, 1), "rows": rows,
+         "result_rows": result_rows(rows)},
+        None if args.no_plot else lambda png: plot(rows, png, title=f"attnlab sparsify: {args.model}, {args.eval_windows} "
+                                                   f"held-out windows x {args.seq_len} tokens, {args.block_size}-token blocks"))
     return 0
 
 

@@ -96,10 +96,6 @@ class GlobalSparse(SparseAttention):
         return out
 
     @classmethod
-    def defaults(cls, seq_len):
-        return {}
-
-    @classmethod
     def exact_limit(cls, tq, tk):
         bs = 16
         n = -(-max(tq, tk) // bs)

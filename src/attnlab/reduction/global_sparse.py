@@ -13,6 +13,7 @@ diagonal blocks and then the blocks that add the most log attention mass to thei
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -244,8 +245,6 @@ def evaluate(model, windows: torch.Tensor, pattern_dir, sparsities, *, baseline:
         raise PatternError(f"held-out windows of {t} tokens are longer than the pattern covers ({pat.max_len})")
 
     def run(target=None, **opts):
-        import contextlib
-
         out, ms = [], []
         with (swapped(model, target, **opts) if target else contextlib.nullcontext()), torch.no_grad():
             for w in windows:

@@ -34,7 +34,7 @@ def table_rows(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
 
 def format_table(rows: list[dict]) -> str:
     head, body = table_rows(rows)
-    widths = [max(len(x) for x in col) for col in zip(head, *[b if len(b) == len(head) else b[:len(head)] for b in body])]
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths))]
     for b in body:
         lines.append("  ".join(c.ljust(w) for c, w in zip(b, widths)).rstrip())
