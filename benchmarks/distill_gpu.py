@@ -30,12 +30,14 @@ GPU = HERE.parent / ".gpu"
 QUALITY = {
     "hybrid": ({"*": ("hybrid", {"window": 64, "feature_dim": 64})}, dict(transfer_steps=150, steps=50)),
     "learned_mask-0.5": ({"*": ("learned_mask", {"density": 0.5, "block_size": 64, "max_blocks": 64})},
-                         dict(transfer_steps=100, steps=50)),
+                         dict(transfer_steps=60, steps=40)),
     "learned_mask-0.25": ({"*": ("learned_mask", {"density": 0.25, "block_size": 64, "max_blocks": 64})},
-                          dict(transfer_steps=100, steps=50)),
+                          dict(transfer_steps=60, steps=40)),
     "hedgehog": ({"*": ("hedgehog", {"feature_dim": 64})}, dict(transfer_steps=200, steps=50)),
     "performer-learned": ({"*": ("performer", {"num_features": 256, "learn_features": True})},
                           dict(transfer_steps=100, steps=50)),
+    "learned_mask-content-0.25": ({"*": ("learned_mask", {"density": 0.25, "block_size": 64, "form": "content"})},
+                                  dict(transfer_steps=60, steps=40)),
 }
 SPEED_METHODS = ("hybrid", "hedgehog", "learned_mask", "performer")
 

@@ -189,7 +189,13 @@ def test_cli_end_to_end_on_a_tiny_model(tiny_lm_dir, tmp_path, capsys):
     meta = json.loads((out / "pattern" / "pattern.json").read_text())
     assert meta["num_layers"] == 2 and meta["block_size"] == 16 and meta["corpora"] == ["moby"]
     again = tmp_path / "again"
-    assert attnlab.cli.main([*base, "--pattern", str(out / "pattern"), "--out", str(again)]) == 0
+    assert attnlab.cli.main([*base, "--pattern", str(out / "pattern"), "--out", str(again), "--cost"]) == 0
     res2 = json.loads((again / "sparsify.json").read_text())
     assert [r["kl"] for r in res2["rows"]] == [r["kl"] for r in res["rows"]]  # the same pattern, the same numbers
+    # --cost: the original, each sparsity and its window, fwd and fwd+bwd; the model's grad flags put back
+    cost = {(c["technique"], c["fraction"], c["mode"]): c for c in res2["cost"]}
+    assert len(cost) == 2 + 2 * 2 * 2 and all(c["status"] == "ok" and c["ms"] > 0 for c in cost.values())
+    assert cost[("window_sinks", 0.5, "fwd")]["options"]["sinks"] == 4
+    assert all(r["ms"] == cost[(r["technique"], r["fraction"], "fwd")]["ms"] for r in res2["result_rows"])
+    assert "x orig" in capsys.readouterr().out
     capsys.readouterr()

@@ -33,6 +33,10 @@ def add_parser(sub) -> None:
                    help="fractions of the causal blocks pruned, each in [0, 1) (default: %(default)s)")
     p.add_argument("--pattern", default=None, metavar="DIR", help="evaluate an existing pattern instead of measuring one")
     p.add_argument("--no-baseline", action="store_true", help="skip the window + sinks baseline")
+    p.add_argument("--cost", action="store_true", help="also time the model's layers (fwd and fwd+bwd, batch 1, one "
+                                                       "random --seq-len window) and their peak memory per technique "
+                                                       "and sparsity beside the original (GPU numbers count; CPU "
+                                                       "shows trends)")
     common.add_model_run_arguments(p, "sparsify", "pattern/, sparsify.json and sparsify.png")
     p.set_defaults(func=run)
 
@@ -108,25 +112,53 @@ def run(args) -> int:
         r.update(impl="attnlab", device=device_name)
     print()
     print(format_table(rows))
+    costs = None
+    if args.cost:
+        costs = gs.cost(model, args.seq_len, pattern_dir, sparsities, baseline=not args.no_baseline,
+                        progress=not args.no_progress)
+        print()
+        print(format_cost(costs))
     common.write_result(
         out / "sparsify.json", args.device,
         {"model": args.model, "pattern": str(pattern_dir), "seq_len": args.seq_len, "block_size": args.block_size,
          "eval_windows": args.eval_windows, "eval_text": args.eval_text, "measure_s": round(measure_s, 1), "rows": rows,
-         "result_rows": result_rows(rows)},
+         "cost": costs, "result_rows": result_rows(rows, costs)},
         None if args.no_plot else lambda png: plot(rows, png, title=f"attnlab sparsify: {args.model}, {args.eval_windows} "
                                                    f"held-out windows x {args.seq_len} tokens, {args.block_size}-token blocks"))
     return 0
 
 
-def result_rows(rows: list[dict]) -> list[dict]:
-    """The issue's flat schema: one row per (technique, fraction, metric)."""
+def result_rows(rows: list[dict], costs: list[dict] | None = None) -> list[dict]:
+    """The issue's flat schema: one row per (technique, fraction, metric); ms and peak memory from the forward
+    cost rows when measured (else ms is the held-out forward's median and the memory None)."""
+    fwd = {(c["technique"], c["fraction"]): c for c in costs or () if c["mode"] == "fwd" and c.get("status") == "ok"}
     out = []
     for r in rows:
+        c = fwd.get((r["technique"], r["fraction"]), {})
         for metric, base in (("ppl", r["ppl_original"]), ("kl", 0.0)):
             out.append({"technique": r["technique"], "impl": r["impl"], "fraction": r["fraction"], "metric": metric,
-                        "value": r[metric], "baseline_value": base, "ms": r["ms"], "peak_mem_bytes": None,
-                        "kv_bytes": None, "device": r["device"], "density": r["density"]})
+                        "value": r[metric], "baseline_value": base, "ms": c.get("ms", r["ms"]),
+                        "peak_mem_bytes": c.get("peak_mem_bytes"), "kv_bytes": None, "device": r["device"],
+                        "density": r["density"]})
     return out
+
+
+def format_cost(costs: list[dict]) -> str:
+    """Per technique, fraction and mode: ms and peak memory, each also as a ratio to the original model."""
+    base = {c["mode"]: c for c in costs if c["technique"] == "original" and c.get("status") == "ok"}
+    lines = [f"{'technique':<14} {'pruned':>6} {'mode':>8} {'ms':>9} {'x orig':>7} {'peak MiB':>9} {'x orig':>7}"]
+    for c in costs:
+        frac = "" if c["fraction"] is None else f"{c['fraction']:.0%}"
+        if c.get("status") != "ok":
+            lines.append(f"{c['technique']:<14} {frac:>6} {c['mode']:>8} {c.get('status')}: {(c.get('error') or '')[:60]}")
+            continue
+        b = base.get(c["mode"], {})
+        mem = c.get("peak_mem_bytes")
+        ratio_t = f"{c['ms'] / b['ms']:.2f}" if b.get("ms") else ""
+        ratio_m = f"{mem / b['peak_mem_bytes']:.2f}" if mem and b.get("peak_mem_bytes") else ""
+        mib = f"{mem / 2**20:.0f}" if mem else "-"
+        lines.append(f"{c['technique']:<14} {frac:>6} {c['mode']:>8} {c['ms']:>9.2f} {ratio_t:>7} {mib:>9} {ratio_m:>7}")
+    return "\n".join(lines)
 
 
 def format_table(rows: list[dict]) -> str:

@@ -285,3 +285,55 @@ def evaluate(model, windows: torch.Tensor, pattern_dir, sparsities, *, baseline:
         bar.update()
     bar.close()
     return rows
+
+
+def cost(model, seq_len: int, pattern_dir, sparsities, *, baseline: bool = True, sinks: int = 4,
+         modes=("fwd", "fwd+bwd"), repeats: int = 5, progress: bool = True) -> list[dict]:
+    """Time and peak memory of the model's backbone (its layers, not the vocabulary head, whose logits would
+    dominate the memory) on one random window of `seq_len` tokens, batch 1: the original model (its own
+    attention), the global-sparse pattern at each sparsity and, with `baseline`, window + `sinks` of the same
+    density. fwd+bwd backpropagates into the (unfrozen) weights, as fine-tuning would. One dict per
+    (technique, fraction, mode), with the bench harness's fields (ms, peak_mem_bytes, status)."""
+    from tqdm.auto import tqdm
+
+    from ..adapters.swap import swapped
+    from ..bench.harness import bench_one, free_memory
+    from ..patterns import WindowPattern
+
+    device = next(model.parameters()).device
+    backbone = model.get_base_model() if hasattr(model, "get_base_model") else model
+    backbone = getattr(backbone, "model", backbone)
+    pat = load_pattern(pattern_dir)
+    if seq_len > pat.max_len:
+        raise PatternError(f"{seq_len} tokens are longer than the pattern covers ({pat.max_len})")
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (1, seq_len), generator=gen).to(device)
+    jobs = [("original", None, {})]
+    for p in sparsities:
+        jobs.append(("global_sparse", p, {"pattern": str(pattern_dir), "sparsity": p}))
+        if baseline:
+            win = WindowPattern.for_density(pattern_density(pat, p, seq_len), seq_len, sinks=sinks).window
+            jobs.append(("window_sinks", p, {"window": win, "sinks": sinks}))
+    rows = []
+    grads = [q.requires_grad for q in model.parameters()]
+    bar = tqdm(total=len(jobs) * len(modes), desc="cost", disable=not progress)
+    try:
+        for q in model.parameters():
+            q.requires_grad_(True)
+        for technique, p, opts in jobs:
+            target = {"global_sparse": "global_sparse", "window_sinks": "window"}.get(technique)
+            with swapped(model, target, **opts) if target else contextlib.nullcontext():
+                for mode in modes:
+                    bar.set_postfix_str(f"{technique} {p} {mode}")
+                    row = bench_one(lambda x: backbone(x, use_cache=False).last_hidden_state, lambda: (ids,), mode,
+                                    device, repeats=repeats, warmup=2, params=list(model.parameters()))
+                    row.update(technique=technique, fraction=p, options=opts, mode=mode, seq_len=seq_len)
+                    rows.append(row)
+                    free_memory(device)
+                    bar.update()
+    finally:
+        for q, g in zip(model.parameters(), grads):
+            q.requires_grad_(g)
+            q.grad = None
+        bar.close()
+    return rows
