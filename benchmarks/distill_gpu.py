@@ -69,7 +69,9 @@ def quality(args) -> None:
     started = time.time()
     model, tok = attnlab.models.load(args.model, device=args.device)
     rows = []
-    for name, (spec, over) in QUALITY.items():
+    order = args.only.split(",") if args.only else list(QUALITY)  # --only: in the order given
+    for name in order:
+        spec, over = QUALITY[name]
         if args.only and name not in args.only.split(","):
             continue
         if time.time() - started > args.budget:

@@ -114,7 +114,7 @@ def test_static_training_path_equals_the_sparse_path_and_trains_the_scores():
         m.scores.normal_(generator=torch.Generator().manual_seed(1))
     m.train()
     train_out = m(q, k, v, causal=True).out
-    assert m.kernel == "gated"
+    assert m.kernel.endswith("+st")  # the sparse kernel with the straight-through gradient attached
     m.eval()
     with torch.no_grad():
         eval_out = m(q, k, v, causal=True).out
@@ -125,6 +125,37 @@ def test_static_training_path_equals_the_sparse_path_and_trains_the_scores():
     assert_matches_reference(eval_out, q, k, v, attn_mask=mask, causal=True)
     grads = _params_get_grads(m, q, k, v, causal=True)
     assert grads["scores"][:, :9].abs().sum() > 0 and (grads["scores"][:, 9:] == 0).all()  # only distances in use
+
+
+@pytest.mark.parametrize("causal,padded,tq", [(True, False, 40), (True, True, 40), (False, True, 40), (True, False, 24)])
+def test_static_training_gradient_equals_the_chunked_gated_reference(causal, padded, tq):
+    """The training path (sparse forward + the gates' gradient from one dense pass in the backward) gives the
+    same output and the same gradients for q, k, v and the scores as the straight-through gates run through
+    `ops.gated.gated_attention` (the dense, checkpointed reference), fp64: padding, Tq < Tk (bottom-right)."""
+    from attnlab.ops.gated import gated_attention
+
+    g = torch.Generator().manual_seed(3)
+    h, d, tk = 4, 16, 40
+    m = attnlab.make("learned_mask", head_dim=d, num_heads=h, density=0.4, block_size=8, max_blocks=16).double()
+    with torch.no_grad():
+        m.scores.normal_(generator=g)
+    m.train()
+    q = torch.randn(2, h, tq, d, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, h, tk, d, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    kpm = None
+    if padded:
+        kpm = torch.ones(2, tk, dtype=torch.bool)
+        kpm[1, -5:] = False
+    dout = torch.randn(2, h, tq, d, generator=g, dtype=torch.float64)
+    out = m(q, k, v, causal=causal, key_padding_mask=kpm).out
+    got = torch.autograd.grad(out, (q, k, v, m.scores), dout)
+    ref = gated_attention(q, k, v, m._static_gate(tq, tk, causal), scale=d ** -0.5, causal=causal,
+                          key_padding_mask=kpm, chunk=8)
+    want = torch.autograd.grad(ref, (q, k, v, m.scores), dout)
+    assert max_err(out, ref) < 1e-12
+    for name, a, b in zip(("q", "k", "v", "scores"), got, want):
+        assert b.abs().max() > 0, name
+        assert max_err(a, b) < 1e-10 * max(1.0, b.abs().max().item()), name
 
 
 def test_static_length_beyond_the_scores_is_refused_and_density_checked():

@@ -23,7 +23,9 @@ nearby context than a sliding window of the same density, and a whole sink block
 StreamingLLM's 4 sink tokens do.
 
 Training (module in training mode, scores requiring grad): straight-through gates, value = the hard mask,
-gradient = sigmoid(theta / temperature), through `ops.gated` (query chunks, checkpointed: no T x T matrix).
+gradient = sigmoid(theta / temperature). The static form runs the hard mask through the sparse kernel (as in
+inference) and adds the gates' gradient in the backward (`ops.gated.straight_through_blocks`: one dense pass,
+a chunk of query rows at a time); the content form's gates run through `ops.gated.gated_attention`.
 Otherwise the hard mask is a `patterns.BlockPattern` (per head) run by `ops.sparse`: FlexAttention BlockMasks on
 CUDA (dropped blocks are skipped: inference costs what the density says), the gathered kernel on CPU.
 Exact limit: density 1 (every causal block kept).
@@ -38,7 +40,7 @@ from torch import nn
 
 from .. import masks
 from ..ops import sparse as sparse_ops
-from ..ops.gated import gated_attention
+from ..ops.gated import gated_attention, straight_through_blocks
 from ..patterns import BlockPattern, UnionPattern, WindowPattern
 from ..registry import register
 from ..types import AttnOutput, Capabilities, OptionError, opt
@@ -89,7 +91,7 @@ class LearnedMask(AttentionMethod):
             self.w_k = nn.Parameter((torch.cat([eye_q, eye_q, eye_q]) / 3).expand(num_heads, -1, -1).clone())  # (H, 3D, dg)
         self.max_len = o.block_size * o.max_blocks if o.form == "static" else None
         self.aux_loss: torch.Tensor | None = None
-        self._patterns: dict = {}  # (nb, causal, scores version) -> BlockPattern: derived, not state
+        self._patterns: dict = {}  # (nb, causal, device) -> (scores version, pattern, its blocks): derived, not state
 
     @classmethod
     def defaults(cls, seq_len):
@@ -179,13 +181,24 @@ class LearnedMask(AttentionMethod):
         return self.opts.block_size if self.opts.local < 0 else self.opts.local
 
     def _pattern(self, nb: int, causal: bool):
-        key = (nb, causal, self.scores.data_ptr(), self.scores._version, str(self.scores.device))
-        pat = self._patterns.get(key)
-        if pat is None:
+        """The hard mask as a pattern, one object per (nb, causal, device): when the scores change (a training
+        step) its layout buffer is updated in place, so FlexAttention keeps the mask_mod it compiled and only the
+        BlockMask (built from block tables) is rebuilt."""
+        key = (nb, causal, str(self.scores.device))
+        version = (self.scores.data_ptr(), self.scores._version)
+        hit = self._patterns.get(key)
+        if hit is not None and hit[0] == version:
+            return hit[1]
+        layout = self.static_layout(nb, causal)
+        if hit is not None:
+            blocks, pat = hit[2], hit[1]
+            if not torch.equal(blocks.layout, layout):
+                blocks.set_blocks(layout)
+        else:
             self._patterns.clear()
-            blocks = BlockPattern.from_blocks(self.static_layout(nb, causal), self.opts.block_size)
+            blocks = BlockPattern.from_blocks(layout, self.opts.block_size)
             pat = UnionPattern(blocks, WindowPattern(self.local, self.opts.sinks)) if (self.local or self.opts.sinks) else blocks
-            self._patterns[key] = pat
+        self._patterns[key] = (version, pat, blocks)
         return pat
 
     def _band(self, rows_pos: torch.Tensor, kidx: torch.Tensor) -> torch.Tensor:
@@ -222,9 +235,7 @@ class LearnedMask(AttentionMethod):
             return AttnOutput(out, probs if need_probs else None, lse=lse if need_lse else None,
                               col_sums=column_sums(probs, key_padding_mask) if need_col_sums else None)
         if train_scores and not (need_lse or need_col_sums):
-            self.kernel = "gated"
-            return gated_attention(q, k, v, self._static_gate(tq, tk, causal), scale=scale, causal=causal,
-                                   key_padding_mask=key_padding_mask, chunk=max(o.block_size, 64)), None
+            return self._train_static(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale), None
         if o.form == "content":
             layout = self._layout(q, k, causal)  # (B, H, nb, nb), per input
             self.kernel = "gated-hard"
@@ -237,6 +248,39 @@ class LearnedMask(AttentionMethod):
             need_lse=need_lse, need_col_sums=need_col_sums,
             flex_block_size=o.block_size if o.block_size % 128 == 0 else 128)
         return res
+
+    def _train_static(self, q, k, v, *, causal, key_padding_mask, scale):
+        """Training forward of the static form: the hard mask through the sparse kernel (as in inference), with
+        the straight-through gradient of the scores attached (`ops.gated.straight_through_blocks`): d gate /
+        d theta[h, d] = sigmoid'(theta[h, d] / T) / T for every visible block pair at distance d that is not
+        forced, token pairs of the band and the sinks excluded. The same gradient as `_static_gate` through
+        `gated_attention` (the reference the tests hold it to), without the checkpointed dense forward."""
+        o, tq, tk = self.opts, q.shape[-2], k.shape[-2]
+        if scale is None:
+            scale = q.shape[-1] ** -0.5
+        nb = -(-tk // o.block_size)
+        res, self.kernel = sparse_ops.sparse_attention(
+            q, k, v, self._pattern(nb, causal), causal=causal, key_padding_mask=key_padding_mask, scale=scale,
+            backend=o.backend, need_lse=True, flex_block_size=o.block_size if o.block_size % 128 == 0 else 128)
+        self.kernel += "+st"
+        a = torch.arange(nb, device=q.device)
+        dist = (a[:, None] - a[None, :]).abs()
+        free = self._visible_blocks(nb, causal, q.device) & ~self._forced(nb, causal, q.device)
+
+        def to_theta(block_grads):  # (B, H, nbq, nbk) -> (H, max_blocks)
+            soft = torch.sigmoid(self.scores.detach().to(block_grads.dtype)[:, :nb] / o.temperature)
+            per_pair = block_grads.sum(0)[:, :nb, :nb] * free  # (H, nb, nb)
+            d_theta = torch.zeros_like(self.scores, dtype=block_grads.dtype)
+            d_theta[:, :nb] = torch.zeros(self.num_heads, nb, dtype=block_grads.dtype, device=q.device).index_add_(
+                1, dist.flatten(), per_pair.flatten(1)) * soft * (1 - soft) / o.temperature
+            return d_theta.to(self.scores.dtype)
+
+        def exclude(pos, kidx):
+            return self._band(pos, kidx)
+
+        return straight_through_blocks(res.out, res.lse, self.scores, q, k, v, to_theta=to_theta, scale=scale,
+                                       causal=causal, key_padding_mask=key_padding_mask, block_size=o.block_size,
+                                       exclude=exclude)
 
     def _static_gate(self, tq, tk, causal):
         """Straight-through gates for rows [s, e) x keys kidx: value = the hard layout, gradient = sigmoid(theta/T)."""

@@ -103,3 +103,38 @@ def block_mass(q, k, *, block_size: int, scale: float, causal: bool, sinks: int 
         out[:, :, i] = probs.view(b, h, nk, bs).sum(-1)
         sink[:, :, i] = probs[..., :sinks].sum(-1)
     return (out, sink) if sinks > 0 else out
+
+
+def received_attention(q, k, *, scale: float, causal: bool, key_padding_mask=None, chunk: int | None = None):
+    """How much attention each key receives, relative to uniform attention: [B, Tk] fp32, the mean over heads of
+
+        r[j] = (1 / #queries that see j) * sum over those queries i of P[i, j] * n_i
+
+    with n_i the number of keys query i sees, so a key that every query attends to uniformly scores 1, one that
+    takes all of every query's attention scores about n. Normalising by the queries that see a key is what makes
+    the scores of a causal model comparable along the sequence (the first key is seen by every query, the last by
+    one); weighting by n_i removes the 1 / n_i that a long causal row spreads over its keys. Padded keys (False in
+    key_padding_mask) and padded queries (for self-attention, Tq == Tk) count for nothing: padded keys score 0.
+    q [B, H, Tq, D], k [B, H, Tk, D] (heads expanded); causal is bottom-right aligned. Never a Tq x Tk matrix in
+    full: `chunk` query rows at a time."""
+    b, h, tq, _ = q.shape
+    tk = k.shape[-2]
+    if chunk is None:
+        chunk = max(1, min(tq, (1 << 24) // max(1, b * h * tk)))
+    acc = torch.zeros(b, tk, dtype=torch.float32, device=q.device)
+    seen = torch.zeros(b, tk, dtype=torch.float32, device=q.device)
+    kpm = None if key_padding_mask is None else key_padding_mask.bool()
+    qreal = kpm if (kpm is not None and tq == tk) else None
+    for s in range(0, tq, chunk):
+        e = min(s + chunk, tq)
+        allowed, _ = _rows_allowed(s, e, tq, tk, causal=causal, key_padding_mask=kpm, attn_mask=None, device=q.device)
+        allowed = (torch.ones(1, 1, e - s, tk, dtype=torch.bool, device=q.device) if allowed is None else allowed)
+        allowed = allowed.expand(b, 1, e - s, tk)
+        if qreal is not None:
+            allowed = allowed & qreal[:, None, s:e, None]
+        scores = (torch.matmul(q[:, :, s:e], k.transpose(-1, -2)) * scale).float()
+        _, probs = lse_and_probs(scores.masked_fill(~allowed, float("-inf")))  # [B, H, C, Tk]
+        n_i = allowed.sum(-1, keepdim=True).float()  # [B, 1, C, 1]
+        acc += (probs * n_i).mean(1).sum(1)
+        seen += allowed[:, 0].float().sum(1)
+    return torch.where(seen > 0, acc / seen.clamp_min(1), torch.zeros_like(acc))

@@ -1,0 +1,185 @@
+"""`attnlab prune`: column-sum token pruning, scored by the attention each token receives, against random and
+positional baselines: accuracy (encoder, Spam Assassin) or continuation KL / perplexity (causal LM, prompt
+compression) vs the fraction of tokens kept."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..types import AttnlabError
+from . import common
+
+DEFAULT_MODEL = {"spam": "minilm", "lm": "smollm2"}
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("prune", help="token pruning by received attention (column sums) vs baselines",
+                       description="Score tokens by the attention they receive (column sums over heads and queries, "
+                                   "normalised by the queries that can see each token) and drop the rest. --task spam: "
+                                   "an encoder (MiniLM) prunes inside its forward after the --after layers (special "
+                                   "tokens kept), accuracy of a head trained on the full model. --task lm: a causal LM "
+                                   "scores a prompt with itself, keeps a fraction (its first token always), and reads "
+                                   "the continuation at the original positions: KL and perplexity vs the full prompt. "
+                                   "Baselines: random, first (and last, attention+recent for lm).")
+    p.add_argument("--task", choices=("spam", "lm"), default="spam", help="spam: encoder accuracy; lm: prompt "
+                                                                           "compression (default: %(default)s)")
+    p.add_argument("--model", default=None, help="a packaged model or a local folder (default: minilm for spam, "
+                                                 "smollm2 for lm)")
+    p.add_argument("--keep", default="0.9,0.7,0.5,0.3,0.1", help="fractions of the tokens kept, each in (0, 1] "
+                                                                  "(default: %(default)s)")
+    p.add_argument("--threshold", type=float, default=None, help="keep tokens scoring at least this (1 = what "
+                                                                  "uniform attention gives) instead of --keep; "
+                                                                  "attention technique only")
+    p.add_argument("--techniques", default=None, help="comma-separated: attention, random, first, last, "
+                                                      "attention+recent (lm) (default: attention,random,first for "
+                                                      "spam; all five for lm)")
+    p.add_argument("--after", default="2", help="spam: layers (0-based) after which tokens are pruned, comma-"
+                                                "separated; several = progressive, keep^(1/stages) each "
+                                                "(default: %(default)s)")
+    p.add_argument("--seq-len", type=int, default=None, help="spam: max tokens per message (default 256); lm: "
+                                                             "prompt + continuation tokens per window (default 512)")
+    p.add_argument("--prompt-len", type=int, default=384, help="lm: prompt tokens of each window (the rest is the "
+                                                               "continuation) (default: %(default)s)")
+    p.add_argument("--num-examples", type=int, default=None, help="spam: train and test messages (default 1000 and "
+                                                                  "400); lm: held-out windows (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random baseline (default: %(default)s)")
+    common.add_model_run_arguments(p, "prune", "prune.json and prune.png")
+    p.set_defaults(func=run)
+
+
+def parse_keeps(raw: str) -> list[float]:
+    try:
+        vals = [float(x) for x in raw.split(",") if x.strip()]
+    except ValueError:
+        raise AttnlabError(f"--keep expects fractions such as 0.9,0.5, got {raw!r}") from None
+    bad = [v for v in vals if not 0 < v <= 1]
+    if not vals or bad:
+        raise AttnlabError(f"--keep values must be fractions in (0, 1], got {raw!r}")
+    return vals
+
+
+def run(args) -> int:
+    import torch
+
+    from .. import data, models
+    from ..reduction import token_prune as tp
+    from ..train.data import eval_windows
+
+    keeps = parse_keeps(args.keep)
+    allowed = tp.TECHNIQUES if args.task == "spam" else tp.PROMPT_TECHNIQUES
+    default = ("attention", "random", "first") if args.task == "spam" else tp.PROMPT_TECHNIQUES
+    techniques = default if args.techniques is None else tuple(t.strip() for t in args.techniques.split(",") if t.strip())
+    unknown = [t for t in techniques if t not in allowed]
+    if unknown or not techniques:
+        raise AttnlabError(f"--techniques: unknown {unknown or techniques!r} for --task {args.task}; "
+                           f"choose from {', '.join(allowed)}")
+    if args.threshold is not None:
+        if args.threshold < 0:
+            raise AttnlabError(f"--threshold must be >= 0, got {args.threshold}")
+        if set(techniques) != {"attention"}:
+            raise AttnlabError("--threshold applies to the attention technique only (add --techniques attention)")
+        keeps = [None]
+    try:
+        after = sorted({int(x) for x in args.after.split(",") if x.strip()})
+    except ValueError:
+        raise AttnlabError(f"--after expects layer indices such as 2 or 1,3, got {args.after!r}") from None
+    if not after or min(after) < 0:
+        raise AttnlabError(f"--after expects non-negative layer indices, got {args.after!r}")
+    seq_len = args.seq_len or (256 if args.task == "spam" else 512)
+    common.positive_int("--seq-len", seq_len, 4)
+    if args.num_examples is not None:
+        common.positive_int("--num-examples", args.num_examples, 1)
+    if args.task == "lm" and not 1 <= args.prompt_len <= seq_len - 2:
+        raise AttnlabError(f"--prompt-len {args.prompt_len} must be in [1, --seq-len - 2 = {seq_len - 2}] (the rest "
+                           "is the continuation)")
+    common.check_device(args.device)
+    name = args.model or DEFAULT_MODEL[args.task]
+    path, causal = models.resolve(name)
+    if args.task == "lm" and not causal:
+        raise AttnlabError(f"--task lm needs a causal LM; {name!r} is an encoder (use --task spam)")
+    if args.task == "spam" and causal:
+        raise AttnlabError(f"--task spam needs an encoder; {name!r} is a causal LM (use --task lm)")
+    config = json.loads((Path(path) / "config.json").read_text())  # checked before the weights load
+    layers = config.get("num_hidden_layers")
+    if args.task == "spam" and layers and max(after) > layers - 2:
+        raise AttnlabError(f"--after {args.after}: the model has {layers} layers; prune after layers 0..{layers - 2}")
+    if causal and seq_len > config.get("max_position_embeddings", seq_len):
+        raise AttnlabError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings "
+                           f"({config['max_position_embeddings']})")
+    split = data.spam_assassin() if args.task == "spam" else None  # a missing dataset fails before the model loads
+    model, tok = models.load(name, dtype=getattr(torch, args.dtype), device=args.device)
+    print(f"attnlab prune: task={args.task} model={name} keep={args.keep if args.threshold is None else 'threshold ' + str(args.threshold)} "
+          f"techniques={','.join(techniques)}", flush=True)
+    if args.task == "spam":
+        train, test = split
+        n_train, n_test = (args.num_examples, args.num_examples) if args.num_examples else (1000, 400)
+        rows = tp.evaluate_spam(model, tok, train[:n_train], test[:n_test], keeps=keeps, techniques=techniques,
+                                after=after, threshold=args.threshold, seq_len=seq_len, progress=not args.no_progress)
+        setup = {"train": min(n_train, len(train)), "test": min(n_test, len(test)), "seq_len": seq_len, "after": after}
+    else:
+        n = args.num_examples or 4
+        windows = eval_windows(tok, None, seq_len, n)
+        rows = tp.evaluate_prompt(model, windows, prompt_len=args.prompt_len, keeps=keeps, techniques=techniques,
+                                  threshold=args.threshold, seed=args.seed, progress=not args.no_progress)
+        setup = {"windows": int(windows.shape[0]), "seq_len": seq_len, "prompt_len": args.prompt_len,
+                 "text": "moby_dick (held-out tail)"}
+    print()
+    print(format_table(rows, args.task))
+    out = Path(args.out)
+    title = (f"attnlab prune --task {args.task}: {name}, " +
+             (f"pruned after layer(s) {','.join(map(str, after))}, {setup['test']} test messages" if args.task == "spam"
+              else f"{setup['windows']} held-out windows, prompt {args.prompt_len} + {seq_len - args.prompt_len} tokens"))
+    common.write_result(out / "prune.json", args.device,
+                        {"task": args.task, "model": name, "setup": setup, "techniques": list(techniques), "rows": rows},
+                        None if args.no_plot or args.threshold is not None else
+                        lambda png: plot(rows, args.task, png, title))
+    return 0
+
+
+def format_table(rows: list[dict], task: str) -> str:
+    if task == "spam":
+        lines = [f"{'technique':<17} {'keep':>5} {'kept':>6} {'accuracy':>9} {'retention':>9} {'seconds':>8} {'speed-up':>8}"]
+        for r in rows:
+            keep = "thr" if r["keep"] is None else f"{r['keep']:.2f}"
+            lines.append(f"{r['technique']:<17} {keep:>5} {r['kept_fraction']:>6.3f} {r['accuracy']:>9.4f} "
+                         f"{r['acc_retention']:>9.4f} {r['seconds']:>8.2f} {r['speedup']:>8.2f}")
+        return "\n".join(lines)
+    lines = [f"{'technique':<17} {'keep':>5} {'kept':>6} {'KL':>8} {'KL p95':>7} {'top-1':>6} {'ppl':>8} {'ms':>8} {'KV MiB':>7}"]
+    for r in rows:
+        keep = "thr" if r["keep"] is None else f"{r['keep']:.2f}"
+        lines.append(f"{r['technique']:<17} {keep:>5} {r['kept_fraction']:>6.3f} {r['kl']:>8.4f} {r['kl_p95']:>7.3f} "
+                     f"{r['top1']:>6.3f} {r['ppl']:>8.2f} {r['ms']:>8.1f} {r['kv_bytes'] / 2**20:>7.2f}")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], task: str, path, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [("accuracy", "test accuracy"), ("speedup", "speed-up of the test pass (x)")] if task == "spam" else \
+        [("kl", "KL(full prompt || kept prompt), nats/token"), ("ppl", "continuation perplexity")]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    base = rows[0]
+    techniques = list(dict.fromkeys(r["technique"] for r in rows[1:]))
+    markers = dict(zip(techniques, "osD^v<>"))
+    for ax, (key, label) in zip(axes, metrics):
+        for tech in techniques:
+            rs = sorted((r for r in rows if r["technique"] == tech), key=lambda r: r["kept_fraction"])
+            ax.plot([100 * r["kept_fraction"] for r in rs], [r[key] for r in rs], marker=markers[tech], label=tech)
+        if key in ("accuracy", "ppl"):
+            ax.axhline(base[key], color="gray", ls="--", lw=1)
+            ax.text(0.01, base[key], f" all tokens {base[key]:.3g}", color="gray", fontsize=8, va="bottom",
+                    transform=ax.get_yaxis_transform())
+        if key == "kl":
+            ax.set_yscale("log")
+        ax.set(xlabel="tokens kept (%)", ylabel=label)
+        ax.invert_xaxis()
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

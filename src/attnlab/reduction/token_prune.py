@@ -1,0 +1,455 @@
+"""Column-sum token pruning: score each token by the attention it receives, drop the least attended ones.
+
+    with TokenPruner(model, keep=0.5, after=[2]) as pruner:          # an encoder: prune after layer 2
+        out, kept = pruner(input_ids=ids, attention_mask=mask, special=special_tokens_mask)
+        # out.last_hidden_state [B, K, E]; kept.index [B, K] (positions in the input), kept.valid [B, K]
+
+    scores = prompt_scores(model, ids)                                # a causal LM: score a prompt, then
+    kept = select_tokens(scores, 0.5, always=first_token)             # keep half of it and continue from
+    logits = continue_from(model, ids, kept, continuation)            # there, positions preserved
+
+Score (`ops.reference.received_attention`): the attention a token receives, averaged over heads and over the
+queries that can see it, relative to uniform attention (1 = what uniform attention would give it). Normalising
+by the queries that see a token keeps the scores of a causal model comparable along the sequence: raw column
+sums favour early tokens, which more queries can see (LTP, Kim et al. 2022, normalise the same way).
+
+Where tokens are dropped inside the model (`TokenPruner`), a forward hook on layer l's attention method computes
+the scores from its q and k, and a forward pre-hook on layer l + 1 gathers the kept tokens out of everything
+that layer receives (hidden states, the key padding mask, position ids and rotary cos/sin), so later layers run
+on fewer tokens and each kept token keeps its original position. Progressive pruning (several layers in
+`after`) keeps keep ** (1 / stages) at each stage (PoWER-BERT's progressive elimination), `threshold` keeps the
+tokens scoring at least that much instead. Special tokens ([CLS], [SEP]: `special`) are always kept. Rows keep
+different counts; the batch is padded to the largest and the padding masked, as any padded batch.
+
+Baselines use the same machinery with other scores: `random` (seeded) and `first` (keep the first tokens,
+PoWER-BERT's and many truncation baselines); `last` (the most recent, for a causal LM's prompt). For prompt
+compression `attention+recent` keeps the most recent half of the budget and fills the other half by attention
+(H2O's heavy hitters + recent window, Zhang et al. 2023).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import torch
+
+from ..types import AttnlabError
+
+TECHNIQUES = ("attention", "random", "first", "last")
+PROMPT_TECHNIQUES = (*TECHNIQUES, "attention+recent")  # prompt compression: H2O's heavy hitters + recent half
+
+
+@dataclasses.dataclass
+class Kept:
+    index: torch.Tensor  # long [B, K]: positions in the input, ascending; padding slots repeat index 0
+    valid: torch.Tensor  # bool [B, K]: False on the padding slots
+
+    @property
+    def counts(self) -> torch.Tensor:
+        return self.valid.sum(-1)
+
+
+def check_keep(keep: float | None, threshold: float | None) -> None:
+    if (keep is None) == (threshold is None):
+        raise AttnlabError("token pruning needs exactly one of keep (a fraction) or threshold (a score)")
+    if keep is not None and not (isinstance(keep, (int, float)) and 0 < keep <= 1):
+        raise AttnlabError(f"keep must be a fraction in (0, 1], got {keep!r}")
+    if threshold is not None and not (isinstance(threshold, (int, float)) and threshold >= 0):
+        raise AttnlabError(f"threshold must be a score >= 0 (1 = uniform attention), got {threshold!r}")
+
+
+def technique_scores(technique: str, t: int, batch: int, device, *, attention=None, generator=None) -> torch.Tensor:
+    """[B, T] scores, higher = keep: the attention scores, or a baseline's."""
+    if technique == "attention":
+        if attention is None:
+            raise AttnlabError("technique 'attention' needs attention scores")
+        return attention.float()
+    pos = torch.arange(t, device=device, dtype=torch.float32).expand(batch, t)
+    if technique == "first":
+        return -pos
+    if technique == "last":
+        return pos.clone()
+    if technique == "random":
+        return torch.rand(batch, t, generator=generator).to(device)
+    raise AttnlabError(f"unknown pruning technique {technique!r}; techniques: {', '.join(TECHNIQUES)}")
+
+
+def select_tokens(scores: torch.Tensor, keep: float | None = None, *, threshold: float | None = None,
+                  real: torch.Tensor | None = None, always: torch.Tensor | None = None) -> Kept:
+    """Per row, the tokens to keep: with `keep`, ceil(keep x real tokens) of them (never fewer than the `always`
+    ones, never fewer than 1); with `threshold`, those scoring >= threshold. `always` (Bool[B, T]) are kept
+    whatever they score; `real` (Bool[B, T]) marks the non-padding tokens, the only candidates."""
+    check_keep(keep, threshold)
+    b, t = scores.shape
+    real = torch.ones(b, t, dtype=torch.bool, device=scores.device) if real is None else real.bool()
+    always = torch.zeros_like(real) if always is None else (always.bool() & real)
+    if threshold is not None:
+        chosen = real & ((scores >= threshold) | always)
+        counts = chosen.sum(-1).clamp_min(1)  # a row with nothing above the threshold keeps its best token
+        key = torch.where(always, torch.full_like(scores, float("inf")), scores.float())
+        key = torch.where(chosen, key + 1e9, key)  # the chosen first, by score; then the rest by score
+    else:
+        counts = torch.maximum(torch.ceil(keep * real.sum(-1).float() - 1e-9).long(), always.sum(-1)).clamp_min(1)
+        key = torch.where(always, torch.full_like(scores, float("inf")), scores.float())
+    key = torch.where(real, key, torch.full_like(key, float("-inf")))
+    counts = torch.minimum(counts, real.sum(-1).clamp_min(1))
+    k = int(counts.max())
+    top = torch.topk(key, k, dim=-1, sorted=True).indices  # best first
+    valid = torch.arange(k, device=scores.device)[None, :] < counts[:, None]
+    top = torch.where(valid, top, torch.full_like(top, t))  # padding slots sort last
+    index = torch.sort(top, dim=-1).values
+    valid = index < t
+    return Kept(torch.where(valid, index, torch.zeros_like(index)), valid)
+
+
+# ---- pruning inside the forward ----------------------------------------------------------------------------------
+def _take(x, idx: torch.Tensor, t: int):
+    """x with its sequence axis (length t) gathered at idx [B, K]; anything without one is returned as is."""
+    if isinstance(x, (tuple, list)):
+        return type(x)(_take(y, idx, t) for y in x)
+    if not torch.is_tensor(x) or x.dim() == 0:
+        return x
+    b, k = idx.shape
+    if x.dim() == 1:
+        return (idx[0] if b == 1 else torch.arange(k, device=x.device)) if x.shape[0] == t else x  # cache_position
+    if b > 1 and x.shape[0] == 1 and t in x.shape[1:]:  # broadcast over the batch (position ids, cos / sin, masks)
+        x = x.expand(b, *x.shape[1:])
+    if x.dim() == 3 and x.shape[1] == t:  # hidden states, rotary cos / sin [B, T, D]
+        return x.gather(1, idx[:, :, None].expand(-1, -1, x.shape[-1]))
+    if x.dim() == 2 and x.shape[1] == t:  # key padding mask, position ids [B, T]
+        return x.gather(1, idx)
+    if x.dim() == 4 and x.shape[-1] == t:  # a 4D mask [B, 1|H, Tq|1, T]
+        x = x.gather(3, idx[:, None, None, :].expand(-1, x.shape[1], x.shape[2], -1))
+        if x.shape[2] == t:
+            x = x.gather(2, idx[:, None, :, None].expand(-1, x.shape[1], -1, k))
+        return x
+    return x
+
+
+def _with_valid(mask, valid: torch.Tensor):
+    """The layer's attention mask with the padding slots of a pruned batch masked out as keys."""
+    if valid.all():
+        return mask
+    if mask is None:
+        return valid
+    if mask.dim() == 2:
+        return mask.bool() & valid
+    if mask.dim() == 4 and mask.dtype == torch.bool:
+        return mask & valid[:, None, None, :]
+    if mask.dim() == 4:
+        return mask.masked_fill(~valid[:, None, None, :], torch.finfo(mask.dtype).min)
+    raise AttnlabError(f"token pruning: unexpected attention mask of shape {tuple(mask.shape)}")
+
+
+def _layer_modules(model, names: list[str]):
+    """The decoder / encoder layer module that holds each attention module (by name): the child of the
+    ModuleList the attention sits in."""
+    modules = dict(model.named_modules())
+    out = []
+    for name in names:
+        parts = name.split(".")
+        for i in range(len(parts) - 1, 0, -1):
+            parent = ".".join(parts[:i - 1]) if i > 1 else ""
+            holder = modules.get(parent) if parent else model
+            if isinstance(holder, torch.nn.ModuleList) and parts[i - 1].isdigit():
+                out.append(modules[".".join(parts[:i])])
+                break
+        else:
+            raise AttnlabError(f"token pruning: no layer list holds {name!r}")
+    return out
+
+
+class TokenPruner:
+    """Prune tokens inside the forward after the layers in `after` (0-based). A context manager: it swaps
+    `method` (default sdpa, the same function as the original) into a model with nothing swapped in, and
+    restores it on exit; a model already swapped keeps its methods (pruning composes with them)."""
+
+    def __init__(self, model, *, keep: float | None = None, threshold: float | None = None, after=(2,),
+                 technique: str = "attention", seed: int = 0, method: str = "sdpa"):
+        check_keep(keep, threshold)
+        if technique not in TECHNIQUES:
+            raise AttnlabError(f"unknown pruning technique {technique!r}; techniques: {', '.join(TECHNIQUES)}")
+        self.model, self.technique, self.threshold, self.method = model, technique, threshold, method
+        self.after = sorted({int(a) for a in after})
+        if not self.after:
+            raise AttnlabError("token pruning needs at least one layer in `after`")
+        self.keep = None if keep is None else keep ** (1.0 / len(self.after))  # per stage
+        self.seed = seed
+        self._handles: list = []
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self):
+        from ..adapters.swap import method_modules, state, swapped
+
+        if state(self.model) is None:
+            self._stack.enter_context(swapped(self.model, self.method))
+        try:
+            pairs = method_modules(self.model)
+            n = len(pairs)
+            bad = [a for a in self.after if not 0 <= a < n - 1]
+            if bad:
+                raise AttnlabError(f"token pruning: `after` layers must be in [0, {n - 2}] (the model has {n} "
+                                   f"attention layers and pruning after the last one changes nothing), got {bad}")
+            layers = _layer_modules(self.model, [plan.name for plan, _ in pairs])
+            if self.technique == "attention":
+                for a in self.after:
+                    self._handles.append(pairs[a][1].register_forward_hook(self._score_hook(a), with_kwargs=True))
+            for layer in range(self.after[0] + 1, n):  # every later layer: its inputs sliced to the kept tokens
+                self._handles.append(layers[layer].register_forward_pre_hook(self._prune_hook(layer), with_kwargs=True))
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._stack.close()
+        return False
+
+    def __call__(self, *, special: torch.Tensor | None = None, **inputs):
+        """Run the model on `inputs` (input_ids, attention_mask, ...); returns (model output, Kept)."""
+        ids = inputs.get("input_ids")
+        ref = ids if ids is not None else inputs["inputs_embeds"][..., 0]
+        b, t = ref.shape[:2]
+        mask = inputs.get("attention_mask")
+        valid = torch.ones(b, t, dtype=torch.bool, device=ref.device) if mask is None else mask.bool()
+        self._state = {"index": torch.arange(t, device=ref.device).expand(b, t), "valid": valid, "t0": t,
+                       "special": torch.zeros_like(valid) if special is None else special.bool().to(ref.device),
+                       "scores": {}, "generator": torch.Generator().manual_seed(self.seed)}
+        try:
+            out = self.model(**inputs)
+            return out, Kept(self._state["index"], self._state["valid"])
+        finally:
+            self._state = None
+
+    def _score_hook(self, layer):
+        from ..methods.base import repeat_kv
+        from ..ops.reference import received_attention
+
+        def hook(module, args, kwargs, _out):
+            if getattr(self, "_state", None) is None:
+                return
+            q, k = args[0], args[1]
+            scale = kwargs.get("scale") or q.shape[-1] ** -0.5
+            self._state["scores"][layer] = received_attention(
+                q.detach(), repeat_kv(k.detach(), q.shape[1] // k.shape[1]), scale=scale,
+                causal=bool(kwargs.get("causal", False)), key_padding_mask=kwargs.get("key_padding_mask"))
+        return hook
+
+    def _prune_hook(self, layer):
+        """Before `layer`: drop tokens if the layer before it is a pruning point (the hidden states arrive at the
+        current length), then slice what the model hands every layer at the input length (masks, positions,
+        rotary cos / sin) to the tokens kept so far."""
+        def hook(module, args, kwargs):
+            st = getattr(self, "_state", None)
+            if st is None:
+                return None
+            positional = len(args) > 0
+            hidden = args[0] if positional else kwargs["hidden_states"]
+            if layer - 1 in self.after:
+                valid, t = st["valid"], hidden.shape[1]
+                scores = technique_scores(self.technique, t, valid.shape[0], valid.device,
+                                          attention=st["scores"].pop(layer - 1, None), generator=st["generator"])
+                kept = select_tokens(scores, self.keep, threshold=self.threshold, real=valid, always=st["special"])
+                hidden = _take(hidden, kept.index, t)
+                st["index"] = st["index"].gather(1, kept.index)
+                st["valid"] = kept.valid
+                st["special"] = st["special"].gather(1, kept.index) & kept.valid
+            idx, t0 = st["index"], st["t0"]
+            rest = _take(tuple(args[1:] if positional else args), idx, t0)
+            kwargs = {key: (val if key == "hidden_states" else _take(val, idx, t0)) for key, val in kwargs.items()}
+            if "attention_mask" in kwargs or len(rest) < (1 if positional else 2):
+                kwargs["attention_mask"] = _with_valid(kwargs.get("attention_mask"), st["valid"])
+            else:
+                i = 0 if positional else 1
+                rest = (*rest[:i], _with_valid(rest[i], st["valid"]), *rest[i + 1:])
+            if positional:
+                return (hidden, *rest), kwargs
+            kwargs["hidden_states"] = hidden
+            return rest, kwargs
+        return hook
+
+
+# ---- causal LM: prompt compression -----------------------------------------------------------------------------
+def prompt_scores(model, ids: torch.Tensor, *, layers=None, method: str = "sdpa") -> torch.Tensor:
+    """[B, T] received-attention scores of a prompt under the model itself: one forward, the mean over `layers`
+    (default: all) of each layer's `received_attention`."""
+    from ..adapters.swap import method_modules, state, swapped
+    from ..methods.base import repeat_kv
+    from ..ops.reference import received_attention
+
+    acc: dict[int, torch.Tensor] = {}
+
+    def hook_for(i):
+        def hook(module, args, kwargs, _out):
+            q, k = args[0], args[1]
+            acc[i] = received_attention(q.detach(), repeat_kv(k.detach(), q.shape[1] // k.shape[1]),
+                                        scale=kwargs.get("scale") or q.shape[-1] ** -0.5,
+                                        causal=bool(kwargs.get("causal", False)),
+                                        key_padding_mask=kwargs.get("key_padding_mask"))
+        return hook
+
+    with (swapped(model, method) if state(model) is None else contextlib.nullcontext()), torch.no_grad():
+        pairs = method_modules(model)
+        chosen = range(len(pairs)) if layers is None else layers
+        handles = [pairs[i][1].register_forward_hook(hook_for(i), with_kwargs=True) for i in chosen]
+        try:
+            model(ids, use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+    return torch.stack([acc[i] for i in sorted(acc)]).mean(0)
+
+
+def continue_from(model, prompt: torch.Tensor, kept: Kept, continuation: torch.Tensor) -> torch.Tensor:
+    """Logits [B, M, V] of the model over `continuation` [B, M] after only the kept prompt tokens (batch 1, or
+    rows that keep the same count), each at its original position (rotary / learned positions stay right)."""
+    if not bool(kept.valid.all()):
+        raise AttnlabError("continue_from: rows keep different numbers of tokens; run them one at a time")
+    b, t = prompt.shape
+    m = continuation.shape[1]
+    ids = torch.cat([prompt.gather(1, kept.index), continuation], dim=1)
+    pos = torch.cat([kept.index, torch.arange(t, t + m, device=prompt.device).expand(b, m)], dim=1)
+    with torch.no_grad():
+        return model(ids, position_ids=pos, use_cache=False).logits[:, -m:]
+
+
+def kv_bytes(model, tokens: int, dtype_bytes: int = 2) -> int:
+    """Bytes of the key/value cache for `tokens` tokens (all layers, the model's KV heads)."""
+    c = model.config
+    heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return int(2 * c.num_hidden_layers * heads * head_dim * tokens * dtype_bytes)
+
+
+def fraction_kept(kept: Kept, real: torch.Tensor) -> float:
+    return float(kept.counts.sum() / real.sum().clamp_min(1))
+
+
+__all__ = ["Kept", "PROMPT_TECHNIQUES", "TECHNIQUES", "TokenPruner", "check_keep", "continue_from", "fraction_kept", "kv_bytes",
+           "prompt_scores", "select_tokens", "technique_scores"]
+
+
+# ---- evaluations (attnlab prune) -----------------------------------------------------------------------------------
+def evaluate_spam(model, tok, train, test, *, keeps, techniques=("attention", "random", "first"), after=(2,),
+                  threshold=None, seq_len: int = 256, batch_size: int = 32, progress: bool = True) -> list[dict]:
+    """Spam Assassin with an encoder (MiniLM), as `attnlab compare --task spam`: a logistic head trained on the
+    full model's mean-pooled embeddings of `train`, then test accuracy with tokens pruned inside the model
+    (mean pooling over the kept tokens). One row per (technique, keep), plus the original; `seconds` is the
+    wall time of embedding the test set on the model's device."""
+    import time
+
+    from tqdm.auto import tqdm
+
+    from ..eval.compare import _embed, train_head
+
+    device = next(model.parameters()).device
+    xtr = _embed(model, tok, [t for t, _ in train], seq_len, desc="embed train", progress=progress)
+    head = train_head(xtr, torch.tensor([y for _, y in train]))
+    texts, yte = [t for t, _ in test], torch.tensor([y for _, y in test])
+
+    def run(pruner=None, desc=""):
+        feats, kept_n, real_n = [], 0, 0
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for i in tqdm(range(0, len(texts), batch_size), desc=desc, leave=False, disable=not progress):
+                enc = tok(texts[i:i + batch_size], padding=True, truncation=True, max_length=seq_len,
+                          return_tensors="pt", return_special_tokens_mask=True).to(device)
+                special = enc.pop("special_tokens_mask")
+                real = enc["attention_mask"].bool()
+                if pruner is None:
+                    h, valid = model(**enc).last_hidden_state, real
+                else:
+                    out, kept = pruner(special=special, **enc)
+                    h, valid = out.last_hidden_state, kept.valid
+                m = valid.unsqueeze(-1).float()
+                feats.append(((h.float() * m).sum(1) / m.sum(1).clamp_min(1)).cpu())
+                kept_n += int(valid.sum())
+                real_n += int(real.sum())
+        seconds = time.perf_counter() - t0
+        with torch.no_grad():
+            acc = ((head(torch.cat(feats)).squeeze(-1) > 0).long() == yte).float().mean().item()
+        return acc, kept_n / max(1, real_n), seconds
+
+    base_acc, _, base_s = run(desc="original")
+    rows = [{"technique": "original", "keep": 1.0, "kept_fraction": 1.0, "accuracy": base_acc, "acc_retention": 1.0,
+             "seconds": base_s, "speedup": 1.0}]
+    jobs = [(tech, k) for tech in techniques for k in keeps]
+    for tech, k in tqdm(jobs, desc="prune", disable=not progress):
+        with TokenPruner(model, keep=None if threshold is not None else k, threshold=threshold, after=after,
+                         technique=tech) as pruner:
+            acc, frac, sec = run(pruner, desc=f"{tech} {k}")
+        rows.append({"technique": tech, "keep": k, "threshold": threshold, "after": list(after),
+                     "kept_fraction": frac, "accuracy": acc, "acc_retention": acc / base_acc, "seconds": sec,
+                     "speedup": base_s / sec})
+    return rows
+
+
+def evaluate_prompt(model, windows: torch.Tensor, *, prompt_len: int, keeps, techniques=PROMPT_TECHNIQUES,
+                    threshold=None, seed: int = 0, progress: bool = True) -> list[dict]:
+    """A causal LM's prompt compression on held-out windows [N, prompt_len + M]: score the prompt with the model
+    itself (`prompt_scores`, all layers), keep a fraction of it (its first token, the attention sink, always),
+    and read the continuation after the kept prompt at the original positions. KL(full prompt || kept prompt)
+    and perplexity over the continuation's tokens predicted from inside the continuation (M - 1 per window), the
+    forward's time and the prompt's KV-cache bytes, one row per (technique, keep) plus the full prompt."""
+    import time
+
+    from tqdm.auto import tqdm
+
+    from ..metrics import fidelity as fm
+    from ..timing import Timer
+
+    device = next(model.parameters()).device
+    windows = windows.to(device)
+    n, total = windows.shape
+    if not 1 <= prompt_len < total - 1:
+        raise AttnlabError(f"prompt length {prompt_len} must leave at least 2 continuation tokens of {total}")
+    prompts, conts = windows[:, :prompt_len], windows[:, prompt_len:]
+    always = torch.zeros(1, prompt_len, dtype=torch.bool, device=device)
+    always[:, 0] = True
+    gen = torch.Generator().manual_seed(seed)
+
+    def score(i, logits):  # continuation positions 0..M-2 predict its tokens 1..M-1
+        return fm.next_token_stats(full[i], logits.float().cpu(), conts[i:i + 1].cpu())
+
+    full, full_ms, attn_scores = [], [], []
+    with torch.no_grad():
+        for i in tqdm(range(n), desc="full prompt", disable=not progress):
+            with Timer(device) as tm:
+                logits = model(windows[i:i + 1], use_cache=False).logits[:, prompt_len:]
+            full.append(logits.float().cpu())
+            full_ms.append(tm.ms)
+            needs = any(t.startswith("attention") for t in techniques)
+            attn_scores.append(prompt_scores(model, prompts[i:i + 1]) if needs else None)
+    base_stats = [score(i, full[i]) for i in range(n)]
+    base_nll = torch.cat([s["nll_base"] for s in base_stats])
+    rows = [{"technique": "original", "keep": 1.0, "kept_fraction": 1.0, "kl": 0.0, "kl_p95": 0.0, "top1": 1.0,
+             "ppl": base_nll.mean().exp().item(), "ppl_original": base_nll.mean().exp().item(),
+             "ms": sorted(full_ms)[n // 2], "kv_bytes": kv_bytes(model, prompt_len)}]
+    jobs = [(tech, k) for tech in techniques for k in keeps]
+    for tech, k in tqdm(jobs, desc="prune prompt", disable=not progress):
+        stats, ms, kept_total = [], [], 0
+        for i in range(n):
+            base_tech = "attention" if tech == "attention+recent" else tech
+            sc = technique_scores(base_tech, prompt_len, 1, device, attention=attn_scores[i], generator=gen)
+            keep_now = always
+            if tech == "attention+recent":
+                recent = int(k * prompt_len) // 2
+                keep_now = always.clone()
+                keep_now[:, prompt_len - recent:] = True
+            kept = select_tokens(sc, None if threshold is not None else k, threshold=threshold, always=keep_now)
+            kept_total += int(kept.counts.sum())
+            with Timer(device) as tm:
+                logits = continue_from(model, prompts[i:i + 1], kept, conts[i:i + 1])
+            ms.append(tm.ms)
+            stats.append(score(i, logits))
+        kl = torch.cat([s["kl"] for s in stats])
+        rows.append({"technique": tech, "keep": k, "threshold": threshold, "kept_fraction": kept_total / (n * prompt_len),
+                     "kl": kl.mean().item(), "kl_p95": kl.quantile(0.95).item(),
+                     "top1": torch.cat([s["agree"] for s in stats]).mean().item(),
+                     "ppl": torch.cat([s["nll_new"] for s in stats]).mean().exp().item(),
+                     "ppl_original": base_nll.mean().exp().item(), "ms": sorted(ms)[n // 2],
+                     "kv_bytes": kv_bytes(model, round(kept_total / n))})
+    return rows
