@@ -119,8 +119,8 @@ def test_prompt_compression_is_exact_when_everything_is_kept_and_attention_beats
 
 
 @pytest.mark.parametrize("args,match", [
-    (["--keep", "0"], "--keep values must be fractions"),
-    (["--keep", "x"], "--keep expects fractions"),
+    (["--keep", "0"], "--keep values must be in (0, 1]"),
+    (["--keep", "x"], "--keep expects numbers"),
     (["--techniques", "nope"], "unknown"),
     (["--threshold", "1.0"], "attention technique only"),
     (["--after", "9"], "the model has 6 layers"),

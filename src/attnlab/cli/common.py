@@ -108,6 +108,21 @@ def fraction(name: str, value, *, open_low: bool = True) -> float:
     return float(value)
 
 
+def fraction_list(name: str, raw: str, *, upper_open: bool = False, what: str = "fractions") -> list[float]:
+    """A comma-separated list of fractions: each in (0, 1], or in [0, 1) with `upper_open`."""
+    try:
+        vals = [float(x) for x in raw.split(",") if x.strip()]
+    except ValueError:
+        raise AttnlabError(f"{name} expects numbers such as 0.5,0.9, got {raw!r}") from None
+    if not vals:
+        raise AttnlabError(f"{name} needs at least one value")
+    span = "[0, 1)" if upper_open else "(0, 1]"
+    bad = [v for v in vals if not (0 <= v < 1 if upper_open else 0 < v <= 1)]
+    if bad:
+        raise AttnlabError(f"{name} values must be in {span} ({what}), got {bad}")
+    return vals
+
+
 def check_device(device: str) -> str:
     try:
         dev = torch.device(device)

@@ -48,14 +48,7 @@ def add_parser(sub) -> None:
 
 
 def parse_keeps(raw: str) -> list[float]:
-    try:
-        vals = [float(x) for x in raw.split(",") if x.strip()]
-    except ValueError:
-        raise AttnlabError(f"--keep expects fractions such as 0.9,0.5, got {raw!r}") from None
-    bad = [v for v in vals if not 0 < v <= 1]
-    if not vals or bad:
-        raise AttnlabError(f"--keep values must be fractions in (0, 1], got {raw!r}")
-    return vals
+    return common.fraction_list("--keep", raw, what="the fraction of tokens kept")
 
 
 def run(args) -> int:

@@ -42,16 +42,7 @@ def add_parser(sub) -> None:
 
 
 def parse_fractions(raw: str) -> list[float]:
-    try:
-        vals = [float(x) for x in raw.split(",") if x.strip()]
-    except ValueError:
-        raise AttnlabError(f"--sparsity expects numbers such as 0.5,0.9, got {raw!r}") from None
-    if not vals:
-        raise AttnlabError("--sparsity needs at least one value")
-    bad = [v for v in vals if not 0 <= v < 1]
-    if bad:
-        raise AttnlabError(f"--sparsity values must be in [0, 1) (the fraction of blocks pruned), got {bad}")
-    return vals
+    return common.fraction_list("--sparsity", raw, upper_open=True, what="the fraction of blocks pruned")
 
 
 def run(args) -> int:
