@@ -252,8 +252,9 @@ def prune_block() -> str:
         env, rel, rows = res["environment"], Path(f).relative_to(HERE.parent), res["rows"]
         spam = res["task"] == "spam"
         keeps = sorted({r["keep"] for r in rows[1:] if r["keep"] is not None}, reverse=True)
+        took = "" if res.get("elapsed_s") is None else f", {res['elapsed_s']:.0f} s"
         lines += [f"`{res['command']}` at commit `{res.get('commit') or 'unknown'}`; {env.get('device_name')} "
-                  f"({env.get('cpu_threads')} threads), {res['elapsed_s']:.0f} s; setup {res['setup']}. JSON: "
+                  f"({env.get('cpu_threads')} threads){took}; setup {res['setup']}. JSON: "
                   f"[`{rel}`]({rel}), plot: [`{rel.with_suffix('.png')}`]({rel.with_suffix('.png')}).", ""]
         what = "test accuracy (speed-up of the test pass)" if spam else "continuation KL (ppl)"
         base = rows[0]
@@ -270,12 +271,39 @@ def prune_block() -> str:
     return "\n".join(lines).strip() or "(no committed result)"
 
 
+def advise_block() -> str:
+    """The committed `attnlab advise` result: verified path points, single methods, the recommendation."""
+    lines = []
+    for f in sorted(glob.glob(str(HERE / "results" / "advise" / "*" / "advise.json"))):
+        res = json.loads(Path(f).read_text())
+        env, rel = res["environment"], Path(f).relative_to(HERE.parent)
+        lines += [f"`{res['command']}` at commit `{res.get('commit') or 'unknown'}`; {res['model']}, {res['windows']} "
+                  f"held-out windows x {res['seq_len']} tokens; one attention layer timed at {res['cost_len']} tokens on "
+                  f"{env.get('device_name')} ({env.get('cpu_threads')} threads; one layer, ms: "
+                  + ", ".join(f"{m} {c['ms']:.3g}" for m, c in res["costs"].items()) +
+                  f"), {res['elapsed_s']:.0f} s. JSON: [`{rel}`]({rel}), plot: [`{rel.with_suffix('.png')}`]"
+                  f"({rel.with_suffix('.png')}).", "",
+                  "| choice | layers switched | KL, scan sum | KL, whole model | top-1 | ppl | attention time vs original |",
+                  "|---|---|---|---|---|---|---|"]
+        rec = res.get("recommended") or {}
+        for v in res["verified"]:
+            mark = " **(recommended)**" if v["step"] == rec.get("step") else ""
+            lines.append(f"| greedy path, step {v['step']}{mark} | {v['switched']} | {v['kl_est']:.4f} | {v['kl']:.4f} | "
+                         f"{v['top1']:.3f} | {v['ppl']:.2f} | {v['time_ratio']:.2f}x |")
+        for sgl in res["singles"]:
+            lines.append(f"| {sgl['method']} in every layer | all | - | {sgl['kl']:.4f} | {sgl['top1']:.3f} | "
+                         f"{sgl['ppl']:.2f} | {sgl['time_ratio']:.2f}x |")
+        lines.append("")
+    return "\n".join(lines).strip() or "(no committed result)"
+
+
 def blocks() -> dict[tuple[str, str], str]:
     out = {(START, END): bench_block(), ("<!-- distill-table:start -->", "<!-- distill-table:end -->"): distill_block(),
            ("<!-- vision-table:start -->", "<!-- vision-table:end -->"): vision_block(),
            ("<!-- sparsify-table:start -->", "<!-- sparsify-table:end -->"): sparsify_block(),
            ("<!-- scan-table:start -->", "<!-- scan-table:end -->"): scan_block(),
-           ("<!-- prune-table:start -->", "<!-- prune-table:end -->"): prune_block()}
+           ("<!-- prune-table:start -->", "<!-- prune-table:end -->"): prune_block(),
+           ("<!-- advise-table:start -->", "<!-- advise-table:end -->"): advise_block()}
     for task in ("lm", "spam"):
         if (HERE.parent / "docs" / f"compare-{task}.json").exists():
             out[(f"<!-- compare-{task}:start -->", f"<!-- compare-{task}:end -->")] = compare_block(task)

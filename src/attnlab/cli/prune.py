@@ -4,6 +4,7 @@ compression) vs the fraction of tokens kept."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from ..types import AttnlabError
@@ -101,6 +102,7 @@ def run(args) -> int:
                            f"({config['max_position_embeddings']})")
     split = data.spam_assassin() if args.task == "spam" else None  # a missing dataset fails before the model loads
     model, tok = models.load(name, dtype=getattr(torch, args.dtype), device=args.device)
+    started = time.time()
     print(f"attnlab prune: task={args.task} model={name} keep={args.keep if args.threshold is None else 'threshold ' + str(args.threshold)} "
           f"techniques={','.join(techniques)}", flush=True)
     if args.task == "spam":
@@ -123,7 +125,8 @@ def run(args) -> int:
              (f"pruned after layer(s) {','.join(map(str, after))}, {setup['test']} test messages" if args.task == "spam"
               else f"{setup['windows']} held-out windows, prompt {args.prompt_len} + {seq_len - args.prompt_len} tokens"))
     common.write_result(out / "prune.json", args.device,
-                        {"task": args.task, "model": name, "setup": setup, "techniques": list(techniques), "rows": rows},
+                        {"task": args.task, "model": name, "setup": setup, "techniques": list(techniques),
+                         "elapsed_s": round(time.time() - started, 1), "rows": rows},
                         None if args.no_plot or args.threshold is not None else
                         lambda png: plot(rows, args.task, png, title))
     return 0
@@ -163,8 +166,8 @@ def plot(rows: list[dict], task: str, path, title: str = "") -> None:
             ax.plot([100 * r["kept_fraction"] for r in rs], [r[key] for r in rs], marker=markers[tech], label=tech)
         if key in ("accuracy", "ppl"):
             ax.axhline(base[key], color="gray", ls="--", lw=1)
-            ax.text(0.01, base[key], f" all tokens {base[key]:.3g}", color="gray", fontsize=8, va="bottom",
-                    transform=ax.get_yaxis_transform())
+            ax.text(0.99, base[key], f"all tokens {base[key]:.3g} ", color="gray", fontsize=8, va="bottom",
+                    ha="right", transform=ax.get_yaxis_transform())
         if key == "kl":
             ax.set_yscale("log")
         ax.set(xlabel="tokens kept (%)", ylabel=label)

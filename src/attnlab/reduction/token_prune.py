@@ -312,8 +312,10 @@ def continue_from(model, prompt: torch.Tensor, kept: Kept, continuation: torch.T
     m = continuation.shape[1]
     ids = torch.cat([prompt.gather(1, kept.index), continuation], dim=1)
     pos = torch.cat([kept.index, torch.arange(t, t + m, device=prompt.device).expand(b, m)], dim=1)
+    # an explicit all-ones mask: with none, transformers reads a jump in position_ids as the start of another
+    # packed sequence and would hide the kept prompt from the continuation
     with torch.no_grad():
-        return model(ids, position_ids=pos, use_cache=False).logits[:, -m:]
+        return model(ids, position_ids=pos, attention_mask=torch.ones_like(ids), use_cache=False).logits[:, -m:]
 
 
 def kv_bytes(model, tokens: int, dtype_bytes: int = 2) -> int:

@@ -1,0 +1,139 @@
+"""`attnlab advise`: the cheapest per-layer spec within a KL budget, from a per-layer scan, verified on the whole
+model; the frontier plot, JSON and the spec that `attnlab compare --spec` / `attnlab distill --spec` take."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from ..types import AttnlabError
+from . import common
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("advise", help="which attention each layer should use: cheapest spec within a KL budget",
+                       description="Scan each method one layer at a time (or read a scan.json), time one attention "
+                                   "layer of each method at --cost-len on --device, walk a greedy path from the "
+                                   "original model to every layer switched (most attention time saved per unit of "
+                                   "scanned KL first), verify points of it on the whole mixed model, and recommend "
+                                   "the cheapest one whose held-out KL is within --max-kl. Writes advise.json, "
+                                   "advise.png and spec.json (a SwapSpec for compare --spec / distill --spec).")
+    p.add_argument("--model", default="smollm2", help="a packaged causal LM (smollm2) or a local model folder")
+    p.add_argument("--methods", default="window,linear,performer",
+                   help="comma-separated candidate methods, each with its defaults at --seq-len (default: %(default)s)")
+    common.add_set_argument(p)
+    p.add_argument("--max-kl", type=float, default=0.05, help="held-out KL budget, nats/token (default: %(default)s)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per held-out window (default: %(default)s)")
+    p.add_argument("--num-tokens", type=int, default=1024, help="held-out tokens (windows = num_tokens / seq_len) "
+                                                               "(default: %(default)s)")
+    p.add_argument("--cost-len", type=int, default=None, help="sequence length the attention cost is timed at "
+                                                              "(default: --seq-len)")
+    p.add_argument("--scan", default=None, metavar="SCAN.json", help="reuse an `attnlab scan` result (same model, "
+                                                                      "methods and options) instead of scanning")
+    p.add_argument("--points", type=int, default=6, help="path points verified on the whole model, besides the "
+                                                        "budget search (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="the spec seed random methods draw per-layer seeds from")
+    common.add_model_run_arguments(p, "advise", "advise.json, advise.png and spec.json")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import torch
+
+    from .. import models, registry
+    from ..advice.advise import advise, attention_costs, plot
+    from ..advice.scan import scan
+    from ..train.data import eval_windows
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        raise AttnlabError("--methods is empty")
+    for m in methods:
+        registry.get(m)
+        if not registry.capabilities(m).causal:
+            raise AttnlabError(f"method {m!r} cannot do causal attention; advise works on causal LMs")
+    if not args.max_kl > 0:
+        raise AttnlabError(f"--max-kl must be > 0, got {args.max_kl}")
+    common.positive_int("--seq-len", args.seq_len, 2)
+    common.positive_int("--num-tokens", args.num_tokens, 2)
+    common.positive_int("--points", args.points, 1)
+    cost_len = args.cost_len or args.seq_len
+    common.positive_int("--cost-len", cost_len, 2)
+    if args.num_tokens < args.seq_len:
+        raise AttnlabError(f"--num-tokens {args.num_tokens} is less than one window of --seq-len {args.seq_len}")
+    common.check_device(args.device)
+    overrides = common.parse_overrides(args.overrides, methods)
+    opts = {m: {**registry.defaults(m, args.seq_len), **overrides.get(m, {})} for m in methods}
+    for m in methods:
+        registry.check_options(m, opts[m])
+    scan_rows = None
+    if args.scan:
+        try:
+            scanned = json.loads(Path(args.scan).read_text())
+            scan_rows = scanned["rows"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise AttnlabError(f"--scan {args.scan!r}: not a readable scan.json ({type(e).__name__}: {e})") from None
+        if scanned.get("model") != args.model or scanned.get("seq_len") != args.seq_len:
+            raise AttnlabError(f"--scan {args.scan!r} was made for model {scanned.get('model')!r} at seq_len "
+                               f"{scanned.get('seq_len')}, not {args.model!r} at {args.seq_len}")
+        missing = [m for m in methods if not any(r["method"] == m and {**registry.defaults(m, args.seq_len), **r["options"]}
+                                                 == opts[m] for r in scan_rows)]
+        if missing:
+            raise AttnlabError(f"--scan {args.scan!r} has no rows for {missing} with the options asked for; rescan "
+                               "or match --methods / --set")
+        scan_rows = [r for r in scan_rows if r["method"] in methods]
+    path, causal = models.resolve(args.model)
+    if not causal:
+        raise AttnlabError(f"{args.model!r} is not a causal LM; advise measures next-token KL")
+    print(f"attnlab advise: model={args.model} methods={','.join(methods)} max_kl={args.max_kl} seq_len={args.seq_len} "
+          f"cost at {cost_len} tokens on {args.device}", flush=True)
+    t0 = time.time()
+    model, tok = models.load(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    windows = eval_windows(tok, None, args.seq_len, max(1, args.num_tokens // args.seq_len))
+    if scan_rows is None:
+        scan_rows = scan(model, windows, opts, seed=args.seed, progress=not args.no_progress)
+    costs = attention_costs(model, opts, seq_len=cost_len)
+    result = advise(model, windows, scan_rows, costs, opts, max_kl=args.max_kl, points=args.points, seed=args.seed,
+                    progress=not args.no_progress)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rec = result["recommended"]
+    print()
+    print(format_table(result, costs))
+    print()
+    if len(result["path"]) == 1:
+        print(f"No candidate method is cheaper than the original attention at {cost_len} tokens on {args.device}: "
+              "keep the original (or time a longer --cost-len).")
+    elif rec is None:
+        print(f"No layer can switch within KL {args.max_kl}: keep the original attention (or raise --max-kl).")
+    else:
+        (out / "spec.json").write_text(json.dumps(rec["spec"], indent=2))
+        best_single = min((s for s in result["singles"] if s["kl"] <= args.max_kl), key=lambda s: s["ms"], default=None)
+        beside = ("no single method in every layer is within the budget" if best_single is None else
+                  f"the best single method within it, {best_single['method']}, takes {best_single['time_ratio']:.2f}x")
+        chosen = list(rec["assign"].values())
+        mix = ", ".join(f"{m} x{chosen.count(m)}" for m in methods if m in chosen)
+        print(f"Recommendation: switch {rec['switched']} of {len(chosen)} layers ({mix}): "
+              f"attention time {rec['time_ratio']:.2f}x the original's at {cost_len} tokens, held-out KL {rec['kl']:.4f} "
+              f"(budget {args.max_kl}); {beside}. Spec: {out / 'spec.json'} (attnlab compare --spec, distill --spec).")
+    common.write_result(
+        out / "advise.json", args.device,
+        {"model": args.model, "seq_len": args.seq_len, "windows": len(windows), "cost_len": cost_len,
+         "max_kl": args.max_kl, "methods": opts, "costs": costs, "elapsed_s": round(time.time() - t0, 1),
+         **result, "scan": scan_rows},
+        None if args.no_plot else lambda png: plot(result, args.max_kl, png, title=(
+            f"attnlab advise: {args.model}, {len(windows)} held-out windows x {args.seq_len} tokens; attention timed at "
+            f"{cost_len} tokens on {common.environment(args.device)['device_name']}")))
+    return 0
+
+
+def format_table(result: dict, costs: dict) -> str:
+    lines = [f"{'choice':<28} {'layers switched':>15} {'KL (scan sum)':>13} {'KL measured':>11} {'top-1':>6} {'time x':>7}"]
+    for v in result["verified"]:
+        lines.append(f"{'path step ' + str(v['step']):<28} {v['switched']:>15} {v['kl_est']:>13.4f} {v['kl']:>11.4f} "
+                     f"{v['top1']:>6.3f} {v['time_ratio']:>7.2f}")
+    for s in result["singles"]:
+        lines.append(f"{s['method'] + ' in every layer':<28} {'all':>15} {'':>13} {s['kl']:>11.4f} {s['top1']:>6.3f} "
+                     f"{s['time_ratio']:>7.2f}")
+    lines.append("one layer, ms: " + ", ".join(f"{m} {c['ms']:.3g}" for m, c in costs.items()))
+    return "\n".join(lines)
