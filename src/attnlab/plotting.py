@@ -19,3 +19,14 @@ def place_labels(fig, ax, points) -> None:
         placed.append(box)
         ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=8,
                     ha="left" if dx > 0 else "right")
+
+
+def save(fig, path, title: str = "", *, dpi: int = 110, title_size: int = 10) -> None:
+    """The end of every attnlab plot: a figure title (when given), tight layout, PNG at `dpi`, figure closed."""
+    import matplotlib.pyplot as plt
+
+    if title:
+        fig.suptitle(title, fontsize=title_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)

@@ -173,6 +173,8 @@ def plot(result: dict, max_kl: float, path, title: str = "") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ..plotting import save
+
     fig, ax = plt.subplots(figsize=(8.5, 5.2))
     base = result["path"][0]["ms"]
     est = result["path"][1:]
@@ -194,8 +196,4 @@ def plot(result: dict, max_kl: float, path, title: str = "") -> None:
            ylabel="held-out KL(original || mixed), nats/token")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    if title:
-        ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, title, title_size=9)

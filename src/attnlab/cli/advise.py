@@ -45,16 +45,11 @@ def run(args) -> int:
     from ..advice.scan import scan
     from ..train.data import eval_windows
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if not methods:
-        raise AttnlabError("--methods is empty")
-    for m in methods:
-        registry.get(m)
-        if not registry.capabilities(m).causal:
-            raise AttnlabError(f"method {m!r} cannot do causal attention; advise works on causal LMs")
+    common.positive_int("--seq-len", args.seq_len, 2)
+    opts = common.causal_method_options(args.methods, args.overrides, args.seq_len)
+    methods = list(opts)
     if not args.max_kl > 0:
         raise AttnlabError(f"--max-kl must be > 0, got {args.max_kl}")
-    common.positive_int("--seq-len", args.seq_len, 2)
     common.positive_int("--num-tokens", args.num_tokens, 2)
     common.positive_int("--points", args.points, 1)
     cost_len = args.cost_len or args.seq_len
@@ -62,10 +57,6 @@ def run(args) -> int:
     if args.num_tokens < args.seq_len:
         raise AttnlabError(f"--num-tokens {args.num_tokens} is less than one window of --seq-len {args.seq_len}")
     common.check_device(args.device)
-    overrides = common.parse_overrides(args.overrides, methods)
-    opts = {m: {**registry.defaults(m, args.seq_len), **overrides.get(m, {})} for m in methods}
-    for m in methods:
-        registry.check_options(m, opts[m])
     scan_rows = None
     if args.scan:
         try:

@@ -123,6 +123,25 @@ def fraction_list(name: str, raw: str, *, upper_open: bool = False, what: str = 
     return vals
 
 
+def causal_method_options(raw: str, overrides: list[str] | None, seq_len: int) -> dict[str, dict]:
+    """--methods a,b plus --set overrides -> {method: options at seq_len (its defaults + overrides)}, each method
+    known, able to run causal attention, its options checked: all before a model loads."""
+    from .. import registry
+
+    methods = [m.strip() for m in raw.split(",") if m.strip()]
+    if not methods:
+        raise AttnlabError("--methods is empty")
+    for m in methods:
+        registry.get(m)
+        if not registry.capabilities(m).causal:
+            raise AttnlabError(f"method {m!r} cannot do causal attention (this command works on causal LMs)")
+    over = parse_overrides(overrides, methods)
+    opts = {m: {**registry.defaults(m, seq_len), **over.get(m, {})} for m in methods}
+    for m in methods:
+        registry.check_options(m, opts[m])  # bad options fail here, before the model loads
+    return opts
+
+
 def check_device(device: str) -> str:
     try:
         dev = torch.device(device)

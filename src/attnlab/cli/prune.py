@@ -154,6 +154,8 @@ def plot(rows: list[dict], task: str, path, title: str = "") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ..plotting import save
+
     metrics = [("accuracy", "test accuracy"), ("speedup", "speed-up of the test pass (x)")] if task == "spam" else \
         [("kl", "KL(full prompt || kept prompt), nats/token"), ("ppl", "continuation perplexity")]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
@@ -174,8 +176,4 @@ def plot(rows: list[dict], task: str, path, title: str = "") -> None:
         ax.invert_xaxis()
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, title)

@@ -49,34 +49,22 @@ def parse_layers(raw: str | None) -> list[int] | None:
 def run(args) -> int:
     import torch
 
-    from .. import data, models, registry
+    from .. import data, models
     from ..advice.scan import heatmap, scan
     from ..train.data import eval_windows
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if not methods:
-        raise AttnlabError("--methods is empty")
-    for m in methods:
-        registry.get(m)
     common.positive_int("--seq-len", args.seq_len, 2)
+    opts = common.causal_method_options(args.methods, args.overrides, args.seq_len)
     common.positive_int("--num-tokens", args.num_tokens, 2)
     if args.num_tokens < args.seq_len:
         raise AttnlabError(f"--num-tokens {args.num_tokens} is less than one window of --seq-len {args.seq_len}")
     layers = parse_layers(args.layers)
     common.check_device(args.device)
-    overrides = common.parse_overrides(args.overrides, methods)
-    opts = {}
-    for m in methods:
-        opts[m] = {**registry.defaults(m, args.seq_len), **overrides.get(m, {})}
-        registry.check_options(m, opts[m])  # bad options fail here, before the model loads
     if args.text is not None:
         data.read_text(args.text)
     path, causal = models.resolve(args.model)
     if not causal:
         raise AttnlabError(f"{args.model!r} is not a causal LM; scan measures next-token KL")
-    for m in methods:
-        if not registry.capabilities(m).causal:
-            raise AttnlabError(f"method {m!r} cannot do causal attention; {args.model!r} is a causal LM")
     cfg_file = Path(path) / "config.json"
     n_layers = json.loads(cfg_file.read_text()).get("num_hidden_layers") if cfg_file.is_file() else None
     if layers is not None and n_layers is not None and max(layers) >= n_layers:

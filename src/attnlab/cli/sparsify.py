@@ -167,6 +167,8 @@ def plot(rows: list[dict], path, title: str = "") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ..plotting import save
+
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
     base = rows[0]["ppl_original"]
     styles = {"global_sparse": ("tab:blue", "o", "global sparse (measured blocks)"),
@@ -187,8 +189,4 @@ def plot(rows: list[dict], path, title: str = "") -> None:
         ax.set_xlabel("causal token pairs pruned (%) = 100 x (1 - density)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, title)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-from ..plotting import place_labels
+from ..plotting import place_labels, save
 from ..types import AttnlabError
 
 
@@ -177,10 +177,7 @@ def _plot_lm(plt, ok, skipped, path, title) -> None:
     if skipped:
         axes[1].text(0.01, 0.01, "not run: " + "; ".join(f"{r['method']} ({r['status']})" for r in skipped),
                      transform=axes[1].transAxes, fontsize=7)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, title)
 
 
 register_task(Task("lm", "next-token fidelity of a causal LM on held-out text", "causal-lm", "smollm2", 512,

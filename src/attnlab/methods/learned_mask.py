@@ -255,7 +255,7 @@ class LearnedMask(AttentionMethod):
         d theta[h, d] = sigmoid'(theta[h, d] / T) / T for every visible block pair at distance d that is not
         forced, token pairs of the band and the sinks excluded. The same gradient as `_static_gate` through
         `gated_attention` (the reference the tests hold it to), without the checkpointed dense forward."""
-        o, tq, tk = self.opts, q.shape[-2], k.shape[-2]
+        o, tk = self.opts, k.shape[-2]
         if scale is None:
             scale = q.shape[-1] ** -0.5
         nb = -(-tk // o.block_size)

@@ -396,7 +396,6 @@ def evaluate_prompt(model, windows: torch.Tensor, *, prompt_len: int, keeps, tec
     and read the continuation after the kept prompt at the original positions. KL(full prompt || kept prompt)
     and perplexity over the continuation's tokens predicted from inside the continuation (M - 1 per window), the
     forward's time and the prompt's KV-cache bytes, one row per (technique, keep) plus the full prompt."""
-    import time
 
     from tqdm.auto import tqdm
 

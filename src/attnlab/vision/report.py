@@ -55,7 +55,7 @@ def plot(rows: list[dict], path, title: str = "") -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import ScalarFormatter
 
-    from ..plotting import place_labels
+    from ..plotting import place_labels, save
 
     patches = sorted({r["patch"] for r in rows}, reverse=True)
     with_mem = any(r.get("peak_mem_bytes") for r in rows)
@@ -91,11 +91,7 @@ def plot(rows: list[dict], path, title: str = "") -> None:
             if bad:
                 ax.text(0.01, 0.01, "not run: " + "; ".join(f"{r['method']} ({r['error'][:40]})" for r in bad),
                         transform=ax.transAxes, fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, title)
 
 
 def load_rows(paths) -> list[dict]:
