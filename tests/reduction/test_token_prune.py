@@ -29,6 +29,8 @@ def test_received_attention_equals_the_dense_matrix(causal):
     want = (p * n_i).mean(1).sum(1) / allowed[:, 0].sum(1).clamp_min(1)  # / queries that see each key
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
     assert (got[1, 7:] == 0).all()
+    plain = received_attention(q, k, scale=8 ** -0.5, causal=causal, key_padding_mask=kpm, chunk=3, normalise=False)
+    torch.testing.assert_close(plain, p.mean(1).sum(1), atol=1e-6, rtol=1e-5)  # H2O's accumulated attention
     uniform = received_attention(torch.zeros(1, 2, 6, 4), torch.randn(1, 2, 6, 4), scale=1.0, causal=causal)
     torch.testing.assert_close(uniform, torch.ones(1, 6))  # uniform attention scores 1 everywhere
 

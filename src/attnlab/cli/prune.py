@@ -21,7 +21,8 @@ def add_parser(sub) -> None:
                                    "tokens kept), accuracy of a head trained on the full model. --task lm: a causal LM "
                                    "scores a prompt with itself, keeps a fraction (its first token always), and reads "
                                    "the continuation at the original positions: KL and perplexity vs the full prompt. "
-                                   "Baselines: random, first (and last, attention+recent for lm).")
+                                   "Baselines: random, first (and for lm: last, H2O's accumulated attention and h2o = "
+                                   "accumulated + the most recent half).")
     p.add_argument("--task", choices=("spam", "lm"), default="spam", help="spam: encoder accuracy; lm: prompt "
                                                                            "compression (default: %(default)s)")
     p.add_argument("--model", default=None, help="a packaged model or a local folder (default: minilm for spam, "
@@ -32,8 +33,8 @@ def add_parser(sub) -> None:
                                                                   "uniform attention gives) instead of --keep; "
                                                                   "attention technique only")
     p.add_argument("--techniques", default=None, help="comma-separated: attention, random, first, last, "
-                                                      "attention+recent (lm) (default: attention,random,first for "
-                                                      "spam; all five for lm)")
+                                                      "accumulated, h2o (lm) (default: attention,random,first for "
+                                                      "spam; all six for lm)")
     p.add_argument("--after", default="2", help="spam: layers (0-based) after which tokens are pruned, comma-"
                                                 "separated; several = progressive, keep^(1/stages) each "
                                                 "(default: %(default)s)")

@@ -105,7 +105,8 @@ def block_mass(q, k, *, block_size: int, scale: float, causal: bool, sinks: int 
     return (out, sink) if sinks > 0 else out
 
 
-def received_attention(q, k, *, scale: float, causal: bool, key_padding_mask=None, chunk: int | None = None):
+def received_attention(q, k, *, scale: float, causal: bool, key_padding_mask=None, chunk: int | None = None,
+                       normalise: bool = True):
     """How much attention each key receives, relative to uniform attention: [B, Tk] fp32, the mean over heads of
 
         r[j] = (1 / #queries that see j) * sum over those queries i of P[i, j] * n_i
@@ -116,7 +117,8 @@ def received_attention(q, k, *, scale: float, causal: bool, key_padding_mask=Non
     one); weighting by n_i removes the 1 / n_i that a long causal row spreads over its keys. Padded keys (False in
     key_padding_mask) and padded queries (for self-attention, Tq == Tk) count for nothing: padded keys score 0.
     q [B, H, Tq, D], k [B, H, Tk, D] (heads expanded); causal is bottom-right aligned. Never a Tq x Tk matrix in
-    full: `chunk` query rows at a time."""
+    full: `chunk` query rows at a time. `normalise=False`: the plain column sums sum_i P[i, j] (H2O's accumulated
+    attention), which favour the early keys of a causal model."""
     b, h, tq, _ = q.shape
     tk = k.shape[-2]
     if chunk is None:
@@ -134,7 +136,10 @@ def received_attention(q, k, *, scale: float, causal: bool, key_padding_mask=Non
             allowed = allowed & qreal[:, None, s:e, None]
         scores = (torch.matmul(q[:, :, s:e], k.transpose(-1, -2)) * scale).float()
         _, probs = lse_and_probs(scores.masked_fill(~allowed, float("-inf")))  # [B, H, C, Tk]
-        n_i = allowed.sum(-1, keepdim=True).float()  # [B, 1, C, 1]
-        acc += (probs * n_i).mean(1).sum(1)
+        if normalise:
+            probs = probs * allowed.sum(-1, keepdim=True).float()  # x n_i, the keys query i sees
+        acc += probs.mean(1).sum(1)
         seen += allowed[:, 0].float().sum(1)
+    if not normalise:
+        return acc
     return torch.where(seen > 0, acc / seen.clamp_min(1), torch.zeros_like(acc))

@@ -23,8 +23,9 @@ different counts; the batch is padded to the largest and the padding masked, as 
 
 Baselines use the same machinery with other scores: `random` (seeded) and `first` (keep the first tokens,
 PoWER-BERT's and many truncation baselines); `last` (the most recent, for a causal LM's prompt). For prompt
-compression `attention+recent` keeps the most recent half of the budget and fills the other half by attention
-(H2O's heavy hitters + recent window, Zhang et al. 2023).
+compression also H2O's scores (Zhang et al. 2023): `accumulated`, the plain column sums (no normalisation: early
+tokens, seen by every query, gather the most), and `h2o`, the most recent half of the budget plus the rest by
+accumulated attention (heavy hitters + recent window).
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ import torch
 from ..types import AttnlabError
 
 TECHNIQUES = ("attention", "random", "first", "last")
-PROMPT_TECHNIQUES = (*TECHNIQUES, "attention+recent")  # prompt compression: H2O's heavy hitters + recent half
+PROMPT_TECHNIQUES = (*TECHNIQUES, "accumulated", "h2o")  # prompt compression: H2O's score, alone and + recent half
 
 
 @dataclasses.dataclass
@@ -273,9 +274,9 @@ class TokenPruner:
 
 
 # ---- causal LM: prompt compression -----------------------------------------------------------------------------
-def prompt_scores(model, ids: torch.Tensor, *, layers=None, method: str = "sdpa") -> torch.Tensor:
+def prompt_scores(model, ids: torch.Tensor, *, layers=None, method: str = "sdpa", normalise: bool = True) -> torch.Tensor:
     """[B, T] received-attention scores of a prompt under the model itself: one forward, the mean over `layers`
-    (default: all) of each layer's `received_attention`."""
+    (default: all) of each layer's `received_attention` (`normalise=False`: plain column sums, H2O's score)."""
     from ..adapters.swap import method_modules, state, swapped
     from ..methods.base import repeat_kv
     from ..ops.reference import received_attention
@@ -288,7 +289,7 @@ def prompt_scores(model, ids: torch.Tensor, *, layers=None, method: str = "sdpa"
             acc[i] = received_attention(q.detach(), repeat_kv(k.detach(), q.shape[1] // k.shape[1]),
                                         scale=kwargs.get("scale") or q.shape[-1] ** -0.5,
                                         causal=bool(kwargs.get("causal", False)),
-                                        key_padding_mask=kwargs.get("key_padding_mask"))
+                                        key_padding_mask=kwargs.get("key_padding_mask"), normalise=normalise)
         return hook
 
     with (swapped(model, method) if state(model) is None else contextlib.nullcontext()), torch.no_grad():
@@ -415,15 +416,17 @@ def evaluate_prompt(model, windows: torch.Tensor, *, prompt_len: int, keeps, tec
     def score(i, logits):  # continuation positions 0..M-2 predict its tokens 1..M-1
         return fm.next_token_stats(full[i], logits.float().cpu(), conts[i:i + 1].cpu())
 
-    full, full_ms, attn_scores = [], [], []
+    full, full_ms, attn_scores, acc_scores = [], [], [], []
     with torch.no_grad():
         for i in tqdm(range(n), desc="full prompt", disable=not progress):
             with Timer(device) as tm:
                 logits = model(windows[i:i + 1], use_cache=False).logits[:, prompt_len:]
             full.append(logits.float().cpu())
             full_ms.append(tm.ms)
-            needs = any(t.startswith("attention") for t in techniques)
-            attn_scores.append(prompt_scores(model, prompts[i:i + 1]) if needs else None)
+            one = prompts[i:i + 1]
+            attn_scores.append(prompt_scores(model, one) if "attention" in techniques else None)
+            acc_scores.append(prompt_scores(model, one, normalise=False)
+                              if {"accumulated", "h2o"} & set(techniques) else None)
     base_stats = [score(i, full[i]) for i in range(n)]
     base_nll = torch.cat([s["nll_base"] for s in base_stats])
     rows = [{"technique": "original", "keep": 1.0, "kept_fraction": 1.0, "kl": 0.0, "kl_p95": 0.0, "top1": 1.0,
@@ -433,10 +436,11 @@ def evaluate_prompt(model, windows: torch.Tensor, *, prompt_len: int, keeps, tec
     for tech, k in tqdm(jobs, desc="prune prompt", disable=not progress):
         stats, ms, kept_total = [], [], 0
         for i in range(n):
-            base_tech = "attention" if tech == "attention+recent" else tech
-            sc = technique_scores(base_tech, prompt_len, 1, device, attention=attn_scores[i], generator=gen)
+            base_tech = "attention" if tech in ("accumulated", "h2o") else tech
+            sc = technique_scores(base_tech, prompt_len, 1, device, generator=gen,
+                                  attention=acc_scores[i] if tech in ("accumulated", "h2o") else attn_scores[i])
             keep_now = always
-            if tech == "attention+recent":
+            if tech == "h2o":
                 recent = int(k * prompt_len) // 2
                 keep_now = always.clone()
                 keep_now[:, prompt_len - recent:] = True
