@@ -297,13 +297,37 @@ def advise_block() -> str:
     return "\n".join(lines).strip() or "(no committed result)"
 
 
+def press_block() -> str:
+    """Every committed `attnlab press` result: KL (ppl) per press and evicted fraction."""
+    lines = []
+    for f in sorted(glob.glob(str(HERE / "results" / "press" / "*" / "press.json"))):
+        res = json.loads(Path(f).read_text())
+        env, rel, rows = res["environment"], Path(f).relative_to(HERE.parent), res["rows"]
+        evicts = sorted({r["evict"] for r in rows[1:]})
+        lines += [f"`{res['command']}` at commit `{res.get('commit') or 'unknown'}`; {res['model']}, {res['windows']} "
+                  f"held-out windows, prompt {res['prompt_len']} + {res['seq_len'] - res['prompt_len']} continuation "
+                  f"tokens; {env.get('device_name')} ({env.get('cpu_threads')} threads), {res['elapsed_s']:.0f} s. JSON: "
+                  f"[`{rel}`]({rel}), plot: [`{rel.with_suffix('.png')}`]({rel.with_suffix('.png')}).", "",
+                  "| press: continuation KL (ppl) | " + " | ".join(f"{e:.0%} evicted" for e in evicts) + " |",
+                  "|---|" + "---|" * len(evicts),
+                  f"| full cache ({rows[0]['kv_bytes'] / 2**20:.1f} MiB) | " +
+                  " | ".join(f"0 ({rows[0]['ppl']:.2f})" for _ in evicts) + " |"]
+        for name in dict.fromkeys(r["technique"] for r in rows[1:]):
+            by = {r["evict"]: r for r in rows if r["technique"] == name}
+            lines.append(f"| {name} | " + " | ".join(f"{by[e]['kl']:.3f} ({by[e]['ppl']:.2f})" if e in by else "-"
+                                                     for e in evicts) + " |")
+        lines.append("")
+    return "\n".join(lines).strip() or "(no committed result)"
+
+
 def blocks() -> dict[tuple[str, str], str]:
     out = {(START, END): bench_block(), ("<!-- distill-table:start -->", "<!-- distill-table:end -->"): distill_block(),
            ("<!-- vision-table:start -->", "<!-- vision-table:end -->"): vision_block(),
            ("<!-- sparsify-table:start -->", "<!-- sparsify-table:end -->"): sparsify_block(),
            ("<!-- scan-table:start -->", "<!-- scan-table:end -->"): scan_block(),
            ("<!-- prune-table:start -->", "<!-- prune-table:end -->"): prune_block(),
-           ("<!-- advise-table:start -->", "<!-- advise-table:end -->"): advise_block()}
+           ("<!-- advise-table:start -->", "<!-- advise-table:end -->"): advise_block(),
+           ("<!-- press-table:start -->", "<!-- press-table:end -->"): press_block()}
     for task in ("lm", "spam"):
         if (HERE.parent / "docs" / f"compare-{task}.json").exists():
             out[(f"<!-- compare-{task}:start -->", f"<!-- compare-{task}:end -->")] = compare_block(task)

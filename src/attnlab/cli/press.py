@@ -1,0 +1,115 @@
+"""`attnlab press`: KV-cache eviction after the prompt (StreamingLLM, SnapKV, TOVA, H2O, key norm, random) on
+held-out text: continuation KL and perplexity vs the fraction of the cache evicted, and the KV bytes kept."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from ..types import AttnlabError
+from . import common
+
+
+def add_parser(sub) -> None:
+    from ..reduction.kv_press import PRESSES
+
+    p = sub.add_parser("press", help="KV-cache eviction after the prompt: presses vs the fraction evicted",
+                       description="Run each held-out window's prompt, evict a fraction of its KV cache per layer and "
+                                   "KV head with each press (scores from the prompt's own queries and keys), then "
+                                   "score the continuation on the pressed cache at its original positions: KL(full "
+                                   "cache || pressed) and perplexity vs the fraction evicted, and the KV bytes kept.")
+    p.add_argument("--model", default="smollm2", help="a packaged causal LM (smollm2) or a local model folder")
+    p.add_argument("--presses", default=",".join(PRESSES), help="comma-separated (default: %(default)s)")
+    p.add_argument("--evict", default="0.1,0.3,0.5,0.7,0.9", help="fractions of the prompt's cache evicted, each in "
+                                                                   "[0, 1) (default: %(default)s)")
+    p.add_argument("--seq-len", type=int, default=2048, help="prompt + continuation tokens per window "
+                                                             "(default: %(default)s)")
+    p.add_argument("--prompt-len", type=int, default=1792, help="prompt tokens of each window (default: %(default)s)")
+    p.add_argument("--num-examples", type=int, default=2, help="held-out windows (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random press (default: %(default)s)")
+    common.add_model_run_arguments(p, "press", "press.json and press.png")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import torch
+
+    from .. import models
+    from ..reduction import kv_press as kp
+    from ..train.data import eval_windows
+
+    presses = [x.strip() for x in args.presses.split(",") if x.strip()]
+    for name in presses:
+        kp.get_press(name, evict=0.0)  # an unknown name fails here
+    if not presses:
+        raise AttnlabError("--presses is empty")
+    evicts = common.fraction_list("--evict", args.evict, upper_open=True, what="the fraction of the cache evicted")
+    common.positive_int("--seq-len", args.seq_len, 4)
+    common.positive_int("--num-examples", args.num_examples, 1)
+    if not 1 <= args.prompt_len <= args.seq_len - 2:
+        raise AttnlabError(f"--prompt-len {args.prompt_len} must be in [1, --seq-len - 2 = {args.seq_len - 2}]")
+    common.check_device(args.device)
+    path, causal = models.resolve(args.model)
+    if not causal:
+        raise AttnlabError(f"{args.model!r} is not a causal LM; presses act on a decoder's KV cache")
+    config = json.loads((Path(path) / "config.json").read_text())
+    if args.seq_len > config.get("max_position_embeddings", args.seq_len):
+        raise AttnlabError(f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings "
+                           f"({config['max_position_embeddings']})")
+    started = time.time()
+    print(f"attnlab press: model={args.model} presses={','.join(presses)} evict={args.evict} windows={args.num_examples} x "
+          f"({args.prompt_len} + {args.seq_len - args.prompt_len}) tokens", flush=True)
+    model, tok = models.load(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    windows = eval_windows(tok, None, args.seq_len, args.num_examples)
+    rows = kp.evaluate(model, windows, prompt_len=args.prompt_len, evicts=evicts, presses=presses,
+                       progress=not args.no_progress, seed=args.seed)
+    print()
+    print(format_table(rows))
+    device = common.environment(args.device)["device_name"]
+    flat = [{"technique": r["technique"], "impl": r["impl"], "fraction": r["evict"], "metric": metric,
+             "value": r[metric], "baseline_value": base, "ms": r["ms"], "peak_mem_bytes": None, "kv_bytes": r["kv_bytes"],
+             "device": device} for r in rows for metric, base in (("ppl", r["ppl_original"]), ("kl", 0.0))]
+    common.write_result(
+        Path(args.out) / "press.json", args.device,
+        {"model": args.model, "seq_len": args.seq_len, "prompt_len": args.prompt_len, "windows": int(windows.shape[0]),
+         "text": "moby_dick (held-out tail)", "elapsed_s": round(time.time() - started, 1), "rows": rows,
+         "result_rows": flat},
+        None if args.no_plot else lambda png: plot(rows, png, title=(
+            f"attnlab press: {args.model}, {int(windows.shape[0])} held-out windows, prompt {args.prompt_len} + "
+            f"{args.seq_len - args.prompt_len} continuation tokens; eviction once, after the prompt")))
+    return 0
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [f"{'press':<14} {'evicted':>7} {'KL':>8} {'KL p95':>7} {'top-1':>6} {'ppl':>8} {'KV MiB':>7} {'ms':>8}"]
+    for r in rows:
+        lines.append(f"{r['technique']:<14} {r['evict']:>7.0%} {r['kl']:>8.4f} {r['kl_p95']:>7.3f} {r['top1']:>6.3f} "
+                     f"{r['ppl']:>8.2f} {r['kv_bytes'] / 2**20:>7.2f} {r['ms']:>8.1f}")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..plotting import save
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    base = rows[0]
+    names = list(dict.fromkeys(r["technique"] for r in rows[1:]))
+    for name, marker in zip(names, "osD^v<>p"):
+        rs = sorted((r for r in rows if r["technique"] == name), key=lambda r: r["evict"])
+        for ax, key in zip(axes, ("kl", "ppl")):
+            ax.plot([100 * r["evict"] for r in rs], [max(r[key], 1e-5) for r in rs], marker=marker, label=name)
+    axes[1].axhline(base["ppl"], color="gray", ls="--", lw=1)
+    axes[1].text(0.01, base["ppl"], f" full cache {base['ppl']:.3g}", color="gray", fontsize=8, va="bottom",
+                 transform=axes[1].get_yaxis_transform())
+    axes[0].set(yscale="log", ylabel="KL(full cache || pressed), nats/token")
+    axes[1].set(yscale="log", ylabel="continuation perplexity")
+    for ax in axes:
+        ax.set_xlabel("prompt KV cache evicted (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    save(fig, path, title)

@@ -1,0 +1,286 @@
+"""KV-cache eviction after the prompt ("presses", kvpress's shape): each press scores every cached key of every
+layer and KV head, and the cache keeps the best `keep` of them per head.
+
+    press = PRESSES["snapkv"](evict=0.5)
+    cache, kept, last = prefill(model, prompt_ids, press)          # the prompt's cache, half of it evicted
+    logits = continue_scoring(model, cache, continuation, start=prompt_len)   # positions stay the original ones
+    text_ids = generate(model, prompt_ids, press, max_new_tokens=32)          # greedy decoding on the pressed cache
+
+Scores (higher = kept), per layer and KV head, from the prompt's own queries and keys (captured in the prefill
+with `sdpa` swapped in, after rotary):
+- `streaming_llm` (Xiao et al. 2023): the first `sinks` tokens, then the most recent ones;
+- `snapkv` (Li et al. 2024): the attention of the last `window` queries (an observation window), averaged over
+  them and over the query heads of the KV head, smoothed by an average pool of `kernel`; the window itself kept;
+- `tova` (Oren et al. 2024): the attention of the last query alone;
+- `h2o` (Zhang et al. 2023): accumulated attention, the column sums over every query;
+- `knorm` (Devoto et al. 2024): keys with the smallest L2 norm kept;
+- `random`: a seeded baseline.
+
+Budget: `evict` (the fraction of the prompt's tokens evicted, kvpress's compression ratio) or `keep_tokens`.
+Every layer and head keeps exactly the same count, so the cache stays a rectangular tensor. Eviction happens once,
+after the prompt; continuing (`continue_scoring`, `generate`) passes position ids explicitly (the cache is
+shorter than the positions it covers).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+from ..types import AttnlabError
+
+
+class Press:
+    name = "press"
+
+    def __init__(self, evict: float | None = None, keep_tokens: int | None = None, seed: int = 0):
+        if (evict is None) == (keep_tokens is None):
+            raise AttnlabError(f"{self.name}: give exactly one of evict (a fraction) or keep_tokens (a count)")
+        if evict is not None and not (isinstance(evict, (int, float)) and 0 <= evict < 1):
+            raise AttnlabError(f"{self.name}: evict must be a fraction in [0, 1), got {evict!r}")
+        if keep_tokens is not None and (isinstance(keep_tokens, bool) or not isinstance(keep_tokens, int) or keep_tokens < 1):
+            raise AttnlabError(f"{self.name}: keep_tokens must be an integer >= 1, got {keep_tokens!r}")
+        self.evict, self.keep_tokens, self.seed = evict, keep_tokens, seed
+
+    def budget(self, t: int) -> int:
+        """Tokens kept per head out of t."""
+        if self.keep_tokens is not None:
+            return min(t, self.keep_tokens)
+        return max(1, t - math.floor(self.evict * t + 1e-9))
+
+    def score(self, q: torch.Tensor, k: torch.Tensor, *, scale: float) -> torch.Tensor:
+        """q [B, H, T, D], k [B, Hkv, T, D] (after rotary) -> [B, Hkv, T], higher = kept."""
+        raise NotImplementedError
+
+
+def _group_mean(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """[B, H, ...] -> [B, Hkv, ...]: the mean over the query heads that share a KV head."""
+    b, h = x.shape[:2]
+    return x.view(b, kv_heads, h // kv_heads, *x.shape[2:]).mean(2)
+
+
+def _last_rows_attention(q, k, *, scale: float, rows: int) -> torch.Tensor:
+    """Softmax attention of the last `rows` queries over every key (causal), [B, H, rows, T] fp32."""
+    from ..methods.base import repeat_kv
+
+    t = k.shape[-2]
+    kk = repeat_kv(k, q.shape[1] // k.shape[1]).float()
+    s = torch.matmul(q[:, :, t - rows:].float(), kk.transpose(-1, -2)) * scale
+    pos = torch.arange(t - rows, t, device=q.device)[:, None]
+    s = s.masked_fill(torch.arange(t, device=q.device)[None, :] > pos, float("-inf"))
+    return s.softmax(-1)
+
+
+class StreamingLLM(Press):
+    name = "streaming_llm"
+
+    def __init__(self, evict=None, keep_tokens=None, seed=0, sinks: int = 4):
+        super().__init__(evict, keep_tokens, seed)
+        self.sinks = sinks
+
+    def score(self, q, k, *, scale):
+        b, hkv, t, _ = k.shape
+        pos = torch.arange(t, device=k.device, dtype=torch.float32)
+        s = torch.where(pos < self.sinks, torch.full_like(pos, float("inf")), pos)
+        return s.expand(b, hkv, t).clone()
+
+
+class SnapKV(Press):
+    name = "snapkv"
+
+    def __init__(self, evict=None, keep_tokens=None, seed=0, window: int = 32, kernel: int = 5):
+        super().__init__(evict, keep_tokens, seed)
+        self.window, self.kernel = window, kernel
+
+    def score(self, q, k, *, scale):
+        t = k.shape[-2]
+        w = min(self.window, t)
+        att = _group_mean(_last_rows_attention(q, k, scale=scale, rows=w).mean(2), k.shape[1])  # [B, Hkv, T]
+        if self.kernel > 1:
+            att = torch.nn.functional.avg_pool1d(att, self.kernel, stride=1, padding=self.kernel // 2,
+                                                 count_include_pad=False)[..., :t]
+        att[..., t - w:] = float("inf")  # the observation window stays
+        return att
+
+
+class TOVA(Press):
+    name = "tova"
+
+    def score(self, q, k, *, scale):
+        return _group_mean(_last_rows_attention(q, k, scale=scale, rows=1)[:, :, 0], k.shape[1])
+
+
+class H2O(Press):
+    name = "h2o"
+
+    def score(self, q, k, *, scale):
+        from ..methods.base import repeat_kv
+        from ..ops.reference import blockwise_attention
+
+        kk = repeat_kv(k, q.shape[1] // k.shape[1])
+        _, _, cols = blockwise_attention(q, kk, kk, scale=scale, causal=True, need_out=False, need_col_sums=True)
+        return _group_mean(cols.float(), k.shape[1])
+
+
+class KNorm(Press):
+    name = "knorm"
+
+    def score(self, q, k, *, scale):
+        return -k.float().norm(dim=-1)
+
+
+class RandomPress(Press):
+    name = "random"
+
+    def score(self, q, k, *, scale):
+        g = torch.Generator().manual_seed(self.seed)
+        return torch.rand(k.shape[:3], generator=g).to(k.device)
+
+
+PRESSES = {cls.name: cls for cls in (StreamingLLM, SnapKV, TOVA, H2O, KNorm, RandomPress)}
+
+
+def get_press(name: str, **kw) -> Press:
+    try:
+        cls = PRESSES[name]
+    except KeyError:
+        raise AttnlabError(f"unknown press {name!r}; presses: {', '.join(PRESSES)}") from None
+    return cls(**kw)
+
+
+def _cache_layers(cache):
+    layers = getattr(cache, "layers", None)
+    if layers is None or not all(hasattr(lay, "keys") for lay in layers):
+        raise AttnlabError(f"presses need a transformers DynamicCache with per-layer keys/values, got {type(cache).__name__}")
+    return layers
+
+
+def compress(cache, scores: list[torch.Tensor], keep: int) -> torch.Tensor:
+    """Keep the `keep` best-scored positions of every layer and KV head (ascending order); returns the kept
+    indices [L, B, Hkv, keep]."""
+    kept = []
+    for layer, s in zip(_cache_layers(cache), scores):
+        idx = torch.topk(s, keep, dim=-1).indices.sort(-1).values  # [B, Hkv, keep]
+        full = idx[..., None].expand(-1, -1, -1, layer.keys.shape[-1])
+        layer.keys = layer.keys.gather(2, full)
+        layer.values = layer.values.gather(2, idx[..., None].expand(-1, -1, -1, layer.values.shape[-1]))
+        kept.append(idx)
+    return torch.stack(kept)
+
+
+@contextlib.contextmanager
+def _capture_qk(model):
+    """Within the block, each swapped layer's (q, k, scale) of its last call, by layer index."""
+    from ..adapters.swap import method_modules, state, swapped
+
+    got: dict[int, tuple] = {}
+
+    def hook_for(i):
+        def hook(module, args, kwargs, _out):
+            got[i] = (args[0].detach(), args[1].detach(), kwargs.get("scale") or args[0].shape[-1] ** -0.5)
+        return hook
+
+    with swapped(model, "sdpa") if state(model) is None else contextlib.nullcontext():
+        handles = [mod.register_forward_hook(hook_for(plan.index), with_kwargs=True) for plan, mod in method_modules(model)]
+        try:
+            yield got
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def prefill(model, ids: torch.Tensor, press: Press | None):
+    """Run the prompt `ids` [B, T]: (its KV cache pressed by `press`, the kept indices [L, B, Hkv, K] (None without a
+    press), the logits of the prompt's last position [B, V])."""
+    with (_capture_qk(model) if press is not None else contextlib.nullcontext({})) as got, torch.no_grad():
+        out = model(ids, use_cache=True)
+    cache, last = getattr(out, "cache", None) or out.past_key_values, out.logits[:, -1]
+    if press is None:
+        return cache, None, last
+    layers = _cache_layers(cache)
+    if len(got) != len(layers):
+        raise AttnlabError(f"press: captured {len(got)} attention layers for a cache of {len(layers)}")
+    scores = [press.score(got[i][0], got[i][1], scale=got[i][2]) for i in sorted(got)]
+    return cache, compress(cache, scores, press.budget(ids.shape[1])), last
+
+
+def continue_scoring(model, cache, continuation: torch.Tensor, *, start: int) -> torch.Tensor:
+    """Logits [B, M, V] over `continuation` [B, M] after the (pressed) cache of a prompt of `start` tokens; position
+    ids are the original ones (start .. start + M - 1), the mask covers the cache as it is."""
+    b, m = continuation.shape
+    past = cache.get_seq_length()
+    pos = torch.arange(start, start + m, device=continuation.device).expand(b, m)
+    mask = torch.ones(b, past + m, dtype=torch.long, device=continuation.device)
+    with torch.no_grad():
+        return model(continuation, **{_cache_kwarg(model): cache}, position_ids=pos, attention_mask=mask,
+                     use_cache=True).logits
+
+
+def _cache_kwarg(model) -> str:
+    """transformers >= 5.24 names the cache argument `cache` (`past_key_values` is deprecated); older ones do not."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def generate(model, ids: torch.Tensor, press: Press | None, max_new_tokens: int = 32) -> torch.Tensor:
+    """Greedy decoding after a pressed prompt (positions continue from the prompt's length): [B, max_new_tokens]."""
+    cache, _, logits = prefill(model, ids, press)
+    out = []
+    for i in range(max_new_tokens):
+        nxt = logits.argmax(-1, keepdim=True)
+        out.append(nxt)
+        logits = continue_scoring(model, cache, nxt, start=ids.shape[1] + i)[:, -1]
+    return torch.cat(out, dim=1)
+
+
+def kv_bytes(cache) -> int:
+    return int(sum(lay.keys.numel() * lay.keys.element_size() + lay.values.numel() * lay.values.element_size()
+                   for lay in _cache_layers(cache)))
+
+
+def evaluate(model, windows: torch.Tensor, *, prompt_len: int, evicts, presses=tuple(PRESSES), progress: bool = True,
+             seed: int = 0) -> list[dict]:
+    """Held-out windows [N, prompt_len + M]: per press and evicted fraction, KL(full cache || pressed cache) and
+    perplexity over the continuation (teacher-forced, each position predicting the next), the KV bytes kept and
+    the continuation's time. One row per (press, evict) plus the full cache."""
+    from tqdm.auto import tqdm
+
+    from ..metrics import fidelity as fm
+    from ..timing import Timer
+
+    device = next(model.parameters()).device
+    windows = windows.to(device)
+    n, total = windows.shape
+    if not 1 <= prompt_len < total - 1:
+        raise AttnlabError(f"prompt length {prompt_len} must leave at least 2 continuation tokens of {total}")
+    prompts, conts = windows[:, :prompt_len], windows[:, prompt_len:]
+    full, full_bytes, full_ms = [], 0, []
+    for i in range(n):
+        cache, _, _ = prefill(model, prompts[i:i + 1], None)
+        full_bytes = kv_bytes(cache)
+        with Timer(device) as tm:
+            full.append(continue_scoring(model, cache, conts[i:i + 1], start=prompt_len).float().cpu())
+        full_ms.append(tm.ms)
+    base = [fm.next_token_stats(full[i], full[i], conts[i:i + 1].cpu()) for i in range(n)]
+    ppl0 = torch.cat([s["nll_base"] for s in base]).mean().exp().item()
+    rows = [{"technique": "full_cache", "impl": "attnlab", "evict": 0.0, "kl": 0.0, "kl_p95": 0.0, "top1": 1.0,
+             "ppl": ppl0, "ppl_original": ppl0, "kv_bytes": full_bytes, "ms": sorted(full_ms)[n // 2]}]
+    jobs = [(p, e) for p in presses for e in evicts]
+    for name, e in tqdm(jobs, desc="presses", disable=not progress):
+        press = get_press(name, evict=e, seed=seed)
+        stats, ms, kb = [], [], 0
+        for i in range(n):
+            cache, _, _ = prefill(model, prompts[i:i + 1], press)
+            kb = kv_bytes(cache)
+            with Timer(device) as tm:
+                logits = continue_scoring(model, cache, conts[i:i + 1], start=prompt_len)
+            ms.append(tm.ms)
+            stats.append(fm.next_token_stats(full[i], logits.float().cpu(), conts[i:i + 1].cpu()))
+        kl = torch.cat([s["kl"] for s in stats])
+        rows.append({"technique": name, "impl": "attnlab", "evict": e, "kl": kl.mean().item(),
+                     "kl_p95": kl.quantile(0.95).item(), "top1": torch.cat([s["agree"] for s in stats]).mean().item(),
+                     "ppl": torch.cat([s["nll_new"] for s in stats]).mean().exp().item(), "ppl_original": ppl0,
+                     "kv_bytes": kb, "ms": sorted(ms)[n // 2]})
+    return rows

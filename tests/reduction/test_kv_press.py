@@ -1,0 +1,113 @@
+"""KV-cache presses: budgets exact, selection on hand-made queries and keys, the full cache exact, no causal leak
+after eviction, greedy generation on a pressed cache, the CLI."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import attnlab
+from attnlab.reduction import kv_press as kp
+from tests.helpers import assert_cli_one_line_error
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from tests.adapters import tiny_model
+
+    return tiny_model("llama", num_hidden_layers=2).eval()
+
+
+def _ids(n, seed=0):
+    return torch.randint(0, 100, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def test_budgets_and_bad_input():
+    assert kp.get_press("knorm", evict=0.5).budget(10) == 5
+    assert kp.get_press("knorm", evict=0.25).budget(10) == 8  # floor(2.5) evicted
+    assert kp.get_press("knorm", keep_tokens=3).budget(10) == 3 and kp.get_press("knorm", keep_tokens=30).budget(10) == 10
+    with pytest.raises(attnlab.AttnlabError, match=r"evict must be a fraction in \[0, 1\)"):
+        kp.get_press("snapkv", evict=1.0)
+    with pytest.raises(attnlab.AttnlabError, match="exactly one of"):
+        kp.get_press("tova", evict=0.5, keep_tokens=3)
+    with pytest.raises(attnlab.AttnlabError, match="unknown press"):
+        kp.get_press("nope", evict=0.5)
+
+
+def test_scores_on_hand_made_queries_and_keys():
+    t, d = 8, 4
+    k = torch.zeros(1, 1, t, d)
+    k[0, 0, :, 0] = torch.tensor([0.0, 0.0, 5.0, 0.0, 0.0, 1.0, 0.0, 0.0])  # key 2 matches strongly, key 5 a little
+    q = torch.zeros(1, 2, t, d)
+    q[..., 0] = 2.0  # every query (both heads, one KV head) looks for feature 0
+    tova = kp.get_press("tova", evict=0.5).score(q, k, scale=1.0)
+    assert tova.shape == (1, 1, t) and tova[0, 0].argmax() == 2 and tova[0, 0, 5] > tova[0, 0, 0]
+    h2o = kp.get_press("h2o", evict=0.5).score(q, k, scale=1.0)
+    s = (q[0, 0] @ k[0, 0].T).masked_fill(torch.ones(t, t).triu(1).bool(), float("-inf")).softmax(-1)
+    torch.testing.assert_close(h2o[0, 0], s.sum(0))  # column sums of the causal matrix (both heads alike)
+    knorm = kp.get_press("knorm", evict=0.5).score(q, k, scale=1.0)
+    assert knorm[0, 0].argmin() == 2  # the largest key goes first
+    stream = kp.get_press("streaming_llm", evict=0.5, sinks=2).score(q, k, scale=1.0)
+    assert torch.topk(stream[0, 0], 4).indices.sort().values.tolist() == [0, 1, 6, 7]
+    snap = kp.get_press("snapkv", evict=0.5, window=2, kernel=1).score(q, k, scale=1.0)
+    assert torch.isinf(snap[0, 0, -2:]).all() and snap[0, 0, :6].argmax() == 2
+
+
+def test_full_cache_is_exact_budget_is_exact_and_nothing_leaks(tiny):
+    ids = _ids(40)
+    with torch.no_grad():
+        ref = tiny(ids).logits[:, 24:]
+    for name in kp.PRESSES:
+        cache, kept, last = kp.prefill(tiny, ids[:, :24], kp.get_press(name, evict=0.0))
+        torch.testing.assert_close(kp.continue_scoring(tiny, cache, ids[:, 24:], start=24), ref, atol=1e-5, rtol=1e-4)
+        cache, kept, _ = kp.prefill(tiny, ids[:, :24], kp.get_press(name, evict=0.5))
+        assert kept.shape == (2, 1, 2, 12) and cache.get_seq_length() == 12  # layers, batch, KV heads, budget
+        assert (kept.diff(dim=-1) > 0).all()  # distinct, ascending
+        if name == "streaming_llm":
+            assert kept[..., :4].eq(torch.arange(4)).all() and kept[..., -1].eq(23).all()
+    press = kp.get_press("h2o", evict=0.5)
+    changed = ids.clone()
+    changed[:, 35:] = (changed[:, 35:] + 7) % 100  # later continuation tokens differ
+    a = kp.continue_scoring(tiny, kp.prefill(tiny, ids[:, :24], press)[0], ids[:, 24:], start=24)
+    b = kp.continue_scoring(tiny, kp.prefill(tiny, ids[:, :24], press)[0], changed[:, 24:], start=24)
+    torch.testing.assert_close(a[:, :11], b[:, :11])  # positions before the change see nothing after it
+    assert not torch.allclose(a[:, 11:], b[:, 11:])
+
+
+def test_generation_on_a_pressed_cache_matches_full_decoding_at_evict_0(tiny):
+    ids = _ids(16, seed=1)
+    with torch.no_grad():
+        want = tiny.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)[:, 16:]
+    assert torch.equal(kp.generate(tiny, ids, kp.get_press("snapkv", evict=0.0), 6), want)
+    assert torch.equal(kp.generate(tiny, ids, None, 6), want)
+    assert kp.generate(tiny, ids, kp.get_press("tova", evict=0.5), 6).shape == (1, 6)
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--evict", "1"], "--evict values must be in [0, 1)"),
+    (["--presses", "nope"], "unknown press"),
+    (["--prompt-len", "5000"], "--prompt-len 5000"),
+    (["--seq-len", "99999"], "max_position_embeddings"),
+    (["--model", "minilm"], "not a causal LM"),
+])
+def test_cli_bad_input_is_one_line(args, match, tmp_path, capsys, monkeypatch):
+    import attnlab.models
+
+    monkeypatch.setattr(attnlab.models, "load", lambda *a, **k: pytest.fail("the model loaded before the check"))
+    assert_cli_one_line_error(["press", *args, "--out", str(tmp_path / "out")], match, capsys, tmp_path / "out")
+
+
+def test_cli_end_to_end_on_a_tiny_model(tiny_lm_dir, tmp_path, capsys):
+    import attnlab.cli
+
+    out = tmp_path / "out"
+    assert attnlab.cli.main(["press", "--model", str(tiny_lm_dir), "--seq-len", "48", "--prompt-len", "32",
+                             "--num-examples", "1", "--evict", "0,0.5", "--no-progress", "--out", str(out)]) == 0
+    res = json.loads((out / "press.json").read_text())
+    rows = {(r["technique"], r["evict"]): r for r in res["rows"]}
+    assert all(rows[(p, 0.0)]["kl"] < 1e-6 for p in kp.PRESSES)
+    assert all(rows[(p, 0.5)]["kv_bytes"] * 2 == rows[("full_cache", 0.0)]["kv_bytes"] for p in kp.PRESSES)
+    assert {"technique", "impl", "fraction", "metric", "value", "baseline_value", "ms", "peak_mem_bytes", "kv_bytes",
+            "device"} <= res["result_rows"][0].keys()
+    assert (out / "press.png").stat().st_size > 10_000 and "KV MiB" in capsys.readouterr().out
