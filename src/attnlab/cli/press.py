@@ -103,9 +103,7 @@ def plot(rows: list[dict], path, title: str = "") -> None:
         rs = sorted((r for r in rows if r["technique"] == name), key=lambda r: r["evict"])
         for ax, key in zip(axes, ("kl", "ppl")):
             ax.plot([100 * r["evict"] for r in rs], [max(r[key], 1e-5) for r in rs], marker=marker, label=name)
-    axes[1].axhline(base["ppl"], color="gray", ls="--", lw=1)
-    axes[1].text(0.01, base["ppl"], f" full cache {base['ppl']:.3g}", color="gray", fontsize=8, va="bottom",
-                 transform=axes[1].get_yaxis_transform())
+    axes[1].axhline(base["ppl"], color="gray", ls="--", lw=1, label=f"full cache ({base['ppl']:.3g})")
     axes[0].set(yscale="log", ylabel="KL(full cache || pressed), nats/token")
     axes[1].set(yscale="log", ylabel="continuation perplexity")
     for ax in axes:
