@@ -279,7 +279,7 @@ def advise_block() -> str:
         env, rel = res["environment"], Path(f).relative_to(HERE.parent)
         lines += [f"`{res['command']}` at commit `{res.get('commit') or 'unknown'}`; {res['model']}, {res['windows']} "
                   f"held-out windows x {res['seq_len']} tokens; one attention layer timed at {res['cost_len']} tokens on "
-                  f"{env.get('device_name')} ({env.get('cpu_threads')} threads; one layer, ms: "
+                  f"{res.get('cost_source') or env.get('device_name')} (one layer, ms: "
                   + ", ".join(f"{m} {c['ms']:.3g}" for m, c in res["costs"].items()) +
                   f"), {res['elapsed_s']:.0f} s. JSON: [`{rel}`]({rel}), plot: [`{rel.with_suffix('.png')}`]"
                   f"({rel.with_suffix('.png')}).", "",

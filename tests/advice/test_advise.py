@@ -26,6 +26,23 @@ def test_greedy_path_takes_the_most_time_saved_per_kl_first():
     assert path[3]["kl_est"] == pytest.approx(0.01) and path[-1]["kl_est"] == pytest.approx(2.51)
 
 
+def test_costs_from_committed_rows(tmp_path):
+    from attnlab.advice.advise import costs_from_rows
+
+    row = {"impl": "attnlab", "causal": True, "mode": "fwd", "status": "ok", "batch": 4, "heads": 16, "head_dim": 64,
+           "device_name": "NVIDIA H200"}
+    rows = [{**row, "method": "sdpa", "seq_len": 8192, "ms": 1.2}, {**row, "method": "window", "seq_len": 8192, "ms": 0.6,
+             "options": {"window": 256}}, {**row, "method": "window", "seq_len": 8192, "ms": 9.0, "causal": False},
+            {**row, "method": "linear", "seq_len": 4096, "ms": 1.4}]
+    f = tmp_path / "sweep.json"
+    f.write_text(json.dumps({"rows": rows}))
+    got = costs_from_rows(f, ["window"], seq_len=8192)
+    assert got["original"]["ms"] == 1.2 and got["window"]["ms"] == 0.6  # the causal row, sdpa for the original
+    assert got["window"]["options"] == {"window": 256} and got["window"]["device_name"] == "NVIDIA H200"
+    with pytest.raises(attnlab.AttnlabError, match=r"no causal fwd row for linear at 8192 tokens \(lengths there: \[4096\]\)"):
+        costs_from_rows(f, ["window", "linear"], seq_len=8192)
+
+
 def test_spec_of_names_each_methods_layers():
     spec = spec_of({0: "a", 1: "original", 2: "a", 3: "b"}, {"a": {"x": 1}, "b": {}}, seed=5)
     d = spec.to_dict()
@@ -66,6 +83,7 @@ def test_advise_on_a_tiny_model_verifies_and_keeps_within_the_budget():
     (["--points", "0"], "--points must be an integer >= 1"),
     (["--scan", "/no/such.json"], "not a readable scan.json"),
     (["--num-tokens", "8", "--seq-len", "16"], "less than one window"),
+    (["--cost-from", "/no/such.json"], "not a readable JSON file"),
 ])
 def test_cli_bad_input_is_one_line(args, match, tmp_path, capsys, monkeypatch):
     import attnlab.models

@@ -52,6 +52,36 @@ def attention_costs(model, methods: dict[str, dict], *, seq_len: int, mode: str 
     return out
 
 
+def costs_from_rows(path, methods, *, seq_len: int, mode: str = "fwd") -> dict[str, dict]:
+    """The same dict as `attention_costs`, read from committed `attnlab bench` rows (a JSON list of rows, or an
+    object with "rows"): attnlab's causal rows at `seq_len` and `mode`, sdpa standing in for the original. Their
+    shape is the benchmark's (heads, head dim, batch), not the model's: the ratios between methods are what carry
+    over. Each entry names its file, device and the options the row was timed with."""
+    import json
+    from pathlib import Path
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise AttnlabError(f"--cost-from {str(path)!r}: not a readable JSON file ({type(e).__name__}: {e})") from None
+    rows = data.get("rows", []) if isinstance(data, dict) else data
+    ok = [r for r in rows if isinstance(r, dict) and r.get("impl") == "attnlab" and r.get("causal") is True
+          and r.get("mode") == mode and r.get("status", "ok") == "ok" and r.get("ms") is not None]
+    out = {}
+    for name in (ORIGINAL, *methods):
+        method = "sdpa" if name == ORIGINAL else name
+        hits = [r for r in ok if r.get("method") == method and r.get("seq_len") == seq_len]
+        if not hits:
+            lengths = sorted({r["seq_len"] for r in ok if r.get("method") == method})
+            raise AttnlabError(f"--cost-from {str(path)!r} has no causal {mode} row for {method} at {seq_len} tokens "
+                               f"(lengths there: {lengths or 'none'})")
+        r = hits[0]
+        out[name] = {"ms": r["ms"], "extra_mem_bytes": r.get("extra_mem_bytes"), "peak_mem_bytes": r.get("peak_mem_bytes"),
+                     "source": str(path), "device_name": r.get("device_name"), "options": r.get("options"),
+                     "shape": {k: r.get(k) for k in ("batch", "heads", "head_dim")}}
+    return out
+
+
 def greedy_path(scan_rows: list[dict], costs: dict[str, dict], num_layers: int) -> list[dict]:
     """From every layer original to every layer on its cheapest method, one move at a time. A move switches one
     layer to a method cheaper than its current one; the next move is the one with the most time saved per unit of
@@ -192,6 +222,9 @@ def plot(result: dict, max_kl: float, path, title: str = "") -> None:
     ax.axhline(max_kl, color="gray", ls="--", lw=1)
     ax.text(0.99, max_kl, f"budget {max_kl:g} ", color="gray", fontsize=8, va="bottom", ha="right",
             transform=ax.get_yaxis_transform())
+    xs = [v["time_ratio"] for v in ver] + [s["time_ratio"] for s in result["singles"]]
+    if xs and max(xs) / max(min(xs), 1e-9) > 4:
+        ax.set_xscale("log")
     ax.set(yscale="log", xlabel="attention time, all layers, relative to the original model's (lower = cheaper)",
            ylabel="held-out KL(original || mixed), nats/token")
     ax.grid(alpha=0.3)

@@ -28,6 +28,10 @@ def add_parser(sub) -> None:
                                                                "(default: %(default)s)")
     p.add_argument("--cost-len", type=int, default=None, help="sequence length the attention cost is timed at "
                                                               "(default: --seq-len)")
+    p.add_argument("--cost-from", default=None, metavar="BENCH.json",
+                   help="read the attention costs from committed `attnlab bench` rows (e.g. the H200/H100 sweeps "
+                        "under benchmarks/results/) instead of timing them on --device; the ratios carry over, "
+                        "the benchmark's shape is said in the output")
     p.add_argument("--scan", default=None, metavar="SCAN.json", help="reuse an `attnlab scan` result (same model, "
                                                                       "methods and options) instead of scanning")
     p.add_argument("--points", type=int, default=6, help="path points verified on the whole model, besides the "
@@ -41,7 +45,8 @@ def run(args) -> int:
     import torch
 
     from .. import models, registry
-    from ..advice.advise import advise, attention_costs, plot
+    from ..adapters.spec import ORIGINAL
+    from ..advice.advise import advise, attention_costs, costs_from_rows, plot
     from ..advice.scan import scan
     from ..train.data import eval_windows
 
@@ -57,6 +62,7 @@ def run(args) -> int:
     if args.num_tokens < args.seq_len:
         raise AttnlabError(f"--num-tokens {args.num_tokens} is less than one window of --seq-len {args.seq_len}")
     common.check_device(args.device)
+    costs = costs_from_rows(args.cost_from, methods, seq_len=cost_len) if args.cost_from else None  # before loading
     scan_rows = None
     if args.scan:
         try:
@@ -77,13 +83,14 @@ def run(args) -> int:
     if not causal:
         raise AttnlabError(f"{args.model!r} is not a causal LM; advise measures next-token KL")
     print(f"attnlab advise: model={args.model} methods={','.join(methods)} max_kl={args.max_kl} seq_len={args.seq_len} "
-          f"cost at {cost_len} tokens on {args.device}", flush=True)
+          f"cost at {cost_len} tokens {'from ' + args.cost_from if args.cost_from else 'on ' + args.device}", flush=True)
     t0 = time.time()
     model, tok = models.load(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     windows = eval_windows(tok, None, args.seq_len, max(1, args.num_tokens // args.seq_len))
     if scan_rows is None:
         scan_rows = scan(model, windows, opts, seed=args.seed, progress=not args.no_progress)
-    costs = attention_costs(model, opts, seq_len=cost_len)
+    if costs is None:
+        costs = attention_costs(model, opts, seq_len=cost_len)
     result = advise(model, windows, scan_rows, costs, opts, max_kl=args.max_kl, points=args.points, seed=args.seed,
                     progress=not args.no_progress)
     out = Path(args.out)
@@ -104,17 +111,23 @@ def run(args) -> int:
                   f"the best single method within it, {best_single['method']}, takes {best_single['time_ratio']:.2f}x")
         chosen = list(rec["assign"].values())
         mix = ", ".join(f"{m} x{chosen.count(m)}" for m in methods if m in chosen)
+        where = (f"{costs[ORIGINAL]['device_name']} (from {args.cost_from})" if args.cost_from else args.device)
         print(f"Recommendation: switch {rec['switched']} of {len(chosen)} layers ({mix}): "
-              f"attention time {rec['time_ratio']:.2f}x the original's at {cost_len} tokens, held-out KL {rec['kl']:.4f} "
+              f"attention time {rec['time_ratio']:.2f}x the original's at {cost_len} tokens on {where}, held-out KL {rec['kl']:.4f} "
               f"(budget {args.max_kl}); {beside}. Spec: {out / 'spec.json'} (attnlab compare --spec, distill --spec).")
+    shape = costs[ORIGINAL].get("shape") or {}
+    where = (f"{costs[ORIGINAL]['device_name']} (rows of {Path(args.cost_from).name}: {shape.get('heads')} heads x "
+             f"{shape.get('head_dim')}, batch {shape.get('batch')})" if args.cost_from
+             else common.environment(args.device)["device_name"])
     common.write_result(
         out / "advise.json", args.device,
         {"model": args.model, "seq_len": args.seq_len, "windows": len(windows), "cost_len": cost_len,
+         "cost_source": where,
          "max_kl": args.max_kl, "methods": opts, "costs": costs, "elapsed_s": round(time.time() - t0, 1),
          **result, "scan": scan_rows},
         None if args.no_plot else lambda png: plot(result, args.max_kl, png, title=(
-            f"attnlab advise: {args.model}, {len(windows)} held-out windows x {args.seq_len} tokens; attention timed at "
-            f"{cost_len} tokens on {common.environment(args.device)['device_name']}")))
+            f"attnlab advise: {args.model}, {len(windows)} held-out windows x {args.seq_len} tokens;\nattention timed at "
+            f"{cost_len} tokens on {where}")))
     return 0
 
 
