@@ -50,6 +50,8 @@ def test_scores_on_hand_made_queries_and_keys():
     assert knorm[0, 0].argmin() == 2  # the largest key goes first
     stream = kp.get_press("streaming_llm", evict=0.5, sinks=2).score(q, k, scale=1.0)
     assert torch.topk(stream[0, 0], 4).indices.sort().values.tolist() == [0, 1, 6, 7]
+    window = kp.get_press("window", evict=0.5).score(q, k, scale=1.0)
+    assert torch.topk(window[0, 0], 4).indices.sort().values.tolist() == [4, 5, 6, 7]
     snap = kp.get_press("snapkv", evict=0.5, window=2, kernel=1).score(q, k, scale=1.0)
     assert torch.isinf(snap[0, 0, -2:]).all() and snap[0, 0, :6].argmax() == 2
 

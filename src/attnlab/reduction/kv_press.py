@@ -8,7 +8,8 @@ layer and KV head, and the cache keeps the best `keep` of them per head.
 
 Scores (higher = kept), per layer and KV head, from the prompt's own queries and keys (captured in the prefill
 with `sdpa` swapped in, after rotary):
-- `streaming_llm` (Xiao et al. 2023): the first `sinks` tokens, then the most recent ones;
+- `streaming_llm` (Xiao et al. 2023): the first `sinks` tokens, then the most recent ones; `window`: the most
+  recent only (no sinks), the plain window StreamingLLM is measured against;
 - `snapkv` (Li et al. 2024): the attention of the last `window` queries (an observation window), averaged over
   them and over the query heads of the KV head, smoothed by an average pool of `kernel`; the window itself kept;
 - `tova` (Oren et al. 2024): the attention of the last query alone;
@@ -86,6 +87,14 @@ class StreamingLLM(Press):
         return s.expand(b, hkv, t).clone()
 
 
+class Window(StreamingLLM):
+    """The most recent tokens only (StreamingLLM with no sinks): the plain sliding window StreamingLLM contrasts with."""
+    name = "window"
+
+    def __init__(self, evict=None, keep_tokens=None, seed=0):
+        super().__init__(evict, keep_tokens, seed, sinks=0)
+
+
 class SnapKV(Press):
     name = "snapkv"
 
@@ -138,7 +147,7 @@ class RandomPress(Press):
         return torch.rand(k.shape[:3], generator=g).to(k.device)
 
 
-PRESSES = {cls.name: cls for cls in (StreamingLLM, SnapKV, TOVA, H2O, KNorm, RandomPress)}
+PRESSES = {cls.name: cls for cls in (StreamingLLM, Window, SnapKV, TOVA, H2O, KNorm, RandomPress)}
 
 
 def get_press(name: str, **kw) -> Press:
