@@ -87,7 +87,9 @@ def greedy_path(scan_rows: list[dict], costs: dict[str, dict], num_layers: int) 
     layer to a method cheaper than its current one; the next move is the one with the most time saved per unit of
     scanned KL added (moves that add no KL first). Each step: {"assign": {layer: method}, "kl_est": sum of the
     scanned KLs, "ms": attention time summed over layers}."""
-    kl = {(r["layer"], r["method"]): max(0.0, r["kl"]) for r in scan_rows}
+    options: dict[int, list[tuple[str, float]]] = {layer: [] for layer in range(num_layers)}  # layer -> (method, KL)
+    for r in scan_rows:
+        options[r["layer"]].append((r["method"], max(0.0, r["kl"])))
     base_ms = costs[ORIGINAL]["ms"]
     assign = {layer: ORIGINAL for layer in range(num_layers)}
     cur_kl = {layer: 0.0 for layer in range(num_layers)}
@@ -96,8 +98,8 @@ def greedy_path(scan_rows: list[dict], costs: dict[str, dict], num_layers: int) 
         best = None
         for layer in range(num_layers):
             now_ms = costs[assign[layer]]["ms"]
-            for (lay, m), k in kl.items():
-                if lay != layer or costs[m]["ms"] >= now_ms:
+            for m, k in options[layer]:
+                if costs[m]["ms"] >= now_ms:
                     continue
                 saved, added = now_ms - costs[m]["ms"], k - cur_kl[layer]
                 ratio = float("inf") if added <= 0 else saved / added
@@ -129,10 +131,7 @@ def measure(model, windows: torch.Tensor, base: list[torch.Tensor], spec: SwapSp
         for i, w in enumerate(windows):
             logits = model(w[None].to(device)).logits.float().cpu()
             stats.append(fm.next_token_stats(base[i], logits, windows[i:i + 1].cpu()))
-    kl = torch.cat([s["kl"] for s in stats])
-    return {"kl": kl.mean().item(), "kl_p95": kl.quantile(0.95).item(),
-            "top1": torch.cat([s["agree"] for s in stats]).mean().item(),
-            "ppl": torch.cat([s["nll_new"] for s in stats]).mean().exp().item()}
+    return fm.summarise(stats)
 
 
 def advise(model, windows: torch.Tensor, scan_rows: list[dict], costs: dict[str, dict], methods: dict[str, dict], *,

@@ -44,12 +44,7 @@ def scan(model, windows: torch.Tensor, methods: dict[str, dict], *, layers: list
                         logits = model(w[None]).logits.float().cpu()
                     ms.append(t.ms)
                     stats.append(fm.next_token_stats(base[i], logits, ids[i:i + 1]))
-            kl = torch.cat([s["kl"] for s in stats])
-            rows.append({"method": name, "options": dict(opts), "layer": layer, "kl": kl.mean().item(),
-                         "kl_p95": kl.quantile(0.95).item(),
-                         "top1": torch.cat([s["agree"] for s in stats]).mean().item(),
-                         "ppl": torch.cat([s["nll_new"] for s in stats]).mean().exp().item(),
-                         "ppl_original": torch.cat([s["nll_base"] for s in stats]).mean().exp().item(),
+            rows.append({"method": name, "options": dict(opts), "layer": layer, **fm.summarise(stats),
                          "ms_per_window": sorted(ms)[len(ms) // 2]})
             bar.update()
     bar.close()

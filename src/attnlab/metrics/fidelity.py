@@ -45,6 +45,17 @@ def next_token_stats(base_logits: torch.Tensor, new_logits: torch.Tensor, input_
     return {"kl": kl, "nll_base": nll_b, "nll_new": nll_n, "agree": agree}
 
 
+def summarise(stats: list[dict]) -> dict:
+    """The held-out summary of per-window `next_token_stats`: KL mean and p95, top-1 agreement, perplexity of the
+    new and of the base model."""
+    def cat(key):
+        return torch.cat([s[key] for s in stats])
+
+    kl = cat("kl")
+    return {"kl": kl.mean().item(), "kl_p95": kl.quantile(0.95).item(), "top1": cat("agree").mean().item(),
+            "ppl": cat("nll_new").mean().exp().item(), "ppl_original": cat("nll_base").mean().exp().item()}
+
+
 @contextlib.contextmanager
 def capture_probs(model):
     """Within the block, every swapped attention layer keeps its implied probs (module.attnlab_probs)."""

@@ -275,12 +275,7 @@ def evaluate(model, windows: torch.Tensor, pattern_dir, sparsities, *, baseline:
             opts = {"window": win, "sinks": sinks}
             density = WindowPattern(win, sinks).density(t, t, causal=True)
         st = [fm.next_token_stats(base[i], logits[i], ids[i:i + 1]) for i in range(len(ids))]
-        kl = torch.cat([s["kl"] for s in st])
-        rows.append({"technique": technique, "fraction": p, "options": opts, "density": density,
-                     "kl": kl.mean().item(), "kl_p95": kl.quantile(0.95).item(),
-                     "top1": torch.cat([s["agree"] for s in st]).mean().item(),
-                     "ppl": torch.cat([s["nll_new"] for s in st]).mean().exp().item(),
-                     "ppl_original": torch.cat([s["nll_base"] for s in st]).mean().exp().item(),
+        rows.append({"technique": technique, "fraction": p, "options": opts, "density": density, **fm.summarise(st),
                      "ms": ms, "ms_original": base_ms})
         bar.update()
     bar.close()

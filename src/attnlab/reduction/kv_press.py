@@ -259,12 +259,11 @@ def evaluate(model, windows: torch.Tensor, *, prompt_len: int, evicts, presses=t
     from ..metrics import fidelity as fm
     from ..timing import Timer
 
+    from .token_prune import split_windows
+
     device = next(model.parameters()).device
-    windows = windows.to(device)
-    n, total = windows.shape
-    if not 1 <= prompt_len < total - 1:
-        raise AttnlabError(f"prompt length {prompt_len} must leave at least 2 continuation tokens of {total}")
-    prompts, conts = windows[:, :prompt_len], windows[:, prompt_len:]
+    prompts, conts = split_windows(windows.to(device), prompt_len)
+    n = prompts.shape[0]
     full, full_bytes, full_ms = [], 0, []
     for i in range(n):
         cache, _, _ = prefill(model, prompts[i:i + 1], None)
@@ -273,9 +272,8 @@ def evaluate(model, windows: torch.Tensor, *, prompt_len: int, evicts, presses=t
             full.append(continue_scoring(model, cache, conts[i:i + 1], start=prompt_len).float().cpu())
         full_ms.append(tm.ms)
     base = [fm.next_token_stats(full[i], full[i], conts[i:i + 1].cpu()) for i in range(n)]
-    ppl0 = torch.cat([s["nll_base"] for s in base]).mean().exp().item()
-    rows = [{"technique": "full_cache", "impl": "attnlab", "evict": 0.0, "kl": 0.0, "kl_p95": 0.0, "top1": 1.0,
-             "ppl": ppl0, "ppl_original": ppl0, "kv_bytes": full_bytes, "ms": sorted(full_ms)[n // 2]}]
+    rows = [{"technique": "full_cache", "impl": "attnlab", "evict": 0.0, **fm.summarise(base), "kv_bytes": full_bytes,
+             "ms": sorted(full_ms)[n // 2]}]
     jobs = [(p, e) for p in presses for e in evicts]
     for name, e in tqdm(jobs, desc="presses", disable=not progress):
         press = get_press(name, evict=e, seed=seed)
@@ -287,9 +285,6 @@ def evaluate(model, windows: torch.Tensor, *, prompt_len: int, evicts, presses=t
                 logits = continue_scoring(model, cache, conts[i:i + 1], start=prompt_len)
             ms.append(tm.ms)
             stats.append(fm.next_token_stats(full[i], logits.float().cpu(), conts[i:i + 1].cpu()))
-        kl = torch.cat([s["kl"] for s in stats])
-        rows.append({"technique": name, "impl": "attnlab", "evict": e, "kl": kl.mean().item(),
-                     "kl_p95": kl.quantile(0.95).item(), "top1": torch.cat([s["agree"] for s in stats]).mean().item(),
-                     "ppl": torch.cat([s["nll_new"] for s in stats]).mean().exp().item(), "ppl_original": ppl0,
-                     "kv_bytes": kb, "ms": sorted(ms)[n // 2]})
+        rows.append({"technique": name, "impl": "attnlab", "evict": e, **fm.summarise(stats), "kv_bytes": kb,
+                     "ms": sorted(ms)[n // 2]})
     return rows

@@ -319,6 +319,15 @@ def continue_from(model, prompt: torch.Tensor, kept: Kept, continuation: torch.T
         return model(ids, position_ids=pos, attention_mask=torch.ones_like(ids), use_cache=False).logits[:, -m:]
 
 
+def split_windows(windows: torch.Tensor, prompt_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Held-out windows [N, T] -> (prompts [N, prompt_len], continuations [N, T - prompt_len]); at least 2
+    continuation tokens (the first predicts the second)."""
+    total = windows.shape[1]
+    if not 1 <= prompt_len < total - 1:
+        raise AttnlabError(f"prompt length {prompt_len} must leave at least 2 continuation tokens of {total}")
+    return windows[:, :prompt_len], windows[:, prompt_len:]
+
+
 def kv_bytes(model, tokens: int, dtype_bytes: int = 2) -> int:
     """Bytes of the key/value cache for `tokens` tokens (all layers, the model's KV heads)."""
     c = model.config
@@ -327,11 +336,7 @@ def kv_bytes(model, tokens: int, dtype_bytes: int = 2) -> int:
     return int(2 * c.num_hidden_layers * heads * head_dim * tokens * dtype_bytes)
 
 
-def fraction_kept(kept: Kept, real: torch.Tensor) -> float:
-    return float(kept.counts.sum() / real.sum().clamp_min(1))
-
-
-__all__ = ["Kept", "PROMPT_TECHNIQUES", "TECHNIQUES", "TokenPruner", "check_keep", "continue_from", "fraction_kept", "kv_bytes",
+__all__ = ["Kept", "PROMPT_TECHNIQUES", "TECHNIQUES", "TokenPruner", "check_keep", "continue_from", "kv_bytes",
            "prompt_scores", "select_tokens", "technique_scores"]
 
 
@@ -404,11 +409,8 @@ def evaluate_prompt(model, windows: torch.Tensor, *, prompt_len: int, keeps, tec
     from ..timing import Timer
 
     device = next(model.parameters()).device
-    windows = windows.to(device)
-    n, total = windows.shape
-    if not 1 <= prompt_len < total - 1:
-        raise AttnlabError(f"prompt length {prompt_len} must leave at least 2 continuation tokens of {total}")
-    prompts, conts = windows[:, :prompt_len], windows[:, prompt_len:]
+    prompts, conts = split_windows(windows.to(device), prompt_len)
+    n = prompts.shape[0]
     always = torch.zeros(1, prompt_len, dtype=torch.bool, device=device)
     always[:, 0] = True
     gen = torch.Generator().manual_seed(seed)
@@ -427,10 +429,7 @@ def evaluate_prompt(model, windows: torch.Tensor, *, prompt_len: int, keeps, tec
             attn_scores.append(prompt_scores(model, one) if "attention" in techniques else None)
             acc_scores.append(prompt_scores(model, one, normalise=False)
                               if {"accumulated", "h2o"} & set(techniques) else None)
-    base_stats = [score(i, full[i]) for i in range(n)]
-    base_nll = torch.cat([s["nll_base"] for s in base_stats])
-    rows = [{"technique": "original", "keep": 1.0, "kept_fraction": 1.0, "kl": 0.0, "kl_p95": 0.0, "top1": 1.0,
-             "ppl": base_nll.mean().exp().item(), "ppl_original": base_nll.mean().exp().item(),
+    rows = [{"technique": "original", "keep": 1.0, "kept_fraction": 1.0, **fm.summarise([score(i, full[i]) for i in range(n)]),
              "ms": sorted(full_ms)[n // 2], "kv_bytes": kv_bytes(model, prompt_len)}]
     jobs = [(tech, k) for tech in techniques for k in keeps]
     for tech, k in tqdm(jobs, desc="prune prompt", disable=not progress):
@@ -450,11 +449,6 @@ def evaluate_prompt(model, windows: torch.Tensor, *, prompt_len: int, keeps, tec
                 logits = continue_from(model, prompts[i:i + 1], kept, conts[i:i + 1])
             ms.append(tm.ms)
             stats.append(score(i, logits))
-        kl = torch.cat([s["kl"] for s in stats])
         rows.append({"technique": tech, "keep": k, "threshold": threshold, "kept_fraction": kept_total / (n * prompt_len),
-                     "kl": kl.mean().item(), "kl_p95": kl.quantile(0.95).item(),
-                     "top1": torch.cat([s["agree"] for s in stats]).mean().item(),
-                     "ppl": torch.cat([s["nll_new"] for s in stats]).mean().exp().item(),
-                     "ppl_original": base_nll.mean().exp().item(), "ms": sorted(ms)[n // 2],
-                     "kv_bytes": kv_bytes(model, round(kept_total / n))})
+                     **fm.summarise(stats), "ms": sorted(ms)[n // 2], "kv_bytes": kv_bytes(model, round(kept_total / n))})
     return rows
