@@ -320,6 +320,51 @@ def press_block() -> str:
     return "\n".join(lines).strip() or "(no committed result)"
 
 
+def compress_block() -> str:
+    """The merged H200 `attnlab compress` result (benchmarks/compress_results.py): held-out token accuracy per ratio,
+    length and recipe; the codec's bytes per character beside gzip / bz2 / xz."""
+    f = HERE / "results" / "compress" / "h200" / "compress.json"
+    if not f.exists():
+        return "(no committed result)"
+    res, rel = json.loads(f.read_text()), f.relative_to(HERE.parent)
+    calls = "; ".join(f"`{c['call']}` ({c['concurrent_runs']} runs side by side)" for c in res["calls"])
+    commits = sorted({c["commit"] for c in res["calls"]})
+    lines = [f"`{res['command']}` over the device calls {calls}, each `bash benchmarks/compress_gpu.sh` on one "
+             f"{res['rows'][-1].get('device', 'GPU')} (code of commit(s) {', '.join(commits)} plus this change, "
+             f"which added `attnlab compress`). JSON: [`{rel}`]({rel}), plot: [`{rel.with_suffix('.png')}`]"
+             f"({rel.with_suffix('.png')}).", "",
+             "Held-out token accuracy (tail of Moby Dick, never trained on), one model per row serving every length:", "",
+             "| ratio | recipe | seeds | 64 | 128 | 256 | 512 | tokens/s | peak GiB |", "|---|---|---|---|---|---|---|---|---|"]
+    groups = {}
+    for r in res["runs"]:
+        groups.setdefault((r["ratio"], r["steps"], r["latent_dim"], r["bias"]), []).append(r)
+    for (ratio, steps, dim, bias), runs in sorted(groups.items(), key=lambda kv: (kv[0][3] != "distance", -kv[0][1], -kv[0][2], -kv[0][0])):
+        finals = [r["evals"][-1] for r in runs]
+        cells = []
+        for n in ("64", "128", "256", "512"):
+            vals = [e[n] for e in finals]
+            cells.append(f"{sum(vals) / len(vals):.4f}" + (f" ± {(max(vals) - min(vals)) / 2:.4f}" if len(vals) > 1 else ""))
+        recipe = f"{steps} steps, {dim}-d latents" + ("" if bias == "distance" else ", no distance bias (the paper's)")
+        tps = sum(r["tokens_per_s"] for r in runs) / len(runs)
+        lines.append(f"| 1/{1 / ratio:.3g} | {recipe} | {len(runs)} | " + " | ".join(cells) +
+                     f" | {tps / 1e3:.0f}k | {max(r['peak_mem_bytes'] for r in runs) / 2**30:.1f} |")
+    longest = max(r["steps"] for r in res["runs"])
+    lines += ["", f"The codec on the same held-out text ({res['rows'][0]['characters']:,} characters; the {longest}-step "
+              "models, and the paper's form):", "",
+              "| codec | bits | bytes/char | token accuracy | char accuracy |", "|---|---|---|---|---|"]
+    for r in res["rows"]:
+        if r["codec"] != "attnlab":
+            lines.append(f"| {r['codec']} (lossless) | - | {r['bytes_per_char']:.3f} | 1 | 1 |")
+    for r in sorted((r for r in res["rows"] if r["codec"] == "attnlab" and r.get("seed") == 0 and r["bits"] in (8, 4)
+                     and (r["steps"] == longest or r["bias"] != "distance")),
+                    key=lambda r: (r["bias"] != "distance", -r["steps"], -r["latent_dim"], -r["ratio"], -r["bits"])):
+        recipe = f"ratio 1/{1 / r['ratio']:.3g}, {r['latent_dim']}-d, {r['steps']} steps" + (
+            "" if r["bias"] == "distance" else ", no bias")
+        lines.append(f"| {recipe} | {r['bits']} | {r['bytes_per_char']:.3f} | {r['token_accuracy']:.4f} | "
+                     f"{r['char_accuracy']:.4f} |")
+    return "\n".join(lines)
+
+
 def blocks() -> dict[tuple[str, str], str]:
     out = {(START, END): bench_block(), ("<!-- distill-table:start -->", "<!-- distill-table:end -->"): distill_block(),
            ("<!-- vision-table:start -->", "<!-- vision-table:end -->"): vision_block(),
@@ -327,7 +372,8 @@ def blocks() -> dict[tuple[str, str], str]:
            ("<!-- scan-table:start -->", "<!-- scan-table:end -->"): scan_block(),
            ("<!-- prune-table:start -->", "<!-- prune-table:end -->"): prune_block(),
            ("<!-- advise-table:start -->", "<!-- advise-table:end -->"): advise_block(),
-           ("<!-- press-table:start -->", "<!-- press-table:end -->"): press_block()}
+           ("<!-- press-table:start -->", "<!-- press-table:end -->"): press_block(),
+           ("<!-- compress-table:start -->", "<!-- compress-table:end -->"): compress_block()}
     for task in ("lm", "spam"):
         if (HERE.parent / "docs" / f"compare-{task}.json").exists():
             out[(f"<!-- compare-{task}:start -->", f"<!-- compare-{task}:end -->")] = compare_block(task)

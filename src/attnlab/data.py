@@ -56,6 +56,11 @@ def token_windows(tokenizer, text: str, *, seq_len: int, num_tokens: int, held_o
     """LongTensor [N, seq_len] of consecutive windows from the held-out tail of `text` (the last `held_out`
     fraction of its tokens), N = num_tokens // seq_len. Raises if the text is too short."""
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    return windows_of(ids, seq_len=seq_len, num_tokens=num_tokens, held_out=held_out)
+
+
+def windows_of(ids: torch.Tensor, *, seq_len: int, num_tokens: int, held_out: float = HELD_OUT) -> torch.Tensor:
+    """`token_windows` of an already tokenised text (LongTensor [T]): tokenise once, cut at several lengths."""
     n = max(1, num_tokens // seq_len)
     tail = ids[int(len(ids) * (1 - held_out)):]
     if len(tail) < n * seq_len:

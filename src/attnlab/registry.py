@@ -79,9 +79,9 @@ def list_methods() -> list[str]:
 
 
 def standalone_methods() -> list[str]:
-    """Methods that run from their defaults alone (not those built from data, like global_sparse's pattern):
-    what "every method" means in compare, bench and vision."""
-    return [n for n in list_methods() if not get(n).requires]
+    """Methods that run from their defaults alone (not those built from data, like global_sparse's pattern) and
+    keep the sequence length (not reduce): what "every method" means in compare, bench and vision."""
+    return [n for n in list_methods() if not get(n).requires and not get(n).capabilities.resizes]
 
 
 def get(name: str) -> type["AttentionMethod"]:

@@ -44,6 +44,9 @@ class Capabilities:
     cross: bool = True  # accepts Tq != Tk
     trainable: bool = False  # holds parameters meant to be trained (distillation)
     max_len: bool = False  # built for a maximum key length (option `max_len`)
+    # its output has a different number of rows than q (reduce: ceil(ratio * Tq)): a layer of its own, never a
+    # replacement for a model's attention (swap, compare, bench and vision leave it out)
+    resizes: bool = False
     # extras computed blockwise besides `out`, never through a Tq x Tk matrix (need_lse / need_col_sums):
     # "lse": each query row's log-sum-exp of its scores [B, H, Tq]; "col_sums": the attention each key receives,
     # summed over the query rows [B, H, Tk]

@@ -20,7 +20,8 @@ from tests.adapters import max_diff, outputs, pad_batch, rand_ids, tiny_model
 
 KINDS = ("llama", "gpt2", "bert", "qwen2")
 CAUSAL_METHODS = [n for n in attnlab.list_methods() if attnlab.capabilities(n).causal]
-NONCAUSAL_METHODS = [n for n in attnlab.list_methods() if not attnlab.capabilities(n).causal]
+NONCAUSAL_METHODS = [n for n in attnlab.list_methods()
+                     if not attnlab.capabilities(n).causal and not attnlab.capabilities(n).resizes]
 ATTR_NAMES = ("attnlab_method", "attnlab_capture", "attnlab_probs", "_attnlab_swap_state")
 
 LEAK_T, LEAK_AT = 24, 11  # sequence length and the last position that must not see the perturbation
@@ -265,6 +266,16 @@ def test_noncausal_method_refused_for_causal_lm(method):
     assert torch.equal(outputs(model, ids), before)
     with attnlab.swapped(model, "dense"):  # and it can still be swapped afterwards
         assert max_diff(outputs(model, ids), before) <= 1e-4
+
+
+def test_a_resizing_method_is_refused_as_a_models_attention():
+    """reduce returns ratio * n rows: it cannot stand in for a layer's attention, and says so before any change."""
+    for kind in ("bert", "llama"):
+        model = tiny_model(kind)
+        keys = list(model.state_dict())
+        with pytest.raises(attnlab.UnsupportedError, match="changes the sequence length"):
+            attnlab.swap(model, "reduce")
+        assert attnlab_leftovers(model) == [] and list(model.state_dict()) == keys
 
 
 @pytest.mark.model

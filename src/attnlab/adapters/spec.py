@@ -24,7 +24,7 @@ import re
 from pathlib import Path
 
 from .. import registry
-from ..types import AttnlabError
+from ..types import AttnlabError, UnsupportedError
 
 ORIGINAL = "original"  # a layer that keeps the model's own attention
 _RANGE = re.compile(r"^(-?\d+)(?:\s*-\s*(-?\d+))?$")  # "3", "-1", "0-3", "2--1"
@@ -154,7 +154,10 @@ class SwapSpec:
         """Unknown methods and option names fail here, before any model work."""
         for r in self.rules:
             if r.method != ORIGINAL:
-                registry.get(r.method)
+                if registry.capabilities(r.method).resizes:
+                    raise UnsupportedError(
+                        f"method {r.method!r} changes the sequence length (its output has ratio * n rows), so it "
+                        "cannot replace a model's attention; use it as a layer of its own (attnlab.compress)")
                 registry.check_options(r.method, r.options)
 
     def plan(self, layer_names: list[str]) -> list[LayerPlan]:

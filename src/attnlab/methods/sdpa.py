@@ -68,7 +68,7 @@ def sdpa_allowed(q, k, v, allowed: torch.Tensor | None, *, scale: float, bias: t
     never NaN. Used by the `sdpa` method and linformer: no mask lets torch pick flash; a mask picks
     the memory-efficient kernel."""
     if allowed is None:
-        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype), scale=scale)
     has = allowed.any(-1, keepdim=True)
     # an empty row attends to everything inside the kernel (finite, and no NaN in its backward: measured on
     # CUDA's memory-efficient kernel), then is zeroed, which also stops its gradient

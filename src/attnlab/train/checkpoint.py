@@ -1,6 +1,8 @@
 """Training checkpoints: the trained attention (attnlab.save's format) plus the trainer's state, no pickle.
 
-    OUT/checkpoints/step-000040/attention/           attnlab.json + attention.safetensors
+    OUT/checkpoints/step-000040/attention/           attnlab.json + attention.safetensors (the trained weights:
+                                                     `Weights` says how they are saved, checked and loaded;
+                                                     attnlab.compress saves a whole model under model/)
     OUT/checkpoints/step-000040/trainer.safetensors  optimizer moments, RNG states
     OUT/checkpoints/step-000040/trainer.json         step, windows consumed, scheduler and optimizer scalars,
                                                      the run's identity (model fingerprint, spec, data, shapes)
@@ -25,6 +27,28 @@ from ..adapters.state import save as save_attention
 FORMAT = "attnlab-trainer/1"
 
 
+class Weights:
+    """What a checkpoint holds besides the trainer's state: by default the swapped attention alone (attnlab.save's
+    format, under attention/). Another trainer passes its own (folder name, save, check, load)."""
+
+    folder = "attention"
+
+    def save(self, model, path: Path) -> None:
+        save_attention(model, path)
+
+    def check(self, path: Path) -> None:
+        read_meta(path)
+        read_tensors(path)
+
+    def load(self, model, path: Path) -> None:
+        from ..adapters.state import load as load_attention
+
+        load_attention(model, path)
+
+
+ATTENTION = Weights()
+
+
 def latest(out: Path) -> Path | None:
     ptr = Path(out) / "checkpoints" / "latest"
     if not ptr.is_file():
@@ -35,7 +59,8 @@ def latest(out: Path) -> Path | None:
     return path
 
 
-def save(out: Path, model, optimizer, scheduler, *, step: int, windows: int, identity: dict, log_state: dict) -> Path:
+def save(out: Path, model, optimizer, scheduler, *, step: int, windows: int, identity: dict, log_state: dict,
+         weights: Weights = ATTENTION) -> Path:
     from safetensors.torch import save_file
 
     ckdir = Path(out) / "checkpoints"
@@ -43,7 +68,7 @@ def save(out: Path, model, optimizer, scheduler, *, step: int, windows: int, ide
     name = f"step-{step:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=ckdir))
     try:
-        save_attention(model, tmp / "attention")
+        weights.save(model, tmp / weights.folder)
         tensors, scalars = _optimizer_state(optimizer)
         tensors["rng.cpu"] = torch.get_rng_state()
         if torch.cuda.is_available():
@@ -79,7 +104,7 @@ def _optimizer_state(optimizer) -> tuple[dict, dict]:
     return tensors, {"param_groups": sd["param_groups"], "state": state}
 
 
-def read(path: Path) -> tuple[dict, dict]:
+def read(path: Path, weights: Weights = ATTENTION) -> tuple[dict, dict]:
     """(trainer.json, trainer.safetensors tensors) of a checkpoint, with clear errors for damage."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -99,15 +124,12 @@ def read(path: Path) -> tuple[dict, dict]:
         raise CheckpointError(f"checkpoint {path} has no trainer.safetensors (incomplete)") from None
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"checkpoint {path}/trainer.safetensors is corrupt or truncated ({str(e)[:200]})") from None
-    read_meta(path / "attention")  # the attention part is checked too, before anything is loaded
-    read_tensors(path / "attention")
+    weights.check(path / weights.folder)  # the weights are checked too, before anything is loaded
     return meta, tensors
 
 
-def restore(path: Path, meta: dict, tensors: dict, model, optimizer, scheduler) -> None:
-    from ..adapters.state import load as load_attention
-
-    load_attention(model, path / "attention")
+def restore(path: Path, meta: dict, tensors: dict, model, optimizer, scheduler, weights: Weights = ATTENTION) -> None:
+    weights.load(model, path / weights.folder)
     sd = {"param_groups": meta["optimizer"]["param_groups"], "state": {}}
     for key, val in tensors.items():
         if key.startswith("opt."):
