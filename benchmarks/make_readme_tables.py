@@ -320,6 +320,56 @@ def press_block() -> str:
     return "\n".join(lines).strip() or "(no committed result)"
 
 
+def press_bounded_block() -> str:
+    """Every committed bounded-cache `attnlab press --max-cache` result: KL (ppl) per press and cache bound."""
+    lines = []
+    for f in sorted(glob.glob(str(HERE / "results" / "press" / "*" / "press-bounded.json"))):
+        res = json.loads(Path(f).read_text())
+        env, rel, rows = res["environment"], Path(f).relative_to(HERE.parent), res["rows"]
+        bounds = sorted({r["max_cache"] for r in rows})
+        full = {r["max_cache"]: r for r in rows if r["technique"] == "full_cache"}
+        lines += [f"`{res['command']}` at commit `{res.get('commit') or 'unknown'}`; {res['model']}, {res['windows']} "
+                  f"held-out windows of {res['seq_len']} tokens fed in chunks of {res['chunk']}; "
+                  f"{env.get('device_name')} ({env.get('cpu_threads')} threads), {res['elapsed_s']:.0f} s. JSON: "
+                  f"[`{rel}`]({rel}), plot: [`{rel.with_suffix('.png')}`]({rel.with_suffix('.png')}).", "",
+                  "| press: KL (ppl) after the first eviction | " + " | ".join(
+                      f"cache <= {m} (from token {full[m]['from_position']})" for m in bounds) + " |",
+                  "|---|" + "---|" * len(bounds),
+                  "| full cache | " + " | ".join(f"0 ({full[m]['ppl']:.2f})" for m in bounds) + " |"]
+        for name in dict.fromkeys(r["technique"] for r in rows if r["technique"] != "full_cache"):
+            by = {r["max_cache"]: r for r in rows if r["technique"] == name}
+            lines.append(f"| {name} | " + " | ".join(f"{by[m]['kl']:.3f} ({by[m]['ppl']:.2f})" if m in by else "-"
+                                                     for m in bounds) + " |")
+        lines.append("")
+    return "\n".join(lines).strip() or "(no committed result)"
+
+
+def harness_block() -> str:
+    """Every committed `attnlab harness` result: lm-eval metric per task and variant."""
+    lines = []
+    for f in sorted(glob.glob(str(HERE / "results" / "harness" / "*" / "harness.json"))):
+        res = json.loads(Path(f).read_text())
+        env, rel, rows = res["environment"], Path(f).relative_to(HERE.parent), res["rows"]
+        cols = list(dict.fromkeys((r["task"], r["metric"]) for r in rows))
+        by = {(r["variant"], r["task"], r["metric"]): r for r in rows}
+        lines += [f"`{res['command']}` at commit `{res.get('commit') or 'unknown'}`; {res['model']}, lm-eval "
+                  f"{res['lm_eval_version']}, {res['limit']} documents per task; {env.get('device_name')} "
+                  f"({env.get('cpu_threads')} threads), {res['elapsed_s']:.0f} s. JSON: [`{rel}`]({rel}), plot: "
+                  f"[`{rel.with_suffix('.png')}`]({rel.with_suffix('.png')}).", "",
+                  "| variant | " + " | ".join(f"{t.removeprefix('attnlab_')} {m}" for t, m in cols) + " |",
+                  "|---|" + "---|" * len(cols)]
+        for v in dict.fromkeys(r["variant"] for r in rows):
+            cells = []
+            for t, m in cols:
+                r = by.get((v, t, m))
+                cells.append("-" if r is None else f"{r['value']:.3f}" + (f" ± {r['stderr']:.3f}" if r.get("stderr") else ""))
+            opts = res["variants"].get(v)
+            label = v if not opts else f"{v} ({', '.join(f'{k}={x}' for k, x in opts.items() if k != 'max_len')})"
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines).strip() or "(no committed result)"
+
+
 def compress_block() -> str:
     """The merged H200 `attnlab compress` result (benchmarks/compress_results.py): held-out token accuracy per ratio,
     length and recipe; the codec's bytes per character beside gzip / bz2 / xz."""
@@ -373,7 +423,9 @@ def blocks() -> dict[tuple[str, str], str]:
            ("<!-- prune-table:start -->", "<!-- prune-table:end -->"): prune_block(),
            ("<!-- advise-table:start -->", "<!-- advise-table:end -->"): advise_block(),
            ("<!-- press-table:start -->", "<!-- press-table:end -->"): press_block(),
-           ("<!-- compress-table:start -->", "<!-- compress-table:end -->"): compress_block()}
+           ("<!-- press-bounded-table:start -->", "<!-- press-bounded-table:end -->"): press_bounded_block(),
+           ("<!-- compress-table:start -->", "<!-- compress-table:end -->"): compress_block(),
+           ("<!-- harness-table:start -->", "<!-- harness-table:end -->"): harness_block()}
     for task in ("lm", "spam"):
         if (HERE.parent / "docs" / f"compare-{task}.json").exists():
             out[(f"<!-- compare-{task}:start -->", f"<!-- compare-{task}:end -->")] = compare_block(task)

@@ -104,3 +104,25 @@ def assert_cli_one_line_error(argv: list[str], match: str, capsys, out=None) -> 
     lines = [ln for ln in err.strip().splitlines() if ln.strip()]
     assert rc == 2 and len(lines) == 1 and match in lines[0], err
     assert out is None or not out.exists()
+
+
+def run_killed(argv: list, out, marker: str, cwd, timeout: float = 300) -> None:
+    """Start `python -m attnlab ARGV --out OUT`, SIGKILL it once OUT/checkpoints/MARKER exists, and check it really
+    died mid-run (no result.json): what the resume tests continue from."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    out = Path(out)
+    proc = subprocess.Popen([sys.executable, "-m", "attnlab", *map(str, argv), "--out", str(out)], cwd=cwd,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not (out / "checkpoints" / marker).exists():
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "result.json").exists()  # it really died mid-run

@@ -4,10 +4,8 @@ gloo processes equal one; bad input is one line before any work."""
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +17,7 @@ from attnlab.compress import codec, store
 from attnlab.compress.model import AutoencoderConfig, SequenceAutoencoder
 from attnlab.compress.train import TrainConfig, cut, token_accuracy, train
 from attnlab.train.data import TrainWindows
+from tests.helpers import run_killed
 
 REPO = Path(__file__).resolve().parents[2]
 TEXT = ("Call me Ishmael. Some years ago - never mind how long precisely - having little or no money in my purse, "
@@ -137,34 +136,25 @@ def test_one_model_serves_every_length():
 
 
 def test_killed_run_resumes_onto_the_same_loss_curve(short_text, tmp_path):
-    args = ["compress", "train", *TINY_ARGS, "--data", short_text, "--steps", "24", "--checkpoint-every", "4",
-            "--eval-every", "12"]
+    args = ["compress", "train", *TINY_ARGS, "--data", short_text, "--steps", "12", "--checkpoint-every", "4",
+            "--eval-every", "1000"]
     ref = cli(*args, "--out", tmp_path / "ref")
     assert ref.returncode == 0, ref.stderr[-2000:]
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "attnlab", *map(str, args), "--out", str(out)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (out / "checkpoints" / "step-000008").exists():
-        assert proc.poll() is None, "the run ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (out / "result.json").exists()  # it really died mid-run
+    run_killed(args, out, "step-000004", REPO)
     resumed = cli(*args, "--out", out, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
 
     def losses(p):
         return [r["loss"] for r in map(json.loads, (p / "log.jsonl").read_text().splitlines())]
 
-    assert losses(out) == losses(tmp_path / "ref") and len(losses(out)) == 24
+    assert losses(out) == losses(tmp_path / "ref") and len(losses(out)) == 12
     from safetensors.torch import load_file
 
     a, b = (load_file(str(p / "model" / "model.safetensors")) for p in (out, tmp_path / "ref"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # another run's arguments cannot resume it, and nothing is written
-    other = cli(*[x if x != "24" else "30" for x in map(str, args)], "--out", out, "--resume")
+    other = cli(*[x if x != "12" else "16" for x in map(str, args)], "--out", out, "--resume")
     assert other.returncode == 2 and "belongs to another run" in other.stderr and "Traceback" not in other.stderr
     occupied = cli(*args, "--out", out)
     assert occupied.returncode == 2 and "already holds a run" in occupied.stderr

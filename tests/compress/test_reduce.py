@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import attnlab
-from attnlab.methods.reduce import centres, out_length
+from attnlab.methods.reduce import out_length
 from attnlab.types import OptionError, ShapeError, UnsupportedError
 from tests.helpers import rand_qkv, reference
 
@@ -21,8 +21,7 @@ def make(**opts):
 @pytest.mark.parametrize("ratio", [0.5, 1 / 3, 0.25, 0.125, 1.0, 2.0])
 @pytest.mark.parametrize("n", [1, 7, 16, 33])
 def test_shapes_for_every_length_and_ratio(n, ratio, mixing):
-    max_len = 33 if ratio <= 1 else 33
-    m = make(ratio=ratio, mixing=mixing, max_len=max_len, radius=9, bias="distance")
+    m = make(ratio=ratio, mixing=mixing, max_len=33, radius=9, bias="distance")
     q, k, v = rand_qkv(b=2, h=4, hkv=4, tq=n, tk=n, d=D, seed=n)
     kpm = torch.ones(2, n, dtype=torch.bool)
     kpm[1, n // 2 + 1:] = False

@@ -86,6 +86,56 @@ def test_generation_on_a_pressed_cache_matches_full_decoding_at_evict_0(tiny):
     assert kp.generate(tiny, ids, kp.get_press("tova", evict=0.5), 6).shape == (1, 6)
 
 
+def test_bounded_cache_equals_window_attention(tiny):
+    """A cache bounded to K tokens by the recency presses, fed one token at a time, IS sliding-window attention:
+    `window` keeps the last K keys (token t sees t-K..t: the window method with window=K), `streaming_llm` 4 sinks
+    and the last K-4 (window=K-4, sinks=4). The independent reference is attnlab's window method swapped in."""
+    ids = _ids(40, seed=2)
+    for press, opts in ((kp.get_press("window", keep_tokens=9), {"window": 9}),
+                        (kp.get_press("streaming_llm", keep_tokens=12), {"window": 8, "sinks": 4})):
+        got, longest = kp.stream(tiny, ids, press, chunk=1)
+        assert longest == press.keep_tokens + 1
+        with attnlab.swapped(tiny, "window", **opts), torch.no_grad():
+            want = tiny(ids).logits
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_streaming_is_exact_until_the_first_eviction_and_bounded_after(tiny):
+    ids = _ids(40, seed=3)
+    with torch.no_grad():
+        ref = tiny(ids).logits
+    full, longest = kp.stream(tiny, ids, None, chunk=8)
+    torch.testing.assert_close(full, ref, atol=1e-5, rtol=1e-4)
+    assert longest == 40
+    for name in kp.PRESSES:
+        got, longest = kp.stream(tiny, ids, kp.get_press(name, keep_tokens=16), chunk=8)
+        assert longest == 24, name  # 16 kept + the newest chunk of 8
+        torch.testing.assert_close(got[:, :24], ref[:, :24], atol=1e-5, rtol=1e-4)  # the first press follows token 23
+        assert not torch.allclose(got[:, 24:], ref[:, 24:], atol=1e-3), name
+    kept_all, _ = kp.stream(tiny, ids, kp.get_press("h2o", keep_tokens=40), chunk=8)
+    torch.testing.assert_close(kept_all, ref, atol=1e-5, rtol=1e-4)
+    with pytest.raises(attnlab.AttnlabError, match="keep_tokens=N"):
+        kp.stream(tiny, ids, kp.get_press("tova", evict=0.5))
+
+
+def test_bounded_generation(tiny):
+    ids = _ids(20, seed=4)
+    seq = ids
+    with torch.no_grad():  # greedy decoding by whole forwards, no cache: the reference
+        for _ in range(6):
+            seq = torch.cat([seq, tiny(seq).logits[:, -1:].argmax(-1)], dim=1)
+    want = seq[:, 20:]
+    assert torch.equal(kp.generate(tiny, ids, None, 6, bounded_cache=True), want)
+    assert torch.equal(kp.generate(tiny, ids, kp.get_press("tova", keep_tokens=64), 6, bounded_cache=True), want)
+    # a window-bounded cache, prompt fed a token at a time, decodes exactly as the window method does
+    got = kp.generate(tiny, ids, kp.get_press("window", keep_tokens=8), 6, bounded_cache=True, chunk=1)
+    seq = ids
+    with attnlab.swapped(tiny, "window", window=8), torch.no_grad():
+        for _ in range(6):
+            seq = torch.cat([seq, tiny(seq).logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(got, seq[:, 20:])
+
+
 @pytest.mark.parametrize("args,match", [
     (["--evict", "1"], "--evict values must be in [0, 1)"),
     (["--presses", "nope"], "unknown press"),
@@ -113,3 +163,42 @@ def test_cli_end_to_end_on_a_tiny_model(tiny_lm_dir, tmp_path, capsys):
     assert {"technique", "impl", "fraction", "metric", "value", "baseline_value", "ms", "peak_mem_bytes", "kv_bytes",
             "device"} <= res["result_rows"][0].keys()
     assert (out / "press.png").stat().st_size > 10_000 and "KV MiB" in capsys.readouterr().out
+
+
+def test_cli_bounded_cache_mode(tiny_lm_dir, tmp_path, capsys):
+    import attnlab.cli
+
+    out = tmp_path / "out"
+    assert attnlab.cli.main(["press", "--model", str(tiny_lm_dir), "--seq-len", "64", "--max-cache", "16,48",
+                             "--chunk", "8", "--num-examples", "1", "--presses", "streaming_llm,tova", "--no-progress",
+                             "--out", str(out)]) == 0
+    res = json.loads((out / "press-bounded.json").read_text())
+    rows = {(r["technique"], r["max_cache"]): r for r in res["rows"]}
+    assert set(rows) == {(p, m) for p in ("full_cache", "streaming_llm", "tova") for m in (16, 48)}
+    assert rows[("full_cache", 16)]["kl"] < 1e-9 and rows[("tova", 16)]["kl"] > 0
+    assert rows[("tova", 16)]["longest_cache"] == 24 and rows[("full_cache", 16)]["longest_cache"] == 64
+    assert rows[("tova", 16)]["from_position"] == 24 and rows[("tova", 48)]["from_position"] == 56
+    assert (out / "press-bounded.png").stat().st_size > 10_000 and "bound" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--max-cache", "abc"], "--max-cache must be comma-separated integers"),
+    (["--max-cache", "2000", "--seq-len", "2048"], "--max-cache 2000 must be below"),
+    (["--max-cache", "64", "--chunk", "0"], "--chunk"),
+])
+def test_cli_bounded_bad_input_is_one_line(args, match, tmp_path, capsys, monkeypatch):
+    import attnlab.models
+
+    monkeypatch.setattr(attnlab.models, "load", lambda *a, **k: pytest.fail("the model loaded before the check"))
+    assert_cli_one_line_error(["press", *args, "--out", str(tmp_path / "out")], match, capsys, tmp_path / "out")
+
+
+def test_random_press_draws_anew_for_each_bounded_press():
+    """The prompt-only press is the seed's draw; a bounded cache advances `calls`, so the same slots are not
+    evicted every time (a fixed draw would keep, say, the first token for ever)."""
+    k = torch.zeros(1, 2, 10, 4)
+    p = kp.get_press("random", keep_tokens=4, seed=3)
+    first = p.score(None, k, scale=1.0)
+    assert torch.equal(first, kp.get_press("random", evict=0.5, seed=3).score(None, k, scale=1.0))
+    p.calls = 1
+    assert not torch.equal(first, p.score(None, k, scale=1.0))

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +18,7 @@ import torch
 
 import attnlab
 from attnlab.train.distill import kl_loss
+from tests.helpers import run_killed
 
 REPO = Path(__file__).resolve().parents[2]
 QUICK = ["--seq-len", "32", "--batch-size", "2", "--eval-windows", "1", "--warmup", "1", "--no-progress",
@@ -80,16 +79,7 @@ def test_killed_run_resumes_onto_the_same_loss_curve(tiny_lm_dir, tmp_path):
     ref = cli(*args, "--out", tmp_path / "ref")
     assert ref.returncode == 0, ref.stderr[-2000:]
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "attnlab", *map(str, args), "--out", str(out)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (out / "checkpoints" / "step-000010").exists():
-        assert proc.poll() is None, "the run ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (out / "result.json").exists()  # it really died mid-run
+    run_killed(args, out, "step-000010", REPO)
     resumed = cli(*args, "--out", out, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert losses(out) == losses(tmp_path / "ref")
@@ -165,6 +155,33 @@ def test_empty_or_short_corpus_and_an_occupied_out_are_refused(tiny_lm_dir, tmp_
     res = cli(*base, "--train", "sotu", "--out", tmp_path / "busy")
     assert res.returncode == 2 and "already holds a run" in res.stderr
     assert (tmp_path / "busy" / "result.json").read_text() == "{}"
+
+
+def test_a_diverged_step_stops_before_any_checkpoint(tiny_lm_dir, tmp_path, capsys, monkeypatch):
+    """A non-finite loss ends the run with one line; the last good checkpoint stays the newest."""
+    import importlib
+
+    import attnlab.cli
+
+    dist = importlib.import_module("attnlab.train.distill")  # the module (attnlab.train.distill is also a function)
+    real, calls = dist.kl_loss, {"n": 0}
+
+    def flaky(t, s):
+        calls["n"] += 1
+        loss = real(t, s)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(dist, "kl_loss", flaky)
+    out = tmp_path / "nan"
+    rc = attnlab.cli.main(["distill", "--model", str(tiny_lm_dir), "--method", "hedgehog", "--set",
+                           "hedgehog.feature_dim=8", "--steps", "5", "--checkpoint-every", "1", "--eval-every", "1000",
+                           "--no-baseline", *QUICK, "--out", str(out)])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("attnlab: error")]
+    assert rc == 2 and len(lines) == 1 and "step 3: the kl loss is nan (diverged)" in lines[0], err
+    assert "Traceback" not in err
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-000002"
+    assert not (out / "checkpoints" / "step-000003").exists() and not (out / "result.json").exists()
 
 
 def test_resume_of_another_run_or_a_damaged_checkpoint_is_refused_and_changes_nothing(tiny_lm_dir, tmp_path):

@@ -139,17 +139,23 @@ def read_meta(directory) -> dict:
     return meta
 
 
-def read_tensors(directory) -> dict[str, torch.Tensor]:
+def load_safetensors(path, what: str = "") -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors, or one CheckpointError: missing (incomplete), corrupt or truncated. The one
+    reader of every attnlab weights file (saved attention, trainer state, the compress autoencoder)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    path = Path(directory) / STATE_FILE
+    path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{str(directory)!r} has no {STATE_FILE}")
+        raise CheckpointError(f"{str(path.parent)!r} has no {path.name}{f' ({what})' if what else ''}")
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path} is corrupt or truncated ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def read_tensors(directory) -> dict[str, torch.Tensor]:
+    return load_safetensors(Path(directory) / STATE_FILE)
 
 
 def check_fingerprint(model, meta: dict, directory) -> None:

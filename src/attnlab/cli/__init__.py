@@ -9,8 +9,8 @@ import sys
 from ..types import AttnlabError
 
 # subcommand modules, each with add_parser(subparsers) whose parser sets func=run(args)
-COMMANDS = ("list", "compare", "scan", "advise", "distill", "sparsify", "prune", "press", "compress", "vision", "bench",
-            "data")
+COMMANDS = ("list", "compare", "harness", "scan", "advise", "distill", "sparsify", "prune", "press", "compress",
+            "vision", "bench", "data")
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -123,6 +123,17 @@ def fraction_list(name: str, raw: str, *, upper_open: bool = False, what: str = 
     return vals
 
 
+def int_list(name: str, raw: str) -> list[int]:
+    """Comma-separated integers >= 1 (lengths, bounds, bit widths), or one clear error."""
+    try:
+        vals = [int(x) for x in raw.split(",") if x.strip()]
+    except ValueError:
+        raise AttnlabError(f"{name} must be comma-separated integers, got {raw!r}") from None
+    if not vals or min(vals) < 1:
+        raise AttnlabError(f"{name} must be comma-separated integers >= 1, got {raw!r}")
+    return vals
+
+
 def causal_method_options(raw: str, overrides: list[str] | None, seq_len: int) -> dict[str, dict]:
     """--methods a,b plus --set overrides -> {method: options at seq_len (its defaults + overrides)}, each method
     known, able to run causal attention, its options checked: all before a model loads."""

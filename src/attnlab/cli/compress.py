@@ -79,16 +79,6 @@ def common_defaults():
     return TrainConfig()
 
 
-def int_list(name: str, raw: str) -> list[int]:
-    try:
-        vals = [int(x) for x in raw.split(",") if x.strip()]
-    except ValueError:
-        raise AttnlabError(f"{name} must be comma-separated integers, got {raw!r}") from None
-    if not vals or min(vals) < 1:
-        raise AttnlabError(f"{name} must be comma-separated integers >= 1, got {raw!r}")
-    return vals
-
-
 def run_train(args) -> int:
     from ..compress.train import TrainConfig, train
 
@@ -96,7 +86,7 @@ def run_train(args) -> int:
     cfg = TrainConfig(ratio=args.ratio, max_len=args.seq_len, min_len=args.min_len, steps=args.steps,
                       batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr, decay_steps=args.decay_steps,
                       data=tuple(x.strip() for x in args.data.split(",") if x.strip()), tokenizer=args.tokenizer,
-                      eval_lengths=tuple(int_list("--eval-lengths", args.eval_lengths)), eval_every=args.eval_every,
+                      eval_lengths=tuple(common.int_list("--eval-lengths", args.eval_lengths)), eval_every=args.eval_every,
                       checkpoint_every=args.checkpoint_every, seed=args.seed, progress=not args.no_progress,
                       mixing=args.mixing, bias=args.bias, **{k: getattr(args, k) for k in ("dim", "heads", "enc_layers", "dec_layers",
                                                                           "mlp_dim", "latent_dim", "radius", "quant_bits")})
@@ -147,10 +137,10 @@ def run_eval(args) -> int:
     from ..compress.train import evaluate, held_out
 
     common.check_device(args.device)
-    bits = int_list("--bits", args.bits)
+    bits = common.int_list("--bits", args.bits)
     if max(bits) > 16:
         raise AttnlabError(f"--bits must be in 1..16, got {args.bits}")
-    lengths = int_list("--lengths", args.lengths)
+    lengths = common.int_list("--lengths", args.lengths)
     dirs = [d.strip() for d in args.models.split(",") if d.strip()]
     metas = [store.read_config(d) for d in dirs]  # every folder checked before any work
     if args.text is None:

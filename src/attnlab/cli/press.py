@@ -1,5 +1,6 @@
-"""`attnlab press`: KV-cache eviction after the prompt (StreamingLLM, SnapKV, TOVA, H2O, key norm, random) on
-held-out text: continuation KL and perplexity vs the fraction of the cache evicted, and the KV bytes kept."""
+"""`attnlab press`: KV-cache eviction (StreamingLLM, SnapKV, TOVA, H2O, key norm, random) on held-out text: once after
+the prompt (continuation KL and perplexity vs the fraction evicted, the KV bytes kept), or with the cache bounded
+while the text streams in chunks (--max-cache: KL and perplexity vs the bound)."""
 from __future__ import annotations
 
 import json
@@ -17,16 +18,25 @@ def add_parser(sub) -> None:
                        description="Run each held-out window's prompt, evict a fraction of its KV cache per layer and "
                                    "KV head with each press (scores from the prompt's own queries and keys), then "
                                    "score the continuation on the pressed cache at its original positions: KL(full "
-                                   "cache || pressed) and perplexity vs the fraction evicted, and the KV bytes kept.")
+                                   "cache || pressed) and perplexity vs the fraction evicted, and the KV bytes kept. "
+                                   "With --max-cache: the bounded-cache mode, each window scored whole in chunks on "
+                                   "a cache pressed back to the bound after every chunk.")
     p.add_argument("--model", default="smollm2", help="a packaged causal LM (smollm2) or a local model folder")
     p.add_argument("--presses", default=",".join(PRESSES), help="comma-separated (default: %(default)s)")
     p.add_argument("--evict", default="0.1,0.3,0.5,0.7,0.9", help="fractions of the prompt's cache evicted, each in "
                                                                    "[0, 1) (default: %(default)s)")
     p.add_argument("--seq-len", type=int, default=2048, help="prompt + continuation tokens per window "
                                                              "(default: %(default)s)")
-    p.add_argument("--prompt-len", type=int, default=1792, help="prompt tokens of each window (default: %(default)s)")
+    p.add_argument("--prompt-len", type=int, default=1792, help="prompt tokens of each window (default: %(default)s; "
+                                                                "not used with --max-cache)")
     p.add_argument("--num-examples", type=int, default=2, help="held-out windows (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random press (default: %(default)s)")
+    p.add_argument("--max-cache", default=None, help="bounded-cache mode instead of --evict: comma-separated cache "
+                                                     "bounds in tokens; each window is scored whole in chunks with "
+                                                     "the cache pressed back to the bound after every chunk "
+                                                     "(writes press-bounded.json)")
+    p.add_argument("--chunk", type=int, default=64, help="bounded-cache mode: tokens fed per call (default: "
+                                                         "%(default)s)")
     common.add_model_run_arguments(p, "press", "press.json and press.png")
     p.set_defaults(func=run)
 
@@ -46,7 +56,7 @@ def run(args) -> int:
     evicts = common.fraction_list("--evict", args.evict, upper_open=True, what="the fraction of the cache evicted")
     common.positive_int("--seq-len", args.seq_len, 4)
     common.positive_int("--num-examples", args.num_examples, 1)
-    if not 1 <= args.prompt_len <= args.seq_len - 2:
+    if args.max_cache is None and not 1 <= args.prompt_len <= args.seq_len - 2:
         raise AttnlabError(f"--prompt-len {args.prompt_len} must be in [1, --seq-len - 2 = {args.seq_len - 2}]")
     common.check_device(args.device)
     path, causal = models.resolve(args.model)
@@ -56,7 +66,17 @@ def run(args) -> int:
     if args.seq_len > config.get("max_position_embeddings", args.seq_len):
         raise AttnlabError(f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings "
                            f"({config['max_position_embeddings']})")
+    bounds = None
+    if args.max_cache is not None:
+        bounds = common.int_list("--max-cache", args.max_cache)
+        common.positive_int("--chunk", args.chunk, 1)
+        bad = [m for m in bounds if m >= args.seq_len - args.chunk - 1]
+        if bad:
+            raise AttnlabError(f"--max-cache {bad[0]} must be below --seq-len - --chunk - 1 = "
+                               f"{args.seq_len - args.chunk - 1} (the window must go on past the bound)")
     started = time.time()
+    if bounds is not None:
+        return run_bounded(args, presses, bounds, started)
     print(f"attnlab press: model={args.model} presses={','.join(presses)} evict={args.evict} windows={args.num_examples} x "
           f"({args.prompt_len} + {args.seq_len - args.prompt_len}) tokens", flush=True)
     model, tok = models.load(args.model, dtype=getattr(torch, args.dtype), device=args.device)
@@ -78,6 +98,64 @@ def run(args) -> int:
             f"attnlab press: {args.model}, {int(windows.shape[0])} held-out windows, prompt {args.prompt_len} + "
             f"{args.seq_len - args.prompt_len} continuation tokens; eviction once, after the prompt")))
     return 0
+
+
+def run_bounded(args, presses: list[str], bounds: list[int], started: float) -> int:
+    import torch
+
+    from .. import models
+    from ..reduction import kv_press as kp
+    from ..train.data import eval_windows
+
+    print(f"attnlab press: bounded cache {bounds} tokens, chunks of {args.chunk}; model={args.model} "
+          f"presses={','.join(presses)} windows={args.num_examples} x {args.seq_len} tokens", flush=True)
+    model, tok = models.load(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    windows = eval_windows(tok, None, args.seq_len, args.num_examples)
+    rows = kp.evaluate_stream(model, windows, max_caches=bounds, chunk=args.chunk, presses=presses,
+                              progress=not args.no_progress, seed=args.seed)
+    print()
+    lines = [f"{'press':<14} {'bound':>6} {'from':>6} {'KL':>8} {'KL p95':>7} {'top-1':>6} {'ppl':>8} {'full ppl':>8}"]
+    lines += [f"{r['technique']:<14} {r['max_cache']:>6} {r['from_position']:>6} {r['kl']:>8.4f} {r['kl_p95']:>7.3f} "
+              f"{r['top1']:>6.3f} {r['ppl']:>8.2f} {r['ppl_original']:>8.2f}" for r in rows]
+    print("\n".join(lines))
+    common.write_result(
+        Path(args.out) / "press-bounded.json", args.device,
+        {"model": args.model, "seq_len": args.seq_len, "chunk": args.chunk, "max_cache": bounds,
+         "windows": int(windows.shape[0]), "text": "moby_dick (held-out tail)",
+         "elapsed_s": round(time.time() - started, 1), "rows": rows},
+        None if args.no_plot else lambda png: plot_bounded(rows, png, title=(
+            f"attnlab press, bounded cache: {args.model}, {int(windows.shape[0])} held-out windows of {args.seq_len} "
+            f"tokens fed in chunks of {args.chunk}; the cache pressed back to the bound after every chunk")))
+    return 0
+
+
+def plot_bounded(rows: list[dict], path, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..plotting import save
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    names = list(dict.fromkeys(r["technique"] for r in rows if r["technique"] != "full_cache"))
+    for name, marker in zip(names, "osD^v<>p"):
+        rs = sorted((r for r in rows if r["technique"] == name), key=lambda r: r["max_cache"])
+        for ax, key in zip(axes, ("kl", "ppl")):
+            ax.plot([r["max_cache"] for r in rs], [max(r[key], 1e-5) for r in rs], marker=marker, label=name)
+    full = sorted((r for r in rows if r["technique"] == "full_cache"), key=lambda r: r["max_cache"])
+    axes[1].plot([r["max_cache"] for r in full], [r["ppl"] for r in full], color="gray", ls="--", lw=1,
+                 label="full cache (same positions)")
+    axes[0].set(yscale="log", ylabel="KL(full cache || bounded), nats/token")
+    axes[1].set(yscale="log", ylabel="perplexity after the first eviction")
+    for ax in axes:
+        ax.set(xlabel="cache bound (tokens)", xscale="log")
+        ax.set_xticks(sorted({r["max_cache"] for r in rows}))
+        ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.get_xaxis().set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    save(fig, path, title)
 
 
 def format_table(rows: list[dict]) -> str:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .. import registry
-from ..nn import MultiheadAttention
+from ..nn import TransformerBlock
 from ..types import OptionError
 
 
@@ -71,22 +71,6 @@ class AutoencoderConfig:
         return out_length(n, self.ratio)
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block on attnlab.nn.MultiheadAttention (sdpa)."""
-
-    def __init__(self, dim: int, heads: int, mlp_dim: int):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = MultiheadAttention(dim, heads, batch_first=True, method="sdpa")
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, mlp_dim), nn.GELU(), nn.Linear(mlp_dim, dim))
-
-    def forward(self, x):
-        h = self.norm1(x)
-        x = x + self.attn(h, h, h, need_weights=False)[0]
-        return x + self.mlp(self.norm2(x))
-
-
 class Resize(nn.Module):
     """Attention from n rows to m rows (the `reduce` method) followed by an MLP with a residual."""
 
@@ -118,12 +102,12 @@ class SequenceAutoencoder(nn.Module):
         nn.init.normal_(self.embed.weight, std=d**-0.5)  # unit-scale logits through the tied output head
         self.pos_enc = nn.Parameter(torch.randn(cfg.max_len, d))  # as large as the scaled embeddings:
         self.pos_dec = nn.Parameter(torch.randn(cfg.max_len, d))  # the resize attention finds rows by position
-        self.encoder = nn.ModuleList(Block(d, cfg.heads, cfg.mlp_dim) for _ in range(cfg.enc_layers))
+        self.encoder = nn.ModuleList(TransformerBlock(d, cfg.heads, cfg.mlp_dim, method="sdpa") for _ in range(cfg.enc_layers))
         self.shrink = Resize(d, cfg.heads, cfg.mlp_dim, cfg.reduce_options(cfg.ratio))
         self.to_latent = nn.Linear(d, cfg.latent_dim)
         self.from_latent = nn.Linear(cfg.latent_dim, d)
         self.grow = Resize(d, cfg.heads, cfg.mlp_dim, cfg.reduce_options(1 / cfg.ratio))
-        self.decoder = nn.ModuleList(Block(d, cfg.heads, cfg.mlp_dim) for _ in range(cfg.dec_layers))
+        self.decoder = nn.ModuleList(TransformerBlock(d, cfg.heads, cfg.mlp_dim, method="sdpa") for _ in range(cfg.dec_layers))
         self.norm = nn.LayerNorm(d)
 
     def check_ids(self, ids: torch.Tensor) -> None:

@@ -13,9 +13,8 @@ import hashlib
 import json
 from pathlib import Path
 
-import torch
 
-from ..adapters.state import CheckpointError
+from ..adapters.state import CheckpointError, load_safetensors
 from ..types import AttnlabError
 from .model import AutoencoderConfig, SequenceAutoencoder
 
@@ -84,9 +83,6 @@ def read_config(path) -> dict:
 
 def load(path, device: str = "cpu", tokenizer: bool = True):
     """(model in eval mode, tokenizer or None, config.json) of a trained autoencoder folder."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = Path(path)
     meta = read_config(path)
     try:
@@ -94,12 +90,7 @@ def load(path, device: str = "cpu", tokenizer: bool = True):
     except TypeError as e:
         raise CheckpointError(f"{path}/config.json: the model config does not fit this attnlab ({e})") from None
     model = SequenceAutoencoder(cfg)
-    try:
-        tensors = load_file(str(path / "model.safetensors"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} has no model.safetensors") from None
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{path}/model.safetensors is corrupt or truncated ({str(e)[:160]})") from None
+    tensors = load_safetensors(path / "model.safetensors", "the autoencoder's weights")
     missing = sorted(set(model.state_dict()) ^ set(tensors))
     if missing:
         raise CheckpointError(f"{path}/model.safetensors does not match its config (keys differ: {missing[:4]})")

@@ -88,7 +88,8 @@ class Reduce(AttentionMethod):
         def __post_init__(self):
             if self.init == "identity" and self.ratio != 1:
                 raise OptionError(f"reduce: init='identity' needs ratio=1, got ratio={self.ratio}")
-            if self.mixing == "relative" and self.init == "pool" and self.radius + 1 < max(1.0, 1 / self.ratio):
+            if (self.mixing == "relative" and self.init == "pool" and self.ratio > 0
+                    and self.radius + 1 < max(1.0, 1 / self.ratio)):
                 raise OptionError(f"reduce: radius={self.radius} is narrower than the stretch each output row covers "
                                   f"at ratio {self.ratio} ({1 / self.ratio:.3g} rows); use radius >= "
                                   f"{math.ceil(max(1.0, 1 / self.ratio)) - 1}")
@@ -204,12 +205,13 @@ class Reduce(AttentionMethod):
         bias = self.distance_bias(m, n, k.shape[-2], q.device)
         if need_probs:
             self.kernel = "reference"
-            scores = torch.matmul(qm.float(), k.float().transpose(-1, -2)) * scale
+            ct = torch.promote_types(q.dtype, torch.float32)  # fp32 at least, fp64 stays fp64
+            scores = torch.matmul(qm.to(ct), k.to(ct).transpose(-1, -2)) * scale
             if bias is not None:
                 scores = scores + bias
             if allowed is not None:
                 scores = scores.masked_fill(~allowed, float("-inf"))
             probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
-            return torch.matmul(probs, v.float()).to(q.dtype), probs
+            return torch.matmul(probs, v.to(ct)).to(q.dtype), probs
         self.kernel = "sdpa"
         return sdpa_allowed(qm, k, v, allowed, scale=scale, bias=bias), None

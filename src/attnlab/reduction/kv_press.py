@@ -18,9 +18,14 @@ with `sdpa` swapped in, after rotary):
 - `random`: a seeded baseline.
 
 Budget: `evict` (the fraction of the prompt's tokens evicted, kvpress's compression ratio) or `keep_tokens`.
-Every layer and head keeps exactly the same count, so the cache stays a rectangular tensor. Eviction happens once,
-after the prompt; continuing (`continue_scoring`, `generate`) passes position ids explicitly (the cache is
-shorter than the positions it covers).
+Every layer and head keeps exactly the same count, so the cache stays a rectangular tensor. Two regimes:
+- once, after the prompt (`prefill`, `generate`): the cache then grows by one token a step;
+- bounded (`bounded`, `stream`, `generate(bounded_cache=True)`): a cache of at most `keep_tokens` between calls,
+  pressed again whenever a chunk of text or a generated token overflows it, scored from that call's queries over
+  every cached key (long-text scoring and decoding in constant memory, as StreamingLLM runs; H2O's scores are then
+  the newest chunk's column sums, not accumulated over the whole history).
+Continuing (`continue_scoring`, `generate`) passes position ids explicitly (the cache is shorter than the positions
+it covers); positions are the original ones, never re-assigned inside the cache.
 """
 from __future__ import annotations
 
@@ -43,6 +48,7 @@ class Press:
         if keep_tokens is not None and (isinstance(keep_tokens, bool) or not isinstance(keep_tokens, int) or keep_tokens < 1):
             raise AttnlabError(f"{self.name}: keep_tokens must be an integer >= 1, got {keep_tokens!r}")
         self.evict, self.keep_tokens, self.seed = evict, keep_tokens, seed
+        self.calls = 0  # presses applied by a bounded cache so far (random draws anew for each)
 
     def budget(self, t: int) -> int:
         """Tokens kept per head out of t."""
@@ -62,12 +68,14 @@ def _group_mean(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
 
 
 def _last_rows_attention(q, k, *, scale: float, rows: int) -> torch.Tensor:
-    """Softmax attention of the last `rows` queries over every key (causal), [B, H, rows, T] fp32."""
+    """Softmax attention of the last `rows` queries over every key (causal, bottom-right: q's last row is key T-1's
+    position, so q may hold only the newest rows, as while streaming), [B, H, rows, T] fp32."""
     from ..methods.base import repeat_kv
 
-    t = k.shape[-2]
+    t, tq = k.shape[-2], q.shape[-2]
+    rows = min(rows, tq)
     kk = repeat_kv(k, q.shape[1] // k.shape[1]).float()
-    s = torch.matmul(q[:, :, t - rows:].float(), kk.transpose(-1, -2)) * scale
+    s = torch.matmul(q[:, :, tq - rows:].float(), kk.transpose(-1, -2)) * scale
     pos = torch.arange(t - rows, t, device=q.device)[:, None]
     s = s.masked_fill(torch.arange(t, device=q.device)[None, :] > pos, float("-inf"))
     return s.softmax(-1)
@@ -104,7 +112,7 @@ class SnapKV(Press):
 
     def score(self, q, k, *, scale):
         t = k.shape[-2]
-        w = min(self.window, t)
+        w = min(self.window, t, q.shape[-2])
         att = _group_mean(_last_rows_attention(q, k, scale=scale, rows=w).mean(2), k.shape[1])  # [B, Hkv, T]
         if self.kernel > 1:
             att = torch.nn.functional.avg_pool1d(att, self.kernel, stride=1, padding=self.kernel // 2,
@@ -143,7 +151,9 @@ class RandomPress(Press):
     name = "random"
 
     def score(self, q, k, *, scale):
-        g = torch.Generator().manual_seed(self.seed)
+        # a new draw for every press of a bounded cache (the same seed would evict the same cache slots each time
+        # and keep, say, the first token for ever); the prompt-only press is the call-0 draw
+        g = torch.Generator().manual_seed(self.seed + 1_000_003 * self.calls)
         return torch.rand(k.shape[:3], generator=g).to(k.device)
 
 
@@ -233,15 +243,120 @@ def _cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def generate(model, ids: torch.Tensor, press: Press | None, max_new_tokens: int = 32) -> torch.Tensor:
-    """Greedy decoding after a pressed prompt (positions continue from the prompt's length): [B, max_new_tokens]."""
-    cache, _, logits = prefill(model, ids, press)
+def generate(model, ids: torch.Tensor, press: Press | None, max_new_tokens: int = 32, *,
+             bounded_cache: bool = False, chunk: int | None = None) -> torch.Tensor:
+    """Greedy decoding (positions continue from the prompt's length): [B, max_new_tokens]. bounded_cache=False: the
+    prompt's cache is pressed once, after the prompt, and grows by one token a step. bounded_cache=True (a press built
+    with keep_tokens): the cache never exceeds keep_tokens + 1 while decoding; the prompt streams in chunks of
+    `chunk` tokens (default keep_tokens // 2) and every generated token that overflows it is followed by a press
+    scored from that token's query."""
+    if not bounded_cache:
+        cache, _, logits = prefill(model, ids, press)
+        out = []
+        for i in range(max_new_tokens):
+            nxt = logits.argmax(-1, keepdim=True)
+            out.append(nxt)
+            logits = continue_scoring(model, cache, nxt, start=ids.shape[1] + i)[:, -1]
+        return torch.cat(out, dim=1)
     out = []
-    for i in range(max_new_tokens):
-        nxt = logits.argmax(-1, keepdim=True)
-        out.append(nxt)
-        logits = continue_scoring(model, cache, nxt, start=ids.shape[1] + i)[:, -1]
+    with bounded(model, press) as feed:
+        if chunk is None:
+            chunk = max(1, press.keep_tokens // 2) if press is not None else ids.shape[1]
+        for s0 in range(0, ids.shape[1], chunk):
+            logits = feed(ids[:, s0:s0 + chunk], s0)[:, -1]
+        for i in range(max_new_tokens):
+            nxt = logits.argmax(-1, keepdim=True)
+            out.append(nxt)
+            logits = feed(nxt, ids.shape[1] + i)[:, -1]
     return torch.cat(out, dim=1)
+
+
+class _Bounded:
+    """Feeds tokens to a model on one KV cache, pressing the cache back to `press.keep_tokens` whenever a call leaves
+    it longer, scored from that call's queries over every cached key (inside `_capture_qk`)."""
+
+    def __init__(self, model, press: Press | None, got: dict):
+        self.model, self.press, self.got = model, press, got
+        self.cache, self.longest = None, 0
+
+    def __call__(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        if self.cache is None:
+            res = self.model(x, use_cache=True)
+            self.cache = getattr(res, "cache", None) or res.past_key_values
+            logits = res.logits
+        else:
+            logits = continue_scoring(self.model, self.cache, x, start=start)
+        t = self.cache.get_seq_length()
+        self.longest = max(self.longest, t)
+        if self.press is not None and t > self.press.keep_tokens:
+            layers = _cache_layers(self.cache)
+            scores = [self.press.score(self.got[i][0], self.got[i][1], scale=self.got[i][2]) for i in sorted(self.got)]
+            if len(scores) != len(layers):
+                raise AttnlabError(f"press: captured {len(scores)} attention layers for a cache of {len(layers)}")
+            compress(self.cache, scores, self.press.keep_tokens)
+            self.press.calls += 1
+        return logits
+
+
+@contextlib.contextmanager
+def bounded(model, press: Press | None):
+    """`with bounded(model, press) as feed: logits = feed(ids_chunk, start)`: one cache, never longer than
+    press.keep_tokens between calls (press=None: unbounded, the reference)."""
+    if press is not None and press.keep_tokens is None:
+        raise AttnlabError(f"{press.name}: a bounded cache needs a press built with keep_tokens=N (the bound), not "
+                           "evict=")
+    with (_capture_qk(model) if press is not None else contextlib.nullcontext({})) as got, torch.no_grad():
+        yield _Bounded(model, press, got)
+
+
+def stream(model, ids: torch.Tensor, press: Press | None, *, chunk: int = 64) -> tuple[torch.Tensor, int]:
+    """Score a long text with a bounded KV cache: `ids` [B, T] run in chunks of `chunk` tokens on one cache pressed
+    back to `press.keep_tokens` after every chunk (positions stay the original ones). press=None: the same chunks on
+    the full cache (the reference). Returns (logits Float[B, T, V] on the CPU, the longest cache attended over)."""
+    with bounded(model, press) as feed:
+        out = [feed(ids[:, s:s + chunk], s).float().cpu() for s in range(0, ids.shape[1], chunk)]
+    return torch.cat(out, dim=1), feed.longest
+
+
+def evaluate_stream(model, windows: torch.Tensor, *, max_caches, chunk: int, presses=tuple(PRESSES),
+                    progress: bool = True, seed: int = 0) -> list[dict]:
+    """Held-out windows [N, T] scored whole with the cache bounded to each of `max_caches` tokens (`stream`): per
+    press and bound, KL(full cache || bounded cache), top-1 agreement and perplexity over the positions after the
+    first `max_cache + chunk` (before them nothing was evicted), and the longest cache attended over. One row per
+    (press, bound) plus the full cache (the same chunks on an unbounded cache) per bound."""
+    from tqdm.auto import tqdm
+
+    from ..metrics import fidelity as fm
+
+    device = next(model.parameters()).device
+    windows = windows.to(device)
+    n, t = windows.shape
+    for m in max_caches:
+        if not 0 < m < t - chunk - 1:
+            raise AttnlabError(f"--max-cache {m} must be in 1..{t - chunk - 2} (the window of {t} tokens must go on "
+                               f"past the bound and one chunk of {chunk})")
+    full = []
+    for i in range(n):
+        logits, longest_full = stream(model, windows[i:i + 1], None, chunk=chunk)
+        full.append(logits)
+    rows = []
+    for m in max_caches:
+        s0 = (m // chunk + 1) * chunk  # the first position that attends over a pressed cache
+        ids = windows[:, s0:].cpu()  # positions s0 .. T-2 predict tokens s0+1 .. T-1
+        base = [fm.next_token_stats(f[:, s0:], f[:, s0:], ids[i:i + 1]) for i, f in enumerate(full)]
+        rows.append({"technique": "full_cache", "impl": "attnlab", "max_cache": m, "from_position": s0,
+                     "longest_cache": longest_full, **fm.summarise(base)})
+    jobs = [(p, m) for p in presses for m in max_caches]
+    for name, m in tqdm(jobs, desc="presses (bounded cache)", disable=not progress):
+        press = get_press(name, keep_tokens=m, seed=seed)
+        s0 = (m // chunk + 1) * chunk
+        stats, longest = [], 0
+        for i in range(n):
+            logits, longest = stream(model, windows[i:i + 1], press, chunk=chunk)
+            stats.append(fm.next_token_stats(full[i][:, s0:], logits[:, s0:], windows[i:i + 1, s0:].cpu()))
+        rows.append({"technique": name, "impl": "attnlab", "max_cache": m, "from_position": s0,
+                     "longest_cache": longest, **fm.summarise(stats)})
+    return rows
 
 
 def kv_bytes(cache) -> int:

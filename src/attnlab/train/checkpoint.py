@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..adapters.state import CheckpointError, read_meta, read_tensors
+from ..adapters.state import CheckpointError, load_safetensors, read_meta, read_tensors
 from ..adapters.state import save as save_attention
 
 FORMAT = "attnlab-trainer/1"
@@ -106,9 +106,6 @@ def _optimizer_state(optimizer) -> tuple[dict, dict]:
 
 def read(path: Path, weights: Weights = ATTENTION) -> tuple[dict, dict]:
     """(trainer.json, trainer.safetensors tensors) of a checkpoint, with clear errors for damage."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = Path(path)
     try:
         meta = json.loads((path / "trainer.json").read_text())
@@ -118,12 +115,7 @@ def read(path: Path, weights: Weights = ATTENTION) -> tuple[dict, dict]:
         raise CheckpointError(f"checkpoint {path}/trainer.json is corrupt ({e})") from None
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path} is not an attnlab trainer checkpoint (format {meta.get('format')!r})")
-    try:
-        tensors = load_file(str(path / "trainer.safetensors"))
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {path} has no trainer.safetensors (incomplete)") from None
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"checkpoint {path}/trainer.safetensors is corrupt or truncated ({str(e)[:200]})") from None
+    tensors = load_safetensors(path / "trainer.safetensors", "an incomplete checkpoint")
     weights.check(path / weights.folder)  # the weights are checked too, before anything is loaded
     return meta, tensors
 

@@ -373,6 +373,9 @@ class _Run:
             train_time += dt
             tokens += per_step * c.seq_len
             loss = _all_mean(loss, d, self.device)
+            if not math.isfinite(loss):  # stop before a checkpoint could store what this step did to the weights
+                raise AttnlabError(f"step {step + 1}: the {phase} loss is {loss} (diverged); the last checkpoint is "
+                                   f"kept ({ckpt.latest(self.out) or 'none yet'}); lower --lr and --resume or restart")
             self.log.append({"step": step + 1, "phase": phase, "loss": loss, "lr": sched.get_last_lr()[0],
                              "tokens": (step + 1) * per_step * c.seq_len})
             bar.set_postfix(loss=f"{loss:.4g}", tok_s=f"{per_step * c.seq_len / dt:.0f}")

@@ -13,6 +13,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from ..nn import TransformerBlock
 from ..types import OptionError
 
 
@@ -50,21 +51,6 @@ class ViTConfig:
         return self.num_patches + (self.pool == "cls")
 
 
-class Block(nn.Module):
-    def __init__(self, cfg: ViTConfig):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.dim)
-        self.attn = nn.MultiheadAttention(cfg.dim, cfg.heads, dropout=0.0, batch_first=True)
-        self.norm2 = nn.LayerNorm(cfg.dim)
-        self.mlp = nn.Sequential(nn.Linear(cfg.dim, cfg.mlp_dim), nn.GELU(), nn.Dropout(cfg.dropout),
-                                 nn.Linear(cfg.mlp_dim, cfg.dim), nn.Dropout(cfg.dropout))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.norm1(x)
-        x = x + self.attn(h, h, h, need_weights=False)[0]
-        return x + self.mlp(self.norm2(x))
-
-
 class ViT(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
@@ -73,7 +59,7 @@ class ViT(nn.Module):
         self.patch_embed = nn.Conv2d(cfg.channels, cfg.dim, kernel_size=cfg.patch, stride=cfg.patch)
         self.cls = nn.Parameter(torch.zeros(1, 1, cfg.dim)) if cfg.pool == "cls" else None
         self.pos = nn.Parameter(torch.randn(1, cfg.seq_len, cfg.dim) * 0.02)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(TransformerBlock(cfg.dim, cfg.heads, cfg.mlp_dim, cfg.dropout) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, cfg.num_classes)
 
