@@ -108,13 +108,17 @@ def reconstruct(model, ids: list[int], bits: int, device="cpu") -> list[int]:
 def encode(model, tokenizer, text: str, bits: int = 8, device="cpu") -> bytes:
     if not 1 <= bits <= 16:
         raise AttnlabError(f"--bits must be in 1..16, got {bits}")
-    ids = text_ids(tokenizer, text)
-    lengths, codes = latent_codes(model, ids, bits, device)
+    lengths, codes = latent_codes(model, text_ids(tokenizer, text), bits, device)
+    return pack_file(model, lengths, codes, bits, len(text))
+
+
+def pack_file(model, lengths: list[int], codes: list[torch.Tensor], bits: int, characters: int) -> bytes:
+    """The codec file of `latent_codes`' output (header, LZMA payload, CRC-32)."""
     flat = np.concatenate([c.numpy().reshape(-1) for c in codes]) if codes else np.zeros(0, np.int64)
     payload = lzma.compress(pack(flat, bits), preset=9 | lzma.PRESET_EXTREME)
     header = json.dumps({"format": FORMAT, "model": fingerprint(model), "bits": bits,
                          "latent_dim": model.cfg.latent_dim, "ratio": model.cfg.ratio, "chunks": lengths,
-                         "codes": int(flat.size), "characters": len(text), "payload": len(payload)},
+                         "codes": int(flat.size), "characters": characters, "payload": len(payload)},
                         separators=(",", ":")).encode()
     body = MAGIC + struct.pack("<I", len(header)) + header + payload
     return body + struct.pack("<I", zlib.crc32(body))
@@ -192,8 +196,9 @@ def report(model, tokenizer, text: str, bits_list=(8, 6, 4), device="cpu") -> li
     ids = text_ids(tokenizer, text)
     rows = []
     for bits in bits_list:
-        size = len(encode(model, tokenizer, text, bits, device))
-        pred = reconstruct(model, ids, bits, device)
+        lengths, codes = latent_codes(model, ids, bits, device)  # one encoder pass serves the file and its decoding
+        size = len(pack_file(model, lengths, codes, bits, len(text)))
+        pred = tokens_from_codes(model, lengths, codes, bits, device)
         rows.append({"codec": "attnlab", "bits": bits, "bytes": size, "bytes_per_char": size / len(text),
                      "token_accuracy": sum(a == b for a, b in zip(ids, pred)) / len(ids),
                      "char_accuracy": char_accuracy(tokenizer, ids, pred)})

@@ -22,6 +22,7 @@ result.json, log.jsonl, curve.png, checkpoints/.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -199,7 +200,9 @@ def train(cfg: TrainConfig, *, out, device: str = "cpu", resume: bool = False) -
               f"latent{noise}); {len(windows)} training windows of {cfg.max_len} tokens "
               f"({windows.tokens:,} tokens of {', '.join(cfg.data)}); lengths {cfg.min_len}..{cfg.max_len}; "
               f"{d.world} process(es); device {dev}", flush=True)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else None
+    def autocast():
+        return torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
+
     from tqdm.auto import tqdm
 
     bar = tqdm(total=cfg.steps, initial=start, desc=f"compress {cfg.ratio:.3g}", disable=not (cfg.progress and d.main),
@@ -213,7 +216,7 @@ def train(cfg: TrainConfig, *, out, device: str = "cpu", resume: bool = False) -
         t0 = time.perf_counter()
         length = step_length(cfg, step)
         ids = cut(windows.batch(step * cfg.batch_size + d.rank * per_rank, per_rank), length).to(dev)
-        with autocast if autocast is not None else _null():
+        with autocast():
             logits = net(ids)
         loss = F.cross_entropy(logits.float().flatten(0, 1), ids.flatten())
         if not torch.isfinite(loss):
@@ -298,9 +301,3 @@ def plot_curve(log: list[dict], path, title: str = "") -> None:
     if evals:
         b.legend(fontsize=8)
     save(fig, path, title)
-
-
-def _null():
-    import contextlib
-
-    return contextlib.nullcontext()

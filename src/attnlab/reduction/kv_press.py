@@ -217,11 +217,15 @@ def prefill(model, ids: torch.Tensor, press: Press | None):
     cache, last = getattr(out, "cache", None) or out.past_key_values, out.logits[:, -1]
     if press is None:
         return cache, None, last
+    return cache, _press(cache, got, press, press.budget(ids.shape[1])), last
+
+
+def _press(cache, got: dict, press: Press, keep: int) -> torch.Tensor:
+    """Score every layer's cached keys from the captured (q, k, scale) of the last call and keep `keep` per head."""
     layers = _cache_layers(cache)
     if len(got) != len(layers):
         raise AttnlabError(f"press: captured {len(got)} attention layers for a cache of {len(layers)}")
-    scores = [press.score(got[i][0], got[i][1], scale=got[i][2]) for i in sorted(got)]
-    return cache, compress(cache, scores, press.budget(ids.shape[1])), last
+    return compress(cache, [press.score(*got[i][:2], scale=got[i][2]) for i in sorted(got)], keep)
 
 
 def continue_scoring(model, cache, continuation: torch.Tensor, *, start: int) -> torch.Tensor:
@@ -250,20 +254,18 @@ def generate(model, ids: torch.Tensor, press: Press | None, max_new_tokens: int 
     with keep_tokens): the cache never exceeds keep_tokens + 1 while decoding; the prompt streams in chunks of
     `chunk` tokens (default keep_tokens // 2) and every generated token that overflows it is followed by a press
     scored from that token's query."""
-    if not bounded_cache:
-        cache, _, logits = prefill(model, ids, press)
-        out = []
-        for i in range(max_new_tokens):
-            nxt = logits.argmax(-1, keepdim=True)
-            out.append(nxt)
-            logits = continue_scoring(model, cache, nxt, start=ids.shape[1] + i)[:, -1]
-        return torch.cat(out, dim=1)
     out = []
-    with bounded(model, press) as feed:
-        if chunk is None:
-            chunk = max(1, press.keep_tokens // 2) if press is not None else ids.shape[1]
-        for s0 in range(0, ids.shape[1], chunk):
-            logits = feed(ids[:, s0:s0 + chunk], s0)[:, -1]
+    with (bounded(model, press) if bounded_cache else contextlib.nullcontext()) as feed:
+        if bounded_cache:
+            if chunk is None:
+                chunk = max(1, press.keep_tokens // 2) if press is not None else ids.shape[1]
+            for s0 in range(0, ids.shape[1], chunk):
+                logits = feed(ids[:, s0:s0 + chunk], s0)[:, -1]
+        else:
+            cache, _, logits = prefill(model, ids, press)
+
+            def feed(x, start):
+                return continue_scoring(model, cache, x, start=start)
         for i in range(max_new_tokens):
             nxt = logits.argmax(-1, keepdim=True)
             out.append(nxt)
@@ -289,11 +291,7 @@ class _Bounded:
         t = self.cache.get_seq_length()
         self.longest = max(self.longest, t)
         if self.press is not None and t > self.press.keep_tokens:
-            layers = _cache_layers(self.cache)
-            scores = [self.press.score(self.got[i][0], self.got[i][1], scale=self.got[i][2]) for i in sorted(self.got)]
-            if len(scores) != len(layers):
-                raise AttnlabError(f"press: captured {len(scores)} attention layers for a cache of {len(layers)}")
-            compress(self.cache, scores, self.press.keep_tokens)
+            _press(self.cache, self.got, self.press, self.press.keep_tokens)
             self.press.calls += 1
         return logits
 
