@@ -34,6 +34,7 @@ QUALITY = {
     "learned_mask-0.25": ({"*": ("learned_mask", {"density": 0.25, "block_size": 64, "max_blocks": 64})},
                           dict(transfer_steps=60, steps=40)),
     "hedgehog": ({"*": ("hedgehog", {"feature_dim": 64})}, dict(transfer_steps=200, steps=50)),
+    "hedgehog-long": ({"*": ("hedgehog", {"feature_dim": 64})}, dict(transfer_steps=400, steps=200)),
     "performer-learned": ({"*": ("performer", {"num_features": 256, "learn_features": True})},
                           dict(transfer_steps=100, steps=50)),
     "learned_mask-content-0.25": ({"*": ("learned_mask", {"density": 0.25, "block_size": 64, "form": "content"})},

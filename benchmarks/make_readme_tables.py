@@ -133,7 +133,8 @@ def distill_block() -> str:
             f"| {r['method']} | {opts} | {dens} | {r['trainable_params']:,} | {r['tokens']:,} | "
             f"{r['kl_before']:.3g} -> {r['kl_after']:.3g} ({r['kl_after'] / r['kl_before'] * 100:.0f}%) | "
             f"({r['ppl_base']:.1f}) {r['ppl_before']:.4g} -> {r['ppl_after']:.4g} | {r['top1_after']:.3f} | "
-            f"{fmt(r.get('attn_mse'), '.2e')} | {fmt(r.get('grad_cos'), '.3f')} | {fmt(r.get('tokens_per_s'), '.0f')} | "
+            f"{fmt(r.get('attn_mse'), '.2e')} | {fmt(r.get('grad_cos'), '.3f')} | {fmt(r.get('tokens_per_s'), '.0f')}"
+            f"{' (GPU shared by ' + str(r['concurrent_processes']) + ')' if r.get('concurrent_processes') else ''} | "
             f"{dev} | [{Path(r['_file']).name}]({r['_file']}) |")
         for b in r.get("baselines") or []:
             lines.append(f"| window (baseline) | {', '.join(f'{k}={v}' for k, v in b['options'].items())} | "
@@ -156,8 +157,11 @@ def vision_block() -> str:
     files = sorted(glob.glob(str(folder / "*.json")) + glob.glob(str(folder / "*.jsonl")))
     files = [f for f in files if not (f.endswith(".jsonl") and Path(f).with_suffix(".json").exists())]
     short = [f for f in files if "patch1-8k" in f]  # patch 1 trained briefly: its accuracy column only
-    rows = summary_rows(load_rows([f for f in files if f not in short]))
+    shared = [f for f in files if "shared" in Path(f).name]  # processes side by side on one GPU: accuracy only
+    rows = summary_rows(load_rows([f for f in files if f not in short and f not in shared]))
     p1_acc = {r["method"]: r for r in summary_rows(load_rows(short)) if "error" not in r}
+    long_acc = {r["method"]: r for r in summary_rows(load_rows(shared)) if "error" not in r}
+    long_epochs = next(iter(long_acc.values()))["epochs"] if long_acc else None
     by = {(r["method"], r["patch"]): r for r in rows}
     methods = list(dict.fromkeys(r["method"] for r in rows))
     p4 = next(r for r in rows if r["patch"] == 4 and "error" not in r)
@@ -170,9 +174,13 @@ def vision_block() -> str:
              "compilation); time and memory ratios are to sdpa (flash) or dense (explicit softmax, the \"vanilla "
              "Transformer\" of LRA) in the same run. Patch 1 acc: a short run (8,192 training images, 4 epochs, "
              "2,048 test images; `patch1-8k-4ep.json`): far from converged, it shows which methods learn fastest "
-             "at 785 tokens, not where they end.", "",
-             "| method | time | memory | options (patch 4; patch 1) | patch 4: test acc | vs sdpa | s/epoch | time / sdpa | mem / sdpa | "
-             "patch 1 acc (short) | patch 1: time / sdpa | mem / sdpa | time / dense | peak GiB |", "|" + "---|" * 14]
+             "at 785 tokens, not where they end." + (
+                 f" Patch 4, {long_epochs} epochs: the same settings trained longer, six processes side by side on "
+                 "one H200 (`patch4-30ep-shared.jsonl`: accuracy only, their epoch times share the GPU); \"not "
+                 "finished\": cut by the call's time limit." if long_acc else ""), "",
+             f"| method | time | memory | options (patch 4; patch 1) | patch 4: test acc ({p4['epochs']} ep) | vs sdpa | "
+             f"s/epoch | time / sdpa | mem / sdpa | patch 4: test acc ({long_epochs} ep) | vs sdpa | "
+             "patch 1 acc (short) | patch 1: time / sdpa | mem / sdpa | time / dense | peak GiB |", "|" + "---|" * 16]
     skip = ("backend", "seed", "redraw", "learn_features", "init", "share_kv", "per_head", "layout", "shared_qk",
             "pinv", "pinv_iters", "conv_kernel", "chunk_size", "max_len")
 
@@ -190,6 +198,8 @@ def vision_block() -> str:
         lines.append(f"| {m} | {t} | {mem}{' (' + note + ')' if note else ''} | {opts(a)}; {opts(b)} | {acc} | "
                      f"{fmt(a, 'accuracy_vs_dense', '+.4f')} | {fmt(a, 'epoch_s', '.2f')} | "
                      f"{fmt(a, 'time_ratio_sdpa', '.2f')} | {fmt(a, 'mem_ratio_sdpa', '.2f')} | "
+                     f"{fmt(long_acc.get(m), 'test_accuracy', '.4f') if m in long_acc else 'not finished'} | "
+                     f"{fmt(long_acc.get(m), 'accuracy_vs_dense', '+.4f')} | "
                      f"{fmt(p1_acc.get(m), 'test_accuracy', '.4f')} | "
                      f"{fmt(b, 'time_ratio_sdpa', '.2f')} | {fmt(b, 'mem_ratio_sdpa', '.2f')} | "
                      f"{fmt(b, 'time_ratio_dense', '.2f')} | "
@@ -221,17 +231,20 @@ def sparsify_block() -> str:
 
 
 def scan_block() -> str:
-    """The committed `attnlab scan` result: per method, KL by layer (sorted) and the heat map."""
-    f = HERE / "results" / "scan" / "cpu" / "scan.json"
-    if not f.exists():
-        return "(no committed result)"
+    """Every committed `attnlab scan` result (cpu, then GPU): per method, KL by layer (sorted) and the heat map."""
+    files = sorted(glob.glob(str(HERE / "results" / "scan" / "*" / "scan.json")), key=lambda f: "/cpu/" not in f)
+    return "\n\n".join(_scan_table(Path(f)) for f in files) or "(no committed result)"
+
+
+def _scan_table(f: Path) -> str:
     res = json.loads(f.read_text())
     env = res["environment"]
     rel = f.relative_to(HERE.parent)
+    where = (f"{env.get('device_name')} ({env.get('cpu_threads')} threads)" if env.get("device") == "cpu"
+             else f"{env.get('device_name')}")
     lines = [f"`{res['command']}` at commit `{res.get('commit') or 'unknown'}`; {res['model']}, {res['windows']} held-out "
-             f"windows x {res['seq_len']} tokens of {res['text']}; {env.get('device_name')} ({env.get('cpu_threads')} "
-             f"threads), {res['elapsed_s']:.0f} s. JSON: [`{rel}`]({rel}); heat map: "
-             f"[`{rel.with_suffix('.png')}`]({rel.with_suffix('.png')}).", "",
+             f"windows x {res['seq_len']} tokens of {res['text']}; {where}, {res['elapsed_s']:.0f} s. JSON: "
+             f"[`{rel}`]({rel}); heat map: [`{rel.with_suffix('.png')}`]({rel.with_suffix('.png')}).", "",
              "| method | options | KL, whole range (min / median / max) | 5 least sensitive layers | 5 most sensitive layers |",
              "|---|---|---|---|---|"]
     rows = res["rows"]
@@ -316,6 +329,52 @@ def press_block() -> str:
             by = {r["evict"]: r for r in rows if r["technique"] == name}
             lines.append(f"| {name} | " + " | ".join(f"{by[e]['kl']:.3f} ({by[e]['ppl']:.2f})" if e in by else "-"
                                                      for e in evicts) + " |")
+        lines.append("")
+    return "\n".join(lines).strip() or "(no committed result)"
+
+
+def kvpress_block() -> str:
+    """attnlab's presses beside kvpress's of the same name, one run (benchmarks/kvpress_side_by_side.py)."""
+    lines = []
+    for f in sorted(glob.glob(str(HERE / "results" / "press" / "*" / "kvpress.json"))):
+        res = json.loads(Path(f).read_text())
+        env, rel, rows = res["environment"], Path(f).relative_to(HERE.parent), res["rows"]
+        ratios = sorted({r["ratio"] for r in rows if r["library"] != "none"})
+        full = next(r for r in rows if r["library"] == "none")
+        lines += [f"`{res['command']}` at commit `{res.get('commit') or 'unknown'}`; {res['model']}, {full['windows']} "
+                  f"held-out windows, prompt {full['prompt_len']} + {full['seq_len'] - full['prompt_len']} continuation "
+                  f"tokens; kvpress {full['kvpress_version']}, transformers {full['transformers_version']}; "
+                  f"{env.get('device_name')} ({env.get('cpu_threads')} threads), {res['elapsed_s']:.0f} s. JSON: "
+                  f"[`{rel}`]({rel}), plot: [`{rel.with_suffix('.png')}`]({rel.with_suffix('.png')}). Full cache: ppl "
+                  f"{full['ppl']:.2f}.", "",
+                  "| press: KL (top-1), attnlab / kvpress | " + " | ".join(f"{x:.0%} evicted" for x in ratios) + " |",
+                  "|---|" + "---|" * len(ratios)]
+        for name in dict.fromkeys(r["press"] for r in rows if r["library"] != "none"):
+            by = {(r["library"], r["ratio"]): r for r in rows if r["press"] == name}
+            cell = lambda r: "-" if r is None else f"{r['kl_mean']:.4f} ({r['top1']:.3f})"  # noqa: E731
+            lines.append(f"| {name} | " + " | ".join(f"{cell(by.get(('attnlab', x)))} / {cell(by.get(('kvpress', x)))}"
+                                                     for x in ratios) + " |")
+        lines.append("")
+    return "\n".join(lines).strip() or "(no committed result)"
+
+
+def decode_block() -> str:
+    """Greedy decode tokens/s with a pressed cache (benchmarks/press_decode.py), per prompt length."""
+    lines = []
+    for f in sorted(glob.glob(str(HERE / "results" / "press" / "*" / "decode.json"))):
+        res = json.loads(Path(f).read_text())
+        env, rel, rows = res["environment"], Path(f).relative_to(HERE.parent), res["rows"]
+        lines += [f"`{res['command']}` at commit `{res.get('commit') or 'unknown'}`; {res['model']}, batch 1, "
+                  f"{res['new_tokens']} new tokens after a held-out prompt; {env.get('device_name')}. JSON: "
+                  f"[`{rel}`]({rel}).", "",
+                  "| prompt | regime | press | budget | KV MiB after the prompt | prefill + press s | decode tokens/s | "
+                  "greedy tokens equal to the full cache's |", "|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            budget = "-" if r["regime"] == "full" else (f"{r['evict']:.0%} evicted" if r["regime"] == "once"
+                                                        else f"cache <= {r['max_cache']}")
+            lines.append(f"| {r['prompt_len']} | {r['regime']} | {r['press'] or '-'} | {budget} | "
+                         f"{r['kv_bytes'] / 2 ** 20:.1f} | {r['prefill_s']:.3f} | {r['decode_tok_s']:.1f} | "
+                         f"{r['same_tokens']} of {res['new_tokens']} |")
         lines.append("")
     return "\n".join(lines).strip() or "(no committed result)"
 
@@ -424,6 +483,8 @@ def blocks() -> dict[tuple[str, str], str]:
            ("<!-- advise-table:start -->", "<!-- advise-table:end -->"): advise_block(),
            ("<!-- press-table:start -->", "<!-- press-table:end -->"): press_block(),
            ("<!-- press-bounded-table:start -->", "<!-- press-bounded-table:end -->"): press_bounded_block(),
+           ("<!-- kvpress-table:start -->", "<!-- kvpress-table:end -->"): kvpress_block(),
+           ("<!-- decode-table:start -->", "<!-- decode-table:end -->"): decode_block(),
            ("<!-- compress-table:start -->", "<!-- compress-table:end -->"): compress_block(),
            ("<!-- harness-table:start -->", "<!-- harness-table:end -->"): harness_block()}
     for task in ("lm", "spam"):

@@ -45,6 +45,12 @@ from . import checkpoint as ckpt
 from .data import TrainWindows, eval_windows
 
 
+# attention-probability MSE and gradient cosine are measured on the first tokens of one held-out window (the
+# probabilities are T x T per layer and head): a mask that keeps every pair within them scores as exact there
+ATTN_MSE_TOKENS = 256
+GRAD_COS_TOKENS = 128
+
+
 @dataclasses.dataclass
 class DistillConfig:
     """One distillation run. Every field has a CLI flag of the same name (`--seq-len` for seq_len)."""
@@ -314,9 +320,9 @@ class _Run:
         if current is not None and current.spec.to_dict() != self.spec.to_dict():
             raise AttnlabError("the model already runs another spec; unswap it first")
         ref_probs = base_grad = None
-        grad_ids = held_out[:1, : min(128, c.seq_len)]
+        grad_ids = held_out[:1, : min(GRAD_COS_TOKENS, c.seq_len)]
         if current is None:
-            ref_probs = self._reference_probs(held_out[:1, : min(256, c.seq_len)])
+            ref_probs = self._reference_probs(held_out[:1, : min(ATTN_MSE_TOKENS, c.seq_len)])
             base_grad = _model_grads(model, grad_ids.to(self.device))
             swap(model, self.spec)
         else:
@@ -553,6 +559,7 @@ class _Run:
             "top1_before": before["top1"], "top1_after": after["top1"], "attn_mse": after.get("attn_mse"),
             "attn_mse_before": before.get("attn_mse"), "grad_cos": after.get("grad_cos"),
             "grad_cos_before": before.get("grad_cos"),
+            "attn_mse_tokens": min(ATTN_MSE_TOKENS, c.seq_len), "grad_cos_tokens": min(GRAD_COS_TOKENS, c.seq_len),
             "tokens_per_s": tokens / train_time if train_time else None, "peak_mem_bytes": peak,
             "seq_len": c.seq_len, "batch_size": c.batch_size, "grad_accum": c.grad_accum, "world": self.d.world,
             "lr": c.lr, "transfer_lr": c.transfer_lr, "split": "held-out", "eval_tokens": c.eval_windows * c.seq_len, "train": list(c.train),
