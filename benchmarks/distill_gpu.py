@@ -157,7 +157,8 @@ def speed(args) -> None:
                 res = attnlab.distill(model, attnlab.SwapSpec.of(method, **opts), tokenizer=tok, out=out, config=cfg,
                                       device=args.device,
                                       autocast_dtype=torch.bfloat16 if args.device.startswith("cuda") else None)
-                row = {k: res[k] for k in ("method", "options", "seq_len", "tokens_per_s", "peak_mem_bytes", "device")}
+                row = {k: res[k] for k in ("method", "options", "seq_len", "tokens_per_s", "tokens_per_s_median_step",
+                                           "peak_mem_bytes", "device")}
                 row["status"] = "ok"
             except Exception as e:  # noqa: BLE001
                 row = {"method": method, "seq_len": seq, "status": "error", "error": f"{type(e).__name__}: {e}"[:1000]}

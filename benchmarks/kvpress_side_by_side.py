@@ -11,7 +11,7 @@ the wall time of the prefill with the press plus the continuation, summed over t
     streaming_llm          StreamingLLMPress(n_sink=4)
     snapkv                 SnapKVPress(window_size=32, kernel_size=5)  (attnlab's window; kvpress's default is 64)
     tova                   TOVAPress
-    h2o                    ObservedAttentionPress  (needs eager attention: the model is switched to eager for it)
+    h2o, h2o_mean          ObservedAttentionPress  (needs eager attention: the model is switched to eager for it)
     knorm                  KnormPress
     random                 RandomPress(seed=--seed)
 
@@ -39,7 +39,8 @@ INSTALL = ("pip download kvpress==0.5.5 --no-deps -d /tmp/kvw && pip install --t
            "--kvpress-path /tmp/kvsite (kvpress pins transformers<5.3, so install it without its dependencies)")
 
 KVPRESS_NAMES = {"streaming_llm": "StreamingLLMPress", "snapkv": "SnapKVPress", "tova": "TOVAPress",
-                 "h2o": "ObservedAttentionPress", "knorm": "KnormPress", "random": "RandomPress"}
+                 "h2o": "ObservedAttentionPress", "h2o_mean": "ObservedAttentionPress", "knorm": "KnormPress",
+                 "random": "RandomPress"}
 
 
 def import_kvpress(path: str | None):
@@ -197,7 +198,7 @@ def main(argv=None) -> int:
                 else:
                     press = kvpress_press(kvpress, name, ratio, args.seed, args.kvpress_defaults)
                     prefill = lambda x, press=press: run_kvpress_prefill(model, x, press)  # noqa: E731
-                    impl = "eager" if name == "h2o" else None
+                    impl = "eager" if name in ("h2o", "h2o_mean") else None
                 stats, secs, kept = [], 0.0, 0
                 for i in range(n):
                     _sync(args.device)

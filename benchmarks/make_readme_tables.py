@@ -336,7 +336,8 @@ def press_block() -> str:
 def kvpress_block() -> str:
     """attnlab's presses beside kvpress's of the same name, one run (benchmarks/kvpress_side_by_side.py)."""
     lines = []
-    for f in sorted(glob.glob(str(HERE / "results" / "press" / "*" / "kvpress.json"))):
+    for f in sorted(glob.glob(str(HERE / "results" / "press" / "*" / "kvpress*.json")),
+                    key=lambda f: (Path(f).name != "kvpress.json", f)):  # the full comparison first
         res = json.loads(Path(f).read_text())
         env, rel, rows = res["environment"], Path(f).relative_to(HERE.parent), res["rows"]
         ratios = sorted({r["ratio"] for r in rows if r["library"] != "none"})
@@ -345,8 +346,9 @@ def kvpress_block() -> str:
                   f"held-out windows, prompt {full['prompt_len']} + {full['seq_len'] - full['prompt_len']} continuation "
                   f"tokens; kvpress {full['kvpress_version']}, transformers {full['transformers_version']}; "
                   f"{env.get('device_name')} ({env.get('cpu_threads')} threads), {res['elapsed_s']:.0f} s. JSON: "
-                  f"[`{rel}`]({rel}), plot: [`{rel.with_suffix('.png')}`]({rel.with_suffix('.png')}). Full cache: ppl "
-                  f"{full['ppl']:.2f}.", "",
+                  f"[`{rel}`]({rel})" + (f", plot: [`{rel.with_suffix('.png')}`]({rel.with_suffix('.png')})"
+                                         if Path(f).with_suffix(".png").exists() else "") +
+                  f". Full cache: ppl {full['ppl']:.2f}.", "",
                   "| press: KL (top-1), attnlab / kvpress | " + " | ".join(f"{x:.0%} evicted" for x in ratios) + " |",
                   "|---|" + "---|" * len(ratios)]
         for name in dict.fromkeys(r["press"] for r in rows if r["library"] != "none"):

@@ -46,6 +46,10 @@ def test_scores_on_hand_made_queries_and_keys():
     h2o = kp.get_press("h2o", evict=0.5).score(q, k, scale=1.0)
     s = (q[0, 0] @ k[0, 0].T).masked_fill(torch.ones(t, t).triu(1).bool(), float("-inf")).softmax(-1)
     torch.testing.assert_close(h2o[0, 0], s.sum(0))  # column sums of the causal matrix (both heads alike)
+    mean = kp.get_press("h2o_mean", evict=0.5).score(q, k, scale=1.0)
+    torch.testing.assert_close(mean[0, 0], s.sum(0) / torch.arange(t, 0, -1))  # key j is seen by t - j queries
+    last = kp.get_press("h2o_mean", evict=0.5).score(q[:, :, -3:], k, scale=1.0)  # 3 newest queries (streaming)
+    torch.testing.assert_close(last[0, 0], s[-3:].sum(0) / torch.arange(t, 0, -1).clamp(max=3))
     knorm = kp.get_press("knorm", evict=0.5).score(q, k, scale=1.0)
     assert knorm[0, 0].argmin() == 2  # the largest key goes first
     stream = kp.get_press("streaming_llm", evict=0.5, sinks=2).score(q, k, scale=1.0)

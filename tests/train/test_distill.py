@@ -61,6 +61,8 @@ def test_distill_trains_only_the_attention_and_lowers_the_kl(tiny_lm_dir, tmp_pa
                 "peak_mem_bytes", "split", "device"):
         assert key in res, key
     assert res["split"] == "held-out" and res["attn_mse"] is not None
+    assert res["attn_mse_tokens"] == 32 and res["grad_cos_tokens"] == 32  # min(256 / 128, seq_len)
+    assert res["tokens_per_s_median_step"] >= res["tokens_per_s"] * 0.5 > 0  # the median step, not the mean
     out = tmp_path / "run"
     assert json.loads((out / "result.json").read_text())["kl_after"] == res["kl_after"]
     assert (out / "curve.png").stat().st_size > 10_000

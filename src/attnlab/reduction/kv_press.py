@@ -13,7 +13,8 @@ with `sdpa` swapped in, after rotary):
 - `snapkv` (Li et al. 2024): the attention of the last `window` queries (an observation window), averaged over
   them and over the query heads of the KV head, smoothed by an average pool of `kernel`; the window itself kept;
 - `tova` (Oren et al. 2024): the attention of the last query alone;
-- `h2o` (Zhang et al. 2023): accumulated attention, the column sums over every query;
+- `h2o` (Zhang et al. 2023): accumulated attention, the column sums over every query; `h2o_mean`: each sum divided
+  by the queries that can see the key (the mean attention it receives, kvpress's ObservedAttentionPress);
 - `knorm` (Devoto et al. 2024): keys with the smallest L2 norm kept;
 - `random`: a seeded baseline.
 
@@ -129,7 +130,14 @@ class TOVA(Press):
 
 
 class H2O(Press):
+    """Accumulated attention: each key's column sum over the queries (H2O's score). normalise=True divides it by
+    how many queries can see the key (causal: the later a key, the fewer), the mean attention it receives, as
+    kvpress's ObservedAttentionPress does; the raw sums favour early keys."""
     name = "h2o"
+
+    def __init__(self, evict=None, keep_tokens=None, seed=0, normalise: bool = False):
+        super().__init__(evict, keep_tokens, seed)
+        self.normalise = normalise
 
     def score(self, q, k, *, scale):
         from ..methods.base import repeat_kv
@@ -137,7 +145,19 @@ class H2O(Press):
 
         kk = repeat_kv(k, q.shape[1] // k.shape[1])
         _, _, cols = blockwise_attention(q, kk, kk, scale=scale, causal=True, need_out=False, need_col_sums=True)
-        return _group_mean(cols.float(), k.shape[1])
+        cols = cols.float()
+        if self.normalise:  # queries sit at the last tq positions (bottom-right): key j is seen by min(tq, t - j)
+            t, tq = k.shape[-2], q.shape[-2]
+            cols = cols / (t - torch.arange(t, device=cols.device)).clamp(max=tq)
+        return _group_mean(cols, k.shape[1])
+
+
+class H2OMean(H2O):
+    """H2O with each key's column sum divided by the queries that see it (the mean attention it receives)."""
+    name = "h2o_mean"
+
+    def __init__(self, evict=None, keep_tokens=None, seed=0):
+        super().__init__(evict, keep_tokens, seed, normalise=True)
 
 
 class KNorm(Press):
@@ -157,7 +177,7 @@ class RandomPress(Press):
         return torch.rand(k.shape[:3], generator=g).to(k.device)
 
 
-PRESSES = {cls.name: cls for cls in (StreamingLLM, Window, SnapKV, TOVA, H2O, KNorm, RandomPress)}
+PRESSES = {cls.name: cls for cls in (StreamingLLM, Window, SnapKV, TOVA, H2O, H2OMean, KNorm, RandomPress)}
 
 
 def get_press(name: str, **kw) -> Press:

@@ -30,6 +30,7 @@ import dataclasses
 import json
 import math
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -365,7 +366,7 @@ class _Run:
 
         bar = tqdm(total=total_steps, initial=start, desc="distill", disable=not (c.progress and d.main),
                    dynamic_ncols=True)
-        train_time, tokens = 0.0, 0
+        train_time, tokens, step_times = 0.0, 0, []
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         for step in range(start, total_steps):
@@ -377,6 +378,7 @@ class _Run:
                 torch.cuda.synchronize(self.device)
             dt = time.perf_counter() - t0
             train_time += dt
+            step_times.append(dt)
             tokens += per_step * c.seq_len
             loss = _all_mean(loss, d, self.device)
             if not math.isfinite(loss):  # stop before a checkpoint could store what this step did to the weights
@@ -396,6 +398,9 @@ class _Run:
         after = self._eval(held_out, ref_probs, grad_ids, base_grad, step=total_steps)
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
         result = self._result(before, after, n_params, tokens, train_time, peak, per_step)
+        # the median step: steady throughput, without the first steps' compilation (tokens_per_s includes it)
+        result["tokens_per_s_median_step"] = (per_step * c.seq_len / statistics.median(step_times)
+                                              if step_times else None)
         if c.baseline and d.main:
             result["baselines"] = self._baselines(held_out, ref_probs, grad_ids, base_grad)
         if d.world > 1:
