@@ -150,6 +150,15 @@ def test_cli_spam_and_lm_end_to_end(minilm, tiny_lm_dir, tmp_path, capsys):
     rows = {(r["technique"], r["keep"]): r for r in res["rows"]}
     assert rows[("attention", 1.0)]["accuracy"] == rows[("original", 1.0)]["accuracy"]
     assert 0.4 < rows[("first", 0.5)]["kept_fraction"] < 0.7 and (out / "prune.png").stat().st_size > 10_000
+    out = tmp_path / "spam-pruned-head"  # the head fitted on pruned embeddings: at keep 1 the same features and head
+    assert attnlab.cli.main(["prune", "--task", "spam", "--num-examples", "24", "--seq-len", "64", "--keep", "1,0.5",
+                             "--techniques", "attention", "--head", "pruned", "--no-progress", "--no-plot",
+                             "--out", str(out)]) == 0
+    res = json.loads((out / "prune.json").read_text())
+    again = {(r["technique"], r["keep"]): r for r in res["rows"]}
+    assert res["setup"]["head"] == "pruned" and {r["head"] for r in res["rows"]} == {"pruned"}
+    assert again[("attention", 1.0)]["accuracy"] == again[("original", 1.0)]["accuracy"]
+    assert again[("attention", 0.5)]["kept_fraction"] == rows[("attention", 0.5)]["kept_fraction"]
     out = tmp_path / "lm"
     assert attnlab.cli.main(["prune", "--task", "lm", "--model", str(tiny_lm_dir), "--seq-len", "48", "--prompt-len",
                              "32", "--num-examples", "1", "--keep", "0.5", "--no-progress", "--out", str(out)]) == 0

@@ -38,6 +38,10 @@ def add_parser(sub) -> None:
     p.add_argument("--after", default="2", help="spam: layers (0-based) after which tokens are pruned, comma-"
                                                 "separated; several = progressive, keep^(1/stages) each "
                                                 "(default: %(default)s)")
+    p.add_argument("--head", choices=["full", "pruned"], default="full",
+                   help="spam: the classifier head is fitted on the full model's embeddings of the training messages "
+                        "(full: pruning only at test time) or on embeddings made with the same pruning (pruned: the "
+                        "head sees the features it is tested on) (default: %(default)s)")
     p.add_argument("--seq-len", type=int, default=None, help="spam: max tokens per message (default 256); lm: "
                                                              "prompt + continuation tokens per window (default 512)")
     p.add_argument("--prompt-len", type=int, default=384, help="lm: prompt tokens of each window (the rest is the "
@@ -110,8 +114,10 @@ def run(args) -> int:
         train, test = split
         n_train, n_test = (args.num_examples, args.num_examples) if args.num_examples else (1000, 400)
         rows = tp.evaluate_spam(model, tok, train[:n_train], test[:n_test], keeps=keeps, techniques=techniques,
-                                after=after, threshold=args.threshold, seq_len=seq_len, progress=not args.no_progress)
-        setup = {"train": min(n_train, len(train)), "test": min(n_test, len(test)), "seq_len": seq_len, "after": after}
+                                after=after, threshold=args.threshold, seq_len=seq_len, progress=not args.no_progress,
+                                head=args.head)
+        setup = {"train": min(n_train, len(train)), "test": min(n_test, len(test)), "seq_len": seq_len, "after": after,
+                 "head": args.head}
     else:
         n = args.num_examples or 4
         windows = eval_windows(tok, None, seq_len, n)
@@ -123,7 +129,8 @@ def run(args) -> int:
     print(format_table(rows, args.task))
     out = Path(args.out)
     title = (f"attnlab prune --task {args.task}: {name}, " +
-             (f"pruned after layer(s) {','.join(map(str, after))}, {setup['test']} test messages" if args.task == "spam"
+             (f"pruned after layer(s) {','.join(map(str, after))}, {setup['test']} test messages"
+              + ("; head fitted on pruned embeddings" if args.head == "pruned" else "") if args.task == "spam"
               else f"{setup['windows']} held-out windows, prompt {args.prompt_len} + {seq_len - args.prompt_len} tokens"))
     common.write_result(out / "prune.json", args.device,
                         {"task": args.task, "model": name, "setup": setup, "techniques": list(techniques),

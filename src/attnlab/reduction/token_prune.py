@@ -342,28 +342,32 @@ __all__ = ["Kept", "PROMPT_TECHNIQUES", "TECHNIQUES", "TokenPruner", "check_keep
 
 # ---- evaluations (attnlab prune) -----------------------------------------------------------------------------------
 def evaluate_spam(model, tok, train, test, *, keeps, techniques=("attention", "random", "first"), after=(2,),
-                  threshold=None, seq_len: int = 256, batch_size: int = 32, progress: bool = True) -> list[dict]:
-    """Spam Assassin with an encoder (MiniLM), as `attnlab compare --task spam`: a logistic head trained on the
-    full model's mean-pooled embeddings of `train`, then test accuracy with tokens pruned inside the model
-    (mean pooling over the kept tokens). One row per (technique, keep), plus the original; `seconds` is the
-    wall time of embedding the test set on the model's device."""
+                  threshold=None, seq_len: int = 256, batch_size: int = 32, progress: bool = True,
+                  head: str = "full") -> list[dict]:
+    """Spam Assassin with an encoder (MiniLM), as `attnlab compare --task spam`: test accuracy with tokens pruned
+    inside the model (mean pooling over the kept tokens) by a logistic head on mean-pooled embeddings, trained on
+    the full model's embeddings of `train` (head="full": the model as shipped, pruning only at test time) or on
+    embeddings of `train` computed with the same pruning (head="pruned": the head sees the features it will be
+    tested on, as a pruned model fine-tuned for its task would). One row per (technique, keep), plus the original;
+    `seconds` is the wall time of embedding the test set on the model's device."""
     import time
 
     from tqdm.auto import tqdm
 
-    from ..eval.compare import _embed, train_head
+    from ..eval.compare import train_head
 
+    if head not in ("full", "pruned"):
+        raise AttnlabError(f"head must be 'full' or 'pruned', got {head!r}")
     device = next(model.parameters()).device
-    xtr = _embed(model, tok, [t for t, _ in train], seq_len, desc="embed train", progress=progress)
-    head = train_head(xtr, torch.tensor([y for _, y in train]))
+    xs, ytr = [t for t, _ in train], torch.tensor([y for _, y in train])
     texts, yte = [t for t, _ in test], torch.tensor([y for _, y in test])
 
-    def run(pruner=None, desc=""):
+    def embed(items, pruner=None, desc=""):
         feats, kept_n, real_n = [], 0, 0
         t0 = time.perf_counter()
         with torch.no_grad():
-            for i in tqdm(range(0, len(texts), batch_size), desc=desc, leave=False, disable=not progress):
-                enc = tok(texts[i:i + batch_size], padding=True, truncation=True, max_length=seq_len,
+            for i in tqdm(range(0, len(items), batch_size), desc=desc, leave=False, disable=not progress):
+                enc = tok(items[i:i + batch_size], padding=True, truncation=True, max_length=seq_len,
                           return_tensors="pt", return_special_tokens_mask=True).to(device)
                 special = enc.pop("special_tokens_mask")
                 real = enc["attention_mask"].bool()
@@ -376,20 +380,25 @@ def evaluate_spam(model, tok, train, test, *, keeps, techniques=("attention", "r
                 feats.append(((h.float() * m).sum(1) / m.sum(1).clamp_min(1)).cpu())
                 kept_n += int(valid.sum())
                 real_n += int(real.sum())
-        seconds = time.perf_counter() - t0
-        with torch.no_grad():
-            acc = ((head(torch.cat(feats)).squeeze(-1) > 0).long() == yte).float().mean().item()
-        return acc, kept_n / max(1, real_n), seconds
+        return torch.cat(feats), kept_n / max(1, real_n), time.perf_counter() - t0
 
-    base_acc, _, base_s = run(desc="original")
+    def accuracy(clf, x):
+        with torch.no_grad():
+            return ((clf(x).squeeze(-1) > 0).long() == yte).float().mean().item()
+
+    full_head = train_head(embed(xs, desc="embed train")[0], ytr)
+    x0, _, base_s = embed(texts, desc="original")
+    base_acc = accuracy(full_head, x0)
     rows = [{"technique": "original", "keep": 1.0, "kept_fraction": 1.0, "accuracy": base_acc, "acc_retention": 1.0,
-             "seconds": base_s, "speedup": 1.0}]
+             "seconds": base_s, "speedup": 1.0, "head": head}]
     jobs = [(tech, k) for tech in techniques for k in keeps]
     for tech, k in tqdm(jobs, desc="prune", disable=not progress):
         with TokenPruner(model, keep=None if threshold is not None else k, threshold=threshold, after=after,
                          technique=tech) as pruner:
-            acc, frac, sec = run(pruner, desc=f"{tech} {k}")
-        rows.append({"technique": tech, "keep": k, "threshold": threshold, "after": list(after),
+            x, frac, sec = embed(texts, pruner, desc=f"{tech} {k}")
+            clf = full_head if head == "full" else train_head(embed(xs, pruner, desc=f"train {tech} {k}")[0], ytr)
+        acc = accuracy(clf, x)
+        rows.append({"technique": tech, "keep": k, "threshold": threshold, "after": list(after), "head": head,
                      "kept_fraction": frac, "accuracy": acc, "acc_retention": acc / base_acc, "seconds": sec,
                      "speedup": base_s / sec})
     return rows
