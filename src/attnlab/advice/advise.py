@@ -218,6 +218,7 @@ def plot(result: dict, max_kl: float, path, title: str = "") -> None:
     if rec is not None:
         ax.plot(rec["time_ratio"], max(rec["kl"], 1e-5), "*", ms=18, color="tab:red",
                 label=f"recommended: {rec['switched']} layers switched")
+    ax.axvline(1.0, color="black", ls=":", lw=1, label="original (KL 0: below the log axis)")
     ax.axhline(max_kl, color="gray", ls="--", lw=1)
     ax.text(0.99, max_kl, f"budget {max_kl:g} ", color="gray", fontsize=8, va="bottom", ha="right",
             transform=ax.get_yaxis_transform())
