@@ -100,11 +100,26 @@ def compare_block(task: str) -> str:
 
     res = json.loads((HERE.parent / "docs" / f"compare-{task}.json").read_text())
     env = res.get("environment", {})
-    head = (f"`{res['command']}` at commit `{res.get('commit') or 'unknown'}`; {res['model']}, {res['dtype']}, "
+    head = (f"{_ran(res)}; {res['model']}, {res['dtype']}, "
             f"{res['setup']}; {env.get('device_name') or env.get('device')} ({env.get('cpu_threads', '?')} threads), "
             f"torch {env.get('torch_version', '?')}, transformers {env.get('transformers_version', '?')}; "
             f"{res['elapsed_s']:.0f} s. JSON: [`docs/compare-{task}.json`](docs/compare-{task}.json).")
     return head + "\n\n```\n" + get(task).table(res["rows"]) + "\n```"
+
+
+def _ran(res: dict) -> str:
+    """The command and commit that made a committed result."""
+    return f"`{res['command']}` at commit `{res.get('commit') or 'unknown'}`"
+
+
+def _where(env: dict) -> str:
+    return f"{env.get('device_name')} ({env.get('cpu_threads')} threads)"
+
+
+def _files(rel: Path, plot: str | None = "plot", sep: str = ", ") -> str:
+    """Links to a result's JSON and (unless plot is None) to the PNG beside it, named `plot`."""
+    png = rel.with_suffix(".png")
+    return f"JSON: [`{rel}`]({rel})" + (f"{sep}{plot}: [`{png}`]({png})" if plot else "")
 
 
 def distill_rows() -> list[dict]:
@@ -214,9 +229,8 @@ def sparsify_block() -> str:
         res = json.loads(Path(f).read_text())
         env = res["environment"]
         rel = Path(f).relative_to(HERE.parent)
-        lines += [f"`{res['command']}` at commit `{res.get('commit') or 'unknown'}`; {env.get('device_name')} "
-                  f"({env.get('cpu_threads')} threads), {res['eval_windows']} held-out windows x {res['seq_len']} tokens "
-                  f"of {res['eval_text']}, {res['block_size']}-token blocks. JSON: [`{rel}`]({rel}).", "",
+        lines += [f"{_ran(res)}; {_where(env)}, {res['eval_windows']} held-out windows x {res['seq_len']} tokens "
+                  f"of {res['eval_text']}, {res['block_size']}-token blocks. " + _files(rel, None) + ".", "",
                   "| pruned (requested) | global sparse: density | ppl | KL | top-1 | window + sinks: window | density "
                   "| ppl | KL | top-1 |", "|" + "---|" * 10]
         rows = res["rows"]
@@ -240,11 +254,9 @@ def _scan_table(f: Path) -> str:
     res = json.loads(f.read_text())
     env = res["environment"]
     rel = f.relative_to(HERE.parent)
-    where = (f"{env.get('device_name')} ({env.get('cpu_threads')} threads)" if env.get("device") == "cpu"
-             else f"{env.get('device_name')}")
-    lines = [f"`{res['command']}` at commit `{res.get('commit') or 'unknown'}`; {res['model']}, {res['windows']} held-out "
-             f"windows x {res['seq_len']} tokens of {res['text']}; {where}, {res['elapsed_s']:.0f} s. JSON: "
-             f"[`{rel}`]({rel}); heat map: [`{rel.with_suffix('.png')}`]({rel.with_suffix('.png')}).", "",
+    where = _where(env) if env.get("device") == "cpu" else env.get("device_name")
+    lines = [f"{_ran(res)}; {res['model']}, {res['windows']} held-out windows x {res['seq_len']} tokens of "
+             f"{res['text']}; {where}, {res['elapsed_s']:.0f} s. " + _files(rel, "heat map", sep="; ") + ".", "",
              "| method | options | KL, whole range (min / median / max) | 5 least sensitive layers | 5 most sensitive layers |",
              "|---|---|---|---|---|"]
     rows = res["rows"]
@@ -266,9 +278,7 @@ def prune_block() -> str:
         spam = res["task"] == "spam"
         keeps = sorted({r["keep"] for r in rows[1:] if r["keep"] is not None}, reverse=True)
         took = "" if res.get("elapsed_s") is None else f", {res['elapsed_s']:.0f} s"
-        lines += [f"`{res['command']}` at commit `{res.get('commit') or 'unknown'}`; {env.get('device_name')} "
-                  f"({env.get('cpu_threads')} threads){took}; setup {res['setup']}. JSON: "
-                  f"[`{rel}`]({rel}), plot: [`{rel.with_suffix('.png')}`]({rel.with_suffix('.png')}).", ""]
+        lines += [f"{_ran(res)}; {_where(env)}{took}; setup {res['setup']}. " + _files(rel) + ".", ""]
         what = "test accuracy (speed-up of the test pass)" if spam else "continuation KL (ppl)"
         base = rows[0]
         lines.append(f"| technique: {what} | " + " | ".join(f"keep {k:.0%}" for k in keeps) + " |")
@@ -290,12 +300,11 @@ def advise_block() -> str:
     for f in sorted(glob.glob(str(HERE / "results" / "advise" / "*" / "advise.json"))):
         res = json.loads(Path(f).read_text())
         env, rel = res["environment"], Path(f).relative_to(HERE.parent)
-        lines += [f"`{res['command']}` at commit `{res.get('commit') or 'unknown'}`; {res['model']}, {res['windows']} "
+        lines += [f"{_ran(res)}; {res['model']}, {res['windows']} "
                   f"held-out windows x {res['seq_len']} tokens; one attention layer timed at {res['cost_len']} tokens on "
                   f"{res.get('cost_source') or env.get('device_name')} (one layer, ms: "
                   + ", ".join(f"{m} {c['ms']:.3g}" for m, c in res["costs"].items()) +
-                  f"), {res['elapsed_s']:.0f} s. JSON: [`{rel}`]({rel}), plot: [`{rel.with_suffix('.png')}`]"
-                  f"({rel.with_suffix('.png')}).", "",
+                  f"), {res['elapsed_s']:.0f} s. " + _files(rel) + ".", "",
                   "| choice | layers switched | KL, scan sum | KL, whole model | top-1 | ppl | attention time vs original |",
                   "|---|---|---|---|---|---|---|"]
         rec = res.get("recommended") or {}
@@ -317,10 +326,9 @@ def press_block() -> str:
         res = json.loads(Path(f).read_text())
         env, rel, rows = res["environment"], Path(f).relative_to(HERE.parent), res["rows"]
         evicts = sorted({r["evict"] for r in rows[1:]})
-        lines += [f"`{res['command']}` at commit `{res.get('commit') or 'unknown'}`; {res['model']}, {res['windows']} "
+        lines += [f"{_ran(res)}; {res['model']}, {res['windows']} "
                   f"held-out windows, prompt {res['prompt_len']} + {res['seq_len'] - res['prompt_len']} continuation "
-                  f"tokens; {env.get('device_name')} ({env.get('cpu_threads')} threads), {res['elapsed_s']:.0f} s. JSON: "
-                  f"[`{rel}`]({rel}), plot: [`{rel.with_suffix('.png')}`]({rel.with_suffix('.png')}).", "",
+                  f"tokens; {_where(env)}, {res['elapsed_s']:.0f} s. " + _files(rel) + ".", "",
                   "| press: continuation KL (ppl) | " + " | ".join(f"{e:.0%} evicted" for e in evicts) + " |",
                   "|---|" + "---|" * len(evicts),
                   f"| full cache ({rows[0]['kv_bytes'] / 2**20:.1f} MiB) | " +
@@ -342,12 +350,11 @@ def kvpress_block() -> str:
         env, rel, rows = res["environment"], Path(f).relative_to(HERE.parent), res["rows"]
         ratios = sorted({r["ratio"] for r in rows if r["library"] != "none"})
         full = next(r for r in rows if r["library"] == "none")
-        lines += [f"`{res['command']}` at commit `{res.get('commit') or 'unknown'}`; {res['model']}, {full['windows']} "
+        lines += [f"{_ran(res)}; {res['model']}, {full['windows']} "
                   f"held-out windows, prompt {full['prompt_len']} + {full['seq_len'] - full['prompt_len']} continuation "
                   f"tokens; kvpress {full['kvpress_version']}, transformers {full['transformers_version']}; "
-                  f"{env.get('device_name')} ({env.get('cpu_threads')} threads), {res['elapsed_s']:.0f} s. JSON: "
-                  f"[`{rel}`]({rel})" + (f", plot: [`{rel.with_suffix('.png')}`]({rel.with_suffix('.png')})"
-                                         if Path(f).with_suffix(".png").exists() else "") +
+                  f"{_where(env)}, {res['elapsed_s']:.0f} s. "
+                  + _files(rel, "plot" if Path(f).with_suffix(".png").exists() else None) +
                   f". Full cache: ppl {full['ppl']:.2f}.", "",
                   "| press: KL (top-1), attnlab / kvpress | " + " | ".join(f"{x:.0%} evicted" for x in ratios) + " |",
                   "|---|" + "---|" * len(ratios)]
@@ -366,9 +373,8 @@ def decode_block() -> str:
     for f in sorted(glob.glob(str(HERE / "results" / "press" / "*" / "decode.json"))):
         res = json.loads(Path(f).read_text())
         env, rel, rows = res["environment"], Path(f).relative_to(HERE.parent), res["rows"]
-        lines += [f"`{res['command']}` at commit `{res.get('commit') or 'unknown'}`; {res['model']}, batch 1, "
-                  f"{res['new_tokens']} new tokens after a held-out prompt; {env.get('device_name')}. JSON: "
-                  f"[`{rel}`]({rel}).", "",
+        lines += [f"{_ran(res)}; {res['model']}, batch 1, {res['new_tokens']} new tokens after a held-out prompt; "
+                  f"{env.get('device_name')}. " + _files(rel, None) + ".", "",
                   "| prompt | regime | press | budget | KV MiB after the prompt | prefill + press s | decode tokens/s | "
                   "greedy tokens equal to the full cache's |", "|---|---|---|---|---|---|---|---|"]
         for r in rows:
@@ -389,10 +395,9 @@ def press_bounded_block() -> str:
         env, rel, rows = res["environment"], Path(f).relative_to(HERE.parent), res["rows"]
         bounds = sorted({r["max_cache"] for r in rows})
         full = {r["max_cache"]: r for r in rows if r["technique"] == "full_cache"}
-        lines += [f"`{res['command']}` at commit `{res.get('commit') or 'unknown'}`; {res['model']}, {res['windows']} "
+        lines += [f"{_ran(res)}; {res['model']}, {res['windows']} "
                   f"held-out windows of {res['seq_len']} tokens fed in chunks of {res['chunk']}; "
-                  f"{env.get('device_name')} ({env.get('cpu_threads')} threads), {res['elapsed_s']:.0f} s. JSON: "
-                  f"[`{rel}`]({rel}), plot: [`{rel.with_suffix('.png')}`]({rel.with_suffix('.png')}).", "",
+                  f"{_where(env)}, {res['elapsed_s']:.0f} s. " + _files(rel) + ".", "",
                   "| press: KL (ppl) after the first eviction | " + " | ".join(
                       f"cache <= {m} (from token {full[m]['from_position']})" for m in bounds) + " |",
                   "|---|" + "---|" * len(bounds),
@@ -413,10 +418,9 @@ def harness_block() -> str:
         env, rel, rows = res["environment"], Path(f).relative_to(HERE.parent), res["rows"]
         cols = list(dict.fromkeys((r["task"], r["metric"]) for r in rows))
         by = {(r["variant"], r["task"], r["metric"]): r for r in rows}
-        lines += [f"`{res['command']}` at commit `{res.get('commit') or 'unknown'}`; {res['model']}, lm-eval "
-                  f"{res['lm_eval_version']}, {res['limit']} documents per task; {env.get('device_name')} "
-                  f"({env.get('cpu_threads')} threads), {res['elapsed_s']:.0f} s. JSON: [`{rel}`]({rel}), plot: "
-                  f"[`{rel.with_suffix('.png')}`]({rel.with_suffix('.png')}).", "",
+        lines += [f"{_ran(res)}; {res['model']}, lm-eval "
+                  f"{res['lm_eval_version']}, {res['limit']} documents per task; {_where(env)}, "
+                  f"{res['elapsed_s']:.0f} s. " + _files(rel) + ".", "",
                   "| variant | " + " | ".join(f"{t.removeprefix('attnlab_')} {m}" for t, m in cols) + " |",
                   "|---|" + "---|" * len(cols)]
         for v in dict.fromkeys(r["variant"] for r in rows):
@@ -442,8 +446,7 @@ def compress_block() -> str:
     commits = sorted({c["commit"] for c in res["calls"]})
     lines = [f"`{res['command']}` over the device calls {calls}, each `bash benchmarks/compress_gpu.sh` on one "
              f"{res['rows'][-1].get('device', 'GPU')} (code of commit(s) {', '.join(commits)} plus this change, "
-             f"which added `attnlab compress`). JSON: [`{rel}`]({rel}), plot: [`{rel.with_suffix('.png')}`]"
-             f"({rel.with_suffix('.png')}).", "",
+             f"which added `attnlab compress`). " + _files(rel) + ".", "",
              "Held-out token accuracy (tail of Moby Dick, never trained on), one model per row serving every length:", "",
              "| ratio | recipe | seeds | 64 | 128 | 256 | 512 | tokens/s | peak GiB |", "|---|---|---|---|---|---|---|---|---|"]
     groups = {}
