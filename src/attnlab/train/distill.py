@@ -366,7 +366,7 @@ class _Run:
 
         bar = tqdm(total=total_steps, initial=start, desc="distill", disable=not (c.progress and d.main),
                    dynamic_ncols=True)
-        train_time, tokens, step_times = 0.0, 0, []
+        step_times = []  # seconds of each optimiser step of this process run
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         for step in range(start, total_steps):
@@ -377,9 +377,7 @@ class _Run:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             dt = time.perf_counter() - t0
-            train_time += dt
             step_times.append(dt)
-            tokens += per_step * c.seq_len
             loss = _all_mean(loss, d, self.device)
             if not math.isfinite(loss):  # stop before a checkpoint could store what this step did to the weights
                 raise AttnlabError(f"step {step + 1}: the {phase} loss is {loss} (diverged); the last checkpoint is "
@@ -397,10 +395,7 @@ class _Run:
         bar.close()
         after = self._eval(held_out, ref_probs, grad_ids, base_grad, step=total_steps)
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
-        result = self._result(before, after, n_params, tokens, train_time, peak, per_step)
-        # the median step: steady throughput, without the first steps' compilation (tokens_per_s includes it)
-        result["tokens_per_s_median_step"] = (per_step * c.seq_len / statistics.median(step_times)
-                                              if step_times else None)
+        result = self._result(before, after, n_params, step_times, peak, per_step)
         if c.baseline and d.main:
             result["baselines"] = self._baselines(held_out, ref_probs, grad_ids, base_grad)
         if d.world > 1:
@@ -543,8 +538,9 @@ class _Run:
                 fh.write("".join(json.dumps(r) + "\n" for r in new))
             self._logged = len(self.log)
 
-    def _result(self, before, after, n_params, tokens, train_time, peak, per_step) -> dict:
+    def _result(self, before, after, n_params, step_times, peak, per_step) -> dict:
         c = self.cfg
+        step_tokens, train_time = per_step * c.seq_len, sum(step_times)
         methods = self.spec.methods()
         rule = next((r for r in reversed(self.spec.rules) if r.method != ORIGINAL), None)
         density = None
@@ -565,7 +561,10 @@ class _Run:
             "attn_mse_before": before.get("attn_mse"), "grad_cos": after.get("grad_cos"),
             "grad_cos_before": before.get("grad_cos"),
             "attn_mse_tokens": min(ATTN_MSE_TOKENS, c.seq_len), "grad_cos_tokens": min(GRAD_COS_TOKENS, c.seq_len),
-            "tokens_per_s": tokens / train_time if train_time else None, "peak_mem_bytes": peak,
+            "tokens_per_s": len(step_times) * step_tokens / train_time if train_time else None,
+            # the median step: steady throughput, without the first steps' compilation (tokens_per_s includes it)
+            "tokens_per_s_median_step": step_tokens / statistics.median(step_times) if step_times else None,
+            "peak_mem_bytes": peak,
             "seq_len": c.seq_len, "batch_size": c.batch_size, "grad_accum": c.grad_accum, "world": self.d.world,
             "lr": c.lr, "transfer_lr": c.transfer_lr, "split": "held-out", "eval_tokens": c.eval_windows * c.seq_len, "train": list(c.train),
             "device": self.device.type, "environment": environment(self.device),
