@@ -27,6 +27,7 @@ only (cache_position = the positions of this call's tokens in the cache), in thi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -93,19 +94,20 @@ def kvpress_press(kvpress, name: str, ratio: float, seed: int, kvpress_defaults:
     return cls(**kw)
 
 
-class _attn_impl:
+@contextlib.contextmanager
+def _attn_impl(model, impl: str | None):
     """Switch the model's attention implementation inside the block (eager for kvpress's ObservedAttentionPress)."""
+    from attnlab.adapters.hf import set_implementation
 
-    def __init__(self, model, impl: str | None):
-        self.model, self.impl, self.old = model, impl, model.config._attn_implementation
-
-    def __enter__(self):
-        if self.impl and self.impl != self.old:
-            self.model.set_attn_implementation(self.impl)
-
-    def __exit__(self, *exc):
-        if self.impl and self.impl != self.old:
-            self.model.set_attn_implementation(self.old)
+    old = model.config._attn_implementation
+    if not impl or impl == old:
+        yield
+        return
+    set_implementation(model, impl)
+    try:
+        yield
+    finally:
+        set_implementation(model, old)
 
 
 def _sync(device):

@@ -50,5 +50,4 @@ for step in "$@"; do
   esac
   log "step $step rc=$?"
 done
-rm -rf "$WORK/sparsify/pattern.tmp" 2>/dev/null
 tar -czf "$OUT/smollm2.tgz" -C "$WORK" --exclude='*.safetensors' --exclude='checkpoint*' . && cp "$WORK/steps.log" "$OUT/"
