@@ -117,3 +117,35 @@ def test_argparse_errors_are_one_line(argv, match, capsys):
         main(argv)
     err = capsys.readouterr().err
     assert exc.value.code == 2 and len(err.strip().splitlines()) == 1 and match in err and "--help" in err, err
+
+
+def test_check_is_cached_per_request_and_still_refuses(qkv, monkeypatch):
+    """A passed request is remembered (the full check is not redone for the same shapes), but anything that
+    changes the verdict (another flag, a padding mask of the wrong dtype, a pattern that no longer covers the
+    length) is checked again and refused."""
+    q, k, v = qkv
+    m = make("window", q, k, window=2, backend="torch")
+    calls = []
+    orig = type(m)._check_uncached
+    monkeypatch.setattr(type(m), "_check_uncached", lambda self, *a, **kw: (calls.append(1), orig(self, *a, **kw))[1])
+    m(q, k, v, causal=True)
+    m(q, k, v, causal=True)
+    assert len(calls) == 1
+    m(q, k, v, causal=False)
+    assert len(calls) == 2
+    with pytest.raises(attnlab.ShapeError, match="bool"):
+        m(q, k, v, key_padding_mask=torch.ones(2, 8, dtype=torch.int64))
+    m(q, k, v, causal=True)
+    assert len(calls) == 3  # the refused request was not remembered; the passed ones still are
+
+
+def test_check_cache_follows_the_pattern_state(qkv):
+    """A pattern's coverage can change after a call passed (global_sparse loading a pattern made for a shorter
+    length): the pattern's version is part of the cache key, so the same call is checked again and refused."""
+    q, k, v = qkv
+    m = make("window", q, k, window=2, backend="torch")
+    m(q, k, v, causal=True)
+    m.pattern.covers = lambda tq, tk: "too long for the pattern"  # what a reloaded, shorter pattern reports
+    m.pattern.touch()
+    with pytest.raises(attnlab.UnsupportedError, match="too long"):
+        m(q, k, v, causal=True)

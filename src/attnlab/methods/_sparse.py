@@ -28,6 +28,9 @@ class SparseAttention(AttentionMethod):
                 why.append(cover)
         return why
 
+    def _check_state(self):
+        return self.pattern.version_key()
+
     def _attend(self, q, k, v, *, causal, key_padding_mask, attn_mask, scale, need_probs, need_lse=False,
                 need_col_sums=False):
         res, self.kernel = sparse_ops.sparse_attention(

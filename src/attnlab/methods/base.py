@@ -77,6 +77,15 @@ class AttentionMethod(nn.Module):
         validate_options(self.name, self.opts)
         self.max_len: int | None = None
         self.kernel: str | None = None  # the kernel the last call ran (set by _attend)
+        self._checked: dict = {}  # requests check() has passed (see check)
+
+    def __setattr__(self, name, value):
+        # `kernel` is a plain string set on every call: nn.Module's parameter / buffer / submodule bookkeeping
+        # costs microseconds per call for nothing there
+        if name == "kernel":
+            self.__dict__[name] = value
+        else:
+            super().__setattr__(name, value)
 
     # ---- what the method owns besides its maths ------------------------------------------------------------
     @classmethod
@@ -181,8 +190,36 @@ class AttentionMethod(nn.Module):
         """Reasons that depend on the instance's options (e.g. a backend that cannot run here). Override."""
         return []
 
+    def _check_state(self) -> tuple:
+        """What besides the request's shapes, dtypes, device and flags `_unsupported_reasons` reads that can
+        change after construction (a loaded pattern's length, a resized parameter): part of check()'s cache key.
+        Override together with `_unsupported_reasons`."""
+        return ()
+
     def check(self, q, k, v, *, causal=False, key_padding_mask=None, attn_mask=None, need_probs=False,
               need_lse=False, need_col_sums=False) -> None:
+        """Refuse a bad request before compute (ShapeError, UnsupportedError). A request that passed is
+        remembered by its shapes, dtypes, device, flags and `_check_state()`, so a layer called with the same
+        shapes again pays a dict lookup instead of the ~50 comparisons (measured: ~100 us per call on the CPU
+        here, a large share of a short kernel's time on the GPU). An explicit tensor attn_mask or a BlockMask is
+        checked every time."""
+        key = None
+        if (attn_mask is None and isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor)
+                and isinstance(v, torch.Tensor) and (key_padding_mask is None or isinstance(key_padding_mask, torch.Tensor))):
+            kpm = None if key_padding_mask is None else (key_padding_mask.shape, key_padding_mask.dtype)
+            key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, kpm,
+                   causal, need_probs, need_lse, need_col_sums, self.max_len, self._check_state())
+            if key in self._checked:
+                return
+        self._check_uncached(q, k, v, causal=causal, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
+                             need_probs=need_probs, need_lse=need_lse, need_col_sums=need_col_sums)
+        if key is not None:
+            if len(self._checked) >= 64:
+                self._checked.clear()
+            self._checked[key] = True
+
+    def _check_uncached(self, q, k, v, *, causal, key_padding_mask, attn_mask, need_probs, need_lse,
+                        need_col_sums) -> None:
         n = self.name
         for t, nm in ((q, "q"), (k, "k"), (v, "v")):
             if not isinstance(t, torch.Tensor) or t.dim() != 4:

@@ -148,6 +148,9 @@ class Reduce(AttentionMethod):
         """Rows this method returns for n input rows (out_len, when given, wins)."""
         return out_len if out_len is not None else out_length(n, self.opts.ratio)
 
+    def _check_state(self):
+        return (self._out_len, None if self.W is None else tuple(self.W.shape))
+
     def _unsupported_reasons(self, *, causal, tq, tk, dtype, device, **_):
         why = []
         if tq is not None and tq > self.opts.max_len:
