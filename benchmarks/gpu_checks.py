@@ -12,6 +12,7 @@
     PYTHONPATH=src python benchmarks/gpu_checks.py               # every method, prints a line per check, exits 1 on a failure
     PYTHONPATH=src python benchmarks/gpu_checks.py linear,window  # only these methods
     PYTHONPATH=src python benchmarks/gpu_checks.py --quick        # fp32 limits + bf16 CUDA-vs-CPU only (about a minute)
+    PYTHONPATH=src python benchmarks/gpu_checks.py window@triton  # a method with a chosen CUDA backend (not auto)
 """
 from __future__ import annotations
 
@@ -52,12 +53,20 @@ def inputs(seed=0, std=1.0):
     return q, k, v, kpm
 
 
+def variant(spec: str) -> tuple[str, dict]:
+    """"window@triton" -> ("window", {"backend": "triton"}): the options the CUDA module is built with."""
+    name, _, backend = spec.partition("@")
+    return name, ({"backend": backend} if backend else {})
+
+
 def exact_limits(names, dtypes) -> int:
     failures = 0
     q64, k64, v64, kpm = inputs()
-    for name in names:
+    for spec in names:
+        name, cuda_opts = variant(spec)
         cls, caps = registry.get(name), registry.capabilities(name)
         limit = cls.exact_limit(T, T)
+        limit = None if limit is None else {**limit, **cuda_opts}
         if limit is None or name == "nystrom":  # nystrom's exact pinv at T=256 is ill-conditioned in fp32: CPU tests
             continue
         for causal in ((False, True) if caps.causal else (False,)):
@@ -74,14 +83,15 @@ def exact_limits(names, dtypes) -> int:
                 finite, zeros = bool(torch.isfinite(out).all()), bool((out[1] == 0).all())
                 ok = finite and zeros and err <= bound
                 failures += not ok
-                print(f"{'ok ' if ok else 'FAIL'} limit {name:13} causal={causal!s:5} {str(dtype):15} kernel={m.kernel:18} "
+                print(f"{'ok ' if ok else 'FAIL'} limit {spec:13} causal={causal!s:5} {str(dtype):15} kernel={m.kernel:18} "
                       f"err={err:.2e} bound={bound:.2e} finite={finite} padded-row-zeros={zeros}", flush=True)
     return failures
 
 
 def cuda_vs_cpu(names, dtypes) -> int:
     failures = 0
-    for name in names:
+    for spec in names:
+        name, cuda_opts = variant(spec)
         cls, caps = registry.get(name), registry.capabilities(name)
         opts = cls.test_options(T)
         # rfa's trig normaliser cancels at std 1 (outputs blow up, as in its CPU tests): std 0.5 there
@@ -98,7 +108,7 @@ def cuda_vs_cpu(names, dtypes) -> int:
                 (out * w).sum().backward()
                 truth, gtruth = out.detach(), [x.grad for x in (q, k, v)]
                 for dev in ("cpu", "cuda"):
-                    o = dict(opts, **({"backend": eager} if dev == "cpu" and eager else {}))
+                    o = dict(opts, **({"backend": eager} if dev == "cpu" and eager else cuda_opts if dev == "cuda" else {}))
                     m = attnlab.make(name, head_dim=D, num_heads=H, num_kv_heads=HKV, **o).to(dev)
                     q, k, v = (x.to(dev, dtype).requires_grad_(True) for x in (q64, k64, v64))
                     out = m(q, k, v, causal=causal, key_padding_mask=kpm.to(dev)).out
@@ -108,9 +118,12 @@ def cuda_vs_cpu(names, dtypes) -> int:
                     outs.append(out.detach().double().cpu())
                     grads.append([x.grad.double().cpu() for x in (q, k, v)])
                     if caps.extras:
+                        # the extras the CUDA module's kernel serves (window@triton: lse, not column sums)
+                        need = {f"need_{x}": x in caps.extras and not attnlab.make(
+                            name, head_dim=D, num_heads=H, num_kv_heads=HKV, **opts, **cuda_opts).unsupported_reasons(
+                            **{f"need_{x}": True}, device="cuda") for x in ("lse", "col_sums")}
                         with torch.no_grad():
-                            r = m(q, k, v, causal=causal, key_padding_mask=kpm.to(dev),
-                                  need_lse="lse" in caps.extras, need_col_sums="col_sums" in caps.extras)
+                            r = m(q, k, v, causal=causal, key_padding_mask=kpm.to(dev), **need)
                         extras.append([None if t is None else t.double().cpu() for t in (r.lse, r.col_sums)])
                 # the CUDA path's error vs fp64, against the CPU path's own error in the same dtype (the yardstick)
                 e_cpu, e_cuda = ((o - truth).abs().max().item() for o in outs)
@@ -131,7 +144,7 @@ def cuda_vs_cpu(names, dtypes) -> int:
                 leak = 0.0
                 if causal:
                     t0 = 100
-                    m = attnlab.make(name, head_dim=D, num_heads=H, num_kv_heads=HKV, **opts).to("cuda")
+                    m = attnlab.make(name, head_dim=D, num_heads=H, num_kv_heads=HKV, **opts, **cuda_opts).to("cuda")
                     q, k, v = (x.to("cuda", dtype) for x in (q64, k64, v64))
                     k2, v2 = k.clone(), v.clone()
                     k2[:, :, t0 + 1:] += 3.0
@@ -143,7 +156,7 @@ def cuda_vs_cpu(names, dtypes) -> int:
                 ok = (finite and e_cuda <= 2 * e_cpu + BOUND[dtype] * scale and gerr <= 2 * g_rel[0] + 10 * BOUND[dtype]
                       and leak == 0.0 and xerr <= BOUND[dtype])
                 failures += not ok
-                print(f"{'ok ' if ok else 'FAIL'} cuda-vs-cpu {name:12} causal={causal!s:5} {str(dtype):15} "
+                print(f"{'ok ' if ok else 'FAIL'} cuda-vs-cpu {spec:12} causal={causal!s:5} {str(dtype):15} "
                       f"kernels cpu={kernels[0]} cuda={kernels[1]} out err vs fp64 cuda={e_cuda:.2e} cpu={e_cpu:.2e} "
                       f"grad rel err cuda={gerr:.2e} cpu={g_rel[0]:.2e} "
                       f"extras err={xerr:.1e} finite={finite} leak={leak:.1e}", flush=True)

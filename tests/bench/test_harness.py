@@ -118,6 +118,18 @@ def test_sweep_rows_statuses_json_png(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
+def test_method_at_backend_runs_beside_the_default(tmp_path):
+    """"window,window@torch": two attnlab rows per length, told apart by impl, the second built with the
+    backend asked for; the method's peers are planned once."""
+    impls = sweep.plan_impls(["window", "window@triton"], "all")
+    assert [(i.method, i.impl) for i in impls[:2]] == [("window", "attnlab"), ("window", "attnlab@triton")]
+    assert len([i for i in impls if i.peer is not None]) == len(peers.peers_for("window"))
+    rows = sweep.run_sweep(methods=["window", "window@torch"], lengths=[32], peer_list=[], **TINY)
+    by_impl = {r["impl"]: r for r in rows}
+    assert by_impl["attnlab@torch"]["status"] == "ok" and by_impl["attnlab@torch"]["options"]["backend"] == "torch"
+    assert "backend" not in by_impl["attnlab"]["options"]  # the default row keeps the method's own options
+
+
 def test_oom_skips_longer_lengths(monkeypatch):
     def fake_measure(im, t, *args, **kwargs):
         if t >= 64:
@@ -174,6 +186,8 @@ def test_crossover_on_synthetic_rows():
     (["--methods", "global_sparse"], "`pattern` is required"),
     (["--repeats", "0"], "--repeats must be an integer >= 1"),
     (["--mode", "back"], "--mode must be fwd, fwd+bwd or both"),
+    (["--methods", "window@nosuch"], "backend must be one of"),
+    (["--methods", "nosuch@triton"], "unknown attention method 'nosuch'"),
 ])
 def test_cli_bad_input_is_one_line_before_any_timing(args, match, tmp_path, capsys):
     from tests.helpers import assert_cli_one_line_error

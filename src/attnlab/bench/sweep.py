@@ -61,8 +61,9 @@ def batch_at(steps: list[tuple[int, int]], seq_len: int) -> int:
 @dataclasses.dataclass
 class Impl:
     method: str
-    impl: str  # "attnlab" or the peer package
+    impl: str  # "attnlab", "attnlab@<backend>" (a method run with a chosen backend) or the peer package
     peer: peers_mod.Peer | None = None
+    backend: str | None = None  # "window@triton": the backend option set on top of the method's options
 
     def build(self, seq_len, heads, head_dim, causal, dtype, device, options):
         """-> (fn, make_inputs adapter, params, note, module | None). Raises Unsupported / NotInstalled /
@@ -83,13 +84,25 @@ class Impl:
         return fn, prepare, params, note, None
 
 
+def split_spec(spec: str) -> tuple[str, str | None]:
+    """"window@triton" -> ("window", "triton"): a method and the backend it is run with (None: its default)."""
+    name, _, backend = spec.partition("@")
+    return name, backend or None
+
+
 def plan_impls(methods: list[str], peer_sel: str, peer_list: list[peers_mod.Peer] | None = None) -> list[Impl]:
+    """One Impl per method spec ("window", or "window@triton" for a chosen backend, labelled "attnlab@triton"
+    so two backends of one method sit side by side in a run), then each method's peers once."""
     peer_list = peers_mod.PEERS if peer_list is None else peer_list
     wanted = None if peer_sel in ("all", "") else set() if peer_sel == "none" else set(peer_sel.split(","))
     # Priority under a time budget: the SDPA baseline first, then attnlab's methods, then the peers.
     ordered = sorted(methods, key=lambda m: m != "sdpa")
-    out = [Impl(m, "attnlab") for m in ordered]
-    chosen = [p for m in ordered for p in peers_mod.peers_for(m, peer_list) if wanted is None or p.impl in wanted]
+    out = []
+    for spec in ordered:
+        name, backend = split_spec(spec)
+        out.append(Impl(name, "attnlab" + (f"@{backend}" if backend else ""), backend=backend))
+    bases = list(dict.fromkeys(split_spec(m)[0] for m in ordered))
+    chosen = [p for m in bases for p in peers_mod.peers_for(m, peer_list) if wanted is None or p.impl in wanted]
     out += [Impl(p.method, p.impl, p) for p in sorted(chosen, key=peers_mod.slow_start_rank)]
     return out
 
@@ -213,7 +226,8 @@ def _measure(im, t, b, heads, head_dim, dtype, device, causal, mode, repeats, wa
     extra: dict = {}
     fn = module = None
     try:
-        options = method_options(im.method, t, overrides.get(im.method))
+        options = method_options(im.method, t, {**overrides.get(im.method, {}),
+                                                **({"backend": im.backend} if im.backend else {})})
         extra["options"] = _jsonable(options)
         fn, prepare, params, note, module = im.build(t, heads, head_dim, causal, dtype, device, options)
         extra["note"] = note

@@ -20,7 +20,8 @@ from . import common
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="time and memory of attention methods (and peers) vs sequence length",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", default="all", help="comma list of attnlab methods (default: every registered one)")
+    p.add_argument("--methods", default="all", help="comma list of attnlab methods (default: every registered one); "
+                   "METHOD@BACKEND runs a method with that backend option, beside its default (e.g. window,window@triton)")
     p.add_argument("--lengths", default=None,
                    help="comma list of sequence lengths (default: 1024..65536 on CUDA, 128,256,512 on CPU)")
     p.add_argument("--batch", default="1", help="batch size, or steps like '4,16384:1' (4, then 1 from T=16384)")
@@ -62,8 +63,10 @@ def run(args: argparse.Namespace) -> int:
     common.check_device(device)
     on_cpu = torch.device(device).type == "cpu"
     methods = attnlab.registry.standalone_methods() if args.methods in ("all", "") else [m.strip() for m in args.methods.split(",") if m.strip()]
+    from ..bench.sweep import split_spec
+
     for m in methods:
-        attnlab.registry.get(m)  # unknown names: one line listing the valid ones
+        attnlab.registry.get(split_spec(m)[0])  # unknown names: one line listing the valid ones
     modes = [m.strip() for m in args.mode.split(",")]
     if any(m not in harness.MODES for m in modes):
         raise AttnlabError(f"--mode must be fwd, fwd+bwd or both, got {args.mode!r}")
@@ -77,9 +80,11 @@ def run(args: argparse.Namespace) -> int:
     for name in ("heads", "head_dim", "warmup", "repeats"):
         common.positive_int("--" + name.replace("_", "-"), getattr(args, name), 0 if name == "warmup" else 1)
     parse_batch(args.batch)
-    overrides = common.parse_overrides(args.overrides, methods)
-    for m in methods:  # option names and values (and options a method cannot do without) fail here, in one line
-        attnlab.registry.check_options(m, {**attnlab.registry.defaults(m, lengths[0]), **overrides.get(m, {})})
+    overrides = common.parse_overrides(args.overrides, [split_spec(m)[0] for m in methods])
+    for spec in methods:  # option names and values (and options a method cannot do without) fail here, in one line
+        m, backend = split_spec(spec)
+        attnlab.registry.check_options(m, {**attnlab.registry.defaults(m, lengths[0]), **overrides.get(m, {}),
+                                           **({"backend": backend} if backend else {})})
     dtype = common.DTYPES[args.dtype or ("fp32" if on_cpu else "bf16")]
     causal_list = [False, True] if args.both_causal else [bool(args.causal)]
     if "sdpa" not in methods:

@@ -20,8 +20,9 @@ class SparseAttention(AttentionMethod):
 
     def _unsupported_reasons(self, *, causal, tq, tk, dtype, device, need_lse=False, need_col_sums=False,
                              need_probs=False):
-        why = [] if need_probs else sparse_ops.unsupported_reasons(self.opts.backend, device, need_lse=need_lse,
-                                                                       need_col_sums=need_col_sums)
+        why = [] if need_probs else sparse_ops.unsupported_reasons(
+            self.opts.backend, device, need_lse=need_lse, need_col_sums=need_col_sums, pattern=self.pattern,
+            head_dim=self.head_dim)
         if tq is not None and tk is not None:
             cover = self.pattern.covers(tq, tk)
             if cover:

@@ -6,7 +6,8 @@ Xiao et al. 2023), subject to causal (j <= i) and key padding. With Tq != Tk que
 i + Tk - Tq (bottom-right, masks.py), for the band as well as for causal. Exact limit: window >= T.
 
 The pattern is `patterns.WindowPattern`; `ops.sparse` runs it ("flex": compiled FlexAttention with a cached
-BlockMask; "torch": query chunks against the key band plus the sinks, O(T * window) memory).
+BlockMask; "torch": query chunks against the key band plus the sinks, O(T * window) memory; "triton":
+`ops.window_triton`, FlashAttention-2 kernels that visit only the band's and the sinks' tiles).
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ class Window(SparseAttention):
     class Options:
         window: int = opt(256, "keys with |i - j| <= window are visible (causal: also j <= i)", low=0)
         sinks: int = opt(0, "the first `sinks` keys are always visible (StreamingLLM attention sinks)", low=0)
-        backend: str = opt("auto", "auto (flex on CUDA, torch elsewhere) | flex | torch", choices=BACKENDS)
+        backend: str = opt("auto", "auto (flex on CUDA, torch elsewhere) | flex | torch | triton (ops/window_triton.py: "
+                                   "only the band's tiles; CUDA)", choices=(*BACKENDS, "triton"))
         block_size: int = opt(128, "FlexAttention BlockMask BLOCK_SIZE (keep a multiple of 128 on CUDA; below 16 the "
                                    "CPU flex template returns NaN, measured in torch 2.13)", low=16)
 

@@ -30,11 +30,13 @@ The kernels also run on CPU tensors under TRITON_INTERPRET=1 (how the CPU tests 
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from .triton_common import dot as _dot
+from .triton_common import precision as _precision
+from .triton_common import to as _to
 
 BT = 64  # tokens per chunk
 BK = 64  # features per program
@@ -47,28 +49,6 @@ STATE_BV = 32  # value columns per program of the two sequential passes (fewer: 
 @triton.jit
 def _max2(a, b):
     return tl.maximum(a, b)
-
-
-@triton.jit
-def _dot(a, b, PREC: tl.constexpr):
-    """a @ b with fp32 accumulation. PREC "ieee" (fp32 inputs), "tf32" (half inputs: the tensor cores), or
-    "upcast": half inputs taken to fp32 first, the same products (bf16 x bf16 is exact in fp32), for
-    Triton's CPU interpreter, whose dot of half inputs is wrong (it multiplies their bit patterns)."""
-    if PREC == "upcast":
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, input_precision=PREC)
-
-
-@triton.jit
-def _to(x, dtype: tl.constexpr, PREC: tl.constexpr):
-    """fp32 x to the matmul dtype, rounded to nearest-even. Triton's CPU interpreter truncates fp32 -> bf16
-    (twice the rounding error of the GPU's cast), so under it ("upcast") the bits are rounded first."""
-    if PREC == "upcast":
-        if dtype == tl.bfloat16:
-            bits = x.to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            x = bits.to(tl.float32, bitcast=True)
-    return x.to(dtype)
 
 
 @triton.jit
@@ -271,12 +251,6 @@ def _grad_kernel(Q, K, V, LK, PEX, H, Z, G, GZ, DNUM, DDEN, DQ, DK, DV, DB, T, F
     tl.store(DV + tv_off, _to(dv, DV.dtype.element_ty, PREC), mask=tv_mask)
     if HAS_SCALE:
         tl.store(DB + bh * T + t, db, mask=tmask)
-
-
-def _precision(q: torch.Tensor) -> str:
-    if q.dtype == torch.float32:
-        return "ieee"
-    return "upcast" if os.environ.get("TRITON_INTERPRET") == "1" else "tf32"
 
 
 def _exclusive_chunk_max(lk: torch.Tensor, n_chunks: int) -> torch.Tensor:

@@ -2,6 +2,8 @@
 
 - "flex": compiled `flex_attention` with the pattern's cached BlockMask (skips empty blocks; CUDA, and CPU for
   inference with torch >= 2.6);
+- "triton": the sliding-window pattern only (`ops.window_triton`: FlashAttention-2 with the key loop bounded
+  to the band and the sinks; CUDA, and CPU under TRITON_INTERPRET=1);
 - "torch": the plain-PyTorch gathered kernel: each query chunk attends to the keys its `key_chunks` lists,
   masked exactly by the mask_mod on those (query, key) pairs: O(T x reachable keys) memory, never Tq x Tk.
   It also yields each row's log-sum-exp and the per-key column sums in the same pass;
@@ -70,8 +72,14 @@ def compiled_flex_attention(device_type: str = "cuda"):
     return fn
 
 
-def unsupported_reasons(backend: str, device, *, need_lse: bool = False, need_col_sums: bool = False) -> list[str]:
+def unsupported_reasons(backend: str, device, *, need_lse: bool = False, need_col_sums: bool = False,
+                        pattern=None, head_dim: int | None = None) -> list[str]:
     """Why an explicitly asked backend cannot serve a request on `device` (checked before compute)."""
+    if backend == "triton":
+        from . import window_triton
+
+        why = [] if is_window(pattern) else ["backend='triton' runs only the sliding-window pattern (window)"]
+        return why + window_triton.unsupported_reasons(device, head_dim=head_dim or 0, need_col_sums=need_col_sums)
     if backend != "flex" or device is None:
         return []
     why = []
@@ -83,6 +91,12 @@ def unsupported_reasons(backend: str, device, *, need_lse: bool = False, need_co
     if need_lse and torch.device(device).type == "cpu":
         why.append("backend='flex' returns no log-sum-exp on CPU (use backend='torch' or 'auto')")
     return why
+
+
+def is_window(pattern) -> bool:
+    from ..patterns.window import WindowPattern
+
+    return type(pattern) is WindowPattern
 
 
 def resolve(backend: str, q: torch.Tensor, *, need_lse: bool, need_col_sums: bool) -> str:
@@ -187,6 +201,12 @@ def sparse_attention(q, k, v, pattern, *, causal: bool, key_padding_mask, scale:
                                                need_out=False, need_lse=need_lse, need_col_sums=need_col_sums)
         return AttnOutput(out, probs, lse=lse, col_sums=cols), "dense"
     kernel = resolve(backend, q, need_lse=need_lse, need_col_sums=need_col_sums)
+    if kernel == "triton":
+        from .window_triton import window_attention
+
+        out, lse = window_attention(q, k, v, window=pattern.window, sinks=pattern.sinks, causal=causal, scale=scale,
+                                    key_padding_mask=key_padding_mask)
+        return AttnOutput(out, None, lse=lse if need_lse else None), "triton"
     if kernel == "flex":
         bm = pattern.block_mask(tq, tk, causal, q.device, flex_block_size)
         if need_lse:

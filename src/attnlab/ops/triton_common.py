@@ -1,0 +1,46 @@
+"""Small pieces shared by attnlab's Triton kernels (`linear_triton`, `window_triton`).
+
+Triton's CPU interpreter (TRITON_INTERPRET=1, how the CPU tests run the kernels) differs from the GPU in two
+ways these helpers hide: its dot of half inputs multiplies their bit patterns, and its fp32 -> bf16 cast
+truncates. Under it, "upcast" takes half inputs to fp32 first (bf16 x bf16 is exact in fp32) and rounds to
+nearest-even by hand.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def dot(a, b, PREC: tl.constexpr):
+    """a @ b with fp32 accumulation. PREC "ieee" (fp32 inputs), "tf32" (half inputs: the tensor cores), or
+    "upcast" (half inputs under the interpreter, see the module doc)."""
+    if PREC == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def to(x, dtype: tl.constexpr, PREC: tl.constexpr):
+    """fp32 x to the matmul dtype, rounded to nearest-even (by hand under the interpreter, which truncates)."""
+    if PREC == "upcast":
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+def precision(q: torch.Tensor) -> str:
+    """The PREC a kernel runs `q`'s dtype with: ieee for fp32 (as torch.matmul, not TF32), tf32 for half
+    inputs on the GPU (their tensor-core path), upcast under the interpreter."""
+    if q.dtype == torch.float32:
+        return "ieee"
+    return "upcast" if interpreted() else "tf32"
+
+
+def interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"

@@ -1,0 +1,315 @@
+"""Sliding-window attention (+ StreamingLLM sinks) as Triton kernels that visit only the band's tiles.
+
+Query i (at key position p_i = i + Tk - Tq, bottom-right as everywhere in attnlab) sees key j when
+
+    (|p_i - j| <= window  or  j < sinks)  and  (not causal or j <= p_i)  and  key j is not padding,
+
+the mask of `patterns.WindowPattern`. FlashAttention-2's algorithm (Dao 2023: online softmax over key tiles,
+the log-sum-exp kept for the backward, no T x T matrix) with the key loop bounded to the band: a query tile
+[m0, m0 + BM) walks the key tiles from (m0 + off - window) rounded down to a tile edge up to the tile's last
+visible key, plus the tiles holding the sinks below the band. Work is O(T (window + sinks) d) and memory
+O(T d), where FlexAttention's generic kernel walks the same band through a BlockMask of 128 x 128 blocks.
+
+Backward as FlashAttention-2's: `_bwd_dkdv` (one program per key tile, looping over the query tiles whose
+band reaches it; a tile that holds sinks is reached by every query) and `_bwd_dq` (one program per query tile,
+the forward's key loop), with delta_i = do_i . o_i - dlse_i (the log-sum-exp output has a gradient too:
+d lse_i / d s_ij = p_ij).
+
+Precision: scores and p @ v in the inputs' dtype with fp32 accumulation (fp32 inputs: IEEE fp32, as
+torch.matmul), softmax statistics in fp32. A row with no visible key returns zeros and lse = -inf, and no NaN
+in any gradient. Runs on CUDA, and on CPU tensors under TRITON_INTERPRET=1 (how the CPU tests check it).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_common import dot, interpreted, precision, to
+
+LOG2E = 1.4426950408889634
+# Tile sizes and launch settings (fwd, dkdv, dq) for head_dim <= 64 on the GPU; the interpreter gets small tiles.
+CONFIG = {"fwd": dict(BM=128, BN=64, num_warps=4, num_stages=3),
+          "dkdv": dict(BM=64, BN=64, num_warps=4, num_stages=2),
+          "dq": dict(BM=64, BN=64, num_warps=4, num_stages=2)}
+CONFIG_WIDE = {"fwd": dict(BM=128, BN=32, num_warps=8, num_stages=2),  # head_dim 65..256: smaller key tiles
+               "dkdv": dict(BM=32, BN=64, num_warps=8, num_stages=1),
+               "dq": dict(BM=64, BN=32, num_warps=8, num_stages=1)}
+INTERPRETED = {"fwd": dict(BM=16, BN=16), "dkdv": dict(BM=16, BN=16), "dq": dict(BM=16, BN=16)}
+MAX_HEAD_DIM = 256
+
+
+def unsupported_reasons(device, *, head_dim: int, need_col_sums: bool = False) -> list[str]:
+    """Why the kernel cannot serve a request on `device` (empty: it can)."""
+    why = []
+    dev = torch.device(device) if device is not None else None
+    if dev is not None and dev.type != "cuda" and not interpreted():
+        why.append(f"backend='triton' runs on CUDA (got {dev.type}; the CPU runs it only under TRITON_INTERPRET=1)")
+    if head_dim > MAX_HEAD_DIM:
+        why.append(f"backend='triton' supports head_dim <= {MAX_HEAD_DIM}, got {head_dim}")
+    if need_col_sums:
+        why.append("backend='triton' cannot compute col_sums (use backend='torch' or 'auto')")
+    return why
+
+
+@triton.jit
+def _visible(pos, kj, Tk, W, S, CAUSAL: tl.constexpr):
+    """[BM, BN] bool: the window pattern at query positions `pos` [BM] and keys `kj` [BN]."""
+    d = pos[:, None] - kj[None, :]
+    ok = (tl.abs(d) <= W) | (kj[None, :] < S)
+    if CAUSAL:
+        ok = ok & (d >= 0)
+    return ok & (kj[None, :] < Tk)
+
+
+@triton.jit
+def _key_range(m0, BM, off, Tk, W, S, CAUSAL: tl.constexpr, BN: tl.constexpr):
+    """For the query tile starting at m0: the band's key tiles [lo, hi) (lo on a tile edge) and the end of the
+    sink tiles below it (a multiple of BN <= lo, so the two loops never visit a tile twice)."""
+    lo = tl.maximum(m0 + off - W, 0)
+    lo = (lo // BN) * BN
+    if CAUSAL:
+        hi = tl.minimum(m0 + BM - 1 + off + 1, Tk)
+    else:
+        hi = tl.minimum(m0 + BM - 1 + off + W + 1, Tk)
+    sink_end = tl.minimum(((S + BN - 1) // BN) * BN, lo)
+    return lo, hi, sink_end
+
+
+@triton.jit
+def _fwd_tiles(acc, m_i, l_i, q, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt, start, end, pos, offs_n, offs_d,
+               Tk, D, W, S, qk_scale, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
+               BN: tl.constexpr):
+    for s0 in range(start, end, BN):
+        kj = s0 + offs_n
+        kmask = (kj < Tk)[:, None] & (offs_d < D)[None, :]
+        k = tl.load(K + k_base + kj[:, None] * s_kt + offs_d[None, :], mask=kmask, other=0.0)
+        s = dot(q, tl.trans(k), PREC) * qk_scale
+        ok = _visible(pos, kj, Tk, W, S, CAUSAL)
+        if HAS_PAD:
+            real = tl.load(PAD + pad_base + kj, mask=kj < Tk, other=0)
+            ok = ok & (real != 0)[None, :]
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + v_base + kj[:, None] * s_vt + offs_d[None, :], mask=kmask, other=0.0)
+        acc = acc * alpha[:, None] + dot(to(p, v.dtype, PREC), v, PREC)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _fwd(Q, K, V, PAD, O, LSE, H, Tq, Tk, D, W, S, qk_scale,
+         s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
+         HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
+         BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    off = Tk - Tq
+    m0 = pid_m * BM
+    offs_m = m0 + tl.arange(0, BM)
+    offs_n = tl.arange(0, BN)
+    offs_d = tl.arange(0, BD)
+    qmask = (offs_m < Tq)[:, None] & (offs_d < D)[None, :]
+    q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qt + offs_d[None, :], mask=qmask, other=0.0)
+    pos = offs_m + off
+    k_base, v_base, pad_base = b * s_kb + h * s_kh, b * s_vb + h * s_vh, b * Tk
+    acc = tl.zeros([BM, BD], tl.float32)
+    m_i = tl.full([BM], float("-inf"), tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    lo, hi, sink_end = _key_range(m0, BM, off, Tk, W, S, CAUSAL, BN)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt, 0, sink_end, pos,
+                               offs_n, offs_d, Tk, D, W, S, qk_scale, HAS_PAD, CAUSAL, PREC, BN)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt, lo, hi, pos,
+                               offs_n, offs_d, Tk, D, W, S, qk_scale, HAS_PAD, CAUSAL, PREC, BN)
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    o_ptr = O + bh * Tq * D + offs_m[:, None] * D + offs_d[None, :]
+    tl.store(o_ptr, out.to(O.dtype.element_ty), mask=qmask)
+    # log2-domain log-sum-exp (-inf for a row with no visible key)
+    lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+    tl.store(LSE + bh * Tq + offs_m, lse, mask=offs_m < Tq)
+
+
+@triton.jit
+def _bwd_dkdv(Q, K, V, PAD, DO, LSE, DELTA, DK, DV, H, Tq, Tk, D, W, S, qk_scale, scale,
+              s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
+              HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
+              BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    off = Tk - Tq
+    n0 = pid_n * BN
+    kj = n0 + tl.arange(0, BN)
+    offs_m = tl.arange(0, BM)
+    offs_d = tl.arange(0, BD)
+    kmask = (kj < Tk)[:, None] & (offs_d < D)[None, :]
+    k = tl.load(K + b * s_kb + h * s_kh + kj[:, None] * s_kt + offs_d[None, :], mask=kmask, other=0.0)
+    v = tl.load(V + b * s_vb + h * s_vh + kj[:, None] * s_vt + offs_d[None, :], mask=kmask, other=0.0)
+    real = tl.full([BN], 1, tl.int1)
+    if HAS_PAD:
+        real = tl.load(PAD + b * Tk + kj, mask=kj < Tk, other=0) != 0
+    dk = tl.zeros([BN, BD], tl.float32)
+    dv = tl.zeros([BN, BD], tl.float32)
+    # the queries whose band reaches this key tile; a tile holding sinks is seen by every (later) query
+    if CAUSAL:
+        q_lo = tl.maximum(n0 - off, 0)
+    else:
+        q_lo = tl.maximum(n0 - W - off, 0)
+    q_hi = tl.minimum(n0 + BN - 1 + W - off + 1, Tq)
+    if n0 < S:
+        q_hi = Tq
+        if not CAUSAL:
+            q_lo = 0
+    q_lo = (q_lo // BM) * BM
+    for m0 in range(q_lo, q_hi, BM):
+        qi = m0 + offs_m
+        qmask = (qi < Tq)[:, None] & (offs_d < D)[None, :]
+        q = tl.load(Q + b * s_qb + h * s_qh + qi[:, None] * s_qt + offs_d[None, :], mask=qmask, other=0.0)
+        do = tl.load(DO + bh * Tq * D + qi[:, None] * D + offs_d[None, :], mask=qmask, other=0.0)
+        lse = tl.load(LSE + bh * Tq + qi, mask=qi < Tq, other=float("inf"))
+        lse = tl.where(lse == float("-inf"), float("inf"), lse)  # a row with no visible key: p = 0
+        delta = tl.load(DELTA + bh * Tq + qi, mask=qi < Tq, other=0.0)
+        s = dot(q, tl.trans(k), PREC) * qk_scale
+        ok = _visible(qi + off, kj, Tk, W, S, CAUSAL) & real[None, :] & (qi < Tq)[:, None]
+        p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
+        dv += dot(tl.trans(to(p, do.dtype, PREC)), do, PREC)
+        dp = dot(do, tl.trans(v), PREC)
+        ds = p * (dp - delta[:, None])
+        dk += dot(tl.trans(to(ds, q.dtype, PREC)), q, PREC)
+    dk = dk * scale
+    o_off = bh * Tk * D + kj[:, None] * D + offs_d[None, :]
+    tl.store(DK + o_off, dk.to(DK.dtype.element_ty), mask=kmask)
+    tl.store(DV + o_off, dv.to(DV.dtype.element_ty), mask=kmask)
+
+
+@triton.jit
+def _dq_tiles(dq, q, do, lse, delta, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt, start, end, pos, offs_n,
+              offs_d, Tk, D, W, S, qk_scale, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
+              BN: tl.constexpr):
+    for s0 in range(start, end, BN):
+        kj = s0 + offs_n
+        kmask = (kj < Tk)[:, None] & (offs_d < D)[None, :]
+        k = tl.load(K + k_base + kj[:, None] * s_kt + offs_d[None, :], mask=kmask, other=0.0)
+        v = tl.load(V + v_base + kj[:, None] * s_vt + offs_d[None, :], mask=kmask, other=0.0)
+        s = dot(q, tl.trans(k), PREC) * qk_scale
+        ok = _visible(pos, kj, Tk, W, S, CAUSAL)
+        if HAS_PAD:
+            real = tl.load(PAD + pad_base + kj, mask=kj < Tk, other=0)
+            ok = ok & (real != 0)[None, :]
+        p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
+        dp = dot(do, tl.trans(v), PREC)
+        ds = p * (dp - delta[:, None])
+        dq += dot(to(ds, k.dtype, PREC), k, PREC)
+    return dq
+
+
+@triton.jit
+def _bwd_dq(Q, K, V, PAD, DO, LSE, DELTA, DQ, H, Tq, Tk, D, W, S, qk_scale, scale,
+            s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
+            HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
+            BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    off = Tk - Tq
+    m0 = pid_m * BM
+    offs_m = m0 + tl.arange(0, BM)
+    offs_n = tl.arange(0, BN)
+    offs_d = tl.arange(0, BD)
+    qmask = (offs_m < Tq)[:, None] & (offs_d < D)[None, :]
+    q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qt + offs_d[None, :], mask=qmask, other=0.0)
+    do = tl.load(DO + bh * Tq * D + offs_m[:, None] * D + offs_d[None, :], mask=qmask, other=0.0)
+    lse = tl.load(LSE + bh * Tq + offs_m, mask=offs_m < Tq, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    delta = tl.load(DELTA + bh * Tq + offs_m, mask=offs_m < Tq, other=0.0)
+    pos = offs_m + off
+    k_base, v_base, pad_base = b * s_kb + h * s_kh, b * s_vb + h * s_vh, b * Tk
+    dq = tl.zeros([BM, BD], tl.float32)
+    lo, hi, sink_end = _key_range(m0, BM, off, Tk, W, S, CAUSAL, BN)
+    dq = _dq_tiles(dq, q, do, lse, delta, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt, 0, sink_end, pos, offs_n,
+                   offs_d, Tk, D, W, S, qk_scale, HAS_PAD, CAUSAL, PREC, BN)
+    dq = _dq_tiles(dq, q, do, lse, delta, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt, lo, hi, pos, offs_n,
+                   offs_d, Tk, D, W, S, qk_scale, HAS_PAD, CAUSAL, PREC, BN)
+    tl.store(DQ + bh * Tq * D + offs_m[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
+             mask=qmask)
+
+
+def _config(stage: str, d: int) -> dict:
+    if interpreted():
+        return INTERPRETED[stage]
+    return (CONFIG if d <= 64 else CONFIG_WIDE)[stage]
+
+
+def _launch(cfg: dict) -> tuple[dict, dict]:
+    """(tile sizes, launch settings) of a CONFIG entry."""
+    tiles = {k: cfg[k] for k in ("BM", "BN")}
+    return tiles, {k: v for k, v in cfg.items() if k not in tiles}
+
+
+def _strides(x):
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+class _WindowAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, pad, window, sinks, causal, scale):
+        q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+        b, h, tq, d = q.shape
+        tk = k.shape[2]
+        out = torch.empty(b, h, tq, d, dtype=q.dtype, device=q.device)
+        lse2 = torch.empty(b, h, tq, dtype=torch.float32, device=q.device)
+        pad_arg = pad if pad is not None else out  # never read when HAS_PAD is False
+        meta = dict(HAS_PAD=pad is not None, CAUSAL=bool(causal), PREC=precision(q),
+                    BD=max(16, triton.next_power_of_2(d)))
+        tiles, launch = _launch(_config("fwd", d))
+        grid = (triton.cdiv(tq, tiles["BM"]), b * h)
+        _fwd[grid](q, k, v, pad_arg, out, lse2, h, tq, tk, d, int(window), int(sinks), scale * LOG2E,
+                   *_strides(q), *_strides(k), *_strides(v), **meta, **tiles, **launch)
+        ctx.save_for_backward(q, k, v, pad, out, lse2)
+        ctx.args = (int(window), int(sinks), float(scale), meta)
+        lse = lse2 * math.log(2.0)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, pad, out, lse2 = ctx.saved_tensors
+        window, sinks, scale, meta = ctx.args
+        b, h, tq, d = q.shape
+        tk = k.shape[2]
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dout = dout.contiguous()
+        delta = (dout.float() * out.float()).sum(-1)
+        if dlse is not None:
+            delta = delta - dlse.float()
+        delta = delta.contiguous()
+        dq = torch.empty(b, h, tq, d, dtype=q.dtype, device=q.device)
+        dk = torch.empty(b, h, tk, d, dtype=k.dtype, device=q.device)
+        dv = torch.empty(b, h, tk, d, dtype=v.dtype, device=q.device)
+        pad_arg = pad if pad is not None else out
+        common = (h, tq, tk, d, window, sinks, scale * LOG2E, scale, *_strides(q), *_strides(k), *_strides(v))
+        tiles, launch = _launch(_config("dkdv", d))
+        _bwd_dkdv[(triton.cdiv(tk, tiles["BN"]), b * h)](q, k, v, pad_arg, dout, lse2, delta, dk, dv, *common, **meta,
+                                                         **tiles, **launch)
+        tiles, launch = _launch(_config("dq", d))
+        _bwd_dq[(triton.cdiv(tq, tiles["BM"]), b * h)](q, k, v, pad_arg, dout, lse2, delta, dq, *common, **meta,
+                                                       **tiles, **launch)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def window_attention(q, k, v, *, window: int, sinks: int = 0, causal: bool = False, scale: float | None = None,
+                     key_padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [B, H, Tq, D], lse [B, H, Tq] fp32, natural log) of sliding-window attention with sinks.
+    q [B, H, Tq, D], k, v [B, H, Tk, D] (heads already expanded), key_padding_mask Bool[B, Tk] (True: real key).
+    Differentiable in q, k, v and through lse."""
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    pad = None if key_padding_mask is None else key_padding_mask.to(torch.int8).contiguous()
+    return _WindowAttention.apply(q, k, v, pad, window, sinks, causal, scale)

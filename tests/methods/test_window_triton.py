@@ -1,0 +1,137 @@
+"""window with backend="triton" (`ops.window_triton`), run on CPU by Triton's interpreter.
+
+Checked against the fp64 dense reference under the window mask written out independently (test_window's
+`window_mask`): forward, log-sum-exp, gradients (through out and lse), causal and not, sinks, Tq != Tk,
+GQA, key padding with a fully padded row (zeros, no NaN), shapes that are not multiples of the tiles, bf16,
+bit-exact causal no-leak, and the clear refusals. The same kernels run compiled on CUDA
+(benchmarks/gpu_checks.py checks them there).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from attnlab import OptionError, UnsupportedError
+from tests.helpers import assert_matches_reference, grads, make, max_err, rand_qkv
+from tests.methods.test_linear_triton import _numpy_index_shim
+from tests.methods.test_window import window_mask
+
+pytestmark = [
+    pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed"),
+    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs Triton's CPU interpreter (conftest)"),
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def interpreter():
+    with pytest.MonkeyPatch.context() as mp:
+        _numpy_index_shim(mp)
+        yield
+
+
+def _allowed(tq, tk, window, sinks, causal):
+    m = window_mask(tq, tk, window, sinks)
+    if causal:
+        m = m & (torch.arange(tk)[None, :] <= torch.arange(tq)[:, None] + (tk - tq))
+    return m
+
+
+def _lse_reference(q, k, allowed, kpm, scale):
+    s = (q.double() @ k.double().transpose(-1, -2)) * scale
+    m = allowed.expand_as(s)
+    if kpm is not None:
+        m = m & kpm[:, None, None, :]
+    return s.masked_fill(~m, float("-inf")).logsumexp(-1)
+
+
+CASES = [  # (b, h, hkv, tq, tk, d, window, sinks, causal)
+    (2, 2, 2, 37, 37, 16, 5, 0, True),
+    (1, 2, 2, 50, 50, 24, 7, 3, False),
+    (2, 2, 1, 20, 45, 16, 6, 2, True),  # Tq < Tk (bottom-right) and GQA
+    (1, 1, 1, 33, 33, 16, 100, 0, False),  # the exact limit: window >= T
+    (1, 1, 1, 40, 40, 16, 3, 18, True),  # sinks spanning more than one tile
+]
+
+
+@pytest.mark.parametrize("b,h,hkv,tq,tk,d,window,sinks,causal", CASES)
+def test_forward_lse_and_grads_match_the_reference(b, h, hkv, tq, tk, d, window, sinks, causal):
+    q, k, v = rand_qkv(b=b, h=h, hkv=hkv, tq=tq, tk=tk, d=d, seed=tq + window)
+    kpm = torch.ones(b, tk, dtype=torch.bool)
+    kpm[0, -7:] = False
+    m = make("window", q, k, window=window, sinks=sinks, backend="triton")
+    allowed = _allowed(tq, tk, window, sinks, causal)
+    res = m(q, k, v, causal=causal, key_padding_mask=kpm, need_lse=True)
+    assert m.kernel == "triton"
+    err = assert_matches_reference(res.out, q, k, v, attn_mask=allowed, key_padding_mask=kpm)
+    k2, v2 = (x.repeat_interleave(h // hkv, 1) for x in (k, v))
+    lse_ref = _lse_reference(q, k2, allowed, kpm, d ** -0.5)
+    fin = lse_ref.isfinite()
+    assert torch.equal(res.lse.isfinite(), fin)
+    assert max_err(res.lse[fin], lse_ref[fin]) < 1e-5
+    # gradients, through out and through lse, against torch's kernel of the same pattern (its own tests hold it
+    # to the reference)
+    w_lse = torch.randn(b, h, tq, generator=torch.Generator().manual_seed(5))
+
+    def loss_fn(backend):
+        mm = make("window", q, k, window=window, sinks=sinks, backend=backend)
+
+        def fn(q, k, v):
+            r = mm(q, k, v, causal=causal, key_padding_mask=kpm, need_lse=True)
+            return r.out + (r.lse.masked_fill(~fin, 0) * w_lse)[..., None] / d
+        return fn
+
+    g_tri, g_ref = grads(loss_fn("triton"), q, k, v), grads(loss_fn("torch"), q, k, v)
+    for a, r in zip(g_tri, g_ref):
+        assert torch.isfinite(a).all()
+        assert max_err(a, r) < 2e-5, max_err(a, r)
+    print(f"window triton {tq}x{tk} w={window} s={sinks} causal={causal}: out {err:.1e}")
+
+
+def test_fully_padded_row_gives_zeros_and_finite_grads():
+    q, k, v = rand_qkv(b=2, h=2, tq=24, d=16, seed=4)
+    kpm = torch.ones(2, 24, dtype=torch.bool)
+    kpm[1] = False
+    kpm[0, :10] = False  # window 3: queries 0..6 of batch 0 see only padded keys
+    m = make("window", q, k, window=3, sinks=0, backend="triton")
+    out = m(q, k, v, key_padding_mask=kpm).out
+    assert out[1].abs().max() == 0 and out[0, :, :7].abs().max() == 0
+    g = grads(lambda q, k, v: m(q, k, v, key_padding_mask=kpm).out, q, k, v)
+    assert all(torch.isfinite(x).all() for x in g)
+    assert g[0][1].abs().max() == 0 and g[2][1].abs().max() == 0
+
+
+def test_bf16_within_tolerance():
+    q, k, v = rand_qkv(b=1, h=2, tq=40, d=32, dtype=torch.bfloat16, seed=6)
+    m = make("window", q, k, window=9, sinks=2, backend="triton")
+    out = m(q, k, v, causal=True).out
+    assert out.dtype == torch.bfloat16
+    assert_matches_reference(out, q, k, v, attn_mask=_allowed(40, 40, 9, 2, True))
+
+
+def test_causal_no_leak_bit_exact():
+    q, k, v = rand_qkv(b=1, h=2, tq=48, d=16, seed=7)
+    m = make("window", q, k, window=10, sinks=2, backend="triton")
+    base = m(q, k, v, causal=True).out
+    t = 29
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, t + 1:] += 5.0
+    v2[:, :, t + 1:] -= 3.0
+    out = m(q, k2, v2, causal=True).out
+    assert torch.equal(out[:, :, : t + 1], base[:, :, : t + 1])
+    assert not torch.equal(out[:, :, t + 1:], base[:, :, t + 1:])
+
+
+def test_refusals_are_one_clear_line(monkeypatch):
+    q, k, v = rand_qkv(b=1, h=2, tq=16, d=16)
+    with pytest.raises(OptionError, match="backend must be one of"):  # the kernel is the window's alone
+        make("block_sparse", q, k, block_size=4, backend="triton")
+    with pytest.raises(UnsupportedError, match="col_sums"):
+        make("window", q, k, window=3, backend="triton")(q, k, v, need_col_sums=True)
+    from attnlab.ops import window_triton
+
+    monkeypatch.setattr(window_triton, "interpreted", lambda: False)
+    with pytest.raises(UnsupportedError, match="runs on CUDA"):
+        make("window", q, k, window=3, backend="triton")(q, k, v)
