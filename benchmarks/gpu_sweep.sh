@@ -4,8 +4,8 @@
 #   bash benchmarks/gpu_sweep.sh            # all four configurations: fits ~9 min; some long lengths may be "skipped"
 #   bash benchmarks/gpu_sweep.sh fwd        # the two fwd configurations, with 2.5x the time each (~9 min)
 #   bash benchmarks/gpu_sweep.sh fwd+bwd    # the two fwd+bwd configurations, with 2.5x the time each (~9 min)
-# Env overrides: OUT (default benchmarks/results/gpu_sweep), LENGTHS (comma list), BUDGET_FWD / BUDGET_BWD
-# (seconds per configuration).
+# Env overrides: OUT (default benchmarks/results/gpu_sweep), LENGTHS (comma list), METHODS (comma list for
+# --methods, METHOD@BACKEND allowed; default every method), BUDGET_FWD / BUDGET_BWD (seconds per configuration).
 #
 # Four processes (non-causal/causal x fwd/fwd+bwd): a CUDA error or a hang costs one configuration, not the
 # sweep. Each has a soft time budget (an impl's lengths past its share are recorded as "skipped") and a hard
@@ -52,7 +52,8 @@ case "$PART" in
   *) echo "usage: $0 [all|fwd|fwd+bwd]"; exit 2 ;;
 esac
 COMMON=(--lengths "${LENGTHS:-1024,2048,4096,8192,16384,32768,65536}" --batch 4,16384:1 --heads 16 --head-dim 64
-        --dtype bf16 --device cuda --warmup 3 --repeats 10 --row-budget 1.0 --max-row-seconds 60 --out "$WORK")
+        --dtype bf16 --device cuda --warmup 3 --repeats 10 --row-budget 1.0 --max-row-seconds 60 --out "$WORK"
+        --methods "${METHODS:-all}")
 run() {  # run NAME BUDGET_S ARGS...
   local name=$1 budget=$2; shift 2
   local cmd=(python3 -m attnlab bench "${COMMON[@]}" --name "$name" --time-budget "$budget" "$@")

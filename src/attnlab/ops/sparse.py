@@ -9,7 +9,8 @@
   It also yields each row's log-sum-exp and the per-key column sums in the same pass;
 - dense under the pattern's Bool[Tq, Tk] mask, when the implied matrix is asked for (need_probs).
 
-`sparse_attention` picks the kernel from the method's `backend` option ("auto": flex on CUDA, torch elsewhere)
+`sparse_attention` picks the kernel from the method's `backend` option ("auto": on CUDA triton for the plain
+window, flex for other patterns; torch elsewhere)
 and reports which one ran. A request the chosen kernel cannot serve is an UnsupportedError before compute;
 "auto" picks the torch kernel for column sums (flex cannot sum columns), which is the same maths.
 """
@@ -99,12 +100,22 @@ def is_window(pattern) -> bool:
     return type(pattern) is WindowPattern
 
 
-def resolve(backend: str, q: torch.Tensor, *, need_lse: bool, need_col_sums: bool) -> str:
-    """The kernel that will run. auto -> flex on CUDA where it can serve the request, else torch (the same
-    maths); flex asked explicitly where it cannot run is refused."""
+@functools.lru_cache(maxsize=None)
+def _triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def resolve(backend: str, q: torch.Tensor, *, need_lse: bool, need_col_sums: bool, pattern=None) -> str:
+    """The kernel that will run. auto -> on CUDA the window's own Triton kernel for the plain sliding-window
+    pattern (faster than FlexAttention's at 16k-64k on an H200, benchmarks/results/window/), flex for other
+    patterns where it can serve the request, else torch (the same maths); flex asked explicitly where it
+    cannot run is refused."""
     if backend == "auto":
-        ok = q.device.type == "cuda" and flex_unavailable_reason(q.device) is None and not need_col_sums
-        return "flex" if ok else "torch"
+        if q.device.type != "cuda" or need_col_sums:
+            return "torch"
+        if is_window(pattern) and q.shape[-1] <= 256 and _triton_importable():
+            return "triton"
+        return "flex" if flex_unavailable_reason(q.device) is None else "torch"
     if backend == "flex":
         if q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
             # The CPU flex template is inference-only (no backward) in torch 2.6-2.13.
@@ -200,7 +211,7 @@ def sparse_attention(q, k, v, pattern, *, causal: bool, key_padding_mask, scale:
             _, lse, cols = blockwise_attention(q, k, v, scale=scale, key_padding_mask=key_padding_mask, attn_mask=allowed,
                                                need_out=False, need_lse=need_lse, need_col_sums=need_col_sums)
         return AttnOutput(out, probs, lse=lse, col_sums=cols), "dense"
-    kernel = resolve(backend, q, need_lse=need_lse, need_col_sums=need_col_sums)
+    kernel = resolve(backend, q, need_lse=need_lse, need_col_sums=need_col_sums, pattern=pattern)
     if kernel == "triton":
         from .window_triton import window_attention
 

@@ -30,8 +30,10 @@ import triton.language as tl
 from .triton_common import dot, interpreted, precision, to
 
 LOG2E = 1.4426950408889634
-# Tile sizes and launch settings (fwd, dkdv, dq) for head_dim <= 64 on the GPU; the interpreter gets small tiles.
-CONFIG = {"fwd": dict(BM=128, BN=64, num_warps=4, num_stages=3),
+# Tile sizes and launch settings (fwd, dkdv, dq) for head_dim <= 64 on the GPU: the fastest of
+# benchmarks/tune_window.py's grid on an H200 at 16k and 64k tokens, causal and not (benchmarks/results/window/);
+# the interpreter gets small tiles.
+CONFIG = {"fwd": dict(BM=64, BN=64, num_warps=4, num_stages=3),
           "dkdv": dict(BM=64, BN=64, num_warps=4, num_stages=2),
           "dq": dict(BM=64, BN=64, num_warps=4, num_stages=2)}
 CONFIG_WIDE = {"fwd": dict(BM=128, BN=32, num_warps=8, num_stages=2),  # head_dim 65..256: smaller key tiles

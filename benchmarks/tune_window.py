@@ -1,0 +1,157 @@
+"""The sliding-window Triton kernel (`ops/window_triton.py`) on the GPU: tile settings, and how far it is from
+causal flash, from FlexAttention with the same band and from the H200's own matmul rate.
+
+    PYTHONPATH=src python3 benchmarks/tune_window.py --out $OUT/window     # ~3 min on an H200
+
+For each length (default 4096, 16384, 65536), B=1, H=16, D=64, bf16, window 256 (+ 4 sinks where asked),
+causal and not, fwd and fwd+bwd: attnlab window backend="triton" at every tile setting of GRID, backend="flex",
+raw compiled flex_attention with the window's BlockMask, and SDPA flash (causal: the dense causal baseline
+the 30x goal is measured against). Also measured in the same process: the bf16 matmul rate (8192^3 torch.mm)
+and HBM bandwidth (a 4 GiB copy), the ceilings each row's achieved fraction is computed against. A row's
+FLOPs count the band's visible (query, key) pairs (4 * pairs * D forward, 2.5x that for the backward:
+FlashAttention-2's dq, dk, dv and the recomputed scores), not the dense equivalent.
+Writes OUT/tune_window.json (rows), printing a table.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+
+import torch
+import triton
+import triton.testing
+
+import attnlab
+from attnlab.ops import sparse as sparse_ops
+from attnlab.ops import window_triton
+
+GRID = {"fwd": [dict(BM=128, BN=64, num_warps=4, num_stages=3), dict(BM=128, BN=64, num_warps=8, num_stages=3),
+                dict(BM=128, BN=128, num_warps=8, num_stages=2), dict(BM=64, BN=64, num_warps=4, num_stages=3),
+                dict(BM=128, BN=32, num_warps=4, num_stages=4)],
+        "bwd": [dict(BM=64, BN=64, num_warps=4, num_stages=2), dict(BM=32, BN=64, num_warps=4, num_stages=2),
+                dict(BM=64, BN=128, num_warps=8, num_stages=2), dict(BM=32, BN=128, num_warps=4, num_stages=2),
+                dict(BM=64, BN=64, num_warps=8, num_stages=3)]}
+
+
+def visible_pairs(t: int, window: int, sinks: int, causal: bool) -> int:
+    from attnlab.patterns import WindowPattern
+
+    m = WindowPattern(window, sinks)
+    dens = m.density(t, t, causal)
+    return int(round(dens * (t * (t + 1) / 2 if causal else t * t)))
+
+
+def ceilings() -> dict:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = triton.testing.do_bench(lambda: a @ a, warmup=50, rep=300)
+    x = torch.empty(2 ** 31, device="cuda", dtype=torch.bfloat16)
+    y = torch.empty_like(x)
+    ms_copy = triton.testing.do_bench(lambda: y.copy_(x), warmup=20, rep=200)
+    del a, x, y
+    return {"matmul_tflops": 2 * 8192 ** 3 / ms / 1e9, "hbm_gbps": 2 * 2 ** 32 / ms_copy / 1e6}
+
+
+def timed(fn, mode, q, k, v):
+    if mode == "fwd":
+        with torch.no_grad():
+            return triton.testing.do_bench(lambda: fn(q, k, v), warmup=10, rep=100)
+    q, k, v = (x.detach().requires_grad_(True) for x in (q, k, v))
+    g = torch.randn_like(q)
+
+    def step():
+        fn(q, k, v).backward(g)
+    return triton.testing.do_bench(step, warmup=5, rep=100, grad_to_none=[q, k, v])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lengths", default="4096,16384,65536")
+    p.add_argument("--window", type=int, default=256)
+    p.add_argument("--sinks", type=int, default=0)
+    p.add_argument("--modes", default="fwd,fwd+bwd")
+    p.add_argument("--no-grid", action="store_true", help="only the committed CONFIG, no tile search")
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    from pathlib import Path
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    from attnlab.bench.sweep import raise_recompile_limit
+
+    raise_recompile_limit()
+    ceil = ceilings()
+    print(f"ceilings: bf16 matmul {ceil['matmul_tflops']:.0f} TFLOP/s, copy {ceil['hbm_gbps']:.0f} GB/s", flush=True)
+    rows = []
+    h, d, w, s = 16, 64, args.window, args.sinks
+    base_cfg = dict(window_triton.CONFIG)
+    for t, causal, mode in itertools.product([int(x) for x in args.lengths.split(",")], (True, False),
+                                             args.modes.split(",")):
+        g = torch.Generator(device="cuda").manual_seed(t)
+        q, k, v = (torch.randn(1, h, t, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+        pairs = visible_pairs(t, w, s, causal) * h
+        flops = 4 * pairs * d * (1 if mode == "fwd" else 3.5)
+        bytes_moved = 4 * q.numel() * 2 * (1 if mode == "fwd" else 2.5)  # q, k, v, out once (bwd: + do, dq, dk, dv)
+        impls = {}
+        wm = attnlab.make("window", head_dim=d, num_heads=h, window=w, sinks=s, backend="flex").cuda()
+        impls["attnlab flex"] = lambda q, k, v: wm(q, k, v, causal=causal).out
+        bm = wm.pattern.block_mask(t, t, causal, "cuda", 128)
+        flex = sparse_ops.compiled_flex_attention("cuda")
+        impls["raw flex_attention"] = lambda q, k, v: flex(q, k, v, block_mask=bm)
+        if causal:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            def flash(q, k, v):
+                with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+                    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            impls["sdpa flash (dense causal)"] = flash
+        tm = attnlab.make("window", head_dim=d, num_heads=h, window=w, sinks=s, backend="triton").cuda()
+        tri = lambda q, k, v: tm(q, k, v, causal=causal).out  # noqa: E731
+        stage = "fwd" if mode == "fwd" else "bwd"
+        grid = [None] if args.no_grid else GRID[stage]
+        for cfg in grid:
+            if cfg is not None:
+                window_triton.CONFIG.update(base_cfg)
+                if stage == "fwd":
+                    window_triton.CONFIG["fwd"] = cfg
+                else:
+                    window_triton.CONFIG["dkdv"] = cfg
+                    window_triton.CONFIG["dq"] = dict(cfg, BM=cfg["BN"], BN=cfg["BM"])
+            impls[f"attnlab triton {json.dumps(cfg) if cfg else 'CONFIG'}"] = (tri, dict(window_triton.CONFIG))
+        for name, fn in impls.items():
+            cfg = None
+            if isinstance(fn, tuple):
+                fn, cfg = fn
+                window_triton.CONFIG.clear()
+                window_triton.CONFIG.update(cfg)
+            t0 = time.perf_counter()
+            try:
+                ms = timed(fn, mode, q, k, v)
+                err = None
+            except Exception as e:  # noqa: BLE001 - a row, not a crash
+                ms, err = None, f"{type(e).__name__}: {str(e)[:200]}"
+            row = {"impl": name, "seq_len": t, "causal": causal, "mode": mode, "window": w, "sinks": s, "heads": h,
+                   "head_dim": d, "batch": 1, "dtype": "bfloat16", "ms": ms, "error": err, "config": cfg,
+                   "flops": flops, "bytes_moved": bytes_moved, "device_name": torch.cuda.get_device_name(),
+                   "torch_version": torch.__version__, "triton_version": triton.__version__, **ceil,
+                   "wall_s": round(time.perf_counter() - t0, 1), "command": " ".join(sys.argv)}
+            if ms:
+                row["tflops"] = flops / ms / 1e9
+                row["matmul_fraction"] = row["tflops"] / ceil["matmul_tflops"]
+                row["hbm_fraction"] = bytes_moved / ms / 1e6 / ceil["hbm_gbps"]
+            rows.append(row)
+            (out / "tune_window.json").write_text(json.dumps(rows, indent=1))
+            print(f"T={t:6} causal={causal!s:5} {mode:7} {name:70} "
+                  + (f"{ms:8.3f} ms {row['tflops']:6.0f} TFLOP/s ({row['matmul_fraction']:.0%} of matmul)" if ms else err),
+                  flush=True)
+        window_triton.CONFIG.clear()
+        window_triton.CONFIG.update(base_cfg)
+        del q, k, v
+        torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
