@@ -140,6 +140,23 @@ def _fwd(Q, K, V, PAD, O, LSE, H, Tq, Tk, D, W, S, qk_scale,
 
 
 @triton.jit
+def _bwd_delta(O, DO, DLSE, DELTA, Tq, D, HAS_DLSE: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr):
+    """delta_i = do_i . o_i - dlse_i in fp32, without materialising fp32 copies of o and do."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_d = tl.arange(0, BD)
+    mask = (offs_m < Tq)[:, None] & (offs_d < D)[None, :]
+    ptr = bh * Tq * D + offs_m[:, None] * D + offs_d[None, :]
+    o = tl.load(O + ptr, mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + ptr, mask=mask, other=0.0).to(tl.float32)
+    delta = tl.sum(o * do, 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + bh * Tq + offs_m, mask=offs_m < Tq, other=0.0)
+    tl.store(DELTA + bh * Tq + offs_m, delta, mask=offs_m < Tq)
+
+
+@triton.jit
 def _bwd_dkdv(Q, K, V, PAD, DO, LSE, DELTA, DK, DV, H, Tq, Tk, D, W, S, qk_scale, scale,
               s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
               HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
@@ -289,10 +306,11 @@ class _WindowAttention(torch.autograd.Function):
         if dout is None:
             dout = torch.zeros_like(out)
         dout = dout.contiguous()
-        delta = (dout.float() * out.float()).sum(-1)
-        if dlse is not None:
-            delta = delta - dlse.float()
-        delta = delta.contiguous()
+        delta = torch.empty(b, h, tq, dtype=torch.float32, device=q.device)
+        dlse_arg = dlse.float().contiguous() if dlse is not None else delta
+        bm_delta = 16 if interpreted() else 64
+        _bwd_delta[(triton.cdiv(tq, bm_delta), b * h)](out, dout, dlse_arg, delta, tq, d, HAS_DLSE=dlse is not None,
+                                                         BM=bm_delta, BD=meta["BD"])
         dq = torch.empty(b, h, tq, d, dtype=q.dtype, device=q.device)
         dk = torch.empty(b, h, tk, d, dtype=k.dtype, device=q.device)
         dv = torch.empty(b, h, tk, d, dtype=v.dtype, device=q.device)
