@@ -17,19 +17,23 @@ LENGTHS = (4096, 16384, 65536)
 START, END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
 
 
-def load_rows() -> dict:
-    latest = {}
+def load_runs() -> dict[str, dict]:
+    """Every committed bench run outside results/history/: {relative JSON path: {(mode, causal, method, impl, T): row}}.
+    A table row takes attnlab's cells, the SDPA baseline and the peers from ONE run (the ratios are same-run ratios)."""
+    runs = {}
     for f in sorted(glob.glob(str(HERE / "results" / "**" / "*.json"), recursive=True)):
-        if f.endswith("crossover.json") or "model_bench" in f:
+        rel = str(Path(f).relative_to(HERE.parent))
+        if f.endswith("crossover.json") or "/history/" in f:
             continue
         data = json.load(open(f))
+        rows = {}
         for r in data if isinstance(data, list) else []:
-            if not isinstance(r, dict) or not {"status", "seq_len", "causal", "mode", "impl"} <= r.keys():
+            if not isinstance(r, dict) or not {"status", "seq_len", "causal", "mode", "impl", "method"} <= r.keys():
                 continue
-            key = (r["mode"], bool(r["causal"]), r["method"], r["impl"], r["seq_len"])
-            if key not in latest or str(r.get("timestamp", "")) >= str(latest[key].get("timestamp", "")):
-                latest[key] = r
-    return latest
+            rows[(r["mode"], bool(r["causal"]), r["method"], r["impl"], r["seq_len"])] = r
+        if rows:
+            runs[rel] = rows
+    return runs
 
 
 def cell(r) -> str:
@@ -40,28 +44,55 @@ def cell(r) -> str:
     return f"{r['ms']:.2f} ms / {r['peak_mem_bytes'] / 2**30:.2f} GiB"
 
 
-def table(rows: dict, mode: str, causal: bool) -> str:
-    methods = sorted({k[2] for k in rows if k[0] == mode and k[1] == causal and k[3] == "attnlab"})
+def _pick_run(runs: dict, mode: str, causal: bool, method: str, impl: str):
+    """The run with the most ok lengths of this (method, impl); on a tie one that timed a peer of the method, then
+    the latest."""
+    def score(item):
+        rel, rows = item
+        ok = [rows.get((mode, causal, method, impl, n)) for n in LENGTHS]
+        n_ok = sum(1 for r in ok if r and r["status"] == "ok")
+        n_peer = sum(1 for k, r in rows.items() if k[:3] == (mode, causal, method) and not k[3].startswith("attnlab")
+                     and k[4] in LENGTHS and r["status"] == "ok")
+        stamp = max((str(r.get("timestamp", "")) for r in ok if r), default="")
+        return (n_ok, any(ok), n_peer > 0, stamp)
+    best = max(runs.items(), key=score, default=None)
+    return best if best and score(best)[1] else None
+
+
+def table(runs: dict, mode: str, causal: bool) -> str:
+    variants = sorted({(k[2], k[3]) for rows in runs.values() for k in rows
+                       if k[0] == mode and k[1] == causal and k[3].startswith("attnlab")})
     head = ("| method | " + " | ".join(f"{n // 1024}k time / peak mem" for n in LENGTHS)
-            + " | x SDPA at 64k | best peer at 64k | x best peer at 64k |")
-    lines = [f"**{mode}, {'causal' if causal else 'non-causal'}**", "", head, "|" + "---|" * (len(LENGTHS) + 4)]
-    for m in methods:
-        own = [rows.get((mode, causal, m, "attnlab", n)) for n in LENGTHS]
+            + " | x SDPA at 64k | best peer at 64k | x best peer at " + " / ".join(f"{n // 1024}k" for n in LENGTHS)
+            + " | run |")
+    lines = [f"**{mode}, {'causal' if causal else 'non-causal'}**", "", head, "|" + "---|" * (len(LENGTHS) + 5)]
+    for m, impl in variants:
+        rel, rows = _pick_run(runs, mode, causal, m, impl)
+        own = [rows.get((mode, causal, m, impl, n)) for n in LENGTHS]
         sd = rows.get((mode, causal, "sdpa", "attnlab", LENGTHS[-1]))
         big = own[-1]
         ratio_sdpa = (f"{big['ms'] / sd['ms']:.2f}" if big and sd and big["status"] == sd["status"] == "ok" else "-")
-        peers = [r for k, r in rows.items() if k[0] == mode and k[1] == causal and k[2] == m and k[3] != "attnlab"
-                 and k[4] == LENGTHS[-1] and r["status"] == "ok"]
-        best = min(peers, key=lambda r: r["ms"]) if peers else None
-        ratio_peer = f"{big['ms'] / best['ms']:.2f}" if best and big and big["status"] == "ok" else "-"
-        lines.append(f"| {m} | " + " | ".join(cell(r) for r in own)
-                     + f" | {ratio_sdpa} | {best['impl'] + f' {best[chr(109) + chr(115)]:.2f} ms' if best else '-'} | {ratio_peer} |")
+
+        def best_peer(n):
+            peers = [r for k, r in rows.items() if k[0] == mode and k[1] == causal and k[2] == m
+                     and not k[3].startswith("attnlab") and k[4] == n and r["status"] == "ok"]
+            return min(peers, key=lambda r: r["ms"]) if peers else None
+
+        ratios = []
+        for r, n in zip(own, LENGTHS):
+            bp = best_peer(n)
+            ratios.append(f"{r['ms'] / bp['ms']:.2f}" if bp and r and r["status"] == "ok" else "-")
+        best = best_peer(LENGTHS[-1])
+        label = m + impl[len("attnlab"):]
+        lines.append(f"| {label} | " + " | ".join(cell(r) for r in own)
+                     + f" | {ratio_sdpa} | {best['impl'] + ' {:.2f} ms'.format(best['ms']) if best else '-'}"
+                     + f" | {' / '.join(ratios)} | [{Path(rel).parent.name}/{Path(rel).name}]({rel}) |")
     return "\n".join(lines)
 
 
 def model_table() -> str:
     """SmolLM2-135M model-level peak memory vs eager dense (the research target: >= 30% lower at every length)."""
-    f = HERE / "results" / "model_bench" / "model_bench.json"
+    f = HERE / "results" / "history" / "h100" / "model_bench" / "model_bench.json"
     if not f.exists():
         return ""
     rows = json.load(open(f))
@@ -69,7 +100,7 @@ def model_table() -> str:
     out = []
     for mode in ("fwd", "fwd+bwd"):
         eager = {r["seq_len"]: r for r in rows if r["impl"] == "original-eager" and r["mode"] == mode}
-        out += [f"**SmolLM2-135M {mode}** (batch 1, bf16, H100; ms / peak GiB; in brackets: peak memory vs eager dense)", "",
+        out += [f"**SmolLM2-135M {mode}** (batch 1, bf16, H100, history: not re-run on the H200; ms / peak GiB; in brackets: peak memory vs eager dense)", "",
                 "| impl | " + " | ".join(str(n) for n in lengths) + " |", "|" + "---|" * (len(lengths) + 1)]
         for impl in dict.fromkeys(r["impl"] for r in rows):
             cells = []
@@ -107,9 +138,17 @@ def compare_block(task: str) -> str:
     return head + "\n\n```\n" + get(task).table(res["rows"]) + "\n```"
 
 
+MOVED = {"benchmarks/results/gpu_sweep/": "benchmarks/results/history/h100/gpu_sweep/"}  # result folders moved since
+
+
 def _ran(res: dict) -> str:
-    """The command and commit that made a committed result."""
-    return f"`{res['command']}` at commit `{res.get('commit') or 'unknown'}`"
+    """The command and commit that made a committed result (a path it read that has moved since is shown where it
+    is now, so the command still runs from a clean checkout)."""
+    cmd = res["command"]
+    moved = [new for old, new in MOVED.items() if old in cmd]
+    for old, new in MOVED.items():
+        cmd = cmd.replace(old, new)
+    return f"`{cmd}` at commit `{res.get('commit') or 'unknown'}`" + (" (input path as moved since)" if moved else "")
 
 
 def _where(env: dict) -> str:
@@ -523,14 +562,17 @@ def main() -> int:
 
 
 def bench_block() -> str:
-    rows = load_rows()
-    any_row = next(iter(rows.values()))
-    parts = [f"H100 ({any_row.get('device_name', 'cuda')}), bf16, 16 heads, head dim 64, batch 4 up to 8k and 1 from 16k; "
-             "attention call only (inputs given). Generated by `python benchmarks/make_readme_tables.py` from "
-             "`benchmarks/results/**.json` (commands in the `*.cmd.txt` / `sweep_run.txt` beside them)."]
+    runs = load_runs()
+    devices = sorted({r.get("device_name") or "?" for rows in runs.values() for r in rows.values()})
+    parts = [f"{', '.join(devices)}, bf16, 16 heads, head dim 64, batch 4 at 4k and 1 from 16k; attention call only "
+             "(inputs given). Every row's cells, its SDPA ratio and its peers come from one run (the `run` column: "
+             "the JSON, with the command in the `*.cmd.txt` / `sweep_run.txt` beside it). `METHOD@BACKEND` rows are "
+             "the method run with that backend in the same run as its default. Generated by "
+             "`python benchmarks/make_readme_tables.py`; H100 runs are kept under `benchmarks/results/history/h100/` "
+             "and not used here."]
     for mode in ("fwd", "fwd+bwd"):
         for causal in (False, True):
-            parts.append(table(rows, mode, causal))
+            parts.append(table(runs, mode, causal))
     parts.append("### Model level: `python benchmarks/model_bench.py` (SmolLM2-135M config, random weights)\n\n" + model_table())
     return "\n\n".join(parts)
 

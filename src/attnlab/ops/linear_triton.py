@@ -40,7 +40,7 @@ from .triton_common import to as _to
 
 BT = 64  # tokens per chunk
 BK = 64  # features per program
-# launch settings: the fastest measured on an H100 at 64k tokens (benchmarks/results/triton/tune.json)
+# launch settings: the fastest measured on an H100 at 64k tokens (benchmarks/results/history/h100/triton/tune.json)
 CONFIG = {"state": dict(num_warps=4, num_stages=3), "out": dict(num_warps=4, num_stages=2),
           "grad": dict(num_warps=4, num_stages=2)}
 STATE_BV = 32  # value columns per program of the two sequential passes (fewer: more programs in parallel)
