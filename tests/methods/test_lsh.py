@@ -350,3 +350,21 @@ def test_seed_determinism():
 
 
 # ---- errors before compute ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("slice_elements", [1 << 26, 40])
+def test_hash_is_argmax_over_plus_minus_rotations(slice_elements, monkeypatch):
+    """The hash (bucket = argmax over [xR, -xR], Reformer's angular LSH) computed without building the concat and,
+    at a small slice size, over slices of positions: identical buckets to the direct formula, ties included
+    (all-zero rows tie everywhere and must take bucket 0, as argmax's first index does)."""
+    m = make("lsh", *rand_qkv(h=2, d=16)[:2], bucket_size=4, n_hashes=3)
+    monkeypatch.setattr(type(m), "hash_slice_elements", slice_elements)
+    x = torch.randn(2, 2, 50, 16, generator=torch.Generator().manual_seed(3))
+    x[:, :, :7] = 0.0
+    nb = m.n_buckets(50)
+    got = m._hash(x, nb, 46)
+    rot = torch.einsum("bhtd,dre->bhrte", x, m.rotations(nb, x.device, x.dtype))
+    want = torch.cat([rot, -rot], dim=-1).argmax(dim=-1)
+    want[..., 46:] = nb
+    assert torch.equal(got, want)
+    assert (got[..., :7] == 0).all()

@@ -100,6 +100,8 @@ class LSH(AttentionMethod):
         self._rotations: dict[tuple, torch.Tensor] = {}
 
     # ---- hashing -------------------------------------------------------------------------------------
+    hash_slice_elements = 1 << 26  # the largest projection block _hash builds at once (256 MiB in fp32)
+
     def n_buckets(self, t: int) -> int:
         """ceil(T / bucket_size), rounded up to even (angular LSH makes buckets in +/- pairs)."""
         n = max(1, math.ceil(t / self.opts.bucket_size))
@@ -120,9 +122,19 @@ class LSH(AttentionMethod):
         if n_buckets == 1:
             buckets = torch.zeros(b, h, self.opts.n_hashes, tp, dtype=torch.long, device=x.device)
         else:
+            buckets = torch.empty(b, h, self.opts.n_hashes, tp, dtype=torch.long, device=x.device)
+            rotations = self.rotations(n_buckets, x.device, x.dtype)
+            half = n_buckets // 2
+            # argmax over [rot, -rot] without building it: the larger of max(rot) and -min(rot) (rot wins a tie, as
+            # the first index does in argmax), over slices of positions so that the (.., positions, nb/2)
+            # projections never exceed ~2^26 elements (at 64k tokens whole, they were 4 GiB, 8 GiB with the concat)
+            step = max(1, self.hash_slice_elements // max(1, b * h * self.opts.n_hashes * half))
             with torch.no_grad():  # argmax has no gradient; keep hashing out of the graph
-                rot = torch.einsum("bhtd,dre->bhrte", x, self.rotations(n_buckets, x.device, x.dtype))  # (B,H,R,Tp,nb/2)
-                buckets = torch.cat([rot, -rot], dim=-1).argmax(dim=-1)  # (B, H, R, Tp)
+                for s0 in range(0, tp, step):
+                    rot = torch.einsum("bhtd,dre->bhrte", x[:, :, s0:s0 + step], rotations)  # (B, H, R, step, nb/2)
+                    hi, arg_hi = rot.max(dim=-1)
+                    lo, arg_lo = rot.min(dim=-1)
+                    buckets[..., s0:s0 + step] = torch.where(hi >= -lo, arg_hi, arg_lo + half)
         buckets[..., t_real:] = n_buckets
         return buckets
 
