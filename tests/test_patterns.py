@@ -165,3 +165,17 @@ def test_flex_through_a_table_built_block_mask_equals_dense(causal):
                                               backend="flex", flex_block_size=16)
     assert kernel == "flex"
     assert_matches_reference(res.out, q, k, v, attn_mask=pat.dense(37, 37, False)[None], causal=causal, scale=0.25)
+
+
+@pytest.mark.parametrize("window,sinks,tq,tk,causal", [
+    (3, 0, 20, 20, True), (3, 2, 20, 20, False), (5, 3, 10, 30, True), (5, 3, 30, 10, True), (100, 0, 12, 12, False),
+    (4, 50, 20, 20, True), (0, 1, 9, 9, False),
+])
+def test_visible_pairs_count_the_mask(window, sinks, tq, tk, causal):
+    """The window's closed form and the generic count (mask_mod over key_chunks) both equal the dense mask's sum."""
+    from attnlab.patterns.base import Pattern
+
+    pat = patterns.WindowPattern(window, sinks)
+    want = float(pat.dense(tq, tk, causal).sum())
+    assert pat.visible_pairs(tq, tk, causal) == want
+    assert Pattern.visible_pairs(pat, tq, tk, causal) == want

@@ -194,3 +194,27 @@ def test_cli_bad_input_is_one_line_before_any_timing(args, match, tmp_path, caps
 
     assert_cli_one_line_error(["bench", "--device", "cpu", *args, "--out", str(tmp_path / "out")], match, capsys,
                               tmp_path / "out")
+
+
+def test_own_flops_follow_each_method_and_reach_the_rows():
+    """Each method's own forward count: dense pairs for softmax attention (bottom-right causal), the window's band
+    (equal to dense at its exact limit), and rows carrying method_flops (x3.5 fwd+bwd) and compulsory bytes."""
+    from attnlab.methods.base import visible_pairs
+
+    d, t = 16, 40
+    dense = attnlab.make("dense", head_dim=d, num_heads=2)
+    assert dense.flops(t, t, False) == 4 * t * t * d
+    assert dense.flops(t, t, True) == 4 * (t * (t + 1) // 2) * d
+    assert visible_pairs(3, 7, True) == 3 * 5 + 3  # rows see 5, 6, 7 keys
+    win = attnlab.make("window", head_dim=d, num_heads=2, window=t)
+    assert win.flops(t, t, True) == dense.flops(t, t, True)
+    narrow = attnlab.make("window", head_dim=d, num_heads=2, window=3, sinks=0)
+    assert narrow.flops(t, t, True) == 4 * d * (t * 4 - 6)  # rows 0..2 see 1..3 keys, the rest 4
+    lsh = attnlab.make("lsh", head_dim=d, num_heads=2, bucket_size=t, n_hashes=2)
+    assert lsh.flops(t, t, False) == 4 * 2 * t * t * d  # one bucket, no hashing: each round is dense
+    rows = sweep.run_sweep(methods=["window"], lengths=[32], modes=["fwd", "fwd+bwd"], peer_list=[], **TINY)
+    by_mode = {r["mode"]: r for r in rows if r["method"] == "window"}
+    own = attnlab.make("window", head_dim=16, num_heads=2, **attnlab.defaults("window", 32)).flops(32, 32, False)
+    assert by_mode["fwd"]["method_flops"] == own * 2 and by_mode["fwd+bwd"]["method_flops"] == own * 2 * 3.5
+    assert by_mode["fwd"]["min_bytes"] == 2 * 32 * 16 * 4 * 4 and by_mode["fwd+bwd"]["min_bytes"] == 3 * by_mode["fwd"]["min_bytes"]
+    assert "matmul_fraction" not in by_mode["fwd"]  # ceilings are measured on CUDA only

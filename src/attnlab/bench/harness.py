@@ -54,6 +54,41 @@ def dense_flops(batch: int, heads: int, seq_len: int, head_dim: int, mode: str, 
     return flops
 
 
+_CEILINGS: dict = {}
+
+
+def ceilings(device) -> dict:
+    """The device's own limits, measured once per process (CUDA only; {} elsewhere): the bf16 matmul rate
+    (an 8192^3 torch.mm, TFLOP/s) and the copy bandwidth (a 1 GiB tensor copied, read + write, GB/s). Rows
+    report each method's achieved fraction of both, from its own FLOPs and its compulsory bytes."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return {}
+    key = str(device)
+    if key not in _CEILINGS:
+        import triton.testing
+
+        a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+        mm_ms = triton.testing.do_bench(lambda: a @ a, warmup=25, rep=200)
+        x = torch.empty(1 << 29, device=device, dtype=torch.bfloat16)
+        y = torch.empty_like(x)
+        cp_ms = triton.testing.do_bench(lambda: y.copy_(x), warmup=10, rep=100)
+        del a, x, y
+        _CEILINGS[key] = {"ceiling_matmul_tflops": round(2 * 8192 ** 3 / mm_ms / 1e9, 1),
+                          "ceiling_copy_gbps": round(2 * 2 ** 30 / cp_ms / 1e6, 1)}
+    return _CEILINGS[key]
+
+
+def own_cost(fwd_flops_per_head: float | None, batch: int, heads: int, seq_len: int, head_dim: int, mode: str,
+             elem_bytes: int) -> dict:
+    """A row's own work: `method_flops` (the method's forward count x B x H, x3.5 for fwd+bwd, as the dense
+    convention) and `min_bytes` (compulsory traffic: q, k, v read and out written once; fwd+bwd adds do read,
+    dq, dk, dv written and q, k, v, out read again: 12 x B H T D elements)."""
+    per = batch * heads
+    flops = None if fwd_flops_per_head is None else fwd_flops_per_head * per * (3.5 if mode == "fwd+bwd" else 1.0)
+    return {"method_flops": flops, "min_bytes": per * seq_len * head_dim * elem_bytes * (12 if mode == "fwd+bwd" else 4)}
+
+
 def is_oom(exc: BaseException) -> bool:
     """torch.cuda.OutOfMemoryError, or an OOM re-raised under another type (torch.compile wraps errors)."""
     if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):

@@ -195,10 +195,20 @@ def run_sweep(
                     stop_reason = f"seq_len={t} took {row['wall_s']:.0f} s > --max-row-seconds {max_row_s:.0f}"
             row["tflops"] = None
             row["flops"] = harness.dense_flops(b, heads, t, head_dim, mode, causal)
-            if row.get("status") == "ok" and row.get("ms"):
+            row.update(harness.own_cost(row.pop("_own_flops", None), b, heads, t, head_dim, mode, dtype.itemsize))
+            ok = row.get("status") == "ok" and row.get("ms")
+            if ok:
                 row["tflops"] = round(row["flops"] / (row["ms"] * 1e-3) / 1e12, 3)
-            row["flops_convention"] = ("dense-equivalent 4*B*H*T^2*D fwd, /2 causal, x3.5 fwd+bwd "
-                                       "(effective for approximate methods)")
+            ceil = harness.ceilings(device) if ok else {}
+            row.update(ceil)
+            if ceil:
+                if row["method_flops"] is not None:
+                    row["method_tflops"] = round(row["method_flops"] / (row["ms"] * 1e-3) / 1e12, 3)
+                    row["matmul_fraction"] = round(row["method_tflops"] / ceil["ceiling_matmul_tflops"], 4)
+                row["copy_fraction"] = round(row["min_bytes"] / (row["ms"] * 1e-3) / 1e9 / ceil["ceiling_copy_gbps"], 4)
+            row["flops_convention"] = ("flops: dense-equivalent 4*B*H*T^2*D fwd, /2 causal, x3.5 fwd+bwd (effective "
+                                       "for approximate methods); method_flops: the method's own matmul work "
+                                       "(AttentionMethod.flops), x3.5 fwd+bwd")
             row["command"] = command
             row["timestamp"] = time.strftime("%Y-%m-%dT%H:%M:%S")
             rows.append(row)
@@ -231,6 +241,7 @@ def _measure(im, t, b, heads, head_dim, dtype, device, causal, mode, repeats, wa
         extra["options"] = _jsonable(options)
         fn, prepare, params, note, module = im.build(t, heads, head_dim, causal, dtype, device, options)
         extra["note"] = note
+        extra["_own_flops"] = _own_flops(im.method, module, options, t, heads, head_dim, causal)
     except Exception as exc:  # noqa: BLE001 - a row, not a crash
         fn = None
         failed = harness.failed_row(exc, device)
@@ -248,6 +259,19 @@ def _measure(im, t, b, heads, head_dim, dtype, device, causal, mode, repeats, wa
     elif torch.device(device).type == "cuda":
         torch.cuda.empty_cache()  # no gc.collect on the happy path: it costs ~0.1 s a row
     return {**extra, **result}
+
+
+def _own_flops(method, module, options, t, heads, head_dim, causal):
+    """The method's forward FLOPs per (batch, head) at this length (peers: counted on attnlab's module with the
+    same options, built on CPU); None when the method does not count them."""
+    try:
+        if module is None:
+            import attnlab
+
+            module = attnlab.make(method, head_dim=head_dim, num_heads=heads, **options)
+        return module.flops(t, t, causal)
+    except Exception:  # noqa: BLE001 - a count we cannot make is a missing field, not a failed row
+        return None
 
 
 def _jsonable(obj):

@@ -31,6 +31,10 @@ from ..ops.linear import compute_dtype
 class FeatureMap(nn.Module):
     trainable = False
 
+    def projection_flops(self, head_dim: int) -> int:
+        """Matmul FLOPs to map one token (2 per multiply-add): 0 for elementwise maps."""
+        return 0
+
     def out_dim(self, head_dim: int) -> int:
         return head_dim
 
@@ -70,6 +74,9 @@ class _RandomFeatures(FeatureMap):
         else:
             self.register_buffer("features", self._draw(gen))  # (m, D)
         self.register_buffer("rng_state", gen.get_state())  # where the next redraw continues
+
+    def projection_flops(self, head_dim: int) -> int:
+        return 2 * head_dim * self.num_features
 
     def _draw(self, gen: torch.Generator) -> torch.Tensor:
         raise NotImplementedError
@@ -195,6 +202,9 @@ class Hedgehog(FeatureMap):
         n = min(head_dim, feature_dim)
         w[:, torch.arange(n), torch.arange(n)] = 1.0
         self.weight = nn.Parameter(w)  # (H, D, F)
+
+    def projection_flops(self, head_dim: int) -> int:
+        return 2 * head_dim * self.weight.shape[-1]
 
     def out_dim(self, head_dim):
         return 2 * self.weight.shape[-1]

@@ -35,6 +35,19 @@ class KernelAttention(AttentionMethod):
     def feature_dim(self) -> int:
         return self.maps()[1].out_dim(self.head_dim)
 
+    def flops(self, tq, tk, causal):
+        """Feature maps (their projections) + the linear-attention matmuls. Non-causal: K^T V and Q S, plus the
+        normaliser. Causal (chunks of C = 64, the Triton kernel's): the state pass and the inter-chunk products
+        as non-causal, plus the masked intra-chunk quadratic form (half of C per row, numerator and normaliser)."""
+        f, d = self.feature_dim(), self.head_dim
+        fq, fk = self.maps()
+        maps = tq * fq.projection_flops(d) + tk * fk.projection_flops(d)
+        core = 2.0 * tk * f * d + 2.0 * tq * f * d + 2.0 * tq * f
+        if causal:
+            c = 64
+            core += tq * c * (f + d + 1)
+        return maps + core
+
     def _triton_reasons(self, device, causal, tq, tk, dtype) -> list[str]:
         return triton_unsupported_reasons(device, causal=causal, tq=tq, tk=tk, head_dim=self.head_dim,
                                           feature_dim=self.feature_dim(), dtype=dtype)

@@ -29,6 +29,10 @@ class SparseAttention(AttentionMethod):
                 why.append(cover)
         return why
 
+    def flops(self, tq, tk, causal):
+        pairs = self.pattern.visible_pairs(tq, tk, causal)
+        return None if pairs is None else 4.0 * pairs * self.head_dim
+
     def _check_state(self):
         return self.pattern.version_key()
 

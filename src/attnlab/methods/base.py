@@ -38,6 +38,22 @@ def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x[:, :, None].expand(b, hkv, groups, t, d).reshape(b, hkv * groups, t, d)
 
 
+def visible_pairs(tq: int, tk: int, causal: bool) -> int:
+    """(query, key) pairs of a Tq x Tk attention; causal bottom-right (query i sees keys j <= i + Tk - Tq)."""
+    if not causal:
+        return tq * tk
+    off = tk - tq
+    # row i sees min(tk, max(0, i + off + 1)) keys
+    first_full = max(0, tk - off - 1)  # rows from here see all tk keys
+    lo = max(0, -off)  # rows before this see none
+    part_end = min(tq, first_full)
+    partial = 0
+    if part_end > lo:
+        a, b = lo + off + 1, part_end - 1 + off + 1  # arithmetic series of keys seen
+        partial = (a + b) * (part_end - lo) // 2
+    return partial + max(0, tq - max(first_full, lo)) * tk
+
+
 def is_block_mask(obj) -> bool:
     return type(obj).__name__ == "BlockMask"
 
@@ -102,6 +118,13 @@ class AttentionMethod(nn.Module):
     def test_options(cls, seq_len: int) -> dict:
         """Small, non-trivial options for checks at a short length (leak, padding, conformance)."""
         return cls.defaults(seq_len)
+
+    def flops(self, tq: int, tk: int, causal: bool) -> float | None:
+        """The forward's own floating-point work for one (batch, head) at (Tq, Tk), 2 FLOPs per multiply-add,
+        counting the (query, key) pairs or features the method really computes, not the dense equivalent.
+        Matmul terms only (softmaxes, feature-map nonlinearities and masks are left out, as flash-attention's
+        count does). None: not counted for this method. Default: softmax attention over every visible pair."""
+        return 4.0 * visible_pairs(tq, tk, causal) * self.head_dim
 
     def options_dict(self) -> dict:
         """The options this instance was built with, as plain JSON-able values."""

@@ -90,6 +90,9 @@ class Hybrid(AttentionMethod):
         return linear_parts(phi_q, phi_k[:, :, :n_far], v[:, :, :n_far], causal=True, key_padding_mask=kpm,
                             chunk_size=self.opts.chunk_size)
 
+    def flops(self, tq, tk, causal):
+        return None  # not counted yet: bench rows carry only the dense-equivalent count for this method
+
     def _attend(self, q, k, v, *, causal, key_padding_mask, attn_mask, scale, need_probs):
         b = self.opts.backend
         compiled = b == "compiled" or (b == "auto" and q.is_cuda and compile_unavailable_reason(q.device) is None)

@@ -138,6 +138,16 @@ class LSH(AttentionMethod):
         buckets[..., t_real:] = n_buckets
         return buckets
 
+    def flops(self, tq, tk, causal):
+        """Hashing (the rotations: T x D x n_buckets/2 per round, for q, and k unless shared) and, per round,
+        softmax attention of each chunk of L = min(bucket_size, T) queries over its own and the previous chunk."""
+        o, d, t = self.opts, self.head_dim, tk
+        nb = self.n_buckets(t)
+        hashed = (1 if o.shared_qk else 2) * 2.0 * t * d * (nb // 2) * o.n_hashes if nb > 1 else 0.0
+        chunk = min(o.bucket_size, t)
+        width = chunk * (2 if math.ceil(t / chunk) > 1 else 1)
+        return hashed + 4.0 * o.n_hashes * t * width * d
+
     # ---- attention -----------------------------------------------------------------------------------
     def _attend(self, q, k, v, *, causal, key_padding_mask, attn_mask, scale, need_probs):
         o = self.opts

@@ -92,6 +92,13 @@ class Nystrom(AttentionMethod):
     def test_options(cls, seq_len):
         return {"num_landmarks": max(2, seq_len // 4)}
 
+    def flops(self, tq, tk, causal):
+        """F = softmax(Q K~^T), B = softmax(Q~ K^T), B V and F X (T x m x D each), A (m x m x D), pinv (the
+        Newton-Schulz iteration's four m x m x m products per step; the exact pinv counted as 6 steps)."""
+        m, d = min(self.opts.num_landmarks, tk), self.head_dim
+        steps = self.opts.pinv_iters if self.opts.pinv == "iterative" else 6
+        return 2.0 * m * d * (2 * tq + 2 * tk) + 4.0 * m * m * d + 8.0 * steps * m ** 3
+
     def _attend(self, q, k, v, *, causal, key_padding_mask, attn_mask, scale, need_probs):
         self.kernel = "torch"
         out_dtype = v.dtype

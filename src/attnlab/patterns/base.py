@@ -135,6 +135,24 @@ class Pattern(nn.Module):
         heads = self.num_heads if self.per_head else None
         return dense_mask(self.mask_mod(tq, tk, causal, device), tq, tk, device, heads)
 
+    def visible_pairs(self, tq: int, tk: int, causal: bool, max_evaluations: int = 1 << 28) -> float | None:
+        """(query, key) pairs the pattern keeps at (Tq, Tk), averaged over heads: the mask_mod evaluated on the
+        keys `key_chunks` lists for each query chunk (what the torch kernel visits). None when that would take
+        more than `max_evaluations` evaluations (a pattern whose key_chunks list every key, at a long length)."""
+        chunks = list(self.key_chunks(tq, tk, causal))
+        if sum((e - s) * len(k) for s, e, k in chunks) > max_evaluations:
+            return None
+        mod = self.mask_mod(tq, tk, causal, self.device)
+        heads = self.num_heads if self.per_head else 1
+        h = torch.arange(heads, device=self.device)[:, None, None]
+        zero = torch.zeros((), dtype=torch.long, device=self.device)
+        total = 0
+        for s, e, kidx in chunks:
+            if len(kidx):
+                got = mod(zero, h, torch.arange(s, e, device=self.device)[:, None], kidx.to(self.device)[None, :])
+                total += int(got.expand(heads, e - s, len(kidx)).sum()) if got.dim() == 3 else int(got.sum()) * heads
+        return total / heads
+
     def density(self, tq: int, tk: int, causal: bool = True) -> float:
         """Fraction of the pairs allowed by causal (or all pairs) that the pattern keeps, averaged over heads."""
         allowed = self.dense(tq, tk, causal)

@@ -61,6 +61,17 @@ class WindowPattern(Pattern):
             any_, full = any_ | sink_any, full | sink_full
         return any_[None], full[None]
 
+    def visible_pairs(self, tq: int, tk: int, causal: bool, max_evaluations: int = 1 << 28) -> float:
+        """Closed form, O(Tq): row i (at position p = i + Tk - Tq) keeps the band [max(0, p - w), min(Tk - 1, p + w)]
+        (causal: up to p) and the sinks below the band."""
+        p = torch.arange(tq, dtype=torch.float64) + (tk - tq)
+        lo = torch.clamp(p - self.window, min=0)
+        hi = torch.clamp(p if causal else p + self.window, max=tk - 1)
+        band = torch.clamp(hi - lo + 1, min=0)
+        sinks = torch.minimum(lo, torch.full_like(lo, float(min(self.sinks, tk))))
+        sinks = torch.where(hi >= 0, sinks, torch.zeros_like(sinks))  # a row that sees nothing (p < 0, causal)
+        return float((band + sinks).sum())
+
     def density(self, tq: int, tk: int, causal: bool = True) -> float:
         """Closed form for causal self-attention (row i keeps min(i, w) + 1 band keys and the sinks below the band);
         the generic count otherwise."""
