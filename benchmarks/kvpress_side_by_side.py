@@ -14,6 +14,9 @@ the wall time of the prefill with the press plus the continuation, summed over t
     h2o, h2o_mean          ObservedAttentionPress  (needs eager attention: the model is switched to eager for it)
     knorm                  KnormPress
     random                 RandomPress(seed=--seed)
+    adakv_<press>          AdaKVPress(press=<press>, alpha_safeguard=--alpha)  (for the scorer presses above but
+                           h2o: each layer's budget shared between its KV heads; kvpress keeps the whole cache and
+                           masks with fake keys, attnlab keeps the largest head's count and masks in its sdpa)
 
 kvpress 0.5.5 pins transformers<5.3; installed without its pins it imports, but its forward hook reads
 kwargs["past_key_values"] and kwargs["cache_position"], which newer transformers no longer pass to the attention
@@ -81,7 +84,18 @@ def _shim_kvpress(kvpress) -> bool:
     return True
 
 
-def kvpress_press(kvpress, name: str, ratio: float, seed: int, kvpress_defaults: bool):
+ADAKV_BASES = ("streaming_llm", "snapkv", "tova", "knorm", "random")  # kvpress's AdaKVPress takes ScorerPresses only
+
+
+def known(name: str) -> bool:
+    base = name.removeprefix("adakv_")
+    return base in KVPRESS_NAMES and (base == name or base in ADAKV_BASES)
+
+
+def kvpress_press(kvpress, name: str, ratio: float, seed: int, kvpress_defaults: bool, alpha: float = 0.2):
+    if name.startswith("adakv_"):  # the same scorer, its budget shared between heads (kvpress masks, attnlab gathers)
+        inner = kvpress_press(kvpress, name.removeprefix("adakv_"), ratio, seed, kvpress_defaults)
+        return kvpress.AdaKVPress(press=inner, alpha_safeguard=alpha)
     cls = getattr(kvpress, KVPRESS_NAMES[name])
     kw = {"compression_ratio": ratio}
     if name == "random":
@@ -121,6 +135,14 @@ def run_kvpress_prefill(model, prompt, press):
     return getattr(out, "cache", None) or out.past_key_values
 
 
+def clear_kvpress_masks(model) -> None:
+    """kvpress's AdaKV leaves `masked_key_indices` on the attention modules (its patched attention functions
+    replace those keys on every later call whose query is shorter than the keys): cleared after its run."""
+    for mod in model.modules():
+        if getattr(mod, "masked_key_indices", None) is not None:
+            mod.masked_key_indices = None
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", default="benchmarks/results/press/cpu", help="folder of kvpress.json/.png")
@@ -136,6 +158,8 @@ def main(argv=None) -> int:
                    help="a folder holding kvpress (pip install --target), prepended to sys.path")
     p.add_argument("--kvpress-defaults", action="store_true",
                    help="kvpress's own press defaults (SnapKV window 64) instead of attnlab's (window 32)")
+    p.add_argument("--alpha", type=float, default=0.2, help="adakv_ presses: the per-head safeguard (both libraries)")
+    p.add_argument("--name", default="kvpress", help="file stem of the JSON / PNG (default: %(default)s)")
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
 
@@ -152,9 +176,10 @@ def main(argv=None) -> int:
     shimmed = _shim_kvpress(kvpress)
     ratios = [float(x) for x in args.ratios.split(",") if x.strip()]
     presses = [x.strip() for x in args.presses.split(",") if x.strip()]
-    bad = [x for x in presses if x not in KVPRESS_NAMES]
+    bad = [x for x in presses if not known(x)]
     if bad:
-        sys.exit(f"error: no kvpress press of the name {bad[0]!r}; shared presses: {', '.join(KVPRESS_NAMES)}")
+        sys.exit(f"error: no kvpress press of the name {bad[0]!r}; shared presses: {', '.join(KVPRESS_NAMES)}, and "
+                 f"adakv_<press> for {', '.join(ADAKV_BASES)}")
     prompt_len = args.prompt_len or args.seq_len - 128
     kv_version = getattr(kvpress, "__version__", None)
     if kv_version is None:
@@ -195,10 +220,10 @@ def main(argv=None) -> int:
         for ratio in ratios:
             for lib in ("attnlab", "kvpress"):
                 if lib == "attnlab":
-                    press = kp.get_press(name, evict=ratio, seed=args.seed)
+                    press = kp.get_press(name, evict=ratio, seed=args.seed, alpha=args.alpha)
                     prefill, impl = (lambda x, press=press: kp.prefill(model, x, press)[0]), None
                 else:
-                    press = kvpress_press(kvpress, name, ratio, args.seed, args.kvpress_defaults)
+                    press = kvpress_press(kvpress, name, ratio, args.seed, args.kvpress_defaults, args.alpha)
                     prefill = lambda x, press=press: run_kvpress_prefill(model, x, press)  # noqa: E731
                     impl = "eager" if name in ("h2o", "h2o_mean") else None
                 stats, secs, kept = [], 0.0, 0
@@ -209,6 +234,7 @@ def main(argv=None) -> int:
                         cache = prefill(prompts[i:i + 1])
                     kept = cache.get_seq_length()
                     logits = kp.continue_scoring(model, cache, conts[i:i + 1], start=prompt_len)
+                    clear_kvpress_masks(model)
                     _sync(args.device)
                     secs += time.perf_counter() - t0
                     stats.append(fm.next_token_stats(full[i], logits.float().cpu(), conts[i:i + 1].cpu()))
@@ -219,7 +245,7 @@ def main(argv=None) -> int:
                 print(f"{lib:<8} {name:<14} {ratio:>5.2f} {s['kl']:>8.4f} {s['kl_p95']:>7.3f} {s['top1']:>6.3f} "
                       f"{s['ppl']:>8.2f} {kept:>5} {secs:>6.1f}", flush=True)
 
-    out = Path(args.out) / "kvpress.json"
+    out = Path(args.out) / f"{args.name}.json"
     common.write_result(
         out, args.device,
         {"command": " ".join(["python", "benchmarks/kvpress_side_by_side.py", *(sys.argv[1:] if argv is None else argv)]),

@@ -146,6 +146,8 @@ def test_bounded_generation(tiny):
     (["--prompt-len", "5000"], "--prompt-len 5000"),
     (["--seq-len", "99999"], "max_position_embeddings"),
     (["--model", "minilm"], "not a causal LM"),
+    (["--presses", "adakv_snapkv", "--alpha", "1.5"], "alpha must be in"),
+    (["--presses", "adakv_snapkv", "--max-cache", "64"], "press the prompt once"),
 ])
 def test_cli_bad_input_is_one_line(args, match, tmp_path, capsys, monkeypatch):
     import attnlab.models
@@ -206,3 +208,50 @@ def test_random_press_draws_anew_for_each_bounded_press():
     assert torch.equal(first, kp.get_press("random", evict=0.5, seed=3).score(None, k, scale=1.0))
     p.calls = 1
     assert not torch.equal(first, p.score(None, k, scale=1.0))
+
+
+# ---- per-head budgets (AdaKV) ------------------------------------------------------------------------------------
+def test_adakv_allocation_on_hand_made_scores():
+    """Head 0's scores all beat head 1's: head 1 keeps only its safeguard (ceil(alpha x keep)), head 0 the rest;
+    the layer's total is exactly keep x heads, and each head's slots list its kept positions in order."""
+    s = torch.tensor([[[9.0, 8, 7, 6, 5, 4], [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]]])
+    chosen = kp.allocate(s, keep=3, alpha=0.67)  # the safeguard: int(0.67 x 3) = 2 per head
+    assert chosen.sum().item() == 6 and chosen.sum(-1).tolist() == [[4, 2]]
+    assert chosen[0, 0].nonzero().flatten().tolist() == [0, 1, 2, 3] and chosen[0, 1].nonzero().flatten().tolist() == [4, 5]
+    idx, valid = kp._head_slots(chosen)
+    assert idx.tolist() == [[[0, 1, 2, 3], [4, 5, 5, 5]]] and valid.tolist() == [[[True] * 4, [True, True, False, False]]]
+    even = kp.allocate(s, keep=3, alpha=1.0)  # alpha 1: every head its own top-3, the plain press
+    assert even.sum(-1).tolist() == [[3, 3]] and even[0, 1].nonzero().flatten().tolist() == [3, 4, 5]
+    with pytest.raises(attnlab.AttnlabError, match="alpha must be in"):
+        kp.get_press("adakv_h2o", evict=0.5, alpha=-0.1)
+
+
+def test_adakv_cache_masks_the_slots_a_head_does_not_keep(tiny):
+    """alpha=1 gives the plain press exactly (same kept indices, same logits through the masked sdpa path); with
+    alpha=0.2 the per-layer totals are exact, and the slots a head does not keep change nothing when their keys
+    and values are overwritten (masked), while unmasking them does change the output (the mask is doing work)."""
+    ids = _ids(40)
+    for name in ("snapkv", "h2o"):
+        c1, k1, _ = kp.prefill(tiny, ids[:, :24], kp.get_press(name, evict=0.5))
+        c2, k2, _ = kp.prefill(tiny, ids[:, :24], kp.get_press("adakv_" + name, evict=0.5, alpha=1.0))
+        assert torch.equal(k1, k2)
+        torch.testing.assert_close(kp.continue_scoring(tiny, c2, ids[:, 24:], start=24),
+                                   kp.continue_scoring(tiny, c1, ids[:, 24:], start=24), atol=1e-5, rtol=1e-4)
+    press = kp.get_press("adakv_snapkv", evict=0.5, alpha=0.2)
+    cache, kept, _ = kp.prefill(tiny, ids[:, :24], press)
+    masks = cache.attnlab_key_masks
+    assert all(m.sum().item() == 12 * m.shape[1] for m in masks)  # keep 12 of 24, per KV head on average
+    assert any(not m.all() for m in masks), "the heads should differ in their counts here"
+    assert (kept >= -1).all() and all(((kept[i] >= 0) == torch.nn.functional.pad(
+        m, (0, kept.shape[-1] - m.shape[-1]), value=False)).all() for i, m in enumerate(masks))
+    base = kp.continue_scoring(tiny, cache, ids[:, 24:], start=24)
+    cache2, _, _ = kp.prefill(tiny, ids[:, :24], press)
+    for layer, m in zip(cache2.layers, cache2.attnlab_key_masks):
+        layer.keys = layer.keys.masked_fill(~m[..., None], 7.0)
+        layer.values = layer.values.masked_fill(~m[..., None], -9.0)
+    torch.testing.assert_close(kp.continue_scoring(tiny, cache2, ids[:, 24:], start=24), base, atol=1e-5, rtol=1e-4)
+    cache2.attnlab_key_masks = [torch.ones_like(m) for m in cache2.attnlab_key_masks]
+    assert (kp.continue_scoring(tiny, cache2, ids[:, 24:], start=24) - base).abs().max() > 1e-3
+    assert kp.generate(tiny, ids[:, :24], press, 4).shape == (1, 4)  # decoding on the masked cache runs
+    with pytest.raises(attnlab.AttnlabError, match="press the prompt once"):
+        kp.stream(tiny, ids, kp.get_press("adakv_snapkv", keep_tokens=16), chunk=8)

@@ -126,6 +126,10 @@ def attnlab_attention(module, query, key, value, attention_mask, dropout: float 
             attn_mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask.to(query.dtype)
         else:
             raise UnsupportedError(f"attnlab: unexpected attention_mask of shape {tuple(attention_mask.shape)}")
+    key_mask = getattr(module, "attnlab_key_mask", None)
+    if key_mask is not None:  # per-head visible cache slots (an AdaKV-pressed KV cache, reduction/kv_press.py)
+        attn_mask = _with_key_mask(attn_mask, key_padding_mask, key_mask, query.shape[1], key.shape[-2])
+        key_padding_mask = None
     if getattr(module, "attnlab_calibrate", False) and hasattr(method, "calibrate"):
         method.calibrate(query, repeat_kv_for(method, key, query), causal=causal, key_padding_mask=key_padding_mask,
                          scale=scaling if scaling is not None else query.shape[-1] ** -0.5)
@@ -141,6 +145,21 @@ def attnlab_attention(module, query, key, value, attention_mask, dropout: float 
     if capture:
         module.attnlab_probs = probs
     return out.transpose(1, 2).contiguous(), probs  # (B, Tq, H, D)
+
+
+def _with_key_mask(attn_mask, key_padding_mask, key_mask, heads: int, tk: int):
+    """attn_mask AND a per-KV-head key mask Bool[B, Hkv, K] (keys from K on, appended after the press: visible),
+    as a Bool (or additive float) [B, H, Tq|1, Tk] mask."""
+    b, hkv, k = key_mask.shape
+    km = torch.nn.functional.pad(key_mask, (0, tk - k), value=True) if tk > k else key_mask[..., :tk]
+    km = km.repeat_interleave(heads // hkv, dim=1)[:, :, None, :]  # [B, H, 1, Tk]
+    if key_padding_mask is not None:
+        km = km & key_padding_mask.bool()[:, None, None, :]
+    if attn_mask is None:
+        return km
+    if attn_mask.dtype == torch.bool:
+        return attn_mask & km
+    return attn_mask.masked_fill(~km, float("-inf"))
 
 
 def repeat_kv_for(method, key, query):

@@ -22,7 +22,10 @@ def add_parser(sub) -> None:
                                    "With --max-cache: the bounded-cache mode, each window scored whole in chunks on "
                                    "a cache pressed back to the bound after every chunk.")
     p.add_argument("--model", default="smollm2", help="a packaged causal LM (smollm2) or a local model folder")
-    p.add_argument("--presses", default=",".join(PRESSES), help="comma-separated (default: %(default)s)")
+    p.add_argument("--presses", default=",".join(PRESSES), help="comma-separated (default: %(default)s); "
+                   "adakv_<press> shares each layer's budget between its KV heads by that press's scores (Ada-KV)")
+    p.add_argument("--alpha", type=float, default=0.2, help="adakv_ presses: the share of the budget every head keeps "
+                                                            "at least (Ada-KV's safeguard; default %(default)s)")
     p.add_argument("--evict", default="0.1,0.3,0.5,0.7,0.9", help="fractions of the prompt's cache evicted, each in "
                                                                    "[0, 1) (default: %(default)s)")
     p.add_argument("--seq-len", type=int, default=2048, help="prompt + continuation tokens per window "
@@ -50,7 +53,10 @@ def run(args) -> int:
 
     presses = [x.strip() for x in args.presses.split(",") if x.strip()]
     for name in presses:
-        kp.get_press(name, evict=0.0)  # an unknown name fails here
+        kp.get_press(name, evict=0.0, alpha=args.alpha)  # an unknown name or a bad alpha fails here
+    if args.max_cache is not None and any(n.startswith("adakv_") for n in presses):
+        raise AttnlabError("adakv_ presses press the prompt once; the bounded-cache mode (--max-cache) takes the plain "
+                           "presses")
     if not presses:
         raise AttnlabError("--presses is empty")
     evicts = common.fraction_list("--evict", args.evict, upper_open=True, what="the fraction of the cache evicted")
@@ -82,7 +88,7 @@ def run(args) -> int:
     model, tok = models.load(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     windows = eval_windows(tok, None, args.seq_len, args.num_examples)
     rows = kp.evaluate(model, windows, prompt_len=args.prompt_len, evicts=evicts, presses=presses,
-                       progress=not args.no_progress, seed=args.seed)
+                       progress=not args.no_progress, seed=args.seed, alpha=args.alpha)
     print()
     print(format_table(rows))
     device = common.environment(args.device)["device_name"]

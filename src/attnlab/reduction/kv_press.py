@@ -19,7 +19,12 @@ with `sdpa` swapped in, after rotary):
 - `random`: a seeded baseline.
 
 Budget: `evict` (the fraction of the prompt's tokens evicted, kvpress's compression ratio) or `keep_tokens`.
-Every layer and head keeps exactly the same count, so the cache stays a rectangular tensor. Two regimes:
+Every layer and head keeps exactly the same count, so the cache stays a rectangular tensor, unless the press is
+wrapped in `AdaKV` (Feng et al. 2024, "Ada-KV"; kvpress's AdaKVPress; names `adakv_<press>`): each layer keeps the
+same total (the budget x KV heads) but shares it between its heads by the scores, every head keeping at least
+`alpha` x the budget; the cache holds the largest head's count and the slots a head does not keep are masked out
+of attention (the continuation runs through attnlab's `sdpa` with that per-head mask), so it saves no memory over
+the plain press at the same budget: it spends the same memory where the scores say it matters. Two regimes:
 - once, after the prompt (`prefill`, `generate`): the cache then grows by one token a step;
 - bounded (`bounded`, `stream`, `generate(bounded_cache=True)`): a cache of at most `keep_tokens` between calls,
   pressed again whenever a chunk of text or a generated token overflows it, scored from that call's queries over
@@ -180,12 +185,32 @@ class RandomPress(Press):
 PRESSES = {cls.name: cls for cls in (StreamingLLM, Window, SnapKV, TOVA, H2O, H2OMean, KNorm, RandomPress)}
 
 
+class AdaKV(Press):
+    """A press whose budget each layer shares between its KV heads by the press's own scores (Ada-KV), every head
+    keeping at least `alpha` x the budget (Ada-KV's safeguard, 0.2). Prompt presses only (not a bounded cache)."""
+
+    def __init__(self, press: Press, alpha: float = 0.2):
+        if not (isinstance(alpha, (int, float)) and 0 <= alpha <= 1):
+            raise AttnlabError(f"adakv: alpha must be in [0, 1], got {alpha!r}")
+        super().__init__(press.evict, press.keep_tokens, press.seed)
+        self.press, self.alpha = press, float(alpha)
+        self.name = f"adakv_{press.name}"
+
+    def score(self, q, k, *, scale):
+        self.press.calls = self.calls
+        return self.press.score(q, k, scale=scale)
+
+
 def get_press(name: str, **kw) -> Press:
+    """A press by name; `adakv_<name>` wraps press <name> in AdaKV (alpha from kw, default 0.2)."""
+    alpha = kw.pop("alpha", 0.2)
+    base = name.removeprefix("adakv_")
     try:
-        cls = PRESSES[name]
+        cls = PRESSES[base]
     except KeyError:
-        raise AttnlabError(f"unknown press {name!r}; presses: {', '.join(PRESSES)}") from None
-    return cls(**kw)
+        raise AttnlabError(f"unknown press {name!r}; presses: {', '.join(PRESSES)} (and adakv_<press> for each)") from None
+    press = cls(**kw)
+    return AdaKV(press, alpha) if name != base else press
 
 
 def _cache_layers(cache):
@@ -195,17 +220,58 @@ def _cache_layers(cache):
     return layers
 
 
-def compress(cache, scores: list[torch.Tensor], keep: int) -> torch.Tensor:
+def compress(cache, scores: list[torch.Tensor], keep: int, alpha: float | None = None) -> torch.Tensor:
     """Keep the `keep` best-scored positions of every layer and KV head (ascending order); returns the kept
-    indices [L, B, Hkv, keep]."""
-    kept = []
+    indices [L, B, Hkv, keep]. With `alpha` (AdaKV), each layer keeps keep x Hkv positions shared between its
+    heads (`allocate`); the indices are then [L, B, Hkv, K] with K the largest head's count over the layers and -1
+    where a head keeps fewer, and the cache gets `attnlab_key_masks` (per layer Bool[B, Hkv, K_layer]: which of
+    its slots a head really keeps)."""
+    kept, masks = [], []
     for layer, s in zip(_cache_layers(cache), scores):
-        idx = torch.topk(s, keep, dim=-1).indices.sort(-1).values  # [B, Hkv, keep]
-        full = idx[..., None].expand(-1, -1, -1, layer.keys.shape[-1])
-        layer.keys = layer.keys.gather(2, full)
+        if alpha is None:
+            idx = torch.topk(s, keep, dim=-1).indices.sort(-1).values  # [B, Hkv, keep]
+        else:
+            idx, valid = _head_slots(allocate(s, keep, alpha))
+            masks.append(valid)
+        layer.keys = layer.keys.gather(2, idx[..., None].expand(-1, -1, -1, layer.keys.shape[-1]))
         layer.values = layer.values.gather(2, idx[..., None].expand(-1, -1, -1, layer.values.shape[-1]))
         kept.append(idx)
+    if alpha is not None:
+        cache.attnlab_key_masks = masks
+        width = max(k.shape[-1] for k in kept)  # layers differ in their largest head: -1 marks no slot
+        kept = [torch.where(m, k, -1) for k, m in zip(kept, masks)]
+        kept = [torch.nn.functional.pad(k, (0, width - k.shape[-1]), value=-1) for k in kept]
     return torch.stack(kept)
+
+
+def allocate(scores: torch.Tensor, keep: int, alpha: float) -> torch.Tensor:
+    """Ada-KV's budget split for one layer: scores [B, Hkv, T] -> Bool[B, Hkv, T] keeping exactly keep x Hkv
+    positions per batch row: each head's best int(alpha x keep) (at least 1, as kvpress) first (the safeguard), then the best remaining
+    scores of the layer, whichever head they are in."""
+    b, hkv, t = scores.shape
+    keep = min(keep, t)
+    floor = min(keep, max(1, int(alpha * keep)) if alpha > 0 else 0)  # kvpress AdaKVPress's n_safe
+    chosen = torch.zeros(b, hkv, t, dtype=torch.bool, device=scores.device)
+    if floor:
+        chosen.scatter_(-1, torch.topk(scores, floor, dim=-1).indices, True)
+    rest = keep * hkv - floor * hkv
+    if rest:
+        flat = scores.float().masked_fill(chosen, float("-inf")).reshape(b, hkv * t)
+        chosen.view(b, hkv * t).scatter_(-1, torch.topk(flat, rest, dim=-1).indices, True)
+    return chosen
+
+
+def _head_slots(chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bool[B, Hkv, T] -> (indices [B, Hkv, K] ascending, valid Bool[B, Hkv, K]), K the largest head's count; a
+    head's unused slots repeat its last kept index and are marked invalid."""
+    counts = chosen.sum(-1)  # [B, Hkv]
+    k = int(counts.max())
+    t = chosen.shape[-1]
+    pos = torch.arange(t, device=chosen.device).expand_as(chosen)
+    order = torch.where(chosen, pos, pos + t).sort(-1).values[..., :k]  # kept positions first, ascending
+    valid = torch.arange(k, device=chosen.device) < counts[..., None]
+    last = order.gather(-1, (counts - 1).clamp(min=0)[..., None])
+    return torch.where(valid, order, last), valid
 
 
 @contextlib.contextmanager
@@ -245,7 +311,8 @@ def _press(cache, got: dict, press: Press, keep: int) -> torch.Tensor:
     layers = _cache_layers(cache)
     if len(got) != len(layers):
         raise AttnlabError(f"press: captured {len(got)} attention layers for a cache of {len(layers)}")
-    return compress(cache, [press.score(*got[i][:2], scale=got[i][2]) for i in sorted(got)], keep)
+    return compress(cache, [press.score(*got[i][:2], scale=got[i][2]) for i in sorted(got)], keep,
+                    alpha=getattr(press, "alpha", None))
 
 
 def continue_scoring(model, cache, continuation: torch.Tensor, *, start: int) -> torch.Tensor:
@@ -255,9 +322,34 @@ def continue_scoring(model, cache, continuation: torch.Tensor, *, start: int) ->
     past = cache.get_seq_length()
     pos = torch.arange(start, start + m, device=continuation.device).expand(b, m)
     mask = torch.ones(b, past + m, dtype=torch.long, device=continuation.device)
-    with torch.no_grad():
+    with _head_masks(model, getattr(cache, "attnlab_key_masks", None)), torch.no_grad():
         return model(continuation, **{_cache_kwarg(model): cache}, position_ids=pos, attention_mask=mask,
                      use_cache=True).logits
+
+
+@contextlib.contextmanager
+def _head_masks(model, masks: list[torch.Tensor] | None):
+    """Per-head key masks (AdaKV's cache: Bool[B, Hkv, K] per layer) applied inside attention: the model runs with
+    attnlab's `sdpa` swapped in, each layer told its mask (keys past K, appended since the press, stay visible)."""
+    if masks is None:
+        yield
+        return
+    from ..adapters.swap import attention_sites, state, swapped
+
+    if state(model) is not None:
+        raise AttnlabError("an AdaKV-pressed cache runs the model with attnlab's sdpa and per-head masks; unswap the "
+                           "model first")
+    with swapped(model, "sdpa"):
+        hosts = [mod for _, mod in attention_sites(model)]  # in layer order, as the cache's layers
+        if len(hosts) != len(masks):
+            raise AttnlabError(f"press: {len(masks)} per-head masks for a model of {len(hosts)} attention layers")
+        try:
+            for host, mask in zip(hosts, masks):
+                host.attnlab_key_mask = mask
+            yield
+        finally:
+            for host in hosts:
+                host.attnlab_key_mask = None
 
 
 def _cache_kwarg(model) -> str:
@@ -323,6 +415,9 @@ def bounded(model, press: Press | None):
     if press is not None and press.keep_tokens is None:
         raise AttnlabError(f"{press.name}: a bounded cache needs a press built with keep_tokens=N (the bound), not "
                            "evict=")
+    if isinstance(press, AdaKV):
+        raise AttnlabError(f"{press.name}: per-head budgets (AdaKV) press the prompt once; a bounded cache keeps one "
+                           "count per head (use the plain press)")
     with (_capture_qk(model) if press is not None else contextlib.nullcontext({})) as got, torch.no_grad():
         yield _Bounded(model, press, got)
 
@@ -383,7 +478,7 @@ def kv_bytes(cache) -> int:
 
 
 def evaluate(model, windows: torch.Tensor, *, prompt_len: int, evicts, presses=tuple(PRESSES), progress: bool = True,
-             seed: int = 0) -> list[dict]:
+             seed: int = 0, alpha: float = 0.2) -> list[dict]:
     """Held-out windows [N, prompt_len + M]: per press and evicted fraction, KL(full cache || pressed cache) and
     perplexity over the continuation (teacher-forced, each position predicting the next), the KV bytes kept and
     the continuation's time. One row per (press, evict) plus the full cache."""
@@ -409,7 +504,7 @@ def evaluate(model, windows: torch.Tensor, *, prompt_len: int, evicts, presses=t
              "ms": sorted(full_ms)[n // 2]}]
     jobs = [(p, e) for p in presses for e in evicts]
     for name, e in tqdm(jobs, desc="presses", disable=not progress):
-        press = get_press(name, evict=e, seed=seed)
+        press = get_press(name, evict=e, seed=seed, alpha=alpha)
         stats, ms, kb = [], [], 0
         for i in range(n):
             cache, _, _ = prefill(model, prompts[i:i + 1], press)
