@@ -402,6 +402,12 @@ def kvpress_block() -> str:
             cell = lambda r: "-" if r is None else f"{r['kl_mean']:.4f} ({r['top1']:.3f})"  # noqa: E731
             lines.append(f"| {name} | " + " | ".join(f"{cell(by.get(('attnlab', x)))} / {cell(by.get(('kvpress', x)))}"
                                                      for x in ratios) + " |")
+        ada = [r for r in rows if r["library"] == "attnlab" and r["press"].startswith("adakv_")]
+        if ada:
+            lines += ["", "attnlab's KV cache length after the press (layer 0: its largest head's count; the plain press keeps "
+                          f"{full['prompt_len']} x (1 - ratio); kvpress keeps the whole "
+                          f"prompt's {full['prompt_len']} and masks): " + "; ".join(
+                              f"{r['press']} {r['ratio']:.0%}: {r['kept_tokens']}" for r in ada) + "."]
         lines.append("")
     return "\n".join(lines).strip() or "(no committed result)"
 
