@@ -169,7 +169,8 @@ def test_flex_through_a_table_built_block_mask_equals_dense(causal):
 
 @pytest.mark.parametrize("window,sinks,tq,tk,causal", [
     (3, 0, 20, 20, True), (3, 2, 20, 20, False), (5, 3, 10, 30, True), (5, 3, 30, 10, True), (100, 0, 12, 12, False),
-    (4, 50, 20, 20, True), (0, 1, 9, 9, False),
+    (4, 50, 20, 20, True), (0, 1, 9, 9, False), (2, 40, 48, 48, False), (2, 3, 40, 20, False), (2, 3, 40, 20, True),
+    (1, 5, 12, 12, True),
 ])
 def test_visible_pairs_count_the_mask(window, sinks, tq, tk, causal):
     """The window's closed form and the generic count (mask_mod over key_chunks) both equal the dense mask's sum."""

@@ -53,6 +53,8 @@ CASES = [  # (b, h, hkv, tq, tk, d, window, sinks, causal)
     (2, 2, 1, 20, 45, 16, 6, 2, True),  # Tq < Tk (bottom-right) and GQA
     (1, 1, 1, 33, 33, 16, 100, 0, False),  # the exact limit: window >= T
     (1, 1, 1, 40, 40, 16, 3, 18, True),  # sinks spanning more than one tile
+    (1, 1, 1, 48, 48, 16, 2, 40, False),  # sinks reaching above the band (non-causal: visible there too)
+    (1, 1, 1, 40, 20, 16, 2, 3, False),  # Tq > Tk: the first rows' band is empty, the sinks are not
 ]
 
 
@@ -126,6 +128,11 @@ def test_causal_no_leak_bit_exact():
 
 def test_refusals_are_one_clear_line(monkeypatch):
     q, k, v = rand_qkv(b=1, h=2, tq=16, d=16)
+    q64, k64, v64 = (x.double() for x in (q, k, v))
+    with pytest.raises(UnsupportedError, match="runs fp32, bf16 and fp16"):
+        make("window", q64, k64, window=3, backend="triton")(q64, k64, v64)
+    out = make("window", q, k, window=2 ** 31 - 1, backend="triton")(q, k, v).out  # a window past int32 sums
+    assert_matches_reference(out, q, k, v)
     with pytest.raises(OptionError, match="backend must be one of"):  # the kernel is the window's alone
         make("block_sparse", q, k, block_size=4, backend="triton")
     with pytest.raises(UnsupportedError, match="col_sums"):

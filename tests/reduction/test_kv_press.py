@@ -224,6 +224,10 @@ def test_adakv_allocation_on_hand_made_scores():
     assert even.sum(-1).tolist() == [[3, 3]] and even[0, 1].nonzero().flatten().tolist() == [3, 4, 5]
     with pytest.raises(attnlab.AttnlabError, match="alpha must be in"):
         kp.get_press("adakv_h2o", evict=0.5, alpha=-0.1)
+    none = kp.allocate(s, keep=2, alpha=0.0)  # no safeguard: head 1 may get nothing, and its slots stay in range
+    assert none.sum(-1).tolist() == [[4, 0]]
+    idx, valid = kp._head_slots(none)
+    assert (idx < 6).all() and not valid[0, 1].any()
 
 
 def test_adakv_cache_masks_the_slots_a_head_does_not_keep(tiny):

@@ -66,16 +66,20 @@ def ceilings(device) -> dict:
         return {}
     key = str(device)
     if key not in _CEILINGS:
-        import triton.testing
+        try:
+            import triton.testing
 
-        a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-        mm_ms = triton.testing.do_bench(lambda: a @ a, warmup=25, rep=200)
-        x = torch.empty(1 << 29, device=device, dtype=torch.bfloat16)
-        y = torch.empty_like(x)
-        cp_ms = triton.testing.do_bench(lambda: y.copy_(x), warmup=10, rep=100)
-        del a, x, y
-        _CEILINGS[key] = {"ceiling_matmul_tflops": round(2 * 8192 ** 3 / mm_ms / 1e9, 1),
-                          "ceiling_copy_gbps": round(2 * 2 ** 30 / cp_ms / 1e6, 1)}
+            a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+            mm_ms = triton.testing.do_bench(lambda: a @ a, warmup=25, rep=200)
+            x = torch.empty(1 << 29, device=device, dtype=torch.bfloat16)
+            y = torch.empty_like(x)
+            cp_ms = triton.testing.do_bench(lambda: y.copy_(x), warmup=10, rep=100)
+            del a, x, y
+            _CEILINGS[key] = {"ceiling_matmul_tflops": round(2 * 8192 ** 3 / mm_ms / 1e9, 1),
+                              "ceiling_copy_gbps": round(2 * 2 ** 30 / cp_ms / 1e6, 1)}
+        except Exception:  # noqa: BLE001 - no ceilings (no triton, no memory): rows go without the fractions
+            _CEILINGS[key] = {}
+            free_memory(device)
     return _CEILINGS[key]
 
 

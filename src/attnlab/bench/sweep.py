@@ -159,6 +159,7 @@ def run_sweep(
     from ..cli.common import environment
 
     env = environment(device)
+    ceilings = harness.ceilings(device)  # measured once, before the rows (CUDA only; {} when it cannot be)
     dtype_name = str(dtype).removeprefix("torch.")
     groups = [(c, mode, im) for c in causal_list for mode in modes for im in impls]
     rows: list[dict] = []
@@ -199,7 +200,7 @@ def run_sweep(
             ok = row.get("status") == "ok" and row.get("ms")
             if ok:
                 row["tflops"] = round(row["flops"] / (row["ms"] * 1e-3) / 1e12, 3)
-            ceil = harness.ceilings(device) if ok else {}
+            ceil = ceilings if ok else {}
             row.update(ceil)
             if ceil:
                 if row["method_flops"] is not None:

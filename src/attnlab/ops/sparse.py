@@ -74,13 +74,14 @@ def compiled_flex_attention(device_type: str = "cuda"):
 
 
 def unsupported_reasons(backend: str, device, *, need_lse: bool = False, need_col_sums: bool = False,
-                        pattern=None, head_dim: int | None = None) -> list[str]:
+                        pattern=None, head_dim: int | None = None, dtype=None) -> list[str]:
     """Why an explicitly asked backend cannot serve a request on `device` (checked before compute)."""
     if backend == "triton":
         from . import window_triton
 
         why = [] if is_window(pattern) else ["backend='triton' runs only the sliding-window pattern (window)"]
-        return why + window_triton.unsupported_reasons(device, head_dim=head_dim or 0, need_col_sums=need_col_sums)
+        return why + window_triton.unsupported_reasons(device, head_dim=head_dim or 0, need_col_sums=need_col_sums,
+                                                       dtype=dtype)
     if backend != "flex" or device is None:
         return []
     why = []
@@ -113,7 +114,8 @@ def resolve(backend: str, q: torch.Tensor, *, need_lse: bool, need_col_sums: boo
     if backend == "auto":
         if q.device.type != "cuda" or need_col_sums:
             return "torch"
-        if is_window(pattern) and q.shape[-1] <= 256 and _triton_importable():
+        if (is_window(pattern) and q.shape[-1] <= 256 and q.dtype in (torch.float32, torch.bfloat16, torch.float16)
+                and _triton_importable()):
             return "triton"
         return "flex" if flex_unavailable_reason(q.device) is None else "torch"
     if backend == "flex":

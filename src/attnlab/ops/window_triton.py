@@ -43,9 +43,14 @@ INTERPRETED = {"fwd": dict(BM=16, BN=16), "dkdv": dict(BM=16, BN=16), "dq": dict
 MAX_HEAD_DIM = 256
 
 
-def unsupported_reasons(device, *, head_dim: int, need_col_sums: bool = False) -> list[str]:
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def unsupported_reasons(device, *, head_dim: int, need_col_sums: bool = False, dtype=None) -> list[str]:
     """Why the kernel cannot serve a request on `device` (empty: it can)."""
     why = []
+    if dtype is not None and dtype not in DTYPES:
+        why.append(f"backend='triton' runs fp32, bf16 and fp16, not {dtype} (use backend='torch')")
     dev = torch.device(device) if device is not None else None
     if dev is not None and dev.type != "cuda" and not interpreted():
         why.append(f"backend='triton' runs on CUDA (got {dev.type}; the CPU runs it only under TRITON_INTERPRET=1)")
@@ -68,15 +73,16 @@ def _visible(pos, kj, Tk, W, S, CAUSAL: tl.constexpr):
 
 @triton.jit
 def _key_range(m0, BM, off, Tk, W, S, CAUSAL: tl.constexpr, BN: tl.constexpr):
-    """For the query tile starting at m0: the band's key tiles [lo, hi) (lo on a tile edge) and the end of the
-    sink tiles below it (a multiple of BN <= lo, so the two loops never visit a tile twice)."""
+    """For the query tile starting at m0: the sink tiles [0, sink_end) (every tile holding a sink, wherever the
+    band is: a sink above the band is visible too when not causal) and the band's key tiles [lo, hi) from the
+    first tile past them (lo on a tile edge), so the two loops never visit a tile twice."""
+    sink_end = ((tl.minimum(S, Tk) + BN - 1) // BN) * BN
     lo = tl.maximum(m0 + off - W, 0)
-    lo = (lo // BN) * BN
+    lo = tl.maximum((lo // BN) * BN, sink_end)
     if CAUSAL:
         hi = tl.minimum(m0 + BM - 1 + off + 1, Tk)
     else:
         hi = tl.minimum(m0 + BM - 1 + off + W + 1, Tk)
-    sink_end = tl.minimum(((S + BN - 1) // BN) * BN, lo)
     return lo, hi, sink_end
 
 
@@ -331,5 +337,6 @@ def window_attention(q, k, v, *, window: int, sinks: int = 0, causal: bool = Fal
     q [B, H, Tq, D], k, v [B, H, Tk, D] (heads already expanded), key_padding_mask Bool[B, Tk] (True: real key).
     Differentiable in q, k, v and through lse."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    window = min(int(window), max(q.shape[-2], k.shape[-2]))  # the same mask; keeps the kernel's int32 sums in range
     pad = None if key_padding_mask is None else key_padding_mask.to(torch.int8).contiguous()
     return _WindowAttention.apply(q, k, v, pad, window, sinks, causal, scale)

@@ -63,14 +63,16 @@ class WindowPattern(Pattern):
 
     def visible_pairs(self, tq: int, tk: int, causal: bool, max_evaluations: int = 1 << 28) -> float:
         """Closed form, O(Tq): row i (at position p = i + Tk - Tq) keeps the band [max(0, p - w), min(Tk - 1, p + w)]
-        (causal: up to p) and the sinks below the band."""
+        (causal: up to p) and the sinks outside it (causal: those at or before p)."""
         p = torch.arange(tq, dtype=torch.float64) + (tk - tq)
         lo = torch.clamp(p - self.window, min=0)
         hi = torch.clamp(p if causal else p + self.window, max=tk - 1)
         band = torch.clamp(hi - lo + 1, min=0)
-        sinks = torch.minimum(lo, torch.full_like(lo, float(min(self.sinks, tk))))
-        sinks = torch.where(hi >= 0, sinks, torch.zeros_like(sinks))  # a row that sees nothing (p < 0, causal)
-        return float((band + sinks).sum())
+        # the sinks the row may see (causal: only up to p), less those already inside the band
+        s_eff = torch.clamp(torch.minimum(p + 1, torch.full_like(p, float(min(self.sinks, tk)))), min=0) if causal \
+            else torch.full_like(p, float(min(self.sinks, tk)))
+        inside = torch.clamp(torch.minimum(hi, s_eff - 1) - lo + 1, min=0)
+        return float((band + s_eff - inside).sum())
 
     def density(self, tq: int, tk: int, causal: bool = True) -> float:
         """Closed form for causal self-attention (row i keeps min(i, w) + 1 band keys and the sinks below the band);

@@ -270,7 +270,7 @@ def _head_slots(chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     pos = torch.arange(t, device=chosen.device).expand_as(chosen)
     order = torch.where(chosen, pos, pos + t).sort(-1).values[..., :k]  # kept positions first, ascending
     valid = torch.arange(k, device=chosen.device) < counts[..., None]
-    last = order.gather(-1, (counts - 1).clamp(min=0)[..., None])
+    last = order.gather(-1, (counts - 1).clamp(min=0)[..., None]).clamp(max=t - 1)  # a head with no slot: any index
     return torch.where(valid, order, last), valid
 
 
