@@ -17,6 +17,8 @@ the wall time of the prefill with the press plus the continuation, summed over t
     adakv_<press>          AdaKVPress(press=<press>, alpha_safeguard=--alpha)  (for the scorer presses above but
                            h2o: each layer's budget shared between its KV heads; kvpress keeps the whole cache and
                            masks with fake keys, attnlab keeps the largest head's count and masks in its sdpa)
+    pyramid_snapkv         PyramidKVPress(beta=1 / (1 - --slope), window 32, kernel 5)  (per-layer budgets; kvpress
+                           falls back to uniform SnapKV when its smallest layer budget is below the window)
 
 kvpress 0.5.5 pins transformers<5.3; installed without its pins it imports, but its forward hook reads
 kwargs["past_key_values"] and kwargs["cache_position"], which newer transformers no longer pass to the attention
@@ -88,11 +90,17 @@ ADAKV_BASES = ("streaming_llm", "snapkv", "tova", "knorm", "random")  # kvpress'
 
 
 def known(name: str) -> bool:
+    if name == "pyramid_snapkv":  # kvpress's PyramidKVPress is SnapKV with layer budgets
+        return True
     base = name.removeprefix("adakv_")
     return base in KVPRESS_NAMES and (base == name or base in ADAKV_BASES)
 
 
-def kvpress_press(kvpress, name: str, ratio: float, seed: int, kvpress_defaults: bool, alpha: float = 0.2):
+def kvpress_press(kvpress, name: str, ratio: float, seed: int, kvpress_defaults: bool, alpha: float = 0.2,
+                  slope: float = 0.5):
+    if name == "pyramid_snapkv":  # attnlab's slope s is kvpress's beta = 1 / (1 - s)
+        kw = {} if kvpress_defaults else {"window_size": 32, "kernel_size": 5}
+        return kvpress.PyramidKVPress(compression_ratio=ratio, beta=max(1, round(1 / (1 - slope))), **kw)
     if name.startswith("adakv_"):  # the same scorer, its budget shared between heads (kvpress masks, attnlab gathers)
         inner = kvpress_press(kvpress, name.removeprefix("adakv_"), ratio, seed, kvpress_defaults)
         return kvpress.AdaKVPress(press=inner, alpha_safeguard=alpha)
@@ -159,6 +167,8 @@ def main(argv=None) -> int:
     p.add_argument("--kvpress-defaults", action="store_true",
                    help="kvpress's own press defaults (SnapKV window 64) instead of attnlab's (window 32)")
     p.add_argument("--alpha", type=float, default=0.2, help="adakv_ presses: the per-head safeguard (both libraries)")
+    p.add_argument("--slope", type=float, default=0.95, help="pyramid_snapkv: attnlab's slope (kvpress's beta = "
+                   "1 / (1 - slope); default %(default)s = beta 20, kvpress's default)")
     p.add_argument("--name", default="kvpress", help="file stem of the JSON / PNG (default: %(default)s)")
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
@@ -220,10 +230,10 @@ def main(argv=None) -> int:
         for ratio in ratios:
             for lib in ("attnlab", "kvpress"):
                 if lib == "attnlab":
-                    press = kp.get_press(name, evict=ratio, seed=args.seed, alpha=args.alpha)
+                    press = kp.get_press(name, evict=ratio, seed=args.seed, alpha=args.alpha, slope=args.slope)
                     prefill, impl = (lambda x, press=press: kp.prefill(model, x, press)[0]), None
                 else:
-                    press = kvpress_press(kvpress, name, ratio, args.seed, args.kvpress_defaults, args.alpha)
+                    press = kvpress_press(kvpress, name, ratio, args.seed, args.kvpress_defaults, args.alpha, args.slope)
                     prefill = lambda x, press=press: run_kvpress_prefill(model, x, press)  # noqa: E731
                     impl = "eager" if name in ("h2o", "h2o_mean") else None
                 stats, secs, kept = [], 0.0, 0

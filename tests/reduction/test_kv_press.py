@@ -148,6 +148,7 @@ def test_bounded_generation(tiny):
     (["--model", "minilm"], "not a causal LM"),
     (["--presses", "adakv_snapkv", "--alpha", "1.5"], "alpha must be in"),
     (["--presses", "adakv_snapkv", "--max-cache", "64"], "press the prompt once"),
+    (["--presses", "pyramid_snapkv", "--slope", "1"], "slope must be in"),
 ])
 def test_cli_bad_input_is_one_line(args, match, tmp_path, capsys, monkeypatch):
     import attnlab.models
@@ -259,3 +260,22 @@ def test_adakv_cache_masks_the_slots_a_head_does_not_keep(tiny):
     assert kp.generate(tiny, ids[:, :24], press, 4).shape == (1, 4)  # decoding on the masked cache runs
     with pytest.raises(attnlab.AttnlabError, match="press the prompt once"):
         kp.stream(tiny, ids, kp.get_press("adakv_snapkv", keep_tokens=16), chunk=8)
+
+
+def test_pyramid_budgets_sum_to_the_plain_total_and_run(tiny):
+    """PyramidKV: lower layers keep more, the total over the layers is exactly the plain press's, every head of a
+    layer keeps the same count, and slope 0 is the plain press (same logits)."""
+    pyr = kp.get_press("pyramid_snapkv", evict=0.5, slope=0.5)
+    b = pyr.layer_budgets(10, 5, 100)
+    assert b == sorted(b, reverse=True) and sum(b) == 50 and b[0] == 15 and b[-1] == 5
+    assert kp.get_press("pyramid_h2o", evict=0.5, slope=0.3).layer_budgets(7, 4, 100) == [9, 8, 6, 5]
+    assert pyr.layer_budgets(80, 3, 100) == [100, 80, 60]  # the bottom capped at the prompt, the total kept
+    ids = _ids(40)
+    cache, kept, _ = kp.prefill(tiny, ids[:, :24], kp.get_press("pyramid_snapkv", evict=0.5, slope=0.5))
+    lengths = [lay.keys.shape[-2] for lay in cache.layers]
+    assert lengths == [18, 6] and all(m.all() for m in cache.attnlab_key_masks)  # 12 x (1.5, 0.5): every slot kept
+    assert kp.continue_scoring(tiny, cache, ids[:, 24:], start=24).isfinite().all()
+    flat, _, _ = kp.prefill(tiny, ids[:, :24], kp.get_press("snapkv", evict=0.5))
+    zero, _, _ = kp.prefill(tiny, ids[:, :24], kp.get_press("pyramid_snapkv", evict=0.5, slope=0.0))
+    torch.testing.assert_close(kp.continue_scoring(tiny, zero, ids[:, 24:], start=24),
+                               kp.continue_scoring(tiny, flat, ids[:, 24:], start=24), atol=1e-5, rtol=1e-4)

@@ -23,9 +23,12 @@ def add_parser(sub) -> None:
                                    "a cache pressed back to the bound after every chunk.")
     p.add_argument("--model", default="smollm2", help="a packaged causal LM (smollm2) or a local model folder")
     p.add_argument("--presses", default=",".join(PRESSES), help="comma-separated (default: %(default)s); "
-                   "adakv_<press> shares each layer's budget between its KV heads by that press's scores (Ada-KV)")
+                   "adakv_<press> shares each layer's budget between its KV heads by that press's scores (Ada-KV); "
+                   "pyramid_<press> gives the lower layers more of the same total (PyramidKV)")
     p.add_argument("--alpha", type=float, default=0.2, help="adakv_ presses: the share of the budget every head keeps "
                                                             "at least (Ada-KV's safeguard; default %(default)s)")
+    p.add_argument("--slope", type=float, default=0.5, help="pyramid_ presses (PyramidKV): layer l of L keeps budget x "
+                                                            "(1 + slope x (1 - 2l/(L-1))), in [0, 1) (default %(default)s)")
     p.add_argument("--evict", default="0.1,0.3,0.5,0.7,0.9", help="fractions of the prompt's cache evicted, each in "
                                                                    "[0, 1) (default: %(default)s)")
     p.add_argument("--seq-len", type=int, default=2048, help="prompt + continuation tokens per window "
@@ -53,10 +56,10 @@ def run(args) -> int:
 
     presses = [x.strip() for x in args.presses.split(",") if x.strip()]
     for name in presses:
-        kp.get_press(name, evict=0.0, alpha=args.alpha)  # an unknown name or a bad alpha fails here
-    if args.max_cache is not None and any(n.startswith("adakv_") for n in presses):
-        raise AttnlabError("adakv_ presses press the prompt once; the bounded-cache mode (--max-cache) takes the plain "
-                           "presses")
+        kp.get_press(name, evict=0.0, alpha=args.alpha, slope=args.slope)  # an unknown name, a bad alpha / slope
+    if args.max_cache is not None and any(n.startswith(tuple(kp.WRAPPERS)) for n in presses):
+        raise AttnlabError("adakv_ and pyramid_ presses press the prompt once; the bounded-cache mode (--max-cache) "
+                           "takes the plain presses")
     if not presses:
         raise AttnlabError("--presses is empty")
     evicts = common.fraction_list("--evict", args.evict, upper_open=True, what="the fraction of the cache evicted")
@@ -88,7 +91,7 @@ def run(args) -> int:
     model, tok = models.load(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     windows = eval_windows(tok, None, args.seq_len, args.num_examples)
     rows = kp.evaluate(model, windows, prompt_len=args.prompt_len, evicts=evicts, presses=presses,
-                       progress=not args.no_progress, seed=args.seed, alpha=args.alpha)
+                       progress=not args.no_progress, seed=args.seed, alpha=args.alpha, slope=args.slope)
     print()
     print(format_table(rows))
     device = common.environment(args.device)["device_name"]

@@ -201,16 +201,50 @@ class AdaKV(Press):
         return self.press.score(q, k, scale=scale)
 
 
+class Pyramid(AdaKV):
+    """Per-layer budgets (PyramidKV, Cai et al. 2024): the same total over the layers as the plain press, the lower
+    layers keeping more and the upper fewer, linearly: layer l of L keeps budget x (1 + slope x (1 - 2 l / (L - 1)))
+    (slope 0: the plain press; slope 1 - 1/beta is kvpress's PyramidKVPress(beta); a bottom budget above the prompt is
+    capped at it and the top raised, as kvpress does; rounded so the total is exact). Heads of a layer keep equal counts; the layers'
+    caches differ in length, so the continuation runs the masked path of AdaKV (every slot visible)."""
+
+    def __init__(self, press: Press, slope: float = 0.5):
+        if not (isinstance(slope, (int, float)) and 0 <= slope < 1):
+            raise AttnlabError(f"pyramid: slope must be in [0, 1), got {slope!r}")
+        super().__init__(press, alpha=1.0)
+        self.slope = float(slope)
+        self.name = f"pyramid_{press.name}"
+
+    def layer_budgets(self, keep: int, n_layers: int, t: int) -> list[int]:
+        if n_layers == 1:
+            return [keep]
+        hi, lo = keep * (1 + self.slope), keep * (1 - self.slope)
+        if hi > t:  # the bottom layer cannot keep more than the prompt: cap it and raise the top (as kvpress does)
+            hi, lo = t, 2 * keep - t
+        want = [hi - (hi - lo) * i / (n_layers - 1) for i in range(n_layers)]
+        out = [int(math.floor(w)) for w in want]
+        for i in sorted(range(n_layers), key=lambda i: out[i] - want[i])[: keep * n_layers - sum(out)]:
+            out[i] += 1  # the largest remainders first: the total is exactly keep x layers
+        return [min(t, max(1, b)) for b in out]
+
+
+WRAPPERS = {"adakv_": lambda press, kw: AdaKV(press, kw.get("alpha", 0.2)),
+            "pyramid_": lambda press, kw: Pyramid(press, kw.get("slope", 0.5))}
+
+
 def get_press(name: str, **kw) -> Press:
-    """A press by name; `adakv_<name>` wraps press <name> in AdaKV (alpha from kw, default 0.2)."""
-    alpha = kw.pop("alpha", 0.2)
-    base = name.removeprefix("adakv_")
+    """A press by name; `adakv_<name>` wraps press <name> in AdaKV (`alpha`, default 0.2), `pyramid_<name>` in
+    Pyramid (`slope`, default 0.5)."""
+    extra = {k: kw.pop(k) for k in ("alpha", "slope") if k in kw}
+    prefix = next((p for p in WRAPPERS if name.startswith(p)), "")
+    base = name[len(prefix):]
     try:
         cls = PRESSES[base]
     except KeyError:
-        raise AttnlabError(f"unknown press {name!r}; presses: {', '.join(PRESSES)} (and adakv_<press> for each)") from None
+        raise AttnlabError(f"unknown press {name!r}; presses: {', '.join(PRESSES)} (and adakv_<press>, pyramid_<press> "
+                           "for each)") from None
     press = cls(**kw)
-    return AdaKV(press, alpha) if name != base else press
+    return WRAPPERS[prefix](press, extra) if prefix else press
 
 
 def _cache_layers(cache):
@@ -220,14 +254,16 @@ def _cache_layers(cache):
     return layers
 
 
-def compress(cache, scores: list[torch.Tensor], keep: int, alpha: float | None = None) -> torch.Tensor:
+def compress(cache, scores: list[torch.Tensor], keep: int | list[int], alpha: float | None = None) -> torch.Tensor:
     """Keep the `keep` best-scored positions of every layer and KV head (ascending order); returns the kept
     indices [L, B, Hkv, keep]. With `alpha` (AdaKV), each layer keeps keep x Hkv positions shared between its
     heads (`allocate`); the indices are then [L, B, Hkv, K] with K the largest head's count over the layers and -1
     where a head keeps fewer, and the cache gets `attnlab_key_masks` (per layer Bool[B, Hkv, K_layer]: which of
     its slots a head really keeps)."""
     kept, masks = [], []
-    for layer, s in zip(_cache_layers(cache), scores):
+    layers = _cache_layers(cache)
+    keeps = keep if isinstance(keep, (list, tuple)) else [keep] * len(layers)  # per layer (Pyramid) or one for all
+    for layer, s, keep in zip(layers, scores, keeps):
         if alpha is None:
             idx = torch.topk(s, keep, dim=-1).indices.sort(-1).values  # [B, Hkv, keep]
         else:
@@ -311,7 +347,9 @@ def _press(cache, got: dict, press: Press, keep: int) -> torch.Tensor:
     layers = _cache_layers(cache)
     if len(got) != len(layers):
         raise AttnlabError(f"press: captured {len(got)} attention layers for a cache of {len(layers)}")
-    return compress(cache, [press.score(*got[i][:2], scale=got[i][2]) for i in sorted(got)], keep,
+    budgets = press.layer_budgets(keep, len(layers), layers[0].keys.shape[-2]) if hasattr(press, "layer_budgets") \
+        else keep
+    return compress(cache, [press.score(*got[i][:2], scale=got[i][2]) for i in sorted(got)], budgets,
                     alpha=getattr(press, "alpha", None))
 
 
@@ -322,7 +360,13 @@ def continue_scoring(model, cache, continuation: torch.Tensor, *, start: int) ->
     past = cache.get_seq_length()
     pos = torch.arange(start, start + m, device=continuation.device).expand(b, m)
     mask = torch.ones(b, past + m, dtype=torch.long, device=continuation.device)
-    with _head_masks(model, getattr(cache, "attnlab_key_masks", None)), torch.no_grad():
+    masks = getattr(cache, "attnlab_key_masks", None)
+    layers = _cache_layers(cache)
+    if masks is None and len({lay.keys.shape[-2] for lay in layers}) > 1:
+        # layers of different lengths (a per-layer budget, e.g. kvpress's PyramidKV): the model's own mask is sized
+        # for layer 0, so run the masked path with every slot visible
+        masks = [torch.ones(lay.keys.shape[:3], dtype=torch.bool, device=lay.keys.device) for lay in layers]
+    with _head_masks(model, masks), torch.no_grad():
         return model(continuation, **{_cache_kwarg(model): cache}, position_ids=pos, attention_mask=mask,
                      use_cache=True).logits
 
@@ -416,8 +460,8 @@ def bounded(model, press: Press | None):
         raise AttnlabError(f"{press.name}: a bounded cache needs a press built with keep_tokens=N (the bound), not "
                            "evict=")
     if isinstance(press, AdaKV):
-        raise AttnlabError(f"{press.name}: per-head budgets (AdaKV) press the prompt once; a bounded cache keeps one "
-                           "count per head (use the plain press)")
+        raise AttnlabError(f"{press.name}: per-head or per-layer budgets press the prompt once; a bounded cache keeps "
+                           "one count per head and layer (use the plain press)")
     with (_capture_qk(model) if press is not None else contextlib.nullcontext({})) as got, torch.no_grad():
         yield _Bounded(model, press, got)
 
@@ -478,7 +522,7 @@ def kv_bytes(cache) -> int:
 
 
 def evaluate(model, windows: torch.Tensor, *, prompt_len: int, evicts, presses=tuple(PRESSES), progress: bool = True,
-             seed: int = 0, alpha: float = 0.2) -> list[dict]:
+             seed: int = 0, alpha: float = 0.2, slope: float = 0.5) -> list[dict]:
     """Held-out windows [N, prompt_len + M]: per press and evicted fraction, KL(full cache || pressed cache) and
     perplexity over the continuation (teacher-forced, each position predicting the next), the KV bytes kept and
     the continuation's time. One row per (press, evict) plus the full cache."""
@@ -504,7 +548,7 @@ def evaluate(model, windows: torch.Tensor, *, prompt_len: int, evicts, presses=t
              "ms": sorted(full_ms)[n // 2]}]
     jobs = [(p, e) for p in presses for e in evicts]
     for name, e in tqdm(jobs, desc="presses", disable=not progress):
-        press = get_press(name, evict=e, seed=seed, alpha=alpha)
+        press = get_press(name, evict=e, seed=seed, alpha=alpha, slope=slope)
         stats, ms, kb = [], [], 0
         for i in range(n):
             cache, _, _ = prefill(model, prompts[i:i + 1], press)
