@@ -6,8 +6,8 @@ causal flash, from FlexAttention with the same band and from the H200's own matm
 For each length (default 4096, 16384, 65536), B=1, H=16, D=64, bf16, window 256 (+ 4 sinks where asked),
 causal and not, fwd and fwd+bwd: attnlab window backend="triton" at every tile setting of GRID, backend="flex",
 raw compiled flex_attention with the window's BlockMask, and SDPA flash (causal: the dense causal baseline
-the 30x goal is measured against). Also measured in the same process: the bf16 matmul rate (8192^3 torch.mm)
-and HBM bandwidth (a 4 GiB copy), the ceilings each row's achieved fraction is computed against. A row's
+the 30x goal is measured against). Also measured in the same process (`attnlab.bench.harness.ceilings`): the
+bf16 matmul rate (8192^3 torch.mm) and the copy bandwidth (1 GiB), the ceilings of each row's fractions. A row's
 FLOPs count the band's visible (query, key) pairs (4 * pairs * D forward, 2.5x that for the backward:
 FlashAttention-2's dq, dk, dv and the recomputed scores), not the dense equivalent.
 Writes OUT/tune_window.json (rows), printing a table.
@@ -34,24 +34,6 @@ GRID = {"fwd": [dict(BM=128, BN=64, num_warps=4, num_stages=3), dict(BM=128, BN=
         "bwd": [dict(BM=64, BN=64, num_warps=4, num_stages=2), dict(BM=32, BN=64, num_warps=4, num_stages=2),
                 dict(BM=64, BN=128, num_warps=8, num_stages=2), dict(BM=32, BN=128, num_warps=4, num_stages=2),
                 dict(BM=64, BN=64, num_warps=8, num_stages=3)]}
-
-
-def visible_pairs(t: int, window: int, sinks: int, causal: bool) -> int:
-    from attnlab.patterns import WindowPattern
-
-    m = WindowPattern(window, sinks)
-    dens = m.density(t, t, causal)
-    return int(round(dens * (t * (t + 1) / 2 if causal else t * t)))
-
-
-def ceilings() -> dict:
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    ms = triton.testing.do_bench(lambda: a @ a, warmup=50, rep=300)
-    x = torch.empty(2 ** 31, device="cuda", dtype=torch.bfloat16)
-    y = torch.empty_like(x)
-    ms_copy = triton.testing.do_bench(lambda: y.copy_(x), warmup=20, rep=200)
-    del a, x, y
-    return {"matmul_tflops": 2 * 8192 ** 3 / ms / 1e9, "hbm_gbps": 2 * 2 ** 32 / ms_copy / 1e6}
 
 
 def timed(fn, mode, q, k, v):
@@ -82,7 +64,11 @@ def main(argv=None) -> int:
     from attnlab.bench.sweep import raise_recompile_limit
 
     raise_recompile_limit()
-    ceil = ceilings()
+    from attnlab.bench.harness import ceilings
+    from attnlab.patterns import WindowPattern
+
+    c = ceilings("cuda")
+    ceil = {"matmul_tflops": c["ceiling_matmul_tflops"], "hbm_gbps": c["ceiling_copy_gbps"]}
     print(f"ceilings: bf16 matmul {ceil['matmul_tflops']:.0f} TFLOP/s, copy {ceil['hbm_gbps']:.0f} GB/s", flush=True)
     rows = []
     h, d, w, s = 16, 64, args.window, args.sinks
@@ -91,7 +77,7 @@ def main(argv=None) -> int:
                                              args.modes.split(",")):
         g = torch.Generator(device="cuda").manual_seed(t)
         q, k, v = (torch.randn(1, h, t, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
-        pairs = visible_pairs(t, w, s, causal) * h
+        pairs = WindowPattern(w, s).visible_pairs(t, t, causal) * h
         flops = 4 * pairs * d * (1 if mode == "fwd" else 3.5)
         bytes_moved = 4 * q.numel() * 2 * (1 if mode == "fwd" else 2.5)  # q, k, v, out once (bwd: + do, dq, dk, dv)
         impls = {}
@@ -111,20 +97,17 @@ def main(argv=None) -> int:
         tri = lambda q, k, v: tm(q, k, v, causal=causal).out  # noqa: E731
         stage = "fwd" if mode == "fwd" else "bwd"
         grid = [None] if args.no_grid else GRID[stage]
-        for cfg in grid:
-            if cfg is not None:
-                window_triton.CONFIG.update(base_cfg)
-                if stage == "fwd":
-                    window_triton.CONFIG["fwd"] = cfg
-                else:
-                    window_triton.CONFIG["dkdv"] = cfg
-                    window_triton.CONFIG["dq"] = dict(cfg, BM=cfg["BN"], BN=cfg["BM"])
-            impls[f"attnlab triton {json.dumps(cfg) if cfg else 'CONFIG'}"] = (tri, dict(window_triton.CONFIG))
+        for cfg in grid:  # each tile setting as a whole CONFIG, installed just before its row is timed
+            full = dict(base_cfg)
+            if cfg is not None and stage == "fwd":
+                full["fwd"] = cfg
+            elif cfg is not None:
+                full.update(dkdv=cfg, dq=dict(cfg, BM=cfg["BN"], BN=cfg["BM"]))
+            impls[f"attnlab triton {json.dumps(cfg) if cfg else 'CONFIG'}"] = (tri, full)
         for name, fn in impls.items():
             cfg = None
             if isinstance(fn, tuple):
                 fn, cfg = fn
-                window_triton.CONFIG.clear()
                 window_triton.CONFIG.update(cfg)
             t0 = time.perf_counter()
             try:
@@ -146,7 +129,6 @@ def main(argv=None) -> int:
             print(f"T={t:6} causal={causal!s:5} {mode:7} {name:70} "
                   + (f"{ms:8.3f} ms {row['tflops']:6.0f} TFLOP/s ({row['matmul_fraction']:.0%} of matmul)" if ms else err),
                   flush=True)
-        window_triton.CONFIG.clear()
         window_triton.CONFIG.update(base_cfg)
         del q, k, v
         torch.cuda.empty_cache()

@@ -23,6 +23,7 @@ import importlib.util
 import torch
 
 from .. import masks
+from ..patterns.window import WindowPattern
 from ..types import AttnOutput, UnsupportedError
 from .reference import lse_and_probs
 
@@ -96,8 +97,6 @@ def unsupported_reasons(backend: str, device, *, need_lse: bool = False, need_co
 
 
 def is_window(pattern) -> bool:
-    from ..patterns.window import WindowPattern
-
     return type(pattern) is WindowPattern
 
 
@@ -114,9 +113,11 @@ def resolve(backend: str, q: torch.Tensor, *, need_lse: bool, need_col_sums: boo
     if backend == "auto":
         if q.device.type != "cuda" or need_col_sums:
             return "torch"
-        if (is_window(pattern) and q.shape[-1] <= 256 and q.dtype in (torch.float32, torch.bfloat16, torch.float16)
-                and _triton_importable()):
-            return "triton"
+        if is_window(pattern) and _triton_importable():
+            from . import window_triton
+
+            if q.shape[-1] <= window_triton.MAX_HEAD_DIM and q.dtype in window_triton.DTYPES:
+                return "triton"
         return "flex" if flex_unavailable_reason(q.device) is None else "torch"
     if backend == "flex":
         if q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
