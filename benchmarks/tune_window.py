@@ -68,6 +68,8 @@ def main(argv=None) -> int:
     from attnlab.patterns import WindowPattern
 
     c = ceilings("cuda")
+    if not c:
+        sys.exit("error: the GPU's matmul and copy ceilings could not be measured (needs CUDA and triton)")
     ceil = {"matmul_tflops": c["ceiling_matmul_tflops"], "hbm_gbps": c["ceiling_copy_gbps"]}
     print(f"ceilings: bf16 matmul {ceil['matmul_tflops']:.0f} TFLOP/s, copy {ceil['hbm_gbps']:.0f} GB/s", flush=True)
     rows = []
