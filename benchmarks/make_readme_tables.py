@@ -210,12 +210,21 @@ def vision_block() -> str:
     folder = HERE / "results" / "vision" / "h200"
     files = sorted(glob.glob(str(folder / "*.json")) + glob.glob(str(folder / "*.jsonl")))
     files = [f for f in files if not (f.endswith(".jsonl") and Path(f).with_suffix(".json").exists())]
+    from attnlab.vision.train import FROM_SCRATCH
+
     short = [f for f in files if "patch1-8k" in f]  # patch 1 trained briefly: its accuracy column only
-    shared = [f for f in files if "shared" in Path(f).name]  # processes side by side on one GPU: accuracy only
-    rows = summary_rows(load_rows([f for f in files if f not in short and f not in shared]))
-    p1_acc = {r["method"]: r for r in summary_rows(load_rows(short)) if "error" not in r}
-    long_acc = {r["method"]: r for r in summary_rows(load_rows(shared)) if "error" not in r}
+    longer = [f for f in files if "30ep" in Path(f).name]  # 30 epochs (some side by side on one GPU): accuracy only
+    rows = summary_rows(load_rows([f for f in files if f not in short and f not in longer and "patch1-16k" not in f]))
+
+    def as_run_now(r):  # accuracy columns show each method in the form `attnlab vision` trains it now
+        return "error" not in r and all(r.get("options", {}).get(k) == v for k, v in FROM_SCRATCH.get(r["method"], {}).items())
+
+    p1_acc = {r["method"]: r for r in load_rows(short) if as_run_now(r)}
+    long_acc = {r["method"]: r for r in load_rows(longer) if as_run_now(r)}
     long_epochs = next(iter(long_acc.values()))["epochs"] if long_acc else None
+    long_base = long_acc.get("sdpa", {}).get("test_accuracy")
+    for r in long_acc.values():
+        r["vs_sdpa"] = None if long_base is None else r["test_accuracy"] - long_base
     by = {(r["method"], r["patch"]): r for r in rows}
     methods = list(dict.fromkeys(r["method"] for r in rows))
     p4 = next(r for r in rows if r["patch"] == 4 and "error" not in r)
@@ -229,9 +238,9 @@ def vision_block() -> str:
              "Transformer\" of LRA) in the same run. Patch 1 acc: a short run (8,192 training images, 4 epochs, "
              "2,048 test images; `patch1-8k-4ep.json`): far from converged, it shows which methods learn fastest "
              "at 785 tokens, not where they end." + (
-                 f" Patch 4, {long_epochs} epochs: the same settings trained longer, six processes side by side on "
-                 "one H200 (`patch4-30ep-shared.jsonl`: accuracy only, their epoch times share the GPU); \"not "
-                 "finished\": cut by the call's time limit." if long_acc else ""), "",
+                 f" Patch 4, {long_epochs} epochs: the same settings trained longer, in processes side by side on "
+                 "one H200 (`patch4-30ep-*.jsonl`: accuracy only, their epoch times share the GPU)." if long_acc else "")
+             + " Accuracy columns show each method as `attnlab vision` trains it now (rfa: `normalize=True`).", "",
              f"| method | time | memory | options (patch 4; patch 1) | patch 4: test acc ({p4['epochs']} ep) | vs sdpa | "
              f"s/epoch | time / sdpa | mem / sdpa | patch 4: test acc ({long_epochs} ep) | vs sdpa | "
              "patch 1 acc (short) | patch 1: time / sdpa | mem / sdpa | time / dense | peak GiB |", "|" + "---|" * 16]
@@ -253,7 +262,7 @@ def vision_block() -> str:
                      f"{fmt(a, 'accuracy_vs_dense', '+.4f')} | {fmt(a, 'epoch_s', '.2f')} | "
                      f"{fmt(a, 'time_ratio_sdpa', '.2f')} | {fmt(a, 'mem_ratio_sdpa', '.2f')} | "
                      f"{fmt(long_acc.get(m), 'test_accuracy', '.4f') if m in long_acc else 'not finished'} | "
-                     f"{fmt(long_acc.get(m), 'accuracy_vs_dense', '+.4f')} | "
+                     f"{fmt(long_acc.get(m), 'vs_sdpa', '+.4f')} | "
                      f"{fmt(p1_acc.get(m), 'test_accuracy', '.4f')} | "
                      f"{fmt(b, 'time_ratio_sdpa', '.2f')} | {fmt(b, 'mem_ratio_sdpa', '.2f')} | "
                      f"{fmt(b, 'time_ratio_dense', '.2f')} | "
@@ -270,15 +279,15 @@ def sparsify_block() -> str:
         rel = Path(f).relative_to(HERE.parent)
         lines += [f"{_ran(res)}; {_where(env)}, {res['eval_windows']} held-out windows x {res['seq_len']} tokens "
                   f"of {res['eval_text']}, {res['block_size']}-token blocks. " + _files(rel, None) + ".", "",
-                  "| pruned (requested) | global sparse: density | ppl | KL | top-1 | window + sinks: window | density "
-                  "| ppl | KL | top-1 |", "|" + "---|" * 10]
+                  "| pruned (requested) | budget per | global sparse: density | ppl | KL | top-1 | window + sinks: window "
+                  "| density | ppl | KL | top-1 |", "|" + "---|" * 11]
         rows = res["rows"]
         for g in (r for r in rows if r["technique"] == "global_sparse"):
             w = next((r for r in rows if r["technique"] == "window_sinks" and r["fraction"] == g["fraction"]), None)
             wcells = (f"{w['options']['window']} | {w['density']:.3f} | {w['ppl']:.2f} | {w['kl']:.4f} | {w['top1']:.3f}"
                       if w else "- | - | - | - | -")
-            lines.append(f"| {g['fraction']:.0%} | {g['density']:.3f} | {g['ppl']:.2f} | {g['kl']:.4f} | {g['top1']:.3f} | "
-                         f"{wcells} |")
+            lines.append(f"| {g['fraction']:.0%} | {g.get('share') or 'head'} | {g['density']:.3f} | {g['ppl']:.2f} | "
+                         f"{g['kl']:.4f} | {g['top1']:.3f} | {wcells} |")
         lines.append(f"\nOriginal model: ppl {rows[0]['ppl_original']:.2f}.")
     return "\n".join(lines) or "(no committed result)"
 

@@ -74,17 +74,45 @@ def _scores(l=2, h=2, nb=4):
     return m / m.sum(-1, keepdim=True)
 
 
-@pytest.mark.parametrize("sinks,band", [(0, False), (2, True)])
-def test_method_equals_dense_masked_reference(sinks, band, tmp_path):
+def test_shared_budget_goes_to_the_heads_whose_attention_is_spread():
+    """Head 0 looks at its own block only, head 1 spreads evenly: with the layer's budget shared, head 1 takes
+    the blocks head 0 does not need; the total is the same and exact, every diagonal kept. 'model' shares one
+    budget across layers the same way."""
+    nb = 6
+    causal = torch.ones(nb, nb).tril()
+    focused = torch.eye(nb) * 0.99 + causal * 0.002  # nearly all on its own block
+    spread = causal / causal.sum(-1, keepdim=True)
+    mass = torch.stack([focused, spread])  # [H=2, nb, nb], 21 candidate blocks each
+    own = select_blocks(mass, 0.5, share="head")
+    shared = select_blocks(mass, 0.5, share="layer")
+    assert int(own[0].sum()) == int(own[1].sum()) == round(0.5 * 21)
+    assert int(shared.sum()) == round(0.5 * 42) and shared.diagonal(dim1=-2, dim2=-1).all()
+    assert int(shared[0].sum()) < int(own[0].sum()) and int(shared[1].sum()) > int(own[1].sum())
+    both = torch.stack([mass, mass.flip(0)])  # [L=2, H=2, nb, nb]
+    model = select_blocks(both, 0.5, share="model")
+    assert int(model.sum()) == round(0.5 * 84)
+    torch.testing.assert_close(select_blocks(both, 0.5, share="layer")[0], shared)
+    with pytest.raises(OptionError, match="share must be one of"):
+        select_blocks(mass, 0.5, share="everyone")
+    with pytest.raises(OptionError, match=r"share='model' needs every layer's scores"):
+        select_blocks(mass, 0.5, share="model")
+    with pytest.raises(OptionError, match="share='model' needs every layer's scores"):
+        attnlab.make("global_sparse", head_dim=8, num_heads=2, pattern=mass.tolist(), block_size=4, share="model")
+
+
+@pytest.mark.parametrize("sinks,band,share", [(0, False, "head"), (2, True, "head"), (2, True, "layer"),
+                                              (0, False, "model")])
+def test_method_equals_dense_masked_reference(sinks, band, share, tmp_path):
     """The method over a saved pattern == softmax attention under the pattern's dense mask (fp64)."""
     mass = _scores()
-    save_pattern(tmp_path / "p", GlobalPattern(mass, 4, {"sparsity": 0.5}, torch.full(mass.shape[:3], 0.1) if sinks else None,
-                                               sinks, band))
-    m = attnlab.make("global_sparse", head_dim=8, num_heads=2, pattern=str(tmp_path / "p"), layer=1, sparsity=0.5)
+    sink_mass = torch.full(mass.shape[:3], 0.1) if sinks else None
+    save_pattern(tmp_path / "p", GlobalPattern(mass, 4, {"sparsity": 0.5}, sink_mass, sinks, band))
+    m = attnlab.make("global_sparse", head_dim=8, num_heads=2, pattern=str(tmp_path / "p"), layer=1, sparsity=0.5,
+                     share=share)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 16, 8, generator=g, dtype=torch.float64) for _ in range(3))
     out = m(q, k, v, causal=True).out
-    pat = make_pattern(select_blocks(mass[1], 0.5, torch.full((2, 4), 0.1) if sinks else None, band), 4, sinks, band)
+    pat = make_pattern(select_blocks(mass, 0.5, sink_mass, band, share=share)[1], 4, sinks, band)
     allowed = pat.dense(16, 16, causal=True)
     scores = (q @ k.transpose(-1, -2) * 8 ** -0.5).masked_fill(~allowed, float("-inf"))
     torch.testing.assert_close(out, scores.softmax(-1) @ v)
@@ -159,6 +187,7 @@ def test_on_the_real_model_no_leak_per_layer_and_save_load(smollm2, tmp_path):
     (["--pattern", "/no/such"], "not a global-sparse pattern folder"),
     (["--model", "/no/such/folder"], "neither a packaged model"),
     (["--eval", "/no/such.txt"], "no such file"),
+    (["--share", "layer,everyone"], "--share 'layer,everyone': each must be one of head, layer, model"),
 ])
 def test_cli_bad_input_is_one_line(args, match, tmp_path, capsys, monkeypatch):
     import attnlab.models

@@ -31,6 +31,10 @@ def add_parser(sub) -> None:
     p.add_argument("--eval-windows", type=int, default=4, help="held-out windows evaluated (default: %(default)s)")
     p.add_argument("--sparsity", default="0,0.5,0.7,0.8,0.9,0.95",
                    help="fractions of the causal blocks pruned, each in [0, 1) (default: %(default)s)")
+    p.add_argument("--share", default="layer",
+                   help="who shares the block budget, comma-separated to compare: layer (a layer's heads share it: a "
+                        "head whose attention is spread gets more blocks), head (each head keeps 1 - p of its own), "
+                        "model (all heads of all layers share one) (default: %(default)s)")
     p.add_argument("--pattern", default=None, metavar="DIR", help="evaluate an existing pattern instead of measuring one")
     p.add_argument("--no-baseline", action="store_true", help="skip the window + sinks baseline")
     p.add_argument("--cost", action="store_true", help="also time the model's layers (fwd and fwd+bwd, batch 1, one "
@@ -53,6 +57,10 @@ def run(args) -> int:
     from ..train.data import TrainWindows, eval_windows
 
     sparsities = parse_fractions(args.sparsity)
+    shares = [s.strip() for s in args.share.split(",") if s.strip()]
+    bad = [s for s in shares if s not in gs.SHARES]
+    if bad or not shares:
+        raise AttnlabError(f"--share {args.share!r}: each must be one of {', '.join(gs.SHARES)}")
     common.positive_int("--seq-len", args.seq_len, 2)
     common.positive_int("--block-size", args.block_size, 1)
     common.positive_int("--windows", args.windows, 1)
@@ -96,7 +104,7 @@ def run(args) -> int:
         pattern_dir = Path(args.pattern)
     measure_s = time.time() - t0
     held = eval_windows(tok, None if args.eval_text == "moby" else args.eval_text, args.seq_len, args.eval_windows)
-    rows = gs.evaluate(model, held, pattern_dir, sparsities, baseline=not args.no_baseline,
+    rows = gs.evaluate(model, held, pattern_dir, sparsities, baseline=not args.no_baseline, shares=shares,
                        progress=not args.no_progress)
     device_name = common.environment(args.device)["device_name"]
     for r in rows:
@@ -106,13 +114,13 @@ def run(args) -> int:
     costs = None
     if args.cost:
         costs = gs.cost(model, args.seq_len, pattern_dir, sparsities, baseline=not args.no_baseline,
-                        progress=not args.no_progress)
+                        share=shares[0], progress=not args.no_progress)
         print()
         print(format_cost(costs))
     common.write_result(
         out / "sparsify.json", args.device,
         {"model": args.model, "pattern": str(pattern_dir), "seq_len": args.seq_len, "block_size": args.block_size,
-         "eval_windows": args.eval_windows, "eval_text": args.eval_text, "measure_s": round(measure_s, 1), "rows": rows,
+         "eval_windows": args.eval_windows, "eval_text": args.eval_text, "shares": shares, "measure_s": round(measure_s, 1), "rows": rows,
          "cost": costs, "result_rows": result_rows(rows, costs)},
         None if args.no_plot else lambda png: plot(rows, png, title=f"attnlab sparsify: {args.model}, {args.eval_windows} "
                                                    f"held-out windows x {args.seq_len} tokens, {args.block_size}-token blocks"))
@@ -122,12 +130,13 @@ def run(args) -> int:
 def result_rows(rows: list[dict], costs: list[dict] | None = None) -> list[dict]:
     """The issue's flat schema: one row per (technique, fraction, metric); ms and peak memory from the forward
     cost rows when measured (else ms is the held-out forward's median and the memory None)."""
-    fwd = {(c["technique"], c["fraction"]): c for c in costs or () if c["mode"] == "fwd" and c.get("status") == "ok"}
+    fwd = {(c["technique"], c["fraction"], (c.get("options") or {}).get("share")): c
+           for c in costs or () if c["mode"] == "fwd" and c.get("status") == "ok"}
     out = []
     for r in rows:
-        c = fwd.get((r["technique"], r["fraction"]), {})
+        c = fwd.get((r["technique"], r["fraction"], r.get("share")), {})
         for metric, base in (("ppl", r["ppl_original"]), ("kl", 0.0)):
-            out.append({"technique": r["technique"], "impl": r["impl"], "fraction": r["fraction"], "metric": metric,
+            out.append({"technique": r["technique"], "share": r.get("share"), "impl": r["impl"], "fraction": r["fraction"], "metric": metric,
                         "value": r[metric], "baseline_value": base, "ms": c.get("ms", r["ms"]),
                         "peak_mem_bytes": c.get("peak_mem_bytes"), "kv_bytes": None, "device": r["device"],
                         "density": r["density"]})
@@ -153,10 +162,10 @@ def format_cost(costs: list[dict]) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = f"{'technique':<14} {'pruned':>6} {'density':>7} {'ppl':>9} {'(orig)':>8} {'KL':>9} {'KL p95':>8} {'top-1':>6} {'ms':>8}"
+    head = f"{'technique':<14} {'share':>5} {'pruned':>6} {'density':>7} {'ppl':>9} {'(orig)':>8} {'KL':>9} {'KL p95':>8} {'top-1':>6} {'ms':>8}"
     lines = [head]
     for r in rows:
-        lines.append(f"{r['technique']:<14} {r['fraction']:>6.0%} {r['density']:>7.3f} {r['ppl']:>9.3f} "
+        lines.append(f"{r['technique']:<14} {r.get('share') or '':>5} {r['fraction']:>6.0%} {r['density']:>7.3f} {r['ppl']:>9.3f} "
                      f"{r['ppl_original']:>8.3f} {r['kl']:>9.4f} {r['kl_p95']:>8.3f} {r['top1']:>6.3f} {r['ms']:>8.1f}")
     return "\n".join(lines)
 
@@ -171,10 +180,13 @@ def plot(rows: list[dict], path, title: str = "") -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
     base = rows[0]["ppl_original"]
-    styles = {"global_sparse": ("tab:blue", "o", "global sparse (measured blocks)"),
-              "window_sinks": ("tab:orange", "s", "window + 4 sinks, same density")}
-    for tech, (color, marker, label) in styles.items():
-        rs = sorted((r for r in rows if r["technique"] == tech), key=lambda r: r["fraction"])
+    shares = list(dict.fromkeys(r.get("share") for r in rows if r["technique"] == "global_sparse"))
+    colors = {"layer": "tab:blue", "head": "tab:green", "model": "tab:purple"}
+    styles = {("global_sparse", sh): (colors.get(sh, "tab:blue"), "o",
+                                      f"global sparse (measured blocks, budget per {sh})") for sh in shares}
+    styles[("window_sinks", None)] = ("tab:orange", "s", "window + 4 sinks, same density")
+    for (tech, share), (color, marker, label) in styles.items():
+        rs = sorted((r for r in rows if r["technique"] == tech and r.get("share") == share), key=lambda r: r["fraction"])
         if not rs:
             continue
         x = [100 * (1 - r["density"]) for r in rs]  # what was really pruned (a requested p past the floor of

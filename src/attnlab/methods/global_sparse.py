@@ -18,6 +18,7 @@ import dataclasses
 
 import torch
 
+from ..reduction.global_sparse import SHARES
 from ..registry import register
 from ..types import OptionError, opt
 from ._sparse import BACKENDS, SparseAttention
@@ -37,6 +38,10 @@ class GlobalSparse(SparseAttention):
                               kind=object)
         layer: int = opt(-1, "the layer whose pattern this is (filled in per layer by attnlab.swap)", low=-1)
         block_size: int = opt(None, "tokens per block: from the pattern folder; needed with raw scores", kind=object)
+        share: str = opt("layer", "who shares the block budget: layer (a layer's heads share one: heads whose attention "
+                                  "is spread get more blocks) | head (each head keeps 1 - sparsity of its own) | "
+                                  "model (every head of every layer shares one)",
+                         choices=SHARES)
         backend: str = opt("auto", "auto (flex on CUDA, torch elsewhere) | flex | torch", choices=BACKENDS)
 
         def __post_init__(self):
@@ -51,9 +56,10 @@ class GlobalSparse(SparseAttention):
 
     def __init__(self, head_dim: int, num_heads: int, num_kv_heads: int | None = None, **options):
         super().__init__(head_dim, num_heads, num_kv_heads, **options)
-        from ..reduction.global_sparse import load_pattern, make_pattern, select_blocks
+        from ..reduction.global_sparse import load_pattern, make_pattern, select_blocks, selected_blocks
 
         o = self.opts
+        pat = None
         if isinstance(o.pattern, (str, bytes)) or hasattr(o.pattern, "__fspath__"):
             pat = load_pattern(o.pattern)
             if o.block_size is not None and o.block_size != pat.block_size:
@@ -65,28 +71,37 @@ class GlobalSparse(SparseAttention):
             if not 0 <= o.layer < pat.num_layers:
                 raise OptionError(f"global_sparse: layer {o.layer} is outside the pattern's {pat.num_layers} layers "
                                   "(a pattern of another model? attnlab.swap fills `layer` in)")
-            scores, block_size, sinks, band = pat.mass[o.layer], pat.block_size, pat.sinks, pat.band
-            sink_mass = None if pat.sink_mass is None else pat.sink_mass[o.layer]
+            scores, block_size, sinks, band, sink_mass = pat.mass, pat.block_size, pat.sinks, pat.band, pat.sink_mass
             sparsity = pat.meta.get("sparsity", 0.0) if o.sparsity is None else o.sparsity
         else:
             try:
                 scores = torch.as_tensor(o.pattern, dtype=torch.float32)
             except (TypeError, ValueError) as e:
                 raise OptionError(f"global_sparse: pattern must be a folder or a float score grid ({e})") from None
-            if scores.dim() == 4:
-                if not 0 <= o.layer < scores.shape[0]:
-                    raise OptionError(f"global_sparse: layer {o.layer} outside the scores' {scores.shape[0]} layers")
-                scores = scores[o.layer]
-            if scores.dim() not in (2, 3) or scores.shape[-1] != scores.shape[-2] or scores.numel() == 0:
+            if scores.dim() == 4 and not 0 <= o.layer < scores.shape[0]:
+                raise OptionError(f"global_sparse: layer {o.layer} outside the scores' {scores.shape[0]} layers")
+            if scores.dim() not in (2, 3, 4) or scores.shape[-1] != scores.shape[-2] or scores.numel() == 0:
                 raise OptionError(f"global_sparse: scores must be [nb, nb], [H, nb, nb] or [L, H, nb, nb], got "
                                   f"{tuple(scores.shape)}")
             if o.block_size is None:
                 raise OptionError("global_sparse: block_size is required with raw scores")
             block_size, sparsity, sinks, sink_mass, band = o.block_size, (o.sparsity or 0.0), 0, None, False
-            if scores.dim() == 3 and scores.shape[0] != num_heads:
-                raise OptionError(f"global_sparse: scores for {scores.shape[0]} heads, the layer has {num_heads}")
+            if scores.dim() >= 3 and scores.shape[-3] != num_heads:
+                raise OptionError(f"global_sparse: scores for {scores.shape[-3]} heads, the layer has {num_heads}")
+        if o.share == "model" and scores.dim() != 4:
+            raise OptionError("global_sparse: share='model' needs every layer's scores ([L, H, nb, nb] or a pattern "
+                              "folder)")
         self.sparsity = float(sparsity)
-        self.pattern = make_pattern(select_blocks(scores, self.sparsity, sink_mass, band), block_size, sinks, band)
+        if pat is not None:  # every layer of a swapped model selects from the same folder: select once
+            keep = selected_blocks(pat, self.sparsity, o.share)[o.layer]
+        else:
+            # the model's budget is shared across layers only with share='model'; otherwise select the layer alone
+            if scores.dim() == 4 and o.share != "model":
+                scores = scores[o.layer]
+            keep = select_blocks(scores, self.sparsity, sink_mass, band, share=o.share)
+            if keep.dim() == 4:
+                keep = keep[o.layer]
+        self.pattern = make_pattern(keep, block_size, sinks, band)
         self.flex_block_size = block_size if block_size % 128 == 0 else 128
 
     def options_dict(self) -> dict:

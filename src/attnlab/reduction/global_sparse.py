@@ -52,8 +52,11 @@ class GlobalPattern:
         return self.mass.shape[-1] * self.block_size
 
 
+SHARES = ("head", "layer", "model")
+
+
 def select_blocks(mass: torch.Tensor, sparsity: float, sink_mass: torch.Tensor | None = None,
-                  band: bool = False) -> torch.Tensor:
+                  band: bool = False, share: str = "head") -> torch.Tensor:
     """Bool blocks of `mass` [..., nb, nb] to keep, per leading index (layer, head): the diagonal always, then
     round((1 - sparsity) * candidates) blocks in all (candidates: blocks with mass > 0, the causal ones of a
     decoder; never fewer than the diagonal), chosen to maximise the sum over query blocks of the log of the
@@ -65,17 +68,29 @@ def select_blocks(mass: torch.Tensor, sparsity: float, sink_mass: torch.Tensor |
     concave, so taking each row's blocks in decreasing mass, the marginal gains log(R + m) - log(R) fall along a
     row and the global top gains are the optimum of the separable problem. Ties go to the earlier block.
 
+    `share`: who shares a budget. "head": every (layer, head) keeps its own fraction 1 - sparsity; "layer": the
+    heads of a layer share the layer's budget (mass [L, H, nb, nb] or [H, nb, nb]); "model": every head of every
+    layer shares one budget (mass [L, H, nb, nb]). The objective is the same sum of logs, so a shared budget goes
+    where it buys the most: to heads whose attention is spread, away from heads that look at a few blocks (as
+    Ada-KV shares a KV budget between heads). The overall density is the same; a head's is not.
+
     `sink_mass` [..., nb]: attention each query block gives the token-level sinks kept anyway; it counts as
     kept from the start and is taken out of block 0's mass (whose remainder competes like any block).
     `band`: a token-level band of block_size keys runs beside the blocks (`make_pattern`): it covers the diagonal
     block and about half of the block just below it, which counts as kept (the other half competes)."""
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
         raise OptionError(f"sparsity must be in [0, 1) (the fraction of blocks pruned), got {sparsity!r}")
+    if share not in SHARES:
+        raise OptionError(f"share must be one of {', '.join(SHARES)}, got {share!r}")
+    if share == "model" and mass.dim() != 4:
+        raise OptionError(f"share='model' needs every layer's scores [L, H, nb, nb], got {tuple(mass.shape)}")
     nb = mass.shape[-1]
     flat = mass.reshape(-1, nb, nb).float()
+    # a single [nb, nb] grid is its own layer (one head): there 'layer' is 'head'
+    group = 1 if share == "head" or mass.dim() == 2 else (flat.shape[0] if share == "model" else mass.shape[-3])
     sink = torch.zeros(flat.shape[:2]) if sink_mass is None else sink_mass.reshape(-1, nb).float()
     diag = torch.eye(nb, dtype=torch.bool)
-    keep = torch.zeros_like(flat, dtype=torch.bool)
+    gains, orders, counts = [], [], []
     for n in range(flat.shape[0]):
         cand = (flat[n] > 0) | diag
         m = flat[n].clone()
@@ -86,7 +101,6 @@ def select_blocks(mass: torch.Tensor, sparsity: float, sink_mass: torch.Tensor |
             half = 0.5 * m[sub, sub - 1]
             start[1:] += half
             m[sub, sub - 1] -= half
-        budget = max(nb, int(round((1 - sparsity) * int(cand.sum()))))
         # each row's blocks in keeping order: the diagonal first, then by decreasing mass; non-candidates last
         key = torch.where(diag, torch.full_like(m, math.inf), m).masked_fill(~cand, -math.inf)
         order = key.argsort(dim=1, descending=True, stable=True)
@@ -94,10 +108,18 @@ def select_blocks(mass: torch.Tensor, sparsity: float, sink_mass: torch.Tensor |
         cum = sorted_m.cumsum(1) + start[:, None]
         gain = torch.log(cum.clamp_min(1e-30)) - torch.log((cum - sorted_m).clamp_min(1e-30))
         gain[:, 0] = math.inf  # the diagonal
-        gain = gain.masked_fill(~cand.gather(1, order), -math.inf)
-        top = gain.flatten().topk(min(budget, int(cand.sum()))).indices
-        rows, pos = top // nb, top % nb
-        keep[n, rows, order[rows, pos]] = True
+        gains.append(gain.masked_fill(~cand.gather(1, order), -math.inf))
+        orders.append(order)
+        counts.append(int(cand.sum()))
+    gains, orders = torch.stack(gains), torch.stack(orders)
+    keep = torch.zeros_like(flat, dtype=torch.bool)
+    for g0 in range(0, flat.shape[0], group):
+        cand_total = sum(counts[g0:g0 + group])
+        budget = max(group * nb, int(round((1 - sparsity) * cand_total)))
+        top = gains[g0:g0 + group].flatten().topk(min(budget, cand_total)).indices
+        n, rest = top // (nb * nb) + g0, top % (nb * nb)
+        rows, pos = rest // nb, rest % nb
+        keep[n, rows, orders[n, rows, pos]] = True
     return keep.view(mass.shape)
 
 
@@ -113,10 +135,27 @@ def make_pattern(blocks: torch.Tensor, block_size: int, sinks: int, band: bool =
     return blk
 
 
-def pattern_density(pat: GlobalPattern, sparsity: float, seq_len: int) -> float:
+_SELECTED: dict = {}
+
+
+def selected_blocks(pat: GlobalPattern, sparsity: float, share: str = "head") -> torch.Tensor:
+    """select_blocks over a whole pattern [L, H, nb, nb], remembered for the last few (pattern, sparsity, share):
+    the layers of a swapped model each ask for their slice of the same selection."""
+    key = (id(pat.mass), pat.mass.data_ptr(), tuple(pat.mass.shape), float(sparsity), share)
+    hit = _SELECTED.get(key)
+    if hit is not None and hit[0] is pat.mass:
+        return hit[1]
+    keep = select_blocks(pat.mass, sparsity, pat.sink_mass, band=pat.band, share=share)
+    if len(_SELECTED) >= 4:
+        _SELECTED.pop(next(iter(_SELECTED)))
+    _SELECTED[key] = (pat.mass, keep)
+    return keep
+
+
+def pattern_density(pat: GlobalPattern, sparsity: float, seq_len: int, share: str = "head") -> float:
     """Fraction of the causal token pairs (q >= k) the selection at `sparsity` allows at `seq_len`, sinks included
     (mean over layers and heads)."""
-    blocks = select_blocks(pat.mass, sparsity, pat.sink_mass, band=pat.band).reshape(-1, *pat.mass.shape[-2:])
+    blocks = selected_blocks(pat, sparsity, share).reshape(-1, *pat.mass.shape[-2:])
     return float(sum(make_pattern(blocks[i], pat.block_size, pat.sinks, pat.band).density(seq_len, seq_len, causal=True)
                      for i in range(blocks.shape[0])) / blocks.shape[0])
 
@@ -226,10 +265,11 @@ def load_pattern(path) -> GlobalPattern:
 
 
 def evaluate(model, windows: torch.Tensor, pattern_dir, sparsities, *, baseline: bool = True, sinks: int = 4,
-             progress: bool = True) -> list[dict]:
+             shares=("layer",), progress: bool = True) -> list[dict]:
     """Held-out perplexity, KL(original || swapped) and top-1 agreement of the global-sparse pattern at each
-    sparsity, and (with `baseline`) of a window + `sinks` mask of the same causal token density, all against
-    the original model on the same windows. One dict per (technique, sparsity)."""
+    sparsity and budget sharing (`shares`: see select_blocks), and (with `baseline`) of a window + `sinks` mask of
+    the same causal token density as the first share's, all against the original model on the same windows. One
+    dict per (technique, share, sparsity)."""
     from tqdm.auto import tqdm
 
     from ..adapters.swap import swapped
@@ -253,7 +293,9 @@ def evaluate(model, windows: torch.Tensor, pattern_dir, sparsities, *, baseline:
                 ms.append(tm.ms)
         return out, sorted(ms)[len(ms) // 2]
 
-    jobs = [("global_sparse", p) for p in sparsities] + ([("window_sinks", p) for p in sparsities] if baseline else [])
+    shares = [shares] if isinstance(shares, str) else list(shares)
+    jobs = [("global_sparse", p, sh) for sh in shares for p in sparsities]
+    jobs += [("window_sinks", p, None) for p in sparsities] if baseline else []
     bar = tqdm(total=len(jobs) + 1, desc="evaluate", disable=not progress)
     bar.set_postfix_str("original")
     base, base_ms = run()
@@ -261,13 +303,13 @@ def evaluate(model, windows: torch.Tensor, pattern_dir, sparsities, *, baseline:
     ids = windows.cpu()
     rows = []
     densities = {}
-    for technique, p in jobs:
-        bar.set_postfix_str(f"{technique} {p:.0%}")
+    for technique, p, share in jobs:
+        bar.set_postfix_str(f"{technique} {share or ''} {p:.0%}")
         if technique == "global_sparse":
-            density = pattern_density(pat, p, t)
-            densities[p] = density
-            logits, ms = run("global_sparse", pattern=str(pattern_dir), sparsity=p)
-            opts = {"sparsity": p}
+            density = pattern_density(pat, p, t, share)
+            densities.setdefault(p, density)
+            logits, ms = run("global_sparse", pattern=str(pattern_dir), sparsity=p, share=share)
+            opts = {"sparsity": p, "share": share}
         else:
             density = densities[p]
             win = WindowPattern.for_density(density, t, sinks=sinks).window
@@ -275,7 +317,8 @@ def evaluate(model, windows: torch.Tensor, pattern_dir, sparsities, *, baseline:
             opts = {"window": win, "sinks": sinks}
             density = WindowPattern(win, sinks).density(t, t, causal=True)
         st = [fm.next_token_stats(base[i], logits[i], ids[i:i + 1]) for i in range(len(ids))]
-        rows.append({"technique": technique, "fraction": p, "options": opts, "density": density, **fm.summarise(st),
+        rows.append({"technique": technique, "share": share, "fraction": p, "options": opts, "density": density,
+                     **fm.summarise(st),
                      "ms": ms, "ms_original": base_ms})
         bar.update()
     bar.close()
@@ -283,7 +326,7 @@ def evaluate(model, windows: torch.Tensor, pattern_dir, sparsities, *, baseline:
 
 
 def cost(model, seq_len: int, pattern_dir, sparsities, *, baseline: bool = True, sinks: int = 4,
-         modes=("fwd", "fwd+bwd"), repeats: int = 5, progress: bool = True) -> list[dict]:
+         share: str = "layer", modes=("fwd", "fwd+bwd"), repeats: int = 5, progress: bool = True) -> list[dict]:
     """Time and peak memory of the model's backbone (its layers, not the vocabulary head, whose logits would
     dominate the memory) on one random window of `seq_len` tokens, batch 1: the original model (its own
     attention), the global-sparse pattern at each sparsity and, with `baseline`, window + `sinks` of the same
@@ -305,9 +348,9 @@ def cost(model, seq_len: int, pattern_dir, sparsities, *, baseline: bool = True,
     ids = torch.randint(0, model.config.vocab_size, (1, seq_len), generator=gen).to(device)
     jobs = [("original", None, {})]
     for p in sparsities:
-        jobs.append(("global_sparse", p, {"pattern": str(pattern_dir), "sparsity": p}))
+        jobs.append(("global_sparse", p, {"pattern": str(pattern_dir), "sparsity": p, "share": share}))
         if baseline:
-            win = WindowPattern.for_density(pattern_density(pat, p, seq_len), seq_len, sinks=sinks).window
+            win = WindowPattern.for_density(pattern_density(pat, p, seq_len, share), seq_len, sinks=sinks).window
             jobs.append(("window_sinks", p, {"window": win, "sinks": sinks}))
     rows = []
     grads = [q.requires_grad for q in model.parameters()]
