@@ -79,6 +79,49 @@ def test_rfa_kernel_is_unbiased():
     torch.testing.assert_close((phi[0] * phi[1]).sum(-1), torch.exp(-(x - y).pow(2).sum(-1) / 2), atol=2e-2, rtol=0)
 
 
+def test_rfa_normalize_is_the_papers_unit_form():
+    """normalize=True: phi(x) = [sin(W u), cos(W u)] / sqrt(m) with u = sigma_h o x / |x| per head, no key weight.
+    The implied matrix equals that formula (fp64, per-head sigma); sigma is a parameter that gets a gradient and
+    survives save and load; the plain map's matrix is a different function on the same inputs."""
+    q, k, v = rand_qkv(b=1, h=2, tq=6, tk=9, d=8, std=1.5, seed=1, dtype=torch.float64)
+    m = make("rfa", q, k, num_features=32, normalize=True, sigma=1.3).double()
+    with torch.no_grad():
+        m.feature_map.sigma[1].mul_(torch.linspace(0.5, 2.0, 8, dtype=torch.float64))  # per head, per dim
+    w, sig = m.features.double(), m.feature_map.sigma.detach()
+
+    def phi(x):
+        u = x / x.norm(dim=-1, keepdim=True) * sig[None, :, None, :]
+        return torch.cat([torch.sin(u @ w.T), torch.cos(u @ w.T)], -1) / 32 ** 0.5
+
+    s = (phi(q) @ phi(k).transpose(-1, -2)).masked_fill(~torch.ones(6, 9, dtype=torch.bool).tril(3), 0.0)
+    want = s / s.sum(-1, keepdim=True)
+    out, probs = m(q, k, v, causal=True, need_probs=True)
+    torch.testing.assert_close(probs, want)
+    torch.testing.assert_close(m(q, k, v, causal=True).out, want @ v)
+    m(q, k, v, causal=True).out.square().sum().backward()
+    assert m.feature_map.sigma.grad is not None and m.feature_map.sigma.grad.abs().sum() > 0
+    plain = make("rfa", q, k, num_features=32).double()
+    assert not torch.allclose(plain(q, k, v, causal=True, need_probs=True).probs, want, atol=1e-2)
+    fresh = make("rfa", q, k, num_features=32, normalize=True).double()
+    fresh.load_state_dict(m.state_dict())
+    torch.testing.assert_close(fresh(q, k, v, causal=True).out, m(q, k, v, causal=True).out, rtol=0, atol=0)
+
+
+def test_rfa_normalize_converges_to_cosine_softmax():
+    """Exact limit of the unit form with a constant sigma = c: softmax(c^2 q^.k^) over unit q^, k^ (the causal
+    dense reference); the error falls as features grow (mean over three draws: 1/sqrt(m))."""
+    q, k, v = rand_qkv(b=1, h=2, tq=10, d=8, seed=3, dtype=torch.float64)
+    qh, kh = q / q.norm(dim=-1, keepdim=True), k / k.norm(dim=-1, keepdim=True)
+    want = F.scaled_dot_product_attention(qh, kh, v, is_causal=True, scale=1.5 ** 2)
+
+    def err(m_features):
+        return sum(max_err(make("rfa", q, k, num_features=m_features, normalize=True, sigma=1.5, seed=s).double()(
+            q, k, v, causal=True).out.detach(), want) for s in range(3)) / 3
+
+    few, many = err(500), err(50000)
+    assert many < 0.06 and many < few / 3
+
+
 def test_performer_features_are_orthogonal_blocks():
     m = make("performer", *rand_qkv(b=1, h=1, tq=2, d=8)[:2], num_features=20)
     w = m.features.double()  # (20, 8): blocks of 8, 8, 4 rows

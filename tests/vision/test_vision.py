@@ -97,6 +97,15 @@ def test_every_method_trains_inside_the_vit(method):
             torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
 
 
+def test_methods_trained_from_scratch_take_their_training_form():
+    """rfa trains in the paper's unit form here (its plain estimator trained the ViT to chance); --set wins."""
+    from attnlab.vision.train import method_options
+
+    assert method_options("rfa", 50)["normalize"] is True
+    assert method_options("rfa", 50, {"normalize": False})["normalize"] is False
+    assert "normalize" not in method_options("performer", 50)
+
+
 def test_augmentation_draws_are_fixed_by_the_seed():
     a, b = _draws(8, torch.Generator().manual_seed(3)), _draws(8, torch.Generator().manual_seed(3))
     assert all(torch.equal(u, v) for u, v in zip(a, b))

@@ -8,7 +8,8 @@ maxima that cancel (see its module doc); a query's own factor cancels in the nor
 
 - `ELU` (elu(x) + 1, Katharopoulos et al. 2020) and `ReLU`: fixed, no parameters; the scale is ignored.
 - `FAVOR` (Performer's positive orthogonal random features, Choromanski et al. 2021): buffers.
-- `Fourier` (random Fourier features, RFA, Peng et al. 2021): buffers.
+- `Fourier` (random Fourier features, RFA, Peng et al. 2021): buffers; `UnitFourier`, RFA's practice: unit
+  queries and keys and a learned per-head, per-dimension sigma.
 - `Hedgehog` (Zhang et al. 2024; LoLCATs): a learned per-head projection followed by a softmax over features,
   trained to mimic softmax attention.
 
@@ -176,6 +177,40 @@ class Fourier(_RandomFeatures):
         w = self.features.float() * math.sqrt(scale)  # (m, D): sqrt(scale) folded into the frequencies
         phi, lk = fourier_features(x, w, scale / 2, self.num_features ** -0.5, compiled=compiled)
         return phi, (None if is_query else lk)
+
+
+@fused
+def unit_fourier_features(x: torch.Tensor, sigma: torch.Tensor, w: torch.Tensor, inv: float):
+    """[sin(u.w), cos(u.w)] * inv in x's dtype [B, H, T, 2m] for u = sigma_h * x / |x| (per head h, per dim;
+    sigma [H, D]) and w [m, D]: the phases in fp32."""
+    xf = x.to(compute_dtype(x.dtype))  # fp32 for half inputs
+    u = xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True).clamp_min(1e-12)) * sigma.to(xf.dtype)[None, :, None, :]
+    proj = u @ w.to(xf.dtype).T  # (B, H, T, m)
+    return (torch.cat([proj.sin(), proj.cos()], dim=-1) * inv).to(x.dtype)
+
+
+class UnitFourier(Fourier):
+    """RFA as its paper and code run it: queries and keys l2-normalised first, then random Fourier features with
+    a learned per-head, per-dimension inverse length-scale sigma [H, D] (w = sigma o w~ in the paper):
+
+        phi(q).phi(k) ~ exp(-|sigma o (q^ - k^)|^2 / 2),   q^ = q / |q|
+
+    With a constant sigma = c that is exp(c^2 q^.k^) up to a factor shared by every key: softmax attention over
+    cosine similarities at temperature 1 / c^2 (the exact limit). Unit inputs keep the key factor of the plain
+    map (exp(|k'|^2 / 2), unbounded) constant, so the normaliser stays on the scale of the kernel instead of
+    blowing up: the plain map trained a ViT to chance, this one to dense's accuracy (README, Vision). `scale`
+    is not used (sigma is the temperature)."""
+
+    def __init__(self, num_heads: int, head_dim: int, num_features: int, seed: int, redraw: bool, learn: bool = False,
+                 sigma: float = 1.0):
+        super().__init__(head_dim, num_features, seed, redraw, learn)
+        self.sigma = nn.Parameter(torch.full((num_heads, head_dim), float(sigma)))
+
+    trainable = True  # sigma
+
+    def forward(self, x, *, scale, is_query, compiled=False):
+        phi = unit_fourier_features(x, self.sigma, self.features.float(), self.num_features ** -0.5, compiled=compiled)
+        return phi, None
 
 
 @fused
