@@ -149,3 +149,26 @@ def test_check_cache_follows_the_pattern_state(qkv):
     m.pattern.touch()
     with pytest.raises(attnlab.UnsupportedError, match="too long"):
         m(q, k, v, causal=True)
+
+
+def test_results_name_the_commit_and_whether_the_sources_differed(tmp_path, monkeypatch):
+    """git_commit: HEAD's short hash, with +dirty when attnlab's sources differ from it (a throwaway repository)."""
+    import shutil
+    import subprocess
+
+    from attnlab.cli import common
+
+    if shutil.which("git") is None:
+        pytest.skip("no git")
+    pkg = tmp_path / "src" / "attnlab" / "cli"
+    pkg.mkdir(parents=True)
+    (pkg / "common.py").write_text("x = 1\n")
+    run = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)  # noqa: E731
+    run("init", "-q")
+    run("add", "-A")
+    run("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "x")
+    monkeypatch.setattr(common, "__file__", str(pkg / "common.py"))
+    clean = common.git_commit()
+    assert clean and "+" not in clean and len(clean) >= 7
+    (pkg / "common.py").write_text("x = 2\n")
+    assert common.git_commit() == clean + "+dirty"

@@ -83,15 +83,20 @@ def command_line(argv: list[str] | None = None) -> str:
 
 
 def git_commit() -> str | None:
-    """The source tree's commit, when attnlab runs from a git checkout (results name what produced them)."""
+    """The source tree's commit, when attnlab runs from a git checkout (results name what produced them), with
+    "+dirty" when attnlab's own sources differ from it (the result came from uncommitted code)."""
     import subprocess
 
     here = Path(__file__).resolve().parent
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        if out.returncode != 0 or not out.stdout.strip():
+            return None
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", str(here.parent)], cwd=here,
+                               capture_output=True, timeout=5).returncode == 1
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    return out.stdout.strip() + ("+dirty" if dirty else "")
 
 
 # ---- argument checks: one line, before anything heavy ---------------------------------------------------------
