@@ -277,6 +277,7 @@ def sparsify_block() -> str:
         res = json.loads(Path(f).read_text())
         env = res["environment"]
         rel = Path(f).relative_to(HERE.parent)
+        lines += [""] if lines else []
         lines += [f"{_ran(res)}; {_where(env)}, {res['eval_windows']} held-out windows x {res['seq_len']} tokens "
                   f"of {res['eval_text']}, {res['block_size']}-token blocks. " + _files(rel, None) + ".", "",
                   "| pruned (requested) | budget per | global sparse: density | ppl | KL | top-1 | window + sinks: window "
@@ -289,6 +290,16 @@ def sparsify_block() -> str:
             lines.append(f"| {g['fraction']:.0%} | {g.get('share') or 'head'} | {g['density']:.3f} | {g['ppl']:.2f} | "
                          f"{g['kl']:.4f} | {g['top1']:.3f} | {wcells} |")
         lines.append(f"\nOriginal model: ppl {rows[0]['ppl_original']:.2f}.")
+        cost = [c for c in res.get("cost") or () if c.get("status") == "ok"]
+        if cost:
+            base = {c["mode"]: c for c in cost if c["technique"] == "original"}
+            lines += ["", f"The model's layers at {res['seq_len']} tokens, batch 1 (`--cost`; the vocabulary head left out):", "",
+                      "| technique | pruned | mode | ms | x original | peak MiB | x original |", "|" + "---|" * 7]
+            for c in cost:
+                b = base.get(c["mode"], c)
+                frac = "-" if c["fraction"] is None else f"{c['fraction']:.0%}"
+                lines.append(f"| {c['technique']} | {frac} | {c['mode']} | {c['ms']:.2f} | {c['ms'] / b['ms']:.2f} | "
+                             f"{c['peak_mem_bytes'] / 2**20:.0f} | {c['peak_mem_bytes'] / b['peak_mem_bytes']:.2f} |")
     return "\n".join(lines) or "(no committed result)"
 
 
