@@ -240,7 +240,9 @@ def vision_block() -> str:
              "at 785 tokens, not where they end." + (
                  f" Patch 4, {long_epochs} epochs: the same settings trained longer, in processes side by side on "
                  "one H200 (`patch4-30ep-*.jsonl`: accuracy only, their epoch times share the GPU)." if long_acc else "")
-             + " Accuracy columns show each method as `attnlab vision` trains it now (rfa: `normalize=True`).", "",
+             + " Accuracy columns show each method as `attnlab vision` trains it now (rfa: `normalize=True`); time "
+               "and memory columns may come from an earlier form (rfa's patch-1 probe ran its plain form, of the "
+               "same cost order).", "",
              f"| method | time | memory | options (patch 4; patch 1) | patch 4: test acc ({p4['epochs']} ep) | vs sdpa | "
              f"s/epoch | time / sdpa | mem / sdpa | patch 4: test acc ({long_epochs} ep) | vs sdpa | "
              "patch 1 acc (short) | patch 1: time / sdpa | mem / sdpa | time / dense | peak GiB |", "|" + "---|" * 16]
@@ -257,9 +259,9 @@ def vision_block() -> str:
         a, b = by.get((m, 4)), by.get((m, 1))
         a = None if a is None or "error" in a else a
         b = None if b is None or "error" in b else b
-        acc = "not run" if a is None else f"{a['test_accuracy']:.4f}"
+        acc = "not run" if a is None else (f"{a['test_accuracy']:.4f}" if as_run_now(a) else "other form")
         lines.append(f"| {m} | {t} | {mem}{' (' + note + ')' if note else ''} | {opts(a)}; {opts(b)} | {acc} | "
-                     f"{fmt(a, 'accuracy_vs_dense', '+.4f')} | {fmt(a, 'epoch_s', '.2f')} | "
+                     f"{fmt(a if a and as_run_now(a) else None, 'accuracy_vs_dense', '+.4f')} | {fmt(a, 'epoch_s', '.2f')} | "
                      f"{fmt(a, 'time_ratio_sdpa', '.2f')} | {fmt(a, 'mem_ratio_sdpa', '.2f')} | "
                      f"{fmt(long_acc.get(m), 'test_accuracy', '.4f') if m in long_acc else 'not finished'} | "
                      f"{fmt(long_acc.get(m), 'vs_sdpa', '+.4f')} | "
@@ -296,10 +298,13 @@ def sparsify_block() -> str:
             lines += ["", f"The model's layers at {res['seq_len']} tokens, batch 1 (`--cost`; the vocabulary head left out):", "",
                       "| technique | pruned | mode | ms | x original | peak MiB | x original |", "|" + "---|" * 7]
             for c in cost:
-                b = base.get(c["mode"], c)
+                b = base.get(c["mode"])
                 frac = "-" if c["fraction"] is None else f"{c['fraction']:.0%}"
-                lines.append(f"| {c['technique']} | {frac} | {c['mode']} | {c['ms']:.2f} | {c['ms'] / b['ms']:.2f} | "
-                             f"{c['peak_mem_bytes'] / 2**20:.0f} | {c['peak_mem_bytes'] / b['peak_mem_bytes']:.2f} |")
+                share = (c.get("options") or {}).get("share")
+                tech = f"{c['technique']} ({share})" if share else c["technique"]
+                lines.append(f"| {tech} | {frac} | {c['mode']} | {c['ms']:.2f} | "
+                             f"{format(c['ms'] / b['ms'], '.2f') if b else '-'} | {c['peak_mem_bytes'] / 2**20:.0f} | "
+                             f"{format(c['peak_mem_bytes'] / b['peak_mem_bytes'], '.2f') if b else '-'} |")
     return "\n".join(lines) or "(no committed result)"
 
 

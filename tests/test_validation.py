@@ -166,9 +166,14 @@ def test_results_name_the_commit_and_whether_the_sources_differed(tmp_path, monk
     run = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)  # noqa: E731
     run("init", "-q")
     run("add", "-A")
-    run("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "x")
+    run("-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false", "commit", "-q", "-m", "x")
     monkeypatch.setattr(common, "__file__", str(pkg / "common.py"))
     clean = common.git_commit()
     assert clean and "+" not in clean and len(clean) >= 7
+    (pkg / "new_method.py").write_text("y = 1\n")  # a new, untracked source file
+    assert common.git_commit() == clean + "+dirty"
+    (pkg / "new_method.py").unlink()
+    (tmp_path / "notes.txt").write_text("outside attnlab's sources: not dirty\n")
+    assert common.git_commit() == clean
     (pkg / "common.py").write_text("x = 2\n")
     assert common.git_commit() == clean + "+dirty"

@@ -100,6 +100,26 @@ def test_shared_budget_goes_to_the_heads_whose_attention_is_spread():
         attnlab.make("global_sparse", head_dim=8, num_heads=2, pattern=mass.tolist(), block_size=4, share="model")
 
 
+def test_the_selection_cache_is_neither_shared_nor_confused(tmp_path):
+    """A swapped layer's blocks are its own copy (loading a state into one layer changes no other layer and no
+    later swap); patterns that share a mass but differ in sinks or band get their own selections."""
+    from attnlab.reduction.global_sparse import selected_blocks
+
+    mass = _scores()
+    save_pattern(tmp_path / "p", GlobalPattern(mass, 4, {}))
+    kw = dict(head_dim=8, num_heads=2, pattern=str(tmp_path / "p"), layer=1, sparsity=0.5)
+    a, b = attnlab.make("global_sparse", **kw), attnlab.make("global_sparse", **kw)
+    before = b.pattern.parts[0].layout.clone()
+    state = {k: torch.ones_like(v) if v.dtype == torch.bool else v for k, v in a.state_dict().items()}
+    a.load_state_dict(state)
+    assert a.pattern.parts[0].layout.all() and not before.all()
+    assert torch.equal(b.pattern.parts[0].layout, before)
+    assert torch.equal(attnlab.make("global_sparse", **kw).pattern.parts[0].layout, before)
+    plain, banded = GlobalPattern(mass, 4, {}, band=False), GlobalPattern(mass, 4, {}, torch.full(mass.shape[:3], 0.3), 2)
+    for pat in (plain, banded, plain):
+        torch.testing.assert_close(selected_blocks(pat, 0.5), select_blocks(mass, 0.5, pat.sink_mass, pat.band, share="layer"))
+
+
 @pytest.mark.parametrize("sinks,band,share", [(0, False, "head"), (2, True, "head"), (2, True, "layer"),
                                               (0, False, "model")])
 def test_method_equals_dense_masked_reference(sinks, band, share, tmp_path):

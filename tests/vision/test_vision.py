@@ -101,9 +101,21 @@ def test_methods_trained_from_scratch_take_their_training_form():
     """rfa trains in the paper's unit form here (its plain estimator trained the ViT to chance); --set wins."""
     from attnlab.vision.train import method_options
 
+    from attnlab.vision.train import param_groups
+
     assert method_options("rfa", 50)["normalize"] is True
     assert method_options("rfa", 50, {"normalize": False})["normalize"] is False
     assert "normalize" not in method_options("performer", 50)
+    cfg = VisionConfig(epochs=1, batch_size=64, train_size=64, test_size=32, progress=False, **TINY)
+    row = train_one("rfa", {"num_features": 8}, 7, cfg, fashion_mnist("train", 64), fashion_mnist("test", 32))
+    assert row["options"]["normalize"] is True and "error" not in row  # what train_one really built
+    vit = ViT(ViTConfig(patch=7, **TINY))
+    attnlab.swap(vit, "rfa", **method_options("rfa", vit.cfg.seq_len, {"num_features": 8}))
+    decay, no_decay = param_groups(vit, 0.05)
+    sigmas = [p for n, p in vit.named_parameters() if n.endswith("sigma")]
+    assert sigmas and all(p.dim() == 2 for p in sigmas)  # [H, D]: a matrix, yet never decayed
+    assert not any(p is s for p in decay["params"] for s in sigmas)
+    assert all(any(p is s for p in no_decay["params"]) for s in sigmas)
 
 
 def test_augmentation_draws_are_fixed_by_the_seed():

@@ -92,8 +92,9 @@ def git_commit() -> str | None:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
         if out.returncode != 0 or not out.stdout.strip():
             return None
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", str(here.parent)], cwd=here,
-                               capture_output=True, timeout=5).returncode == 1
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=normal", "--", str(here.parent)],
+                                cwd=here, capture_output=True, text=True, timeout=5)
+        dirty = status.returncode == 0 and bool(status.stdout.strip())  # changed, staged or new source files
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() + ("+dirty" if dirty else "")

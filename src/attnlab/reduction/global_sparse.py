@@ -116,7 +116,8 @@ def select_blocks(mass: torch.Tensor, sparsity: float, sink_mass: torch.Tensor |
     for g0 in range(0, flat.shape[0], group):
         cand_total = sum(counts[g0:g0 + group])
         budget = max(group * nb, int(round((1 - sparsity) * cand_total)))
-        top = gains[g0:g0 + group].flatten().topk(min(budget, cand_total)).indices
+        # a stable sort, not topk: equal gains go to the earlier head, row and block on every platform
+        top = gains[g0:g0 + group].flatten().sort(descending=True, stable=True).indices[:min(budget, cand_total)]
         n, rest = top // (nb * nb) + g0, top % (nb * nb)
         rows, pos = rest // nb, rest % nb
         keep[n, rows, orders[n, rows, pos]] = True
@@ -138,21 +139,23 @@ def make_pattern(blocks: torch.Tensor, block_size: int, sinks: int, band: bool =
 _SELECTED: dict = {}
 
 
-def selected_blocks(pat: GlobalPattern, sparsity: float, share: str = "head") -> torch.Tensor:
+def selected_blocks(pat: GlobalPattern, sparsity: float, share: str = "layer") -> torch.Tensor:
     """select_blocks over a whole pattern [L, H, nb, nb], remembered for the last few (pattern, sparsity, share):
-    the layers of a swapped model each ask for their slice of the same selection."""
-    key = (id(pat.mass), pat.mass.data_ptr(), tuple(pat.mass.shape), float(sparsity), share)
-    hit = _SELECTED.get(key)
-    if hit is not None and hit[0] is pat.mass:
-        return hit[1]
-    keep = select_blocks(pat.mass, sparsity, pat.sink_mass, band=pat.band, share=share)
-    if len(_SELECTED) >= 4:
-        _SELECTED.pop(next(iter(_SELECTED)))
-    _SELECTED[key] = (pat.mass, keep)
-    return keep
+    the layers of a swapped model each ask for their slice of the same selection. Returns a fresh copy (callers
+    keep their slice as a buffer that load_state_dict may overwrite). The key holds the pattern's tensors, so an
+    id is never reused while its entry lives; a tensor changed in place is a new pattern (its version counter)."""
+    tensors = (pat.mass,) + (() if pat.sink_mass is None else (pat.sink_mass,))
+    key = (tuple((id(t), t._version) for t in tensors), pat.sinks, pat.band, float(sparsity), share)
+    hit = _SELECTED.pop(key, None)
+    if hit is None:
+        hit = (tensors, select_blocks(pat.mass, sparsity, pat.sink_mass, band=pat.band, share=share))
+        while len(_SELECTED) >= 4:
+            _SELECTED.pop(next(iter(_SELECTED)))
+    _SELECTED[key] = hit  # most recently used last
+    return hit[1].clone()
 
 
-def pattern_density(pat: GlobalPattern, sparsity: float, seq_len: int, share: str = "head") -> float:
+def pattern_density(pat: GlobalPattern, sparsity: float, seq_len: int, share: str = "layer") -> float:
     """Fraction of the causal token pairs (q >= k) the selection at `sparsity` allows at `seq_len`, sinks included
     (mean over layers and heads)."""
     blocks = selected_blocks(pat, sparsity, share).reshape(-1, *pat.mass.shape[-2:])

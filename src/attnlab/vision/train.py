@@ -127,6 +127,16 @@ def method_options(method: str, seq_len: int, overrides: dict | None = None) -> 
     return {**registry.defaults(method, seq_len), **FROM_SCRATCH.get(method, {}), **(overrides or {})}
 
 
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: matrices decay; biases, norms, embeddings' 1-d parts and a method's temperatures (rfa's
+    sigma [H, D], which decay would pull toward a flat kernel) do not."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 and not name.endswith("sigma") else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
 def train_one(method: str, options: dict, patch: int, cfg: VisionConfig, train_set, test_set, *,
               device="cpu", dtype=torch.float32) -> dict:
     """Train the ViT with `method` at `patch` and return its result row (see the module docstring)."""
@@ -145,13 +155,7 @@ def train_one(method: str, options: dict, patch: int, cfg: VisionConfig, train_s
     n = len(x_train)
     steps_per_epoch = max(1, n // cfg.batch_size)  # the last partial batch is dropped (equal step sizes)
     total = steps_per_epoch * cfg.epochs
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    optim = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr,
-                              fused=device.type == "cuda")
+    optim = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, fused=device.type == "cuda")
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: _schedule(s, total, warmup))
     order_gen = torch.Generator().manual_seed(cfg.seed)
