@@ -167,3 +167,33 @@ def _no_compute(method):
     return method
 
 
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_precision_input_keeps_the_query_side_in_bf16(padded):
+    """precision='input': bf16 F and F X, fp32 B side and pinv. Exact limit with padding within 2x dense's own
+    bf16 error (measured 1.2-1.6x; B's side in bf16 was 13-24x, which is why it stays fp32); fp32 inputs give the
+    default's output bit for bit; gradients reach q, k and v; at m << T (4096 tokens, 64 landmarks) it stays
+    within 1.5x of the fp32 path's bf16 error against the same method in fp64."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 60, 32, generator=g, dtype=torch.float64) for _ in range(3))
+    pad = torch.ones(2, 60, dtype=torch.bool)
+    if padded:
+        pad[1, 45:] = False
+    want = reference(q, k, v, key_padding_mask=pad)
+    dense_err = max_err(reference(*(x.bfloat16() for x in (q, k, v)), key_padding_mask=pad), want)
+    low = make("nystrom", q, k, num_landmarks=64, pinv="exact", precision="input")
+    out = low(*(x.bfloat16() for x in (q, k, v)), key_padding_mask=pad).out
+    assert out.dtype == torch.bfloat16 and low.kernel == "torch[input]"
+    assert max_err(out, want) < 2 * dense_err
+    full = make("nystrom", q, k, num_landmarks=64, pinv="exact")
+    f32 = [x.float() for x in (q, k, v)]
+    assert torch.equal(low(*f32, key_padding_mask=pad).out, full(*f32, key_padding_mask=pad).out)
+    qb, kb, vb = (x.bfloat16().requires_grad_() for x in (q, k, v))
+    low(qb, kb, vb, key_padding_mask=pad).out.float().square().sum().backward()
+    assert all(x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0 for x in (qb, kb, vb))
+    q, k, v = (torch.randn(1, 2, 4096, 64, generator=g, dtype=torch.float64) for _ in range(3))
+    ref = make("nystrom", q, k, num_landmarks=64)(q, k, v).out
+    errs = [max_err(make("nystrom", q, k, num_landmarks=64, precision=p)(*(x.bfloat16() for x in (q, k, v))).out, ref)
+            for p in ("fp32", "input")]
+    assert errs[1] < 1.5 * errs[0], errs

@@ -25,6 +25,7 @@ from ..types import Capabilities, OptionError, opt
 from .base import AttentionMethod
 
 _PINV = ("iterative", "exact")
+_PRECISION = ("fp32", "input")
 
 
 def iterative_pinv(a: torch.Tensor, iters: int) -> torch.Tensor:
@@ -67,6 +68,10 @@ class Nystrom(AttentionMethod):
         pinv_iters: int = opt(6, "Newton-Schulz iterations for pinv='iterative'", low=0)
         pinv: str = opt("iterative", "iterative (the paper's Newton-Schulz) | exact (torch.linalg.pinv)", choices=_PINV)
         conv_kernel: int = opt(0, "odd size of the paper's depthwise residual conv on V (trainable); 0 = off", low=0)
+        precision: str = opt("fp32", "fp32: every product in fp32 at least | input: the query side's T-long "
+                                     "products (F's scores and F X) in the input dtype (bf16 tensor cores, fp32 "
+                                     "accumulation); B's side (its scores and B V, whose rounding pinv(A) magnifies), "
+                                     "softmaxes, landmarks, A and pinv(A) in fp32", choices=_PRECISION)
 
         def __post_init__(self):
             if isinstance(self.conv_kernel, int) and self.conv_kernel % 2 == 0 and self.conv_kernel:
@@ -102,26 +107,32 @@ class Nystrom(AttentionMethod):
     def _attend(self, q, k, v, *, causal, key_padding_mask, attn_mask, scale, need_probs):
         self.kernel = "torch"
         out_dtype = v.dtype
-        # fp32 at least, everywhere: X = pinv(A) B V is ~cond(A) larger than the output, so bf16 rounding
-        # of F, B or B V is magnified by cond(A) (measured: a fused bf16 SDPA for B V lost 0.1 in the bf16
-        # exact limit with padding). Speed comes from touching each T-long tensor few times instead.
+        # fp32 at least by default: X = pinv(A) B V is ~cond(A) larger than the output, so bf16 rounding of B or
+        # B V is magnified by cond(A) (measured: in the bf16 exact limit with padding, B's scores or B V in bf16
+        # lost 0.1, F's side in bf16 0.004). precision='input' keeps the query side (F's scores, F X) in the
+        # input dtype, so half the T-long products run on tensor cores and q is never copied to fp32.
         ct = torch.float64 if q.dtype == torch.float64 else torch.float32
-        q, k, v = q.to(ct), k.to(ct), v.to(ct)
+        low = self.opts.precision == "input" and q.dtype in (torch.float16, torch.bfloat16)
+        ft = q.dtype if low else ct  # the query side's dtype
+        if low:
+            self.kernel = "torch[input]"
+        q, k, v = q.to(ft), k.to(ct), v.to(ct)
         t = k.shape[-2]
         m = min(self.opts.num_landmarks, t)
         pad = key_padding_mask
         if pad is not None:
             v = v.masked_fill(~pad[:, None, :, None], 0.0)
         if pad is None and t % m == 0:  # equal segments: a reshape-mean, no m x T averaging matrix
-            q_lm, k_lm = (x.unflatten(-2, (m, t // m)).mean(-2) for x in (q, k))  # (B, H, m, D)
+            q_lm, k_lm = (x.unflatten(-2, (m, t // m)).mean(-2, dtype=ct) for x in (q, k))  # (B, H, m, D)
         else:
             avg, lm_real = segment_means(m, t, pad, ct, q.device)  # (B|1, 1, m, T), (B|1, m)
-            q_lm, k_lm = avg @ q, avg @ k  # (B, H, m, D)
+            q_lm, k_lm = avg.to(ft) @ q, avg @ k  # (B, H, m, D)
+            q_lm = q_lm.to(ct)
         # without padding every landmark and key is real: plain softmaxes, no masks
         lm_cols = None if pad is None else lm_real[:, None, None, :]  # (B|1, 1, 1, m): landmarks usable as keys
         key_cols = None if pad is None else pad[:, None, None, :]  # (B, 1, 1, T)
         k_lm = k_lm * scale  # the scale folded into the m landmark keys, not into T x m scores
-        kernel_f = masks.masked_softmax(q @ k_lm.transpose(-1, -2), lm_cols)  # (B, H, T, m)
+        kernel_f = masks.masked_softmax(q @ k_lm.to(ft).transpose(-1, -2), lm_cols).to(ft)  # (B, H, T, m)
         kernel_a = masks.masked_softmax(q_lm @ k_lm.transpose(-1, -2), lm_cols)  # (B, H, m, m)
         kernel_b = masks.masked_softmax((q_lm * scale) @ k.transpose(-1, -2), key_cols)  # (B, H, m, T)
         if pad is not None:  # landmarks holding no real token are no query either
@@ -131,9 +142,9 @@ class Nystrom(AttentionMethod):
             a_inv = torch.linalg.pinv(kernel_a)  # (B, H, m, m)
         else:
             a_inv = iterative_pinv(kernel_a, self.opts.pinv_iters)  # (B, H, m, m)
-        out = kernel_f @ (a_inv @ (kernel_b @ v))  # (B, H, T, D), right to left: O(T m D)
+        out = kernel_f @ (a_inv @ (kernel_b @ v)).to(ft)  # (B, H, T, D), right to left: O(T m D)
         if self.conv is not None:
             c = self.opts.conv_kernel
-            out = out + nn.functional.conv2d(v, self.conv.weight.to(ct), padding=(c // 2, 0), groups=v.shape[1])  # (B, H, T, D)
-        probs = kernel_f @ (a_inv @ kernel_b) if need_probs else None  # (B, H, T, T), only when asked
+            out = out + nn.functional.conv2d(v, self.conv.weight.to(ct), padding=(c // 2, 0), groups=v.shape[1]).to(ft)  # (B, H, T, D)
+        probs = ((kernel_f.to(ct) @ (a_inv @ kernel_b.to(ct))) if need_probs else None)  # (B, H, T, T), only when asked
         return out.to(out_dtype), probs
