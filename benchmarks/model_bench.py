@@ -6,6 +6,11 @@ each method swapped in, against the original model in eager mode (builds the att
 
 Writes model_bench.json (one row per measurement) and model_bench.png. Peak memory target from the research:
 at least 30% below eager dense at every length >= 1024.
+
+`--profile` adds, per row, one more step under torch.profiler: `busy_ms` (the device's kernel time; wall ms well
+above it means the step waits on Python and launches), `attn_block_ms` (kernel time inside the layers' self_attn
+modules: projections, rotary and attention) and, on CUDA, `syncs` (host-device synchronisations counted by
+torch.cuda.set_sync_debug_mode during one step: each stalls the launch queue).
 """
 from __future__ import annotations
 
@@ -69,6 +74,68 @@ def measure(model, ids, mode, device, warmup, repeats):
     return statistics.median(times), peak
 
 
+def profile_step(model, ids, mode, device) -> dict:
+    """One step under torch.profiler: device busy time, time inside self_attn modules, and (CUDA) the syncs."""
+    import warnings
+
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    cuda = device.startswith("cuda")
+    ranges = []
+
+    def pre(mod, args):
+        ranges.append(record_function("model_bench.self_attn"))
+        ranges[-1].__enter__()
+
+    def post(mod, args, out):
+        ranges.pop().__exit__(None, None, None)
+
+    attn = [m for n, m in model.named_modules() if n.endswith("self_attn")]
+    hooks = [h for m in attn for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
+
+    def step():
+        if mode == "fwd":
+            with torch.no_grad():
+                model(ids, use_cache=False)
+        else:
+            model(ids, labels=ids, use_cache=False).loss.backward()
+            model.zero_grad(set_to_none=True)
+
+    try:
+        out = {}
+        if cuda:
+            torch.cuda.synchronize()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    step()
+                finally:
+                    torch.cuda.set_sync_debug_mode(0)
+            out["syncs"] = sum("synchroniz" in str(w.message) for w in caught)
+            out["sync_sites"] = sorted({str(w.message).splitlines()[0][:120] for w in caught
+                                        if "synchroniz" in str(w.message)})[:5]
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=acts) as prof:
+            step()
+            if cuda:
+                torch.cuda.synchronize()
+        events = prof.key_averages()
+        dev = "device_time_total" if cuda else "cpu_time_total"
+        kernels = [e for e in events if cuda and getattr(e, "device_type", None) is not None
+                   and str(e.device_type).endswith("CUDA")]
+        def get(e, name):  # torch >= 2.4 says device_*, older cuda_*
+            return getattr(e, name, None) if getattr(e, name, None) is not None else getattr(e, name.replace("device", "cuda"), 0)
+
+        out["busy_ms"] = (sum(get(e, "self_device_time_total") for e in kernels) / 1e3 if cuda else None)
+        rng = [e for e in events if e.key == "model_bench.self_attn"]
+        out["attn_block_ms"] = sum(get(e, dev) for e in rng) / 1e3 if rng else None
+        return out
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768")
@@ -81,6 +148,8 @@ def main(argv=None):
     p.add_argument("--budget-s", type=float, default=400, help="stop starting new rows after this many seconds")
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument("--no-original", action="store_true", help="skip the original eager/sdpa model rows")
+    p.add_argument("--profile", action="store_true", help="per row, one more step under torch.profiler: device "
+                   "busy time, time inside self_attn, and (CUDA) host-device syncs")
     p.add_argument("--merge", default=None, help="an earlier model_bench.json: its rows for the impls measured "
                    "now are replaced, the others kept (rerun a few methods after a change)")
     a = p.parse_args(argv)
@@ -125,6 +194,11 @@ def main(argv=None):
                         attnlab.swap(model, method, **opts)
                     ms, peak = measure(model, ids, mode, a.device, a.warmup, a.repeats)
                     row.update(status="ok", ms=ms, ms_per_token=ms / n, peak_mem_bytes=peak)
+                    if a.profile:
+                        try:
+                            row.update(profile_step(model, ids, mode, a.device))
+                        except Exception as e:  # the timing above stands; the row says why it has no profile
+                            row["profile_error"] = f"{type(e).__name__}: {e}"[:300]
                 except torch.cuda.OutOfMemoryError:
                     row["status"] = "oom"
                     dead.add((name, mode))
@@ -137,8 +211,11 @@ def main(argv=None):
                     if a.device.startswith("cuda"):
                         torch.cuda.empty_cache()
                 rows.append(row)
+                extra = "".join(f" {k}={row[k]:.2f}" if isinstance(row.get(k), float) else f" {k}={row[k]}"
+                                for k in ("busy_ms", "attn_block_ms", "syncs") if row.get(k) is not None)
                 print(f"{name:>16} {mode:>8} {n:>6} {row['status']:>7} "
-                      f"{row.get('ms', float('nan')):9.2f} ms {((row.get('peak_mem_bytes') or 0) / 2**30):7.2f} GiB", flush=True)
+                      f"{row.get('ms', float('nan')):9.2f} ms {((row.get('peak_mem_bytes') or 0) / 2**30):7.2f} GiB"
+                      f"{extra}", flush=True)
         del model
     if a.merge:
         fresh = {r["impl"] for r in rows}
