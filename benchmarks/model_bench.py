@@ -9,7 +9,8 @@ at least 30% below eager dense at every length >= 1024.
 
 `--profile` adds, per row, one more step under torch.profiler: `busy_ms` (the device's kernel time; wall ms well
 above it means the step waits on Python and launches), `attn_block_ms` (kernel time inside the layers' self_attn
-modules: projections, rotary and attention) and, on CUDA, `syncs` (host-device synchronisations counted by
+modules in the forward: projections, rotary and attention; the backward's kernels run outside the modules and are
+not attributed) and, on CUDA, `syncs` (host-device synchronisations counted by
 torch.cuda.set_sync_debug_mode during one step: each stalls the launch queue).
 """
 from __future__ import annotations
