@@ -206,8 +206,6 @@ class UnitFourier(Fourier):
         super().__init__(head_dim, num_features, seed, redraw, learn)
         self.sigma = nn.Parameter(torch.full((num_heads, head_dim), float(sigma)))
 
-    trainable = True  # sigma
-
     def forward(self, x, *, scale, is_query, compiled=False):
         phi = unit_fourier_features(x, self.sigma, self.features.float(), self.num_features ** -0.5, compiled=compiled)
         return phi, None

@@ -130,8 +130,12 @@ class RandomFeatureAttention(KernelAttention):
 
     def __init__(self, head_dim: int, num_heads: int, num_kv_heads: int | None = None, **options):
         super().__init__(head_dim, num_heads, num_kv_heads, **options)
+        self.feature_map = self.make_feature_map()
+
+    def make_feature_map(self) -> torch.nn.Module:
+        """The map for queries and keys: `feature_map_cls` built from the options (a subclass may pick another)."""
         o = self.opts
-        self.feature_map = self.feature_map_cls(head_dim, o.num_features, o.seed, o.redraw, o.learn_features)
+        return self.feature_map_cls(self.head_dim, o.num_features, o.seed, o.redraw, o.learn_features)
 
     @property
     def features(self) -> torch.Tensor:

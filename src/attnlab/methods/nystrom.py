@@ -126,8 +126,7 @@ class Nystrom(AttentionMethod):
             q_lm, k_lm = (x.unflatten(-2, (m, t // m)).mean(-2, dtype=ct) for x in (q, k))  # (B, H, m, D)
         else:
             avg, lm_real = segment_means(m, t, pad, ct, q.device)  # (B|1, 1, m, T), (B|1, m)
-            q_lm, k_lm = avg.to(ft) @ q, avg @ k  # (B, H, m, D)
-            q_lm = q_lm.to(ct)
+            q_lm, k_lm = (avg.to(ft) @ q).to(ct), avg @ k  # (B, H, m, D)
         # without padding every landmark and key is real: plain softmaxes, no masks
         lm_cols = None if pad is None else lm_real[:, None, None, :]  # (B|1, 1, 1, m): landmarks usable as keys
         key_cols = None if pad is None else pad[:, None, None, :]  # (B, 1, 1, T)

@@ -39,9 +39,9 @@ class RFA(RandomFeatureAttention):
         sigma: float = opt(1.0, "with normalize: the initial sigma (kernel exp(sigma^2 q^.k^) for unit q^, k^)",
                            low=1e-6)
 
-    def __init__(self, head_dim: int, num_heads: int, num_kv_heads: int | None = None, **options):
-        super().__init__(head_dim, num_heads, num_kv_heads, **options)
+    def make_feature_map(self):
         o = self.opts
-        if o.normalize:
-            self.feature_map = feature_maps.UnitFourier(num_heads, head_dim, o.num_features, o.seed, o.redraw,
-                                                        o.learn_features, o.sigma)
+        if not o.normalize:
+            return super().make_feature_map()
+        return feature_maps.UnitFourier(self.num_heads, self.head_dim, o.num_features, o.seed, o.redraw,
+                                        o.learn_features, o.sigma)
