@@ -90,35 +90,90 @@ def table(runs: dict, mode: str, causal: bool) -> str:
     return "\n".join(lines)
 
 
+MODEL_DIR = HERE / "results" / "model_bench" / "h200"
+NOTES = {"global_sparse": "that run gave the backward 64-token tiles too, for which torch 2.11 has no flex backward "
+                          "kernel; a backward now gets 128-token blocks (ops/sparse.py call_block_size), not yet "
+                          "re-measured on a GPU"}
+
+
+def crossover(rows, impl, base, key) -> int | None:
+    """The smallest measured length from which `impl` stays below `base` in `key` at every longer length both ran."""
+    own = {r["seq_len"]: r for r in rows if r["impl"] == impl and r["status"] == "ok"}
+    ref = {r["seq_len"]: r for r in rows if r["impl"] == base and r["status"] == "ok"}
+    both = sorted(set(own) & set(ref))
+    best = None
+    for n in reversed(both):
+        if own[n][key] < ref[n][key]:
+            best = n
+        else:
+            break
+    return best
+
+
 def model_table() -> str:
-    """SmolLM2-135M model-level peak memory vs eager dense (the research target: >= 30% lower at every length)."""
-    f = HERE / "results" / "history" / "h100" / "model_bench" / "model_bench.json"
+    """SmolLM2-135M model level on the H200: each swapped method against the original model (sdpa), interleaved
+    step by step in one process; the crossover length per method; the profile of one step; regional compile."""
+    f = MODEL_DIR / "model_bench.json"
     if not f.exists():
         return ""
     rows = json.load(open(f))
-    lengths = sorted({r["seq_len"] for r in rows})
-    out = []
+    base = "original-sdpa"
+    lengths = sorted({r["seq_len"] for r in rows if r["status"] == "ok"})
+    cmd = rows[0].get("command", "").replace("python3 ", "python ")
+    out = [f"NVIDIA H200, bf16, batch 1, `{cmd.split(' --out')[0]}` ([`model_bench/h200/`](benchmarks/results/model_bench/h200/); "
+           "results README there). Every configuration's model is resident and their steps interleave (the r-th "
+           "step of each, then the next), so host drift hits all alike. ms / peak GiB, in brackets time vs the "
+           "original model; `global_sparse` is a synthetic 64-token-block pattern with 90% of the blocks pruned "
+           "(cost depends on the kept count and layout, not on which text chose them). Crossover: the shortest "
+           "measured length from which the method is faster than the original at every longer one.", ""]
     for mode in ("fwd", "fwd+bwd"):
-        eager = {r["seq_len"]: r for r in rows if r["impl"] == "original-eager" and r["mode"] == mode}
-        out += [f"**SmolLM2-135M {mode}** (batch 1, bf16, H100, history: not re-run on the H200; ms / peak GiB; in brackets: peak memory vs eager dense)", "",
-                "| impl | " + " | ".join(str(n) for n in lengths) + " |", "|" + "---|" * (len(lengths) + 1)]
-        for impl in dict.fromkeys(r["impl"] for r in rows):
+        out += [f"**SmolLM2-135M {mode}**", "", "| impl | " + " | ".join(str(n) for n in lengths)
+                + " | crossover (time) | crossover (memory) |", "|" + "---|" * (len(lengths) + 3)]
+        mrows = [r for r in rows if r["mode"] == mode]
+        ref = {r["seq_len"]: r for r in mrows if r["impl"] == base and r["status"] == "ok"}
+        for impl in dict.fromkeys(r["impl"] for r in mrows):
             cells = []
             for n in lengths:
-                r = next((x for x in rows if x["impl"] == impl and x["mode"] == mode and x["seq_len"] == n), None)
+                r = next((x for x in mrows if x["impl"] == impl and x["seq_len"] == n), None)
                 if r is None or r["status"] != "ok":
-                    cells.append(r["status"] if r else "-")
+                    cells.append((r["status"] if r else "-") + ("¹" if r and r.get("error") else ""))
                     continue
                 c = f"{r['ms']:.0f} / {r['peak_mem_bytes'] / 2**30:.2f}"
-                e = eager.get(n)
-                if impl != "original-eager":
-                    if e and e["status"] == "ok":
-                        c += f" ({(r['peak_mem_bytes'] / e['peak_mem_bytes'] - 1) * 100:+.0f}%)"
-                    elif e:
-                        c += " (eager OOM)"
+                if impl != base and n in ref:
+                    c += f" ({r['ms'] / ref[n]['ms']:.2f}x)"
                 cells.append(c)
-            out.append(f"| {impl} | " + " | ".join(cells) + " |")
+            if impl == base:
+                cross = ["-", "-"]
+            else:
+                cross = [str(crossover(mrows, impl, base, k) or "none measured") for k in ("ms", "peak_mem_bytes")]
+            out.append(f"| {impl} | " + " | ".join(cells) + f" | {cross[0]} | {cross[1]} |")
+        errs = sorted({(r["impl"], r["error"].split(":")[0] + ": " + r["error"].split(":")[1].strip()) for r in mrows
+                       if r.get("error")})
+        out += [f"¹ {impl}: {err} ({NOTES.get(impl, 'see the JSON')})" for impl, err in errs]
         out.append("")
+    prof = MODEL_DIR / "model_bench_profile.json"
+    if prof.exists():
+        pr = [r for r in json.load(open(prof)) if r["status"] == "ok"]
+        out += ["**One fwd step, profiled** (`model_bench_profile.json`, an earlier run with `--profile`, configurations "
+                "one after another, not interleaved, so its wall times carry the host's drift; global_sparse there "
+                "still ran 128-token Flex blocks over its 64-token pattern, before `flex_block_for`): wall ms, the "
+                "device's kernel time, the host's time under cProfile (which slows the host), the largest kernel:", "",
+                "| impl | tokens | wall ms | device busy ms | host ms | largest kernel (ms for 30 layers) |",
+                "|---|---|---|---|---|---|"]
+        for r in pr:
+            k = r.get("top_kernels") or [["-", 0, 0]]
+            out.append(f"| {r['impl']} | {r['seq_len']} | {r['ms']:.1f} | {r.get('busy_ms', 0):.1f} | "
+                       f"{r.get('host_ms', 0):.1f} | `{k[0][0][:40]}` {k[0][1]:.1f} |")
+        out.append("")
+    comp = MODEL_DIR / "model_bench_compile.json"
+    if comp.exists():
+        cr = json.load(open(comp))
+        ok = [r for r in cr if r["status"] == "ok"]
+        bad = sorted({r["impl"] for r in cr if r["status"] != "ok"})
+        cells = ", ".join(f"{r['mode']} {r['seq_len']}: {r['ms']:.0f} ms" for r in ok)
+        out += [f"**Regional torch.compile** (`--compile`, `model_bench_compile.json`): {ok[0]['impl'] if ok else '-'} "
+                f"{cells}. Failed in that run (inductor could not build attnlab's own Triton kernels as user kernels; "
+                f"the methods now run outside the compiled graph, not yet re-measured on a GPU): {', '.join(bad) or 'none'}.", ""]
     return "\n".join(out)
 
 

@@ -10,8 +10,9 @@ at least 30% below eager dense at every length >= 1024.
 `--profile` adds, per row, one more step under torch.profiler: `busy_ms` (the device's kernel time; wall ms well
 above it means the step waits on Python and launches), `attn_block_ms` (kernel time inside the layers' self_attn
 modules in the forward: projections, rotary and attention; the backward's kernels run outside the modules and are
-not attributed) and, on CUDA, `syncs` (host-device synchronisations counted by
-torch.cuda.set_sync_debug_mode during one step: each stalls the launch queue).
+not attributed), `host_ms` and `host_top` (the step under cProfile: the host's time and its costliest functions by
+own time), on CUDA `top_kernels` (the largest kernels: name, ms, count) and `syncs` (host-device synchronisations
+counted by torch.cuda.set_sync_debug_mode during one step: each stalls the launch queue).
 """
 from __future__ import annotations
 
@@ -41,38 +42,67 @@ def build(device, dtype, impl):
     return model
 
 
-def measure(model, ids, mode, device, warmup, repeats):
+def synthetic_pattern(cfg, seq_len: int, folder: Path, block_size: int = 64) -> Path:
+    """A global-sparse pattern folder of SmolLM2's shape (every layer and head) covering `seq_len`, from made-up
+    block masses: causal, decaying with distance at a per-head rate, the first block a sink, seeded noise. Cost
+    depends on how many blocks are kept and how they scatter, not on which text chose them; the real patterns
+    come from `attnlab sparsify` (which needs the checkpoint)."""
+    from attnlab.reduction.global_sparse import GlobalPattern, save_pattern
+
+    layers, heads = cfg.num_hidden_layers, cfg.num_attention_heads
+    nb = -(-seq_len // block_size)
+    gen = torch.Generator().manual_seed(0)
+    i = torch.arange(nb)
+    dist = (i[:, None] - i[None, :]).clamp(min=0).float()
+    rate = torch.empty(layers, heads, 1, 1).uniform_(0.5, 2.0, generator=gen)
+    mass = (1.0 + dist) ** -rate
+    mass[..., 0] += 0.5
+    mass = mass * torch.empty(layers, heads, nb, nb).uniform_(0.5, 1.5, generator=gen)
+    mass = mass * (dist > 0).float() + torch.diag_embed(torch.ones(layers, heads, nb))  # causal; diagonal kept anyway
+    mass = torch.where(i[:, None] >= i[None, :], mass, torch.zeros(()))
+    pat = GlobalPattern(mass=mass, block_size=block_size, meta={"synthetic": True, "seq_len": seq_len},
+                        sink_mass=torch.full((layers, heads, nb), 0.2), sinks=4, band=True)
+    return save_pattern(folder, pat)
+
+
+def make_step(model, ids, mode):
     def step():
         if mode == "fwd":
             with torch.no_grad():
                 model(ids, use_cache=False)
         else:
-            out = model(ids, labels=ids, use_cache=False)
-            out.loss.backward()
+            model(ids, labels=ids, use_cache=False).loss.backward()
             model.zero_grad(set_to_none=True)
+    return step
 
-    cuda = device.startswith("cuda")
-    for _ in range(warmup):
-        step()
-    if cuda:
+
+def timed(step, device) -> tuple[float, int | None]:
+    """One step: (ms, peak bytes above what was allocated before it; None on CPU)."""
+    if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    times = []
-    for _ in range(repeats):
-        if cuda:
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            step()
-            e.record()
-            torch.cuda.synchronize()
-            times.append(s.elapsed_time(e))
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        step()
+        e.record()
+        torch.cuda.synchronize()
+        return s.elapsed_time(e), torch.cuda.max_memory_allocated() - base
+    t = time.perf_counter()
+    step()
+    return (time.perf_counter() - t) * 1e3, None
+
+
+def compile_layers(model, on: bool) -> None:
+    """Regional compilation (PyTorch's recipe for repeated blocks): each decoder layer through torch.compile, one
+    graph shared by all layers; the mask creation and the vocabulary head stay eager. Whole-model compilation
+    would trace transformers' mask creation, which under tracing cannot prove a batch holds one sequence
+    (packed-sequence detection) and hands every attention a materialised 4D mask."""
+    for layer in model.model.layers:
+        if on:
+            layer.compile()
         else:
-            t = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - t) * 1e3)
-    peak = torch.cuda.max_memory_allocated() - base if cuda else None
-    return statistics.median(times), peak
+            layer._compiled_call_impl = None
 
 
 def profile_step(model, ids, mode, device) -> dict:
@@ -123,14 +153,33 @@ def profile_step(model, ids, mode, device) -> dict:
                 torch.cuda.synchronize()
         events = prof.key_averages()
         dev = "device_time_total" if cuda else "cpu_time_total"
-        kernels = [e for e in events if cuda and getattr(e, "device_type", None) is not None
-                   and str(e.device_type).endswith("CUDA")]
+        # the CUDA-side copy of a record_function range (gpu_user_annotation) is a span, not a kernel: left out
+        kernels = [e for e in events if cuda and str(getattr(e, "device_type", "")).endswith("CUDA")
+                   and e.key != "model_bench.self_attn"]
         def get(e, name):  # torch >= 2.4 says device_*, older cuda_*
             return getattr(e, name, None) if getattr(e, name, None) is not None else getattr(e, name.replace("device", "cuda"), 0)
 
         out["busy_ms"] = (sum(get(e, "self_device_time_total") for e in kernels) / 1e3 if cuda else None)
-        rng = [e for e in events if e.key == "model_bench.self_attn"]
+        rng = [e for e in events if e.key == "model_bench.self_attn" and str(getattr(e, "device_type", "CPU")).endswith("CPU")]
         out["attn_block_ms"] = sum(get(e, dev) for e in rng) / 1e3 if rng else None
+        if cuda:  # where the device time goes: the largest kernels by their own time
+            top = sorted(kernels, key=lambda e: -get(e, "self_device_time_total"))[:8]
+            out["top_kernels"] = [[e.key[:80], round(get(e, "self_device_time_total") / 1e3, 3), e.count] for e in top]
+        # host time: the step under cProfile, its costliest functions by own time (Python, launches, guards)
+        import cProfile
+        import pstats
+
+        prof_py = cProfile.Profile()
+        prof_py.enable()
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+        prof_py.disable()
+        st = pstats.Stats(prof_py)
+        out["host_ms"] = st.total_tt * 1e3
+        top = sorted(st.stats.items(), key=lambda kv: -kv[1][2])[:12]  # (file, line, fn) -> (cc, nc, tt, ct, callers)
+        out["host_top"] = [[f"{Path(f).name}:{ln}({fn})"[:70], nc, round(tt * 1e3, 2)] for (f, ln, fn), (cc, nc, tt, ct, _)
+                           in top]
         return out
     finally:
         for h in hooks:
@@ -149,8 +198,15 @@ def main(argv=None):
     p.add_argument("--budget-s", type=float, default=400, help="stop starting new rows after this many seconds")
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument("--no-original", action="store_true", help="skip the original eager/sdpa model rows")
+    p.add_argument("--originals", default="eager,sdpa", help="which original implementations get rows")
+    p.add_argument("--sparsity", type=float, default=0.9, help="global_sparse rows: fraction of blocks pruned from a "
+                   "synthetic pattern (see synthetic_pattern)")
+    p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (regional compilation, "
+                   "compile_layers) before timing; impl names get a +compile suffix; compilation happens in the warm-up")
     p.add_argument("--profile", action="store_true", help="per row, one more step under torch.profiler: device "
                    "busy time, time inside self_attn, and (CUDA) host-device syncs")
+    p.add_argument("--verbose", action="store_true", help="with --profile, print each row's largest kernels and "
+                   "host functions")
     p.add_argument("--merge", default=None, help="an earlier model_bench.json: its rows for the impls measured "
                    "now are replaced, the others kept (rerun a few methods after a change)")
     a = p.parse_args(argv)
@@ -167,65 +223,148 @@ def main(argv=None):
         pass
     rows, t0 = [], time.time()
     dead = set()  # (impl, mode) that ran out of memory: longer lengths are skipped
-    configs = ([] if a.no_original else [("original", "eager", None), ("original", "sdpa", None)]) + [
-        ("attnlab", "sdpa", m) for m in a.methods.split(",")
+    if a.compile:
+        import torch._dynamo as dynamo
+
+        dynamo.config.cache_size_limit = 64  # a graph per (length, grad mode)
+    originals = [] if a.no_original else [x for x in a.originals.split(",") if x]
+    configs = [(f"original-{impl}", impl, None) for impl in originals] + [
+        (m, "sdpa", m) for m in a.methods.split(",")
     ]
-    for impl_kind, impl, method in configs:
-        model = build(a.device, dtype, impl)
-        name = f"original-{impl}" if method is None else method
+    suffix = "+compile" if a.compile else ""
+    # one model per configuration, built once (135M parameters each), so that the steps of all configurations can
+    # interleave: the host's speed drifts (the same kernels' launch time varied 2x between rows measured one after
+    # the other on the H200 machine), and at short lengths the host is most of the step
+    models = {name: build(a.device, dtype, impl) for name, impl, _ in configs}
+    for n in lengths:
+        if time.time() - t0 > a.budget_s:
+            rows += [dict(base_row(name, method or impl, n, mode, a, env), status="skipped")
+                     for name, impl, method in configs for mode in a.modes.split(",")]
+            break
+        ids = torch.randint(0, 49152, (1, n), device=a.device)
+        ready = {}  # name -> options of the configurations swapped in at this length
+        for name, impl, method in configs:
+            opts = method_options(method, n, models[name].config, a.sparsity) if method else {}
+            try:
+                if method:
+                    attnlab.swap(models[name], method, **opts)
+                if a.compile:
+                    compile_layers(models[name], True)
+                ready[name] = opts
+            except Exception as e:
+                rows += [dict(base_row(name + suffix, method or impl, n, mode, a, env), status="error",
+                              error=f"{type(e).__name__}: {e}"[:300]) for mode in a.modes.split(",")]
         for mode in a.modes.split(","):
-            for n in lengths:
-                row = {"model": "SmolLM2-135M (config, random weights)", "impl": name, "method": method or impl,
-                       "seq_len": n, "batch": 1, "mode": mode, "dtype": a.dtype, "device": a.device, **env}
-                if (name, mode) in dead or time.time() - t0 > a.budget_s:
-                    row["status"] = "skipped" if time.time() - t0 > a.budget_s else "oom"
-                    rows.append(row)
+            live, out = {}, {}
+            for name, impl, method in configs:
+                if name not in ready:
                     continue
-                opts = method_defaults(method, n) if method else {}
-                if method == "window":
-                    opts = {"window": 256, "sinks": 4}
-                if method == "block_sparse":
-                    opts = {"block_size": 128}
-                if method == "lsh":
-                    opts = {"bucket_size": 128, "n_hashes": 2, "shared_qk": False}
-                row["options"] = opts
-                ids = torch.randint(0, 49152, (1, n), device=a.device)
+                row = base_row(name + suffix, method or impl, n, mode, a, env)
+                row["options"] = {**ready[name], **({"pattern": "synthetic"} if method == "global_sparse" else {})}
+                out[name] = row
+                if (name, mode) in dead:
+                    row["status"] = "oom"
+                    continue
+                step = make_step(models[name], ids, mode)
                 try:
-                    if method:
-                        attnlab.swap(model, method, **opts)
-                    ms, peak = measure(model, ids, mode, a.device, a.warmup, a.repeats)
-                    row.update(status="ok", ms=ms, ms_per_token=ms / n, peak_mem_bytes=peak)
-                    if a.profile:
-                        try:
-                            row.update(profile_step(model, ids, mode, a.device))
-                        except Exception as e:  # the timing above stands; the row says why it has no profile
-                            row["profile_error"] = f"{type(e).__name__}: {e}"[:300]
+                    for _ in range(a.warmup):
+                        step()
+                    live[name] = step
+                    row.update(status="ok", times=[], peaks=[])
                 except torch.cuda.OutOfMemoryError:
                     row["status"] = "oom"
                     dead.add((name, mode))
                 except Exception as e:  # recorded, not hidden: the row says what failed
                     row.update(status="error", error=f"{type(e).__name__}: {e}"[:300])
                 finally:
-                    if method:
-                        attnlab.unswap(model)
-                    model.zero_grad(set_to_none=True)
-                    if a.device.startswith("cuda"):
-                        torch.cuda.empty_cache()
+                    models[name].zero_grad(set_to_none=True)
+                    free(a.device)
+            for _ in range(a.repeats):  # round robin: every configuration's r-th step under the same host conditions
+                for name in list(live):
+                    try:
+                        ms, peak = timed(live[name], a.device)
+                        out[name]["times"].append(ms)
+                        out[name]["peaks"].append(peak)
+                    except torch.cuda.OutOfMemoryError:
+                        out[name].update(status="oom")
+                        dead.add((name, mode))
+                        del live[name]
+                        models[name].zero_grad(set_to_none=True)
+                        free(a.device)
+            for name, row in out.items():
+                if row.get("status") == "ok":
+                    times, peaks = row.pop("times"), row.pop("peaks")
+                    row.update(ms=statistics.median(times), ms_min=min(times), ms_per_token=statistics.median(times) / n,
+                               peak_mem_bytes=None if peaks[0] is None else max(peaks), repeats=len(times))
+                    if a.profile:
+                        try:
+                            row.update(profile_step(models[name], ids, mode, a.device))
+                        except Exception as e:  # the timing above stands; the row says why it has no profile
+                            row["profile_error"] = f"{type(e).__name__}: {e}"[:300]
+                        models[name].zero_grad(set_to_none=True)
+                row.pop("times", None), row.pop("peaks", None)
                 rows.append(row)
-                extra = "".join(f" {k}={row[k]:.2f}" if isinstance(row.get(k), float) else f" {k}={row[k]}"
-                                for k in ("busy_ms", "attn_block_ms", "syncs") if row.get(k) is not None)
-                print(f"{name:>16} {mode:>8} {n:>6} {row['status']:>7} "
-                      f"{row.get('ms', float('nan')):9.2f} ms {((row.get('peak_mem_bytes') or 0) / 2**30):7.2f} GiB"
-                      f"{extra}", flush=True)
-        del model
+                report(row, a)
+            save(rows, a)  # after every (length, mode): a call cut by its time limit keeps what it measured
+        for name, impl, method in configs:
+            if name in ready:
+                if a.compile:
+                    compile_layers(models[name], False)
+                if method:
+                    attnlab.unswap(models[name])
+        free(a.device)
+    rows = save(rows, a)
+    plot(rows, Path(a.out) / "model_bench.png")
+    return 0
+
+
+def base_row(impl, method, n, mode, a, env) -> dict:
+    return {"model": "SmolLM2-135M (config, random weights)", "impl": impl, "method": method, "seq_len": n,
+            "batch": 1, "mode": mode, "dtype": a.dtype, "device": a.device, "compiled": a.compile,
+            "interleaved": True, **env}
+
+
+def method_options(method, n, config, sparsity) -> dict:
+    if method == "window":
+        return {"window": 256, "sinks": 4}
+    if method == "block_sparse":
+        return {"block_size": 128}
+    if method == "lsh":
+        return {"bucket_size": 128, "n_hashes": 2, "shared_qk": False}
+    if method == "global_sparse":
+        import tempfile
+
+        folder = synthetic_pattern(config, n, Path(tempfile.mkdtemp()) / "pattern")
+        return {"pattern": str(folder), "sparsity": sparsity}
+    return method_defaults(method, n)
+
+
+def free(device) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+def report(row, a) -> None:
+    extra = "".join(f" {k}={row[k]:.2f}" if isinstance(row.get(k), float) else f" {k}={row[k]}"
+                    for k in ("busy_ms", "attn_block_ms", "host_ms", "syncs") if row.get(k) is not None)
+    print(f"{row['impl']:>22} {row['mode']:>8} {row['seq_len']:>6} {row['status']:>7} "
+          f"{row.get('ms', float('nan')):9.2f} ms {((row.get('peak_mem_bytes') or 0) / 2**30):7.2f} GiB"
+          f"{extra}{' ' + row['error'][:120] if row.get('error') else ''}", flush=True)
+    if a.verbose and row.get("top_kernels"):
+        print("      kernels:", "; ".join(f"{k[:40]} {t}ms x{c}" for k, t, c in row["top_kernels"][:6]))
+    if a.verbose and row.get("host_top"):
+        print("      host:", "; ".join(f"{k} x{c} {t}ms" for k, c, t in row["host_top"][:8]))
+
+
+def save(rows, a) -> list:
+    """Write model_bench.json (rows of --merge's file for impls not measured now kept); returns what was written."""
     if a.merge:
         fresh = {r["impl"] for r in rows}
         rows = [r for r in json.loads(Path(a.merge).read_text()) if r["impl"] not in fresh] + rows
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "model_bench.json").write_text(json.dumps(rows, indent=1))
-    plot(rows, out / "model_bench.png")
-    return 0
+    return rows
 
 
 def plot(rows, path):

@@ -180,3 +180,32 @@ def test_visible_pairs_count_the_mask(window, sinks, tq, tk, causal):
     want = float(pat.dense(tq, tk, causal).sum())
     assert pat.visible_pairs(tq, tk, causal) == want
     assert Pattern.visible_pairs(pat, tq, tk, causal) == want
+
+
+def test_flex_block_follows_the_pattern_block_where_the_kernel_tiles_divide_it():
+    # a 64-token pattern at 128-wide Flex blocks makes every block it touches partial (mask_mod per element)
+    assert [sparse.flex_block_for(b) for b in (64, 128, 192, 256, 32, 96, 16)] == [64, 128, 64, 256, 128, 128, 128]
+    from attnlab.methods import block_sparse, global_sparse
+
+    gs = global_sparse.GlobalSparse(16, 2, pattern=[[1.0] * 4] * 4, block_size=64, sparsity=0.0)
+    assert gs.flex_block_size == 64
+    assert block_sparse.BlockSparse(16, 2, block_size=64).flex_block_size == 64
+
+
+def test_tile_options_divide_the_mask_blocks_on_cuda_only():
+    class Mask:  # what tile_options reads of a BlockMask
+        BLOCK_SIZE = (64, 64)
+
+    assert sparse.tile_options(Mask, "cpu") is None  # the CPU template has no tiles to set
+    opts = sparse.tile_options(Mask, "cuda")
+    if opts is not None:  # torch >= 2.8 names fwd_/bwd_ options
+        assert all(64 % v == 0 for v in opts.values()) and {"fwd_BLOCK_M", "fwd_BLOCK_N", "bwd_BLOCK_M1"} <= set(opts)
+    Mask.BLOCK_SIZE = (128, 128)
+    assert sparse.tile_options(Mask, "cuda") is None  # the defaults fit
+
+
+def test_call_block_size_widens_narrow_blocks_for_a_cuda_backward_only():
+    assert sparse.call_block_size(64, "cuda", backward=False) == 64  # inference: the pattern's own blocks
+    assert sparse.call_block_size(64, "cuda", backward=True) == 128  # no backward kernel for 64-blocks
+    assert sparse.call_block_size(64, "cpu", backward=True) == 64  # the CPU template takes any block
+    assert sparse.call_block_size(256, "cuda", backward=True) == 256

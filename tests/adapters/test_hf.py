@@ -16,7 +16,7 @@ import attnlab
 from attnlab import registry
 from attnlab.adapters import hf
 from attnlab.metrics import fidelity as fm
-from tests.adapters import max_diff, outputs, pad_batch, rand_ids, tiny_model
+from tests.adapters import VOCAB, max_diff, outputs, pad_batch, rand_ids, tiny_model
 
 KINDS = ("llama", "gpt2", "bert", "qwen2")
 CAUSAL_METHODS = [n for n in attnlab.list_methods() if attnlab.capabilities(n).causal]
@@ -503,3 +503,31 @@ def test_sliding_window_layers_need_a_mask_capable_method():
         assert max_diff(outputs(model, ids), ref) <= 1e-4
     full = tiny_model("qwen2")  # the same weights without the window differ: the window was really applied
     assert max_diff(outputs(full, ids), ref) > 1e-3
+
+
+@pytest.mark.parametrize("method", ["linear", "window"])
+def test_regional_compile_of_a_swapped_model_matches_eager_with_one_graph_for_all_layers(method):
+    """benchmarks/model_bench.py --compile compiles each decoder layer (PyTorch's regional compilation). The
+    method runs outside the graph (a break at the attention call) and guards nothing per layer: before, a
+    per-layer object id (a feature map's) in the traced code recompiled every layer until dynamo's limit."""
+    import torch._dynamo as dynamo
+    from torch._dynamo.utils import counters
+
+    model = tiny_model("llama", num_hidden_layers=6)
+    ids = torch.randint(0, VOCAB, (1, 24), generator=torch.Generator().manual_seed(0))
+    opts = {"window": 8, "sinks": 2} if method == "window" else {}
+    with attnlab.swapped(model, method, **opts):
+        want = outputs(model, ids, use_cache=False)  # (a KV cache guards on each layer's own cache entry)
+        dynamo.reset()
+        counters.clear()
+        try:
+            for layer in model.model.layers:
+                layer.compile()
+            got = outputs(model, ids, use_cache=False)
+            graphs = counters["stats"]["unique_graphs"]
+        finally:
+            for layer in model.model.layers:
+                layer._compiled_call_impl = None
+            dynamo.reset()
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert 1 <= graphs < len(model.model.layers), graphs  # shared by the layers, not one (or two) per layer

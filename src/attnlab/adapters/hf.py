@@ -138,13 +138,23 @@ def attnlab_attention(module, query, key, value, attention_mask, dropout: float 
                                    causal, key_padding_mask, attn_mask, **kwargs)
     capture = getattr(module, "attnlab_capture", False)
     need_probs = bool(kwargs.get("output_attentions", False)) or capture
-    out, probs = method(
-        query, key, value, causal=causal, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
-        scale=scaling, need_probs=need_probs,
-    )
+    kw = dict(causal=causal, key_padding_mask=key_padding_mask, attn_mask=attn_mask, scale=scaling,
+              need_probs=need_probs)
+    if torch.compiler.is_compiling():
+        out, probs = _eager_call(query, key, value, method=method, **kw)
+    else:
+        out, probs = method(query, key, value, **kw)
     if capture:
         module.attnlab_probs = probs
     return out.transpose(1, 2).contiguous(), probs  # (B, Tq, H, D)
+
+
+@torch.compiler.disable
+def _eager_call(query, key, value, *, method, **kw):
+    """The method outside a torch.compile'd model's graph (one graph break per layer): inductor failed to build
+    attnlab's own Triton kernels (window, causal linear) as user kernels in torch 2.11 on the H200, and the
+    methods choose their kernels themselves (flex is compiled on its own); the rest of the layer still compiles."""
+    return method(query, key, value, **kw)
 
 
 def _with_key_mask(attn_mask, key_padding_mask, key_mask, heads: int, tk: int):

@@ -74,7 +74,8 @@ class KernelAttention(AttentionMethod):
         return ("triton" if b == "triton" else "torch"), b in ("triton", "compiled")
 
     def maybe_redraw(self) -> None:
-        for fm in {id(m): m for m in self.maps()}.values():
+        fq, fk = self.maps()  # no id()-keyed dict: torch.compile would guard on each layer's map object
+        for fm in (fq,) if fq is fk else (fq, fk):
             if hasattr(fm, "maybe_redraw"):
                 fm.maybe_redraw()
 

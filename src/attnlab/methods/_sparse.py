@@ -1,8 +1,8 @@
 """The shared shape of sparse-pattern methods: a `Pattern` (patterns/) computed by `ops.sparse`.
 
-A subclass builds `self.pattern` in __init__ and declares `flex_block_size` (FlexAttention's BLOCK_SIZE:
-the pattern's own block when it is a multiple of 128, else 128 with the pattern resolved inside blocks by its
-mask_mod, since Triton tiles are 64-128 wide). window, block_sparse and the learned / data-informed masks
+A subclass builds `self.pattern` in __init__ and declares `flex_block_size` (FlexAttention's BLOCK_SIZE,
+`flex_block_for`: the pattern's own block when it is a multiple of 128 or 64, else 128 with the pattern resolved
+inside blocks by its mask_mod). window, block_sparse and the learned / data-informed masks
 of distillation and token reduction are this class."""
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from ..types import Capabilities
 from .base import AttentionMethod
 
 BACKENDS = sparse_ops.BACKENDS
+flex_block_for = sparse_ops.flex_block_for
 SPARSE_CAPS = Capabilities(causal=True, padding=True, attn_mask=False, probs=True, extras=("lse", "col_sums"))
 
 

@@ -226,6 +226,10 @@ class AttentionMethod(nn.Module):
         shapes again pays a dict lookup instead of the ~50 comparisons (measured: ~100 us per call on the CPU
         here, a large share of a short kernel's time on the GPU). An explicit tensor attn_mask or a BlockMask is
         checked every time."""
+        if torch.compiler.is_compiling():  # traced once per graph: the checks cost nothing at run time, and the
+            # cache's key (object ids, data pointers) would make every layer's method a guard of its own
+            return self._check_uncached(q, k, v, causal=causal, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
+                                        need_probs=need_probs, need_lse=need_lse, need_col_sums=need_col_sums)
         key = None
         if (attn_mask is None and isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor)
                 and isinstance(v, torch.Tensor) and (key_padding_mask is None or isinstance(key_padding_mask, torch.Tensor))):

@@ -17,7 +17,7 @@ import torch
 from ..patterns import BigBirdPattern, BlockPattern
 from ..registry import register
 from ..types import OptionError, opt
-from ._sparse import BACKENDS, SparseAttention
+from ._sparse import BACKENDS, SparseAttention, flex_block_for
 
 _RECIPE = {"num_global_blocks": 1, "num_window_blocks": 3, "num_random_blocks": 2, "seed": 0}
 
@@ -62,7 +62,7 @@ class BlockSparse(SparseAttention):
         else:
             self.pattern = BigBirdPattern(o.block_size, o.num_global_blocks, o.num_window_blocks, o.num_random_blocks,
                                           o.seed)
-        self.flex_block_size = o.block_size if o.block_size % 128 == 0 else 128
+        self.flex_block_size = flex_block_for(o.block_size)
 
     @classmethod
     def defaults(cls, seq_len):

@@ -21,7 +21,7 @@ import torch
 from ..reduction.global_sparse import SHARES
 from ..registry import register
 from ..types import OptionError, opt
-from ._sparse import BACKENDS, SparseAttention
+from ._sparse import BACKENDS, SparseAttention, flex_block_for
 
 
 @register("global_sparse")
@@ -102,7 +102,7 @@ class GlobalSparse(SparseAttention):
             if keep.dim() == 4:
                 keep = keep[o.layer]
         self.pattern = make_pattern(keep, block_size, sinks, band)
-        self.flex_block_size = block_size if block_size % 128 == 0 else 128
+        self.flex_block_size = flex_block_for(block_size)
 
     def options_dict(self) -> dict:
         out = super().options_dict()

@@ -249,7 +249,7 @@ class LearnedMask(AttentionMethod):
         res, self.kernel = sparse_ops.sparse_attention(
             q, k, v, pat, causal=causal, key_padding_mask=key_padding_mask, scale=scale, backend=o.backend,
             need_lse=need_lse, need_col_sums=need_col_sums,
-            flex_block_size=o.block_size if o.block_size % 128 == 0 else 128)
+            flex_block_size=sparse_ops.flex_block_for(o.block_size))
         return res
 
     def _train_static(self, q, k, v, *, causal, key_padding_mask, scale):
@@ -264,7 +264,7 @@ class LearnedMask(AttentionMethod):
         nb = -(-tk // o.block_size)
         res, self.kernel = sparse_ops.sparse_attention(
             q, k, v, self._pattern(nb, causal), causal=causal, key_padding_mask=key_padding_mask, scale=scale,
-            backend=o.backend, need_lse=True, flex_block_size=o.block_size if o.block_size % 128 == 0 else 128)
+            backend=o.backend, need_lse=True, flex_block_size=sparse_ops.flex_block_for(o.block_size))
         self.kernel += "+st"
         a = torch.arange(nb, device=q.device)
         dist = (a[:, None] - a[None, :]).abs()

@@ -127,6 +127,42 @@ def resolve(backend: str, q: torch.Tensor, *, need_lse: bool, need_col_sums: boo
     return backend
 
 
+def flex_block_for(block_size: int) -> int:
+    """FlexAttention's BLOCK_SIZE for a pattern of `block_size`-token blocks: the pattern's own block when it is a
+    multiple of 128 (the kernel's default tiles) or of 64 (the kernel then runs 64-wide tiles, `tile_options`),
+    so every visited block is one the pattern keeps and only blocks cut by a token-level part evaluate the
+    mask_mod; otherwise 128, with the pattern resolved inside blocks by its mask_mod (every block it touches is
+    partial: measured on an H200, a 64-block pattern at 90% pruned ran 20x slower than dense cuDNN at 4096
+    tokens that way)."""
+    if block_size % 128 == 0:
+        return block_size
+    return 64 if block_size % 64 == 0 else 128
+
+
+def tile_options(block_mask, device) -> dict | None:
+    """Kernel tiles for a BlockMask whose blocks are narrower than the CUDA kernel's default 128-row tiles (the
+    tiles must divide the mask's blocks); None where the defaults fit, or where the torch predates the fwd_/bwd_
+    option names (2.8). Forward only in practice: torch 2.11 filters its backward configurations by the mask's
+    blocks before applying these options and found none for 64-token blocks on the H200 ("No choices"), so
+    `sparse_attention` builds 128-token BlockMasks on CUDA whenever a backward will follow (fwd 64-blocks: a 90%
+    pruned model at 4096 tokens went from 51 to 35 ms a step; the flex kernel had been 40 of those 51)."""
+    if torch.device(device).type != "cuda" or min(block_mask.BLOCK_SIZE) >= 128:
+        return None
+    if tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) < (2, 8):
+        return None
+    b = min(block_mask.BLOCK_SIZE)
+    return {"fwd_BLOCK_M": b, "fwd_BLOCK_N": b, "bwd_BLOCK_M1": b // 2, "bwd_BLOCK_N1": b, "bwd_BLOCK_M2": b,
+            "bwd_BLOCK_N2": b // 2}
+
+
+def call_block_size(flex_block_size: int, device, backward: bool) -> int:
+    """The BlockMask's block for one call: the method's `flex_block_size`, except 128 on CUDA when a backward
+    will follow and the block is narrower (tile_options: no backward kernel for such blocks in torch 2.11)."""
+    if flex_block_size < 128 and backward and torch.device(device).type == "cuda":
+        return 128
+    return flex_block_size
+
+
 def flex(q, k, v, block_mask, *, scale: float, key_padding_mask: torch.Tensor | None = None, return_lse: bool = False):
     """Compiled flex_attention; rows with no visible key return zeros, never NaN.
 
@@ -144,11 +180,13 @@ def flex(q, k, v, block_mask, *, scale: float, key_padding_mask: torch.Tensor | 
     # A row whose scores are all -inf comes back as exact zeros from the kernel itself (CPU and CUDA; checked by
     # the tests on CPU and benchmarks/gpu_checks.py on CUDA), so no logsumexp fix-up pass is needed.
     fn = compiled_flex_attention(q.device.type)
+    tiles = tile_options(block_mask, q.device)
+    kw = {} if tiles is None else {"kernel_options": tiles}
     if return_lse:
-        out, lse = fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, return_lse=True)
+        out, lse = fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, return_lse=True, **kw)
         # flex reports a row with no visible key as lse = -inf (CUDA) or a large negative number; keep -inf
         return out, lse.float()
-    return fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
+    return fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, **kw)
 
 
 def gathered_attention(q, k, v, mask_mod, chunks, *, scale: float, key_padding_mask: torch.Tensor | None = None,
@@ -222,7 +260,8 @@ def sparse_attention(q, k, v, pattern, *, causal: bool, key_padding_mask, scale:
                                     key_padding_mask=key_padding_mask)
         return AttnOutput(out, None, lse=lse if need_lse else None), "triton"
     if kernel == "flex":
-        bm = pattern.block_mask(tq, tk, causal, q.device, flex_block_size)
+        backward = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        bm = pattern.block_mask(tq, tk, causal, q.device, call_block_size(flex_block_size, q.device, backward))
         if need_lse:
             out, lse = flex(q, k, v, bm, scale=scale, key_padding_mask=key_padding_mask, return_lse=True)
             return AttnOutput(out, None, lse=lse), "flex"
