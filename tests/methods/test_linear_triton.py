@@ -172,3 +172,23 @@ def test_shapes_the_kernels_cannot_take_are_refused_when_asked_and_named_under_a
     out = m(q, k, v, causal=True)[0]
     assert m.kernel == "chunked"
     check_vs_quadratic(out, q, k, v, m, causal=True)
+
+
+def test_shape_only_tables_are_built_once_and_left_untouched(kernels):
+    """Maps without key log-scales share one (b = 0, chunk maxima) pair per shape across layers and calls: the
+    second call must reuse it, and neither a forward nor a backward may write into it."""
+    kernels._NO_SCALE.clear()
+    q, k, v, _ = _features(1, 2, 130, 32, 16, torch.float32, seed=3, scale=False)
+    first = _kernel_out(kernels, q, k, v, None)
+    lkf, pex = kernels.no_scale_tables(2, 130, 3, q.device)
+    want_lkf, want_pex = lkf.clone(), pex.clone()
+    assert torch.equal(want_pex, torch.tensor([[float("-inf"), 0.0, 0.0, 0.0]] * 2))
+    for x in (q, k, v):
+        x.requires_grad_(True)
+    again = _kernel_out(kernels, q, k, v, None)
+    again.sum().backward()
+    assert torch.equal(again.detach(), first)
+    assert kernels.no_scale_tables(2, 130, 3, q.device)[0] is lkf and len(kernels._NO_SCALE) == 1
+    assert torch.equal(lkf, want_lkf) and torch.equal(pex, want_pex)
+    kernels.no_scale_tables(2, 64, 1, q.device)  # another shape: its own entry
+    assert len(kernels._NO_SCALE) == 2

@@ -30,6 +30,8 @@ The kernels also run on CPU tensors under TRITON_INTERPRET=1 (how the CPU tests 
 """
 from __future__ import annotations
 
+import collections
+
 import torch
 import triton
 import triton.language as tl
@@ -273,6 +275,26 @@ def _states(q, k, v, lkf, pex, meta, n_chunks):
     return h, z
 
 
+_NO_SCALE: collections.OrderedDict = collections.OrderedDict()
+
+
+def no_scale_tables(bh: int, t: int, n_chunks: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(b = 0 [BH, T], its exclusive chunk maxima [BH, N + 1]) for maps without key log-scales: data that depends
+    only on the shape, which every layer of a swapped model rebuilt on every call (six small kernels and their
+    launches per layer). Read-only in every kernel, so one copy per (shape, device) serves all; LRU of 8."""
+    key = (bh, t, n_chunks, str(device))
+    hit = _NO_SCALE.get(key)
+    if hit is None:
+        lkf = torch.zeros(bh, t, dtype=torch.float32, device=device)
+        hit = (lkf, _exclusive_chunk_max(lkf, n_chunks))
+        _NO_SCALE[key] = hit
+        while len(_NO_SCALE) > 8:
+            _NO_SCALE.popitem(last=False)
+    else:
+        _NO_SCALE.move_to_end(key)
+    return hit
+
+
 class _CausalLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, lk):
@@ -282,8 +304,11 @@ class _CausalLinear(torch.autograd.Function):
         n_chunks = triton.cdiv(t, BT)
         has_scale = lk is not None
         # without log-scales b = 0 (every weight 1), through the same kernels (see `_weights`)
-        lkf = lk.reshape(b * nh, t).float().contiguous() if has_scale else q.new_zeros(b * nh, t, dtype=torch.float32)
-        pex = _exclusive_chunk_max(lkf.detach(), n_chunks)
+        if has_scale:
+            lkf = lk.reshape(b * nh, t).float().contiguous()
+            pex = _exclusive_chunk_max(lkf.detach(), n_chunks)
+        else:
+            lkf, pex = no_scale_tables(b * nh, t, n_chunks, q.device)
         meta = dict(HAS_SCALE=has_scale, PREC=_precision(q), BT=BT, BK=BK, BV=max(16, triton.next_power_of_2(d)))
         h, z = _states(q, k, v, lkf, pex, meta, n_chunks)
         out = torch.empty_like(v)
