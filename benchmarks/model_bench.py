@@ -172,9 +172,9 @@ def profile_step(model, ids, mode, device) -> dict:
         prof_py = cProfile.Profile()
         prof_py.enable()
         step()
+        prof_py.disable()  # before the sync: host time, not waiting for the device
         if cuda:
             torch.cuda.synchronize()
-        prof_py.disable()
         st = pstats.Stats(prof_py)
         out["host_ms"] = st.total_tt * 1e3
         top = sorted(st.stats.items(), key=lambda kv: -kv[1][2])[:12]  # (file, line, fn) -> (cc, nc, tt, ct, callers)
@@ -195,7 +195,7 @@ def main(argv=None):
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--budget-s", type=float, default=400, help="stop starting new rows after this many seconds")
+    p.add_argument("--budget-s", type=float, default=400, help="stop starting new lengths after this many seconds")
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument("--no-original", action="store_true", help="skip the original eager/sdpa model rows")
     p.add_argument("--originals", default="eager,sdpa", help="which original implementations get rows")
@@ -236,10 +236,11 @@ def main(argv=None):
     # interleave: the host's speed drifts (the same kernels' launch time varied 2x between rows measured one after
     # the other on the H200 machine), and at short lengths the host is most of the step
     models = {name: build(a.device, dtype, impl) for name, impl, _ in configs}
-    for n in lengths:
+    t0 = time.time()  # the budget counts measurement, not building
+    for i, n in enumerate(lengths):
         if time.time() - t0 > a.budget_s:
-            rows += [dict(base_row(name, method or impl, n, mode, a, env), status="skipped")
-                     for name, impl, method in configs for mode in a.modes.split(",")]
+            rows += [dict(base_row(name + suffix, method or impl, m, mode, a, env), status="skipped")
+                     for m in lengths[i:] for name, impl, method in configs for mode in a.modes.split(",")]
             break
         ids = torch.randint(0, 49152, (1, n), device=a.device)
         ready = {}  # name -> options of the configurations swapped in at this length
@@ -252,6 +253,9 @@ def main(argv=None):
                     compile_layers(models[name], True)
                 ready[name] = opts
             except Exception as e:
+                compile_layers(models[name], False)
+                if method and attnlab.swapped_layers(models[name]):
+                    attnlab.unswap(models[name])
                 rows += [dict(base_row(name + suffix, method or impl, n, mode, a, env), status="error",
                               error=f"{type(e).__name__}: {e}"[:300]) for mode in a.modes.split(",")]
         for mode in a.modes.split(","):
@@ -285,9 +289,12 @@ def main(argv=None):
                         ms, peak = timed(live[name], a.device)
                         out[name]["times"].append(ms)
                         out[name]["peaks"].append(peak)
-                    except torch.cuda.OutOfMemoryError:
-                        out[name].update(status="oom")
-                        dead.add((name, mode))
+                    except Exception as e:  # an OOM ends the configuration's longer lengths; anything else is shown
+                        oom = isinstance(e, torch.cuda.OutOfMemoryError)
+                        out[name].update(status="oom" if oom else "error",
+                                         **({} if oom else {"error": f"{type(e).__name__}: {e}"[:300]}))
+                        if oom:
+                            dead.add((name, mode))
                         del live[name]
                         models[name].zero_grad(set_to_none=True)
                         free(a.device)

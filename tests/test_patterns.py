@@ -197,15 +197,39 @@ def test_tile_options_divide_the_mask_blocks_on_cuda_only():
         BLOCK_SIZE = (64, 64)
 
     assert sparse.tile_options(Mask, "cpu") is None  # the CPU template has no tiles to set
-    opts = sparse.tile_options(Mask, "cuda")
-    if opts is not None:  # torch >= 2.8 names fwd_/bwd_ options
-        assert all(64 % v == 0 for v in opts.values()) and {"fwd_BLOCK_M", "fwd_BLOCK_N", "bwd_BLOCK_M1"} <= set(opts)
+    assert sparse.tile_options(Mask, "cuda") == {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64}
     Mask.BLOCK_SIZE = (128, 128)
     assert sparse.tile_options(Mask, "cuda") is None  # the defaults fit
 
 
-def test_call_block_size_widens_narrow_blocks_for_a_cuda_backward_only():
-    assert sparse.call_block_size(64, "cuda", backward=False) == 64  # inference: the pattern's own blocks
-    assert sparse.call_block_size(64, "cuda", backward=True) == 128  # no backward kernel for 64-blocks
-    assert sparse.call_block_size(64, "cpu", backward=True) == 64  # the CPU template takes any block
-    assert sparse.call_block_size(256, "cuda", backward=True) == 256
+def test_call_block_size_keeps_narrow_blocks_only_where_a_kernel_fits(monkeypatch):
+    monkeypatch.setattr(sparse, "_torch_version", lambda: (2, 11))
+    assert sparse.call_block_size(64, "cuda", backward=False, tq=4096) == 64  # inference: the pattern's blocks
+    assert sparse.call_block_size(64, "cuda", backward=True, tq=4096) == 128  # no backward kernel for them
+    assert sparse.call_block_size(64, "cuda", backward=False, tq=100) == 128  # flex's decoding kernel
+    assert sparse.call_block_size(64, "cpu", backward=True, tq=16) == 64  # the CPU template takes any block
+    assert sparse.call_block_size(256, "cuda", backward=True, tq=16) == 256
+    monkeypatch.setattr(sparse, "_torch_version", lambda: (2, 8))
+    assert sparse.call_block_size(64, "cuda", backward=False, tq=4096) == 128  # not measured there
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_sparse_attention_tells_the_block_choice_whether_a_backward_follows(monkeypatch, grad):
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def spy(flex_block_size, device, backward, tq):
+        seen.append((flex_block_size, backward, tq))
+        raise Stop  # the choice is what is under test, not the kernel
+
+    monkeypatch.setattr(sparse, "call_block_size", spy)
+    monkeypatch.setattr(sparse, "resolve", lambda *a, **kw: "flex")  # as on CUDA (CPU flex refuses a backward)
+    q, k, v = rand_qkv(b=1, h=2, tq=20, d=8, seed=0)
+    q.requires_grad_(grad)
+    pat = patterns.BlockPattern(torch.ones(2, 2, dtype=torch.bool), 16)
+    with pytest.raises(Stop):
+        sparse.sparse_attention(q, k, v, pat, causal=True, key_padding_mask=None, scale=0.3, backend="flex",
+                                flex_block_size=64)
+    assert seen == [(64, grad, 20)]

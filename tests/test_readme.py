@@ -16,3 +16,22 @@ def test_readme_tables_match_the_committed_json():
     for (start, end), _ in mod.blocks().items():
         assert start in text and end in text, f"README lost the {start} block"
     assert mod.render(text) == text, "README tables differ from the JSON: run python benchmarks/make_readme_tables.py"
+
+
+def test_model_crossover_counts_a_failed_length_as_a_loss_and_an_original_oom_as_a_win():
+    spec = importlib.util.spec_from_file_location("make_readme_tables", ROOT / "benchmarks" / "make_readme_tables.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def row(impl, n, ms, status="ok"):
+        return {"impl": impl, "seq_len": n, "ms": ms, "status": status}
+
+    base = [row("orig", 1, 1.0), row("orig", 2, 1.0), row("orig", 4, 1.0)]
+    assert mod.crossover(base + [row("m", 1, 2.0), row("m", 2, 0.5), row("m", 4, 0.5)], "m", "orig", "ms") == 2
+    # faster at 2 but out of memory at 4, where the original ran: no crossover
+    assert mod.crossover(base + [row("m", 1, 2.0), row("m", 2, 0.5), row("m", 4, 0, "oom")], "m", "orig", "ms") is None
+    # the original out of memory at 4 where the method ran: a win there
+    oom = base[:2] + [row("orig", 4, 0, "oom")]
+    assert mod.crossover(oom + [row("m", 1, 2.0), row("m", 2, 0.5), row("m", 4, 9.0)], "m", "orig", "ms") == 2
+    # slower at the longest: none, whatever happens below
+    assert mod.crossover(base + [row("m", 1, 0.5), row("m", 2, 0.5), row("m", 4, 2.0)], "m", "orig", "ms") is None

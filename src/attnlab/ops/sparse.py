@@ -105,7 +105,8 @@ def _triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def resolve(backend: str, q: torch.Tensor, *, need_lse: bool, need_col_sums: bool, pattern=None) -> str:
+def resolve(backend: str, q: torch.Tensor, *, need_lse: bool, need_col_sums: bool, pattern=None, k=None,
+            v=None) -> str:
     """The kernel that will run. auto -> on CUDA the window's own Triton kernel for the plain sliding-window
     pattern (faster than FlexAttention's at 16k-64k on an H200, benchmarks/results/window/), flex for other
     patterns where it can serve the request, else torch (the same maths); flex asked explicitly where it
@@ -120,7 +121,7 @@ def resolve(backend: str, q: torch.Tensor, *, need_lse: bool, need_col_sums: boo
                 return "triton"
         return "flex" if flex_unavailable_reason(q.device) is None else "torch"
     if backend == "flex":
-        if q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
+        if q.device.type == "cpu" and torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v)):
             # The CPU flex template is inference-only (no backward) in torch 2.6-2.13.
             raise UnsupportedError("backend='flex' on CPU is inference-only (no backward); use backend='torch' to "
                                    "train on CPU")
@@ -129,36 +130,43 @@ def resolve(backend: str, q: torch.Tensor, *, need_lse: bool, need_col_sums: boo
 
 def flex_block_for(block_size: int) -> int:
     """FlexAttention's BLOCK_SIZE for a pattern of `block_size`-token blocks: the pattern's own block when it is a
-    multiple of 128 (the kernel's default tiles) or of 64 (the kernel then runs 64-wide tiles, `tile_options`),
-    so every visited block is one the pattern keeps and only blocks cut by a token-level part evaluate the
-    mask_mod; otherwise 128, with the pattern resolved inside blocks by its mask_mod (every block it touches is
-    partial: measured on an H200, a 64-block pattern at 90% pruned ran 20x slower than dense cuDNN at 4096
-    tokens that way)."""
+    multiple of 128 (the kernel's default tiles), 64 when it is a multiple of 64 (then the forward runs 64-wide
+    tiles, `tile_options`, where `call_block_size` allows), so that every visited block is one the pattern keeps
+    and only blocks cut by a token-level part evaluate the mask_mod; otherwise 128, with the pattern resolved
+    inside blocks by its mask_mod (every block it touches then partial)."""
     if block_size % 128 == 0:
         return block_size
     return 64 if block_size % 64 == 0 else 128
 
 
+NARROW_TILES_TORCH = (2, 11)  # the first torch measured running 64-token Flex tiles (H200, 2026-12-02)
+
+
 def tile_options(block_mask, device) -> dict | None:
-    """Kernel tiles for a BlockMask whose blocks are narrower than the CUDA kernel's default 128-row tiles (the
-    tiles must divide the mask's blocks); None where the defaults fit, or where the torch predates the fwd_/bwd_
-    option names (2.8). Forward only in practice: torch 2.11 filters its backward configurations by the mask's
-    blocks before applying these options and found none for 64-token blocks on the H200 ("No choices"), so
-    `sparse_attention` builds 128-token BlockMasks on CUDA whenever a backward will follow (fwd 64-blocks: a 90%
-    pruned model at 4096 tokens went from 51 to 35 ms a step; the flex kernel had been 40 of those 51)."""
+    """Forward kernel tiles for a BlockMask whose blocks are narrower than the CUDA kernel's default 128-row tiles
+    (the tiles must divide the mask's blocks); None where the defaults fit. Only the forward: `call_block_size`
+    gives a call that a backward will follow 128-token blocks (torch 2.11 filters its backward configurations by
+    the mask's blocks before applying options and found none for 64-token blocks on the H200, "No choices")."""
     if torch.device(device).type != "cuda" or min(block_mask.BLOCK_SIZE) >= 128:
         return None
-    if tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) < (2, 8):
-        return None
     b = min(block_mask.BLOCK_SIZE)
-    return {"fwd_BLOCK_M": b, "fwd_BLOCK_N": b, "bwd_BLOCK_M1": b // 2, "bwd_BLOCK_N1": b, "bwd_BLOCK_M2": b,
-            "bwd_BLOCK_N2": b // 2}
+    return {"fwd_BLOCK_M": b, "fwd_BLOCK_N": b}
 
 
-def call_block_size(flex_block_size: int, device, backward: bool) -> int:
-    """The BlockMask's block for one call: the method's `flex_block_size`, except 128 on CUDA when a backward
-    will follow and the block is narrower (tile_options: no backward kernel for such blocks in torch 2.11)."""
-    if flex_block_size < 128 and backward and torch.device(device).type == "cuda":
+def _torch_version() -> tuple:
+    return tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+
+
+def call_block_size(flex_block_size: int, device, backward: bool, tq: int) -> int:
+    """The BlockMask's block for one call: the method's `flex_block_size`, except 128 on CUDA where the narrower
+    block has no kernel that fits it: a backward will follow (see tile_options), fewer than 128 queries (flex's
+    decoding kernel then picks its own tiles: 128 rows fit no 64-token block, and 16 or 32 rows would be
+    overridden by tile_options' 64 without row masking), or a torch older than NARROW_TILES_TORCH (not measured;
+    older forwards checked their default tiles against the mask before any option). Measured with 64-token tiles
+    on the H200: a 90%-pruned 64-token pattern's SmolLM2 forward at 4096 tokens went from 51 to 35 ms a step (its
+    Flex kernel had been 40 of the 51, every 128-token block partial)."""
+    if flex_block_size < 128 and torch.device(device).type == "cuda" and (
+            backward or tq < 128 or _torch_version() < NARROW_TILES_TORCH):
         return 128
     return flex_block_size
 
@@ -252,7 +260,7 @@ def sparse_attention(q, k, v, pattern, *, causal: bool, key_padding_mask, scale:
             _, lse, cols = blockwise_attention(q, k, v, scale=scale, key_padding_mask=key_padding_mask, attn_mask=allowed,
                                                need_out=False, need_lse=need_lse, need_col_sums=need_col_sums)
         return AttnOutput(out, probs, lse=lse, col_sums=cols), "dense"
-    kernel = resolve(backend, q, need_lse=need_lse, need_col_sums=need_col_sums, pattern=pattern)
+    kernel = resolve(backend, q, need_lse=need_lse, need_col_sums=need_col_sums, pattern=pattern, k=k, v=v)
     if kernel == "triton":
         from .window_triton import window_attention
 
@@ -261,7 +269,7 @@ def sparse_attention(q, k, v, pattern, *, causal: bool, key_padding_mask, scale:
         return AttnOutput(out, None, lse=lse if need_lse else None), "triton"
     if kernel == "flex":
         backward = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-        bm = pattern.block_mask(tq, tk, causal, q.device, call_block_size(flex_block_size, q.device, backward))
+        bm = pattern.block_mask(tq, tk, causal, q.device, call_block_size(flex_block_size, q.device, backward, tq))
         if need_lse:
             out, lse = flex(q, k, v, bm, scale=scale, key_padding_mask=key_padding_mask, return_lse=True)
             return AttnOutput(out, None, lse=lse), "flex"
