@@ -10,6 +10,7 @@ import torch
 import attnlab
 from attnlab.ops.reference import block_mass
 from attnlab.reduction import GlobalPattern, load_pattern, make_pattern, save_pattern, select_blocks
+from attnlab.reduction import global_sparse as gs
 from attnlab.reduction.global_sparse import PatternError
 from attnlab.types import OptionError, UnsupportedError
 from tests.helpers import assert_cli_one_line_error
@@ -245,6 +246,21 @@ def test_cli_end_to_end_on_a_tiny_model(tiny_lm_dir, tmp_path, capsys):
     cost = {(c["technique"], c["fraction"], c["mode"]): c for c in res2["cost"]}
     assert len(cost) == 2 + 2 * 2 * 2 and all(c["status"] == "ok" and c["ms"] > 0 for c in cost.values())
     assert cost[("window_sinks", 0.5, "fwd")]["options"]["sinks"] == 4
+    import statistics
+
+    for c in cost.values():  # interleaved rounds, one timed step each, merged into the median
+        assert c["interleaved"] and c["repeats"] == len(c["ms_rounds"]) == 5
+        assert c["ms"] == statistics.median(c["ms_rounds"])
     assert all(r["ms"] == cost[(r["technique"], r["fraction"], "fwd")]["ms"] for r in res2["result_rows"])
     assert "x orig" in capsys.readouterr().out
     capsys.readouterr()
+
+
+def test_merge_rounds_takes_the_median_time_the_largest_peak_and_a_failure_first():
+    ok = [{"status": "ok", "ms": m, "peak_mem_bytes": p, "extra_mem_bytes": None} for m, p in ((3.0, 10), (1.0, 30),
+                                                                                               (2.0, 20))]
+    row = gs.merge_rounds(ok)
+    assert row["ms"] == 2.0 and row["peak_mem_bytes"] == 30 and row["ms_rounds"] == [3.0, 1.0, 2.0]
+    assert row["repeats"] == 3 and row["extra_mem_bytes"] is None
+    bad = gs.merge_rounds(ok[:1] + [{"status": "oom", "error": "out of memory"}] + ok[1:])
+    assert bad["status"] == "oom" and bad["error"] == "out of memory"

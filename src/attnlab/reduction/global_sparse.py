@@ -333,8 +333,10 @@ def cost(model, seq_len: int, pattern_dir, sparsities, *, baseline: bool = True,
     """Time and peak memory of the model's backbone (its layers, not the vocabulary head, whose logits would
     dominate the memory) on one random window of `seq_len` tokens, batch 1: the original model (its own
     attention), the global-sparse pattern at each sparsity and, with `baseline`, window + `sinks` of the same
-    density. fwd+bwd backpropagates into the (unfrozen) weights, as fine-tuning would. One dict per
-    (technique, fraction, mode), with the bench harness's fields (ms, peak_mem_bytes, status)."""
+    density. fwd+bwd backpropagates into the (unfrozen) weights, as fine-tuning would. The jobs interleave:
+    `repeats` rounds, each timing one step of every (job, mode). One dict per (technique, fraction, mode), with
+    the bench harness's fields (ms: the median over the rounds, `ms_rounds`, peak_mem_bytes: the largest,
+    status)."""
     from tqdm.auto import tqdm
 
     from ..adapters.swap import swapped
@@ -355,26 +357,54 @@ def cost(model, seq_len: int, pattern_dir, sparsities, *, baseline: bool = True,
         if baseline:
             win = WindowPattern.for_density(pattern_density(pat, p, seq_len, share), seq_len, sinks=sinks).window
             jobs.append(("window_sinks", p, {"window": win, "sinks": sinks}))
-    rows = []
     grads = [q.requires_grad for q in model.parameters()]
-    bar = tqdm(total=len(jobs) * len(modes), desc="cost", disable=not progress)
+    # interleaved: round r times every (job, mode) once, so drift in the host's speed (up to 2x between rows timed
+    # one after another on the H200 machine, where a short step is host-bound) hits every job alike; each round
+    # swaps the job in afresh and warms it (pattern caches, compilation) before its timed step
+    got: dict = {}
+    bar = tqdm(total=repeats * len(jobs) * len(modes), desc="cost", disable=not progress)
     try:
         for q in model.parameters():
             q.requires_grad_(True)
-        for technique, p, opts in jobs:
-            target = {"global_sparse": "global_sparse", "window_sinks": "window"}.get(technique)
-            with swapped(model, target, **opts) if target else contextlib.nullcontext():
-                for mode in modes:
-                    bar.set_postfix_str(f"{technique} {p} {mode}")
-                    row = bench_one(lambda x: backbone(x, use_cache=False).last_hidden_state, lambda: (ids,), mode,
-                                    device, repeats=repeats, warmup=2, params=list(model.parameters()))
-                    row.update(technique=technique, fraction=p, options=opts, mode=mode, seq_len=seq_len)
-                    rows.append(row)
-                    free_memory(device)
-                    bar.update()
+        for r in range(repeats):
+            for technique, p, opts in jobs:
+                target = {"global_sparse": "global_sparse", "window_sinks": "window"}.get(technique)
+                with swapped(model, target, **opts) if target else contextlib.nullcontext():
+                    for mode in modes:
+                        bar.set_postfix_str(f"{technique} {p} {mode}")
+                        row = bench_one(lambda x: backbone(x, use_cache=False).last_hidden_state, lambda: (ids,), mode,
+                                        device, repeats=1, warmup=2 if r == 0 else 1, params=list(model.parameters()))
+                        got.setdefault((technique, p, mode), []).append(row)
+                        free_memory(device)
+                        bar.update()
     finally:
         for q, g in zip(model.parameters(), grads):
             q.requires_grad_(g)
             q.grad = None
         bar.close()
+    rows = []
+    for technique, p, opts in jobs:
+        for mode in modes:
+            runs = got.get((technique, p, mode), [])
+            row = merge_rounds(runs) if runs else {"status": "skipped"}
+            row.update(technique=technique, fraction=p, options=opts, mode=mode, seq_len=seq_len, interleaved=True)
+            rows.append(row)
     return rows
+
+
+def merge_rounds(runs: list[dict]) -> dict:
+    """One row from a job's single-step rounds: the median time and the largest peak over the rounds; the first
+    failing round's status and error when any failed."""
+    import statistics
+
+    bad = next((r for r in runs if r.get("status") != "ok"), None)
+    if bad is not None:
+        return dict(bad)
+    row = dict(runs[0])
+    row["ms"] = statistics.median(r["ms"] for r in runs)
+    row["ms_rounds"] = [r["ms"] for r in runs]
+    row["repeats"] = len(runs)
+    for key in ("peak_mem_bytes", "extra_mem_bytes"):
+        vals = [r[key] for r in runs if r.get(key) is not None]
+        row[key] = max(vals) if vals else None
+    return row
