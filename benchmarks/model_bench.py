@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -319,6 +320,8 @@ def main(argv=None):
                     compile_layers(models[name], False)
                 if method:
                     attnlab.unswap(models[name])
+                if method == "global_sparse":  # the synthetic pattern's temporary folder (read at swap time)
+                    shutil.rmtree(Path(ready[name]["pattern"]).parent, ignore_errors=True)
         free(a.device)
     rows = save(rows, a)
     plot(rows, Path(a.out) / "model_bench.png")
@@ -341,7 +344,7 @@ def method_options(method, n, config, sparsity) -> dict:
     if method == "global_sparse":
         import tempfile
 
-        folder = synthetic_pattern(config, n, Path(tempfile.mkdtemp()) / "pattern")
+        folder = synthetic_pattern(config, n, Path(tempfile.mkdtemp(prefix="model_bench_")) / "pattern")
         return {"pattern": str(folder), "sparsity": sparsity}
     return method_defaults(method, n)
 
