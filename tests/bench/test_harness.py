@@ -175,6 +175,9 @@ def test_crossover_on_synthetic_rows():
     assert got["linear"]["ratio_time"]["16384"] is None  # SDPA ran out of memory there: cheaper, no ratio
     assert "sdpa" not in got
     assert "linear" in plot.crossover_table(list(got.values()))
+    # cheaper at 4096 but out of memory at 8192, where SDPA ran: no crossover (a failure is not "cheaper")
+    fails = [_row("lsh", "attnlab", t, 0.001) for t in lengths[:3]] + [_row("lsh", "attnlab", 8192, None, "oom")]
+    assert plot.crossover(sdpa + fails)[0]["crossover_time"] is None
 
 
 @pytest.mark.parametrize("args,match", [

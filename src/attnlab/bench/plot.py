@@ -24,7 +24,8 @@ def crossover(rows: list[dict], baseline: tuple[str, str] = BASELINE) -> list[di
     """Where each (method, impl) becomes cheaper than SDPA, per configuration (mode, causal, dtype, ...).
 
     Compared length by length at the same batch. A length counts as "cheaper" when the method ran (ok)
-    and either the baseline did not (oom / skipped) or the method's value is lower. The crossover is the
+    and either the baseline did not (oom / skipped) or the method's value is lower; as "not cheaper" when the
+    method ran out of memory or failed where the baseline ran. The crossover is the
     smallest measured length from which the method stays cheaper at every longer length it was compared
     at (None: never; the smallest length: cheaper everywhere). Done for time (`ms`) and memory
     (`peak_mem_bytes`, where measured).
@@ -49,8 +50,13 @@ def crossover(rows: list[dict], baseline: tuple[str, str] = BASELINE) -> list[di
             verdicts = []  # (seq_len, cheaper?, speedup or None)
             for r in rs:
                 b = base.get(_config_key(r) + (r["seq_len"], r["batch"]))
-                if b is None or r["status"] != "ok" or r.get(field) is None:
+                if b is None:
                     continue  # nothing to compare at this length
+                if r["status"] in ("oom", "error") and b["status"] == "ok":
+                    verdicts.append((r["seq_len"], False, None))  # the method failed where SDPA ran: not cheaper
+                    continue
+                if r["status"] != "ok" or r.get(field) is None:
+                    continue  # not measured (skipped, unsupported, no memory on CPU)
                 if b["status"] != "ok" or b.get(field) is None:
                     if b["status"] in ("oom", "skipped"):
                         verdicts.append((r["seq_len"], True, None))
