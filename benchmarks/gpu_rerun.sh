@@ -5,6 +5,10 @@
 #   bash benchmarks/gpu_rerun.sh tune      # tune_chunks.py (~2 min)
 #   bash benchmarks/gpu_rerun.sh fwd       # attnlab bench, fwd, non-causal and causal, 4k/16k/64k
 #   bash benchmarks/gpu_rerun.sh fwd+bwd   # the same, fwd+bwd
+#   bash benchmarks/gpu_rerun.sh quick     # gpu_checks.py --quick for METHODS (the changed kernels' methods)
+#   bash benchmarks/gpu_rerun.sh model     # model_bench.py, interleaved, the original sdpa model beside METHODS
+#                                          # (default sdpa,window,linear,performer,global_sparse); COMPILE=--compile
+#                                          # for regional compilation; DEVICE / DTYPE (cuda / bfloat16) for a dry run
 # Env: OUT (default benchmarks/results/rerun), METHODS, LENGTHS, BUDGET (seconds per bench call), CAUSAL
 # (--both-causal by default; --causal for causal only), NAME (file stem, default rerun_fwd / rerun_fwdbwd).
 set -u
@@ -26,5 +30,14 @@ case "${1:-}" in
       --batch 4,16384:1 --heads 16 --head-dim 64 --dtype bf16 --mode "$1" ${CAUSAL:---both-causal} --device cuda \
       --warmup 3 --repeats 10 --no-progress --out "$OUT" --name "${NAME:-rerun_$name}" --time-budget "${BUDGET:-400}" 2>&1 \
       | grep -v "Warning\|warn(" | tail -60 ;;
-  *) echo "usage: $0 checks|tune|fwd|fwd+bwd"; exit 2 ;;
+  quick)
+    python3 benchmarks/gpu_checks.py "$METHODS" --quick 2>&1 | tee "$OUT/gpu_checks_quick.txt" | grep -v "^ok " ;
+    echo "checks rc=${PIPESTATUS[0]}" ;;
+  model)
+    python3 benchmarks/model_bench.py --device "${DEVICE:-cuda}" --dtype "${DTYPE:-bfloat16}" \
+      --lengths "${LENGTHS:-1024,4096,16384,32768,65536}" --originals sdpa --modes "${MODES:-fwd,fwd+bwd}" \
+      --methods "${MODEL_METHODS:-sdpa,window,linear,performer,global_sparse}" --repeats "${REPEATS:-5}" \
+      --budget-s "${BUDGET:-400}" --out "$OUT/model${COMPILE:+_compile}" ${COMPILE:-} 2>&1 \
+      | grep -v "Warning\|warn(\|^W1202\|axes\[" | tail -80 ;;
+  *) echo "usage: $0 checks|tune|fwd|fwd+bwd|quick|model"; exit 2 ;;
 esac
