@@ -153,6 +153,7 @@ def tile_options(block_mask, device) -> dict | None:
     return {"fwd_BLOCK_M": b, "fwd_BLOCK_N": b}
 
 
+@functools.lru_cache(maxsize=None)
 def _torch_version() -> tuple:
     return tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
 
