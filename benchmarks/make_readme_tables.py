@@ -97,18 +97,19 @@ NOTES = {"global_sparse": "that run gave the backward 64-token tiles too, for wh
 
 
 def crossover(rows, impl, base, key) -> int | None:
-    """The shortest measured length from which `impl` beats `base` in `key` at every longer length either ran:
-    a length where only `base` ran (the method failed) is a loss, one where only the method ran (the original ran
-    out of memory) a win; lengths neither ran are left out."""
-    own = {r["seq_len"]: r for r in rows if r["impl"] == impl and r["status"] == "ok"}
-    ref = {r["seq_len"]: r for r in rows if r["impl"] == base and r["status"] == "ok"}
-    best = None
-    for n in sorted(set(own) | set(ref), reverse=True):
-        if n in own and (n not in ref or own[n][key] < ref[n][key]):
-            best = n
-        else:
-            break
-    return best
+    """The shortest measured length from which `impl` beats `base` in `key` (ms | peak_mem_bytes) at every longer
+    length: the bench's crossover (attnlab.bench.plot.crossover: a length where the method failed and the base ran
+    is a loss, one where the base ran out of memory a win) over model_bench rows, one configuration."""
+    import sys
+
+    sys.path.insert(0, str(HERE.parent / "src"))
+    from attnlab.bench import plot
+
+    fill = {"mode": "", "causal": True, "dtype": "", "device": "", "heads": 0, "head_dim": 0, "batch": 1}
+    keyed = [{**fill, key: r.get(key), "seq_len": r["seq_len"], "status": r["status"], "method": r["impl"],
+              "impl": "model"} for r in rows if r["impl"] in (impl, base)]
+    out = plot.crossover(keyed, baseline=(base, "model"))
+    return out[0]["crossover_" + {"ms": "time", "peak_mem_bytes": "memory"}[key]] if out else None
 
 
 def model_table() -> str:

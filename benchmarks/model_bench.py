@@ -124,14 +124,7 @@ def profile_step(model, ids, mode, device) -> dict:
 
     attn = [m for n, m in model.named_modules() if n.endswith("self_attn")]
     hooks = [h for m in attn for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
-
-    def step():
-        if mode == "fwd":
-            with torch.no_grad():
-                model(ids, use_cache=False)
-        else:
-            model(ids, labels=ids, use_cache=False).loss.backward()
-            model.zero_grad(set_to_none=True)
+    step = make_step(model, ids, mode)
 
     try:
         out = {}

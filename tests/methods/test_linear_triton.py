@@ -177,7 +177,7 @@ def test_shapes_the_kernels_cannot_take_are_refused_when_asked_and_named_under_a
 def test_shape_only_tables_are_built_once_and_left_untouched(kernels):
     """Maps without key log-scales share one (b = 0, chunk maxima) pair per shape across layers and calls: the
     second call must reuse it, and neither a forward nor a backward may write into it."""
-    kernels._NO_SCALE.clear()
+    kernels.no_scale_tables.cache_clear()
     q, k, v, _ = _features(1, 2, 130, 32, 16, torch.float32, seed=3, scale=False)
     first = _kernel_out(kernels, q, k, v, None)
     lkf, pex = kernels.no_scale_tables(2, 130, 3, q.device)
@@ -188,7 +188,8 @@ def test_shape_only_tables_are_built_once_and_left_untouched(kernels):
     again = _kernel_out(kernels, q, k, v, None)
     again.sum().backward()
     assert torch.equal(again.detach(), first)
-    assert kernels.no_scale_tables(2, 130, 3, q.device)[0] is lkf and len(kernels._NO_SCALE) == 1
+    assert kernels.no_scale_tables(2, 130, 3, q.device)[0] is lkf
+    assert kernels.no_scale_tables.cache_info().currsize == 1
     assert torch.equal(lkf, want_lkf) and torch.equal(pex, want_pex)
     kernels.no_scale_tables(2, 64, 1, q.device)  # another shape: its own entry
-    assert len(kernels._NO_SCALE) == 2
+    assert kernels.no_scale_tables.cache_info().currsize == 2

@@ -30,7 +30,7 @@ The kernels also run on CPU tensors under TRITON_INTERPRET=1 (how the CPU tests 
 """
 from __future__ import annotations
 
-import collections
+import functools
 
 import torch
 import triton
@@ -275,24 +275,13 @@ def _states(q, k, v, lkf, pex, meta, n_chunks):
     return h, z
 
 
-_NO_SCALE: collections.OrderedDict = collections.OrderedDict()
-
-
-def no_scale_tables(bh: int, t: int, n_chunks: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+@functools.lru_cache(maxsize=8)
+def no_scale_tables(bh: int, t: int, n_chunks: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(b = 0 [BH, T], its exclusive chunk maxima [BH, N + 1]) for maps without key log-scales: data that depends
     only on the shape, which every layer of a swapped model rebuilt on every call (six small kernels and their
-    launches per layer). Read-only in every kernel, so one copy per (shape, device) serves all; LRU of 8."""
-    key = (bh, t, n_chunks, str(device))
-    hit = _NO_SCALE.get(key)
-    if hit is None:
-        lkf = torch.zeros(bh, t, dtype=torch.float32, device=device)
-        hit = (lkf, _exclusive_chunk_max(lkf, n_chunks))
-        _NO_SCALE[key] = hit
-        while len(_NO_SCALE) > 8:
-            _NO_SCALE.popitem(last=False)
-    else:
-        _NO_SCALE.move_to_end(key)
-    return hit
+    launches per layer). Read-only in every kernel, so one copy per (shape, device) serves all."""
+    lkf = torch.zeros(bh, t, dtype=torch.float32, device=device)
+    return lkf, _exclusive_chunk_max(lkf, n_chunks)
 
 
 class _CausalLinear(torch.autograd.Function):

@@ -105,8 +105,8 @@ def _triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def resolve(backend: str, q: torch.Tensor, *, need_lse: bool, need_col_sums: bool, pattern=None, k=None,
-            v=None) -> str:
+def resolve(backend: str, q: torch.Tensor, *, need_lse: bool, need_col_sums: bool, pattern=None,
+            backward: bool = False) -> str:
     """The kernel that will run. auto -> on CUDA the window's own Triton kernel for the plain sliding-window
     pattern (faster than FlexAttention's at 16k-64k on an H200, benchmarks/results/window/), flex for other
     patterns where it can serve the request, else torch (the same maths); flex asked explicitly where it
@@ -121,7 +121,7 @@ def resolve(backend: str, q: torch.Tensor, *, need_lse: bool, need_col_sums: boo
                 return "triton"
         return "flex" if flex_unavailable_reason(q.device) is None else "torch"
     if backend == "flex":
-        if q.device.type == "cpu" and torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v)):
+        if q.device.type == "cpu" and backward:
             # The CPU flex template is inference-only (no backward) in torch 2.6-2.13.
             raise UnsupportedError("backend='flex' on CPU is inference-only (no backward); use backend='torch' to "
                                    "train on CPU")
@@ -261,7 +261,8 @@ def sparse_attention(q, k, v, pattern, *, causal: bool, key_padding_mask, scale:
             _, lse, cols = blockwise_attention(q, k, v, scale=scale, key_padding_mask=key_padding_mask, attn_mask=allowed,
                                                need_out=False, need_lse=need_lse, need_col_sums=need_col_sums)
         return AttnOutput(out, probs, lse=lse, col_sums=cols), "dense"
-    kernel = resolve(backend, q, need_lse=need_lse, need_col_sums=need_col_sums, pattern=pattern, k=k, v=v)
+    backward = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    kernel = resolve(backend, q, need_lse=need_lse, need_col_sums=need_col_sums, pattern=pattern, backward=backward)
     if kernel == "triton":
         from .window_triton import window_attention
 
@@ -269,7 +270,6 @@ def sparse_attention(q, k, v, pattern, *, causal: bool, key_padding_mask, scale:
                                     key_padding_mask=key_padding_mask)
         return AttnOutput(out, None, lse=lse if need_lse else None), "triton"
     if kernel == "flex":
-        backward = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
         bm = pattern.block_mask(tq, tk, causal, q.device, call_block_size(flex_block_size, q.device, backward, tq))
         if need_lse:
             out, lse = flex(q, k, v, bm, scale=scale, key_padding_mask=key_padding_mask, return_lse=True)
