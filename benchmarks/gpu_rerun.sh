@@ -8,7 +8,8 @@
 #   bash benchmarks/gpu_rerun.sh quick     # gpu_checks.py --quick for METHODS (the changed kernels' methods)
 #   bash benchmarks/gpu_rerun.sh model     # model_bench.py, interleaved, the original sdpa model beside METHODS
 #                                          # (default sdpa,window,linear,performer,global_sparse); COMPILE=--compile
-#                                          # for regional compilation; DEVICE / DTYPE (cuda / bfloat16) for a dry run
+#                                          # for regional compilation, GRAPH=--cuda-graph for steps captured as CUDA
+#                                          # graphs; DEVICE / DTYPE (cuda / bfloat16) for a dry run
 # Env: OUT (default benchmarks/results/rerun), METHODS, LENGTHS, BUDGET (seconds per bench call), CAUSAL
 # (--both-causal by default; --causal for causal only), NAME (file stem, default rerun_fwd / rerun_fwdbwd).
 set -u
@@ -37,7 +38,7 @@ case "${1:-}" in
     python3 benchmarks/model_bench.py --device "${DEVICE:-cuda}" --dtype "${DTYPE:-bfloat16}" \
       --lengths "${LENGTHS:-1024,4096,16384,32768,65536}" --originals sdpa --modes "${MODES:-fwd,fwd+bwd}" \
       --methods "${MODEL_METHODS:-sdpa,window,linear,performer,global_sparse}" --repeats "${REPEATS:-5}" \
-      --budget-s "${BUDGET:-400}" --out "$OUT/model${COMPILE:+_compile}" ${COMPILE:-} 2>&1 \
+      --budget-s "${BUDGET:-400}" --out "$OUT/model${COMPILE:+_compile}${GRAPH:+_graph}" ${COMPILE:-} ${GRAPH:-} 2>&1 \
       | grep -v "Warning\|warn(\|^W1202\|axes\[" | tail -80 ;;
   *) echo "usage: $0 checks|tune|fwd|fwd+bwd|quick|model"; exit 2 ;;
 esac

@@ -29,6 +29,7 @@ import torch
 
 import attnlab
 from attnlab import defaults as method_defaults
+from attnlab.adapters.hf import mask_outside_capture
 
 HERE = Path(__file__).parent
 
@@ -104,6 +105,28 @@ def compile_layers(model, on: bool) -> None:
             layer.compile()
         else:
             layer._compiled_call_impl = None
+
+
+def capture(model, step, warmup: int):
+    """The step as one CUDA graph (PyTorch's whole-network capture: warm-up on a side stream, then capture; the
+    gradients are None before capture, so replays write them afresh). Returns (replay, peak bytes the capture
+    allocated). A replay launches every kernel of the step at once: no Python, no per-kernel launch cost."""
+    with mask_outside_capture(model):  # transformers' mask decided by the warm-up, not inside the capture
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(max(1, warmup)):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        torch.cuda.synchronize()
+    return graph.replay, torch.cuda.max_memory_allocated() - base, graph
 
 
 def profile_step(model, ids, mode, device) -> dict:
@@ -197,6 +220,8 @@ def main(argv=None):
                    "synthetic pattern (see synthetic_pattern)")
     p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (regional compilation, "
                    "compile_layers) before timing; impl names get a +compile suffix; compilation happens in the warm-up")
+    p.add_argument("--cuda-graph", action="store_true", help="CUDA only: each step captured once as a CUDA graph "
+                   "and replayed (capture); impl names get a +graph suffix; peak memory is what the capture allocated")
     p.add_argument("--profile", action="store_true", help="per row, one more step under torch.profiler: device "
                    "busy time, time inside self_attn, and (CUDA) host-device syncs")
     p.add_argument("--verbose", action="store_true", help="with --profile, print each row's largest kernels and "
@@ -204,6 +229,10 @@ def main(argv=None):
     p.add_argument("--merge", default=None, help="an earlier model_bench.json: its rows for the impls measured "
                    "now are replaced, the others kept (rerun a few methods after a change)")
     a = p.parse_args(argv)
+    if a.cuda_graph and not a.device.startswith("cuda"):
+        p.error("--cuda-graph needs --device cuda")
+    if a.cuda_graph and (a.compile or a.profile):
+        p.error("--cuda-graph times replays of a captured step: not with --compile or --profile")
     dtype = getattr(torch, a.dtype)
     lengths = [int(x) for x in a.lengths.split(",")]
     env = {"device_name": torch.cuda.get_device_name() if a.device.startswith("cuda") else platform.processor(),
@@ -225,7 +254,7 @@ def main(argv=None):
     configs = [(f"original-{impl}", impl, None) for impl in originals] + [
         (m, "sdpa", m) for m in a.methods.split(",")
     ]
-    suffix = "+compile" if a.compile else ""
+    suffix = "+compile" if a.compile else "+graph" if a.cuda_graph else ""
     # one model per configuration, built once (135M parameters each), so that the steps of all configurations can
     # interleave: the host's speed drifts (the same kernels' launch time varied 2x between rows measured one after
     # the other on the H200 machine), and at short lengths the host is most of the step
@@ -253,7 +282,7 @@ def main(argv=None):
                 rows += [dict(base_row(name + suffix, method or impl, n, mode, a, env), status="error",
                               error=f"{type(e).__name__}: {e}"[:300]) for mode in a.modes.split(",")]
         for mode in a.modes.split(","):
-            live, out = {}, {}
+            live, out, graphs = {}, {}, {}  # graphs: name -> CUDAGraph (its memory pool freed with it)
             for name, impl, method in configs:
                 if name not in ready:
                     continue
@@ -265,8 +294,11 @@ def main(argv=None):
                     continue
                 step = make_step(models[name], ids, mode)
                 try:
-                    for _ in range(a.warmup):
-                        step()
+                    if a.cuda_graph:
+                        step, row["capture_peak_bytes"], graphs[name] = capture(models[name], step, a.warmup)
+                    else:
+                        for _ in range(a.warmup):
+                            step()
                     live[name] = step
                     row.update(status="ok", times=[], peaks=[])
                 except torch.cuda.OutOfMemoryError:
@@ -295,8 +327,9 @@ def main(argv=None):
             for name, row in out.items():
                 if row.get("status") == "ok":
                     times, peaks = row.pop("times"), row.pop("peaks")
+                    peak = row.pop("capture_peak_bytes", None) if a.cuda_graph else None if peaks[0] is None else max(peaks)
                     row.update(ms=statistics.median(times), ms_min=min(times), ms_per_token=statistics.median(times) / n,
-                               peak_mem_bytes=None if peaks[0] is None else max(peaks), repeats=len(times))
+                               peak_mem_bytes=peak, repeats=len(times))
                     if a.profile:
                         try:
                             row.update(profile_step(models[name], ids, mode, a.device))
@@ -306,6 +339,9 @@ def main(argv=None):
                 row.pop("times", None), row.pop("peaks", None)
                 rows.append(row)
                 report(row, a)
+            del live, graphs
+            models_zero(models)
+            free(a.device)
             save(rows, a)  # after every (length, mode): a call cut by its time limit keeps what it measured
         for name, impl, method in configs:
             if name in ready:
@@ -324,7 +360,12 @@ def main(argv=None):
 def base_row(impl, method, n, mode, a, env) -> dict:
     return {"model": "SmolLM2-135M (config, random weights)", "impl": impl, "method": method, "seq_len": n,
             "batch": 1, "mode": mode, "dtype": a.dtype, "device": a.device, "compiled": a.compile,
-            "interleaved": True, **env}
+            "cuda_graph": a.cuda_graph, "interleaved": True, **env}
+
+
+def models_zero(models) -> None:
+    for m in models.values():
+        m.zero_grad(set_to_none=True)
 
 
 def method_options(method, n, config, sparsity) -> dict:

@@ -531,3 +531,52 @@ def test_regional_compile_of_a_swapped_model_matches_eager_with_one_graph_for_al
             dynamo.reset()
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert 1 <= graphs < len(model.model.layers), graphs  # shared by the layers, not one (or two) per layer
+
+
+def test_mask_outside_capture_hands_the_layers_the_warmup_decision(monkeypatch):
+    """benchmarks/model_bench.py --cuda-graph captures a step as a CUDA graph. While a stream captures,
+    transformers skips its host reads and materialises a 4D mask (the layers would run another attention);
+    inside mask_outside_capture the layers get the warm-up's decision (None: causal, no padding). Capture is
+    simulated on CPU: transformers' capture check and attnlab's both say "capturing"."""
+    from transformers import masking_utils
+    from transformers.utils import import_utils
+
+    model = tiny_model("llama")
+    ids = rand_ids(1, 12)  # no KV cache, as in a training or scoring step (with one, transformers skips the check)
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args, kw: seen.append(kw.get("attention_mask")), with_kwargs=True)
+             for _, m in hf.attention_modules(model)]
+
+    def capturing(on: bool):
+        if hasattr(import_utils, "is_cuda_stream_capturing"):
+            monkeypatch.setattr(import_utils, "is_cuda_stream_capturing", lambda: on)
+        monkeypatch.setattr(hf, "_capturing", lambda: on)
+
+    def masks(**kw):
+        seen.clear()
+        out = model(ids, use_cache=False, **kw).logits
+        return out, list(seen)
+
+    try:
+        with torch.no_grad():
+            want, got_masks = masks()
+            assert got_masks and all(m is None for m in got_masks)
+            if hasattr(import_utils, "is_cuda_stream_capturing"):  # transformers without the check builds no 4D mask
+                capturing(True)
+                assert all(m is not None and m.dim() == 4 for m in masks()[1])  # the trap
+                capturing(False)
+            with hf.mask_outside_capture(model):
+                masks()  # the warm-up, outside the capture
+                capturing(True)
+                got, got_masks = masks()
+                capturing(False)
+            assert got_masks and all(m is None for m in got_masks)
+            torch.testing.assert_close(got, want)
+            with hf.mask_outside_capture(model), pytest.raises(RuntimeError, match="before any warm-up"):
+                capturing(True)
+                masks()
+    finally:
+        for h in hooks:
+            h.remove()
+    mod = __import__(type(model.base_model).__module__, fromlist=["x"])
+    assert mod.create_causal_mask is masking_utils.create_causal_mask  # restored

@@ -15,6 +15,7 @@ skips mask creation for unknown names), so a decoder would silently attend to th
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import sys
@@ -210,6 +211,49 @@ def register() -> None:
     AttentionInterface.register(NAME, attnlab_attention)
     AttentionMaskInterface.register(NAME, attnlab_mask)
     _registered = True
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+MASK_BUILDERS = ("create_causal_mask", "create_sliding_window_causal_mask", "create_bidirectional_mask")
+
+
+@contextlib.contextmanager
+def mask_outside_capture(model):
+    """For capturing a transformers model's step as a CUDA graph (whole-network capture, `torch.cuda.graph`).
+
+    transformers decides the mask with host reads (packed-sequence detection, "is the padding all ones?") that it
+    skips while a CUDA stream is capturing, and then materialises a 4D mask instead: a captured step would run SDPA
+    with an explicit mask (not its causal flash kernel) and hand attnlab's methods an arbitrary mask. Inside this
+    context each mask builder of the model's module remembers what it returned on the last call outside a
+    capture (the warm-up, same inputs) and returns that while capturing, the way a generation loop with a static
+    cache keeps its mask out of the graph. Capturing before any warm-up call is an error."""
+    mod = sys.modules[type(getattr(model, "base_model", model)).__module__]
+    saved = {name: getattr(mod, name) for name in MASK_BUILDERS if hasattr(mod, name)}
+    if not saved:
+        raise UnsupportedError(f"{mod.__name__} builds no transformers mask (none of {', '.join(MASK_BUILDERS)})")
+
+    def decided(name, make):
+        def builder(*args, **kwargs):
+            if _capturing():
+                if name not in last:
+                    raise RuntimeError(f"{name} reached inside a CUDA graph capture before any warm-up call: "
+                                       "run the step once outside the capture first")
+                return last[name]
+            last[name] = make(*args, **kwargs)
+            return last[name]
+        return builder
+
+    last = {}
+    for name, make in saved.items():
+        setattr(mod, name, decided(name, make))
+    try:
+        yield
+    finally:
+        for name, make in saved.items():
+            setattr(mod, name, make)
 
 
 def is_hf_model(model) -> bool:
