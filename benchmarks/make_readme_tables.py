@@ -30,7 +30,10 @@ def load_runs() -> dict[str, dict]:
         for r in data if isinstance(data, list) else []:
             if not isinstance(r, dict) or not {"status", "seq_len", "causal", "mode", "impl", "method"} <= r.keys():
                 continue
-            rows[(r["mode"], bool(r["causal"]), r["method"], r["impl"], r["seq_len"])] = r
+            impl = r["impl"]
+            if r.get("overrides") and impl.startswith("attnlab"):  # `--set` options: a variant, not the default
+                impl += "{" + ",".join(f"{k}={v}" for k, v in sorted(r["overrides"].items())) + "}"
+            rows[(r["mode"], bool(r["causal"]), r["method"], impl, r["seq_len"])] = r
         if rows:
             runs[rel] = rows
     return runs
@@ -112,6 +115,38 @@ def crossover(rows, impl, base, key) -> int | None:
     return out[0]["crossover_" + {"ms": "time", "peak_mem_bytes": "memory"}[key]] if out else None
 
 
+def _model_mode_table(rows, base: str, mode: str, title: str) -> list[str]:
+    """One mode's rows of a model_bench file: ms / peak GiB per length, time vs `base`, crossover per method."""
+    mrows = [r for r in rows if r["mode"] == mode]
+    lengths = sorted({r["seq_len"] for r in mrows if r["status"] == "ok"})
+    if not lengths:
+        return []
+    out = [title, "", "| impl | " + " | ".join(str(n) for n in lengths) + " | crossover (time) | crossover (memory) |",
+           "|" + "---|" * (len(lengths) + 3)]
+    ref = {r["seq_len"]: r for r in mrows if r["impl"] == base and r["status"] == "ok"}
+    for impl in dict.fromkeys(r["impl"] for r in mrows):
+        cells = []
+        for n in lengths:
+            r = next((x for x in mrows if x["impl"] == impl and x["seq_len"] == n), None)
+            if r is None or r["status"] != "ok":
+                cells.append((r["status"] if r else "-") + ("¹" if r and r.get("error") else ""))
+                continue
+            c = f"{r['ms']:.0f} / {r['peak_mem_bytes'] / 2**30:.2f}" if r["ms"] >= 10 else \
+                f"{r['ms']:.1f} / {r['peak_mem_bytes'] / 2**30:.2f}"
+            if impl != base and n in ref:
+                c += f" ({r['ms'] / ref[n]['ms']:.2f}x)"
+            cells.append(c)
+        if impl == base:
+            cross = ["-", "-"]
+        else:
+            cross = [str(crossover(mrows, impl, base, k) or "none measured") for k in ("ms", "peak_mem_bytes")]
+        out.append(f"| {impl} | " + " | ".join(cells) + f" | {cross[0]} | {cross[1]} |")
+    errs = sorted({(r["impl"], r["error"].split(":")[0] + ": " + r["error"].split(":")[1].strip()) for r in mrows
+                   if r.get("error")})
+    out += [f"¹ {impl}: {err} ({NOTES.get(impl, 'see the JSON')})" for impl, err in errs]
+    return out + [""]
+
+
 def model_table() -> str:
     """SmolLM2-135M model level on the H200: each swapped method against the original model (sdpa), interleaved
     step by step in one process; the crossover length per method; the profile of one step; regional compile."""
@@ -130,30 +165,7 @@ def model_table() -> str:
            "(tokens x 49152 vocabulary), the same for every method. Crossover: the shortest measured length from "
            "which the method is faster than the original at every longer one.", ""]
     for mode in ("fwd", "fwd+bwd"):
-        out += [f"**SmolLM2-135M {mode}**", "", "| impl | " + " | ".join(str(n) for n in lengths)
-                + " | crossover (time) | crossover (memory) |", "|" + "---|" * (len(lengths) + 3)]
-        mrows = [r for r in rows if r["mode"] == mode]
-        ref = {r["seq_len"]: r for r in mrows if r["impl"] == base and r["status"] == "ok"}
-        for impl in dict.fromkeys(r["impl"] for r in mrows):
-            cells = []
-            for n in lengths:
-                r = next((x for x in mrows if x["impl"] == impl and x["seq_len"] == n), None)
-                if r is None or r["status"] != "ok":
-                    cells.append((r["status"] if r else "-") + ("¹" if r and r.get("error") else ""))
-                    continue
-                c = f"{r['ms']:.0f} / {r['peak_mem_bytes'] / 2**30:.2f}"
-                if impl != base and n in ref:
-                    c += f" ({r['ms'] / ref[n]['ms']:.2f}x)"
-                cells.append(c)
-            if impl == base:
-                cross = ["-", "-"]
-            else:
-                cross = [str(crossover(mrows, impl, base, k) or "none measured") for k in ("ms", "peak_mem_bytes")]
-            out.append(f"| {impl} | " + " | ".join(cells) + f" | {cross[0]} | {cross[1]} |")
-        errs = sorted({(r["impl"], r["error"].split(":")[0] + ": " + r["error"].split(":")[1].strip()) for r in mrows
-                       if r.get("error")})
-        out += [f"¹ {impl}: {err} ({NOTES.get(impl, 'see the JSON')})" for impl, err in errs]
-        out.append("")
+        out += _model_mode_table(rows, base, mode, f"**SmolLM2-135M {mode}**")
     prof = MODEL_DIR / "model_bench_profile.json"
     if prof.exists():
         pr = [r for r in json.load(open(prof)) if r["status"] == "ok"]
@@ -168,15 +180,29 @@ def model_table() -> str:
             out.append(f"| {r['impl']} | {r['seq_len']} | {r['ms']:.1f} | {r.get('busy_ms', 0):.1f} | "
                        f"{r.get('host_ms', 0):.1f} | `{k[0][0][:40]}` {k[0][1]:.1f} |")
         out.append("")
+    graph = MODEL_DIR / "model_bench_graph.json"
+    if graph.exists():
+        gr = json.load(open(graph))
+        out += ["**Each step captured as one CUDA graph** (`--cuda-graph`, `model_bench_graph.json`: "
+                "`python benchmarks/model_bench.py --device cuda --dtype bfloat16 --lengths L --methods "
+                "sdpa,window,linear,performer,global_sparse --originals sdpa --modes fwd,fwd+bwd --cuda-graph`, one run per "
+                "length, each interleaved; 16384 fwd only). A replay launches the whole step at once: no Python, no "
+                "per-kernel launch cost, so this is what the kernels cost. transformers' mask is decided outside the "
+                "capture (`adapters/hf.py` `mask_outside_capture`); peak memory is what the capture allocated.", ""]
+        for mode in ("fwd", "fwd+bwd"):
+            out += _model_mode_table(gr, "original-sdpa+graph", mode, f"*CUDA graph, {mode}*")
     comp = MODEL_DIR / "model_bench_compile.json"
     if comp.exists():
         cr = json.load(open(comp))
-        ok = [r for r in cr if r["status"] == "ok"]
-        bad = sorted({r["impl"] for r in cr if r["status"] != "ok"})
-        cells = ", ".join(f"{r['mode']} {r['seq_len']}: {r['ms']:.0f} ms" for r in ok)
-        out += [f"**Regional torch.compile** (`--compile`, `model_bench_compile.json`): {ok[0]['impl'] if ok else '-'} "
-                f"{cells}. Failed in that run (inductor could not build attnlab's own Triton kernels as user kernels; "
-                f"the methods now run outside the compiled graph, not yet re-measured on a GPU): {', '.join(bad) or 'none'}.", ""]
+        out += ["**Regional torch.compile** (`--compile`, `model_bench_compile.json`: each decoder layer compiled, the "
+                "methods outside the graph, one break per layer):", ""]
+        for mode in ("fwd", "fwd+bwd"):
+            out += _model_mode_table(cr, "original-sdpa+compile", mode, f"*regional compile, {mode}*")
+    gsb = MODEL_DIR / "model_bench_global_sparse_bwd.json"
+    if gsb.exists():
+        out += _model_mode_table(json.load(open(gsb)), base, "fwd+bwd", "**global_sparse fwd+bwd** (`model_bench_"
+                                 "global_sparse_bwd.json`, its own interleaved run beside the original; the backward "
+                                 "runs 128-token Flex blocks over the 64-token pattern, see the notes below)")
     return "\n".join(out)
 
 

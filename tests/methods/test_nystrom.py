@@ -197,3 +197,49 @@ def test_precision_input_keeps_the_query_side_in_bf16(padded):
     errs = [max_err(make("nystrom", q, k, num_landmarks=64, precision=p)(*(x.bfloat16() for x in (q, k, v))).out, ref)
             for p in ("fp32", "input")]
     assert errs[1] < 1.5 * errs[0], errs
+
+
+@pytest.mark.parametrize("precision", ["fp32", "input"])
+@pytest.mark.parametrize("padded,t", [(False, 64), (True, 64), (True, 60)])
+def test_token_chunks_change_nothing(monkeypatch, precision, padded, t):
+    """From SPLIT_FROM tokens on the T-long products run as chunks (split-K: one m x D tile per head reducing over
+    all T left most of the GPU idle). Chunked and whole agree in the output and every gradient, with padding,
+    with T that the landmarks do not divide (segment means), and a landmark that holds only padding."""
+    import attnlab.methods.nystrom as ny
+
+    dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+    q, k, v = (x.to(dtype) for x in rand_qkv(tq=t, seed=3))
+    pad = None
+    if padded:
+        pad = torch.ones(q.shape[0], t, dtype=torch.bool)
+        pad[0, -24:] = False  # the last landmarks of row 0 hold only padding
+    m = make("nystrom", q, k, num_landmarks=8, precision=precision)
+
+    def run(dt=dtype):
+        qq, kk, vv = (x.to(dt).detach().clone().requires_grad_() for x in (q, k, v))
+        out, _ = m(qq, kk, vv, key_padding_mask=pad)
+        (out.float() * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        return [out.float()] + [x.grad.float() for x in (qq, kk, vv)]
+
+    whole, truth = run(), run(torch.float32)
+    monkeypatch.setattr(ny, "SPLIT_FROM", 16)
+    monkeypatch.setattr(ny, "CHUNK", 16 if t % 16 == 0 else 15)  # 64 = 4 x 16, 60 = 4 x 15
+    assert ny.token_chunks(t) == 4
+    chunked = run()
+    for a, b, ref in zip(whole, chunked, truth):
+        assert torch.isfinite(b).all()
+        if dtype == torch.float32:
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+        else:  # bf16 sums in another order: as far from the fp32 result as the whole products (3-4% in dq, dk)
+            err = lambda x: ((x - ref).norm() / ref.norm()).item()  # noqa: E731
+            assert err(b) <= 1.5 * err(a) + 1e-3, (err(b), err(a))
+    if padded:
+        assert (chunked[0][0, :, -24:] != 0).any()  # padded queries still get outputs; their keys got no weight
+        assert chunked[3][0, :, -24:].abs().max() == 0  # no gradient reaches padded values
+
+
+def test_token_chunks():
+    from attnlab.methods.nystrom import token_chunks
+
+    assert token_chunks(1024) == 1 and token_chunks(4096) == 4 and token_chunks(65536) == 64
+    assert token_chunks(3000) == 1 and token_chunks(2048 + 64) == 33  # 2112 = 33 x 64

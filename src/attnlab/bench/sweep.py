@@ -240,6 +240,8 @@ def _measure(im, t, b, heads, head_dim, dtype, device, causal, mode, repeats, wa
         options = method_options(im.method, t, {**overrides.get(im.method, {}),
                                                 **({"backend": im.backend} if im.backend else {})})
         extra["options"] = _jsonable(options)
+        if im.impl.startswith("attnlab") and overrides.get(im.method):  # a variant: tables keep it apart
+            extra["overrides"] = _jsonable(overrides[im.method])
         fn, prepare, params, note, module = im.build(t, heads, head_dim, causal, dtype, device, options)
         extra["note"] = note
         extra["_own_flops"] = _own_flops(im.method, module, options, t, heads, head_dim, causal)

@@ -54,6 +54,51 @@ def segment_means(m: int, t: int, key_padding_mask: torch.Tensor | None, dtype, 
     return avg[:, None], counts > 0
 
 
+CHUNK = 1024  # tokens per chunk of the T-long products; T below SPLIT_FROM stays one chunk
+SPLIT_FROM = 2048
+
+
+def token_chunks(t: int) -> int:
+    """How many chunks the T-long products run as: T / L for the largest L in CHUNK, CHUNK/2, ... 64 dividing T
+    (from SPLIT_FROM tokens on), else 1. An m x T by T x D product with m = D = 64 is one output tile per head
+    reducing over all T (a few CTAs on the whole GPU, fp32); as c chunks it is c x heads tiles and a small sum."""
+    if t < SPLIT_FROM:
+        return 1
+    size = CHUNK
+    while size >= min(64, CHUNK):
+        if t % size == 0 and t // size >= 2:
+            return t // size
+        size //= 2
+    return 1
+
+
+def long_matmul(a: torch.Tensor, b: torch.Tensor, c: int) -> torch.Tensor:
+    """a [..., M, T] @ b [..., T, N] as c partial products over T / c tokens each, summed (split-K)."""
+    if c == 1:
+        return a @ b
+    t = a.shape[-1]
+    parts = a.unflatten(-1, (c, t // c)).movedim(-2, -3) @ b.unflatten(-2, (c, t // c))  # (..., c, M, N)
+    return parts.sum(-3, dtype=torch.promote_types(parts.dtype, torch.float32))  # summed in fp32 at least
+
+
+def per_chunk(x: torch.Tensor, c: int, dtype) -> torch.Tensor:
+    """x [B, H, M, N] (fp32) as [B, H, c, M, N] in `dtype` for a product with every chunk: expanded before the
+    cast, so the backward sums the chunks' gradients in x's precision, not in a half-precision dtype."""
+    return x[:, :, None].expand(-1, -1, c, -1, -1).to(dtype)
+
+
+def chunked_softmax(scores: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+    """softmax of [B, H, c, M, L] scores over a row's c x L keys (dims 2 and 4) in fp32; rows with nothing
+    allowed give zeros, not NaN (as masks.masked_softmax)."""
+    s = scores.float() if scores.dtype in (torch.float16, torch.bfloat16) else scores
+    if allowed is not None:
+        s = s.masked_fill(~allowed, float("-inf"))
+    top = s.amax(dim=(2, 4), keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros((), dtype=s.dtype, device=s.device))
+    e = torch.exp(s - top)
+    return e / e.sum(dim=(2, 4), keepdim=True).clamp_min(torch.finfo(s.dtype).tiny)
+
+
 @register("nystrom")
 class Nystrom(AttentionMethod):
     """Nystrom approximation of the softmax matrix through m segment-mean landmarks (O(T m))."""
@@ -122,28 +167,40 @@ class Nystrom(AttentionMethod):
         pad = key_padding_mask
         if pad is not None:
             v = v.masked_fill(~pad[:, None, :, None], 0.0)
+        c = token_chunks(t)  # the T-long products as c chunks of T / c tokens (see token_chunks)
         if pad is None and t % m == 0:  # equal segments: a reshape-mean, no m x T averaging matrix
             q_lm, k_lm = (x.unflatten(-2, (m, t // m)).mean(-2, dtype=ct) for x in (q, k))  # (B, H, m, D)
         else:
             avg, lm_real = segment_means(m, t, pad, ct, q.device)  # (B|1, 1, m, T), (B|1, m)
-            q_lm, k_lm = (avg.to(ft) @ q).to(ct), avg @ k  # (B, H, m, D)
+            q_lm, k_lm = long_matmul(avg.to(ft), q, c).to(ct), long_matmul(avg, k, c)  # (B, H, m, D)
         # without padding every landmark and key is real: plain softmaxes, no masks
         lm_cols = None if pad is None else lm_real[:, None, None, :]  # (B|1, 1, 1, m): landmarks usable as keys
-        key_cols = None if pad is None else pad[:, None, None, :]  # (B, 1, 1, T)
         k_lm = k_lm * scale  # the scale folded into the m landmark keys, not into T x m scores
-        kernel_f = masks.masked_softmax(q @ k_lm.to(ft).transpose(-1, -2), lm_cols).to(ft)  # (B, H, T, m)
+        # F chunk by chunk, [B, H, c, T/c, m], against the landmarks broadcast over the chunks: the backward's
+        # gradients of the landmarks then come out as c partial products summed (split-K), not one m x T x D
+        # product with T as its reduction (one small tile per head: measured 2x slower than the peer at 64k)
+        qc = q.unflatten(-2, (c, t // c))  # (B, H, c, T/c, D), a view
+        kernel_f = masks.masked_softmax(qc @ per_chunk(k_lm.transpose(-1, -2), c, ft),
+                                        None if lm_cols is None else lm_cols[:, :, None]).to(ft)  # (B, H, c, T/c, m)
         kernel_a = masks.masked_softmax(q_lm @ k_lm.transpose(-1, -2), lm_cols)  # (B, H, m, m)
-        kernel_b = masks.masked_softmax((q_lm * scale) @ k.transpose(-1, -2), key_cols)  # (B, H, m, T)
+        # B the same way, [B, H, c, m, T/c], softmax over (c, T/c): B V is c partial m x D products summed
+        kernel_b = chunked_softmax((q_lm * scale)[:, :, None] @ k.unflatten(-2, (c, t // c)).transpose(-1, -2),
+                                   None if pad is None else pad.unflatten(-1, (c, t // c))[:, None, :, None, :])
         if pad is not None:  # landmarks holding no real token are no query either
             lm_rows = lm_real[:, None, :, None].to(ct)  # (B|1, 1, m, 1)
-            kernel_a, kernel_b = kernel_a * lm_rows, kernel_b * lm_rows
+            kernel_a, kernel_b = kernel_a * lm_rows, kernel_b * lm_rows[:, :, None]
         if self.opts.pinv == "exact":
             a_inv = torch.linalg.pinv(kernel_a)  # (B, H, m, m)
         else:
             a_inv = iterative_pinv(kernel_a, self.opts.pinv_iters)  # (B, H, m, m)
-        out = kernel_f @ (a_inv @ (kernel_b @ v)).to(ft)  # (B, H, T, D), right to left: O(T m D)
+        x = a_inv @ (kernel_b @ v.unflatten(-2, (c, t // c))).sum(2)  # (B, H, m, D): c partial B V summed
+        out = (kernel_f @ per_chunk(x, c, ft)).flatten(2, 3)  # (B, H, T, D), right to left: O(T m D)
         if self.conv is not None:
             c = self.opts.conv_kernel
             out = out + nn.functional.conv2d(v, self.conv.weight.to(ct), padding=(c // 2, 0), groups=v.shape[1]).to(ft)  # (B, H, T, D)
-        probs = ((kernel_f.to(ct) @ (a_inv @ kernel_b.to(ct))) if need_probs else None)  # (B, H, T, T), only when asked
+        if need_probs:  # (B, H, T, T), only when asked
+            kb = kernel_b.movedim(2, 3).flatten(-2)  # (B, H, m, T)
+            probs = kernel_f.flatten(2, 3).to(ct) @ (a_inv @ kb.to(ct))
+        else:
+            probs = None
         return out.to(out_dtype), probs
