@@ -7,6 +7,10 @@ each method swapped in, against the original model in eager mode (builds the att
 Writes model_bench.json (one row per measurement) and model_bench.png. Peak memory target from the research:
 at least 30% below eager dense at every length >= 1024.
 
+`--cuda-graph` (CUDA) captures each configuration's step once as a CUDA graph (`capture`) and times its replays:
+the step without its host time (Python, launches), i.e. what the kernels cost; `--compile` compiles each decoder
+layer instead (regional compilation, the attention methods outside the graph).
+
 `--profile` adds, per row, one more step under torch.profiler: `busy_ms` (the device's kernel time; wall ms well
 above it means the step waits on Python and launches), `attn_block_ms` (kernel time inside the layers' self_attn
 modules in the forward: projections, rotary and attention; the backward's kernels run outside the modules and are
