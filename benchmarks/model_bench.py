@@ -226,6 +226,8 @@ def main(argv=None):
                    "compile_layers) before timing; impl names get a +compile suffix; compilation happens in the warm-up")
     p.add_argument("--cuda-graph", action="store_true", help="CUDA only: each step captured once as a CUDA graph "
                    "and replayed (capture); impl names get a +graph suffix; peak memory is what the capture allocated")
+    p.add_argument("--narrow-backward", action="store_true", help="attnlab.ops.sparse.enable_narrow_backward(64) "
+                   "first: global_sparse's backward runs its 64-token blocks (impl names get +narrowbwd)")
     p.add_argument("--profile", action="store_true", help="per row, one more step under torch.profiler: device "
                    "busy time, time inside self_attn, and (CUDA) host-device syncs")
     p.add_argument("--verbose", action="store_true", help="with --profile, print each row's largest kernels and "
@@ -237,6 +239,11 @@ def main(argv=None):
         p.error("--cuda-graph needs --device cuda")
     if a.cuda_graph and (a.compile or a.profile):
         p.error("--cuda-graph times replays of a captured step: not with --compile or --profile")
+    if a.narrow_backward:
+        from attnlab.ops.sparse import enable_narrow_backward
+
+        if not enable_narrow_backward(64):
+            p.error("--narrow-backward: this torch has no inductor choices hook (see ops/sparse.py)")
     dtype = getattr(torch, a.dtype)
     lengths = [int(x) for x in a.lengths.split(",")]
     env = {"device_name": torch.cuda.get_device_name() if a.device.startswith("cuda") else platform.processor(),
@@ -256,7 +263,7 @@ def main(argv=None):
         dynamo.config.cache_size_limit = 64  # a graph per (length, grad mode)
     originals = [] if a.no_original else [x for x in a.originals.split(",") if x]
     configs = [(f"original-{impl}", impl, None) for impl in originals] + [
-        (m, "sdpa", m) for m in a.methods.split(",")
+        (m + ("+narrowbwd" if a.narrow_backward else ""), "sdpa", m) for m in a.methods.split(",")
     ]
     suffix = "+compile" if a.compile else "+graph" if a.cuda_graph else ""
     # one model per configuration, built once (135M parameters each), so that the steps of all configurations can

@@ -233,3 +233,32 @@ def test_sparse_attention_tells_the_block_choice_whether_a_backward_follows(monk
         sparse.sparse_attention(q, k, v, pat, causal=True, key_padding_mask=None, scale=0.3, backend="flex",
                                 flex_block_size=64)
     assert seen == [(64, grad, 20)]
+
+
+def test_narrow_backward_is_opt_in_and_adds_a_fitting_configuration(monkeypatch):
+    """A 64-token BlockMask reaches flex's backward only after enable_narrow_backward (inductor's sm90 default
+    backward tiles, 64 x 128, divide no 64-token block); the added configuration is one that divides it, and none
+    is added where one already fits."""
+    from attnlab.ops import sparse
+
+    monkeypatch.setattr(sparse, "NARROW_SIZES", set())
+    assert sparse.call_block_size(64, "cuda", backward=True, tq=4096) == 128
+
+    class Conf:
+        def __init__(self, m1, n1, m2, n2, stages, warps):
+            self.block_m1, self.block_n1, self.block_m2, self.block_n2 = m1, n1, m2, n2
+
+    sm90 = [Conf(64, 128, 128, 64, 3, 8)]
+    added = sparse.with_narrow(sm90, Conf, {64})
+    assert len(added) == 2 and (added[1].block_m1, added[1].block_n1, added[1].block_m2, added[1].block_n2) == (64,) * 4
+    assert len(sparse.with_narrow([Conf(32, 64, 64, 32, 1, 4)], Conf, {64})) == 1  # one fits already
+    from torch._inductor import config as inductor_config
+
+    monkeypatch.setattr(inductor_config, "inductor_choices_class", None)
+    if sparse.enable_narrow_backward(64):
+        assert sparse.call_block_size(64, "cuda", backward=True, tq=4096) == 64
+        assert getattr(inductor_config.inductor_choices_class, "attnlab_narrow", False)
+    from torch._inductor.choices import InductorChoices
+    from torch._inductor.virtualized import V
+
+    V.set_choices_handler(InductorChoices())  # this thread's handler back to inductor's own

@@ -160,16 +160,77 @@ def _torch_version() -> tuple:
 
 def call_block_size(flex_block_size: int, device, backward: bool, tq: int) -> int:
     """The BlockMask's block for one call: the method's `flex_block_size`, except 128 on CUDA where the narrower
-    block has no kernel that fits it: a backward will follow (see tile_options), fewer than 128 queries (flex's
-    decoding kernel then picks its own tiles: 128 rows fit no 64-token block, and 16 or 32 rows would be
-    overridden by tile_options' 64 without row masking), or a torch older than NARROW_TILES_TORCH (not measured;
-    older forwards checked their default tiles against the mask before any option). Measured with 64-token tiles
-    on the H200: a 90%-pruned 64-token pattern's SmolLM2 forward at 4096 tokens went from 51 to 35 ms a step (its
-    Flex kernel had been 40 of the 51, every 128-token block partial)."""
+    block has no kernel that fits it: a backward will follow and no narrow backward configuration could be offered
+    to inductor (`narrow_backward`), fewer than 128 queries (flex's decoding kernel then picks its own tiles: 128
+    rows fit no 64-token block, and 16 or 32 rows would be overridden by tile_options' 64 without row masking), or
+    a torch older than NARROW_TILES_TORCH (not measured; older forwards checked their default tiles against the
+    mask before any option). Measured with 64-token tiles on the H200: a 90%-pruned 64-token pattern's SmolLM2
+    forward at 4096 tokens went from 51 to 35 ms a step (its Flex kernel had been 40 of the 51, every 128-token
+    block partial)."""
     if flex_block_size < 128 and torch.device(device).type == "cuda" and (
-            backward or tq < 128 or _torch_version() < NARROW_TILES_TORCH):
+            tq < 128 or _torch_version() < NARROW_TILES_TORCH or (backward and not narrow_backward(flex_block_size))):
         return 128
     return flex_block_size
+
+
+def narrow_backward(block: int) -> bool:
+    """Whether flex's backward may run `block`-token BlockMasks in this process (`enable_narrow_backward`)."""
+    return block in NARROW_SIZES
+
+
+def enable_narrow_backward(block: int = 64) -> bool:
+    """Let flex's backward run `block`-token BlockMasks (64-token global_sparse patterns when training), so that it
+    skips what the pattern prunes instead of evaluating 128-token blocks element by element. Opt-in and
+    process-wide: call it before anything is compiled.
+
+    Inductor filters its backward tile configurations by the mask's blocks before any kernel option applies, and on
+    sm90 with head dim 64 its one default, (64, 128, 128, 64), divides no 64-token block ("No choices"). This sets
+    inductor's `inductor_choices_class` (and the current thread's handler) to a subclass of the current choices
+    class whose flex backward configurations also hold a (block, block, block, block) one. Side effect: a
+    128-token flex backward compiled afterwards has two fitting configurations, which inductor benchmarks once
+    when it compiles. Returns False (backwards keep 128-token blocks) where this torch has no such hook. Inductor's
+    config is per thread in recent torch and backwards compile on autograd's device thread: measured on the H200
+    with `benchmarks/model_bench.py --narrow-backward` (torch 2.11), not on other versions."""
+    try:
+        from torch._inductor import config as inductor_config
+        from torch._inductor.choices import InductorChoices
+        from torch._inductor.template_heuristics.triton import FlexBwDConfig
+        from torch._inductor.virtualized import V
+    except ImportError:
+        return False
+    if not hasattr(InductorChoices, "get_flex_attention_bwd_configs") or not hasattr(inductor_config,
+                                                                                     "inductor_choices_class"):
+        return False
+    base = inductor_config.inductor_choices_class or InductorChoices
+    if not getattr(base, "attnlab_narrow", False):
+        class NarrowFlexBackward(base):
+            attnlab_narrow = True
+
+            def get_flex_attention_bwd_configs(self, head_dim, dtype, device_type="cuda"):
+                return with_narrow(super().get_flex_attention_bwd_configs(head_dim, dtype, device_type),
+                                   FlexBwDConfig, NARROW_SIZES)
+
+        inductor_config.inductor_choices_class = NarrowFlexBackward
+        base = NarrowFlexBackward
+    if not getattr(type(V.choices), "attnlab_narrow", False):
+        V.set_choices_handler(base())
+    NARROW_SIZES.add(block)
+    return True
+
+
+NARROW_SIZES: set[int] = set()
+
+
+def with_narrow(configs: list, config_cls, sizes) -> list:
+    """configs plus, for each narrow block size no configuration divides, a (b, b, b, b) one (3 stages, 4 warps:
+    inductor's own sm90 choice for head dims under 64)."""
+    out = list(configs)
+    for b in sorted(sizes):
+        fits = any(b % c.block_m1 == 0 and b % c.block_n1 == 0 and b % c.block_m2 == 0 and b % c.block_n2 == 0
+                   for c in out)
+        if not fits:
+            out.append(config_cls(b, b, b, b, 3, 4))
+    return out
 
 
 def flex(q, k, v, block_mask, *, scale: float, key_padding_mask: torch.Tensor | None = None, return_lse: bool = False):
