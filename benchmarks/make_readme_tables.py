@@ -203,6 +203,11 @@ def model_table() -> str:
         out += _model_mode_table(json.load(open(gsb)), base, "fwd+bwd", "**global_sparse fwd+bwd** (`model_bench_"
                                  "global_sparse_bwd.json`, its own interleaved run beside the original; the backward "
                                  "runs 128-token Flex blocks over the 64-token pattern, see the notes below)")
+    gsn = MODEL_DIR / "model_bench_global_sparse_bwd_narrow.json"
+    if gsn.exists():
+        out += _model_mode_table(json.load(open(gsn)), base, "fwd+bwd", "**global_sparse fwd+bwd with "
+                                 "`enable_narrow_backward`** (`model_bench_global_sparse_bwd_narrow.json`, "
+                                 "`model_bench.py --narrow-backward`: the backward runs the pattern's 64-token blocks)")
     return "\n".join(out)
 
 

@@ -258,6 +258,9 @@ def test_narrow_backward_is_opt_in_and_adds_a_fitting_configuration(monkeypatch)
     if sparse.enable_narrow_backward(64):
         assert sparse.call_block_size(64, "cuda", backward=True, tq=4096) == 64
         assert getattr(inductor_config.inductor_choices_class, "attnlab_narrow", False)
+        import pickle  # inductor pickles its config into cache keys
+
+        assert pickle.loads(pickle.dumps(inductor_config.inductor_choices_class)) is inductor_config.inductor_choices_class
     from torch._inductor.choices import InductorChoices
     from torch._inductor.virtualized import V
 

@@ -210,6 +210,10 @@ def enable_narrow_backward(block: int = 64) -> bool:
                 return with_narrow(super().get_flex_attention_bwd_configs(head_dim, dtype, device_type),
                                    FlexBwDConfig, NARROW_SIZES)
 
+        # a module attribute under its own name: inductor pickles its config into cache keys, and a local class
+        # cannot be pickled (measured: "Can't pickle local object", each compile then skipped its cache)
+        NarrowFlexBackward.__qualname__ = NarrowFlexBackward.__name__
+        globals()["NarrowFlexBackward"] = NarrowFlexBackward
         inductor_config.inductor_choices_class = NarrowFlexBackward
         base = NarrowFlexBackward
     if not getattr(type(V.choices), "attnlab_narrow", False):
