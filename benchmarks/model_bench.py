@@ -111,11 +111,13 @@ def compile_layers(model, on: bool) -> None:
             layer._compiled_call_impl = None
 
 
-def capture(model, step, warmup: int):
+def capture(model, step, warmup: int, pool=None):
     """The step as one CUDA graph (PyTorch's whole-network capture: warm-up on a side stream, then capture; the
     gradients are None before capture, so replays write them afresh). Returns (replay, peak bytes the capture
-    allocated). A replay launches every kernel of the step at once: no Python, no per-kernel launch cost."""
-    with mask_outside_capture(model):  # transformers' mask decided by the warm-up, not inside the capture
+    allocated, what must stay alive with the graph). A replay launches every kernel of the step at once: no Python,
+    no per-kernel launch cost. `pool` (torch.cuda.graph_pool_handle()) shares one memory pool among graphs that are
+    replayed one after another on one stream and never read each other's outputs."""
+    with mask_outside_capture(model) as masks:  # transformers' mask decided by the warm-up, not inside the capture
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -127,10 +129,10 @@ def capture(model, step, warmup: int):
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, pool=pool):
             step()
         torch.cuda.synchronize()
-    return graph.replay, torch.cuda.max_memory_allocated() - base, graph
+    return graph.replay, torch.cuda.max_memory_allocated() - base, (graph, masks)
 
 
 def profile_step(model, ids, mode, device) -> dict:
@@ -293,7 +295,8 @@ def main(argv=None):
                 rows += [dict(base_row(name + suffix, method or impl, n, mode, a, env), status="error",
                               error=f"{type(e).__name__}: {e}"[:300]) for mode in a.modes.split(",")]
         for mode in a.modes.split(","):
-            live, out, graphs = {}, {}, {}  # graphs: name -> CUDAGraph (its memory pool freed with it)
+            live, out, graphs = {}, {}, {}  # graphs: name -> (CUDAGraph, its masks); the pool is freed with them
+            pool = None
             for name, impl, method in configs:
                 if name not in ready:
                     continue
@@ -306,7 +309,8 @@ def main(argv=None):
                 step = make_step(models[name], ids, mode)
                 try:
                     if a.cuda_graph:
-                        step, row["capture_peak_bytes"], graphs[name] = capture(models[name], step, a.warmup)
+                        pool = pool or torch.cuda.graph_pool_handle()  # one pool for this (length, mode)'s graphs
+                        step, row["capture_peak_bytes"], graphs[name] = capture(models[name], step, a.warmup, pool)
                     else:
                         for _ in range(a.warmup):
                             step()
@@ -350,7 +354,7 @@ def main(argv=None):
                 row.pop("times", None), row.pop("peaks", None)
                 rows.append(row)
                 report(row, a)
-            del live, graphs
+            live = graphs = pool = step = None  # the graphs (and the replay bound to the last) release their pool
             models_zero(models)
             free(a.device)
             save(rows, a)  # after every (length, mode): a call cut by its time limit keeps what it measured

@@ -261,6 +261,11 @@ def test_narrow_backward_is_opt_in_and_adds_a_fitting_configuration(monkeypatch)
         import pickle  # inductor pickles its config into cache keys
 
         assert pickle.loads(pickle.dumps(inductor_config.inductor_choices_class)) is inductor_config.inductor_choices_class
+        assert sparse.enable_narrow_backward(64)  # again: the same class, still picklable
+        assert pickle.loads(pickle.dumps(inductor_config.inductor_choices_class)) is inductor_config.inductor_choices_class
+        x = torch.randn(8)  # inductor still compiles with the class in its config (torch 2.13 asks it for a uuid)
+        torch._dynamo.reset()
+        torch.testing.assert_close(torch.compile(lambda t: t.sin() + 1)(x), x.sin() + 1)
     from torch._inductor.choices import InductorChoices
     from torch._inductor.virtualized import V
 

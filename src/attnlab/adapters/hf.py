@@ -229,7 +229,9 @@ def mask_outside_capture(model):
     with an explicit mask (not its causal flash kernel) and hand attnlab's methods an arbitrary mask. Inside this
     context each mask builder of the model's module remembers what it returned on the last call outside a
     capture (the warm-up, same inputs) and returns that while capturing, the way a generation loop with a static
-    cache keeps its mask out of the graph. Capturing before any warm-up call is an error."""
+    cache keeps its mask out of the graph. Capturing before any warm-up call is an error. Yields the decisions
+    ({builder name: mask}): a mask that is a tensor must outlive the graph that captured its address. Not
+    re-entrant across overlapping uses on one model class's module (each use restores what it found)."""
     mod = sys.modules[type(getattr(model, "base_model", model)).__module__]
     saved = {name: getattr(mod, name) for name in MASK_BUILDERS if hasattr(mod, name)}
     if not saved:
@@ -250,7 +252,7 @@ def mask_outside_capture(model):
     for name, make in saved.items():
         setattr(mod, name, decided(name, make))
     try:
-        yield
+        yield last  # the decided masks: a captured graph reads them, so its owner keeps this alive beside it
     finally:
         for name, make in saved.items():
             setattr(mod, name, make)

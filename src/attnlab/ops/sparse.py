@@ -144,9 +144,10 @@ NARROW_TILES_TORCH = (2, 11)  # the first torch measured running 64-token Flex t
 
 def tile_options(block_mask, device) -> dict | None:
     """Forward kernel tiles for a BlockMask whose blocks are narrower than the CUDA kernel's default 128-row tiles
-    (the tiles must divide the mask's blocks); None where the defaults fit. Only the forward: `call_block_size`
-    gives a call that a backward will follow 128-token blocks (torch 2.11 filters its backward configurations by
-    the mask's blocks before applying options and found none for 64-token blocks on the H200, "No choices")."""
+    (the tiles must divide the mask's blocks); None where the defaults fit. Only the forward: inductor filters its
+    backward configurations by the mask's blocks before applying options (torch 2.11 found none for 64-token blocks
+    on the H200, "No choices"), so `call_block_size` gives a call that a backward will follow 128-token blocks
+    unless `enable_narrow_backward` offered inductor a narrow backward configuration."""
     if torch.device(device).type != "cuda" or min(block_mask.BLOCK_SIZE) >= 128:
         return None
     b = min(block_mask.BLOCK_SIZE)
@@ -203,23 +204,39 @@ def enable_narrow_backward(block: int = 64) -> bool:
         return False
     base = inductor_config.inductor_choices_class or InductorChoices
     if not getattr(base, "attnlab_narrow", False):
+        base = _narrow_class(base, FlexBwDConfig)
+        inductor_config.inductor_choices_class = base
+    if not getattr(type(V.choices), "attnlab_narrow", False):
+        V.set_choices_handler(base())
+    NARROW_SIZES.add(block)
+    return True
+
+
+_NARROW_CLASSES: dict = {}  # base choices class -> its narrow subclass, built once (a rebuilt class would not pickle)
+
+
+def _narrow_class(base, config_cls):
+    if base not in _NARROW_CLASSES:
         class NarrowFlexBackward(base):
             attnlab_narrow = True
 
             def get_flex_attention_bwd_configs(self, head_dim, dtype, device_type="cuda"):
                 return with_narrow(super().get_flex_attention_bwd_configs(head_dim, dtype, device_type),
-                                   FlexBwDConfig, NARROW_SIZES)
+                                   config_cls, NARROW_SIZES)
 
-        # a module attribute under its own name: inductor pickles its config into cache keys, and a local class
-        # cannot be pickled (measured: "Can't pickle local object", each compile then skipped its cache)
-        NarrowFlexBackward.__qualname__ = NarrowFlexBackward.__name__
-        globals()["NarrowFlexBackward"] = NarrowFlexBackward
-        inductor_config.inductor_choices_class = NarrowFlexBackward
-        base = NarrowFlexBackward
-    if not getattr(type(V.choices), "attnlab_narrow", False):
-        V.set_choices_handler(base())
-    NARROW_SIZES.add(block)
-    return True
+            def uuid(self):
+                """Part of inductor's cache key (torch >= 2.13 asks every choices class for one): the narrow sizes
+                offered, and the base's own key where it has one."""
+                own = super().uuid() if hasattr(super(), "uuid") else base.__qualname__
+                return f"attnlab-narrow-flex-backward:{sorted(NARROW_SIZES)}:{own}"
+
+        # a module attribute under its own name: inductor pickles its config into cache keys (torch 2.11), and a
+        # local class cannot be pickled (measured: "Can't pickle local object", each compile then skipped its cache)
+        name = "NarrowFlexBackward" if not _NARROW_CLASSES else f"NarrowFlexBackward{len(_NARROW_CLASSES)}"
+        NarrowFlexBackward.__name__ = NarrowFlexBackward.__qualname__ = name
+        globals()[name] = NarrowFlexBackward
+        _NARROW_CLASSES[base] = NarrowFlexBackward
+    return _NARROW_CLASSES[base]
 
 
 NARROW_SIZES: set[int] = set()
