@@ -196,8 +196,8 @@ class Nystrom(AttentionMethod):
         x = a_inv @ (kernel_b @ v.unflatten(-2, (c, t // c))).sum(2)  # (B, H, m, D): c partial B V summed
         out = (kernel_f @ per_chunk(x, c, ft)).flatten(2, 3)  # (B, H, T, D), right to left: O(T m D)
         if self.conv is not None:
-            c = self.opts.conv_kernel
-            out = out + nn.functional.conv2d(v, self.conv.weight.to(ct), padding=(c // 2, 0), groups=v.shape[1]).to(ft)  # (B, H, T, D)
+            ck = self.opts.conv_kernel
+            out = out + nn.functional.conv2d(v, self.conv.weight.to(ct), padding=(ck // 2, 0), groups=v.shape[1]).to(ft)  # (B, H, T, D)
         if need_probs:  # (B, H, T, T), only when asked
             kb = kernel_b.movedim(2, 3).flatten(-2)  # (B, H, m, T)
             probs = kernel_f.flatten(2, 3).to(ct) @ (a_inv @ kb.to(ct))
