@@ -119,7 +119,33 @@ def main(argv=None) -> int:
         "command": "python " + " ".join(sys.argv), "commit": common.git_commit(), "pattern": a.pattern,
         "seq_len": a.seq_len, "eval_windows": a.eval_windows, "probe": a.probe, "sensitivity_kl": sens,
         "rows": rows}, indent=1))
+    plot(out / "layer_budget.json")
     return 0
+
+
+def plot(path) -> None:
+    """OUT/layer_budget.png: each layer's probed KL, and the fraction of blocks each budget keeps per layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = json.loads(Path(path).read_text())
+    layers = range(len(res["sensitivity_kl"]))
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 6.5), sharex=True)
+    ax1.bar(layers, res["sensitivity_kl"], color="tab:gray")
+    ax1.set(ylabel=f"KL, this layer alone at {res['probe']:.0%} pruned",
+            title=f"Per-layer budgets at equal density ({res['seq_len']} tokens, {res['eval_windows']} held-out windows)")
+    for r in res["rows"]:
+        ax2.plot(layers, [1 - p for p in r["sparsity_per_layer"]], marker="o", ms=3,
+                 label=f"{r['budget']}: KL {r['kl']:.3f}, ppl {r['ppl']:.2f} (original {r['ppl_original']:.2f})")
+    ax2.set(xlabel="layer", ylabel="fraction of blocks kept")
+    ax2.legend(fontsize=8)
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(Path(path).with_suffix(".png"), dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
