@@ -95,8 +95,9 @@ def table(runs: dict, mode: str, causal: bool) -> str:
 
 MODEL_DIR = HERE / "results" / "model_bench" / "h200"
 NOTES = {"global_sparse": "that run gave the backward 64-token tiles too, for which torch 2.11 has no flex backward "
-                          "kernel; a backward now gets 128-token blocks (ops/sparse.py call_block_size), not yet "
-                          "re-measured on a GPU"}
+                          "kernel by default; a backward now gets 128-token blocks (ops/sparse.py call_block_size), or "
+                          "64 after enable_narrow_backward: both measured since, in the global_sparse fwd+bwd tables "
+                          "below"}
 
 
 def crossover(rows, impl, base, key) -> int | None:
