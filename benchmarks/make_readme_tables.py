@@ -156,7 +156,6 @@ def model_table() -> str:
         return ""
     rows = json.load(open(f))
     base = "original-sdpa"
-    lengths = sorted({r["seq_len"] for r in rows if r["status"] == "ok"})
     cmd = rows[0].get("command", "").replace("python3 ", "python ")
     out = [f"NVIDIA H200, bf16, batch 1, `{cmd.split(' --out')[0]}` ([`model_bench/h200/`](benchmarks/results/model_bench/h200/); "
            "results README there). Every configuration's model is resident and their steps interleave (the r-th "

@@ -27,13 +27,13 @@ from attnlab import models
 from attnlab.adapters.spec import Rule, SwapSpec
 from attnlab.cli import common
 from attnlab.metrics import fidelity as fm
-from attnlab.reduction.global_sparse import load_pattern, make_pattern, selected_blocks
+from attnlab.reduction.global_sparse import blocks_density, load_pattern, selected_blocks
 from attnlab.train.data import eval_windows
 
 
-def layer_density(pat, layer: int, p: float, t: int) -> float:
-    blocks = selected_blocks(pat, p)[layer]
-    return sum(make_pattern(b, pat.block_size, pat.sinks, pat.band).density(t, t, causal=True) for b in blocks) / len(blocks)
+def mean_density(pat, ps: list[float], t: int) -> float:
+    """Mean causal token density over the layers, layer l at sparsity ps[l] (its heads sharing the budget)."""
+    return sum(blocks_density(pat, selected_blocks(pat, p)[i], t) for i, p in enumerate(ps)) / len(ps)
 
 
 def allocation(sens: list[float], alpha: float, keep_mean: float) -> list[float]:
@@ -95,22 +95,21 @@ def main(argv=None) -> int:
                                                     {"pattern": a.pattern, "sparsity": a.probe})]))["kl"])
         sens_file.write_text(json.dumps({"key": probe_key, "kl": sens}))
     uniform = [a.sparsity] * n_layers
-    target = sum(layer_density(pat, i, p, a.seq_len) for i, p in enumerate(uniform)) / n_layers
-    budgets = [("uniform", None, uniform)]
+    target = mean_density(pat, uniform, a.seq_len)
+    budgets = [("uniform", None, uniform, target)]
     for alpha in (float(x) for x in a.alpha.split(",")):
         keep_mean = 1 - a.sparsity
         for _ in range(8):  # rescale the kept fraction until the mean density meets the uniform budget's
             ps = [1 - k for k in allocation(sens, alpha, keep_mean)]
-            dens = sum(layer_density(pat, i, p, a.seq_len) for i, p in enumerate(ps)) / n_layers
+            dens = mean_density(pat, ps, a.seq_len)
             if abs(dens / target - 1) < 2e-3:
                 break
             keep_mean *= target / dens
-        budgets.append((f"sensitivity^{alpha}", alpha, ps))
+        budgets.append((f"sensitivity^{alpha}", alpha, ps, dens))
     rows = []
-    for name, alpha, ps in budgets:
+    for name, alpha, ps, dens in budgets:
         t0 = time.time()
         s = score(spec_for(ps))
-        dens = sum(layer_density(pat, i, p, a.seq_len) for i, p in enumerate(ps)) / n_layers
         rows.append({"budget": name, "alpha": alpha, "sparsity_per_layer": ps, "density": dens, **s,
                      "seconds": round(time.time() - t0, 1)})
         print(f"{name:>16} density {dens:.4f}  KL {s['kl']:.4f}  ppl {s['ppl']:.3f} (original {s['ppl_original']:.3f})"

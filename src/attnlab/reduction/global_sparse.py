@@ -158,9 +158,15 @@ def selected_blocks(pat: GlobalPattern, sparsity: float, share: str = "layer") -
 def pattern_density(pat: GlobalPattern, sparsity: float, seq_len: int, share: str = "layer") -> float:
     """Fraction of the causal token pairs (q >= k) the selection at `sparsity` allows at `seq_len`, sinks included
     (mean over layers and heads)."""
-    blocks = selected_blocks(pat, sparsity, share).reshape(-1, *pat.mass.shape[-2:])
-    return float(sum(make_pattern(blocks[i], pat.block_size, pat.sinks, pat.band).density(seq_len, seq_len, causal=True)
-                     for i in range(blocks.shape[0])) / blocks.shape[0])
+    return blocks_density(pat, selected_blocks(pat, sparsity, share), seq_len)
+
+
+def blocks_density(pat: GlobalPattern, blocks: torch.Tensor, seq_len: int) -> float:
+    """Mean fraction of the causal token pairs that kept-block grids Bool[..., nb, nb] allow at `seq_len`, with the
+    pattern's sinks and band."""
+    blocks = blocks.reshape(-1, *blocks.shape[-2:])
+    return float(sum(make_pattern(b, pat.block_size, pat.sinks, pat.band).density(seq_len, seq_len, causal=True)
+                     for b in blocks) / blocks.shape[0])
 
 
 def measure_block_mass(model, windows: torch.Tensor, *, block_size: int = 64, sinks: int = 4,
