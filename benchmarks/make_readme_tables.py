@@ -378,19 +378,25 @@ def sparsify_block() -> str:
             w = next((r for r in rows if r["technique"] == "window_sinks" and r["fraction"] == g["fraction"]), None)
             wcells = (f"{w['options']['window']} | {w['density']:.3f} | {w['ppl']:.2f} | {w['kl']:.4f} | {w['top1']:.3f}"
                       if w else "- | - | - | - | -")
-            lines.append(f"| {g['fraction']:.0%} | {g.get('share') or 'head'} | {g['density']:.3f} | {g['ppl']:.2f} | "
+            per = g.get("share") or "head"
+            if g.get("budget") == "sensitivity":
+                per += f", layers by sensitivity^{g['options']['alpha']:g}"
+            lines.append(f"| {g['fraction']:.0%} | {per} | {g['density']:.3f} | {g['ppl']:.2f} | "
                          f"{g['kl']:.4f} | {g['top1']:.3f} | {wcells} |")
         lines.append(f"\nOriginal model: ppl {rows[0]['ppl_original']:.2f}.")
         cost = [c for c in res.get("cost") or () if c.get("status") == "ok"]
         if cost:
             base = {c["mode"]: c for c in cost if c["technique"] == "original"}
-            lines += ["", f"The model's layers at {res['seq_len']} tokens, batch 1 (`--cost`; the vocabulary head left out):", "",
+            narrow = "; global_sparse's backward on 64-token blocks, `--narrow-backward`" if res.get("narrow_backward") else ""
+            lines += ["", f"The model's layers at {res['seq_len']} tokens, batch 1 (`--cost`; the vocabulary head left "
+                          f"out{narrow}):", "",
                       "| technique | pruned | mode | ms | x original | peak MiB | x original |", "|" + "---|" * 7]
             for c in cost:
                 b = base.get(c["mode"])
                 frac = "-" if c["fraction"] is None else f"{c['fraction']:.0%}"
                 share = (c.get("options") or {}).get("share")
-                tech = f"{c['technique']} ({share})" if share else c["technique"]
+                budget = (c.get("options") or {}).get("budget")
+                tech = (f"{c['technique']} ({share}" + (f", {budget})" if budget else ")")) if share else c["technique"]
                 lines.append(f"| {tech} | {frac} | {c['mode']} | {c['ms']:.2f} | "
                              f"{format(c['ms'] / b['ms'], '.2f') if b else '-'} | {c['peak_mem_bytes'] / 2**20:.0f} | "
                              f"{format(c['peak_mem_bytes'] / b['peak_mem_bytes'], '.2f') if b else '-'} |")

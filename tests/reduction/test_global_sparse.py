@@ -142,6 +142,68 @@ def test_method_equals_dense_masked_reference(sinks, band, share, tmp_path):
     assert not torch.allclose(out, dense(q, k, v, causal=True).out)  # the pattern really prunes
 
 
+@pytest.mark.parametrize("sinks,band,t", [(0, False, 48), (2, True, 45), (3, False, 30), (1, True, 17)])
+def test_blocks_density_counts_the_dense_union(sinks, band, t):
+    """The per-block count equals the dense mask's count of the union make_pattern runs (blocks, band, sinks),
+    also for a window shorter than the pattern and not a multiple of the block."""
+    from attnlab.reduction.global_sparse import blocks_density
+
+    mass = _scores(l=2, h=3, nb=6)
+    pat = GlobalPattern(mass, 8, {}, torch.full(mass.shape[:3], 0.1) if sinks else None, sinks, band)
+    for p in (0.0, 0.5, 0.8):
+        keep = select_blocks(mass, p, pat.sink_mass, band, share="layer")
+        want = sum(make_pattern(b, 8, pat.sinks, band).density(t, t, causal=True) for b in keep.reshape(-1, 6, 6)) / 6
+        assert blocks_density(pat, keep, t) == pytest.approx(float(want), abs=1e-12)
+
+
+def test_per_layer_sparsities_select_each_layer_alone():
+    mass = _scores(l=3, h=2, nb=5)
+    got = select_blocks(mass, [0.0, 0.5, 0.8], share="layer")
+    for i, p in enumerate((0.0, 0.5, 0.8)):
+        assert torch.equal(got[i], select_blocks(mass[i], p, share="layer"))
+    assert got[0].sum() > got[1].sum() > got[2].sum()
+    with pytest.raises(OptionError, match="one value per layer"):
+        select_blocks(mass, [0.5, 0.5], share="layer")
+    with pytest.raises(OptionError, match="per-layer sparsities contradict it"):
+        select_blocks(mass, [0.5] * 3, share="model")
+    with pytest.raises(OptionError, match=r"sparsity must be in \[0, 1\)"):
+        select_blocks(mass, [0.5, 1.0, 0.5], share="layer")
+
+
+def test_sensitivity_budget_moves_blocks_to_sensitive_layers_at_equal_density(tmp_path):
+    """Layer 1 is 100x as sensitive as layer 0: it keeps more blocks, layer 0 fewer, the mean causal density stays
+    the uniform budget's; alpha 0 is the uniform budget; the probe survives save/load; the method takes its layer's
+    slice of that selection; and without a probe the budget is refused in one line."""
+    from attnlab.reduction.global_sparse import layer_sparsities, pattern_density, selected_blocks
+
+    nb = 12
+    causal = torch.ones(nb, nb).tril()
+    spread = (causal / causal.sum(-1, keepdim=True)).expand(2, 2, nb, nb).contiguous()
+    pat = GlobalPattern(spread, 4, {}, sensitivity=torch.tensor([0.001, 0.1]))
+    ps = layer_sparsities(pat, 0.7, "layer", alpha=1.0)
+    assert ps[0] > 0.7 > ps[1]
+    uniform = pattern_density(pat, 0.7, pat.max_len)
+    assert pattern_density(pat, 0.7, pat.max_len, "layer", "sensitivity", 1.0) == pytest.approx(uniform, rel=0.03)
+    sel = selected_blocks(pat, 0.7, "layer", "sensitivity", 1.0)
+    assert sel[1].sum() > selected_blocks(pat, 0.7)[1].sum() > sel[0].sum()
+    assert layer_sparsities(pat, 0.7, "layer", alpha=0.0) == pytest.approx([0.7, 0.7], abs=0.02)
+    save_pattern(tmp_path / "p", pat)
+    back = load_pattern(tmp_path / "p")
+    assert torch.equal(back.sensitivity, pat.sensitivity)
+    m = attnlab.make("global_sparse", head_dim=8, num_heads=2, pattern=str(tmp_path / "p"), layer=1, sparsity=0.7,
+                     budget="sensitivity", alpha=1.0)
+    assert torch.equal(m.pattern.parts[0].layout, sel[1])
+    save_pattern(tmp_path / "plain", GlobalPattern(spread, 4, {}))
+    with pytest.raises(OptionError, match="needs the pattern's per-layer sensitivity"):
+        attnlab.make("global_sparse", head_dim=8, num_heads=2, pattern=str(tmp_path / "plain"), layer=0, sparsity=0.7,
+                     budget="sensitivity")
+    with pytest.raises(OptionError, match="needs a pattern folder with a sensitivity probe"):
+        attnlab.make("global_sparse", head_dim=8, num_heads=2, pattern=spread[0].tolist(), block_size=4,
+                     sparsity=0.7, budget="sensitivity")
+    with pytest.raises(OptionError, match="use share='layer' or 'head'"):
+        layer_sparsities(pat, 0.7, "model")
+
+
 def test_pattern_errors(tmp_path):
     mass = _scores()
     save_pattern(tmp_path / "p", GlobalPattern(mass, 4, {}))
@@ -209,6 +271,10 @@ def test_on_the_real_model_no_leak_per_layer_and_save_load(smollm2, tmp_path):
     (["--model", "/no/such/folder"], "neither a packaged model"),
     (["--eval", "/no/such.txt"], "no such file"),
     (["--share", "layer,everyone"], "--share 'layer,everyone': each must be one of head, layer, model"),
+    (["--budget", "uniform,tight"], "--budget 'uniform,tight': each must be one of uniform, sensitivity"),
+    (["--budget", "sensitivity", "--share", "model"], "cannot go with --share model"),
+    (["--budget", "sensitivity", "--probe", "1.5"], "--probe must be in (0, 1)"),
+    (["--budget", "sensitivity", "--alpha", "-1"], "--alpha must be in [0, 4]"),
 ])
 def test_cli_bad_input_is_one_line(args, match, tmp_path, capsys, monkeypatch):
     import attnlab.models
@@ -254,6 +320,39 @@ def test_cli_end_to_end_on_a_tiny_model(tiny_lm_dir, tmp_path, capsys):
     assert all(r["ms"] == cost[(r["technique"], r["fraction"], "fwd")]["ms"] for r in res2["result_rows"])
     assert "x orig" in capsys.readouterr().out
     capsys.readouterr()
+
+
+def test_cli_sensitivity_budget_probes_calibration_windows_and_reuses_the_probe(tiny_lm_dir, tmp_path, capsys):
+    """--budget uniform,sensitivity: the probe runs on calibration windows and is stored in the pattern, rows come
+    for both budgets at about equal density; --pattern with the same probe settings reuses it and leaves the given
+    folder as it was."""
+    import attnlab.cli
+
+    out = tmp_path / "out"
+    base = ["sparsify", "--model", str(tiny_lm_dir), "--seq-len", "64", "--block-size", "8", "--eval-windows", "1",
+            "--sparsity", "0.7", "--no-progress", "--no-plot", "--no-baseline", "--data", "moby",
+            "--budget", "uniform,sensitivity", "--alpha", "1", "--probe-windows", "1"]
+    assert attnlab.cli.main([*base, "--windows", "2", "--out", str(out)]) == 0
+    assert "stored in" in capsys.readouterr().out
+    res = json.loads((out / "sparsify.json").read_text())
+    rows = {r["budget"]: r for r in res["rows"]}
+    assert set(rows) == {"uniform", "sensitivity"}
+    assert rows["sensitivity"]["density"] == pytest.approx(rows["uniform"]["density"], rel=0.05)
+    assert len(rows["sensitivity"]["options"]["layer_sparsity"]) == 2
+    pat = load_pattern(out / "pattern")
+    assert pat.sensitivity is not None and pat.sensitivity.shape == (2,) and (pat.sensitivity > 0).all()
+    assert pat.meta["sensitivity_probe"]["windows"] == 1
+    before = (out / "pattern" / "pattern.safetensors").read_bytes()
+    again = tmp_path / "again"
+    assert attnlab.cli.main([*base, "--pattern", str(out / "pattern"), "--out", str(again)]) == 0
+    assert "reusing the probe" in capsys.readouterr().out
+    assert (out / "pattern" / "pattern.safetensors").read_bytes() == before
+    res2 = json.loads((again / "sparsify.json").read_text())
+    assert [r["kl"] for r in res2["rows"]] == [r["kl"] for r in res["rows"]]
+    assert res2["block_size"] == 8
+    wrong = [a if a != "8" else "16" for a in base]  # --block-size 16 beside a pattern of 8-token blocks
+    assert_cli_one_line_error([*wrong, "--pattern", str(out / "pattern"), "--out", str(tmp_path / "w")],
+                              "the pattern was measured with 8-token blocks", capsys, tmp_path / "w")
 
 
 def test_merge_rounds_takes_the_median_time_the_largest_peak_and_a_failure_first():

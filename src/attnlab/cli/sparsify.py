@@ -24,7 +24,8 @@ def add_parser(sub) -> None:
     p.add_argument("--eval", dest="eval_text", default="moby", help="held-out text: moby (the tail of Moby Dick) or a "
                                                                      "UTF-8 file (default: %(default)s)")
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per window, measured and evaluated (default: %(default)s)")
-    p.add_argument("--block-size", type=int, default=64, help="tokens per block of the pattern (default: %(default)s)")
+    p.add_argument("--block-size", type=int, default=None, help="tokens per block of the pattern measured (default: "
+                                                                "64; with --pattern: the pattern's own)")
     p.add_argument("--sinks", type=int, default=4, help="first tokens every query keeps at token level, as "
                                                          "StreamingLLM's sinks (0: none) (default: %(default)s)")
     p.add_argument("--windows", type=int, default=16, help="corpus windows measured (default: %(default)s)")
@@ -35,12 +36,26 @@ def add_parser(sub) -> None:
                    help="who shares the block budget, comma-separated to compare: layer (a layer's heads share it: a "
                         "head whose attention is spread gets more blocks), head (each head keeps 1 - p of its own), "
                         "model (all heads of all layers share one) (default: %(default)s)")
+    p.add_argument("--budget", default="uniform",
+                   help="how the layers divide the blocks, comma-separated to compare: uniform (each layer prunes p) | "
+                        "sensitivity (each layer alone is first pruned at --probe on --probe-windows calibration "
+                        "windows and its KL measured; a layer then keeps blocks in proportion to KL ** --alpha, at the "
+                        "uniform budget's mean density; the probe is stored in the pattern) (default: %(default)s)")
+    p.add_argument("--alpha", type=float, default=0.5, help="exponent of the sensitivity budget (0: uniform in "
+                                                            "blocks) (default: %(default)s)")
+    p.add_argument("--probe", type=float, default=0.97, help="fraction of one layer's blocks pruned when probing its "
+                                                             "sensitivity (default: %(default)s)")
+    p.add_argument("--probe-windows", type=int, default=2, help="calibration windows of the probe (from --data, not "
+                                                                "the held-out text) (default: %(default)s)")
     p.add_argument("--pattern", default=None, metavar="DIR", help="evaluate an existing pattern instead of measuring one")
     p.add_argument("--no-baseline", action="store_true", help="skip the window + sinks baseline")
     p.add_argument("--cost", action="store_true", help="also time the model's layers (fwd and fwd+bwd, batch 1, one "
                                                        "random --seq-len window) and their peak memory per technique "
                                                        "and sparsity beside the original (GPU numbers count; CPU "
                                                        "shows trends)")
+    p.add_argument("--narrow-backward", action="store_true",
+                   help="with --cost on CUDA: attnlab.ops.sparse.enable_narrow_backward(64) first, so the fwd+bwd rows' "
+                        "backward runs the pattern's 64-token blocks instead of 128-token ones (process-wide)")
     common.add_model_run_arguments(p, "sparsify", "pattern/, sparsify.json and sparsify.png")
     p.set_defaults(func=run)
 
@@ -61,7 +76,21 @@ def run(args) -> int:
     bad = [s for s in shares if s not in gs.SHARES]
     if bad or not shares:
         raise AttnlabError(f"--share {args.share!r}: each must be one of {', '.join(gs.SHARES)}")
+    budgets = [b.strip() for b in args.budget.split(",") if b.strip()]
+    bad = [b for b in budgets if b not in gs.BUDGETS]
+    if bad or not budgets:
+        raise AttnlabError(f"--budget {args.budget!r}: each must be one of {', '.join(gs.BUDGETS)}")
+    if "sensitivity" in budgets:
+        if "model" in shares:
+            raise AttnlabError("--budget sensitivity divides the blocks between layers: it cannot go with --share model")
+        if not 0 <= args.alpha <= 4:
+            raise AttnlabError(f"--alpha must be in [0, 4], got {args.alpha}")
+        if not 0 < args.probe < 1:
+            raise AttnlabError(f"--probe must be in (0, 1), got {args.probe}")
+        common.positive_int("--probe-windows", args.probe_windows, 1)
     common.positive_int("--seq-len", args.seq_len, 2)
+    given_block = args.block_size
+    args.block_size = 64 if given_block is None else given_block
     common.positive_int("--block-size", args.block_size, 1)
     common.positive_int("--windows", args.windows, 1)
     common.positive_int("--sinks", args.sinks, 0)
@@ -69,13 +98,24 @@ def run(args) -> int:
     if args.block_size > args.seq_len:
         raise AttnlabError(f"--block-size {args.block_size} exceeds --seq-len {args.seq_len}")
     common.check_device(args.device)
+    if args.narrow_backward:
+        from ..ops.sparse import enable_narrow_backward
+
+        if not args.cost:
+            raise AttnlabError("--narrow-backward changes only the --cost rows' backward: add --cost")
+        if not enable_narrow_backward(64):
+            raise AttnlabError("--narrow-backward: this torch has no inductor choices hook (see attnlab/ops/sparse.py)")
     corpora = [c.strip() for c in args.data.split(",") if c.strip()]
     pattern = None
     if args.pattern:
         pattern = gs.load_pattern(args.pattern)  # a foreign or damaged folder fails here
+        if given_block is not None and given_block != pattern.block_size:
+            raise AttnlabError(f"--block-size {given_block}: the pattern was measured with {pattern.block_size}-token "
+                               "blocks (leave --block-size out with --pattern)")
+        args.block_size = pattern.block_size
         if args.seq_len > pattern.max_len:
             raise AttnlabError(f"--seq-len {args.seq_len} exceeds what the pattern covers ({pattern.max_len} tokens)")
-    else:
+    if not args.pattern or "sensitivity" in budgets:  # measured on, or probed on
         data.check_corpora(corpora)
     if args.eval_text != "moby" and not Path(args.eval_text).is_file():
         raise AttnlabError(f"--eval {args.eval_text!r}: no such file (use moby or a UTF-8 text file)")
@@ -102,10 +142,13 @@ def run(args) -> int:
         print(f"wrote {pattern_dir} ({mass.shape[0]} layers x {mass.shape[1]} heads x {mass.shape[2]}^2 blocks)")
     else:
         pattern_dir = Path(args.pattern)
+        windows = None
     measure_s = time.time() - t0
+    if "sensitivity" in budgets:
+        pattern_dir = probe(args, model, tok, corpora, pattern_dir, windows, shares[0], out)
     held = eval_windows(tok, None if args.eval_text == "moby" else args.eval_text, args.seq_len, args.eval_windows)
     rows = gs.evaluate(model, held, pattern_dir, sparsities, baseline=not args.no_baseline, shares=shares,
-                       progress=not args.no_progress)
+                       budgets=budgets, alpha=args.alpha, progress=not args.no_progress)
     device_name = common.environment(args.device)["device_name"]
     for r in rows:
         r.update(impl="attnlab", device=device_name)
@@ -114,29 +157,61 @@ def run(args) -> int:
     costs = None
     if args.cost:
         costs = gs.cost(model, args.seq_len, pattern_dir, sparsities, baseline=not args.no_baseline,
-                        share=shares[0], progress=not args.no_progress)
+                        share=shares[0], budget=budgets[-1], alpha=args.alpha, progress=not args.no_progress)
         print()
         print(format_cost(costs))
     common.write_result(
         out / "sparsify.json", args.device,
         {"model": args.model, "pattern": str(pattern_dir), "seq_len": args.seq_len, "block_size": args.block_size,
-         "eval_windows": args.eval_windows, "eval_text": args.eval_text, "shares": shares, "measure_s": round(measure_s, 1), "rows": rows,
+         "eval_windows": args.eval_windows, "eval_text": args.eval_text, "shares": shares, "budgets": budgets,
+         "narrow_backward": args.narrow_backward,
+         "alpha": args.alpha, "measure_s": round(measure_s, 1), "rows": rows,
          "cost": costs, "result_rows": result_rows(rows, costs)},
         None if args.no_plot else lambda png: plot(rows, png, title=f"attnlab sparsify: {args.model}, {args.eval_windows} "
                                                    f"held-out windows x {args.seq_len} tokens, {args.block_size}-token blocks"))
     return 0
 
 
+def probe(args, model, tok, corpora, pattern_dir, windows, share, out) -> Path:
+    """The pattern with its per-layer sensitivity probed on calibration windows (the first --probe-windows of the
+    measured ones, or of --data), reused when the pattern already holds one probed the same way. A pattern given
+    with --pattern is not changed: the probed copy goes to OUT/pattern."""
+    import dataclasses
+
+    from ..reduction import global_sparse as gs
+    from ..train.data import TrainWindows
+
+    pat = gs.load_pattern(pattern_dir)
+    key = {"probe": args.probe, "windows": args.probe_windows, "seq_len": args.seq_len, "corpora": corpora,
+           "share": share}
+    if pat.sensitivity is not None and pat.meta.get("sensitivity_probe") == key:
+        print(f"sensitivity: reusing the probe stored in {pattern_dir}")
+        return pattern_dir
+    if windows is None:
+        windows = TrainWindows(tok, corpora, args.seq_len, args.probe_windows).batch(0, args.probe_windows)
+    t0 = time.time()
+    sens = gs.probe_sensitivity(model, windows[:args.probe_windows], pattern_dir, probe=args.probe, share=share,
+                                progress=not args.no_progress)
+    meta = {**pat.meta, "sensitivity_probe": key}
+    dest = gs.save_pattern(out / "pattern", dataclasses.replace(pat, meta=meta, sensitivity=sens))
+    print(f"sensitivity (KL with one layer at {args.probe:.0%} pruned, {time.time() - t0:.0f} s): "
+          + " ".join(f"{x:.4f}" for x in sens.tolist()) + f"; stored in {dest}")
+    return dest
+
+
 def result_rows(rows: list[dict], costs: list[dict] | None = None) -> list[dict]:
     """The issue's flat schema: one row per (technique, fraction, metric); ms and peak memory from the forward
     cost rows when measured (else ms is the held-out forward's median and the memory None)."""
-    fwd = {(c["technique"], c["fraction"], (c.get("options") or {}).get("share")): c
+    def budget_of(opts):
+        return None if "share" not in opts else opts.get("budget", "uniform")
+
+    fwd = {(c["technique"], c["fraction"], (c.get("options") or {}).get("share"), budget_of(c.get("options") or {})): c
            for c in costs or () if c["mode"] == "fwd" and c.get("status") == "ok"}
     out = []
     for r in rows:
-        c = fwd.get((r["technique"], r["fraction"], r.get("share")), {})
+        c = fwd.get((r["technique"], r["fraction"], r.get("share"), r.get("budget")), {})
         for metric, base in (("ppl", r["ppl_original"]), ("kl", 0.0)):
-            out.append({"technique": r["technique"], "share": r.get("share"), "impl": r["impl"], "fraction": r["fraction"], "metric": metric,
+            out.append({"technique": r["technique"], "share": r.get("share"), "budget": r.get("budget"), "impl": r["impl"], "fraction": r["fraction"], "metric": metric,
                         "value": r[metric], "baseline_value": base, "ms": c.get("ms", r["ms"]),
                         "peak_mem_bytes": c.get("peak_mem_bytes"), "kv_bytes": None, "device": r["device"],
                         "density": r["density"]})
@@ -162,10 +237,10 @@ def format_cost(costs: list[dict]) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = f"{'technique':<14} {'share':>5} {'pruned':>6} {'density':>7} {'ppl':>9} {'(orig)':>8} {'KL':>9} {'KL p95':>8} {'top-1':>6} {'ms':>8}"
+    head = f"{'technique':<14} {'share':>5} {'budget':>11} {'pruned':>6} {'density':>7} {'ppl':>9} {'(orig)':>8} {'KL':>9} {'KL p95':>8} {'top-1':>6} {'ms':>8}"
     lines = [head]
     for r in rows:
-        lines.append(f"{r['technique']:<14} {r.get('share') or '':>5} {r['fraction']:>6.0%} {r['density']:>7.3f} {r['ppl']:>9.3f} "
+        lines.append(f"{r['technique']:<14} {r.get('share') or '':>5} {r.get('budget') or '':>11} {r['fraction']:>6.0%} {r['density']:>7.3f} {r['ppl']:>9.3f} "
                      f"{r['ppl_original']:>8.3f} {r['kl']:>9.4f} {r['kl_p95']:>8.3f} {r['top1']:>6.3f} {r['ms']:>8.1f}")
     return "\n".join(lines)
 
@@ -180,13 +255,18 @@ def plot(rows: list[dict], path, title: str = "") -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
     base = rows[0]["ppl_original"]
-    shares = list(dict.fromkeys(r.get("share") for r in rows if r["technique"] == "global_sparse"))
-    colors = {"layer": "tab:blue", "head": "tab:green", "model": "tab:purple"}
-    styles = {("global_sparse", sh): (colors.get(sh, "tab:blue"), "o",
-                                      f"global sparse (measured blocks, budget per {sh})") for sh in shares}
-    styles[("window_sinks", None)] = ("tab:orange", "s", "window + 4 sinks, same density")
-    for (tech, share), (color, marker, label) in styles.items():
-        rs = sorted((r for r in rows if r["technique"] == tech and r.get("share") == share), key=lambda r: r["fraction"])
+    kinds = list(dict.fromkeys((r.get("share"), r.get("budget") or "uniform") for r in rows
+                               if r["technique"] == "global_sparse"))
+    colors = {("layer", "uniform"): "tab:blue", ("head", "uniform"): "tab:green", ("model", "uniform"): "tab:purple",
+              ("layer", "sensitivity"): "tab:red", ("head", "sensitivity"): "tab:brown"}
+    styles = {("global_sparse", sh, bu): (colors.get((sh, bu), "tab:gray"), "o" if bu == "uniform" else "D",
+                                          f"global sparse (measured blocks, budget per {sh}"
+                                          + (")" if bu == "uniform" else ", layers by sensitivity)"))
+              for sh, bu in kinds}
+    styles[("window_sinks", None, None)] = ("tab:orange", "s", "window + 4 sinks, same density")
+    for (tech, share, budget), (color, marker, label) in styles.items():
+        rs = sorted((r for r in rows if r["technique"] == tech and r.get("share") == share
+                     and (budget is None or (r.get("budget") or "uniform") == budget)), key=lambda r: r["fraction"])
         if not rs:
             continue
         x = [100 * (1 - r["density"]) for r in rs]  # what was really pruned (a requested p past the floor of

@@ -9,7 +9,8 @@ themselves (float [nb, nb], [H, nb, nb] or [L, H, nb, nb]; then `block_size` is 
 layer's slice and is filled in per layer by `attnlab.swap`. A measured pattern also keeps its first `sinks`
 tokens (4 by default) and a local band of block_size tokens at token level for every query (StreamingLLM's
 sinks; the band so that a block's first queries do not see only themselves). `sparsity` re-selects from the stored scores (the
-diagonal always kept); without it the pattern's own `sparsity` is used. Exact limit: sparsity 0 over scores
+diagonal always kept); without it the pattern's own `sparsity` is used. `budget="sensitivity"` divides the
+blocks between layers by their probed sensitivity at the same mean density (`reduction.layer_sparsities`). Exact limit: sparsity 0 over scores
 that are positive everywhere (every block kept).
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ import dataclasses
 
 import torch
 
-from ..reduction.global_sparse import SHARES
+from ..reduction.global_sparse import BUDGETS, SHARES
 from ..registry import register
 from ..types import OptionError, opt
 from ._sparse import BACKENDS, SparseAttention, flex_block_for
@@ -42,6 +43,11 @@ class GlobalSparse(SparseAttention):
                                   "is spread get more blocks) | head (each head keeps 1 - sparsity of its own) | "
                                   "model (every head of every layer shares one)",
                          choices=SHARES)
+        budget: str = opt("uniform", "how the layers divide the blocks: uniform (each prunes `sparsity`) | sensitivity "
+                                     "(by each layer's probed sensitivity, at the same mean density: the pattern "
+                                     "must hold a probe, `attnlab sparsify --budget sensitivity`)", choices=BUDGETS)
+        alpha: float = opt(0.5, "budget='sensitivity': a layer keeps blocks in proportion to sensitivity ** alpha",
+                           low=0.0, high=4.0)
         backend: str = opt("auto", "auto (flex on CUDA, torch elsewhere) | flex | torch", choices=BACKENDS)
 
         def __post_init__(self):
@@ -93,8 +99,11 @@ class GlobalSparse(SparseAttention):
                               "folder)")
         self.sparsity = float(sparsity)
         if pat is not None:  # every layer of a swapped model selects from the same folder: select once
-            keep = selected_blocks(pat, self.sparsity, o.share)[o.layer]
+            keep = selected_blocks(pat, self.sparsity, o.share, o.budget, o.alpha)[o.layer]
         else:
+            if o.budget != "uniform":
+                raise OptionError("global_sparse: budget='sensitivity' needs a pattern folder with a sensitivity probe, "
+                                  "not raw scores")
             # the model's budget is shared across layers only with share='model'; otherwise select the layer alone
             if scores.dim() == 4 and o.share != "model":
                 scores = scores[o.layer]

@@ -38,6 +38,9 @@ class GlobalPattern:
     sink_mass: torch.Tensor | None = None  # float [L, H, nb]: the part of it that goes to the first `sinks` tokens
     sinks: int = 0  # token-level attention sinks, always kept
     band: bool = True  # a token-level local band of block_size keys, always kept
+    # float [L]: KL(original || this layer alone pruned at meta["sensitivity_probe"]["probe"]) on calibration
+    # windows (`probe_sensitivity`); what budget="sensitivity" divides the blocks by
+    sensitivity: torch.Tensor | None = None
 
     @property
     def num_layers(self) -> int:
@@ -77,7 +80,18 @@ def select_blocks(mass: torch.Tensor, sparsity: float, sink_mass: torch.Tensor |
     `sink_mass` [..., nb]: attention each query block gives the token-level sinks kept anyway; it counts as
     kept from the start and is taken out of block 0's mass (whose remainder competes like any block).
     `band`: a token-level band of block_size keys runs beside the blocks (`make_pattern`): it covers the diagonal
-    block and about half of the block just below it, which counts as kept (the other half competes)."""
+    block and about half of the block just below it, which counts as kept (the other half competes).
+    `sparsity` may also be one value per layer (mass [L, H, nb, nb], share head or layer): each layer is then
+    selected alone at its own (`layer_sparsities`)."""
+    if isinstance(sparsity, (list, tuple, torch.Tensor)):  # one sparsity per layer: each layer selected alone
+        ps = [float(x) for x in (sparsity.tolist() if isinstance(sparsity, torch.Tensor) else sparsity)]
+        if mass.dim() != 4 or len(ps) != mass.shape[0]:
+            raise OptionError(f"per-layer sparsities need scores [L, H, nb, nb] and one value per layer, got "
+                              f"{len(ps)} for {tuple(mass.shape)}")
+        if share == "model":
+            raise OptionError("share='model' shares one budget across layers: per-layer sparsities contradict it")
+        return torch.stack([select_blocks(mass[i], p, None if sink_mass is None else sink_mass[i], band, share)
+                            for i, p in enumerate(ps)])
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
         raise OptionError(f"sparsity must be in [0, 1) (the fraction of blocks pruned), got {sparsity!r}")
     if share not in SHARES:
@@ -136,37 +150,109 @@ def make_pattern(blocks: torch.Tensor, block_size: int, sinks: int, band: bool =
     return blk
 
 
+BUDGETS = ("uniform", "sensitivity")
 _SELECTED: dict = {}
 
 
-def selected_blocks(pat: GlobalPattern, sparsity: float, share: str = "layer") -> torch.Tensor:
-    """select_blocks over a whole pattern [L, H, nb, nb], remembered for the last few (pattern, sparsity, share):
-    the layers of a swapped model each ask for their slice of the same selection. Returns a fresh copy (callers
-    keep their slice as a buffer that load_state_dict may overwrite). The key holds the pattern's tensors, so an
-    id is never reused while its entry lives; a tensor changed in place is a new pattern (its version counter)."""
-    tensors = (pat.mass,) + (() if pat.sink_mass is None else (pat.sink_mass,))
-    key = (tuple((id(t), t._version) for t in tensors), pat.sinks, pat.band, float(sparsity), share)
+def selected_blocks(pat: GlobalPattern, sparsity: float, share: str = "layer", budget: str = "uniform",
+                    alpha: float = 0.5) -> torch.Tensor:
+    """select_blocks over a whole pattern [L, H, nb, nb], remembered for the last few (pattern, sparsity, share,
+    budget): the layers of a swapped model each ask for their slice of the same selection. `budget`: "uniform"
+    (every layer prunes `sparsity` of its blocks) or "sensitivity" (layers get budgets by their measured
+    sensitivity at the same mean density: `layer_sparsities`). Returns a fresh copy (callers keep their slice as a
+    buffer that load_state_dict may overwrite). The key holds the pattern's tensors, so an id is never reused
+    while its entry lives; a tensor changed in place is a new pattern (its version counter)."""
+    tensors = tuple(t for t in (pat.mass, pat.sink_mass, pat.sensitivity) if t is not None)
+    key = (tuple((id(t), t._version) for t in tensors), pat.sinks, pat.band, float(sparsity), share, budget,
+           float(alpha) if budget == "sensitivity" else None)
     hit = _SELECTED.pop(key, None)
     if hit is None:
-        hit = (tensors, select_blocks(pat.mass, sparsity, pat.sink_mass, band=pat.band, share=share))
+        per = sparsity if budget == "uniform" else layer_sparsities(pat, sparsity, share, alpha)
+        hit = (tensors, select_blocks(pat.mass, per, pat.sink_mass, band=pat.band, share=share))
         while len(_SELECTED) >= 4:
             _SELECTED.pop(next(iter(_SELECTED)))
     _SELECTED[key] = hit  # most recently used last
     return hit[1].clone()
 
 
-def pattern_density(pat: GlobalPattern, sparsity: float, seq_len: int, share: str = "layer") -> float:
+def pattern_density(pat: GlobalPattern, sparsity: float, seq_len: int, share: str = "layer", budget: str = "uniform",
+                    alpha: float = 0.5) -> float:
     """Fraction of the causal token pairs (q >= k) the selection at `sparsity` allows at `seq_len`, sinks included
     (mean over layers and heads)."""
-    return blocks_density(pat, selected_blocks(pat, sparsity, share), seq_len)
+    return blocks_density(pat, selected_blocks(pat, sparsity, share, budget, alpha), seq_len)
+
+
+_PAIRS: dict = {}
+
+
+def _block_pairs(pat: GlobalPattern, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per block (i, j) of a seq_len window: its causal pairs, and those of them the sinks and band keep anyway
+    (float64 [nb_t, nb_t] each, from the dense masks of one window, cached)."""
+    key = (pat.block_size, pat.sinks, pat.band, seq_len)
+    if key not in _PAIRS:
+        from ..patterns import WindowPattern
+
+        bs, nb = pat.block_size, -(-seq_len // pat.block_size)
+        causal = torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
+        extra = (WindowPattern(bs - 1 if pat.band else 0, pat.sinks).dense(seq_len, seq_len, True)[0] & causal
+                 if pat.sinks > 0 or pat.band else torch.zeros_like(causal))
+        pad = nb * bs - seq_len
+
+        def per_block(m):
+            m = torch.nn.functional.pad(m.double(), (0, pad, 0, pad))
+            return m.view(nb, bs, nb, bs).sum((1, 3))
+
+        while len(_PAIRS) >= 8:
+            _PAIRS.pop(next(iter(_PAIRS)))
+        _PAIRS[key] = (per_block(causal), per_block(extra))
+    return _PAIRS[key]
 
 
 def blocks_density(pat: GlobalPattern, blocks: torch.Tensor, seq_len: int) -> float:
     """Mean fraction of the causal token pairs that kept-block grids Bool[..., nb, nb] allow at `seq_len`, with the
-    pattern's sinks and band."""
-    blocks = blocks.reshape(-1, *blocks.shape[-2:])
-    return float(sum(make_pattern(b, pat.block_size, pat.sinks, pat.band).density(seq_len, seq_len, causal=True)
-                     for b in blocks) / blocks.shape[0])
+    pattern's sinks and band: a kept block keeps all its causal pairs, another only those the sinks and band keep
+    (the union `make_pattern` builds, counted per block instead of per pair)."""
+    full, extra = _block_pairs(pat, seq_len)
+    nbt = full.shape[0]
+    keep = blocks.reshape(-1, *blocks.shape[-2:])[:, :nbt, :nbt]
+    kept = torch.where(keep, full, extra).sum((1, 2))
+    return float(kept.mean() / full.sum())
+
+
+def layer_sparsities(pat: GlobalPattern, sparsity: float, share: str = "layer", alpha: float = 0.5) -> list[float]:
+    """Per-layer sparsities at the mean causal token density of the uniform `sparsity` (at the pattern's own
+    length): layer l keeps a fraction of its blocks proportional to sensitivity_l ** alpha (the KL the model loses
+    when that layer alone is pruned, `probe_sensitivity`), rescaled until the mean density matches. alpha 0 is
+    uniform in blocks; larger alpha moves more blocks to the sensitive layers."""
+    if pat.sensitivity is None:
+        raise OptionError("budget='sensitivity' needs the pattern's per-layer sensitivity: run `attnlab sparsify "
+                          "--budget sensitivity` (or reduction.probe_sensitivity) on it first")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 4:
+        raise OptionError(f"alpha must be in [0, 4], got {alpha!r}")
+    if share == "model":
+        raise OptionError("budget='sensitivity' divides the blocks between layers: use share='layer' or 'head'")
+    t = pat.max_len
+    target = pattern_density(pat, sparsity, t, share)
+    if sparsity == 0:
+        return [0.0] * pat.num_layers
+    w = pat.sensitivity.double().clamp_min(1e-9) ** alpha
+    w = w / w.mean()
+
+    def at(keep_mean: float) -> tuple[list[float], float]:
+        keep = (w * keep_mean).clamp(0.0, 1.0)
+        for _ in range(50):  # renormalise under the clamp so the mean kept fraction stays keep_mean
+            keep = (keep * keep_mean / keep.mean()).clamp(0.0, 1.0)
+        ps = [min(max(1.0 - float(k), 0.0), 0.999999) for k in keep]
+        return ps, blocks_density(pat, select_blocks(pat.mass, ps, pat.sink_mass, pat.band, share), t)
+
+    lo, hi, keep_mean = 0.0, 1.0, 1.0 - sparsity  # bisection on the mean kept fraction: density rises with it
+    for _ in range(40):
+        ps, dens = at(keep_mean)
+        if abs(dens / target - 1) < 1e-3:
+            break
+        lo, hi = (keep_mean, hi) if dens < target else (lo, keep_mean)
+        keep_mean = (lo + hi) / 2
+    return [round(p, 6) for p in ps]
 
 
 def measure_block_mass(model, windows: torch.Tensor, *, block_size: int = 64, sinks: int = 4,
@@ -226,6 +312,8 @@ def save_pattern(path, pattern: GlobalPattern) -> Path:
     tensors = {"mass": pattern.mass.float().contiguous()}
     if pattern.sink_mass is not None:
         tensors["sink_mass"] = pattern.sink_mass.float().contiguous()
+    if pattern.sensitivity is not None:
+        tensors["sensitivity"] = pattern.sensitivity.float().contiguous()
     save_file(tensors, str(path / "pattern.safetensors"))
     meta = {"format": FORMAT, "num_layers": pattern.num_layers, "num_heads": pattern.num_heads,
             "block_size": pattern.block_size, "num_blocks": pattern.mass.shape[-1], "max_len": pattern.max_len,
@@ -257,6 +345,7 @@ def load_pattern(path) -> GlobalPattern:
         tensors = load_file(str(data_f))
         mass = tensors["mass"]
         sink = tensors.get("sink_mass")
+        sens = tensors.get("sensitivity")
     except (json.JSONDecodeError, SafetensorError, KeyError, OSError) as e:
         raise PatternError(f"{p}: damaged pattern files ({type(e).__name__}: {e})") from None
     if meta.get("format") != FORMAT:
@@ -266,19 +355,51 @@ def load_pattern(path) -> GlobalPattern:
         raise PatternError(f"{p}: mass has shape {tuple(mass.shape)}, pattern.json says {want}")
     if sink is not None and tuple(sink.shape) != tuple(mass.shape[:3]):
         raise PatternError(f"{p}: sink_mass has shape {tuple(sink.shape)}, expected {tuple(mass.shape[:3])}")
+    if sens is not None and tuple(sens.shape) != (mass.shape[0],):
+        raise PatternError(f"{p}: sensitivity has shape {tuple(sens.shape)}, expected ({mass.shape[0]},)")
     pat = GlobalPattern(mass, int(meta["block_size"]), meta, sink, int(meta.get("sinks", 0)) if sink is not None else 0,
-                        bool(meta.get("band", True)))
+                        bool(meta.get("band", True)), sens)
     _CACHE.clear()
     _CACHE[key] = pat
     return pat
 
 
+def probe_sensitivity(model, windows: torch.Tensor, pattern_dir, *, probe: float = 0.97, share: str = "layer",
+                      progress: bool = True) -> torch.Tensor:
+    """Per layer, KL(original || the model with only that layer pruned at `probe`) on `windows` (mean nats per
+    token; use calibration windows, not the held-out ones): float [L]. One forward over the windows per layer."""
+    from tqdm.auto import tqdm
+
+    from ..adapters.spec import Rule, SwapSpec
+    from ..adapters.swap import swapped
+    from ..metrics import fidelity as fm
+
+    pat = load_pattern(pattern_dir)
+    device = next(model.parameters()).device
+    windows = windows.to(device)
+    if windows.shape[1] > pat.max_len:
+        raise PatternError(f"probe windows of {windows.shape[1]} tokens are longer than the pattern covers ({pat.max_len})")
+
+    def logits(spec=None):
+        with (swapped(model, spec) if spec is not None else contextlib.nullcontext()), torch.no_grad():
+            return [model(w[None]).logits.float().cpu() for w in windows]
+
+    base, ids, kl = logits(), windows.cpu(), []
+    for layer in tqdm(range(pat.num_layers), desc=f"probe each layer at {probe:.0%} pruned", disable=not progress):
+        spec = SwapSpec(rules=[Rule(str(layer), "global_sparse", {"pattern": str(pattern_dir), "sparsity": probe,
+                                                                  "share": share})])
+        got = logits(spec)
+        kl.append(fm.summarise([fm.next_token_stats(base[i], got[i], ids[i:i + 1]) for i in range(len(ids))])["kl"])
+    return torch.tensor(kl, dtype=torch.float32)
+
+
 def evaluate(model, windows: torch.Tensor, pattern_dir, sparsities, *, baseline: bool = True, sinks: int = 4,
-             shares=("layer",), progress: bool = True) -> list[dict]:
+             shares=("layer",), budgets=("uniform",), alpha: float = 0.5, progress: bool = True) -> list[dict]:
     """Held-out perplexity, KL(original || swapped) and top-1 agreement of the global-sparse pattern at each
-    sparsity and budget sharing (`shares`: see select_blocks), and (with `baseline`) of a window + `sinks` mask of
-    the same causal token density as the first share's, all against the original model on the same windows. One
-    dict per (technique, share, sparsity)."""
+    sparsity, budget sharing (`shares`: see select_blocks) and layer budget (`budgets`: uniform | sensitivity, see
+    layer_sparsities), and (with `baseline`) of a window + `sinks` mask of the same causal token density as the
+    first (share, budget)'s, all against the original model on the same windows. One dict per (technique, share,
+    budget, sparsity)."""
     from tqdm.auto import tqdm
 
     from ..adapters.swap import swapped
@@ -303,8 +424,9 @@ def evaluate(model, windows: torch.Tensor, pattern_dir, sparsities, *, baseline:
         return out, sorted(ms)[len(ms) // 2]
 
     shares = [shares] if isinstance(shares, str) else list(shares)
-    jobs = [("global_sparse", p, sh) for sh in shares for p in sparsities]
-    jobs += [("window_sinks", p, None) for p in sparsities] if baseline else []
+    budgets = [budgets] if isinstance(budgets, str) else list(budgets)
+    jobs = [("global_sparse", p, sh, bu) for sh in shares for bu in budgets for p in sparsities]
+    jobs += [("window_sinks", p, None, None) for p in sparsities] if baseline else []
     bar = tqdm(total=len(jobs) + 1, desc="evaluate", disable=not progress)
     bar.set_postfix_str("original")
     base, base_ms = run()
@@ -312,13 +434,17 @@ def evaluate(model, windows: torch.Tensor, pattern_dir, sparsities, *, baseline:
     ids = windows.cpu()
     rows = []
     densities = {}
-    for technique, p, share in jobs:
-        bar.set_postfix_str(f"{technique} {share or ''} {p:.0%}")
+    for technique, p, share, budget in jobs:
+        bar.set_postfix_str(f"{technique} {share or ''} {budget or ''} {p:.0%}")
         if technique == "global_sparse":
-            density = pattern_density(pat, p, t, share)
-            densities.setdefault(p, density)
-            logits, ms = run("global_sparse", pattern=str(pattern_dir), sparsity=p, share=share)
             opts = {"sparsity": p, "share": share}
+            if budget != "uniform":
+                opts.update(budget=budget, alpha=alpha,
+                            layer_sparsity=layer_sparsities(pat, p, share, alpha) if p > 0 else [0.0] * pat.num_layers)
+            density = pattern_density(pat, p, t, share, budget, alpha)
+            densities.setdefault(p, density)
+            logits, ms = run("global_sparse", pattern=str(pattern_dir),
+                             **{k: v for k, v in opts.items() if k != "layer_sparsity"})
         else:
             density = densities[p]
             win = WindowPattern.for_density(density, t, sinks=sinks).window
@@ -326,7 +452,8 @@ def evaluate(model, windows: torch.Tensor, pattern_dir, sparsities, *, baseline:
             opts = {"window": win, "sinks": sinks}
             density = WindowPattern(win, sinks).density(t, t, causal=True)
         st = [fm.next_token_stats(base[i], logits[i], ids[i:i + 1]) for i in range(len(ids))]
-        rows.append({"technique": technique, "share": share, "fraction": p, "options": opts, "density": density,
+        rows.append({"technique": technique, "share": share, "budget": budget, "fraction": p, "options": opts,
+                     "density": density,
                      **fm.summarise(st),
                      "ms": ms, "ms_original": base_ms})
         bar.update()
@@ -335,7 +462,8 @@ def evaluate(model, windows: torch.Tensor, pattern_dir, sparsities, *, baseline:
 
 
 def cost(model, seq_len: int, pattern_dir, sparsities, *, baseline: bool = True, sinks: int = 4,
-         share: str = "layer", modes=("fwd", "fwd+bwd"), repeats: int = 5, progress: bool = True) -> list[dict]:
+         share: str = "layer", budget: str = "uniform", alpha: float = 0.5, modes=("fwd", "fwd+bwd"), repeats: int = 5,
+         progress: bool = True) -> list[dict]:
     """Time and peak memory of the model's backbone (its layers, not the vocabulary head, whose logits would
     dominate the memory) on one random window of `seq_len` tokens, batch 1: the original model (its own
     attention), the global-sparse pattern at each sparsity and, with `baseline`, window + `sinks` of the same
@@ -359,9 +487,11 @@ def cost(model, seq_len: int, pattern_dir, sparsities, *, baseline: bool = True,
     ids = torch.randint(0, model.config.vocab_size, (1, seq_len), generator=gen).to(device)
     jobs = [("original", None, {})]
     for p in sparsities:
-        jobs.append(("global_sparse", p, {"pattern": str(pattern_dir), "sparsity": p, "share": share}))
+        extra = {} if budget == "uniform" else {"budget": budget, "alpha": alpha}
+        jobs.append(("global_sparse", p, {"pattern": str(pattern_dir), "sparsity": p, "share": share, **extra}))
         if baseline:
-            win = WindowPattern.for_density(pattern_density(pat, p, seq_len, share), seq_len, sinks=sinks).window
+            dens = pattern_density(pat, p, seq_len, share, budget, alpha)
+            win = WindowPattern.for_density(dens, seq_len, sinks=sinks).window
             jobs.append(("window_sinks", p, {"window": win, "sinks": sinks}))
     grads = [q.requires_grad for q in model.parameters()]
     # interleaved: round r times every (job, mode) once, so drift in the host's speed (up to 2x between rows timed
