@@ -191,6 +191,15 @@ def model_table() -> str:
                 "capture (`adapters/hf.py` `mask_outside_capture`); peak memory is what the capture allocated.", ""]
         for mode in ("fwd", "fwd+bwd"):
             out += _model_mode_table(gr, "original-sdpa+graph", mode, f"*CUDA graph, {mode}*")
+    seg = MODEL_DIR / "model_bench_graph_segments.json"
+    if seg.exists():
+        sr = json.load(open(seg))
+        out += ["**CUDA graph, after the linear kernels' state passes went into segments** (`model_bench_graph_segments"
+                ".json`: `python benchmarks/model_bench.py --device cuda --dtype bfloat16 --cuda-graph --lengths "
+                "1024,4096,16384 --methods linear,performer --originals sdpa`, one interleaved run; "
+                "`ops/linear_triton.py` `segment_len`):", ""]
+        for mode in ("fwd", "fwd+bwd"):
+            out += _model_mode_table(sr, "original-sdpa+graph", mode, f"*CUDA graph with segments, {mode}*")
     comp = MODEL_DIR / "model_bench_compile.json"
     if comp.exists():
         cr = json.load(open(comp))

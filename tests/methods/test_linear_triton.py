@@ -106,6 +106,50 @@ def test_kernel_causal_no_leak_bit_identical(kernels, scale):
     assert not torch.equal(out[:, :, cut:], out2[:, :, cut:])
 
 
+@pytest.mark.parametrize("seg", [1, 2, 4])
+@pytest.mark.parametrize("scale", [False, True], ids=["plain", "log-scale"])
+def test_segmented_state_pass_matches_quadratic_and_does_not_leak(kernels, seg, scale, monkeypatch):
+    """The state pass split into segments of `seg` chunks (330 tokens: 6 chunks, the last partial; 4: uneven
+    segments) gives the quadratic form's outputs and gradients, with a later huge key log-scale unable to reach
+    earlier outputs (bit-identical), as the one-segment walk."""
+    monkeypatch.setattr(kernels, "SEGMENT_LEN", seg)
+    assert kernels.segment_len(6) == seg
+    q, k, v, lk = _features(1, 2, 330, 32, 16, torch.float32, seed=seg, scale=scale)
+    ins = [q, k, v] + ([lk] if scale else [])
+    for x in ins:
+        x.requires_grad_(True)
+    out = _kernel_out(kernels, q, k, v, lk)
+    want = _quadratic(*(x.double() for x in (q, k, v)), None if lk is None else lk.double())
+    assert max_err(out, want) <= 1e-5 * want.abs().max().item()
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    got = torch.autograd.grad((out.double() * w).sum(), ins)
+    ref = torch.autograd.grad((want * w).sum(), ins)
+    for name, a, b in zip("q k v b".split(), got, ref):
+        assert max_err(a, b) <= 1e-4 * b.abs().max().item(), name
+    cut = 200  # inside chunk 3: later segments change
+    q2, k2, v2 = (x.detach().clone() for x in (q, k, v))
+    for x in (q2, k2, v2):
+        x[:, :, cut:] = torch.rand_like(x[:, :, cut:]) * 5
+    lk2 = None
+    if scale:
+        lk2 = lk.detach().clone()
+        lk2[:, :, cut:] = 60.0
+    with torch.no_grad():
+        a = _kernel_out(kernels, q.detach(), k.detach(), v.detach(), None if lk is None else lk.detach())
+        b2 = _kernel_out(kernels, q2, k2, v2, lk2)
+    assert torch.equal(a[:, :, :cut], b2[:, :, :cut])
+    assert not torch.equal(a[:, :, cut:], b2[:, :, cut:])
+
+
+def test_segment_length_choice():
+    from attnlab.ops.linear_triton import segment_len
+
+    assert segment_len(4) == 4 and segment_len(16, 18) == 16  # short: one segment
+    assert segment_len(64, 18) == 6 and segment_len(1024, 18) == 35  # sqrt(n / 2); then ~4 programs per SM
+    assert segment_len(256, 72) == 35
+    assert segment_len(1024, 128) == 1024  # the walks alone nearly fill the GPU: one segment
+
+
 @pytest.mark.parametrize("method,opts", [("linear", {}), ("performer", {"num_features": 48}), ("rfa", {"num_features": 48})])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_methods_run_the_kernels_and_match(kernels, method, opts, dtype):
