@@ -307,3 +307,34 @@ def test_backend_choice_is_visible_and_refused_where_it_cannot_run(name, monkeyp
     with pytest.raises(attnlab.UnsupportedError, match="causal form"):
         tri(q, k, v, causal=False)
     assert core.triton_unsupported_reasons(None, causal=True, tq=4, tk=4, head_dim=8, feature_dim=32)
+
+
+def test_a_fused_map_compiles_for_its_variants_without_falling_back(monkeypatch):
+    """hedgehog's map compiled in a training run meets grad on and off, inputs requiring grad or not, batch 1 and
+    others, fp32 and bf16: more than dynamo's default 8 variants, after which it ran eagerly (seen on the H200).
+    The first compile raises the limit; the 24 variants here compile without hitting it."""
+    import itertools
+
+    import torch._dynamo
+
+    from attnlab.feature_maps import hedgehog_features
+    from attnlab.ops import fused
+
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    monkeypatch.setattr(cfg, name, 8)
+    monkeypatch.setattr(hedgehog_features, "_compiled", None)
+    torch._dynamo.reset()
+    hits = []
+    monkeypatch.setattr(torch._dynamo.convert_frame, "log", type("L", (), {
+        "warning": lambda *a, **k: hits.append(a), "debug": lambda *a, **k: None, "info": lambda *a, **k: None,
+        "isEnabledFor": lambda *a: False})())
+    w = torch.randn(2, 8, 4, requires_grad=True)
+    for gm, rg, b, dt in itertools.product([True, False], [True, False], [1, 2, 3], [torch.float32, torch.bfloat16]):
+        x = torch.randn(b, 2, 5 + b, 8, dtype=dt).requires_grad_(rg)
+        with torch.set_grad_enabled(gm):
+            y = hedgehog_features(x, w, compiled=True)
+        torch.testing.assert_close(y, hedgehog_features(x, w), rtol=2e-2, atol=2e-2)
+    assert getattr(cfg, name) >= fused.FUSED_RECOMPILE_LIMIT
+    assert not [h for h in hits if "recompile_limit" in str(h) or "cache_size_limit" in str(h)]
+    torch._dynamo.reset()

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from . import harness, peers as peers_mod
+from ..ops.fused import raise_recompile_limit
 
 def method_options(method: str, seq_len: int, overrides: dict | None = None) -> dict:
     """The method's own options at this length, `--set` overrides on top (unknown names are an error)."""
@@ -218,19 +219,6 @@ def run_sweep(
                 _write_json(out_path, rows)
     bar.close()
     return rows
-
-
-def raise_recompile_limit(limit: int = 256) -> None:
-    """A sweep compiles flex_attention for many (impl, length, batch, grad mode) variants; at torch's default
-    limit (8 per function) dynamo silently falls back to eager flex, which builds the dense matrix and
-    turns a sparse kernel into an OOM. Raise the limits for the benchmark process only."""
-    cfg = torch._dynamo.config
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(cfg, name):
-            setattr(cfg, name, max(getattr(cfg, name), limit))
-    for name in ("accumulated_recompile_limit", "accumulated_cache_size_limit"):
-        if hasattr(cfg, name):
-            setattr(cfg, name, max(getattr(cfg, name), 4 * limit))
 
 
 def _measure(im, t, b, heads, head_dim, dtype, device, causal, mode, repeats, warmup, overrides, row_budget_s, seed):

@@ -69,6 +69,11 @@ def compiled_flex_attention(device_type: str = "cuda"):
     if fn is None:
         from torch.nn.attention.flex_attention import flex_attention
 
+        from .fused import FUSED_RECOMPILE_LIMIT, raise_recompile_limit
+
+        # variants per (length, grad mode, block size, score_mod): past dynamo's default 8 flex runs eagerly (the
+        # dense matrix); the benchmarks raised it themselves, a training run through the CLI did not
+        raise_recompile_limit(FUSED_RECOMPILE_LIMIT)
         fn = torch.compile(flex_attention, dynamic=False if device_type == "cpu" else None)
         _COMPILED_FLEX[device_type] = fn
     return fn
