@@ -324,7 +324,6 @@ def test_a_fused_map_compiles_for_its_variants_without_falling_back(monkeypatch)
     name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
     monkeypatch.setattr(cfg, name, 8)
     monkeypatch.setattr(hedgehog_features, "_compiled", None)
-    torch._dynamo.reset()
     hits = []
     monkeypatch.setattr(torch._dynamo.convert_frame, "log", type("L", (), {
         "warning": lambda *a, **k: hits.append(a), "debug": lambda *a, **k: None, "info": lambda *a, **k: None,
@@ -337,4 +336,3 @@ def test_a_fused_map_compiles_for_its_variants_without_falling_back(monkeypatch)
         torch.testing.assert_close(y, hedgehog_features(x, w), rtol=2e-2, atol=2e-2)
     assert getattr(cfg, name) >= fused.FUSED_RECOMPILE_LIMIT
     assert not [h for h in hits if "recompile_limit" in str(h) or "cache_size_limit" in str(h)]
-    torch._dynamo.reset()
