@@ -202,6 +202,8 @@ def test_sensitivity_budget_moves_blocks_to_sensitive_layers_at_equal_density(tm
                      sparsity=0.7, budget="sensitivity")
     with pytest.raises(OptionError, match="use share='layer' or 'head'"):
         layer_sparsities(pat, 0.7, "model")
+    with pytest.raises(OptionError, match="budget must be one of uniform, sensitivity"):
+        selected_blocks(pat, 0.7, "layer", "tight")
 
 
 def test_pattern_errors(tmp_path):

@@ -162,6 +162,8 @@ def selected_blocks(pat: GlobalPattern, sparsity: float, share: str = "layer", b
     sensitivity at the same mean density: `layer_sparsities`). Returns a fresh copy (callers keep their slice as a
     buffer that load_state_dict may overwrite). The key holds the pattern's tensors, so an id is never reused
     while its entry lives; a tensor changed in place is a new pattern (its version counter)."""
+    if budget not in BUDGETS:
+        raise OptionError(f"budget must be one of {', '.join(BUDGETS)}, got {budget!r}")
     tensors = tuple(t for t in (pat.mass, pat.sink_mass, pat.sensitivity) if t is not None)
     key = (tuple((id(t), t._version) for t in tensors), pat.sinks, pat.band, float(sparsity), share, budget,
            float(alpha) if budget == "sensitivity" else None)
