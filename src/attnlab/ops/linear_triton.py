@@ -13,7 +13,7 @@ sequential):
    order, keeps S = sum_j e^{b_j - P} k_j v_j^T and z = sum_j e^{b_j - P} k_j in registers (fp32; P: the max
    b of the keys in the state) and writes the state entering every chunk, H [BH, N, F, D] in the inputs'
    dtype (the dtype its matmul reads it in) and Z [BH, N, F] in fp32. A segment starts from the sums of the
-   segments before it (`_segment_sum_kernel`, all segments in parallel, fp32), so that the sequential chain
+   segments before it (the same kernel with SUMS first: all segments in parallel, fp32), so that the sequential chain
    is ~2 sqrt(2 N) steps, not N: with batch 1 and few heads the walk ran on a few SMs, latency-bound
    (0.1 ms a layer at 4k tokens on the H200, longer than cuDNN's whole causal attention there).
 2. `_out_kernel`: one program per (head, chunk), all in parallel: num = e^{P_c - M_i} q H[c] + the masked
@@ -83,46 +83,15 @@ def _weights(LK, PEX, bh, c, n_chunks, T, offs_t, BT: tl.constexpr):
 
 
 @triton.jit
-def _segment_sum_kernel(K, V, LK, PEX, SEG, SEGZ, T, F, D, n_chunks, seg_len, n_seg,
-                        HAS_SCALE: tl.constexpr, PREC: tl.constexpr,
-                        BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    """Each segment's own state, all segments in parallel: SEG[g] = sum_{j in chunks [c0, c1)} e^{b_j - P_{c1}}
-    k_j v_j^T and SEGZ[g] (fp32), by the same recurrence as `_state_kernel` started from 0 at c0."""
-    ik, iv = tl.program_id(0), tl.program_id(1)
-    bh = (tl.program_id(2) // n_seg).to(tl.int64)
-    g = tl.program_id(2) % n_seg
-    offs_t = tl.arange(0, BT)
-    offs_k = ik * BK + tl.arange(0, BK)
-    offs_v = iv * BV + tl.arange(0, BV)
-    kmask, vmask = offs_k < F, offs_v < D
-    s_kv = tl.zeros([BK, BV], tl.float32)
-    s_z = tl.zeros([BK], tl.float32)
-    c0 = g * seg_len
-    c1 = tl.minimum(c0 + seg_len, n_chunks)
-    for c in range(c0, c1):
-        t = c * BT + offs_t
-        tmask = t < T
-        k = tl.load(K + bh * T * F + t[:, None] * F + offs_k[None, :], mask=tmask[:, None] & kmask[None, :], other=0.0)
-        v = tl.load(V + bh * T * D + t[:, None] * D + offs_v[None, :], mask=tmask[:, None] & vmask[None, :], other=0.0)
-        _, _, kfac, sfac = _weights(LK, PEX, bh, c, n_chunks, T, offs_t, BT)
-        kw = _to(k.to(tl.float32) * kfac[:, None], k.dtype, PREC)
-        s_kv = s_kv * sfac + _dot(tl.trans(kw), v, PREC)
-        s_z = s_z * sfac + tl.sum(kw.to(tl.float32), 0)
-    row = bh * n_seg + g
-    tl.store(SEG + (row * F + offs_k[:, None]) * D + offs_v[None, :], s_kv, mask=kmask[:, None] & vmask[None, :])
-    if iv == 0:
-        tl.store(SEGZ + row * F + offs_k, s_z, mask=kmask)
-
-
-@triton.jit
 def _state_kernel(K, V, LK, PEX, H, Z, SEG, SEGZ, T, F, D, n_chunks, seg_len, n_seg,
-                  HAS_SCALE: tl.constexpr, PREC: tl.constexpr,
+                  SUMS: tl.constexpr, HAS_SCALE: tl.constexpr, PREC: tl.constexpr,
                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
     """The state entering every chunk, H[c] = sum_{j < chunk c} e^{b_j - P_c} k_j v_j^T (in the matmul dtype,
-    carried in fp32) and Z[c] (fp32), one (feature block, value block, segment) per program: the segment's
-    entering state is the earlier segments' sums (`_segment_sum_kernel`) brought to P_{c0}, then it walks its
-    own chunks. Segments of seg_len chunks make the sequential chain about 2 n / seg_len + seg_len steps
-    instead of n (one segment: the plain walk, SEG unread)."""
+    carried in fp32) and Z[c] (fp32), one (feature block, value block, segment of seg_len chunks) per program.
+    SUMS: each segment's own sum only, all in parallel, SEG[g] = sum_{j in chunks [c0, c1)} e^{b_j - P_{c1}}
+    k_j v_j^T and SEGZ[g] (fp32). Otherwise a segment starts from the earlier segments' sums brought to P_{c0}
+    and walks its chunks, writing H and Z: the sequential chain is ~2 seg_len steps plus n_seg adds instead of n
+    (one segment: the plain walk, SEG unread)."""
     ik, iv = tl.program_id(0), tl.program_id(1)
     bh = (tl.program_id(2) // n_seg).to(tl.int64)
     g = tl.program_id(2) % n_seg
@@ -130,23 +99,25 @@ def _state_kernel(K, V, LK, PEX, H, Z, SEG, SEGZ, T, F, D, n_chunks, seg_len, n_
     offs_k = ik * BK + tl.arange(0, BK)
     offs_v = iv * BV + tl.arange(0, BV)
     kmask, vmask = offs_k < F, offs_v < D
+    st_mask = kmask[:, None] & vmask[None, :]
     c0 = g * seg_len
     c1 = tl.minimum(c0 + seg_len, n_chunks)
-    p0 = tl.load(PEX + bh * (n_chunks + 1) + c0)
     s_kv = tl.zeros([BK, BV], tl.float32)
     s_z = tl.zeros([BK], tl.float32)
-    for g2 in range(0, g):  # every factor e^{P_{c1(g2)} - P_{c0}} <= 1
-        fac = _rel_exp(tl.load(PEX + bh * (n_chunks + 1) + (g2 + 1) * seg_len), p0)
-        row2 = bh * n_seg + g2
-        s_kv += fac * tl.load(SEG + (row2 * F + offs_k[:, None]) * D + offs_v[None, :],
-                              mask=kmask[:, None] & vmask[None, :], other=0.0)
-        s_z += fac * tl.load(SEGZ + row2 * F + offs_k, mask=kmask, other=0.0)
+    if not SUMS:
+        p0 = tl.load(PEX + bh * (n_chunks + 1) + c0)
+        for g2 in range(0, g):  # every factor e^{P_{c1(g2)} - P_{c0}} <= 1
+            fac = _rel_exp(tl.load(PEX + bh * (n_chunks + 1) + (g2 + 1) * seg_len), p0)
+            row2 = bh * n_seg + g2
+            s_kv += fac * tl.load(SEG + (row2 * F + offs_k[:, None]) * D + offs_v[None, :], mask=st_mask, other=0.0)
+            s_z += fac * tl.load(SEGZ + row2 * F + offs_k, mask=kmask, other=0.0)
     for c in range(c0, c1):
-        row = bh * n_chunks + c
-        tl.store(H + (row * F + offs_k[:, None]) * D + offs_v[None, :], _to(s_kv, H.dtype.element_ty, PREC),
-                 mask=kmask[:, None] & vmask[None, :])
-        if iv == 0:
-            tl.store(Z + row * F + offs_k, s_z, mask=kmask)
+        if not SUMS:
+            row = bh * n_chunks + c
+            tl.store(H + (row * F + offs_k[:, None]) * D + offs_v[None, :], _to(s_kv, H.dtype.element_ty, PREC),
+                     mask=st_mask)
+            if iv == 0:
+                tl.store(Z + row * F + offs_k, s_z, mask=kmask)
         t = c * BT + offs_t
         tmask = t < T
         k = tl.load(K + bh * T * F + t[:, None] * F + offs_k[None, :], mask=tmask[:, None] & kmask[None, :], other=0.0)
@@ -155,50 +126,21 @@ def _state_kernel(K, V, LK, PEX, H, Z, SEG, SEGZ, T, F, D, n_chunks, seg_len, n_
         kw = _to(k.to(tl.float32) * kfac[:, None], k.dtype, PREC)
         s_kv = s_kv * sfac + _dot(tl.trans(kw), v, PREC)
         s_z = s_z * sfac + tl.sum(kw.to(tl.float32), 0)
-
-
-@triton.jit
-def _grad_segment_sum_kernel(Q, LK, PEX, DNUM, DDEN, SEG, SEGZ, T, F, D, n_chunks, seg_len, n_seg,
-                             HAS_SCALE: tl.constexpr, PREC: tl.constexpr,
-                             BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    """Each segment's own reverse state, all in parallel: SEG[g] = sum_{i in chunks [c0, c1)} e^{P_{c0} - M_i}
-    q_i dnum_i^T and SEGZ[g] (fp32), by `_grad_state_kernel`'s recurrence started from 0 at c1 - 1."""
-    ik, iv = tl.program_id(0), tl.program_id(1)
-    bh = (tl.program_id(2) // n_seg).to(tl.int64)
-    g = tl.program_id(2) % n_seg
-    offs_t = tl.arange(0, BT)
-    offs_k = ik * BK + tl.arange(0, BK)
-    offs_v = iv * BV + tl.arange(0, BV)
-    kmask, vmask = offs_k < F, offs_v < D
-    g_kv = tl.zeros([BK, BV], tl.float32)
-    g_z = tl.zeros([BK], tl.float32)
-    c0 = g * seg_len
-    c1 = tl.minimum(c0 + seg_len, n_chunks)
-    for cc in range(0, c1 - c0):
-        c = c1 - 1 - cc
-        t = c * BT + offs_t
-        tmask = t < T
-        q = tl.load(Q + bh * T * F + t[:, None] * F + offs_k[None, :], mask=tmask[:, None] & kmask[None, :], other=0.0)
-        dnum = tl.load(DNUM + bh * T * D + t[:, None] * D + offs_v[None, :], mask=tmask[:, None] & vmask[None, :],
-                       other=0.0)
-        dden = tl.load(DDEN + bh * T + t, mask=tmask, other=0.0)
-        _, qfac, _, sfac = _weights(LK, PEX, bh, c, n_chunks, T, offs_t, BT)
-        qw = _to(q.to(tl.float32) * qfac[:, None], q.dtype, PREC)
-        g_kv = g_kv * sfac + _dot(tl.trans(qw), dnum, PREC)
-        g_z = g_z * sfac + tl.sum(qw.to(tl.float32) * dden[:, None], 0)
-    row = bh * n_seg + g
-    tl.store(SEG + (row * F + offs_k[:, None]) * D + offs_v[None, :], g_kv, mask=kmask[:, None] & vmask[None, :])
-    if iv == 0:
-        tl.store(SEGZ + row * F + offs_k, g_z, mask=kmask)
+    if SUMS:
+        row = bh * n_seg + g
+        tl.store(SEG + (row * F + offs_k[:, None]) * D + offs_v[None, :], s_kv, mask=st_mask)
+        if iv == 0:
+            tl.store(SEGZ + row * F + offs_k, s_z, mask=kmask)
 
 
 @triton.jit
 def _grad_state_kernel(Q, LK, PEX, DNUM, DDEN, G, GZ, SEG, SEGZ, T, F, D, n_chunks, seg_len, n_seg,
-                       HAS_SCALE: tl.constexpr, PREC: tl.constexpr,
+                       SUMS: tl.constexpr, HAS_SCALE: tl.constexpr, PREC: tl.constexpr,
                        BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
     """The reverse pass: G[c] = sum_{i after chunk c} e^{P_{c+1} - M_i} q_i dnum_i^T (matmul dtype) and
-    GZ[c] = the same with dden_i (fp32); every factor <= 1 since M_i >= P_{c+1}. Per segment, as
-    `_state_kernel`: it starts from the later segments' sums brought to P_{c1} and walks its chunks backwards."""
+    GZ[c] = the same with dden_i (fp32); every factor <= 1 since M_i >= P_{c+1}. In segments as `_state_kernel`,
+    walked backwards: SUMS writes SEG[g] = sum_{i in chunks [c0, c1)} e^{P_{c0} - M_i} q_i dnum_i^T (and SEGZ);
+    otherwise a segment starts from the later segments' sums brought to P_{c1}."""
     ik, iv = tl.program_id(0), tl.program_id(1)
     bh = (tl.program_id(2) // n_seg).to(tl.int64)
     g = tl.program_id(2) % n_seg
@@ -206,24 +148,26 @@ def _grad_state_kernel(Q, LK, PEX, DNUM, DDEN, G, GZ, SEG, SEGZ, T, F, D, n_chun
     offs_k = ik * BK + tl.arange(0, BK)
     offs_v = iv * BV + tl.arange(0, BV)
     kmask, vmask = offs_k < F, offs_v < D
+    st_mask = kmask[:, None] & vmask[None, :]
     c0 = g * seg_len
     c1 = tl.minimum(c0 + seg_len, n_chunks)
-    p1 = tl.load(PEX + bh * (n_chunks + 1) + c1)
     g_kv = tl.zeros([BK, BV], tl.float32)
     g_z = tl.zeros([BK], tl.float32)
-    for g2 in range(g + 1, n_seg):  # every factor e^{P_{c1} - P_{c0(g2)}} <= 1
-        fac = _rel_exp(p1 + 0.0, tl.load(PEX + bh * (n_chunks + 1) + g2 * seg_len))
-        row2 = bh * n_seg + g2
-        g_kv += fac * tl.load(SEG + (row2 * F + offs_k[:, None]) * D + offs_v[None, :],
-                              mask=kmask[:, None] & vmask[None, :], other=0.0)
-        g_z += fac * tl.load(SEGZ + row2 * F + offs_k, mask=kmask, other=0.0)
+    if not SUMS:
+        p1 = tl.load(PEX + bh * (n_chunks + 1) + c1)
+        for g2 in range(g + 1, n_seg):  # every factor e^{P_{c1} - P_{c0(g2)}} <= 1
+            fac = _rel_exp(p1 + 0.0, tl.load(PEX + bh * (n_chunks + 1) + g2 * seg_len))
+            row2 = bh * n_seg + g2
+            g_kv += fac * tl.load(SEG + (row2 * F + offs_k[:, None]) * D + offs_v[None, :], mask=st_mask, other=0.0)
+            g_z += fac * tl.load(SEGZ + row2 * F + offs_k, mask=kmask, other=0.0)
     for cc in range(0, c1 - c0):
         c = c1 - 1 - cc
-        row = bh * n_chunks + c
-        tl.store(G + (row * F + offs_k[:, None]) * D + offs_v[None, :], _to(g_kv, G.dtype.element_ty, PREC),
-                 mask=kmask[:, None] & vmask[None, :])
-        if iv == 0:
-            tl.store(GZ + row * F + offs_k, g_z, mask=kmask)
+        if not SUMS:
+            row = bh * n_chunks + c
+            tl.store(G + (row * F + offs_k[:, None]) * D + offs_v[None, :], _to(g_kv, G.dtype.element_ty, PREC),
+                     mask=st_mask)
+            if iv == 0:
+                tl.store(GZ + row * F + offs_k, g_z, mask=kmask)
         t = c * BT + offs_t
         tmask = t < T
         q = tl.load(Q + bh * T * F + t[:, None] * F + offs_k[None, :], mask=tmask[:, None] & kmask[None, :], other=0.0)
@@ -234,6 +178,11 @@ def _grad_state_kernel(Q, LK, PEX, DNUM, DDEN, G, GZ, SEG, SEGZ, T, F, D, n_chun
         qw = _to(q.to(tl.float32) * qfac[:, None], q.dtype, PREC)
         g_kv = g_kv * sfac + _dot(tl.trans(qw), dnum, PREC)
         g_z = g_z * sfac + tl.sum(qw.to(tl.float32) * dden[:, None], 0)
+    if SUMS:
+        row = bh * n_seg + g
+        tl.store(SEG + (row * F + offs_k[:, None]) * D + offs_v[None, :], g_kv, mask=st_mask)
+        if iv == 0:
+            tl.store(SEGZ + row * F + offs_k, g_z, mask=kmask)
 
 
 @triton.jit
@@ -393,14 +342,14 @@ def _states(q, k, v, lkf, pex, meta, n_chunks):
     seg = segment_len(n_chunks, walks, _sm_count(k.device))
     n_seg = triton.cdiv(n_chunks, seg)
     grid = (triton.cdiv(f, BK), triton.cdiv(d, meta["BV"]), bh * n_seg)
+    sums, sums_z = h, z  # not read with one segment
     if n_seg > 1:
         sums = k.new_empty(bh, n_seg, f, d, dtype=torch.float32)
         sums_z = k.new_empty(bh, n_seg, f, dtype=torch.float32)
-        _segment_sum_kernel[grid](k, v, lkf, pex, sums, sums_z, t, f, d, n_chunks, seg, n_seg, **meta,
-                                  **CONFIG["state"])
-    else:
-        sums, sums_z = h, z  # not read
-    _state_kernel[grid](k, v, lkf, pex, h, z, sums, sums_z, t, f, d, n_chunks, seg, n_seg, **meta, **CONFIG["state"])
+        _state_kernel[grid](k, v, lkf, pex, h, z, sums, sums_z, t, f, d, n_chunks, seg, n_seg, SUMS=True, **meta,
+                            **CONFIG["state"])
+    _state_kernel[grid](k, v, lkf, pex, h, z, sums, sums_z, t, f, d, n_chunks, seg, n_seg, SUMS=False, **meta,
+                        **CONFIG["state"])
     return h, z
 
 
@@ -455,10 +404,10 @@ class _CausalLinear(torch.autograd.Function):
         if n_seg > 1:
             sums = g.new_empty(b * nh, n_seg, f, d, dtype=torch.float32)
             sums_z = gz.new_empty(b * nh, n_seg, f)
-            _grad_segment_sum_kernel[grid](q, lkf, pex, dnum, dden, sums, sums_z, t, f, d, n_chunks, seg, n_seg,
-                                           **smeta, **CONFIG["state"])
+            _grad_state_kernel[grid](q, lkf, pex, dnum, dden, g, gz, sums, sums_z, t, f, d, n_chunks, seg, n_seg,
+                                     SUMS=True, **smeta, **CONFIG["state"])
         _grad_state_kernel[grid](q, lkf, pex, dnum, dden, g, gz, sums, sums_z, t, f, d, n_chunks, seg, n_seg,
-                                 **smeta, **CONFIG["state"])
+                                 SUMS=False, **smeta, **CONFIG["state"])
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         db = torch.empty_like(den) if meta["HAS_SCALE"] else den
         _grad_kernel[(n_chunks, b * nh)](q, k, v, lkf, pex, h, z, g, gz, dnum, dden, dq, dk, dv, db, t, f, d, n_chunks,
