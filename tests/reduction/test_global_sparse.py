@@ -277,6 +277,8 @@ def test_on_the_real_model_no_leak_per_layer_and_save_load(smollm2, tmp_path):
     (["--budget", "sensitivity", "--share", "model"], "cannot go with --share model"),
     (["--budget", "sensitivity", "--probe", "1.5"], "--probe must be in (0, 1)"),
     (["--budget", "sensitivity", "--alpha", "-1"], "--alpha must be in [0, 4]"),
+    (["--narrow-backward"], "add --cost"),
+    (["--cost", "--narrow-backward", "--device", "cpu"], "use it with --device cuda"),
 ])
 def test_cli_bad_input_is_one_line(args, match, tmp_path, capsys, monkeypatch):
     import attnlab.models
@@ -355,6 +357,15 @@ def test_cli_sensitivity_budget_probes_calibration_windows_and_reuses_the_probe(
     wrong = [a if a != "8" else "16" for a in base]  # --block-size 16 beside a pattern of 8-token blocks
     assert_cli_one_line_error([*wrong, "--pattern", str(out / "pattern"), "--out", str(tmp_path / "w")],
                               "the pattern was measured with 8-token blocks", capsys, tmp_path / "w")
+    # a new probe (another --probe) would be written into the given folder itself: refused before any compute
+    assert_cli_one_line_error([*base, "--probe", "0.9", "--pattern", str(out / "pattern"), "--out", str(out)],
+                              "would write its probe into the --pattern folder itself", capsys, None)
+    assert (out / "pattern" / "pattern.safetensors").read_bytes() == before
+    # a short --seq-len over a pattern of small blocks is fine without --block-size (it defaulted to 64 and was
+    # compared with --seq-len before the pattern's own block was known)
+    short = [a for a in base if a not in ("--block-size", "8")]
+    short[short.index("--seq-len") + 1] = "32"
+    assert attnlab.cli.main([*short, "--pattern", str(out / "pattern"), "--out", str(tmp_path / "short")]) == 0
 
 
 def test_merge_rounds_takes_the_median_time_the_largest_peak_and_a_failure_first():

@@ -51,8 +51,8 @@ def add_parser(sub) -> None:
     p.add_argument("--no-baseline", action="store_true", help="skip the window + sinks baseline")
     p.add_argument("--cost", action="store_true", help="also time the model's layers (fwd and fwd+bwd, batch 1, one "
                                                        "random --seq-len window) and their peak memory per technique "
-                                                       "and sparsity beside the original (GPU numbers count; CPU "
-                                                       "shows trends)")
+                                                       "and sparsity beside the original, global sparse with the first "
+                                                       "--share and --budget (GPU numbers count; CPU shows trends)")
     p.add_argument("--narrow-backward", action="store_true",
                    help="with --cost on CUDA: attnlab.ops.sparse.enable_narrow_backward(64) first, so the fwd+bwd rows' "
                         "backward runs the pattern's 64-token blocks instead of 128-token ones (process-wide)")
@@ -95,7 +95,7 @@ def run(args) -> int:
     common.positive_int("--windows", args.windows, 1)
     common.positive_int("--sinks", args.sinks, 0)
     common.positive_int("--eval-windows", args.eval_windows, 1)
-    if args.block_size > args.seq_len:
+    if not args.pattern and args.block_size > args.seq_len:
         raise AttnlabError(f"--block-size {args.block_size} exceeds --seq-len {args.seq_len}")
     common.check_device(args.device)
     if args.narrow_backward:
@@ -103,6 +103,8 @@ def run(args) -> int:
 
         if not args.cost:
             raise AttnlabError("--narrow-backward changes only the --cost rows' backward: add --cost")
+        if not str(args.device).startswith("cuda"):
+            raise AttnlabError("--narrow-backward is for flex's CUDA backward: use it with --device cuda")
         if not enable_narrow_backward(64):
             raise AttnlabError("--narrow-backward: this torch has no inductor choices hook (see attnlab/ops/sparse.py)")
     corpora = [c.strip() for c in args.data.split(",") if c.strip()]
@@ -115,6 +117,10 @@ def run(args) -> int:
         args.block_size = pattern.block_size
         if args.seq_len > pattern.max_len:
             raise AttnlabError(f"--seq-len {args.seq_len} exceeds what the pattern covers ({pattern.max_len} tokens)")
+        if ("sensitivity" in budgets and probe_key(args, corpora, shares[0]) != pattern.meta.get("sensitivity_probe")
+                and (Path(args.out) / "pattern").resolve() == Path(args.pattern).resolve()):
+            raise AttnlabError(f"--budget sensitivity would write its probe into the --pattern folder itself "
+                               f"({args.pattern} is OUT/pattern): choose another --out")
     if not args.pattern or "sensitivity" in budgets:  # measured on, or probed on
         data.check_corpora(corpora)
     if args.eval_text != "moby" and not Path(args.eval_text).is_file():
@@ -157,7 +163,7 @@ def run(args) -> int:
     costs = None
     if args.cost:
         costs = gs.cost(model, args.seq_len, pattern_dir, sparsities, baseline=not args.no_baseline,
-                        share=shares[0], budget=budgets[-1], alpha=args.alpha, progress=not args.no_progress)
+                        share=shares[0], budget=budgets[0], alpha=args.alpha, progress=not args.no_progress)
         print()
         print(format_cost(costs))
     common.write_result(
@@ -172,6 +178,12 @@ def run(args) -> int:
     return 0
 
 
+def probe_key(args, corpora, share) -> dict:
+    """What a stored probe was measured with; a stored probe is reused only when this matches."""
+    return {"probe": args.probe, "windows": args.probe_windows, "seq_len": args.seq_len, "corpora": corpora,
+            "share": share}
+
+
 def probe(args, model, tok, corpora, pattern_dir, windows, share, out) -> Path:
     """The pattern with its per-layer sensitivity probed on calibration windows (the first --probe-windows of the
     measured ones, or of --data), reused when the pattern already holds one probed the same way. A pattern given
@@ -182,12 +194,11 @@ def probe(args, model, tok, corpora, pattern_dir, windows, share, out) -> Path:
     from ..train.data import TrainWindows
 
     pat = gs.load_pattern(pattern_dir)
-    key = {"probe": args.probe, "windows": args.probe_windows, "seq_len": args.seq_len, "corpora": corpora,
-           "share": share}
+    key = probe_key(args, corpora, share)
     if pat.sensitivity is not None and pat.meta.get("sensitivity_probe") == key:
         print(f"sensitivity: reusing the probe stored in {pattern_dir}")
         return pattern_dir
-    if windows is None:
+    if windows is None or len(windows) < args.probe_windows:  # the corpus' first windows either way
         windows = TrainWindows(tok, corpora, args.seq_len, args.probe_windows).batch(0, args.probe_windows)
     t0 = time.time()
     sens = gs.probe_sensitivity(model, windows[:args.probe_windows], pattern_dir, probe=args.probe, share=share,

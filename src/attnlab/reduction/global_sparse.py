@@ -38,8 +38,8 @@ class GlobalPattern:
     sink_mass: torch.Tensor | None = None  # float [L, H, nb]: the part of it that goes to the first `sinks` tokens
     sinks: int = 0  # token-level attention sinks, always kept
     band: bool = True  # a token-level local band of block_size keys, always kept
-    # float [L]: KL(original || this layer alone pruned at meta["sensitivity_probe"]["probe"]) on calibration
-    # windows (`probe_sensitivity`); what budget="sensitivity" divides the blocks by
+    # float [L]: KL(original || this layer alone pruned) on calibration windows (`probe_sensitivity`; `attnlab
+    # sparsify` records its settings in meta["sensitivity_probe"]); what budget="sensitivity" divides the blocks by
     sensitivity: torch.Tensor | None = None
 
     @property
@@ -179,8 +179,8 @@ def selected_blocks(pat: GlobalPattern, sparsity: float, share: str = "layer", b
 
 def pattern_density(pat: GlobalPattern, sparsity: float, seq_len: int, share: str = "layer", budget: str = "uniform",
                     alpha: float = 0.5) -> float:
-    """Fraction of the causal token pairs (q >= k) the selection at `sparsity` allows at `seq_len`, sinks included
-    (mean over layers and heads)."""
+    """Fraction of the causal token pairs (q >= k) the selection at `sparsity` (with `share` and the layer `budget`,
+    see selected_blocks) allows at `seq_len`, sinks and band included (mean over layers and heads)."""
     return blocks_density(pat, selected_blocks(pat, sparsity, share, budget, alpha), seq_len)
 
 
@@ -189,24 +189,29 @@ _PAIRS: dict = {}
 
 def _block_pairs(pat: GlobalPattern, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per block (i, j) of a seq_len window: its causal pairs, and those of them the sinks and band keep anyway
-    (float64 [nb_t, nb_t] each, from the dense masks of one window, cached)."""
+    (float64 [nb_t, nb_t] each, cached), counted per (query, key block) in closed form: query r sees keys <= r,
+    its band keys r - w .. r (w = block_size - 1 with the band, else 0: `make_pattern`'s WindowPattern) and the
+    sinks below the band, keys < min(sinks, r - w). O(T nb) memory, not T x T."""
     key = (pat.block_size, pat.sinks, pat.band, seq_len)
     if key not in _PAIRS:
-        from ..patterns import WindowPattern
-
         bs, nb = pat.block_size, -(-seq_len // pat.block_size)
-        causal = torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
-        extra = (WindowPattern(bs - 1 if pat.band else 0, pat.sinks).dense(seq_len, seq_len, True)[0] & causal
-                 if pat.sinks > 0 or pat.band else torch.zeros_like(causal))
+        w = bs - 1 if pat.band else 0
+        r = torch.arange(seq_len, dtype=torch.int64)[:, None]  # query
+        lo = torch.arange(nb, dtype=torch.int64)[None, :] * bs  # key block j: keys lo .. hi - 1
+        hi = (lo + bs).clamp(max=seq_len)
+        end = torch.minimum(r + 1, hi)
+        causal = (end - lo).clamp(min=0)
+        band = (end - torch.maximum(r - w, lo)).clamp(min=0)
+        below = (r - w).clamp(min=0).clamp(max=pat.sinks)  # the sinks outside the band: keys < below
+        sinks = (torch.minimum(hi, below) - lo).clamp(min=0)
         pad = nb * bs - seq_len
 
-        def per_block(m):
-            m = torch.nn.functional.pad(m.double(), (0, pad, 0, pad))
-            return m.view(nb, bs, nb, bs).sum((1, 3))
+        def per_block(m):  # [T, nb] counts -> [nb, nb] summed over each query block's rows
+            return torch.nn.functional.pad(m.double(), (0, 0, 0, pad)).view(nb, bs, nb).sum(1)
 
         while len(_PAIRS) >= 8:
             _PAIRS.pop(next(iter(_PAIRS)))
-        _PAIRS[key] = (per_block(causal), per_block(extra))
+        _PAIRS[key] = (per_block(causal), per_block(band + sinks))
     return _PAIRS[key]
 
 
@@ -221,7 +226,25 @@ def blocks_density(pat: GlobalPattern, blocks: torch.Tensor, seq_len: int) -> fl
     return float(kept.mean() / full.sum())
 
 
+_LAYER_SPARSITIES: dict = {}
+
+
 def layer_sparsities(pat: GlobalPattern, sparsity: float, share: str = "layer", alpha: float = 0.5) -> list[float]:
+    """`_layer_sparsities`, remembered for the last few (pattern tensors and versions, sparsity, share, alpha): the
+    bisection selects every layer ~10-40 times."""
+    tensors = tuple(t for t in (pat.mass, pat.sink_mass, pat.sensitivity) if t is not None)
+    key = (tuple((id(t), t._version) for t in tensors), pat.sinks, pat.band, pat.block_size, float(sparsity), share,
+           float(alpha) if isinstance(alpha, (int, float)) and not isinstance(alpha, bool) else repr(alpha))
+    hit = _LAYER_SPARSITIES.get(key)
+    if hit is None:  # the entry holds the tensors: their ids are not reused while it lives
+        hit = (tensors, _layer_sparsities(pat, sparsity, share, alpha))
+        while len(_LAYER_SPARSITIES) >= 8:
+            _LAYER_SPARSITIES.pop(next(iter(_LAYER_SPARSITIES)))
+        _LAYER_SPARSITIES[key] = hit
+    return list(hit[1])
+
+
+def _layer_sparsities(pat: GlobalPattern, sparsity: float, share: str = "layer", alpha: float = 0.5) -> list[float]:
     """Per-layer sparsities at the mean causal token density of the uniform `sparsity` (at the pattern's own
     length): layer l keeps a fraction of its blocks proportional to sensitivity_l ** alpha (the KL the model loses
     when that layer alone is pruned, `probe_sensitivity`), rescaled until the mean density matches. alpha 0 is
