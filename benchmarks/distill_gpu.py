@@ -172,7 +172,7 @@ def speed(args) -> None:
 
 
 def main() -> None:
-    from attnlab.bench.sweep import raise_recompile_limit
+    from attnlab.ops.fused import raise_recompile_limit
 
     raise_recompile_limit()  # flex variants per (shape, pattern, grad mode): past dynamo's default 8 it runs eagerly
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -168,7 +168,7 @@ def main(argv=None) -> int:
     p.add_argument("methods", nargs="?", default=None, help="comma-separated subset (default: every method)")
     p.add_argument("--quick", action="store_true", help="fp32 exact limits and bf16 CUDA-vs-CPU only")
     args = p.parse_args(argv)
-    from attnlab.bench.sweep import raise_recompile_limit
+    from attnlab.ops.fused import raise_recompile_limit
 
     raise_recompile_limit()  # many (method, shape, grad mode) variants of flex: past dynamo's default 8 it runs eagerly
     names = args.methods.split(",") if args.methods else registry.list_methods()

@@ -23,7 +23,7 @@ from attnlab.patterns import WindowPattern
 
 
 def main() -> None:
-    from attnlab.bench.sweep import raise_recompile_limit
+    from attnlab.ops.fused import raise_recompile_limit
 
     raise_recompile_limit()  # flex variants per (shape, pattern, grad mode): past dynamo's default 8 it runs eagerly
     p = argparse.ArgumentParser()

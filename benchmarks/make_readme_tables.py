@@ -180,26 +180,23 @@ def model_table() -> str:
             out.append(f"| {r['impl']} | {r['seq_len']} | {r['ms']:.1f} | {r.get('busy_ms', 0):.1f} | "
                        f"{r.get('host_ms', 0):.1f} | `{k[0][0][:40]}` {k[0][1]:.1f} |")
         out.append("")
-    graph = MODEL_DIR / "model_bench_graph.json"
-    if graph.exists():
-        gr = json.load(open(graph))
-        out += ["**Each step captured as one CUDA graph** (`--cuda-graph`, `model_bench_graph.json`: "
-                "`python benchmarks/model_bench.py --device cuda --dtype bfloat16 --lengths L --methods "
-                "sdpa,window,linear,performer,global_sparse --originals sdpa --modes fwd,fwd+bwd --cuda-graph`, one run per "
-                "length, each interleaved; 16384 fwd only). A replay launches the whole step at once: no Python, no "
-                "per-kernel launch cost, so this is what the kernels cost. transformers' mask is decided outside the "
-                "capture (`adapters/hf.py` `mask_outside_capture`); peak memory is what the capture allocated.", ""]
-        for mode in ("fwd", "fwd+bwd"):
-            out += _model_mode_table(gr, "original-sdpa+graph", mode, f"*CUDA graph, {mode}*")
-    seg = MODEL_DIR / "model_bench_graph_segments.json"
-    if seg.exists():
-        sr = json.load(open(seg))
-        out += ["**CUDA graph, after the linear kernels' state passes went into segments** (`model_bench_graph_segments"
-                ".json`: `python benchmarks/model_bench.py --device cuda --dtype bfloat16 --cuda-graph --lengths "
-                "1024,4096,16384 --methods linear,performer --originals sdpa`, one interleaved run; "
-                "`ops/linear_triton.py` `segment_len`):", ""]
-        for mode in ("fwd", "fwd+bwd"):
-            out += _model_mode_table(sr, "original-sdpa+graph", mode, f"*CUDA graph with segments, {mode}*")
+    graphs = (("model_bench_graph.json", "**Each step captured as one CUDA graph** (`--cuda-graph`, `model_bench_graph.json`: "
+               "`python benchmarks/model_bench.py --device cuda --dtype bfloat16 --lengths L --methods "
+               "sdpa,window,linear,performer,global_sparse --originals sdpa --modes fwd,fwd+bwd --cuda-graph`, one run per "
+               "length, each interleaved; 16384 fwd only). A replay launches the whole step at once: no Python, no "
+               "per-kernel launch cost, so this is what the kernels cost. transformers' mask is decided outside the "
+               "capture (`adapters/hf.py` `mask_outside_capture`); peak memory is what the capture allocated.",
+               "CUDA graph"),
+              ("model_bench_graph_segments.json", "**CUDA graph, after the linear kernels' state passes went into "
+               "segments** (`model_bench_graph_segments.json`: `python benchmarks/model_bench.py --device cuda --dtype "
+               "bfloat16 --cuda-graph --lengths 1024,4096,16384 --methods linear,performer --originals sdpa`, one "
+               "interleaved run; `ops/linear_triton.py` `segment_len`):", "CUDA graph with segments"))
+    for name, prose, label in graphs:
+        if (MODEL_DIR / name).exists():
+            gr = json.load(open(MODEL_DIR / name))
+            out += [prose, ""]
+            for mode in ("fwd", "fwd+bwd"):
+                out += _model_mode_table(gr, "original-sdpa+graph", mode, f"*{label}, {mode}*")
     comp = MODEL_DIR / "model_bench_compile.json"
     if comp.exists():
         cr = json.load(open(comp))

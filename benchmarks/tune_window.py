@@ -61,7 +61,7 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    from attnlab.bench.sweep import raise_recompile_limit
+    from attnlab.ops.fused import raise_recompile_limit
 
     raise_recompile_limit()
     from attnlab.bench.harness import ceilings
