@@ -331,25 +331,32 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
+def _segmented(kernel, inputs: tuple, out, out_z, t: int, f: int, d: int, n_chunks: int, meta: dict) -> None:
+    """Run a sequential pass (`_state_kernel` or `_grad_state_kernel`) into out [BH, N, F, D] and out_z [BH, N, F]
+    in segments of `segment_len` chunks: the segments' own sums first (SUMS, fp32) when there is more than one."""
+    bh = out.shape[0]
+    meta = {**meta, "BV": min(meta["BV"], STATE_BV)}
+    walks = triton.cdiv(f, BK) * triton.cdiv(d, meta["BV"]) * bh
+    seg = segment_len(n_chunks, walks, _sm_count(out.device))
+    n_seg = triton.cdiv(n_chunks, seg)
+    grid = (triton.cdiv(f, BK), triton.cdiv(d, meta["BV"]), bh * n_seg)
+    sums, sums_z = out, out_z  # not read with one segment
+    if n_seg > 1:
+        sums = out.new_empty(bh, n_seg, f, d, dtype=torch.float32)
+        sums_z = out.new_empty(bh, n_seg, f, dtype=torch.float32)
+        kernel[grid](*inputs, out, out_z, sums, sums_z, t, f, d, n_chunks, seg, n_seg, SUMS=True, **meta,
+                     **CONFIG["state"])
+    kernel[grid](*inputs, out, out_z, sums, sums_z, t, f, d, n_chunks, seg, n_seg, SUMS=False, **meta,
+                 **CONFIG["state"])
+
+
 def _states(q, k, v, lkf, pex, meta, n_chunks):
     """H [BH, N, F, D] (the inputs' dtype) and Z [BH, N, F] (fp32): the state entering each chunk."""
     bh, t, f = k.shape
     d = v.shape[-1]
     h = k.new_empty(bh, n_chunks, f, d)
     z = k.new_empty(bh, n_chunks, f, dtype=torch.float32)
-    meta = {**meta, "BV": min(meta["BV"], STATE_BV)}
-    walks = triton.cdiv(f, BK) * triton.cdiv(d, meta["BV"]) * bh
-    seg = segment_len(n_chunks, walks, _sm_count(k.device))
-    n_seg = triton.cdiv(n_chunks, seg)
-    grid = (triton.cdiv(f, BK), triton.cdiv(d, meta["BV"]), bh * n_seg)
-    sums, sums_z = h, z  # not read with one segment
-    if n_seg > 1:
-        sums = k.new_empty(bh, n_seg, f, d, dtype=torch.float32)
-        sums_z = k.new_empty(bh, n_seg, f, dtype=torch.float32)
-        _state_kernel[grid](k, v, lkf, pex, h, z, sums, sums_z, t, f, d, n_chunks, seg, n_seg, SUMS=True, **meta,
-                            **CONFIG["state"])
-    _state_kernel[grid](k, v, lkf, pex, h, z, sums, sums_z, t, f, d, n_chunks, seg, n_seg, SUMS=False, **meta,
-                        **CONFIG["state"])
+    _segmented(_state_kernel, (k, v, lkf, pex), h, z, t, f, d, n_chunks, meta)
     return h, z
 
 
@@ -395,19 +402,7 @@ class _CausalLinear(torch.autograd.Function):
         _grad_prep_kernel[(n_chunks, b * nh)](dout, out, den, dnum, dden, t, d, meta["PREC"], BT, meta["BV"])
         h, z = _states(q, k, v, lkf, pex, meta, n_chunks)
         g, gz = torch.empty_like(h), torch.empty_like(z)
-        smeta = {**meta, "BV": min(meta["BV"], STATE_BV)}
-        walks = triton.cdiv(f, BK) * triton.cdiv(d, smeta["BV"]) * b * nh
-        seg = segment_len(n_chunks, walks, _sm_count(q.device))
-        n_seg = triton.cdiv(n_chunks, seg)
-        grid = (triton.cdiv(f, BK), triton.cdiv(d, smeta["BV"]), b * nh * n_seg)
-        sums, sums_z = g, gz  # not read with one segment
-        if n_seg > 1:
-            sums = g.new_empty(b * nh, n_seg, f, d, dtype=torch.float32)
-            sums_z = gz.new_empty(b * nh, n_seg, f)
-            _grad_state_kernel[grid](q, lkf, pex, dnum, dden, g, gz, sums, sums_z, t, f, d, n_chunks, seg, n_seg,
-                                     SUMS=True, **smeta, **CONFIG["state"])
-        _grad_state_kernel[grid](q, lkf, pex, dnum, dden, g, gz, sums, sums_z, t, f, d, n_chunks, seg, n_seg,
-                                 SUMS=False, **smeta, **CONFIG["state"])
+        _segmented(_grad_state_kernel, (q, lkf, pex, dnum, dden), g, gz, t, f, d, n_chunks, meta)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         db = torch.empty_like(den) if meta["HAS_SCALE"] else den
         _grad_kernel[(n_chunks, b * nh)](q, k, v, lkf, pex, h, z, g, gz, dnum, dden, dq, dk, dv, db, t, f, d, n_chunks,

@@ -152,6 +152,22 @@ def make_pattern(blocks: torch.Tensor, block_size: int, sinks: int, band: bool =
 
 BUDGETS = ("uniform", "sensitivity")
 _SELECTED: dict = {}
+_LAYER_SPARSITIES: dict = {}
+
+
+def _remembered(store: dict, size: int, pat: GlobalPattern, args: tuple, make):
+    """make(), remembered in `store` (the last `size`, least recently used out) under the pattern's tensors (ids and
+    version counters: a tensor changed in place is a new pattern) and `args`. The entry holds the tensors, so an id
+    is never reused while it lives."""
+    tensors = tuple(t for t in (pat.mass, pat.sink_mass, pat.sensitivity) if t is not None)
+    key = (tuple((id(t), t._version) for t in tensors), pat.sinks, pat.band, pat.block_size, *args)
+    hit = store.pop(key, None)
+    if hit is None:
+        hit = (tensors, make())
+        while len(store) >= size:
+            store.pop(next(iter(store)))
+    store[key] = hit  # most recently used last
+    return hit[1]
 
 
 def selected_blocks(pat: GlobalPattern, sparsity: float, share: str = "layer", budget: str = "uniform",
@@ -160,21 +176,16 @@ def selected_blocks(pat: GlobalPattern, sparsity: float, share: str = "layer", b
     budget): the layers of a swapped model each ask for their slice of the same selection. `budget`: "uniform"
     (every layer prunes `sparsity` of its blocks) or "sensitivity" (layers get budgets by their measured
     sensitivity at the same mean density: `layer_sparsities`). Returns a fresh copy (callers keep their slice as a
-    buffer that load_state_dict may overwrite). The key holds the pattern's tensors, so an id is never reused
-    while its entry lives; a tensor changed in place is a new pattern (its version counter)."""
+    buffer that load_state_dict may overwrite)."""
     if budget not in BUDGETS:
         raise OptionError(f"budget must be one of {', '.join(BUDGETS)}, got {budget!r}")
-    tensors = tuple(t for t in (pat.mass, pat.sink_mass, pat.sensitivity) if t is not None)
-    key = (tuple((id(t), t._version) for t in tensors), pat.sinks, pat.band, float(sparsity), share, budget,
-           float(alpha) if budget == "sensitivity" else None)
-    hit = _SELECTED.pop(key, None)
-    if hit is None:
+
+    def make():
         per = sparsity if budget == "uniform" else layer_sparsities(pat, sparsity, share, alpha)
-        hit = (tensors, select_blocks(pat.mass, per, pat.sink_mass, band=pat.band, share=share))
-        while len(_SELECTED) >= 4:
-            _SELECTED.pop(next(iter(_SELECTED)))
-    _SELECTED[key] = hit  # most recently used last
-    return hit[1].clone()
+        return select_blocks(pat.mass, per, pat.sink_mass, band=pat.band, share=share)
+
+    args = (float(sparsity), share, budget, float(alpha) if budget == "sensitivity" else None)
+    return _remembered(_SELECTED, 4, pat, args, make).clone()
 
 
 def pattern_density(pat: GlobalPattern, sparsity: float, seq_len: int, share: str = "layer", budget: str = "uniform",
@@ -226,29 +237,12 @@ def blocks_density(pat: GlobalPattern, blocks: torch.Tensor, seq_len: int) -> fl
     return float(kept.mean() / full.sum())
 
 
-_LAYER_SPARSITIES: dict = {}
-
-
 def layer_sparsities(pat: GlobalPattern, sparsity: float, share: str = "layer", alpha: float = 0.5) -> list[float]:
-    """`_layer_sparsities`, remembered for the last few (pattern tensors and versions, sparsity, share, alpha): the
-    bisection selects every layer ~10-40 times."""
-    tensors = tuple(t for t in (pat.mass, pat.sink_mass, pat.sensitivity) if t is not None)
-    key = (tuple((id(t), t._version) for t in tensors), pat.sinks, pat.band, pat.block_size, float(sparsity), share,
-           float(alpha) if isinstance(alpha, (int, float)) and not isinstance(alpha, bool) else repr(alpha))
-    hit = _LAYER_SPARSITIES.get(key)
-    if hit is None:  # the entry holds the tensors: their ids are not reused while it lives
-        hit = (tensors, _layer_sparsities(pat, sparsity, share, alpha))
-        while len(_LAYER_SPARSITIES) >= 8:
-            _LAYER_SPARSITIES.pop(next(iter(_LAYER_SPARSITIES)))
-        _LAYER_SPARSITIES[key] = hit
-    return list(hit[1])
-
-
-def _layer_sparsities(pat: GlobalPattern, sparsity: float, share: str = "layer", alpha: float = 0.5) -> list[float]:
     """Per-layer sparsities at the mean causal token density of the uniform `sparsity` (at the pattern's own
     length): layer l keeps a fraction of its blocks proportional to sensitivity_l ** alpha (the KL the model loses
     when that layer alone is pruned, `probe_sensitivity`), rescaled until the mean density matches. alpha 0 is
-    uniform in blocks; larger alpha moves more blocks to the sensitive layers."""
+    uniform in blocks; larger alpha moves more blocks to the sensitive layers. Remembered for the last few
+    (pattern, sparsity, share, alpha): the bisection selects every layer ~10-40 times."""
     if pat.sensitivity is None:
         raise OptionError("budget='sensitivity' needs the pattern's per-layer sensitivity: run `attnlab sparsify "
                           "--budget sensitivity` (or reduction.probe_sensitivity) on it first")
@@ -256,6 +250,12 @@ def _layer_sparsities(pat: GlobalPattern, sparsity: float, share: str = "layer",
         raise OptionError(f"alpha must be in [0, 4], got {alpha!r}")
     if share == "model":
         raise OptionError("budget='sensitivity' divides the blocks between layers: use share='layer' or 'head'")
+    return list(_remembered(_LAYER_SPARSITIES, 8, pat, (float(sparsity), share, float(alpha)),
+                            lambda: _layer_sparsities(pat, sparsity, share, alpha)))
+
+
+def _layer_sparsities(pat: GlobalPattern, sparsity: float, share: str, alpha: float) -> list[float]:
+    """layer_sparsities' bisection, its arguments checked."""
     t = pat.max_len
     target = pattern_density(pat, sparsity, t, share)
     if sparsity == 0:
