@@ -135,8 +135,10 @@ def capture(model, step, warmup: int, pool=None):
     return graph.replay, torch.cuda.max_memory_allocated() - base, (graph, masks)
 
 
-def profile_step(model, ids, mode, device) -> dict:
-    """One step under torch.profiler: device busy time, time inside self_attn modules, and (CUDA) the syncs."""
+def profile_step(model, ids, mode, device, trace: Path | None = None) -> dict:
+    """One step under torch.profiler: device busy time, time inside self_attn modules, and (CUDA) the syncs.
+    `trace`: also one step under torch.profiler with Python stacks, written there as a chrome trace (.json.gz;
+    benchmarks/trace_gaps.py reads it)."""
     import warnings
 
     from torch.profiler import ProfilerActivity, profile, record_function
@@ -188,6 +190,14 @@ def profile_step(model, ids, mode, device) -> dict:
         if cuda:  # where the device time goes: the largest kernels by their own time
             top = sorted(kernels, key=lambda e: -get(e, "self_device_time_total"))[:8]
             out["top_kernels"] = [[e.key[:80], round(get(e, "self_device_time_total") / 1e3, 3), e.count] for e in top]
+        if trace is not None:  # a step of its own: Python stacks slow the host, the numbers above stay unaffected
+            with profile(activities=acts, with_stack=True) as tprof:
+                step()
+                if cuda:
+                    torch.cuda.synchronize()
+            trace.parent.mkdir(parents=True, exist_ok=True)
+            tprof.export_chrome_trace(str(trace))
+            out["trace"] = trace.name
         # host time: the step under cProfile, its costliest functions by own time (Python, launches, guards)
         import cProfile
         import pstats
@@ -232,6 +242,8 @@ def main(argv=None):
                    "first: global_sparse's backward runs its 64-token blocks (impl names get +narrowbwd)")
     p.add_argument("--profile", action="store_true", help="per row, one more step under torch.profiler: device "
                    "busy time, time inside self_attn, and (CUDA) host-device syncs")
+    p.add_argument("--trace", default=None, help="with --profile: write each row's step as a chrome trace "
+                   "(Python stacks) into this folder, IMPL_MODE_LEN.json.gz (benchmarks/trace_gaps.py reads them)")
     p.add_argument("--verbose", action="store_true", help="with --profile, print each row's largest kernels and "
                    "host functions")
     p.add_argument("--merge", default=None, help="an earlier model_bench.json: its rows for the impls measured "
@@ -239,6 +251,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.cuda_graph and not a.device.startswith("cuda"):
         p.error("--cuda-graph needs --device cuda")
+    if a.trace and not a.profile:
+        p.error("--trace goes with --profile")
     if a.cuda_graph and (a.compile or a.profile):
         p.error("--cuda-graph times replays of a captured step: not with --compile or --profile")
     if a.narrow_backward:
@@ -347,7 +361,9 @@ def main(argv=None):
                                peak_mem_bytes=peak, repeats=len(times))
                     if a.profile:
                         try:
-                            row.update(profile_step(models[name], ids, mode, a.device))
+                            trace = (Path(a.trace) / f"{name}_{mode.replace('+', '')}_{n}.json.gz" if a.trace
+                                     else None)
+                            row.update(profile_step(models[name], ids, mode, a.device, trace))
                         except Exception as e:  # the timing above stands; the row says why it has no profile
                             row["profile_error"] = f"{type(e).__name__}: {e}"[:300]
                         models[name].zero_grad(set_to_none=True)

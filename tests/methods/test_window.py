@@ -43,6 +43,22 @@ def test_flex_padding_pattern_and_empty_rows():
     assert_matches_reference(out, q, k, v, attn_mask=window_mask(37, 37, 3), key_padding_mask=kpm)
 
 
+@pytest.mark.flex
+def test_flex_gqa_reads_the_kv_heads_itself():
+    # k, v keep their one kv head into flex (enable_gqa, no expanded copies): each query head must read it
+    q, _, _ = rand_qkv(**FLEX_SHAPE, seed=5)
+    _, k, v = rand_qkv(**{**FLEX_SHAPE, "h": 1}, seed=6)
+    kpm = torch.ones(2, 37, dtype=torch.bool)
+    kpm[0, 30:] = False
+    with torch.no_grad():
+        m = make("window", q, k, window=3, sinks=2, backend="flex")
+        out, _ = m(q, k, v, causal=True, key_padding_mask=kpm)
+    assert m.kernel == "flex"
+    causal = torch.ones(37, 37, dtype=torch.bool).tril()
+    assert_matches_reference(out, q, k.expand_as(q), v.expand_as(q), attn_mask=window_mask(37, 37, 3, 2) & causal,
+                             key_padding_mask=kpm)
+
+
 @pytest.mark.parametrize(
     "window,sinks,tq,tk,causal",
     [

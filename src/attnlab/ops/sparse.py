@@ -260,7 +260,9 @@ def with_narrow(configs: list, config_cls, sizes) -> list:
 
 
 def flex(q, k, v, block_mask, *, scale: float, key_padding_mask: torch.Tensor | None = None, return_lse: bool = False):
-    """Compiled flex_attention; rows with no visible key return zeros, never NaN.
+    """Compiled flex_attention; rows with no visible key return zeros, never NaN. k and v may carry fewer heads
+    than q (grouped-query attention, Hkv dividing H): flex reads each query head's kv head itself
+    (`enable_gqa`), no expanded copies.
 
     Padding reaches the kernel as a score_mod (score -> -inf at padded keys) so the BlockMask stays
     batch-independent and cached; the price is that padded tail blocks are computed, not skipped.
@@ -278,6 +280,8 @@ def flex(q, k, v, block_mask, *, scale: float, key_padding_mask: torch.Tensor | 
     fn = compiled_flex_attention(q.device.type)
     tiles = tile_options(block_mask, q.device)
     kw = {} if tiles is None else {"kernel_options": tiles}
+    if k.shape[1] != q.shape[1]:
+        kw["enable_gqa"] = True
     if return_lse:
         out, lse = fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, return_lse=True, **kw)
         # flex reports a row with no visible key as lse = -inf (CUDA) or a large negative number; keep -inf
@@ -334,10 +338,18 @@ def gathered_attention(q, k, v, mask_mod, chunks, *, scale: float, key_padding_m
 def sparse_attention(q, k, v, pattern, *, causal: bool, key_padding_mask, scale: float, backend: str,
                      need_probs: bool = False, need_lse: bool = False, need_col_sums: bool = False,
                      flex_block_size: int = 128) -> tuple[AttnOutput, str]:
-    """Run `pattern` (heads already expanded) with the chosen kernel. Returns (AttnOutput, kernel name)."""
+    """Run `pattern` with the chosen kernel. Returns (AttnOutput, kernel name). k and v may have fewer heads than
+    q (GQA): flex serves them as they are, the other kernels get them expanded here."""
+    from ..methods.base import repeat_kv
     from .reference import blockwise_attention
 
     tq, tk = q.shape[-2], k.shape[-2]
+    backward = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    kernel = "dense" if need_probs else resolve(backend, q, need_lse=need_lse, need_col_sums=need_col_sums,
+                                                pattern=pattern, backward=backward)
+    if kernel != "flex":
+        groups = q.shape[1] // k.shape[1]
+        k, v = repeat_kv(k, groups), repeat_kv(v, groups)
     if need_probs:  # the implied matrix is Tq x Tk anyway: dense maths under the same mask_mod
         from ..methods.dense import dense_attention
 
@@ -348,8 +360,6 @@ def sparse_attention(q, k, v, pattern, *, causal: bool, key_padding_mask, scale:
             _, lse, cols = blockwise_attention(q, k, v, scale=scale, key_padding_mask=key_padding_mask, attn_mask=allowed,
                                                need_out=False, need_lse=need_lse, need_col_sums=need_col_sums)
         return AttnOutput(out, probs, lse=lse, col_sums=cols), "dense"
-    backward = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    kernel = resolve(backend, q, need_lse=need_lse, need_col_sums=need_col_sums, pattern=pattern, backward=backward)
     if kernel == "triton":
         from .window_triton import window_attention
 
