@@ -8,7 +8,8 @@ Per (method, length): `host_us` is the host time to issue one call (a loop of --
 by their number; the device runs behind it), `total_us` the loop with its final sync (the call's cost when the host
 keeps ahead: the device time then), for attnlab's module and for the raw call it wraps with the same inputs:
 F.scaled_dot_product_attention (enable_gqa), compiled flex_attention with the method's own BlockMask, the window
-Triton kernel, the linear Triton kernel on the method's own features. Rows alternate attnlab and raw, repeated
+Triton kernel, the linear Triton kernel on the method's own features; and the linear and FAVOR+ feature maps alone,
+compiled (`impl` attnlab) against eager (`impl` raw). Rows alternate attnlab and raw, repeated
 --rounds times, median kept. CUDA; on CPU a dry run (host and device are the same there).
 """
 from __future__ import annotations
@@ -87,6 +88,11 @@ def cases(n: int, device):
         fk, _ = lin.feature_map(repeat_kv(k, H // HKV), scale=scale, is_query=False, compiled=True)
         vr = repeat_kv(v, H // HKV)
         yield "linear", lambda: lin(q, k, v, causal=True), lambda: causal_linear(fq, fk, vr)
+        # the feature maps alone: compiled (one fused kernel behind torch.compile's entry) vs eager (one launch per op)
+        perf = make("performer")
+        for name, fm in (("elu_map", lin.feature_map), ("favor_map", perf.to(device).feature_map)):
+            yield (f"{name} compiled|eager", (lambda fm=fm: fm(q, scale=scale, is_query=False, compiled=True)),
+                   (lambda fm=fm: fm(q, scale=scale, is_query=False, compiled=False)))
 
 
 def main(argv=None) -> int:
