@@ -51,6 +51,7 @@ CASES = [  # (b, h, hkv, tq, tk, d, window, sinks, causal)
     (2, 2, 2, 37, 37, 16, 5, 0, True),
     (1, 2, 2, 50, 50, 24, 7, 3, False),
     (2, 2, 1, 20, 45, 16, 6, 2, True),  # Tq < Tk (bottom-right) and GQA
+    (1, 6, 2, 30, 30, 16, 4, 1, False),  # GQA with two kv heads of three query heads each: the kernel's kv head index
     (1, 1, 1, 33, 33, 16, 100, 0, False),  # the exact limit: window >= T
     (1, 1, 1, 40, 40, 16, 3, 18, True),  # sinks spanning more than one tile
     (1, 1, 1, 48, 48, 16, 2, 40, False),  # sinks reaching above the band (non-causal: visible there too)

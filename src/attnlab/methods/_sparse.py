@@ -18,7 +18,7 @@ SPARSE_CAPS = Capabilities(causal=True, padding=True, attn_mask=False, probs=Tru
 class SparseAttention(AttentionMethod):
     capabilities = SPARSE_CAPS
     flex_block_size = 128
-    native_gqa = True  # k, v reach sparse_attention with their own heads: flex reads them so, the rest expand them
+    native_gqa = True  # k, v reach sparse_attention with their own heads: flex and triton read them so, the rest expand
 
     def _unsupported_reasons(self, *, causal, tq, tk, dtype, device, need_lse=False, need_col_sums=False,
                              need_probs=False):

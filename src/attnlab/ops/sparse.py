@@ -339,7 +339,8 @@ def sparse_attention(q, k, v, pattern, *, causal: bool, key_padding_mask, scale:
                      need_probs: bool = False, need_lse: bool = False, need_col_sums: bool = False,
                      flex_block_size: int = 128) -> tuple[AttnOutput, str]:
     """Run `pattern` with the chosen kernel. Returns (AttnOutput, kernel name). k and v may have fewer heads than
-    q (GQA): flex serves them as they are, the other kernels get them expanded here."""
+    q (GQA): flex and the window's Triton kernel read them as they are, the torch and dense kernels get them
+    expanded here."""
     from ..methods.base import repeat_kv
     from .reference import blockwise_attention
 
@@ -347,7 +348,7 @@ def sparse_attention(q, k, v, pattern, *, causal: bool, key_padding_mask, scale:
     backward = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     kernel = "dense" if need_probs else resolve(backend, q, need_lse=need_lse, need_col_sums=need_col_sums,
                                                 pattern=pattern, backward=backward)
-    if kernel != "flex":
+    if kernel not in ("flex", "triton"):
         groups = q.shape[1] // k.shape[1]
         k, v = repeat_kv(k, groups), repeat_kv(v, groups)
     if need_probs:  # the implied matrix is Tq x Tk anyway: dense maths under the same mask_mod

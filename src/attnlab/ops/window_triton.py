@@ -112,13 +112,14 @@ def _fwd_tiles(acc, m_i, l_i, q, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt
 
 
 @triton.jit
-def _fwd(Q, K, V, PAD, O, LSE, H, Tq, Tk, D, W, S, qk_scale,
+def _fwd(Q, K, V, PAD, O, LSE, H, G, Tq, Tk, D, W, S, qk_scale,
          s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
          HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
          BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
+    hk = h // G  # the kv head this query head reads (GQA: G query heads per kv head)
     off = Tk - Tq
     m0 = pid_m * BM
     offs_m = m0 + tl.arange(0, BM)
@@ -127,7 +128,7 @@ def _fwd(Q, K, V, PAD, O, LSE, H, Tq, Tk, D, W, S, qk_scale,
     qmask = (offs_m < Tq)[:, None] & (offs_d < D)[None, :]
     q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qt + offs_d[None, :], mask=qmask, other=0.0)
     pos = offs_m + off
-    k_base, v_base, pad_base = b * s_kb + h * s_kh, b * s_vb + h * s_vh, b * Tk
+    k_base, v_base, pad_base = b * s_kb + hk * s_kh, b * s_vb + hk * s_vh, b * Tk
     acc = tl.zeros([BM, BD], tl.float32)
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
@@ -163,21 +164,22 @@ def _bwd_delta(O, DO, DLSE, DELTA, Tq, D, HAS_DLSE: tl.constexpr, BM: tl.constex
 
 
 @triton.jit
-def _bwd_dkdv(Q, K, V, PAD, DO, LSE, DELTA, DK, DV, H, Tq, Tk, D, W, S, qk_scale, scale,
+def _bwd_dkdv(Q, K, V, PAD, DO, LSE, DELTA, DK, DV, H, G, Tq, Tk, D, W, S, qk_scale, scale,
               s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
               HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
               BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
+    hk = h // G  # the kv head this query head reads (GQA: G query heads per kv head)
     off = Tk - Tq
     n0 = pid_n * BN
     kj = n0 + tl.arange(0, BN)
     offs_m = tl.arange(0, BM)
     offs_d = tl.arange(0, BD)
     kmask = (kj < Tk)[:, None] & (offs_d < D)[None, :]
-    k = tl.load(K + b * s_kb + h * s_kh + kj[:, None] * s_kt + offs_d[None, :], mask=kmask, other=0.0)
-    v = tl.load(V + b * s_vb + h * s_vh + kj[:, None] * s_vt + offs_d[None, :], mask=kmask, other=0.0)
+    k = tl.load(K + b * s_kb + hk * s_kh + kj[:, None] * s_kt + offs_d[None, :], mask=kmask, other=0.0)
+    v = tl.load(V + b * s_vb + hk * s_vh + kj[:, None] * s_vt + offs_d[None, :], mask=kmask, other=0.0)
     real = tl.full([BN], 1, tl.int1)
     if HAS_PAD:
         real = tl.load(PAD + b * Tk + kj, mask=kj < Tk, other=0) != 0
@@ -237,13 +239,14 @@ def _dq_tiles(dq, q, do, lse, delta, K, V, PAD, k_base, v_base, pad_base, s_kt, 
 
 
 @triton.jit
-def _bwd_dq(Q, K, V, PAD, DO, LSE, DELTA, DQ, H, Tq, Tk, D, W, S, qk_scale, scale,
+def _bwd_dq(Q, K, V, PAD, DO, LSE, DELTA, DQ, H, G, Tq, Tk, D, W, S, qk_scale, scale,
             s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
             HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
             BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
+    hk = h // G  # the kv head this query head reads (GQA: G query heads per kv head)
     off = Tk - Tq
     m0 = pid_m * BM
     offs_m = m0 + tl.arange(0, BM)
@@ -256,7 +259,7 @@ def _bwd_dq(Q, K, V, PAD, DO, LSE, DELTA, DQ, H, Tq, Tk, D, W, S, qk_scale, scal
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
     delta = tl.load(DELTA + bh * Tq + offs_m, mask=offs_m < Tq, other=0.0)
     pos = offs_m + off
-    k_base, v_base, pad_base = b * s_kb + h * s_kh, b * s_vb + h * s_vh, b * Tk
+    k_base, v_base, pad_base = b * s_kb + hk * s_kh, b * s_vb + hk * s_vh, b * Tk
     dq = tl.zeros([BM, BD], tl.float32)
     lo, hi, sink_end = _key_range(m0, BM, off, Tk, W, S, CAUSAL, BN)
     dq = _dq_tiles(dq, q, do, lse, delta, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt, 0, sink_end, pos, offs_n,
@@ -289,6 +292,7 @@ class _WindowAttention(torch.autograd.Function):
         q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
         b, h, tq, d = q.shape
         tk = k.shape[2]
+        groups = h // k.shape[1]
         out = torch.empty(b, h, tq, d, dtype=q.dtype, device=q.device)
         lse2 = torch.empty(b, h, tq, dtype=torch.float32, device=q.device)
         pad_arg = pad if pad is not None else out  # never read when HAS_PAD is False
@@ -296,7 +300,7 @@ class _WindowAttention(torch.autograd.Function):
                     BD=max(16, triton.next_power_of_2(d)))
         tiles, launch = _launch(_config("fwd", d))
         grid = (triton.cdiv(tq, tiles["BM"]), b * h)
-        _fwd[grid](q, k, v, pad_arg, out, lse2, h, tq, tk, d, int(window), int(sinks), scale * LOG2E,
+        _fwd[grid](q, k, v, pad_arg, out, lse2, h, groups, tq, tk, d, int(window), int(sinks), scale * LOG2E,
                    *_strides(q), *_strides(k), *_strides(v), **meta, **tiles, **launch)
         ctx.save_for_backward(q, k, v, pad, out, lse2)
         ctx.args = (int(window), int(sinks), float(scale), meta)
@@ -308,7 +312,7 @@ class _WindowAttention(torch.autograd.Function):
         q, k, v, pad, out, lse2 = ctx.saved_tensors
         window, sinks, scale, meta = ctx.args
         b, h, tq, d = q.shape
-        tk = k.shape[2]
+        hkv, tk = k.shape[1], k.shape[2]
         if dout is None:
             dout = torch.zeros_like(out)
         dout = dout.contiguous()
@@ -318,23 +322,28 @@ class _WindowAttention(torch.autograd.Function):
         _bwd_delta[(triton.cdiv(tq, bm_delta), b * h)](out, dout, dlse_arg, delta, tq, d, HAS_DLSE=dlse is not None,
                                                          BM=bm_delta, BD=meta["BD"])
         dq = torch.empty(b, h, tq, d, dtype=q.dtype, device=q.device)
-        dk = torch.empty(b, h, tk, d, dtype=k.dtype, device=q.device)
-        dv = torch.empty(b, h, tk, d, dtype=v.dtype, device=q.device)
+        # one dk, dv per query head (each program owns its tile: no atomics); GQA sums each group's in fp32 below
+        dk = torch.empty(b, h, tk, d, dtype=k.dtype if hkv == h else torch.float32, device=q.device)
+        dv = torch.empty(b, h, tk, d, dtype=v.dtype if hkv == h else torch.float32, device=q.device)
         pad_arg = pad if pad is not None else out
-        common = (h, tq, tk, d, window, sinks, scale * LOG2E, scale, *_strides(q), *_strides(k), *_strides(v))
+        common = (h, h // hkv, tq, tk, d, window, sinks, scale * LOG2E, scale, *_strides(q), *_strides(k), *_strides(v))
         tiles, launch = _launch(_config("dkdv", d))
         _bwd_dkdv[(triton.cdiv(tk, tiles["BN"]), b * h)](q, k, v, pad_arg, dout, lse2, delta, dk, dv, *common, **meta,
                                                          **tiles, **launch)
         tiles, launch = _launch(_config("dq", d))
         _bwd_dq[(triton.cdiv(tq, tiles["BM"]), b * h)](q, k, v, pad_arg, dout, lse2, delta, dq, *common, **meta,
                                                        **tiles, **launch)
+        if hkv != h:
+            dk = dk.view(b, hkv, h // hkv, tk, d).sum(2).to(k.dtype)
+            dv = dv.view(b, hkv, h // hkv, tk, d).sum(2).to(v.dtype)
         return dq, dk, dv, None, None, None, None, None
 
 
 def window_attention(q, k, v, *, window: int, sinks: int = 0, causal: bool = False, scale: float | None = None,
                      key_padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [B, H, Tq, D], lse [B, H, Tq] fp32, natural log) of sliding-window attention with sinks.
-    q [B, H, Tq, D], k, v [B, H, Tk, D] (heads already expanded), key_padding_mask Bool[B, Tk] (True: real key).
+    q [B, H, Tq, D], k, v [B, Hkv, Tk, D] with Hkv dividing H (grouped-query attention: each query head reads its
+    kv head in the kernel, no expanded copies), key_padding_mask Bool[B, Tk] (True: real key).
     Differentiable in q, k, v and through lse."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     window = min(int(window), max(q.shape[-2], k.shape[-2]))  # the same mask; keeps the kernel's int32 sums in range
