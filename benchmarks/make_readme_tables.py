@@ -51,9 +51,10 @@ def limit_cell(r) -> str:
     """How close a row came to the device's limits: its own FLOPs per second as a share of the bf16 matmul rate and
     its compulsory bytes per second as a share of the copy bandwidth, both measured in the row's own run (bench rows
     since the H200 runs; older rows have none)."""
-    if r is None or r["status"] != "ok" or r.get("matmul_fraction") is None:
+    if r is None or r["status"] != "ok" or (r.get("matmul_fraction") is None and r.get("copy_fraction") is None):
         return "-"
-    return f"{r['matmul_fraction']:.1%} / {r['copy_fraction']:.1%}"
+    share = lambda x: "n/a" if x is None else f"{x:.1%}"  # n/a: a method that does not count its FLOPs
+    return f"{share(r.get('matmul_fraction'))} / {share(r.get('copy_fraction'))}"
 
 
 def _pick_run(runs: dict, mode: str, causal: bool, method: str, impl: str):

@@ -1,7 +1,7 @@
 """Where a step's device idles, and what the host does meanwhile: read a torch.profiler chrome trace (as
 `model_bench.py --profile --trace DIR` writes one per row, CPU + CUDA activities, Python stacks) and attribute
 every microsecond the GPU has no kernel running (between the step's first and last kernel) to the host event
-running then: the innermost one (the last started that still runs: a Python function's or an op's own time).
+running then on the thread that launched the kernel ending the gap: the innermost one (the last started that still runs: a Python function's or an op's own time).
 
     python benchmarks/trace_gaps.py TRACE.json.gz [TRACE2 ...] [--top 25]
 
@@ -14,6 +14,7 @@ up in it.
 from __future__ import annotations
 
 import argparse
+import bisect
 import collections
 import gzip
 import json
@@ -82,9 +83,28 @@ def analyse(events, top=25) -> dict:
     # only the threads that launch work (the step's, autograd's): a compile worker's or a pool's idle wait runs
     # beside the step and would take the blame for every gap
     by_tid = {t: evs for t, evs in by_tid.items() if any(e["cat"] in ("cuda_runtime", "cuda_driver") for e in evs)}
+    # each gap belongs to ONE thread, the one that launched the kernel ending it (by the launch's correlation id;
+    # without one, the thread whose latest launch came last before the gap ended): in a backward the step's thread
+    # waits inside Tensor.backward while autograd's thread launches, and must not be blamed a second time
+    launches = [e for evs in by_tid.values() for e in evs if e["cat"] in ("cuda_runtime", "cuda_driver")]
+    by_corr = {e["args"]["correlation"]: (e.get("pid"), e.get("tid")) for e in launches
+               if isinstance(e.get("args"), dict) and "correlation" in e["args"]}
+    launches.sort(key=lambda e: e["ts"])
+    starts = [d["ts"] for d in dev]
+    owned = collections.defaultdict(list)
+    for gap in idle:
+        nxt = dev[bisect.bisect_left(starts, gap[1])] if bisect.bisect_left(starts, gap[1]) < len(dev) else None
+        corr = (nxt or {}).get("args", {}).get("correlation") if isinstance((nxt or {}).get("args"), dict) else None
+        owner = by_corr.get(corr)
+        if owner is None:
+            before = [e for e in launches if e["ts"] <= gap[1]]
+            if not before:
+                continue
+            owner = (before[-1].get("pid"), before[-1].get("tid"))
+        owned[owner].append(gap)
     blame = collections.defaultdict(lambda: [0.0, 0])
-    for evs in by_tid.values():
-        for i, us in idle_by_innermost(evs, idle).items():
+    for tid, evs in by_tid.items():
+        for i, us in idle_by_innermost(evs, owned.get(tid, [])).items():
             b = blame[f"{evs[i].get('cat')}: {evs[i]['name']}"[:110]]
             b[0] += us
             b[1] += 1

@@ -30,5 +30,25 @@ def test_idle_goes_to_the_innermost_host_event():
     assert r["largest_gaps"][0] == {"us": 20, "after": "A", "before": "B"}
 
 
+def test_a_gap_is_blamed_on_the_launching_thread_only():
+    # a backward: the step's thread waits inside Tensor.backward while autograd's thread launches the kernels
+    events = [
+        {**ev("kernel", "A", 0, 10, tid=7), "args": {"correlation": 1}},
+        {**ev("kernel", "B", 30, 10, tid=7), "args": {"correlation": 2}},
+        ev("python_function", "Tensor.backward", 0, 40, tid=1),
+        {**ev("cuda_runtime", "cudaLaunchKernel", 1, 1, tid=2), "args": {"correlation": 1}},
+        ev("cpu_op", "MmBackward0", 5, 30, tid=2),
+        {**ev("cuda_runtime", "cudaLaunchKernel", 28, 1, tid=2), "args": {"correlation": 2}},
+        {**ev("cuda_runtime", "cudaStreamSynchronize", 39, 1, tid=1), "args": {}},
+    ]
+    r = trace_gaps.analyse(events)
+    assert r["idle_ms"] == pytest.approx(0.020)
+    assert r["attributed_ms"] == pytest.approx(0.020)  # not twice
+    blame = {name: ms for name, ms, _ in r["idle_by_host_event"]}
+    assert "python_function: Tensor.backward" not in blame
+    assert blame["cpu_op: MmBackward0"] == pytest.approx(0.019)  # [10, 28) and [29, 30)
+    assert blame["cuda_runtime: cudaLaunchKernel"] == pytest.approx(0.001)
+
+
 def test_a_trace_without_device_events_says_so():
     assert "error" in trace_gaps.analyse([ev("cpu_op", "aten::mm", 0, 5)])

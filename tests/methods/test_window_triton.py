@@ -143,3 +143,12 @@ def test_refusals_are_one_clear_line(monkeypatch):
     monkeypatch.setattr(window_triton, "interpreted", lambda: False)
     with pytest.raises(UnsupportedError, match="runs on CUDA"):
         make("window", q, k, window=3, backend="triton")(q, k, v)
+
+
+def test_kv_heads_that_do_not_divide_the_query_heads_are_refused():
+    from attnlab.ops.window_triton import window_attention
+
+    q, _, _ = rand_qkv(b=1, h=6, tq=16, d=16, seed=1)
+    _, k, v = rand_qkv(b=1, h=4, tq=16, d=16, seed=2)
+    with pytest.raises(ValueError, match="divide the query heads"):
+        window_attention(q, k, v, window=3)

@@ -345,6 +345,9 @@ def window_attention(q, k, v, *, window: int, sinks: int = 0, causal: bool = Fal
     q [B, H, Tq, D], k, v [B, Hkv, Tk, D] with Hkv dividing H (grouped-query attention: each query head reads its
     kv head in the kernel, no expanded copies), key_padding_mask Bool[B, Tk] (True: real key).
     Differentiable in q, k, v and through lse."""
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] or v.shape[1] != k.shape[1]:
+        raise ValueError(f"window_attention: kv heads ({k.shape[1]}, v {v.shape[1]}) must be equal and divide the "
+                         f"query heads ({q.shape[1]})")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     window = min(int(window), max(q.shape[-2], k.shape[-2]))  # the same mask; keeps the kernel's int32 sums in range
     pad = None if key_padding_mask is None else key_padding_mask.to(torch.int8).contiguous()
