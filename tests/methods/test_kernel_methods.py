@@ -336,3 +336,18 @@ def test_a_fused_map_compiles_for_its_variants_without_falling_back(monkeypatch)
         torch.testing.assert_close(y, hedgehog_features(x, w), rtol=2e-2, atol=2e-2)
     assert getattr(cfg, name) >= fused.FUSED_RECOMPILE_LIMIT
     assert not [h for h in hits if "recompile_limit" in str(h) or "cache_size_limit" in str(h)]
+
+
+@pytest.mark.parametrize("name,opts,mapped_heads", [("performer", {"num_features": 16}, 2), ("linear", {}, 2),
+                                                     ("rfa", {"num_features": 16, "normalize": True}, 6)])
+def test_gqa_keys_are_mapped_once_per_kv_head_where_the_map_is_shared(name, opts, mapped_heads):
+    # head-shared maps (FAVOR+, elu + 1) see the 2 kv heads; RFA's unit map has a sigma per head and sees all 6
+    m = attnlab.make(name, head_dim=8, num_heads=6, num_kv_heads=2, **opts)
+    seen = []
+    fm = m.maps()[1]
+    hook = fm.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[1]))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, 10, 8, generator=g) for h in (6, 2, 2))
+    m(q, k, v, causal=True)
+    hook.remove()
+    assert seen[-1] == mapped_heads

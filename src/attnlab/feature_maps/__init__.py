@@ -31,6 +31,9 @@ from ..ops.linear import compute_dtype
 
 class FeatureMap(nn.Module):
     trainable = False
+    # the same map for every head (no per-head parameters): a GQA layer's keys can be mapped once per kv head and
+    # the features shared by the group's query heads (methods/_kernel.py)
+    head_shared = False
 
     def projection_flops(self, head_dim: int) -> int:
         """Matmul FLOPs to map one token (2 per multiply-add): 0 for elementwise maps."""
@@ -51,6 +54,7 @@ def _elu_plus_one(x: torch.Tensor) -> torch.Tensor:
 
 class ELU(FeatureMap):
     """elu(x) + 1, the paper's map (positive, F = D)."""
+    head_shared = True
 
     def forward(self, x, *, scale, is_query, compiled=False):
         return _elu_plus_one(x, compiled=compiled), None
@@ -58,6 +62,7 @@ class ELU(FeatureMap):
 
 class ReLU(FeatureMap):
     """relu(x): a row's normaliser can be exactly 0 (every feature off); such a row returns zeros."""
+    head_shared = True
 
     def forward(self, x, *, scale, is_query, compiled=False):
         return F.relu(x), None
@@ -135,6 +140,7 @@ class FAVOR(_RandomFeatures):
 
     Stabilisers: a query's per-row max cancels row-wise; a key's per-key max b_j does not, and is returned as the
     key log-scale. Both are detached: exp(b_j) exp(a_jf - b_j) does not depend on b_j."""
+    head_shared = True
 
     def _draw(self, gen):
         return orthogonal_gaussian(self.num_features, self.head_dim, gen)
@@ -166,6 +172,7 @@ class Fourier(_RandomFeatures):
     and exp(q'.k') = exp(|q'|^2/2) exp(|k'|^2/2) exp(-|q' - k'|^2/2). The q factor cancels in the normalisation;
     the k factor exp(|k'|^2/2) is returned as the key log-scale. Feature dimension 2m. Trig features are not
     positive: a row's estimated normaliser can be near zero or negative, and the output then blows up."""
+    head_shared = True
 
     def _draw(self, gen):
         return torch.randn(self.num_features, self.head_dim, generator=gen, dtype=torch.float64).float()
@@ -200,6 +207,7 @@ class UnitFourier(Fourier):
     map (exp(|k'|^2 / 2), unbounded) constant, so the normaliser stays on the scale of the kernel instead of
     blowing up: the plain map trained a ViT to chance, this one to dense's accuracy (README, Vision). `scale`
     is not used (sigma is the temperature)."""
+    head_shared = False  # a sigma per head
 
     def __init__(self, num_heads: int, head_dim: int, num_features: int, seed: int, redraw: bool, learn: bool = False,
                  sigma: float = 1.0):

@@ -18,13 +18,18 @@ import torch
 from ..ops.fused import compile_unavailable_reason
 from ..ops.linear import linear_attention, linear_attention_quadratic, linear_col_sums, triton_unsupported_reasons
 from ..types import AttnOutput, opt
-from .base import AttentionMethod
+from .base import AttentionMethod, repeat_kv
 
 BACKENDS = ("auto", "triton", "compiled", "eager")
 
 
 class KernelAttention(AttentionMethod):
-    """Subclasses set `self.feature_map` (one map for queries and keys) or `self.fm_q` and `self.fm_k`."""
+    """Subclasses set `self.feature_map` (one map for queries and keys) or `self.fm_q` and `self.fm_k`.
+
+    GQA (fewer kv heads than query heads): a key map with no per-head parameters (`FeatureMap.head_shared`) maps
+    each kv head's keys once and the group's query heads share the features (a third of SmolLM2's key-map work);
+    a per-head map gets the keys expanded first."""
+    native_gqa = True
 
     def maps(self) -> tuple[torch.nn.Module, torch.nn.Module]:
         """(query map, key map)."""
@@ -85,8 +90,15 @@ class KernelAttention(AttentionMethod):
         tq, tk = q.shape[-2], k.shape[-2]
         core, compiled = self._choose(q, causal, tq, tk)
         fm_q, fm_k = self.maps()
+        groups = q.shape[1] // k.shape[1]
+        if groups > 1 and not fm_k.head_shared:
+            k = repeat_kv(k, groups)
         phi_q, _ = fm_q(q, scale=scale, is_query=True, compiled=compiled)  # (B, H, Tq, F)
-        phi_k, k_log = fm_k(k, scale=scale, is_query=False, compiled=compiled)  # (B, H, Tk, F), (B, H, Tk)|None
+        phi_k, k_log = fm_k(k, scale=scale, is_query=False, compiled=compiled)  # (B, H|Hkv, Tk, F), (B, H|Hkv, Tk)|None
+        if phi_k.shape[1] != phi_q.shape[1]:  # mapped once per kv head: shared by the group's query heads
+            phi_k = repeat_kv(phi_k, groups)
+            k_log = None if k_log is None else repeat_kv(k_log[..., None], groups)[..., 0]
+        v = repeat_kv(v, groups)
         kw = dict(causal=causal, key_padding_mask=key_padding_mask, key_log_scale=k_log)
         tag = "+compiled" if compiled else ""
         if need_probs:
