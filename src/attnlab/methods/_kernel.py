@@ -91,7 +91,7 @@ class KernelAttention(AttentionMethod):
         core, compiled = self._choose(q, causal, tq, tk)
         fm_q, fm_k = self.maps()
         groups = q.shape[1] // k.shape[1]
-        if groups > 1 and not fm_k.head_shared:
+        if groups > 1 and not getattr(fm_k, "head_shared", False):  # a map that does not say: per head
             k = repeat_kv(k, groups)
         phi_q, _ = fm_q(q, scale=scale, is_query=True, compiled=compiled)  # (B, H, Tq, F)
         phi_k, k_log = fm_k(k, scale=scale, is_query=False, compiled=compiled)  # (B, H|Hkv, Tk, F), (B, H|Hkv, Tk)|None
