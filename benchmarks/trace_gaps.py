@@ -90,17 +90,18 @@ def analyse(events, top=25) -> dict:
     by_corr = {e["args"]["correlation"]: (e.get("pid"), e.get("tid")) for e in launches
                if isinstance(e.get("args"), dict) and "correlation" in e["args"]}
     launches.sort(key=lambda e: e["ts"])
+    launch_ts = [e["ts"] for e in launches]
     starts = [d["ts"] for d in dev]
     owned = collections.defaultdict(list)
     for gap in idle:
-        nxt = dev[bisect.bisect_left(starts, gap[1])] if bisect.bisect_left(starts, gap[1]) < len(dev) else None
-        corr = (nxt or {}).get("args", {}).get("correlation") if isinstance((nxt or {}).get("args"), dict) else None
-        owner = by_corr.get(corr)
+        i = bisect.bisect_left(starts, gap[1])  # the kernel ending the gap
+        args = dev[i].get("args") if i < len(dev) else None
+        owner = by_corr.get(args.get("correlation")) if isinstance(args, dict) else None
         if owner is None:
-            before = [e for e in launches if e["ts"] <= gap[1]]
-            if not before:
+            j = bisect.bisect_right(launch_ts, gap[1]) - 1  # the latest launch before the gap ended
+            if j < 0:
                 continue
-            owner = (before[-1].get("pid"), before[-1].get("tid"))
+            owner = (launches[j].get("pid"), launches[j].get("tid"))
         owned[owner].append(gap)
     blame = collections.defaultdict(lambda: [0.0, 0])
     for tid, evs in by_tid.items():

@@ -23,6 +23,7 @@ import importlib.util
 import torch
 
 from .. import masks
+from ..methods.base import repeat_kv
 from ..patterns.window import WindowPattern
 from ..types import AttnOutput, UnsupportedError
 from .reference import lse_and_probs
@@ -341,7 +342,6 @@ def sparse_attention(q, k, v, pattern, *, causal: bool, key_padding_mask, scale:
     """Run `pattern` with the chosen kernel. Returns (AttnOutput, kernel name). k and v may have fewer heads than
     q (GQA): flex and the window's Triton kernel read them as they are, the torch and dense kernels get them
     expanded here."""
-    from ..methods.base import repeat_kv
     from .reference import blockwise_attention
 
     tq, tk = q.shape[-2], k.shape[-2]
