@@ -106,6 +106,37 @@ def test_kernel_causal_no_leak_bit_identical(kernels, scale):
     assert not torch.equal(out[:, :, cut:], out2[:, :, cut:])
 
 
+@pytest.mark.parametrize("seg", [None, 1])
+@pytest.mark.parametrize("scale", [False, True], ids=["plain", "log-scale"])
+def test_grouped_query_heads_read_their_kv_head(kernels, seg, scale, monkeypatch):
+    """GQA: q with 4 heads, k, v (and key log-scales) with 2. Each query head h must read kv head h // 2 (a kernel
+    indexing h % 2 fails the output), and each kv head's gradient is the sum over its two query heads (a sum over
+    the wrong heads, or none, fails the k / v / b gradients); in one segment and in segments of one chunk."""
+    from attnlab.methods.base import repeat_kv
+
+    monkeypatch.setattr(kernels, "SEGMENT_LEN", seg)
+    g = torch.Generator().manual_seed(11)
+    q = torch.rand(2, 4, 130, 32, generator=g, dtype=torch.float64)
+    k = torch.rand(2, 2, 130, 32, generator=g, dtype=torch.float64)
+    v = torch.randn(2, 2, 130, 16, generator=g, dtype=torch.float64)
+    lk = torch.randn(2, 2, 130, generator=g, dtype=torch.float64) * 4 if scale else None
+    ins = [x.float().requires_grad_(True) for x in (q, k, v)] + ([lk.float().requires_grad_(True)] if scale else [])
+    out = _kernel_out(kernels, ins[0], ins[1], ins[2], ins[3] if scale else None)
+    ref_ins = [x.clone().requires_grad_(True) for x in (q, k, v)] + ([lk.clone().requires_grad_(True)] if scale else [])
+    want = _quadratic(ref_ins[0], repeat_kv(ref_ins[1], 2), repeat_kv(ref_ins[2], 2),
+                      repeat_kv(ref_ins[3][..., None], 2)[..., 0] if scale else None)
+    assert out.shape == (2, 4, 130, 16)
+    assert max_err(out, want) <= 1e-5 * want.abs().max().item()
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    got = torch.autograd.grad((out.double() * w).sum(), ins)
+    ref = torch.autograd.grad((want * w).sum(), ref_ins)
+    for name, a, b in zip("q k v b".split(), got, ref):
+        assert a.shape == b.shape, name
+        assert max_err(a, b) <= 1e-4 * b.abs().max().item(), name
+    with pytest.raises(ValueError, match="must agree and divide"):
+        kernels.causal_linear(ins[0].detach()[:, :3], ins[1].detach(), ins[2].detach())
+
+
 @pytest.mark.parametrize("seg", [1, 2, 4])
 @pytest.mark.parametrize("scale", [False, True], ids=["plain", "log-scale"])
 def test_segmented_state_pass_matches_quadratic_and_does_not_leak(kernels, seg, scale, monkeypatch):
@@ -151,14 +182,19 @@ def test_segment_length_choice():
 
 
 @pytest.mark.parametrize("method,opts", [("linear", {}), ("performer", {"num_features": 48}), ("rfa", {"num_features": 48})])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_methods_run_the_kernels_and_match(kernels, method, opts, dtype):
+@pytest.mark.parametrize("dtype,hkv", [(torch.float32, 2), (torch.bfloat16, 2), (torch.float32, 1)],
+                         ids=["fp32", "bf16", "fp32-gqa"])
+def test_methods_run_the_kernels_and_match(kernels, method, opts, dtype, hkv, monkeypatch):
     # each path's output and gradients vs the fp64 quadratic form: the kernels' error at most 2x the larger of
     # the PyTorch path's and the quadratic form's in the same dtype (rfa's normalisers cancel: its gradients
-    # reach 1e5 here, so two exact-order paths differ by more than a fixed fraction; the yardsticks scale)
-    q, k, v = rand_qkv(b=2, h=2, tq=80, d=16, dtype=dtype, seed=3)
+    # reach 1e5 here, so two exact-order paths differ by more than a fixed fraction; the yardsticks scale).
+    # GQA (2 query heads, 1 kv head): a map shared by the heads hands the kernels the kv head's features unexpanded
+    q, k, v = rand_qkv(b=2, h=2, hkv=hkv, tq=80, d=16, dtype=dtype, seed=3)
     m = make(method, q, k, backend="triton", **opts)
     eager = make(method, q, k, backend="eager", **opts)
+    seen = []
+    real = kernels.causal_linear
+    monkeypatch.setattr(kernels, "causal_linear", lambda *a: seen.append(a[1].shape[1]) or real(*a))
 
     def run(*a):
         return m(*a, causal=True)[0]
@@ -178,6 +214,7 @@ def test_methods_run_the_kernels_and_match(kernels, method, opts, dtype):
 
     torch_out, g_torch = run_torch(q, k, v), grads(run_torch, q, k, v)
     assert eager.kernel == "chunked"
+    assert set(seen) == {hkv if m.maps()[1].head_shared else 2}, seen
     low_out, g_low = quad(q, k, v), grads(quad, q, k, v)
     rel = 1e-4 if dtype == torch.float32 else 1e-3  # of the largest true value: a real bug is O(1)
     for got, other, low, t in zip([out, *g_kernel], [torch_out, *g_torch], [low_out, *g_low], [truth, *g_truth]):

@@ -28,7 +28,8 @@ class KernelAttention(AttentionMethod):
 
     GQA (fewer kv heads than query heads): a key map with no per-head parameters (`FeatureMap.head_shared`) maps
     each kv head's keys once and the group's query heads share the features (a third of SmolLM2's key-map work);
-    a per-head map gets the keys expanded first."""
+    a per-head map gets the keys expanded first. The causal Triton kernels then read the kv heads' features and
+    values as they are (one state per kv head, no expanded copies); the PyTorch forms get them expanded."""
     native_gqa = True
 
     def maps(self) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -95,10 +96,11 @@ class KernelAttention(AttentionMethod):
             k = repeat_kv(k, groups)
         phi_q, _ = fm_q(q, scale=scale, is_query=True, compiled=compiled)  # (B, H, Tq, F)
         phi_k, k_log = fm_k(k, scale=scale, is_query=False, compiled=compiled)  # (B, H|Hkv, Tk, F), (B, H|Hkv, Tk)|None
-        if phi_k.shape[1] != phi_q.shape[1]:  # mapped once per kv head: shared by the group's query heads
-            phi_k = repeat_kv(phi_k, groups)
-            k_log = None if k_log is None else repeat_kv(k_log[..., None], groups)[..., 0]
-        v = repeat_kv(v, groups)
+        kv_groups = phi_q.shape[1] // phi_k.shape[1]  # > 1: mapped once per kv head, shared by the group's query heads
+        if kv_groups > 1 and (need_probs or need_col_sums or core != "triton"):  # the Triton kernels read kv heads
+            phi_k = repeat_kv(phi_k, kv_groups)
+            k_log = None if k_log is None else repeat_kv(k_log[..., None], kv_groups)[..., 0]
+        v = repeat_kv(v, phi_k.shape[1] // v.shape[1])  # as many heads as the key features
         kw = dict(causal=causal, key_padding_mask=key_padding_mask, key_log_scale=k_log)
         tag = "+compiled" if compiled else ""
         if need_probs:

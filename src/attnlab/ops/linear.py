@@ -164,7 +164,9 @@ def linear_attention(
     kernel: str = "torch",
 ) -> torch.Tensor:
     """key_log_scale b [B, H, Tk] (optional): the key features are exp(b_j) phi_k_j (see the module doc).
-    kernel: "torch" (the chunked PyTorch form) or "triton" (causal only; the caller checked it can run)."""
+    kernel: "torch" (the chunked PyTorch form) or "triton" (causal only; the caller checked it can run). With
+    "triton", phi_k, v and key_log_scale may have fewer heads than phi_q (GQA: the kernels read kv head h // G);
+    the PyTorch form needs them expanded."""
     dt = v.dtype  # matmul dtype
     acc = compute_dtype(dt)  # sums over the sequence, normalisers, the division
     phi_q, phi_k = phi_q.to(dt), phi_k.to(dt)

@@ -186,14 +186,16 @@ def _grad_state_kernel(Q, LK, PEX, DNUM, DDEN, G, GZ, SEG, SEGZ, T, F, D, n_chun
 
 
 @triton.jit
-def _out_kernel(Q, K, V, LK, PEX, H, Z, OUT, DEN, T, F, D, n_chunks,
+def _out_kernel(Q, K, V, LK, PEX, H, Z, OUT, DEN, T, F, D, n_chunks, G,
                 HAS_SCALE: tl.constexpr, PREC: tl.constexpr,
                 BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
     """Chunk c's outputs from its entering state, in parallel over chunks: out = num / den (0 where den = 0),
-    num = e^{P_c - M_i} q H[c] + (w * q k^T) v, den = e^{P_c - M_i} q . Z[c] + rowsum(w * q k^T) (kept, fp32)."""
+    num = e^{P_c - M_i} q H[c] + (w * q k^T) v, den = e^{P_c - M_i} q . Z[c] + rowsum(w * q k^T) (kept, fp32).
+    Query row bh reads key / value / state row bh // G (GQA: G query heads per kv head; 1 without)."""
     c = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
-    row = bh * n_chunks + c
+    kvh = bh // G
+    row = kvh * n_chunks + c
     offs_t = tl.arange(0, BT)
     offs_v = tl.arange(0, BV)
     vmask = offs_v < D
@@ -205,16 +207,16 @@ def _out_kernel(Q, K, V, LK, PEX, H, Z, OUT, DEN, T, F, D, n_chunks,
     for kb in range(0, tl.cdiv(F, BK)):
         offs_k = kb * BK + tl.arange(0, BK)
         kmask = offs_k < F
-        qk_off = bh * T * F + t[:, None] * F + offs_k[None, :]
-        q = tl.load(Q + qk_off, mask=tmask[:, None] & kmask[None, :], other=0.0)
-        k = tl.load(K + qk_off, mask=tmask[:, None] & kmask[None, :], other=0.0)
+        tf_off = t[:, None] * F + offs_k[None, :]
+        q = tl.load(Q + bh * T * F + tf_off, mask=tmask[:, None] & kmask[None, :], other=0.0)
+        k = tl.load(K + kvh * T * F + tf_off, mask=tmask[:, None] & kmask[None, :], other=0.0)
         h = tl.load(H + (row * F + offs_k[:, None]) * D + offs_v[None, :], mask=kmask[:, None] & vmask[None, :], other=0.0)
         z = tl.load(Z + row * F + offs_k, mask=kmask, other=0.0)
         s += _dot(q, tl.trans(k), PREC)
         num += _dot(q, h, PREC)
         den += tl.sum(q.to(tl.float32) * z[None, :], 1)
-    v = tl.load(V + bh * T * D + t[:, None] * D + offs_v[None, :], mask=tmask[:, None] & vmask[None, :], other=0.0)
-    w, qfac, _, _ = _weights(LK, PEX, bh, c, n_chunks, T, offs_t, BT)
+    v = tl.load(V + kvh * T * D + t[:, None] * D + offs_v[None, :], mask=tmask[:, None] & vmask[None, :], other=0.0)
+    w, qfac, _, _ = _weights(LK, PEX, kvh, c, n_chunks, T, offs_t, BT)
     s = s * w
     num = num * qfac[:, None] + _dot(_to(s, v.dtype, PREC), v, PREC)
     den = den * qfac + tl.sum(s, 1)
@@ -373,29 +375,37 @@ class _CausalLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, lk):
         b, nh, t, f = q.shape
-        d = v.shape[-1]
-        q, k, v = (x.reshape(b * nh, t, x.shape[-1]).contiguous() for x in (q, k, v))
+        nkv, d = k.shape[1], v.shape[-1]
+        groups = nh // nkv  # GQA: the states are the kv heads' (a group's query heads read the same ones)
+        q = q.reshape(b * nh, t, f).contiguous()
+        k, v = (x.reshape(b * nkv, t, x.shape[-1]).contiguous() for x in (k, v))
         n_chunks = triton.cdiv(t, BT)
         has_scale = lk is not None
         # without log-scales b = 0 (every weight 1), through the same kernels (see `_weights`)
         if has_scale:
-            lkf = lk.reshape(b * nh, t).float().contiguous()
+            lkf = lk.reshape(b * nkv, t).float().contiguous()
             pex = _exclusive_chunk_max(lkf.detach(), n_chunks)
         else:
-            lkf, pex = no_scale_tables(b * nh, t, n_chunks, q.device)
+            lkf, pex = no_scale_tables(b * nkv, t, n_chunks, q.device)
         meta = dict(HAS_SCALE=has_scale, PREC=_precision(q), BT=BT, BK=BK, BV=max(16, triton.next_power_of_2(d)))
         h, z = _states(q, k, v, lkf, pex, meta, n_chunks)
-        out = torch.empty_like(v)
+        out = v.new_empty(b * nh, t, d)
         den = q.new_empty(b * nh, t, dtype=torch.float32)
-        _out_kernel[(n_chunks, b * nh)](q, k, v, lkf, pex, h, z, out, den, t, f, d, n_chunks, **meta, **CONFIG["out"])
+        _out_kernel[(n_chunks, b * nh)](q, k, v, lkf, pex, h, z, out, den, t, f, d, n_chunks, groups, **meta,
+                                        **CONFIG["out"])
         ctx.save_for_backward(q, k, v, lkf, pex, out, den)  # H, Z are recomputed: O(T F D / 64) memory saved
-        ctx.meta, ctx.shape = meta, (b, nh, t, f, d, n_chunks)
+        ctx.meta, ctx.shape = meta, (b, nh, nkv, t, f, d, n_chunks)
         return out.reshape(b, nh, t, d)
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, lkf, pex, out, den = ctx.saved_tensors
-        b, nh, t, f, d, n_chunks = ctx.shape
+        b, nh, nkv, t, f, d, n_chunks = ctx.shape
+        groups = nh // nkv
+        if groups > 1:  # the backward kernels run per query head: each gets its kv head's rows, the group sums below
+            k, v, lkf = (x.repeat_interleave(groups, dim=0) for x in (k, v, lkf))
+            pex = (pex.repeat_interleave(groups, dim=0) if ctx.meta["HAS_SCALE"]
+                   else no_scale_tables(b * nh, t, n_chunks, q.device)[1])
         meta = ctx.meta
         dout = dout.reshape(b * nh, t, d).contiguous()
         dnum, dden = torch.empty_like(v), torch.empty_like(den)
@@ -407,11 +417,25 @@ class _CausalLinear(torch.autograd.Function):
         db = torch.empty_like(den) if meta["HAS_SCALE"] else den
         _grad_kernel[(n_chunks, b * nh)](q, k, v, lkf, pex, h, z, g, gz, dnum, dden, dq, dk, dv, db, t, f, d, n_chunks,
                                          **meta, **CONFIG["grad"])
-        dlk = db.reshape(b, nh, t) if meta["HAS_SCALE"] and ctx.needs_input_grad[3] else None
-        return dq.reshape(b, nh, t, f), dk.reshape(b, nh, t, f), dv.reshape(b, nh, t, d), dlk
+        dlk = db if meta["HAS_SCALE"] and ctx.needs_input_grad[3] else None
+        if groups > 1:  # each kv head's gradient: the sum over its group's query heads, in fp32
+            dk, dv = (_group_sum(x, groups) for x in (dk, dv))
+            dlk = None if dlk is None else _group_sum(dlk, groups)
+        dlk = None if dlk is None else dlk.reshape(b, nkv, t)
+        return dq.reshape(b, nh, t, f), dk.reshape(b, nkv, t, f), dv.reshape(b, nkv, t, d), dlk
+
+
+def _group_sum(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """[B H, ...] -> [B Hkv, ...]: the sum of each kv head's `groups` consecutive query-head rows, in fp32."""
+    return x.reshape(x.shape[0] // groups, groups, *x.shape[1:]).sum(1, dtype=torch.float32).to(x.dtype)
 
 
 def causal_linear(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_log_scale: torch.Tensor | None = None):
-    """out [B, H, T, D] in v's dtype: causal linear attention of features q, k [B, H, T, F] (v's dtype) with
-    optional key log-scales [B, H, T] (fp32; -inf: a key to ignore). Rows with no visible key are 0."""
+    """out [B, H, T, D] in v's dtype: causal linear attention of features q [B, H, T, F], k [B, Hkv, T, F] (v's
+    dtype) and v [B, Hkv, T, D], with optional key log-scales [B, Hkv, T] (fp32; -inf: a key to ignore). Rows with
+    no visible key are 0. Hkv < H is grouped-query attention (Hkv divides H; query head h reads kv head h // (H /
+    Hkv)): the forward keeps the kv heads' states once; the backward runs per query head and sums each group."""
+    if q.shape[1] % k.shape[1] or k.shape[1] != v.shape[1]:
+        raise ValueError(f"causal_linear: kv heads (k {k.shape[1]}, v {v.shape[1]}) must agree and divide the "
+                         f"query heads ({q.shape[1]})")
     return _CausalLinear.apply(q, k, v, key_log_scale)
