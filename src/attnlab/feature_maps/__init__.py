@@ -15,11 +15,14 @@ maxima that cancel (see its module doc); a query's own factor cancels in the nor
 
 Random maps draw their features from a seeded generator whose state is a buffer (`rng_state`), so a redraw
 continues the same stream after save and load. The exponent/phase maths runs in fp32 for half inputs;
-`compiled=True` runs it through torch.compile (one fused kernel; the CUDA default of the methods).
+`compiled=True` runs it through torch.compile (one fused kernel; the CUDA default of the methods); FAVOR+ on half
+inputs then runs `ops.favor_triton`'s kernel instead (its projection as split-precision tensor-core dots).
 """
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -149,9 +152,30 @@ class FAVOR(_RandomFeatures):
         return self.num_features
 
     def forward(self, x, *, scale, is_query, compiled=False):
-        w = self.features.float() * math.sqrt(scale)  # (m, D): sqrt(scale) folded into the features
-        phi, b = favor_features(x, w, scale / 2, -0.5 * math.log(self.num_features), compiled=compiled)
+        log_inv = -0.5 * math.log(self.num_features)
+        if compiled and not favor_triton_reasons(x):  # half inputs on CUDA: one kernel, split-precision dots
+            from ..ops import favor_triton
+
+            phi, b = favor_triton.favor_features(x, self.features, math.sqrt(scale), scale / 2, log_inv)
+        else:
+            w = self.features.float() * math.sqrt(scale)  # (m, D): sqrt(scale) folded into the features
+            phi, b = favor_features(x, w, scale / 2, log_inv, compiled=compiled)
         return phi, (None if is_query else b)
+
+
+def favor_triton_reasons(x: torch.Tensor) -> list[str]:
+    """Why `ops.favor_triton`'s kernel cannot map x (empty: it can): it takes bf16 / fp16 on CUDA (or CPU tensors
+    under Triton's interpreter, the CPU tests), head dims 16..128; fp32 inputs keep the fp32 GEMM."""
+    why = []
+    if importlib.util.find_spec("triton") is None:
+        why.append("triton is not installed")
+    elif not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        why.append("the kernel needs a CUDA device")
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        why.append(f"the kernel maps half-precision inputs, got {x.dtype}")
+    if not 16 <= x.shape[-1] <= 128:
+        why.append(f"the kernel takes head dims 16..128, got {x.shape[-1]}")
+    return why
 
 
 @fused

@@ -1,0 +1,112 @@
+"""Performer's FAVOR+ feature map as one Triton kernel, for half-precision inputs (bf16, fp16) on CUDA.
+
+    phi(x) = exp(x.w - max_f x.w_f + log_inv)   [N, m] in x's dtype,   b(x) = max_f x.w_f - scale |x|^2 / 2   [N] fp32
+
+with w = sqrt(scale) * W [m, D], the same function as `feature_maps.favor_features` (the true feature is
+exp(b) phi; `ops.linear` stabilises b). Why a kernel of its own: the exponent needs fp32 precision (|x.w| reaches
+10-20, and bf16 rounding of it would move every feature by several percent), so the PyTorch form runs an fp32
+GEMM (no tensor cores for the H200's bf16 rate) and writes the fp32 [N, m] exponents before a fused exp pass
+reads them back. Here x is already exact in its half dtype, and w is split into two half-precision parts, w = hi +
+lo (hi = w rounded, lo = the rest rounded: |w - hi - lo| <= 2^-16 |w| in bf16), so x.w = x.hi + x.lo is two
+tensor-core dots with fp32 accumulation, as accurate as the fp32 GEMM for the exponent and never written to
+memory: each program holds a block of rows, takes the row maxima over the features in a first sweep and writes
+the exponentials in a second (the dots are recomputed; with D = 64 they are cheap next to the [N, m] store).
+
+The backward (`favor_backward`) is PyTorch in fp32, as the fused map's: dphi * phi with phi recomputed in fp32, then
+dx = g w - scale x sum_f g and dW = sqrt(scale) g^T x (a trained projection). b carries no gradient (its total
+derivative cancels: see `feature_maps.FAVOR`). Runs on CPU tensors under TRITON_INTERPRET=1 (the CPU tests).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .fused import fused
+from .triton_common import dot as _dot
+from .triton_common import precision as _precision
+from .triton_common import to as _to
+
+BN = 64  # rows per program
+BM = 64  # features per dot
+
+
+@triton.jit
+def _favor_kernel(X, FEAT, PHI, B, N, D, M, sqrt_scale, half_scale, log_inv,
+                  PREC: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
+    rmask = rows < N
+    offs_d = tl.arange(0, BD)
+    dmask = offs_d < D
+    x = tl.load(X + rows[:, None] * D + offs_d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+    xf = x.to(tl.float32)
+    sq = tl.sum(xf * xf, 1) * half_scale
+    mx = tl.full([BN], float("-inf"), tl.float32)
+    for mb in range(0, tl.cdiv(M, BM)):  # first sweep: the row maxima of x.w
+        offs_m = mb * BM + tl.arange(0, BM)
+        mmask = offs_m < M
+        xw = _xw(x, FEAT, offs_m, offs_d, mmask, dmask, D, sqrt_scale, PREC)
+        mx = tl.maximum(mx, tl.max(tl.where(mmask[None, :], xw, float("-inf")), 1))
+    for mb in range(0, tl.cdiv(M, BM)):  # second sweep: the features (the dots recomputed)
+        offs_m = mb * BM + tl.arange(0, BM)
+        mmask = offs_m < M
+        xw = _xw(x, FEAT, offs_m, offs_d, mmask, dmask, D, sqrt_scale, PREC)
+        phi = tl.exp(xw - mx[:, None] + log_inv)
+        tl.store(PHI + rows[:, None] * M + offs_m[None, :], _to(phi, PHI.dtype.element_ty, PREC),
+                 mask=rmask[:, None] & mmask[None, :])
+    tl.store(B + rows, mx - sq, mask=rmask)
+
+
+@triton.jit
+def _xw(x, FEAT, offs_m, offs_d, mmask, dmask, D, sqrt_scale, PREC: tl.constexpr):
+    """x . w for a block of features, w = sqrt_scale * W split into x's half dtype as hi + lo (fp32 accumulation)."""
+    w = tl.load(FEAT + offs_m[:, None] * D + offs_d[None, :], mask=mmask[:, None] & dmask[None, :],
+                other=0.0).to(tl.float32) * sqrt_scale
+    hi = _to(w, x.dtype, PREC)
+    lo = _to(w - hi.to(tl.float32), x.dtype, PREC)
+    return _dot(x, tl.trans(hi), PREC) + _dot(x, tl.trans(lo), PREC)
+
+
+@fused
+def favor_backward(x, features, dphi, b, sqrt_scale: float, half_scale: float, log_inv: float):
+    """(dx in x's dtype, dfeatures in fp32) of phi = exp(x.w - |x|^2 scale / 2 - b + log_inv), w = sqrt_scale *
+    features, with b held constant (see the module doc); phi recomputed in fp32."""
+    xf = x.float()
+    w = features.float() * sqrt_scale
+    lx = xf @ w.T - xf.pow(2).sum(-1, keepdim=True) * half_scale
+    g = dphi.float() * torch.exp(lx - b.unsqueeze(-1) + log_inv)  # d loss / d lx
+    dx = g @ w - (2.0 * half_scale) * xf * g.sum(-1, keepdim=True)
+    dfeat = (g.reshape(-1, g.shape[-1]).T @ xf.reshape(-1, xf.shape[-1])) * sqrt_scale
+    return dx.to(x.dtype), dfeat
+
+
+class _Favor(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, features, sqrt_scale, half_scale, log_inv):
+        d, m = x.shape[-1], features.shape[0]
+        x2 = x.reshape(-1, d).contiguous()
+        n = x2.shape[0]
+        phi = x2.new_empty(n, m)
+        b = x2.new_empty(n, dtype=torch.float32)
+        _favor_kernel[(triton.cdiv(n, BN),)](x2, features.contiguous(), phi, b, n, d, m, sqrt_scale, half_scale,
+                                             log_inv, PREC=_precision(x2), BN=BN, BD=max(16, triton.next_power_of_2(d)),
+                                             BM=BM, num_warps=4)
+        b = b.reshape(x.shape[:-1])
+        ctx.mark_non_differentiable(b)
+        ctx.save_for_backward(x, features, b)
+        ctx.consts = (sqrt_scale, half_scale, log_inv)
+        return phi.reshape(*x.shape[:-1], m), b
+
+    @staticmethod
+    def backward(ctx, dphi, _db):
+        x, features, b = ctx.saved_tensors
+        dx, dfeat = favor_backward(x, features, dphi, b, *ctx.consts, compiled=x.is_cuda)
+        return (dx if ctx.needs_input_grad[0] else None,
+                dfeat.to(features.dtype) if ctx.needs_input_grad[1] else None, None, None, None)
+
+
+def favor_features(x: torch.Tensor, features: torch.Tensor, sqrt_scale: float, half_scale: float, log_inv: float):
+    """(phi [..., m] in x's dtype, b [...] fp32) for x [..., D] (bf16 / fp16) and features [m, D] (the drawn W,
+    any dtype: scaled by sqrt_scale and split in the kernel). The caller checked
+    `feature_maps.favor_triton_reasons`."""
+    return _Favor.apply(x, features, float(sqrt_scale), float(half_scale), float(log_inv))

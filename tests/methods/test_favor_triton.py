@@ -1,0 +1,117 @@
+"""FAVOR+'s Triton feature map (`ops.favor_triton`), run on CPU by Triton's interpreter: the same features and
+key log-scales as the fp32 PyTorch map (`feature_maps.favor_features`), gradients included, for bf16 and fp16."""
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+
+import pytest
+import torch
+
+from tests.helpers import max_err
+
+pytestmark = [
+    pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed"),
+    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs Triton's CPU interpreter (conftest)"),
+]
+
+M, D = 96, 64  # two feature blocks of the kernel's 64, the second partial
+
+
+@pytest.fixture(scope="module")
+def ft():
+    from tests.methods.test_linear_triton import _numpy_index_shim
+
+    with pytest.MonkeyPatch.context() as mp:
+        _numpy_index_shim(mp)
+        from attnlab.ops import favor_triton
+
+        yield favor_triton
+
+
+def _inputs(dtype, seed=0, rows=70):
+    from attnlab.feature_maps import orthogonal_gaussian
+
+    g = torch.Generator().manual_seed(seed)
+    feat = orthogonal_gaussian(M, D, g)
+    x = (torch.randn(2, 3, rows, D, generator=g, dtype=torch.float64) * 1.5).to(dtype)  # |x.w| up to ~15
+    return x, feat
+
+
+def _ref(x, feat, scale):
+    from attnlab.feature_maps import favor_features
+
+    return favor_features(x, feat.to(x.dtype if x.dtype == torch.float64 else torch.float32) * math.sqrt(scale),
+                          scale / 2, -0.5 * math.log(M))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_features_and_log_scales_match_the_fp32_map(ft, dtype):
+    """Only the output's rounding to the half dtype may differ from fp64: the split hi + lo projection is as good as
+    the fp32 GEMM (without lo, bf16 rounding of w moves x.w by ~0.05 and every feature by ~5%: this fails)."""
+    scale = D ** -0.5
+    x, feat = _inputs(dtype)
+    phi, b = ft.favor_features(x, feat, math.sqrt(scale), scale / 2, -0.5 * math.log(M))
+    phi64, b64 = _ref(x.double(), feat.double(), scale)
+    phi32, b32 = _ref(x, feat, scale)  # the PyTorch map in this dtype: fp32 exponents, rounded output
+    assert phi.dtype == dtype and b.dtype == torch.float32 and phi.shape == phi64.shape and b.shape == b64.shape
+    assert max_err(phi, phi64) <= 1.01 * max_err(phi32, phi64)
+    assert max_err(b, b64) <= 1e-5 * b64.abs().max().item()
+    rel = ((phi.double() - phi64).abs() / phi64.clamp_min(1e-3)).max().item()
+    assert rel <= 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10  # within the dtype's rounding
+
+
+def test_row_maxima_span_every_feature_block(ft):
+    """A feature in the second block that is the largest: the row's max must include it (each row's largest feature
+    is exactly exp(log_inv) = m^-1/2 before rounding); a per-block max would give the first block's rows a different
+    scale and break that identity."""
+    scale = D ** -0.5
+    x, feat = _inputs(torch.bfloat16, seed=3)
+    feat = feat.clone()
+    feat[80] = x[0, 0, 5].float() * 4  # feature 80 (block 2) aligned with row 5 of the first head
+    phi, b = ft.favor_features(x, feat, math.sqrt(scale), scale / 2, -0.5 * math.log(M))
+    top = phi.float().amax(-1)
+    assert torch.allclose(top, torch.full_like(top, M ** -0.5), rtol=2.0 ** -8)
+    assert phi[0, 0, 5].float().argmax().item() == 80
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gradients_match_the_pytorch_map(ft, dtype):
+    """dx and d(features) (a trained projection) vs autograd through the fp64 map; b carries none."""
+    scale = D ** -0.5
+    x, feat = _inputs(dtype, seed=1, rows=40)
+    x.requires_grad_(True)
+    feat = feat.requires_grad_(True)
+    phi, b = ft.favor_features(x, feat, math.sqrt(scale), scale / 2, -0.5 * math.log(M))
+    assert not b.requires_grad
+    w = torch.randn(phi.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    dx, dfeat = torch.autograd.grad((phi.double() * w).sum(), (x, feat))
+    x64, f64 = x.detach().double().requires_grad_(True), feat.detach().double().requires_grad_(True)
+    phi64, _ = _ref(x64, f64, scale)
+    rx, rf = torch.autograd.grad((phi64 * w).sum(), (x64, f64))
+    assert dx.dtype == dtype and dfeat.dtype == torch.float32
+    assert max_err(dx, rx) <= 2.0 ** -7 * rx.abs().max().item()  # dx rounded to the half dtype once
+    assert max_err(dfeat, rf) <= 1e-2 * rf.abs().max().item()  # phi's rounding in the forward's output
+
+
+def test_performer_runs_the_kernel_for_half_inputs_only(ft, monkeypatch):
+    """A performer built with backend="triton" maps bf16 q and k with the kernel (the group's kv head once), fp32
+    with the PyTorch map; CPU tensors without the interpreter never reach it (favor_triton_reasons)."""
+    import attnlab
+    from attnlab.feature_maps import favor_triton_reasons
+
+    calls = []
+    real = ft.favor_features
+    monkeypatch.setattr(ft, "favor_features", lambda x, *a: calls.append(tuple(x.shape)) or real(x, *a))
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 70, 32, generator=g)
+    k, v = torch.randn(1, 2, 70, 32, generator=g), torch.randn(1, 2, 70, 32, generator=g)
+    m = attnlab.make("performer", head_dim=32, num_heads=4, num_kv_heads=2, num_features=48, backend="triton")
+    m(q, k, v, causal=True)
+    assert calls == []
+    out = m(*(t.bfloat16() for t in (q, k, v)), causal=True)[0]
+    assert calls == [(1, 4, 70, 32), (1, 2, 70, 32)] and torch.isfinite(out.float()).all()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert favor_triton_reasons(q.bfloat16()) == ["the kernel needs a CUDA device"]
+    assert "half-precision" in favor_triton_reasons(q)[-1]
