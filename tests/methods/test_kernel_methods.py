@@ -351,3 +351,23 @@ def test_gqa_keys_are_mapped_once_per_kv_head_where_the_map_is_shared(name, opts
     m(q, k, v, causal=True)
     hook.remove()
     assert seen[-1] == mapped_heads
+
+
+def test_kernel_choice_is_remembered_per_shape_and_dtype(monkeypatch):
+    """The (core, compiled) choice is made once per (device, causal, Tq, Tk, dtype, backend), not on every call, and
+    a new length or dtype makes it again (a choice for one shape must never serve another)."""
+    import attnlab
+    from attnlab.methods._kernel import KernelAttention
+
+    m = attnlab.make("linear", head_dim=16, num_heads=2)
+    made = []
+    real = KernelAttention._choose_uncached
+    monkeypatch.setattr(KernelAttention, "_choose_uncached", lambda self, *a: made.append(a[1:]) or real(self, *a))
+    q = torch.randn(1, 2, 20, 16)
+    for _ in range(3):
+        m(q, q, q, causal=True)
+    assert made == [(True, 20, 20)]
+    m(q[:, :, :10], q[:, :, :10], q[:, :, :10], causal=True)
+    m(q, q, q, causal=False)
+    m(q.double(), q.double(), q.double(), causal=True)
+    assert made == [(True, 20, 20), (True, 10, 10), (False, 20, 20), (True, 20, 20)]

@@ -69,7 +69,20 @@ class KernelAttention(AttentionMethod):
         return []
 
     def _choose(self, q, causal, tq, tk) -> tuple[str, bool]:
-        """(core kernel "triton" | "torch", compile the feature maps)."""
+        """(core kernel "triton" | "torch", compile the feature maps), remembered per (device, causal, Tq, Tk, dtype,
+        backend): the checks behind it read only those (7 us a call on the CPU here, every layer of every step)."""
+        if torch.compiler.is_compiling():  # traced once: no cache to guard on
+            return self._choose_uncached(q, causal, tq, tk)
+        key = (q.device, causal, tq, tk, q.dtype, self.opts.backend)
+        choices = self.__dict__.setdefault("_choices", {})  # a plain dict: not module state, never saved
+        got = choices.get(key)
+        if got is None:
+            if len(choices) >= 64:
+                choices.clear()
+            got = choices[key] = self._choose_uncached(q, causal, tq, tk)
+        return got
+
+    def _choose_uncached(self, q, causal, tq, tk) -> tuple[str, bool]:
         b = self.opts.backend
         if b == "auto":
             if not q.is_cuda:
