@@ -200,7 +200,11 @@ def model_table() -> str:
               ("model_bench_graph_segments.json", "**CUDA graph, after the linear kernels' state passes went into "
                "segments** (`model_bench_graph_segments.json`: `python benchmarks/model_bench.py --device cuda --dtype "
                "bfloat16 --cuda-graph --lengths 1024,4096,16384 --methods linear,performer --originals sdpa`, one "
-               "interleaved run; `ops/linear_triton.py` `segment_len`):", "CUDA graph with segments"))
+               "interleaved run; `ops/linear_triton.py` `segment_len`):", "CUDA graph with segments"),
+              ("model_bench_graph_favor_gqa.json", "**CUDA graph, after FAVOR+'s Triton feature map and the causal "
+               "kernels' kv-head states** (`model_bench_graph_favor_gqa.json`: the same command, commit 6666ffd; "
+               "`ops/favor_triton.py`, `ops/linear_triton.py`):", "CUDA graph, FAVOR+ kernel and "
+               "kv-head states"))
     for name, prose, label in graphs:
         if (MODEL_DIR / name).exists():
             gr = json.load(open(MODEL_DIR / name))
