@@ -76,23 +76,29 @@ def test_row_maxima_span_every_feature_block(ft):
     assert phi[0, 0, 5].float().argmax().item() == 80
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gradients_match_the_pytorch_map(ft, dtype):
-    """dx and d(features) (a trained projection) vs autograd through the fp64 map; b carries none."""
+@pytest.mark.parametrize("dtype,learn", [(torch.bfloat16, False), (torch.bfloat16, True), (torch.float16, False)],
+                         ids=["bf16-kernel", "bf16-trained", "fp16"])
+def test_gradients_match_the_pytorch_map(ft, dtype, learn):
+    """dx (and d(features) for a trained projection) vs autograd through the fp64 map; b carries none. bf16 with drawn
+    features runs the backward kernel, the others the fp32 PyTorch form: both as accurate as dx's own rounding."""
     scale = D ** -0.5
     x, feat = _inputs(dtype, seed=1, rows=40)
     x.requires_grad_(True)
-    feat = feat.requires_grad_(True)
+    feat = feat.requires_grad_(learn)
     phi, b = ft.favor_features(x, feat, math.sqrt(scale), scale / 2, -0.5 * math.log(M))
     assert not b.requires_grad
     w = torch.randn(phi.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    dx, dfeat = torch.autograd.grad((phi.double() * w).sum(), (x, feat))
+    got = torch.autograd.grad((phi.double() * w).sum(), (x, feat) if learn else (x,))
     x64, f64 = x.detach().double().requires_grad_(True), feat.detach().double().requires_grad_(True)
     phi64, _ = _ref(x64, f64, scale)
     rx, rf = torch.autograd.grad((phi64 * w).sum(), (x64, f64))
-    assert dx.dtype == dtype and dfeat.dtype == torch.float32
-    assert max_err(dx, rx) <= 2.0 ** -7 * rx.abs().max().item()  # dx rounded to the half dtype once
-    assert max_err(dfeat, rf) <= 1e-2 * rf.abs().max().item()  # phi's rounding in the forward's output
+    dx = got[0]
+    assert dx.dtype == dtype
+    rounding = max_err(rx.to(dtype), rx)  # dx's own rounding to the half dtype
+    assert max_err(dx, rx) <= 2 * rounding + 1e-4 * rx.abs().max().item()
+    if learn:
+        assert got[1].dtype == torch.float32
+        assert max_err(got[1], rf) <= 1e-2 * rf.abs().max().item()  # phi's rounding in the forward's output
 
 
 def test_performer_runs_the_kernel_for_half_inputs_only(ft, monkeypatch):

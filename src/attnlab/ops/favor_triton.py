@@ -12,8 +12,9 @@ tensor-core dots with fp32 accumulation, as accurate as the fp32 GEMM for the ex
 memory: each program holds a block of rows, takes the row maxima over the features in a first sweep and writes
 the exponentials in a second (the dots are recomputed; with D = 64 they are cheap next to the [N, m] store).
 
-The backward (`favor_backward`) is PyTorch in fp32, as the fused map's: dphi * phi with phi recomputed in fp32, then
-dx = g w - scale x sum_f g and dW = sqrt(scale) g^T x (a trained projection). b carries no gradient (its total
+The backward of bf16 inputs with drawn (untrained) features is a kernel too (`_favor_grad_kernel`): phi recomputed
+in fp32 from the saved b, g = dphi * phi, dx = g w - scale x sum_f g with g w as split-precision dots; fp16 inputs
+and a trained projection take `favor_backward`, PyTorch in fp32 (also dW = sqrt(scale) g^T x). b carries no gradient (its total
 derivative cancels: see `feature_maps.FAVOR`). Runs on CPU tensors under TRITON_INTERPRET=1 (the CPU tests).
 """
 from __future__ import annotations
@@ -55,6 +56,41 @@ def _favor_kernel(X, FEAT, PHI, B, N, D, M, sqrt_scale, half_scale, log_inv,
         tl.store(PHI + rows[:, None] * M + offs_m[None, :], _to(phi, PHI.dtype.element_ty, PREC),
                  mask=rmask[:, None] & mmask[None, :])
     tl.store(B + rows, mx - sq, mask=rmask)
+
+
+@triton.jit
+def _favor_grad_kernel(X, FEAT, DPHI, B, DX, N, D, M, sqrt_scale, half_scale, log_inv,
+                       PREC: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr):
+    """dx for a block of rows: g = dphi * phi with phi recomputed in fp32 from the saved b (the row max of x.w is
+    b + scale |x|^2 / 2), then dx = g w - scale x sum_f g, g w as three split-precision dots (g = g_hi + g_lo,
+    w = w_hi + w_lo; the lo x lo term, ~2^-16 of the rest, left out)."""
+    rows = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
+    rmask = rows < N
+    offs_d = tl.arange(0, BD)
+    dmask = offs_d < D
+    x = tl.load(X + rows[:, None] * D + offs_d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+    xf = x.to(tl.float32)
+    mx = tl.load(B + rows, mask=rmask, other=0.0) + tl.sum(xf * xf, 1) * half_scale
+    acc = tl.zeros([BN, BD], tl.float32)
+    gs = tl.zeros([BN], tl.float32)
+    for mb in range(0, tl.cdiv(M, BM)):
+        offs_m = mb * BM + tl.arange(0, BM)
+        mmask = offs_m < M
+        w = tl.load(FEAT + offs_m[:, None] * D + offs_d[None, :], mask=mmask[:, None] & dmask[None, :],
+                    other=0.0).to(tl.float32) * sqrt_scale
+        hi = _to(w, x.dtype, PREC)
+        lo = _to(w - hi.to(tl.float32), x.dtype, PREC)
+        xw = _dot(x, tl.trans(hi), PREC) + _dot(x, tl.trans(lo), PREC)
+        dphi = tl.load(DPHI + rows[:, None] * M + offs_m[None, :], mask=rmask[:, None] & mmask[None, :],
+                       other=0.0).to(tl.float32)
+        g = dphi * tl.exp(xw - mx[:, None] + log_inv)  # 0 in masked columns (dphi 0)
+        gs += tl.sum(g, 1)
+        g_hi = _to(g, x.dtype, PREC)
+        g_lo = _to(g - g_hi.to(tl.float32), x.dtype, PREC)
+        acc += _dot(g_hi, hi, PREC) + _dot(g_lo, hi, PREC) + _dot(g_hi, lo, PREC)
+    dx = acc - (2.0 * half_scale) * xf * gs[:, None]
+    tl.store(DX + rows[:, None] * D + offs_d[None, :], _to(dx, DX.dtype.element_ty, PREC),
+             mask=rmask[:, None] & dmask[None, :])
 
 
 @triton.jit
@@ -100,6 +136,16 @@ class _Favor(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dphi, _db):
         x, features, b = ctx.saved_tensors
+        if x.dtype == torch.bfloat16 and not ctx.needs_input_grad[1]:  # dx only (drawn features): the kernel
+            d, m = x.shape[-1], features.shape[0]
+            x2, dphi2 = x.reshape(-1, d).contiguous(), dphi.reshape(-1, m).contiguous()
+            n = x2.shape[0]
+            dx = torch.empty_like(x2)
+            _favor_grad_kernel[(triton.cdiv(n, BN),)](x2, features.contiguous(), dphi2, b.reshape(-1).contiguous(), dx,
+                                                      n, d, m, *ctx.consts, PREC=_precision(x2), BN=BN,
+                                                      BD=max(16, triton.next_power_of_2(d)), BM=BM, num_warps=4)
+            return dx.reshape(x.shape), None, None, None, None
+        # fp16 (whose narrow range would flush a split gradient's low part) and trained features: PyTorch, fp32
         dx, dfeat = favor_backward(x, features, dphi, b, *ctx.consts, compiled=x.is_cuda)
         return (dx if ctx.needs_input_grad[0] else None,
                 dfeat.to(features.dtype) if ctx.needs_input_grad[1] else None, None, None, None)
