@@ -204,7 +204,10 @@ def model_table() -> str:
               ("model_bench_graph_favor_gqa.json", "**CUDA graph, after FAVOR+'s Triton feature map and the causal "
                "kernels' kv-head states** (`model_bench_graph_favor_gqa.json`: the same command, commit 6666ffd; "
                "`ops/favor_triton.py`, `ops/linear_triton.py`):", "CUDA graph, FAVOR+ kernel and "
-               "kv-head states"))
+               "kv-head states"),
+              ("model_bench_graph_favor_bwd.json", "**CUDA graph, after FAVOR+'s backward became a kernel too** "
+               "(`model_bench_graph_favor_bwd.json`: the same command with `--methods performer`, commit fa4bc38):",
+               "CUDA graph, FAVOR+ forward and backward kernels"))
     for name, prose, label in graphs:
         if (MODEL_DIR / name).exists():
             gr = json.load(open(MODEL_DIR / name))
