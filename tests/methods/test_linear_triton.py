@@ -194,7 +194,7 @@ def test_methods_run_the_kernels_and_match(kernels, method, opts, dtype, hkv, mo
     eager = make(method, q, k, backend="eager", **opts)
     seen = []
     real = kernels.causal_linear
-    monkeypatch.setattr(kernels, "causal_linear", lambda *a: seen.append(a[1].shape[1]) or real(*a))
+    monkeypatch.setattr(kernels, "causal_linear", lambda *a, **kw: seen.append(a[1].shape[1]) or real(*a, **kw))
 
     def run(*a):
         return m(*a, causal=True)[0]
@@ -274,3 +274,47 @@ def test_shape_only_tables_are_built_once_and_left_untouched(kernels):
     assert torch.equal(lkf, want_lkf) and torch.equal(pex, want_pex)
     kernels.no_scale_tables(2, 64, 1, q.device)  # another shape: its own entry
     assert kernels.no_scale_tables.cache_info().currsize == 2
+
+
+@pytest.mark.parametrize("fmap", ["elu", "relu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_feature_map_applied_in_the_kernels(kernels, fmap, dtype):
+    """feature_map= maps raw q and k inside the forward kernels: the same output as mapping them first (130 tokens:
+    a partial last chunk; GQA with 2 kv heads), and it is refused while gradients are recorded, with key
+    log-scales, or for an unknown map."""
+    from attnlab.feature_maps import ELU, ReLU
+
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(2, 4, 130, 32, generator=g).to(dtype)
+    k, v = (torch.randn(2, 2, 130, 32, generator=g).to(dtype) for _ in range(2))
+    m = ELU() if fmap == "elu" else ReLU()
+    with torch.no_grad():
+        want = kernels.causal_linear(m(q, scale=1.0, is_query=True)[0], m(k, scale=1.0, is_query=False)[0], v)
+        got = kernels.causal_linear(q, k, v, feature_map=fmap)
+    tol = 1e-5 if dtype == torch.float32 else 2.0 ** -7
+    assert max_err(got, want) <= tol * want.abs().max().item()
+    assert not torch.equal(got, kernels.causal_linear(q, k, v))  # the map matters (relu: negative parts dropped)
+    with pytest.raises(ValueError, match="no backward"):
+        kernels.causal_linear(q.requires_grad_(True), k, v, feature_map=fmap)
+    with torch.no_grad(), pytest.raises(ValueError, match="log-scales"):
+        kernels.causal_linear(q, k, v, torch.zeros(2, 2, 130), feature_map=fmap)
+    with torch.no_grad(), pytest.raises(ValueError, match="one of"):
+        kernels.causal_linear(q, k, v, feature_map="favor")
+
+
+def test_linear_inference_maps_in_the_kernels_and_training_does_not(kernels):
+    """A linear layer (backend="triton") under no_grad runs "triton+map" with the same output as the mapped path; with
+    gradients, or with a padding mask (padded keys must become zero features), it maps first."""
+    q, k, v = rand_qkv(b=2, h=4, hkv=2, tq=70, d=16, seed=8)
+    m = make("linear", q, k, backend="triton")
+    with torch.no_grad():
+        fused = m(q, k, v, causal=True)[0]
+        assert m.kernel == "triton+map"
+        kpm = torch.ones(2, 70, dtype=torch.bool)
+        kpm[1, 50:] = False
+        m(q, k, v, causal=True, key_padding_mask=kpm)
+        assert m.kernel.startswith("triton+compiled") or m.kernel == "triton"
+    mapped = m(q.requires_grad_(True), k, v, causal=True)[0]
+    assert m.kernel != "triton+map"
+    assert max_err(fused, mapped.detach()) <= 1e-5 * mapped.abs().max().item()
+    check_vs_quadratic(fused, q.detach(), k, v, m, causal=True)

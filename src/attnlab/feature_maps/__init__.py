@@ -37,6 +37,9 @@ class FeatureMap(nn.Module):
     # the same map for every head (no per-head parameters): a GQA layer's keys can be mapped once per kv head and
     # the features shared by the group's query heads (methods/_kernel.py)
     head_shared = False
+    # an elementwise map the causal Triton kernels can apply as they load q and k (`ops.linear_triton.FEATURE_MAPS`):
+    # inference then writes no feature tensors
+    kernel_map: str | None = None
 
     def projection_flops(self, head_dim: int) -> int:
         """Matmul FLOPs to map one token (2 per multiply-add): 0 for elementwise maps."""
@@ -58,6 +61,7 @@ def _elu_plus_one(x: torch.Tensor) -> torch.Tensor:
 class ELU(FeatureMap):
     """elu(x) + 1, the paper's map (positive, F = D)."""
     head_shared = True
+    kernel_map = "elu"
 
     def forward(self, x, *, scale, is_query, compiled=False):
         return _elu_plus_one(x, compiled=compiled), None
@@ -66,6 +70,7 @@ class ELU(FeatureMap):
 class ReLU(FeatureMap):
     """relu(x): a row's normaliser can be exactly 0 (every feature off); such a row returns zeros."""
     head_shared = True
+    kernel_map = "relu"
 
     def forward(self, x, *, scale, is_query, compiled=False):
         return F.relu(x), None

@@ -3,7 +3,9 @@ keys, then `ops.linear`'s core. linear, performer and rfa (and the learned maps 
 class with their own options and feature maps.
 
 Kernels (`backend`): "triton" runs the causal form through `ops.linear_triton` (CUDA; the CPU tests run it
-under Triton's interpreter) with compiled feature maps; "compiled" the chunked PyTorch core with feature maps
+under Triton's interpreter) with compiled feature maps, or with an elementwise map (`FeatureMap.kernel_map`: elu+1,
+relu) applied inside the kernels when no gradient is recorded ("triton+map": no feature tensors, no map launches);
+"compiled" the chunked PyTorch core with feature maps
 through torch.compile; "eager" everything in plain PyTorch; "auto" is triton where it can serve the call on
 CUDA, compiled on the rest of CUDA, eager on CPU. All compute the same function. `self.kernel` names the
 one that ran ("triton", "chunked", "one-pass" or "quadratic", "+compiled" when the feature maps were).
@@ -104,6 +106,15 @@ class KernelAttention(AttentionMethod):
         tq, tk = q.shape[-2], k.shape[-2]
         core, compiled = self._choose(q, causal, tq, tk)
         fm_q, fm_k = self.maps()
+        kmap = getattr(fm_k, "kernel_map", None)
+        if (core == "triton" and kmap is not None and fm_q is fm_k and key_padding_mask is None and not need_probs
+                and not need_col_sums and not (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)))):
+            # inference with an elementwise map: the kernels map q and k as they load them (no feature tensors, no
+            # map launches: on the H200's host each launch costs tens of microseconds)
+            from ..ops import linear_triton
+
+            self.kernel = "triton+map"
+            return linear_triton.causal_linear(q, k, v, feature_map=kmap), None
         groups = q.shape[1] // k.shape[1]
         if groups > 1 and not getattr(fm_k, "head_shared", False):  # a map that does not say: per head
             k = repeat_kv(k, groups)

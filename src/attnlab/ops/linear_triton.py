@@ -63,6 +63,20 @@ def _rel_exp(a, m):
 
 
 @triton.jit
+def _feature(x, MAP: tl.constexpr, PREC: tl.constexpr):
+    """An elementwise feature map applied on load (MAP 1: elu(x) + 1, which is exp(x) for x <= 0; 2: relu(x); 0: x
+    is already the feature), computed in fp32 and rounded to x's dtype, as `feature_maps.ELU` / `ReLU` do."""
+    if MAP == 0:
+        return x
+    xf = x.to(tl.float32)
+    if MAP == 1:
+        y = tl.where(xf > 0, xf + 1.0, tl.exp(xf))
+    else:
+        y = tl.maximum(xf, 0.0)
+    return _to(y, x.dtype, PREC)
+
+
+@triton.jit
 def _weights(LK, PEX, bh, c, n_chunks, T, offs_t, BT: tl.constexpr):
     """For chunk c: intra-chunk weights w [BT, BT] (0 above the diagonal and past T), the query factor
     e^{P_c - M_i} [BT], the key factor e^{b_j - P_{c+1}} [BT] and the state factor e^{P_c - P_{c+1}}.
@@ -85,7 +99,7 @@ def _weights(LK, PEX, bh, c, n_chunks, T, offs_t, BT: tl.constexpr):
 @triton.jit
 def _state_kernel(K, V, LK, PEX, H, Z, SEG, SEGZ, T, F, D, n_chunks, seg_len, n_seg,
                   SUMS: tl.constexpr, HAS_SCALE: tl.constexpr, PREC: tl.constexpr,
-                  BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+                  BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, MAP: tl.constexpr = 0):
     """The state entering every chunk, H[c] = sum_{j < chunk c} e^{b_j - P_c} k_j v_j^T (in the matmul dtype,
     carried in fp32) and Z[c] (fp32), one (feature block, value block, segment of seg_len chunks) per program.
     SUMS: each segment's own sum only, all in parallel, SEG[g] = sum_{j in chunks [c0, c1)} e^{b_j - P_{c1}}
@@ -121,6 +135,9 @@ def _state_kernel(K, V, LK, PEX, H, Z, SEG, SEGZ, T, F, D, n_chunks, seg_len, n_
         t = c * BT + offs_t
         tmask = t < T
         k = tl.load(K + bh * T * F + t[:, None] * F + offs_k[None, :], mask=tmask[:, None] & kmask[None, :], other=0.0)
+        if MAP != 0:  # raw keys: map them; rows past T kept at 0 (the map of a loaded 0 is 1 for elu; only the last
+            # chunk has such rows, and no state or weight reads them, but a feature past T stays 0 as in the unfused path)
+            k = tl.where(tmask[:, None] & kmask[None, :], _feature(k, MAP, PREC), 0.0)
         v = tl.load(V + bh * T * D + t[:, None] * D + offs_v[None, :], mask=tmask[:, None] & vmask[None, :], other=0.0)
         _, _, kfac, sfac = _weights(LK, PEX, bh, c, n_chunks, T, offs_t, BT)
         kw = _to(k.to(tl.float32) * kfac[:, None], k.dtype, PREC)
@@ -188,7 +205,7 @@ def _grad_state_kernel(Q, LK, PEX, DNUM, DDEN, G, GZ, SEG, SEGZ, T, F, D, n_chun
 @triton.jit
 def _out_kernel(Q, K, V, LK, PEX, H, Z, OUT, DEN, T, F, D, n_chunks, G,
                 HAS_SCALE: tl.constexpr, PREC: tl.constexpr,
-                BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+                BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, MAP: tl.constexpr = 0):
     """Chunk c's outputs from its entering state, in parallel over chunks: out = num / den (0 where den = 0),
     num = e^{P_c - M_i} q H[c] + (w * q k^T) v, den = e^{P_c - M_i} q . Z[c] + rowsum(w * q k^T) (kept, fp32).
     Query row bh reads key / value / state row bh // G (GQA: G query heads per kv head; 1 without)."""
@@ -210,6 +227,9 @@ def _out_kernel(Q, K, V, LK, PEX, H, Z, OUT, DEN, T, F, D, n_chunks, G,
         tf_off = t[:, None] * F + offs_k[None, :]
         q = tl.load(Q + bh * T * F + tf_off, mask=tmask[:, None] & kmask[None, :], other=0.0)
         k = tl.load(K + kvh * T * F + tf_off, mask=tmask[:, None] & kmask[None, :], other=0.0)
+        if MAP != 0:
+            q = tl.where(tmask[:, None] & kmask[None, :], _feature(q, MAP, PREC), 0.0)
+            k = tl.where(tmask[:, None] & kmask[None, :], _feature(k, MAP, PREC), 0.0)
         h = tl.load(H + (row * F + offs_k[:, None]) * D + offs_v[None, :], mask=kmask[:, None] & vmask[None, :], other=0.0)
         z = tl.load(Z + row * F + offs_k, mask=kmask, other=0.0)
         s += _dot(q, tl.trans(k), PREC)
@@ -333,7 +353,7 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
-def _segmented(kernel, inputs: tuple, out, out_z, t: int, f: int, d: int, n_chunks: int, meta: dict) -> None:
+def _segmented(kernel, inputs: tuple, out, out_z, t: int, f: int, d: int, n_chunks: int, meta: dict, **consts) -> None:
     """Run a sequential pass (`_state_kernel` or `_grad_state_kernel`) into out [BH, N, F, D] and out_z [BH, N, F]
     in segments of `segment_len` chunks: the segments' own sums first (SUMS, fp32) when there is more than one."""
     bh = out.shape[0]
@@ -346,19 +366,19 @@ def _segmented(kernel, inputs: tuple, out, out_z, t: int, f: int, d: int, n_chun
     if n_seg > 1:
         sums = out.new_empty(bh, n_seg, f, d, dtype=torch.float32)
         sums_z = out.new_empty(bh, n_seg, f, dtype=torch.float32)
-        kernel[grid](*inputs, out, out_z, sums, sums_z, t, f, d, n_chunks, seg, n_seg, SUMS=True, **meta,
+        kernel[grid](*inputs, out, out_z, sums, sums_z, t, f, d, n_chunks, seg, n_seg, SUMS=True, **meta, **consts,
                      **CONFIG["state"])
-    kernel[grid](*inputs, out, out_z, sums, sums_z, t, f, d, n_chunks, seg, n_seg, SUMS=False, **meta,
+    kernel[grid](*inputs, out, out_z, sums, sums_z, t, f, d, n_chunks, seg, n_seg, SUMS=False, **meta, **consts,
                  **CONFIG["state"])
 
 
-def _states(q, k, v, lkf, pex, meta, n_chunks):
+def _states(q, k, v, lkf, pex, meta, n_chunks, fmap: int = 0):
     """H [BH, N, F, D] (the inputs' dtype) and Z [BH, N, F] (fp32): the state entering each chunk."""
     bh, t, f = k.shape
     d = v.shape[-1]
     h = k.new_empty(bh, n_chunks, f, d)
     z = k.new_empty(bh, n_chunks, f, dtype=torch.float32)
-    _segmented(_state_kernel, (k, v, lkf, pex), h, z, t, f, d, n_chunks, meta)
+    _segmented(_state_kernel, (k, v, lkf, pex), h, z, t, f, d, n_chunks, meta, **({"MAP": fmap} if fmap else {}))
     return h, z
 
 
@@ -371,31 +391,37 @@ def no_scale_tables(bh: int, t: int, n_chunks: int, device: torch.device) -> tup
     return lkf, _exclusive_chunk_max(lkf, n_chunks)
 
 
+def _forward(q, k, v, lk, fmap: int = 0):
+    """The forward passes: (out [B, H, T, D], what the backward needs). fmap: an elementwise map applied to q and k
+    on load (`_feature`; 0: they are the features)."""
+    b, nh, t, f = q.shape
+    nkv, d = k.shape[1], v.shape[-1]
+    groups = nh // nkv  # GQA: the states are the kv heads' (a group's query heads read the same ones)
+    q = q.reshape(b * nh, t, f).contiguous()
+    k, v = (x.reshape(b * nkv, t, x.shape[-1]).contiguous() for x in (k, v))
+    n_chunks = triton.cdiv(t, BT)
+    has_scale = lk is not None
+    # without log-scales b = 0 (every weight 1), through the same kernels (see `_weights`)
+    if has_scale:
+        lkf = lk.reshape(b * nkv, t).float().contiguous()
+        pex = _exclusive_chunk_max(lkf.detach(), n_chunks)
+    else:
+        lkf, pex = no_scale_tables(b * nkv, t, n_chunks, q.device)
+    meta = dict(HAS_SCALE=has_scale, PREC=_precision(q), BT=BT, BK=BK, BV=max(16, triton.next_power_of_2(d)))
+    h, z = _states(q, k, v, lkf, pex, meta, n_chunks, fmap)
+    out = v.new_empty(b * nh, t, d)
+    den = q.new_empty(b * nh, t, dtype=torch.float32)
+    _out_kernel[(n_chunks, b * nh)](q, k, v, lkf, pex, h, z, out, den, t, f, d, n_chunks, groups, **meta,
+                                    **({"MAP": fmap} if fmap else {}), **CONFIG["out"])
+    return out.reshape(b, nh, t, d), (q, k, v, lkf, pex, out, den), meta, (b, nh, nkv, t, f, d, n_chunks)
+
+
 class _CausalLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, lk):
-        b, nh, t, f = q.shape
-        nkv, d = k.shape[1], v.shape[-1]
-        groups = nh // nkv  # GQA: the states are the kv heads' (a group's query heads read the same ones)
-        q = q.reshape(b * nh, t, f).contiguous()
-        k, v = (x.reshape(b * nkv, t, x.shape[-1]).contiguous() for x in (k, v))
-        n_chunks = triton.cdiv(t, BT)
-        has_scale = lk is not None
-        # without log-scales b = 0 (every weight 1), through the same kernels (see `_weights`)
-        if has_scale:
-            lkf = lk.reshape(b * nkv, t).float().contiguous()
-            pex = _exclusive_chunk_max(lkf.detach(), n_chunks)
-        else:
-            lkf, pex = no_scale_tables(b * nkv, t, n_chunks, q.device)
-        meta = dict(HAS_SCALE=has_scale, PREC=_precision(q), BT=BT, BK=BK, BV=max(16, triton.next_power_of_2(d)))
-        h, z = _states(q, k, v, lkf, pex, meta, n_chunks)
-        out = v.new_empty(b * nh, t, d)
-        den = q.new_empty(b * nh, t, dtype=torch.float32)
-        _out_kernel[(n_chunks, b * nh)](q, k, v, lkf, pex, h, z, out, den, t, f, d, n_chunks, groups, **meta,
-                                        **CONFIG["out"])
-        ctx.save_for_backward(q, k, v, lkf, pex, out, den)  # H, Z are recomputed: O(T F D / 64) memory saved
-        ctx.meta, ctx.shape = meta, (b, nh, nkv, t, f, d, n_chunks)
-        return out.reshape(b, nh, t, d)
+        out, saved, ctx.meta, ctx.shape = _forward(q, k, v, lk)
+        ctx.save_for_backward(*saved)  # H, Z are recomputed: O(T F D / 64) memory saved
+        return out
 
     @staticmethod
     def backward(ctx, dout):
@@ -430,12 +456,29 @@ def _group_sum(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x.reshape(x.shape[0] // groups, groups, *x.shape[1:]).sum(1, dtype=torch.float32).to(x.dtype)
 
 
-def causal_linear(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_log_scale: torch.Tensor | None = None):
+FEATURE_MAPS = {"elu": 1, "relu": 2}  # elementwise maps the forward kernels can apply on load (`_feature`)
+
+
+def causal_linear(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_log_scale: torch.Tensor | None = None,
+                  feature_map: str | None = None):
     """out [B, H, T, D] in v's dtype: causal linear attention of features q [B, H, T, F], k [B, Hkv, T, F] (v's
     dtype) and v [B, Hkv, T, D], with optional key log-scales [B, Hkv, T] (fp32; -inf: a key to ignore). Rows with
     no visible key are 0. Hkv < H is grouped-query attention (Hkv divides H; query head h reads kv head h // (H /
-    Hkv)): the forward keeps the kv heads' states once; the backward runs per query head and sums each group."""
+    Hkv)): the forward keeps the kv heads' states once; the backward runs per query head and sums each group.
+
+    feature_map "elu" | "relu": q and k are the raw queries and keys, mapped inside the forward kernels as they are
+    loaded (no feature tensors written, two launches fewer a call); forward only, so refused while gradients are
+    being recorded for q, k or v, and without key log-scales."""
     if q.shape[1] % k.shape[1] or k.shape[1] != v.shape[1]:
         raise ValueError(f"causal_linear: kv heads (k {k.shape[1]}, v {v.shape[1]}) must agree and divide the "
                          f"query heads ({q.shape[1]})")
-    return _CausalLinear.apply(q, k, v, key_log_scale)
+    if feature_map is None:
+        return _CausalLinear.apply(q, k, v, key_log_scale)
+    if feature_map not in FEATURE_MAPS:
+        raise ValueError(f"causal_linear: feature_map must be one of {sorted(FEATURE_MAPS)}, got {feature_map!r}")
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        raise ValueError("causal_linear: feature_map= maps q and k inside the forward kernels, which have no "
+                         "backward; map them first when gradients are needed")
+    if key_log_scale is not None:
+        raise ValueError("causal_linear: feature_map= takes no key log-scales (an elementwise map has none)")
+    return _forward(q, k, v, None, FEATURE_MAPS[feature_map])[0]
