@@ -85,10 +85,15 @@ def cases(n: int, device):
         lin = make("linear")
         fq, _ = lin.feature_map(q, scale=scale, is_query=True, compiled=True)
         fk, _ = lin.feature_map(k, scale=scale, is_query=False, compiled=True)  # the kernels read the kv heads
+        # under no_grad attnlab's linear maps q and k inside the kernels ("triton+map"); raw: the kernels on features
         yield "linear", lambda: lin(q, k, v, causal=True), lambda: causal_linear(fq, fk, v)
-        # the feature maps alone: compiled (one fused kernel behind torch.compile's entry) vs eager (one launch per op)
         perf = make("performer")
-        for name, fm in (("elu_map", lin.feature_map), ("favor_map", perf.to(device).feature_map)):
+        pq, _ = perf.feature_map(q, scale=scale, is_query=True, compiled=True)
+        pk, lk = perf.feature_map(k, scale=scale, is_query=False, compiled=True)
+        yield "performer", lambda: perf(q, k, v, causal=True), lambda: causal_linear(pq, pk, v, lk)
+        # the feature maps alone: compiled (elu+1: one fused kernel behind torch.compile's entry; FAVOR+ on bf16: its
+        # Triton kernel) vs eager (one launch per op)
+        for name, fm in (("elu_map", lin.feature_map), ("favor_map", perf.feature_map)):
             yield (f"{name} compiled|eager", (lambda fm=fm: fm(q, scale=scale, is_query=False, compiled=True)),
                    (lambda fm=fm: fm(q, scale=scale, is_query=False, compiled=False)))
 
