@@ -35,11 +35,7 @@ BM = 64  # features per dot
 @triton.jit
 def _favor_kernel(X, FEAT, PHI, B, N, D, M, sqrt_scale, half_scale, log_inv,
                   PREC: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
-    rmask = rows < N
-    offs_d = tl.arange(0, BD)
-    dmask = offs_d < D
-    x = tl.load(X + rows[:, None] * D + offs_d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+    rows, rmask, offs_d, dmask, x = _row_block(X, N, D, BN, BD)
     xf = x.to(tl.float32)
     sq = tl.sum(xf * xf, 1) * half_scale
     mx = tl.full([BN], float("-inf"), tl.float32)
@@ -64,11 +60,7 @@ def _favor_grad_kernel(X, FEAT, DPHI, B, DX, N, D, M, sqrt_scale, half_scale, lo
     """dx for a block of rows: g = dphi * phi with phi recomputed in fp32 from the saved b (the row max of x.w is
     b + scale |x|^2 / 2), then dx = g w - scale x sum_f g, g w as three split-precision dots (g = g_hi + g_lo,
     w = w_hi + w_lo; the lo x lo term, ~2^-16 of the rest, left out)."""
-    rows = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
-    rmask = rows < N
-    offs_d = tl.arange(0, BD)
-    dmask = offs_d < D
-    x = tl.load(X + rows[:, None] * D + offs_d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+    rows, rmask, offs_d, dmask, x = _row_block(X, N, D, BN, BD)
     xf = x.to(tl.float32)
     mx = tl.load(B + rows, mask=rmask, other=0.0) + tl.sum(xf * xf, 1) * half_scale
     acc = tl.zeros([BN, BD], tl.float32)
@@ -76,11 +68,8 @@ def _favor_grad_kernel(X, FEAT, DPHI, B, DX, N, D, M, sqrt_scale, half_scale, lo
     for mb in range(0, tl.cdiv(M, BM)):
         offs_m = mb * BM + tl.arange(0, BM)
         mmask = offs_m < M
-        w = tl.load(FEAT + offs_m[:, None] * D + offs_d[None, :], mask=mmask[:, None] & dmask[None, :],
-                    other=0.0).to(tl.float32) * sqrt_scale
-        hi = _to(w, x.dtype, PREC)
-        lo = _to(w - hi.to(tl.float32), x.dtype, PREC)
-        xw = _dot(x, tl.trans(hi), PREC) + _dot(x, tl.trans(lo), PREC)
+        hi, lo = _w_parts(FEAT, offs_m, offs_d, mmask, dmask, D, sqrt_scale, x.dtype, PREC)
+        xw = _dot(x, tl.trans(hi), PREC) + _dot(x, tl.trans(lo), PREC)  # as the forward's
         dphi = tl.load(DPHI + rows[:, None] * M + offs_m[None, :], mask=rmask[:, None] & mmask[None, :],
                        other=0.0).to(tl.float32)
         g = dphi * tl.exp(xw - mx[:, None] + log_inv)  # 0 in masked columns (dphi 0)
@@ -94,12 +83,29 @@ def _favor_grad_kernel(X, FEAT, DPHI, B, DX, N, D, M, sqrt_scale, half_scale, lo
 
 
 @triton.jit
-def _xw(x, FEAT, offs_m, offs_d, mmask, dmask, D, sqrt_scale, PREC: tl.constexpr):
-    """x . w for a block of features, w = sqrt_scale * W split into x's half dtype as hi + lo (fp32 accumulation)."""
+def _row_block(X, N, D, BN: tl.constexpr, BD: tl.constexpr):
+    """This program's block of rows of X [N, D]: (rows, row mask, column offsets, column mask, x)."""
+    rows = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
+    rmask = rows < N
+    offs_d = tl.arange(0, BD)
+    dmask = offs_d < D
+    x = tl.load(X + rows[:, None] * D + offs_d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+    return rows, rmask, offs_d, dmask, x
+
+
+@triton.jit
+def _w_parts(FEAT, offs_m, offs_d, mmask, dmask, D, sqrt_scale, dtype: tl.constexpr, PREC: tl.constexpr):
+    """A block of w = sqrt_scale * W as hi + lo in the half dtype (hi: w rounded; lo: the rest, rounded)."""
     w = tl.load(FEAT + offs_m[:, None] * D + offs_d[None, :], mask=mmask[:, None] & dmask[None, :],
                 other=0.0).to(tl.float32) * sqrt_scale
-    hi = _to(w, x.dtype, PREC)
-    lo = _to(w - hi.to(tl.float32), x.dtype, PREC)
+    hi = _to(w, dtype, PREC)
+    return hi, _to(w - hi.to(tl.float32), dtype, PREC)
+
+
+@triton.jit
+def _xw(x, FEAT, offs_m, offs_d, mmask, dmask, D, sqrt_scale, PREC: tl.constexpr):
+    """x . w for a block of features with w split as hi + lo (two dots, fp32 accumulation)."""
+    hi, lo = _w_parts(FEAT, offs_m, offs_d, mmask, dmask, D, sqrt_scale, x.dtype, PREC)
     return _dot(x, tl.trans(hi), PREC) + _dot(x, tl.trans(lo), PREC)
 
 
