@@ -59,7 +59,7 @@ def test_features_and_log_scales_match_the_fp32_map(ft, dtype):
     assert max_err(phi, phi64) <= 1.01 * max_err(phi32, phi64)
     assert max_err(b, b64) <= 1e-5 * b64.abs().max().item()
     rel = ((phi.double() - phi64).abs() / phi64.clamp_min(1e-3)).max().item()
-    assert rel <= 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10  # within the dtype's rounding
+    assert rel <= (2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10)  # within the dtype's rounding
 
 
 def test_row_maxima_span_every_feature_block(ft):

@@ -135,6 +135,29 @@ def test_grouped_query_heads_read_their_kv_head(kernels, seg, scale, monkeypatch
         assert max_err(a, b) <= 1e-4 * b.abs().max().item(), name
     with pytest.raises(ValueError, match="must agree and divide"):
         kernels.causal_linear(ins[0].detach()[:, :3], ins[1].detach(), ins[2].detach())
+    with pytest.raises(ValueError, match="key_log_scale must be"):  # log-scales per query head next to kv-head keys
+        kernels.causal_linear(ins[0].detach(), ins[1].detach(), ins[2].detach(), torch.zeros(2, 4, 130))
+    with pytest.raises(ValueError, match="must agree in"):
+        kernels.causal_linear(ins[0].detach()[:, :, :64], ins[1].detach(), ins[2].detach())
+
+
+def test_grouped_query_gradients_in_bf16_match_the_expanded_kernels(kernels):
+    """bf16 GQA: each kv head's dk, dv (and key log-scale gradient) equal the expanded call's gradients summed
+    through repeat_kv, within bf16 rounding (the group's per-head parts are summed in fp32 before one rounding)."""
+    from attnlab.methods.base import repeat_kv
+
+    g = torch.Generator().manual_seed(12)
+    q = torch.rand(1, 4, 100, 32, generator=g).bfloat16().requires_grad_(True)
+    k = torch.rand(1, 2, 100, 32, generator=g).bfloat16().requires_grad_(True)
+    v = torch.randn(1, 2, 100, 16, generator=g).bfloat16().requires_grad_(True)
+    lk = (torch.randn(1, 2, 100, generator=g) * 4).requires_grad_(True)
+    w = torch.randn(1, 4, 100, 16, generator=torch.Generator().manual_seed(3))
+    got = torch.autograd.grad((kernels.causal_linear(q, k, v, lk).float() * w).sum(), (q, k, v, lk))
+    out = kernels.causal_linear(q, repeat_kv(k, 2), repeat_kv(v, 2), repeat_kv(lk[..., None], 2)[..., 0])
+    want = torch.autograd.grad((out.float() * w).sum(), (q, k, v, lk))
+    for name, a, b in zip("q k v b".split(), got, want):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        assert max_err(a, b) <= 2.0 ** -7 * b.abs().max().item(), name
 
 
 @pytest.mark.parametrize("seg", [1, 2, 4])

@@ -20,6 +20,7 @@ inputs then runs `ops.favor_triton`'s kernel instead (its projection as split-pr
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 import os
@@ -170,17 +171,23 @@ class FAVOR(_RandomFeatures):
 
 def favor_triton_reasons(x: torch.Tensor) -> list[str]:
     """Why `ops.favor_triton`'s kernel cannot map x (empty: it can): it takes bf16 / fp16 on CUDA (or CPU tensors
-    under Triton's interpreter, the CPU tests), head dims 16..128; fp32 inputs keep the fp32 GEMM."""
+    under Triton's interpreter, the CPU tests), head dims 16..128; fp32 inputs keep the fp32 GEMM. Read twice a layer
+    per call: decided once per (device type, dtype, head dim, interpreter)."""
+    return list(_favor_triton_reasons(x.device.type, x.dtype, x.shape[-1], os.environ.get("TRITON_INTERPRET") == "1"))
+
+
+@functools.lru_cache(maxsize=64)
+def _favor_triton_reasons(device_type: str, dtype: torch.dtype, head_dim: int, interpreted: bool) -> tuple[str, ...]:
     why = []
     if importlib.util.find_spec("triton") is None:
         why.append("triton is not installed")
-    elif not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+    elif device_type != "cuda" and not interpreted:
         why.append("the kernel needs a CUDA device")
-    if x.dtype not in (torch.bfloat16, torch.float16):
-        why.append(f"the kernel maps half-precision inputs, got {x.dtype}")
-    if not 16 <= x.shape[-1] <= 128:
-        why.append(f"the kernel takes head dims 16..128, got {x.shape[-1]}")
-    return why
+    if dtype not in (torch.bfloat16, torch.float16):
+        why.append(f"the kernel maps half-precision inputs, got {dtype}")
+    if not 16 <= head_dim <= 128:
+        why.append(f"the kernel takes head dims 16..128, got {head_dim}")
+    return tuple(why)
 
 
 @fused

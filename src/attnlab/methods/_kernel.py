@@ -8,7 +8,7 @@ relu) applied inside the kernels when no gradient is recorded ("triton+map": no 
 "compiled" the chunked PyTorch core with feature maps
 through torch.compile; "eager" everything in plain PyTorch; "auto" is triton where it can serve the call on
 CUDA, compiled on the rest of CUDA, eager on CPU. All compute the same function. `self.kernel` names the
-one that ran ("triton", "chunked", "one-pass" or "quadratic", "+compiled" when the feature maps were).
+one that ran ("triton", "triton+map", "chunked", "one-pass" or "quadratic", "+compiled" when the feature maps were).
 """
 from __future__ import annotations
 
@@ -30,8 +30,9 @@ class KernelAttention(AttentionMethod):
 
     GQA (fewer kv heads than query heads): a key map with no per-head parameters (`FeatureMap.head_shared`) maps
     each kv head's keys once and the group's query heads share the features (a third of SmolLM2's key-map work);
-    a per-head map gets the keys expanded first. The causal Triton kernels then read the kv heads' features and
-    values as they are (one state per kv head, no expanded copies); the PyTorch forms get them expanded."""
+    a per-head map gets the keys expanded first. The causal Triton kernels' forward then reads the kv heads'
+    features and values as they are (one state per kv head, no expanded copies; their backward expands them); the
+    PyTorch forms get them expanded."""
     native_gqa = True
 
     def maps(self) -> tuple[torch.nn.Module, torch.nn.Module]:

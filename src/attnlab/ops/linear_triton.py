@@ -3,8 +3,10 @@ normaliser and key log-scales.
 
     num_i = sum_{j <= i} w_ij (q_i . k_j) v_j,   den_i = sum_{j <= i} w_ij (q_i . k_j),   w_ij = e^{b_j - M_i}
 
-q, k [BH, T, F] (features), v [BH, T, D]; without key log-scales b, w_ij = 1. M_i is query i's running max
-of b over the keys it sees (the stabiliser of `ops.linear`'s module doc, detached); out = num / den, and
+q, k [BH, T, F] (features), v [BH, T, D]; without key log-scales b, w_ij = 1. GQA: k, v and b may have H / G
+heads (query row bh reads kv row bh // G; the states are the kv heads'). The forward kernels can also take raw q, k
+and apply an elementwise feature map as they load them (`_feature`, `causal_linear(feature_map=)`: inference).
+M_i is query i's running max of b over the keys it sees (the stabiliser of `ops.linear`'s module doc, detached); out = num / den, and
 0 for a row whose den is exactly 0 (no visible key).
 
 Forward, as flash-linear-attention's `chunk` kernels (two passes, so that only the state recurrence is
@@ -65,7 +67,8 @@ def _rel_exp(a, m):
 @triton.jit
 def _feature(x, MAP: tl.constexpr, PREC: tl.constexpr):
     """An elementwise feature map applied on load (MAP 1: elu(x) + 1, which is exp(x) for x <= 0; 2: relu(x); 0: x
-    is already the feature), computed in fp32 and rounded to x's dtype, as `feature_maps.ELU` / `ReLU` do."""
+    is already the feature), computed in fp32 and rounded to x's dtype, as `feature_maps.ELU` / `ReLU` do. Edge
+    cases differ from PyTorch's: fp32 elu+1 far below -17 (exp(x) here, expm1(x) + 1 = 0 there) and relu of NaN."""
     if MAP == 0:
         return x
     xf = x.to(tl.float32)
@@ -392,8 +395,8 @@ def no_scale_tables(bh: int, t: int, n_chunks: int, device: torch.device) -> tup
 
 
 def _forward(q, k, v, lk, fmap: int = 0):
-    """The forward passes: (out [B, H, T, D], what the backward needs). fmap: an elementwise map applied to q and k
-    on load (`_feature`; 0: they are the features)."""
+    """The forward passes: (out [B, H, T, D], the tensors the backward saves, the kernels' meta, the shapes). fmap:
+    an elementwise map applied to q and k on load (`_feature`; 0: they are the features)."""
     b, nh, t, f = q.shape
     nkv, d = k.shape[1], v.shape[-1]
     groups = nh // nkv  # GQA: the states are the kv heads' (a group's query heads read the same ones)
@@ -439,21 +442,23 @@ class _CausalLinear(torch.autograd.Function):
         h, z = _states(q, k, v, lkf, pex, meta, n_chunks)
         g, gz = torch.empty_like(h), torch.empty_like(z)
         _segmented(_grad_state_kernel, (q, lkf, pex, dnum, dden), g, gz, t, f, d, n_chunks, meta)
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        dq = torch.empty_like(q)
+        # GQA: each query head's dk, dv kept in fp32 until its group is summed (one rounding, as the expanded path)
+        dk, dv = (torch.empty_like(x, dtype=torch.float32 if groups > 1 else x.dtype) for x in (k, v))
         db = torch.empty_like(den) if meta["HAS_SCALE"] else den
         _grad_kernel[(n_chunks, b * nh)](q, k, v, lkf, pex, h, z, g, gz, dnum, dden, dq, dk, dv, db, t, f, d, n_chunks,
                                          **meta, **CONFIG["grad"])
         dlk = db if meta["HAS_SCALE"] and ctx.needs_input_grad[3] else None
         if groups > 1:  # each kv head's gradient: the sum over its group's query heads, in fp32
-            dk, dv = (_group_sum(x, groups) for x in (dk, dv))
-            dlk = None if dlk is None else _group_sum(dlk, groups)
+            dk, dv = _group_sum(dk, groups, k.dtype), _group_sum(dv, groups, v.dtype)
+            dlk = None if dlk is None else _group_sum(dlk, groups, torch.float32)
         dlk = None if dlk is None else dlk.reshape(b, nkv, t)
         return dq.reshape(b, nh, t, f), dk.reshape(b, nkv, t, f), dv.reshape(b, nkv, t, d), dlk
 
 
-def _group_sum(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """[B H, ...] -> [B Hkv, ...]: the sum of each kv head's `groups` consecutive query-head rows, in fp32."""
-    return x.reshape(x.shape[0] // groups, groups, *x.shape[1:]).sum(1, dtype=torch.float32).to(x.dtype)
+def _group_sum(x: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B H, ...] -> [B Hkv, ...] in `dtype`: the sum of each kv head's `groups` consecutive query-head rows, in fp32."""
+    return x.reshape(x.shape[0] // groups, groups, *x.shape[1:]).sum(1, dtype=torch.float32).to(dtype)
 
 
 FEATURE_MAPS = {"elu": 1, "relu": 2}  # elementwise maps the forward kernels can apply on load (`_feature`)
@@ -472,6 +477,12 @@ def causal_linear(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_log_sca
     if q.shape[1] % k.shape[1] or k.shape[1] != v.shape[1]:
         raise ValueError(f"causal_linear: kv heads (k {k.shape[1]}, v {v.shape[1]}) must agree and divide the "
                          f"query heads ({q.shape[1]})")
+    if q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2] or q.shape[3] != k.shape[3] or v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"causal_linear: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} must agree in "
+                         "batch and length, q and k in features")
+    if key_log_scale is not None and key_log_scale.shape != k.shape[:3]:
+        raise ValueError(f"causal_linear: key_log_scale must be [B, Hkv, T] = {tuple(k.shape[:3])}, got "
+                         f"{tuple(key_log_scale.shape)}")
     if feature_map is None:
         return _CausalLinear.apply(q, k, v, key_log_scale)
     if feature_map not in FEATURE_MAPS:
