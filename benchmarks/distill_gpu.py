@@ -17,8 +17,8 @@ held-out KL), OUT/speed.json.
 from __future__ import annotations
 
 import argparse
-import json
 import importlib
+import json
 import os
 import shutil
 import sys

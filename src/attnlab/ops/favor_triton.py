@@ -33,9 +33,10 @@ BM = 64  # features per dot
 
 
 def _launch(d: int) -> dict:
-    """Launch settings: with head dims above 64 (128-wide tiles) two pipeline stages, so that the shared memory
-    (~80 / 96 KiB forward / backward, against 112 / 128 with three) fits the ~99 KiB of sm_86 / sm_89 GPUs too."""
-    return dict(num_warps=4, num_stages=3 if d <= 64 else 2)
+    """Tile sizes and launch settings for head dim d: with head dims above 64 (128-wide tiles) two pipeline stages, so
+    that the shared memory (~80 / 96 KiB forward / backward, against 112 / 128 with three) fits the ~99 KiB of
+    sm_86 / sm_89 GPUs too."""
+    return dict(BN=BN, BD=max(16, triton.next_power_of_2(d)), BM=BM, num_warps=4, num_stages=3 if d <= 64 else 2)
 
 
 @triton.jit
@@ -137,8 +138,7 @@ class _Favor(torch.autograd.Function):
         phi = x2.new_empty(n, m)
         b = x2.new_empty(n, dtype=torch.float32)
         _favor_kernel[(triton.cdiv(n, BN),)](x2, features.contiguous(), phi, b, n, d, m, sqrt_scale, half_scale,
-                                             log_inv, PREC=_precision(x2), BN=BN, BD=max(16, triton.next_power_of_2(d)),
-                                             BM=BM, **_launch(d))
+                                             log_inv, PREC=_precision(x2), **_launch(d))
         b = b.reshape(x.shape[:-1])
         ctx.mark_non_differentiable(b)
         ctx.save_for_backward(x, features, b)
@@ -154,8 +154,7 @@ class _Favor(torch.autograd.Function):
             n = x2.shape[0]
             dx = torch.empty_like(x2)
             _favor_grad_kernel[(triton.cdiv(n, BN),)](x2, features.contiguous(), dphi2, b.reshape(-1).contiguous(), dx,
-                                                      n, d, m, *ctx.consts, PREC=_precision(x2), BN=BN,
-                                                      BD=max(16, triton.next_power_of_2(d)), BM=BM, **_launch(d))
+                                                      n, d, m, *ctx.consts, PREC=_precision(x2), **_launch(d))
             return dx.reshape(x.shape), None, None, None, None
         # fp16 (whose narrow range would flush a split gradient's low part) and trained features: PyTorch, fp32
         dx, dfeat = favor_backward(x, features, dphi, b, *ctx.consts, compiled=x.is_cuda)

@@ -6,8 +6,8 @@ normaliser and key log-scales.
 q, k [BH, T, F] (features), v [BH, T, D]; without key log-scales b, w_ij = 1. GQA: k, v and b may have H / G
 heads (query row bh reads kv row bh // G; the states are the kv heads'). The forward kernels can also take raw q, k
 and apply an elementwise feature map as they load them (`_feature`, `causal_linear(feature_map=)`: inference).
-M_i is query i's running max of b over the keys it sees (the stabiliser of `ops.linear`'s module doc, detached); out = num / den, and
-0 for a row whose den is exactly 0 (no visible key).
+M_i is query i's running max of b over the keys it sees (the stabiliser of `ops.linear`'s module doc, detached);
+out = num / den, and 0 for a row whose den is exactly 0 (no visible key).
 
 Forward, as flash-linear-attention's `chunk` kernels (two passes, so that only the state recurrence is
 sequential):
@@ -66,11 +66,9 @@ def _rel_exp(a, m):
 
 @triton.jit
 def _feature(x, MAP: tl.constexpr, PREC: tl.constexpr):
-    """An elementwise feature map applied on load (MAP 1: elu(x) + 1, which is exp(x) for x <= 0; 2: relu(x); 0: x
-    is already the feature), computed in fp32 and rounded to x's dtype, as `feature_maps.ELU` / `ReLU` do. Edge
-    cases differ from PyTorch's: fp32 elu+1 far below -17 (exp(x) here, expm1(x) + 1 = 0 there) and relu of NaN."""
-    if MAP == 0:
-        return x
+    """An elementwise feature map applied on load (MAP 1: elu(x) + 1, which is exp(x) for x <= 0; 2: relu(x); the
+    kernels call it only with MAP != 0), computed in fp32 and rounded to x's dtype, as `feature_maps.ELU` / `ReLU` do.
+    Edge cases differ from PyTorch's: fp32 elu+1 far below -17 (exp(x) here, expm1(x) + 1 = 0 there), relu of NaN."""
     xf = x.to(tl.float32)
     if MAP == 1:
         y = tl.where(xf > 0, xf + 1.0, tl.exp(xf))
@@ -381,7 +379,7 @@ def _states(q, k, v, lkf, pex, meta, n_chunks, fmap: int = 0):
     d = v.shape[-1]
     h = k.new_empty(bh, n_chunks, f, d)
     z = k.new_empty(bh, n_chunks, f, dtype=torch.float32)
-    _segmented(_state_kernel, (k, v, lkf, pex), h, z, t, f, d, n_chunks, meta, **({"MAP": fmap} if fmap else {}))
+    _segmented(_state_kernel, (k, v, lkf, pex), h, z, t, f, d, n_chunks, meta, MAP=fmap)
     return h, z
 
 
@@ -414,8 +412,8 @@ def _forward(q, k, v, lk, fmap: int = 0):
     h, z = _states(q, k, v, lkf, pex, meta, n_chunks, fmap)
     out = v.new_empty(b * nh, t, d)
     den = q.new_empty(b * nh, t, dtype=torch.float32)
-    _out_kernel[(n_chunks, b * nh)](q, k, v, lkf, pex, h, z, out, den, t, f, d, n_chunks, groups, **meta,
-                                    **({"MAP": fmap} if fmap else {}), **CONFIG["out"])
+    _out_kernel[(n_chunks, b * nh)](q, k, v, lkf, pex, h, z, out, den, t, f, d, n_chunks, groups, **meta, MAP=fmap,
+                                    **CONFIG["out"])
     return out.reshape(b, nh, t, d), (q, k, v, lkf, pex, out, den), meta, (b, nh, nkv, t, f, d, n_chunks)
 
 
