@@ -207,7 +207,10 @@ def model_table() -> str:
                "kv-head states"),
               ("model_bench_graph_favor_bwd.json", "**CUDA graph, after FAVOR+'s backward became a kernel too** "
                "(`model_bench_graph_favor_bwd.json`: the same command with `--methods performer`, commit fa4bc38):",
-               "CUDA graph, FAVOR+ forward and backward kernels"))
+               "CUDA graph, FAVOR+ forward and backward kernels"),
+              ("model_bench_graph_linear_map.json", "**CUDA graph, linear with its elementwise map inside the kernels** "
+               "(`model_bench_graph_linear_map.json`: `python benchmarks/model_bench.py --cuda-graph --lengths "
+               "1024,4096,16384 --methods linear --modes fwd,fwd+bwd`, commit 0f612e0):", "CUDA graph, in-kernel map"))
     for name, prose, label in graphs:
         if (MODEL_DIR / name).exists():
             gr = json.load(open(MODEL_DIR / name))
