@@ -13,6 +13,7 @@
     PYTHONPATH=src python benchmarks/gpu_checks.py linear,window  # only these methods
     PYTHONPATH=src python benchmarks/gpu_checks.py --quick        # fp32 limits + bf16 CUDA-vs-CPU only (about a minute)
     PYTHONPATH=src python benchmarks/gpu_checks.py window@triton  # a method with a chosen CUDA backend (not auto)
+    PYTHONPATH=src python benchmarks/gpu_checks.py linear --linear-form chunked  # the causal kernels' chunked forward
 """
 from __future__ import annotations
 
@@ -167,14 +168,21 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("methods", nargs="?", default=None, help="comma-separated subset (default: every method)")
     p.add_argument("--quick", action="store_true", help="fp32 exact limits and bf16 CUDA-vs-CPU only")
+    p.add_argument("--linear-form", choices=("auto", "chunked", "parallel"), default="auto",
+                   help="the causal linear kernels' forward (ops.linear_triton.PARALLEL_MAX_T): auto takes the one "
+                        "quadratic pass at these short lengths; chunked checks the state walk and output passes")
     args = p.parse_args(argv)
+    from attnlab.ops import linear_triton
+
+    linear_triton.PARALLEL_MAX_T = {"auto": None, "chunked": 0, "parallel": 1 << 30}[args.linear_form]
     from attnlab.ops.fused import raise_recompile_limit
 
     raise_recompile_limit()  # many (method, shape, grad mode) variants of flex: past dynamo's default 8 it runs eagerly
     names = args.methods.split(",") if args.methods else registry.list_methods()
     failures = exact_limits(names, (torch.float32,) if args.quick else (torch.float32, torch.bfloat16))
     failures += cuda_vs_cpu(names, (torch.bfloat16,) if args.quick else (torch.float32, torch.bfloat16))
-    print(f"{failures} failure(s) on {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    print(f"{failures} failure(s) on {torch.cuda.get_device_name()}, torch {torch.__version__} (linear form: "
+          f"{args.linear_form})")
     return 1 if failures else 0
 
 

@@ -22,7 +22,7 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def kernels():
+def interpreted():
     """The kernel module, run by Triton's CPU interpreter (TRITON_INTERPRET=1, set by conftest before triton
     is imported); methods built with backend="triton" run CPU tensors through it."""
     with pytest.MonkeyPatch.context() as mp:
@@ -30,6 +30,21 @@ def kernels():
         from attnlab.ops import linear_triton
 
         yield linear_triton
+
+
+@pytest.fixture(params=["chunked", "parallel"])
+def kernels(interpreted, request, monkeypatch):
+    """The module with its forward in one form: the chunked passes (state walk + outputs) or the one quadratic
+    pass that short inputs take (`parallel_max_t`); the backward is the chunked one either way."""
+    monkeypatch.setattr(interpreted, "PARALLEL_MAX_T", 0 if request.param == "chunked" else 1 << 30)
+    return interpreted
+
+
+@pytest.fixture
+def chunked(interpreted, monkeypatch):
+    """The chunked forward only (the segment tests: the parallel pass has no state walk)."""
+    monkeypatch.setattr(interpreted, "PARALLEL_MAX_T", 0)
+    return interpreted
 
 
 def _numpy_index_shim(mp):
@@ -162,17 +177,17 @@ def test_grouped_query_gradients_in_bf16_match_the_expanded_kernels(kernels):
 
 @pytest.mark.parametrize("seg", [1, 2, 4])
 @pytest.mark.parametrize("scale", [False, True], ids=["plain", "log-scale"])
-def test_segmented_state_pass_matches_quadratic_and_does_not_leak(kernels, seg, scale, monkeypatch):
+def test_segmented_state_pass_matches_quadratic_and_does_not_leak(chunked, seg, scale, monkeypatch):
     """The state pass split into segments of `seg` chunks (330 tokens: 6 chunks, the last partial; 4: uneven
     segments) gives the quadratic form's outputs and gradients, with a later huge key log-scale unable to reach
     earlier outputs (bit-identical), as the one-segment walk."""
-    monkeypatch.setattr(kernels, "SEGMENT_LEN", seg)
-    assert kernels.segment_len(6) == seg
+    monkeypatch.setattr(chunked, "SEGMENT_LEN", seg)
+    assert chunked.segment_len(6) == seg
     q, k, v, lk = _features(1, 2, 330, 32, 16, torch.float32, seed=seg, scale=scale)
     ins = [q, k, v] + ([lk] if scale else [])
     for x in ins:
         x.requires_grad_(True)
-    out = _kernel_out(kernels, q, k, v, lk)
+    out = _kernel_out(chunked, q, k, v, lk)
     want = _quadratic(*(x.double() for x in (q, k, v)), None if lk is None else lk.double())
     assert max_err(out, want) <= 1e-5 * want.abs().max().item()
     w = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -189,8 +204,8 @@ def test_segmented_state_pass_matches_quadratic_and_does_not_leak(kernels, seg, 
         lk2 = lk.detach().clone()
         lk2[:, :, cut:] = 60.0
     with torch.no_grad():
-        a = _kernel_out(kernels, q.detach(), k.detach(), v.detach(), None if lk is None else lk.detach())
-        b2 = _kernel_out(kernels, q2, k2, v2, lk2)
+        a = _kernel_out(chunked, q.detach(), k.detach(), v.detach(), None if lk is None else lk.detach())
+        b2 = _kernel_out(chunked, q2, k2, v2, lk2)
     assert torch.equal(a[:, :, :cut], b2[:, :, :cut])
     assert not torch.equal(a[:, :, cut:], b2[:, :, cut:])
 
@@ -202,6 +217,40 @@ def test_segment_length_choice():
     assert segment_len(64, 18) == 6 and segment_len(1024, 18) == 35  # sqrt(n / 2); then ~4 programs per SM
     assert segment_len(256, 72) == 35
     assert segment_len(1024, 128) == 1024  # the walks alone nearly fill the GPU: one segment
+
+
+def test_short_inputs_take_the_parallel_pass(interpreted, monkeypatch):
+    """Up to `parallel_max_t` tokens the forward is one quadratic pass (no state walk launched), beyond it the
+    chunked passes; both give the same outputs and the same DEN (the backward's input) within fp32 rounding."""
+    monkeypatch.setattr(interpreted, "PARALLEL_MAX_T", None)
+    assert interpreted.parallel_max_t(64) == 1024 and interpreted.parallel_max_t(256) == 0  # FAVOR+: chunked
+    walks = []
+    real = interpreted._states
+    monkeypatch.setattr(interpreted, "_states", lambda *a, **kw: walks.append(1) or real(*a, **kw))
+    q, k, v, lk = _features(1, 2, 200, 32, 16, torch.float32, seed=9, scale=True)
+    monkeypatch.setattr(interpreted, "PARALLEL_MAX_T", 199)
+    chunk_out, saved, *_ = interpreted._forward(q, k, v, lk)
+    assert walks == [1]
+    monkeypatch.setattr(interpreted, "PARALLEL_MAX_T", 200)
+    par_out, par_saved, *_ = interpreted._forward(q, k, v, lk)
+    assert walks == [1]  # no state walk
+    assert max_err(par_out, chunk_out) <= 1e-5 * chunk_out.abs().max().item()
+    assert max_err(par_saved[-1], saved[-1]) <= 1e-5 * saved[-1].abs().max().item()  # DEN, whose M_i must agree
+    # the backward: two quadratic passes up to the same length (and F <= PARALLEL_BWD_MAX_F), the chunked walks
+    # beyond; the same gradients (GQA: 4 query heads on 2 kv heads, key log-scales)
+    g = torch.Generator().manual_seed(4)
+    ins = [torch.rand(1, 4, 200, 32, generator=g), torch.rand(1, 2, 200, 32, generator=g),
+           torch.randn(1, 2, 200, 16, generator=g), torch.randn(1, 2, 200, generator=g) * 4]
+    w = torch.randn(1, 4, 200, 16, generator=g)
+    got = {}
+    for limit in (199, 200):
+        monkeypatch.setattr(interpreted, "PARALLEL_MAX_T", limit)
+        xs = [x.clone().requires_grad_(True) for x in ins]
+        walks.clear()
+        got[limit] = torch.autograd.grad((interpreted.causal_linear(*xs) * w).sum(), xs)
+        assert walks == ([] if limit == 200 else [1, 1])  # forward + backward recompute, or none
+    for name, a, b in zip("q k v b".split(), got[200], got[199]):
+        assert max_err(a, b) <= 1e-4 * b.abs().max().item(), name
 
 
 @pytest.mark.parametrize("method,opts", [("linear", {}), ("performer", {"num_features": 48}), ("rfa", {"num_features": 48})])

@@ -20,6 +20,11 @@ sequential):
    (0.1 ms a layer at 4k tokens on the H200, longer than cuDNN's whole causal attention there).
 2. `_out_kernel`: one program per (head, chunk), all in parallel: num = e^{P_c - M_i} q H[c] + the masked
    intra-chunk quadratic form, den likewise.
+Short inputs (up to `parallel_max_t` tokens) skip both: `_parallel_kernel` runs the quadratic form in one pass,
+one program per (head, query chunk) over the key chunks up to its own (flash attention's walk, with q k^T in place
+of the softmax and a running max of b as the stabiliser), writing the same out and den. There the chunked form's
+state walk (one program per kv head and value block, one chunk after another) is latency-bound and costs a second
+launch.
 Backward: H, Z recomputed (not stored between passes: O(T F D / 64) memory), `_grad_state_kernel` walks
 the chunks in reverse (in segments, as the forward's) and writes G[c] = sum_{i after chunk c} e^{P_{c+1} - M_i} q_i dnum_i^T and GZ[c]
 (every factor <= 1 since M_i >= P_{c+1}), then `_grad_kernel` computes dq, dk, dv of every chunk in
@@ -49,7 +54,7 @@ BT = 64  # tokens per chunk
 BK = 64  # features per program
 # launch settings: the fastest measured on an H100 at 64k tokens (benchmarks/results/history/h100/triton/tune.json)
 CONFIG = {"state": dict(num_warps=4, num_stages=3), "out": dict(num_warps=4, num_stages=2),
-          "grad": dict(num_warps=4, num_stages=2)}
+          "grad": dict(num_warps=4, num_stages=2), "parallel": dict(num_warps=4, num_stages=2)}
 STATE_BV = 32  # value columns per program of the two sequential passes (fewer: more programs in parallel)
 
 
@@ -248,6 +253,72 @@ def _out_kernel(Q, K, V, LK, PEX, H, Z, OUT, DEN, T, F, D, n_chunks, G,
 
 
 @triton.jit
+def _parallel_kernel(Q, K, V, LK, OUT, DEN, T, F, D, G,
+                     HAS_SCALE: tl.constexpr, PREC: tl.constexpr, ONE_FBLOCK: tl.constexpr,
+                     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, MAP: tl.constexpr = 0):
+    """Short inputs (`parallel_max_t`): the quadratic form in one pass, one program per (query block, head) over
+    the key blocks up to its own, as flash attention walks them: s = (q k^T) masked causal, times w_ij = e^{b_j -
+    m_i} where m_i is the row's running max of b (num and den rescaled when it grows: at the end m_i = M_i, the
+    chunked form's stabiliser, so DEN is the same quantity and the backward needs nothing else), num += s v, den
+    += rowsum(s). No state tensors, no second launch: at a few thousand tokens the chunked form's sequential state
+    walk (one program per kv head and value block) is latency-bound. ONE_FBLOCK (F <= BK): q is loaded (and mapped)
+    once, outside the key loop."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    kvh = bh // G
+    offs_t = tl.arange(0, BT)
+    offs_v = tl.arange(0, BV)
+    offs_k = tl.arange(0, BK)
+    vmask = offs_v < D
+    t = c * BT + offs_t
+    tmask = t < T
+    if ONE_FBLOCK:
+        qmask = tmask[:, None] & (offs_k < F)[None, :]
+        q1 = tl.load(Q + bh * T * F + t[:, None] * F + offs_k[None, :], mask=qmask, other=0.0)
+        if MAP != 0:
+            q1 = tl.where(qmask, _feature(q1, MAP, PREC), 0.0)
+    num = tl.zeros([BT, BV], tl.float32)
+    den = tl.zeros([BT], tl.float32)
+    m = tl.full([BT], float("-inf"), tl.float32)
+    for kc in range(0, c + 1):
+        tk = kc * BT + offs_t
+        kin = tk < T
+        s = tl.zeros([BT, BT], tl.float32)
+        for kb in range(0, tl.cdiv(F, BK)):
+            fo = kb * BK + offs_k
+            kmask = kin[:, None] & (fo < F)[None, :]
+            k = tl.load(K + kvh * T * F + tk[:, None] * F + fo[None, :], mask=kmask, other=0.0)
+            if MAP != 0:
+                k = tl.where(kmask, _feature(k, MAP, PREC), 0.0)
+            if ONE_FBLOCK:
+                s += _dot(q1, tl.trans(k), PREC)
+            else:
+                qmask = tmask[:, None] & (fo < F)[None, :]
+                q = tl.load(Q + bh * T * F + t[:, None] * F + fo[None, :], mask=qmask, other=0.0)
+                if MAP != 0:
+                    q = tl.where(qmask, _feature(q, MAP, PREC), 0.0)
+                s += _dot(q, tl.trans(k), PREC)
+        vis = (t[:, None] >= tk[None, :]) & kin[None, :]  # causal, and keys inside the input
+        if HAS_SCALE:
+            b = tl.where(vis, tl.load(LK + kvh * T + tk, mask=kin, other=float("-inf"))[None, :], float("-inf"))
+            m_new = tl.maximum(m, tl.max(b, 1))
+            alpha = _rel_exp(m, m_new)
+            num = num * alpha[:, None]
+            den = den * alpha
+            m = m_new
+            s = s * _rel_exp(b, m[:, None])  # masked before the exp: 0 for invisible keys and b = -inf
+        else:
+            s = tl.where(vis, s, 0.0)
+        v = tl.load(V + kvh * T * D + tk[:, None] * D + offs_v[None, :], mask=kin[:, None] & vmask[None, :], other=0.0)
+        num += _dot(_to(s, v.dtype, PREC), v, PREC)
+        den += tl.sum(s, 1)
+    out = tl.where(den[:, None] == 0, 0.0, num / tl.where(den == 0, 1.0, den)[:, None])  # no visible key: 0
+    tl.store(OUT + bh * T * D + t[:, None] * D + offs_v[None, :], _to(out, OUT.dtype.element_ty, PREC),
+             mask=tmask[:, None] & vmask[None, :])
+    tl.store(DEN + bh * T + t, den, mask=tmask)
+
+
+@triton.jit
 def _grad_prep_kernel(DOUT, OUT, DEN, DNUM, DDEN, T, D, PREC: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr):
     """The division's gradient (flash-attention's delta trick: no fp32 num is kept): dnum = dout / den in the
     matmul dtype, dden = -(dout . out) / den in fp32; both 0 where den = 0."""
@@ -321,6 +392,91 @@ def _grad_kernel(Q, K, V, LK, PEX, H, Z, G, GZ, DNUM, DDEN, DQ, DK, DV, DB, T, F
         tl.store(DB + bh * T + t, db, mask=tmask)
 
 
+@triton.jit
+def _tile(P, bh, T, W, rows, rmask, cols, cmask):
+    """Rows x cols of head bh of a [BH, T, W] tensor, 0 outside the masks."""
+    return tl.load(P + bh * T * W + rows[:, None] * W + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+
+
+@triton.jit
+def _parallel_w(LK, M, bh, T, t, tk, tmask, kin, HAS_SCALE: tl.constexpr):
+    """w_ij [query rows t, key rows tk] of the parallel backward: 1 where query i sees key j (causal, both inside
+    the input), 0 elsewhere; with key log-scales e^{b_j - M_i} (M_i: the max b over the keys query i sees, the
+    forward's stabiliser)."""
+    vis = (t[:, None] >= tk[None, :]) & kin[None, :] & tmask[:, None]
+    if HAS_SCALE:
+        b = tl.load(LK + bh * T + tk, mask=kin, other=float("-inf"))
+        m = tl.load(M + bh * T + t, mask=tmask, other=float("-inf"))
+        return _rel_exp(tl.where(vis, b[None, :], float("-inf")), m[:, None])
+    return tl.where(vis, 1.0, 0.0)
+
+
+@triton.jit
+def _parallel_dq_kernel(K, V, LK, M, DNUM, DDEN, DQ, T, F, D,
+                        HAS_SCALE: tl.constexpr, PREC: tl.constexpr,
+                        BT: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr):
+    """The parallel backward's dq for one (query chunk, head), over the key chunks up to its own: with
+    dA_ij = w_ij (dnum_i . v_j + dden_i), dq_i = sum_j dA_ij k_j (F <= BF: every feature in one tile)."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    offs_t = tl.arange(0, BT)
+    offs_f = tl.arange(0, BF)
+    offs_v = tl.arange(0, BV)
+    fmask, vmask = offs_f < F, offs_v < D
+    t = c * BT + offs_t
+    tmask = t < T
+    dn = _tile(DNUM, bh, T, D, t, tmask, offs_v, vmask)
+    dden = tl.load(DDEN + bh * T + t, mask=tmask, other=0.0)
+    dq = tl.zeros([BT, BF], tl.float32)
+    for kc in range(0, c + 1):
+        tk = kc * BT + offs_t
+        kin = tk < T
+        k = _tile(K, bh, T, F, tk, kin, offs_f, fmask)
+        v = _tile(V, bh, T, D, tk, kin, offs_v, vmask)
+        w = _parallel_w(LK, M, bh, T, t, tk, tmask, kin, HAS_SCALE)
+        da = (_dot(dn, tl.trans(v), PREC) + dden[:, None]) * w
+        dq += _dot(_to(da, k.dtype, PREC), k, PREC)
+    tl.store(DQ + bh * T * F + t[:, None] * F + offs_f[None, :], _to(dq, DQ.dtype.element_ty, PREC),
+             mask=tmask[:, None] & fmask[None, :])
+
+
+@triton.jit
+def _parallel_dkv_kernel(Q, K, V, LK, M, DNUM, DDEN, DK, DV, DB, T, F, D, n_chunks,
+                         HAS_SCALE: tl.constexpr, PREC: tl.constexpr,
+                         BT: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr):
+    """The parallel backward's dk, dv (and db) for one (key chunk, head), over the query chunks from its own on:
+    dv_j = sum_i w_ij (q_i . k_j) dnum_i, dk_j = sum_i dA_ij q_i, db_j = k_j . dk_j (fp32, before rounding)."""
+    kc = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    offs_t = tl.arange(0, BT)
+    offs_f = tl.arange(0, BF)
+    offs_v = tl.arange(0, BV)
+    fmask, vmask = offs_f < F, offs_v < D
+    tk = kc * BT + offs_t
+    kin = tk < T
+    k = _tile(K, bh, T, F, tk, kin, offs_f, fmask)
+    v = _tile(V, bh, T, D, tk, kin, offs_v, vmask)
+    dk = tl.zeros([BT, BF], tl.float32)
+    dv = tl.zeros([BT, BV], tl.float32)
+    for c in range(kc, n_chunks):
+        t = c * BT + offs_t
+        tmask = t < T
+        q = _tile(Q, bh, T, F, t, tmask, offs_f, fmask)
+        dn = _tile(DNUM, bh, T, D, t, tmask, offs_v, vmask)
+        dden = tl.load(DDEN + bh * T + t, mask=tmask, other=0.0)
+        w = _parallel_w(LK, M, bh, T, t, tk, tmask, kin, HAS_SCALE)  # [query, key]
+        sw = _dot(q, tl.trans(k), PREC) * w
+        dv += _dot(tl.trans(_to(sw, dn.dtype, PREC)), dn, PREC)
+        da = (_dot(dn, tl.trans(v), PREC) + dden[:, None]) * w
+        dk += _dot(tl.trans(_to(da, q.dtype, PREC)), q, PREC)
+    tl.store(DK + bh * T * F + tk[:, None] * F + offs_f[None, :], _to(dk, DK.dtype.element_ty, PREC),
+             mask=kin[:, None] & fmask[None, :])
+    tl.store(DV + bh * T * D + tk[:, None] * D + offs_v[None, :], _to(dv, DV.dtype.element_ty, PREC),
+             mask=kin[:, None] & vmask[None, :])
+    if HAS_SCALE:
+        tl.store(DB + bh * T + tk, tl.sum(dk * k.to(tl.float32), 1), mask=kin)
+
+
 def _exclusive_chunk_max(lk: torch.Tensor, n_chunks: int) -> torch.Tensor:
     """[BH, T] -> P [BH, N + 1]: P_c = max b over the keys before chunk c (P_0 = -inf), fp32."""
     bh, t = lk.shape
@@ -347,6 +503,28 @@ def segment_len(n_chunks: int, programs: int = 1, sms: int = 132) -> int:
     seg = max(1, round((n_chunks / 2) ** 0.5), -(-n_chunks * programs // (4 * sms)))
     chain = 2 * seg + -(-n_chunks // seg)
     return seg if seg < n_chunks and chain < 0.75 * n_chunks else n_chunks
+
+
+PARALLEL_BWD_MAX_F = 128  # the parallel backward keeps a [64, F] fp32 accumulator per program: wider maps (FAVOR+'s
+# 256 features) take the chunked backward
+
+# longest input the forward runs as one quadratic pass (`_parallel_kernel`); None: `parallel_max_t`'s rule. Tests
+# set it (0: always the chunked form) to exercise each form.
+PARALLEL_MAX_T: int | None = None
+
+
+def parallel_max_t(f: int) -> int:
+    """The longest input whose forward (and, for f <= PARALLEL_BWD_MAX_F, backward) runs the quadratic passes
+    rather than the chunked ones, for f features. Their work grows as T^2 (F + D), the chunked form's as T F D, so
+    they win only while the chunked form's sequential walks and extra launches dominate. Measured on the H200 as
+    device time (each call replayed as a CUDA graph, `benchmarks/linear_segments.py --compare parallel --graph`,
+    9 query heads on 3 kv heads, bf16): F = 64 fwd 0.018 vs 0.033 ms at 1024 tokens, 0.050 vs 0.025 at 2048;
+    fwd+bwd 0.081 vs 0.120 and 0.161 vs 0.116; F = 256 (FAVOR+) slower already at 1024 (0.077 vs 0.044 fwd).
+    Timed as single eager calls the parallel form wins further (one launch instead of three or more), but
+    device time is what a model step pays once the host keeps ahead."""
+    if PARALLEL_MAX_T is not None:
+        return PARALLEL_MAX_T
+    return 1024 if f <= 64 else 0
 
 
 @functools.lru_cache(maxsize=8)
@@ -403,17 +581,25 @@ def _forward(q, k, v, lk, fmap: int = 0):
     n_chunks = triton.cdiv(t, BT)
     has_scale = lk is not None
     # without log-scales b = 0 (every weight 1), through the same kernels (see `_weights`)
+    parallel = t <= parallel_max_t(f)
+    pex = None  # the chunk maxima: the chunked passes' (the parallel pass keeps its running max; the backward
+    # builds them itself then)
     if has_scale:
         lkf = lk.reshape(b * nkv, t).float().contiguous()
-        pex = _exclusive_chunk_max(lkf.detach(), n_chunks)
+        if not parallel:
+            pex = _exclusive_chunk_max(lkf.detach(), n_chunks)
     else:
         lkf, pex = no_scale_tables(b * nkv, t, n_chunks, q.device)
     meta = dict(HAS_SCALE=has_scale, PREC=_precision(q), BT=BT, BK=BK, BV=max(16, triton.next_power_of_2(d)))
-    h, z = _states(q, k, v, lkf, pex, meta, n_chunks, fmap)
     out = v.new_empty(b * nh, t, d)
     den = q.new_empty(b * nh, t, dtype=torch.float32)
-    _out_kernel[(n_chunks, b * nh)](q, k, v, lkf, pex, h, z, out, den, t, f, d, n_chunks, groups, **meta, MAP=fmap,
-                                    **CONFIG["out"])
+    if parallel:  # one quadratic pass (its DEN is the chunked form's: the backward is the same)
+        _parallel_kernel[(n_chunks, b * nh)](q, k, v, lkf, out, den, t, f, d, groups, **meta, ONE_FBLOCK=f <= BK,
+                                             MAP=fmap, **CONFIG["parallel"])
+    else:
+        h, z = _states(q, k, v, lkf, pex, meta, n_chunks, fmap)
+        _out_kernel[(n_chunks, b * nh)](q, k, v, lkf, pex, h, z, out, den, t, f, d, n_chunks, groups, **meta,
+                                        MAP=fmap, **CONFIG["out"])
     return out.reshape(b, nh, t, d), (q, k, v, lkf, pex, out, den), meta, (b, nh, nkv, t, f, d, n_chunks)
 
 
@@ -431,21 +617,33 @@ class _CausalLinear(torch.autograd.Function):
         groups = nh // nkv
         if groups > 1:  # the backward kernels run per query head: each gets its kv head's rows, the group sums below
             k, v, lkf = (x.repeat_interleave(groups, dim=0) for x in (k, v, lkf))
-            pex = (pex.repeat_interleave(groups, dim=0) if ctx.meta["HAS_SCALE"]
-                   else no_scale_tables(b * nh, t, n_chunks, q.device)[1])
+            if pex is not None:
+                pex = (pex.repeat_interleave(groups, dim=0) if ctx.meta["HAS_SCALE"]
+                       else no_scale_tables(b * nh, t, n_chunks, q.device)[1])
         meta = ctx.meta
         dout = dout.reshape(b * nh, t, d).contiguous()
         dnum, dden = torch.empty_like(v), torch.empty_like(den)
         _grad_prep_kernel[(n_chunks, b * nh)](dout, out, den, dnum, dden, t, d, meta["PREC"], BT, meta["BV"])
-        h, z = _states(q, k, v, lkf, pex, meta, n_chunks)
-        g, gz = torch.empty_like(h), torch.empty_like(z)
-        _segmented(_grad_state_kernel, (q, lkf, pex, dnum, dden), g, gz, t, f, d, n_chunks, meta)
         dq = torch.empty_like(q)
         # GQA: each query head's dk, dv kept in fp32 until its group is summed (one rounding, as the expanded path)
         dk, dv = (torch.empty_like(x, dtype=torch.float32 if groups > 1 else x.dtype) for x in (k, v))
         db = torch.empty_like(den) if meta["HAS_SCALE"] else den
-        _grad_kernel[(n_chunks, b * nh)](q, k, v, lkf, pex, h, z, g, gz, dnum, dden, dq, dk, dv, db, t, f, d, n_chunks,
-                                         **meta, **CONFIG["grad"])
+        if t <= parallel_max_t(f) and f <= PARALLEL_BWD_MAX_F:  # the quadratic form's gradients, two passes
+            mrow = lkf.cummax(-1).values if meta["HAS_SCALE"] else lkf  # M_i (unread without log-scales)
+            pmeta = dict(HAS_SCALE=meta["HAS_SCALE"], PREC=meta["PREC"], BT=BT, BF=max(16, triton.next_power_of_2(f)),
+                         BV=meta["BV"])
+            _parallel_dq_kernel[(n_chunks, b * nh)](k, v, lkf, mrow, dnum, dden, dq, t, f, d, **pmeta,
+                                                    **CONFIG["grad"])
+            _parallel_dkv_kernel[(n_chunks, b * nh)](q, k, v, lkf, mrow, dnum, dden, dk, dv, db, t, f, d, n_chunks,
+                                                     **pmeta, **CONFIG["grad"])
+        else:
+            if pex is None:  # the forward ran the parallel pass
+                pex = _exclusive_chunk_max(lkf, n_chunks)
+            h, z = _states(q, k, v, lkf, pex, meta, n_chunks)
+            g, gz = torch.empty_like(h), torch.empty_like(z)
+            _segmented(_grad_state_kernel, (q, lkf, pex, dnum, dden), g, gz, t, f, d, n_chunks, meta)
+            _grad_kernel[(n_chunks, b * nh)](q, k, v, lkf, pex, h, z, g, gz, dnum, dden, dq, dk, dv, db, t, f, d,
+                                             n_chunks, **meta, **CONFIG["grad"])
         dlk = db if meta["HAS_SCALE"] and ctx.needs_input_grad[3] else None
         if groups > 1:  # each kv head's gradient: the sum over its group's query heads, in fp32
             dk, dv = _group_sum(dk, groups, k.dtype), _group_sum(dv, groups, v.dtype)
