@@ -7,8 +7,9 @@ Rows interleave the two variants (one timed call of each in turn, median over th
     PYTHONPATH=src python benchmarks/linear_segments.py --out OUT   # OUT/linear_segments.json
 
 `--compare parallel`: the forward as one quadratic pass (`_parallel_kernel`, what inputs up to
-`linear_triton.parallel_max_t` tokens take) against the chunked passes, at the lengths given (the backward is the
-chunked one in both): OUT/linear_parallel.json, the data behind `parallel_max_t`. `--groups 3` gives the keys and
+`linear_triton.parallel_max_t` tokens take; in fwd+bwd with its two-pass backward where F <= PARALLEL_BWD_MAX_F,
+FAVOR+'s 256 features keep the chunked backward) against the chunked passes, at the lengths given:
+OUT/linear_parallel.json, the data behind `parallel_max_t`. `--groups 3` gives the keys and
 values a third of the query heads (SmolLM2's grouped-query attention).
 """
 from __future__ import annotations

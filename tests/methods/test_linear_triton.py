@@ -34,8 +34,8 @@ def interpreted():
 
 @pytest.fixture(params=["chunked", "parallel"])
 def kernels(interpreted, request, monkeypatch):
-    """The module with its forward in one form: the chunked passes (state walk + outputs) or the one quadratic
-    pass that short inputs take (`parallel_max_t`); the backward is the chunked one either way."""
+    """The module in one form: the chunked passes (state walks) or the quadratic passes that short inputs take
+    (`parallel_max_t`; the backward's too where F <= PARALLEL_BWD_MAX_F, which every shape here is)."""
     monkeypatch.setattr(interpreted, "PARALLEL_MAX_T", 0 if request.param == "chunked" else 1 << 30)
     return interpreted
 
@@ -129,6 +129,8 @@ def test_grouped_query_heads_read_their_kv_head(kernels, seg, scale, monkeypatch
     the wrong heads, or none, fails the k / v / b gradients); in one segment and in segments of one chunk."""
     from attnlab.methods.base import repeat_kv
 
+    if seg == 1 and kernels.PARALLEL_MAX_T:
+        pytest.skip("the quadratic passes have no segments: the same run as seg=None")
     monkeypatch.setattr(kernels, "SEGMENT_LEN", seg)
     g = torch.Generator().manual_seed(11)
     q = torch.rand(2, 4, 130, 32, generator=g, dtype=torch.float64)
@@ -390,3 +392,25 @@ def test_linear_inference_maps_in_the_kernels_and_training_does_not(kernels):
     assert m.kernel != "triton+map"
     assert max_err(fused, mapped.detach()) <= 1e-5 * mapped.abs().max().item()
     check_vs_quadratic(fused, q.detach(), k, v, m, causal=True)
+
+
+@pytest.mark.parametrize("hkv", [4, 2], ids=["mha", "gqa"])
+def test_parallel_forward_with_the_chunked_backward(interpreted, hkv, monkeypatch):
+    """Features wider than PARALLEL_BWD_MAX_F: the parallel forward (which keeps no chunk maxima) followed by the
+    chunked backward (which must build them): gradients equal to the chunked form's, key log-scales included (-inf
+    keys among them)."""
+    g = torch.Generator().manual_seed(13)
+    f = interpreted.PARALLEL_BWD_MAX_F + 32
+    ins = [torch.rand(1, 4, 100, f, generator=g), torch.rand(1, hkv, 100, f, generator=g),
+           torch.randn(1, hkv, 100, 16, generator=g), torch.randn(1, hkv, 100, generator=g) * 4]
+    ins[3][:, :, ::7] = float("-inf")
+    w = torch.randn(1, 4, 100, 16, generator=g)
+    got = {}
+    for limit in (0, 1 << 30):
+        monkeypatch.setattr(interpreted, "PARALLEL_MAX_T", limit)
+        xs = [x.clone().requires_grad_(True) for x in ins]
+        got[limit] = torch.autograd.grad((interpreted.causal_linear(*xs) * w).sum(), xs)
+    for name, a, b in zip("q k v b".split(), got[1 << 30], got[0]):
+        fin = torch.isfinite(b)
+        assert torch.equal(fin, torch.isfinite(a)), name
+        assert max_err(a[fin], b[fin]) <= 1e-4 * b[fin].abs().max().item(), name

@@ -608,6 +608,8 @@ class _CausalLinear(torch.autograd.Function):
     def forward(ctx, q, k, v, lk):
         out, saved, ctx.meta, ctx.shape = _forward(q, k, v, lk)
         ctx.save_for_backward(*saved)  # H, Z are recomputed: O(T F D / 64) memory saved
+        f, t = q.shape[-1], q.shape[-2]
+        ctx.parallel_bwd = t <= parallel_max_t(f) and f <= PARALLEL_BWD_MAX_F  # decided with the forward's rule
         return out
 
     @staticmethod
@@ -628,7 +630,7 @@ class _CausalLinear(torch.autograd.Function):
         # GQA: each query head's dk, dv kept in fp32 until its group is summed (one rounding, as the expanded path)
         dk, dv = (torch.empty_like(x, dtype=torch.float32 if groups > 1 else x.dtype) for x in (k, v))
         db = torch.empty_like(den) if meta["HAS_SCALE"] else den
-        if t <= parallel_max_t(f) and f <= PARALLEL_BWD_MAX_F:  # the quadratic form's gradients, two passes
+        if ctx.parallel_bwd:  # the quadratic form's gradients, two passes
             mrow = lkf.cummax(-1).values if meta["HAS_SCALE"] else lkf  # M_i (unread without log-scales)
             pmeta = dict(HAS_SCALE=meta["HAS_SCALE"], PREC=meta["PREC"], BT=BT, BF=max(16, triton.next_power_of_2(f)),
                          BV=meta["BV"])
