@@ -129,8 +129,6 @@ def test_grouped_query_heads_read_their_kv_head(kernels, seg, scale, monkeypatch
     the wrong heads, or none, fails the k / v / b gradients); in one segment and in segments of one chunk."""
     from attnlab.methods.base import repeat_kv
 
-    if seg == 1 and kernels.PARALLEL_MAX_T:
-        pytest.skip("the quadratic passes have no segments: the same run as seg=None")
     monkeypatch.setattr(kernels, "SEGMENT_LEN", seg)
     g = torch.Generator().manual_seed(11)
     q = torch.rand(2, 4, 130, 32, generator=g, dtype=torch.float64)

@@ -253,6 +253,12 @@ def _out_kernel(Q, K, V, LK, PEX, H, Z, OUT, DEN, T, F, D, n_chunks, G,
 
 
 @triton.jit
+def _tile(P, bh, T, W, rows, rmask, cols, cmask):
+    """Rows x cols of head bh of a [BH, T, W] tensor, 0 outside the masks."""
+    return tl.load(P + bh * T * W + rows[:, None] * W + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+
+
+@triton.jit
 def _parallel_kernel(Q, K, V, LK, OUT, DEN, T, F, D, G,
                      HAS_SCALE: tl.constexpr, PREC: tl.constexpr, ONE_FBLOCK: tl.constexpr,
                      BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, MAP: tl.constexpr = 0):
@@ -309,7 +315,7 @@ def _parallel_kernel(Q, K, V, LK, OUT, DEN, T, F, D, G,
             s = s * _rel_exp(b, m[:, None])  # masked before the exp: 0 for invisible keys and b = -inf
         else:
             s = tl.where(vis, s, 0.0)
-        v = tl.load(V + kvh * T * D + tk[:, None] * D + offs_v[None, :], mask=kin[:, None] & vmask[None, :], other=0.0)
+        v = _tile(V, kvh, T, D, tk, kin, offs_v, vmask)
         num += _dot(_to(s, v.dtype, PREC), v, PREC)
         den += tl.sum(s, 1)
     out = tl.where(den[:, None] == 0, 0.0, num / tl.where(den == 0, 1.0, den)[:, None])  # no visible key: 0
@@ -390,12 +396,6 @@ def _grad_kernel(Q, K, V, LK, PEX, H, Z, G, GZ, DNUM, DDEN, DQ, DK, DV, DB, T, F
     tl.store(DV + tv_off, _to(dv, DV.dtype.element_ty, PREC), mask=tv_mask)
     if HAS_SCALE:
         tl.store(DB + bh * T + t, db, mask=tmask)
-
-
-@triton.jit
-def _tile(P, bh, T, W, rows, rmask, cols, cmask):
-    """Rows x cols of head bh of a [BH, T, W] tensor, 0 outside the masks."""
-    return tl.load(P + bh * T * W + rows[:, None] * W + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
 
 
 @triton.jit
