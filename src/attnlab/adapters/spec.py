@@ -35,6 +35,7 @@ class Rule:
     layers: str = "*"
     method: str = ORIGINAL
     options: dict = dataclasses.field(default_factory=dict)
+    lora: int = 0  # rank of low-rank adapters on the layers' projections (adapters/lora.py); 0: none
 
     def matches(self, index: int, name: str, count: int) -> bool:
         sel = str(self.layers).strip()
@@ -52,7 +53,10 @@ class Rule:
         return False
 
     def to_dict(self) -> dict:
-        return {"layers": self.layers, "method": self.method, "options": dict(self.options)}
+        d = {"layers": self.layers, "method": self.method, "options": dict(self.options)}
+        if self.lora:  # absent when 0: specs and checkpoints written before adapters existed compare equal
+            d["lora"] = self.lora
+        return d
 
 
 def _index(i: int, count: int) -> int:
@@ -74,9 +78,13 @@ class LayerPlan:
     name: str
     method: str
     options: dict
+    lora: int = 0
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if not self.lora:
+            d.pop("lora")
+        return d
 
 
 @dataclasses.dataclass
@@ -109,7 +117,7 @@ class SwapSpec:
                 elif isinstance(val, (tuple, list)) and len(val) == 2 and isinstance(val[0], str) and isinstance(val[1], dict):
                     rules.append(Rule(str(sel), val[0], dict(val[1])))
                 elif isinstance(val, dict) and "method" in val:
-                    rules.append(Rule(str(sel), val["method"], dict(val.get("options", {}))))
+                    rules.append(Rule(str(sel), val["method"], dict(val.get("options", {})), val.get("lora", 0)))
                 else:
                     raise AttnlabError(f"per-layer spec: {sel!r} -> {val!r}; expected a method name, (method, options) "
                                        "or {'method': ..., 'options': {...}}")
@@ -121,7 +129,8 @@ class SwapSpec:
     @classmethod
     def from_dict(cls, d: dict) -> "SwapSpec":
         try:
-            rules = [Rule(str(r.get("layers", "*")), r["method"], dict(r.get("options", {}))) for r in d["rules"]]
+            rules = [Rule(str(r.get("layers", "*")), r["method"], dict(r.get("options", {})), r.get("lora", 0))
+                     for r in d["rules"]]
             seed = int(d.get("seed", 0))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise AttnlabError(f"not a swap spec ({type(e).__name__}: {e}); expected {{'rules': [{{'layers', 'method', "
@@ -150,9 +159,20 @@ class SwapSpec:
     def methods(self) -> list[str]:
         return sorted({r.method for r in self.rules if r.method != ORIGINAL})
 
+    def with_lora(self, rank: int) -> "SwapSpec":
+        """The same spec with low-rank adapters of `rank` on every swapped layer's projections."""
+        return dataclasses.replace(self, rules=[r if r.method == ORIGINAL else dataclasses.replace(r, lora=rank)
+                                                for r in self.rules])
+
     def validate(self) -> None:
         """Unknown methods and option names fail here, before any model work."""
+        from .lora import check_rank
+
         for r in self.rules:
+            check_rank(r.lora)
+            if r.lora and r.method == ORIGINAL:
+                raise AttnlabError(f"rule {r.layers!r}: lora adapters go on swapped layers, not on ones that keep "
+                                   "their own attention")
             if r.method != ORIGINAL:
                 if registry.capabilities(r.method).resizes:
                     raise UnsupportedError(
@@ -178,7 +198,7 @@ class SwapSpec:
                 opts["seed"] = layer_seed(self.seed, i)
             if "layer" in registry.options(rule.method) and "layer" not in opts:  # per-layer data (global_sparse)
                 opts["layer"] = i
-            out.append(LayerPlan(i, name, rule.method, opts))
+            out.append(LayerPlan(i, name, rule.method, opts, rule.lora))
         for r in self.rules:  # a selector that picks no layer is almost always a typo
             if not any(r.matches(i, nm, n) for i, nm in enumerate(layer_names)):
                 raise AttnlabError(f"layer selector {r.layers!r} matches none of the model's {n} attention layers "
@@ -189,5 +209,5 @@ class SwapSpec:
         parts = []
         for r in self.rules:
             opts = ",".join(f"{k}={v}" for k, v in r.options.items())
-            parts.append(f"{r.layers}: {r.method}" + (f"({opts})" if opts else ""))
+            parts.append(f"{r.layers}: {r.method}" + (f"({opts})" if opts else "") + (f" + lora {r.lora}" if r.lora else ""))
         return "; ".join(parts)

@@ -19,7 +19,7 @@ import dataclasses
 
 from .. import registry
 from ..types import AttnlabError, UnsupportedError
-from . import hf
+from . import hf, lora
 from .spec import ORIGINAL, LayerPlan, SwapSpec
 
 _STATE = "_attnlab_swap_state"
@@ -81,6 +81,9 @@ def swap(model, spec, **options):
             raise UnsupportedError(f"no torch.nn.MultiheadAttention (and no transformers attention layer) found in "
                                    f"{type(model).__name__}")
         plans = spec.plan([n for n, _ in sites])
+        if any(p.lora for p in plans):
+            raise UnsupportedError("lora adapters need a transformers model's attention projections; "
+                                   "nn.MultiheadAttention's fused input projection has none to adapt")
         mha.swap_modules(model, plans)
         setattr(model, _STATE, SwapState(spec, plans, "mha"))
         return model
@@ -95,18 +98,23 @@ def swap(model, spec, **options):
         if plan.method == ORIGINAL:
             continue
         _check_plan(model, plan, mod)
+        if plan.lora:
+            lora.check_site(mod, plan.lora)
         heads, kv_heads, head_dim = hf.head_shape(mod, model.config)
-        built.append((mod, registry.make(plan.method, head_dim=head_dim, num_heads=heads, num_kv_heads=kv_heads,
-                                         **plan.options)))
+        built.append((plan, mod, registry.make(plan.method, head_dim=head_dim, num_heads=heads,
+                                               num_kv_heads=kv_heads, **plan.options)))
     if len(built) < len(plans):
         hf.check_original_impl(impl)  # layers left original run through the model's own attention function
     hf.register()
     ref = next(model.parameters())
-    for mod, m in built:
+    st = SwapState(spec, plans, "hf", impl)
+    for plan, mod, m in built:
         mod.attnlab_method = m.to(device=ref.device)
+        if plan.lora:  # active while the swapped attention runs, not inside original(model)
+            lora.attach(mod, m, plan.lora, lambda: not st.in_original)
     for plan, (_, mod) in zip(plans, sites):
         mod.attnlab_original_impl = impl
-    setattr(model, _STATE, SwapState(spec, plans, "hf", impl))
+    setattr(model, _STATE, st)
     hf.set_implementation(model, hf.NAME)
     return model
 
@@ -163,6 +171,7 @@ def unswap(model):
         return model
     else:
         for _, mod in hf.attention_modules(model):
+            lora.detach(mod)
             for attr in ("attnlab_method", "attnlab_capture", "attnlab_probs", "attnlab_original_impl"):
                 if hasattr(mod, attr):
                     delattr(mod, attr)

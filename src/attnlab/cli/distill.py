@@ -24,6 +24,10 @@ def add_parser(sub) -> None:
     what.add_argument("--init", default=None, metavar="DIR", help="continue training a saved attention (attnlab.save / "
                                                                   "a previous run's OUT/attention)")
     common.add_set_argument(p)
+    p.add_argument("--lora", type=int, default=0, metavar="RANK",
+                   help="also train low-rank adapters of this rank on every swapped layer's projections (q, k, v, o; "
+                        "LoLCATs' second stage); the only thing that trains for a method without parameters "
+                        "(global_sparse, window, ...) (default: 0, none)")
     p.add_argument("--density", type=float, default=None, help="shorthand for --set METHOD.density=X (learned_mask)")
     p.add_argument("--train", default=",".join(d.train), help="training corpora, comma-separated: sotu, brown, moby "
                                                               "(moby: its first 90%% only) (default: %(default)s)")
@@ -76,6 +80,8 @@ def run(args) -> int:
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         torch.cuda.set_device(device)
     overrides = common.parse_overrides(args.overrides)
+    if args.lora and args.init:
+        raise AttnlabError("--lora with --init: the saved attention's spec says whether it has adapters")
     if args.init:
         spec = SwapSpec.from_dict(read_meta(args.init)["spec"])
     elif args.spec:
@@ -92,6 +98,8 @@ def run(args) -> int:
         spec = SwapSpec.of(args.method, **opts)
     if overrides:
         raise AttnlabError(f"--set for methods not distilled here: {sorted(overrides)}")
+    if args.lora:
+        spec = spec.with_lora(args.lora)
     check_spec_trainable(spec)  # a method without parameters, bad options: before the model loads
     data.check_corpora(list(cfg.train))  # unknown or unfetched corpora, too
     if cfg.eval_text is not None:

@@ -194,7 +194,7 @@ def evaluate(model, windows: torch.Tensor, *, ref_probs=None, grad_ids=None, bas
     if grad_ids is not None and base_grad is not None:
         with torch.enable_grad():
             g = _model_grads(model, grad_ids.to(device))
-        out["grad_cos"] = F.cosine_similarity(base_grad.double(), g.double(), dim=0).item()
+        out["grad_cos"] = fm.cosine(base_grad, g)  # chunked float64: F.cosine_similarity took ~6 s a call on CPU
     return out
 
 
@@ -234,11 +234,12 @@ def _lr_lambda(cfg: DistillConfig):
 
 def check_spec_trainable(spec: SwapSpec) -> dict[str, int]:
     """{method: trainable parameters of one small instance}; a method with none is an error (before any model
-    loads). Bad options fail here too."""
+    loads). Bad options fail here too. A rule with low-rank adapters always has something to train: its method is
+    built at swap time, with the model's shapes (a global_sparse pattern is tied to its model's head count)."""
     spec.validate()
     counts = {}
     for r in spec.rules:
-        if r.method == ORIGINAL:
+        if r.method == ORIGINAL or r.lora:
             continue
         opts = {k: v for k, v in r.options.items() if k != "max_len"}
         inst = registry.make(r.method, head_dim=16, num_heads=2, **opts)
@@ -247,7 +248,8 @@ def check_spec_trainable(spec: SwapSpec) -> dict[str, int]:
             hint = " (performer / rfa: --set {m}.learn_features=true)".format(m=r.method) if "learn_features" in registry.options(r.method) else ""
             raise AttnlabError(f"method {r.method!r} with options {r.options} has no trainable parameters: nothing to "
                                f"distil{hint}; trainable methods: "
-                               f"{', '.join(n for n in registry.list_methods() if registry.capabilities(n).trainable)}")
+                               f"{', '.join(n for n in registry.list_methods() if registry.capabilities(n).trainable)}; "
+                               "or train low-rank adapters on its projections (--lora RANK)")
         counts[r.method] = n
     return counts
 
@@ -353,8 +355,11 @@ class _Run:
                                                                "trainable_params": n_params,
                                                                "world": d.world}, indent=1, default=str))
             self._rewrite_log()
+            lora = [f"low-rank adapters: {sum(p.numel() for n, p in trainable_parameters(model) if '.lora.' in n):,}"]
+            lora = lora if any(r.lora for r in self.spec.rules) else []
             print(f"attnlab distill: {self.spec.describe()}; trainable parameters: {n_params:,} "
-                  f"({', '.join(f'{k}: {v:,} per small layer' for k, v in self.counts.items())}); nothing else trains; "
+                  f"({', '.join([f'{k}: {v:,} per small layer' for k, v in self.counts.items()] + lora)}); nothing else "
+                  f"trains; "
                   f"{len(train)} training windows of {c.seq_len} tokens; {d.world} process(es)", flush=True)
         evals = [r for r in self.log if "eval" in r]
         before = evals[0]["eval"] if evals else None
