@@ -580,3 +580,20 @@ def test_mask_outside_capture_hands_the_layers_the_warmup_decision(monkeypatch):
             h.remove()
     mod = __import__(type(model.base_model).__module__, fromlist=["x"])
     assert mod.create_causal_mask is masking_utils.create_causal_mask  # restored
+
+
+def test_under_autocast_methods_get_q_k_v_in_the_autocast_dtype():
+    """As autocast runs SDPA: rotary embeddings in fp32 bring q and k back to fp32 while v stays bf16 (Llama,
+    transformers 5.24, CPU autocast); the adapter hands the method one dtype, the autocast one."""
+    model = tiny_model("llama")
+    ids = rand_ids(1, 16)
+    attnlab.swap(model, "window", window=4)
+    seen = []
+    for _, m in attnlab.adapters.method_modules(model):
+        m.register_forward_pre_hook(lambda mod, args: seen.append({t.dtype for t in args[:3]}))
+    ref = outputs(model, ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = outputs(model, ids)
+    assert seen[:2] == [{torch.float32}] * 2 and seen[2:] == [{torch.bfloat16}] * 2
+    assert max_diff(low.float(), ref) < 0.05 * ref.abs().max()  # bf16 rounding, not another computation
+    attnlab.unswap(model)

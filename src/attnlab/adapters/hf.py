@@ -118,6 +118,7 @@ def attnlab_attention(module, query, key, value, attention_mask, dropout: float 
     if dropout and not _warned_dropout:
         warnings.warn("attnlab methods do not apply attention dropout (the model asked for %.3g)" % dropout)
         _warned_dropout = True
+    query, key, value = autocast_inputs(query, key, value)
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False))
     key_padding_mask = attn_mask = None
     if attention_mask is not None:
@@ -148,6 +149,17 @@ def attnlab_attention(module, query, key, value, attention_mask, dropout: float 
     if capture:
         module.attnlab_probs = probs
     return out.transpose(1, 2).contiguous(), probs  # (B, Tq, H, D)
+
+
+def autocast_inputs(query, key, value):
+    """q, k, v in the autocast dtype where autocast is on, as autocast runs SDPA (the original's attention): under
+    autocast the projections come out in it, but rotary embeddings in fp32 can bring q and k back to fp32 (Llama in
+    transformers 5.24 on CPU), and a method then gets mixed dtypes."""
+    dev = query.device.type
+    if not torch.is_autocast_enabled(dev) or not query.is_floating_point():
+        return query, key, value
+    dt = torch.get_autocast_dtype(dev)
+    return query.to(dt), key.to(dt), value.to(dt)
 
 
 @torch.compiler.disable
