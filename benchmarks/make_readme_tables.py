@@ -295,6 +295,8 @@ def distill_block() -> str:
              "commands are in the README beside each file.", "", head, "|" + "---|" * 13]
     for r in rows:
         opts = ", ".join(f"{k}={v}" for k, v in (r.get("options") or {}).items() if k not in ("seed",))
+        lora = max([rule.get("lora", 0) for rule in (r.get("spec") or {}).get("rules", [])] or [0])
+        opts += f"; + adapters of rank {lora} (--lora)" if lora else ""
         dens = "-" if r.get("density") is None else f"{r['density']:.3f}"
         dev = (r.get("environment") or {}).get("device_name") or r.get("device")
         fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731

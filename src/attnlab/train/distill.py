@@ -558,6 +558,7 @@ class _Run:
 
         return {
             "method": methods[0] if len(methods) == 1 else "+".join(methods), "options": rule.options if rule else {},
+            "lora": rule.lora if rule else 0,
             "spec": self.spec.to_dict(), "density": density, "steps": c.steps, "transfer_steps": c.transfer_steps,
             "tokens": (c.steps + c.transfer_steps) * per_step * c.seq_len, "trainable_params": n_params,
             "kl_before": before["kl_mean"], "kl_after": after["kl_mean"], "kl_p95_after": after["kl_p95"],
