@@ -121,6 +121,19 @@ def test_patterns_are_parts_of_the_sparse_methods():
     assert 0 < w.pattern.density(12, 12, causal=True) < 1
 
 
+def test_auto_sends_only_bf16_and_fp16_windows_to_the_triton_kernel(monkeypatch):
+    """On CUDA (a stand-in q: resolve reads its device, head dim and dtype): fp32 goes to flex, where the window
+    kernel is 7-9x slower than flex (H200 measurement in window_triton.AUTO_DTYPES)."""
+    import types
+
+    monkeypatch.setattr(sparse, "_triton_importable", lambda: True)
+    monkeypatch.setattr(sparse, "flex_unavailable_reason", lambda device: None)
+    pat = patterns.WindowPattern(8, 4)
+    for dtype, want in ((torch.bfloat16, "triton"), (torch.float16, "triton"), (torch.float32, "flex")):
+        q = types.SimpleNamespace(device=torch.device("cuda"), shape=(1, 2, 16, 64), dtype=dtype)
+        assert sparse.resolve("auto", q, need_lse=False, need_col_sums=False, pattern=pat) == want, dtype
+
+
 def test_flex_availability(monkeypatch):
     assert sparse.resolve("auto", torch.zeros(1), need_lse=False, need_col_sums=False) == "torch"
     assert sparse.flex_unavailable_reason(torch.device("cpu")) is None

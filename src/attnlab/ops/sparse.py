@@ -114,7 +114,8 @@ def _triton_importable() -> bool:
 def resolve(backend: str, q: torch.Tensor, *, need_lse: bool, need_col_sums: bool, pattern=None,
             backward: bool = False) -> str:
     """The kernel that will run. auto -> on CUDA the window's own Triton kernel for the plain sliding-window
-    pattern (faster than FlexAttention's at 16k-64k on an H200, benchmarks/results/window/), flex for other
+    pattern in bf16 / fp16 (faster than FlexAttention's at 16k-64k on an H200, benchmarks/results/window/; in fp32
+    it is not, window_triton.AUTO_DTYPES), flex for other
     patterns where it can serve the request, else torch (the same maths); flex asked explicitly where it
     cannot run is refused."""
     if backend == "auto":
@@ -123,7 +124,7 @@ def resolve(backend: str, q: torch.Tensor, *, need_lse: bool, need_col_sums: boo
         if is_window(pattern) and _triton_importable():
             from . import window_triton
 
-            if q.shape[-1] <= window_triton.MAX_HEAD_DIM and q.dtype in window_triton.DTYPES:
+            if q.shape[-1] <= window_triton.MAX_HEAD_DIM and q.dtype in window_triton.AUTO_DTYPES:
                 return "triton"
         return "flex" if flex_unavailable_reason(q.device) is None else "torch"
     if backend == "flex":

@@ -44,6 +44,10 @@ MAX_HEAD_DIM = 256
 
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# what backend="auto" sends here: in fp32 the kernel is far slower than FlexAttention's (H200, causal, 9 heads,
+# 8192 tokens, window 395 + 4 sinks, one `attnlab bench` run: fwd 13.4 vs 1.9 ms, fwd+bwd 104 vs 11.3 ms;
+# benchmarks/results/window/h200_fp32_triton_vs_flex/), so fp32 goes to flex; explicit backend="triton" still runs it
+AUTO_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def unsupported_reasons(device, *, head_dim: int, need_col_sums: bool = False, dtype=None) -> list[str]:
