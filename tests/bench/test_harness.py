@@ -213,6 +213,11 @@ def test_own_flops_follow_each_method_and_reach_the_rows():
     assert win.flops(t, t, True) == dense.flops(t, t, True)
     narrow = attnlab.make("window", head_dim=d, num_heads=2, window=3, sinks=0)
     assert narrow.flops(t, t, True) == 4 * d * (t * 4 - 6)  # rows 0..2 see 1..3 keys, the rest 4
+    lin = attnlab.make("linear", head_dim=d, num_heads=2)  # elu + 1: no projection, F = d
+    assert lin.flops(t, t, True) == 2 * (t * (t + 1) // 2) * (2 * d + 1)  # short causal: the one quadratic pass
+    big = 4096  # beyond parallel_max_t: the chunked form's state pass + intra-chunk quadratic
+    assert lin.flops(big, big, True) == 4.0 * big * d * d + 2.0 * big * d + big * 64 * (2 * d + 1)
+    assert lin.flops(t, t, False) == 4.0 * t * d * d + 2.0 * t * d
     lsh = attnlab.make("lsh", head_dim=d, num_heads=2, bucket_size=t, n_hashes=2)
     assert lsh.flops(t, t, False) == 4 * 2 * t * t * d  # one bucket, no hashing: each round is dense
     rows = sweep.run_sweep(methods=["window"], lengths=[32], modes=["fwd", "fwd+bwd"], peer_list=[], **TINY)

@@ -47,10 +47,18 @@ class KernelAttention(AttentionMethod):
     def flops(self, tq, tk, causal):
         """Feature maps (their projections) + the linear-attention matmuls. Non-causal: K^T V and Q S, plus the
         normaliser. Causal (chunks of C = 64, the Triton kernel's): the state pass and the inter-chunk products
-        as non-causal, plus the masked intra-chunk quadratic form (half of C per row, numerator and normaliser)."""
+        as non-causal, plus the masked intra-chunk quadratic form (half of C per row, numerator and normaliser).
+        Causal inputs the CUDA kernels run in one quadratic pass (T <= `linear_triton.parallel_max_t`): that form's
+        work alone, every visible pair's phi(q).phi(k), its v and its normaliser term (the CPU's torch path runs the
+        chunked form there: this is the count of the GPU's kernels)."""
+        from ..ops.linear_triton import parallel_max_t
+        from .base import visible_pairs
+
         f, d = self.feature_dim(), self.head_dim
         fq, fk = self.maps()
         maps = tq * fq.projection_flops(d) + tk * fk.projection_flops(d)
+        if causal and tq == tk and tk <= parallel_max_t(f) and self.opts.backend in ("auto", "triton"):
+            return maps + 2.0 * visible_pairs(tq, tk, True) * (f + d + 1)
         core = 2.0 * tk * f * d + 2.0 * tq * f * d + 2.0 * tq * f
         if causal:
             c = 64
