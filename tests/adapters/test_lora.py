@@ -79,3 +79,48 @@ def test_bad_lora_requests_are_refused_before_anything_changes():
     spec = SwapSpec.from_dict({"rules": [{"layers": "*", "method": "window", "options": {}, "lora": 3}]})
     assert spec.rules[0].lora == 3 and "lora 3" in spec.describe()
     assert "lora" not in SwapSpec.of("window").to_dict()["rules"][0]  # old specs and checkpoints compare equal
+
+
+def test_the_delta_is_scale_x_a_b_and_the_init_follows_the_spec_seed():
+    model = tiny_model("llama")
+    spec = SwapSpec([Rule("*", "window", {"window": 4}, lora=2)], seed=3)
+    attnlab.swap(model, spec)
+    attn = attnlab.adapters.attention_modules(model)[0][1]
+    lora = attnlab.adapters.method_modules(model)[0][1].lora
+    first = {k: a.detach().clone() for k, a in lora.A.items()}
+    _perturb_adapters(model)
+    x = torch.randn(3, 32)
+    want = attn.q_proj.weight @ x.t()
+    want = want.t() + (x @ lora.A["q_proj"].t()) @ lora.B["q_proj"].t() * 2.0  # alpha = 2 x rank: scale 2
+    assert lora.scale == 2.0
+    with torch.no_grad():
+        torch.testing.assert_close(attn.q_proj(x), want)
+    attnlab.unswap(model)
+    attnlab.swap(model, spec)  # the same spec: the same adapters, whatever the global random state did
+    again = attnlab.adapters.method_modules(model)[0][1].lora
+    assert all(torch.equal(first[k], again.A[k]) for k in first)
+    attnlab.unswap(model)
+    attnlab.swap(model, SwapSpec(spec.rules, seed=4))
+    assert not torch.equal(first["q_proj"], attnlab.adapters.method_modules(model)[0][1].lora.A["q_proj"])
+
+
+def test_a_deep_copy_has_its_own_adapters_and_a_swapped_model_pickles():
+    import copy
+    import io
+
+    model = tiny_model("llama")
+    ids = rand_ids(1, 12)
+    base = outputs(model, ids)
+    attnlab.swap(model, SwapSpec([Rule("*", "window", {"window": 4}, lora=2)]))
+    _perturb_adapters(model)
+    adapted = outputs(model, ids)
+    twin = copy.deepcopy(model)
+    assert torch.equal(outputs(twin, ids), adapted)
+    with attnlab.original(twin):
+        assert torch.equal(outputs(twin, ids), base)  # the copy's own swap state switches the copy's hooks
+    for _, m in attnlab.adapters.method_modules(twin):
+        for b in m.lora.B.values():
+            b.data.zero_()
+    assert max_diff(outputs(twin, ids), adapted) > 1e-2  # the copy's adapters, not the original's
+    assert torch.equal(outputs(model, ids), adapted)
+    torch.save(model, io.BytesIO())

@@ -20,7 +20,7 @@ import dataclasses
 from .. import registry
 from ..types import AttnlabError, UnsupportedError
 from . import hf, lora
-from .spec import ORIGINAL, LayerPlan, SwapSpec
+from .spec import ORIGINAL, LayerPlan, SwapSpec, layer_seed
 
 _STATE = "_attnlab_swap_state"
 
@@ -111,11 +111,33 @@ def swap(model, spec, **options):
     for plan, mod, m in built:
         mod.attnlab_method = m.to(device=ref.device)
         if plan.lora:  # active while the swapped attention runs, not inside original(model)
-            lora.attach(mod, m, plan.lora, lambda: not st.in_original)
+            lora.attach(mod, m, plan.lora, st, seed=layer_seed(spec.seed, plan.index))
     for plan, (_, mod) in zip(plans, sites):
         mod.attnlab_original_impl = impl
     setattr(model, _STATE, st)
     hf.set_implementation(model, hf.NAME)
+    return model
+
+
+def add_lora(model, rank: int):
+    """Give every swapped layer of `model` (a transformers model, e.g. after `attnlab.load`) low-rank adapters of
+    `rank` on its projections; the active spec becomes `spec.with_lora(rank)` (what `attnlab.save` then writes)."""
+    st = state(model)
+    if st is None or st.kind != "hf":
+        raise UnsupportedError("add_lora: needs a transformers model with a method swapped in")
+    if any(p.lora for p in st.plans):
+        raise AttnlabError("add_lora: the swapped layers already have adapters")
+    spec = st.spec.with_lora(rank)
+    spec.validate()
+    sites = dict(attention_sites(model))
+    for plan in st.plans:
+        if plan.method != ORIGINAL:
+            lora.check_site(sites[plan.name], rank)
+    for plan in st.plans:
+        if plan.method != ORIGINAL:
+            plan.lora = rank
+            lora.attach(sites[plan.name], sites[plan.name].attnlab_method, rank, st, seed=layer_seed(spec.seed, plan.index))
+    st.spec = spec
     return model
 
 

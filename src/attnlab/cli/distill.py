@@ -27,7 +27,8 @@ def add_parser(sub) -> None:
     p.add_argument("--lora", type=int, default=0, metavar="RANK",
                    help="also train low-rank adapters of this rank on every swapped layer's projections (q, k, v, o; "
                         "LoLCATs' second stage); the only thing that trains for a method without parameters "
-                        "(global_sparse, window, ...) (default: 0, none)")
+                        "(global_sparse, window, ...); with --init: adapters on a saved attention (LoLCATs' order: "
+                        "the attention-transfer run first); not with --transfer-steps (default: 0, none)")
     p.add_argument("--density", type=float, default=None, help="shorthand for --set METHOD.density=X (learned_mask)")
     p.add_argument("--train", default=",".join(d.train), help="training corpora, comma-separated: sotu, brown, moby "
                                                               "(moby: its first 90%% only) (default: %(default)s)")
@@ -80,8 +81,6 @@ def run(args) -> int:
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         torch.cuda.set_device(device)
     overrides = common.parse_overrides(args.overrides)
-    if args.lora and args.init:
-        raise AttnlabError("--lora with --init: the saved attention's spec says whether it has adapters")
     if args.init:
         spec = SwapSpec.from_dict(read_meta(args.init)["spec"])
     elif args.spec:
@@ -99,8 +98,11 @@ def run(args) -> int:
     if overrides:
         raise AttnlabError(f"--set for methods not distilled here: {sorted(overrides)}")
     if args.lora:
-        spec = spec.with_lora(args.lora)
-    check_spec_trainable(spec)  # a method without parameters, bad options: before the model loads
+        if any(r.lora for r in spec.rules):
+            raise AttnlabError(f"--lora: the saved attention in {args.init} already has adapters (rank "
+                               f"{max(r.lora for r in spec.rules)}); continue it without --lora")
+        spec = spec.with_lora(args.lora)  # --init + --lora: LoLCATs' order, the attention first, then adapters
+    check_spec_trainable(spec, cfg.transfer_steps)  # a method without parameters, bad options: before the model loads
     data.check_corpora(list(cfg.train))  # unknown or unfetched corpora, too
     if cfg.eval_text is not None:
         data.read_text(cfg.eval_text)
@@ -115,6 +117,10 @@ def run(args) -> int:
         from ..adapters.state import load
 
         load(model, args.init)
+        if args.lora:
+            from ..adapters.swap import add_lora
+
+            add_lora(model, args.lora)
     distill(model, spec, tokenizer=tok, out=args.out, config=cfg, resume=args.resume, device=device,
             autocast_dtype=torch.bfloat16 if dtype == "bfloat16" else None)
     return 0

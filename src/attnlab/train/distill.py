@@ -232,19 +232,29 @@ def _lr_lambda(cfg: DistillConfig):
     return f
 
 
-def check_spec_trainable(spec: SwapSpec) -> dict[str, int]:
-    """{method: trainable parameters of one small instance}; a method with none is an error (before any model
-    loads). Bad options fail here too. A rule with low-rank adapters always has something to train: its method is
-    built at swap time, with the model's shapes (a global_sparse pattern is tied to its model's head count)."""
+def check_spec_trainable(spec: SwapSpec, transfer_steps: int = 0) -> dict[str, int]:
+    """{method: trainable parameters of one small instance}; a method with none and no adapters is an error (before
+    any model loads). Bad options fail here too, except those of a method built from per-layer data (a `layer`
+    option: global_sparse's pattern meets the model's head count only at swap time). Adapters get no gradient in
+    the attention-transfer stage (it runs the methods on detached inputs), so the two are refused together."""
     spec.validate()
+    if transfer_steps and any(r.lora for r in spec.rules):
+        raise AttnlabError("--transfer-steps with --lora: the attention-transfer stage trains the methods on detached "
+                           "inputs, the adapters get no gradient there; run the transfer first, then continue with "
+                           "--init OUT/attention --lora RANK")
     counts = {}
     for r in spec.rules:
-        if r.method == ORIGINAL or r.lora:
+        if r.method == ORIGINAL:
             continue
         opts = {k: v for k, v in r.options.items() if k != "max_len"}
-        inst = registry.make(r.method, head_dim=16, num_heads=2, **opts)
+        try:
+            inst = registry.make(r.method, head_dim=16, num_heads=2, **opts)
+        except AttnlabError:
+            if r.lora and "layer" in registry.options(r.method):
+                continue  # built with the model's shapes at swap time; the adapters train regardless
+            raise
         n = sum(p.numel() for p in inst.parameters())
-        if n == 0:
+        if n == 0 and not r.lora:
             hint = " (performer / rfa: --set {m}.learn_features=true)".format(m=r.method) if "learn_features" in registry.options(r.method) else ""
             raise AttnlabError(f"method {r.method!r} with options {r.options} has no trainable parameters: nothing to "
                                f"distil{hint}; trainable methods: "
@@ -276,7 +286,7 @@ def distill(model, spec, *, tokenizer, out, config: DistillConfig | None = None,
     cfg = dataclasses.replace(config or DistillConfig(), **overrides)
     cfg.check()
     spec = SwapSpec.of(spec)
-    counts = check_spec_trainable(spec)
+    counts = check_spec_trainable(spec, cfg.transfer_steps)
     device = torch.device(device or next(model.parameters()).device)
     d = init_distributed(str(device))
     last = check_out(Path(out), resume)
