@@ -27,9 +27,9 @@ import math
 import torch
 from torch import nn
 
-from ..types import UnsupportedError
+from ..types import AttnlabError, UnsupportedError
 
-ATTR = "lora"  # the adapter's name on the method module (state-dict keys "layers.<i>.lora.<proj>.A")
+ATTR = "lora"  # the adapter's name on the method module (state-dict keys "layers.<i>.lora.A.<proj>")
 HOOKS = "attnlab_lora_hooks"  # the hook handles on the attention module
 
 
@@ -64,8 +64,6 @@ def projections(attn_module: nn.Module) -> dict[str, nn.Linear]:
 
 
 def check_rank(rank) -> int:
-    from ..types import AttnlabError
-
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
         raise AttnlabError(f"lora must be a rank >= 0 (0: no adapters), got {rank!r}")
     return rank

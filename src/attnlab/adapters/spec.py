@@ -25,6 +25,7 @@ from pathlib import Path
 
 from .. import registry
 from ..types import AttnlabError, UnsupportedError
+from .lora import check_rank
 
 ORIGINAL = "original"  # a layer that keeps the model's own attention
 _RANGE = re.compile(r"^(-?\d+)(?:\s*-\s*(-?\d+))?$")  # "3", "-1", "0-3", "2--1"
@@ -166,8 +167,6 @@ class SwapSpec:
 
     def validate(self) -> None:
         """Unknown methods and option names fail here, before any model work."""
-        from .lora import check_rank
-
         for r in self.rules:
             check_rank(r.lora)
             if r.lora and r.method == ORIGINAL:

@@ -108,10 +108,9 @@ def swap(model, spec, **options):
     hf.register()
     ref = next(model.parameters())
     st = SwapState(spec, plans, "hf", impl)
-    for plan, mod, m in built:
+    for _, mod, m in built:
         mod.attnlab_method = m.to(device=ref.device)
-        if plan.lora:  # active while the swapped attention runs, not inside original(model)
-            lora.attach(mod, m, plan.lora, st, seed=layer_seed(spec.seed, plan.index))
+    _attach_adapters(st, dict(sites))
     for plan, (_, mod) in zip(plans, sites):
         mod.attnlab_original_impl = impl
     setattr(model, _STATE, st)
@@ -128,17 +127,23 @@ def add_lora(model, rank: int):
     if any(p.lora for p in st.plans):
         raise AttnlabError("add_lora: the swapped layers already have adapters")
     spec = st.spec.with_lora(rank)
-    spec.validate()
     sites = dict(attention_sites(model))
-    for plan in st.plans:
-        if plan.method != ORIGINAL:
+    plans = spec.plan(list(sites))  # validates the rank too
+    for plan in plans:
+        if plan.lora:
             lora.check_site(sites[plan.name], rank)
-    for plan in st.plans:
-        if plan.method != ORIGINAL:
-            plan.lora = rank
-            lora.attach(sites[plan.name], sites[plan.name].attnlab_method, rank, st, seed=layer_seed(spec.seed, plan.index))
-    st.spec = spec
+    st.spec, st.plans = spec, plans
+    _attach_adapters(st, sites)
     return model
+
+
+def _attach_adapters(st: SwapState, sites: dict) -> None:
+    """Hook each planned layer's adapters in (active while the swapped attention runs, not inside original), A drawn
+    from the spec's per-layer seed."""
+    for plan in st.plans:
+        if plan.lora:
+            mod = sites[plan.name]
+            lora.attach(mod, mod.attnlab_method, plan.lora, st, seed=layer_seed(st.spec.seed, plan.index))
 
 
 def swapped_spec(model) -> SwapSpec | None:

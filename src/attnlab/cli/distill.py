@@ -99,8 +99,8 @@ def run(args) -> int:
         raise AttnlabError(f"--set for methods not distilled here: {sorted(overrides)}")
     if args.lora:
         if any(r.lora for r in spec.rules):
-            raise AttnlabError(f"--lora: the saved attention in {args.init} already has adapters (rank "
-                               f"{max(r.lora for r in spec.rules)}); continue it without --lora")
+            raise AttnlabError(f"--lora: {args.init or args.spec} already has adapters (rank "
+                               f"{max(r.lora for r in spec.rules)}); continue without --lora")
         spec = spec.with_lora(args.lora)  # --init + --lora: LoLCATs' order, the attention first, then adapters
     check_spec_trainable(spec, cfg.transfer_steps)  # a method without parameters, bad options: before the model loads
     data.check_corpora(list(cfg.train))  # unknown or unfetched corpora, too

@@ -365,8 +365,8 @@ class _Run:
                                                                "trainable_params": n_params,
                                                                "world": d.world}, indent=1, default=str))
             self._rewrite_log()
-            lora = [f"low-rank adapters: {sum(p.numel() for n, p in trainable_parameters(model) if '.lora.' in n):,}"]
-            lora = lora if any(r.lora for r in self.spec.rules) else []
+            adapters = sum(p.numel() for n, p in trainable_parameters(model) if ".lora." in n)
+            lora = [f"low-rank adapters: {adapters:,}"] if adapters else []
             print(f"attnlab distill: {self.spec.describe()}; trainable parameters: {n_params:,} "
                   f"({', '.join([f'{k}: {v:,} per small layer' for k, v in self.counts.items()] + lora)}); nothing else "
                   f"trains; "
