@@ -421,15 +421,18 @@ def sparsify_block() -> str:
         if cost:
             base = {c["mode"]: c for c in cost if c["technique"] == "original"}
             narrow = "; global_sparse's backward on 64-token blocks, `--narrow-backward`" if res.get("narrow_backward") else ""
+            graph = ("; each step captured as a CUDA graph and its replays timed, `--cuda-graph`: the device work "
+                     "without the host; peak memory is what the capture allocated" if res.get("cuda_graph") else "")
             lines += ["", f"The model's layers at {res['seq_len']} tokens, batch 1 (`--cost`; the vocabulary head left "
-                          f"out{narrow}):", "",
+                          f"out{narrow}{graph}):", "",
                       "| technique | pruned | mode | ms | x original | peak MiB | x original |", "|" + "---|" * 7]
             for c in cost:
                 b = base.get(c["mode"])
                 frac = "-" if c["fraction"] is None else f"{c['fraction']:.0%}"
                 share = (c.get("options") or {}).get("share")
                 budget = (c.get("options") or {}).get("budget")
-                tech = (f"{c['technique']} ({share}" + (f", {budget})" if budget else ")")) if share else c["technique"]
+                tech = (f"{c['technique']} ({share}" + (f", {budget})" if budget else ")")) if share else \
+                    {"original_eager": "original, eager attention (T x T kept)"}.get(c["technique"], c["technique"])
                 lines.append(f"| {tech} | {frac} | {c['mode']} | {c['ms']:.2f} | "
                              f"{format(c['ms'] / b['ms'], '.2f') if b else '-'} | {c['peak_mem_bytes'] / 2**20:.0f} | "
                              f"{format(c['peak_mem_bytes'] / b['peak_mem_bytes'], '.2f') if b else '-'} |")

@@ -7,7 +7,7 @@ each method swapped in, against the original model in eager mode (builds the att
 Writes model_bench.json (one row per measurement) and model_bench.png. Peak memory target from the research:
 at least 30% below eager dense at every length >= 1024.
 
-`--cuda-graph` (CUDA) captures each configuration's step once as a CUDA graph (`capture`) and times its replays:
+`--cuda-graph` (CUDA) captures each configuration's step once as a CUDA graph (`attnlab.timing.capture_graph`) and times its replays:
 the step without its host time (Python, launches), i.e. what the kernels cost; `--compile` compiles each decoder
 layer instead (regional compilation, the attention methods outside the graph).
 
@@ -33,7 +33,7 @@ import torch
 
 import attnlab
 from attnlab import defaults as method_defaults
-from attnlab.adapters.hf import mask_outside_capture
+from attnlab.timing import capture_graph
 
 HERE = Path(__file__).parent
 
@@ -109,30 +109,6 @@ def compile_layers(model, on: bool) -> None:
             layer.compile()
         else:
             layer._compiled_call_impl = None
-
-
-def capture(model, step, warmup: int, pool=None):
-    """The step as one CUDA graph (PyTorch's whole-network capture: warm-up on a side stream, then capture; the
-    gradients are None before capture, so replays write them afresh). Returns (replay, peak bytes the capture
-    allocated, what must stay alive with the graph). A replay launches every kernel of the step at once: no Python,
-    no per-kernel launch cost. `pool` (torch.cuda.graph_pool_handle()) shares one memory pool among graphs that are
-    replayed one after another on one stream and never read each other's outputs."""
-    with mask_outside_capture(model) as masks:  # transformers' mask decided by the warm-up, not inside the capture
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(max(1, warmup)):
-                step()
-        torch.cuda.current_stream().wait_stream(side)
-        model.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
-            step()
-        torch.cuda.synchronize()
-    return graph.replay, torch.cuda.max_memory_allocated() - base, (graph, masks)
 
 
 def profile_step(model, ids, mode, device, trace: Path | None = None) -> dict:
@@ -324,7 +300,8 @@ def main(argv=None):
                 try:
                     if a.cuda_graph:
                         pool = pool or torch.cuda.graph_pool_handle()  # one pool for this (length, mode)'s graphs
-                        step, row["capture_peak_bytes"], graphs[name] = capture(models[name], step, a.warmup, pool)
+                        step, row["capture_peak_bytes"], graphs[name] = capture_graph(step, model=models[name],
+                                                                                   warmup=a.warmup, pool=pool)
                     else:
                         for _ in range(a.warmup):
                             step()

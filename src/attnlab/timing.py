@@ -42,3 +42,35 @@ def time_ms(fn, device="cpu") -> tuple[object, float]:
     with Timer(device) as t:
         out = fn()
     return out, t.ms
+
+
+def capture_graph(step, *, model=None, warmup: int = 2, pool=None):
+    """`step` (a no-argument callable) captured once as a CUDA graph, PyTorch's whole-network capture: warm-up calls
+    on a side stream, then the capture. Returns (replay, bytes the capture allocated at its peak, what must stay
+    alive as long as the graph is replayed). A replay launches every kernel of the step at once: no Python and no
+    per-kernel launch cost, what the device work alone costs. For a transformers `model`, its mask is decided by the
+    warm-up outside the capture (`adapters.hf.mask_outside_capture`; inside a capture transformers would hand
+    attention a materialised mask). Gradients are set to None before the capture, so replays write them afresh.
+    `pool` (torch.cuda.graph_pool_handle()) shares one memory pool among graphs replayed one after another on one
+    stream that never read each other's outputs."""
+    import contextlib
+
+    from .adapters.hf import is_hf_model, mask_outside_capture
+
+    with mask_outside_capture(model) if model is not None and is_hf_model(model) else contextlib.nullcontext({}) as masks:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(max(1, warmup)):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        if model is not None:
+            model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            step()
+        torch.cuda.synchronize()
+    return graph.replay, torch.cuda.max_memory_allocated() - base, (graph, masks)

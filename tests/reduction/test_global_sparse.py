@@ -279,6 +279,9 @@ def test_on_the_real_model_no_leak_per_layer_and_save_load(smollm2, tmp_path):
     (["--budget", "sensitivity", "--alpha", "-1"], "--alpha must be in [0, 4]"),
     (["--narrow-backward"], "add --cost"),
     (["--cost", "--narrow-backward", "--device", "cpu"], "use it with --device cuda"),
+    (["--cuda-graph"], "--cuda-graph changes only the --cost rows: add --cost"),
+    (["--eager-reference"], "--eager-reference changes only the --cost rows: add --cost"),
+    (["--cost", "--cuda-graph", "--device", "cpu"], "--cuda-graph captures CUDA graphs: use it with --device cuda"),
 ])
 def test_cli_bad_input_is_one_line(args, match, tmp_path, capsys, monkeypatch):
     import attnlab.models
@@ -324,6 +327,32 @@ def test_cli_end_to_end_on_a_tiny_model(tiny_lm_dir, tmp_path, capsys):
     assert all(r["ms"] == cost[(r["technique"], r["fraction"], "fwd")]["ms"] for r in res2["result_rows"])
     assert "x orig" in capsys.readouterr().out
     capsys.readouterr()
+
+
+def test_cost_eager_reference_runs_the_original_with_eager_attention_and_puts_its_own_back(tiny_lm_dir, tmp_path,
+                                                                                          monkeypatch):
+    import attnlab
+    import attnlab.adapters.hf as hf
+    from attnlab.reduction import global_sparse as gs
+
+    model, tok = attnlab.models.load(str(tiny_lm_dir))
+    own = model.config._attn_implementation
+    windows = torch.randint(0, model.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
+    pattern = gs.save_pattern(tmp_path / "pattern", gs.measure_block_mass(model, windows, block_size=16, progress=False))
+    seen, real = [], hf.set_implementation
+
+    def spy(m, name):
+        seen.append(name)
+        real(m, name)
+    monkeypatch.setattr(hf, "set_implementation", spy)
+    rows = gs.cost(model, 64, pattern, [0.5], baseline=False, modes=("fwd",), repeats=1, progress=False,
+                   eager_reference=True)
+    assert [r["technique"] for r in rows] == ["original", "original_eager", "global_sparse"]
+    assert all(r["status"] == "ok" and r["ms"] > 0 and not r["cuda_graph"] for r in rows)
+    assert seen[:2] == ["eager", own] and "eager" not in seen[2:]  # the swap sets its own after
+    assert model.config._attn_implementation == own
+    with pytest.raises(attnlab.AttnlabError, match="cuda_graph needs the model on a CUDA device"):
+        gs.cost(model, 64, pattern, [0.5], progress=False, cuda_graph=True)
 
 
 def test_cli_sensitivity_budget_probes_calibration_windows_and_reuses_the_probe(tiny_lm_dir, tmp_path, capsys):

@@ -132,6 +132,7 @@ def test_prompt_compression_is_exact_when_everything_is_kept_and_attention_beats
     (["--task", "lm", "--model", "minilm"], "needs a causal LM"),
     (["--task", "lm", "--prompt-len", "600"], "--prompt-len 600"),
     (["--model", "/no/such"], "neither a packaged model"),
+    (["--batch-size", "0"], "--batch-size must be an integer >= 1"),
 ])
 def test_cli_bad_input_is_one_line(args, match, tmp_path, capsys, monkeypatch):
     import attnlab.models
@@ -150,6 +151,9 @@ def test_cli_spam_and_lm_end_to_end(minilm, tiny_lm_dir, tmp_path, capsys):
     rows = {(r["technique"], r["keep"]): r for r in res["rows"]}
     assert rows[("attention", 1.0)]["accuracy"] == rows[("original", 1.0)]["accuracy"]
     assert 0.4 < rows[("first", 0.5)]["kept_fraction"] < 0.7 and (out / "prune.png").stat().st_size > 10_000
+    assert all(r["seconds"] > 0 and r["batch_size"] == 32 for r in res["rows"])
+    assert rows[("original", 1.0)]["speedup"] == 1.0
+    assert all(r["speedup"] == rows[("original", 1.0)]["seconds"] / r["seconds"] for r in res["rows"])
     out = tmp_path / "spam-pruned-head"  # the head fitted on pruned embeddings: at keep 1 the same features and head
     assert attnlab.cli.main(["prune", "--task", "spam", "--num-examples", "24", "--seq-len", "64", "--keep", "1,0.5",
                              "--techniques", "attention", "--head", "pruned", "--no-progress", "--no-plot",
@@ -165,4 +169,7 @@ def test_cli_spam_and_lm_end_to_end(minilm, tiny_lm_dir, tmp_path, capsys):
     res = json.loads((out / "prune.json").read_text())
     assert {r["technique"] for r in res["rows"]} == {"original", *tp.PROMPT_TECHNIQUES}
     assert all(r["kept_fraction"] == 0.5 for r in res["rows"][1:])
+    by = {r["technique"]: r for r in res["rows"]}
+    assert all(by[t]["score_ms"] > 0 for t in ("attention", "accumulated", "h2o"))  # the scoring forward, timed
+    assert all(by[t]["score_ms"] == 0 for t in ("original", "random", "first", "last"))
     assert "KV MiB" in capsys.readouterr().out

@@ -56,6 +56,13 @@ def add_parser(sub) -> None:
     p.add_argument("--narrow-backward", action="store_true",
                    help="with --cost on CUDA: attnlab.ops.sparse.enable_narrow_backward(64) first, so the fwd+bwd rows' "
                         "backward runs the pattern's 64-token blocks instead of 128-token ones (process-wide)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="with --cost on CUDA: each step captured once as a CUDA graph and its replays timed (the "
+                        "device work, without the host's Python and launches); peak memory is what the capture "
+                        "allocated")
+    p.add_argument("--eager-reference", action="store_true",
+                   help="with --cost: also time the original with transformers' eager attention (the T x T matrix "
+                        "materialised, as dense attention without a fused kernel keeps it)")
     common.add_model_run_arguments(p, "sparsify", "pattern/, sparsify.json and sparsify.png")
     p.set_defaults(func=run)
 
@@ -98,6 +105,11 @@ def run(args) -> int:
     if not args.pattern and args.block_size > args.seq_len:
         raise AttnlabError(f"--block-size {args.block_size} exceeds --seq-len {args.seq_len}")
     common.check_device(args.device)
+    for flag, on in (("--cuda-graph", args.cuda_graph), ("--eager-reference", args.eager_reference)):
+        if on and not args.cost:
+            raise AttnlabError(f"{flag} changes only the --cost rows: add --cost")
+    if args.cuda_graph and not str(args.device).startswith("cuda"):
+        raise AttnlabError("--cuda-graph captures CUDA graphs: use it with --device cuda")
     if args.narrow_backward:
         from ..ops.sparse import enable_narrow_backward
 
@@ -163,14 +175,15 @@ def run(args) -> int:
     costs = None
     if args.cost:
         costs = gs.cost(model, args.seq_len, pattern_dir, sparsities, baseline=not args.no_baseline,
-                        share=shares[0], budget=budgets[0], alpha=args.alpha, progress=not args.no_progress)
+                        share=shares[0], budget=budgets[0], alpha=args.alpha, progress=not args.no_progress,
+                        cuda_graph=args.cuda_graph, eager_reference=args.eager_reference)
         print()
         print(format_cost(costs))
     common.write_result(
         out / "sparsify.json", args.device,
         {"model": args.model, "pattern": str(pattern_dir), "seq_len": args.seq_len, "block_size": args.block_size,
          "eval_windows": args.eval_windows, "eval_text": args.eval_text, "shares": shares, "budgets": budgets,
-         "narrow_backward": args.narrow_backward,
+         "narrow_backward": args.narrow_backward, "cuda_graph": args.cuda_graph,
          "alpha": args.alpha, "measure_s": round(measure_s, 1), "rows": rows,
          "cost": costs, "result_rows": result_rows(rows, costs)},
         None if args.no_plot else lambda png: plot(rows, png, title=f"attnlab sparsify: {args.model}, {args.eval_windows} "
@@ -233,6 +246,8 @@ def format_cost(costs: list[dict]) -> str:
     """Per technique, fraction and mode: ms and peak memory, each also as a ratio to the original model."""
     base = {c["mode"]: c for c in costs if c["technique"] == "original" and c.get("status") == "ok"}
     lines = [f"{'technique':<14} {'pruned':>6} {'mode':>8} {'ms':>9} {'x orig':>7} {'peak MiB':>9} {'x orig':>7}"]
+    if any(c.get("cuda_graph") for c in costs):
+        lines.insert(0, "(each step captured as a CUDA graph, its replays timed)")
     for c in costs:
         frac = "" if c["fraction"] is None else f"{c['fraction']:.0%}"
         if c.get("status") != "ok":

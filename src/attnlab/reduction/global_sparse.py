@@ -488,21 +488,29 @@ def evaluate(model, windows: torch.Tensor, pattern_dir, sparsities, *, baseline:
 
 def cost(model, seq_len: int, pattern_dir, sparsities, *, baseline: bool = True, sinks: int = 4,
          share: str = "layer", budget: str = "uniform", alpha: float = 0.5, modes=("fwd", "fwd+bwd"), repeats: int = 5,
-         progress: bool = True) -> list[dict]:
+         progress: bool = True, cuda_graph: bool = False, eager_reference: bool = False) -> list[dict]:
     """Time and peak memory of the model's backbone (its layers, not the vocabulary head, whose logits would
     dominate the memory) on one random window of `seq_len` tokens, batch 1: the original model (its own
     attention), the global-sparse pattern at each sparsity and, with `baseline`, window + `sinks` of the same
-    density. fwd+bwd backpropagates into the (unfrozen) weights, as fine-tuning would. The jobs interleave:
-    `repeats` rounds, each timing one step of every (job, mode). One dict per (technique, fraction, mode), with
-    the bench harness's fields (ms: the median over the rounds, `ms_rounds`, peak_mem_bytes: the largest,
-    status)."""
+    density; with `eager_reference` also the original with transformers' eager attention (the T x T matrix
+    materialised, as dense attention without a fused kernel keeps it: the kind of baseline the published 27% memory
+    cut was measured against). fwd+bwd backpropagates into the (unfrozen) weights, as fine-tuning would.
+
+    Eager (default): the jobs interleave, `repeats` rounds each timing one step of every (job, mode) (the ms: the
+    median over the rounds, `ms_rounds`; peak_mem_bytes: the largest). `cuda_graph` (CUDA): each (job, mode) step
+    is captured once as a CUDA graph (`timing.capture_graph`) and its `repeats` replays timed, job after job: the
+    device work without the host's Python and launches; peak_mem_bytes is what the capture allocated. One dict
+    per (technique, fraction, mode), with the bench harness's fields and status."""
     from tqdm.auto import tqdm
 
+    from ..adapters.hf import set_implementation
     from ..adapters.swap import swapped
     from ..bench.harness import bench_one, free_memory
     from ..patterns import WindowPattern
 
     device = next(model.parameters()).device
+    if cuda_graph and device.type != "cuda":
+        raise AttnlabError("cost: cuda_graph needs the model on a CUDA device")
     backbone = model.get_base_model() if hasattr(model, "get_base_model") else model
     backbone = getattr(backbone, "model", backbone)
     pat = load_pattern(pattern_dir)
@@ -510,7 +518,7 @@ def cost(model, seq_len: int, pattern_dir, sparsities, *, baseline: bool = True,
         raise PatternError(f"{seq_len} tokens are longer than the pattern covers ({pat.max_len})")
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (1, seq_len), generator=gen).to(device)
-    jobs = [("original", None, {})]
+    jobs = [("original", None, {})] + ([("original_eager", None, {})] if eager_reference else [])
     for p in sparsities:
         extra = {} if budget == "uniform" else {"budget": budget, "alpha": alpha}
         jobs.append(("global_sparse", p, {"pattern": str(pattern_dir), "sparsity": p, "share": share, **extra}))
@@ -518,26 +526,51 @@ def cost(model, seq_len: int, pattern_dir, sparsities, *, baseline: bool = True,
             dens = pattern_density(pat, p, seq_len, share, budget, alpha)
             win = WindowPattern.for_density(dens, seq_len, sinks=sinks).window
             jobs.append(("window_sinks", p, {"window": win, "sinks": sinks}))
+    own_impl = model.config._attn_implementation
+
+    @contextlib.contextmanager
+    def job_context(technique, opts):
+        target = {"global_sparse": "global_sparse", "window_sinks": "window"}.get(technique)
+        if technique == "original_eager":
+            set_implementation(model, "eager")
+            try:
+                yield
+            finally:
+                set_implementation(model, own_impl)
+        else:
+            with swapped(model, target, **opts) if target else contextlib.nullcontext():
+                yield
+
     grads = [q.requires_grad for q in model.parameters()]
-    # interleaved: round r times every (job, mode) once, so drift in the host's speed (up to 2x between rows timed
-    # one after another on the H200 machine, where a short step is host-bound) hits every job alike; each round
-    # swaps the job in afresh and warms it (pattern caches, compilation) before its timed step
     got: dict = {}
-    bar = tqdm(total=repeats * len(jobs) * len(modes), desc="cost", disable=not progress)
+    bar = tqdm(total=repeats * len(jobs) * len(modes) if not cuda_graph else len(jobs) * len(modes), desc="cost",
+               disable=not progress)
     try:
         for q in model.parameters():
             q.requires_grad_(True)
-        for r in range(repeats):
+        if cuda_graph:
             for technique, p, opts in jobs:
-                target = {"global_sparse": "global_sparse", "window_sinks": "window"}.get(technique)
-                with swapped(model, target, **opts) if target else contextlib.nullcontext():
+                with job_context(technique, opts):
                     for mode in modes:
-                        bar.set_postfix_str(f"{technique} {p} {mode}")
-                        row = bench_one(lambda x: backbone(x, use_cache=False).last_hidden_state, lambda: (ids,), mode,
-                                        device, repeats=1, warmup=2 if r == 0 else 1, params=list(model.parameters()))
-                        got.setdefault((technique, p, mode), []).append(row)
+                        bar.set_postfix_str(f"{technique} {p} {mode} (graph)")
+                        got[(technique, p, mode)] = [_graph_row(model, backbone, ids, mode, repeats, device)]
                         free_memory(device)
                         bar.update()
+        else:
+            # interleaved: round r times every (job, mode) once, so drift in the host's speed (up to 2x between rows
+            # timed one after another on the H200 machine, where a short step is host-bound) hits every job alike;
+            # each round swaps the job in afresh and warms it (pattern caches, compilation) before its timed step
+            for r in range(repeats):
+                for technique, p, opts in jobs:
+                    with job_context(technique, opts):
+                        for mode in modes:
+                            bar.set_postfix_str(f"{technique} {p} {mode}")
+                            row = bench_one(lambda x: backbone(x, use_cache=False).last_hidden_state, lambda: (ids,),
+                                            mode, device, repeats=1, warmup=2 if r == 0 else 1,
+                                            params=list(model.parameters()))
+                            got.setdefault((technique, p, mode), []).append(row)
+                            free_memory(device)
+                            bar.update()
     finally:
         for q, g in zip(model.parameters(), grads):
             q.requires_grad_(g)
@@ -547,10 +580,50 @@ def cost(model, seq_len: int, pattern_dir, sparsities, *, baseline: bool = True,
     for technique, p, opts in jobs:
         for mode in modes:
             runs = got.get((technique, p, mode), [])
-            row = merge_rounds(runs) if runs else {"status": "skipped"}
-            row.update(technique=technique, fraction=p, options=opts, mode=mode, seq_len=seq_len, interleaved=True)
+            row = (runs[0] if cuda_graph else merge_rounds(runs)) if runs else {"status": "skipped"}
+            row.update(technique=technique, fraction=p, options=opts, mode=mode, seq_len=seq_len,
+                       interleaved=not cuda_graph, cuda_graph=cuda_graph)
             rows.append(row)
     return rows
+
+
+def _graph_row(model, backbone, ids, mode: str, repeats: int, device) -> dict:
+    """One (job, mode): the backbone's step captured as a CUDA graph and replayed `repeats` times (CUDA events
+    around each replay); never raises for an OOM or an error in the capture (the row's status says)."""
+    import statistics
+
+    from ..bench.harness import result_fields
+    from ..timing import Timer, capture_graph
+
+    row = result_fields(device)
+    keep = None
+    try:
+        if mode == "fwd":
+            def step():
+                with torch.no_grad():
+                    backbone(ids, use_cache=False)
+        else:
+            with torch.no_grad():
+                grad_out = torch.randn_like(backbone(ids, use_cache=False).last_hidden_state)
+
+            def step():
+                backbone(ids, use_cache=False).last_hidden_state.backward(grad_out)
+                model.zero_grad(set_to_none=True)
+        replay, peak, keep = capture_graph(step, model=model, warmup=2)
+        times = []
+        for _ in range(repeats):
+            with Timer(device) as tm:
+                replay()
+            times.append(tm.ms)
+        row.update(status="ok", ms=statistics.median(times), ms_rounds=times, repeats=len(times), peak_mem_bytes=peak)
+    except torch.cuda.OutOfMemoryError as e:
+        row.update(status="oom", error=f"{type(e).__name__}: {e}"[:300])
+    except Exception as e:  # recorded, not hidden: the row says what failed
+        row.update(status="error", error=f"{type(e).__name__}: {e}"[:300])
+    finally:
+        del keep
+        model.zero_grad(set_to_none=True)
+    return row
 
 
 def merge_rounds(runs: list[dict]) -> dict:
