@@ -450,7 +450,8 @@ def evaluate_prompt(model, windows: torch.Tensor, *, prompt_len: int, keeps, tec
     from ..timing import Timer
 
     device = next(model.parameters()).device
-    prompts, conts = split_windows(windows.to(device), prompt_len)
+    windows = windows.to(device)  # the full-prompt forwards read the windows whole
+    prompts, conts = split_windows(windows, prompt_len)
     n = prompts.shape[0]
     always = torch.zeros(1, prompt_len, dtype=torch.bool, device=device)
     always[:, 0] = True
