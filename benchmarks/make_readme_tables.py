@@ -571,7 +571,7 @@ def kvpress_block() -> str:
 def decode_block() -> str:
     """Greedy decode tokens/s with a pressed cache (benchmarks/press_decode.py), per prompt length."""
     lines = []
-    for f in sorted(glob.glob(str(HERE / "results" / "press" / "*" / "decode.json"))):
+    for f in sorted(glob.glob(str(HERE / "results" / "press" / "*" / "decode*.json"))):
         res = json.loads(Path(f).read_text())
         env, rel, rows = res["environment"], Path(f).relative_to(HERE.parent), res["rows"]
         lines += [f"{_ran(res)}; {res['model']}, batch 1, {res['new_tokens']} new tokens after a held-out prompt; "
