@@ -178,9 +178,9 @@ def plot(rows: list[dict], task: str, path, title: str = "") -> None:
         for tech in techniques:
             rs = sorted((r for r in rows if r["technique"] == tech), key=lambda r: r["kept_fraction"])
             ax.plot([100 * r["kept_fraction"] for r in rs], [r[key] for r in rs], marker=markers[tech], label=tech)
-        if key in ("accuracy", "ppl"):
+        if key in ("accuracy", "ppl", "speedup"):  # the full model's level (speed-up: 1x, slower below it)
             ax.axhline(base[key], color="gray", ls="--", lw=1)
-            ax.text(0.99, base[key], f"all tokens {base[key]:.3g} ", color="gray", fontsize=8, va="bottom",
+            ax.text(0.99, base[key], f"all tokens {base[key]:.3g}" + ("x " if key == "speedup" else " "), color="gray", fontsize=8, va="bottom",
                     ha="right", transform=ax.get_yaxis_transform())
         if key == "kl":
             ax.set_yscale("log")
