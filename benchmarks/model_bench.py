@@ -254,6 +254,7 @@ def main(argv=None):
 
         dynamo.config.cache_size_limit = 64  # a graph per (length, grad mode)
     originals = [] if a.no_original else [x for x in a.originals.split(",") if x]
+    # a method may name its backend, METHOD@BACKEND (global_sparse@flex): the configuration's row keeps that name
     configs = [(f"original-{impl}", impl, None) for impl in originals] + [
         (m + ("+narrowbwd" if a.narrow_backward else ""), "sdpa", m) for m in a.methods.split(",")
     ]
@@ -271,10 +272,12 @@ def main(argv=None):
         ids = torch.randint(0, 49152, (1, n), device=a.device)
         ready = {}  # name -> options of the configurations swapped in at this length
         for name, impl, method in configs:
-            opts = method_options(method, n, models[name].config, a.sparsity) if method else {}
+            base, _, backend = (method or "").partition("@")
+            opts = {**method_options(base, n, models[name].config, a.sparsity),
+                    **({"backend": backend} if backend else {})} if method else {}
             try:
                 if method:
-                    attnlab.swap(models[name], method, **opts)
+                    attnlab.swap(models[name], base, **opts)
                 if a.compile:
                     compile_layers(models[name], True)
                 ready[name] = opts
@@ -291,7 +294,8 @@ def main(argv=None):
                 if name not in ready:
                     continue
                 row = base_row(name + suffix, method or impl, n, mode, a, env)
-                row["options"] = {**ready[name], **({"pattern": "synthetic"} if method == "global_sparse" else {})}
+                row["options"] = {**ready[name], **({"pattern": "synthetic"} if (method or "").startswith("global_sparse")
+                                                   else {})}
                 out[name] = row
                 if (name, mode) in dead:
                     row["status"] = "oom"
@@ -357,7 +361,7 @@ def main(argv=None):
                     compile_layers(models[name], False)
                 if method:
                     attnlab.unswap(models[name])
-                if method == "global_sparse":  # the synthetic pattern's temporary folder (read at swap time)
+                if (method or "").startswith("global_sparse"):  # the synthetic pattern's folder (read at swap time)
                     shutil.rmtree(Path(ready[name]["pattern"]).parent, ignore_errors=True)
         free(a.device)
     rows = save(rows, a)

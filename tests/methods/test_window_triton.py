@@ -134,8 +134,8 @@ def test_refusals_are_one_clear_line(monkeypatch):
         make("window", q64, k64, window=3, backend="triton")(q64, k64, v64)
     out = make("window", q, k, window=2 ** 31 - 1, backend="triton")(q, k, v).out  # a window past int32 sums
     assert_matches_reference(out, q, k, v)
-    with pytest.raises(OptionError, match="backend must be one of"):  # the kernel is the window's alone
-        make("block_sparse", q, k, block_size=4, backend="triton")
+    with pytest.raises(OptionError, match="backend must be one of"):
+        make("window", q, k, window=3, backend="cuda")
     with pytest.raises(UnsupportedError, match="col_sums"):
         make("window", q, k, window=3, backend="triton")(q, k, v, need_col_sums=True)
     from attnlab.ops import window_triton

@@ -36,7 +36,8 @@ class BlockSparse(SparseAttention):
         num_window_blocks: int = opt(3, "recipe: blocks in the band on the diagonal", low=0)
         num_random_blocks: int = opt(2, "recipe: random extra key blocks per query block", low=0)
         seed: int = opt(0, "recipe: seed of the random blocks (per layer from the swap seed)")
-        backend: str = opt("auto", "auto (flex on CUDA, torch elsewhere) | flex | torch", choices=BACKENDS)
+        backend: str = opt("auto", "auto (flex on CUDA, torch elsewhere) | flex | torch | triton (a fixed layout "
+                                    "of 16-64-token blocks, self-attention)", choices=BACKENDS)
 
         def __post_init__(self):
             if self.layout is not None:  # (the seed is harmless with a layout: a swap gives every layer one)

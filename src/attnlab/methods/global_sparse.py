@@ -1,6 +1,7 @@
 """Data-informed global sparse attention: a fixed block pattern per layer and head, chosen from the attention
-the original model gave each block on a corpus (`attnlab sparsify`, reduction/global_sparse.py), run as a
-FlexAttention BlockMask (the torch backend on CPU).
+the original model gave each block on a corpus (`attnlab sparsify`, reduction/global_sparse.py), run on CUDA
+by attnlab's Triton kernels for 16-64-token blocks in bf16 / fp16 (`ops/window_triton.py` with block tables: each
+query tile visits only its row's key tiles), else as a FlexAttention BlockMask (the torch backend on CPU).
 
     attnlab.swap(model, "global_sparse", pattern="runs/sparsify/pattern", sparsity=0.9)
 
@@ -48,7 +49,9 @@ class GlobalSparse(SparseAttention):
                                      "must hold a probe, `attnlab sparsify --budget sensitivity`)", choices=BUDGETS)
         alpha: float = opt(0.5, "budget='sensitivity': a layer keeps blocks in proportion to sensitivity ** alpha",
                            low=0.0, high=4.0)
-        backend: str = opt("auto", "auto (flex on CUDA, torch elsewhere) | flex | torch", choices=BACKENDS)
+        backend: str = opt("auto", "auto (on CUDA triton in bf16 / fp16 self-attention with 16-64-token blocks, "
+                                    "else flex; torch elsewhere) | flex | torch | triton (ops/window_triton.py: only the "
+                                    "listed key tiles)", choices=BACKENDS)
 
         def __post_init__(self):
             if self.pattern is None:
@@ -127,7 +130,7 @@ class GlobalSparse(SparseAttention):
 
     @classmethod
     def test_options(cls, seq_len):
-        bs = max(2, seq_len // 6)
+        bs = 16 if seq_len >= 96 else max(2, seq_len // 6)  # 16 from 96 tokens: a block size the Triton kernels run
         n = -(-seq_len // bs)
         # decaying with distance (and the first block a "sink"), so that half the causal blocks are kept
         scores = [[(1.0 / (1 + i - j) + (0.5 if j == 0 else 0.0)) if j <= i else 0.0 for j in range(n)] for i in range(n)]

@@ -29,7 +29,7 @@ class Window(SparseAttention):
         window: int = opt(256, "keys with |i - j| <= window are visible (causal: also j <= i)", low=0)
         sinks: int = opt(0, "the first `sinks` keys are always visible (StreamingLLM attention sinks)", low=0)
         backend: str = opt("auto", "auto (triton on CUDA in bf16 / fp16, flex in fp32, torch elsewhere) | flex | torch | triton "
-                                   "(ops/window_triton.py: only the band's and sinks' tiles; CUDA)", choices=(*BACKENDS, "triton"))
+                                   "(ops/window_triton.py: only the band's and sinks' tiles; CUDA)", choices=BACKENDS)
         block_size: int = opt(128, "FlexAttention BlockMask BLOCK_SIZE (keep a multiple of 128 on CUDA; below 16 the "
                                    "CPU flex template returns NaN, measured in torch 2.13)", low=16)
 

@@ -2,15 +2,18 @@
 
 - "flex": compiled `flex_attention` with the pattern's cached BlockMask (skips empty blocks; CUDA, and CPU for
   inference with torch >= 2.6);
-- "triton": the sliding-window pattern only (`ops.window_triton`: FlashAttention-2 with the key loop bounded
-  to the band and the sinks; CUDA, and CPU under TRITON_INTERPRET=1);
+- "triton": the sliding-window pattern, and a block pattern alone or united with a window + sinks (global_sparse's
+  shape) for self-attention in 16-, 32- or 64-token blocks (`ops.window_triton`: FlashAttention-2 with the key
+  loop bounded to the band and the sinks, or to the key tiles each query tile's row of the block tables lists;
+  CUDA, and CPU under TRITON_INTERPRET=1);
 - "torch": the plain-PyTorch gathered kernel: each query chunk attends to the keys its `key_chunks` lists,
   masked exactly by the mask_mod on those (query, key) pairs: O(T x reachable keys) memory, never Tq x Tk.
   It also yields each row's log-sum-exp and the per-key column sums in the same pass;
 - dense under the pattern's Bool[Tq, Tk] mask, when the implied matrix is asked for (need_probs).
 
-`sparse_attention` picks the kernel from the method's `backend` option ("auto": on CUDA triton for the plain
-window, flex for other patterns; torch elsewhere)
+`sparse_attention` picks the kernel from the method's `backend` option ("auto": on CUDA in bf16 / fp16 triton for
+the plain window and for block patterns united with a window (global_sparse) in self-attention, flex for other
+patterns; torch elsewhere)
 and reports which one ran. A request the chosen kernel cannot serve is an UnsupportedError before compute;
 "auto" picks the torch kernel for column sums (flex cannot sum columns), which is the same maths.
 """
@@ -24,11 +27,13 @@ import torch
 
 from .. import masks
 from ..methods.base import repeat_kv
+from ..patterns.base import UnionPattern
+from ..patterns.blocks import BlockPattern
 from ..patterns.window import WindowPattern
 from ..types import AttnOutput, UnsupportedError
 from .reference import lse_and_probs
 
-BACKENDS = ("auto", "flex", "torch")
+BACKENDS = ("auto", "flex", "torch", "triton")
 
 # Parsed once; tests monkeypatch it to prove the "flex unavailable" error path.
 TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
@@ -81,12 +86,13 @@ def compiled_flex_attention(device_type: str = "cuda"):
 
 
 def unsupported_reasons(backend: str, device, *, need_lse: bool = False, need_col_sums: bool = False,
-                        pattern=None, head_dim: int | None = None, dtype=None) -> list[str]:
+                        pattern=None, head_dim: int | None = None, dtype=None, tq: int | None = None,
+                        tk: int | None = None) -> list[str]:
     """Why an explicitly asked backend cannot serve a request on `device` (checked before compute)."""
     if backend == "triton":
         from . import window_triton
 
-        why = [] if is_window(pattern) else ["backend='triton' runs only the sliding-window pattern (window)"]
+        why = [] if pattern is None or is_window(pattern) else block_triton_unsupported(pattern, tq, tk)
         return why + window_triton.unsupported_reasons(device, head_dim=head_dim or 0, need_col_sums=need_col_sums,
                                                        dtype=dtype)
     if backend != "flex" or device is None:
@@ -106,22 +112,78 @@ def is_window(pattern) -> bool:
     return type(pattern) is WindowPattern
 
 
+def block_window_parts(pattern) -> tuple[BlockPattern, WindowPattern | None] | None:
+    """(the block part, the window part or None) of a pattern the Triton kernels run as a block pattern: a
+    BlockPattern alone, or united with a WindowPattern (global_sparse: the measured blocks, sinks and a local band)."""
+    if type(pattern) is BlockPattern:
+        return pattern, None
+    if type(pattern) is UnionPattern and len(pattern.parts) == 2:
+        a, b = pattern.parts
+        if type(a) is BlockPattern and type(b) is WindowPattern:
+            return a, b
+        if type(a) is WindowPattern and type(b) is BlockPattern:
+            return b, a
+    return None
+
+
+def block_triton_unsupported(pattern, tq: int | None, tk: int | None) -> list[str]:
+    """Why the Triton kernels cannot run `pattern` as a block pattern (empty: they can)."""
+    from .window_triton import BLOCK_SIZES
+
+    parts = block_window_parts(pattern)
+    if parts is None:
+        return ["backend='triton' runs the sliding-window pattern and block patterns (alone or with a window and "
+                f"sinks), not {type(pattern).__name__}"]
+    why = []
+    if parts[0].block_size not in BLOCK_SIZES:
+        why.append(f"backend='triton' runs block patterns of {', '.join(map(str, BLOCK_SIZES))}-token blocks, not "
+                   f"{parts[0].block_size}")
+    if tq is not None and tk is not None and tq != tk:
+        why.append(f"backend='triton' runs block patterns for self-attention (Tq == Tk), got Tq={tq}, Tk={tk}")
+    return why
+
+
+def triton_block_tables(pattern, tq: int, causal: bool, device):
+    """The Triton kernels' tables for a block (+ window) pattern at Tq = Tk = tq: built once per data version and
+    kept beside the pattern's BlockMasks."""
+    from .window_triton import block_tables
+
+    device = torch.device(device)
+    key = ("triton", pattern.version_key(), tq, causal, str(device))
+    hit = pattern._block_masks.get(key)
+    if hit is not None:
+        pattern._block_masks.move_to_end(key)
+        return hit
+    blk, _ = block_window_parts(pattern)
+    bs = blk.block_size
+    nb = -(-tq // bs)
+    visit = pattern.block_tables(nb, bs, causal)[0]  # tiles with any visible pair: the blocks, the band, the sinks
+    tables = block_tables(visit, blk.block_tables(nb, bs, causal)[0], bs, device)
+    pattern._block_masks[key] = tables
+    while len(pattern._block_masks) > 16:
+        pattern._block_masks.popitem(last=False)
+    return tables
+
+
 @functools.lru_cache(maxsize=None)
 def _triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
 def resolve(backend: str, q: torch.Tensor, *, need_lse: bool, need_col_sums: bool, pattern=None,
-            backward: bool = False) -> str:
+            backward: bool = False, tk: int | None = None) -> str:
     """The kernel that will run. auto -> on CUDA the window's own Triton kernel for the plain sliding-window
     pattern in bf16 / fp16 (faster than FlexAttention's at 16k-64k on an H200, benchmarks/results/window/; in fp32
-    it is not, window_triton.AUTO_DTYPES), flex for other
-    patterns where it can serve the request, else torch (the same maths); flex asked explicitly where it
-    cannot run is refused."""
+    it is not, window_triton.AUTO_DTYPES), and for a block pattern united with a window (global_sparse) for
+    self-attention in 16-64-token blocks, flex for other patterns where it can serve the request, else torch (the same maths); flex asked
+    explicitly where it cannot run is refused."""
     if backend == "auto":
         if q.device.type != "cuda" or need_col_sums:
             return "torch"
-        if is_window(pattern) and _triton_importable():
+        parts = block_window_parts(pattern)
+        # block patterns only with a window part (global_sparse's shape, measured); a plain block layout stays on flex
+        if _triton_importable() and (is_window(pattern) or (
+                parts is not None and parts[1] is not None and not block_triton_unsupported(pattern, q.shape[-2], tk))):
             from . import window_triton
 
             if q.shape[-1] <= window_triton.MAX_HEAD_DIM and q.dtype in window_triton.AUTO_DTYPES:
@@ -348,7 +410,7 @@ def sparse_attention(q, k, v, pattern, *, causal: bool, key_padding_mask, scale:
     tq, tk = q.shape[-2], k.shape[-2]
     backward = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     kernel = "dense" if need_probs else resolve(backend, q, need_lse=need_lse, need_col_sums=need_col_sums,
-                                                pattern=pattern, backward=backward)
+                                                pattern=pattern, backward=backward, tk=tk)
     if kernel not in ("flex", "triton"):
         groups = q.shape[1] // k.shape[1]
         k, v = repeat_kv(k, groups), repeat_kv(v, groups)
@@ -365,8 +427,13 @@ def sparse_attention(q, k, v, pattern, *, causal: bool, key_padding_mask, scale:
     if kernel == "triton":
         from .window_triton import window_attention
 
-        out, lse = window_attention(q, k, v, window=pattern.window, sinks=pattern.sinks, causal=causal, scale=scale,
-                                    key_padding_mask=key_padding_mask)
+        if is_window(pattern):
+            win, blocks = pattern, None
+        else:  # a block pattern, with the window and sinks it is united with
+            win, blocks = block_window_parts(pattern)[1], triton_block_tables(pattern, tq, causal, q.device)
+        out, lse = window_attention(q, k, v, window=win.window if win is not None else -1,
+                                    sinks=win.sinks if win is not None else 0, causal=causal, scale=scale,
+                                    key_padding_mask=key_padding_mask, blocks=blocks)
         return AttnOutput(out, None, lse=lse if need_lse else None), "triton"
     if kernel == "flex":
         bm = pattern.block_mask(tq, tk, causal, q.device, call_block_size(flex_block_size, q.device, backward, tq))

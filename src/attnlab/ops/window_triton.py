@@ -22,6 +22,7 @@ in any gradient. Runs on CUDA, and on CPU tensors under TRITON_INTERPRET=1 (how 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -76,6 +77,17 @@ def _visible(pos, kj, Tk, W, S, CAUSAL: tl.constexpr):
 
 
 @triton.jit
+def _visible_sel(pos, kj, Tk, W, S, sel, CAUSAL: tl.constexpr):
+    """_visible, or every pair of the tile where the block layout keeps it (sel != 0; causal and the key count
+    still apply): a block pattern's tile united with the window and the sinks."""
+    ok = _visible(pos, kj, Tk, W, S, CAUSAL)
+    keep = (kj[None, :] < Tk) & (sel != 0)
+    if CAUSAL:
+        keep = keep & (pos[:, None] >= kj[None, :])
+    return ok | keep
+
+
+@triton.jit
 def _key_range(m0, BM, off, Tk, W, S, CAUSAL: tl.constexpr, BN: tl.constexpr):
     """For the query tile starting at m0: the sink tiles [0, sink_end) (every tile holding a sink, wherever the
     band is: a sink above the band is visible too when not causal) and the band's key tiles [lo, hi) from the
@@ -91,34 +103,46 @@ def _key_range(m0, BM, off, Tk, W, S, CAUSAL: tl.constexpr, BN: tl.constexpr):
 
 
 @triton.jit
+def _fwd_tile(acc, m_i, l_i, q, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt, s0, sel, pos, offs_n, offs_d,
+              Tk, D, W, S, qk_scale, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
+              HAS_BLOCKS: tl.constexpr):
+    """One key tile [s0, s0 + BN) of the online softmax."""
+    kj = s0 + offs_n
+    kmask = (kj < Tk)[:, None] & (offs_d < D)[None, :]
+    k = tl.load(K + k_base + kj[:, None] * s_kt + offs_d[None, :], mask=kmask, other=0.0)
+    s = dot(q, tl.trans(k), PREC) * qk_scale
+    if HAS_BLOCKS:
+        ok = _visible_sel(pos, kj, Tk, W, S, sel, CAUSAL)
+    else:
+        ok = _visible(pos, kj, Tk, W, S, CAUSAL)
+    if HAS_PAD:
+        real = tl.load(PAD + pad_base + kj, mask=kj < Tk, other=0)
+        ok = ok & (real != 0)[None, :]
+    s = tl.where(ok, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(V + v_base + kj[:, None] * s_vt + offs_d[None, :], mask=kmask, other=0.0)
+    acc = acc * alpha[:, None] + dot(to(p, v.dtype, PREC), v, PREC)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _fwd_tiles(acc, m_i, l_i, q, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt, start, end, pos, offs_n, offs_d,
                Tk, D, W, S, qk_scale, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
                BN: tl.constexpr):
     for s0 in range(start, end, BN):
-        kj = s0 + offs_n
-        kmask = (kj < Tk)[:, None] & (offs_d < D)[None, :]
-        k = tl.load(K + k_base + kj[:, None] * s_kt + offs_d[None, :], mask=kmask, other=0.0)
-        s = dot(q, tl.trans(k), PREC) * qk_scale
-        ok = _visible(pos, kj, Tk, W, S, CAUSAL)
-        if HAS_PAD:
-            real = tl.load(PAD + pad_base + kj, mask=kj < Tk, other=0)
-            ok = ok & (real != 0)[None, :]
-        s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + v_base + kj[:, None] * s_vt + offs_d[None, :], mask=kmask, other=0.0)
-        acc = acc * alpha[:, None] + dot(to(p, v.dtype, PREC), v, PREC)
-        m_i = m_new
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt, s0, 0, pos,
+                                  offs_n, offs_d, Tk, D, W, S, qk_scale, HAS_PAD, CAUSAL, PREC, False)
     return acc, m_i, l_i
 
 
 @triton.jit
-def _fwd(Q, K, V, PAD, O, LSE, H, G, Tq, Tk, D, W, S, qk_scale,
+def _fwd(Q, K, V, PAD, O, LSE, LAY, IDX, CNT, H, G, Tq, Tk, D, W, S, qk_scale, NB, MAXN, HL,
          s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
-         HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
+         HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, HAS_BLOCKS: tl.constexpr,
          BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -136,11 +160,19 @@ def _fwd(Q, K, V, PAD, O, LSE, H, G, Tq, Tk, D, W, S, qk_scale,
     acc = tl.zeros([BM, BD], tl.float32)
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
-    lo, hi, sink_end = _key_range(m0, BM, off, Tk, W, S, CAUSAL, BN)
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt, 0, sink_end, pos,
-                               offs_n, offs_d, Tk, D, W, S, qk_scale, HAS_PAD, CAUSAL, PREC, BN)
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt, lo, hi, pos,
-                               offs_n, offs_d, Tk, D, W, S, qk_scale, HAS_PAD, CAUSAL, PREC, BN)
+    if HAS_BLOCKS:  # the key tiles this query tile's row of the block tables lists (BM = BN = the block size)
+        row = (h * HL) * NB + pid_m
+        for i in range(0, tl.load(CNT + row)):
+            kb = tl.load(IDX + row * MAXN + i)
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt, kb * BN,
+                                      tl.load(LAY + row * NB + kb), pos, offs_n, offs_d, Tk, D, W, S, qk_scale,
+                                      HAS_PAD, CAUSAL, PREC, True)
+    else:
+        lo, hi, sink_end = _key_range(m0, BM, off, Tk, W, S, CAUSAL, BN)
+        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt, 0, sink_end,
+                                   pos, offs_n, offs_d, Tk, D, W, S, qk_scale, HAS_PAD, CAUSAL, PREC, BN)
+        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt, lo, hi, pos,
+                                   offs_n, offs_d, Tk, D, W, S, qk_scale, HAS_PAD, CAUSAL, PREC, BN)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     o_ptr = O + bh * Tq * D + offs_m[:, None] * D + offs_d[None, :]
@@ -168,9 +200,34 @@ def _bwd_delta(O, DO, DLSE, DELTA, Tq, D, HAS_DLSE: tl.constexpr, BM: tl.constex
 
 
 @triton.jit
-def _bwd_dkdv(Q, K, V, PAD, DO, LSE, DELTA, DK, DV, H, G, Tq, Tk, D, W, S, qk_scale, scale,
-              s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
-              HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
+def _dkdv_tile(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt, m0, sel, kj, offs_m, offs_d, Tq,
+               Tk, D, W, S, off, qk_scale, CAUSAL: tl.constexpr, PREC: tl.constexpr, HAS_BLOCKS: tl.constexpr):
+    """One query tile [m0, m0 + BM)'s contribution to a key tile's dk, dv."""
+    qi = m0 + offs_m
+    qmask = (qi < Tq)[:, None] & (offs_d < D)[None, :]
+    q = tl.load(Q + b * s_qb + h * s_qh + qi[:, None] * s_qt + offs_d[None, :], mask=qmask, other=0.0)
+    do = tl.load(DO + bh * Tq * D + qi[:, None] * D + offs_d[None, :], mask=qmask, other=0.0)
+    lse = tl.load(LSE + bh * Tq + qi, mask=qi < Tq, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)  # a row with no visible key: p = 0
+    delta = tl.load(DELTA + bh * Tq + qi, mask=qi < Tq, other=0.0)
+    s = dot(q, tl.trans(k), PREC) * qk_scale
+    if HAS_BLOCKS:
+        ok = _visible_sel(qi + off, kj, Tk, W, S, sel, CAUSAL)
+    else:
+        ok = _visible(qi + off, kj, Tk, W, S, CAUSAL)
+    ok = ok & real[None, :] & (qi < Tq)[:, None]
+    p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
+    dv += dot(tl.trans(to(p, do.dtype, PREC)), do, PREC)
+    dp = dot(do, tl.trans(v), PREC)
+    ds = p * (dp - delta[:, None])
+    dk += dot(tl.trans(to(ds, q.dtype, PREC)), q, PREC)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv(Q, K, V, PAD, DO, LSE, DELTA, DK, DV, LAY, IDXT, CNTT, H, G, Tq, Tk, D, W, S, qk_scale, scale, NB,
+              MAXNT, HL, s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
+              HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, HAS_BLOCKS: tl.constexpr,
               BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -189,32 +246,28 @@ def _bwd_dkdv(Q, K, V, PAD, DO, LSE, DELTA, DK, DV, H, G, Tq, Tk, D, W, S, qk_sc
         real = tl.load(PAD + b * Tk + kj, mask=kj < Tk, other=0) != 0
     dk = tl.zeros([BN, BD], tl.float32)
     dv = tl.zeros([BN, BD], tl.float32)
-    # the queries whose band reaches this key tile; a tile holding sinks is seen by every (later) query
-    if CAUSAL:
-        q_lo = tl.maximum(n0 - off, 0)
+    if HAS_BLOCKS:  # the query tiles whose rows of the block tables list this key tile (the transposed tables)
+        base = (h * HL) * NB
+        for i in range(0, tl.load(CNTT + base + pid_n)):
+            qb = tl.load(IDXT + (base + pid_n) * MAXNT + i)
+            dk, dv = _dkdv_tile(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt, qb * BM,
+                                tl.load(LAY + (base + qb) * NB + pid_n), kj, offs_m, offs_d, Tq, Tk, D, W, S, off,
+                                qk_scale, CAUSAL, PREC, True)
     else:
-        q_lo = tl.maximum(n0 - W - off, 0)
-    q_hi = tl.minimum(n0 + BN - 1 + W - off + 1, Tq)
-    if n0 < S:
-        q_hi = Tq
-        if not CAUSAL:
-            q_lo = 0
-    q_lo = (q_lo // BM) * BM
-    for m0 in range(q_lo, q_hi, BM):
-        qi = m0 + offs_m
-        qmask = (qi < Tq)[:, None] & (offs_d < D)[None, :]
-        q = tl.load(Q + b * s_qb + h * s_qh + qi[:, None] * s_qt + offs_d[None, :], mask=qmask, other=0.0)
-        do = tl.load(DO + bh * Tq * D + qi[:, None] * D + offs_d[None, :], mask=qmask, other=0.0)
-        lse = tl.load(LSE + bh * Tq + qi, mask=qi < Tq, other=float("inf"))
-        lse = tl.where(lse == float("-inf"), float("inf"), lse)  # a row with no visible key: p = 0
-        delta = tl.load(DELTA + bh * Tq + qi, mask=qi < Tq, other=0.0)
-        s = dot(q, tl.trans(k), PREC) * qk_scale
-        ok = _visible(qi + off, kj, Tk, W, S, CAUSAL) & real[None, :] & (qi < Tq)[:, None]
-        p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
-        dv += dot(tl.trans(to(p, do.dtype, PREC)), do, PREC)
-        dp = dot(do, tl.trans(v), PREC)
-        ds = p * (dp - delta[:, None])
-        dk += dot(tl.trans(to(ds, q.dtype, PREC)), q, PREC)
+        # the queries whose band reaches this key tile; a tile holding sinks is seen by every (later) query
+        if CAUSAL:
+            q_lo = tl.maximum(n0 - off, 0)
+        else:
+            q_lo = tl.maximum(n0 - W - off, 0)
+        q_hi = tl.minimum(n0 + BN - 1 + W - off + 1, Tq)
+        if n0 < S:
+            q_hi = Tq
+            if not CAUSAL:
+                q_lo = 0
+        q_lo = (q_lo // BM) * BM
+        for m0 in range(q_lo, q_hi, BM):
+            dk, dv = _dkdv_tile(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt, m0, 0, kj, offs_m,
+                                offs_d, Tq, Tk, D, W, S, off, qk_scale, CAUSAL, PREC, False)
     dk = dk * scale
     o_off = bh * Tk * D + kj[:, None] * D + offs_d[None, :]
     tl.store(DK + o_off, dk.to(DK.dtype.element_ty), mask=kmask)
@@ -222,30 +275,42 @@ def _bwd_dkdv(Q, K, V, PAD, DO, LSE, DELTA, DK, DV, H, G, Tq, Tk, D, W, S, qk_sc
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, lse, delta, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt, start, end, pos, offs_n,
-              offs_d, Tk, D, W, S, qk_scale, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
-              BN: tl.constexpr):
-    for s0 in range(start, end, BN):
-        kj = s0 + offs_n
-        kmask = (kj < Tk)[:, None] & (offs_d < D)[None, :]
-        k = tl.load(K + k_base + kj[:, None] * s_kt + offs_d[None, :], mask=kmask, other=0.0)
-        v = tl.load(V + v_base + kj[:, None] * s_vt + offs_d[None, :], mask=kmask, other=0.0)
-        s = dot(q, tl.trans(k), PREC) * qk_scale
+def _dq_tile(dq, q, do, lse, delta, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt, s0, sel, pos, offs_n, offs_d,
+             Tk, D, W, S, qk_scale, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
+             HAS_BLOCKS: tl.constexpr):
+    kj = s0 + offs_n
+    kmask = (kj < Tk)[:, None] & (offs_d < D)[None, :]
+    k = tl.load(K + k_base + kj[:, None] * s_kt + offs_d[None, :], mask=kmask, other=0.0)
+    v = tl.load(V + v_base + kj[:, None] * s_vt + offs_d[None, :], mask=kmask, other=0.0)
+    s = dot(q, tl.trans(k), PREC) * qk_scale
+    if HAS_BLOCKS:
+        ok = _visible_sel(pos, kj, Tk, W, S, sel, CAUSAL)
+    else:
         ok = _visible(pos, kj, Tk, W, S, CAUSAL)
-        if HAS_PAD:
-            real = tl.load(PAD + pad_base + kj, mask=kj < Tk, other=0)
-            ok = ok & (real != 0)[None, :]
-        p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
-        dp = dot(do, tl.trans(v), PREC)
-        ds = p * (dp - delta[:, None])
-        dq += dot(to(ds, k.dtype, PREC), k, PREC)
+    if HAS_PAD:
+        real = tl.load(PAD + pad_base + kj, mask=kj < Tk, other=0)
+        ok = ok & (real != 0)[None, :]
+    p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
+    dp = dot(do, tl.trans(v), PREC)
+    ds = p * (dp - delta[:, None])
+    dq += dot(to(ds, k.dtype, PREC), k, PREC)
     return dq
 
 
 @triton.jit
-def _bwd_dq(Q, K, V, PAD, DO, LSE, DELTA, DQ, H, G, Tq, Tk, D, W, S, qk_scale, scale,
+def _dq_tiles(dq, q, do, lse, delta, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt, start, end, pos, offs_n,
+              offs_d, Tk, D, W, S, qk_scale, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
+              BN: tl.constexpr):
+    for s0 in range(start, end, BN):
+        dq = _dq_tile(dq, q, do, lse, delta, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt, s0, 0, pos, offs_n,
+                      offs_d, Tk, D, W, S, qk_scale, HAS_PAD, CAUSAL, PREC, False)
+    return dq
+
+
+@triton.jit
+def _bwd_dq(Q, K, V, PAD, DO, LSE, DELTA, DQ, LAY, IDX, CNT, H, G, Tq, Tk, D, W, S, qk_scale, scale, NB, MAXN, HL,
             s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
-            HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
+            HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, HAS_BLOCKS: tl.constexpr,
             BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -265,11 +330,19 @@ def _bwd_dq(Q, K, V, PAD, DO, LSE, DELTA, DQ, H, G, Tq, Tk, D, W, S, qk_scale, s
     pos = offs_m + off
     k_base, v_base, pad_base = b * s_kb + hk * s_kh, b * s_vb + hk * s_vh, b * Tk
     dq = tl.zeros([BM, BD], tl.float32)
-    lo, hi, sink_end = _key_range(m0, BM, off, Tk, W, S, CAUSAL, BN)
-    dq = _dq_tiles(dq, q, do, lse, delta, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt, 0, sink_end, pos, offs_n,
-                   offs_d, Tk, D, W, S, qk_scale, HAS_PAD, CAUSAL, PREC, BN)
-    dq = _dq_tiles(dq, q, do, lse, delta, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt, lo, hi, pos, offs_n,
-                   offs_d, Tk, D, W, S, qk_scale, HAS_PAD, CAUSAL, PREC, BN)
+    if HAS_BLOCKS:
+        row = (h * HL) * NB + pid_m
+        for i in range(0, tl.load(CNT + row)):
+            kb = tl.load(IDX + row * MAXN + i)
+            dq = _dq_tile(dq, q, do, lse, delta, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt, kb * BN,
+                          tl.load(LAY + row * NB + kb), pos, offs_n, offs_d, Tk, D, W, S, qk_scale, HAS_PAD, CAUSAL,
+                          PREC, True)
+    else:
+        lo, hi, sink_end = _key_range(m0, BM, off, Tk, W, S, CAUSAL, BN)
+        dq = _dq_tiles(dq, q, do, lse, delta, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt, 0, sink_end, pos,
+                       offs_n, offs_d, Tk, D, W, S, qk_scale, HAS_PAD, CAUSAL, PREC, BN)
+        dq = _dq_tiles(dq, q, do, lse, delta, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt, lo, hi, pos, offs_n,
+                       offs_d, Tk, D, W, S, qk_scale, HAS_PAD, CAUSAL, PREC, BN)
     tl.store(DQ + bh * Tq * D + offs_m[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=qmask)
 
@@ -280,19 +353,50 @@ def _config(stage: str, d: int) -> dict:
     return (CONFIG if d <= 64 else CONFIG_WIDE)[stage]
 
 
-def _launch(cfg: dict) -> tuple[dict, dict]:
-    """(tile sizes, launch settings) of a CONFIG entry."""
+def _launch(cfg: dict, blocks=None) -> tuple[dict, dict]:
+    """(tile sizes, launch settings) of a CONFIG entry; a block pattern's tiles are its blocks."""
     tiles = {k: cfg[k] for k in ("BM", "BN")}
-    return tiles, {k: v for k, v in cfg.items() if k not in tiles}
+    if blocks is not None:
+        tiles = {"BM": blocks.block_size, "BN": blocks.block_size}
+    return tiles, {k: v for k, v in cfg.items() if k not in ("BM", "BN")}
 
 
 def _strides(x):
     return x.stride(0), x.stride(1), x.stride(2)
 
 
+class BlockTables(NamedTuple):
+    """A block pattern's tables for the kernels (`block_tables`): per layout head and block row, the key tiles to
+    visit (those the layout keeps, and those the window's band or the sinks reach) and, transposed, the query tiles
+    that visit each key tile; `lay` says which tiles the layout keeps whole (the rest: the window's mask)."""
+    lay: torch.Tensor  # int8 [Hl, nb, nb]
+    idx: torch.Tensor  # int32 [Hl, nb, maxn]: the visited key tiles of each query tile, ascending
+    cnt: torch.Tensor  # int32 [Hl, nb]
+    idxt: torch.Tensor  # int32 [Hl, nb, maxnt]: the query tiles that visit each key tile
+    cntt: torch.Tensor  # int32 [Hl, nb]
+    block_size: int
+
+
+BLOCK_SIZES = (16, 32, 64)  # the tile sizes the kernels run a block pattern with (BM = BN = the block size)
+
+
+def block_tables(visit: torch.Tensor, layout: torch.Tensor, block_size: int, device) -> BlockTables:
+    """BlockTables from Bool[Hl, nb, nb] tables: `visit`, the tiles holding any visible pair (causal applied), and
+    `layout`, the tiles the block part keeps."""
+    def lists(t):
+        cnt = t.sum(-1).to(torch.int32)
+        width = max(1, int(cnt.max()))
+        idx = torch.argsort((~t).to(torch.int8), dim=-1, stable=True)[..., :width].to(torch.int32)  # True first
+        return idx.contiguous().to(device), cnt.contiguous().to(device)
+
+    idx, cnt = lists(visit)
+    idxt, cntt = lists(visit.transpose(-1, -2))
+    return BlockTables(layout.to(torch.int8).contiguous().to(device), idx, cnt, idxt, cntt, int(block_size))
+
+
 class _WindowAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, pad, window, sinks, causal, scale):
+    def forward(ctx, q, k, v, pad, window, sinks, causal, scale, blocks):
         q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
         b, h, tq, d = q.shape
         tk = k.shape[2]
@@ -300,21 +404,23 @@ class _WindowAttention(torch.autograd.Function):
         out = torch.empty(b, h, tq, d, dtype=q.dtype, device=q.device)
         lse2 = torch.empty(b, h, tq, dtype=torch.float32, device=q.device)
         pad_arg = pad if pad is not None else out  # never read when HAS_PAD is False
-        meta = dict(HAS_PAD=pad is not None, CAUSAL=bool(causal), PREC=precision(q),
+        meta = dict(HAS_PAD=pad is not None, CAUSAL=bool(causal), PREC=precision(q), HAS_BLOCKS=blocks is not None,
                     BD=max(16, triton.next_power_of_2(d)))
-        tiles, launch = _launch(_config("fwd", d))
+        tiles, launch = _launch(_config("fwd", d), blocks)
         grid = (triton.cdiv(tq, tiles["BM"]), b * h)
-        _fwd[grid](q, k, v, pad_arg, out, lse2, h, groups, tq, tk, d, int(window), int(sinks), scale * LOG2E,
-                   *_strides(q), *_strides(k), *_strides(v), **meta, **tiles, **launch)
+        tab = _table_args(blocks, lse2)
+        _fwd[grid](q, k, v, pad_arg, out, lse2, tab.lay, tab.idx, tab.cnt, h, groups, tq, tk, d, int(window),
+                   int(sinks), scale * LOG2E, tab.nb, tab.maxn, tab.hl, *_strides(q), *_strides(k), *_strides(v),
+                   **meta, **tiles, **launch)
         ctx.save_for_backward(q, k, v, pad, out, lse2)
-        ctx.args = (int(window), int(sinks), float(scale), meta)
+        ctx.args = (int(window), int(sinks), float(scale), meta, blocks)
         lse = lse2 * math.log(2.0)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, pad, out, lse2 = ctx.saved_tensors
-        window, sinks, scale, meta = ctx.args
+        window, sinks, scale, meta, blocks = ctx.args
         b, h, tq, d = q.shape
         hkv, tk = k.shape[1], k.shape[2]
         if dout is None:
@@ -330,29 +436,68 @@ class _WindowAttention(torch.autograd.Function):
         dk = torch.empty(b, h, tk, d, dtype=k.dtype if hkv == h else torch.float32, device=q.device)
         dv = torch.empty(b, h, tk, d, dtype=v.dtype if hkv == h else torch.float32, device=q.device)
         pad_arg = pad if pad is not None else out
-        common = (h, h // hkv, tq, tk, d, window, sinks, scale * LOG2E, scale, *_strides(q), *_strides(k), *_strides(v))
-        tiles, launch = _launch(_config("dkdv", d))
-        _bwd_dkdv[(triton.cdiv(tk, tiles["BN"]), b * h)](q, k, v, pad_arg, dout, lse2, delta, dk, dv, *common, **meta,
-                                                         **tiles, **launch)
-        tiles, launch = _launch(_config("dq", d))
-        _bwd_dq[(triton.cdiv(tq, tiles["BM"]), b * h)](q, k, v, pad_arg, dout, lse2, delta, dq, *common, **meta,
+        tab = _table_args(blocks, lse2)
+        shape = (h, h // hkv, tq, tk, d, window, sinks, scale * LOG2E, scale)
+        strides = (*_strides(q), *_strides(k), *_strides(v))
+        tiles, launch = _launch(_config("dkdv", d), blocks)
+        _bwd_dkdv[(triton.cdiv(tk, tiles["BN"]), b * h)](q, k, v, pad_arg, dout, lse2, delta, dk, dv, tab.lay,
+                                                         tab.idxt, tab.cntt, *shape, tab.nb, tab.maxnt, tab.hl,
+                                                         *strides, **meta, **tiles, **launch)
+        tiles, launch = _launch(_config("dq", d), blocks)
+        _bwd_dq[(triton.cdiv(tq, tiles["BM"]), b * h)](q, k, v, pad_arg, dout, lse2, delta, dq, tab.lay, tab.idx,
+                                                       tab.cnt, *shape, tab.nb, tab.maxn, tab.hl, *strides, **meta,
                                                        **tiles, **launch)
         if hkv != h:
             dk = dk.view(b, hkv, h // hkv, tk, d).sum(2).to(k.dtype)
             dv = dv.view(b, hkv, h // hkv, tk, d).sum(2).to(v.dtype)
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+class _TableArgs(NamedTuple):
+    lay: torch.Tensor
+    idx: torch.Tensor
+    cnt: torch.Tensor
+    idxt: torch.Tensor
+    cntt: torch.Tensor
+    nb: int
+    maxn: int
+    maxnt: int
+    hl: int
+
+
+def _table_args(blocks: BlockTables | None, dummy: torch.Tensor) -> _TableArgs:
+    """The kernels' table arguments (a dummy tensor, never read, for the plain window)."""
+    if blocks is None:
+        return _TableArgs(dummy, dummy, dummy, dummy, dummy, 1, 1, 1, 0)
+    return _TableArgs(blocks.lay, blocks.idx, blocks.cnt, blocks.idxt, blocks.cntt, blocks.lay.shape[-1],
+                      blocks.idx.shape[-1], blocks.idxt.shape[-1], int(blocks.lay.shape[0] > 1))
 
 
 def window_attention(q, k, v, *, window: int, sinks: int = 0, causal: bool = False, scale: float | None = None,
-                     key_padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     key_padding_mask: torch.Tensor | None = None,
+                     blocks: BlockTables | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [B, H, Tq, D], lse [B, H, Tq] fp32, natural log) of sliding-window attention with sinks.
     q [B, H, Tq, D], k, v [B, Hkv, Tk, D] with Hkv dividing H (grouped-query attention: each query head reads its
     kv head in the kernel, no expanded copies), key_padding_mask Bool[B, Tk] (True: real key).
-    Differentiable in q, k, v and through lse."""
+    Differentiable in q, k, v and through lse.
+
+    `blocks` (`block_tables`): a block pattern united with the window and the sinks (`window=-1, sinks=0`: the
+    blocks alone), for self-attention (Tq == Tk) in tiles of the block size (16, 32 or 64): each query tile visits
+    only the key tiles its row lists, a tile the layout keeps is visible whole (causal still applies), any other
+    pair by the window's rule."""
     if k.shape[1] == 0 or q.shape[1] % k.shape[1] or v.shape[1] != k.shape[1]:
         raise ValueError(f"window_attention: kv heads ({k.shape[1]}, v {v.shape[1]}) must be equal and divide the "
                          f"query heads ({q.shape[1]})")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     window = min(int(window), max(q.shape[-2], k.shape[-2]))  # the same mask; keeps the kernel's int32 sums in range
+    if blocks is not None:
+        nb = -(-k.shape[-2] // blocks.block_size)
+        if q.shape[-2] != k.shape[-2] or blocks.lay.shape[-1] != nb or blocks.block_size not in BLOCK_SIZES:
+            raise ValueError(f"window_attention: block tables of {blocks.lay.shape[-1]} blocks of "
+                             f"{blocks.block_size} tokens serve self-attention of {nb} blocks (block sizes "
+                             f"{BLOCK_SIZES}); got Tq={q.shape[-2]}, Tk={k.shape[-2]}")
+        if blocks.lay.shape[0] not in (1, q.shape[1]):
+            raise ValueError(f"window_attention: block tables for {blocks.lay.shape[0]} heads, the query has "
+                             f"{q.shape[1]}")
     pad = None if key_padding_mask is None else key_padding_mask.to(torch.int8).contiguous()
-    return _WindowAttention.apply(q, k, v, pad, window, sinks, causal, scale)
+    return _WindowAttention.apply(q, k, v, pad, window, sinks, causal, scale, blocks)
