@@ -215,7 +215,14 @@ def model_table() -> str:
                "CUDA graph, FAVOR+ forward and backward kernels"),
               ("model_bench_graph_linear_map.json", "**CUDA graph, linear with its elementwise map inside the kernels** "
                "(`model_bench_graph_linear_map.json`: `python benchmarks/model_bench.py --cuda-graph --lengths "
-               "1024,4096,16384 --methods linear --modes fwd,fwd+bwd`, commit 0f612e0):", "CUDA graph, in-kernel map"))
+               "1024,4096,16384 --methods linear --modes fwd,fwd+bwd`, commit 0f612e0):", "CUDA graph, in-kernel map"),
+              ("model_bench_graph_global_sparse_triton.json", "**CUDA graph, global_sparse on the Triton block kernels** "
+               "(`model_bench_graph_global_sparse_triton.json`: `python benchmarks/model_bench.py --device cuda --dtype "
+               "bfloat16 --lengths 4096,8192,16384 --methods global_sparse@flex,global_sparse,window --originals sdpa "
+               "--modes fwd,fwd+bwd --cuda-graph --narrow-backward`, commit 0a2f224; the synthetic 90%-pruned "
+               "pattern with its sinks and band; `global_sparse` is the default, now `ops/window_triton.py` with block "
+               "tables; `@flex` the FlexAttention path, its backward on 64-token blocks):",
+               "CUDA graph, global_sparse: Triton vs Flex"))
     for name, prose, label in graphs:
         if (MODEL_DIR / name).exists():
             gr = json.load(open(MODEL_DIR / name))
