@@ -160,6 +160,8 @@ def main(argv=None) -> int:
     p.add_argument("--num-windows", "--num-examples", type=int, default=2, help="held-out windows")
     p.add_argument("--ratios", default="0.25,0.5,0.75", help="fractions of the prompt's cache evicted")
     p.add_argument("--presses", default=",".join(KVPRESS_NAMES), help="attnlab names (default: %(default)s)")
+    p.add_argument("--attnlab-only", default="", help="attnlab presses with no kvpress counterpart, run in the same "
+                   "process on the same windows (comma-separated; e.g. snapkv_h2o_mean)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0, help="seed of both random presses")
     p.add_argument("--kvpress-path", default=os.environ.get("KVPRESS_PATH"),
@@ -186,6 +188,10 @@ def main(argv=None) -> int:
     shimmed = _shim_kvpress(kvpress)
     ratios = [float(x) for x in args.ratios.split(",") if x.strip()]
     presses = [x.strip() for x in args.presses.split(",") if x.strip()]
+    only = [x.strip() for x in args.attnlab_only.split(",") if x.strip()]
+    unknown = [x for x in only if x.partition("_")[0] not in ("adakv", "pyramid") and x not in kp.PRESSES]
+    if unknown:
+        sys.exit(f"error: --attnlab-only: no attnlab press {unknown[0]!r}; presses: {', '.join(kp.PRESSES)}")
     bad = [x for x in presses if not known(x)]
     if bad:
         sys.exit(f"error: no kvpress press of the name {bad[0]!r}; shared presses: {', '.join(KVPRESS_NAMES)}, and "
@@ -226,9 +232,9 @@ def main(argv=None) -> int:
           f"{'s':>6}\n{'none':<8} {'full_cache':<14} {0:>5.2f} {0:>8.4f} {0:>7.3f} {1:>6.3f} {base['ppl']:>8.2f} "
           f"{prompt_len:>5} {base_s:>6.1f}", flush=True)
 
-    for name in presses:
+    for name in presses + only:
         for ratio in ratios:
-            for lib in ("attnlab", "kvpress"):
+            for lib in ("attnlab",) if name in only else ("attnlab", "kvpress"):
                 if lib == "attnlab":
                     press = kp.get_press(name, evict=ratio, seed=args.seed, alpha=args.alpha, slope=args.slope)
                     prefill, impl = (lambda x, press=press: kp.prefill(model, x, press)[0]), None
@@ -283,6 +289,8 @@ def plot(rows: list[dict], path, title: str = "") -> None:
     for name, color, marker in zip(names, colors, "osD^v<>p"):
         for lib, ls in (("attnlab", "-"), ("kvpress", "--")):
             rs = sorted((r for r in rows if r["press"] == name and r["library"] == lib), key=lambda r: r["ratio"])
+            if not rs:  # an attnlab-only press
+                continue
             for ax, key in zip(axes, ("kl_mean", "top1")):
                 ax.plot([100 * r["ratio"] for r in rs], [max(r[key], 1e-5) for r in rs], ls=ls, color=color,
                         marker=marker, mfc="none" if lib == "kvpress" else color, label=f"{name} ({lib})")

@@ -60,6 +60,23 @@ def test_scores_on_hand_made_queries_and_keys():
     assert torch.isinf(snap[0, 0, -2:]).all() and snap[0, 0, :6].argmax() == 2
 
 
+def test_snapkv_h2o_mean_sums_the_two_normalised_scores_and_keeps_the_window():
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(1, 4, 40, 8, generator=g), torch.randn(1, 2, 40, 8, generator=g)
+    snap = kp.get_press("snapkv", evict=0.5, window=4, kernel=1).score(q, k, scale=0.3)
+    mean = kp.get_press("h2o_mean", evict=0.5).score(q, k, scale=0.3)
+    mix = kp.get_press("snapkv_h2o_mean", evict=0.5, window=4, kernel=1, weight=0.7).score(q, k, scale=0.3)
+    assert torch.isinf(mix[..., -4:]).all() and torch.isfinite(mix[..., :-4]).all()
+    s = snap[..., :-4]
+    want = s / snap.masked_fill(torch.isinf(snap), 0).sum(-1, keepdim=True) + 0.7 * mean[..., :-4] / mean.sum(-1, keepdim=True)
+    torch.testing.assert_close(mix[..., :-4], want)
+    only_snap = kp.get_press("snapkv_h2o_mean", evict=0.5, window=4, kernel=1, weight=0).score(q, k, scale=0.3)
+    assert torch.equal(torch.topk(only_snap, 20).indices.sort().values, torch.topk(snap, 20).indices.sort().values)
+    for bad in (-1, True, float("inf"), "x"):
+        with pytest.raises(attnlab.AttnlabError, match="weight must be a number >= 0"):
+            kp.get_press("snapkv_h2o_mean", evict=0.5, weight=bad)
+
+
 def test_full_cache_is_exact_budget_is_exact_and_nothing_leaks(tiny):
     ids = _ids(40)
     with torch.no_grad():

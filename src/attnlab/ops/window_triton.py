@@ -10,6 +10,13 @@ the log-sum-exp kept for the backward, no T x T matrix) with the key loop bounde
 visible key, plus the tiles holding the sinks below the band. Work is O(T (window + sinks) d) and memory
 O(T d), where FlexAttention's generic kernel walks the same band through a BlockMask of 128 x 128 blocks.
 
+Block patterns (`block_tables`, global_sparse's blocks + band + sinks, or a layout alone): the same kernels with
+the key loop over the key tiles a query tile's row of the tables lists (the tiles the layout keeps, and those the
+band or the sinks reach; tiles of the block size), a kept tile visible whole and any other pair by the window's
+rule; the backward's key-tile programs walk the transposed lists. Self-attention only (a query tile is a layout
+row). Work is O(visited tiles x tile^2 x d), what FlexAttention's BlockMask walks, without its per-element
+mask_mod on partial blocks.
+
 Backward as FlashAttention-2's: `_bwd_dkdv` (one program per key tile, looping over the query tiles whose
 band reaches it; a tile that holds sinks is reached by every query) and `_bwd_dq` (one program per query tile,
 the forward's key loop), with delta_i = do_i . o_i - dlse_i (the log-sum-exp output has a gradient too:
@@ -88,6 +95,25 @@ def _visible_sel(pos, kj, Tk, W, S, sel, CAUSAL: tl.constexpr):
 
 
 @triton.jit
+def _pattern_ok(pos, kj, Tk, W, S, sel, CAUSAL: tl.constexpr, HAS_BLOCKS: tl.constexpr):
+    """The tile's [BM, BN] mask: the window's rule, united with the layout's tile (sel) for a block pattern."""
+    if HAS_BLOCKS:
+        return _visible_sel(pos, kj, Tk, W, S, sel, CAUSAL)
+    return _visible(pos, kj, Tk, W, S, CAUSAL)
+
+
+@triton.jit
+def _tile_ok(pos, kj, Tk, W, S, sel, PAD, pad_base, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
+             HAS_BLOCKS: tl.constexpr):
+    """_pattern_ok without the padded keys."""
+    ok = _pattern_ok(pos, kj, Tk, W, S, sel, CAUSAL, HAS_BLOCKS)
+    if HAS_PAD:
+        real = tl.load(PAD + pad_base + kj, mask=kj < Tk, other=0)
+        ok = ok & (real != 0)[None, :]
+    return ok
+
+
+@triton.jit
 def _key_range(m0, BM, off, Tk, W, S, CAUSAL: tl.constexpr, BN: tl.constexpr):
     """For the query tile starting at m0: the sink tiles [0, sink_end) (every tile holding a sink, wherever the
     band is: a sink above the band is visible too when not causal) and the band's key tiles [lo, hi) from the
@@ -111,13 +137,7 @@ def _fwd_tile(acc, m_i, l_i, q, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt,
     kmask = (kj < Tk)[:, None] & (offs_d < D)[None, :]
     k = tl.load(K + k_base + kj[:, None] * s_kt + offs_d[None, :], mask=kmask, other=0.0)
     s = dot(q, tl.trans(k), PREC) * qk_scale
-    if HAS_BLOCKS:
-        ok = _visible_sel(pos, kj, Tk, W, S, sel, CAUSAL)
-    else:
-        ok = _visible(pos, kj, Tk, W, S, CAUSAL)
-    if HAS_PAD:
-        real = tl.load(PAD + pad_base + kj, mask=kj < Tk, other=0)
-        ok = ok & (real != 0)[None, :]
+    ok = _tile_ok(pos, kj, Tk, W, S, sel, PAD, pad_base, HAS_PAD, CAUSAL, HAS_BLOCKS)
     s = tl.where(ok, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -211,11 +231,7 @@ def _dkdv_tile(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt
     lse = tl.where(lse == float("-inf"), float("inf"), lse)  # a row with no visible key: p = 0
     delta = tl.load(DELTA + bh * Tq + qi, mask=qi < Tq, other=0.0)
     s = dot(q, tl.trans(k), PREC) * qk_scale
-    if HAS_BLOCKS:
-        ok = _visible_sel(qi + off, kj, Tk, W, S, sel, CAUSAL)
-    else:
-        ok = _visible(qi + off, kj, Tk, W, S, CAUSAL)
-    ok = ok & real[None, :] & (qi < Tq)[:, None]
+    ok = _pattern_ok(qi + off, kj, Tk, W, S, sel, CAUSAL, HAS_BLOCKS) & real[None, :] & (qi < Tq)[:, None]
     p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
     dv += dot(tl.trans(to(p, do.dtype, PREC)), do, PREC)
     dp = dot(do, tl.trans(v), PREC)
@@ -283,13 +299,7 @@ def _dq_tile(dq, q, do, lse, delta, K, V, PAD, k_base, v_base, pad_base, s_kt, s
     k = tl.load(K + k_base + kj[:, None] * s_kt + offs_d[None, :], mask=kmask, other=0.0)
     v = tl.load(V + v_base + kj[:, None] * s_vt + offs_d[None, :], mask=kmask, other=0.0)
     s = dot(q, tl.trans(k), PREC) * qk_scale
-    if HAS_BLOCKS:
-        ok = _visible_sel(pos, kj, Tk, W, S, sel, CAUSAL)
-    else:
-        ok = _visible(pos, kj, Tk, W, S, CAUSAL)
-    if HAS_PAD:
-        real = tl.load(PAD + pad_base + kj, mask=kj < Tk, other=0)
-        ok = ok & (real != 0)[None, :]
+    ok = _tile_ok(pos, kj, Tk, W, S, sel, PAD, pad_base, HAS_PAD, CAUSAL, HAS_BLOCKS)
     p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
     dp = dot(do, tl.trans(v), PREC)
     ds = p * (dp - delta[:, None])

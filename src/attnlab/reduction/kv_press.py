@@ -15,6 +15,7 @@ with `sdpa` swapped in, after rotary):
 - `tova` (Oren et al. 2024): the attention of the last query alone;
 - `h2o` (Zhang et al. 2023): accumulated attention, the column sums over every query; `h2o_mean`: each sum divided
   by the queries that can see the key (the mean attention it receives, kvpress's ObservedAttentionPress);
+- `snapkv_h2o_mean`: SnapKV's score plus `weight` (0.5) x h2o_mean's, each normalised to sum 1 over a head's keys;
 - `knorm` (Devoto et al. 2024): keys with the smallest L2 norm kept;
 - `random`: a seeded baseline.
 
@@ -165,6 +166,32 @@ class H2OMean(H2O):
         super().__init__(evict, keep_tokens, seed, normalise=True)
 
 
+class SnapKVMean(Press):
+    """SnapKV's view and the whole prompt's, summed: the observation window's attention (`snapkv`, the window kept)
+    plus `weight` x the mean attention each key receives from every query that sees it (`h2o_mean`), each
+    normalised to sum to 1 over a head's keys. SnapKV alone misses keys the last queries happen not to read and the
+    whole prompt's mean misses what the continuation is about to need; on SmolLM2 the sum evicts less of either
+    (README, "Beside kvpress")."""
+    name = "snapkv_h2o_mean"
+
+    def __init__(self, evict=None, keep_tokens=None, seed=0, weight: float = 0.5, window: int = 32, kernel: int = 5):
+        super().__init__(evict, keep_tokens, seed)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < math.inf:
+            raise AttnlabError(f"{self.name}: weight must be a number >= 0, got {weight!r}")
+        self.weight = float(weight)
+        self.snap = SnapKV(keep_tokens=1, window=window, kernel=kernel)
+        self.mean = H2OMean(keep_tokens=1)
+
+    def score(self, q, k, *, scale):
+        snap = self.snap.score(q, k, scale=scale)
+        window = torch.isinf(snap)  # SnapKV's observation window: kept whatever the sum
+        snap = snap.masked_fill(window, 0.0)
+        mean = self.mean.score(q, k, scale=scale)
+        share = snap / snap.sum(-1, keepdim=True).clamp_min(1e-12)
+        share = share + self.weight * mean / mean.sum(-1, keepdim=True).clamp_min(1e-12)
+        return share.masked_fill(window, float("inf"))
+
+
 class KNorm(Press):
     name = "knorm"
 
@@ -182,7 +209,8 @@ class RandomPress(Press):
         return torch.rand(k.shape[:3], generator=g).to(k.device)
 
 
-PRESSES = {cls.name: cls for cls in (StreamingLLM, Window, SnapKV, TOVA, H2O, H2OMean, KNorm, RandomPress)}
+PRESSES = {cls.name: cls for cls in (StreamingLLM, Window, SnapKV, TOVA, H2O, H2OMean, SnapKVMean, KNorm,
+                                     RandomPress)}
 
 
 class AdaKV(Press):
