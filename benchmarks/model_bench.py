@@ -304,8 +304,8 @@ def main(argv=None):
                 try:
                     if a.cuda_graph:
                         pool = pool or torch.cuda.graph_pool_handle()  # one pool for this (length, mode)'s graphs
-                        step, row["capture_peak_bytes"], graphs[name] = capture_graph(step, model=models[name],
-                                                                                   warmup=a.warmup, pool=pool)
+                        cap = capture_graph(step, model=models[name], warmup=a.warmup, pool=pool)
+                        step, row["capture_peak_bytes"], graphs[name] = cap.replay, cap.step_bytes, cap.keep
                     else:
                         for _ in range(a.warmup):
                             step()

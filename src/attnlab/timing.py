@@ -3,6 +3,7 @@ work, not the launch), `time.perf_counter` after a synchronise elsewhere. Millis
 from __future__ import annotations
 
 import time
+from typing import NamedTuple
 
 import torch
 
@@ -44,20 +45,30 @@ def time_ms(fn, device="cpu") -> tuple[object, float]:
     return out, t.ms
 
 
-def capture_graph(step, *, model=None, warmup: int = 2, pool=None):
+class Captured(NamedTuple):
+    replay: object  # launches the captured step
+    step_bytes: int  # the most the capture allocated above what was resident before it (the step's own memory)
+    base_bytes: int  # what was resident before the capture (weights, inputs, ...): the peak is base + step
+    keep: tuple  # what must stay alive as long as the graph is replayed
+
+
+def capture_graph(step, *, model=None, warmup: int = 2, pool=None, device=None) -> Captured:
     """`step` (a no-argument callable) captured once as a CUDA graph, PyTorch's whole-network capture: warm-up calls
-    on a side stream, then the capture. Returns (replay, bytes the capture allocated at its peak, what must stay
-    alive as long as the graph is replayed). A replay launches every kernel of the step at once: no Python and no
-    per-kernel launch cost, what the device work alone costs. For a transformers `model`, its mask is decided by the
-    warm-up outside the capture (`adapters.hf.mask_outside_capture`; inside a capture transformers would hand
-    attention a materialised mask). Gradients are set to None before the capture, so replays write them afresh.
-    `pool` (torch.cuda.graph_pool_handle()) shares one memory pool among graphs replayed one after another on one
-    stream that never read each other's outputs."""
+    on a side stream, then the capture, on `device` (default: the model's, else the current CUDA device). A replay
+    launches every kernel of the step at once: no Python and no per-kernel launch cost, what the device work alone
+    costs. For a transformers `model`, its mask is decided by the warm-up outside the capture
+    (`adapters.hf.mask_outside_capture`; inside a capture transformers would hand attention a materialised mask).
+    Gradients are set to None before the capture, so replays write them afresh. `pool`
+    (torch.cuda.graph_pool_handle()) shares one memory pool among graphs replayed one after another on one stream
+    that never read each other's outputs."""
     import contextlib
 
     from .adapters.hf import is_hf_model, mask_outside_capture
 
-    with mask_outside_capture(model) if model is not None and is_hf_model(model) else contextlib.nullcontext({}) as masks:
+    if device is None:
+        device = next(model.parameters()).device if model is not None else torch.device("cuda")
+    with torch.cuda.device(device), (mask_outside_capture(model) if model is not None and is_hf_model(model)
+                                     else contextlib.nullcontext({})) as masks:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -73,4 +84,5 @@ def capture_graph(step, *, model=None, warmup: int = 2, pool=None):
         with torch.cuda.graph(graph, pool=pool):
             step()
         torch.cuda.synchronize()
-    return graph.replay, torch.cuda.max_memory_allocated() - base, (graph, masks)
+        peak = torch.cuda.max_memory_allocated()
+    return Captured(graph.replay, peak - base, base, (graph, masks))

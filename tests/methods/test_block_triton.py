@@ -65,18 +65,19 @@ def _run(pattern, q, k, v, *, causal, kpm=None, backend="triton", need_lse=True)
     return res, kernel
 
 
-CASES = [  # (b, h, hkv, t, d, heads of the layout, window, sinks, causal)
-    (2, 2, 2, 40, 16, 2, 15, 4, True),  # global_sparse's shape: per-head blocks, a band of one block, sinks
-    (1, 2, 2, 48, 16, 1, 15, 0, False),  # a shared layout, not causal
-    (1, 4, 2, 37, 16, 4, 15, 2, True),  # GQA and a length that is not a multiple of the block
-    (1, 2, 2, 33, 24, 2, -1, 0, True),  # the blocks alone (a plain BlockPattern)
-    (1, 2, 1, 32, 16, 1, 3, 20, False),  # sinks over more than one block, a narrow window
+CASES = [  # (b, h, hkv, t, d, heads of the layout, window, sinks, causal, block size)
+    (2, 2, 2, 40, 16, 2, 15, 4, True, 16),  # global_sparse's shape: per-head blocks, a band of one block, sinks
+    (1, 2, 2, 48, 16, 1, 15, 0, False, 16),  # a shared layout, not causal
+    (1, 4, 2, 37, 16, 4, 15, 2, True, 16),  # GQA and a length that is not a multiple of the block
+    (1, 2, 2, 33, 24, 2, -1, 0, True, 16),  # the blocks alone (a plain BlockPattern)
+    (1, 2, 1, 32, 16, 1, 3, 20, False, 16),  # sinks over more than one block, a narrow window
+    (1, 2, 1, 70, 16, 2, 31, 4, True, 32),  # 32-token tiles, GQA, a partial last block
+    (1, 1, 1, 130, 16, 1, 63, 2, False, 64),  # 64-token tiles (the measured patterns' size), not causal
 ]
 
 
-@pytest.mark.parametrize("b,h,hkv,t,d,lh,window,sinks,causal", CASES)
-def test_forward_lse_and_grads_match_the_reference(b, h, hkv, t, d, lh, window, sinks, causal):
-    bs = 16
+@pytest.mark.parametrize("b,h,hkv,t,d,lh,window,sinks,causal,bs", CASES)
+def test_forward_lse_and_grads_match_the_reference(b, h, hkv, t, d, lh, window, sinks, causal, bs):
     nb = -(-t // bs)
     layout = _layout(lh, nb, seed=t + lh)
     pat = _pattern(layout, bs, window, sinks)
@@ -121,6 +122,22 @@ def test_a_tile_the_layout_keeps_is_visible_whole_and_one_it_drops_only_by_the_w
         v2[:, :, blk * bs:(blk + 1) * bs] += 3.0
         out, _ = _run(pat, q, k, v2, causal=True)
         assert (not torch.equal(out.out[:, :, 48:], base.out[:, :, 48:])) == moves
+
+
+def test_tables_follow_a_layout_changed_in_place():
+    """The kernel's tables are cached per pattern version: set_blocks (a learned mask's step) must rebuild them."""
+    bs, t = 16, 48
+    layout = torch.zeros(1, 3, 3, dtype=torch.bool)
+    layout[0] |= torch.eye(3, dtype=torch.bool)
+    blk = BlockPattern(layout[0], bs)
+    pat = UnionPattern(blk, WindowPattern(0, 0))
+    q, k, v = rand_qkv(b=1, h=1, tq=t, d=16, seed=9)
+    before, _ = _run(pat, q, k, v, causal=True, need_lse=False)
+    layout[0, 2, 0] = True
+    blk.set_blocks(layout[0])
+    after, _ = _run(pat, q, k, v, causal=True, need_lse=False)
+    assert not torch.equal(after.out[:, :, 32:], before.out[:, :, 32:])
+    assert_matches_reference(after.out, q, k, v, attn_mask=_allowed(layout, bs, t, 0, 0, True)[None])
 
 
 def test_fully_padded_row_gives_zeros_and_finite_grads():

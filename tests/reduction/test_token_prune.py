@@ -106,6 +106,25 @@ def test_pruning_an_encoder_keeps_specials_pads_rows_and_is_exact_at_keep_1(mini
     assert torch.isfinite(out.last_hidden_state).all()
 
 
+def test_spam_timing_counts_the_model_not_the_tokenizer(minilm):
+    """`seconds` is the model's passes over pre-tokenized batches: a tokenizer that takes 0.4 s a call must not
+    show in it (3 batches: over a second if it were timed)."""
+    import time
+
+    model, tok = minilm
+
+    class SlowTokenizer:
+        def __call__(self, *a, **k):
+            time.sleep(0.4)
+            return tok(*a, **k)
+
+    items = [(f"message number {i} about cheap pills and meetings", i % 2) for i in range(24)]
+    rows = tp.evaluate_spam(model, SlowTokenizer(), items, items, keeps=[0.5], techniques=("first",), seq_len=32,
+                            batch_size=8, progress=False, timing_repeats=1)
+    assert all(0 < r["seconds"] < 0.8 for r in rows), [r["seconds"] for r in rows]
+    assert rows[1]["speedup"] == rows[0]["seconds"] / rows[1]["seconds"]
+
+
 def test_prompt_compression_is_exact_when_everything_is_kept_and_attention_beats_random(smollm2):
     model, tok = smollm2
     from attnlab.train.data import eval_windows
@@ -152,8 +171,6 @@ def test_cli_spam_and_lm_end_to_end(minilm, tiny_lm_dir, tmp_path, capsys):
     assert rows[("attention", 1.0)]["accuracy"] == rows[("original", 1.0)]["accuracy"]
     assert 0.4 < rows[("first", 0.5)]["kept_fraction"] < 0.7 and (out / "prune.png").stat().st_size > 10_000
     assert all(r["seconds"] > 0 and r["batch_size"] == 32 for r in res["rows"])
-    assert rows[("original", 1.0)]["speedup"] == 1.0
-    assert all(r["speedup"] == rows[("original", 1.0)]["seconds"] / r["seconds"] for r in res["rows"])
     out = tmp_path / "spam-pruned-head"  # the head fitted on pruned embeddings: at keep 1 the same features and head
     assert attnlab.cli.main(["prune", "--task", "spam", "--num-examples", "24", "--seq-len", "64", "--keep", "1,0.5",
                              "--techniques", "attention", "--head", "pruned", "--no-progress", "--no-plot",

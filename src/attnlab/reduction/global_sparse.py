@@ -499,7 +499,8 @@ def cost(model, seq_len: int, pattern_dir, sparsities, *, baseline: bool = True,
     Eager (default): the jobs interleave, `repeats` rounds each timing one step of every (job, mode) (the ms: the
     median over the rounds, `ms_rounds`; peak_mem_bytes: the largest). `cuda_graph` (CUDA): each (job, mode) step
     is captured once as a CUDA graph (`timing.capture_graph`) and its `repeats` replays timed, job after job: the
-    device work without the host's Python and launches; peak_mem_bytes is what the capture allocated. One dict
+    device work without the host's Python and launches; extra_mem_bytes is what the step allocates and
+    peak_mem_bytes that plus what was resident before it (weights, inputs). One dict
     per (technique, fraction, mode), with the bench harness's fields and status."""
     from tqdm.auto import tqdm
 
@@ -609,13 +610,17 @@ def _graph_row(model, backbone, ids, mode: str, repeats: int, device) -> dict:
             def step():
                 backbone(ids, use_cache=False).last_hidden_state.backward(grad_out)
                 model.zero_grad(set_to_none=True)
-        replay, peak, keep = capture_graph(step, model=model, warmup=2)
+        cap = capture_graph(step, model=model, warmup=2)
+        keep = cap.keep
         times = []
         for _ in range(repeats):
             with Timer(device) as tm:
-                replay()
+                cap.replay()
             times.append(tm.ms)
-        row.update(status="ok", ms=statistics.median(times), ms_rounds=times, repeats=len(times), peak_mem_bytes=peak)
+        # extra_mem_bytes: what the step itself allocates (activations, workspaces; the attention's share shows
+        # here); peak_mem_bytes: with what was resident before it (the weights, the inputs), as the eager rows
+        row.update(status="ok", ms=statistics.median(times), ms_rounds=times, repeats=len(times),
+                   extra_mem_bytes=cap.step_bytes, peak_mem_bytes=cap.base_bytes + cap.step_bytes)
     except torch.cuda.OutOfMemoryError as e:
         row.update(status="oom", error=f"{type(e).__name__}: {e}"[:300])
     except Exception as e:  # recorded, not hidden: the row says what failed

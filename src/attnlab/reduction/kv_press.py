@@ -168,8 +168,10 @@ class H2OMean(H2O):
 
 class SnapKVMean(Press):
     """SnapKV's view and the whole prompt's, summed: the observation window's attention (`snapkv`, the window kept)
-    plus `weight` x the mean attention each key receives from every query that sees it (`h2o_mean`), each
-    normalised to sum to 1 over a head's keys. SnapKV alone misses keys the last queries happen not to read and the
+    plus `weight` x the mean attention each key receives from every query that sees it (`h2o_mean`). SnapKV's
+    score is normalised to sum to 1 over the keys outside its window (the candidates), h2o_mean's over all of a
+    head's keys, the window's included (their share, 4-52% per head on SmolLM2, lowers the mean term's effective
+    weight where the recent keys draw most attention; the committed results use this form). SnapKV alone misses keys the last queries happen not to read and the
     whole prompt's mean misses what the continuation is about to need; on SmolLM2 the sum evicts less of either
     (README, "Beside kvpress")."""
     name = "snapkv_h2o_mean"

@@ -468,6 +468,8 @@ def evaluate_prompt(model, windows: torch.Tensor, *, prompt_len: int, keeps, tec
     full, full_ms, attn_scores, acc_scores, score_ms = [], [], [], [], {"attention": [], "accumulated": []}
     with torch.no_grad():
         model(windows[:1], use_cache=False)  # warm-up: the first forward pays kernel selection and allocation
+        if {"attention", "accumulated", "h2o"} & set(techniques):
+            prompt_scores(model, prompts[:1])  # and the first scoring forward (hooks, the chunked softmax)
         for i in tqdm(range(n), desc="full prompt", disable=not progress):
             logits, ms = timed(lambda: model(windows[i:i + 1], use_cache=False).logits[:, prompt_len:])
             full.append(logits.float().cpu())
