@@ -9,8 +9,6 @@ it, and the refusals. benchmarks/gpu_checks.py runs the same kernels compiled on
 """
 from __future__ import annotations
 
-import importlib.util
-import os
 from types import SimpleNamespace
 
 import pytest
@@ -20,19 +18,7 @@ from attnlab import UnsupportedError
 from attnlab.ops import sparse as sparse_ops
 from attnlab.patterns import BlockPattern, UnionPattern, WindowPattern
 from tests.helpers import assert_matches_reference, grads, make, max_err, rand_qkv
-from tests.methods.test_linear_triton import _numpy_index_shim
-
-pytestmark = [
-    pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed"),
-    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs Triton's CPU interpreter (conftest)"),
-]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def interpreter():
-    with pytest.MonkeyPatch.context() as mp:
-        _numpy_index_shim(mp)
-        yield
+from tests.methods.test_window_triton import interpreter, pytestmark  # noqa: F401 (the interpreter's marks, fixture)
 
 
 def _layout(heads, nb, seed, density=0.35):
