@@ -126,3 +126,11 @@ def run_killed(argv: list, out, marker: str, cwd, timeout: float = 300) -> None:
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "result.json").exists()  # it really died mid-run
+
+
+def assert_grads_agree(loss_fn, q, k, v, *, backends=("triton", "torch"), tol: float = 2e-5) -> None:
+    """Gradients of loss_fn(backend)(q, k, v) under two backends: finite, and within `tol` of each other."""
+    g_a, g_b = (grads(loss_fn(b), q, k, v) for b in backends)
+    for a, r in zip(g_a, g_b):
+        assert torch.isfinite(a).all()
+        assert max_err(a, r) < tol, max_err(a, r)
