@@ -58,8 +58,8 @@ def add_parser(sub) -> None:
                         "backward runs the pattern's 64-token blocks instead of 128-token ones (process-wide)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="with --cost on CUDA: each step captured once as a CUDA graph and its replays timed (the "
-                        "device work, without the host's Python and launches); peak memory is what the capture "
-                        "allocated")
+                        "device work, without the host's Python and launches); the rows also keep what the step itself "
+                        "allocates (extra_mem_bytes)")
     p.add_argument("--eager-reference", action="store_true",
                    help="with --cost: also time the original with transformers' eager attention (the T x T matrix "
                         "materialised, as dense attention without a fused kernel keeps it)")

@@ -149,20 +149,14 @@ def triton_block_tables(pattern, tq: int, causal: bool, device):
     from .window_triton import block_tables
 
     device = torch.device(device)
-    key = ("triton", pattern.version_key(), tq, causal, str(device))
-    hit = pattern._block_masks.get(key)
-    if hit is not None:
-        pattern._block_masks.move_to_end(key)
-        return hit
-    blk, _ = block_window_parts(pattern)
-    bs = blk.block_size
-    nb = -(-tq // bs)
-    visit = pattern.block_tables(nb, bs, causal)[0]  # tiles with any visible pair: the blocks, the band, the sinks
-    tables = block_tables(visit, blk.block_tables(nb, bs, causal)[0], bs, device)
-    pattern._block_masks[key] = tables
-    while len(pattern._block_masks) > 16:
-        pattern._block_masks.popitem(last=False)
-    return tables
+
+    def make():
+        blk, _ = block_window_parts(pattern)
+        bs = blk.block_size
+        nb = -(-tq // bs)
+        visit = pattern.block_tables(nb, bs, causal)[0]  # tiles with any visible pair: the blocks, the band, the sinks
+        return block_tables(visit, blk.block_tables(nb, bs, causal)[0], bs, device)
+    return pattern.cached(("triton", tq, causal, str(device)), make)
 
 
 @functools.lru_cache(maxsize=None)

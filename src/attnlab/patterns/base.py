@@ -182,22 +182,28 @@ class Pattern(nn.Module):
 
         device = torch.device(device)
         heads = self.num_heads if self.per_head else None
-        key = (self.version_key(), tq, tk, causal, str(device), block_size)
+
+        def make():
+            nb = -(-tk // block_size)
+            tables = self.block_tables(nb, block_size, causal) if tq == tk else None
+            if tables is None:
+                return create_block_mask(self.mask_mod(tq, tk, causal, device), None, heads, tq, tk, device=device,
+                                         BLOCK_SIZE=block_size)
+            return block_mask_from_tables(*tables, self.mask_mod(tq, tk, causal, device), tq, tk, block_size, device)
+        return self.cached((tq, tk, causal, str(device), block_size), make)
+
+    def cached(self, key: tuple, make):
+        """make(), kept under `key` for this data version (the pattern's BlockMasks and kernel tables): the 16 most
+        recently used, dropped when the data changes (`touch`) or the pattern moves (`.to()`)."""
+        key = (self.version_key(), *key)
         hit = self._block_masks.get(key)
         if hit is not None:
             self._block_masks.move_to_end(key)
             return hit
-        nb = -(-tk // block_size)
-        tables = self.block_tables(nb, block_size, causal) if tq == tk else None
-        if tables is None:
-            bm = create_block_mask(self.mask_mod(tq, tk, causal, device), None, heads, tq, tk, device=device,
-                                   BLOCK_SIZE=block_size)
-        else:
-            bm = block_mask_from_tables(*tables, self.mask_mod(tq, tk, causal, device), tq, tk, block_size, device)
-        self._block_masks[key] = bm
+        value = self._block_masks[key] = make()
         while len(self._block_masks) > 16:
             self._block_masks.popitem(last=False)
-        return bm
+        return value
 
     def _apply(self, fn, *args, **kwargs):  # .to() / .cuda() move the buffers: cached BlockMasks go with the old ones
         self._block_masks.clear()

@@ -15,7 +15,8 @@ with `sdpa` swapped in, after rotary):
 - `tova` (Oren et al. 2024): the attention of the last query alone;
 - `h2o` (Zhang et al. 2023): accumulated attention, the column sums over every query; `h2o_mean`: each sum divided
   by the queries that can see the key (the mean attention it receives, kvpress's ObservedAttentionPress);
-- `snapkv_h2o_mean`: SnapKV's score plus `weight` (0.5) x h2o_mean's, each normalised to sum 1 over a head's keys;
+- `snapkv_h2o_mean`: SnapKV's score plus `weight` (0.5) x h2o_mean's, each normalised per head (SnapKV's over
+  its candidate keys, h2o_mean's over all keys);
 - `knorm` (Devoto et al. 2024): keys with the smallest L2 norm kept;
 - `random`: a seeded baseline.
 
@@ -171,9 +172,9 @@ class SnapKVMean(Press):
     plus `weight` x the mean attention each key receives from every query that sees it (`h2o_mean`). SnapKV's
     score is normalised to sum to 1 over the keys outside its window (the candidates), h2o_mean's over all of a
     head's keys, the window's included (their share, 4-52% per head on SmolLM2, lowers the mean term's effective
-    weight where the recent keys draw most attention; the committed results use this form). SnapKV alone misses keys the last queries happen not to read and the
-    whole prompt's mean misses what the continuation is about to need; on SmolLM2 the sum evicts less of either
-    (README, "Beside kvpress")."""
+    weight where the recent keys draw most attention; the committed results use this form). SnapKV alone misses
+    keys the last queries happen not to read and the whole prompt's mean misses what the continuation is about to
+    need; on SmolLM2 the sum evicts less of either (README, "Beside kvpress")."""
     name = "snapkv_h2o_mean"
 
     def __init__(self, evict=None, keep_tokens=None, seed=0, weight: float = 0.5, window: int = 32, kernel: int = 5):

@@ -447,7 +447,7 @@ def evaluate_prompt(model, windows: torch.Tensor, *, prompt_len: int, keeps, tec
     from tqdm.auto import tqdm
 
     from ..metrics import fidelity as fm
-    from ..timing import Timer
+    from ..timing import time_ms
 
     device = next(model.parameters()).device
     windows = windows.to(device)  # the full-prompt forwards read the windows whole
@@ -460,25 +460,20 @@ def evaluate_prompt(model, windows: torch.Tensor, *, prompt_len: int, keeps, tec
     def score(i, logits):  # continuation positions 0..M-2 predict its tokens 1..M-1
         return fm.next_token_stats(full[i], logits.float().cpu(), conts[i:i + 1].cpu())
 
-    def timed(fn):
-        with Timer(device) as tm:
-            out = fn()
-        return out, tm.ms
-
     full, full_ms, attn_scores, acc_scores, score_ms = [], [], [], [], {"attention": [], "accumulated": []}
     with torch.no_grad():
         model(windows[:1], use_cache=False)  # warm-up: the first forward pays kernel selection and allocation
         if {"attention", "accumulated", "h2o"} & set(techniques):
             prompt_scores(model, prompts[:1])  # and the first scoring forward (hooks, the chunked softmax)
         for i in tqdm(range(n), desc="full prompt", disable=not progress):
-            logits, ms = timed(lambda: model(windows[i:i + 1], use_cache=False).logits[:, prompt_len:])
+            logits, ms = time_ms(lambda: model(windows[i:i + 1], use_cache=False).logits[:, prompt_len:], device)
             full.append(logits.float().cpu())
             full_ms.append(ms)
             one = prompts[i:i + 1]
-            sc, ms = timed(lambda: prompt_scores(model, one)) if "attention" in techniques else (None, None)
+            sc, ms = time_ms(lambda: prompt_scores(model, one), device) if "attention" in techniques else (None, None)
             attn_scores.append(sc)
             score_ms["attention"].append(ms)
-            sc, ms = (timed(lambda: prompt_scores(model, one, normalise=False))
+            sc, ms = (time_ms(lambda: prompt_scores(model, one, normalise=False), device)
                       if {"accumulated", "h2o"} & set(techniques) else (None, None))
             acc_scores.append(sc)
             score_ms["accumulated"].append(ms)
@@ -498,9 +493,8 @@ def evaluate_prompt(model, windows: torch.Tensor, *, prompt_len: int, keeps, tec
                 keep_now[:, prompt_len - recent:] = True
             kept = select_tokens(sc, None if threshold is not None else k, threshold=threshold, always=keep_now)
             kept_total += int(kept.counts.sum())
-            with Timer(device) as tm:
-                logits = continue_from(model, prompts[i:i + 1], kept, conts[i:i + 1])
-            ms.append(tm.ms)
+            logits, t = time_ms(lambda: continue_from(model, prompts[i:i + 1], kept, conts[i:i + 1]), device)
+            ms.append(t)
             stats.append(score(i, logits))
         scored = score_ms["attention" if tech == "attention" else "accumulated"] if tech in (
             "attention", "accumulated", "h2o") else None
