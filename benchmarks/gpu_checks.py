@@ -164,6 +164,48 @@ def cuda_vs_cpu(names, dtypes) -> int:
     return failures
 
 
+def lsh_buckets(dtypes) -> int:
+    """lsh with several buckets (its test_options keep one, the dense limit): the Triton kernels vs the PyTorch form
+    on the same GPU (the same hashes, so the same buckets), outputs and gradients, shared and separate QK, causal
+    and not, padding and a fully padded row, a length not a multiple of the bucket; and no-leak bit for bit with
+    only later values changed (later keys may move buckets and so, by design, earlier chunks: `methods.lsh`)."""
+    failures = 0
+    q64, k64, v64, kpm = inputs()
+    for t, bucket, rounds in ((T, 32, 2), (T - 6, 64, 3)):
+        for shared in (False, True):
+            for causal in (False, True):
+                for dtype in dtypes:
+                    res = []
+                    for backend in ("triton", "eager"):
+                        m = attnlab.make("lsh", head_dim=D, num_heads=H, num_kv_heads=HKV, bucket_size=bucket,
+                                         n_hashes=rounds, shared_qk=shared, backend=backend).cuda()
+                        q, k, v = (x[:, :, :t].to("cuda", dtype).requires_grad_(True) for x in (q64, k64, v64))
+                        out = m(q, k, v, causal=causal, key_padding_mask=kpm[:, :t].cuda()).out
+                        w = torch.linspace(-1, 1, out.numel(), device="cuda", dtype=dtype).reshape(out.shape)
+                        (out * w).sum().backward()
+                        res.append((m.kernel, out.detach().double(), [x.grad.double() for x in ((q, v) if shared else (q, v, k))]))
+                    (kern, out, gr), (_, ref, gref) = res
+                    err = ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
+                    gerr = max(((a - b).abs().max() / b.abs().max().clamp_min(1e-6)).item() for a, b in zip(gr, gref))
+                    leak = 0.0
+                    if causal:
+                        m = attnlab.make("lsh", head_dim=D, num_heads=H, num_kv_heads=HKV, bucket_size=bucket,
+                                         n_hashes=rounds, shared_qk=shared, backend="triton").cuda()
+                        q, k, v = (x[:, :, :t].to("cuda", dtype) for x in (q64, k64, v64))
+                        v2 = v.clone()
+                        v2[:, :, 101:] -= 5.0
+                        with torch.no_grad():
+                            leak = (m(q, k, v, causal=True).out - m(q, k, v2, causal=True).out)[:, :, :101].abs().max().item()
+                    finite = bool(torch.isfinite(out).all()) and all(bool(torch.isfinite(g).all()) for g in gr)
+                    zeros = bool((out[1] == 0).all())
+                    ok = finite and zeros and kern == "triton" and err <= BOUND[dtype] and gerr <= 2 * BOUND[dtype] and leak == 0.0
+                    failures += not ok
+                    print(f"{'ok ' if ok else 'FAIL'} lsh-buckets T={t} bucket={bucket} rounds={rounds} shared={shared!s:5} "
+                          f"causal={causal!s:5} {str(dtype):15} kernel={kern} out rel err vs eager={err:.2e} "
+                          f"grad rel err={gerr:.2e} finite={finite} padded-row-zeros={zeros} leak={leak:.1e}", flush=True)
+    return failures
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("methods", nargs="?", default=None, help="comma-separated subset (default: every method)")
@@ -181,6 +223,8 @@ def main(argv=None) -> int:
     names = args.methods.split(",") if args.methods else registry.list_methods()
     failures = exact_limits(names, (torch.float32,) if args.quick else (torch.float32, torch.bfloat16))
     failures += cuda_vs_cpu(names, (torch.bfloat16,) if args.quick else (torch.float32, torch.bfloat16))
+    if any(variant(n)[0] == "lsh" for n in names):
+        failures += lsh_buckets((torch.bfloat16,) if args.quick else (torch.float32, torch.bfloat16))
     print(f"{failures} failure(s) on {torch.cuda.get_device_name()}, torch {torch.__version__} (linear form: "
           f"{args.linear_form})")
     return 1 if failures else 0

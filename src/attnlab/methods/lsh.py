@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from ..registry import register
-from ..ops.fused import compile_unavailable_reason, fused
+from ..ops.fused import compile_unavailable_reason, fused, triton_importable
 from ..types import Capabilities, opt
 from .base import AttentionMethod
 
@@ -71,8 +71,10 @@ class LSH(AttentionMethod):
         shared_qk: bool = opt(
             True, "Reformer's shared-QK: keys = q/|q| and the k argument is IGNORED; False hashes the real k"
         )
-        backend: str = opt("auto", "auto (compiled on CUDA, eager elsewhere) | compiled (the chunk softmax through "
-                                   "torch.compile) | eager", choices=("auto", "compiled", "eager"))
+        backend: str = opt("auto", "auto (triton on CUDA for buckets of up to 128 tokens, else compiled on CUDA, eager "
+                                   "elsewhere) | triton (ops/lsh_triton.py: sort's gathers fused into the chunk "
+                                   "attention) | compiled (the PyTorch form's chunk softmax through torch.compile) | "
+                                   "eager", choices=("auto", "triton", "compiled", "eager"))
 
     @classmethod
     def defaults(cls, seq_len):
@@ -88,9 +90,14 @@ class LSH(AttentionMethod):
         # a chunk with an earlier query (see the module doc), so a leak check would see changes at <= t
         return {"bucket_size": 2 * seq_len, "shared_qk": False}
 
-    def _unsupported_reasons(self, *, causal, tq, tk, dtype, device, **extras):
+    def _unsupported_reasons(self, *, causal, tq, tk, dtype, device, need_probs=False, **extras):
         if self.opts.backend == "compiled" and device is not None and compile_unavailable_reason(device):
             return [f"backend='compiled': {compile_unavailable_reason(device)}"]
+        if self.opts.backend == "triton":
+            if not triton_importable():
+                return ["backend='triton' needs triton, which is not installed"]
+            return lsh_triton_reasons(device, chunk=min(self.opts.bucket_size, tk), head_dim=self.head_dim, dtype=dtype,
+                                      need_probs=need_probs)
         return []
 
     def __init__(self, head_dim: int, num_heads: int, num_kv_heads: int | None = None, **options):
@@ -116,25 +123,28 @@ class LSH(AttentionMethod):
             self._rotations[key] = r.to(device=device, dtype=dtype)
         return self._rotations[key]
 
-    def _hash(self, x: torch.Tensor, n_buckets: int, t_real: int) -> torch.Tensor:
-        """x (B, H, Tp, D) -> buckets (B, H, R, Tp); internal padding positions get bucket n_buckets (sort last)."""
-        b, h, tp, _ = x.shape
+    def _hash(self, x: torch.Tensor, n_buckets: int, tp: int) -> torch.Tensor:
+        """x (B, H, T, D) -> buckets (B, H, R, Tp), Tp >= T; the internal padding positions T.. get bucket n_buckets
+        (sort last). The projections run in fp32 (x's slices cast there; fp64 stays fp64)."""
+        b, h, t_real, _ = x.shape
+        ct = torch.promote_types(x.dtype, torch.float32)
         if n_buckets == 1:
             buckets = torch.zeros(b, h, self.opts.n_hashes, tp, dtype=torch.long, device=x.device)
         else:
             buckets = torch.empty(b, h, self.opts.n_hashes, tp, dtype=torch.long, device=x.device)
-            rotations = self.rotations(n_buckets, x.device, x.dtype)
+            rotations = self.rotations(n_buckets, x.device, ct)
             half = n_buckets // 2
             # argmax over [rot, -rot] without building it: the larger of max(rot) and -min(rot) (rot wins a tie, as
             # the first index does in argmax), over slices of positions so that the (.., positions, nb/2)
             # projections never exceed ~2^26 elements (at 64k tokens whole, they were 4 GiB, 8 GiB with the concat)
             step = max(1, self.hash_slice_elements // max(1, b * h * self.opts.n_hashes * half))
             with torch.no_grad():  # argmax has no gradient; keep hashing out of the graph
-                for s0 in range(0, tp, step):
-                    rot = torch.einsum("bhtd,dre->bhrte", x[:, :, s0:s0 + step], rotations)  # (B, H, R, step, nb/2)
+                for s0 in range(0, t_real, step):
+                    s1 = min(s0 + step, t_real)
+                    rot = torch.einsum("bhtd,dre->bhrte", x[:, :, s0:s1].to(ct), rotations)  # (B, H, R, step, nb/2)
                     hi, arg_hi = rot.max(dim=-1)
                     lo, arg_lo = rot.min(dim=-1)
-                    buckets[..., s0:s0 + step] = torch.where(hi >= -lo, arg_hi, arg_lo + half)
+                    buckets[..., s0:s1] = torch.where(hi >= -lo, arg_hi, arg_lo + half)
         buckets[..., t_real:] = n_buckets
         return buckets
 
@@ -149,6 +159,20 @@ class LSH(AttentionMethod):
         return hashed + 4.0 * o.n_hashes * t * width * d
 
     # ---- attention -----------------------------------------------------------------------------------
+    def _kernel(self, q, need_probs: bool) -> str:
+        """triton (`ops.lsh_triton`) | chunked+compiled | chunked (the PyTorch form, eager)."""
+        o = self.opts
+        if o.backend == "triton":
+            return "triton"
+        if o.backend == "auto" and q.is_cuda:
+            chunk = min(o.bucket_size, q.shape[-2])
+            if triton_importable() and not lsh_triton_reasons(q.device, chunk=chunk, head_dim=q.shape[-1],
+                                                                   dtype=q.dtype, need_probs=need_probs):
+                return "triton"
+            if compile_unavailable_reason(q.device) is None:
+                return "chunked+compiled"
+        return "chunked+compiled" if o.backend == "compiled" else "chunked"
+
     def _attend(self, q, k, v, *, causal, key_padding_mask, attn_mask, scale, need_probs):
         o = self.opts
         b, h, t, d = q.shape
@@ -163,17 +187,10 @@ class LSH(AttentionMethod):
         tp = n_chunks * chunk  # T padded up to whole chunks
         device = q.device
 
-        qf, vf = q.to(ct), v.to(ct)
-        kf = F.normalize(qf, dim=-1) if o.shared_qk else k.to(ct)  # shared-QK: k_j = q_j / |q_j|
-        if tp > t:
-            qf, kf, vf = (F.pad(x, (0, 0, 0, tp - t)) for x in (qf, kf, vf))  # (B, H, Tp, D)
-        real = torch.zeros(b, tp, dtype=torch.bool, device=device)  # keys that may be attended to
-        real[:, :t] = True if key_padding_mask is None else key_padding_mask
-        pos = torch.arange(tp, device=device)
-
         # Hash and sort by (bucket, position): the key bucket * Tp + pos is unique, so argsort is stable.
-        q_bkt = self._hash(qf, n_buckets, t)  # (B, H, R, Tp)
-        k_bkt = q_bkt if o.shared_qk else self._hash(kf, n_buckets, t)
+        q_bkt = self._hash(q, n_buckets, tp)  # (B, H, R, Tp)
+        k_bkt = q_bkt if o.shared_qk else self._hash(k, n_buckets, tp)
+        pos = torch.arange(tp, device=device)
 
         def sort(bkt):
             order = (bkt * tp + pos).argsort(dim=-1)  # (B, H, R, Tp): sorted slot -> original position
@@ -181,6 +198,25 @@ class LSH(AttentionMethod):
 
         q_order, q_sbkt = sort(q_bkt)
         k_order, k_sbkt = (q_order, q_sbkt) if o.shared_qk else sort(k_bkt)
+        real = torch.zeros(b, tp, dtype=torch.bool, device=device)  # keys that may be attended to
+        real[:, :t] = True if key_padding_mask is None else key_padding_mask
+
+        self.kernel = self._kernel(q, need_probs)
+        if self.kernel == "triton":  # ops.lsh_triton: the gathers, the window and the unsort in one kernel
+            kk = F.normalize(q.to(ct), dim=-1).to(q.dtype) if o.shared_qk else k
+            if key_padding_mask is not None:  # padded keys: bucket -1, never a query's
+                k_real = real[:, None, None, :].expand(b, h, r, tp).gather(-1, k_order)
+                k_sbkt = k_sbkt.masked_fill(~k_real, -1)
+            from ..ops.lsh_triton import lsh_chunk_attention
+
+            out = lsh_chunk_attention(q, kk, v, q_order, q_sbkt, k_order, k_sbkt, scale=scale, causal=causal,
+                                      shared=o.shared_qk, chunk=chunk)
+            return out.to(v.dtype), None
+
+        qf, vf = q.to(ct), v.to(ct)
+        kf = F.normalize(qf, dim=-1) if o.shared_qk else k.to(ct)  # shared-QK: k_j = q_j / |q_j|
+        if tp > t:
+            qf, kf, vf = (F.pad(x, (0, 0, 0, tp - t)) for x in (qf, kf, vf))  # (B, H, Tp, D)
 
         def gather(x, order):  # (B, H, Tp, D) -> (B, H, R, n_chunks, chunk, D) in sorted order
             x = x.unsqueeze(2).expand(b, h, r, tp, x.shape[-1])
@@ -206,8 +242,7 @@ class LSH(AttentionMethod):
             k_real = torch.cat([k_real, k_real.roll(1, dims=3) & has_prev], dim=4)
 
         masks_kw = dict(q_pos=q_pos, k_pos=k_pos, q_sbkt=q_sbkt, k_sbkt=k_sbkt, k_real=k_real)
-        compiled = o.backend == "compiled" or (o.backend == "auto" and q.is_cuda and compile_unavailable_reason(q.device) is None)
-        self.kernel = "chunked+compiled" if compiled else "chunked"
+        compiled = self.kernel == "chunked+compiled"
         out_s, lse, has = _chunk_attention(sq, sk, sv, scale, causal, o.shared_qk, compiled=compiled, **masks_kw)
         out_s = out_s.reshape(b, h, r, tp, d)  # sorted order, fp32
         lse_s = lse.masked_fill(~has, float("-inf")).reshape(b, h, r, tp)
@@ -233,6 +268,12 @@ class LSH(AttentionMethod):
             probs = probs.scatter_add(-1, idx.reshape(b, h, -1), contrib.reshape(b, h, -1))
             probs = probs.view(b, h, tp, tp)[:, :, :t, :t]
         return out, probs
+
+
+def lsh_triton_reasons(device, **kw) -> list[str]:
+    from ..ops import lsh_triton  # imports triton: only when asked
+
+    return lsh_triton.unsupported_reasons(device, **kw)
 
 
 def _chunk_scores(sq, sk, scale, causal, shared_qk, *, q_pos, k_pos, q_sbkt, k_sbkt, k_real):

@@ -21,9 +21,14 @@ import importlib.util
 import torch
 
 
+@functools.lru_cache(maxsize=None)
+def triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def compile_unavailable_reason(device) -> str | None:
     """Why torch.compile cannot generate kernels for `device` (None: it can)."""
-    if torch.device(device).type == "cuda" and importlib.util.find_spec("triton") is None:
+    if torch.device(device).type == "cuda" and not triton_importable():
         return "torch.compile on CUDA needs triton, which is not installed"
     return None
 

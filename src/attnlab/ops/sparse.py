@@ -31,6 +31,7 @@ from ..patterns.base import UnionPattern
 from ..patterns.blocks import BlockPattern
 from ..patterns.window import WindowPattern
 from ..types import AttnOutput, UnsupportedError
+from .fused import triton_importable
 from .reference import lse_and_probs
 
 BACKENDS = ("auto", "flex", "torch", "triton")
@@ -159,11 +160,6 @@ def triton_block_tables(pattern, tq: int, causal: bool, device):
     return pattern.cached(("triton", tq, causal, str(device)), make)
 
 
-@functools.lru_cache(maxsize=None)
-def _triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
 def resolve(backend: str, q: torch.Tensor, *, need_lse: bool, need_col_sums: bool, pattern=None,
             backward: bool = False, tk: int | None = None) -> str:
     """The kernel that will run. auto -> on CUDA the window's own Triton kernel for the plain sliding-window
@@ -176,7 +172,7 @@ def resolve(backend: str, q: torch.Tensor, *, need_lse: bool, need_col_sums: boo
             return "torch"
         parts = block_window_parts(pattern)
         # block patterns only with a window part (global_sparse's shape, measured); a plain block layout stays on flex
-        if _triton_importable() and (is_window(pattern) or (
+        if triton_importable() and (is_window(pattern) or (
                 parts is not None and parts[1] is not None and not block_triton_unsupported(pattern, q.shape[-2], tk))):
             from . import window_triton
 
