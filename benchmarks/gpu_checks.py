@@ -170,6 +170,19 @@ def lsh_buckets(dtypes) -> int:
     and not, padding and a fully padded row, a length not a multiple of the bucket; and no-leak bit for bit with
     only later values changed (later keys may move buckets and so, by design, earlier chunks: `methods.lsh`)."""
     failures = 0
+    from attnlab.ops.lsh_triton import hash_sort
+
+    for dtype in dtypes:  # the fused hash against the PyTorch one: the same buckets but for fp32 rounding near ties
+        m = attnlab.make("lsh", head_dim=D, num_heads=16, bucket_size=64, n_hashes=2)
+        x = torch.randn(1, 16, 8192, D, device="cuda", generator=torch.Generator("cuda").manual_seed(0)).to(dtype)
+        nb = m.n_buckets(8192)
+        bkt = m._hash(x, nb, 8192)
+        _, sbkt = hash_sort(x, m.rotations(nb, "cuda", torch.float32), nb, 8192)
+        differ = (sbkt != bkt.sort(dim=-1).values).float().mean().item()
+        ok = differ <= 1e-4
+        failures += not ok
+        print(f"{'ok ' if ok else 'FAIL'} lsh-hash T=8192 buckets={nb} {str(dtype):15} fused vs PyTorch: {differ:.1e} of "
+              f"the sorted buckets differ", flush=True)
     q64, k64, v64, kpm = inputs()
     for t, bucket, rounds in ((T, 32, 2), (T - 6, 64, 3)):
         for shared in (False, True):

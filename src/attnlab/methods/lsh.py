@@ -187,28 +187,35 @@ class LSH(AttentionMethod):
         tp = n_chunks * chunk  # T padded up to whole chunks
         device = q.device
 
-        # Hash and sort by (bucket, position): the key bucket * Tp + pos is unique, so argsort is stable.
-        q_bkt = self._hash(q, n_buckets, tp)  # (B, H, R, Tp)
-        k_bkt = q_bkt if o.shared_qk else self._hash(k, n_buckets, tp)
+        self.kernel = self._kernel(q, need_probs)
         pos = torch.arange(tp, device=device)
+        # Hash and sort by (bucket, position): the key bucket * Tp + pos is unique, so argsort is stable.
+        if self.kernel == "triton" and n_buckets > 1:  # the hash and its sort key in one kernel (ops.lsh_triton)
+            from ..ops.lsh_triton import hash_sort
 
-        def sort(bkt):
-            order = (bkt * tp + pos).argsort(dim=-1)  # (B, H, R, Tp): sorted slot -> original position
-            return order, bkt.gather(-1, order)
+            rot = self.rotations(n_buckets, device, torch.float32)
+            q_order, q_sbkt = hash_sort(q, rot, n_buckets, tp)
+            k_order, k_sbkt = (q_order, q_sbkt) if o.shared_qk else hash_sort(k, rot, n_buckets, tp)
+        else:
+            q_bkt = self._hash(q, n_buckets, tp)  # (B, H, R, Tp)
+            k_bkt = q_bkt if o.shared_qk else self._hash(k, n_buckets, tp)
 
-        q_order, q_sbkt = sort(q_bkt)
-        k_order, k_sbkt = (q_order, q_sbkt) if o.shared_qk else sort(k_bkt)
+            def sort(bkt):
+                order = (bkt * tp + pos).argsort(dim=-1)  # (B, H, R, Tp): sorted slot -> original position
+                return order, bkt.gather(-1, order)
+
+            q_order, q_sbkt = sort(q_bkt)
+            k_order, k_sbkt = (q_order, q_sbkt) if o.shared_qk else sort(k_bkt)
         real = torch.zeros(b, tp, dtype=torch.bool, device=device)  # keys that may be attended to
         real[:, :t] = True if key_padding_mask is None else key_padding_mask
 
-        self.kernel = self._kernel(q, need_probs)
         if self.kernel == "triton":  # ops.lsh_triton: the gathers, the window and the unsort in one kernel
+            from ..ops.lsh_triton import lsh_chunk_attention
+
             kk = F.normalize(q.to(ct), dim=-1).to(q.dtype) if o.shared_qk else k
             if key_padding_mask is not None:  # padded keys: bucket -1, never a query's
                 k_real = real[:, None, None, :].expand(b, h, r, tp).gather(-1, k_order)
                 k_sbkt = k_sbkt.masked_fill(~k_real, -1)
-            from ..ops.lsh_triton import lsh_chunk_attention
-
             out = lsh_chunk_attention(q, kk, v, q_order, q_sbkt, k_order, k_sbkt, scale=scale, causal=causal,
                                       shared=o.shared_qk, chunk=chunk)
             return out.to(v.dtype), None

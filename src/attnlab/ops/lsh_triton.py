@@ -33,6 +33,7 @@ from .triton_common import precision as _precision
 from .triton_common import to as _to
 
 SELF_SCORE = -1e5
+_SELF = tl.constexpr(SELF_SCORE)  # a jit function reads only constexpr globals
 MAX_CHUNK = 128  # the largest bucket_size the kernels take (an [L, 2L] score block per program)
 MAX_HEAD_DIM = 128
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -94,7 +95,7 @@ def _scores(q, qpos, qb, qvalid, k, kpos, kb, kvalid, scale, CAUSAL: tl.constexp
         allowed = allowed & (kpos[None, :] <= qpos[:, None])  # by original positions
     is_self = kpos[None, :] == qpos[:, None]
     if SHARED:
-        s = tl.where(is_self, SELF_SCORE, s)  # before the masks: a hidden self key stays hidden
+        s = tl.where(is_self, _SELF, s)  # before the masks: a hidden self key stays hidden
     return tl.where(allowed, s, float("-inf")), is_self
 
 
@@ -170,6 +171,72 @@ def _bwd_kernel(Q, K, V, QO, QB, KO, KB, DO, LSE, W, DELTA, DQ, DK, DV, DKB, DVB
             tl.store(DKB + krow, dk, mask=kst)
             tl.store(DVB + krow, dv, mask=kst)
     tl.store(DQ + (z * T + qpos.to(tl.int64))[:, None] * D + offs_d[None, :], dq, mask=qvalid[:, None] & dmask[None, :])
+
+
+@triton.jit
+def _hash_kernel(X, W, KEYS, T, Tp, D, HALF, R, NB, PREC: tl.constexpr, SPLIT: tl.constexpr, BN: tl.constexpr,
+                 BD: tl.constexpr, BM: tl.constexpr):
+    """Sort keys bucket * Tp + t of a block of rows of X [BH, T, D] for every round: bucket = argmax over [x.w_r, -x.w_r]
+    (first index on ties, as torch's argmax) with w_r = W[:, r, :] [D, HALF]; rows T.. (the internal padding) get
+    bucket NB. The projections never reach memory. SPLIT 3: x is exact in its half dtype and w is cut into three
+    half-precision parts (hi + mid + lo, |w - hi - mid - lo| ~ 2^-24 |w| in bf16), three tensor-core dots with fp32
+    accumulation: the fp32 projection's accuracy; SPLIT 1: one dot at PREC (fp32 inputs, or the interpreter)."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    rows = pid * BN + tl.arange(0, BN)
+    offs_d = tl.arange(0, BD)
+    dmask = offs_d < D
+    x = tl.load(X + bh * T * D + rows.to(tl.int64)[:, None] * D + offs_d[None, :],
+                mask=(rows < T)[:, None] & dmask[None, :], other=0.0)
+    for r in range(R):
+        best_hi = tl.full([BN], float("-inf"), tl.float32)
+        best_lo = tl.full([BN], float("inf"), tl.float32)
+        arg_hi = tl.zeros([BN], tl.int32)
+        arg_lo = tl.zeros([BN], tl.int32)
+        for mb in range(0, tl.cdiv(HALF, BM)):
+            offs_m = mb * BM + tl.arange(0, BM)
+            mmask = offs_m < HALF
+            w = tl.load(W + offs_d[:, None] * (R * HALF) + r * HALF + offs_m[None, :],
+                        mask=dmask[:, None] & mmask[None, :], other=0.0)
+            if SPLIT == 3:
+                hi = w.to(x.dtype)
+                rest = w - hi.to(tl.float32)
+                mid = rest.to(x.dtype)
+                lo = (rest - mid.to(tl.float32)).to(x.dtype)
+                xw = _dot(x, hi, PREC) + _dot(x, mid, PREC) + _dot(x, lo, PREC)
+            else:
+                xw = _dot(x, w, PREC)
+            cand_hi = tl.where(mmask[None, :], xw, float("-inf"))
+            cand_lo = tl.where(mmask[None, :], xw, float("inf"))
+            m_hi = tl.max(cand_hi, 1)
+            m_lo = tl.min(cand_lo, 1)
+            a_hi = tl.argmax(cand_hi, 1, tie_break_left=True).to(tl.int32) + mb * BM
+            a_lo = tl.argmin(cand_lo, 1, tie_break_left=True).to(tl.int32) + mb * BM
+            up_hi = m_hi > best_hi  # strictly: an earlier block keeps a tie
+            up_lo = m_lo < best_lo
+            arg_hi = tl.where(up_hi, a_hi, arg_hi)
+            arg_lo = tl.where(up_lo, a_lo, arg_lo)
+            best_hi = tl.where(up_hi, m_hi, best_hi)
+            best_lo = tl.where(up_lo, m_lo, best_lo)
+        bucket = tl.where(best_hi >= -best_lo, arg_hi, arg_lo + HALF).to(tl.int64)
+        bucket = tl.where(rows < T, bucket, NB)
+        tl.store(KEYS + (bh * R + r) * Tp + rows, bucket * Tp + rows, mask=rows < Tp)
+
+
+def hash_sort(x: torch.Tensor, rotations: torch.Tensor, n_buckets: int, tp: int):
+    """(order, sorted buckets), each [B, H, R, Tp] int64, of `methods.lsh`'s angular hash and its stable sort by
+    (bucket, position), with x [B, H, T, D] (fp32 / bf16 / fp16, the projections computed as in fp32 by
+    `_hash_kernel`) and rotations [D, R, n_buckets / 2] fp32; n_buckets > 1."""
+    b, h, t, d = x.shape
+    r, half = rotations.shape[1], rotations.shape[2]
+    keys = torch.empty(b, h, r, tp, dtype=torch.int64, device=x.device)
+    prec = _precision(x)
+    bn, bm = 64, 64
+    _hash_kernel[(triton.cdiv(tp, bn), b * h)](x.contiguous(), rotations.float().contiguous(), keys, t, tp, d, half, r,
+                                               n_buckets, PREC=prec, SPLIT=3 if prec == "tf32" else 1, BN=bn,
+                                               BD=max(16, triton.next_power_of_2(d)), BM=bm, num_warps=4)
+    skeys, order = keys.sort(dim=-1)  # keys are unique: the sort is stable by construction
+    return order, torch.div(skeys, tp, rounding_mode="floor")
 
 
 def _launch(chunk: int, d: int) -> dict:
