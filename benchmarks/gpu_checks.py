@@ -177,12 +177,12 @@ def lsh_buckets(dtypes) -> int:
         x = torch.randn(1, 16, 8192, D, device="cuda", generator=torch.Generator("cuda").manual_seed(0)).to(dtype)
         nb = m.n_buckets(8192)
         bkt = m._hash(x, nb, 8192)
-        _, sbkt = hash_sort(x, m.rotations(nb, "cuda", torch.float32), nb, 8192)
-        differ = (sbkt != bkt.sort(dim=-1).values).float().mean().item()
+        order, sbkt = hash_sort(x, m.rotations(nb, "cuda", torch.float32), nb, 8192)
+        differ = (torch.empty_like(sbkt).scatter_(-1, order, sbkt) != bkt).float().mean().item()  # per position
         ok = differ <= 1e-4
         failures += not ok
         print(f"{'ok ' if ok else 'FAIL'} lsh-hash T=8192 buckets={nb} {str(dtype):15} fused vs PyTorch: {differ:.1e} of "
-              f"the sorted buckets differ", flush=True)
+              f"the tokens' buckets differ", flush=True)
     q64, k64, v64, kpm = inputs()
     for t, bucket, rounds in ((T, 32, 2), (T - 6, 64, 3)):
         for shared in (False, True):
