@@ -126,7 +126,7 @@ def test_auto_sends_only_bf16_and_fp16_windows_to_the_triton_kernel(monkeypatch)
     kernel is 7-9x slower than flex (H200 measurement in window_triton.AUTO_DTYPES)."""
     import types
 
-    monkeypatch.setattr(sparse, "_triton_importable", lambda: True)
+    monkeypatch.setattr(sparse, "triton_importable", lambda: True)
     monkeypatch.setattr(sparse, "flex_unavailable_reason", lambda device: None)
     pat = patterns.WindowPattern(8, 4)
     for dtype, want in ((torch.bfloat16, "triton"), (torch.float16, "triton"), (torch.float32, "flex")):
