@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .. import masks
+from ..ops.fused import triton_importable
 from ..registry import register
 from ..types import Capabilities, OptionError, opt
 from .base import AttentionMethod
@@ -117,6 +118,9 @@ class Nystrom(AttentionMethod):
                                      "products (F's scores and F X) in the input dtype (bf16 tensor cores, fp32 "
                                      "accumulation); B's side (its scores and B V, whose rounding pinv(A) magnifies), "
                                      "softmaxes, landmarks, A and pinv(A) in fp32", choices=_PRECISION)
+        backend: str = opt("auto", "auto (triton on CUDA where it can: fp32 / bf16, <= 128 landmarks, no conv) | "
+                                   "triton (ops/nystrom_triton.py: the two T-long softmax products as flash-style "
+                                   "kernels, no T x m matrix in memory) | torch", choices=("auto", "triton", "torch"))
 
         def __post_init__(self):
             if isinstance(self.conv_kernel, int) and self.conv_kernel % 2 == 0 and self.conv_kernel:
@@ -149,7 +153,36 @@ class Nystrom(AttentionMethod):
         steps = self.opts.pinv_iters if self.opts.pinv == "iterative" else 6
         return 2.0 * m * d * (2 * tq + 2 * tk) + 4.0 * m * m * d + 8.0 * steps * m ** 3
 
+    def _triton_reasons(self, device, m, dtype, need_probs) -> list[str]:
+        if not triton_importable():
+            return ["backend='triton' needs triton, which is not installed"]
+        from ..ops import nystrom_triton
+
+        return nystrom_triton.unsupported_reasons(device, landmarks=m, head_dim=self.head_dim, dtype=dtype,
+                                                  need_probs=need_probs, conv=self.conv is not None)
+
+    def _unsupported_reasons(self, *, causal, tq, tk, dtype, device, need_probs=False, **extras):
+        if self.opts.backend == "triton":
+            return self._triton_reasons(device, min(self.opts.num_landmarks, tk), dtype, need_probs)
+        return []
+
+    def _landmarks(self, q, k, pad, m, ct, ft, c):
+        """(q_lm, k_lm [B, H, m, D] in ct, which landmarks hold a real token Bool[B|1, m] or None without padding)."""
+        t = k.shape[-2]
+        if pad is None and t % m == 0:  # equal segments: a reshape-mean, no m x T averaging matrix
+            return (*(x.unflatten(-2, (m, t // m)).mean(-2, dtype=ct) for x in (q, k)), None)
+        avg, lm_real = segment_means(m, t, pad, ct, q.device)  # (B|1, 1, m, T), (B|1, m)
+        return long_matmul(avg.to(ft), q.to(ft), c).to(ct), long_matmul(avg, k.to(ct), c), (
+            None if pad is None else lm_real)
+
+    def _pinv(self, a):
+        return torch.linalg.pinv(a) if self.opts.pinv == "exact" else iterative_pinv(a, self.opts.pinv_iters)
+
     def _attend(self, q, k, v, *, causal, key_padding_mask, attn_mask, scale, need_probs):
+        m = min(self.opts.num_landmarks, k.shape[-2])
+        if self.opts.backend == "triton" or (self.opts.backend == "auto" and q.is_cuda and not self._triton_reasons(
+                q.device, m, q.dtype, need_probs)):
+            return self._attend_triton(q, k, v, key_padding_mask, scale, m), None
         self.kernel = "torch"
         out_dtype = v.dtype
         # fp32 at least by default: X = pinv(A) B V is ~cond(A) larger than the output, so bf16 rounding of B or
@@ -168,11 +201,7 @@ class Nystrom(AttentionMethod):
         if pad is not None:
             v = v.masked_fill(~pad[:, None, :, None], 0.0)
         c = token_chunks(t)  # the T-long products as c chunks of T / c tokens (see token_chunks)
-        if pad is None and t % m == 0:  # equal segments: a reshape-mean, no m x T averaging matrix
-            q_lm, k_lm = (x.unflatten(-2, (m, t // m)).mean(-2, dtype=ct) for x in (q, k))  # (B, H, m, D)
-        else:
-            avg, lm_real = segment_means(m, t, pad, ct, q.device)  # (B|1, 1, m, T), (B|1, m)
-            q_lm, k_lm = long_matmul(avg.to(ft), q, c).to(ct), long_matmul(avg, k, c)  # (B, H, m, D)
+        q_lm, k_lm, lm_real = self._landmarks(q, k, pad, m, ct, ft, c)  # (B, H, m, D)
         # without padding every landmark and key is real: plain softmaxes, no masks
         lm_cols = None if pad is None else lm_real[:, None, None, :]  # (B|1, 1, 1, m): landmarks usable as keys
         k_lm = k_lm * scale  # the scale folded into the m landmark keys, not into T x m scores
@@ -189,10 +218,7 @@ class Nystrom(AttentionMethod):
         if pad is not None:  # landmarks holding no real token are no query either
             lm_rows = lm_real[:, None, :, None].to(ct)  # (B|1, 1, m, 1)
             kernel_a, kernel_b = kernel_a * lm_rows, kernel_b * lm_rows[:, :, None]
-        if self.opts.pinv == "exact":
-            a_inv = torch.linalg.pinv(kernel_a)  # (B, H, m, m)
-        else:
-            a_inv = iterative_pinv(kernel_a, self.opts.pinv_iters)  # (B, H, m, m)
+        a_inv = self._pinv(kernel_a)  # (B, H, m, m)
         x = a_inv @ (kernel_b @ v.unflatten(-2, (c, t // c))).sum(2)  # (B, H, m, D): c partial B V summed
         out = (kernel_f @ per_chunk(x, c, ft)).flatten(2, 3)  # (B, H, T, D), right to left: O(T m D)
         if self.conv is not None:
@@ -204,3 +230,24 @@ class Nystrom(AttentionMethod):
         else:
             probs = None
         return out.to(out_dtype), probs
+
+    def _attend_triton(self, q, k, v, pad, scale, m):
+        """The same maths with B V and F X as `ops.nystrom_triton` kernels (no [T, m] matrix in memory); the landmarks,
+        A and pinv(A) in PyTorch, fp32."""
+        from ..ops.nystrom_triton import b_side, f_side
+
+        low = self.opts.precision == "input" and q.dtype == torch.bfloat16
+        self.kernel = "triton[input]" if low else "triton"
+        ct = torch.float32
+        t = k.shape[-2]
+        q_lm, k_lm, lm_real = self._landmarks(q, k, pad, m, ct, ct, token_chunks(t))
+        kl = k_lm * scale
+        lm_cols = None if lm_real is None else lm_real[:, None, None, :]
+        kernel_a = masks.masked_softmax(q_lm @ kl.transpose(-1, -2), lm_cols)  # (B, H, m, m)
+        bv = b_side(q_lm * scale, k, v, pad)  # (B, H, m, D) fp32
+        if lm_real is not None:  # landmarks holding no real token are no query either
+            lm_rows = lm_real[:, None, :, None].to(ct)
+            kernel_a, bv = kernel_a * lm_rows, bv * lm_rows
+        x = self._pinv(kernel_a) @ bv  # (B, H, m, D)
+        real = None if lm_real is None else lm_real.expand(q.shape[0], m)
+        return f_side(q, kl, x, real, low=low).to(v.dtype)

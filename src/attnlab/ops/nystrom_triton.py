@@ -1,0 +1,316 @@
+"""Nystromformer's two T-long products as Triton kernels, so that neither T x m softmax matrix reaches memory.
+
+`methods.nystrom` computes, with m landmarks Q~, K~ (segment means; K~ carries the scale s):
+
+    B V = softmax(s Q~ K^T) V     [m, D]: m queries over the T keys      (`b_side`)
+    out = softmax(Q K~^T) X       [T, D]: T queries over the m landmarks (`f_side`),   X = pinv(A) (B V)
+
+Both are attention, and each runs here as FlashAttention runs it, with the scores and probabilities in registers:
+
+- `b_side`: m landmark queries against all T keys. One program per (split of the keys, batch x head) walks its keys
+  in tiles with an online softmax and writes its partial (max, sum, unnormalised m x D product); the partials are
+  combined after (split-K: m = 64 queries are one tile per head, which alone would leave most of the GPU idle). The
+  backward, per split again, recomputes the probabilities from the saved log-sum-exp and writes dk, dv of its keys
+  and a partial dQ~.
+- `f_side`: one program per block of T queries does the softmax over the m landmarks in registers and the
+  product with X. Its backward writes dq for its rows and partial dX, dK~ (each program sums its own blocks first).
+
+Precision. X = pinv(A) B V is about cond(A) larger than the output, so B's side must not be rounded to bf16
+(`methods.nystrom`'s note); on the GPU with bf16 inputs each product whose operand is fp32 (the landmarks, X, the
+probabilities) splits that operand into two bf16 parts, a = hi + lo (|a - hi - lo| ~ 2^-16 |a|), and runs a
+tensor-core dot per part with fp32 accumulation (`_mm`); `precision="input"` rounds the query side's fp32 operands to
+bf16 instead (one dot), as the PyTorch form does in bf16. fp32 inputs run fp32 dots. Padding: keys with
+key_padding_mask False are out of B's softmax; landmarks without a real token are out of F's (`LM`, False) and
+their rows of B V are zeroed by the caller. A row with nothing allowed gives zeros. Runs on CPU tensors under
+TRITON_INTERPRET=1 (the CPU tests).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_common import dot as _dot
+from .triton_common import interpreted
+from .triton_common import precision as _precision
+
+MAX_LANDMARKS = 128
+MAX_HEAD_DIM = 128
+DTYPES = (torch.float32, torch.bfloat16)
+BT = 64  # keys (b_side) / queries (f_side) per tile
+
+
+def unsupported_reasons(device, *, landmarks: int, head_dim: int, dtype=None, need_probs: bool = False,
+                        conv: bool = False) -> list[str]:
+    why = []
+    if dtype is not None and dtype not in DTYPES:
+        why.append(f"backend='triton' runs fp32 and bf16, not {dtype} (use backend='torch')")
+    dev = torch.device(device) if device is not None else None
+    if dev is not None and dev.type != "cuda" and not interpreted():
+        why.append(f"backend='triton' runs on CUDA (got {dev.type}; the CPU runs it only under TRITON_INTERPRET=1)")
+    if landmarks > MAX_LANDMARKS:
+        why.append(f"backend='triton' takes up to {MAX_LANDMARKS} landmarks, got {landmarks}")
+    if head_dim > MAX_HEAD_DIM:
+        why.append(f"backend='triton' supports head_dim <= {MAX_HEAD_DIM}, got {head_dim}")
+    if need_probs:
+        why.append("backend='triton' does not build the probability matrix (need_probs: use backend='torch')")
+    if conv:
+        why.append("backend='triton' has no residual conv (conv_kernel: use backend='torch')")
+    return why
+
+
+@triton.jit
+def _mm(a, b, SA: tl.constexpr, SB: tl.constexpr, PREC: tl.constexpr):
+    """a @ b, fp32 accumulation. On tensor cores (PREC "tf32") the operands go to bf16, an fp32 operand marked SA / SB
+    as hi + lo (two dots; the lo x lo term, ~2^-16 of the rest, left out); otherwise one dot in fp32."""
+    if PREC == "tf32":
+        a_hi = a.to(tl.bfloat16)
+        b_hi = b.to(tl.bfloat16)
+        acc = tl.dot(a_hi, b_hi)
+        if SA:
+            acc += tl.dot((a.to(tl.float32) - a_hi.to(tl.float32)).to(tl.bfloat16), b_hi)
+        if SB:
+            acc += tl.dot(a_hi, (b.to(tl.float32) - b_hi.to(tl.float32)).to(tl.bfloat16))
+        return acc
+    return _dot(a.to(tl.float32), b.to(tl.float32), PREC)
+
+
+@triton.jit
+def _landmarks(L, LM, bh, b, M, D, HAS_LM: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr):
+    """The m x D fp32 landmark block of (batch x head) bh and which landmarks are usable."""
+    offs_m = tl.arange(0, BM)
+    offs_d = tl.arange(0, BD)
+    ok = offs_m < M
+    if HAS_LM:
+        ok = ok & (tl.load(LM + b * M + offs_m, mask=offs_m < M, other=0) != 0)
+    x = tl.load(L + bh * M * D + offs_m[:, None] * D + offs_d[None, :], mask=(offs_m < M)[:, None] & (offs_d < D)[None, :],
+                other=0.0)
+    return x, ok
+
+
+@triton.jit
+def _key_tile(K, V, PAD, bh, b, t0, T, D, HAS_PAD: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+    offs_t = t0 + tl.arange(0, BT)
+    offs_d = tl.arange(0, BD)
+    ok = offs_t < T
+    if HAS_PAD:
+        ok = ok & (tl.load(PAD + b * T + offs_t, mask=offs_t < T, other=0) != 0)
+    off = bh * T * D + offs_t.to(tl.int64)[:, None] * D + offs_d[None, :]
+    lm = (offs_t < T)[:, None] & (offs_d < D)[None, :]
+    return offs_t, ok, tl.load(K + off, mask=lm, other=0.0), tl.load(V + off, mask=lm, other=0.0), off, lm
+
+
+@triton.jit
+def _b_fwd_kernel(QL, K, V, PAD, ACC, MX, SUM, T, D, M, H, SPLIT, HAS_PAD: tl.constexpr, PREC: tl.constexpr,
+                  BM: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr):
+    sp = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    ql, _ = _landmarks(QL, QL, bh, b, M, D, False, BM, BD)
+    m_i = tl.full([BM], float("-inf"), tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, BD], tl.float32)
+    for t0 in range(sp * SPLIT, tl.minimum(sp * SPLIT + SPLIT, T), BT):
+        offs_t, ok, k, v, _, _ = _key_tile(K, V, PAD, bh, b, t0, T, D, HAS_PAD, BT, BD)
+        s = _mm(ql, tl.trans(k), True, False, PREC)
+        s = tl.where(ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _mm(p, v, True, False, PREC)
+        m_i = m_new
+    offs_m = tl.arange(0, BM)
+    offs_d = tl.arange(0, BD)
+    row = (sp * tl.num_programs(1) + bh) * M + offs_m
+    tl.store(ACC + row[:, None] * D + offs_d[None, :], acc, mask=(offs_m < M)[:, None] & (offs_d < D)[None, :])
+    tl.store(MX + row, m_i, mask=offs_m < M)
+    tl.store(SUM + row, l_i, mask=offs_m < M)
+
+
+@triton.jit
+def _b_bwd_kernel(QL, K, V, PAD, LSE, DBV, DELTA, DK, DV, DQL, T, D, M, H, SPLIT, scale_k, HAS_PAD: tl.constexpr,
+                  PREC: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr):
+    """dk, dv of the split's keys and its partial dQ~ (into DQL[split]); B's probabilities p = exp(s - lse)."""
+    sp = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    offs_m = tl.arange(0, BM)
+    offs_d = tl.arange(0, BD)
+    mrow = bh * M + offs_m
+    ql, _ = _landmarks(QL, QL, bh, b, M, D, False, BM, BD)
+    dbv, _ = _landmarks(DBV, DBV, bh, b, M, D, False, BM, BD)
+    lse = tl.load(LSE + mrow, mask=offs_m < M, other=float("-inf"))
+    delta = tl.load(DELTA + mrow, mask=offs_m < M, other=0.0)
+    live = lse > float("-inf")
+    lse = tl.where(live, lse, 0.0)
+    dql = tl.zeros([BM, BD], tl.float32)
+    for t0 in range(sp * SPLIT, tl.minimum(sp * SPLIT + SPLIT, T), BT):
+        offs_t, ok, k, v, off, lm = _key_tile(K, V, PAD, bh, b, t0, T, D, HAS_PAD, BT, BD)
+        s = _mm(ql, tl.trans(k), True, False, PREC)
+        p = tl.where(ok[None, :] & live[:, None], tl.exp(s - lse[:, None]), 0.0)  # [BM, BT]
+        dv = _mm(tl.trans(p), dbv, True, True, PREC)
+        ds = p * (_mm(dbv, tl.trans(v), True, False, PREC) - delta[:, None])
+        dk = _mm(tl.trans(ds), ql, True, True, PREC)
+        dql += _mm(ds, k, True, False, PREC)
+        tl.store(DV + off, dv.to(DV.dtype.element_ty), mask=lm)
+        tl.store(DK + off, dk.to(DK.dtype.element_ty), mask=lm)
+    row = (sp * tl.num_programs(1) + bh) * M + offs_m
+    tl.store(DQL + row[:, None] * D + offs_d[None, :], dql, mask=(offs_m < M)[:, None] & (offs_d < D)[None, :])
+
+
+@triton.jit
+def _f_probs(Q, KL, LM, bh, b, t0, T, D, M, HAS_LM: tl.constexpr, LOW: tl.constexpr, PREC: tl.constexpr,
+             BM: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr):
+    """F's rows t0.. (softmax over the usable landmarks; zeros if none): (q, p, row offsets, row mask)."""
+    offs_t = t0 + tl.arange(0, BT)
+    offs_d = tl.arange(0, BD)
+    off = bh * T * D + offs_t.to(tl.int64)[:, None] * D + offs_d[None, :]
+    lm = (offs_t < T)[:, None] & (offs_d < D)[None, :]
+    q = tl.load(Q + off, mask=lm, other=0.0)
+    kl, ok = _landmarks(KL, LM, bh, b, M, D, HAS_LM, BM, BD)
+    s = _mm(q, tl.trans(kl), False, not LOW, PREC)
+    s = tl.where(ok[None, :], s, float("-inf"))
+    mx = tl.max(s, 1)
+    mx = tl.where(mx == float("-inf"), 0.0, mx)
+    e = tl.exp(s - mx[:, None])
+    den = tl.sum(e, 1)
+    p = e / tl.where(den > 0.0, den, 1.0)[:, None]
+    return q, kl, p, off, lm
+
+
+@triton.jit
+def _f_fwd_kernel(Q, KL, X, LM, O, T, D, M, H, HAS_LM: tl.constexpr, LOW: tl.constexpr, PREC: tl.constexpr,
+                  BM: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr):
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    q, kl, p, off, lm = _f_probs(Q, KL, LM, bh, b, tl.program_id(0) * BT, T, D, M, HAS_LM, LOW, PREC, BM, BD, BT)
+    x, _ = _landmarks(X, X, bh, b, M, D, False, BM, BD)
+    out = _mm(p, x, not LOW, not LOW, PREC)
+    tl.store(O + off, out.to(O.dtype.element_ty), mask=lm)
+
+
+@triton.jit
+def _f_bwd_kernel(Q, KL, X, LM, DO, DELTA, DQ, DX, DKL, T, D, M, H, SPLIT, HAS_LM: tl.constexpr, LOW: tl.constexpr,
+                  PREC: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr):
+    """dq of the split's rows and its partial dX, dK~ (into DX[split], DKL[split])."""
+    sp = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    x, _ = _landmarks(X, X, bh, b, M, D, False, BM, BD)
+    dx = tl.zeros([BM, BD], tl.float32)
+    dkl = tl.zeros([BM, BD], tl.float32)
+    for t0 in range(sp * SPLIT, tl.minimum(sp * SPLIT + SPLIT, T), BT):
+        q, kl, p, off, lm = _f_probs(Q, KL, LM, bh, b, t0, T, D, M, HAS_LM, LOW, PREC, BM, BD, BT)
+        offs_t = t0 + tl.arange(0, BT)
+        do = tl.load(DO + off, mask=lm, other=0.0)
+        delta = tl.load(DELTA + bh * T + offs_t, mask=offs_t < T, other=0.0)
+        dx += _mm(tl.trans(p), do, True, False, PREC)
+        ds = p * (_mm(do, tl.trans(x), False, True, PREC) - delta[:, None])
+        tl.store(DQ + off, _mm(ds, kl, True, True, PREC).to(DQ.dtype.element_ty), mask=lm)
+        dkl += _mm(tl.trans(ds), q, True, False, PREC)
+    offs_m = tl.arange(0, BM)
+    offs_d = tl.arange(0, BD)
+    row = (sp * tl.num_programs(1) + bh) * M + offs_m
+    st = (offs_m < M)[:, None] & (offs_d < D)[None, :]
+    tl.store(DX + row[:, None] * D + offs_d[None, :], dx, mask=st)
+    tl.store(DKL + row[:, None] * D + offs_d[None, :], dkl, mask=st)
+
+
+def _split(t: int) -> int:
+    """Keys (or rows) per program of the split-K passes: enough programs to fill the GPU at long T, few partials."""
+    return BT * max(1, min(16, triton.cdiv(t, 8 * BT)))
+
+
+def _meta(m: int, d: int) -> dict:
+    return dict(BM=max(16, triton.next_power_of_2(m)), BD=max(16, triton.next_power_of_2(d)), BT=BT, num_warps=4)
+
+
+def _pad(mask, b, n):
+    return (mask.to(torch.int8).contiguous(), True) if mask is not None else (torch.empty(1, dtype=torch.int8), False)
+
+
+class _BSide(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ql, k, v, pad):
+        bs, h, t, d = k.shape
+        m = ql.shape[-2]
+        split = _split(t)
+        n = triton.cdiv(t, split)
+        acc = ql.new_empty(n, bs * h, m, d)
+        mx, sm = (ql.new_empty(n, bs * h, m) for _ in range(2))
+        padt, has_pad = _pad(pad, bs, t)
+        padt = padt.to(k.device)
+        _b_fwd_kernel[(n, bs * h)](ql, k, v, padt, acc, mx, sm, t, d, m, h, split, HAS_PAD=has_pad,
+                                   PREC=_precision(k), **_meta(m, d))
+        top = mx.amax(0)  # (BH, m)
+        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+        w = torch.exp(mx - top)  # 0 for a split with no key
+        den = (w * sm).sum(0)
+        bv = (w[..., None] * acc).sum(0) / den.clamp_min(torch.finfo(den.dtype).tiny)[..., None]
+        lse = torch.where(den > 0, top + den.clamp_min(torch.finfo(den.dtype).tiny).log(),
+                          torch.full_like(den, float("-inf")))
+        bv = bv.view(bs, h, m, d)
+        ctx.save_for_backward(ql, k, v, padt, lse, bv)
+        ctx.has_pad = has_pad
+        return bv
+
+    @staticmethod
+    def backward(ctx, dbv):
+        ql, k, v, padt, lse, bv = ctx.saved_tensors
+        bs, h, t, d = k.shape
+        m = ql.shape[-2]
+        split = _split(t)
+        n = triton.cdiv(t, split)
+        dbv = dbv.float().contiguous()
+        delta = (dbv * bv).sum(-1)  # (B, H, m)
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        dql = ql.new_empty(n, bs * h, m, d)
+        _b_bwd_kernel[(n, bs * h)](ql, k, v, padt, lse, dbv, delta, dk, dv, dql, t, d, m, h, split, 1.0,
+                                   HAS_PAD=ctx.has_pad, PREC=_precision(k), **_meta(m, d))
+        return dql.sum(0).view_as(ql), dk, dv, None
+
+
+class _FSide(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, kl, x, lm, low):
+        bs, h, t, d = q.shape
+        m = kl.shape[-2]
+        out = torch.empty_like(q)
+        lmt, has_lm = _pad(lm, bs, m)
+        lmt = lmt.to(q.device)
+        _f_fwd_kernel[(triton.cdiv(t, BT), bs * h)](q, kl, x, lmt, out, t, d, m, h, HAS_LM=has_lm, LOW=low,
+                                                    PREC=_precision(q), **_meta(m, d))
+        ctx.save_for_backward(q, kl, x, lmt, out)
+        ctx.flags = (has_lm, low)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, kl, x, lmt, out = ctx.saved_tensors
+        has_lm, low = ctx.flags
+        bs, h, t, d = q.shape
+        m = kl.shape[-2]
+        split = _split(t)
+        n = triton.cdiv(t, split)
+        dout = dout.contiguous()
+        delta = (dout.float() * out.float()).sum(-1)  # (B, H, T)
+        dq = torch.empty_like(q)
+        dx, dkl = (kl.new_empty(n, bs * h, m, d) for _ in range(2))
+        _f_bwd_kernel[(n, bs * h)](q, kl, x, lmt, dout, delta, dq, dx, dkl, t, d, m, h, split, HAS_LM=has_lm, LOW=low,
+                                   PREC=_precision(q), **_meta(m, d))
+        return dq, dkl.sum(0).view_as(kl), dx.sum(0).view_as(x), None, None
+
+
+def b_side(ql: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
+    """softmax(ql k^T) v [B, H, m, D] in fp32, ql [B, H, m, D] fp32 (the scale folded in), k, v [B, H, T, D],
+    pad Bool[B, T] (True: a real key) or None; a landmark row with no real key gives zeros."""
+    return _BSide.apply(ql.float().contiguous(), k.contiguous(), v.contiguous(), pad)
+
+
+def f_side(q: torch.Tensor, kl: torch.Tensor, x: torch.Tensor, landmarks_real: torch.Tensor | None,
+           low: bool = False) -> torch.Tensor:
+    """softmax(q kl^T) x [B, H, T, D] in q's dtype, q [B, H, T, D], kl, x [B, H, m, D] fp32 (the scale folded into kl),
+    landmarks_real Bool[B, m] (False: out of the softmax) or None; low: kl and x rounded to q's dtype in the dots."""
+    return _FSide.apply(q.contiguous(), kl.float().contiguous(), x.float().contiguous(), landmarks_real, bool(low))

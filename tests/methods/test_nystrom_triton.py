@@ -1,0 +1,108 @@
+"""nystrom with backend="triton" (`ops.nystrom_triton`), run on CPU by Triton's interpreter.
+
+Against the PyTorch form (`backend="torch"`, held to the dense reference and the paper's maths by test_nystrom):
+outputs and gradients with equal and unequal segments, key padding that empties a landmark and a whole batch row
+(zeros, no NaN), the split-K passes over several programs (T past one split), both precisions, bf16; the exact limit
+against the dense reference; and the clear refusals.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from attnlab import UnsupportedError
+from tests.helpers import assert_matches_reference, make, max_err, rand_qkv
+from tests.methods.test_linear_triton import _numpy_index_shim
+
+pytestmark = [
+    pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed"),
+    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs Triton's CPU interpreter (conftest)"),
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def interpreter():
+    with pytest.MonkeyPatch.context() as mp:
+        _numpy_index_shim(mp)
+        yield
+
+
+def _run(backend, q, k, v, kpm, w, **opts):
+    m = make("nystrom", q, k, backend=backend, **opts)
+    qq, kk, vv = (x.clone().requires_grad_(True) for x in (q, k, v))
+    out = m(qq, kk, vv, key_padding_mask=kpm).out
+    (out.float() * w).sum().backward()
+    return m.kernel, out.detach().float(), [x.grad.float() for x in (qq, kk, vv)]
+
+
+CASES = [  # (t, landmarks, pad)
+    (64, 8, False),  # equal segments, no padding
+    (70, 8, True),  # unequal segments and padding
+    (1100, 16, False),  # past one split of the keys / rows (several programs' partials summed)
+]
+
+
+@pytest.mark.parametrize("t,landmarks,pad", CASES)
+@pytest.mark.parametrize("precision", ["fp32", "input"])
+def test_matches_the_pytorch_form_with_gradients(t, landmarks, pad, precision):
+    q, k, v = rand_qkv(b=2, h=2, tq=t, d=16, seed=t)
+    kpm = None
+    if pad:
+        kpm = torch.ones(2, t, dtype=torch.bool)
+        kpm[0, -20:] = False  # the last landmark of the first row holds no real token
+        kpm[1] = False  # no real key at all
+    w = torch.randn(2, 2, t, 16, generator=torch.Generator().manual_seed(2))
+    kern, out, g = _run("triton", q, k, v, kpm, w, num_landmarks=landmarks, precision=precision)
+    _, ref, gref = _run("torch", q, k, v, kpm, w, num_landmarks=landmarks, precision=precision)
+    assert kern == "triton"
+    assert torch.isfinite(out).all() and all(torch.isfinite(x).all() for x in g)
+    assert max_err(out, ref) < 1e-5 * max(1.0, ref.abs().max().item())
+    for name, a, b in zip("qkv", g, gref):
+        assert max_err(a, b) < 1e-4 * max(1.0, b.abs().max().item()), name
+    if pad:
+        assert not out[1].any() and not g[0][1].any()
+
+
+def test_bf16_close_to_the_pytorch_form():
+    q, k, v = (x.bfloat16() for x in rand_qkv(b=1, h=2, tq=128, d=32, seed=5))
+    w = torch.randn(1, 2, 128, 32, generator=torch.Generator().manual_seed(3))
+    kern, out, g = _run("triton", q, k, v, None, w, num_landmarks=16)
+    _, ref, gref = _run("torch", q, k, v, None, w, num_landmarks=16)
+    assert kern == "triton"
+    scale = ref.abs().max().item()
+    assert max_err(out, ref) < 1e-2 * scale  # the output rounded to bf16 (by both)
+    for a, b in zip(g, gref):
+        assert max_err(a, b) < 2e-2 * b.abs().max().item()
+
+
+def test_exact_limit_is_dense_attention():
+    q, k, v = rand_qkv(b=2, h=2, tq=24, d=16, seed=1)
+    kpm = torch.ones(2, 24, dtype=torch.bool)
+    kpm[1, 18:] = False
+    m = make("nystrom", q, k, num_landmarks=24, pinv="exact", backend="triton")
+    out = m(q, k, v, key_padding_mask=kpm).out
+    assert m.kernel == "triton"
+    assert_matches_reference(out, q, k, v, key_padding_mask=kpm)
+
+
+def test_refusals_are_one_clear_line():
+    q, k, v = rand_qkv(b=1, h=1, tq=300, d=16)
+    with pytest.raises(UnsupportedError, match="up to 128 landmarks"):
+        make("nystrom", q, k, num_landmarks=256, backend="triton")(q, k, v)
+    m = make("nystrom", q, k, num_landmarks=16, backend="triton")
+    with pytest.raises(UnsupportedError, match="need_probs"):
+        m(q, k, v, need_probs=True)
+    with pytest.raises(UnsupportedError, match="fp32 and bf16"):
+        m(q.half(), k.half(), v.half())
+    with pytest.raises(UnsupportedError, match="residual conv"):
+        make("nystrom", q, k, num_landmarks=16, conv_kernel=3, backend="triton")(q, k, v)
+
+
+def test_auto_keeps_the_pytorch_form_on_cpu():
+    q, k, v = rand_qkv(b=1, h=1, tq=32, d=16)
+    m = make("nystrom", q, k, num_landmarks=8)
+    m(q, k, v)
+    assert m.kernel == "torch"
