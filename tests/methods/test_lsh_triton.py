@@ -9,29 +9,14 @@ and separate QK, causal and not, several rounds, T not a multiple of the bucket,
 """
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 import torch
 
 from attnlab import UnsupportedError
 from tests.helpers import assert_matches_reference, make, max_err, rand_qkv
-from tests.methods.test_linear_triton import _numpy_index_shim
+from tests.methods.test_window_triton import interpreter, pytestmark  # noqa: F401 (the interpreter's marks and fixture)
+
 from tests.methods.test_lsh import assert_shared_rule, loop_lsh
-
-pytestmark = [
-    pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed"),
-    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs Triton's CPU interpreter (conftest)"),
-]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def interpreter():
-    with pytest.MonkeyPatch.context() as mp:
-        _numpy_index_shim(mp)
-        yield
-
 
 CASES = [  # (t, bucket_size, n_hashes, shared_qk, causal)
     (48, 8, 2, False, False),

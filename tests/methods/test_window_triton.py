@@ -135,9 +135,9 @@ def test_refusals_are_one_clear_line(monkeypatch):
         make("window", q, k, window=3, backend="cuda")
     with pytest.raises(UnsupportedError, match="col_sums"):
         make("window", q, k, window=3, backend="triton")(q, k, v, need_col_sums=True)
-    from attnlab.ops import window_triton
+    from attnlab.ops import triton_common
 
-    monkeypatch.setattr(window_triton, "interpreted", lambda: False)
+    monkeypatch.setattr(triton_common, "interpreted", lambda: False)  # the kernels' shared device check
     with pytest.raises(UnsupportedError, match="runs on CUDA"):
         make("window", q, k, window=3, backend="triton")(q, k, v)
 

@@ -71,8 +71,8 @@ class LSH(AttentionMethod):
         shared_qk: bool = opt(
             True, "Reformer's shared-QK: keys = q/|q| and the k argument is IGNORED; False hashes the real k"
         )
-        backend: str = opt("auto", "auto (triton on CUDA for buckets of up to 128 tokens, else compiled on CUDA, eager "
-                                   "elsewhere) | triton (ops/lsh_triton.py: sort's gathers fused into the chunk "
+        backend: str = opt("auto", "auto (triton on CUDA in bf16 / fp16 for buckets of up to 128 tokens, else compiled on "
+                                   "CUDA, eager elsewhere) | triton (ops/lsh_triton.py: sort's gathers fused into the chunk "
                                    "attention) | compiled (the PyTorch form's chunk softmax through torch.compile) | "
                                    "eager", choices=("auto", "triton", "compiled", "eager"))
 
@@ -166,9 +166,9 @@ class LSH(AttentionMethod):
             return "triton"
         if o.backend == "auto" and q.is_cuda:
             chunk = min(o.bucket_size, q.shape[-2])
-            if triton_importable() and not lsh_triton_reasons(q.device, chunk=chunk, head_dim=q.shape[-1],
-                                                                   dtype=q.dtype, need_probs=need_probs):
-                return "triton"
+            if triton_importable() and q.dtype in (torch.bfloat16, torch.float16) and not lsh_triton_reasons(
+                    q.device, chunk=chunk, head_dim=q.shape[-1], dtype=q.dtype, need_probs=need_probs):
+                return "triton"  # measured in bf16 (benchmarks/results/bench_h200/lsh/); fp32 stays compiled
             if compile_unavailable_reason(q.device) is None:
                 return "chunked+compiled"
         return "chunked+compiled" if o.backend == "compiled" else "chunked"

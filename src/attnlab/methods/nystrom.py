@@ -118,7 +118,7 @@ class Nystrom(AttentionMethod):
                                      "products (F's scores and F X) in the input dtype (bf16 tensor cores, fp32 "
                                      "accumulation); B's side (its scores and B V, whose rounding pinv(A) magnifies), "
                                      "softmaxes, landmarks, A and pinv(A) in fp32", choices=_PRECISION)
-        backend: str = opt("auto", "auto (triton on CUDA where it can: fp32 / bf16, <= 128 landmarks, no conv) | "
+        backend: str = opt("auto", "auto (triton on CUDA in bf16 with <= 128 landmarks and no conv; fp32 on torch) | "
                                    "triton (ops/nystrom_triton.py: the two T-long softmax products as flash-style "
                                    "kernels, no T x m matrix in memory) | torch", choices=("auto", "triton", "torch"))
 
@@ -180,8 +180,8 @@ class Nystrom(AttentionMethod):
 
     def _attend(self, q, k, v, *, causal, key_padding_mask, attn_mask, scale, need_probs):
         m = min(self.opts.num_landmarks, k.shape[-2])
-        if self.opts.backend == "triton" or (self.opts.backend == "auto" and q.is_cuda and not self._triton_reasons(
-                q.device, m, q.dtype, need_probs)):
+        if self.opts.backend == "triton" or (self.opts.backend == "auto" and q.is_cuda and q.dtype == torch.bfloat16
+                                             and not self._triton_reasons(q.device, m, q.dtype, need_probs)):
             return self._attend_triton(q, k, v, key_padding_mask, scale, m), None
         self.kernel = "torch"
         out_dtype = v.dtype

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from .triton_common import dot as _dot
-from .triton_common import interpreted
+from .triton_common import kernel_reasons
 from .triton_common import precision as _precision
 from .triton_common import to as _to
 
@@ -41,16 +41,10 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def unsupported_reasons(device, *, chunk: int, head_dim: int, dtype=None, need_probs: bool = False) -> list[str]:
     """Why the kernels cannot serve a request (empty: they can)."""
-    why = []
-    if dtype is not None and dtype not in DTYPES:
-        why.append(f"backend='triton' runs fp32, bf16 and fp16, not {dtype} (use backend='eager')")
-    dev = torch.device(device) if device is not None else None
-    if dev is not None and dev.type != "cuda" and not interpreted():
-        why.append(f"backend='triton' runs on CUDA (got {dev.type}; the CPU runs it only under TRITON_INTERPRET=1)")
+    why = kernel_reasons(device, dtype=dtype, dtypes=DTYPES, head_dim=head_dim, max_head_dim=MAX_HEAD_DIM,
+                         fallback="eager")
     if chunk > MAX_CHUNK:
         why.append(f"backend='triton' takes chunks of up to {MAX_CHUNK} tokens, got min(bucket_size, T) = {chunk}")
-    if head_dim > MAX_HEAD_DIM:
-        why.append(f"backend='triton' supports head_dim <= {MAX_HEAD_DIM}, got {head_dim}")
     if need_probs:
         why.append("backend='triton' does not build the probability matrix (need_probs: use backend='eager')")
     return why

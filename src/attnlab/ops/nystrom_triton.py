@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .triton_common import dot as _dot
-from .triton_common import interpreted
+from .triton_common import kernel_reasons
 from .triton_common import precision as _precision
 
 MAX_LANDMARKS = 128
@@ -42,16 +42,10 @@ BT = 64  # keys (b_side) / queries (f_side) per tile
 
 def unsupported_reasons(device, *, landmarks: int, head_dim: int, dtype=None, need_probs: bool = False,
                         conv: bool = False) -> list[str]:
-    why = []
-    if dtype is not None and dtype not in DTYPES:
-        why.append(f"backend='triton' runs fp32 and bf16, not {dtype} (use backend='torch')")
-    dev = torch.device(device) if device is not None else None
-    if dev is not None and dev.type != "cuda" and not interpreted():
-        why.append(f"backend='triton' runs on CUDA (got {dev.type}; the CPU runs it only under TRITON_INTERPRET=1)")
+    why = kernel_reasons(device, dtype=dtype, dtypes=DTYPES, head_dim=head_dim, max_head_dim=MAX_HEAD_DIM,
+                         fallback="torch")
     if landmarks > MAX_LANDMARKS:
         why.append(f"backend='triton' takes up to {MAX_LANDMARKS} landmarks, got {landmarks}")
-    if head_dim > MAX_HEAD_DIM:
-        why.append(f"backend='triton' supports head_dim <= {MAX_HEAD_DIM}, got {head_dim}")
     if need_probs:
         why.append("backend='triton' does not build the probability matrix (need_probs: use backend='torch')")
     if conv:

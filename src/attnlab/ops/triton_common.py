@@ -42,5 +42,24 @@ def precision(q: torch.Tensor) -> str:
     return "upcast" if interpreted() else "tf32"
 
 
+_SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def kernel_reasons(device, *, dtype, dtypes, head_dim: int, max_head_dim: int, fallback: str) -> list[str]:
+    """The refusals every attnlab Triton kernel shares (dtype, device, head dim), naming `fallback` as the backend to
+    ask for instead (empty: none applies)."""
+    why = []
+    if dtype is not None and dtype not in dtypes:
+        names = [_SHORT.get(d, str(d)) for d in dtypes]
+        runs = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+        why.append(f"backend='triton' runs {runs}, not {dtype} (use backend='{fallback}')")
+    dev = torch.device(device) if device is not None else None
+    if dev is not None and dev.type != "cuda" and not interpreted():
+        why.append(f"backend='triton' runs on CUDA (got {dev.type}; the CPU runs it only under TRITON_INTERPRET=1)")
+    if head_dim > max_head_dim:
+        why.append(f"backend='triton' supports head_dim <= {max_head_dim}, got {head_dim}")
+    return why
+
+
 def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import dot, interpreted, precision, to
+from .triton_common import dot, interpreted, kernel_reasons, precision, to
 
 LOG2E = 1.4426950408889634
 # Tile sizes and launch settings (fwd, dkdv, dq) for head_dim <= 64 on the GPU: the fastest of
@@ -60,14 +60,8 @@ AUTO_DTYPES = (torch.bfloat16, torch.float16)
 
 def unsupported_reasons(device, *, head_dim: int, need_col_sums: bool = False, dtype=None) -> list[str]:
     """Why the kernel cannot serve a request on `device` (empty: it can)."""
-    why = []
-    if dtype is not None and dtype not in DTYPES:
-        why.append(f"backend='triton' runs fp32, bf16 and fp16, not {dtype} (use backend='torch')")
-    dev = torch.device(device) if device is not None else None
-    if dev is not None and dev.type != "cuda" and not interpreted():
-        why.append(f"backend='triton' runs on CUDA (got {dev.type}; the CPU runs it only under TRITON_INTERPRET=1)")
-    if head_dim > MAX_HEAD_DIM:
-        why.append(f"backend='triton' supports head_dim <= {MAX_HEAD_DIM}, got {head_dim}")
+    why = kernel_reasons(device, dtype=dtype, dtypes=DTYPES, head_dim=head_dim, max_head_dim=MAX_HEAD_DIM,
+                         fallback="torch")
     if need_col_sums:
         why.append("backend='triton' cannot compute col_sums (use backend='torch' or 'auto')")
     return why
