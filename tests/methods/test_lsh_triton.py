@@ -126,11 +126,12 @@ def test_auto_keeps_the_pytorch_form_on_cpu():
     assert m.kernel == "chunked"
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_hash_kernel_gives_the_pytorch_hash_and_sort(dtype):
+@pytest.mark.parametrize("dtype,split", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)])
+def test_hash_kernel_gives_the_pytorch_hash_and_sort(dtype, split):
     """`lsh_triton.hash_sort` (projections, argmax over [xR, -xR] and the sort key in one kernel) against `_hash` + argsort:
     the same order and sorted buckets, with 75 rotations per round (two column blocks of the kernel), all-zero rows
-    (ties everywhere: bucket 0, as argmax's first index) and internal padding (T = 297 in chunks of 2)."""
+    (ties everywhere: bucket 0, as argmax's first index) and internal padding (T = 297 in chunks of 2). split: the
+    GPU's three-part projection of bf16 inputs (w = hi + mid + lo in bf16), its parts multiplied exactly here."""
     from attnlab.ops.lsh_triton import hash_sort
 
     x = torch.randn(1, 2, 297, 16, generator=torch.Generator().manual_seed(8)).to(dtype)
@@ -140,7 +141,7 @@ def test_hash_kernel_gives_the_pytorch_hash_and_sort(dtype):
     assert nb // 2 > 64
     bkt = m._hash(x, nb, tp)
     order = (bkt * tp + torch.arange(tp)).argsort(dim=-1)
-    got_order, got_sbkt = hash_sort(x, m.rotations(nb, x.device, torch.float32), nb, tp)
+    got_order, got_sbkt = hash_sort(x, m.rotations(nb, x.device, torch.float32), nb, tp, split=split)
     assert torch.equal(got_order, order)
     assert torch.equal(got_sbkt, bkt.gather(-1, order))
     assert (bkt[..., :5] == 0).all() and (bkt[..., 297:] == nb).all()

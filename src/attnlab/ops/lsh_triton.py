@@ -217,17 +217,19 @@ def _hash_kernel(X, W, KEYS, T, Tp, D, HALF, R, NB, PREC: tl.constexpr, SPLIT: t
         tl.store(KEYS + (bh * R + r) * Tp + rows, bucket * Tp + rows, mask=rows < Tp)
 
 
-def hash_sort(x: torch.Tensor, rotations: torch.Tensor, n_buckets: int, tp: int):
+def hash_sort(x: torch.Tensor, rotations: torch.Tensor, n_buckets: int, tp: int, split: bool | None = None):
     """(order, sorted buckets), each [B, H, R, Tp] int64, of `methods.lsh`'s angular hash and its stable sort by
     (bucket, position), with x [B, H, T, D] (fp32 / bf16 / fp16, the projections computed as in fp32 by
-    `_hash_kernel`) and rotations [D, R, n_buckets / 2] fp32; n_buckets > 1."""
+    `_hash_kernel`) and rotations [D, R, n_buckets / 2] fp32; n_buckets > 1. split: the three-part projection (default:
+    on the GPU's tensor cores, i.e. half inputs on CUDA; the tests force it under the interpreter, whose dots then
+    multiply the parts exactly in fp32)."""
     b, h, t, d = x.shape
     r, half = rotations.shape[1], rotations.shape[2]
     keys = torch.empty(b, h, r, tp, dtype=torch.int64, device=x.device)
     prec = _precision(x)
     bn, bm = 64, 64
     _hash_kernel[(triton.cdiv(tp, bn), b * h)](x.contiguous(), rotations.float().contiguous(), keys, t, tp, d, half, r,
-                                               n_buckets, PREC=prec, SPLIT=3 if prec == "tf32" else 1, BN=bn,
+                                               n_buckets, PREC=prec, SPLIT=3 if (prec == "tf32" if split is None else split) else 1, BN=bn,
                                                BD=max(16, triton.next_power_of_2(d)), BM=bm, num_warps=4)
     skeys, order = keys.sort(dim=-1)  # keys are unique: the sort is stable by construction
     return order, torch.div(skeys, tp, rounding_mode="floor")

@@ -100,12 +100,12 @@ def _b_fwd_kernel(QL, K, V, PAD, ACC, MX, SUM, T, D, M, H, SPLIT, HAS_PAD: tl.co
     sp = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
-    ql, _ = _landmarks(QL, QL, bh, b, M, D, False, BM, BD)
+    ql, ql_ok = _landmarks(QL, QL, bh, b, M, D, False, BM, BD)
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, BD], tl.float32)
     for t0 in range(sp * SPLIT, tl.minimum(sp * SPLIT + SPLIT, T), BT):
-        offs_t, ok, k, v, _, _ = _key_tile(K, V, PAD, bh, b, t0, T, D, HAS_PAD, BT, BD)
+        offs_t, ok, k, v, kv_off, kv_mask = _key_tile(K, V, PAD, bh, b, t0, T, D, HAS_PAD, BT, BD)
         s = _mm(ql, tl.trans(k), True, False, PREC)
         s = tl.where(ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -133,8 +133,8 @@ def _b_bwd_kernel(QL, K, V, PAD, LSE, DBV, DELTA, DK, DV, DQL, T, D, M, H, SPLIT
     offs_m = tl.arange(0, BM)
     offs_d = tl.arange(0, BD)
     mrow = bh * M + offs_m
-    ql, _ = _landmarks(QL, QL, bh, b, M, D, False, BM, BD)
-    dbv, _ = _landmarks(DBV, DBV, bh, b, M, D, False, BM, BD)
+    ql, ql_ok = _landmarks(QL, QL, bh, b, M, D, False, BM, BD)
+    dbv, dbv_ok = _landmarks(DBV, DBV, bh, b, M, D, False, BM, BD)
     lse = tl.load(LSE + mrow, mask=offs_m < M, other=float("-inf"))
     delta = tl.load(DELTA + mrow, mask=offs_m < M, other=0.0)
     live = lse > float("-inf")
@@ -180,7 +180,7 @@ def _f_fwd_kernel(Q, KL, X, LM, O, T, D, M, H, HAS_LM: tl.constexpr, LOW: tl.con
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     q, kl, p, off, lm = _f_probs(Q, KL, LM, bh, b, tl.program_id(0) * BT, T, D, M, HAS_LM, LOW, PREC, BM, BD, BT)
-    x, _ = _landmarks(X, X, bh, b, M, D, False, BM, BD)
+    x, x_ok = _landmarks(X, X, bh, b, M, D, False, BM, BD)
     out = _mm(p, x, not LOW, not LOW, PREC)
     tl.store(O + off, out.to(O.dtype.element_ty), mask=lm)
 
@@ -192,7 +192,7 @@ def _f_bwd_kernel(Q, KL, X, LM, DO, DELTA, DQ, DX, DKL, T, D, M, H, SPLIT, HAS_L
     sp = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
-    x, _ = _landmarks(X, X, bh, b, M, D, False, BM, BD)
+    x, x_ok = _landmarks(X, X, bh, b, M, D, False, BM, BD)
     dx = tl.zeros([BM, BD], tl.float32)
     dkl = tl.zeros([BM, BD], tl.float32)
     for t0 in range(sp * SPLIT, tl.minimum(sp * SPLIT + SPLIT, T), BT):
