@@ -118,9 +118,9 @@ class Nystrom(AttentionMethod):
                                      "products (F's scores and F X) in the input dtype (bf16 tensor cores, fp32 "
                                      "accumulation); B's side (its scores and B V, whose rounding pinv(A) magnifies), "
                                      "softmaxes, landmarks, A and pinv(A) in fp32", choices=_PRECISION)
-        backend: str = opt("auto", "auto (triton on CUDA in bf16 with <= 128 landmarks and no conv; fp32 on torch) | "
-                                   "triton (ops/nystrom_triton.py: the two T-long softmax products as flash-style "
-                                   "kernels, no T x m matrix in memory) | torch", choices=("auto", "triton", "torch"))
+        backend: str = opt("auto", "auto (= torch) | triton (ops/nystrom_triton.py: the two T-long softmax products as "
+                                   "flash-style kernels, no T x m matrix in memory; not yet run on a GPU, so auto "
+                                   "does not pick it) | torch", choices=("auto", "triton", "torch"))
 
         def __post_init__(self):
             if isinstance(self.conv_kernel, int) and self.conv_kernel % 2 == 0 and self.conv_kernel:
@@ -180,8 +180,7 @@ class Nystrom(AttentionMethod):
 
     def _attend(self, q, k, v, *, causal, key_padding_mask, attn_mask, scale, need_probs):
         m = min(self.opts.num_landmarks, k.shape[-2])
-        if self.opts.backend == "triton" or (self.opts.backend == "auto" and q.is_cuda and q.dtype == torch.bfloat16
-                                             and not self._triton_reasons(q.device, m, q.dtype, need_probs)):
+        if self.opts.backend == "triton":  # opt-in: auto stays on torch until the kernels have run on a GPU
             return self._attend_triton(q, k, v, key_padding_mask, scale, m), None
         self.kernel = "torch"
         out_dtype = v.dtype
