@@ -53,18 +53,27 @@ def unsupported_reasons(device, *, landmarks: int, head_dim: int, dtype=None, ne
     return why
 
 
+# the split products' mode: None = on the GPU's tensor cores (PREC "tf32", half inputs on CUDA); the tests set True
+# to run it under the interpreter, whose dots then multiply the bf16 parts exactly in fp32
+FORCE_SPLIT: bool | None = None
+
+
+def _split_mode(prec: str) -> bool:
+    return prec == "tf32" if FORCE_SPLIT is None else FORCE_SPLIT
+
+
 @triton.jit
-def _mm(a, b, SA: tl.constexpr, SB: tl.constexpr, PREC: tl.constexpr):
-    """a @ b, fp32 accumulation. On tensor cores (PREC "tf32") the operands go to bf16, an fp32 operand marked SA / SB
-    as hi + lo (two dots; the lo x lo term, ~2^-16 of the rest, left out); otherwise one dot in fp32."""
-    if PREC == "tf32":
+def _mm(a, b, SA: tl.constexpr, SB: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr):
+    """a @ b, fp32 accumulation. SPLIT (bf16 inputs on tensor cores): the operands go to bf16, an fp32 operand marked
+    SA / SB as hi + lo (two dots; the lo x lo term, ~2^-16 of the rest, left out); otherwise one dot in fp32."""
+    if SPLIT:
         a_hi = a.to(tl.bfloat16)
         b_hi = b.to(tl.bfloat16)
-        acc = tl.dot(a_hi, b_hi)
+        acc = _dot(a_hi, b_hi, PREC)
         if SA:
-            acc += tl.dot((a.to(tl.float32) - a_hi.to(tl.float32)).to(tl.bfloat16), b_hi)
+            acc += _dot((a.to(tl.float32) - a_hi.to(tl.float32)).to(tl.bfloat16), b_hi, PREC)
         if SB:
-            acc += tl.dot(a_hi, (b.to(tl.float32) - b_hi.to(tl.float32)).to(tl.bfloat16))
+            acc += _dot(a_hi, (b.to(tl.float32) - b_hi.to(tl.float32)).to(tl.bfloat16), PREC)
         return acc
     return _dot(a.to(tl.float32), b.to(tl.float32), PREC)
 
@@ -95,8 +104,8 @@ def _key_tile(K, V, PAD, bh, b, t0, T, D, HAS_PAD: tl.constexpr, BT: tl.constexp
 
 
 @triton.jit
-def _b_fwd_kernel(QL, K, V, PAD, ACC, MX, SUM, T, D, M, H, SPLIT, HAS_PAD: tl.constexpr, PREC: tl.constexpr,
-                  BM: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr):
+def _b_fwd_kernel(QL, K, V, PAD, ACC, MX, SUM, T, D, M, H, SPAN, HAS_PAD: tl.constexpr, PREC: tl.constexpr,
+                  SPLIT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr):
     sp = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -104,16 +113,16 @@ def _b_fwd_kernel(QL, K, V, PAD, ACC, MX, SUM, T, D, M, H, SPLIT, HAS_PAD: tl.co
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, BD], tl.float32)
-    for t0 in range(sp * SPLIT, tl.minimum(sp * SPLIT + SPLIT, T), BT):
+    for t0 in range(sp * SPAN, tl.minimum(sp * SPAN + SPAN, T), BT):
         offs_t, ok, k, v, kv_off, kv_mask = _key_tile(K, V, PAD, bh, b, t0, T, D, HAS_PAD, BT, BD)
-        s = _mm(ql, tl.trans(k), True, False, PREC)
+        s = _mm(ql, tl.trans(k), True, False, PREC, SPLIT)
         s = tl.where(ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m_i - m_safe)
         p = tl.exp(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _mm(p, v, True, False, PREC)
+        acc = acc * alpha[:, None] + _mm(p, v, True, False, PREC, SPLIT)
         m_i = m_new
     offs_m = tl.arange(0, BM)
     offs_d = tl.arange(0, BD)
@@ -124,8 +133,8 @@ def _b_fwd_kernel(QL, K, V, PAD, ACC, MX, SUM, T, D, M, H, SPLIT, HAS_PAD: tl.co
 
 
 @triton.jit
-def _b_bwd_kernel(QL, K, V, PAD, LSE, DBV, DELTA, DK, DV, DQL, T, D, M, H, SPLIT, scale_k, HAS_PAD: tl.constexpr,
-                  PREC: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr):
+def _b_bwd_kernel(QL, K, V, PAD, LSE, DBV, DELTA, DK, DV, DQL, T, D, M, H, SPAN, HAS_PAD: tl.constexpr,
+                  PREC: tl.constexpr, SPLIT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr):
     """dk, dv of the split's keys and its partial dQ~ (into DQL[split]); B's probabilities p = exp(s - lse)."""
     sp = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -140,14 +149,14 @@ def _b_bwd_kernel(QL, K, V, PAD, LSE, DBV, DELTA, DK, DV, DQL, T, D, M, H, SPLIT
     live = lse > float("-inf")
     lse = tl.where(live, lse, 0.0)
     dql = tl.zeros([BM, BD], tl.float32)
-    for t0 in range(sp * SPLIT, tl.minimum(sp * SPLIT + SPLIT, T), BT):
+    for t0 in range(sp * SPAN, tl.minimum(sp * SPAN + SPAN, T), BT):
         offs_t, ok, k, v, off, lm = _key_tile(K, V, PAD, bh, b, t0, T, D, HAS_PAD, BT, BD)
-        s = _mm(ql, tl.trans(k), True, False, PREC)
+        s = _mm(ql, tl.trans(k), True, False, PREC, SPLIT)
         p = tl.where(ok[None, :] & live[:, None], tl.exp(s - lse[:, None]), 0.0)  # [BM, BT]
-        dv = _mm(tl.trans(p), dbv, True, True, PREC)
-        ds = p * (_mm(dbv, tl.trans(v), True, False, PREC) - delta[:, None])
-        dk = _mm(tl.trans(ds), ql, True, True, PREC)
-        dql += _mm(ds, k, True, False, PREC)
+        dv = _mm(tl.trans(p), dbv, True, True, PREC, SPLIT)
+        ds = p * (_mm(dbv, tl.trans(v), True, False, PREC, SPLIT) - delta[:, None])
+        dk = _mm(tl.trans(ds), ql, True, True, PREC, SPLIT)
+        dql += _mm(ds, k, True, False, PREC, SPLIT)
         tl.store(DV + off, dv.to(DV.dtype.element_ty), mask=lm)
         tl.store(DK + off, dk.to(DK.dtype.element_ty), mask=lm)
     row = (sp * tl.num_programs(1) + bh) * M + offs_m
@@ -156,6 +165,7 @@ def _b_bwd_kernel(QL, K, V, PAD, LSE, DBV, DELTA, DK, DV, DQL, T, D, M, H, SPLIT
 
 @triton.jit
 def _f_probs(Q, KL, LM, bh, b, t0, T, D, M, HAS_LM: tl.constexpr, LOW: tl.constexpr, PREC: tl.constexpr,
+             SPLIT: tl.constexpr,
              BM: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr):
     """F's rows t0.. (softmax over the usable landmarks; zeros if none): (q, p, row offsets, row mask)."""
     offs_t = t0 + tl.arange(0, BT)
@@ -164,7 +174,7 @@ def _f_probs(Q, KL, LM, bh, b, t0, T, D, M, HAS_LM: tl.constexpr, LOW: tl.conste
     lm = (offs_t < T)[:, None] & (offs_d < D)[None, :]
     q = tl.load(Q + off, mask=lm, other=0.0)
     kl, ok = _landmarks(KL, LM, bh, b, M, D, HAS_LM, BM, BD)
-    s = _mm(q, tl.trans(kl), False, not LOW, PREC)
+    s = _mm(q, tl.trans(kl), False, not LOW, PREC, SPLIT)
     s = tl.where(ok[None, :], s, float("-inf"))
     mx = tl.max(s, 1)
     mx = tl.where(mx == float("-inf"), 0.0, mx)
@@ -176,18 +186,19 @@ def _f_probs(Q, KL, LM, bh, b, t0, T, D, M, HAS_LM: tl.constexpr, LOW: tl.conste
 
 @triton.jit
 def _f_fwd_kernel(Q, KL, X, LM, O, T, D, M, H, HAS_LM: tl.constexpr, LOW: tl.constexpr, PREC: tl.constexpr,
+                  SPLIT: tl.constexpr,
                   BM: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr):
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
-    q, kl, p, off, lm = _f_probs(Q, KL, LM, bh, b, tl.program_id(0) * BT, T, D, M, HAS_LM, LOW, PREC, BM, BD, BT)
+    q, kl, p, off, lm = _f_probs(Q, KL, LM, bh, b, tl.program_id(0) * BT, T, D, M, HAS_LM, LOW, PREC, SPLIT, BM, BD, BT)
     x, x_ok = _landmarks(X, X, bh, b, M, D, False, BM, BD)
-    out = _mm(p, x, not LOW, not LOW, PREC)
+    out = _mm(p, x, not LOW, not LOW, PREC, SPLIT)
     tl.store(O + off, out.to(O.dtype.element_ty), mask=lm)
 
 
 @triton.jit
-def _f_bwd_kernel(Q, KL, X, LM, DO, DELTA, DQ, DX, DKL, T, D, M, H, SPLIT, HAS_LM: tl.constexpr, LOW: tl.constexpr,
-                  PREC: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr):
+def _f_bwd_kernel(Q, KL, X, LM, DO, DELTA, DQ, DX, DKL, T, D, M, H, SPAN, HAS_LM: tl.constexpr, LOW: tl.constexpr,
+                  PREC: tl.constexpr, SPLIT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr):
     """dq of the split's rows and its partial dX, dK~ (into DX[split], DKL[split])."""
     sp = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -195,15 +206,15 @@ def _f_bwd_kernel(Q, KL, X, LM, DO, DELTA, DQ, DX, DKL, T, D, M, H, SPLIT, HAS_L
     x, x_ok = _landmarks(X, X, bh, b, M, D, False, BM, BD)
     dx = tl.zeros([BM, BD], tl.float32)
     dkl = tl.zeros([BM, BD], tl.float32)
-    for t0 in range(sp * SPLIT, tl.minimum(sp * SPLIT + SPLIT, T), BT):
-        q, kl, p, off, lm = _f_probs(Q, KL, LM, bh, b, t0, T, D, M, HAS_LM, LOW, PREC, BM, BD, BT)
+    for t0 in range(sp * SPAN, tl.minimum(sp * SPAN + SPAN, T), BT):
+        q, kl, p, off, lm = _f_probs(Q, KL, LM, bh, b, t0, T, D, M, HAS_LM, LOW, PREC, SPLIT, BM, BD, BT)
         offs_t = t0 + tl.arange(0, BT)
         do = tl.load(DO + off, mask=lm, other=0.0)
         delta = tl.load(DELTA + bh * T + offs_t, mask=offs_t < T, other=0.0)
-        dx += _mm(tl.trans(p), do, True, False, PREC)
-        ds = p * (_mm(do, tl.trans(x), False, True, PREC) - delta[:, None])
-        tl.store(DQ + off, _mm(ds, kl, True, True, PREC).to(DQ.dtype.element_ty), mask=lm)
-        dkl += _mm(tl.trans(ds), q, True, False, PREC)
+        dx += _mm(tl.trans(p), do, True, False, PREC, SPLIT)
+        ds = p * (_mm(do, tl.trans(x), False, True, PREC, SPLIT) - delta[:, None])
+        tl.store(DQ + off, _mm(ds, kl, True, True, PREC, SPLIT).to(DQ.dtype.element_ty), mask=lm)
+        dkl += _mm(tl.trans(ds), q, True, False, PREC, SPLIT)
     offs_m = tl.arange(0, BM)
     offs_d = tl.arange(0, BD)
     row = (sp * tl.num_programs(1) + bh) * M + offs_m
@@ -237,7 +248,7 @@ class _BSide(torch.autograd.Function):
         padt, has_pad = _pad(pad, bs, t)
         padt = padt.to(k.device)
         _b_fwd_kernel[(n, bs * h)](ql, k, v, padt, acc, mx, sm, t, d, m, h, split, HAS_PAD=has_pad,
-                                   PREC=_precision(k), **_meta(m, d))
+                                   PREC=_precision(k), SPLIT=_split_mode(_precision(k)), **_meta(m, d))
         top = mx.amax(0)  # (BH, m)
         top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
         w = torch.exp(mx - top)  # 0 for a split with no key
@@ -261,8 +272,8 @@ class _BSide(torch.autograd.Function):
         delta = (dbv * bv).sum(-1)  # (B, H, m)
         dk, dv = torch.empty_like(k), torch.empty_like(v)
         dql = ql.new_empty(n, bs * h, m, d)
-        _b_bwd_kernel[(n, bs * h)](ql, k, v, padt, lse, dbv, delta, dk, dv, dql, t, d, m, h, split, 1.0,
-                                   HAS_PAD=ctx.has_pad, PREC=_precision(k), **_meta(m, d))
+        _b_bwd_kernel[(n, bs * h)](ql, k, v, padt, lse, dbv, delta, dk, dv, dql, t, d, m, h, split,
+                                   HAS_PAD=ctx.has_pad, PREC=_precision(k), SPLIT=_split_mode(_precision(k)), **_meta(m, d))
         return dql.sum(0).view_as(ql), dk, dv, None
 
 
@@ -275,7 +286,7 @@ class _FSide(torch.autograd.Function):
         lmt, has_lm = _pad(lm, bs, m)
         lmt = lmt.to(q.device)
         _f_fwd_kernel[(triton.cdiv(t, BT), bs * h)](q, kl, x, lmt, out, t, d, m, h, HAS_LM=has_lm, LOW=low,
-                                                    PREC=_precision(q), **_meta(m, d))
+                                                    PREC=_precision(q), SPLIT=_split_mode(_precision(q)), **_meta(m, d))
         ctx.save_for_backward(q, kl, x, lmt, out)
         ctx.flags = (has_lm, low)
         return out
@@ -293,7 +304,7 @@ class _FSide(torch.autograd.Function):
         dq = torch.empty_like(q)
         dx, dkl = (kl.new_empty(n, bs * h, m, d) for _ in range(2))
         _f_bwd_kernel[(n, bs * h)](q, kl, x, lmt, dout, delta, dq, dx, dkl, t, d, m, h, split, HAS_LM=has_lm, LOW=low,
-                                   PREC=_precision(q), **_meta(m, d))
+                                   PREC=_precision(q), SPLIT=_split_mode(_precision(q)), **_meta(m, d))
         return dq, dkl.sum(0).view_as(kl), dx.sum(0).view_as(x), None, None
 
 
