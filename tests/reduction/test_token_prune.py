@@ -106,22 +106,33 @@ def test_pruning_an_encoder_keeps_specials_pads_rows_and_is_exact_at_keep_1(mini
     assert torch.isfinite(out.last_hidden_state).all()
 
 
-def test_spam_timing_counts_the_model_not_the_tokenizer(minilm):
-    """`seconds` is the model's passes over pre-tokenized batches: a tokenizer that takes 0.4 s a call must not
-    show in it (3 batches: over a second if it were timed)."""
-    import time
+def test_spam_timing_counts_the_model_not_the_tokenizer(minilm, monkeypatch):
+    """`seconds` is the model's passes over pre-tokenized batches: the tokenizer is never called between a timed
+    region's two clock reads (the module's only perf_counter calls: odd calls open a region, even ones close it).
+    Checked by the clock's order, not by durations: a duration bound failed in a CI run on a loaded CPU."""
+    import types
 
     model, tok = minilm
+    state = {"reads": 0, "inside": False, "calls": 0}
 
-    class SlowTokenizer:
+    def perf_counter():
+        state["reads"] += 1
+        state["inside"] = state["reads"] % 2 == 1
+        return float(state["reads"])
+
+    monkeypatch.setattr(tp, "time", types.SimpleNamespace(perf_counter=perf_counter))
+
+    class WatchedTokenizer:
         def __call__(self, *a, **k):
-            time.sleep(0.4)
+            assert not state["inside"], "the tokenizer ran inside a timed region"
+            state["calls"] += 1
             return tok(*a, **k)
 
     items = [(f"message number {i} about cheap pills and meetings", i % 2) for i in range(24)]
-    rows = tp.evaluate_spam(model, SlowTokenizer(), items, items, keeps=[0.5], techniques=("first",), seq_len=32,
+    rows = tp.evaluate_spam(model, WatchedTokenizer(), items, items, keeps=[0.5], techniques=("first",), seq_len=32,
                             batch_size=8, progress=False, timing_repeats=1)
-    assert all(0 < r["seconds"] < 0.8 for r in rows), [r["seconds"] for r in rows]
+    assert state["calls"] == 6 and state["reads"] == 4  # train and test tokenized once (3 batches each); 2 regions
+    assert all(r["seconds"] == 1.0 for r in rows)  # each region: one read to the next
     assert rows[1]["speedup"] == rows[0]["seconds"] / rows[1]["seconds"]
 
 

@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import statistics
+import time
 
 import torch
 
@@ -354,9 +356,6 @@ def evaluate_spam(model, tok, train, test, *, keeps, techniques=("attention", "r
     of `timing_repeats` passes timed after the accuracy pass (the warm-up), the device synchronised around each
     pass and nothing copied back; the attention technique's scoring runs inside it. `speedup`: the original's over
     the row's."""
-    import statistics
-    import time
-
     from tqdm.auto import tqdm
 
     from ..eval.compare import train_head
