@@ -112,6 +112,9 @@ def test_refusals_are_one_clear_line():
     q, k, v = rand_qkv(b=1, h=1, tq=300, d=16)
     with pytest.raises(UnsupportedError, match="chunks of up to 128"):
         make("lsh", q, k, bucket_size=256, backend="triton")(q, k, v)
+    q2, k2, v2 = rand_qkv(b=1, h=1, tq=300, d=128)
+    with pytest.raises(UnsupportedError, match="fp32 with head_dim > 64 takes chunks of up to 64"):
+        make("lsh", q2, k2, bucket_size=128, backend="triton")(q2, k2, v2)
     m = make("lsh", q, k, bucket_size=32, backend="triton")
     with pytest.raises(UnsupportedError, match="need_probs"):
         m(q, k, v, need_probs=True)

@@ -92,6 +92,9 @@ def test_refusals_are_one_clear_line():
         m(q, k, v, need_probs=True)
     with pytest.raises(UnsupportedError, match="fp32 and bf16"):
         m(q.half(), k.half(), v.half())
+    q2, k2, v2 = rand_qkv(b=1, h=1, tq=300, d=128)
+    with pytest.raises(UnsupportedError, match="head_dim > 64 takes up to 64 landmarks"):
+        make("nystrom", q2, k2, num_landmarks=128, backend="triton")(q2, k2, v2)
     with pytest.raises(UnsupportedError, match="residual conv"):
         make("nystrom", q, k, num_landmarks=16, conv_kernel=3, backend="triton")(q, k, v)
 

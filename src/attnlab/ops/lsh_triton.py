@@ -45,6 +45,9 @@ def unsupported_reasons(device, *, chunk: int, head_dim: int, dtype=None, need_p
                          fallback="eager")
     if chunk > MAX_CHUNK:
         why.append(f"backend='triton' takes chunks of up to {MAX_CHUNK} tokens, got min(bucket_size, T) = {chunk}")
+    elif dtype == torch.float32 and chunk > 64 and head_dim > 64:
+        # the fp32 backward's tiles would need more shared memory than an H100 / H200 has (sm_90 compiles, triton 3.6)
+        why.append(f"backend='triton' in fp32 with head_dim > 64 takes chunks of up to 64 tokens, got {chunk}")
     if need_probs:
         why.append("backend='triton' does not build the probability matrix (need_probs: use backend='eager')")
     return why
@@ -198,6 +201,8 @@ def _hash_kernel(X, W, KEYS, T, Tp, D, HALF, R, NB, PREC: tl.constexpr, SPLIT: t
                 mid = rest.to(x.dtype)
                 lo = (rest - mid.to(tl.float32)).to(x.dtype)
                 xw = _dot(x, hi, PREC) + _dot(x, mid, PREC) + _dot(x, lo, PREC)
+            elif PREC == "tf32":  # half inputs on tensor cores without the split: one dot, w rounded to x's dtype
+                xw = _dot(x, w.to(x.dtype), PREC)
             else:
                 xw = _dot(x, w, PREC)
             cand_hi = tl.where(mmask[None, :], xw, float("-inf"))
@@ -272,8 +277,8 @@ class _LSHChunks(torch.autograd.Function):
         b, h, t, d = q.shape
         r, tp = q_order.shape[2], q_order.shape[3]
         dout = dout.contiguous()
-        delta = (dout * out).sum(-1)  # fp32
         do = dout.to(q.dtype)
+        delta = (do.float() * out).sum(-1)  # fp32, from the same (rounded) dout as the kernel's dp
         dq_r, dk_r, dv_r = (q.new_empty(b, h, r, t, d, dtype=torch.float32) for _ in range(3))
         dkb_r, dvb_r = (q.new_zeros(b, h, r, t, d, dtype=torch.float32) for _ in range(2))  # the last chunk: no writer
         grid = (tp // chunk, b * h * r)

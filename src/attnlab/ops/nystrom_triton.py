@@ -46,6 +46,10 @@ def unsupported_reasons(device, *, landmarks: int, head_dim: int, dtype=None, ne
                          fallback="torch")
     if landmarks > MAX_LANDMARKS:
         why.append(f"backend='triton' takes up to {MAX_LANDMARKS} landmarks, got {landmarks}")
+    elif head_dim > 64 and (landmarks > 64 or dtype == torch.float32):
+        # the backward's tiles would need more shared memory than an H100 / H200 has (sm_90 compiles, triton 3.6)
+        why.append(f"backend='triton' with head_dim > 64 takes up to 64 landmarks in bf16 (got {landmarks} landmarks, "
+                   f"{dtype})")
     if need_probs:
         why.append("backend='triton' does not build the probability matrix (need_probs: use backend='torch')")
     if conv:
