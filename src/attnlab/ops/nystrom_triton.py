@@ -236,8 +236,11 @@ def _meta(m: int, d: int) -> dict:
     return dict(BM=max(16, triton.next_power_of_2(m)), BD=max(16, triton.next_power_of_2(d)), BT=BT, num_warps=4)
 
 
-def _pad(mask, b, n):
-    return (mask.to(torch.int8).contiguous(), True) if mask is not None else (torch.empty(1, dtype=torch.int8), False)
+def _mask_arg(mask, device):
+    """(int8 mask, whether there is one) as the kernels take it; a 1-element placeholder when there is none."""
+    if mask is None:
+        return torch.empty(1, dtype=torch.int8, device=device), False
+    return mask.to(torch.int8).contiguous(), True
 
 
 class _BSide(torch.autograd.Function):
@@ -249,8 +252,7 @@ class _BSide(torch.autograd.Function):
         n = triton.cdiv(t, split)
         acc = ql.new_empty(n, bs * h, m, d)
         mx, sm = (ql.new_empty(n, bs * h, m) for _ in range(2))
-        padt, has_pad = _pad(pad, bs, t)
-        padt = padt.to(k.device)
+        padt, has_pad = _mask_arg(pad, k.device)
         _b_fwd_kernel[(n, bs * h)](ql, k, v, padt, acc, mx, sm, t, d, m, h, split, HAS_PAD=has_pad,
                                    PREC=_precision(k), SPLIT=_split_mode(_precision(k)), **_meta(m, d))
         top = mx.amax(0)  # (BH, m)
@@ -287,8 +289,7 @@ class _FSide(torch.autograd.Function):
         bs, h, t, d = q.shape
         m = kl.shape[-2]
         out = torch.empty_like(q)
-        lmt, has_lm = _pad(lm, bs, m)
-        lmt = lmt.to(q.device)
+        lmt, has_lm = _mask_arg(lm, q.device)
         _f_fwd_kernel[(triton.cdiv(t, BT), bs * h)](q, kl, x, lmt, out, t, d, m, h, HAS_LM=has_lm, LOW=low,
                                                     PREC=_precision(q), SPLIT=_split_mode(_precision(q)), **_meta(m, d))
         ctx.save_for_backward(q, kl, x, lmt, out)
