@@ -219,6 +219,38 @@ def lsh_buckets(dtypes) -> int:
     return failures
 
 
+def nystrom_solve(dtypes) -> int:
+    """nystrom's inference path (no autograd: A, pinv(A) and X in one kernel, `ops.nystrom_triton.solve`) against its
+    path with gradients (PyTorch ops between the two kernels) and the PyTorch form, on the GPU: its test_options and
+    64 landmarks, with padding (an empty landmark, a fully padded row) and a landmark count that is not a power of 2."""
+    failures = 0
+    q64, k64, v64, kpm = inputs()
+    for landmarks, pad in ((64, True), (48, True), (64, False)):
+        for dtype in dtypes:
+            q, k, v = (x.to("cuda", dtype) for x in (q64, k64, repeat_kv(v64, H // HKV)))
+            k = repeat_kv(k, H // HKV)
+            mask = kpm.cuda() if pad else None
+            outs = {}
+            for name, backend, grad in (("solve", "triton", False), ("grad-path", "triton", True),
+                                        ("torch", "torch", False)):
+                m = attnlab.make("nystrom", head_dim=D, num_heads=H, num_landmarks=landmarks, backend=backend).cuda()
+                qq = q.clone().requires_grad_(grad)
+                with torch.set_grad_enabled(grad):
+                    outs[name] = m(qq, k, v, key_padding_mask=mask).out.detach().double()
+            scale = max(1.0, outs["torch"].abs().max().item())
+            e_grad = (outs["solve"] - outs["grad-path"]).abs().max().item() / scale
+            e_torch = (outs["solve"] - outs["torch"]).abs().max().item() / scale
+            e_ref = (outs["grad-path"] - outs["torch"]).abs().max().item() / scale
+            finite = bool(torch.isfinite(outs["solve"]).all())
+            zeros = not pad or bool((outs["solve"][1] == 0).all())
+            ok = finite and zeros and e_grad <= BOUND[dtype] and e_torch <= 2 * e_ref + BOUND[dtype]
+            failures += not ok
+            print(f"{'ok ' if ok else 'FAIL'} nystrom-solve landmarks={landmarks} pad={pad!s:5} {str(dtype):15} "
+                  f"vs grad path {e_grad:.2e} vs torch {e_torch:.2e} (grad path vs torch {e_ref:.2e}) "
+                  f"finite={finite} padded-row-zeros={zeros}", flush=True)
+    return failures
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("methods", nargs="?", default=None, help="comma-separated subset (default: every method)")
@@ -238,6 +270,8 @@ def main(argv=None) -> int:
     failures += cuda_vs_cpu(names, (torch.bfloat16,) if args.quick else (torch.float32, torch.bfloat16))
     if any(variant(n)[0] == "lsh" for n in names):
         failures += lsh_buckets((torch.bfloat16,) if args.quick else (torch.float32, torch.bfloat16))
+    if any(variant(n)[0] == "nystrom" for n in names):
+        failures += nystrom_solve((torch.bfloat16,) if args.quick else (torch.float32, torch.bfloat16))
     print(f"{failures} failure(s) on {torch.cuda.get_device_name()}, torch {torch.__version__} (linear form: "
           f"{args.linear_form})")
     return 1 if failures else 0

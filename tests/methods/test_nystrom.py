@@ -61,6 +61,34 @@ def test_iterative_pinv_is_moore_penrose():
     torch.testing.assert_close(z, torch.linalg.pinv(a), rtol=0, atol=1e-8)
 
 
+def _paper_pinv(a, iters):
+    """The paper's iteration as written (4-D matmuls, autograd's backward): the yardstick for `_NewtonSchulz`."""
+    eye = torch.eye(a.shape[-1], dtype=a.dtype)
+    col = a.abs().sum(-2).amax(-1, keepdim=True)[..., None]
+    row = a.abs().sum(-1).amax(-1, keepdim=True)[..., None]
+    z = a.transpose(-1, -2) / (col * row).clamp_min(torch.finfo(a.dtype).tiny)
+    for _ in range(iters):
+        az = a @ z
+        z = 0.25 * z @ (13 * eye - az @ (15 * eye - az @ (7 * eye - az)))
+    return z
+
+
+@pytest.mark.parametrize("iters", [0, 1, 6])
+def test_iterative_pinv_backward_matches_autograd_of_the_paper_form(iters):
+    g = torch.Generator().manual_seed(iters)
+    a = torch.randn(2, 3, 9, 9, generator=g, dtype=torch.float64).softmax(-1).requires_grad_(True)
+    w = torch.randn(2, 3, 9, 9, generator=g, dtype=torch.float64)
+    z, ref = iterative_pinv(a, iters), _paper_pinv(a, iters)
+    torch.testing.assert_close(z, ref, rtol=1e-12, atol=1e-12)
+    ga, = torch.autograd.grad((z * w).sum(), a)
+    gr, = torch.autograd.grad((ref * w).sum(), a)
+    assert gr.abs().max() > 1  # a gradient that says something
+    torch.testing.assert_close(ga, gr, rtol=1e-10, atol=1e-10)
+    # and against finite differences, on a matrix without the row-sum ties of a softmax (max is not smooth there)
+    b = (torch.randn(2, 5, 5, generator=g, dtype=torch.float64) + 3 * torch.eye(5, dtype=torch.float64))
+    assert torch.autograd.gradcheck(lambda x: iterative_pinv(x, iters), (b.requires_grad_(True),))
+
+
 def _padding_mask():
     kpm = torch.ones(4, 14, dtype=torch.bool)
     kpm[0, 10:] = False  # right padding

@@ -104,3 +104,36 @@ def test_auto_keeps_the_pytorch_form_on_cpu():
     m = make("nystrom", q, k, num_landmarks=8)
     m(q, k, v)
     assert m.kernel == "torch"
+
+
+@pytest.mark.parametrize("t,landmarks,pad,iters", [(64, 8, False, 6), (70, 12, True, 6), (1100, 16, False, 6),
+                                                   (70, 12, True, 0), (40, 40, True, 3)])
+def test_inference_solve_matches_the_autograd_path(t, landmarks, pad, iters, monkeypatch):
+    """Without autograd, A, pinv(A) and X run as one kernel (`nystrom_triton.solve`): against the PyTorch ops between
+    the two kernels (the path with gradients) and the PyTorch form; landmark counts that are not a power of two (the
+    kernel's padded rows and columns must stay out of A and the pinv), an empty landmark, a fully padded row."""
+    from attnlab.ops import nystrom_triton
+
+    calls = []
+    real_solve = nystrom_triton.solve
+    monkeypatch.setattr(nystrom_triton, "solve", lambda *a, **kw: calls.append(1) or real_solve(*a, **kw))
+    q, k, v = rand_qkv(b=2, h=2, tq=t, d=16, seed=t + landmarks)
+    kpm = None
+    if pad:
+        kpm = torch.ones(2, t, dtype=torch.bool)
+        kpm[0, -20:] = False
+        kpm[1] = False
+    opts = dict(num_landmarks=landmarks, pinv_iters=iters)
+    with torch.no_grad():
+        out = make("nystrom", q, k, backend="triton", **opts)(q, k, v, key_padding_mask=kpm).out
+        ref = make("nystrom", q, k, backend="torch", **opts)(q, k, v, key_padding_mask=kpm).out
+    assert calls == [1]
+    qq = q.clone().requires_grad_(True)
+    grad_path = make("nystrom", q, k, backend="triton", **opts)(qq, k, v, key_padding_mask=kpm).out.detach()
+    assert calls == [1]  # the path with gradients did not take it
+    assert torch.isfinite(out).all()
+    scale = max(1.0, ref.abs().max().item())
+    assert max_err(out, grad_path) < 1e-5 * scale
+    assert max_err(out, ref) < 1e-5 * scale
+    if pad:
+        assert not out[1].any()

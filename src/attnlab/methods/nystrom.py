@@ -29,18 +29,58 @@ _PINV = ("iterative", "exact")
 _PRECISION = ("fp32", "input")
 
 
+class _NewtonSchulz(torch.autograd.Function):
+    """`iters` steps Z <- Z (13 I - X (15 I - X (7 I - X))) / 4, X = A Z, on [N, m, m] batches, with a hand-written
+    backward: per step two bmm and two baddbmm forward (c I - X Y in one call) and eight bmm / baddbmm backward, the
+    steps' X, 7 I - X, 15 I - X (7 I - X) and polynomial kept (m x m each). Autograd of the same ops launched ~3x
+    as many kernels: at m = 64 the call is host-bound (measured on an H200 with the Triton kernels)."""
+
+    @staticmethod
+    def forward(ctx, a, z, iters):
+        eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+        e7, e15, e13q = 7 * eye, 15 * eye, 3.25 * eye
+        saved = []
+        for _ in range(iters):
+            x = torch.bmm(a, z)
+            t1 = e7 - x
+            t2 = torch.baddbmm(e15, x, t1, alpha=-1)  # 15 I - X t1
+            p = torch.baddbmm(e13q, x, t2, alpha=-0.25)  # (13 I - X t2) / 4
+            saved += [z, x, t1, t2, p]
+            z = torch.bmm(z, p)
+        ctx.save_for_backward(a, *saved)
+        ctx.iters = iters
+        return z
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        a, *saved = ctx.saved_tensors
+        ga = torch.zeros_like(a)
+        at = a.transpose(-1, -2)
+        for i in reversed(range(ctx.iters)):
+            z, x, t1, t2, p = saved[5 * i:5 * i + 5]
+            xt = x.transpose(-1, -2)
+            h = torch.bmm(z.transpose(-1, -2), g).mul_(-0.25)  # -dP / 4
+            gz = torch.bmm(g, p.transpose(-1, -2))  # through Z' = Z P
+            gt2 = torch.bmm(xt, h)  # through P = (13 I - X t2) / 4
+            gx = torch.bmm(h, t2.transpose(-1, -2))
+            gx = torch.baddbmm(gx, gt2, t1.transpose(-1, -2), alpha=-1)  # through t2 = 15 I - X t1
+            gx = torch.baddbmm(gx, xt, gt2)  # through t1 = 7 I - X (dt1 = -X^T dt2)
+            ga = torch.baddbmm(ga, gx, z.transpose(-1, -2))  # through X = A Z
+            g = torch.baddbmm(gz, at, gx)
+        return ga, g, None
+
+
 def iterative_pinv(a: torch.Tensor, iters: int) -> torch.Tensor:
-    """Moore-Penrose pseudo-inverse of [..., m, m] by the paper's cubic Newton-Schulz iteration."""
-    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
-    col = a.abs().sum(-2).amax(-1, keepdim=True)[..., None]  # (..., 1, 1) max column sum, ||A||_1
-    row = a.abs().sum(-1).amax(-1, keepdim=True)[..., None]  # (..., 1, 1) max row sum, ||A||_inf
+    """Moore-Penrose pseudo-inverse of [..., m, m] by the paper's cubic Newton-Schulz iteration (`_NewtonSchulz`)."""
+    m = a.shape[-1]
+    a3 = a.reshape(-1, m, m)
+    col = a3.abs().sum(-2).amax(-1)  # (N,) max column sum, ||A||_1
+    row = a3.abs().sum(-1).amax(-1)  # (N,) max row sum, ||A||_inf
     # Z0 = A^T / (||A||_1 ||A||_inf) makes ||I - A Z0|| < 1, so the iteration converges; clamp keeps an
     # all-zero A (all-padded row) at Z = 0 instead of NaN
-    z = a.transpose(-1, -2) / (col * row).clamp_min(torch.finfo(a.dtype).tiny)  # (..., m, m)
-    for _ in range(iters):
-        az = a @ z
-        z = 0.25 * z @ (13 * eye - az @ (15 * eye - az @ (7 * eye - az)))
-    return z
+    z = a3.transpose(-1, -2) / (col * row).clamp_min(torch.finfo(a.dtype).tiny)[:, None, None]  # (N, m, m)
+    return _NewtonSchulz.apply(a3, z, iters).reshape(a.shape)
 
 
 def segment_means(m: int, t: int, key_padding_mask: torch.Tensor | None, dtype, device):
@@ -118,9 +158,9 @@ class Nystrom(AttentionMethod):
                                      "products (F's scores and F X) in the input dtype (bf16 tensor cores, fp32 "
                                      "accumulation); B's side (its scores and B V, whose rounding pinv(A) magnifies), "
                                      "softmaxes, landmarks, A and pinv(A) in fp32", choices=_PRECISION)
-        backend: str = opt("auto", "auto (= torch) | triton (ops/nystrom_triton.py: the two T-long softmax products as "
-                                   "flash-style kernels, no T x m matrix in memory; not yet run on a GPU, so auto "
-                                   "does not pick it) | torch", choices=("auto", "triton", "torch"))
+        backend: str = opt("auto", "auto (triton on CUDA in bf16 / fp16 where it can, else torch) | triton "
+                                   "(ops/nystrom_triton.py: the two T-long softmax products as flash-style kernels, no "
+                                   "T x m matrix in memory) | torch", choices=("auto", "triton", "torch"))
 
         def __post_init__(self):
             if isinstance(self.conv_kernel, int) and self.conv_kernel % 2 == 0 and self.conv_kernel:
@@ -178,9 +218,16 @@ class Nystrom(AttentionMethod):
     def _pinv(self, a):
         return torch.linalg.pinv(a) if self.opts.pinv == "exact" else iterative_pinv(a, self.opts.pinv_iters)
 
+    def _use_triton(self, q, m, need_probs) -> bool:
+        if self.opts.backend != "auto":
+            return self.opts.backend == "triton"
+        # measured in bf16 on an H200 (benchmarks/results/bench_h200/nystrom/); fp32 stays on torch
+        return (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
+                and not self._triton_reasons(q.device, m, q.dtype, need_probs))
+
     def _attend(self, q, k, v, *, causal, key_padding_mask, attn_mask, scale, need_probs):
         m = min(self.opts.num_landmarks, k.shape[-2])
-        if self.opts.backend == "triton":  # opt-in: auto stays on torch until the kernels have run on a GPU
+        if self._use_triton(q, m, need_probs):
             return self._attend_triton(q, k, v, key_padding_mask, scale, m), None
         self.kernel = "torch"
         out_dtype = v.dtype
@@ -233,7 +280,7 @@ class Nystrom(AttentionMethod):
     def _attend_triton(self, q, k, v, pad, scale, m):
         """The same maths with B V and F X as `ops.nystrom_triton` kernels (no [T, m] matrix in memory); the landmarks,
         A and pinv(A) in PyTorch, fp32."""
-        from ..ops.nystrom_triton import b_side, f_side
+        from ..ops.nystrom_triton import b_side, f_side, solve
 
         low = self.opts.precision == "input" and q.dtype == torch.bfloat16
         self.kernel = "triton[input]" if low else "triton"
@@ -241,6 +288,11 @@ class Nystrom(AttentionMethod):
         t = k.shape[-2]
         q_lm, k_lm, lm_real = self._landmarks(q, k, pad, m, ct, ct, token_chunks(t))
         kl = k_lm * scale
+        real = None if lm_real is None else lm_real.expand(q.shape[0], m)
+        if self.opts.pinv == "iterative" and not (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))):
+            # inference: A, pinv(A) and X in one kernel (`solve`); the launches of the PyTorch ops bound the call
+            x = solve(q_lm, kl, q_lm * scale, k, v, pad, real, self.opts.pinv_iters)
+            return f_side(q, kl, x, real, low=low).to(v.dtype)
         lm_cols = None if lm_real is None else lm_real[:, None, None, :]
         kernel_a = masks.masked_softmax(q_lm @ kl.transpose(-1, -2), lm_cols)  # (B, H, m, m)
         bv = b_side(q_lm * scale, k, v, pad)  # (B, H, m, D) fp32
@@ -248,5 +300,4 @@ class Nystrom(AttentionMethod):
             lm_rows = lm_real[:, None, :, None].to(ct)
             kernel_a, bv = kernel_a * lm_rows, bv * lm_rows
         x = self._pinv(kernel_a) @ bv  # (B, H, m, D)
-        real = None if lm_real is None else lm_real.expand(q.shape[0], m)
         return f_side(q, kl, x, real, low=low).to(v.dtype)

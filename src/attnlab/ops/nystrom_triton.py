@@ -227,6 +227,56 @@ def _f_bwd_kernel(Q, KL, X, LM, DO, DELTA, DQ, DX, DKL, T, D, M, H, SPAN, HAS_LM
     tl.store(DKL + row[:, None] * D + offs_d[None, :], dkl, mask=st)
 
 
+@triton.jit
+def _solve_kernel(QL, KL, LM, ACC, MX, SUM, X, NS, M, D, H, ITERS, HAS_LM: tl.constexpr, BM: tl.constexpr,
+                  BD: tl.constexpr):
+    """X = pinv(A) (B V) for one (batch x head), everything `methods.nystrom` does between the two T-long products in
+    one program: B V from `_b_fwd_kernel`'s NS split partials (combined as `_BSide.forward` does), A = softmax(Q~
+    K~^T) over the usable landmarks, the rows of unusable ones zeroed, pinv(A) by ITERS Newton-Schulz
+    steps (`methods.nystrom._NewtonSchulz`), every product an fp32 dot."""
+    bh = tl.program_id(0).to(tl.int64)
+    nbh = tl.num_programs(0)
+    b = bh // H
+    offs_m = tl.arange(0, BM)
+    offs_d = tl.arange(0, BD)
+    in_m = offs_m < M
+    st = in_m[:, None] & (offs_d < D)[None, :]
+    top = tl.full([BM], float("-inf"), tl.float32)
+    for sp in range(NS):
+        top = tl.maximum(top, tl.load(MX + (sp * nbh + bh) * M + offs_m, mask=in_m, other=float("-inf")))
+    top = tl.where(top == float("-inf"), 0.0, top)
+    den = tl.zeros([BM], tl.float32)
+    num = tl.zeros([BM, BD], tl.float32)
+    for sp2 in range(NS):
+        row = (sp2 * nbh + bh) * M + offs_m
+        w = tl.exp(tl.load(MX + row, mask=in_m, other=float("-inf")) - top)
+        den += w * tl.load(SUM + row, mask=in_m, other=0.0)
+        num += w[:, None] * tl.load(ACC + row[:, None] * D + offs_d[None, :], mask=st, other=0.0)
+    bv = num / tl.maximum(den, 1.1754943508222875e-38)[:, None]
+    ql, ql_ok = _landmarks(QL, QL, bh, b, M, D, False, BM, BD)
+    kl, usable = _landmarks(KL, LM, bh, b, M, D, HAS_LM, BM, BD)
+    s = tl.dot(ql, tl.trans(kl), input_precision="ieee")
+    s = tl.where(usable[None, :], s, float("-inf"))
+    mx = tl.max(s, 1)
+    mx = tl.where(mx == float("-inf"), 0.0, mx)
+    e = tl.exp(s - mx[:, None])
+    se = tl.sum(e, 1)
+    a = tl.where(usable[:, None], e / tl.where(se > 0.0, se, 1.0)[:, None], 0.0)
+    # B V's rows of unusable landmarks need no zeroing: A's row j zero makes pinv(A)'s column j zero at every step
+    eye = tl.where((offs_m[:, None] == offs_m[None, :]) & in_m[:, None], 1.0, 0.0)
+    col = tl.max(tl.sum(tl.abs(a), 0), 0)
+    rsum = tl.max(tl.sum(tl.abs(a), 1), 0)
+    z = tl.trans(a) / tl.maximum(col * rsum, 1.1754943508222875e-38)
+    for it in range(ITERS):
+        az = tl.dot(a, z, input_precision="ieee")
+        t1 = 7.0 * eye - az
+        t2 = 15.0 * eye - tl.dot(az, t1, input_precision="ieee")
+        pz = 3.25 * eye - 0.25 * tl.dot(az, t2, input_precision="ieee")
+        z = tl.dot(z, pz, input_precision="ieee")
+    x = tl.dot(z, bv, input_precision="ieee")
+    tl.store(X + (bh * M + offs_m)[:, None] * D + offs_d[None, :], x, mask=st)
+
+
 def _split(t: int) -> int:
     """Keys (or rows) per program of the split-K passes: enough programs to fill the GPU at long T, few partials."""
     return BT * max(1, min(16, triton.cdiv(t, 8 * BT)))
@@ -243,18 +293,27 @@ def _mask_arg(mask, device):
     return mask.to(torch.int8).contiguous(), True
 
 
+def _b_partials(ql, k, v, pad):
+    """`_b_fwd_kernel`'s split partials of softmax(ql k^T) v: (unnormalised products [n, BH, m, D], maxima and sums
+    [n, BH, m], the kernels' mask argument and whether there is one)."""
+    bs, h, t, d = k.shape
+    m = ql.shape[-2]
+    split = _split(t)
+    n = triton.cdiv(t, split)
+    acc = ql.new_empty(n, bs * h, m, d)
+    mx, sm = (ql.new_empty(n, bs * h, m) for _ in range(2))
+    padt, has_pad = _mask_arg(pad, k.device)
+    _b_fwd_kernel[(n, bs * h)](ql, k, v, padt, acc, mx, sm, t, d, m, h, split, HAS_PAD=has_pad,
+                               PREC=_precision(k), SPLIT=_split_mode(_precision(k)), **_meta(m, d))
+    return acc, mx, sm, padt, has_pad
+
+
 class _BSide(torch.autograd.Function):
     @staticmethod
     def forward(ctx, ql, k, v, pad):
         bs, h, t, d = k.shape
         m = ql.shape[-2]
-        split = _split(t)
-        n = triton.cdiv(t, split)
-        acc = ql.new_empty(n, bs * h, m, d)
-        mx, sm = (ql.new_empty(n, bs * h, m) for _ in range(2))
-        padt, has_pad = _mask_arg(pad, k.device)
-        _b_fwd_kernel[(n, bs * h)](ql, k, v, padt, acc, mx, sm, t, d, m, h, split, HAS_PAD=has_pad,
-                                   PREC=_precision(k), SPLIT=_split_mode(_precision(k)), **_meta(m, d))
+        acc, mx, sm, padt, has_pad = _b_partials(ql, k, v, pad)
         top = mx.amax(0)  # (BH, m)
         top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
         w = torch.exp(mx - top)  # 0 for a split with no key
@@ -324,3 +383,22 @@ def f_side(q: torch.Tensor, kl: torch.Tensor, x: torch.Tensor, landmarks_real: t
     """softmax(q kl^T) x [B, H, T, D] in q's dtype, q [B, H, T, D], kl, x [B, H, m, D] fp32 (the scale folded into kl),
     landmarks_real Bool[B, m] (False: out of the softmax) or None; low: kl and x rounded to q's dtype in the dots."""
     return _FSide.apply(q.contiguous(), kl.float().contiguous(), x.float().contiguous(), landmarks_real, bool(low))
+
+
+def solve(q_lm: torch.Tensor, kl: torch.Tensor, qls: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+          pad: torch.Tensor | None, landmarks_real: torch.Tensor | None, iters: int) -> torch.Tensor:
+    """X = pinv(A) B V [B, H, m, D] fp32 without autograd (inference): `b_side`'s kernel for B V's partials, then one
+    program per (batch, head) for the rest (`_solve_kernel`: their combination, A, the Newton-Schulz pinv, the
+    product), instead of some 70 small PyTorch ops whose launches bound the call at m = 64. q_lm [B, H, m, D] the
+    query landmarks, kl the key landmarks with the scale, qls = q_lm x scale (B's queries), all fp32; pad and
+    landmarks_real as in `b_side` / `f_side`."""
+    bs, h, t, d = k.shape
+    m = q_lm.shape[-2]
+    acc, mx, sm, _pad, _has = _b_partials(qls.float().contiguous(), k.contiguous(), v.contiguous(), pad)
+    lmt, has_lm = _mask_arg(landmarks_real, k.device)
+    x = q_lm.new_empty(bs, h, m, d, dtype=torch.float32)
+    meta = _meta(m, d)
+    meta.pop("BT")
+    _solve_kernel[(bs * h,)](q_lm.float().contiguous(), kl.float().contiguous(), lmt, acc, mx, sm, x, acc.shape[0], m,
+                             d, h, iters, HAS_LM=has_lm, **dict(meta, num_warps=8))
+    return x
