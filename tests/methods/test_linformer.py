@@ -115,3 +115,31 @@ def _no_compute(method):
     return method
 
 
+
+
+def test_cached_row_check_follows_edits_of_E_and_the_length():
+    """Without padding, whether every projected row reads a key is cached per (length, E's version): a shorter input
+    that a row no longer reaches, or zeroing a row of E in place (as an optimizer step writes it), must mask that row
+    (not leave it as a score-0 key), as the formula with the mask says."""
+    torch.manual_seed(0)
+    q, k, v = rand_qkv(tq=12, seed=3)
+    method = make("linformer", q, k, proj_len=6, max_len=16)
+    s = q.shape[-1] ** -0.5
+
+    def manual(t):
+        E, F = method.E.detach()[:, :t], method.F.detach()[:, :t]
+        allowed = (E != 0).any(-1)  # (P,)
+        scores = torch.einsum("bhid,bhpd->bhip", q[:, :, :t], torch.einsum("pt,bhtd->bhpd", E, k[:, :, :t])) * s
+        p = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1)
+        return torch.einsum("bhip,bhpd->bhid", p, torch.einsum("pt,bhtd->bhpd", F, v[:, :, :t])), bool(allowed.all())
+
+    method(q, k, v)  # caches "every row reads a key" at length 12
+    with torch.no_grad():
+        method.E[4, :8] = 0.0  # row 4 reads only keys 8..15
+    for t, edit, all_read in ((12, None, True), (8, None, False), (12, None, True), (12, 2, False)):
+        if edit is not None:
+            with torch.no_grad():
+                method.E[edit] = 0.0  # row 2 reads nothing at any length
+        want, every = manual(t)
+        assert every == all_read  # each step exercises what it says
+        assert max_err(method(q[:, :, :t], k[:, :, :t], v[:, :, :t])[0], want) < 1e-5

@@ -58,6 +58,7 @@ class Linformer(AttentionMethod):
         gen = torch.Generator().manual_seed(o.seed)
         self.E = nn.Parameter(self._init_projection(shape, gen))
         self.F = None if o.share_kv else nn.Parameter(self._init_projection(shape, gen))
+        self._reads_key, self._reads_all = None, False  # `_every_row_reads`'s cache
 
     @classmethod
     def defaults(cls, seq_len):
@@ -81,25 +82,39 @@ class Linformer(AttentionMethod):
         k = min(self.opts.proj_len, tk) if self.opts.proj_len else tk
         return 4.0 * k * tk * self.head_dim + 4.0 * tq * k * self.head_dim
 
+    def _allowed(self, E, real) -> torch.Tensor:
+        """Which projected rows read some real key, Bool[B|1, H|1, 1, P]."""
+        reads = torch.einsum("...pt,bt->b...p", (E != 0).to(torch.float32), real)  # (B|1, P) or (B|1, H, P)
+        allowed = reads > 0
+        return allowed[:, :, None, :] if self.opts.per_head else allowed[:, None, None, :]
+
+    def _every_row_reads(self, E, tk: int) -> bool:
+        """Without padding, whether every projected row reads one of the first tk keys (always for init="normal"):
+        then no mask (flash). It depends on E's zeros and tk only, so it is computed once per (tk, E's storage and
+        version: an optimizer step bumps it) instead of a [P, Tk] pass and a host sync every call."""
+        key = (tk, E.dtype, self.E.device, self.E.data_ptr(), self.E._version)
+        if self._reads_key != key:
+            real = torch.ones(1, tk, device=E.device)
+            self._reads_key, self._reads_all = key, bool(self._allowed(E, real).all())
+        return self._reads_all
+
     def _attend(self, q, k, v, *, causal, key_padding_mask, attn_mask, scale, need_probs):
         self.kernel = "sdpa"
         tk = k.shape[-2]
         E = self.E[..., :tk].to(k.dtype)  # (P, Tk) or (H, P, Tk)
         F = E if self.F is None else self.F[..., :tk].to(v.dtype)  # (P, Tk) or (H, P, Tk)
-        if key_padding_mask is None:
-            real = torch.ones(1, tk, device=k.device)  # (1, Tk)
-        else:
+        real = None
+        if key_padding_mask is not None:
             real = key_padding_mask.to(torch.float32)  # (B, Tk)
             # zero padded keys/values so the projection sums only real tokens
             k = k.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
             v = v.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
         # a projected row is a real key only if it reads some real key; otherwise it would add a spurious
         # score-0 key (this is what makes the identity limit exact for Tk < max_len and under padding)
-        reads = torch.einsum("...pt,bt->b...p", (E != 0).to(torch.float32), real)  # (B|1, P) or (B|1, H, P)
-        allowed = reads > 0
-        allowed = allowed[:, :, None, :] if self.opts.per_head else allowed[:, None, None, :]  # (B|1, H|1, 1, P)
-        if key_padding_mask is None and bool(allowed.all()):
-            allowed = None  # every projected row reads a real key (always, for init="normal"): no mask, flash
+        if key_padding_mask is None:
+            allowed = None if self._every_row_reads(E, tk) else self._allowed(E, torch.ones(1, tk, device=k.device))
+        else:
+            allowed = self._allowed(E, real)
         k_proj = torch.matmul(E, k)  # (B, H, P, D)
         v_proj = torch.matmul(F, v)  # (B, H, P, D)
         # attention over P projected keys: fused SDPA in the inputs' dtype; a row with no real key gives zeros
