@@ -158,7 +158,7 @@ class Nystrom(AttentionMethod):
                                      "products (F's scores and F X) in the input dtype (bf16 tensor cores, fp32 "
                                      "accumulation); B's side (its scores and B V, whose rounding pinv(A) magnifies), "
                                      "softmaxes, landmarks, A and pinv(A) in fp32", choices=_PRECISION)
-        backend: str = opt("auto", "auto (triton on CUDA in bf16 / fp16 where it can, else torch) | triton "
+        backend: str = opt("auto", "auto (triton on CUDA in bf16 where it can, else torch) | triton "
                                    "(ops/nystrom_triton.py: the two T-long softmax products as flash-style kernels, no "
                                    "T x m matrix in memory) | torch", choices=("auto", "triton", "torch"))
 
@@ -222,7 +222,7 @@ class Nystrom(AttentionMethod):
         if self.opts.backend != "auto":
             return self.opts.backend == "triton"
         # measured in bf16 on an H200 (benchmarks/results/bench_h200/nystrom/); fp32 stays on torch
-        return (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
+        return (q.is_cuda and q.dtype == torch.bfloat16
                 and not self._triton_reasons(q.device, m, q.dtype, need_probs))
 
     def _attend(self, q, k, v, *, causal, key_padding_mask, attn_mask, scale, need_probs):
@@ -278,8 +278,9 @@ class Nystrom(AttentionMethod):
         return out.to(out_dtype), probs
 
     def _attend_triton(self, q, k, v, pad, scale, m):
-        """The same maths with B V and F X as `ops.nystrom_triton` kernels (no [T, m] matrix in memory); the landmarks,
-        A and pinv(A) in PyTorch, fp32."""
+        """The same maths with B V and F X as `ops.nystrom_triton` kernels (no [T, m] matrix in memory); the landmarks
+        in PyTorch, fp32; A, pinv(A) and X in PyTorch when autograd records (fp32, `_NewtonSchulz`), else in one
+        kernel (`solve`)."""
         from ..ops.nystrom_triton import b_side, f_side, solve
 
         low = self.opts.precision == "input" and q.dtype == torch.bfloat16
