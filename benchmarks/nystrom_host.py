@@ -22,18 +22,6 @@ from attnlab.methods import nystrom as nys
 from call_overhead import loop
 
 
-def paper_pinv(a, iters):
-    """The paper's iteration as written (what `iterative_pinv` ran before `_NewtonSchulz`)."""
-    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
-    col = a.abs().sum(-2).amax(-1, keepdim=True)[..., None]
-    row = a.abs().sum(-1).amax(-1, keepdim=True)[..., None]
-    z = a.transpose(-1, -2) / (col * row).clamp_min(torch.finfo(a.dtype).tiny)
-    for _ in range(iters):
-        az = a @ z
-        z = 0.25 * z @ (13 * eye - az @ (15 * eye - az @ (7 * eye - az)))
-    return z
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
@@ -44,7 +32,7 @@ def main(argv=None) -> int:
         print("nystrom_host.py times CUDA calls; no CUDA device here", file=sys.stderr)
         return 2
     dev = torch.device("cuda")
-    forms = {"bmm": nys.iterative_pinv, "paper": paper_pinv}
+    forms = {"bmm": nys.iterative_pinv, "paper": nys.paper_pinv}
     results = {}
     for b, t in ((4, 4096), (1, 65536)):
         g = torch.Generator(device=dev).manual_seed(0)

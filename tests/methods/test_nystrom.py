@@ -8,7 +8,7 @@ import torch
 
 from attnlab.methods.base import repeat_kv
 from attnlab.methods.dense import dense_attention
-from attnlab.methods.nystrom import iterative_pinv, segment_means
+from attnlab.methods.nystrom import iterative_pinv, paper_pinv, segment_means
 from tests.helpers import DTYPES, assert_matches_reference, grads, make, max_err, rand_qkv, reference
 
 # The exact limit computes S pinv(S) S V in fp32; its rounding grows with cond(S), which grows with T and
@@ -61,24 +61,12 @@ def test_iterative_pinv_is_moore_penrose():
     torch.testing.assert_close(z, torch.linalg.pinv(a), rtol=0, atol=1e-8)
 
 
-def _paper_pinv(a, iters):
-    """The paper's iteration as written (4-D matmuls, autograd's backward): the yardstick for `_NewtonSchulz`."""
-    eye = torch.eye(a.shape[-1], dtype=a.dtype)
-    col = a.abs().sum(-2).amax(-1, keepdim=True)[..., None]
-    row = a.abs().sum(-1).amax(-1, keepdim=True)[..., None]
-    z = a.transpose(-1, -2) / (col * row).clamp_min(torch.finfo(a.dtype).tiny)
-    for _ in range(iters):
-        az = a @ z
-        z = 0.25 * z @ (13 * eye - az @ (15 * eye - az @ (7 * eye - az)))
-    return z
-
-
 @pytest.mark.parametrize("iters", [0, 1, 6])
 def test_iterative_pinv_backward_matches_autograd_of_the_paper_form(iters):
     g = torch.Generator().manual_seed(iters)
     a = torch.randn(2, 3, 9, 9, generator=g, dtype=torch.float64).softmax(-1).requires_grad_(True)
     w = torch.randn(2, 3, 9, 9, generator=g, dtype=torch.float64)
-    z, ref = iterative_pinv(a, iters), _paper_pinv(a, iters)
+    z, ref = iterative_pinv(a, iters), paper_pinv(a, iters)
     torch.testing.assert_close(z, ref, rtol=1e-12, atol=1e-12)
     ga, = torch.autograd.grad((z * w).sum(), a)
     gr, = torch.autograd.grad((ref * w).sum(), a)

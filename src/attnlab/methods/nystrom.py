@@ -71,6 +71,19 @@ class _NewtonSchulz(torch.autograd.Function):
         return ga, g, None
 
 
+def paper_pinv(a: torch.Tensor, iters: int) -> torch.Tensor:
+    """The paper's iteration as written (4-D matmuls, `c * eye` terms, autograd's backward): what `iterative_pinv`
+    ran before `_NewtonSchulz`, kept as its yardstick (tests) and for host-time comparisons (benchmarks)."""
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    col = a.abs().sum(-2).amax(-1, keepdim=True)[..., None]
+    row = a.abs().sum(-1).amax(-1, keepdim=True)[..., None]
+    z = a.transpose(-1, -2) / (col * row).clamp_min(torch.finfo(a.dtype).tiny)
+    for _ in range(iters):
+        az = a @ z
+        z = 0.25 * z @ (13 * eye - az @ (15 * eye - az @ (7 * eye - az)))
+    return z
+
+
 def iterative_pinv(a: torch.Tensor, iters: int) -> torch.Tensor:
     """Moore-Penrose pseudo-inverse of [..., m, m] by the paper's cubic Newton-Schulz iteration (`_NewtonSchulz`)."""
     m = a.shape[-1]
