@@ -143,3 +143,13 @@ def test_cached_row_check_follows_edits_of_E_and_the_length():
         want, every = manual(t)
         assert every == all_read  # each step exercises what it says
         assert max_err(method(q[:, :, :t], k[:, :, :t], v[:, :, :t])[0], want) < 1e-5
+
+
+def test_module_made_under_inference_mode():
+    """E is then an inference tensor (no version counter): the row check runs every call instead of crashing."""
+    q, k, v = rand_qkv(tq=12, seed=4)
+    with torch.inference_mode():
+        method = make("linformer", q, k, proj_len=6, max_len=16, init="normal")
+        inside = method(q, k, v)[0]
+    torch.testing.assert_close(method(q, k, v)[0], inside, rtol=0, atol=0)
+    assert max_err(inside, _manual(method, q, k, v)) < 1e-5

@@ -77,6 +77,27 @@ def test_iterative_pinv_backward_matches_autograd_of_the_paper_form(iters):
     assert torch.autograd.gradcheck(lambda x: iterative_pinv(x, iters), (b.requires_grad_(True),))
 
 
+def test_iterative_pinv_under_autocast_runs_in_fp32_and_differentiates():
+    """bf16 autocast (distillation's and the ViT's training loops) must not reach the iteration: its bmm would run
+    in bf16 and its subtractions in fp32, and the backward (outside autocast) could not multiply the mix."""
+    g = torch.Generator().manual_seed(4)
+    a = torch.randn(2, 3, 8, 8, generator=g).softmax(-1).requires_grad_(True)
+    w = torch.randn(2, 3, 8, 8, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = iterative_pinv(a, 6)
+    assert z.dtype == torch.float32
+    ga, = torch.autograd.grad((z * w).sum(), a)
+    gr, = torch.autograd.grad((paper_pinv(a, 6) * w).sum(), a)
+    torch.testing.assert_close(ga, gr, rtol=1e-4, atol=1e-4)
+    q, k, v = rand_qkv(tq=32, hkv=2, seed=6)
+    qq = q.clone().requires_grad_(True)
+    m = make("nystrom", q, k, num_landmarks=8, backend="torch")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(qq, k, v).out
+    out.float().sum().backward()
+    assert torch.isfinite(qq.grad).all() and qq.grad.abs().max() > 0
+
+
 def _padding_mask():
     kpm = torch.ones(4, 14, dtype=torch.bool)
     kpm[0, 10:] = False  # right padding

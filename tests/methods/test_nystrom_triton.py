@@ -130,7 +130,12 @@ def test_inference_solve_matches_the_autograd_path(t, landmarks, pad, iters, mon
     assert calls == [1]
     qq = q.clone().requires_grad_(True)
     grad_path = make("nystrom", q, k, backend="triton", **opts)(qq, k, v, key_padding_mask=kpm).out.detach()
-    assert calls == [1]  # the path with gradients did not take it
+    for i in (1, 2):  # k or v alone asking for a gradient takes the autograd path too
+        kv = [k, v]
+        kv[i - 1] = kv[i - 1].clone().requires_grad_(True)
+        out_kv = make("nystrom", q, k, backend="triton", **opts)(q, *kv, key_padding_mask=kpm).out
+        assert out_kv.requires_grad
+    assert calls == [1]  # the paths with gradients did not take it
     assert torch.isfinite(out).all()
     scale = max(1.0, ref.abs().max().item())
     assert max_err(out, grad_path) < 1e-5 * scale

@@ -91,7 +91,12 @@ class Linformer(AttentionMethod):
     def _every_row_reads(self, E, tk: int) -> bool:
         """Without padding, whether every projected row reads one of the first tk keys (always for init="normal"):
         then no mask (flash). It depends on E's zeros and tk only, so it is computed once per (tk, E's storage and
-        version: an optimizer step bumps it) instead of a [P, Tk] pass and a host sync every call."""
+        version) instead of a [P, Tk] pass and a host sync every call, keyed as patterns/base.py keys its BlockMasks:
+        in-place changes (an optimizer step, load_state_dict, `with torch.no_grad(): E[...] = ...`) bump the
+        version; writes through `E.data` do not (it has a version counter of its own), so after those the first
+        call may use the old answer. An E made under torch.inference_mode has no version: checked every call."""
+        if self.E.is_inference():
+            return bool(self._allowed(E, torch.ones(1, tk, device=E.device)).all())
         key = (tk, E.dtype, self.E.device, self.E.data_ptr(), self.E._version)
         if self._reads_key != key:
             real = torch.ones(1, tk, device=E.device)

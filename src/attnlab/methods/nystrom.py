@@ -37,24 +37,29 @@ class _NewtonSchulz(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a, z, iters):
-        eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
-        e7, e15, e13q = 7 * eye, 15 * eye, 3.25 * eye
-        saved = []
-        for _ in range(iters):
-            x = torch.bmm(a, z)
-            t1 = e7 - x
-            t2 = torch.baddbmm(e15, x, t1, alpha=-1)  # 15 I - X t1
-            p = torch.baddbmm(e13q, x, t2, alpha=-0.25)  # (13 I - X t2) / 4
-            saved += [z, x, t1, t2, p]
-            z = torch.bmm(z, p)
+        # in a's dtype whatever autocast says (its bmm would run in bf16 and its subtractions in fp32: mixed
+        # saved tensors the backward, which autocast does not cover, could not multiply)
+        with torch.autocast(a.device.type, enabled=False):
+            z = z.to(a.dtype)
+            eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+            e7, e15, e13q = 7 * eye, 15 * eye, 3.25 * eye
+            saved = []
+            for _ in range(iters):
+                x = torch.bmm(a, z)
+                t1 = e7 - x
+                t2 = torch.baddbmm(e15, x, t1, alpha=-1)  # 15 I - X t1
+                p = torch.baddbmm(e13q, x, t2, alpha=-0.25)  # (13 I - X t2) / 4
+                saved += [z, x, t1, t2, p]
+                z = torch.bmm(z, p)
         ctx.save_for_backward(a, *saved)
         ctx.iters = iters
         return z
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @torch.autograd.function.once_differentiable  # no double backward (the paper's form, autograd's, had one)
     def backward(ctx, g):
         a, *saved = ctx.saved_tensors
+        g = g.to(a.dtype)
         ga = torch.zeros_like(a)
         at = a.transpose(-1, -2)
         for i in reversed(range(ctx.iters)):
