@@ -6,7 +6,8 @@ with autograd's backward, `paper`, against `methods.nystrom._NewtonSchulz`, `bmm
 
 bf16, 16 heads, head dim 64, 64 landmarks; batch 4 at 4096 tokens and 1 at 65536 (the bench's shapes). Per case:
 `host_us` the loop of --calls calls without a sync divided by their number, `total_us` with the final sync; cases
-alternate, repeated --rounds times, median kept. CUDA only.
+alternate, repeated --rounds times, median kept. CUDA only. The Triton path's forward without autograd runs the pinv
+inside `ops.nystrom_triton.solve`, so its two pinv forms time the same code there (their spread is the noise).
 """
 from __future__ import annotations
 
