@@ -81,6 +81,31 @@ def test_version_key_changes_with_data_not_with_reads():
     assert pat.version_key() != key
 
 
+def test_modules_made_under_inference_mode_run_outside_it():
+    """Tensors made under torch.inference_mode have no version counter: the version-keyed caches (a pattern's
+    BlockMasks, learned_mask's pattern, linformer's row check) must neither crash on them nor serve a stale entry
+    (`types.data_version`: a key that equals nothing). A learned mask built inside, its scores then changed inside
+    inference mode (no version bump), must follow the new scores."""
+    from attnlab.types import data_version
+
+    q, k, v = rand_qkv(tq=64, d=16, seed=2)
+    with torch.inference_mode():
+        t = torch.ones(3)
+        m = attnlab.make("learned_mask", head_dim=16, num_heads=q.shape[1], block_size=16)
+        pat = patterns.BlockPattern(torch.ones(4, 4, dtype=torch.bool), 16)
+    assert data_version(t) != data_version(t)
+    assert pat.version_key() != pat.version_key()
+    first = m(q, k, v, causal=True).out
+    torch.testing.assert_close(m(q, k, v, causal=True).out, first, rtol=0, atol=0)
+    with torch.inference_mode():
+        m.scores.neg_()  # a different mask, and no version counter moved
+        inside = m(q, k, v, causal=True).out
+    fresh = attnlab.make("learned_mask", head_dim=16, num_heads=q.shape[1], block_size=16)
+    fresh.load_state_dict(m.state_dict())
+    torch.testing.assert_close(inside, fresh(q, k, v, causal=True).out, rtol=0, atol=1e-5)
+    assert (inside - first).abs().max() > 0.1  # the case exercises a changed mask
+
+
 @pytest.mark.parametrize("tq,tk,window,sinks,causal", [(200, 200, 5, 3, True), (200, 200, 70, 0, False),
                                                        (30, 200, 4, 2, True), (200, 30, 4, 0, True)])
 def test_window_key_chunks_reach_every_visible_key_and_stay_small(tq, tk, window, sinks, causal):

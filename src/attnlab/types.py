@@ -153,3 +153,14 @@ def bad_option_values(options_cls) -> list[tuple[str, object]]:
         elif kind is str and meta.get("choices"):
             out.append((f.name, "no-such-choice"))
     return out
+
+
+def data_version(t: torch.Tensor):
+    """A cache key for t's data without a device sync or a content hash: (storage pointer, version counter), which
+    every in-place change (an optimizer step, load_state_dict, `with torch.no_grad(): t[...] = ...`) and every
+    rebinding moves. Writes through `t.data` bypass the counter (it has its own), as for any version-keyed cache.
+    A tensor made under torch.inference_mode has no counter: its key is a fresh object that equals nothing, so a
+    cache keyed on it never serves (recomputed every call, never stale)."""
+    if t.is_inference():
+        return (t.data_ptr(), object())
+    return (t.data_ptr(), t._version)

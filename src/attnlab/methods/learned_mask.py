@@ -43,7 +43,7 @@ from ..ops import sparse as sparse_ops
 from ..ops.gated import gated_attention, straight_through_blocks
 from ..patterns import BlockPattern, UnionPattern, WindowPattern
 from ..registry import register
-from ..types import AttnOutput, Capabilities, OptionError, opt
+from ..types import AttnOutput, Capabilities, OptionError, data_version, opt
 from .base import AttentionMethod
 from .dense import column_sums, dense_attention
 
@@ -185,7 +185,7 @@ class LearnedMask(AttentionMethod):
         step) its layout buffer is updated in place, so FlexAttention keeps the mask_mod it compiled and only the
         BlockMask (built from block tables) is rebuilt."""
         key = (nb, causal, str(self.scores.device))
-        version = (self.scores.data_ptr(), self.scores._version)
+        version = data_version(self.scores)
         hit = self._patterns.get(key)
         if hit is not None and hit[0] == version:
             return hit[1]

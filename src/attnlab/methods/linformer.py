@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..registry import register
-from ..types import Capabilities, OptionError, opt
+from ..types import Capabilities, OptionError, data_version, opt
 from .base import AttentionMethod
 from .sdpa import sdpa_allowed
 
@@ -91,13 +91,10 @@ class Linformer(AttentionMethod):
     def _every_row_reads(self, E, tk: int) -> bool:
         """Without padding, whether every projected row reads one of the first tk keys (always for init="normal"):
         then no mask (flash). It depends on E's zeros and tk only, so it is computed once per (tk, E's storage and
-        version) instead of a [P, Tk] pass and a host sync every call, keyed as patterns/base.py keys its BlockMasks:
-        in-place changes (an optimizer step, load_state_dict, `with torch.no_grad(): E[...] = ...`) bump the
-        version; writes through `E.data` do not (it has a version counter of its own), so after those the first
-        call may use the old answer. An E made under torch.inference_mode has no version: checked every call."""
-        if self.E.is_inference():
-            return bool(self._allowed(E, torch.ones(1, tk, device=E.device)).all())
-        key = (tk, E.dtype, self.E.device, self.E.data_ptr(), self.E._version)
+        version: `types.data_version`, as patterns/base.py keys its BlockMasks) instead of a [P, Tk] pass and a
+        host sync every call. Writes through `E.data` bypass the version (see there); an E made under
+        torch.inference_mode has none: checked every call."""
+        key = (tk, E.dtype, self.E.device, data_version(self.E))
         if self._reads_key != key:
             real = torch.ones(1, tk, device=E.device)
             self._reads_key, self._reads_all = key, bool(self._allowed(E, real).all())

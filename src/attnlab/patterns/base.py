@@ -25,6 +25,8 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from ..types import data_version
+
 MaskMod = Callable[..., torch.Tensor]
 
 
@@ -172,8 +174,8 @@ class Pattern(nn.Module):
         request check and the BlockMask lookup), so it walks the pattern's own buffers and sub-patterns directly
         rather than through `buffers()`' generic traversal (measured ~60 us a call on the H200 host for a
         global_sparse pattern, under the profiler)."""
-        return (id(self), self._touched, *((b.data_ptr(), b._version) for b in self._buffers.values() if b is not None),
-                *(m.version_key() if isinstance(m, Pattern) else tuple((b.data_ptr(), b._version) for b in m.buffers())
+        return (id(self), self._touched, *(data_version(b) for b in self._buffers.values() if b is not None),
+                *(m.version_key() if isinstance(m, Pattern) else tuple(data_version(b) for b in m.buffers())
                   for m in self._modules.values() if m is not None))
 
     def block_mask(self, tq: int, tk: int, causal: bool, device, block_size: int = 128):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..types import AttnlabError, OptionError
+from ..types import AttnlabError, OptionError, data_version
 
 FORMAT = "attnlab-global-sparse/1"
 
@@ -160,7 +160,7 @@ def _remembered(store: dict, size: int, pat: GlobalPattern, args: tuple, make):
     version counters: a tensor changed in place is a new pattern) and `args`. The entry holds the tensors, so an id
     is never reused while it lives."""
     tensors = tuple(t for t in (pat.mass, pat.sink_mass, pat.sensitivity) if t is not None)
-    key = (tuple((id(t), t._version) for t in tensors), pat.sinks, pat.band, pat.block_size, *args)
+    key = (tuple((id(t), data_version(t)[1]) for t in tensors), pat.sinks, pat.band, pat.block_size, *args)
     hit = store.pop(key, None)
     if hit is None:
         hit = (tensors, make())
