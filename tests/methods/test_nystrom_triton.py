@@ -142,3 +142,23 @@ def test_inference_solve_matches_the_autograd_path(t, landmarks, pad, iters, mon
     assert max_err(out, ref) < 1e-5 * scale
     if pad:
         assert not out[1].any()
+
+
+def test_inference_past_the_solve_kernels_landmarks_runs_the_pytorch_ops(monkeypatch):
+    """More than SOLVE_MAX_LANDMARKS landmarks (its one program's m x m tiles would need more shared memory than an
+    H200 has: 288 KB at 128, compiled for sm_90) take the PyTorch ops between the kernels without autograd too."""
+    from attnlab.ops import nystrom_triton
+
+    calls = []
+    real_solve = nystrom_triton.solve
+    monkeypatch.setattr(nystrom_triton, "solve", lambda *a, **kw: calls.append(1) or real_solve(*a, **kw))
+    q, k, v = rand_qkv(b=1, h=2, tq=200, d=16, seed=9)
+    for m, expect in ((64, [1]), (100, [1])):
+        with torch.no_grad():
+            out = make("nystrom", q, k, num_landmarks=m, backend="triton")(q, k, v).out
+            ref = make("nystrom", q, k, num_landmarks=m, backend="torch")(q, k, v).out
+        assert calls == expect
+        assert max_err(out, ref) < 1e-5 * max(1.0, ref.abs().max().item())
+    with pytest.raises(ValueError, match="up to 64 landmarks"):
+        real_solve(*(torch.zeros(1, 1, 65, 16),) * 3, torch.zeros(1, 1, 200, 16), torch.zeros(1, 1, 200, 16), None,
+                   None, 6)

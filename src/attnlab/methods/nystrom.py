@@ -299,7 +299,7 @@ class Nystrom(AttentionMethod):
         """The same maths with B V and F X as `ops.nystrom_triton` kernels (no [T, m] matrix in memory); the landmarks
         in PyTorch, fp32; A, pinv(A) and X in PyTorch when autograd records (fp32, `_NewtonSchulz`), else in one
         kernel (`solve`)."""
-        from ..ops.nystrom_triton import b_side, f_side, solve
+        from ..ops.nystrom_triton import SOLVE_MAX_LANDMARKS, b_side, f_side, solve
 
         low = self.opts.precision == "input" and q.dtype == torch.bfloat16
         self.kernel = "triton[input]" if low else "triton"
@@ -308,7 +308,8 @@ class Nystrom(AttentionMethod):
         q_lm, k_lm, lm_real = self._landmarks(q, k, pad, m, ct, ct, token_chunks(t))
         kl = k_lm * scale
         real = None if lm_real is None else lm_real.expand(q.shape[0], m)
-        if self.opts.pinv == "iterative" and not (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))):
+        if (self.opts.pinv == "iterative" and m <= SOLVE_MAX_LANDMARKS
+                and not (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)))):
             # inference: A, pinv(A) and X in one kernel (`solve`); the launches of the PyTorch ops bound the call
             x = solve(q_lm, kl, q_lm * scale, k, v, pad, real, self.opts.pinv_iters)
             return f_side(q, kl, x, real, low=low).to(v.dtype)

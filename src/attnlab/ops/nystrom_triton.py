@@ -38,6 +38,9 @@ MAX_LANDMARKS = 128
 MAX_HEAD_DIM = 128
 DTYPES = (torch.float32, torch.bfloat16)
 BT = 64  # keys (b_side) / queries (f_side) per tile
+# `solve` holds A, pinv(A) and its steps' m x m products in one program: compiled for sm_90 (triton 3.6, 8 warps) that is
+# 80 KB of shared memory at 64 landmarks and 288-320 KB at 128, more than an H100 / H200 block may use (227 KB)
+SOLVE_MAX_LANDMARKS = 64
 
 
 def unsupported_reasons(device, *, landmarks: int, head_dim: int, dtype=None, need_probs: bool = False,
@@ -391,9 +394,11 @@ def solve(q_lm: torch.Tensor, kl: torch.Tensor, qls: torch.Tensor, k: torch.Tens
     program per (batch, head) for the rest (`_solve_kernel`: their combination, A, the Newton-Schulz pinv, the
     product), instead of some 70 small PyTorch ops whose launches bound the call at m = 64. q_lm [B, H, m, D] the
     query landmarks, kl the key landmarks with the scale, qls = q_lm x scale (B's queries), all fp32; pad and
-    landmarks_real as in `b_side` / `f_side`."""
+    landmarks_real as in `b_side` / `f_side`. Up to SOLVE_MAX_LANDMARKS landmarks."""
     bs, h, t, d = k.shape
     m = q_lm.shape[-2]
+    if m > SOLVE_MAX_LANDMARKS:
+        raise ValueError(f"nystrom_triton.solve takes up to {SOLVE_MAX_LANDMARKS} landmarks, got {m}")
     acc, mx, sm, _pad, _has = _b_partials(qls.float().contiguous(), k.contiguous(), v.contiguous(), pad)
     lmt, has_lm = _mask_arg(landmarks_real, k.device)
     x = q_lm.new_empty(bs, h, m, d, dtype=torch.float32)
