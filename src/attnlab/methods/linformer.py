@@ -58,7 +58,7 @@ class Linformer(AttentionMethod):
         gen = torch.Generator().manual_seed(o.seed)
         self.E = nn.Parameter(self._init_projection(shape, gen))
         self.F = None if o.share_kv else nn.Parameter(self._init_projection(shape, gen))
-        self._reads_key, self._reads_all = None, False  # `_every_row_reads`'s cache
+        self._unpadded_key, self._unpadded = None, None  # `_unpadded_allowed`'s cache
 
     @classmethod
     def defaults(cls, seq_len):
@@ -88,35 +88,32 @@ class Linformer(AttentionMethod):
         allowed = reads > 0
         return allowed[:, :, None, :] if self.opts.per_head else allowed[:, None, None, :]
 
-    def _every_row_reads(self, E, tk: int) -> bool:
-        """Without padding, whether every projected row reads one of the first tk keys (always for init="normal"):
-        then no mask (flash). It depends on E's zeros and tk only, so it is computed once per (tk, E's storage and
-        version: `types.data_version`, as patterns/base.py keys its BlockMasks) instead of a [P, Tk] pass and a
-        host sync every call. Writes through `E.data` bypass the version (see there); an E made under
-        torch.inference_mode has none: checked every call."""
+    def _unpadded_allowed(self, E, tk: int) -> torch.Tensor | None:
+        """Without padding, the rows' mask over the first tk keys, None when every row reads one (always for
+        init="normal": no mask, flash). It depends on E's zeros and tk only, so it is computed once per (tk, E's
+        storage and version: `types.data_version`, as patterns/base.py keys its BlockMasks) instead of a [P, Tk]
+        pass and a host sync every call. Writes through `E.data` bypass the version (see there); an E made under
+        torch.inference_mode has none: computed every call."""
         key = (tk, E.dtype, self.E.device, data_version(self.E))
-        if self._reads_key != key:
-            real = torch.ones(1, tk, device=E.device)
-            self._reads_key, self._reads_all = key, bool(self._allowed(E, real).all())
-        return self._reads_all
+        if self._unpadded_key != key:
+            allowed = self._allowed(E, torch.ones(1, tk, device=E.device))
+            self._unpadded_key, self._unpadded = key, None if bool(allowed.all()) else allowed
+        return self._unpadded
 
     def _attend(self, q, k, v, *, causal, key_padding_mask, attn_mask, scale, need_probs):
         self.kernel = "sdpa"
         tk = k.shape[-2]
         E = self.E[..., :tk].to(k.dtype)  # (P, Tk) or (H, P, Tk)
         F = E if self.F is None else self.F[..., :tk].to(v.dtype)  # (P, Tk) or (H, P, Tk)
-        real = None
-        if key_padding_mask is not None:
-            real = key_padding_mask.to(torch.float32)  # (B, Tk)
-            # zero padded keys/values so the projection sums only real tokens
-            k = k.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
-            v = v.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
         # a projected row is a real key only if it reads some real key; otherwise it would add a spurious
         # score-0 key (this is what makes the identity limit exact for Tk < max_len and under padding)
         if key_padding_mask is None:
-            allowed = None if self._every_row_reads(E, tk) else self._allowed(E, torch.ones(1, tk, device=k.device))
+            allowed = self._unpadded_allowed(E, tk)
         else:
-            allowed = self._allowed(E, real)
+            allowed = self._allowed(E, key_padding_mask.to(torch.float32))
+            # zero padded keys/values so the projection sums only real tokens
+            k = k.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
+            v = v.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
         k_proj = torch.matmul(E, k)  # (B, H, P, D)
         v_proj = torch.matmul(F, v)  # (B, H, P, D)
         # attention over P projected keys: fused SDPA in the inputs' dtype; a row with no real key gives zeros
