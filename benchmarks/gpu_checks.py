@@ -28,6 +28,7 @@ from attnlab.methods.base import repeat_kv
 from attnlab.methods.dense import dense_attention
 
 T, D, H, HKV, B = 256, 64, 8, 4, 2
+T_BANDS = 2000  # window_bands' length
 BOUND = {torch.float32: 1e-4, torch.bfloat16: 3e-2}  # CUDA vs CPU: fp32 summation order; bf16 a few output ulps
 
 
@@ -251,6 +252,54 @@ def nystrom_solve(dtypes) -> int:
     return failures
 
 
+def window_bands(dtypes) -> int:
+    """The window kernel's band masks (`window_triton.BAND_MODES`) at the GPU's own tiles, where `test_options`'
+    short inputs have no band tile seen whole: T = 2000 (not a multiple of the tiles), windows 256 and 300, with and
+    without sinks and padding, causal and not, each mode's output and gradients against an fp64 dense reference,
+    within 2x of the "rule" mode's (the first kernel's) own error plus a floor."""
+    from attnlab.ops import window_triton
+
+    failures, t = 0, T_BANDS
+    g = torch.Generator().manual_seed(3)
+    q64, k64, v64 = (torch.randn(1, 4, t, D, generator=g, dtype=torch.float64) for _ in range(3))
+    w = torch.randn(1, 4, t, D, generator=g, dtype=torch.float64)
+    kpm = torch.ones(1, t, dtype=torch.bool)
+    kpm[0, 700:760] = False
+    kpm[0, -30:] = False
+    base = window_triton.BAND
+    for window, sinks, causal, pad in ((256, 0, True, False), (256, 4, False, True), (300, 0, False, False),
+                                       (300, 4, True, True)):
+        i, j = torch.arange(t)[:, None], torch.arange(t)[None, :]
+        allowed = ((i - j).abs() <= window) | (j < sinks)
+        if causal:
+            allowed = allowed & (j <= i)
+        m = kpm[:, None, None, :] & allowed if pad else allowed
+        qr, kr, vr = (x.clone().requires_grad_(True) for x in (q64, k64, v64))
+        ref = ((qr @ kr.transpose(-1, -2)) * D ** -0.5).masked_fill(~m, float("-inf")).softmax(-1).nan_to_num(0) @ vr
+        (ref * w).sum().backward()
+        truth = [ref.detach(), qr.grad, kr.grad, vr.grad]
+        for dtype in dtypes:
+            errs = {}
+            for band in ("rule", *(b for b in window_triton.BAND_MODES if b != "rule")):
+                window_triton.BAND = band
+                q, k, v = (x.to("cuda", dtype).requires_grad_(True) for x in (q64, k64, v64))
+                out, _ = window_triton.window_attention(q, k, v, window=window, sinks=sinks, causal=causal,
+                                                        key_padding_mask=kpm.cuda() if pad else None)
+                (out * w.to("cuda", dtype)).sum().backward()
+                got = [out.detach(), q.grad, k.grad, v.grad]
+                errs[band] = [((a.double().cpu() - r).abs().max() / r.abs().max().clamp_min(1e-6)).item()
+                              for a, r in zip(got, truth)]
+                finite = all(bool(torch.isfinite(a).all()) for a in got)
+                ok = finite and all(e <= 2 * r + BOUND[dtype] / 10 for e, r in zip(errs[band], errs["rule"]))
+                failures += not ok
+                print(f"{'ok ' if ok else 'FAIL'} window-band {band:6} window={window} sinks={sinks} causal={causal!s:5} "
+                      f"pad={pad!s:5} {str(dtype):15} rel err out/dq/dk/dv "
+                      + "/".join(f"{e:.1e}" for e in errs[band]) + f" (rule "
+                      + "/".join(f"{e:.1e}" for e in errs["rule"]) + f") finite={finite}", flush=True)
+    window_triton.BAND = base
+    return failures
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("methods", nargs="?", default=None, help="comma-separated subset (default: every method)")
@@ -270,6 +319,8 @@ def main(argv=None) -> int:
     failures += cuda_vs_cpu(names, (torch.bfloat16,) if args.quick else (torch.float32, torch.bfloat16))
     if any(variant(n)[0] == "lsh" for n in names):
         failures += lsh_buckets((torch.bfloat16,) if args.quick else (torch.float32, torch.bfloat16))
+    if any(variant(n) == ("window", {"backend": "triton"}) for n in names):
+        failures += window_bands((torch.bfloat16,) if args.quick else (torch.float32, torch.bfloat16))
     if any(variant(n)[0] == "nystrom" for n in names):
         failures += nystrom_solve((torch.bfloat16,) if args.quick else (torch.float32, torch.bfloat16))
     print(f"{failures} failure(s) on {torch.cuda.get_device_name()}, torch {torch.__version__} (linear form: "

@@ -4,7 +4,8 @@ causal flash, from FlexAttention with the same band and from the H200's own matm
     PYTHONPATH=src python3 benchmarks/tune_window.py --out $OUT/window     # ~3 min on an H200
 
 For each length (default 4096, 16384, 65536), B=1, H=16, D=64, bf16, window 256 (+ 4 sinks where asked),
-causal and not, fwd and fwd+bwd: attnlab window backend="triton" at every tile setting of GRID, backend="flex",
+causal and not, fwd and fwd+bwd: attnlab window backend="triton" at every tile setting of GRID and every band mask
+(`window_triton.BAND_MODES`: the whole rule on every tile, or two bounds a row), backend="flex",
 raw compiled flex_attention with the window's BlockMask, and SDPA flash (causal: the dense causal baseline
 the 30x goal is measured against). Also measured in the same process (`attnlab.bench.harness.ceilings`): the
 bf16 matmul rate (8192^3 torch.mm) and the copy bandwidth (1 GiB), the ceilings of each row's fractions. A row's
@@ -28,12 +29,12 @@ import attnlab
 from attnlab.ops import sparse as sparse_ops
 from attnlab.ops import window_triton
 
-GRID = {"fwd": [dict(BM=128, BN=64, num_warps=4, num_stages=3), dict(BM=128, BN=64, num_warps=8, num_stages=3),
-                dict(BM=128, BN=128, num_warps=8, num_stages=2), dict(BM=64, BN=64, num_warps=4, num_stages=3),
-                dict(BM=128, BN=32, num_warps=4, num_stages=4)],
+GRID = {"fwd": [dict(BM=64, BN=64, num_warps=4, num_stages=3), dict(BM=64, BN=64, num_warps=4, num_stages=4),
+                dict(BM=128, BN=64, num_warps=4, num_stages=3), dict(BM=128, BN=64, num_warps=8, num_stages=3)],
         "bwd": [dict(BM=64, BN=64, num_warps=4, num_stages=2), dict(BM=32, BN=64, num_warps=4, num_stages=2),
-                dict(BM=64, BN=128, num_warps=8, num_stages=2), dict(BM=32, BN=128, num_warps=4, num_stages=2),
                 dict(BM=64, BN=64, num_warps=8, num_stages=3)]}
+# (the grid before the band modes, 2026-12-02: fwd also BM=128/BN=128/8 warps/2 stages and BM=128/BN=32/4/4, bwd
+# BM=64/BN=128/8/2 and BM=32/BN=128/4/2: never the fastest, benchmarks/results/window/h200/tune.txt)
 
 
 def timed(fn, mode, q, k, v):
@@ -55,6 +56,8 @@ def main(argv=None) -> int:
     p.add_argument("--sinks", type=int, default=0)
     p.add_argument("--modes", default="fwd,fwd+bwd")
     p.add_argument("--no-grid", action="store_true", help="only the committed CONFIG, no tile search")
+    p.add_argument("--bands", default=",".join(window_triton.BAND_MODES),
+                   help="the kernels' band masks to time at each tile setting (window_triton.BAND_MODES)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     from pathlib import Path
@@ -74,7 +77,7 @@ def main(argv=None) -> int:
     print(f"ceilings: bf16 matmul {ceil['matmul_tflops']:.0f} TFLOP/s, copy {ceil['hbm_gbps']:.0f} GB/s", flush=True)
     rows = []
     h, d, w, s = 16, 64, args.window, args.sinks
-    base_cfg = dict(window_triton.CONFIG)
+    base_cfg, base_band = dict(window_triton.CONFIG), window_triton.BAND
     for t, causal, mode in itertools.product([int(x) for x in args.lengths.split(",")], (True, False),
                                              args.modes.split(",")):
         g = torch.Generator(device="cuda").manual_seed(t)
@@ -99,18 +102,20 @@ def main(argv=None) -> int:
         tri = lambda q, k, v: tm(q, k, v, causal=causal).out  # noqa: E731
         stage = "fwd" if mode == "fwd" else "bwd"
         grid = [None] if args.no_grid else GRID[stage]
-        for cfg in grid:  # each tile setting as a whole CONFIG, installed just before its row is timed
+        for cfg, band in itertools.product(grid, args.bands.split(",")):
+            # each tile setting as a whole CONFIG, installed with the band mode just before its row is timed
             full = dict(base_cfg)
             if cfg is not None and stage == "fwd":
                 full["fwd"] = cfg
             elif cfg is not None:
                 full.update(dkdv=cfg, dq=dict(cfg, BM=cfg["BN"], BN=cfg["BM"]))
-            impls[f"attnlab triton {json.dumps(cfg) if cfg else 'CONFIG'}"] = (tri, full)
+            impls[f"attnlab triton {band} {json.dumps(cfg) if cfg else 'CONFIG'}"] = (tri, full, band)
         for name, fn in impls.items():
-            cfg = None
+            cfg = band = None
             if isinstance(fn, tuple):
-                fn, cfg = fn
+                fn, cfg, band = fn
                 window_triton.CONFIG.update(cfg)
+                window_triton.BAND = band
             t0 = time.perf_counter()
             try:
                 ms = timed(fn, mode, q, k, v)
@@ -118,7 +123,7 @@ def main(argv=None) -> int:
             except Exception as e:  # noqa: BLE001 - a row, not a crash
                 ms, err = None, f"{type(e).__name__}: {str(e)[:200]}"
             row = {"impl": name, "seq_len": t, "causal": causal, "mode": mode, "window": w, "sinks": s, "heads": h,
-                   "head_dim": d, "batch": 1, "dtype": "bfloat16", "ms": ms, "error": err, "config": cfg,
+                   "head_dim": d, "batch": 1, "dtype": "bfloat16", "ms": ms, "error": err, "config": cfg, "band": band,
                    "flops": flops, "bytes_moved": bytes_moved, "device_name": torch.cuda.get_device_name(),
                    "torch_version": torch.__version__, "triton_version": triton.__version__, **ceil,
                    "wall_s": round(time.perf_counter() - t0, 1), "command": " ".join(sys.argv)}
@@ -128,10 +133,11 @@ def main(argv=None) -> int:
                 row["hbm_fraction"] = bytes_moved / ms / 1e6 / ceil["hbm_gbps"]
             rows.append(row)
             (out / "tune_window.json").write_text(json.dumps(rows, indent=1))
-            print(f"T={t:6} causal={causal!s:5} {mode:7} {name:70} "
+            print(f"T={t:6} causal={causal!s:5} {mode:7} {name:78} "
                   + (f"{ms:8.3f} ms {row['tflops']:6.0f} TFLOP/s ({row['matmul_fraction']:.0%} of matmul)" if ms else err),
                   flush=True)
         window_triton.CONFIG.update(base_cfg)
+        window_triton.BAND = base_band
         del q, k, v
         torch.cuda.empty_cache()
     return 0

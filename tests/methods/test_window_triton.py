@@ -90,6 +90,74 @@ def test_forward_lse_and_grads_match_the_reference(b, h, hkv, tq, tk, d, window,
     print(f"window triton {tq}x{tk} w={window} s={sinks} causal={causal}: out {err:.1e}")
 
 
+BAND_CASES = [  # (tq, tk, window, sinks, causal, padded, tiles): windows of several tiles, the band's mask in each
+    (100, 100, 40, 0, True, False, (16, 16)),
+    (100, 100, 40, 3, False, False, (16, 16)),
+    (90, 120, 37, 0, True, True, (32, 16)),  # Tq < Tk, padding inside the band, query tiles twice the key tiles
+    (120, 90, 33, 2, False, False, (16, 32)),  # Tq > Tk, key tiles twice the query tiles
+    (97, 97, 50, 0, False, True, (32, 16)),
+]
+
+
+@pytest.mark.parametrize("band", ["bounds", "rule"])
+@pytest.mark.parametrize("tq,tk,window,sinks,causal,padded,tiles", BAND_CASES)
+def test_band_masks_match_the_reference(monkeypatch, tq, tk, window, sinks, causal, padded, tiles, band):
+    from attnlab.ops import window_triton
+
+    monkeypatch.setattr(window_triton, "BAND", band)
+    bm, bn = tiles
+    monkeypatch.setattr(window_triton, "INTERPRETED", {"fwd": dict(BM=bm, BN=bn), "dkdv": dict(BM=bm, BN=bn),
+                                                      "dq": dict(BM=bn, BN=bm)})
+    q, k, v = rand_qkv(b=1, h=2, tq=tq, tk=tk, d=16, seed=tq + window)
+    kpm = None
+    if padded:
+        kpm = torch.ones(1, tk, dtype=torch.bool)
+        kpm[0, 5:9] = False  # padded keys inside the band
+        kpm[0, -6:] = False
+    allowed = _allowed(tq, tk, window, sinks, causal)
+    m = make("window", q, k, window=window, sinks=sinks, backend="triton")
+    res = m(q, k, v, causal=causal, key_padding_mask=kpm, need_lse=True)
+    assert_matches_reference(res.out, q, k, v, attn_mask=allowed, key_padding_mask=kpm)
+    lse_ref = _lse_reference(q, k, allowed, kpm, 16 ** -0.5)
+    fin = lse_ref.isfinite()
+    assert torch.equal(res.lse.isfinite(), fin) and max_err(res.lse[fin], lse_ref[fin]) < 1e-5
+
+    def loss_fn(backend):
+        mm = make("window", q, k, window=window, sinks=sinks, backend=backend)
+        return lambda q, k, v: mm(q, k, v, causal=causal, key_padding_mask=kpm).out
+    assert_grads_agree(loss_fn, q, k, v)
+
+
+@pytest.mark.parametrize("causal,shift,band", [(c, s, "bounds") for c in (True, False) for s in (0, 7, 30)]
+                         + [(c, 7, "rule") for c in (True, False)])
+def test_band_edges_at_every_window_residue(monkeypatch, causal, shift, band):
+    """Every window length modulo the 16-token tiles, at three query/key offsets: each of the band mask's bounds
+    (forward, dq and dk / dv programs) falls at every place in a tile in some case, where a bound one token off
+    would show a pair the window hides (or hide one it shows). The first kernel's mask ("rule") too."""
+    from attnlab.ops import window_triton
+
+    monkeypatch.setattr(window_triton, "BAND", band)
+    torch.manual_seed(shift)
+    tq = 48
+    tk = tq + shift
+    q, k, v = (torch.randn(1, 1, t, 16, dtype=torch.float64) for t in (tq, tk, tk))
+    g = torch.randn(1, 1, tq, 16, dtype=torch.float64)
+    from attnlab.ops.window_triton import window_attention
+
+    for window in range(16, 32):
+        allowed = _allowed(tq, tk, window, 0, causal)
+        qr, kr, vr = (x.clone().requires_grad_(True) for x in (q, k, v))
+        s = (qr @ kr.transpose(-1, -2) * 16 ** -0.5).masked_fill(~allowed, float("-inf"))
+        ref = s.softmax(-1) @ vr
+        ref.backward(g)
+        qt, kt, vt = (x.float().requires_grad_(True) for x in (q, k, v))
+        out, _ = window_attention(qt, kt, vt, window=window, causal=causal)
+        out.backward(g.float())
+        for name, a, r in (("out", out, ref), ("dq", qt.grad, qr.grad), ("dk", kt.grad, kr.grad),
+                           ("dv", vt.grad, vr.grad)):
+            assert max_err(a, r) < 2e-5, (window, name, max_err(a, r))
+
+
 def test_fully_padded_row_gives_zeros_and_finite_grads():
     q, k, v = rand_qkv(b=2, h=2, tq=24, d=16, seed=4)
     kpm = torch.ones(2, 24, dtype=torch.bool)

@@ -8,7 +8,8 @@ the mask of `patterns.WindowPattern`. FlashAttention-2's algorithm (Dao 2023: on
 the log-sum-exp kept for the backward, no T x T matrix) with the key loop bounded to the band: a query tile
 [m0, m0 + BM) walks the key tiles from (m0 + off - window) rounded down to a tile edge up to the tile's last
 visible key, plus the tiles holding the sinks below the band. Work is O(T (window + sinks) d) and memory
-O(T d), where FlexAttention's generic kernel walks the same band through a BlockMask of 128 x 128 blocks.
+O(T d), where FlexAttention's generic kernel walks the same band through a BlockMask of 128 x 128 blocks. In the
+band (no sinks there) a pair's mask is two compares against its row's first and last visible key (`BAND`).
 
 Block patterns (`block_tables`, global_sparse's blocks + band + sinks, or a layout alone): the same kernels with
 the key loop over the key tiles a query tile's row of the tables lists (the tiles the layout keeps, and those the
@@ -49,6 +50,13 @@ CONFIG_WIDE = {"fwd": dict(BM=128, BN=32, num_warps=8, num_stages=2),  # head_di
                "dq": dict(BM=64, BN=32, num_warps=8, num_stages=1)}
 INTERPRETED = {"fwd": dict(BM=16, BN=16), "dkdv": dict(BM=16, BN=16), "dq": dict(BM=16, BN=16)}
 MAX_HEAD_DIM = 256
+# How the kernels mask the band's tiles (the sinks' tiles and block patterns always take the whole rule):
+# "bounds", each pair two compares against its row's first and last visible key (`_band_bounds`); "rule", the
+# whole rule of `_visible` (the first kernel). On an H200 "bounds" ran causal window 256 at 64k in 0.378 vs 0.459
+# ms fwd, 1.55 vs 1.75 ms fwd+bwd (benchmarks/results/window/h200_band_masks/; a third mode, the tiles every
+# query sees whole unmasked between masked edge tiles, ran 0.417 / 1.63 ms there and was not kept).
+BAND_MODES = {"rule": 0, "bounds": 1}
+BAND = "bounds"
 
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -123,16 +131,39 @@ def _key_range(m0, BM, off, Tk, W, S, CAUSAL: tl.constexpr, BN: tl.constexpr):
 
 
 @triton.jit
-def _fwd_tile(acc, m_i, l_i, q, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt, s0, sel, pos, offs_n, offs_d,
-              Tk, D, W, S, qk_scale, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
-              HAS_BLOCKS: tl.constexpr):
-    """One key tile [s0, s0 + BN) of the online softmax."""
+def _band_bounds(pos, Tk, W, CAUSAL: tl.constexpr):
+    """Per query position, the band's first and last visible key (sinks aside): the window's rule as two bounds,
+    so a band tile's mask is two compares a pair."""
+    if CAUSAL:
+        return pos - W, tl.minimum(pos, Tk - 1)
+    return pos - W, tl.minimum(pos + W, Tk - 1)
+
+
+@triton.jit
+def _masked(s, fill, pos, kj, blo, bhi, Tk, W, S, sel, PAD, pad_base, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
+            HAS_BLOCKS: tl.constexpr, MASK: tl.constexpr):
+    """s [BM, BN] with `fill` where the pattern hides a pair. MASK 1: a band tile without sinks, the window's rule
+    as the per-row bounds [blo, bhi] of `_band_bounds`; 2: the whole rule (sinks, block layouts)."""
+    if MASK == 1:
+        ok = (kj[None, :] >= blo[:, None]) & (kj[None, :] <= bhi[:, None])
+        if HAS_PAD:
+            ok = ok & (tl.load(PAD + pad_base + kj, mask=kj < Tk, other=0) != 0)[None, :]
+        s = tl.where(ok, s, fill)
+    else:
+        s = tl.where(_tile_ok(pos, kj, Tk, W, S, sel, PAD, pad_base, HAS_PAD, CAUSAL, HAS_BLOCKS), s, fill)
+    return s
+
+
+@triton.jit
+def _fwd_tile(acc, m_i, l_i, q, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt, s0, sel, pos, blo, bhi, offs_n,
+              offs_d, Tk, D, W, S, qk_scale, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
+              HAS_BLOCKS: tl.constexpr, MASK: tl.constexpr):
+    """One key tile [s0, s0 + BN) of the online softmax, masked as `_masked` says."""
     kj = s0 + offs_n
     kmask = (kj < Tk)[:, None] & (offs_d < D)[None, :]
     k = tl.load(K + k_base + kj[:, None] * s_kt + offs_d[None, :], mask=kmask, other=0.0)
     s = dot(q, tl.trans(k), PREC) * qk_scale
-    ok = _tile_ok(pos, kj, Tk, W, S, sel, PAD, pad_base, HAS_PAD, CAUSAL, HAS_BLOCKS)
-    s = tl.where(ok, s, float("-inf"))
+    s = _masked(s, float("-inf"), pos, kj, blo, bhi, Tk, W, S, sel, PAD, pad_base, HAS_PAD, CAUSAL, HAS_BLOCKS, MASK)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_safe)
@@ -144,12 +175,12 @@ def _fwd_tile(acc, m_i, l_i, q, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt,
 
 
 @triton.jit
-def _fwd_tiles(acc, m_i, l_i, q, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt, start, end, pos, offs_n, offs_d,
-               Tk, D, W, S, qk_scale, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
-               BN: tl.constexpr):
+def _fwd_tiles(acc, m_i, l_i, q, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt, start, end, pos, blo, bhi, offs_n,
+               offs_d, Tk, D, W, S, qk_scale, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
+               BN: tl.constexpr, MASK: tl.constexpr):
     for s0 in range(start, end, BN):
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt, s0, 0, pos,
-                                  offs_n, offs_d, Tk, D, W, S, qk_scale, HAS_PAD, CAUSAL, PREC, False)
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt, s0, 0, pos, blo,
+                                  bhi, offs_n, offs_d, Tk, D, W, S, qk_scale, HAS_PAD, CAUSAL, PREC, False, MASK)
     return acc, m_i, l_i
 
 
@@ -157,7 +188,7 @@ def _fwd_tiles(acc, m_i, l_i, q, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt
 def _fwd(Q, K, V, PAD, O, LSE, LAY, IDX, CNT, H, G, Tq, Tk, D, W, S, qk_scale, NB, MAXN, HL,
          s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
          HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, HAS_BLOCKS: tl.constexpr,
-         BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+         BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BAND: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
@@ -179,14 +210,16 @@ def _fwd(Q, K, V, PAD, O, LSE, LAY, IDX, CNT, H, G, Tq, Tk, D, W, S, qk_scale, N
         for i in range(0, tl.load(CNT + row)):
             kb = tl.load(IDX + row * MAXN + i)
             acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt, kb * BN,
-                                      tl.load(LAY + row * NB + kb), pos, offs_n, offs_d, Tk, D, W, S, qk_scale,
-                                      HAS_PAD, CAUSAL, PREC, True)
+                                      tl.load(LAY + row * NB + kb), pos, pos, pos, offs_n, offs_d, Tk, D, W, S,
+                                      qk_scale, HAS_PAD, CAUSAL, PREC, True, 2)
     else:
         lo, hi, sink_end = _key_range(m0, BM, off, Tk, W, S, CAUSAL, BN)
+        blo, bhi = _band_bounds(pos, Tk, W, CAUSAL)
         acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt, 0, sink_end,
-                                   pos, offs_n, offs_d, Tk, D, W, S, qk_scale, HAS_PAD, CAUSAL, PREC, BN)
-        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt, lo, hi, pos,
-                                   offs_n, offs_d, Tk, D, W, S, qk_scale, HAS_PAD, CAUSAL, PREC, BN)
+                                   pos, blo, bhi, offs_n, offs_d, Tk, D, W, S, qk_scale, HAS_PAD, CAUSAL, PREC, BN, 2)
+        # the band: each pair two compares against its row's bounds ("bounds"), or the whole rule ("rule")
+        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt, lo, hi, pos, blo,
+                                   bhi, offs_n, offs_d, Tk, D, W, S, qk_scale, HAS_PAD, CAUSAL, PREC, BN, 2 - BAND)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     o_ptr = O + bh * Tq * D + offs_m[:, None] * D + offs_d[None, :]
@@ -215,8 +248,10 @@ def _bwd_delta(O, DO, DLSE, DELTA, Tq, D, HAS_DLSE: tl.constexpr, BM: tl.constex
 
 @triton.jit
 def _dkdv_tile(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt, m0, sel, kj, offs_m, offs_d, Tq,
-               Tk, D, W, S, off, qk_scale, CAUSAL: tl.constexpr, PREC: tl.constexpr, HAS_BLOCKS: tl.constexpr):
-    """One query tile [m0, m0 + BM)'s contribution to a key tile's dk, dv."""
+               Tk, D, W, S, off, qk_scale, CAUSAL: tl.constexpr, PREC: tl.constexpr, HAS_BLOCKS: tl.constexpr,
+               HAS_PAD: tl.constexpr, MASK: tl.constexpr):
+    """One query tile [m0, m0 + BM)'s contribution to a key tile's dk, dv, masked as `_masked` says (rows past Tq
+    read lse = inf, so p = 0 there under either mask)."""
     qi = m0 + offs_m
     qmask = (qi < Tq)[:, None] & (offs_d < D)[None, :]
     q = tl.load(Q + b * s_qb + h * s_qh + qi[:, None] * s_qt + offs_d[None, :], mask=qmask, other=0.0)
@@ -225,8 +260,13 @@ def _dkdv_tile(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt
     lse = tl.where(lse == float("-inf"), float("inf"), lse)  # a row with no visible key: p = 0
     delta = tl.load(DELTA + bh * Tq + qi, mask=qi < Tq, other=0.0)
     s = dot(q, tl.trans(k), PREC) * qk_scale
-    ok = _pattern_ok(qi + off, kj, Tk, W, S, sel, CAUSAL, HAS_BLOCKS) & real[None, :] & (qi < Tq)[:, None]
-    p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
+    p = tl.exp2(s - lse[:, None])
+    if MASK == 1:
+        blo, bhi = _band_bounds(qi + off, Tk, W, CAUSAL)
+        p = tl.where((kj[None, :] >= blo[:, None]) & (kj[None, :] <= bhi[:, None]) & real[None, :], p, 0.0)
+    else:
+        ok = _pattern_ok(qi + off, kj, Tk, W, S, sel, CAUSAL, HAS_BLOCKS) & real[None, :] & (qi < Tq)[:, None]
+        p = tl.where(ok, p, 0.0)
     dv += dot(tl.trans(to(p, do.dtype, PREC)), do, PREC)
     dp = dot(do, tl.trans(v), PREC)
     ds = p * (dp - delta[:, None])
@@ -238,7 +278,7 @@ def _dkdv_tile(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt
 def _bwd_dkdv(Q, K, V, PAD, DO, LSE, DELTA, DK, DV, LAY, IDXT, CNTT, H, G, Tq, Tk, D, W, S, qk_scale, scale, NB,
               MAXNT, HL, s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
               HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, HAS_BLOCKS: tl.constexpr,
-              BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+              BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BAND: tl.constexpr):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
@@ -262,7 +302,7 @@ def _bwd_dkdv(Q, K, V, PAD, DO, LSE, DELTA, DK, DV, LAY, IDXT, CNTT, H, G, Tq, T
             qb = tl.load(IDXT + (base + pid_n) * MAXNT + i)
             dk, dv = _dkdv_tile(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt, qb * BM,
                                 tl.load(LAY + (base + qb) * NB + pid_n), kj, offs_m, offs_d, Tq, Tk, D, W, S, off,
-                                qk_scale, CAUSAL, PREC, True)
+                                qk_scale, CAUSAL, PREC, True, HAS_PAD, 2)
     else:
         # the queries whose band reaches this key tile; a tile holding sinks is seen by every (later) query
         if CAUSAL:
@@ -275,9 +315,14 @@ def _bwd_dkdv(Q, K, V, PAD, DO, LSE, DELTA, DK, DV, LAY, IDXT, CNTT, H, G, Tq, T
             if not CAUSAL:
                 q_lo = 0
         q_lo = (q_lo // BM) * BM
-        for m0 in range(q_lo, q_hi, BM):
-            dk, dv = _dkdv_tile(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt, m0, 0, kj, offs_m,
-                                offs_d, Tq, Tk, D, W, S, off, qk_scale, CAUSAL, PREC, False)
+        if BAND == 0 or n0 < S:  # the whole rule (always for a tile that holds sinks)
+            for m0 in range(q_lo, q_hi, BM):
+                dk, dv = _dkdv_tile(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt, m0, 0, kj,
+                                    offs_m, offs_d, Tq, Tk, D, W, S, off, qk_scale, CAUSAL, PREC, False, HAS_PAD, 2)
+        else:
+            for m0 in range(q_lo, q_hi, BM):
+                dk, dv = _dkdv_tile(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt, m0, 0, kj,
+                                    offs_m, offs_d, Tq, Tk, D, W, S, off, qk_scale, CAUSAL, PREC, False, HAS_PAD, 1)
     dk = dk * scale
     o_off = bh * Tk * D + kj[:, None] * D + offs_d[None, :]
     tl.store(DK + o_off, dk.to(DK.dtype.element_ty), mask=kmask)
@@ -285,16 +330,16 @@ def _bwd_dkdv(Q, K, V, PAD, DO, LSE, DELTA, DK, DV, LAY, IDXT, CNTT, H, G, Tq, T
 
 
 @triton.jit
-def _dq_tile(dq, q, do, lse, delta, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt, s0, sel, pos, offs_n, offs_d,
-             Tk, D, W, S, qk_scale, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
-             HAS_BLOCKS: tl.constexpr):
+def _dq_tile(dq, q, do, lse, delta, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt, s0, sel, pos, blo, bhi, offs_n,
+             offs_d, Tk, D, W, S, qk_scale, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
+             HAS_BLOCKS: tl.constexpr, MASK: tl.constexpr):
     kj = s0 + offs_n
     kmask = (kj < Tk)[:, None] & (offs_d < D)[None, :]
     k = tl.load(K + k_base + kj[:, None] * s_kt + offs_d[None, :], mask=kmask, other=0.0)
     v = tl.load(V + v_base + kj[:, None] * s_vt + offs_d[None, :], mask=kmask, other=0.0)
     s = dot(q, tl.trans(k), PREC) * qk_scale
-    ok = _tile_ok(pos, kj, Tk, W, S, sel, PAD, pad_base, HAS_PAD, CAUSAL, HAS_BLOCKS)
-    p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
+    p = _masked(tl.exp2(s - lse[:, None]), 0.0, pos, kj, blo, bhi, Tk, W, S, sel, PAD, pad_base, HAS_PAD, CAUSAL,
+                HAS_BLOCKS, MASK)
     dp = dot(do, tl.trans(v), PREC)
     ds = p * (dp - delta[:, None])
     dq += dot(to(ds, k.dtype, PREC), k, PREC)
@@ -302,12 +347,12 @@ def _dq_tile(dq, q, do, lse, delta, K, V, PAD, k_base, v_base, pad_base, s_kt, s
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, lse, delta, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt, start, end, pos, offs_n,
-              offs_d, Tk, D, W, S, qk_scale, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
-              BN: tl.constexpr):
+def _dq_tiles(dq, q, do, lse, delta, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt, start, end, pos, blo, bhi,
+              offs_n, offs_d, Tk, D, W, S, qk_scale, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
+              BN: tl.constexpr, MASK: tl.constexpr):
     for s0 in range(start, end, BN):
-        dq = _dq_tile(dq, q, do, lse, delta, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt, s0, 0, pos, offs_n,
-                      offs_d, Tk, D, W, S, qk_scale, HAS_PAD, CAUSAL, PREC, False)
+        dq = _dq_tile(dq, q, do, lse, delta, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt, s0, 0, pos, blo, bhi,
+                      offs_n, offs_d, Tk, D, W, S, qk_scale, HAS_PAD, CAUSAL, PREC, False, MASK)
     return dq
 
 
@@ -315,7 +360,7 @@ def _dq_tiles(dq, q, do, lse, delta, K, V, PAD, k_base, v_base, pad_base, s_kt, 
 def _bwd_dq(Q, K, V, PAD, DO, LSE, DELTA, DQ, LAY, IDX, CNT, H, G, Tq, Tk, D, W, S, qk_scale, scale, NB, MAXN, HL,
             s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
             HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, HAS_BLOCKS: tl.constexpr,
-            BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+            BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BAND: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
@@ -339,14 +384,15 @@ def _bwd_dq(Q, K, V, PAD, DO, LSE, DELTA, DQ, LAY, IDX, CNT, H, G, Tq, Tk, D, W,
         for i in range(0, tl.load(CNT + row)):
             kb = tl.load(IDX + row * MAXN + i)
             dq = _dq_tile(dq, q, do, lse, delta, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt, kb * BN,
-                          tl.load(LAY + row * NB + kb), pos, offs_n, offs_d, Tk, D, W, S, qk_scale, HAS_PAD, CAUSAL,
-                          PREC, True)
+                          tl.load(LAY + row * NB + kb), pos, pos, pos, offs_n, offs_d, Tk, D, W, S, qk_scale,
+                          HAS_PAD, CAUSAL, PREC, True, 2)
     else:
         lo, hi, sink_end = _key_range(m0, BM, off, Tk, W, S, CAUSAL, BN)
-        dq = _dq_tiles(dq, q, do, lse, delta, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt, 0, sink_end, pos,
-                       offs_n, offs_d, Tk, D, W, S, qk_scale, HAS_PAD, CAUSAL, PREC, BN)
-        dq = _dq_tiles(dq, q, do, lse, delta, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt, lo, hi, pos, offs_n,
-                       offs_d, Tk, D, W, S, qk_scale, HAS_PAD, CAUSAL, PREC, BN)
+        blo, bhi = _band_bounds(pos, Tk, W, CAUSAL)
+        dq = _dq_tiles(dq, q, do, lse, delta, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt, 0, sink_end, pos, blo,
+                       bhi, offs_n, offs_d, Tk, D, W, S, qk_scale, HAS_PAD, CAUSAL, PREC, BN, 2)
+        dq = _dq_tiles(dq, q, do, lse, delta, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt, lo, hi, pos, blo, bhi,
+                       offs_n, offs_d, Tk, D, W, S, qk_scale, HAS_PAD, CAUSAL, PREC, BN, 2 - BAND)
     tl.store(DQ + bh * Tq * D + offs_m[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=qmask)
 
@@ -409,7 +455,7 @@ class _WindowAttention(torch.autograd.Function):
         lse2 = torch.empty(b, h, tq, dtype=torch.float32, device=q.device)
         pad_arg = pad if pad is not None else out  # never read when HAS_PAD is False
         meta = dict(HAS_PAD=pad is not None, CAUSAL=bool(causal), PREC=precision(q), HAS_BLOCKS=blocks is not None,
-                    BD=max(16, triton.next_power_of_2(d)))
+                    BD=max(16, triton.next_power_of_2(d)), BAND=BAND_MODES[BAND])
         tiles, launch = _launch(_config("fwd", d), blocks)
         grid = (triton.cdiv(tq, tiles["BM"]), b * h)
         tab = _table_args(blocks, lse2)
