@@ -253,13 +253,14 @@ def nystrom_solve(dtypes) -> int:
 
 
 def window_bands(dtypes) -> int:
-    """The window kernel's band masks (`window_triton.BAND_MODES`) at the GPU's own tiles, where `test_options`'
-    short inputs have no band tile seen whole: T = 2000 (not a multiple of the tiles), windows 256 and 300, with and
-    without sinks and padding, causal and not, each mode's output and gradients against an fp64 dense reference,
-    within 2x of the "rule" mode's (the first kernel's) own error plus a floor."""
+    """The window kernel's band masks (`window_triton.BAND_MODES`) at the GPU's own 64-token tiles, with windows of
+    several tiles (`test_options`' 256-token inputs have bands of a tile or two): T = 2000 (not a multiple of the
+    tiles), windows 256 and 300, with and without sinks and padding, causal and not, each mode's output and
+    gradients against an fp64 dense reference: within a floor of it, and within 2x of the "rule" mode's (the first
+    kernel's) own error."""
     from attnlab.ops import window_triton
 
-    failures, t = 0, T_BANDS
+    t = T_BANDS
     g = torch.Generator().manual_seed(3)
     q64, k64, v64 = (torch.randn(1, 4, t, D, generator=g, dtype=torch.float64) for _ in range(3))
     w = torch.randn(1, 4, t, D, generator=g, dtype=torch.float64)
@@ -267,6 +268,15 @@ def window_bands(dtypes) -> int:
     kpm[0, 700:760] = False
     kpm[0, -30:] = False
     base = window_triton.BAND
+    try:
+        failures = _window_bands(window_triton, dtypes, t, q64, k64, v64, w, kpm)
+    finally:
+        window_triton.BAND = base
+    return failures
+
+
+def _window_bands(window_triton, dtypes, t, q64, k64, v64, w, kpm) -> int:
+    failures = 0
     for window, sinks, causal, pad in ((256, 0, True, False), (256, 4, False, True), (300, 0, False, False),
                                        (300, 4, True, True)):
         i, j = torch.arange(t)[:, None], torch.arange(t)[None, :]
@@ -290,13 +300,14 @@ def window_bands(dtypes) -> int:
                 errs[band] = [((a.double().cpu() - r).abs().max() / r.abs().max().clamp_min(1e-6)).item()
                               for a, r in zip(got, truth)]
                 finite = all(bool(torch.isfinite(a).all()) for a in got)
-                ok = finite and all(e <= 2 * r + BOUND[dtype] / 10 for e, r in zip(errs[band], errs["rule"]))
+                # every mode within a floor of the fp64 reference, and within 2x of the first kernel's own error
+                ok = finite and all(e <= BOUND[dtype] / 3 and e <= 2 * r + BOUND[dtype] / 10
+                                    for e, r in zip(errs[band], errs["rule"]))
                 failures += not ok
                 print(f"{'ok ' if ok else 'FAIL'} window-band {band:6} window={window} sinks={sinks} causal={causal!s:5} "
                       f"pad={pad!s:5} {str(dtype):15} rel err out/dq/dk/dv "
-                      + "/".join(f"{e:.1e}" for e in errs[band]) + f" (rule "
+                      + "/".join(f"{e:.1e}" for e in errs[band]) + " (rule "
                       + "/".join(f"{e:.1e}" for e in errs["rule"]) + f") finite={finite}", flush=True)
-    window_triton.BAND = base
     return failures
 
 

@@ -68,16 +68,26 @@ def main(argv=None) -> int:
 
     raise_recompile_limit()
     from attnlab.bench.harness import ceilings
-    from attnlab.patterns import WindowPattern
 
     c = ceilings("cuda")
     if not c:
         sys.exit("error: the GPU's matmul and copy ceilings could not be measured (needs CUDA and triton)")
     ceil = {"matmul_tflops": c["ceiling_matmul_tflops"], "hbm_gbps": c["ceiling_copy_gbps"]}
     print(f"ceilings: bf16 matmul {ceil['matmul_tflops']:.0f} TFLOP/s, copy {ceil['hbm_gbps']:.0f} GB/s", flush=True)
+    base_cfg, base_band = dict(window_triton.CONFIG), window_triton.BAND
+    try:
+        return _sweep(args, out, ceil, base_cfg, base_band)
+    finally:
+        window_triton.CONFIG.update(base_cfg)
+        window_triton.BAND = base_band
+
+
+def _sweep(args, out, ceil, base_cfg, base_band) -> int:
+    """Every row of the search, written to OUT/tune_window.json as it comes."""
+    from attnlab.patterns import WindowPattern
+
     rows = []
     h, d, w, s = 16, 64, args.window, args.sinks
-    base_cfg, base_band = dict(window_triton.CONFIG), window_triton.BAND
     for t, causal, mode in itertools.product([int(x) for x in args.lengths.split(",")], (True, False),
                                              args.modes.split(",")):
         g = torch.Generator(device="cuda").manual_seed(t)

@@ -96,6 +96,9 @@ BAND_CASES = [  # (tq, tk, window, sinks, causal, padded, tiles): windows of sev
     (90, 120, 37, 0, True, True, (32, 16)),  # Tq < Tk, padding inside the band, query tiles twice the key tiles
     (120, 90, 33, 2, False, False, (16, 32)),  # Tq > Tk, key tiles twice the query tiles
     (97, 97, 50, 0, False, True, (32, 16)),
+    (40, 20, 3, 0, True, False, (16, 16)),  # Tq > Tk without sinks: negative positions, the first rows' band empty
+    (40, 20, 3, 0, False, False, (16, 16)),
+    (33, 33, 0, 0, False, True, (16, 16)),  # window 0: each query its own key (padded ones: zeros)
 ]
 
 

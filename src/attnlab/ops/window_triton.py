@@ -9,7 +9,8 @@ the log-sum-exp kept for the backward, no T x T matrix) with the key loop bounde
 [m0, m0 + BM) walks the key tiles from (m0 + off - window) rounded down to a tile edge up to the tile's last
 visible key, plus the tiles holding the sinks below the band. Work is O(T (window + sinks) d) and memory
 O(T d), where FlexAttention's generic kernel walks the same band through a BlockMask of 128 x 128 blocks. In the
-band (no sinks there) a pair's mask is two compares against its row's first and last visible key (`BAND`).
+band (no sinks there) a pair's mask is two compares against its row's first and last visible key (`BAND`;
+the sinks' tiles and block patterns keep the whole rule).
 
 Block patterns (`block_tables`, global_sparse's blocks + band + sinks, or a layout alone): the same kernels with
 the key loop over the key tiles a query tile's row of the tables lists (the tiles the layout keeps, and those the
@@ -54,8 +55,9 @@ MAX_HEAD_DIM = 256
 # "bounds", each pair two compares against its row's first and last visible key (`_band_bounds`); "rule", the
 # whole rule of `_visible` (the first kernel). On an H200 "bounds" ran causal window 256 at 64k in 0.378 vs 0.459
 # ms fwd, 1.55 vs 1.75 ms fwd+bwd (benchmarks/results/window/h200_band_masks/; a third mode, the tiles every
-# query sees whole unmasked between masked edge tiles, ran 0.417 / 1.63 ms there and was not kept).
-BAND_MODES = {"rule": 0, "bounds": 1}
+# query sees whole unmasked between masked edge tiles, ran 0.417 / 1.63 ms there and was not kept). Timed at head
+# dim 64 only: CONFIG_WIDE's settings (head dim 65-256) run "bounds" untimed.
+BAND_MODES = {"rule": 2, "bounds": 1}  # each mode's `_masked` MASK, the kernels' BAND_MASK
 BAND = "bounds"
 
 
@@ -188,7 +190,7 @@ def _fwd_tiles(acc, m_i, l_i, q, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt
 def _fwd(Q, K, V, PAD, O, LSE, LAY, IDX, CNT, H, G, Tq, Tk, D, W, S, qk_scale, NB, MAXN, HL,
          s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
          HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, HAS_BLOCKS: tl.constexpr,
-         BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BAND: tl.constexpr):
+         BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BAND_MASK: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
@@ -219,7 +221,7 @@ def _fwd(Q, K, V, PAD, O, LSE, LAY, IDX, CNT, H, G, Tq, Tk, D, W, S, qk_scale, N
                                    pos, blo, bhi, offs_n, offs_d, Tk, D, W, S, qk_scale, HAS_PAD, CAUSAL, PREC, BN, 2)
         # the band: each pair two compares against its row's bounds ("bounds"), or the whole rule ("rule")
         acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt, lo, hi, pos, blo,
-                                   bhi, offs_n, offs_d, Tk, D, W, S, qk_scale, HAS_PAD, CAUSAL, PREC, BN, 2 - BAND)
+                                   bhi, offs_n, offs_d, Tk, D, W, S, qk_scale, HAS_PAD, CAUSAL, PREC, BN, BAND_MASK)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     o_ptr = O + bh * Tq * D + offs_m[:, None] * D + offs_d[None, :]
@@ -278,7 +280,7 @@ def _dkdv_tile(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt
 def _bwd_dkdv(Q, K, V, PAD, DO, LSE, DELTA, DK, DV, LAY, IDXT, CNTT, H, G, Tq, Tk, D, W, S, qk_scale, scale, NB,
               MAXNT, HL, s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
               HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, HAS_BLOCKS: tl.constexpr,
-              BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BAND: tl.constexpr):
+              BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BAND_MASK: tl.constexpr):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
@@ -315,7 +317,7 @@ def _bwd_dkdv(Q, K, V, PAD, DO, LSE, DELTA, DK, DV, LAY, IDXT, CNTT, H, G, Tq, T
             if not CAUSAL:
                 q_lo = 0
         q_lo = (q_lo // BM) * BM
-        if BAND == 0 or n0 < S:  # the whole rule (always for a tile that holds sinks)
+        if BAND_MASK == 2 or n0 < S:  # the whole rule (always for a tile that holds sinks)
             for m0 in range(q_lo, q_hi, BM):
                 dk, dv = _dkdv_tile(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt, m0, 0, kj,
                                     offs_m, offs_d, Tq, Tk, D, W, S, off, qk_scale, CAUSAL, PREC, False, HAS_PAD, 2)
@@ -360,7 +362,7 @@ def _dq_tiles(dq, q, do, lse, delta, K, V, PAD, k_base, v_base, pad_base, s_kt, 
 def _bwd_dq(Q, K, V, PAD, DO, LSE, DELTA, DQ, LAY, IDX, CNT, H, G, Tq, Tk, D, W, S, qk_scale, scale, NB, MAXN, HL,
             s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
             HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, HAS_BLOCKS: tl.constexpr,
-            BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BAND: tl.constexpr):
+            BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BAND_MASK: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
@@ -392,7 +394,7 @@ def _bwd_dq(Q, K, V, PAD, DO, LSE, DELTA, DQ, LAY, IDX, CNT, H, G, Tq, Tk, D, W,
         dq = _dq_tiles(dq, q, do, lse, delta, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt, 0, sink_end, pos, blo,
                        bhi, offs_n, offs_d, Tk, D, W, S, qk_scale, HAS_PAD, CAUSAL, PREC, BN, 2)
         dq = _dq_tiles(dq, q, do, lse, delta, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt, lo, hi, pos, blo, bhi,
-                       offs_n, offs_d, Tk, D, W, S, qk_scale, HAS_PAD, CAUSAL, PREC, BN, 2 - BAND)
+                       offs_n, offs_d, Tk, D, W, S, qk_scale, HAS_PAD, CAUSAL, PREC, BN, BAND_MASK)
     tl.store(DQ + bh * Tq * D + offs_m[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=qmask)
 
@@ -455,7 +457,7 @@ class _WindowAttention(torch.autograd.Function):
         lse2 = torch.empty(b, h, tq, dtype=torch.float32, device=q.device)
         pad_arg = pad if pad is not None else out  # never read when HAS_PAD is False
         meta = dict(HAS_PAD=pad is not None, CAUSAL=bool(causal), PREC=precision(q), HAS_BLOCKS=blocks is not None,
-                    BD=max(16, triton.next_power_of_2(d)), BAND=BAND_MODES[BAND])
+                    BD=max(16, triton.next_power_of_2(d)), BAND_MASK=BAND_MODES[BAND])
         tiles, launch = _launch(_config("fwd", d), blocks)
         grid = (triton.cdiv(tq, tiles["BM"]), b * h)
         tab = _table_args(blocks, lse2)
