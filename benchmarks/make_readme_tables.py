@@ -222,7 +222,12 @@ def model_table() -> str:
                "--modes fwd,fwd+bwd --cuda-graph --narrow-backward`, commit 0a2f224; the synthetic 90%-pruned "
                "pattern with its sinks and band; `global_sparse` is the default, now `ops/window_triton.py` with block "
                "tables; `@flex` the FlexAttention path, its backward on 64-token blocks):",
-               "CUDA graph, global_sparse: Triton vs Flex"))
+               "CUDA graph, global_sparse: Triton vs Flex"),
+              ("model_bench_graph_window_bounds.json", "**CUDA graph, window with the band's two-bound mask** "
+               "(`model_bench_graph_window_bounds.json`: `python benchmarks/model_bench.py --device cuda --dtype "
+               "bfloat16 --cuda-graph --lengths 1024,4096,16384 --methods window --originals sdpa --modes "
+               "fwd,fwd+bwd --budget-s 120`, commit 4004224, one interleaved run; `window_triton.BAND`):",
+               "CUDA graph, window two-bound mask"))
     for name, prose, label in graphs:
         if (MODEL_DIR / name).exists():
             gr = json.load(open(MODEL_DIR / name))
