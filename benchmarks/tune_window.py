@@ -58,6 +58,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-grid", action="store_true", help="only the committed CONFIG, no tile search")
     p.add_argument("--bands", default=",".join(window_triton.BAND_MODES),
                    help="the kernels' band masks to time at each tile setting (window_triton.BAND_MODES)")
+    p.add_argument("--sink-chunks", default="",
+                   help="comma list of window_triton.SINK_CHUNK_TILES values to time each setting with (with "
+                        "--sinks: 100000 is one program per sink tile walking every query, the kernel before chunks)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     from pathlib import Path
@@ -74,15 +77,16 @@ def main(argv=None) -> int:
         sys.exit("error: the GPU's matmul and copy ceilings could not be measured (needs CUDA and triton)")
     ceil = {"matmul_tflops": c["ceiling_matmul_tflops"], "hbm_gbps": c["ceiling_copy_gbps"]}
     print(f"ceilings: bf16 matmul {ceil['matmul_tflops']:.0f} TFLOP/s, copy {ceil['hbm_gbps']:.0f} GB/s", flush=True)
-    base_cfg, base_band = dict(window_triton.CONFIG), window_triton.BAND
+    base_cfg, base_band, base_chunks = dict(window_triton.CONFIG), window_triton.BAND, window_triton.SINK_CHUNK_TILES
     try:
-        return _sweep(args, out, ceil, base_cfg, base_band)
+        return _sweep(args, out, ceil, base_cfg, base_band, base_chunks)
     finally:
         window_triton.CONFIG.update(base_cfg)
         window_triton.BAND = base_band
+        window_triton.SINK_CHUNK_TILES = base_chunks
 
 
-def _sweep(args, out, ceil, base_cfg, base_band) -> int:
+def _sweep(args, out, ceil, base_cfg, base_band, base_chunks) -> int:
     """Every row of the search, written to OUT/tune_window.json as it comes."""
     from attnlab.patterns import WindowPattern
 
@@ -112,20 +116,23 @@ def _sweep(args, out, ceil, base_cfg, base_band) -> int:
         tri = lambda q, k, v: tm(q, k, v, causal=causal).out  # noqa: E731
         stage = "fwd" if mode == "fwd" else "bwd"
         grid = [None] if args.no_grid else GRID[stage]
-        for cfg, band in itertools.product(grid, args.bands.split(",")):
+        chunks = [int(x) for x in args.sink_chunks.split(",") if x] or [window_triton.SINK_CHUNK_TILES]
+        for cfg, band, chunk in itertools.product(grid, args.bands.split(","), chunks):
             # each tile setting as a whole CONFIG, installed with the band mode just before its row is timed
             full = dict(base_cfg)
             if cfg is not None and stage == "fwd":
                 full["fwd"] = cfg
             elif cfg is not None:
                 full.update(dkdv=cfg, dq=dict(cfg, BM=cfg["BN"], BN=cfg["BM"]))
-            impls[f"attnlab triton {band} {json.dumps(cfg) if cfg else 'CONFIG'}"] = (tri, full, band)
+            label = f" sink_chunk_tiles={chunk}" if args.sink_chunks else ""
+            impls[f"attnlab triton {band} {json.dumps(cfg) if cfg else 'CONFIG'}{label}"] = (tri, full, band, chunk)
         for name, fn in impls.items():
-            cfg = band = None
+            cfg = band = chunk = None
             if isinstance(fn, tuple):
-                fn, cfg, band = fn
+                fn, cfg, band, chunk = fn
                 window_triton.CONFIG.update(cfg)
                 window_triton.BAND = band
+                window_triton.SINK_CHUNK_TILES = chunk
             t0 = time.perf_counter()
             try:
                 ms = timed(fn, mode, q, k, v)
@@ -134,6 +141,7 @@ def _sweep(args, out, ceil, base_cfg, base_band) -> int:
                 ms, err = None, f"{type(e).__name__}: {str(e)[:200]}"
             row = {"impl": name, "seq_len": t, "causal": causal, "mode": mode, "window": w, "sinks": s, "heads": h,
                    "head_dim": d, "batch": 1, "dtype": "bfloat16", "ms": ms, "error": err, "config": cfg, "band": band,
+                   "sink_chunk_tiles": chunk,
                    "flops": flops, "bytes_moved": bytes_moved, "device_name": torch.cuda.get_device_name(),
                    "torch_version": torch.__version__, "triton_version": triton.__version__, **ceil,
                    "wall_s": round(time.perf_counter() - t0, 1), "command": " ".join(sys.argv)}
@@ -143,11 +151,12 @@ def _sweep(args, out, ceil, base_cfg, base_band) -> int:
                 row["hbm_fraction"] = bytes_moved / ms / 1e6 / ceil["hbm_gbps"]
             rows.append(row)
             (out / "tune_window.json").write_text(json.dumps(rows, indent=1))
-            print(f"T={t:6} causal={causal!s:5} {mode:7} {name:78} "
+            print(f"T={t:6} causal={causal!s:5} {mode:7} {name:100} "
                   + (f"{ms:8.3f} ms {row['tflops']:6.0f} TFLOP/s ({row['matmul_fraction']:.0%} of matmul)" if ms else err),
                   flush=True)
         window_triton.CONFIG.update(base_cfg)
         window_triton.BAND = base_band
+        window_triton.SINK_CHUNK_TILES = base_chunks
         del q, k, v
         torch.cuda.empty_cache()
     return 0

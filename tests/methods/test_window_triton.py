@@ -161,6 +161,37 @@ def test_band_edges_at_every_window_residue(monkeypatch, causal, shift, band):
             assert max_err(a, r) < 2e-5, (window, name, max_err(a, r))
 
 
+@pytest.mark.parametrize("chunk_tiles", [1, 3])
+@pytest.mark.parametrize("tq,tk,window,sinks,causal,padded", [
+    (100, 100, 20, 3, True, False),
+    (100, 100, 20, 20, False, True),  # sinks over two 16-token tiles, padding among them
+    (60, 90, 10, 5, False, False),  # Tq < Tk
+    (90, 60, 10, 5, True, False),  # Tq > Tk: the first queries see only sinks
+    (100, 100, 5, 40, False, False),  # the third sink tile's band starts past query 0: queries before it see it
+])
+def test_sink_tiles_backward_in_chunks(monkeypatch, tq, tk, window, sinks, causal, padded, chunk_tiles):
+    """A sink tile's dk, dv: its band's queries in `_bwd_dkdv`, the rest from `_bwd_dkdv_sinks` in chunks of
+    `SINK_CHUNK_TILES` query tiles (several chunks here, and chunks that hold the band itself), against the PyTorch
+    form's gradients and the fp64 reference's output."""
+    from attnlab.ops import window_triton
+
+    monkeypatch.setattr(window_triton, "SINK_CHUNK_TILES", chunk_tiles)
+    q, k, v = rand_qkv(b=1, h=2, tq=tq, tk=tk, d=16, seed=tq + sinks)
+    kpm = None
+    if padded:
+        kpm = torch.ones(1, tk, dtype=torch.bool)
+        kpm[0, 2] = False
+        kpm[0, 17] = False
+    m = make("window", q, k, window=window, sinks=sinks, backend="triton")
+    out = m(q, k, v, causal=causal, key_padding_mask=kpm).out
+    assert_matches_reference(out, q, k, v, attn_mask=_allowed(tq, tk, window, sinks, causal), key_padding_mask=kpm)
+
+    def loss_fn(backend):
+        mm = make("window", q, k, window=window, sinks=sinks, backend=backend)
+        return lambda q, k, v: mm(q, k, v, causal=causal, key_padding_mask=kpm).out
+    assert_grads_agree(loss_fn, q, k, v)
+
+
 def test_fully_padded_row_gives_zeros_and_finite_grads():
     q, k, v = rand_qkv(b=2, h=2, tq=24, d=16, seed=4)
     kpm = torch.ones(2, 24, dtype=torch.bool)

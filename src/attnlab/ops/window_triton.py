@@ -59,6 +59,10 @@ MAX_HEAD_DIM = 256
 # dim 64 only: CONFIG_WIDE's settings (head dim 65-256) run "bounds" untimed.
 BAND_MODES = {"rule": 2, "bounds": 1}  # each mode's `_masked` MASK, the kernels' BAND_MASK
 BAND = "bounds"
+# The backward's programs for the key tiles that hold sinks (seen by every later query) walk only their band's
+# queries; the rest come from `_bwd_dkdv_sinks`, one program per chunk of this many query tiles (before, one program
+# per sink tile walked all T queries: at 64k, 1,024 query tiles in a row while the other programs walk ~10).
+SINK_CHUNK_TILES = 16
 
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -277,8 +281,71 @@ def _dkdv_tile(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt
 
 
 @triton.jit
-def _bwd_dkdv(Q, K, V, PAD, DO, LSE, DELTA, DK, DV, LAY, IDXT, CNTT, H, G, Tq, Tk, D, W, S, qk_scale, scale, NB,
-              MAXNT, HL, s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
+def _dkdv_band(n0, off, W, Tq, CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """The query range [q_lo, q_hi) whose band reaches the key tile [n0, n0 + BN) (q_lo on a tile edge), and hb,
+    the first query tile edge past the tiles a loop `range(q_lo, q_hi, BM)` visits."""
+    if CAUSAL:
+        q_lo = tl.maximum(n0 - off, 0)
+    else:
+        q_lo = tl.maximum(n0 - W - off, 0)
+    q_hi = tl.minimum(n0 + BN - 1 + W - off + 1, Tq)
+    q_lo = (q_lo // BM) * BM
+    hb = tl.maximum(q_lo, ((tl.maximum(q_hi, 0) + BM - 1) // BM) * BM)
+    return q_lo, q_hi, hb
+
+
+@triton.jit
+def _dkdv_load(K, V, PAD, b, hk, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, kj, offs_d, Tk, D, HAS_PAD: tl.constexpr,
+               BN: tl.constexpr):
+    kmask = (kj < Tk)[:, None] & (offs_d < D)[None, :]
+    k = tl.load(K + b * s_kb + hk * s_kh + kj[:, None] * s_kt + offs_d[None, :], mask=kmask, other=0.0)
+    v = tl.load(V + b * s_vb + hk * s_vh + kj[:, None] * s_vt + offs_d[None, :], mask=kmask, other=0.0)
+    real = tl.full([BN], 1, tl.int1)
+    if HAS_PAD:
+        real = tl.load(PAD + b * Tk + kj, mask=kj < Tk, other=0) != 0
+    return k, v, real, kmask
+
+
+@triton.jit
+def _bwd_dkdv_sinks(Q, K, V, PAD, DO, LSE, DELTA, DKP, DVP, H, G, Tq, Tk, D, W, S, qk_scale, NST, NCH,
+                    s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
+                    HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr,
+                    BN: tl.constexpr, BD: tl.constexpr, CH: tl.constexpr):
+    """A sink tile's dk, dv from the queries its band does not reach (every later query sees a sink): one program
+    per (sink tile, chunk of CH queries), so that no program walks all T queries alone; fp32 partials
+    [B*H, NST, NCH, BN, BD] that `_bwd_dkdv` adds to the tile's band share."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    st, c = pid // NCH, pid % NCH
+    b, h = bh // H, bh % H
+    hk = h // G
+    off = Tk - Tq
+    n0 = st * BN
+    kj = n0 + tl.arange(0, BN)
+    offs_m = tl.arange(0, BM)
+    offs_d = tl.arange(0, BD)
+    k, v, real, kmask = _dkdv_load(K, V, PAD, b, hk, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, kj, offs_d, Tk, D, HAS_PAD,
+                                   BN)
+    dk = tl.zeros([BN, BD], tl.float32)
+    dv = tl.zeros([BN, BD], tl.float32)
+    q_lo, q_hi, hb = _dkdv_band(n0, off, W, Tq, CAUSAL, BM, BN)
+    c0 = c * CH
+    c1 = tl.minimum(c0 + CH, Tq)
+    if not CAUSAL:  # queries before the band (causal: they see none of this tile's keys)
+        for m0 in range(c0, tl.minimum(c1, q_lo), BM):
+            dk, dv = _dkdv_tile(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt, m0, 0, kj,
+                                offs_m, offs_d, Tq, Tk, D, W, S, off, qk_scale, CAUSAL, PREC, False, HAS_PAD, 2)
+    for m0 in range(tl.maximum(c0, hb), c1, BM):  # queries after the band
+        dk, dv = _dkdv_tile(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt, m0, 0, kj,
+                            offs_m, offs_d, Tq, Tk, D, W, S, off, qk_scale, CAUSAL, PREC, False, HAS_PAD, 2)
+    p_off = (((bh * NST + st) * NCH + c) * BN + tl.arange(0, BN)[:, None]) * BD + offs_d[None, :]
+    tl.store(DKP + p_off, dk)
+    tl.store(DVP + p_off, dv)
+
+
+@triton.jit
+def _bwd_dkdv(Q, K, V, PAD, DO, LSE, DELTA, DK, DV, LAY, IDXT, CNTT, DKP, DVP, H, G, Tq, Tk, D, W, S, qk_scale, scale,
+              NB, MAXNT, HL, NST, NCH, s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
               HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, HAS_BLOCKS: tl.constexpr,
               BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BAND_MASK: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -290,12 +357,8 @@ def _bwd_dkdv(Q, K, V, PAD, DO, LSE, DELTA, DK, DV, LAY, IDXT, CNTT, H, G, Tq, T
     kj = n0 + tl.arange(0, BN)
     offs_m = tl.arange(0, BM)
     offs_d = tl.arange(0, BD)
-    kmask = (kj < Tk)[:, None] & (offs_d < D)[None, :]
-    k = tl.load(K + b * s_kb + hk * s_kh + kj[:, None] * s_kt + offs_d[None, :], mask=kmask, other=0.0)
-    v = tl.load(V + b * s_vb + hk * s_vh + kj[:, None] * s_vt + offs_d[None, :], mask=kmask, other=0.0)
-    real = tl.full([BN], 1, tl.int1)
-    if HAS_PAD:
-        real = tl.load(PAD + b * Tk + kj, mask=kj < Tk, other=0) != 0
+    k, v, real, kmask = _dkdv_load(K, V, PAD, b, hk, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, kj, offs_d, Tk, D, HAS_PAD,
+                                   BN)
     dk = tl.zeros([BN, BD], tl.float32)
     dv = tl.zeros([BN, BD], tl.float32)
     if HAS_BLOCKS:  # the query tiles whose rows of the block tables list this key tile (the transposed tables)
@@ -306,17 +369,9 @@ def _bwd_dkdv(Q, K, V, PAD, DO, LSE, DELTA, DK, DV, LAY, IDXT, CNTT, H, G, Tq, T
                                 tl.load(LAY + (base + qb) * NB + pid_n), kj, offs_m, offs_d, Tq, Tk, D, W, S, off,
                                 qk_scale, CAUSAL, PREC, True, HAS_PAD, 2)
     else:
-        # the queries whose band reaches this key tile; a tile holding sinks is seen by every (later) query
-        if CAUSAL:
-            q_lo = tl.maximum(n0 - off, 0)
-        else:
-            q_lo = tl.maximum(n0 - W - off, 0)
-        q_hi = tl.minimum(n0 + BN - 1 + W - off + 1, Tq)
-        if n0 < S:
-            q_hi = Tq
-            if not CAUSAL:
-                q_lo = 0
-        q_lo = (q_lo // BM) * BM
+        # the queries whose band reaches this key tile; a tile holding sinks is seen by every later query too:
+        # those outside its band came from `_bwd_dkdv_sinks`, in chunks, as fp32 partials added here
+        q_lo, q_hi, _ = _dkdv_band(n0, off, W, Tq, CAUSAL, BM, BN)
         if BAND_MASK == 2 or n0 < S:  # the whole rule (always for a tile that holds sinks)
             for m0 in range(q_lo, q_hi, BM):
                 dk, dv = _dkdv_tile(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt, m0, 0, kj,
@@ -325,6 +380,11 @@ def _bwd_dkdv(Q, K, V, PAD, DO, LSE, DELTA, DK, DV, LAY, IDXT, CNTT, H, G, Tq, T
             for m0 in range(q_lo, q_hi, BM):
                 dk, dv = _dkdv_tile(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt, m0, 0, kj,
                                     offs_m, offs_d, Tq, Tk, D, W, S, off, qk_scale, CAUSAL, PREC, False, HAS_PAD, 1)
+        if pid_n < NST:
+            p_base = ((bh * NST + pid_n) * NCH * BN + tl.arange(0, BN)[:, None]) * BD + offs_d[None, :]
+            for c in range(0, NCH):
+                dk += tl.load(DKP + p_base + c * BN * BD)
+                dv += tl.load(DVP + p_base + c * BN * BD)
     dk = dk * scale
     o_off = bh * Tk * D + kj[:, None] * D + offs_d[None, :]
     tl.store(DK + o_off, dk.to(DK.dtype.element_ty), mask=kmask)
@@ -492,9 +552,20 @@ class _WindowAttention(torch.autograd.Function):
         shape = (h, h // hkv, tq, tk, d, window, sinks, scale * LOG2E, scale)
         strides = (*_strides(q), *_strides(k), *_strides(v))
         tiles, launch = _launch(_config("dkdv", d), blocks)
+        # the sink tiles' dk, dv from the queries outside their band, in chunks of SINK_CHUNK_TILES query tiles
+        nst = 0 if blocks is not None else triton.cdiv(min(sinks, tk), tiles["BN"])
+        nch = triton.cdiv(tq, SINK_CHUNK_TILES * tiles["BM"])
+        dkp = dvp = delta  # never read when there is no sink tile
+        if nst:
+            dkp, dvp = (torch.empty(b * h, nst, nch, tiles["BN"], meta["BD"], dtype=torch.float32, device=q.device)
+                        for _ in range(2))
+            _bwd_dkdv_sinks[(nst * nch, b * h)](q, k, v, pad_arg, dout, lse2, delta, dkp, dvp, h, h // hkv, tq, tk,
+                                                d, window, sinks, scale * LOG2E, nst, nch, *strides,
+                                                HAS_PAD=meta["HAS_PAD"], CAUSAL=meta["CAUSAL"], PREC=meta["PREC"],
+                                                BD=meta["BD"], CH=SINK_CHUNK_TILES * tiles["BM"], **tiles, **launch)
         _bwd_dkdv[(triton.cdiv(tk, tiles["BN"]), b * h)](q, k, v, pad_arg, dout, lse2, delta, dk, dv, tab.lay,
-                                                         tab.idxt, tab.cntt, *shape, tab.nb, tab.maxnt, tab.hl,
-                                                         *strides, **meta, **tiles, **launch)
+                                                         tab.idxt, tab.cntt, dkp, dvp, *shape, tab.nb, tab.maxnt,
+                                                         tab.hl, nst, nch, *strides, **meta, **tiles, **launch)
         tiles, launch = _launch(_config("dq", d), blocks)
         _bwd_dq[(triton.cdiv(tq, tiles["BM"]), b * h)](q, k, v, pad_arg, dout, lse2, delta, dq, tab.lay, tab.idx,
                                                        tab.cnt, *shape, tab.nb, tab.maxn, tab.hl, *strides, **meta,
