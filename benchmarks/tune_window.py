@@ -60,7 +60,8 @@ def main(argv=None) -> int:
                    help="the kernels' band masks to time at each tile setting (window_triton.BAND_MODES)")
     p.add_argument("--sink-chunks", default="",
                    help="comma list of window_triton.SINK_CHUNK_TILES values to time each setting with (with "
-                        "--sinks: 100000 is one program per sink tile walking every query, the kernel before chunks)")
+                        "--sinks: 100000 makes one chunk, so each sink tile's own program walks every query, the "
+                        "kernel before chunks)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     from pathlib import Path

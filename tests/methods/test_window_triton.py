@@ -161,25 +161,35 @@ def test_band_edges_at_every_window_residue(monkeypatch, causal, shift, band):
             assert max_err(a, r) < 2e-5, (window, name, max_err(a, r))
 
 
-@pytest.mark.parametrize("chunk_tiles", [1, 3])
-@pytest.mark.parametrize("tq,tk,window,sinks,causal,padded", [
+SINK_CASES = [  # (tq, tk, window, sinks, causal, padded)
     (100, 100, 20, 3, True, False),
     (100, 100, 20, 20, False, True),  # sinks over two 16-token tiles, padding among them
     (60, 90, 10, 5, False, False),  # Tq < Tk
-    (90, 60, 10, 5, True, False),  # Tq > Tk: the first queries see only sinks
+    (90, 60, 10, 5, True, False),  # Tq > Tk: the first 30 queries see nothing (causal)
+    (70, 40, 10, 20, False, False),  # Tq > Tk, not causal: the first queries see only the sinks
     (100, 100, 5, 40, False, False),  # the third sink tile's band starts past query 0: queries before it see it
-])
-def test_sink_tiles_backward_in_chunks(monkeypatch, tq, tk, window, sinks, causal, padded, chunk_tiles):
+]
+
+
+@pytest.mark.parametrize("case,chunk_tiles,tiles", [(c, 1, (16, 16)) for c in SINK_CASES]
+                         + [(SINK_CASES[i], 3, (16, 16)) for i in (1, 3)]  # chunks that hold the band too
+                         + [(SINK_CASES[i], 1, (32, 16)) for i in (0, 4)])  # query tiles twice the key tiles
+def test_sink_tiles_backward_in_chunks(monkeypatch, case, chunk_tiles, tiles):
     """A sink tile's dk, dv: its band's queries in `_bwd_dkdv`, the rest from `_bwd_dkdv_sinks` in chunks of
-    `SINK_CHUNK_TILES` query tiles (several chunks here, and chunks that hold the band itself), against the PyTorch
-    form's gradients and the fp64 reference's output."""
+    `SINK_CHUNK_TILES` query tiles (several chunks here, and chunks that hold the band itself; query tiles twice the
+    key tiles too), batch 2 with grouped kv heads, against the PyTorch form's gradients and the fp64 reference's
+    output."""
     from attnlab.ops import window_triton
 
+    tq, tk, window, sinks, causal, padded = case
     monkeypatch.setattr(window_triton, "SINK_CHUNK_TILES", chunk_tiles)
-    q, k, v = rand_qkv(b=1, h=2, tq=tq, tk=tk, d=16, seed=tq + sinks)
+    bm, bn = tiles
+    monkeypatch.setattr(window_triton, "INTERPRETED", {"fwd": dict(BM=16, BN=16), "dkdv": dict(BM=bm, BN=bn),
+                                                      "dq": dict(BM=16, BN=16)})
+    q, k, v = rand_qkv(b=2, h=2, hkv=1, tq=tq, tk=tk, d=16, seed=tq + sinks)
     kpm = None
     if padded:
-        kpm = torch.ones(1, tk, dtype=torch.bool)
+        kpm = torch.ones(2, tk, dtype=torch.bool)
         kpm[0, 2] = False
         kpm[0, 17] = False
     m = make("window", q, k, window=window, sinks=sinks, backend="triton")

@@ -20,8 +20,9 @@ row). Work is O(visited tiles x tile^2 x d), what FlexAttention's BlockMask walk
 mask_mod on partial blocks.
 
 Backward as FlashAttention-2's: `_bwd_dkdv` (one program per key tile, looping over the query tiles whose
-band reaches it; a tile that holds sinks is reached by every query) and `_bwd_dq` (one program per query tile,
-the forward's key loop), with delta_i = do_i . o_i - dlse_i (the log-sum-exp output has a gradient too:
+band reaches it; a tile that holds sinks is reached by every later query, and past SINK_CHUNK_TILES query tiles
+those outside its band come from `_bwd_dkdv_sinks` in chunks, as fp32 partials) and `_bwd_dq` (one program per
+query tile, the forward's key loop), with delta_i = do_i . o_i - dlse_i (the log-sum-exp output has a gradient too:
 d lse_i / d s_ij = p_ij).
 
 Precision: scores and p @ v in the inputs' dtype with fp32 accumulation (fp32 inputs: IEEE fp32, as
@@ -59,9 +60,10 @@ MAX_HEAD_DIM = 256
 # dim 64 only: CONFIG_WIDE's settings (head dim 65-256) run "bounds" untimed.
 BAND_MODES = {"rule": 2, "bounds": 1}  # each mode's `_masked` MASK, the kernels' BAND_MASK
 BAND = "bounds"
-# The backward's programs for the key tiles that hold sinks (seen by every later query) walk only their band's
-# queries; the rest come from `_bwd_dkdv_sinks`, one program per chunk of this many query tiles (before, one program
-# per sink tile walked all T queries: at 64k, 1,024 query tiles in a row while the other programs walk ~10).
+# The backward's programs for the key tiles that hold sinks (seen by every later query; every query when not
+# causal) walk only their band's queries when there are more than this many query tiles; the rest come from
+# `_bwd_dkdv_sinks`, one program per chunk of this many query tiles (before, one program per sink tile walked all T
+# queries: at 64k, 1,024 query tiles in a row while the other programs walk 5, causal, or 9).
 SINK_CHUNK_TILES = 16
 
 
@@ -372,6 +374,10 @@ def _bwd_dkdv(Q, K, V, PAD, DO, LSE, DELTA, DK, DV, LAY, IDXT, CNTT, DKP, DVP, H
         # the queries whose band reaches this key tile; a tile holding sinks is seen by every later query too:
         # those outside its band came from `_bwd_dkdv_sinks`, in chunks, as fp32 partials added here
         q_lo, q_hi, _ = _dkdv_band(n0, off, W, Tq, CAUSAL, BM, BN)
+        if n0 < S and NST == 0:  # no partials (the queries fit one chunk): the sink tile walks them all itself
+            q_hi = Tq
+            if not CAUSAL:
+                q_lo = 0
         if BAND_MASK == 2 or n0 < S:  # the whole rule (always for a tile that holds sinks)
             for m0 in range(q_lo, q_hi, BM):
                 dk, dv = _dkdv_tile(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt, m0, 0, kj,
@@ -553,8 +559,9 @@ class _WindowAttention(torch.autograd.Function):
         strides = (*_strides(q), *_strides(k), *_strides(v))
         tiles, launch = _launch(_config("dkdv", d), blocks)
         # the sink tiles' dk, dv from the queries outside their band, in chunks of SINK_CHUNK_TILES query tiles
-        nst = 0 if blocks is not None else triton.cdiv(min(sinks, tk), tiles["BN"])
+        # (queries that fit one chunk: the sink tiles' own programs walk them, no second kernel)
         nch = triton.cdiv(tq, SINK_CHUNK_TILES * tiles["BM"])
+        nst = 0 if blocks is not None or nch == 1 else triton.cdiv(min(sinks, tk), tiles["BN"])
         dkp = dvp = delta  # never read when there is no sink tile
         if nst:
             dkp, dvp = (torch.empty(b * h, nst, nch, tiles["BN"], meta["BD"], dtype=torch.float32, device=q.device)
