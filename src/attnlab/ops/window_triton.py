@@ -297,15 +297,22 @@ def _dkdv_band(n0, off, W, Tq, CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.co
 
 
 @triton.jit
-def _dkdv_load(K, V, PAD, b, hk, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, kj, offs_d, Tk, D, HAS_PAD: tl.constexpr,
-               BN: tl.constexpr):
+def _dkdv_key_tile(K, V, PAD, bh, tile, H, G, Tq, Tk, D, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, HAS_PAD: tl.constexpr,
+                   BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+    """A dk / dv program's key tile [n0, n0 + BN): its batch and query head, k, v (of the kv head the query head
+    reads), which keys are real, and the offsets the query loop needs."""
+    b, h = bh // H, bh % H
+    hk = h // G  # the kv head this query head reads (GQA: G query heads per kv head)
+    n0 = tile * BN
+    kj = n0 + tl.arange(0, BN)
+    offs_d = tl.arange(0, BD)
     kmask = (kj < Tk)[:, None] & (offs_d < D)[None, :]
     k = tl.load(K + b * s_kb + hk * s_kh + kj[:, None] * s_kt + offs_d[None, :], mask=kmask, other=0.0)
     v = tl.load(V + b * s_vb + hk * s_vh + kj[:, None] * s_vt + offs_d[None, :], mask=kmask, other=0.0)
     real = tl.full([BN], 1, tl.int1)
     if HAS_PAD:
         real = tl.load(PAD + b * Tk + kj, mask=kj < Tk, other=0) != 0
-    return k, v, real, kmask
+    return b, h, Tk - Tq, n0, kj, tl.arange(0, BM), offs_d, k, v, real, kmask
 
 
 @triton.jit
@@ -319,15 +326,8 @@ def _bwd_dkdv_sinks(Q, K, V, PAD, DO, LSE, DELTA, DKP, DVP, H, G, Tq, Tk, D, W, 
     pid = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     st, c = pid // NCH, pid % NCH
-    b, h = bh // H, bh % H
-    hk = h // G
-    off = Tk - Tq
-    n0 = st * BN
-    kj = n0 + tl.arange(0, BN)
-    offs_m = tl.arange(0, BM)
-    offs_d = tl.arange(0, BD)
-    k, v, real, kmask = _dkdv_load(K, V, PAD, b, hk, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, kj, offs_d, Tk, D, HAS_PAD,
-                                   BN)
+    b, h, off, n0, kj, offs_m, offs_d, k, v, real, kmask = _dkdv_key_tile(
+        K, V, PAD, bh, st, H, G, Tq, Tk, D, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, HAS_PAD, BM, BN, BD)
     dk = tl.zeros([BN, BD], tl.float32)
     dv = tl.zeros([BN, BD], tl.float32)
     q_lo, q_hi, hb = _dkdv_band(n0, off, W, Tq, CAUSAL, BM, BN)
@@ -352,15 +352,8 @@ def _bwd_dkdv(Q, K, V, PAD, DO, LSE, DELTA, DK, DV, LAY, IDXT, CNTT, DKP, DVP, H
               BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BAND_MASK: tl.constexpr):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
-    b, h = bh // H, bh % H
-    hk = h // G  # the kv head this query head reads (GQA: G query heads per kv head)
-    off = Tk - Tq
-    n0 = pid_n * BN
-    kj = n0 + tl.arange(0, BN)
-    offs_m = tl.arange(0, BM)
-    offs_d = tl.arange(0, BD)
-    k, v, real, kmask = _dkdv_load(K, V, PAD, b, hk, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, kj, offs_d, Tk, D, HAS_PAD,
-                                   BN)
+    b, h, off, n0, kj, offs_m, offs_d, k, v, real, kmask = _dkdv_key_tile(
+        K, V, PAD, bh, pid_n, H, G, Tq, Tk, D, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, HAS_PAD, BM, BN, BD)
     dk = tl.zeros([BN, BD], tl.float32)
     dv = tl.zeros([BN, BD], tl.float32)
     if HAS_BLOCKS:  # the query tiles whose rows of the block tables list this key tile (the transposed tables)
