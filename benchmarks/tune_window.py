@@ -80,14 +80,14 @@ def main(argv=None) -> int:
     print(f"ceilings: bf16 matmul {ceil['matmul_tflops']:.0f} TFLOP/s, copy {ceil['hbm_gbps']:.0f} GB/s", flush=True)
     base_cfg, base_band, base_chunks = dict(window_triton.CONFIG), window_triton.BAND, window_triton.SINK_CHUNK_TILES
     try:
-        return _sweep(args, out, ceil, base_cfg, base_band, base_chunks)
+        return _sweep(args, out, ceil, base_cfg)
     finally:
         window_triton.CONFIG.update(base_cfg)
         window_triton.BAND = base_band
         window_triton.SINK_CHUNK_TILES = base_chunks
 
 
-def _sweep(args, out, ceil, base_cfg, base_band, base_chunks) -> int:
+def _sweep(args, out, ceil, base_cfg) -> int:
     """Every row of the search, written to OUT/tune_window.json as it comes."""
     from attnlab.patterns import WindowPattern
 
@@ -155,9 +155,6 @@ def _sweep(args, out, ceil, base_cfg, base_band, base_chunks) -> int:
             print(f"T={t:6} causal={causal!s:5} {mode:7} {name:100} "
                   + (f"{ms:8.3f} ms {row['tflops']:6.0f} TFLOP/s ({row['matmul_fraction']:.0%} of matmul)" if ms else err),
                   flush=True)
-        window_triton.CONFIG.update(base_cfg)
-        window_triton.BAND = base_band
-        window_triton.SINK_CHUNK_TILES = base_chunks
         del q, k, v
         torch.cuda.empty_cache()
     return 0

@@ -283,6 +283,17 @@ def _dkdv_tile(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt
 
 
 @triton.jit
+def _dkdv_tiles(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt, start, end, kj, offs_m, offs_d, Tq,
+                Tk, D, W, S, off, qk_scale, CAUSAL: tl.constexpr, PREC: tl.constexpr, HAS_PAD: tl.constexpr,
+                MASK: tl.constexpr, BM: tl.constexpr):
+    """The query tiles [start, end) of a key tile's dk, dv (start on a tile edge), as `_fwd_tiles` for the forward."""
+    for m0 in range(start, end, BM):
+        dk, dv = _dkdv_tile(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt, m0, 0, kj, offs_m,
+                            offs_d, Tq, Tk, D, W, S, off, qk_scale, CAUSAL, PREC, False, HAS_PAD, MASK)
+    return dk, dv
+
+
+@triton.jit
 def _dkdv_band(n0, off, W, Tq, CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     """The query range [q_lo, q_hi) whose band reaches the key tile [n0, n0 + BN) (q_lo on a tile edge), and hb,
     the first query tile edge past the tiles a loop `range(q_lo, q_hi, BM)` visits."""
@@ -334,12 +345,12 @@ def _bwd_dkdv_sinks(Q, K, V, PAD, DO, LSE, DELTA, DKP, DVP, H, G, Tq, Tk, D, W, 
     c0 = c * CH
     c1 = tl.minimum(c0 + CH, Tq)
     if not CAUSAL:  # queries before the band (causal: they see none of this tile's keys)
-        for m0 in range(c0, tl.minimum(c1, q_lo), BM):
-            dk, dv = _dkdv_tile(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt, m0, 0, kj,
-                                offs_m, offs_d, Tq, Tk, D, W, S, off, qk_scale, CAUSAL, PREC, False, HAS_PAD, 2)
-    for m0 in range(tl.maximum(c0, hb), c1, BM):  # queries after the band
-        dk, dv = _dkdv_tile(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt, m0, 0, kj,
-                            offs_m, offs_d, Tq, Tk, D, W, S, off, qk_scale, CAUSAL, PREC, False, HAS_PAD, 2)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt, c0,
+                             tl.minimum(c1, q_lo), kj, offs_m, offs_d, Tq, Tk, D, W, S, off, qk_scale, CAUSAL, PREC,
+                             HAS_PAD, 2, BM)
+    # queries after the band
+    dk, dv = _dkdv_tiles(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt, tl.maximum(c0, hb), c1,
+                         kj, offs_m, offs_d, Tq, Tk, D, W, S, off, qk_scale, CAUSAL, PREC, HAS_PAD, 2, BM)
     p_off = (((bh * NST + st) * NCH + c) * BN + tl.arange(0, BN)[:, None]) * BD + offs_d[None, :]
     tl.store(DKP + p_off, dk)
     tl.store(DVP + p_off, dv)
@@ -371,14 +382,12 @@ def _bwd_dkdv(Q, K, V, PAD, DO, LSE, DELTA, DK, DV, LAY, IDXT, CNTT, DKP, DVP, H
             q_hi = Tq
             if not CAUSAL:
                 q_lo = 0
-        if BAND_MASK == 2 or n0 < S:  # the whole rule (always for a tile that holds sinks)
-            for m0 in range(q_lo, q_hi, BM):
-                dk, dv = _dkdv_tile(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt, m0, 0, kj,
-                                    offs_m, offs_d, Tq, Tk, D, W, S, off, qk_scale, CAUSAL, PREC, False, HAS_PAD, 2)
+        if n0 < S:  # a tile that holds sinks: the whole rule
+            dk, dv = _dkdv_tiles(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt, q_lo, q_hi, kj,
+                                 offs_m, offs_d, Tq, Tk, D, W, S, off, qk_scale, CAUSAL, PREC, HAS_PAD, 2, BM)
         else:
-            for m0 in range(q_lo, q_hi, BM):
-                dk, dv = _dkdv_tile(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt, m0, 0, kj,
-                                    offs_m, offs_d, Tq, Tk, D, W, S, off, qk_scale, CAUSAL, PREC, False, HAS_PAD, 1)
+            dk, dv = _dkdv_tiles(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt, q_lo, q_hi, kj,
+                                 offs_m, offs_d, Tq, Tk, D, W, S, off, qk_scale, CAUSAL, PREC, HAS_PAD, BAND_MASK, BM)
         if pid_n < NST:
             p_base = ((bh * NST + pid_n) * NCH * BN + tl.arange(0, BN)[:, None]) * BD + offs_d[None, :]
             for c in range(0, NCH):
