@@ -64,6 +64,13 @@ def main(argv=None) -> int:
                         "kernel before chunks)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
+    bad = [b for b in args.bands.split(",") if b not in window_triton.BAND_MODES]
+    if bad:
+        p.error(f"--bands: {', '.join(bad)} not among {', '.join(window_triton.BAND_MODES)}")
+    if not all(x.isdigit() and int(x) > 0 for x in args.sink_chunks.split(",") if x):
+        p.error(f"--sink-chunks: positive integers, got {args.sink_chunks!r}")
+    if not torch.cuda.is_available():
+        sys.exit("error: tune_window.py times the kernels on a CUDA GPU; none is available here")
     from pathlib import Path
 
     out = Path(args.out)
