@@ -7,7 +7,8 @@
    gradients, at the method's `test_options`, each against the same module's fp64 CPU output: the CUDA error
    may be at most 2x the CPU path's own error in that dtype (plus a floor); the kernel that ran is printed;
 3. causal no-leak on CUDA, bit for bit;
-4. the declared extras (lse, column sums) on CUDA vs the CPU path.
+4. the declared extras (lse, column sums) on CUDA vs the CPU path;
+5. inputs in transformers' layout ([B, H, T, D] views of [B, T, H, D] memory) vs contiguous copies.
 
     PYTHONPATH=src python benchmarks/gpu_checks.py               # every method, prints a line per check, exits 1 on a failure
     PYTHONPATH=src python benchmarks/gpu_checks.py linear,window  # only these methods
@@ -252,6 +253,46 @@ def nystrom_solve(dtypes) -> int:
     return failures
 
 
+def layouts(names, dtypes) -> int:
+    """q, k, v as transformers hands them over ([B, H, T, D] views of [B, T, H, D] memory, which the Triton kernels
+    read where they lie) against contiguous copies of the same values, on CUDA at `test_options`: outputs (inference
+    and with gradients) and gradients within a few rounding steps (the same kernels, other addresses: bit-identical
+    is expected, another tile order is not wrong). Causal where the method can."""
+    failures = 0
+    q64, k64, v64, _ = inputs()
+    for spec in names:
+        name, cuda_opts = variant(spec)
+        cls, caps = registry.get(name), registry.capabilities(name)
+        for causal in ((False, True) if caps.causal else (False,)):
+            for dtype in dtypes:
+                m = attnlab.make(name, head_dim=D, num_heads=H, num_kv_heads=HKV, **cls.test_options(T),
+                                 **cuda_opts).to("cuda")
+                if m.unsupported_reasons(causal=causal, tq=T, tk=T, gqa=True, dtype=dtype, device="cuda"):
+                    continue  # e.g. linear@triton non-causal: the kernels are the causal form
+                held = [x.to("cuda", dtype).transpose(1, 2).contiguous().transpose(1, 2) for x in (q64, k64, v64)]
+                errs, kernels = [], []
+                for grad in (False, True):
+                    res = []
+                    for xs in (held, [x.contiguous() for x in held]):
+                        xs = [x.detach().requires_grad_(grad) for x in xs]
+                        with torch.set_grad_enabled(grad):
+                            out = m(*xs, causal=causal).out
+                        kernels.append(m.kernel)
+                        got = [out.detach()]
+                        if grad:
+                            w = torch.linspace(-1, 1, out.numel(), device="cuda", dtype=out.dtype).reshape(out.shape)
+                            got += torch.autograd.grad((out * w).sum(), xs)
+                        res.append(got)
+                    errs += [((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-6)).item()
+                             for a, b in zip(*res)]
+                ok = all(e <= BOUND[dtype] / 10 for e in errs)
+                failures += not ok
+                print(f"{'ok ' if ok else 'FAIL'} layout {spec:13} causal={causal!s:5} {str(dtype):15} kernels="
+                      f"{'/'.join(dict.fromkeys(kernels))} rel diff out(inference)/out/dq/dk/dv "
+                      + "/".join(f"{e:.1e}" for e in errs), flush=True)
+    return failures
+
+
 def window_bands(dtypes) -> int:
     """The window kernel's band masks (`window_triton.BAND_MODES`) at the GPU's own 64-token tiles, with windows of
     several tiles (`test_options`' 256-token inputs have bands of a tile or two): T = 2000 (not a multiple of the
@@ -328,6 +369,7 @@ def main(argv=None) -> int:
     names = args.methods.split(",") if args.methods else registry.list_methods()
     failures = exact_limits(names, (torch.float32,) if args.quick else (torch.float32, torch.bfloat16))
     failures += cuda_vs_cpu(names, (torch.bfloat16,) if args.quick else (torch.float32, torch.bfloat16))
+    failures += layouts(names, (torch.bfloat16,) if args.quick else (torch.float32, torch.bfloat16))
     if any(variant(n)[0] == "lsh" for n in names):
         failures += lsh_buckets((torch.bfloat16,) if args.quick else (torch.float32, torch.bfloat16))
     if any(variant(n) == ("window", {"backend": "triton"}) for n in names):

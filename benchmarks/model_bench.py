@@ -216,6 +216,10 @@ def main(argv=None):
                    "and replayed (capture); impl names get a +graph suffix; peak memory is what the capture allocated")
     p.add_argument("--narrow-backward", action="store_true", help="attnlab.ops.sparse.enable_narrow_backward(64) "
                    "first: global_sparse's backward runs its 64-token blocks (impl names get +narrowbwd)")
+    p.add_argument("--linear-form", choices=("auto", "chunked", "parallel"), default="auto",
+                   help="the causal linear kernels' forward for every layer of linear / performer rows "
+                        "(ops.linear_triton.PARALLEL_MAX_T): auto is the rule (parallel_max_t), chunked the state "
+                        "walk, parallel the one quadratic pass; not auto: method impl names get +chunked / +parallel")
     p.add_argument("--profile", action="store_true", help="per row, one more step under torch.profiler: device "
                    "busy time, time inside self_attn, and (CUDA) host-device syncs")
     p.add_argument("--trace", default=None, help="with --profile: write each row's step as a chrome trace "
@@ -236,6 +240,12 @@ def main(argv=None):
 
         if not enable_narrow_backward(64):
             p.error("--narrow-backward: this torch has no inductor choices hook (see ops/sparse.py)")
+    form = ""
+    if a.linear_form != "auto":
+        from attnlab.ops import linear_triton
+
+        linear_triton.PARALLEL_MAX_T = 0 if a.linear_form == "chunked" else 1 << 30
+        form = "+" + a.linear_form
     dtype = getattr(torch, a.dtype)
     lengths = [int(x) for x in a.lengths.split(",")]
     env = {"device_name": torch.cuda.get_device_name() if a.device.startswith("cuda") else platform.processor(),
@@ -256,7 +266,7 @@ def main(argv=None):
     originals = [] if a.no_original else [x for x in a.originals.split(",") if x]
     # a method may name its backend, METHOD@BACKEND (global_sparse@flex): the configuration's row keeps that name
     configs = [(f"original-{impl}", impl, None) for impl in originals] + [
-        (m + ("+narrowbwd" if a.narrow_backward else ""), "sdpa", m) for m in a.methods.split(",")
+        (m + ("+narrowbwd" if a.narrow_backward else "") + form, "sdpa", m) for m in a.methods.split(",")
     ]
     suffix = "+compile" if a.compile else "+graph" if a.cuda_graph else ""
     # one model per configuration, built once (135M parameters each), so that the steps of all configurations can

@@ -121,3 +121,31 @@ def test_performer_runs_the_kernel_for_half_inputs_only(ft, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert favor_triton_reasons(q.bfloat16()) == ["the kernel needs a CUDA device"]
     assert "half-precision" in favor_triton_reasons(q)[-1]
+
+
+def test_rows_read_where_they_lie_in_memory(ft):
+    """q as transformers hands it over ([B, H, T, D] seen in [B, T, H, D] memory) is mapped where it lies: the same
+    features and log-scales as a contiguous copy's (to fp32 rounding: a row's dots run in another block), phi and b
+    in x's memory order (their transpose back contiguous, no copy made), and the same gradient. Rows that do not lie densely (every other token) are copied
+    first and give the same result too. A wrong inverse order puts rows in the wrong places and fails."""
+    scale = D ** -0.5
+    consts = (math.sqrt(scale), scale / 2, -0.5 * math.log(M))
+    x, feat = _inputs(torch.bfloat16, seed=3)
+    held = x.transpose(1, 2).contiguous().transpose(1, 2)  # [2, 3, 70, D] values, [2, 70, 3, D] memory
+    cycled = x.permute(2, 0, 1, 3).contiguous().permute(1, 2, 0, 3)  # [70, 2, 3, D] memory: an order not its own inverse
+    sparse = torch.zeros(2, 3, 140, D, dtype=x.dtype)
+    sparse[:, :, ::2] = x
+    sparse = sparse[:, :, ::2]  # [2, 3, 70, D] values, every other row of a longer tensor
+    want_phi, want_b = ft.favor_features(x, feat, *consts)
+    for y in (held, cycled, sparse):  # rows in other blocks of the kernel: fp32 dots may round differently
+        phi, b = ft.favor_features(y, feat, *consts)
+        assert max_err(b, want_b) <= 1e-6 * want_b.abs().max().item()
+        assert max_err(phi, want_phi) <= 2.0 ** -8 * want_phi.abs().max().item()
+    phi, b = ft.favor_features(held, feat, *consts)
+    assert phi.transpose(1, 2).is_contiguous() and b.transpose(1, 2).is_contiguous()
+    phi, b = ft.favor_features(cycled, feat, *consts)
+    assert phi.permute(2, 0, 1, 3).is_contiguous() and b.permute(2, 0, 1).is_contiguous()
+    w = torch.randn(phi.shape, generator=torch.Generator().manual_seed(2)).to(phi.dtype)
+    xs = [t.detach().clone().requires_grad_(True) for t in (x, held)]
+    grads = [torch.autograd.grad((ft.favor_features(t, feat, *consts)[0] * w).float().sum(), t)[0] for t in xs]
+    assert max_err(grads[0], grads[1]) <= 2.0 ** -7 * grads[0].abs().max().item()

@@ -156,6 +156,36 @@ def test_grouped_query_heads_read_their_kv_head(kernels, seg, scale, monkeypatch
         kernels.causal_linear(ins[0].detach()[:, :, :64], ins[1].detach(), ins[2].detach())
 
 
+@pytest.mark.parametrize("scale", [False, True], ids=["plain", "log-scale"])
+def test_inputs_read_and_output_written_in_the_callers_layout(kernels, scale):
+    """q, k, v as transformers hands them over (one fused projection [B, T, H F + Hkv F + Hkv D] split and seen as
+    [B, H, T, *]: token stride the whole row, head stride F) are read where they lie, with the same result bit for
+    bit as contiguous copies, gradients included (batch 2, 4 query heads on 2 kv heads); the output is [B, H, T, D]
+    with [B, T, H, D] memory, so the caller's transpose back is contiguous without a copy. A kernel taking a wrong
+    stride (batch, head or token of any tensor) reads other rows and fails the comparison."""
+    b, h, hkv, t, f, d = 2, 4, 2, 130, 32, 16
+    g = torch.Generator().manual_seed(21)
+    row = torch.rand(b, t, h * f + hkv * f + hkv * d, generator=g)
+    row[..., -hkv * d:] -= 0.5  # values of both signs
+    q, k, v = row.split([h * f, hkv * f, hkv * d], dim=-1)
+    q, k, v = (x.unflatten(-1, (n, w)).transpose(1, 2) for x, n, w in ((q, h, f), (k, hkv, f), (v, hkv, d)))
+    lk = torch.randn(b, hkv, t, generator=g) * 4 if scale else None
+    assert not any(x.is_contiguous() for x in (q, k, v))
+    ins = [x.requires_grad_(True) for x in (q, k, v)] + ([lk.requires_grad_(True)] if scale else [])
+    copies = [x.detach().contiguous().requires_grad_(True) for x in ins]
+    out = kernels.causal_linear(*ins[:3], ins[3] if scale else None)
+    want = kernels.causal_linear(*copies[:3], copies[3] if scale else None)
+    assert out.shape == (b, h, t, d) and out.transpose(1, 2).is_contiguous()
+    assert torch.equal(out, want)
+    w = torch.randn(out.shape, generator=g)
+    for name, x, y in zip("q k v b".split(), torch.autograd.grad((out * w).sum(), ins),
+                          torch.autograd.grad((want * w).sum(), copies)):
+        assert torch.equal(x, y), name
+    with torch.no_grad():  # the inference path that maps raw q and k inside the kernels
+        assert torch.equal(kernels.causal_linear(q, k, v, feature_map="elu"),
+                           kernels.causal_linear(*(x.contiguous() for x in (q, k, v)), feature_map="elu"))
+
+
 def test_grouped_query_gradients_in_bf16_match_the_expanded_kernels(kernels):
     """bf16 GQA: each kv head's dk, dv (and key log-scale gradient) equal the expanded call's gradients summed
     through repeat_kv, within bf16 rounding (the group's per-head parts are summed in fp32 before one rounding)."""

@@ -68,6 +68,7 @@ def test_forward_lse_and_grads_match_the_reference(b, h, hkv, tq, tk, d, window,
     allowed = _allowed(tq, tk, window, sinks, causal)
     res = m(q, k, v, causal=causal, key_padding_mask=kpm, need_lse=True)
     assert m.kernel == "triton"
+    assert res.out.transpose(1, 2).is_contiguous()  # written as [B, Tq, H, D]: the caller's transpose back is free
     err = assert_matches_reference(res.out, q, k, v, attn_mask=allowed, key_padding_mask=kpm)
     k2, v2 = (x.repeat_interleave(h // hkv, 1) for x in (k, v))
     lse_ref = _lse_reference(q, k2, allowed, kpm, d ** -0.5)

@@ -129,21 +129,43 @@ def favor_backward(x, features, dphi, b, sqrt_scale: float, half_scale: float, l
     return dx.to(x.dtype), dfeat
 
 
+def _memory_rows(x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """x [..., D] as rows [N, D] in the order they lie in memory, and the order of x's leading dims (outer to inner)
+    that puts them back (`_shaped_like`). The map takes each row alone, so rows that lie densely in any order
+    (transformers' q [B, H, T, D] is a view of [B, T, H, D] memory) are read where they are; anything else is copied
+    first (logical order)."""
+    lead = list(range(x.dim() - 1))
+    if x.stride(-1) == 1:
+        order = sorted(lead, key=lambda i: -x.stride(i))
+        p = x.permute(*order, x.dim() - 1)
+        if p.is_contiguous():
+            return p.view(-1, x.shape[-1]), order
+    return x.reshape(-1, x.shape[-1]).contiguous(), lead
+
+
+def _shaped_like(rows: torch.Tensor, x: torch.Tensor, order: list[int]) -> torch.Tensor:
+    """rows [N, *tail] (in x's memory order, `_memory_rows`) as [*x.shape[:-1], *tail], no copy."""
+    tail = list(rows.shape[1:])
+    inverse = sorted(range(len(order)), key=order.__getitem__)
+    held = rows.view(*(x.shape[i] for i in order), *tail)
+    return held.permute(*inverse, *range(len(order), len(order) + len(tail)))
+
+
 class _Favor(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, features, sqrt_scale, half_scale, log_inv):
         d, m = x.shape[-1], features.shape[0]
-        x2 = x.reshape(-1, d).contiguous()
+        x2, order = _memory_rows(x)
         n = x2.shape[0]
         phi = x2.new_empty(n, m)
         b = x2.new_empty(n, dtype=torch.float32)
         _favor_kernel[(triton.cdiv(n, BN),)](x2, features.contiguous(), phi, b, n, d, m, sqrt_scale, half_scale,
                                              log_inv, PREC=_precision(x2), **_launch(d))
-        b = b.reshape(x.shape[:-1])
+        b = _shaped_like(b, x, order)
         ctx.mark_non_differentiable(b)
         ctx.save_for_backward(x, features, b)
         ctx.consts = (sqrt_scale, half_scale, log_inv)
-        return phi.reshape(*x.shape[:-1], m), b
+        return _shaped_like(phi, x, order), b
 
     @staticmethod
     def backward(ctx, dphi, _db):

@@ -70,6 +70,14 @@ def _rel_exp(a, m):
 
 
 @triton.jit
+def _row(bh, NH, sb, sh):
+    """The offset of row bh = b * NH + h of a [B, NH, T, *] tensor with batch / head strides sb, sh (the forward reads
+    q, k, v and writes out in the caller's layout: transformers' [B, T, H, D] memory seen as [B, H, T, D], with no
+    copy; a contiguous [B, H, T, *] tensor gives bh * T * W)."""
+    return (bh // NH) * sb + (bh % NH) * sh
+
+
+@triton.jit
 def _feature(x, MAP: tl.constexpr, PREC: tl.constexpr):
     """An elementwise feature map applied on load (MAP 1: elu(x) + 1, which is exp(x) for x <= 0; 2: relu(x); the
     kernels call it only with MAP != 0), computed in fp32 and rounded to x's dtype, as `feature_maps.ELU` / `ReLU` do.
@@ -104,7 +112,7 @@ def _weights(LK, PEX, bh, c, n_chunks, T, offs_t, BT: tl.constexpr):
 
 @triton.jit
 def _state_kernel(K, V, LK, PEX, H, Z, SEG, SEGZ, T, F, D, n_chunks, seg_len, n_seg,
-                  SUMS: tl.constexpr, HAS_SCALE: tl.constexpr, PREC: tl.constexpr,
+                  NKV, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, SUMS: tl.constexpr, HAS_SCALE: tl.constexpr, PREC: tl.constexpr,
                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, MAP: tl.constexpr = 0):
     """The state entering every chunk, H[c] = sum_{j < chunk c} e^{b_j - P_c} k_j v_j^T (in the matmul dtype,
     carried in fp32) and Z[c] (fp32), one (feature block, value block, segment of seg_len chunks) per program.
@@ -120,6 +128,7 @@ def _state_kernel(K, V, LK, PEX, H, Z, SEG, SEGZ, T, F, D, n_chunks, seg_len, n_
     offs_v = iv * BV + tl.arange(0, BV)
     kmask, vmask = offs_k < F, offs_v < D
     st_mask = kmask[:, None] & vmask[None, :]
+    k_row, v_row = _row(bh, NKV, s_kb, s_kh), _row(bh, NKV, s_vb, s_vh)
     c0 = g * seg_len
     c1 = tl.minimum(c0 + seg_len, n_chunks)
     s_kv = tl.zeros([BK, BV], tl.float32)
@@ -140,11 +149,11 @@ def _state_kernel(K, V, LK, PEX, H, Z, SEG, SEGZ, T, F, D, n_chunks, seg_len, n_
                 tl.store(Z + row * F + offs_k, s_z, mask=kmask)
         t = c * BT + offs_t
         tmask = t < T
-        k = tl.load(K + bh * T * F + t[:, None] * F + offs_k[None, :], mask=tmask[:, None] & kmask[None, :], other=0.0)
+        k = tl.load(K + k_row + t[:, None] * s_kt + offs_k[None, :], mask=tmask[:, None] & kmask[None, :], other=0.0)
         if MAP != 0:  # raw keys: map them; rows past T kept at 0 (the map of a loaded 0 is 1 for elu; only the last
             # chunk has such rows, and no state or weight reads them, but a feature past T stays 0 as in the unfused path)
             k = tl.where(tmask[:, None] & kmask[None, :], _feature(k, MAP, PREC), 0.0)
-        v = tl.load(V + bh * T * D + t[:, None] * D + offs_v[None, :], mask=tmask[:, None] & vmask[None, :], other=0.0)
+        v = tl.load(V + v_row + t[:, None] * s_vt + offs_v[None, :], mask=tmask[:, None] & vmask[None, :], other=0.0)
         _, _, kfac, sfac = _weights(LK, PEX, bh, c, n_chunks, T, offs_t, BT)
         kw = _to(k.to(tl.float32) * kfac[:, None], k.dtype, PREC)
         s_kv = s_kv * sfac + _dot(tl.trans(kw), v, PREC)
@@ -209,7 +218,8 @@ def _grad_state_kernel(Q, LK, PEX, DNUM, DDEN, G, GZ, SEG, SEGZ, T, F, D, n_chun
 
 
 @triton.jit
-def _out_kernel(Q, K, V, LK, PEX, H, Z, OUT, DEN, T, F, D, n_chunks, G,
+def _out_kernel(Q, K, V, LK, PEX, H, Z, OUT, DEN, T, F, D, n_chunks, G, NH, NKV,
+                s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_ob, s_oh, s_ot,
                 HAS_SCALE: tl.constexpr, PREC: tl.constexpr,
                 BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, MAP: tl.constexpr = 0):
     """Chunk c's outputs from its entering state, in parallel over chunks: out = num / den (0 where den = 0),
@@ -219,6 +229,7 @@ def _out_kernel(Q, K, V, LK, PEX, H, Z, OUT, DEN, T, F, D, n_chunks, G,
     bh = tl.program_id(1).to(tl.int64)
     kvh = bh // G
     row = kvh * n_chunks + c
+    q_row, k_row = _row(bh, NH, s_qb, s_qh), _row(kvh, NKV, s_kb, s_kh)
     offs_t = tl.arange(0, BT)
     offs_v = tl.arange(0, BV)
     vmask = offs_v < D
@@ -230,9 +241,8 @@ def _out_kernel(Q, K, V, LK, PEX, H, Z, OUT, DEN, T, F, D, n_chunks, G,
     for kb in range(0, tl.cdiv(F, BK)):
         offs_k = kb * BK + tl.arange(0, BK)
         kmask = offs_k < F
-        tf_off = t[:, None] * F + offs_k[None, :]
-        q = tl.load(Q + bh * T * F + tf_off, mask=tmask[:, None] & kmask[None, :], other=0.0)
-        k = tl.load(K + kvh * T * F + tf_off, mask=tmask[:, None] & kmask[None, :], other=0.0)
+        q = tl.load(Q + q_row + t[:, None] * s_qt + offs_k[None, :], mask=tmask[:, None] & kmask[None, :], other=0.0)
+        k = tl.load(K + k_row + t[:, None] * s_kt + offs_k[None, :], mask=tmask[:, None] & kmask[None, :], other=0.0)
         if MAP != 0:
             q = tl.where(tmask[:, None] & kmask[None, :], _feature(q, MAP, PREC), 0.0)
             k = tl.where(tmask[:, None] & kmask[None, :], _feature(k, MAP, PREC), 0.0)
@@ -241,13 +251,14 @@ def _out_kernel(Q, K, V, LK, PEX, H, Z, OUT, DEN, T, F, D, n_chunks, G,
         s += _dot(q, tl.trans(k), PREC)
         num += _dot(q, h, PREC)
         den += tl.sum(q.to(tl.float32) * z[None, :], 1)
-    v = tl.load(V + kvh * T * D + t[:, None] * D + offs_v[None, :], mask=tmask[:, None] & vmask[None, :], other=0.0)
+    v = tl.load(V + _row(kvh, NKV, s_vb, s_vh) + t[:, None] * s_vt + offs_v[None, :],
+                mask=tmask[:, None] & vmask[None, :], other=0.0)
     w, qfac, _, _ = _weights(LK, PEX, kvh, c, n_chunks, T, offs_t, BT)
     s = s * w
     num = num * qfac[:, None] + _dot(_to(s, v.dtype, PREC), v, PREC)
     den = den * qfac + tl.sum(s, 1)
     out = tl.where(den[:, None] == 0, 0.0, num / tl.where(den == 0, 1.0, den)[:, None])  # no visible key: 0
-    tl.store(OUT + bh * T * D + t[:, None] * D + offs_v[None, :], _to(out, OUT.dtype.element_ty, PREC),
+    tl.store(OUT + _row(bh, NH, s_ob, s_oh) + t[:, None] * s_ot + offs_v[None, :], _to(out, OUT.dtype.element_ty, PREC),
              mask=tmask[:, None] & vmask[None, :])
     tl.store(DEN + bh * T + t, den, mask=tmask)
 
@@ -259,7 +270,8 @@ def _tile(P, bh, T, W, rows, rmask, cols, cmask):
 
 
 @triton.jit
-def _parallel_kernel(Q, K, V, LK, OUT, DEN, T, F, D, G,
+def _parallel_kernel(Q, K, V, LK, OUT, DEN, T, F, D, G, NH, NKV,
+                     s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_ob, s_oh, s_ot,
                      HAS_SCALE: tl.constexpr, PREC: tl.constexpr, ONE_FBLOCK: tl.constexpr,
                      BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, MAP: tl.constexpr = 0):
     """Short inputs (`parallel_max_t`): the quadratic form in one pass, one program per (query block, head) over
@@ -272,6 +284,7 @@ def _parallel_kernel(Q, K, V, LK, OUT, DEN, T, F, D, G,
     c = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     kvh = bh // G
+    q_row, k_row, v_row = _row(bh, NH, s_qb, s_qh), _row(kvh, NKV, s_kb, s_kh), _row(kvh, NKV, s_vb, s_vh)
     offs_t = tl.arange(0, BT)
     offs_v = tl.arange(0, BV)
     offs_k = tl.arange(0, BK)
@@ -280,7 +293,7 @@ def _parallel_kernel(Q, K, V, LK, OUT, DEN, T, F, D, G,
     tmask = t < T
     if ONE_FBLOCK:
         qmask = tmask[:, None] & (offs_k < F)[None, :]
-        q1 = tl.load(Q + bh * T * F + t[:, None] * F + offs_k[None, :], mask=qmask, other=0.0)
+        q1 = tl.load(Q + q_row + t[:, None] * s_qt + offs_k[None, :], mask=qmask, other=0.0)
         if MAP != 0:
             q1 = tl.where(qmask, _feature(q1, MAP, PREC), 0.0)
     num = tl.zeros([BT, BV], tl.float32)
@@ -293,14 +306,14 @@ def _parallel_kernel(Q, K, V, LK, OUT, DEN, T, F, D, G,
         for kb in range(0, tl.cdiv(F, BK)):
             fo = kb * BK + offs_k
             kmask = kin[:, None] & (fo < F)[None, :]
-            k = tl.load(K + kvh * T * F + tk[:, None] * F + fo[None, :], mask=kmask, other=0.0)
+            k = tl.load(K + k_row + tk[:, None] * s_kt + fo[None, :], mask=kmask, other=0.0)
             if MAP != 0:
                 k = tl.where(kmask, _feature(k, MAP, PREC), 0.0)
             if ONE_FBLOCK:
                 s += _dot(q1, tl.trans(k), PREC)
             else:
                 qmask = tmask[:, None] & (fo < F)[None, :]
-                q = tl.load(Q + bh * T * F + t[:, None] * F + fo[None, :], mask=qmask, other=0.0)
+                q = tl.load(Q + q_row + t[:, None] * s_qt + fo[None, :], mask=qmask, other=0.0)
                 if MAP != 0:
                     q = tl.where(qmask, _feature(q, MAP, PREC), 0.0)
                 s += _dot(q, tl.trans(k), PREC)
@@ -315,19 +328,21 @@ def _parallel_kernel(Q, K, V, LK, OUT, DEN, T, F, D, G,
             s = s * _rel_exp(b, m[:, None])  # masked before the exp: 0 for invisible keys and b = -inf
         else:
             s = tl.where(vis, s, 0.0)
-        v = _tile(V, kvh, T, D, tk, kin, offs_v, vmask)
+        v = tl.load(V + v_row + tk[:, None] * s_vt + offs_v[None, :], mask=kin[:, None] & vmask[None, :], other=0.0)
         num += _dot(_to(s, v.dtype, PREC), v, PREC)
         den += tl.sum(s, 1)
     out = tl.where(den[:, None] == 0, 0.0, num / tl.where(den == 0, 1.0, den)[:, None])  # no visible key: 0
-    tl.store(OUT + bh * T * D + t[:, None] * D + offs_v[None, :], _to(out, OUT.dtype.element_ty, PREC),
+    tl.store(OUT + _row(bh, NH, s_ob, s_oh) + t[:, None] * s_ot + offs_v[None, :], _to(out, OUT.dtype.element_ty, PREC),
              mask=tmask[:, None] & vmask[None, :])
     tl.store(DEN + bh * T + t, den, mask=tmask)
 
 
 @triton.jit
-def _grad_prep_kernel(DOUT, OUT, DEN, DNUM, DDEN, T, D, PREC: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr):
+def _grad_prep_kernel(DOUT, OUT, DEN, DNUM, DDEN, T, D, NH, s_db, s_dh, s_dt, s_ob, s_oh, s_ot,
+                      PREC: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr):
     """The division's gradient (flash-attention's delta trick: no fp32 num is kept): dnum = dout / den in the
-    matmul dtype, dden = -(dout . out) / den in fp32; both 0 where den = 0."""
+    matmul dtype, dden = -(dout . out) / den in fp32; both 0 where den = 0. dout and out in their callers' layouts
+    (`_row`), dnum contiguous [BH, T, D]."""
     c = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     t = c * BT + tl.arange(0, BT)
@@ -335,8 +350,10 @@ def _grad_prep_kernel(DOUT, OUT, DEN, DNUM, DDEN, T, D, PREC: tl.constexpr, BT: 
     tmask = t < T
     mask = tmask[:, None] & (offs_v < D)[None, :]
     off = bh * T * D + t[:, None] * D + offs_v[None, :]
-    dout = tl.load(DOUT + off, mask=mask, other=0.0).to(tl.float32)
-    out = tl.load(OUT + off, mask=mask, other=0.0).to(tl.float32)
+    dout = tl.load(DOUT + _row(bh, NH, s_db, s_dh) + t[:, None] * s_dt + offs_v[None, :], mask=mask,
+                   other=0.0).to(tl.float32)
+    out = tl.load(OUT + _row(bh, NH, s_ob, s_oh) + t[:, None] * s_ot + offs_v[None, :], mask=mask,
+                  other=0.0).to(tl.float32)
     den = tl.load(DEN + bh * T + t, mask=tmask, other=0.0)
     inv = tl.where(den == 0, 0.0, 1.0 / tl.where(den == 0, 1.0, den))
     tl.store(DNUM + off, _to(dout * inv[:, None], DNUM.dtype.element_ty, PREC), mask=mask)
@@ -551,13 +568,27 @@ def _segmented(kernel, inputs: tuple, out, out_z, t: int, f: int, d: int, n_chun
                  **CONFIG["state"])
 
 
-def _states(q, k, v, lkf, pex, meta, n_chunks, fmap: int = 0):
-    """H [BH, N, F, D] (the inputs' dtype) and Z [BH, N, F] (fp32): the state entering each chunk."""
-    bh, t, f = k.shape
-    d = v.shape[-1]
+def _layout(x: torch.Tensor) -> tuple[int, int, int, int]:
+    """(heads, batch stride, head stride, token stride) of a [B, H, T, W] tensor with unit last stride, in whatever
+    layout it came (the kernels' `_row`), or of a contiguous [BH, T, W] one (one "head" per row)."""
+    if x.dim() == 3:
+        return 1, x.stride(0), 0, x.stride(1)
+    return x.shape[1], x.stride(0), x.stride(1), x.stride(2)
+
+
+def _strides(*xs: torch.Tensor) -> tuple[int, ...]:
+    """The batch, head and token strides of each of xs, in order (`_layout`)."""
+    return tuple(s for x in xs for s in _layout(x)[1:])
+
+
+def _states(k, v, lkf, pex, meta, n_chunks, fmap: int = 0):
+    """H [BH, N, F, D] (the inputs' dtype) and Z [BH, N, F] (fp32): the state entering each chunk, for k [B, Hkv, T,
+    F] and v [B, Hkv, T, D] in any layout with unit last stride (or contiguous [BH, T, *]); BH = B Hkv rows."""
+    bh, t, f, d = lkf.shape[0], k.shape[-2], k.shape[-1], v.shape[-1]
     h = k.new_empty(bh, n_chunks, f, d)
     z = k.new_empty(bh, n_chunks, f, dtype=torch.float32)
-    _segmented(_state_kernel, (k, v, lkf, pex), h, z, t, f, d, n_chunks, meta, MAP=fmap)
+    _segmented(_state_kernel, (k, v, lkf, pex), h, z, t, f, d, n_chunks, meta, MAP=fmap, NKV=_layout(k)[0],
+               **dict(zip(("s_kb", "s_kh", "s_kt", "s_vb", "s_vh", "s_vt"), _strides(k, v))))
     return h, z
 
 
@@ -576,8 +607,8 @@ def _forward(q, k, v, lk, fmap: int = 0):
     b, nh, t, f = q.shape
     nkv, d = k.shape[1], v.shape[-1]
     groups = nh // nkv  # GQA: the states are the kv heads' (a group's query heads read the same ones)
-    q = q.reshape(b * nh, t, f).contiguous()
-    k, v = (x.reshape(b * nkv, t, x.shape[-1]).contiguous() for x in (k, v))
+    # read in the caller's layout (transformers' q, k, v are [B, T, H, D] in memory): no copies
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     n_chunks = triton.cdiv(t, BT)
     has_scale = lk is not None
     # without log-scales b = 0 (every weight 1), through the same kernels (see `_weights`)
@@ -591,16 +622,19 @@ def _forward(q, k, v, lk, fmap: int = 0):
     else:
         lkf, pex = no_scale_tables(b * nkv, t, n_chunks, q.device)
     meta = dict(HAS_SCALE=has_scale, PREC=_precision(q), BT=BT, BK=BK, BV=max(16, triton.next_power_of_2(d)))
-    out = v.new_empty(b * nh, t, d)
+    # out [B, H, T, D] with [B, T, H, D] memory: what transformers turns it into next (out.transpose(1, 2)) is then
+    # contiguous already, no copy
+    out = v.new_empty(b, t, nh, d).transpose(1, 2)
     den = q.new_empty(b * nh, t, dtype=torch.float32)
+    strides = _strides(q, k, v, out)
     if parallel:  # one quadratic pass (its DEN is the chunked form's: the backward is the same)
-        _parallel_kernel[(n_chunks, b * nh)](q, k, v, lkf, out, den, t, f, d, groups, **meta, ONE_FBLOCK=f <= BK,
-                                             MAP=fmap, **CONFIG["parallel"])
+        _parallel_kernel[(n_chunks, b * nh)](q, k, v, lkf, out, den, t, f, d, groups, nh, nkv, *strides, **meta,
+                                             ONE_FBLOCK=f <= BK, MAP=fmap, **CONFIG["parallel"])
     else:
-        h, z = _states(q, k, v, lkf, pex, meta, n_chunks, fmap)
-        _out_kernel[(n_chunks, b * nh)](q, k, v, lkf, pex, h, z, out, den, t, f, d, n_chunks, groups, **meta,
-                                        MAP=fmap, **CONFIG["out"])
-    return out.reshape(b, nh, t, d), (q, k, v, lkf, pex, out, den), meta, (b, nh, nkv, t, f, d, n_chunks)
+        h, z = _states(k, v, lkf, pex, meta, n_chunks, fmap)
+        _out_kernel[(n_chunks, b * nh)](q, k, v, lkf, pex, h, z, out, den, t, f, d, n_chunks, groups, nh, nkv,
+                                        *strides, **meta, MAP=fmap, **CONFIG["out"])
+    return out, (q, k, v, lkf, pex, out, den), meta, (b, nh, nkv, t, f, d, n_chunks)
 
 
 class _CausalLinear(torch.autograd.Function):
@@ -617,15 +651,18 @@ class _CausalLinear(torch.autograd.Function):
         q, k, v, lkf, pex, out, den = ctx.saved_tensors
         b, nh, nkv, t, f, d, n_chunks = ctx.shape
         groups = nh // nkv
+        # the backward kernels read contiguous [BH, T, *] rows (the forward read the caller's layout)
+        q, k, v = (x.reshape(-1, t, x.shape[-1]).contiguous() for x in (q, k, v))
         if groups > 1:  # the backward kernels run per query head: each gets its kv head's rows, the group sums below
             k, v, lkf = (x.repeat_interleave(groups, dim=0) for x in (k, v, lkf))
             if pex is not None:
                 pex = (pex.repeat_interleave(groups, dim=0) if ctx.meta["HAS_SCALE"]
                        else no_scale_tables(b * nh, t, n_chunks, q.device)[1])
         meta = ctx.meta
-        dout = dout.reshape(b * nh, t, d).contiguous()
+        dout = dout if dout.stride(-1) == 1 else dout.contiguous()
         dnum, dden = torch.empty_like(v), torch.empty_like(den)
-        _grad_prep_kernel[(n_chunks, b * nh)](dout, out, den, dnum, dden, t, d, meta["PREC"], BT, meta["BV"])
+        _grad_prep_kernel[(n_chunks, b * nh)](dout, out, den, dnum, dden, t, d, nh, *_strides(dout, out), meta["PREC"],
+                                              BT, meta["BV"])
         dq = torch.empty_like(q)
         # GQA: each query head's dk, dv kept in fp32 until its group is summed (one rounding, as the expanded path)
         dk, dv = (torch.empty_like(x, dtype=torch.float32 if groups > 1 else x.dtype) for x in (k, v))
@@ -641,7 +678,7 @@ class _CausalLinear(torch.autograd.Function):
         else:
             if pex is None:  # the forward ran the parallel pass
                 pex = _exclusive_chunk_max(lkf, n_chunks)
-            h, z = _states(q, k, v, lkf, pex, meta, n_chunks)
+            h, z = _states(k, v, lkf, pex, meta, n_chunks)
             g, gz = torch.empty_like(h), torch.empty_like(z)
             _segmented(_grad_state_kernel, (q, lkf, pex, dnum, dden), g, gz, t, f, d, n_chunks, meta)
             _grad_kernel[(n_chunks, b * nh)](q, k, v, lkf, pex, h, z, g, gz, dnum, dden, dq, dk, dv, db, t, f, d,

@@ -194,7 +194,7 @@ def _fwd_tiles(acc, m_i, l_i, q, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt
 
 @triton.jit
 def _fwd(Q, K, V, PAD, O, LSE, LAY, IDX, CNT, H, G, Tq, Tk, D, W, S, qk_scale, NB, MAXN, HL,
-         s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
+         s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_ob, s_oh, s_ot,
          HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, HAS_BLOCKS: tl.constexpr,
          BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BAND_MASK: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -230,7 +230,7 @@ def _fwd(Q, K, V, PAD, O, LSE, LAY, IDX, CNT, H, G, Tq, Tk, D, W, S, qk_scale, N
                                    bhi, offs_n, offs_d, Tk, D, W, S, qk_scale, HAS_PAD, CAUSAL, PREC, BN, BAND_MASK)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    o_ptr = O + bh * Tq * D + offs_m[:, None] * D + offs_d[None, :]
+    o_ptr = O + b * s_ob + h * s_oh + offs_m[:, None] * s_ot + offs_d[None, :]
     tl.store(o_ptr, out.to(O.dtype.element_ty), mask=qmask)
     # log2-domain log-sum-exp (-inf for a row with no visible key)
     lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
@@ -238,16 +238,18 @@ def _fwd(Q, K, V, PAD, O, LSE, LAY, IDX, CNT, H, G, Tq, Tk, D, W, S, qk_scale, N
 
 
 @triton.jit
-def _bwd_delta(O, DO, DLSE, DELTA, Tq, D, HAS_DLSE: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr):
-    """delta_i = do_i . o_i - dlse_i in fp32, without materialising fp32 copies of o and do."""
+def _bwd_delta(O, DO, DLSE, DELTA, H, Tq, D, s_ob, s_oh, s_ot, HAS_DLSE: tl.constexpr, BM: tl.constexpr,
+               BD: tl.constexpr):
+    """delta_i = do_i . o_i - dlse_i in fp32, without materialising fp32 copies of o and do (o in the forward's
+    layout, do contiguous)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_d = tl.arange(0, BD)
     mask = (offs_m < Tq)[:, None] & (offs_d < D)[None, :]
-    ptr = bh * Tq * D + offs_m[:, None] * D + offs_d[None, :]
-    o = tl.load(O + ptr, mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + ptr, mask=mask, other=0.0).to(tl.float32)
+    o_ptr = (bh // H) * s_ob + (bh % H) * s_oh + offs_m[:, None] * s_ot + offs_d[None, :]
+    o = tl.load(O + o_ptr, mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + bh * Tq * D + offs_m[:, None] * D + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
     delta = tl.sum(o * do, 1)
     if HAS_DLSE:
         delta -= tl.load(DLSE + bh * Tq + offs_m, mask=offs_m < Tq, other=0.0)
@@ -521,7 +523,9 @@ class _WindowAttention(torch.autograd.Function):
         b, h, tq, d = q.shape
         tk = k.shape[2]
         groups = h // k.shape[1]
-        out = torch.empty(b, h, tq, d, dtype=q.dtype, device=q.device)
+        # [B, H, Tq, D] with [B, Tq, H, D] memory: what transformers turns it into next (out.transpose(1, 2)) is then
+        # contiguous already, no copy
+        out = torch.empty(b, tq, h, d, dtype=q.dtype, device=q.device).transpose(1, 2)
         lse2 = torch.empty(b, h, tq, dtype=torch.float32, device=q.device)
         pad_arg = pad if pad is not None else out  # never read when HAS_PAD is False
         meta = dict(HAS_PAD=pad is not None, CAUSAL=bool(causal), PREC=precision(q), HAS_BLOCKS=blocks is not None,
@@ -531,7 +535,7 @@ class _WindowAttention(torch.autograd.Function):
         tab = _table_args(blocks, lse2)
         _fwd[grid](q, k, v, pad_arg, out, lse2, tab.lay, tab.idx, tab.cnt, h, groups, tq, tk, d, int(window),
                    int(sinks), scale * LOG2E, tab.nb, tab.maxn, tab.hl, *_strides(q), *_strides(k), *_strides(v),
-                   **meta, **tiles, **launch)
+                   *_strides(out), **meta, **tiles, **launch)
         ctx.save_for_backward(q, k, v, pad, out, lse2)
         ctx.args = (int(window), int(sinks), float(scale), meta, blocks)
         lse = lse2 * math.log(2.0)
@@ -549,8 +553,8 @@ class _WindowAttention(torch.autograd.Function):
         delta = torch.empty(b, h, tq, dtype=torch.float32, device=q.device)
         dlse_arg = dlse.float().contiguous() if dlse is not None else delta
         bm_delta = 16 if interpreted() else 64
-        _bwd_delta[(triton.cdiv(tq, bm_delta), b * h)](out, dout, dlse_arg, delta, tq, d, HAS_DLSE=dlse is not None,
-                                                         BM=bm_delta, BD=meta["BD"])
+        _bwd_delta[(triton.cdiv(tq, bm_delta), b * h)](out, dout, dlse_arg, delta, h, tq, d, *_strides(out),
+                                                         HAS_DLSE=dlse is not None, BM=bm_delta, BD=meta["BD"])
         dq = torch.empty(b, h, tq, d, dtype=q.dtype, device=q.device)
         # one dk, dv per query head (each program owns its tile: no atomics); GQA sums each group's in fp32 below
         dk = torch.empty(b, h, tk, d, dtype=k.dtype if hkv == h else torch.float32, device=q.device)
