@@ -1,0 +1,182 @@
+"""Device time of one attention call at SmolLM2's shapes (batch 1, 9 query heads on 3 kv heads, head dim 64, bf16)
+and short lengths, where a swapped model step is within a few percent of the original's and every microsecond a
+layer shows (x 30 layers). q, k, v are handed over as transformers does (views of [B, T, H, D] memory) and the
+output goes through the adapter's `transpose(1, 2).contiguous()`.
+
+Each variant is captured as one CUDA graph of `--layers` calls (a model step's worth, so that one replay's own
+launch cost is spread over them) and replayed; rows give microseconds per call, the median over `--rounds`
+replays, variants interleaved round by round. Variants:
+  - sdpa: `F.scaled_dot_product_attention(causal, enable_gqa)`, what the original model runs;
+  - each method (`--methods`) as attnlab builds it (backend auto: what a swapped model runs);
+  - linear with the causal kernels' other forms (`+chunked`, `+parallel`) and, with `--configs`, each
+    (num_warps, num_stages) of the parallel pass (`ops.linear_triton.CONFIG["parallel"]`, `+pw4s2` ...);
+  - performer's parts: `favor_map` (the FAVOR+ map of q and of k, two launches) and `favor_core` (the causal
+    kernels on the mapped features, F = 256, with the key log-scales).
+fwd runs under no_grad (linear then maps q and k inside its kernels); fwd+bwd records gradients for q, k, v.
+
+    PYTHONPATH=src python benchmarks/short_calls.py --out OUT            # OUT/short_calls.json
+    PYTHONPATH=src python benchmarks/short_calls.py --configs --out OUT  # + the parallel pass's launch settings
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import attnlab
+from attnlab.ops import linear_triton as lt
+
+H, HKV, D = 9, 3, 64
+
+
+def inputs(t: int, grad: bool):
+    """q [1, H, T, D], k, v [1, HKV, T, D]: views of one [1, T, (H + 2 HKV) D] projection, as transformers hands
+    them over."""
+    g = torch.Generator(device="cuda").manual_seed(t)
+    row = torch.randn(1, t, (H + 2 * HKV) * D, device="cuda", dtype=torch.bfloat16, generator=g)
+    q, k, v = row.split([H * D, HKV * D, HKV * D], dim=-1)
+    return [x.unflatten(-1, (-1, D)).transpose(1, 2).detach().requires_grad_(grad) for x in (q, k, v)]
+
+
+def _settings(form: str | None, config: tuple[int, int] | None):
+    """Install a variant's module settings; returns a function restoring them."""
+    saved = (lt.PARALLEL_MAX_T, dict(lt.CONFIG["parallel"]))
+    if form is not None:
+        lt.PARALLEL_MAX_T = 0 if form == "chunked" else 1 << 30
+    if config is not None:
+        lt.CONFIG["parallel"] = dict(num_warps=config[0], num_stages=config[1])
+
+    def restore():
+        lt.PARALLEL_MAX_T, lt.CONFIG["parallel"] = saved[0], saved[1]
+    return restore
+
+
+def make_call(name: str, t: int, grad: bool):
+    """A no-argument callable running one call of the variant (and its backward when grad)."""
+    q, k, v = inputs(t, grad)
+    gout = torch.ones(1, t, H, D, device="cuda", dtype=torch.bfloat16)
+
+    def finish(out):  # the adapter's transpose back, then the backward
+        out = out.transpose(1, 2).contiguous()
+        if grad:
+            torch.autograd.grad(out, (q, k, v), gout)
+
+    if name == "sdpa":
+        return lambda: finish(F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
+    if name in ("favor_map", "favor_core"):
+        m = attnlab.make("performer", head_dim=D, num_heads=H, num_kv_heads=HKV).cuda()
+        fm = m.feature_map
+        scale = D ** -0.5
+        with torch.no_grad():
+            pq, _ = fm(q.detach(), scale=scale, is_query=True, compiled=True)
+            pk, lk = fm(k.detach(), scale=scale, is_query=False, compiled=True)
+        if name == "favor_map":
+            def call():
+                with torch.set_grad_enabled(grad):
+                    a, _ = fm(q, scale=scale, is_query=True, compiled=True)
+                    b, _ = fm(k, scale=scale, is_query=False, compiled=True)
+                if grad:
+                    torch.autograd.grad((a, b), (q, k), (torch.ones_like(a), torch.ones_like(b)))
+            return call
+        pq, pk = (x.detach().requires_grad_(grad) for x in (pq, pk))
+        vv = v
+
+        def core():
+            with torch.set_grad_enabled(grad):
+                out = lt.causal_linear(pq, pk, vv, lk)
+            if grad:
+                torch.autograd.grad(out, (pq, pk, vv), torch.ones_like(out))
+        return core
+    method = name.split("+")[0]
+    m = attnlab.make(method, head_dim=D, num_heads=H, num_kv_heads=HKV).cuda()
+
+    def call():
+        with torch.set_grad_enabled(grad):
+            out = m(q, k, v, causal=True).out
+        finish(out)
+    return call
+
+
+def graph_of(call, layers: int) -> torch.cuda.CUDAGraph:
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (compilation) outside the capture
+        for _ in range(2):
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(layers):
+            call()
+    graph.replay()
+    torch.cuda.synchronize()
+    return graph
+
+
+def replay_us(graph, layers: int) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / layers
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--lengths", default="1024,2048")
+    ap.add_argument("--methods", default="window,linear,performer")
+    ap.add_argument("--modes", default="fwd,fwd+bwd")
+    ap.add_argument("--configs", action="store_true", help="also each (num_warps, num_stages) of the parallel pass")
+    ap.add_argument("--layers", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("short_calls.py: needs a CUDA device", file=sys.stderr)
+        return 1
+    variants = [("sdpa", None, None)] + [(m, None, None) for m in a.methods.split(",") if m]
+    if "linear" in a.methods.split(","):
+        variants += [("linear+chunked", "chunked", None), ("linear+parallel", "parallel", None)]
+        if a.configs:
+            variants += [(f"linear+pw{w}s{s}", "parallel", (w, s)) for w, s in itertools.product((2, 4, 8), (1, 2, 3, 4))]
+    if "performer" in a.methods.split(","):
+        variants += [("favor_map", None, None), ("favor_core", None, None)]
+    rows = []
+    for t, mode in itertools.product([int(x) for x in a.lengths.split(",")], a.modes.split(",")):
+        graphs = {}
+        for name, form, config in variants:
+            restore = _settings(form, config)
+            try:  # settings are read at capture: the graph keeps the kernels they chose
+                graphs[name] = graph_of(make_call(name, t, mode == "fwd+bwd"), a.layers)
+            except Exception as e:  # a launch setting that does not fit: a row saying so
+                rows.append(dict(variant=name, tokens=t, mode=mode, status="error", error=f"{type(e).__name__}: {e}"[:200]))
+                print(f"{name:18} {mode:8} {t:6} error {rows[-1]['error']}", flush=True)
+            finally:
+                restore()
+        times = {n: [] for n in graphs}
+        for _ in range(a.rounds):
+            for n, g in graphs.items():
+                times[n].append(replay_us(g, a.layers))
+        base = statistics.median(times["sdpa"])
+        for n, ts in times.items():
+            us = statistics.median(ts)
+            rows.append(dict(variant=n, tokens=t, mode=mode, status="ok", us_per_call=round(us, 2),
+                             x_sdpa=round(us / base, 3), layers=a.layers, rounds=a.rounds))
+            print(f"{n:18} {mode:8} {t:6} {us:8.2f} us  {us / base:5.2f}x sdpa", flush=True)
+        del graphs
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, command="python " + " ".join(sys.argv))
+    (out / "short_calls.json").write_text(json.dumps(dict(env=env, rows=rows), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
