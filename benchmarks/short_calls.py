@@ -9,7 +9,7 @@ replays, variants interleaved round by round. Variants:
   - sdpa: `F.scaled_dot_product_attention(causal, enable_gqa)`, what the original model runs;
   - each method (`--methods`) as attnlab builds it (backend auto: what a swapped model runs);
   - linear with the causal kernels' other forms (`+chunked`, `+parallel`) and, with `--configs`, each
-    (num_warps, num_stages) of the parallel pass (`ops.linear_triton.CONFIG["parallel"]`, `+pw4s2` ...);
+    (key tile, num_warps, num_stages) of the parallel pass (`ops.linear_triton.CONFIG["parallel"]`, `+p64w4s2` ...);
   - performer's parts: `favor_map` (the FAVOR+ map of q and of k, two launches) and `favor_core` (the causal
     kernels on the mapped features, F = 256, with the key log-scales).
 fwd runs under no_grad (linear then maps q and k inside its kernels); fwd+bwd records gradients for q, k, v.
@@ -50,7 +50,7 @@ def _settings(form: str | None, config: tuple[int, int] | None):
     if form is not None:
         lt.PARALLEL_MAX_T = 0 if form == "chunked" else 1 << 30
     if config is not None:
-        lt.CONFIG["parallel"] = dict(num_warps=config[0], num_stages=config[1])
+        lt.CONFIG["parallel"] = dict(BN=config[0], num_warps=config[1], num_stages=config[2])
 
     def restore():
         lt.PARALLEL_MAX_T, lt.CONFIG["parallel"] = saved[0], saved[1]
@@ -133,7 +133,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lengths", default="1024,2048")
     ap.add_argument("--methods", default="window,linear,performer")
     ap.add_argument("--modes", default="fwd,fwd+bwd")
-    ap.add_argument("--configs", action="store_true", help="also each (num_warps, num_stages) of the parallel pass")
+    ap.add_argument("--configs", action="store_true", help="also each (key tile, num_warps, num_stages) of the "
+                                                           "parallel pass")
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--out", required=True)
@@ -145,7 +146,8 @@ def main(argv=None) -> int:
     if "linear" in a.methods.split(","):
         variants += [("linear+chunked", "chunked", None), ("linear+parallel", "parallel", None)]
         if a.configs:
-            variants += [(f"linear+pw{w}s{s}", "parallel", (w, s)) for w, s in itertools.product((2, 4, 8), (1, 2, 3, 4))]
+            variants += [(f"linear+p{bn}w{w}s{s}", "parallel", (bn, w, s))
+                         for bn, w, s in itertools.product((64, 128), (4, 8), (1, 2, 3))]
     if "performer" in a.methods.split(","):
         variants += [("favor_map", None, None), ("favor_core", None, None)]
     rows = []

@@ -422,6 +422,33 @@ def test_linear_inference_maps_in_the_kernels_and_training_does_not(kernels):
     check_vs_quadratic(fused, q.detach(), k, v, m, causal=True)
 
 
+@pytest.mark.parametrize("bn", [32, 128])
+@pytest.mark.parametrize("scale", [False, True], ids=["plain", "log-scale"])
+def test_parallel_pass_key_tiles_other_than_its_query_blocks(interpreted, monkeypatch, bn, scale):
+    """The parallel pass walks key tiles of CONFIG["parallel"]["BN"] (unmasked below a query block's first row, masked
+    from there): tiles half and twice the 64-row query blocks give the quadratic form's output and DEN, with key
+    log-scales (-inf ones among them) and 4 query heads on 2 kv heads, 200 tokens (a partial last tile)."""
+    from attnlab.methods.base import repeat_kv
+
+    monkeypatch.setattr(interpreted, "PARALLEL_MAX_T", 1 << 30)
+    monkeypatch.setitem(interpreted.CONFIG, "parallel", dict(interpreted.CONFIG["parallel"], BN=bn))
+    g = torch.Generator().manual_seed(17)
+    q = torch.rand(1, 4, 200, 32, generator=g)
+    k = torch.rand(1, 2, 200, 32, generator=g)
+    v = torch.randn(1, 2, 200, 16, generator=g)
+    lk = None
+    if scale:
+        lk = torch.randn(1, 2, 200, generator=g) * 4
+        lk[0, 0, 70:75] = float("-inf")
+    out, saved, *_ = interpreted._forward(q, k, v, lk)
+    want = _quadratic(q.double(), repeat_kv(k.double(), 2), repeat_kv(v.double(), 2),
+                      None if lk is None else repeat_kv(lk.double()[..., None], 2)[..., 0])
+    assert max_err(out, want) <= 1e-5 * want.abs().max().item()
+    monkeypatch.setitem(interpreted.CONFIG, "parallel", dict(interpreted.CONFIG["parallel"], BN=64))
+    den64 = interpreted._forward(q, k, v, lk)[1][-1]
+    assert max_err(saved[-1], den64) <= 1e-5 * den64.abs().max().item()
+
+
 @pytest.mark.parametrize("hkv", [4, 2], ids=["mha", "gqa"])
 def test_parallel_forward_with_the_chunked_backward(interpreted, hkv, monkeypatch):
     """Features wider than PARALLEL_BWD_MAX_F: the parallel forward (which keeps no chunk maxima) followed by the

@@ -54,7 +54,7 @@ BT = 64  # tokens per chunk
 BK = 64  # features per program
 # launch settings: the fastest measured on an H100 at 64k tokens (benchmarks/results/history/h100/triton/tune.json)
 CONFIG = {"state": dict(num_warps=4, num_stages=3), "out": dict(num_warps=4, num_stages=2),
-          "grad": dict(num_warps=4, num_stages=2), "parallel": dict(num_warps=4, num_stages=2)}
+          "grad": dict(num_warps=4, num_stages=2), "parallel": dict(BN=64, num_warps=4, num_stages=2)}
 STATE_BV = 32  # value columns per program of the two sequential passes (fewer: more programs in parallel)
 
 
@@ -270,17 +270,72 @@ def _tile(P, bh, T, W, rows, rmask, cols, cmask):
 
 
 @triton.jit
+def _parallel_tile(num, den, m, q1, Q, K, V, LK, q_row, k_row, v_row, kvh, s_qt, s_kt, s_vt, t, tmask, s0, T, F,
+                   offs_k, offs_v, vmask, HAS_SCALE: tl.constexpr, PREC: tl.constexpr, ONE_FBLOCK: tl.constexpr,
+                   MASKED: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, MAP: tl.constexpr):
+    """One key tile [s0, s0 + BN) of `_parallel_kernel`'s walk. MASKED: a tile reaching the diagonal or past T (the
+    causal mask and the key count applied); otherwise every key is visible to every row and inside the input, and
+    nothing is masked. ONE_FBLOCK: q1 holds the (mapped) queries and the tile's keys are one load, so the walk has
+    no inner loop and Triton pipelines its loads (a loop inside the walk, even of one pass, left it unpipelined)."""
+    tk = s0 + tl.arange(0, BN)
+    kin = tk < T
+    if ONE_FBLOCK:
+        kmask = (offs_k < F)[None, :]
+        if MASKED:
+            kmask = kin[:, None] & kmask
+        k = tl.load(K + k_row + tk[:, None] * s_kt + offs_k[None, :], mask=kmask, other=0.0)
+        if MAP != 0:
+            k = tl.where(kmask, _feature(k, MAP, PREC), 0.0)
+        s = _dot(q1, tl.trans(k), PREC)
+    else:
+        s = tl.zeros([BT, BN], tl.float32)
+        for kb in range(0, tl.cdiv(F, BK)):
+            fo = kb * BK + offs_k
+            kmask = kin[:, None] & (fo < F)[None, :]
+            k = tl.load(K + k_row + tk[:, None] * s_kt + fo[None, :], mask=kmask, other=0.0)
+            if MAP != 0:
+                k = tl.where(kmask, _feature(k, MAP, PREC), 0.0)
+            qmask = tmask[:, None] & (fo < F)[None, :]
+            q = tl.load(Q + q_row + t[:, None] * s_qt + fo[None, :], mask=qmask, other=0.0)
+            if MAP != 0:
+                q = tl.where(qmask, _feature(q, MAP, PREC), 0.0)
+            s += _dot(q, tl.trans(k), PREC)
+    if MASKED:
+        vis = (t[:, None] >= tk[None, :]) & kin[None, :]  # causal, and keys inside the input
+    if HAS_SCALE:
+        if MASKED:
+            b = tl.where(vis, tl.load(LK + kvh * T + tk, mask=kin, other=float("-inf"))[None, :], float("-inf"))
+        else:
+            b = tl.load(LK + kvh * T + tk)[None, :] + tl.zeros([BT, BN], tl.float32)
+        m_new = tl.maximum(m, tl.max(b, 1))
+        alpha = _rel_exp(m, m_new)
+        num = num * alpha[:, None]
+        den = den * alpha
+        m = m_new
+        s = s * _rel_exp(b, m[:, None])  # masked before the exp: 0 for invisible keys and b = -inf
+    elif MASKED:
+        s = tl.where(vis, s, 0.0)
+    if MASKED:
+        v = tl.load(V + v_row + tk[:, None] * s_vt + offs_v[None, :], mask=kin[:, None] & vmask[None, :], other=0.0)
+    else:
+        v = tl.load(V + v_row + tk[:, None] * s_vt + offs_v[None, :], mask=vmask[None, :], other=0.0)
+    num += _dot(_to(s, v.dtype, PREC), v, PREC)
+    den += tl.sum(s, 1)
+    return num, den, m
+
+
+@triton.jit
 def _parallel_kernel(Q, K, V, LK, OUT, DEN, T, F, D, G, NH, NKV,
                      s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_ob, s_oh, s_ot,
                      HAS_SCALE: tl.constexpr, PREC: tl.constexpr, ONE_FBLOCK: tl.constexpr,
-                     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, MAP: tl.constexpr = 0):
-    """Short inputs (`parallel_max_t`): the quadratic form in one pass, one program per (query block, head) over
-    the key blocks up to its own, as flash attention walks them: s = (q k^T) masked causal, times w_ij = e^{b_j -
-    m_i} where m_i is the row's running max of b (num and den rescaled when it grows: at the end m_i = M_i, the
-    chunked form's stabiliser, so DEN is the same quantity and the backward needs nothing else), num += s v, den
-    += rowsum(s). No state tensors, no second launch: at a few thousand tokens the chunked form's sequential state
-    walk (one program per kv head and value block) is latency-bound. ONE_FBLOCK (F <= BK): q is loaded (and mapped)
-    once, outside the key loop."""
+                     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BN: tl.constexpr, MAP: tl.constexpr = 0):
+    """Short inputs (`parallel_max_t`): the quadratic form in one pass, one program per (query block of BT, head) over
+    the key tiles of BN up to its own rows, as flash attention walks them: s = (q k^T) masked causal, times w_ij =
+    e^{b_j - m_i} where m_i is the row's running max of b (num and den rescaled when it grows: at the end m_i = M_i,
+    the chunked form's stabiliser, so DEN is the same quantity and the backward needs nothing else), num += s v,
+    den += rowsum(s). The key tiles wholly below the block's first row take no mask (`_parallel_tile`). No state
+    tensors, no second launch: at a few thousand tokens the chunked form's sequential state walk (one program per kv
+    head and value block) is latency-bound. ONE_FBLOCK (F <= BK): q is loaded (and mapped) once, outside the walk."""
     c = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     kvh = bh // G
@@ -291,6 +346,7 @@ def _parallel_kernel(Q, K, V, LK, OUT, DEN, T, F, D, G, NH, NKV,
     vmask = offs_v < D
     t = c * BT + offs_t
     tmask = t < T
+    q1 = tl.zeros([BT, BK], Q.dtype.element_ty)
     if ONE_FBLOCK:
         qmask = tmask[:, None] & (offs_k < F)[None, :]
         q1 = tl.load(Q + q_row + t[:, None] * s_qt + offs_k[None, :], mask=qmask, other=0.0)
@@ -299,38 +355,15 @@ def _parallel_kernel(Q, K, V, LK, OUT, DEN, T, F, D, G, NH, NKV,
     num = tl.zeros([BT, BV], tl.float32)
     den = tl.zeros([BT], tl.float32)
     m = tl.full([BT], float("-inf"), tl.float32)
-    for kc in range(0, c + 1):
-        tk = kc * BT + offs_t
-        kin = tk < T
-        s = tl.zeros([BT, BT], tl.float32)
-        for kb in range(0, tl.cdiv(F, BK)):
-            fo = kb * BK + offs_k
-            kmask = kin[:, None] & (fo < F)[None, :]
-            k = tl.load(K + k_row + tk[:, None] * s_kt + fo[None, :], mask=kmask, other=0.0)
-            if MAP != 0:
-                k = tl.where(kmask, _feature(k, MAP, PREC), 0.0)
-            if ONE_FBLOCK:
-                s += _dot(q1, tl.trans(k), PREC)
-            else:
-                qmask = tmask[:, None] & (fo < F)[None, :]
-                q = tl.load(Q + q_row + t[:, None] * s_qt + fo[None, :], mask=qmask, other=0.0)
-                if MAP != 0:
-                    q = tl.where(qmask, _feature(q, MAP, PREC), 0.0)
-                s += _dot(q, tl.trans(k), PREC)
-        vis = (t[:, None] >= tk[None, :]) & kin[None, :]  # causal, and keys inside the input
-        if HAS_SCALE:
-            b = tl.where(vis, tl.load(LK + kvh * T + tk, mask=kin, other=float("-inf"))[None, :], float("-inf"))
-            m_new = tl.maximum(m, tl.max(b, 1))
-            alpha = _rel_exp(m, m_new)
-            num = num * alpha[:, None]
-            den = den * alpha
-            m = m_new
-            s = s * _rel_exp(b, m[:, None])  # masked before the exp: 0 for invisible keys and b = -inf
-        else:
-            s = tl.where(vis, s, 0.0)
-        v = tl.load(V + v_row + tk[:, None] * s_vt + offs_v[None, :], mask=kin[:, None] & vmask[None, :], other=0.0)
-        num += _dot(_to(s, v.dtype, PREC), v, PREC)
-        den += tl.sum(s, 1)
+    whole = (c * BT // BN) * BN  # key tiles before this: every key below the block's first row
+    for s0 in range(0, whole, BN):
+        num, den, m = _parallel_tile(num, den, m, q1, Q, K, V, LK, q_row, k_row, v_row, kvh, s_qt, s_kt, s_vt, t,
+                                     tmask, s0, T, F, offs_k, offs_v, vmask, HAS_SCALE, PREC, ONE_FBLOCK, False, BT,
+                                     BN, BK, MAP)
+    for s0 in range(whole, tl.minimum(c * BT + BT, T), BN):
+        num, den, m = _parallel_tile(num, den, m, q1, Q, K, V, LK, q_row, k_row, v_row, kvh, s_qt, s_kt, s_vt, t,
+                                     tmask, s0, T, F, offs_k, offs_v, vmask, HAS_SCALE, PREC, ONE_FBLOCK, True, BT,
+                                     BN, BK, MAP)
     out = tl.where(den[:, None] == 0, 0.0, num / tl.where(den == 0, 1.0, den)[:, None])  # no visible key: 0
     tl.store(OUT + _row(bh, NH, s_ob, s_oh) + t[:, None] * s_ot + offs_v[None, :], _to(out, OUT.dtype.element_ty, PREC),
              mask=tmask[:, None] & vmask[None, :])
