@@ -24,8 +24,12 @@ Short inputs (up to `parallel_max_t` tokens) skip both: `_parallel_kernel` runs 
 one program per (head, query chunk) over the key chunks up to its own (flash attention's walk, with q k^T in place
 of the softmax and a running max of b as the stabiliser), writing the same out and den. There the chunked form's
 state walk (one program per kv head and value block, one chunk after another) is latency-bound and costs a second
-launch.
-Backward: H, Z recomputed (not stored between passes: O(T F D / 64) memory), `_grad_state_kernel` walks
+launch. Its backward (`_parallel_dq_kernel`, `_parallel_dkv_kernel`, features up to PARALLEL_BWD_MAX_F) is the
+quadratic form's too, dk and dv per kv head over its group's query heads.
+Layouts: the forward kernels and the parallel backward read q, k, v with their batch / head / token strides
+(transformers hands over [B, H, T, D] views of [B, T, H, D] memory) and the output is written as [B, T, H, D]
+memory, so a swapped layer makes no copies; the chunked backward copies them to contiguous rows.
+Chunked backward: H, Z recomputed (not stored between passes: O(T F D / 64) memory), `_grad_state_kernel` walks
 the chunks in reverse (in segments, as the forward's) and writes G[c] = sum_{i after chunk c} e^{P_{c+1} - M_i} q_i dnum_i^T and GZ[c]
 (every factor <= 1 since M_i >= P_{c+1}), then `_grad_kernel` computes dq, dk, dv of every chunk in
 parallel (and the key log-scales' db_j = k_j . dk_j). The division out = num / den happens in `_out_kernel`,
@@ -52,9 +56,11 @@ from .triton_common import to as _to
 
 BT = 64  # tokens per chunk
 BK = 64  # features per program
-# launch settings: the fastest measured on an H100 at 64k tokens (benchmarks/results/history/h100/triton/tune.json)
+# launch settings: the fastest measured on an H100 at 64k tokens (benchmarks/results/history/h100/triton/tune.json);
+# the parallel pass's (key tile BN too) on the H200 at 1024 tokens, SmolLM2's shapes (benchmarks/short_calls.py
+# --configs: 18.8 us a call against 29.8 with 64-token tiles, 4 warps, 2 stages; SDPA 14.0)
 CONFIG = {"state": dict(num_warps=4, num_stages=3), "out": dict(num_warps=4, num_stages=2),
-          "grad": dict(num_warps=4, num_stages=2), "parallel": dict(BN=64, num_warps=4, num_stages=2)}
+          "grad": dict(num_warps=4, num_stages=2), "parallel": dict(BN=128, num_warps=4, num_stages=3)}
 STATE_BV = 32  # value columns per program of the two sequential passes (fewer: more programs in parallel)
 
 
@@ -264,9 +270,9 @@ def _out_kernel(Q, K, V, LK, PEX, H, Z, OUT, DEN, T, F, D, n_chunks, G, NH, NKV,
 
 
 @triton.jit
-def _tile(P, bh, T, W, rows, rmask, cols, cmask):
-    """Rows x cols of head bh of a [BH, T, W] tensor, 0 outside the masks."""
-    return tl.load(P + bh * T * W + rows[:, None] * W + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+def _tile(P, base, st, rows, rmask, cols, cmask):
+    """Rows x cols of the head starting at P + base with token stride st, 0 outside the masks."""
+    return tl.load(P + base + rows[:, None] * st + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
 
 
 @triton.jit
@@ -462,28 +468,31 @@ def _parallel_w(LK, M, bh, T, t, tk, tmask, kin, HAS_SCALE: tl.constexpr):
 
 
 @triton.jit
-def _parallel_dq_kernel(K, V, LK, M, DNUM, DDEN, DQ, T, F, D,
+def _parallel_dq_kernel(K, V, LK, M, DNUM, DDEN, DQ, T, F, D, G, NKV, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
                         HAS_SCALE: tl.constexpr, PREC: tl.constexpr,
                         BT: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr):
-    """The parallel backward's dq for one (query chunk, head), over the key chunks up to its own: with
-    dA_ij = w_ij (dnum_i . v_j + dden_i), dq_i = sum_j dA_ij k_j (F <= BF: every feature in one tile)."""
+    """The parallel backward's dq for one (query chunk, query head), over the key chunks up to its own: with
+    dA_ij = w_ij (dnum_i . v_j + dden_i), dq_i = sum_j dA_ij k_j (F <= BF: every feature in one tile). k, v (and the
+    key log-scales, M) are the head's kv head's, read where the forward read them."""
     c = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
+    kvh = bh // G
+    k_row, v_row = _row(kvh, NKV, s_kb, s_kh), _row(kvh, NKV, s_vb, s_vh)
     offs_t = tl.arange(0, BT)
     offs_f = tl.arange(0, BF)
     offs_v = tl.arange(0, BV)
     fmask, vmask = offs_f < F, offs_v < D
     t = c * BT + offs_t
     tmask = t < T
-    dn = _tile(DNUM, bh, T, D, t, tmask, offs_v, vmask)
+    dn = _tile(DNUM, bh * T * D, D, t, tmask, offs_v, vmask)
     dden = tl.load(DDEN + bh * T + t, mask=tmask, other=0.0)
     dq = tl.zeros([BT, BF], tl.float32)
     for kc in range(0, c + 1):
         tk = kc * BT + offs_t
         kin = tk < T
-        k = _tile(K, bh, T, F, tk, kin, offs_f, fmask)
-        v = _tile(V, bh, T, D, tk, kin, offs_v, vmask)
-        w = _parallel_w(LK, M, bh, T, t, tk, tmask, kin, HAS_SCALE)
+        k = _tile(K, k_row, s_kt, tk, kin, offs_f, fmask)
+        v = _tile(V, v_row, s_vt, tk, kin, offs_v, vmask)
+        w = _parallel_w(LK, M, kvh, T, t, tk, tmask, kin, HAS_SCALE)
         da = (_dot(dn, tl.trans(v), PREC) + dden[:, None]) * w
         dq += _dot(_to(da, k.dtype, PREC), k, PREC)
     tl.store(DQ + bh * T * F + t[:, None] * F + offs_f[None, :], _to(dq, DQ.dtype.element_ty, PREC),
@@ -491,40 +500,46 @@ def _parallel_dq_kernel(K, V, LK, M, DNUM, DDEN, DQ, T, F, D,
 
 
 @triton.jit
-def _parallel_dkv_kernel(Q, K, V, LK, M, DNUM, DDEN, DK, DV, DB, T, F, D, n_chunks,
+def _parallel_dkv_kernel(Q, K, V, LK, M, DNUM, DDEN, DK, DV, DB, T, F, D, n_chunks, G, NH, NKV,
+                         s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
                          HAS_SCALE: tl.constexpr, PREC: tl.constexpr,
                          BT: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr):
-    """The parallel backward's dk, dv (and db) for one (key chunk, head), over the query chunks from its own on:
-    dv_j = sum_i w_ij (q_i . k_j) dnum_i, dk_j = sum_i dA_ij q_i, db_j = k_j . dk_j (fp32, before rounding)."""
+    """The parallel backward's dk, dv (and db) for one (key chunk, kv head), over its G query heads and, for each,
+    the query chunks from its own on: dv_j = sum_i w_ij (q_i . k_j) dnum_i, dk_j = sum_i dA_ij q_i, db_j = k_j . dk_j
+    (fp32, before rounding). A group's sum stays in fp32 registers and is rounded once: no per-query-head copies of
+    k and v, no fp32 gradients per query head, no sum afterwards."""
     kc = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    kvh = tl.program_id(1).to(tl.int64)
     offs_t = tl.arange(0, BT)
     offs_f = tl.arange(0, BF)
     offs_v = tl.arange(0, BV)
     fmask, vmask = offs_f < F, offs_v < D
     tk = kc * BT + offs_t
     kin = tk < T
-    k = _tile(K, bh, T, F, tk, kin, offs_f, fmask)
-    v = _tile(V, bh, T, D, tk, kin, offs_v, vmask)
+    k = _tile(K, _row(kvh, NKV, s_kb, s_kh), s_kt, tk, kin, offs_f, fmask)
+    v = _tile(V, _row(kvh, NKV, s_vb, s_vh), s_vt, tk, kin, offs_v, vmask)
     dk = tl.zeros([BT, BF], tl.float32)
     dv = tl.zeros([BT, BV], tl.float32)
-    for c in range(kc, n_chunks):
-        t = c * BT + offs_t
-        tmask = t < T
-        q = _tile(Q, bh, T, F, t, tmask, offs_f, fmask)
-        dn = _tile(DNUM, bh, T, D, t, tmask, offs_v, vmask)
-        dden = tl.load(DDEN + bh * T + t, mask=tmask, other=0.0)
-        w = _parallel_w(LK, M, bh, T, t, tk, tmask, kin, HAS_SCALE)  # [query, key]
-        sw = _dot(q, tl.trans(k), PREC) * w
-        dv += _dot(tl.trans(_to(sw, dn.dtype, PREC)), dn, PREC)
-        da = (_dot(dn, tl.trans(v), PREC) + dden[:, None]) * w
-        dk += _dot(tl.trans(_to(da, q.dtype, PREC)), q, PREC)
-    tl.store(DK + bh * T * F + tk[:, None] * F + offs_f[None, :], _to(dk, DK.dtype.element_ty, PREC),
+    for g in range(0, G):
+        bh = (kvh // NKV) * NH + (kvh % NKV) * G + g  # the group's query heads
+        q_row = _row(bh, NH, s_qb, s_qh)
+        for c in range(kc, n_chunks):
+            t = c * BT + offs_t
+            tmask = t < T
+            q = _tile(Q, q_row, s_qt, t, tmask, offs_f, fmask)
+            dn = _tile(DNUM, bh * T * D, D, t, tmask, offs_v, vmask)
+            dden = tl.load(DDEN + bh * T + t, mask=tmask, other=0.0)
+            w = _parallel_w(LK, M, kvh, T, t, tk, tmask, kin, HAS_SCALE)  # [query, key]
+            sw = _dot(q, tl.trans(k), PREC) * w
+            dv += _dot(tl.trans(_to(sw, dn.dtype, PREC)), dn, PREC)
+            da = (_dot(dn, tl.trans(v), PREC) + dden[:, None]) * w
+            dk += _dot(tl.trans(_to(da, q.dtype, PREC)), q, PREC)
+    tl.store(DK + kvh * T * F + tk[:, None] * F + offs_f[None, :], _to(dk, DK.dtype.element_ty, PREC),
              mask=kin[:, None] & fmask[None, :])
-    tl.store(DV + bh * T * D + tk[:, None] * D + offs_v[None, :], _to(dv, DV.dtype.element_ty, PREC),
+    tl.store(DV + kvh * T * D + tk[:, None] * D + offs_v[None, :], _to(dv, DV.dtype.element_ty, PREC),
              mask=kin[:, None] & vmask[None, :])
     if HAS_SCALE:
-        tl.store(DB + bh * T + tk, tl.sum(dk * k.to(tl.float32), 1), mask=kin)
+        tl.store(DB + kvh * T + tk, tl.sum(dk * k.to(tl.float32), 1), mask=kin)
 
 
 def _exclusive_chunk_max(lk: torch.Tensor, n_chunks: int) -> torch.Tensor:
@@ -683,45 +698,64 @@ class _CausalLinear(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, lkf, pex, out, den = ctx.saved_tensors
         b, nh, nkv, t, f, d, n_chunks = ctx.shape
-        groups = nh // nkv
-        # the backward kernels read contiguous [BH, T, *] rows (the forward read the caller's layout)
-        q, k, v = (x.reshape(-1, t, x.shape[-1]).contiguous() for x in (q, k, v))
-        if groups > 1:  # the backward kernels run per query head: each gets its kv head's rows, the group sums below
-            k, v, lkf = (x.repeat_interleave(groups, dim=0) for x in (k, v, lkf))
-            if pex is not None:
-                pex = (pex.repeat_interleave(groups, dim=0) if ctx.meta["HAS_SCALE"]
-                       else no_scale_tables(b * nh, t, n_chunks, q.device)[1])
         meta = ctx.meta
         dout = dout if dout.stride(-1) == 1 else dout.contiguous()
-        dnum, dden = torch.empty_like(v), torch.empty_like(den)
+        dnum, dden = v.new_empty(b * nh, t, d), torch.empty_like(den)
         _grad_prep_kernel[(n_chunks, b * nh)](dout, out, den, dnum, dden, t, d, nh, *_strides(dout, out), meta["PREC"],
                                               BT, meta["BV"])
-        dq = torch.empty_like(q)
-        # GQA: each query head's dk, dv kept in fp32 until its group is summed (one rounding, as the expanded path)
-        dk, dv = (torch.empty_like(x, dtype=torch.float32 if groups > 1 else x.dtype) for x in (k, v))
-        db = torch.empty_like(den) if meta["HAS_SCALE"] else den
-        if ctx.parallel_bwd:  # the quadratic form's gradients, two passes
-            mrow = lkf.cummax(-1).values if meta["HAS_SCALE"] else lkf  # M_i (unread without log-scales)
-            pmeta = dict(HAS_SCALE=meta["HAS_SCALE"], PREC=meta["PREC"], BT=BT, BF=max(16, triton.next_power_of_2(f)),
-                         BV=meta["BV"])
-            _parallel_dq_kernel[(n_chunks, b * nh)](k, v, lkf, mrow, dnum, dden, dq, t, f, d, **pmeta,
-                                                    **CONFIG["grad"])
-            _parallel_dkv_kernel[(n_chunks, b * nh)](q, k, v, lkf, mrow, dnum, dden, dk, dv, db, t, f, d, n_chunks,
-                                                     **pmeta, **CONFIG["grad"])
+        if ctx.parallel_bwd:
+            dq, dk, dv, db = _parallel_backward(q, k, v, lkf, dnum, dden, meta, ctx.shape)
         else:
-            if pex is None:  # the forward ran the parallel pass
-                pex = _exclusive_chunk_max(lkf, n_chunks)
-            h, z = _states(k, v, lkf, pex, meta, n_chunks)
-            g, gz = torch.empty_like(h), torch.empty_like(z)
-            _segmented(_grad_state_kernel, (q, lkf, pex, dnum, dden), g, gz, t, f, d, n_chunks, meta)
-            _grad_kernel[(n_chunks, b * nh)](q, k, v, lkf, pex, h, z, g, gz, dnum, dden, dq, dk, dv, db, t, f, d,
-                                             n_chunks, **meta, **CONFIG["grad"])
-        dlk = db if meta["HAS_SCALE"] and ctx.needs_input_grad[3] else None
-        if groups > 1:  # each kv head's gradient: the sum over its group's query heads, in fp32
-            dk, dv = _group_sum(dk, groups, k.dtype), _group_sum(dv, groups, v.dtype)
-            dlk = None if dlk is None else _group_sum(dlk, groups, torch.float32)
-        dlk = None if dlk is None else dlk.reshape(b, nkv, t)
+            dq, dk, dv, db = _chunked_backward(q, k, v, lkf, pex, dnum, dden, meta, ctx.shape)
+        dlk = db.reshape(b, nkv, t) if meta["HAS_SCALE"] and ctx.needs_input_grad[3] else None
         return dq.reshape(b, nh, t, f), dk.reshape(b, nkv, t, f), dv.reshape(b, nkv, t, d), dlk
+
+
+def _parallel_backward(q, k, v, lkf, dnum, dden, meta, shape):
+    """The quadratic form's gradients in two passes (dq per query head; dk, dv per kv head over its group), reading
+    q, k, v where the forward did: (dq [BH, T, F], dk [B Hkv, T, F], dv [B Hkv, T, D], db [B Hkv, T] | None)."""
+    b, nh, nkv, t, f, d, n_chunks = shape
+    groups = nh // nkv
+    mrow = lkf.cummax(-1).values if meta["HAS_SCALE"] else lkf  # M_i per kv head (unread without log-scales)
+    pmeta = dict(HAS_SCALE=meta["HAS_SCALE"], PREC=meta["PREC"], BT=BT, BF=max(16, triton.next_power_of_2(f)),
+                 BV=meta["BV"])
+    dq = q.new_empty(b * nh, t, f)
+    dk, dv = k.new_empty(b * nkv, t, f), v.new_empty(b * nkv, t, d)
+    db = lkf.new_empty(b * nkv, t) if meta["HAS_SCALE"] else None
+    _parallel_dq_kernel[(n_chunks, b * nh)](k, v, lkf, mrow, dnum, dden, dq, t, f, d, groups, nkv, *_strides(k, v),
+                                            **pmeta, **CONFIG["grad"])
+    _parallel_dkv_kernel[(n_chunks, b * nkv)](q, k, v, lkf, mrow, dnum, dden, dk, dv, dden if db is None else db, t, f,
+                                              d, n_chunks, groups, nh, nkv, *_strides(q, k, v), **pmeta,
+                                              **CONFIG["grad"])
+    return dq, dk, dv, db
+
+
+def _chunked_backward(q, k, v, lkf, pex, dnum, dden, meta, shape):
+    """The chunked form's gradients: the states recomputed, the reverse walk, then every chunk's dq, dk, dv in
+    parallel, per query head (GQA: k, v expanded to the query heads, each group's gradients summed in fp32)."""
+    b, nh, nkv, t, f, d, n_chunks = shape
+    groups = nh // nkv
+    q, k, v = (x.reshape(-1, t, x.shape[-1]).contiguous() for x in (q, k, v))  # contiguous [BH, T, *] rows
+    if groups > 1:
+        k, v, lkf = (x.repeat_interleave(groups, dim=0) for x in (k, v, lkf))
+        if pex is not None:
+            pex = (pex.repeat_interleave(groups, dim=0) if meta["HAS_SCALE"]
+                   else no_scale_tables(b * nh, t, n_chunks, q.device)[1])
+    if pex is None:  # the forward ran the parallel pass
+        pex = _exclusive_chunk_max(lkf, n_chunks)
+    dq = torch.empty_like(q)
+    # GQA: each query head's dk, dv kept in fp32 until its group is summed (one rounding, as the expanded path)
+    dk, dv = (torch.empty_like(x, dtype=torch.float32 if groups > 1 else x.dtype) for x in (k, v))
+    db = torch.empty_like(dden) if meta["HAS_SCALE"] else dden
+    h, z = _states(k, v, lkf, pex, meta, n_chunks)
+    g, gz = torch.empty_like(h), torch.empty_like(z)
+    _segmented(_grad_state_kernel, (q, lkf, pex, dnum, dden), g, gz, t, f, d, n_chunks, meta)
+    _grad_kernel[(n_chunks, b * nh)](q, k, v, lkf, pex, h, z, g, gz, dnum, dden, dq, dk, dv, db, t, f, d,
+                                     n_chunks, **meta, **CONFIG["grad"])
+    if groups > 1:  # each kv head's gradient: the sum over its group's query heads, in fp32
+        dk, dv = _group_sum(dk, groups, k.dtype), _group_sum(dv, groups, v.dtype)
+        db = _group_sum(db, groups, torch.float32) if meta["HAS_SCALE"] else db
+    return dq, dk, dv, db if meta["HAS_SCALE"] else None
 
 
 def _group_sum(x: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Tensor:
@@ -737,7 +771,8 @@ def causal_linear(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_log_sca
     """out [B, H, T, D] in v's dtype: causal linear attention of features q [B, H, T, F], k [B, Hkv, T, F] (v's
     dtype) and v [B, Hkv, T, D], with optional key log-scales [B, Hkv, T] (fp32; -inf: a key to ignore). Rows with
     no visible key are 0. Hkv < H is grouped-query attention (Hkv divides H; query head h reads kv head h // (H /
-    Hkv)): the forward keeps the kv heads' states once; the backward runs per query head and sums each group.
+    Hkv)): the forward keeps the kv heads' states once; the parallel backward sums each group in its kv head's program, the
+    chunked backward runs per query head and sums each group after.
 
     feature_map "elu" | "relu": q and k are the raw queries and keys, mapped inside the forward kernels as they are
     loaded (no feature tensors written, two launches fewer a call); forward only, so refused while gradients are
