@@ -262,3 +262,29 @@ def test_kv_heads_that_do_not_divide_the_query_heads_are_refused():
     _, k, v = rand_qkv(b=1, h=4, tq=16, d=16, seed=2)
     with pytest.raises(ValueError, match="divide the query heads"):
         window_attention(q, k, v, window=3)
+
+
+@pytest.mark.parametrize("sinks", [0, 3])
+def test_output_gradient_read_in_its_own_layout(monkeypatch, sinks):
+    """The output is written as [B, Tq, H, D] memory, and the gradient coming back (transformers: through the
+    adapter's transpose; the bench: randn_like(out)) is read where it lies, in that layout or any other with unit
+    last stride, with no copy: the same dq, dk, dv bit for bit as from a contiguous gradient (sink tiles in chunks
+    too: 2 query tiles a chunk). A kernel reading the gradient with the wrong strides fails."""
+    from attnlab.ops import window_triton
+
+    monkeypatch.setattr(window_triton, "SINK_CHUNK_TILES", 2)
+    q, k, v = rand_qkv(b=2, h=4, hkv=2, tq=90, tk=90, d=16, seed=31)
+    m = make("window", q, k, window=20, sinks=sinks, backend="triton")
+    g = torch.randn(2, 4, 90, 16, generator=torch.Generator().manual_seed(6))
+    layouts = {"contiguous": g.contiguous(), "out's": g.transpose(1, 2).contiguous().transpose(1, 2),
+               "every other row": torch.stack([g, g], 3).flatten(2, 3)[:, :, ::2]}
+    got = {}
+    for name, grad in layouts.items():
+        xs = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
+        out = m(*xs, causal=True).out
+        got[name] = torch.autograd.grad(out, xs, grad)
+    for name in ("out's", "every other row"):
+        for a, b in zip(got[name], got["contiguous"]):
+            assert torch.equal(a, b), name
+    assert_grads_agree(lambda backend: (lambda q, k, v: make("window", q, k, window=20, sinks=sinks,
+                                                              backend=backend)(q, k, v, causal=True).out), q, k, v)

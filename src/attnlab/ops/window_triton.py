@@ -238,10 +238,10 @@ def _fwd(Q, K, V, PAD, O, LSE, LAY, IDX, CNT, H, G, Tq, Tk, D, W, S, qk_scale, N
 
 
 @triton.jit
-def _bwd_delta(O, DO, DLSE, DELTA, H, Tq, D, s_ob, s_oh, s_ot, HAS_DLSE: tl.constexpr, BM: tl.constexpr,
-               BD: tl.constexpr):
-    """delta_i = do_i . o_i - dlse_i in fp32, without materialising fp32 copies of o and do (o in the forward's
-    layout, do contiguous)."""
+def _bwd_delta(O, DO, DLSE, DELTA, H, Tq, D, s_ob, s_oh, s_ot, s_db, s_dh, s_dt, HAS_DLSE: tl.constexpr,
+               BM: tl.constexpr, BD: tl.constexpr):
+    """delta_i = do_i . o_i - dlse_i in fp32, without materialising fp32 copies of o and do (each in its own
+    layout: o the forward's, do the caller's)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     offs_m = pid_m * BM + tl.arange(0, BM)
@@ -249,7 +249,8 @@ def _bwd_delta(O, DO, DLSE, DELTA, H, Tq, D, s_ob, s_oh, s_ot, HAS_DLSE: tl.cons
     mask = (offs_m < Tq)[:, None] & (offs_d < D)[None, :]
     o_ptr = (bh // H) * s_ob + (bh % H) * s_oh + offs_m[:, None] * s_ot + offs_d[None, :]
     o = tl.load(O + o_ptr, mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + bh * Tq * D + offs_m[:, None] * D + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    do_ptr = (bh // H) * s_db + (bh % H) * s_dh + offs_m[:, None] * s_dt + offs_d[None, :]
+    do = tl.load(DO + do_ptr, mask=mask, other=0.0).to(tl.float32)
     delta = tl.sum(o * do, 1)
     if HAS_DLSE:
         delta -= tl.load(DLSE + bh * Tq + offs_m, mask=offs_m < Tq, other=0.0)
@@ -257,7 +258,7 @@ def _bwd_delta(O, DO, DLSE, DELTA, H, Tq, D, s_ob, s_oh, s_ot, HAS_DLSE: tl.cons
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt, m0, sel, kj, offs_m, offs_d, Tq,
+def _dkdv_tile(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt, do_base, s_dt, m0, sel, kj, offs_m, offs_d, Tq,
                Tk, D, W, S, off, qk_scale, CAUSAL: tl.constexpr, PREC: tl.constexpr, HAS_BLOCKS: tl.constexpr,
                HAS_PAD: tl.constexpr, MASK: tl.constexpr):
     """One query tile [m0, m0 + BM)'s contribution to a key tile's dk, dv, masked as `_masked` says (rows past Tq
@@ -265,7 +266,7 @@ def _dkdv_tile(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt
     qi = m0 + offs_m
     qmask = (qi < Tq)[:, None] & (offs_d < D)[None, :]
     q = tl.load(Q + b * s_qb + h * s_qh + qi[:, None] * s_qt + offs_d[None, :], mask=qmask, other=0.0)
-    do = tl.load(DO + bh * Tq * D + qi[:, None] * D + offs_d[None, :], mask=qmask, other=0.0)
+    do = tl.load(DO + do_base + qi[:, None] * s_dt + offs_d[None, :], mask=qmask, other=0.0)
     lse = tl.load(LSE + bh * Tq + qi, mask=qi < Tq, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse)  # a row with no visible key: p = 0
     delta = tl.load(DELTA + bh * Tq + qi, mask=qi < Tq, other=0.0)
@@ -285,12 +286,12 @@ def _dkdv_tile(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt, start, end, kj, offs_m, offs_d, Tq,
+def _dkdv_tiles(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt, do_base, s_dt, start, end, kj, offs_m, offs_d, Tq,
                 Tk, D, W, S, off, qk_scale, CAUSAL: tl.constexpr, PREC: tl.constexpr, HAS_PAD: tl.constexpr,
                 MASK: tl.constexpr, BM: tl.constexpr):
     """The query tiles [start, end) of a key tile's dk, dv (start on a tile edge), as `_fwd_tiles` for the forward."""
     for m0 in range(start, end, BM):
-        dk, dv = _dkdv_tile(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt, m0, 0, kj, offs_m,
+        dk, dv = _dkdv_tile(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt, do_base, s_dt, m0, 0, kj, offs_m,
                             offs_d, Tq, Tk, D, W, S, off, qk_scale, CAUSAL, PREC, False, HAS_PAD, MASK)
     return dk, dv
 
@@ -330,7 +331,7 @@ def _dkdv_key_tile(K, V, PAD, bh, tile, H, G, Tq, Tk, D, s_kb, s_kh, s_kt, s_vb,
 
 @triton.jit
 def _bwd_dkdv_sinks(Q, K, V, PAD, DO, LSE, DELTA, DKP, DVP, H, G, Tq, Tk, D, W, S, qk_scale, NST, NCH,
-                    s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
+                    s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_db, s_dh, s_dt,
                     HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr,
                     BN: tl.constexpr, BD: tl.constexpr, CH: tl.constexpr):
     """A sink tile's dk, dv from the queries its band does not reach (every later query sees a sink): one program
@@ -341,17 +342,18 @@ def _bwd_dkdv_sinks(Q, K, V, PAD, DO, LSE, DELTA, DKP, DVP, H, G, Tq, Tk, D, W, 
     st, c = pid // NCH, pid % NCH
     b, h, off, n0, kj, offs_m, offs_d, k, v, real, kmask = _dkdv_key_tile(
         K, V, PAD, bh, st, H, G, Tq, Tk, D, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, HAS_PAD, BM, BN, BD)
+    do_base = b * s_db + h * s_dh
     dk = tl.zeros([BN, BD], tl.float32)
     dv = tl.zeros([BN, BD], tl.float32)
     q_lo, q_hi, hb = _dkdv_band(n0, off, W, Tq, CAUSAL, BM, BN)
     c0 = c * CH
     c1 = tl.minimum(c0 + CH, Tq)
     if not CAUSAL:  # queries before the band (causal: they see none of this tile's keys)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt, c0,
+        dk, dv = _dkdv_tiles(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt, do_base, s_dt, c0,
                              tl.minimum(c1, q_lo), kj, offs_m, offs_d, Tq, Tk, D, W, S, off, qk_scale, CAUSAL, PREC,
                              HAS_PAD, 2, BM)
     # queries after the band
-    dk, dv = _dkdv_tiles(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt, tl.maximum(c0, hb), c1,
+    dk, dv = _dkdv_tiles(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt, do_base, s_dt, tl.maximum(c0, hb), c1,
                          kj, offs_m, offs_d, Tq, Tk, D, W, S, off, qk_scale, CAUSAL, PREC, HAS_PAD, 2, BM)
     p_off = (((bh * NST + st) * NCH + c) * BN + tl.arange(0, BN)[:, None]) * BD + offs_d[None, :]
     tl.store(DKP + p_off, dk)
@@ -360,20 +362,21 @@ def _bwd_dkdv_sinks(Q, K, V, PAD, DO, LSE, DELTA, DKP, DVP, H, G, Tq, Tk, D, W, 
 
 @triton.jit
 def _bwd_dkdv(Q, K, V, PAD, DO, LSE, DELTA, DK, DV, LAY, IDXT, CNTT, DKP, DVP, H, G, Tq, Tk, D, W, S, qk_scale, scale,
-              NB, MAXNT, HL, NST, NCH, s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
+              NB, MAXNT, HL, NST, NCH, s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_db, s_dh, s_dt,
               HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, HAS_BLOCKS: tl.constexpr,
               BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BAND_MASK: tl.constexpr):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h, off, n0, kj, offs_m, offs_d, k, v, real, kmask = _dkdv_key_tile(
         K, V, PAD, bh, pid_n, H, G, Tq, Tk, D, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, HAS_PAD, BM, BN, BD)
+    do_base = b * s_db + h * s_dh
     dk = tl.zeros([BN, BD], tl.float32)
     dv = tl.zeros([BN, BD], tl.float32)
     if HAS_BLOCKS:  # the query tiles whose rows of the block tables list this key tile (the transposed tables)
         base = (h * HL) * NB
         for i in range(0, tl.load(CNTT + base + pid_n)):
             qb = tl.load(IDXT + (base + pid_n) * MAXNT + i)
-            dk, dv = _dkdv_tile(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt, qb * BM,
+            dk, dv = _dkdv_tile(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt, do_base, s_dt, qb * BM,
                                 tl.load(LAY + (base + qb) * NB + pid_n), kj, offs_m, offs_d, Tq, Tk, D, W, S, off,
                                 qk_scale, CAUSAL, PREC, True, HAS_PAD, 2)
     else:
@@ -385,10 +388,10 @@ def _bwd_dkdv(Q, K, V, PAD, DO, LSE, DELTA, DK, DV, LAY, IDXT, CNTT, DKP, DVP, H
             if not CAUSAL:
                 q_lo = 0
         if n0 < S:  # a tile that holds sinks: the whole rule
-            dk, dv = _dkdv_tiles(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt, q_lo, q_hi, kj,
+            dk, dv = _dkdv_tiles(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt, do_base, s_dt, q_lo, q_hi, kj,
                                  offs_m, offs_d, Tq, Tk, D, W, S, off, qk_scale, CAUSAL, PREC, HAS_PAD, 2, BM)
         else:
-            dk, dv = _dkdv_tiles(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt, q_lo, q_hi, kj,
+            dk, dv = _dkdv_tiles(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt, do_base, s_dt, q_lo, q_hi, kj,
                                  offs_m, offs_d, Tq, Tk, D, W, S, off, qk_scale, CAUSAL, PREC, HAS_PAD, BAND_MASK, BM)
         if pid_n < NST:
             p_base = ((bh * NST + pid_n) * NCH * BN + tl.arange(0, BN)[:, None]) * BD + offs_d[None, :]
@@ -430,7 +433,7 @@ def _dq_tiles(dq, q, do, lse, delta, K, V, PAD, k_base, v_base, pad_base, s_kt, 
 
 @triton.jit
 def _bwd_dq(Q, K, V, PAD, DO, LSE, DELTA, DQ, LAY, IDX, CNT, H, G, Tq, Tk, D, W, S, qk_scale, scale, NB, MAXN, HL,
-            s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
+            s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_db, s_dh, s_dt,
             HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, HAS_BLOCKS: tl.constexpr,
             BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BAND_MASK: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -444,7 +447,7 @@ def _bwd_dq(Q, K, V, PAD, DO, LSE, DELTA, DQ, LAY, IDX, CNT, H, G, Tq, Tk, D, W,
     offs_d = tl.arange(0, BD)
     qmask = (offs_m < Tq)[:, None] & (offs_d < D)[None, :]
     q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qt + offs_d[None, :], mask=qmask, other=0.0)
-    do = tl.load(DO + bh * Tq * D + offs_m[:, None] * D + offs_d[None, :], mask=qmask, other=0.0)
+    do = tl.load(DO + b * s_db + h * s_dh + offs_m[:, None] * s_dt + offs_d[None, :], mask=qmask, other=0.0)
     lse = tl.load(LSE + bh * Tq + offs_m, mask=offs_m < Tq, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
     delta = tl.load(DELTA + bh * Tq + offs_m, mask=offs_m < Tq, other=0.0)
@@ -549,11 +552,11 @@ class _WindowAttention(torch.autograd.Function):
         hkv, tk = k.shape[1], k.shape[2]
         if dout is None:
             dout = torch.zeros_like(out)
-        dout = dout.contiguous()
+        dout = dout if dout.stride(-1) == 1 else dout.contiguous()  # read in the caller's layout (no copy)
         delta = torch.empty(b, h, tq, dtype=torch.float32, device=q.device)
         dlse_arg = dlse.float().contiguous() if dlse is not None else delta
         bm_delta = 16 if interpreted() else 64
-        _bwd_delta[(triton.cdiv(tq, bm_delta), b * h)](out, dout, dlse_arg, delta, h, tq, d, *_strides(out),
+        _bwd_delta[(triton.cdiv(tq, bm_delta), b * h)](out, dout, dlse_arg, delta, h, tq, d, *_strides(out), *_strides(dout),
                                                          HAS_DLSE=dlse is not None, BM=bm_delta, BD=meta["BD"])
         dq = torch.empty(b, h, tq, d, dtype=q.dtype, device=q.device)
         # one dk, dv per query head (each program owns its tile: no atomics); GQA sums each group's in fp32 below
@@ -562,7 +565,7 @@ class _WindowAttention(torch.autograd.Function):
         pad_arg = pad if pad is not None else out
         tab = _table_args(blocks, lse2)
         shape = (h, h // hkv, tq, tk, d, window, sinks, scale * LOG2E, scale)
-        strides = (*_strides(q), *_strides(k), *_strides(v))
+        strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(dout))
         tiles, launch = _launch(_config("dkdv", d), blocks)
         # the sink tiles' dk, dv from the queries outside their band, in chunks of SINK_CHUNK_TILES query tiles
         # (queries that fit one chunk: the sink tiles' own programs walk them, no second kernel)
