@@ -227,7 +227,18 @@ def model_table() -> str:
                "(`model_bench_graph_window_bounds.json`: `python benchmarks/model_bench.py --device cuda --dtype "
                "bfloat16 --cuda-graph --lengths 1024,4096,16384 --methods window --originals sdpa --modes "
                "fwd,fwd+bwd --budget-s 120`, commit 4004224, one interleaved run; `window_triton.BAND`):",
-               "CUDA graph, window two-bound mask"))
+               "CUDA graph, window two-bound mask"),
+              ("model_bench_graph_layouts.json", "**CUDA graph, q, k, v read and the output written in transformers' "
+               "layout** (`model_bench_graph_layouts.json`: `python benchmarks/model_bench.py --device cuda --dtype "
+               "bfloat16 --cuda-graph --lengths 1024,4096,16384 --methods window,linear,performer --originals sdpa "
+               "--modes fwd,fwd+bwd --budget-s 200`, commit 42ce912, one interleaved run; no copies of q, k, v or the "
+               "output a layer):",
+               "CUDA graph, caller's layout"),
+              ("model_bench_graph_parallel_bwd.json", "**CUDA graph, linear's short-input passes reworked** "
+               "(`model_bench_graph_parallel_bwd.json`: the same command, commit 9760bac: the parallel forward's "
+               "walk without an inner loop and with 128-token key tiles, the parallel backward per kv head in the "
+               "caller's layout; `model_bench/h200/short_calls.json` times each call alone):",
+               "CUDA graph, linear parallel passes"))
     for name, prose, label in graphs:
         if (MODEL_DIR / name).exists():
             gr = json.load(open(MODEL_DIR / name))
