@@ -258,7 +258,8 @@ def _bwd_delta(O, DO, DLSE, DELTA, H, Tq, D, s_ob, s_oh, s_ot, s_db, s_dh, s_dt,
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt, do_base, s_dt, m0, sel, kj, offs_m, offs_d, Tq,
+def _dkdv_tile(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt,
+               do_base, s_dt, m0, sel, kj, offs_m, offs_d, Tq,
                Tk, D, W, S, off, qk_scale, CAUSAL: tl.constexpr, PREC: tl.constexpr, HAS_BLOCKS: tl.constexpr,
                HAS_PAD: tl.constexpr, MASK: tl.constexpr):
     """One query tile [m0, m0 + BM)'s contribution to a key tile's dk, dv, masked as `_masked` says (rows past Tq
@@ -286,12 +287,14 @@ def _dkdv_tile(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt, do_base, s_dt, start, end, kj, offs_m, offs_d, Tq,
+def _dkdv_tiles(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt,
+                do_base, s_dt, start, end, kj, offs_m, offs_d, Tq,
                 Tk, D, W, S, off, qk_scale, CAUSAL: tl.constexpr, PREC: tl.constexpr, HAS_PAD: tl.constexpr,
                 MASK: tl.constexpr, BM: tl.constexpr):
     """The query tiles [start, end) of a key tile's dk, dv (start on a tile edge), as `_fwd_tiles` for the forward."""
     for m0 in range(start, end, BM):
-        dk, dv = _dkdv_tile(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt, do_base, s_dt, m0, 0, kj, offs_m,
+        dk, dv = _dkdv_tile(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt,
+                            do_base, s_dt, m0, 0, kj, offs_m,
                             offs_d, Tq, Tk, D, W, S, off, qk_scale, CAUSAL, PREC, False, HAS_PAD, MASK)
     return dk, dv
 
@@ -353,7 +356,8 @@ def _bwd_dkdv_sinks(Q, K, V, PAD, DO, LSE, DELTA, DKP, DVP, H, G, Tq, Tk, D, W, 
                              tl.minimum(c1, q_lo), kj, offs_m, offs_d, Tq, Tk, D, W, S, off, qk_scale, CAUSAL, PREC,
                              HAS_PAD, 2, BM)
     # queries after the band
-    dk, dv = _dkdv_tiles(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt, do_base, s_dt, tl.maximum(c0, hb), c1,
+    dk, dv = _dkdv_tiles(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt,
+                         do_base, s_dt, tl.maximum(c0, hb), c1,
                          kj, offs_m, offs_d, Tq, Tk, D, W, S, off, qk_scale, CAUSAL, PREC, HAS_PAD, 2, BM)
     p_off = (((bh * NST + st) * NCH + c) * BN + tl.arange(0, BN)[:, None]) * BD + offs_d[None, :]
     tl.store(DKP + p_off, dk)
@@ -376,7 +380,8 @@ def _bwd_dkdv(Q, K, V, PAD, DO, LSE, DELTA, DK, DV, LAY, IDXT, CNTT, DKP, DVP, H
         base = (h * HL) * NB
         for i in range(0, tl.load(CNTT + base + pid_n)):
             qb = tl.load(IDXT + (base + pid_n) * MAXNT + i)
-            dk, dv = _dkdv_tile(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt, do_base, s_dt, qb * BM,
+            dk, dv = _dkdv_tile(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt,
+                                do_base, s_dt, qb * BM,
                                 tl.load(LAY + (base + qb) * NB + pid_n), kj, offs_m, offs_d, Tq, Tk, D, W, S, off,
                                 qk_scale, CAUSAL, PREC, True, HAS_PAD, 2)
     else:
@@ -388,10 +393,12 @@ def _bwd_dkdv(Q, K, V, PAD, DO, LSE, DELTA, DK, DV, LAY, IDXT, CNTT, DKP, DVP, H
             if not CAUSAL:
                 q_lo = 0
         if n0 < S:  # a tile that holds sinks: the whole rule
-            dk, dv = _dkdv_tiles(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt, do_base, s_dt, q_lo, q_hi, kj,
+            dk, dv = _dkdv_tiles(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt,
+                                 do_base, s_dt, q_lo, q_hi, kj,
                                  offs_m, offs_d, Tq, Tk, D, W, S, off, qk_scale, CAUSAL, PREC, HAS_PAD, 2, BM)
         else:
-            dk, dv = _dkdv_tiles(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt, do_base, s_dt, q_lo, q_hi, kj,
+            dk, dv = _dkdv_tiles(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt,
+                                 do_base, s_dt, q_lo, q_hi, kj,
                                  offs_m, offs_d, Tq, Tk, D, W, S, off, qk_scale, CAUSAL, PREC, HAS_PAD, BAND_MASK, BM)
         if pid_n < NST:
             p_base = ((bh * NST + pid_n) * NCH * BN + tl.arange(0, BN)[:, None]) * BD + offs_d[None, :]
@@ -556,8 +563,9 @@ class _WindowAttention(torch.autograd.Function):
         delta = torch.empty(b, h, tq, dtype=torch.float32, device=q.device)
         dlse_arg = dlse.float().contiguous() if dlse is not None else delta
         bm_delta = 16 if interpreted() else 64
-        _bwd_delta[(triton.cdiv(tq, bm_delta), b * h)](out, dout, dlse_arg, delta, h, tq, d, *_strides(out), *_strides(dout),
-                                                         HAS_DLSE=dlse is not None, BM=bm_delta, BD=meta["BD"])
+        _bwd_delta[(triton.cdiv(tq, bm_delta), b * h)](out, dout, dlse_arg, delta, h, tq, d, *_strides(out),
+                                                         *_strides(dout), HAS_DLSE=dlse is not None, BM=bm_delta,
+                                                         BD=meta["BD"])
         dq = torch.empty(b, h, tq, d, dtype=q.dtype, device=q.device)
         # one dk, dv per query head (each program owns its tile: no atomics); GQA sums each group's in fp32 below
         dk = torch.empty(b, h, tk, d, dtype=k.dtype if hkv == h else torch.float32, device=q.device)
