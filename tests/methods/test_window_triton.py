@@ -283,8 +283,6 @@ def test_output_gradient_read_in_its_own_layout(monkeypatch, sinks):
         xs = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
         out = m(*xs, causal=True).out
         got[name] = torch.autograd.grad(out, xs, grad)
-    for name in ("out's", "every other row"):
+    for name in ("out's", "every other row"):  # the contiguous gradient's path: the reference tests above
         for a, b in zip(got[name], got["contiguous"]):
             assert torch.equal(a, b), name
-    assert_grads_agree(lambda backend: (lambda q, k, v: make("window", q, k, window=20, sinks=sinks,
-                                                              backend=backend)(q, k, v, causal=True).out), q, k, v)
