@@ -52,6 +52,9 @@ import triton.language as tl
 
 from .triton_common import dot as _dot
 from .triton_common import precision as _precision
+from .triton_common import row_base as _row
+from .triton_common import strides as _strides
+from .triton_common import unit_stride as _unit_stride
 from .triton_common import to as _to
 
 BT = 64  # tokens per chunk
@@ -73,14 +76,6 @@ def _max2(a, b):
 def _rel_exp(a, m):
     """e^{a - m} for a <= m, and 0 where a is -inf (also when m is: never exp(-inf - -inf))."""
     return tl.where(a == float("-inf"), 0.0, tl.exp(a - tl.where(m == float("-inf"), 0.0, m)))
-
-
-@triton.jit
-def _row(bh, NH, sb, sh):
-    """The offset of row bh = b * NH + h of a [B, NH, T, *] tensor with batch / head strides sb, sh (the forward reads
-    q, k, v and writes out in the caller's layout: transformers' [B, T, H, D] memory seen as [B, H, T, D], with no
-    copy; a contiguous [B, H, T, *] tensor gives bh * T * W)."""
-    return (bh // NH) * sb + (bh % NH) * sh
 
 
 @triton.jit
@@ -322,7 +317,7 @@ def _parallel_tile(num, den, m, q1, Q, K, V, LK, q_row, k_row, v_row, kvh, s_qt,
     elif MASKED:
         s = tl.where(vis, s, 0.0)
     if MASKED:
-        v = tl.load(V + v_row + tk[:, None] * s_vt + offs_v[None, :], mask=kin[:, None] & vmask[None, :], other=0.0)
+        v = _tile(V, v_row, s_vt, tk, kin, offs_v, vmask)
     else:
         v = tl.load(V + v_row + tk[:, None] * s_vt + offs_v[None, :], mask=vmask[None, :], other=0.0)
     num += _dot(_to(s, v.dtype, PREC), v, PREC)
@@ -381,7 +376,7 @@ def _grad_prep_kernel(DOUT, OUT, DEN, DNUM, DDEN, T, D, NH, s_db, s_dh, s_dt, s_
                       PREC: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr):
     """The division's gradient (flash-attention's delta trick: no fp32 num is kept): dnum = dout / den in the
     matmul dtype, dden = -(dout . out) / den in fp32; both 0 where den = 0. dout and out in their callers' layouts
-    (`_row`), dnum contiguous [BH, T, D]."""
+    (`triton_common.row_base`), dnum contiguous [BH, T, D]."""
     c = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     t = c * BT + tl.arange(0, BT)
@@ -616,26 +611,13 @@ def _segmented(kernel, inputs: tuple, out, out_z, t: int, f: int, d: int, n_chun
                  **CONFIG["state"])
 
 
-def _layout(x: torch.Tensor) -> tuple[int, int, int, int]:
-    """(heads, batch stride, head stride, token stride) of a [B, H, T, W] tensor with unit last stride, in whatever
-    layout it came (the kernels' `_row`), or of a contiguous [BH, T, W] one (one "head" per row)."""
-    if x.dim() == 3:
-        return 1, x.stride(0), 0, x.stride(1)
-    return x.shape[1], x.stride(0), x.stride(1), x.stride(2)
-
-
-def _strides(*xs: torch.Tensor) -> tuple[int, ...]:
-    """The batch, head and token strides of each of xs, in order (`_layout`)."""
-    return tuple(s for x in xs for s in _layout(x)[1:])
-
-
 def _states(k, v, lkf, pex, meta, n_chunks, fmap: int = 0):
     """H [BH, N, F, D] (the inputs' dtype) and Z [BH, N, F] (fp32): the state entering each chunk, for k [B, Hkv, T,
     F] and v [B, Hkv, T, D] in any layout with unit last stride (or contiguous [BH, T, *]); BH = B Hkv rows."""
     bh, t, f, d = lkf.shape[0], k.shape[-2], k.shape[-1], v.shape[-1]
     h = k.new_empty(bh, n_chunks, f, d)
     z = k.new_empty(bh, n_chunks, f, dtype=torch.float32)
-    _segmented(_state_kernel, (k, v, lkf, pex), h, z, t, f, d, n_chunks, meta, MAP=fmap, NKV=_layout(k)[0],
+    _segmented(_state_kernel, (k, v, lkf, pex), h, z, t, f, d, n_chunks, meta, MAP=fmap, NKV=k.shape[1] if k.dim() == 4 else 1,
                **dict(zip(("s_kb", "s_kh", "s_kt", "s_vb", "s_vh", "s_vt"), _strides(k, v))))
     return h, z
 
@@ -656,7 +638,7 @@ def _forward(q, k, v, lk, fmap: int = 0):
     nkv, d = k.shape[1], v.shape[-1]
     groups = nh // nkv  # GQA: the states are the kv heads' (a group's query heads read the same ones)
     # read in the caller's layout (transformers' q, k, v are [B, T, H, D] in memory): no copies
-    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    q, k, v = _unit_stride(q, k, v)
     n_chunks = triton.cdiv(t, BT)
     has_scale = lk is not None
     # without log-scales b = 0 (every weight 1), through the same kernels (see `_weights`)
@@ -699,7 +681,7 @@ class _CausalLinear(torch.autograd.Function):
         q, k, v, lkf, pex, out, den = ctx.saved_tensors
         b, nh, nkv, t, f, d, n_chunks = ctx.shape
         meta = ctx.meta
-        dout = dout if dout.stride(-1) == 1 else dout.contiguous()
+        (dout,) = _unit_stride(dout)
         dnum, dden = v.new_empty(b * nh, t, d), torch.empty_like(den)
         _grad_prep_kernel[(n_chunks, b * nh)](dout, out, den, dnum, dden, t, d, nh, *_strides(dout, out), meta["PREC"],
                                               BT, meta["BV"])

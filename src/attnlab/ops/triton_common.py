@@ -34,6 +34,25 @@ def to(x, dtype: tl.constexpr, PREC: tl.constexpr):
     return x.to(dtype)
 
 
+@triton.jit
+def row_base(bh, NH, sb, sh):
+    """The offset of row bh = b * NH + h of a [B, NH, T, *] tensor with batch / head strides sb, sh: the kernels read
+    q, k, v and write their outputs in the caller's layout (transformers' [B, T, H, D] memory seen as [B, H, T, D],
+    no copy); a contiguous [B, H, T, W] tensor gives bh * T * W."""
+    return (bh // NH) * sb + (bh % NH) * sh
+
+
+def strides(*xs: torch.Tensor) -> tuple[int, ...]:
+    """The batch, head and token strides of each of xs, in order, as `row_base` and a token index take them:
+    [B, H, T, W] tensors in any layout, or contiguous [BH, T, W] ones (one head a row: head stride 0)."""
+    return tuple(s for x in xs for s in ((x.stride(0), 0, x.stride(1)) if x.dim() == 3 else x.stride()[:3]))
+
+
+def unit_stride(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """xs as they are where their last dim is contiguous (what the kernels' loads need), else contiguous copies."""
+    return tuple(x if x.stride(-1) == 1 else x.contiguous() for x in xs)
+
+
 def precision(q: torch.Tensor) -> str:
     """The PREC a kernel runs `q`'s dtype with: ieee for fp32 (as torch.matmul, not TF32), tf32 for half
     inputs on the GPU (their tensor-core path), upcast under the interpreter."""

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import dot, interpreted, kernel_reasons, precision, to
+from .triton_common import dot, interpreted, kernel_reasons, precision, row_base, strides, to, unit_stride
 
 LOG2E = 1.4426950408889634
 # Tile sizes and launch settings (fwd, dkdv, dq) for head_dim <= 64 on the GPU: the fastest of
@@ -247,10 +247,10 @@ def _bwd_delta(O, DO, DLSE, DELTA, H, Tq, D, s_ob, s_oh, s_ot, s_db, s_dh, s_dt,
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_d = tl.arange(0, BD)
     mask = (offs_m < Tq)[:, None] & (offs_d < D)[None, :]
-    o_ptr = (bh // H) * s_ob + (bh % H) * s_oh + offs_m[:, None] * s_ot + offs_d[None, :]
-    o = tl.load(O + o_ptr, mask=mask, other=0.0).to(tl.float32)
-    do_ptr = (bh // H) * s_db + (bh % H) * s_dh + offs_m[:, None] * s_dt + offs_d[None, :]
-    do = tl.load(DO + do_ptr, mask=mask, other=0.0).to(tl.float32)
+    o = tl.load(O + row_base(bh, H, s_ob, s_oh) + offs_m[:, None] * s_ot + offs_d[None, :], mask=mask,
+                other=0.0).to(tl.float32)
+    do = tl.load(DO + row_base(bh, H, s_db, s_dh) + offs_m[:, None] * s_dt + offs_d[None, :], mask=mask,
+                 other=0.0).to(tl.float32)
     delta = tl.sum(o * do, 1)
     if HAS_DLSE:
         delta -= tl.load(DLSE + bh * Tq + offs_m, mask=offs_m < Tq, other=0.0)
@@ -493,10 +493,6 @@ def _launch(cfg: dict, blocks=None) -> tuple[dict, dict]:
     return tiles, {k: v for k, v in cfg.items() if k not in ("BM", "BN")}
 
 
-def _strides(x):
-    return x.stride(0), x.stride(1), x.stride(2)
-
-
 class BlockTables(NamedTuple):
     """A block pattern's tables for the kernels (`block_tables`): per layout head and block row, the key tiles to
     visit (those the layout keeps, and those the window's band or the sinks reach) and, transposed, the query tiles
@@ -529,7 +525,7 @@ def block_tables(visit: torch.Tensor, layout: torch.Tensor, block_size: int, dev
 class _WindowAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, pad, window, sinks, causal, scale, blocks):
-        q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+        q, k, v = unit_stride(q, k, v)
         b, h, tq, d = q.shape
         tk = k.shape[2]
         groups = h // k.shape[1]
@@ -544,8 +540,8 @@ class _WindowAttention(torch.autograd.Function):
         grid = (triton.cdiv(tq, tiles["BM"]), b * h)
         tab = _table_args(blocks, lse2)
         _fwd[grid](q, k, v, pad_arg, out, lse2, tab.lay, tab.idx, tab.cnt, h, groups, tq, tk, d, int(window),
-                   int(sinks), scale * LOG2E, tab.nb, tab.maxn, tab.hl, *_strides(q), *_strides(k), *_strides(v),
-                   *_strides(out), **meta, **tiles, **launch)
+                   int(sinks), scale * LOG2E, tab.nb, tab.maxn, tab.hl, *strides(q, k, v, out), **meta, **tiles,
+                   **launch)
         ctx.save_for_backward(q, k, v, pad, out, lse2)
         ctx.args = (int(window), int(sinks), float(scale), meta, blocks)
         lse = lse2 * math.log(2.0)
@@ -559,12 +555,12 @@ class _WindowAttention(torch.autograd.Function):
         hkv, tk = k.shape[1], k.shape[2]
         if dout is None:
             dout = torch.zeros_like(out)
-        dout = dout if dout.stride(-1) == 1 else dout.contiguous()  # read in the caller's layout (no copy)
+        (dout,) = unit_stride(dout)  # read in the caller's layout (no copy)
         delta = torch.empty(b, h, tq, dtype=torch.float32, device=q.device)
         dlse_arg = dlse.float().contiguous() if dlse is not None else delta
         bm_delta = 16 if interpreted() else 64
-        _bwd_delta[(triton.cdiv(tq, bm_delta), b * h)](out, dout, dlse_arg, delta, h, tq, d, *_strides(out),
-                                                         *_strides(dout), HAS_DLSE=dlse is not None, BM=bm_delta,
+        _bwd_delta[(triton.cdiv(tq, bm_delta), b * h)](out, dout, dlse_arg, delta, h, tq, d, *strides(out, dout),
+                                                         HAS_DLSE=dlse is not None, BM=bm_delta,
                                                          BD=meta["BD"])
         dq = torch.empty(b, h, tq, d, dtype=q.dtype, device=q.device)
         # one dk, dv per query head (each program owns its tile: no atomics); GQA sums each group's in fp32 below
@@ -573,7 +569,7 @@ class _WindowAttention(torch.autograd.Function):
         pad_arg = pad if pad is not None else out
         tab = _table_args(blocks, lse2)
         shape = (h, h // hkv, tq, tk, d, window, sinks, scale * LOG2E, scale)
-        strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(dout))
+        qkv_do = strides(q, k, v, dout)
         tiles, launch = _launch(_config("dkdv", d), blocks)
         # the sink tiles' dk, dv from the queries outside their band, in chunks of SINK_CHUNK_TILES query tiles
         # (queries that fit one chunk: the sink tiles' own programs walk them, no second kernel)
@@ -584,15 +580,15 @@ class _WindowAttention(torch.autograd.Function):
             dkp, dvp = (torch.empty(b * h, nst, nch, tiles["BN"], meta["BD"], dtype=torch.float32, device=q.device)
                         for _ in range(2))
             _bwd_dkdv_sinks[(nst * nch, b * h)](q, k, v, pad_arg, dout, lse2, delta, dkp, dvp, h, h // hkv, tq, tk,
-                                                d, window, sinks, scale * LOG2E, nst, nch, *strides,
+                                                d, window, sinks, scale * LOG2E, nst, nch, *qkv_do,
                                                 HAS_PAD=meta["HAS_PAD"], CAUSAL=meta["CAUSAL"], PREC=meta["PREC"],
                                                 BD=meta["BD"], CH=SINK_CHUNK_TILES * tiles["BM"], **tiles, **launch)
         _bwd_dkdv[(triton.cdiv(tk, tiles["BN"]), b * h)](q, k, v, pad_arg, dout, lse2, delta, dk, dv, tab.lay,
                                                          tab.idxt, tab.cntt, dkp, dvp, *shape, tab.nb, tab.maxnt,
-                                                         tab.hl, nst, nch, *strides, **meta, **tiles, **launch)
+                                                         tab.hl, nst, nch, *qkv_do, **meta, **tiles, **launch)
         tiles, launch = _launch(_config("dq", d), blocks)
         _bwd_dq[(triton.cdiv(tq, tiles["BM"]), b * h)](q, k, v, pad_arg, dout, lse2, delta, dq, tab.lay, tab.idx,
-                                                       tab.cnt, *shape, tab.nb, tab.maxn, tab.hl, *strides, **meta,
+                                                       tab.cnt, *shape, tab.nb, tab.maxn, tab.hl, *qkv_do, **meta,
                                                        **tiles, **launch)
         if hkv != h:
             dk = dk.view(b, hkv, h // hkv, tk, d).sum(2).to(k.dtype)
