@@ -139,6 +139,18 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
+    try:
+        lengths = [int(x) for x in a.lengths.split(",")]
+    except ValueError:
+        ap.error(f"--lengths: comma-separated token counts, got {a.lengths!r}")
+    if min(lengths) < 1 or a.layers < 1 or a.rounds < 1:
+        ap.error("--lengths, --layers and --rounds must be positive")
+    unknown = [m for m in a.methods.split(",") if m and m not in attnlab.registry.list_methods()]
+    if unknown:
+        ap.error(f"--methods: unknown {unknown} (attnlab list shows the methods)")
+    bad_modes = [m for m in a.modes.split(",") if m not in ("fwd", "fwd+bwd")]
+    if bad_modes:
+        ap.error(f"--modes: fwd and / or fwd+bwd, got {bad_modes}")
     if not torch.cuda.is_available():
         print("short_calls.py: needs a CUDA device", file=sys.stderr)
         return 1
@@ -151,7 +163,7 @@ def main(argv=None) -> int:
     if "performer" in a.methods.split(","):
         variants += [("favor_map", None, None), ("favor_core", None, None)]
     rows = []
-    for t, mode in itertools.product([int(x) for x in a.lengths.split(",")], a.modes.split(",")):
+    for t, mode in itertools.product(lengths, a.modes.split(",")):
         graphs = {}
         for name, form, config in variants:
             restore = _settings(form, config)
