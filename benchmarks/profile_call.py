@@ -1,15 +1,21 @@
 """Where one attention call's device time goes: torch.profiler over a few warmed-up calls of one method.
 
     PYTHONPATH=src python benchmarks/profile_call.py lsh --t 65536 --mode fwd+bwd [--option backend=compiled]
+    PYTHONPATH=src python benchmarks/profile_call.py window --t 4096 --causal --mode fwd+bwd --host
+    PYTHONPATH=src python benchmarks/profile_call.py performer --t 1024 --heads 9 --kv-heads 3 --causal --mode fwd+bwd
 
 bf16, batch 1, 16 heads, head dim 64 (the bench's long-length shape) unless told otherwise. Prints the CUDA
 kernels by total time (per call), the device time per call and the call's wall time, and writes the table as JSON
-with --out.
+with --out. --host: where the host's time goes instead (what a call costs when the device waits on it): the host
+time per call issued without a sync (median of 5 loops of --calls), and cProfile's functions by own time per call.
 """
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
+import statistics
 import time
 
 import torch
@@ -24,21 +30,24 @@ def main(argv=None) -> int:
     p.add_argument("--t", type=int, default=65536)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--kv-heads", type=int, default=None, help="grouped-query attention: kv heads (default: --heads)")
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--mode", choices=("fwd", "fwd+bwd"), default="fwd")
     p.add_argument("--causal", action="store_true")
     p.add_argument("--option", action="append", default=[], help="NAME=VALUE, repeatable (the method's options)")
     p.add_argument("--calls", type=int, default=5, help="profiled calls (after 3 warm-up calls)")
     p.add_argument("--top", type=int, default=15)
+    p.add_argument("--host", action="store_true", help="profile the host (cProfile) instead of the device")
     p.add_argument("--out", default=None, help="write the table as JSON here")
     args = p.parse_args(argv)
     opts = {k: parse_value(v) for k, v in (o.split("=", 1) for o in args.option)}
     cls = attnlab.registry.get(args.method)
     opts = {**cls.defaults(args.t), **opts}
-    m = attnlab.make(args.method, head_dim=args.head_dim, num_heads=args.heads, **opts).cuda()
+    hkv = args.kv_heads or args.heads
+    m = attnlab.make(args.method, head_dim=args.head_dim, num_heads=args.heads, num_kv_heads=hkv, **opts).cuda()
     g = torch.Generator(device="cuda").manual_seed(0)
-    shape = (args.batch, args.heads, args.t, args.head_dim)
-    q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+    q, k, v = (torch.randn(args.batch, h, args.t, args.head_dim, device="cuda", dtype=torch.bfloat16, generator=g)
+               for h in (args.heads, hkv, hkv))
     grad = args.mode == "fwd+bwd"
     for x in (q, k, v):
         x.requires_grad_(grad)
@@ -52,6 +61,8 @@ def main(argv=None) -> int:
     for _ in range(3):
         call()
     torch.cuda.synchronize()
+    if args.host:
+        return _host(args, opts, m, call)
     t0 = time.perf_counter()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(args.calls):
@@ -74,6 +85,44 @@ def main(argv=None) -> int:
         with open(args.out, "w") as f:
             json.dump({"method": args.method, "options": opts, "kernel": m.kernel, "t": args.t, "mode": args.mode,
                        "causal": args.causal, "device_ms": total, "wall_ms": wall, "kernels": rows,
+                       "device": torch.cuda.get_device_name()}, f, indent=1)
+    return 0
+
+
+def _host(args, opts, m, call) -> int:
+    """The host's cost of a call: loops of --calls calls with no sync inside (the device runs behind), then cProfile's
+    functions by own time (tottime) per call."""
+    loops = []
+    for _ in range(5):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(args.calls):
+            call()
+        loops.append((time.perf_counter() - t0) / args.calls * 1e6)
+        torch.cuda.synchronize()
+    host_us = statistics.median(loops)
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(args.calls):
+        call()
+    prof.disable()
+    torch.cuda.synchronize()
+    st = pstats.Stats(prof)
+    rows = []
+    for (path, line, name), (_cc, nc, tt, ct, _callers) in st.stats.items():
+        rows.append({"function": f"{path.rsplit('/', 2)[-1] if '/' in path else path}:{line}({name})",
+                     "own_us_per_call": tt / args.calls * 1e6, "cum_us_per_call": ct / args.calls * 1e6,
+                     "calls_per_call": nc / args.calls})
+    rows.sort(key=lambda r: -r["own_us_per_call"])
+    print(f"{args.method} {opts} kernel={m.kernel} T={args.t} {args.mode} causal={args.causal}: host {host_us:.0f} us "
+          f"per call (loops of {args.calls}: {', '.join(f'{x:.0f}' for x in loops)}); by own time under cProfile:")
+    for r in rows[:args.top]:
+        print(f"  {r['own_us_per_call']:8.1f} us own {r['cum_us_per_call']:8.1f} cum {r['calls_per_call']:5.1f}x  "
+              f"{r['function'][:100]}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"method": args.method, "options": opts, "kernel": m.kernel, "t": args.t, "mode": args.mode,
+                       "causal": args.causal, "host_us": host_us, "host_loops_us": loops, "functions": rows[:60],
                        "device": torch.cuda.get_device_name()}, f, indent=1)
     return 0
 

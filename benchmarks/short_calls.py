@@ -8,10 +8,12 @@ launch cost is spread over them) and replayed; rows give microseconds per call, 
 replays, variants interleaved round by round. Variants:
   - sdpa: `F.scaled_dot_product_attention(causal, enable_gqa)`, what the original model runs;
   - each method (`--methods`) as attnlab builds it (backend auto: what a swapped model runs);
-  - linear with the causal kernels' other forms (`+chunked`, `+parallel`) and, with `--configs`, each
-    (key tile, num_warps, num_stages) of the parallel pass (`ops.linear_triton.CONFIG["parallel"]`, `+p64w4s2` ...);
+  - linear and performer with the causal kernels' other forms (`+chunked`, `+parallel`; `+parallel-fwd`: the
+    parallel forward, the chunked backward) and, with `--configs`, each (key tile, num_warps, num_stages) of the
+    parallel pass (`ops.linear_triton.CONFIG["parallel"]`, `linear+p64w4s2` ...; F = 256: `"parallel_wide"`,
+    `performer+p64w8s2` ...);
   - performer's parts: `favor_map` (the FAVOR+ map of q and of k, two launches) and `favor_core` (the causal
-    kernels on the mapped features, F = 256, with the key log-scales).
+    kernels on the mapped features, F = 256, with the key log-scales), in each form.
 fwd runs under no_grad (linear then maps q and k inside its kernels); fwd+bwd records gradients for q, k, v.
 
     PYTHONPATH=src python benchmarks/short_calls.py --out OUT            # OUT/short_calls.json
@@ -44,17 +46,24 @@ def inputs(t: int, grad: bool):
     return [x.unflatten(-1, (-1, D)).transpose(1, 2).detach().requires_grad_(grad) for x in (q, k, v)]
 
 
-def _settings(form: str | None, config: tuple[int, int] | None):
-    """Install a variant's module settings; returns a function restoring them."""
-    saved = (lt.PARALLEL_MAX_T, dict(lt.CONFIG["parallel"]))
-    if form is not None:
-        lt.PARALLEL_MAX_T = 0 if form == "chunked" else 1 << 30
-    if config is not None:
-        lt.CONFIG["parallel"] = dict(BN=config[0], num_warps=config[1], num_stages=config[2])
+FORMS = {"chunked": {"PARALLEL_MAX_T": 0}, "parallel": {"PARALLEL_MAX_T": 1 << 30},
+         # the parallel forward with the chunked backward
+         "parallel-fwd": {"PARALLEL_MAX_T": 1 << 30, "PARALLEL_BWD_MAX_F": 0}}
 
-    def restore():
-        lt.PARALLEL_MAX_T, lt.CONFIG["parallel"] = saved[0], saved[1]
-    return restore
+
+def _settings(settings: dict):
+    """Install a variant's module settings (`ops.linear_triton` attributes, or CONFIG entries by their key);
+    returns a function restoring them."""
+    saved = {k: (dict(lt.CONFIG[k]) if k in lt.CONFIG else getattr(lt, k)) for k in settings}
+
+    def put(values):
+        for k, val in values.items():
+            if k in lt.CONFIG:
+                lt.CONFIG[k] = val
+            else:
+                setattr(lt, k, val)
+    put(settings)
+    return lambda: put(saved)
 
 
 def make_call(name: str, t: int, grad: bool):
@@ -69,7 +78,7 @@ def make_call(name: str, t: int, grad: bool):
 
     if name == "sdpa":
         return lambda: finish(F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
-    if name in ("favor_map", "favor_core"):
+    if name == "favor_map" or name.startswith("favor_core"):
         m = attnlab.make("performer", head_dim=D, num_heads=H, num_kv_heads=HKV).cuda()
         fm = m.feature_map
         scale = D ** -0.5
@@ -154,21 +163,31 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("short_calls.py: needs a CUDA device", file=sys.stderr)
         return 1
-    variants = [("sdpa", None, None)] + [(m, None, None) for m in a.methods.split(",") if m]
-    if "linear" in a.methods.split(","):
-        variants += [("linear+chunked", "chunked", None), ("linear+parallel", "parallel", None)]
+    methods = [m for m in a.methods.split(",") if m]
+    variants = [("sdpa", {})] + [(m, {}) for m in methods]  # (name, module settings)
+    if "linear" in methods:
+        variants += [(f"linear+{form}", FORMS[form]) for form in ("chunked", "parallel")]
         if a.configs:
-            variants += [(f"linear+p{bn}w{w}s{s}", "parallel", (bn, w, s))
+            variants += [(f"linear+p{bn}w{w}s{s}",
+                          {**FORMS["parallel"], "parallel": dict(BN=bn, num_warps=w, num_stages=s)})
                          for bn, w, s in itertools.product((64, 128), (4, 8), (1, 2, 3))]
-    if "performer" in a.methods.split(","):
-        variants += [("favor_map", None, None), ("favor_core", None, None)]
+    if "performer" in methods:
+        variants += [(f"performer+{form}", FORMS[form]) for form in FORMS]
+        variants += [("favor_map", {})] + [(f"favor_core+{form}", FORMS[form]) for form in FORMS]
+        if a.configs:  # the wide parallel passes' launch settings (F = 256)
+            variants += [(f"performer+p{bn}w{w}s{s}",
+                          {**FORMS["parallel"], "parallel_wide": dict(BN=bn, num_warps=w, num_stages=s)})
+                         for bn, w, s in itertools.product((32, 64), (4, 8), (1, 2))]
     rows = []
     for t, mode in itertools.product(lengths, a.modes.split(",")):
         graphs = {}
-        for name, form, config in variants:
-            restore = _settings(form, config)
+        for name, settings in variants:
+            restore = _settings(settings)
             try:  # settings are read at capture: the graph keeps the kernels they chose
-                graphs[name] = graph_of(make_call(name, t, mode == "fwd+bwd"), a.layers)
+                call = make_call(name, t, mode == "fwd+bwd")
+                # the call (its closure holds the inputs the graph reads) lives as long as the graph: a graph
+                # does not keep the tensors it was captured on alive, and freed ones are reused by later variants
+                graphs[name] = (graph_of(call, a.layers), call)
             except Exception as e:  # a launch setting that does not fit: a row saying so
                 rows.append(dict(variant=name, tokens=t, mode=mode, status="error", error=f"{type(e).__name__}: {e}"[:200]))
                 print(f"{name:18} {mode:8} {t:6} error {rows[-1]['error']}", flush=True)
@@ -176,7 +195,7 @@ def main(argv=None) -> int:
                 restore()
         times = {n: [] for n in graphs}
         for _ in range(a.rounds):
-            for n, g in graphs.items():
+            for n, (g, _call) in graphs.items():
                 times[n].append(replay_us(g, a.layers))
         base = statistics.median(times["sdpa"])
         for n, ts in times.items():

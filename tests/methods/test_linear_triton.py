@@ -262,10 +262,13 @@ def test_short_inputs_take_the_parallel_pass(interpreted, monkeypatch):
     chunk_out, saved, *_ = interpreted._forward(q, k, v, lk)
     assert walks == [1]
     monkeypatch.setattr(interpreted, "PARALLEL_MAX_T", 200)
+    assert interpreted.parallel_max_t(interpreted.PARALLEL_MAX_F + 1) == 0  # one tile holds every feature: wider, chunked
     par_out, par_saved, *_ = interpreted._forward(q, k, v, lk)
     assert walks == [1]  # no state walk
     assert max_err(par_out, chunk_out) <= 1e-5 * chunk_out.abs().max().item()
-    assert max_err(par_saved[-1], saved[-1]) <= 1e-5 * saved[-1].abs().max().item()  # DEN, whose M_i must agree
+    den, par_den = saved[6], par_saved[6]  # DEN, whose M_i must agree
+    assert max_err(par_den, den) <= 1e-5 * den.abs().max().item()
+    assert par_saved[7] is None and saved[7] is not None  # the states: only the chunked passes write them
     # the backward: two quadratic passes up to the same length (and F <= PARALLEL_BWD_MAX_F), the chunked walks
     # beyond; the same gradients (GQA: 4 query heads on 2 kv heads, key log-scales)
     g = torch.Generator().manual_seed(4)
@@ -278,7 +281,7 @@ def test_short_inputs_take_the_parallel_pass(interpreted, monkeypatch):
         xs = [x.clone().requires_grad_(True) for x in ins]
         walks.clear()
         got[limit] = torch.autograd.grad((interpreted.causal_linear(*xs) * w).sum(), xs)
-        assert walks == ([] if limit == 200 else [1, 1])  # forward + backward recompute, or none
+        assert walks == ([] if limit == 200 else [1])  # the forward's (the backward reads its states), or none
     for name, a, b in zip("q k v b".split(), got[200], got[199]):
         assert max_err(a, b) <= 1e-4 * b.abs().max().item(), name
 
@@ -445,8 +448,38 @@ def test_parallel_pass_key_tiles_other_than_its_query_blocks(interpreted, monkey
                       None if lk is None else repeat_kv(lk.double()[..., None], 2)[..., 0])
     assert max_err(out, want) <= 1e-5 * want.abs().max().item()
     monkeypatch.setitem(interpreted.CONFIG, "parallel", dict(interpreted.CONFIG["parallel"], BN=64))
-    den64 = interpreted._forward(q, k, v, lk)[1][-1]
-    assert max_err(saved[-1], den64) <= 1e-5 * den64.abs().max().item()
+    den64 = interpreted._forward(q, k, v, lk)[1][6]  # DEN
+    assert max_err(saved[6], den64) <= 1e-5 * den64.abs().max().item()
+
+
+@pytest.mark.parametrize("hkv", [4, 2], ids=["mha", "gqa"])
+@pytest.mark.parametrize("scale", [False, True], ids=["plain", "log-scale"])
+def test_chunked_backward_reads_the_forwards_states(chunked, hkv, scale, monkeypatch):
+    """The chunked backward reads the states the forward wrote (per kv head: query head h reads row h // G) instead
+    of walking the chunks again (per query head): no second state walk, and gradients bit-identical to the
+    recomputed states' (the same kernel on the same keys and values), GQA and key log-scales included."""
+    g = torch.Generator().manual_seed(21)
+    ins = [torch.rand(2, 4, 150, 32, generator=g), torch.rand(2, hkv, 150, 32, generator=g),
+           torch.randn(2, hkv, 150, 16, generator=g)]
+    ins.append(torch.randn(2, hkv, 150, generator=g) * 4 if scale else None)
+    w = torch.randn(2, 4, 150, 16, generator=g)
+    walks = []
+    real_states, real_backward = chunked._states, chunked._chunked_backward
+    monkeypatch.setattr(chunked, "_states", lambda *a, **kw: walks.append(a[0].shape) or real_states(*a, **kw))
+
+    def grads_of():
+        xs = [x if x is None else x.clone().requires_grad_(True) for x in ins]
+        out = chunked.causal_linear(*xs)
+        return torch.autograd.grad((out * w).sum(), [x for x in xs if x is not None])
+
+    kept = grads_of()
+    assert len(walks) == 1  # the forward's walk only
+    monkeypatch.setattr(chunked, "_chunked_backward", lambda *a: real_backward(*a[:9]))  # states dropped: recomputed
+    walks.clear()
+    recomputed = grads_of()
+    assert len(walks) == 2
+    for name, a, b in zip("q k v b".split(), kept, recomputed):
+        assert torch.equal(a, b), name
 
 
 @pytest.mark.parametrize("hkv", [4, 2], ids=["mha", "gqa"])

@@ -29,8 +29,10 @@ quadratic form's too, dk and dv per kv head over its group's query heads.
 Layouts: the forward kernels and the parallel backward read q, k, v with their batch / head / token strides
 (transformers hands over [B, H, T, D] views of [B, T, H, D] memory) and the output is written as [B, T, H, D]
 memory, so a swapped layer makes no copies; the chunked backward copies them to contiguous rows.
-Chunked backward: H, Z recomputed (not stored between passes: O(T F D / 64) memory), `_grad_state_kernel` walks
-the chunks in reverse (in segments, as the forward's) and writes G[c] = sum_{i after chunk c} e^{P_{c+1} - M_i} q_i dnum_i^T and GZ[c]
+Chunked backward: H, Z as the forward wrote them (per kv head, kept: O(T F D / 64) memory, for a state walk fewer:
+performer's fwd+bwd step in a SmolLM2 CUDA graph 4-6% shorter at 1k-16k tokens, its peak 0.05-0.7 GiB higher;
+recomputed, per query head, only after the parallel forward), `_grad_state_kernel` walks the chunks in reverse (in
+segments, as the forward's) and writes G[c] = sum_{i after chunk c} e^{P_{c+1} - M_i} q_i dnum_i^T and GZ[c]
 (every factor <= 1 since M_i >= P_{c+1}), then `_grad_kernel` computes dq, dk, dv of every chunk in
 parallel (and the key log-scales' db_j = k_j . dk_j). The division out = num / den happens in `_out_kernel`,
 and its gradient in `_grad_prep_kernel` from out and den (flash-attention's delta trick), so no fp32
@@ -63,7 +65,11 @@ BK = 64  # features per program
 # the parallel pass's (key tile BN too) on the H200 at 1024 tokens, SmolLM2's shapes (benchmarks/short_calls.py
 # --configs: 18.8 us a call against 29.8 with 64-token tiles, 4 warps, 2 stages; SDPA 14.0)
 CONFIG = {"state": dict(num_warps=4, num_stages=3), "out": dict(num_warps=4, num_stages=2),
-          "grad": dict(num_warps=4, num_stages=2), "parallel": dict(BN=128, num_warps=4, num_stages=3)}
+          "grad": dict(num_warps=4, num_stages=2), "parallel": dict(BN=128, num_warps=4, num_stages=3),
+          # the parallel pass with more than 64 features (every feature in one tile: FAVOR+'s 256, [64, 256] query
+          # tiles), the fastest at 1024 tokens and F = 256 on the H200 (short_calls.py --configs: 72 us a call, 96
+          # with 64-key tiles and 8 warps; the chunked passes take 44)
+          "parallel_wide": dict(BN=32, num_warps=4, num_stages=2)}
 STATE_BV = 32  # value columns per program of the two sequential passes (fewer: more programs in parallel)
 
 
@@ -271,43 +277,30 @@ def _tile(P, base, st, rows, rmask, cols, cmask):
 
 
 @triton.jit
-def _parallel_tile(num, den, m, q1, Q, K, V, LK, q_row, k_row, v_row, kvh, s_qt, s_kt, s_vt, t, tmask, s0, T, F,
-                   offs_k, offs_v, vmask, HAS_SCALE: tl.constexpr, PREC: tl.constexpr, ONE_FBLOCK: tl.constexpr,
-                   MASKED: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, MAP: tl.constexpr):
+def _parallel_tile(num, den, m, q1, K, V, LK, k_row, v_row, kvh, s_kt, s_vt, t, s0, T, F, offs_k, offs_v, vmask,
+                   HAS_SCALE: tl.constexpr, PREC: tl.constexpr, MASKED: tl.constexpr, BN: tl.constexpr,
+                   MAP: tl.constexpr):
     """One key tile [s0, s0 + BN) of `_parallel_kernel`'s walk. MASKED: a tile reaching the diagonal or past T (the
     causal mask and the key count applied); otherwise every key is visible to every row and inside the input, and
-    nothing is masked. ONE_FBLOCK: q1 holds the (mapped) queries and the tile's keys are one load, so the walk has
-    no inner loop and Triton pipelines its loads (a loop inside the walk, even of one pass, left it unpipelined)."""
+    nothing is masked. q1 holds the block's (mapped) queries, every feature, and the tile's keys are one load, so
+    the walk has no inner loop and Triton pipelines its loads (a loop inside the walk, even of one pass, left it
+    unpipelined)."""
     tk = s0 + tl.arange(0, BN)
     kin = tk < T
-    if ONE_FBLOCK:
-        kmask = (offs_k < F)[None, :]
-        if MASKED:
-            kmask = kin[:, None] & kmask
-        k = tl.load(K + k_row + tk[:, None] * s_kt + offs_k[None, :], mask=kmask, other=0.0)
-        if MAP != 0:
-            k = tl.where(kmask, _feature(k, MAP, PREC), 0.0)
-        s = _dot(q1, tl.trans(k), PREC)
-    else:
-        s = tl.zeros([BT, BN], tl.float32)
-        for kb in range(0, tl.cdiv(F, BK)):
-            fo = kb * BK + offs_k
-            kmask = kin[:, None] & (fo < F)[None, :]
-            k = tl.load(K + k_row + tk[:, None] * s_kt + fo[None, :], mask=kmask, other=0.0)
-            if MAP != 0:
-                k = tl.where(kmask, _feature(k, MAP, PREC), 0.0)
-            qmask = tmask[:, None] & (fo < F)[None, :]
-            q = tl.load(Q + q_row + t[:, None] * s_qt + fo[None, :], mask=qmask, other=0.0)
-            if MAP != 0:
-                q = tl.where(qmask, _feature(q, MAP, PREC), 0.0)
-            s += _dot(q, tl.trans(k), PREC)
+    kmask = (offs_k < F)[None, :]
+    if MASKED:
+        kmask = kin[:, None] & kmask
+    k = tl.load(K + k_row + tk[:, None] * s_kt + offs_k[None, :], mask=kmask, other=0.0)
+    if MAP != 0:
+        k = tl.where(kmask, _feature(k, MAP, PREC), 0.0)
+    s = _dot(q1, tl.trans(k), PREC)
     if MASKED:
         vis = (t[:, None] >= tk[None, :]) & kin[None, :]  # causal, and keys inside the input
     if HAS_SCALE:
         if MASKED:
             b = tl.where(vis, tl.load(LK + kvh * T + tk, mask=kin, other=float("-inf"))[None, :], float("-inf"))
         else:
-            b = tl.load(LK + kvh * T + tk)[None, :] + tl.zeros([BT, BN], tl.float32)
+            b = tl.load(LK + kvh * T + tk)[None, :] + tl.zeros_like(s)
         m_new = tl.maximum(m, tl.max(b, 1))
         alpha = _rel_exp(m, m_new)
         num = num * alpha[:, None]
@@ -328,7 +321,7 @@ def _parallel_tile(num, den, m, q1, Q, K, V, LK, q_row, k_row, v_row, kvh, s_qt,
 @triton.jit
 def _parallel_kernel(Q, K, V, LK, OUT, DEN, T, F, D, G, NH, NKV,
                      s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_ob, s_oh, s_ot,
-                     HAS_SCALE: tl.constexpr, PREC: tl.constexpr, ONE_FBLOCK: tl.constexpr,
+                     HAS_SCALE: tl.constexpr, PREC: tl.constexpr,
                      BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BN: tl.constexpr, MAP: tl.constexpr = 0):
     """Short inputs (`parallel_max_t`): the quadratic form in one pass, one program per (query block of BT, head) over
     the key tiles of BN up to its own rows, as flash attention walks them: s = (q k^T) masked causal, times w_ij =
@@ -336,7 +329,8 @@ def _parallel_kernel(Q, K, V, LK, OUT, DEN, T, F, D, G, NH, NKV,
     the chunked form's stabiliser, so DEN is the same quantity and the backward needs nothing else), num += s v,
     den += rowsum(s). The key tiles wholly below the block's first row take no mask (`_parallel_tile`). No state
     tensors, no second launch: at a few thousand tokens the chunked form's sequential state walk (one program per kv
-    head and value block) is latency-bound. ONE_FBLOCK (F <= BK): q is loaded (and mapped) once, outside the walk."""
+    head and value block) is latency-bound. Every feature in one tile (F <= BK <= PARALLEL_MAX_F): q is loaded (and
+    mapped) once, outside the walk."""
     c = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     kvh = bh // G
@@ -347,24 +341,20 @@ def _parallel_kernel(Q, K, V, LK, OUT, DEN, T, F, D, G, NH, NKV,
     vmask = offs_v < D
     t = c * BT + offs_t
     tmask = t < T
-    q1 = tl.zeros([BT, BK], Q.dtype.element_ty)
-    if ONE_FBLOCK:
-        qmask = tmask[:, None] & (offs_k < F)[None, :]
-        q1 = tl.load(Q + q_row + t[:, None] * s_qt + offs_k[None, :], mask=qmask, other=0.0)
-        if MAP != 0:
-            q1 = tl.where(qmask, _feature(q1, MAP, PREC), 0.0)
+    qmask = tmask[:, None] & (offs_k < F)[None, :]
+    q1 = tl.load(Q + q_row + t[:, None] * s_qt + offs_k[None, :], mask=qmask, other=0.0)
+    if MAP != 0:
+        q1 = tl.where(qmask, _feature(q1, MAP, PREC), 0.0)
     num = tl.zeros([BT, BV], tl.float32)
     den = tl.zeros([BT], tl.float32)
     m = tl.full([BT], float("-inf"), tl.float32)
     whole = (c * BT // BN) * BN  # key tiles before this: every key below the block's first row
     for s0 in range(0, whole, BN):
-        num, den, m = _parallel_tile(num, den, m, q1, Q, K, V, LK, q_row, k_row, v_row, kvh, s_qt, s_kt, s_vt, t,
-                                     tmask, s0, T, F, offs_k, offs_v, vmask, HAS_SCALE, PREC, ONE_FBLOCK, False, BT,
-                                     BN, BK, MAP)
+        num, den, m = _parallel_tile(num, den, m, q1, K, V, LK, k_row, v_row, kvh, s_kt, s_vt, t, s0, T, F, offs_k,
+                                     offs_v, vmask, HAS_SCALE, PREC, False, BN, MAP)
     for s0 in range(whole, tl.minimum(c * BT + BT, T), BN):
-        num, den, m = _parallel_tile(num, den, m, q1, Q, K, V, LK, q_row, k_row, v_row, kvh, s_qt, s_kt, s_vt, t,
-                                     tmask, s0, T, F, offs_k, offs_v, vmask, HAS_SCALE, PREC, ONE_FBLOCK, True, BT,
-                                     BN, BK, MAP)
+        num, den, m = _parallel_tile(num, den, m, q1, K, V, LK, k_row, v_row, kvh, s_kt, s_vt, t, s0, T, F, offs_k,
+                                     offs_v, vmask, HAS_SCALE, PREC, True, BN, MAP)
     out = tl.where(den[:, None] == 0, 0.0, num / tl.where(den == 0, 1.0, den)[:, None])  # no visible key: 0
     tl.store(OUT + _row(bh, NH, s_ob, s_oh) + t[:, None] * s_ot + offs_v[None, :], _to(out, OUT.dtype.element_ty, PREC),
              mask=tmask[:, None] & vmask[None, :])
@@ -395,16 +385,18 @@ def _grad_prep_kernel(DOUT, OUT, DEN, DNUM, DDEN, T, D, NH, s_db, s_dh, s_dt, s_
 
 
 @triton.jit
-def _grad_kernel(Q, K, V, LK, PEX, H, Z, G, GZ, DNUM, DDEN, DQ, DK, DV, DB, T, F, D, n_chunks,
+def _grad_kernel(Q, K, V, LK, PEX, H, Z, G, GZ, DNUM, DDEN, DQ, DK, DV, DB, T, F, D, n_chunks, HG,
                  HAS_SCALE: tl.constexpr, PREC: tl.constexpr,
                  BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
     """Chunk c's dq, dk, dv, in parallel over chunks, from the states entering it (H, Z) and leaving it
     backwards (G, GZ). With dA = w * (dnum v^T + dden) (the gradient of the masked weighted scores):
     dq = dA k + e^{P_c - M_i} (dnum H^T + dden Z^T), dk = dA^T q + e^{b_j - P_{c+1}} (v G^T + GZ),
-    dv = (w * q k^T)^T dnum + e^{b_j - P_{c+1}} k G; with key log-scales db_j = k_j . dk_j (fp32)."""
+    dv = (w * q k^T)^T dnum + e^{b_j - P_{c+1}} k G; with key log-scales db_j = k_j . dk_j (fp32). H and Z have a
+    row per HG heads (the forward's, kept per kv head: HG = the group size; recomputed per head: 1)."""
     c = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     row = bh * n_chunks + c
+    hrow = (bh // HG) * n_chunks + c
     offs_t = tl.arange(0, BT)
     offs_v = tl.arange(0, BV)
     vmask = offs_v < D
@@ -426,13 +418,13 @@ def _grad_kernel(Q, K, V, LK, PEX, H, Z, G, GZ, DNUM, DDEN, DQ, DK, DV, DB, T, F
         kmask = offs_k < F
         qk_off = bh * T * F + t[:, None] * F + offs_k[None, :]
         qk_mask = tmask[:, None] & kmask[None, :]
-        st_off = (row * F + offs_k[:, None]) * D + offs_v[None, :]
+        st_off = (offs_k[:, None]) * D + offs_v[None, :]
         st_mask = kmask[:, None] & vmask[None, :]
         q = tl.load(Q + qk_off, mask=qk_mask, other=0.0)
         k = tl.load(K + qk_off, mask=qk_mask, other=0.0)
-        h = tl.load(H + st_off, mask=st_mask, other=0.0)
-        g = tl.load(G + st_off, mask=st_mask, other=0.0)
-        z = tl.load(Z + row * F + offs_k, mask=kmask, other=0.0)
+        h = tl.load(H + hrow * F * D + st_off, mask=st_mask, other=0.0)
+        g = tl.load(G + row * F * D + st_off, mask=st_mask, other=0.0)
+        z = tl.load(Z + hrow * F + offs_k, mask=kmask, other=0.0)
         gz = tl.load(GZ + row * F + offs_k, mask=kmask, other=0.0)
         s += _dot(q, tl.trans(k), PREC)
         kw = _to(k.to(tl.float32) * kfac[:, None], k.dtype, PREC)
@@ -565,8 +557,10 @@ def segment_len(n_chunks: int, programs: int = 1, sms: int = 132) -> int:
     return seg if seg < n_chunks and chain < 0.75 * n_chunks else n_chunks
 
 
+PARALLEL_MAX_F = 256  # the parallel passes hold every feature of a row in one tile: wider maps take the chunked form
 PARALLEL_BWD_MAX_F = 128  # the parallel backward keeps a [64, F] fp32 accumulator per program: wider maps (FAVOR+'s
-# 256 features) take the chunked backward
+# 256 features) take the chunked backward, measured faster there (short_calls.py at 1024 tokens: 240 us against 335
+# fwd+bwd a call, the parallel forward in both)
 
 # longest input the forward runs as one quadratic pass (`_parallel_kernel`); None: `parallel_max_t`'s rule. Tests
 # set it (0: always the chunked form) to exercise each form.
@@ -579,12 +573,21 @@ def parallel_max_t(f: int) -> int:
     they win only while the chunked form's sequential walks and extra launches dominate. Measured on the H200 as
     device time (each call replayed as a CUDA graph, `benchmarks/linear_segments.py --compare parallel --graph`,
     9 query heads on 3 kv heads, bf16): F = 64 fwd 0.018 vs 0.033 ms at 1024 tokens, 0.050 vs 0.025 at 2048;
-    fwd+bwd 0.081 vs 0.120 and 0.161 vs 0.116; F = 256 (FAVOR+) slower already at 1024 (0.077 vs 0.044 fwd).
+    fwd+bwd 0.081 vs 0.120 and 0.161 vs 0.116. F = 256 (FAVOR+, every feature in one tile, CONFIG["parallel_wide"],
+    `benchmarks/short_calls.py`): fwd 0.041 vs 0.044 at 1024 but 0.095 vs 0.042 at 2048, and with gradients the
+    chunked forward keeps the states its backward reads (0.133 vs 0.173 at 1024): chunked throughout.
     Timed as single eager calls the parallel form wins further (one launch instead of three or more), but
     device time is what a model step pays once the host keeps ahead."""
+    if f > PARALLEL_MAX_F:
+        return 0
     if PARALLEL_MAX_T is not None:
         return PARALLEL_MAX_T
     return 1024 if f <= 64 else 0
+
+
+def _wide(f: int) -> bool:
+    """Whether the parallel pass takes its wide launch settings (`CONFIG["parallel_wide"]`)."""
+    return f > 64
 
 
 @functools.lru_cache(maxsize=8)
@@ -657,28 +660,30 @@ def _forward(q, k, v, lk, fmap: int = 0):
     out = v.new_empty(b, t, nh, d).transpose(1, 2)
     den = q.new_empty(b * nh, t, dtype=torch.float32)
     strides = _strides(q, k, v, out)
+    h = z = None  # the states entering each chunk (the chunked form's), which the backward reads again
     if parallel:  # one quadratic pass (its DEN is the chunked form's: the backward is the same)
-        _parallel_kernel[(n_chunks, b * nh)](q, k, v, lkf, out, den, t, f, d, groups, nh, nkv, *strides, **meta,
-                                             ONE_FBLOCK=f <= BK, MAP=fmap, **CONFIG["parallel"])
+        pmeta = {**meta, "BK": max(16, triton.next_power_of_2(f))}  # every feature in one tile
+        _parallel_kernel[(n_chunks, b * nh)](q, k, v, lkf, out, den, t, f, d, groups, nh, nkv, *strides, **pmeta,
+                                             MAP=fmap, **CONFIG["parallel_wide" if _wide(f) else "parallel"])
     else:
         h, z = _states(k, v, lkf, pex, meta, n_chunks, fmap)
         _out_kernel[(n_chunks, b * nh)](q, k, v, lkf, pex, h, z, out, den, t, f, d, n_chunks, groups, nh, nkv,
                                         *strides, **meta, MAP=fmap, **CONFIG["out"])
-    return out, (q, k, v, lkf, pex, out, den), meta, (b, nh, nkv, t, f, d, n_chunks)
+    return out, (q, k, v, lkf, pex, out, den, h, z), meta, (b, nh, nkv, t, f, d, n_chunks)
 
 
 class _CausalLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, lk):
         out, saved, ctx.meta, ctx.shape = _forward(q, k, v, lk)
-        ctx.save_for_backward(*saved)  # H, Z are recomputed: O(T F D / 64) memory saved
+        ctx.save_for_backward(*saved)  # H, Z kept: O(T F D / 64), a walk fewer in the backward
         f, t = q.shape[-1], q.shape[-2]
         ctx.parallel_bwd = t <= parallel_max_t(f) and f <= PARALLEL_BWD_MAX_F  # decided with the forward's rule
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, lkf, pex, out, den = ctx.saved_tensors
+        q, k, v, lkf, pex, out, den, h, z = ctx.saved_tensors
         b, nh, nkv, t, f, d, n_chunks = ctx.shape
         meta = ctx.meta
         (dout,) = _unit_stride(dout)
@@ -688,7 +693,7 @@ class _CausalLinear(torch.autograd.Function):
         if ctx.parallel_bwd:
             dq, dk, dv, db = _parallel_backward(q, k, v, lkf, dnum, dden, meta, ctx.shape)
         else:
-            dq, dk, dv, db = _chunked_backward(q, k, v, lkf, pex, dnum, dden, meta, ctx.shape)
+            dq, dk, dv, db = _chunked_backward(q, k, v, lkf, pex, dnum, dden, meta, ctx.shape, h, z)
         dlk = db.reshape(b, nkv, t) if meta["HAS_SCALE"] and ctx.needs_input_grad[3] else None
         return dq.reshape(b, nh, t, f), dk.reshape(b, nkv, t, f), dv.reshape(b, nkv, t, d), dlk
 
@@ -704,17 +709,18 @@ def _parallel_backward(q, k, v, lkf, dnum, dden, meta, shape):
     dq = q.new_empty(b * nh, t, f)
     dk, dv = k.new_empty(b * nkv, t, f), v.new_empty(b * nkv, t, d)
     db = lkf.new_empty(b * nkv, t) if meta["HAS_SCALE"] else None
+    launch = CONFIG["grad"]
     _parallel_dq_kernel[(n_chunks, b * nh)](k, v, lkf, mrow, dnum, dden, dq, t, f, d, groups, nkv, *_strides(k, v),
-                                            **pmeta, **CONFIG["grad"])
+                                            **pmeta, **launch)
     _parallel_dkv_kernel[(n_chunks, b * nkv)](q, k, v, lkf, mrow, dnum, dden, dk, dv, dden if db is None else db, t, f,
-                                              d, n_chunks, groups, nh, nkv, *_strides(q, k, v), **pmeta,
-                                              **CONFIG["grad"])
+                                              d, n_chunks, groups, nh, nkv, *_strides(q, k, v), **pmeta, **launch)
     return dq, dk, dv, db
 
 
-def _chunked_backward(q, k, v, lkf, pex, dnum, dden, meta, shape):
-    """The chunked form's gradients: the states recomputed, the reverse walk, then every chunk's dq, dk, dv in
-    parallel, per query head (GQA: k, v expanded to the query heads, each group's gradients summed in fp32)."""
+def _chunked_backward(q, k, v, lkf, pex, dnum, dden, meta, shape, h=None, z=None):
+    """The chunked form's gradients: the reverse walk, then every chunk's dq, dk, dv in parallel, per query head (GQA:
+    k, v expanded to the query heads, each group's gradients summed in fp32). h, z: the states the forward's chunked
+    passes wrote (per kv head); None after the parallel forward, then recomputed (per query head)."""
     b, nh, nkv, t, f, d, n_chunks = shape
     groups = nh // nkv
     q, k, v = (x.reshape(-1, t, x.shape[-1]).contiguous() for x in (q, k, v))  # contiguous [BH, T, *] rows
@@ -729,11 +735,15 @@ def _chunked_backward(q, k, v, lkf, pex, dnum, dden, meta, shape):
     # GQA: each query head's dk, dv kept in fp32 until its group is summed (one rounding, as the expanded path)
     dk, dv = (torch.empty_like(x, dtype=torch.float32 if groups > 1 else x.dtype) for x in (k, v))
     db = torch.empty_like(dden) if meta["HAS_SCALE"] else dden
-    h, z = _states(k, v, lkf, pex, meta, n_chunks)
-    g, gz = torch.empty_like(h), torch.empty_like(z)
+    state_heads = groups  # H, Z rows: one per kv head (the forward's), or per query head (recomputed)
+    if h is None:
+        h, z = _states(k, v, lkf, pex, meta, n_chunks)
+        state_heads = 1
+    g = h.new_empty(b * nh, n_chunks, f, d)
+    gz = z.new_empty(b * nh, n_chunks, f)
     _segmented(_grad_state_kernel, (q, lkf, pex, dnum, dden), g, gz, t, f, d, n_chunks, meta)
     _grad_kernel[(n_chunks, b * nh)](q, k, v, lkf, pex, h, z, g, gz, dnum, dden, dq, dk, dv, db, t, f, d,
-                                     n_chunks, **meta, **CONFIG["grad"])
+                                     n_chunks, state_heads, **meta, **CONFIG["grad"])
     if groups > 1:  # each kv head's gradient: the sum over its group's query heads, in fp32
         dk, dv = _group_sum(dk, groups, k.dtype), _group_sum(dv, groups, v.dtype)
         db = _group_sum(db, groups, torch.float32) if meta["HAS_SCALE"] else db
