@@ -238,7 +238,11 @@ def model_table() -> str:
                "(`model_bench_graph_parallel_bwd.json`: the same command, commit 9760bac: the parallel forward's "
                "walk without an inner loop and with 128-token key tiles, the parallel backward per kv head in the "
                "caller's layout; `model_bench/h200/short_calls.json` times each call alone):",
-               "CUDA graph, linear parallel passes"))
+               "CUDA graph, linear parallel passes"),
+              ("model_bench_graph_saved_states.json", "**CUDA graph, the chunked backward reading the forward's "
+               "states** (`model_bench_graph_saved_states.json`: the same command with `--methods linear,performer`, "
+               "commit 8c57186: no second state walk in the backward, O(T F D / 64) memory kept per layer):",
+               "CUDA graph, states kept for the backward"))
     for name, prose, label in graphs:
         if (MODEL_DIR / name).exists():
             gr = json.load(open(MODEL_DIR / name))
