@@ -456,8 +456,8 @@ def test_parallel_pass_key_tiles_other_than_its_query_blocks(interpreted, monkey
 @pytest.mark.parametrize("scale", [False, True], ids=["plain", "log-scale"])
 def test_chunked_backward_reads_the_forwards_states(chunked, hkv, scale, monkeypatch):
     """The chunked backward reads the states the forward wrote (per kv head: query head h reads row h // G) instead
-    of walking the chunks again (per query head): no second state walk, and gradients bit-identical to the
-    recomputed states' (the same kernel on the same keys and values), GQA and key log-scales included."""
+    of walking the chunks again: no second state walk, and gradients bit-identical to the recomputed states' (the
+    same kernel on the same keys and values), GQA and key log-scales included."""
     g = torch.Generator().manual_seed(21)
     ins = [torch.rand(2, 4, 150, 32, generator=g), torch.rand(2, hkv, 150, 32, generator=g),
            torch.randn(2, hkv, 150, 16, generator=g)]

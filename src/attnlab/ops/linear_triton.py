@@ -31,12 +31,13 @@ Layouts: the forward kernels and the parallel backward read q, k, v with their b
 memory, so a swapped layer makes no copies; the chunked backward copies them to contiguous rows.
 Chunked backward: H, Z as the forward wrote them (per kv head, kept: O(T F D / 64) memory, for a state walk fewer:
 performer's fwd+bwd step in a SmolLM2 CUDA graph 4-6% shorter at 1k-16k tokens, its peak 0.05-0.7 GiB higher;
-recomputed, per query head, only after the parallel forward), `_grad_state_kernel` walks the chunks in reverse (in
-segments, as the forward's) and writes G[c] = sum_{i after chunk c} e^{P_{c+1} - M_i} q_i dnum_i^T and GZ[c]
-(every factor <= 1 since M_i >= P_{c+1}), then `_grad_kernel` computes dq, dk, dv of every chunk in
-parallel (and the key log-scales' db_j = k_j . dk_j). The division out = num / den happens in `_out_kernel`,
-and its gradient in `_grad_prep_kernel` from out and den (flash-attention's delta trick), so no fp32
-[T, D] tensor is ever stored.
+recomputed only after the parallel forward), `_grad_state_kernel` walks the chunks in reverse per kv head (in
+segments, as the forward's) and writes G[c] = sum over its group's query heads and the rows i after chunk c of
+e^{P_{c+1} - M_i} q_i dnum_i^T, and GZ[c] (every factor <= 1 since M_i >= P_{c+1}); then `_grad_dq_kernel` computes
+dq per query head and `_grad_dkv_kernel` dk, dv per kv head (its group summed in registers: no expanded k, v, no
+gradient per query head) of every chunk in parallel (and the key log-scales' db_j = k_j . dk_j). The division
+out = num / den happens in `_out_kernel`, and its gradient in `_grad_prep_kernel` from out and den
+(flash-attention's delta trick), so no fp32 [T, D] tensor is ever stored.
 
 Precision as `ops.linear`: matmuls in the inputs' dtype with fp32 accumulation (fp32 inputs: IEEE fp32,
 not TF32, as torch.matmul); states carried in fp32 (stored in the inputs' dtype, which their matmul reads),
@@ -173,13 +174,16 @@ def _state_kernel(K, V, LK, PEX, H, Z, SEG, SEGZ, T, F, D, n_chunks, seg_len, n_
 
 
 @triton.jit
-def _grad_state_kernel(Q, LK, PEX, DNUM, DDEN, G, GZ, SEG, SEGZ, T, F, D, n_chunks, seg_len, n_seg,
+def _grad_state_kernel(Q, LK, PEX, DNUM, DDEN, G, GZ, SEG, SEGZ, T, F, D, n_chunks, seg_len, n_seg, GRP,
                        SUMS: tl.constexpr, HAS_SCALE: tl.constexpr, PREC: tl.constexpr,
                        BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    """The reverse pass: G[c] = sum_{i after chunk c} e^{P_{c+1} - M_i} q_i dnum_i^T (matmul dtype) and
-    GZ[c] = the same with dden_i (fp32); every factor <= 1 since M_i >= P_{c+1}. In segments as `_state_kernel`,
-    walked backwards: SUMS writes SEG[g] = sum_{i in chunks [c0, c1)} e^{P_{c0} - M_i} q_i dnum_i^T (and SEGZ);
-    otherwise a segment starts from the later segments' sums brought to P_{c1}."""
+    """The reverse pass, per kv head over its GRP query heads (query row kv GRP + j): G[c] = sum_j sum_{i after
+    chunk c} e^{P_{c+1} - M_i} q_ji dnum_ji^T (matmul dtype) and GZ[c] = the same with dden_ji (fp32); every factor
+    <= 1 since M_i >= P_{c+1} (b, P and M are the kv head's). In segments as `_state_kernel`, walked backwards: SUMS
+    writes SEG[g] = the sum over chunks [c0, c1) with e^{P_{c0} - M_i} (and SEGZ); otherwise a segment starts from
+    the later segments' sums brought to P_{c1}. Measured on the H200 (short_calls.py, SmolLM2's 9 heads on 3):
+    performer's fwd+bwd call 234 us at 2048 tokens against 290 with the expanded per-query-head backward, but 229
+    against 201 at 1024, where this walk is the critical path and each of its 16 steps takes GRP dots."""
     ik, iv = tl.program_id(0), tl.program_id(1)
     bh = (tl.program_id(2) // n_seg).to(tl.int64)
     g = tl.program_id(2) % n_seg
@@ -209,14 +213,19 @@ def _grad_state_kernel(Q, LK, PEX, DNUM, DDEN, G, GZ, SEG, SEGZ, T, F, D, n_chun
                 tl.store(GZ + row * F + offs_k, g_z, mask=kmask)
         t = c * BT + offs_t
         tmask = t < T
-        q = tl.load(Q + bh * T * F + t[:, None] * F + offs_k[None, :], mask=tmask[:, None] & kmask[None, :], other=0.0)
-        dnum = tl.load(DNUM + bh * T * D + t[:, None] * D + offs_v[None, :], mask=tmask[:, None] & vmask[None, :],
-                       other=0.0)
-        dden = tl.load(DDEN + bh * T + t, mask=tmask, other=0.0)
         _, qfac, _, sfac = _weights(LK, PEX, bh, c, n_chunks, T, offs_t, BT)
-        qw = _to(q.to(tl.float32) * qfac[:, None], q.dtype, PREC)
-        g_kv = g_kv * sfac + _dot(tl.trans(qw), dnum, PREC)
-        g_z = g_z * sfac + tl.sum(qw.to(tl.float32) * dden[:, None], 0)
+        g_kv = g_kv * sfac
+        g_z = g_z * sfac
+        for j in range(0, GRP):
+            qh = bh * GRP + j
+            q = tl.load(Q + qh * T * F + t[:, None] * F + offs_k[None, :], mask=tmask[:, None] & kmask[None, :],
+                        other=0.0)
+            dnum = tl.load(DNUM + qh * T * D + t[:, None] * D + offs_v[None, :],
+                           mask=tmask[:, None] & vmask[None, :], other=0.0)
+            dden = tl.load(DDEN + qh * T + t, mask=tmask, other=0.0)
+            qw = _to(q.to(tl.float32) * qfac[:, None], q.dtype, PREC)
+            g_kv += _dot(tl.trans(qw), dnum, PREC)
+            g_z += tl.sum(qw.to(tl.float32) * dden[:, None], 0)
     if SUMS:
         row = bh * n_seg + g
         tl.store(SEG + (row * F + offs_k[:, None]) * D + offs_v[None, :], g_kv, mask=st_mask)
@@ -385,60 +394,95 @@ def _grad_prep_kernel(DOUT, OUT, DEN, DNUM, DDEN, T, D, NH, s_db, s_dh, s_dt, s_
 
 
 @triton.jit
-def _grad_kernel(Q, K, V, LK, PEX, H, Z, G, GZ, DNUM, DDEN, DQ, DK, DV, DB, T, F, D, n_chunks, HG,
-                 HAS_SCALE: tl.constexpr, PREC: tl.constexpr,
-                 BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    """Chunk c's dq, dk, dv, in parallel over chunks, from the states entering it (H, Z) and leaving it
-    backwards (G, GZ). With dA = w * (dnum v^T + dden) (the gradient of the masked weighted scores):
-    dq = dA k + e^{P_c - M_i} (dnum H^T + dden Z^T), dk = dA^T q + e^{b_j - P_{c+1}} (v G^T + GZ),
-    dv = (w * q k^T)^T dnum + e^{b_j - P_{c+1}} k G; with key log-scales db_j = k_j . dk_j (fp32). H and Z have a
-    row per HG heads (the forward's, kept per kv head: HG = the group size; recomputed per head: 1)."""
+def _grad_dq_kernel(K, V, LK, PEX, H, Z, DNUM, DDEN, DQ, T, F, D, n_chunks, GRP,
+                    HAS_SCALE: tl.constexpr, PREC: tl.constexpr,
+                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """Chunk c's dq for one query head, in parallel over chunks, from the state entering the chunk: with dA = w *
+    (dnum v^T + dden) (the gradient of the masked weighted scores), dq = dA k + e^{P_c - M_i} (dnum H^T + dden Z^T).
+    k, v, the states H, Z and the weights are its kv head's (row bh // GRP)."""
     c = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
-    row = bh * n_chunks + c
-    hrow = (bh // HG) * n_chunks + c
+    kv = bh // GRP
+    hrow = kv * n_chunks + c
     offs_t = tl.arange(0, BT)
     offs_v = tl.arange(0, BV)
     vmask = offs_v < D
     t = c * BT + offs_t
     tmask = t < T
-    tv_off = bh * T * D + t[:, None] * D + offs_v[None, :]
     tv_mask = tmask[:, None] & vmask[None, :]
-    v = tl.load(V + tv_off, mask=tv_mask, other=0.0)
-    dn = tl.load(DNUM + tv_off, mask=tv_mask, other=0.0)
+    v = tl.load(V + kv * T * D + t[:, None] * D + offs_v[None, :], mask=tv_mask, other=0.0)
+    dn = tl.load(DNUM + bh * T * D + t[:, None] * D + offs_v[None, :], mask=tv_mask, other=0.0)
     dden = tl.load(DDEN + bh * T + t, mask=tmask, other=0.0)
-    w, qfac, kfac, _ = _weights(LK, PEX, bh, c, n_chunks, T, offs_t, BT)
-    da = (_dot(dn, tl.trans(v), PREC) + dden[:, None]) * w  # [i, j]
-    da_in = _to(da, v.dtype, PREC)
-    s = tl.zeros([BT, BT], tl.float32)
+    w, qfac, _, _ = _weights(LK, PEX, kv, c, n_chunks, T, offs_t, BT)
+    da = _to((_dot(dn, tl.trans(v), PREC) + dden[:, None]) * w, v.dtype, PREC)  # [i, j]
+    for kb in range(0, tl.cdiv(F, BK)):
+        offs_k = kb * BK + tl.arange(0, BK)
+        kmask = offs_k < F
+        qk_mask = tmask[:, None] & kmask[None, :]
+        k = tl.load(K + kv * T * F + t[:, None] * F + offs_k[None, :], mask=qk_mask, other=0.0)
+        h = tl.load(H + (hrow * F + offs_k[:, None]) * D + offs_v[None, :], mask=kmask[:, None] & vmask[None, :],
+                    other=0.0)
+        z = tl.load(Z + hrow * F + offs_k, mask=kmask, other=0.0)
+        dq = _dot(da, k, PREC) + (_dot(dn, tl.trans(h), PREC) + dden[:, None] * z[None, :]) * qfac[:, None]
+        tl.store(DQ + bh * T * F + t[:, None] * F + offs_k[None, :], _to(dq, DQ.dtype.element_ty, PREC), mask=qk_mask)
+
+
+@triton.jit
+def _grad_dkv_kernel(Q, K, V, LK, PEX, G, GZ, DNUM, DDEN, DK, DV, DB, T, F, D, n_chunks, GRP,
+                     HAS_SCALE: tl.constexpr, PREC: tl.constexpr,
+                     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """Chunk c's dk, dv (and db) for one kv head, in parallel over chunks, summed over its GRP query heads (rows
+    kv GRP + j) in fp32 registers and rounded once: dk = sum_j dA_j^T q_j + e^{b_j - P_{c+1}} (v G^T + GZ), dv =
+    sum_j (w * q_j k^T)^T dnum_j + e^{b_j - P_{c+1}} k G, with G, GZ the reverse states leaving the chunk (the
+    group's, `_grad_state_kernel`); with key log-scales db_j = k_j . dk_j (fp32). No expanded k, v, no gradient
+    per query head."""
+    c = tl.program_id(0)
+    kv = tl.program_id(1).to(tl.int64)
+    row = kv * n_chunks + c
+    offs_t = tl.arange(0, BT)
+    offs_v = tl.arange(0, BV)
+    vmask = offs_v < D
+    t = c * BT + offs_t
+    tmask = t < T
+    tv_mask = tmask[:, None] & vmask[None, :]
+    v = tl.load(V + kv * T * D + t[:, None] * D + offs_v[None, :], mask=tv_mask, other=0.0)
+    w, _, kfac, _ = _weights(LK, PEX, kv, c, n_chunks, T, offs_t, BT)
     dv = tl.zeros([BT, BV], tl.float32)
+    for j in range(0, GRP):  # the intra-chunk part of dv: every feature of the scores first
+        qh = kv * GRP + j
+        dn = tl.load(DNUM + qh * T * D + t[:, None] * D + offs_v[None, :], mask=tv_mask, other=0.0)
+        s = tl.zeros([BT, BT], tl.float32)
+        for kb in range(0, tl.cdiv(F, BK)):
+            offs_k = kb * BK + tl.arange(0, BK)
+            qk_mask = tmask[:, None] & (offs_k < F)[None, :]
+            q = tl.load(Q + qh * T * F + t[:, None] * F + offs_k[None, :], mask=qk_mask, other=0.0)
+            k = tl.load(K + kv * T * F + t[:, None] * F + offs_k[None, :], mask=qk_mask, other=0.0)
+            s += _dot(q, tl.trans(k), PREC)
+        dv += _dot(tl.trans(_to(s * w, dn.dtype, PREC)), dn, PREC)
     db = tl.zeros([BT], tl.float32)
     for kb in range(0, tl.cdiv(F, BK)):
         offs_k = kb * BK + tl.arange(0, BK)
         kmask = offs_k < F
-        qk_off = bh * T * F + t[:, None] * F + offs_k[None, :]
         qk_mask = tmask[:, None] & kmask[None, :]
-        st_off = (offs_k[:, None]) * D + offs_v[None, :]
         st_mask = kmask[:, None] & vmask[None, :]
-        q = tl.load(Q + qk_off, mask=qk_mask, other=0.0)
-        k = tl.load(K + qk_off, mask=qk_mask, other=0.0)
-        h = tl.load(H + hrow * F * D + st_off, mask=st_mask, other=0.0)
-        g = tl.load(G + row * F * D + st_off, mask=st_mask, other=0.0)
-        z = tl.load(Z + hrow * F + offs_k, mask=kmask, other=0.0)
+        k = tl.load(K + kv * T * F + t[:, None] * F + offs_k[None, :], mask=qk_mask, other=0.0)
+        g = tl.load(G + (row * F + offs_k[:, None]) * D + offs_v[None, :], mask=st_mask, other=0.0)
         gz = tl.load(GZ + row * F + offs_k, mask=kmask, other=0.0)
-        s += _dot(q, tl.trans(k), PREC)
-        kw = _to(k.to(tl.float32) * kfac[:, None], k.dtype, PREC)
-        dv += _dot(kw, g, PREC)
-        dq = _dot(da_in, k, PREC) + (_dot(dn, tl.trans(h), PREC) + dden[:, None] * z[None, :]) * qfac[:, None]
-        dk = _dot(tl.trans(da_in), q, PREC) + (_dot(v, tl.trans(g), PREC) + gz[None, :]) * kfac[:, None]
-        tl.store(DQ + qk_off, _to(dq, DQ.dtype.element_ty, PREC), mask=qk_mask)
-        tl.store(DK + qk_off, _to(dk, DK.dtype.element_ty, PREC), mask=qk_mask)
+        dv += _dot(_to(k.to(tl.float32) * kfac[:, None], k.dtype, PREC), g, PREC)
+        dk = (_dot(v, tl.trans(g), PREC) + gz[None, :]) * kfac[:, None]
+        for j in range(0, GRP):
+            qh = kv * GRP + j
+            dn = tl.load(DNUM + qh * T * D + t[:, None] * D + offs_v[None, :], mask=tv_mask, other=0.0)
+            dden = tl.load(DDEN + qh * T + t, mask=tmask, other=0.0)
+            da = _to((_dot(dn, tl.trans(v), PREC) + dden[:, None]) * w, v.dtype, PREC)  # [i, j]
+            q = tl.load(Q + qh * T * F + t[:, None] * F + offs_k[None, :], mask=qk_mask, other=0.0)
+            dk += _dot(tl.trans(da), q, PREC)
+        tl.store(DK + kv * T * F + t[:, None] * F + offs_k[None, :], _to(dk, DK.dtype.element_ty, PREC), mask=qk_mask)
         if HAS_SCALE:
             db += tl.sum(dk * k.to(tl.float32), 1)  # db_j = k_j . dk_j, before dk is rounded
-    dv += _dot(tl.trans(_to(s * w, dn.dtype, PREC)), dn, PREC)
-    tl.store(DV + tv_off, _to(dv, DV.dtype.element_ty, PREC), mask=tv_mask)
+    tl.store(DV + kv * T * D + t[:, None] * D + offs_v[None, :], _to(dv, DV.dtype.element_ty, PREC), mask=tv_mask)
     if HAS_SCALE:
-        tl.store(DB + bh * T + t, db, mask=tmask)
+        tl.store(DB + kv * T + t, db, mask=tmask)
 
 
 @triton.jit
@@ -718,41 +762,25 @@ def _parallel_backward(q, k, v, lkf, dnum, dden, meta, shape):
 
 
 def _chunked_backward(q, k, v, lkf, pex, dnum, dden, meta, shape, h=None, z=None):
-    """The chunked form's gradients: the reverse walk, then every chunk's dq, dk, dv in parallel, per query head (GQA:
-    k, v expanded to the query heads, each group's gradients summed in fp32). h, z: the states the forward's chunked
-    passes wrote (per kv head); None after the parallel forward, then recomputed (per query head)."""
+    """The chunked form's gradients: the reverse walk per kv head over its group, then every chunk's dq (per query
+    head) and dk, dv (per kv head, its group summed in registers) in parallel. h, z: the states the forward's chunked
+    passes wrote (per kv head); None after the parallel forward, then recomputed."""
     b, nh, nkv, t, f, d, n_chunks = shape
     groups = nh // nkv
     q, k, v = (x.reshape(-1, t, x.shape[-1]).contiguous() for x in (q, k, v))  # contiguous [BH, T, *] rows
-    if groups > 1:
-        k, v, lkf = (x.repeat_interleave(groups, dim=0) for x in (k, v, lkf))
-        if pex is not None:
-            pex = (pex.repeat_interleave(groups, dim=0) if meta["HAS_SCALE"]
-                   else no_scale_tables(b * nh, t, n_chunks, q.device)[1])
     if pex is None:  # the forward ran the parallel pass
         pex = _exclusive_chunk_max(lkf, n_chunks)
-    dq = torch.empty_like(q)
-    # GQA: each query head's dk, dv kept in fp32 until its group is summed (one rounding, as the expanded path)
-    dk, dv = (torch.empty_like(x, dtype=torch.float32 if groups > 1 else x.dtype) for x in (k, v))
-    db = torch.empty_like(dden) if meta["HAS_SCALE"] else dden
-    state_heads = groups  # H, Z rows: one per kv head (the forward's), or per query head (recomputed)
     if h is None:
         h, z = _states(k, v, lkf, pex, meta, n_chunks)
-        state_heads = 1
-    g = h.new_empty(b * nh, n_chunks, f, d)
-    gz = z.new_empty(b * nh, n_chunks, f)
-    _segmented(_grad_state_kernel, (q, lkf, pex, dnum, dden), g, gz, t, f, d, n_chunks, meta)
-    _grad_kernel[(n_chunks, b * nh)](q, k, v, lkf, pex, h, z, g, gz, dnum, dden, dq, dk, dv, db, t, f, d,
-                                     n_chunks, state_heads, **meta, **CONFIG["grad"])
-    if groups > 1:  # each kv head's gradient: the sum over its group's query heads, in fp32
-        dk, dv = _group_sum(dk, groups, k.dtype), _group_sum(dv, groups, v.dtype)
-        db = _group_sum(db, groups, torch.float32) if meta["HAS_SCALE"] else db
+    g, gz = torch.empty_like(h), torch.empty_like(z)
+    _segmented(_grad_state_kernel, (q, lkf, pex, dnum, dden), g, gz, t, f, d, n_chunks, meta, GRP=groups)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    db = torch.empty_like(lkf) if meta["HAS_SCALE"] else lkf  # unwritten without log-scales
+    _grad_dq_kernel[(n_chunks, b * nh)](k, v, lkf, pex, h, z, dnum, dden, dq, t, f, d, n_chunks, groups, **meta,
+                                        **CONFIG["grad"])
+    _grad_dkv_kernel[(n_chunks, b * nkv)](q, k, v, lkf, pex, g, gz, dnum, dden, dk, dv, db, t, f, d, n_chunks, groups,
+                                          **meta, **CONFIG["grad"])
     return dq, dk, dv, db if meta["HAS_SCALE"] else None
-
-
-def _group_sum(x: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Tensor:
-    """[B H, ...] -> [B Hkv, ...] in `dtype`: the sum of each kv head's `groups` consecutive query-head rows, in fp32."""
-    return x.reshape(x.shape[0] // groups, groups, *x.shape[1:]).sum(1, dtype=torch.float32).to(dtype)
 
 
 FEATURE_MAPS = {"elu": 1, "relu": 2}  # elementwise maps the forward kernels can apply on load (`_feature`)
@@ -763,8 +791,7 @@ def causal_linear(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_log_sca
     """out [B, H, T, D] in v's dtype: causal linear attention of features q [B, H, T, F], k [B, Hkv, T, F] (v's
     dtype) and v [B, Hkv, T, D], with optional key log-scales [B, Hkv, T] (fp32; -inf: a key to ignore). Rows with
     no visible key are 0. Hkv < H is grouped-query attention (Hkv divides H; query head h reads kv head h // (H /
-    Hkv)): the forward keeps the kv heads' states once; the parallel backward sums each group in its kv head's program, the
-    chunked backward runs per query head and sums each group after.
+    Hkv)): the states are the kv heads', and both backwards sum each group in its kv head's programs.
 
     feature_map "elu" | "relu": q and k are the raw queries and keys, mapped inside the forward kernels as they are
     loaded (no feature tensors written, two launches fewer a call); forward only, so refused while gradients are
