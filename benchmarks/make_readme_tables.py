@@ -242,7 +242,11 @@ def model_table() -> str:
               ("model_bench_graph_saved_states.json", "**CUDA graph, the chunked backward reading the forward's "
                "states** (`model_bench_graph_saved_states.json`: the same command with `--methods linear,performer`, "
                "commit 8c57186: no second state walk in the backward, O(T F D / 64) memory kept per layer):",
-               "CUDA graph, states kept for the backward"))
+               "CUDA graph, states kept for the backward"),
+              ("model_bench_graph_kv_backward.json", "**CUDA graph, the chunked backward per kv head** "
+               "(`model_bench_graph_kv_backward.json`: the same command, the working tree of 95e54ae but for a "
+               "docstring: the reverse walk and dk, dv per kv head over its group, no expanded k, v and no group "
+               "sums):", "CUDA graph, chunked backward per kv head"))
     for name, prose, label in graphs:
         if (MODEL_DIR / name).exists():
             gr = json.load(open(MODEL_DIR / name))
