@@ -394,6 +394,26 @@ def _grad_prep_kernel(DOUT, OUT, DEN, DNUM, DDEN, T, D, NH, s_db, s_dh, s_dt, s_
 
 
 @triton.jit
+def _chunk_values(V, kv, c, T, D, BT: tl.constexpr, BV: tl.constexpr):
+    """Chunk c of kv row kv of V [B Hkv, T, D] (contiguous): (token offsets in the chunk, value offsets, their masks
+    and the two together, tokens t, v [BT, BV]), what the backward's per-chunk kernels start from."""
+    offs_t = tl.arange(0, BT)
+    offs_v = tl.arange(0, BV)
+    vmask = offs_v < D
+    t = c * BT + offs_t
+    tmask = t < T
+    tv_mask = tmask[:, None] & vmask[None, :]
+    v = tl.load(V + kv * T * D + t[:, None] * D + offs_v[None, :], mask=tv_mask, other=0.0)
+    return offs_t, offs_v, vmask, t, tmask, tv_mask, v
+
+
+@triton.jit
+def _dscores(dn, dden, v, w, PREC: tl.constexpr):
+    """dA = w * (dnum v^T + dden) [i, j] in v's dtype: the gradient of a chunk's masked weighted scores."""
+    return _to((_dot(dn, tl.trans(v), PREC) + dden[:, None]) * w, v.dtype, PREC)
+
+
+@triton.jit
 def _grad_dq_kernel(K, V, LK, PEX, H, Z, DNUM, DDEN, DQ, T, F, D, n_chunks, GRP,
                     HAS_SCALE: tl.constexpr, PREC: tl.constexpr,
                     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
@@ -404,17 +424,11 @@ def _grad_dq_kernel(K, V, LK, PEX, H, Z, DNUM, DDEN, DQ, T, F, D, n_chunks, GRP,
     bh = tl.program_id(1).to(tl.int64)
     kv = bh // GRP
     hrow = kv * n_chunks + c
-    offs_t = tl.arange(0, BT)
-    offs_v = tl.arange(0, BV)
-    vmask = offs_v < D
-    t = c * BT + offs_t
-    tmask = t < T
-    tv_mask = tmask[:, None] & vmask[None, :]
-    v = tl.load(V + kv * T * D + t[:, None] * D + offs_v[None, :], mask=tv_mask, other=0.0)
+    offs_t, offs_v, vmask, t, tmask, tv_mask, v = _chunk_values(V, kv, c, T, D, BT, BV)
     dn = tl.load(DNUM + bh * T * D + t[:, None] * D + offs_v[None, :], mask=tv_mask, other=0.0)
     dden = tl.load(DDEN + bh * T + t, mask=tmask, other=0.0)
     w, qfac, _, _ = _weights(LK, PEX, kv, c, n_chunks, T, offs_t, BT)
-    da = _to((_dot(dn, tl.trans(v), PREC) + dden[:, None]) * w, v.dtype, PREC)  # [i, j]
+    da = _dscores(dn, dden, v, w, PREC)
     for kb in range(0, tl.cdiv(F, BK)):
         offs_k = kb * BK + tl.arange(0, BK)
         kmask = offs_k < F
@@ -439,13 +453,7 @@ def _grad_dkv_kernel(Q, K, V, LK, PEX, G, GZ, DNUM, DDEN, DK, DV, DB, T, F, D, n
     c = tl.program_id(0)
     kv = tl.program_id(1).to(tl.int64)
     row = kv * n_chunks + c
-    offs_t = tl.arange(0, BT)
-    offs_v = tl.arange(0, BV)
-    vmask = offs_v < D
-    t = c * BT + offs_t
-    tmask = t < T
-    tv_mask = tmask[:, None] & vmask[None, :]
-    v = tl.load(V + kv * T * D + t[:, None] * D + offs_v[None, :], mask=tv_mask, other=0.0)
+    offs_t, offs_v, vmask, t, tmask, tv_mask, v = _chunk_values(V, kv, c, T, D, BT, BV)
     w, _, kfac, _ = _weights(LK, PEX, kv, c, n_chunks, T, offs_t, BT)
     dv = tl.zeros([BT, BV], tl.float32)
     for j in range(0, GRP):  # the intra-chunk part of dv: every feature of the scores first
@@ -474,7 +482,7 @@ def _grad_dkv_kernel(Q, K, V, LK, PEX, G, GZ, DNUM, DDEN, DK, DV, DB, T, F, D, n
             qh = kv * GRP + j
             dn = tl.load(DNUM + qh * T * D + t[:, None] * D + offs_v[None, :], mask=tv_mask, other=0.0)
             dden = tl.load(DDEN + qh * T + t, mask=tmask, other=0.0)
-            da = _to((_dot(dn, tl.trans(v), PREC) + dden[:, None]) * w, v.dtype, PREC)  # [i, j]
+            da = _dscores(dn, dden, v, w, PREC)
             q = tl.load(Q + qh * T * F + t[:, None] * F + offs_k[None, :], mask=qk_mask, other=0.0)
             dk += _dot(tl.trans(da), q, PREC)
         tl.store(DK + kv * T * F + t[:, None] * F + offs_k[None, :], _to(dk, DK.dtype.element_ty, PREC), mask=qk_mask)
