@@ -130,8 +130,9 @@ def _sweep(args, out, ceil, base_cfg) -> int:
             full = dict(base_cfg)
             if cfg is not None and stage == "fwd":
                 full["fwd"] = cfg
-            elif cfg is not None:
-                full.update(dkdv=cfg, dq=dict(cfg, BM=cfg["BN"], BN=cfg["BM"]))
+            elif cfg is not None:  # dq's tiles the dk, dv programs' swapped; one launch's settings for both
+                full.update(dkdv=dict(BM=cfg["BM"], BN=cfg["BN"]), dq=dict(BM=cfg["BN"], BN=cfg["BM"]),
+                            bwd={k: v for k, v in cfg.items() if k not in ("BM", "BN")})
             label = f" sink_chunk_tiles={chunk}" if args.sink_chunks else ""
             impls[f"attnlab triton {band} {json.dumps(cfg) if cfg else 'CONFIG'}{label}"] = (tri, full, band, chunk)
         for name, fn in impls.items():

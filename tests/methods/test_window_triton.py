@@ -176,8 +176,8 @@ SINK_CASES = [  # (tq, tk, window, sinks, causal, padded)
                          + [(SINK_CASES[i], 3, (16, 16)) for i in (1, 3)]  # chunks that hold the band too
                          + [(SINK_CASES[i], 1, (32, 16)) for i in (0, 4)])  # query tiles twice the key tiles
 def test_sink_tiles_backward_in_chunks(monkeypatch, case, chunk_tiles, tiles):
-    """A sink tile's dk, dv: its band's queries in `_bwd_dkdv`, the rest from `_bwd_dkdv_sinks` in chunks of
-    `SINK_CHUNK_TILES` query tiles (several chunks here, and chunks that hold the band itself; query tiles twice the
+    """A sink tile's dk, dv: its band's queries in its `_bwd` program, the rest from `_bwd_prep`'s programs (which
+    write delta first and read it back) in chunks of `SINK_CHUNK_TILES` query tiles (several chunks here, and chunks that hold the band itself; query tiles twice the
     key tiles too), batch 2 with grouped kv heads, against the PyTorch form's gradients and the fp64 reference's
     output."""
     from attnlab.ops import window_triton
@@ -201,6 +201,29 @@ def test_sink_tiles_backward_in_chunks(monkeypatch, case, chunk_tiles, tiles):
         mm = make("window", q, k, window=window, sinks=sinks, backend=backend)
         return lambda q, k, v: mm(q, k, v, causal=causal, key_padding_mask=kpm).out
     assert_grads_agree(loss_fn, q, k, v)
+
+
+@pytest.mark.parametrize("sinks", [0, 3])
+def test_lse_only_when_asked(monkeypatch, sinks):
+    """need_lse=False returns no log-sum-exp (no scaling launch) and the same gradients, bit for bit, as asking for
+    it and leaving it unused (whose gradient then comes as None: no zeros filled or read); the sink chunks' path
+    (SINK_CHUNK_TILES = 1) and the plain delta pass both."""
+    from attnlab.ops import window_triton
+
+    monkeypatch.setattr(window_triton, "SINK_CHUNK_TILES", 1)
+    q, k, v = rand_qkv(b=1, h=2, hkv=1, tq=70, tk=70, d=16, seed=21)
+
+    def run(need_lse):
+        qq, kk, vv = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
+        out, lse = window_triton.window_attention(qq, kk, vv, window=9, sinks=sinks, causal=True, need_lse=need_lse)
+        out.backward(torch.ones_like(out))
+        return lse, out, qq.grad, kk.grad, vv.grad
+
+    lse, *without = run(False)
+    lse2, *with_lse = run(True)
+    assert lse is None and lse2 is not None and lse2.shape == (1, 2, 70)
+    for a, b in zip(without, with_lse):
+        assert torch.equal(a, b)
 
 
 def test_fully_padded_row_gives_zeros_and_finite_grads():

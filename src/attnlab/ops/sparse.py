@@ -423,8 +423,8 @@ def sparse_attention(q, k, v, pattern, *, causal: bool, key_padding_mask, scale:
             win, blocks = block_window_parts(pattern)[1], triton_block_tables(pattern, tq, causal, q.device)
         out, lse = window_attention(q, k, v, window=win.window if win is not None else -1,
                                     sinks=win.sinks if win is not None else 0, causal=causal, scale=scale,
-                                    key_padding_mask=key_padding_mask, blocks=blocks)
-        return AttnOutput(out, None, lse=lse if need_lse else None), "triton"
+                                    key_padding_mask=key_padding_mask, blocks=blocks, need_lse=need_lse)
+        return AttnOutput(out, None, lse=lse), "triton"
     if kernel == "flex":
         bm = pattern.block_mask(tq, tk, causal, q.device, call_block_size(flex_block_size, q.device, backward, tq))
         if need_lse:

@@ -19,11 +19,12 @@ rule; the backward's key-tile programs walk the transposed lists. Self-attention
 row). Work is O(visited tiles x tile^2 x d), what FlexAttention's BlockMask walks, without its per-element
 mask_mod on partial blocks.
 
-Backward as FlashAttention-2's: `_bwd_dkdv` (one program per key tile, looping over the query tiles whose
-band reaches it; a tile that holds sinks is reached by every later query, and past SINK_CHUNK_TILES query tiles
-those outside its band come from `_bwd_dkdv_sinks` in chunks, as fp32 partials) and `_bwd_dq` (one program per
-query tile, the forward's key loop), with delta_i = do_i . o_i - dlse_i (the log-sum-exp output has a gradient too:
-d lse_i / d s_ij = p_ij).
+Backward as FlashAttention-2's, in two launches as FlexAttention's: `_bwd_prep` (delta_i = do_i . o_i - dlse_i; the
+log-sum-exp output has a gradient too, d lse_i / d s_ij = p_ij), then `_bwd`, whose programs are either a key
+tile's dk, dv (`_dkdv_program`, looping over the query tiles whose band reaches it) or a query tile's dq
+(`_dq_program`, the forward's key loop). A tile that holds sinks is reached by every later query: past
+SINK_CHUNK_TILES query tiles, those outside its band are taken by `_bwd_prep`'s programs, one per chunk of queries,
+as fp32 partials that the tile's program adds.
 
 Precision: scores and p @ v in the inputs' dtype with fp32 accumulation (fp32 inputs: IEEE fp32, as
 torch.matmul), softmax statistics in fp32. A row with no visible key returns zeros and lse = -inf, and no NaN
@@ -44,13 +45,13 @@ LOG2E = 1.4426950408889634
 # Tile sizes and launch settings (fwd, dkdv, dq) for head_dim <= 64 on the GPU: the fastest of
 # benchmarks/tune_window.py's grid on an H200 at 16k and 64k tokens, causal and not (benchmarks/results/window/);
 # the interpreter gets small tiles.
+# The backward's dk, dv programs (key tiles of "dkdv" BN walking query tiles of its BM) and dq programs (query tiles
+# of "dq" BM walking key tiles of its BN) run in one launch (`_bwd`) with "bwd"'s launch settings.
 CONFIG = {"fwd": dict(BM=64, BN=64, num_warps=4, num_stages=3),
-          "dkdv": dict(BM=64, BN=64, num_warps=4, num_stages=2),
-          "dq": dict(BM=64, BN=64, num_warps=4, num_stages=2)}
+          "dkdv": dict(BM=64, BN=64), "dq": dict(BM=64, BN=64), "bwd": dict(num_warps=4, num_stages=2)}
 CONFIG_WIDE = {"fwd": dict(BM=128, BN=32, num_warps=8, num_stages=2),  # head_dim 65..256: smaller key tiles
-               "dkdv": dict(BM=32, BN=64, num_warps=8, num_stages=1),
-               "dq": dict(BM=64, BN=32, num_warps=8, num_stages=1)}
-INTERPRETED = {"fwd": dict(BM=16, BN=16), "dkdv": dict(BM=16, BN=16), "dq": dict(BM=16, BN=16)}
+               "dkdv": dict(BM=32, BN=64), "dq": dict(BM=64, BN=32), "bwd": dict(num_warps=8, num_stages=1)}
+INTERPRETED = {"fwd": dict(BM=16, BN=16), "dkdv": dict(BM=16, BN=16), "dq": dict(BM=16, BN=16), "bwd": {}}
 MAX_HEAD_DIM = 256
 # How the kernels mask the band's tiles (the sinks' tiles and block patterns always take the whole rule):
 # "bounds", each pair two compares against its row's first and last visible key (`_band_bounds`); "rule", the
@@ -238,13 +239,10 @@ def _fwd(Q, K, V, PAD, O, LSE, LAY, IDX, CNT, H, G, Tq, Tk, D, W, S, qk_scale, N
 
 
 @triton.jit
-def _bwd_delta(O, DO, DLSE, DELTA, H, Tq, D, s_ob, s_oh, s_ot, s_db, s_dh, s_dt, HAS_DLSE: tl.constexpr,
-               BM: tl.constexpr, BD: tl.constexpr):
-    """delta_i = do_i . o_i - dlse_i in fp32, without materialising fp32 copies of o and do (each in its own
-    layout: o the forward's, do the caller's)."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    offs_m = pid_m * BM + tl.arange(0, BM)
+def _delta_rows(O, DO, DLSE, DELTA, bh, offs_m, H, Tq, D, s_ob, s_oh, s_ot, s_db, s_dh, s_dt, HAS_DLSE: tl.constexpr,
+                BD: tl.constexpr):
+    """delta_i = do_i . o_i - dlse_i for the rows offs_m, in fp32, without materialising fp32 copies of o and do
+    (each in its own layout: o the forward's, do the caller's)."""
     offs_d = tl.arange(0, BD)
     mask = (offs_m < Tq)[:, None] & (offs_d < D)[None, :]
     o = tl.load(O + row_base(bh, H, s_ob, s_oh) + offs_m[:, None] * s_ot + offs_d[None, :], mask=mask,
@@ -333,44 +331,53 @@ def _dkdv_key_tile(K, V, PAD, bh, tile, H, G, Tq, Tk, D, s_kb, s_kh, s_kt, s_vb,
 
 
 @triton.jit
-def _bwd_dkdv_sinks(Q, K, V, PAD, DO, LSE, DELTA, DKP, DVP, H, G, Tq, Tk, D, W, S, qk_scale, NST, NCH,
-                    s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_db, s_dh, s_dt,
-                    HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr,
-                    BN: tl.constexpr, BD: tl.constexpr, CH: tl.constexpr):
-    """A sink tile's dk, dv from the queries its band does not reach (every later query sees a sink): one program
-    per (sink tile, chunk of CH queries), so that no program walks all T queries alone; fp32 partials
-    [B*H, NST, NCH, BN, BD] that `_bwd_dkdv` adds to the tile's band share."""
-    pid = tl.program_id(0)
+def _bwd_prep(O, DO, DLSE, DELTA, Q, K, V, PAD, LSE, DKP, DVP, H, G, Tq, Tk, D, W, S, qk_scale, NST, NCH,
+              s_ob, s_oh, s_ot, s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_db, s_dh, s_dt,
+              HAS_DLSE: tl.constexpr, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
+              BMD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, CH: tl.constexpr):
+    """The backward's first launch, one program per (chunk of CH queries, batch x head): delta for the chunk's rows
+    (`_delta_rows`, BMD at a time), then, when sink tiles take partials (NST > 0), each sink tile's dk, dv from the
+    chunk's queries that its band does not reach (every later query sees a sink; every query when not causal), so
+    that no program walks all T queries alone: fp32 partials [B*H, NST, NCH, BN, BD] that `_bwd`'s sink-tile
+    programs add to their band's share. The partials read the chunk's delta this program wrote (a barrier between:
+    every thread's stores are visible to the whole program after it). Without sink partials CH = BMD: a plain delta
+    pass."""
+    c = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
-    st, c = pid // NCH, pid % NCH
-    b, h, off, n0, kj, offs_m, offs_d, k, v, real, kmask = _dkdv_key_tile(
-        K, V, PAD, bh, st, H, G, Tq, Tk, D, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, HAS_PAD, BM, BN, BD)
-    do_base = b * s_db + h * s_dh
-    dk = tl.zeros([BN, BD], tl.float32)
-    dv = tl.zeros([BN, BD], tl.float32)
-    q_lo, q_hi, hb = _dkdv_band(n0, off, W, Tq, CAUSAL, BM, BN)
     c0 = c * CH
     c1 = tl.minimum(c0 + CH, Tq)
-    if not CAUSAL:  # queries before the band (causal: they see none of this tile's keys)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt, do_base, s_dt, c0,
-                             tl.minimum(c1, q_lo), kj, offs_m, offs_d, Tq, Tk, D, W, S, off, qk_scale, CAUSAL, PREC,
-                             HAS_PAD, 2, BM)
-    # queries after the band
-    dk, dv = _dkdv_tiles(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt,
-                         do_base, s_dt, tl.maximum(c0, hb), c1,
-                         kj, offs_m, offs_d, Tq, Tk, D, W, S, off, qk_scale, CAUSAL, PREC, HAS_PAD, 2, BM)
-    p_off = (((bh * NST + st) * NCH + c) * BN + tl.arange(0, BN)[:, None]) * BD + offs_d[None, :]
-    tl.store(DKP + p_off, dk)
-    tl.store(DVP + p_off, dv)
+    for r0 in range(c0, c1, BMD):
+        _delta_rows(O, DO, DLSE, DELTA, bh, r0 + tl.arange(0, BMD), H, Tq, D, s_ob, s_oh, s_ot, s_db, s_dh, s_dt,
+                    HAS_DLSE, BD)
+    if NST > 0:
+        tl.debug_barrier()
+        for st in range(0, NST):
+            b, h, off, n0, kj, offs_m, offs_d, k, v, real, kmask = _dkdv_key_tile(
+                K, V, PAD, bh, st, H, G, Tq, Tk, D, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, HAS_PAD, BM, BN, BD)
+            do_base = b * s_db + h * s_dh
+            dk = tl.zeros([BN, BD], tl.float32)
+            dv = tl.zeros([BN, BD], tl.float32)
+            q_lo, q_hi, hb = _dkdv_band(n0, off, W, Tq, CAUSAL, BM, BN)
+            if not CAUSAL:  # queries before the band (causal: they see none of this tile's keys)
+                dk, dv = _dkdv_tiles(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt, do_base, s_dt,
+                                     c0, tl.minimum(c1, q_lo), kj, offs_m, offs_d, Tq, Tk, D, W, S, off, qk_scale,
+                                     CAUSAL, PREC, HAS_PAD, 2, BM)
+            # queries after the band
+            dk, dv = _dkdv_tiles(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt,
+                                 do_base, s_dt, tl.maximum(c0, hb), c1,
+                                 kj, offs_m, offs_d, Tq, Tk, D, W, S, off, qk_scale, CAUSAL, PREC, HAS_PAD, 2, BM)
+            p_off = (((bh * NST + st) * NCH + c) * BN + tl.arange(0, BN)[:, None]) * BD + offs_d[None, :]
+            tl.store(DKP + p_off, dk)
+            tl.store(DVP + p_off, dv)
 
 
 @triton.jit
-def _bwd_dkdv(Q, K, V, PAD, DO, LSE, DELTA, DK, DV, LAY, IDXT, CNTT, DKP, DVP, H, G, Tq, Tk, D, W, S, qk_scale, scale,
-              NB, MAXNT, HL, NST, NCH, s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_db, s_dh, s_dt,
-              HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, HAS_BLOCKS: tl.constexpr,
-              BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BAND_MASK: tl.constexpr):
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+def _dkdv_program(pid_n, bh, Q, K, V, PAD, DO, LSE, DELTA, DK, DV, LAY, IDXT, CNTT, DKP, DVP, H, G, Tq, Tk, D, W, S,
+                  qk_scale, scale, NB, MAXNT, HL, NST, NCH, s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
+                  s_db, s_dh, s_dt, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
+                  HAS_BLOCKS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+                  BAND_MASK: tl.constexpr):
+    """Key tile pid_n's dk, dv (of query head bh's row): the query tiles whose band reaches it, BM at a time."""
     b, h, off, n0, kj, offs_m, offs_d, k, v, real, kmask = _dkdv_key_tile(
         K, V, PAD, bh, pid_n, H, G, Tq, Tk, D, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, HAS_PAD, BM, BN, BD)
     do_base = b * s_db + h * s_dh
@@ -386,7 +393,7 @@ def _bwd_dkdv(Q, K, V, PAD, DO, LSE, DELTA, DK, DV, LAY, IDXT, CNTT, DKP, DVP, H
                                 qk_scale, CAUSAL, PREC, True, HAS_PAD, 2)
     else:
         # the queries whose band reaches this key tile; a tile holding sinks is seen by every later query too:
-        # those outside its band came from `_bwd_dkdv_sinks`, in chunks, as fp32 partials added here
+        # those outside its band came from `_bwd_prep`, in chunks, as fp32 partials added here
         q_lo, q_hi, _ = _dkdv_band(n0, off, W, Tq, CAUSAL, BM, BN)
         if n0 < S and NST == 0:  # no partials (the queries fit one chunk): the sink tile walks them all itself
             q_hi = Tq
@@ -439,12 +446,11 @@ def _dq_tiles(dq, q, do, lse, delta, K, V, PAD, k_base, v_base, pad_base, s_kt, 
 
 
 @triton.jit
-def _bwd_dq(Q, K, V, PAD, DO, LSE, DELTA, DQ, LAY, IDX, CNT, H, G, Tq, Tk, D, W, S, qk_scale, scale, NB, MAXN, HL,
-            s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_db, s_dh, s_dt,
-            HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, HAS_BLOCKS: tl.constexpr,
-            BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BAND_MASK: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+def _dq_program(pid_m, bh, Q, K, V, PAD, DO, LSE, DELTA, DQ, LAY, IDX, CNT, H, G, Tq, Tk, D, W, S, qk_scale, scale, NB,
+                MAXN, HL, s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_db, s_dh, s_dt,
+                HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, HAS_BLOCKS: tl.constexpr,
+                BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BAND_MASK: tl.constexpr):
+    """Query tile pid_m's dq (query head bh's row): the forward's key loop, BN at a time."""
     b, h = bh // H, bh % H
     hk = h // G  # the kv head this query head reads (GQA: G query heads per kv head)
     off = Tk - Tq
@@ -479,9 +485,31 @@ def _bwd_dq(Q, K, V, PAD, DO, LSE, DELTA, DQ, LAY, IDX, CNT, H, G, Tq, Tk, D, W,
              mask=qmask)
 
 
+@triton.jit
+def _bwd(Q, K, V, PAD, DO, LSE, DELTA, DQ, DK, DV, LAY, IDX, CNT, IDXT, CNTT, DKP, DVP, H, G, Tq, Tk, D, W, S,
+         qk_scale, scale, NB, MAXN, MAXNT, HL, NST, NCH, NKT, s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
+         s_db, s_dh, s_dt, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, HAS_BLOCKS: tl.constexpr,
+         KV_BM: tl.constexpr, KV_BN: tl.constexpr, Q_BM: tl.constexpr, Q_BN: tl.constexpr, BD: tl.constexpr,
+         BAND_MASK: tl.constexpr):
+    """The backward's second launch, as FlexAttention's: programs [0, NKT) are the key tiles' dk, dv
+    (`_dkdv_program`, key tiles of KV_BN walking query tiles of KV_BM), the rest the query tiles' dq (`_dq_program`,
+    Q_BM walking Q_BN); they read only what `_bwd_prep` wrote before, so one launch serves both (on the H200's host a
+    Triton launch costs tens of microseconds: at a few thousand tokens the call is the host's)."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    if pid < NKT:
+        _dkdv_program(pid, bh, Q, K, V, PAD, DO, LSE, DELTA, DK, DV, LAY, IDXT, CNTT, DKP, DVP, H, G, Tq, Tk, D, W, S,
+                      qk_scale, scale, NB, MAXNT, HL, NST, NCH, s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
+                      s_db, s_dh, s_dt, HAS_PAD, CAUSAL, PREC, HAS_BLOCKS, KV_BM, KV_BN, BD, BAND_MASK)
+    else:
+        _dq_program(pid - NKT, bh, Q, K, V, PAD, DO, LSE, DELTA, DQ, LAY, IDX, CNT, H, G, Tq, Tk, D, W, S, qk_scale,
+                    scale, NB, MAXN, HL, s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_db, s_dh, s_dt,
+                    HAS_PAD, CAUSAL, PREC, HAS_BLOCKS, Q_BM, Q_BN, BD, BAND_MASK)
+
+
 def _config(stage: str, d: int) -> dict:
     if interpreted():
-        return INTERPRETED[stage]
+        return INTERPRETED.get(stage, {})
     return (CONFIG if d <= 64 else CONFIG_WIDE)[stage]
 
 
@@ -524,7 +552,7 @@ def block_tables(visit: torch.Tensor, layout: torch.Tensor, block_size: int, dev
 
 class _WindowAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, pad, window, sinks, causal, scale, blocks):
+    def forward(ctx, q, k, v, pad, window, sinks, causal, scale, blocks, need_lse):
         q, k, v = unit_stride(q, k, v)
         b, h, tq, d = q.shape
         tk = k.shape[2]
@@ -544,8 +572,8 @@ class _WindowAttention(torch.autograd.Function):
                    **launch)
         ctx.save_for_backward(q, k, v, pad, out, lse2)
         ctx.args = (int(window), int(sinks), float(scale), meta, blocks)
-        lse = lse2 * math.log(2.0)
-        return out, lse
+        ctx.set_materialize_grads(False)  # an unused output's gradient comes as None: no zeros filled, none read
+        return out, (lse2 * math.log(2.0) if need_lse else None)
 
     @staticmethod
     def backward(ctx, dout, dlse):
@@ -558,42 +586,45 @@ class _WindowAttention(torch.autograd.Function):
         (dout,) = unit_stride(dout)  # read in the caller's layout (no copy)
         delta = torch.empty(b, h, tq, dtype=torch.float32, device=q.device)
         dlse_arg = dlse.float().contiguous() if dlse is not None else delta
-        bm_delta = 16 if interpreted() else 64
-        _bwd_delta[(triton.cdiv(tq, bm_delta), b * h)](out, dout, dlse_arg, delta, h, tq, d, *strides(out, dout),
-                                                         HAS_DLSE=dlse is not None, BM=bm_delta,
-                                                         BD=meta["BD"])
         dq = torch.empty(b, h, tq, d, dtype=q.dtype, device=q.device)
         # one dk, dv per query head (each program owns its tile: no atomics); GQA sums each group's in fp32 below
         dk = torch.empty(b, h, tk, d, dtype=k.dtype if hkv == h else torch.float32, device=q.device)
         dv = torch.empty(b, h, tk, d, dtype=v.dtype if hkv == h else torch.float32, device=q.device)
         pad_arg = pad if pad is not None else out
         tab = _table_args(blocks, lse2)
-        shape = (h, h // hkv, tq, tk, d, window, sinks, scale * LOG2E, scale)
         qkv_do = strides(q, k, v, dout)
-        tiles, launch = _launch(_config("dkdv", d), blocks)
-        # the sink tiles' dk, dv from the queries outside their band, in chunks of SINK_CHUNK_TILES query tiles
-        # (queries that fit one chunk: the sink tiles' own programs walk them, no second kernel)
-        nch = triton.cdiv(tq, SINK_CHUNK_TILES * tiles["BM"])
-        nst = 0 if blocks is not None or nch == 1 else triton.cdiv(min(sinks, tk), tiles["BN"])
+        kv_tiles, _ = _launch(_config("dkdv", d), blocks)
+        q_tiles, _ = _launch(_config("dq", d), blocks)
+        launch = _config("bwd", d)
+        # the sink tiles' dk, dv from the queries outside their band, in chunks of SINK_CHUNK_TILES query tiles, in
+        # the launch that writes delta (queries that fit one chunk: the sink tiles' own programs walk them)
+        chunk = SINK_CHUNK_TILES * kv_tiles["BM"]
+        nch = triton.cdiv(tq, chunk)
+        nst = 0 if blocks is not None or nch == 1 else triton.cdiv(min(sinks, tk), kv_tiles["BN"])
+        bmd = 16 if interpreted() else 64  # delta's rows at a time
+        if nst:
+            bmd = min(bmd, chunk & -chunk)  # a power of two dividing the chunk
+        else:
+            chunk = bmd  # a plain delta pass
+            nch = triton.cdiv(tq, chunk)
         dkp = dvp = delta  # never read when there is no sink tile
         if nst:
-            dkp, dvp = (torch.empty(b * h, nst, nch, tiles["BN"], meta["BD"], dtype=torch.float32, device=q.device)
-                        for _ in range(2))
-            _bwd_dkdv_sinks[(nst * nch, b * h)](q, k, v, pad_arg, dout, lse2, delta, dkp, dvp, h, h // hkv, tq, tk,
-                                                d, window, sinks, scale * LOG2E, nst, nch, *qkv_do,
-                                                HAS_PAD=meta["HAS_PAD"], CAUSAL=meta["CAUSAL"], PREC=meta["PREC"],
-                                                BD=meta["BD"], CH=SINK_CHUNK_TILES * tiles["BM"], **tiles, **launch)
-        _bwd_dkdv[(triton.cdiv(tk, tiles["BN"]), b * h)](q, k, v, pad_arg, dout, lse2, delta, dk, dv, tab.lay,
-                                                         tab.idxt, tab.cntt, dkp, dvp, *shape, tab.nb, tab.maxnt,
-                                                         tab.hl, nst, nch, *qkv_do, **meta, **tiles, **launch)
-        tiles, launch = _launch(_config("dq", d), blocks)
-        _bwd_dq[(triton.cdiv(tq, tiles["BM"]), b * h)](q, k, v, pad_arg, dout, lse2, delta, dq, tab.lay, tab.idx,
-                                                       tab.cnt, *shape, tab.nb, tab.maxn, tab.hl, *qkv_do, **meta,
-                                                       **tiles, **launch)
+            dkp, dvp = torch.empty(2, b * h, nst, nch, kv_tiles["BN"], meta["BD"], dtype=torch.float32,
+                                   device=q.device).unbind(0)
+        _bwd_prep[(nch, b * h)](out, dout, dlse_arg, delta, q, k, v, pad_arg, lse2, dkp, dvp, h, h // hkv, tq, tk, d,
+                                window, sinks, scale * LOG2E, nst, nch, *strides(out), *qkv_do,
+                                HAS_DLSE=dlse is not None, HAS_PAD=meta["HAS_PAD"], CAUSAL=meta["CAUSAL"],
+                                PREC=meta["PREC"], BMD=bmd, BD=meta["BD"], CH=chunk, **kv_tiles, **launch)
+        nkt = triton.cdiv(tk, kv_tiles["BN"])
+        _bwd[(nkt + triton.cdiv(tq, q_tiles["BM"]), b * h)](
+            q, k, v, pad_arg, dout, lse2, delta, dq, dk, dv, tab.lay, tab.idx, tab.cnt, tab.idxt, tab.cntt, dkp, dvp,
+            h, h // hkv, tq, tk, d, window, sinks, scale * LOG2E, scale, tab.nb, tab.maxn, tab.maxnt, tab.hl, nst, nch,
+            nkt, *qkv_do, **meta, KV_BM=kv_tiles["BM"], KV_BN=kv_tiles["BN"], Q_BM=q_tiles["BM"], Q_BN=q_tiles["BN"],
+            **launch)
         if hkv != h:
             dk = dk.view(b, hkv, h // hkv, tk, d).sum(2).to(k.dtype)
             dv = dv.view(b, hkv, h // hkv, tk, d).sum(2).to(v.dtype)
-        return dq, dk, dv, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
 class _TableArgs(NamedTuple):
@@ -617,9 +648,10 @@ def _table_args(blocks: BlockTables | None, dummy: torch.Tensor) -> _TableArgs:
 
 
 def window_attention(q, k, v, *, window: int, sinks: int = 0, causal: bool = False, scale: float | None = None,
-                     key_padding_mask: torch.Tensor | None = None,
-                     blocks: BlockTables | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out [B, H, Tq, D], lse [B, H, Tq] fp32, natural log) of sliding-window attention with sinks.
+                     key_padding_mask: torch.Tensor | None = None, blocks: BlockTables | None = None,
+                     need_lse: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(out [B, H, Tq, D], lse [B, H, Tq] fp32, natural log; None unless need_lse) of sliding-window attention with
+    sinks.
     q [B, H, Tq, D], k, v [B, Hkv, Tk, D] with Hkv dividing H (grouped-query attention: each query head reads its
     kv head in the kernel, no expanded copies), key_padding_mask Bool[B, Tk] (True: real key).
     Differentiable in q, k, v and through lse.
@@ -643,4 +675,4 @@ def window_attention(q, k, v, *, window: int, sinks: int = 0, causal: bool = Fal
             raise ValueError(f"window_attention: block tables for {blocks.lay.shape[0]} heads, the query has "
                              f"{q.shape[1]}")
     pad = None if key_padding_mask is None else key_padding_mask.to(torch.int8).contiguous()
-    return _WindowAttention.apply(q, k, v, pad, window, sinks, causal, scale, blocks)
+    return _WindowAttention.apply(q, k, v, pad, window, sinks, causal, scale, blocks, bool(need_lse))
