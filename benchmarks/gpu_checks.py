@@ -8,7 +8,8 @@
    may be at most 2x the CPU path's own error in that dtype (plus a floor); the kernel that ran is printed;
 3. causal no-leak on CUDA, bit for bit;
 4. the declared extras (lse, column sums) on CUDA vs the CPU path;
-5. inputs in transformers' layout ([B, H, T, D] views of [B, T, H, D] memory) vs contiguous copies.
+5. inputs in transformers' layout ([B, H, T, D] views of [B, T, H, D] memory) vs contiguous copies;
+6. per method: lsh's buckets, window's band masks, linear's maps inside the kernels with gradients, nystrom's solve.
 
     PYTHONPATH=src python benchmarks/gpu_checks.py               # every method, prints a line per check, exits 1 on a failure
     PYTHONPATH=src python benchmarks/gpu_checks.py linear,window  # only these methods
@@ -352,6 +353,37 @@ def _window_bands(window_triton, dtypes, t, q64, k64, v64, w, kpm) -> int:
     return failures
 
 
+def kernel_maps(dtypes) -> int:
+    """linear's elementwise maps inside the causal kernels with gradients ("triton+map": q and k mapped on load in the
+    forward and backward kernels, the map's derivative applied there) against the same module mapping them first in
+    PyTorch (an all-real padding mask sends it there: the same function), outputs and gradients, elu and relu, 9 query
+    heads on 3 kv heads (SmolLM2's), at 256 tokens (the parallel passes) and 1500 (the chunked ones). check 2 runs
+    linear with padding, so the mapped path alone."""
+    failures = 0
+    for fmap in ("elu", "relu"):
+        for t in (256, 1500):
+            for dtype in dtypes:
+                g = torch.Generator().manual_seed(t)
+                q64, k64, v64 = (torch.randn(2, h, t, D, generator=g, dtype=torch.float64) for h in (9, 3, 3))
+                m = attnlab.make("linear", head_dim=D, num_heads=9, num_kv_heads=3, feature_map=fmap).cuda()
+                res = []
+                for kpm in (None, torch.ones(2, t, dtype=torch.bool, device="cuda")):
+                    q, k, v = (x.to("cuda", dtype).requires_grad_(True) for x in (q64, k64, v64))
+                    out = m(q, k, v, causal=True, key_padding_mask=kpm).out
+                    w = torch.linspace(-1, 1, out.numel(), device="cuda", dtype=torch.float64).reshape(out.shape)
+                    (out * w.to(dtype)).sum().backward()
+                    res.append((m.kernel, [x.double() for x in (out.detach(), q.grad, k.grad, v.grad)]))
+                (kern, got), (ref_kern, ref) = res
+                errs = [((a - b).abs().max() / b.abs().max().clamp_min(1e-6)).item() for a, b in zip(got, ref)]
+                finite = all(bool(torch.isfinite(a).all()) for a in got)
+                ok = finite and kern == "triton+map" and all(e <= BOUND[dtype] for e in errs)
+                failures += not ok
+                print(f"{'ok ' if ok else 'FAIL'} linear-map {fmap:4} T={t:5} {str(dtype):15} kernel={kern} vs "
+                      f"{ref_kern}: rel err out/dq/dk/dv " + "/".join(f"{e:.1e}" for e in errs) + f" finite={finite}",
+                      flush=True)
+    return failures
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("methods", nargs="?", default=None, help="comma-separated subset (default: every method)")
@@ -374,6 +406,8 @@ def main(argv=None) -> int:
         failures += lsh_buckets((torch.bfloat16,) if args.quick else (torch.float32, torch.bfloat16))
     if any(variant(n) == ("window", {"backend": "triton"}) for n in names):
         failures += window_bands((torch.bfloat16,) if args.quick else (torch.float32, torch.bfloat16))
+    if any(variant(n)[0] == "linear" for n in names):
+        failures += kernel_maps((torch.bfloat16,) if args.quick else (torch.float32, torch.bfloat16))
     if any(variant(n)[0] == "nystrom" for n in names):
         failures += nystrom_solve((torch.bfloat16,) if args.quick else (torch.float32, torch.bfloat16))
     print(f"{failures} failure(s) on {torch.cuda.get_device_name()}, torch {torch.__version__} (linear form: "

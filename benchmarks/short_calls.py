@@ -12,6 +12,8 @@ replays, variants interleaved round by round. Variants:
     parallel forward, the chunked backward) and, with `--configs`, each (key tile, num_warps, num_stages) of the
     parallel pass (`ops.linear_triton.CONFIG["parallel"]`, `linear+p64w4s2` ...; F = 256: `"parallel_wide"`,
     `performer+p64w8s2` ...);
+  - `linear+premap`: with gradients, q and k mapped by PyTorch ops before the kernels (`MAP_WITH_GRAD = False`),
+    not inside them;
   - performer's parts: `favor_map` (the FAVOR+ map of q and of k, two launches) and `favor_core` (the causal
     kernels on the mapped features, F = 256, with the key log-scales), in each form.
 fwd runs under no_grad (linear then maps q and k inside its kernels); fwd+bwd records gradients for q, k, v.
@@ -167,6 +169,7 @@ def main(argv=None) -> int:
     variants = [("sdpa", {})] + [(m, {}) for m in methods]  # (name, module settings)
     if "linear" in methods:
         variants += [(f"linear+{form}", FORMS[form]) for form in ("chunked", "parallel")]
+        variants += [("linear+premap", {"MAP_WITH_GRAD": False})]  # with gradients, q and k mapped first (PyTorch)
         if a.configs:
             variants += [(f"linear+p{bn}w{w}s{s}",
                           {**FORMS["parallel"], "parallel": dict(BN=bn, num_warps=w, num_stages=s)})

@@ -384,9 +384,8 @@ def test_shape_only_tables_are_built_once_and_left_untouched(kernels):
 @pytest.mark.parametrize("fmap", ["elu", "relu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_feature_map_applied_in_the_kernels(kernels, fmap, dtype):
-    """feature_map= maps raw q and k inside the forward kernels: the same output as mapping them first (130 tokens:
-    a partial last chunk; GQA with 2 kv heads), and it is refused while gradients are recorded, with key
-    log-scales, or for an unknown map."""
+    """feature_map= maps raw q and k inside the kernels: the same output as mapping them first (130 tokens: a partial
+    last chunk; GQA with 2 kv heads), and it is refused with key log-scales or for an unknown map."""
     from attnlab.feature_maps import ELU, ReLU
 
     g = torch.Generator().manual_seed(7)
@@ -399,19 +398,46 @@ def test_feature_map_applied_in_the_kernels(kernels, fmap, dtype):
     tol = 1e-5 if dtype == torch.float32 else 2.0 ** -7
     assert max_err(got, want) <= tol * want.abs().max().item()
     assert not torch.equal(got, kernels.causal_linear(q, k, v))  # the map matters (relu: negative parts dropped)
-    with pytest.raises(ValueError, match="no backward"):
-        kernels.causal_linear(q.requires_grad_(True), k, v, feature_map=fmap)
     with torch.no_grad(), pytest.raises(ValueError, match="log-scales"):
         kernels.causal_linear(q, k, v, torch.zeros(2, 2, 130), feature_map=fmap)
     with torch.no_grad(), pytest.raises(ValueError, match="one of"):
         kernels.causal_linear(q, k, v, feature_map="favor")
 
 
-def test_linear_inference_maps_in_the_kernels_and_training_does_not(kernels):
-    """A linear layer (backend="triton") under no_grad runs "triton+map" with the same output as the mapped path; with
-    gradients, or with a padding mask (padded keys must become zero features), it maps first."""
+@pytest.mark.parametrize("fmap", ["elu", "relu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_feature_map_gradients_in_the_kernels(kernels, fmap, dtype):
+    """With gradients, feature_map= keeps q and k raw (the forward's kernels map them on load), the backward maps them
+    once (`_map_features`) and its kernels apply the map's slope to dq and dk: the raw q's, k's and v's gradients equal
+    autograd's through the PyTorch map then the kernels (GQA, 4 query heads
+    on 2 kv heads: dk sums the group's; 130 tokens: a partial last chunk; q and k both signs, so both branches of
+    elu's derivative and relu's zeros are taken). fp32 to 1e-5, bf16 to the kernels' own rounding."""
+    from attnlab.feature_maps import ELU, ReLU
+
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(2, 4, 130, 32, generator=g).to(dtype)
+    k, v = (torch.randn(2, 2, 130, 32, generator=g).to(dtype) for _ in range(2))
+    m = ELU() if fmap == "elu" else ReLU()
+
+    def mapped_first(q, k, v):
+        return kernels.causal_linear(m(q, scale=1.0, is_query=True)[0], m(k, scale=1.0, is_query=False)[0], v)
+
+    want = grads(mapped_first, q, k, v)
+    got = grads(lambda q, k, v: kernels.causal_linear(q, k, v, feature_map=fmap), q, k, v)
+    tol = 1e-5 if dtype == torch.float32 else 2.0 ** -6
+    for name, a, b in zip("qkv", got, want):
+        assert a.dtype == dtype and a.shape == b.shape, name
+        assert max_err(a, b) <= tol * b.abs().max().item(), (name, max_err(a, b), b.abs().max().item())
+    assert (q < 0).any() and (k < 0).any()
+
+
+def test_linear_maps_in_the_kernels_unless_padded(kernels, monkeypatch):
+    """A linear layer (backend="triton") runs "triton+map" with and without gradients, with the same output and
+    gradients as the eager PyTorch form; with a padding mask (padded keys must become zero features), or with
+    gradients when `MAP_WITH_GRAD` is off, it maps first."""
     q, k, v = rand_qkv(b=2, h=4, hkv=2, tq=70, d=16, seed=8)
     m = make("linear", q, k, backend="triton")
+    ref = make("linear", q, k, backend="eager")
     with torch.no_grad():
         fused = m(q, k, v, causal=True)[0]
         assert m.kernel == "triton+map"
@@ -419,10 +445,17 @@ def test_linear_inference_maps_in_the_kernels_and_training_does_not(kernels):
         kpm[1, 50:] = False
         m(q, k, v, causal=True, key_padding_mask=kpm)
         assert m.kernel.startswith("triton+compiled") or m.kernel == "triton"
-    mapped = m(q.requires_grad_(True), k, v, causal=True)[0]
-    assert m.kernel != "triton+map"
-    assert max_err(fused, mapped.detach()) <= 1e-5 * mapped.abs().max().item()
+    got = grads(lambda q, k, v: m(q, k, v, causal=True)[0], q, k, v)
+    assert m.kernel == "triton+map"
+    want = grads(lambda q, k, v: ref(q, k, v, causal=True)[0], q, k, v)
+    for a, b in zip(got, want):
+        assert max_err(a, b) <= 1e-5 * b.abs().max().item()
     check_vs_quadratic(fused, q.detach(), k, v, m, causal=True)
+    monkeypatch.setattr(kernels, "MAP_WITH_GRAD", False)  # the switch short_calls.py's linear+premap measures
+    premapped = grads(lambda q, k, v: m(q, k, v, causal=True)[0], q, k, v)
+    assert m.kernel != "triton+map"
+    for a, b in zip(premapped, want):
+        assert max_err(a, b) <= 1e-5 * b.abs().max().item()
 
 
 @pytest.mark.parametrize("bn", [32, 128])

@@ -4,7 +4,7 @@ class with their own options and feature maps.
 
 Kernels (`backend`): "triton" runs the causal form through `ops.linear_triton` (CUDA; the CPU tests run it
 under Triton's interpreter) with compiled feature maps, or with an elementwise map (`FeatureMap.kernel_map`: elu+1,
-relu) applied inside the kernels when no gradient is recorded ("triton+map": no feature tensors, no map launches);
+relu) applied inside the forward's kernels, and with gradients one map launch in the backward ("triton+map");
 "compiled" the chunked PyTorch core with feature maps
 through torch.compile; "eager" everything in plain PyTorch; "auto" is triton where it can serve the call on
 CUDA, compiled on the rest of CUDA, eager on CPU. All compute the same function. `self.kernel` names the
@@ -23,6 +23,12 @@ from ..types import AttnOutput, opt
 from .base import AttentionMethod, repeat_kv
 
 BACKENDS = ("auto", "triton", "compiled", "eager")
+
+
+def _map_with_grad() -> bool:
+    from ..ops import linear_triton
+
+    return linear_triton.MAP_WITH_GRAD
 
 
 class KernelAttention(AttentionMethod):
@@ -116,10 +122,12 @@ class KernelAttention(AttentionMethod):
         core, compiled = self._choose(q, causal, tq, tk)
         fm_q, fm_k = self.maps()
         kmap = getattr(fm_k, "kernel_map", None)
+        grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
         if (core == "triton" and kmap is not None and fm_q is fm_k and key_padding_mask is None and not need_probs
-                and not need_col_sums and not (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)))):
-            # inference with an elementwise map: the kernels map q and k as they load them (no feature tensors, no
-            # map launches: on the H200's host each launch costs tens of microseconds)
+                and not need_col_sums and (not grad or _map_with_grad())):
+            # an elementwise map: the forward's kernels map q and k as they load them (no feature tensors), the
+            # backward maps them once in one launch (`linear_triton._map_features`) where mapping first costs four
+            # (on the H200's host each launch costs tens of microseconds, and in a CUDA graph each a few of device time)
             from ..ops import linear_triton
 
             self.kernel = "triton+map"

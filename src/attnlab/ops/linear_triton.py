@@ -99,6 +99,50 @@ def _feature(x, MAP: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
+def _mapped(x, mask, MAP: tl.constexpr, PREC: tl.constexpr):
+    """x mapped on load (`_feature`) where mask holds and 0 elsewhere (the map of a loaded 0 is 1 for elu: rows past
+    T and features past F stay 0, as in the unfused path); x itself when MAP is 0."""
+    if MAP != 0:
+        x = tl.where(mask, _feature(x, MAP, PREC), 0.0)
+    return x
+
+
+@triton.jit
+def _feature_grad(phi, MAP: tl.constexpr):
+    """d feature / dx of `_feature`'s maps in fp32, from the feature phi itself: elu + 1 is x + 1 > 1 for x > 0
+    (slope 1) and e^x <= 1 below (slope e^x = phi), so the slope is min(phi, 1); relu's is 1 where phi > 0, else 0
+    (at 0 too, as PyTorch's)."""
+    pf = phi.to(tl.float32)
+    if MAP == 1:
+        return tl.minimum(pf, 1.0)
+    return tl.where(pf > 0, 1.0, 0.0)
+
+
+@triton.jit
+def _map_rows(X, Y, row, NH, s_b, s_h, s_t, t, tmask, offs_f, fmask, T, F, MAP: tl.constexpr, PREC: tl.constexpr):
+    x = tl.load(X + _row(row, NH, s_b, s_h) + t[:, None] * s_t + offs_f[None, :], mask=tmask[:, None] & fmask[None, :],
+                other=0.0)
+    tl.store(Y + row * T * F + t[:, None] * F + offs_f[None, :], _feature(x, MAP, PREC),
+             mask=tmask[:, None] & fmask[None, :])
+
+
+@triton.jit
+def _map_kernel(Q, K, FQ, FK, T, F, NH, NKV, NQ, s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, MAP: tl.constexpr,
+                PREC: tl.constexpr, BT: tl.constexpr, BF: tl.constexpr):
+    """The backward's features, one launch for both: phi(q) [B NH, T, F] and phi(k) [B NKV, T, F], contiguous, from q
+    and k in their callers' layouts; programs (chunk, row), the NQ = B NH query rows first."""
+    c = tl.program_id(0)
+    r = tl.program_id(1).to(tl.int64)
+    t = c * BT + tl.arange(0, BT)
+    offs_f = tl.arange(0, BF)
+    tmask, fmask = t < T, offs_f < F
+    if r < NQ:
+        _map_rows(Q, FQ, r, NH, s_qb, s_qh, s_qt, t, tmask, offs_f, fmask, T, F, MAP, PREC)
+    else:
+        _map_rows(K, FK, r - NQ, NKV, s_kb, s_kh, s_kt, t, tmask, offs_f, fmask, T, F, MAP, PREC)
+
+
+@triton.jit
 def _weights(LK, PEX, bh, c, n_chunks, T, offs_t, BT: tl.constexpr):
     """For chunk c: intra-chunk weights w [BT, BT] (0 above the diagonal and past T), the query factor
     e^{P_c - M_i} [BT], the key factor e^{b_j - P_{c+1}} [BT] and the state factor e^{P_c - P_{c+1}}.
@@ -158,9 +202,7 @@ def _state_kernel(K, V, LK, PEX, H, Z, SEG, SEGZ, T, F, D, n_chunks, seg_len, n_
         t = c * BT + offs_t
         tmask = t < T
         k = tl.load(K + k_row + t[:, None] * s_kt + offs_k[None, :], mask=tmask[:, None] & kmask[None, :], other=0.0)
-        if MAP != 0:  # raw keys: map them; rows past T kept at 0 (the map of a loaded 0 is 1 for elu; only the last
-            # chunk has such rows, and no state or weight reads them, but a feature past T stays 0 as in the unfused path)
-            k = tl.where(tmask[:, None] & kmask[None, :], _feature(k, MAP, PREC), 0.0)
+        k = _mapped(k, tmask[:, None] & kmask[None, :], MAP, PREC)  # raw keys: mapped, rows past T kept at 0
         v = tl.load(V + v_row + t[:, None] * s_vt + offs_v[None, :], mask=tmask[:, None] & vmask[None, :], other=0.0)
         _, _, kfac, sfac = _weights(LK, PEX, bh, c, n_chunks, T, offs_t, BT)
         kw = _to(k.to(tl.float32) * kfac[:, None], k.dtype, PREC)
@@ -259,9 +301,8 @@ def _out_kernel(Q, K, V, LK, PEX, H, Z, OUT, DEN, T, F, D, n_chunks, G, NH, NKV,
         kmask = offs_k < F
         q = tl.load(Q + q_row + t[:, None] * s_qt + offs_k[None, :], mask=tmask[:, None] & kmask[None, :], other=0.0)
         k = tl.load(K + k_row + t[:, None] * s_kt + offs_k[None, :], mask=tmask[:, None] & kmask[None, :], other=0.0)
-        if MAP != 0:
-            q = tl.where(tmask[:, None] & kmask[None, :], _feature(q, MAP, PREC), 0.0)
-            k = tl.where(tmask[:, None] & kmask[None, :], _feature(k, MAP, PREC), 0.0)
+        q = _mapped(q, tmask[:, None] & kmask[None, :], MAP, PREC)
+        k = _mapped(k, tmask[:, None] & kmask[None, :], MAP, PREC)
         h = tl.load(H + (row * F + offs_k[:, None]) * D + offs_v[None, :], mask=kmask[:, None] & vmask[None, :], other=0.0)
         z = tl.load(Z + row * F + offs_k, mask=kmask, other=0.0)
         s += _dot(q, tl.trans(k), PREC)
@@ -299,9 +340,7 @@ def _parallel_tile(num, den, m, q1, K, V, LK, k_row, v_row, kvh, s_kt, s_vt, t, 
     kmask = (offs_k < F)[None, :]
     if MASKED:
         kmask = kin[:, None] & kmask
-    k = tl.load(K + k_row + tk[:, None] * s_kt + offs_k[None, :], mask=kmask, other=0.0)
-    if MAP != 0:
-        k = tl.where(kmask, _feature(k, MAP, PREC), 0.0)
+    k = _mapped(tl.load(K + k_row + tk[:, None] * s_kt + offs_k[None, :], mask=kmask, other=0.0), kmask, MAP, PREC)
     s = _dot(q1, tl.trans(k), PREC)
     if MASKED:
         vis = (t[:, None] >= tk[None, :]) & kin[None, :]  # causal, and keys inside the input
@@ -351,9 +390,7 @@ def _parallel_kernel(Q, K, V, LK, OUT, DEN, T, F, D, G, NH, NKV,
     t = c * BT + offs_t
     tmask = t < T
     qmask = tmask[:, None] & (offs_k < F)[None, :]
-    q1 = tl.load(Q + q_row + t[:, None] * s_qt + offs_k[None, :], mask=qmask, other=0.0)
-    if MAP != 0:
-        q1 = tl.where(qmask, _feature(q1, MAP, PREC), 0.0)
+    q1 = _mapped(tl.load(Q + q_row + t[:, None] * s_qt + offs_k[None, :], mask=qmask, other=0.0), qmask, MAP, PREC)
     num = tl.zeros([BT, BV], tl.float32)
     den = tl.zeros([BT], tl.float32)
     m = tl.full([BT], float("-inf"), tl.float32)
@@ -414,12 +451,13 @@ def _dscores(dn, dden, v, w, PREC: tl.constexpr):
 
 
 @triton.jit
-def _grad_dq_kernel(K, V, LK, PEX, H, Z, DNUM, DDEN, DQ, T, F, D, n_chunks, GRP,
+def _grad_dq_kernel(Q, K, V, LK, PEX, H, Z, DNUM, DDEN, DQ, T, F, D, n_chunks, GRP,
                     HAS_SCALE: tl.constexpr, PREC: tl.constexpr,
-                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, MAP: tl.constexpr = 0):
     """Chunk c's dq for one query head, in parallel over chunks, from the state entering the chunk: with dA = w *
     (dnum v^T + dden) (the gradient of the masked weighted scores), dq = dA k + e^{P_c - M_i} (dnum H^T + dden Z^T).
-    k, v, the states H, Z and the weights are its kv head's (row bh // GRP)."""
+    k, v, the states H, Z and the weights are its kv head's (row bh // GRP). MAP: q and k are the features of an
+    elementwise map, and dq is the raw query's, times the map's slope (Q, the query features, read only then)."""
     c = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     kv = bh // GRP
@@ -438,18 +476,22 @@ def _grad_dq_kernel(K, V, LK, PEX, H, Z, DNUM, DDEN, DQ, T, F, D, n_chunks, GRP,
                     other=0.0)
         z = tl.load(Z + hrow * F + offs_k, mask=kmask, other=0.0)
         dq = _dot(da, k, PREC) + (_dot(dn, tl.trans(h), PREC) + dden[:, None] * z[None, :]) * qfac[:, None]
+        if MAP != 0:
+            dq = dq * _feature_grad(tl.load(Q + bh * T * F + t[:, None] * F + offs_k[None, :], mask=qk_mask,
+                                            other=0.0), MAP)
         tl.store(DQ + bh * T * F + t[:, None] * F + offs_k[None, :], _to(dq, DQ.dtype.element_ty, PREC), mask=qk_mask)
 
 
 @triton.jit
 def _grad_dkv_kernel(Q, K, V, LK, PEX, G, GZ, DNUM, DDEN, DK, DV, DB, T, F, D, n_chunks, GRP,
                      HAS_SCALE: tl.constexpr, PREC: tl.constexpr,
-                     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+                     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, MAP: tl.constexpr = 0):
     """Chunk c's dk, dv (and db) for one kv head, in parallel over chunks, summed over its GRP query heads (rows
     kv GRP + j) in fp32 registers and rounded once: dk = sum_j dA_j^T q_j + e^{b_j - P_{c+1}} (v G^T + GZ), dv =
     sum_j (w * q_j k^T)^T dnum_j + e^{b_j - P_{c+1}} k G, with G, GZ the reverse states leaving the chunk (the
     group's, `_grad_state_kernel`); with key log-scales db_j = k_j . dk_j (fp32). No expanded k, v, no gradient
-    per query head."""
+    per query head. MAP: q and k are the features of an elementwise map, and dk is the raw key's, times the map's
+    slope."""
     c = tl.program_id(0)
     kv = tl.program_id(1).to(tl.int64)
     row = kv * n_chunks + c
@@ -485,6 +527,8 @@ def _grad_dkv_kernel(Q, K, V, LK, PEX, G, GZ, DNUM, DDEN, DK, DV, DB, T, F, D, n
             da = _dscores(dn, dden, v, w, PREC)
             q = tl.load(Q + qh * T * F + t[:, None] * F + offs_k[None, :], mask=qk_mask, other=0.0)
             dk += _dot(tl.trans(da), q, PREC)
+        if MAP != 0:
+            dk = dk * _feature_grad(k, MAP)
         tl.store(DK + kv * T * F + t[:, None] * F + offs_k[None, :], _to(dk, DK.dtype.element_ty, PREC), mask=qk_mask)
         if HAS_SCALE:
             db += tl.sum(dk * k.to(tl.float32), 1)  # db_j = k_j . dk_j, before dk is rounded
@@ -507,12 +551,13 @@ def _parallel_w(LK, M, bh, T, t, tk, tmask, kin, HAS_SCALE: tl.constexpr):
 
 
 @triton.jit
-def _parallel_dq_kernel(K, V, LK, M, DNUM, DDEN, DQ, T, F, D, G, NKV, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
-                        HAS_SCALE: tl.constexpr, PREC: tl.constexpr,
-                        BT: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr):
+def _parallel_dq_kernel(Q, K, V, LK, M, DNUM, DDEN, DQ, T, F, D, G, NH, NKV, s_qb, s_qh, s_qt, s_kb, s_kh, s_kt,
+                        s_vb, s_vh, s_vt, HAS_SCALE: tl.constexpr, PREC: tl.constexpr,
+                        BT: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, MAP: tl.constexpr = 0):
     """The parallel backward's dq for one (query chunk, query head), over the key chunks up to its own: with
     dA_ij = w_ij (dnum_i . v_j + dden_i), dq_i = sum_j dA_ij k_j (F <= BF: every feature in one tile). k, v (and the
-    key log-scales, M) are the head's kv head's, read where the forward read them."""
+    key log-scales, M) are the head's kv head's, read where the forward read them. MAP: q and k are the features of
+    an elementwise map, and dq is the raw query's, times the map's slope (Q, the query features, read only then)."""
     c = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     kvh = bh // G
@@ -534,6 +579,8 @@ def _parallel_dq_kernel(K, V, LK, M, DNUM, DDEN, DQ, T, F, D, G, NKV, s_kb, s_kh
         w = _parallel_w(LK, M, kvh, T, t, tk, tmask, kin, HAS_SCALE)
         da = (_dot(dn, tl.trans(v), PREC) + dden[:, None]) * w
         dq += _dot(_to(da, k.dtype, PREC), k, PREC)
+    if MAP != 0:
+        dq = dq * _feature_grad(_tile(Q, _row(bh, NH, s_qb, s_qh), s_qt, t, tmask, offs_f, fmask), MAP)
     tl.store(DQ + bh * T * F + t[:, None] * F + offs_f[None, :], _to(dq, DQ.dtype.element_ty, PREC),
              mask=tmask[:, None] & fmask[None, :])
 
@@ -542,11 +589,12 @@ def _parallel_dq_kernel(K, V, LK, M, DNUM, DDEN, DQ, T, F, D, G, NKV, s_kb, s_kh
 def _parallel_dkv_kernel(Q, K, V, LK, M, DNUM, DDEN, DK, DV, DB, T, F, D, n_chunks, G, NH, NKV,
                          s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
                          HAS_SCALE: tl.constexpr, PREC: tl.constexpr,
-                         BT: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr):
+                         BT: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, MAP: tl.constexpr = 0):
     """The parallel backward's dk, dv (and db) for one (key chunk, kv head), over its G query heads and, for each,
     the query chunks from its own on: dv_j = sum_i w_ij (q_i . k_j) dnum_i, dk_j = sum_i dA_ij q_i, db_j = k_j . dk_j
     (fp32, before rounding). A group's sum stays in fp32 registers and is rounded once: no per-query-head copies of
-    k and v, no fp32 gradients per query head, no sum afterwards."""
+    k and v, no fp32 gradients per query head, no sum afterwards. MAP: q and k are the features of an elementwise
+    map, and dk is the raw key's, times the map's slope."""
     kc = tl.program_id(0)
     kvh = tl.program_id(1).to(tl.int64)
     offs_t = tl.arange(0, BT)
@@ -573,6 +621,8 @@ def _parallel_dkv_kernel(Q, K, V, LK, M, DNUM, DDEN, DK, DV, DB, T, F, D, n_chun
             dv += _dot(tl.trans(_to(sw, dn.dtype, PREC)), dn, PREC)
             da = (_dot(dn, tl.trans(v), PREC) + dden[:, None]) * w
             dk += _dot(tl.trans(_to(da, q.dtype, PREC)), q, PREC)
+    if MAP != 0:  # the key features loaded again, not kept in registers through the walk
+        dk = dk * _feature_grad(_tile(K, _row(kvh, NKV, s_kb, s_kh), s_kt, tk, kin, offs_f, fmask), MAP)
     tl.store(DK + kvh * T * F + tk[:, None] * F + offs_f[None, :], _to(dk, DK.dtype.element_ty, PREC),
              mask=kin[:, None] & fmask[None, :])
     tl.store(DV + kvh * T * D + tk[:, None] * D + offs_v[None, :], _to(dv, DV.dtype.element_ty, PREC),
@@ -726,8 +776,9 @@ def _forward(q, k, v, lk, fmap: int = 0):
 
 class _CausalLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, lk):
-        out, saved, ctx.meta, ctx.shape = _forward(q, k, v, lk)
+    def forward(ctx, q, k, v, lk, fmap=0):
+        out, saved, ctx.meta, ctx.shape = _forward(q, k, v, lk, fmap)
+        ctx.meta = {**ctx.meta, "MAP": fmap}  # q, k saved raw: the backward maps them once (`_map_features`)
         ctx.save_for_backward(*saved)  # H, Z kept: O(T F D / 64), a walk fewer in the backward
         f, t = q.shape[-1], q.shape[-2]
         ctx.parallel_bwd = t <= parallel_max_t(f) and f <= PARALLEL_BWD_MAX_F  # decided with the forward's rule
@@ -740,6 +791,8 @@ class _CausalLinear(torch.autograd.Function):
         meta = ctx.meta
         (dout,) = _unit_stride(dout)
         dnum, dden = v.new_empty(b * nh, t, d), torch.empty_like(den)
+        if meta["MAP"]:  # the forward mapped q and k as it loaded them: the backward's features, one launch for both
+            q, k = _map_features(q, k, meta)
         _grad_prep_kernel[(n_chunks, b * nh)](dout, out, den, dnum, dden, t, d, nh, *_strides(dout, out), meta["PREC"],
                                               BT, meta["BV"])
         if ctx.parallel_bwd:
@@ -747,7 +800,23 @@ class _CausalLinear(torch.autograd.Function):
         else:
             dq, dk, dv, db = _chunked_backward(q, k, v, lkf, pex, dnum, dden, meta, ctx.shape, h, z)
         dlk = db.reshape(b, nkv, t) if meta["HAS_SCALE"] and ctx.needs_input_grad[3] else None
-        return dq.reshape(b, nh, t, f), dk.reshape(b, nkv, t, f), dv.reshape(b, nkv, t, d), dlk
+        return dq.reshape(b, nh, t, f), dk.reshape(b, nkv, t, f), dv.reshape(b, nkv, t, d), dlk, None
+
+
+def _map_features(q, k, meta):
+    """(phi(q) [B, H, T, F], phi(k) [B, Hkv, T, F]), contiguous, for the backward of the forward that mapped q and k
+    on load (meta["MAP"]). The backward's kernels then read features as without a map and apply its slope to dq and
+    dk as they write them. Mapping on load inside their walks instead (each q or k tile mapped every time a walk
+    reads it) made linear's SmolLM2 fwd+bwd call 168 us against 96 with PyTorch's maps at 1024 tokens on the H200
+    (`benchmarks/short_calls.py`, `_parallel_dkv_kernel` alone 114 us): the mapped tiles no longer fed the dots
+    from the pipelined loads."""
+    b, nh, t, f = q.shape
+    nkv = k.shape[1]
+    fq, fk = q.new_empty(b, nh, t, f), k.new_empty(b, nkv, t, f)
+    _map_kernel[(triton.cdiv(t, BT), b * (nh + nkv))](q, k, fq, fk, t, f, nh, nkv, b * nh, *_strides(q, k),
+                                                      MAP=meta["MAP"], PREC=meta["PREC"], BT=BT,
+                                                      BF=max(16, triton.next_power_of_2(f)))
+    return fq, fk
 
 
 def _parallel_backward(q, k, v, lkf, dnum, dden, meta, shape):
@@ -757,13 +826,13 @@ def _parallel_backward(q, k, v, lkf, dnum, dden, meta, shape):
     groups = nh // nkv
     mrow = lkf.cummax(-1).values if meta["HAS_SCALE"] else lkf  # M_i per kv head (unread without log-scales)
     pmeta = dict(HAS_SCALE=meta["HAS_SCALE"], PREC=meta["PREC"], BT=BT, BF=max(16, triton.next_power_of_2(f)),
-                 BV=meta["BV"])
+                 BV=meta["BV"], MAP=meta["MAP"])
     dq = q.new_empty(b * nh, t, f)
     dk, dv = k.new_empty(b * nkv, t, f), v.new_empty(b * nkv, t, d)
     db = lkf.new_empty(b * nkv, t) if meta["HAS_SCALE"] else None
     launch = CONFIG["grad"]
-    _parallel_dq_kernel[(n_chunks, b * nh)](k, v, lkf, mrow, dnum, dden, dq, t, f, d, groups, nkv, *_strides(k, v),
-                                            **pmeta, **launch)
+    _parallel_dq_kernel[(n_chunks, b * nh)](q, k, v, lkf, mrow, dnum, dden, dq, t, f, d, groups, nh, nkv,
+                                            *_strides(q, k, v), **pmeta, **launch)
     _parallel_dkv_kernel[(n_chunks, b * nkv)](q, k, v, lkf, mrow, dnum, dden, dk, dv, dden if db is None else db, t, f,
                                               d, n_chunks, groups, nh, nkv, *_strides(q, k, v), **pmeta, **launch)
     return dq, dk, dv, db
@@ -778,20 +847,25 @@ def _chunked_backward(q, k, v, lkf, pex, dnum, dden, meta, shape, h=None, z=None
     q, k, v = (x.reshape(-1, t, x.shape[-1]).contiguous() for x in (q, k, v))  # contiguous [BH, T, *] rows
     if pex is None:  # the forward ran the parallel pass
         pex = _exclusive_chunk_max(lkf, n_chunks)
+    meta = dict(meta)
+    fmap = meta.pop("MAP")  # q and k are an elementwise map's features: dq, dk get its slope (0: no map)
     if h is None:
         h, z = _states(k, v, lkf, pex, meta, n_chunks)
     g, gz = torch.empty_like(h), torch.empty_like(z)
     _segmented(_grad_state_kernel, (q, lkf, pex, dnum, dden), g, gz, t, f, d, n_chunks, meta, GRP=groups)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     db = torch.empty_like(lkf) if meta["HAS_SCALE"] else lkf  # unwritten without log-scales
-    _grad_dq_kernel[(n_chunks, b * nh)](k, v, lkf, pex, h, z, dnum, dden, dq, t, f, d, n_chunks, groups, **meta,
-                                        **CONFIG["grad"])
+    _grad_dq_kernel[(n_chunks, b * nh)](q, k, v, lkf, pex, h, z, dnum, dden, dq, t, f, d, n_chunks, groups, **meta,
+                                        MAP=fmap, **CONFIG["grad"])
     _grad_dkv_kernel[(n_chunks, b * nkv)](q, k, v, lkf, pex, g, gz, dnum, dden, dk, dv, db, t, f, d, n_chunks, groups,
-                                          **meta, **CONFIG["grad"])
+                                          **meta, MAP=fmap, **CONFIG["grad"])
     return dq, dk, dv, db if meta["HAS_SCALE"] else None
 
 
-FEATURE_MAPS = {"elu": 1, "relu": 2}  # elementwise maps the forward kernels can apply on load (`_feature`)
+FEATURE_MAPS = {"elu": 1, "relu": 2}  # elementwise maps the kernels can apply on load (`_feature`)
+# whether a method's elementwise map runs inside the kernels while gradients are recorded too (methods/_kernel.py;
+# inference always maps there); False maps q and k first, as PyTorch ops with their own backward
+MAP_WITH_GRAD = True
 
 
 def causal_linear(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_log_scale: torch.Tensor | None = None,
@@ -801,9 +875,10 @@ def causal_linear(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_log_sca
     no visible key are 0. Hkv < H is grouped-query attention (Hkv divides H; query head h reads kv head h // (H /
     Hkv)): the states are the kv heads', and both backwards sum each group in its kv head's programs.
 
-    feature_map "elu" | "relu": q and k are the raw queries and keys, mapped inside the forward kernels as they are
-    loaded (no feature tensors written, two launches fewer a call); forward only, so refused while gradients are
-    being recorded for q, k or v, and without key log-scales."""
+    feature_map "elu" | "relu": q and k are the raw queries and keys, mapped inside the forward's kernels as they are
+    loaded (no feature tensors written or saved); with gradients the backward maps them once, one launch for both
+    (`_map_features`), and applies the map's slope to dq and dk as its kernels write them: one launch where mapping
+    first takes four (two maps, two map backwards). Without key log-scales (an elementwise map has none)."""
     if q.shape[1] % k.shape[1] or k.shape[1] != v.shape[1]:
         raise ValueError(f"causal_linear: kv heads (k {k.shape[1]}, v {v.shape[1]}) must agree and divide the "
                          f"query heads ({q.shape[1]})")
@@ -817,9 +892,8 @@ def causal_linear(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_log_sca
         return _CausalLinear.apply(q, k, v, key_log_scale)
     if feature_map not in FEATURE_MAPS:
         raise ValueError(f"causal_linear: feature_map must be one of {sorted(FEATURE_MAPS)}, got {feature_map!r}")
-    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
-        raise ValueError("causal_linear: feature_map= maps q and k inside the forward kernels, which have no "
-                         "backward; map them first when gradients are needed")
     if key_log_scale is not None:
         raise ValueError("causal_linear: feature_map= takes no key log-scales (an elementwise map has none)")
-    return _forward(q, k, v, None, FEATURE_MAPS[feature_map])[0]
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        return _CausalLinear.apply(q, k, v, None, FEATURE_MAPS[feature_map])
+    return _forward(q, k, v, None, FEATURE_MAPS[feature_map])[0]  # inference: no autograd node, nothing saved
