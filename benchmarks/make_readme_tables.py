@@ -246,7 +246,17 @@ def model_table() -> str:
               ("model_bench_graph_kv_backward.json", "**CUDA graph, the chunked backward per kv head** "
                "(`model_bench_graph_kv_backward.json`: the same command, the working tree of 95e54ae but for a "
                "docstring: the reverse walk and dk, dv per kv head over its group, no expanded k, v and no group "
-               "sums):", "CUDA graph, chunked backward per kv head"))
+               "sums):", "CUDA graph, chunked backward per kv head"),
+              ("model_bench_graph_fused_bwd_map_on_load.json", "**CUDA graph, window's backward in two launches** "
+               "(`model_bench_graph_fused_bwd_map_on_load.json`: `python benchmarks/model_bench.py --device cuda "
+               "--dtype bfloat16 --cuda-graph --lengths 1024,4096,16384 --methods linear,window --originals sdpa "
+               "--modes fwd,fwd+bwd --budget-s 230`, the window of 1d2e1b4; its linear rows are a discarded working "
+               "tree that mapped q and k on load inside every backward kernel's walk, 1.25x at 1024):",
+               "CUDA graph, window backward in two launches"),
+              ("model_bench_graph_map_bwd.json", "**CUDA graph, linear's map inside the kernels with gradients** "
+               "(`model_bench_graph_map_bwd.json`: the same command with `--methods linear --budget-s 190`, commit "
+               "dd51f8f: the forward maps raw q, k on load, the backward maps them once in one launch and applies "
+               "the slope to dq, dk in its kernels):", "CUDA graph, linear map with gradients"))
     for name, prose, label in graphs:
         if (MODEL_DIR / name).exists():
             gr = json.load(open(MODEL_DIR / name))
