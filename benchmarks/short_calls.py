@@ -13,7 +13,8 @@ replays, variants interleaved round by round. Variants:
     parallel pass (`ops.linear_triton.CONFIG["parallel"]`, `linear+p64w4s2` ...; F = 256: `"parallel_wide"`,
     `performer+p64w8s2` ...);
   - `linear+premap`: with gradients, q and k mapped by PyTorch ops before the kernels (`MAP_WITH_GRAD = False`),
-    not inside them;
+    not inside them; `linear+walkq`, `performer+walkq`: the chunked backward's reverse walk per query head
+    (`REVERSE_WALK = "query"`) instead of per kv head;
   - performer's parts: `favor_map` (the FAVOR+ map of q and of k, two launches) and `favor_core` (the causal
     kernels on the mapped features, F = 256, with the key log-scales), in each form.
 fwd runs under no_grad (linear then maps q and k inside its kernels); fwd+bwd records gradients for q, k, v.
@@ -170,12 +171,14 @@ def main(argv=None) -> int:
     if "linear" in methods:
         variants += [(f"linear+{form}", FORMS[form]) for form in ("chunked", "parallel")]
         variants += [("linear+premap", {"MAP_WITH_GRAD": False})]  # with gradients, q and k mapped first (PyTorch)
+        variants += [("linear+walkq", {"REVERSE_WALK": "query"})]
         if a.configs:
             variants += [(f"linear+p{bn}w{w}s{s}",
                           {**FORMS["parallel"], "parallel": dict(BN=bn, num_warps=w, num_stages=s)})
                          for bn, w, s in itertools.product((64, 128), (4, 8), (1, 2, 3))]
     if "performer" in methods:
         variants += [(f"performer+{form}", FORMS[form]) for form in FORMS]
+        variants += [("performer+walkq", {"REVERSE_WALK": "query"})]
         variants += [("favor_map", {})] + [(f"favor_core+{form}", FORMS[form]) for form in FORMS]
         if a.configs:  # the wide parallel passes' launch settings (F = 256)
             variants += [(f"performer+p{bn}w{w}s{s}",

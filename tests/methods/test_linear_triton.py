@@ -156,6 +156,36 @@ def test_grouped_query_heads_read_their_kv_head(kernels, seg, scale, monkeypatch
         kernels.causal_linear(ins[0].detach()[:, :, :64], ins[1].detach(), ins[2].detach())
 
 
+@pytest.mark.parametrize("seg", [None, 1])
+def test_reverse_walk_per_query_head(chunked, seg, monkeypatch):
+    """REVERSE_WALK = "query": the chunked backward's reverse walk per query head (its kv head's log-scales and chunk
+    maxima), the dk, dv pass summing each kv head's walks as it reads them: the same gradients as the walk per kv head
+    and as the quadratic form (GQA, 4 query heads on 2, 3 and 2 when expanded; key log-scales; in one segment and in
+    segments of one chunk)."""
+    from attnlab.methods.base import repeat_kv
+
+    monkeypatch.setattr(chunked, "SEGMENT_LEN", seg)
+    g = torch.Generator().manual_seed(23)
+    q = torch.rand(2, 4, 150, 32, generator=g, dtype=torch.float64)
+    k = torch.rand(2, 2, 150, 32, generator=g, dtype=torch.float64)
+    v = torch.randn(2, 2, 150, 16, generator=g, dtype=torch.float64)
+    lk = torch.randn(2, 2, 150, generator=g, dtype=torch.float64) * 4
+    w = torch.randn(2, 4, 150, 16, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    ref_ins = [x.clone().requires_grad_(True) for x in (q, k, v, lk)]
+    want = _quadratic(ref_ins[0], repeat_kv(ref_ins[1], 2), repeat_kv(ref_ins[2], 2),
+                      repeat_kv(ref_ins[3][..., None], 2)[..., 0])
+    ref = torch.autograd.grad((want * w).sum(), ref_ins)
+    got = {}
+    for walk in ("kv", "query"):
+        monkeypatch.setattr(chunked, "REVERSE_WALK", walk)
+        ins = [x.float().requires_grad_(True) for x in (q, k, v, lk)]
+        out = _kernel_out(chunked, *ins)
+        got[walk] = torch.autograd.grad((out.double() * w).sum(), ins)
+    for name, a, b, r in zip("q k v b".split(), got["query"], got["kv"], ref):
+        assert max_err(a, r) <= 1e-4 * r.abs().max().item(), name
+        assert max_err(a, b) <= 1e-5 * b.abs().max().item(), name
+
+
 @pytest.mark.parametrize("scale", [False, True], ids=["plain", "log-scale"])
 def test_inputs_read_and_output_written_in_the_callers_layout(kernels, scale):
     """q, k, v as transformers hands them over (one fused projection [B, T, H F + Hkv F + Hkv D] split and seen as

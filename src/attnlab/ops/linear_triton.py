@@ -216,18 +216,20 @@ def _state_kernel(K, V, LK, PEX, H, Z, SEG, SEGZ, T, F, D, n_chunks, seg_len, n_
 
 
 @triton.jit
-def _grad_state_kernel(Q, LK, PEX, DNUM, DDEN, G, GZ, SEG, SEGZ, T, F, D, n_chunks, seg_len, n_seg, GRP,
+def _grad_state_kernel(Q, LK, PEX, DNUM, DDEN, G, GZ, SEG, SEGZ, T, F, D, n_chunks, seg_len, n_seg, WG, NG,
                        SUMS: tl.constexpr, HAS_SCALE: tl.constexpr, PREC: tl.constexpr,
                        BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    """The reverse pass, per kv head over its GRP query heads (query row kv GRP + j): G[c] = sum_j sum_{i after
-    chunk c} e^{P_{c+1} - M_i} q_ji dnum_ji^T (matmul dtype) and GZ[c] = the same with dden_ji (fp32); every factor
-    <= 1 since M_i >= P_{c+1} (b, P and M are the kv head's). In segments as `_state_kernel`, walked backwards: SUMS
-    writes SEG[g] = the sum over chunks [c0, c1) with e^{P_{c0} - M_i} (and SEGZ); otherwise a segment starts from
-    the later segments' sums brought to P_{c1}. Measured on the H200 (short_calls.py, SmolLM2's 9 heads on 3):
-    performer's fwd+bwd call 234 us at 2048 tokens against 290 with the expanded per-query-head backward, but 229
-    against 201 at 1024, where this walk is the critical path and each of its 16 steps takes GRP dots."""
+    """The reverse pass, one walk per row bh over WG query heads (query rows bh WG + j; NG = G / WG walks per kv head,
+    kv head bh // NG: `REVERSE_WALK`): G[c] = sum_j sum_{i after chunk c} e^{P_{c+1} - M_i} q_ji dnum_ji^T (matmul
+    dtype) and GZ[c] = the same with dden_ji (fp32); every factor <= 1 since M_i >= P_{c+1} (b, P and M are the kv
+    head's). In segments as `_state_kernel`, walked backwards: SUMS writes SEG[g] = the sum over chunks [c0, c1)
+    with e^{P_{c0} - M_i} (and SEGZ); otherwise a segment starts from the later segments' sums brought to P_{c1}.
+    Measured on the H200 (short_calls.py, SmolLM2's 9 heads on 3) with a walk per kv head: performer's fwd+bwd call
+    234 us at 2048 tokens against 290 with the expanded per-query-head backward, but 229 against 201 at 1024, where
+    this walk is the critical path and each of its 16 steps takes WG dots."""
     ik, iv = tl.program_id(0), tl.program_id(1)
     bh = (tl.program_id(2) // n_seg).to(tl.int64)
+    kv = bh // NG
     g = tl.program_id(2) % n_seg
     offs_t = tl.arange(0, BT)
     offs_k = ik * BK + tl.arange(0, BK)
@@ -239,9 +241,9 @@ def _grad_state_kernel(Q, LK, PEX, DNUM, DDEN, G, GZ, SEG, SEGZ, T, F, D, n_chun
     g_kv = tl.zeros([BK, BV], tl.float32)
     g_z = tl.zeros([BK], tl.float32)
     if not SUMS:
-        p1 = tl.load(PEX + bh * (n_chunks + 1) + c1)
+        p1 = tl.load(PEX + kv * (n_chunks + 1) + c1)
         for g2 in range(g + 1, n_seg):  # every factor e^{P_{c1} - P_{c0(g2)}} <= 1
-            fac = _rel_exp(p1 + 0.0, tl.load(PEX + bh * (n_chunks + 1) + g2 * seg_len))
+            fac = _rel_exp(p1 + 0.0, tl.load(PEX + kv * (n_chunks + 1) + g2 * seg_len))
             row2 = bh * n_seg + g2
             g_kv += fac * tl.load(SEG + (row2 * F + offs_k[:, None]) * D + offs_v[None, :], mask=st_mask, other=0.0)
             g_z += fac * tl.load(SEGZ + row2 * F + offs_k, mask=kmask, other=0.0)
@@ -255,11 +257,11 @@ def _grad_state_kernel(Q, LK, PEX, DNUM, DDEN, G, GZ, SEG, SEGZ, T, F, D, n_chun
                 tl.store(GZ + row * F + offs_k, g_z, mask=kmask)
         t = c * BT + offs_t
         tmask = t < T
-        _, qfac, _, sfac = _weights(LK, PEX, bh, c, n_chunks, T, offs_t, BT)
+        _, qfac, _, sfac = _weights(LK, PEX, kv, c, n_chunks, T, offs_t, BT)
         g_kv = g_kv * sfac
         g_z = g_z * sfac
-        for j in range(0, GRP):
-            qh = bh * GRP + j
+        for j in range(0, WG):
+            qh = bh * WG + j
             q = tl.load(Q + qh * T * F + t[:, None] * F + offs_k[None, :], mask=tmask[:, None] & kmask[None, :],
                         other=0.0)
             dnum = tl.load(DNUM + qh * T * D + t[:, None] * D + offs_v[None, :],
@@ -483,18 +485,35 @@ def _grad_dq_kernel(Q, K, V, LK, PEX, H, Z, DNUM, DDEN, DQ, T, F, D, n_chunks, G
 
 
 @triton.jit
-def _grad_dkv_kernel(Q, K, V, LK, PEX, G, GZ, DNUM, DDEN, DK, DV, DB, T, F, D, n_chunks, GRP,
+def _walk_states(G, GZ, kv, c, n_chunks, NG, F, D, offs_k, offs_v, kmask, st_mask, PREC: tl.constexpr):
+    """The reverse states leaving chunk c for kv head kv: its NG walks' rows (kv NG + j) summed, G's in fp32 and rounded
+    once to G's dtype (one walk: its row as stored), GZ's fp32."""
+    row = kv * NG * n_chunks + c
+    g = tl.load(G + (row * F + offs_k[:, None]) * D + offs_v[None, :], mask=st_mask, other=0.0)
+    gz = tl.load(GZ + row * F + offs_k, mask=kmask, other=0.0)
+    if NG > 1:
+        gs = g.to(tl.float32)
+        for j in range(1, NG):
+            row = (kv * NG + j) * n_chunks + c
+            gs += tl.load(G + (row * F + offs_k[:, None]) * D + offs_v[None, :], mask=st_mask, other=0.0).to(tl.float32)
+            gz += tl.load(GZ + row * F + offs_k, mask=kmask, other=0.0)
+        g = _to(gs, G.dtype.element_ty, PREC)
+    return g, gz
+
+
+@triton.jit
+def _grad_dkv_kernel(Q, K, V, LK, PEX, G, GZ, DNUM, DDEN, DK, DV, DB, T, F, D, n_chunks, GRP, NG,
                      HAS_SCALE: tl.constexpr, PREC: tl.constexpr,
                      BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, MAP: tl.constexpr = 0):
     """Chunk c's dk, dv (and db) for one kv head, in parallel over chunks, summed over its GRP query heads (rows
     kv GRP + j) in fp32 registers and rounded once: dk = sum_j dA_j^T q_j + e^{b_j - P_{c+1}} (v G^T + GZ), dv =
     sum_j (w * q_j k^T)^T dnum_j + e^{b_j - P_{c+1}} k G, with G, GZ the reverse states leaving the chunk (the
-    group's, `_grad_state_kernel`); with key log-scales db_j = k_j . dk_j (fp32). No expanded k, v, no gradient
+    group's: the sum of its NG walks' rows, `_grad_state_kernel`); with key log-scales db_j = k_j . dk_j (fp32).
+    No expanded k, v, no gradient
     per query head. MAP: q and k are the features of an elementwise map, and dk is the raw key's, times the map's
     slope."""
     c = tl.program_id(0)
     kv = tl.program_id(1).to(tl.int64)
-    row = kv * n_chunks + c
     offs_t, offs_v, vmask, t, tmask, tv_mask, v = _chunk_values(V, kv, c, T, D, BT, BV)
     w, _, kfac, _ = _weights(LK, PEX, kv, c, n_chunks, T, offs_t, BT)
     dv = tl.zeros([BT, BV], tl.float32)
@@ -516,8 +535,7 @@ def _grad_dkv_kernel(Q, K, V, LK, PEX, G, GZ, DNUM, DDEN, DK, DV, DB, T, F, D, n
         qk_mask = tmask[:, None] & kmask[None, :]
         st_mask = kmask[:, None] & vmask[None, :]
         k = tl.load(K + kv * T * F + t[:, None] * F + offs_k[None, :], mask=qk_mask, other=0.0)
-        g = tl.load(G + (row * F + offs_k[:, None]) * D + offs_v[None, :], mask=st_mask, other=0.0)
-        gz = tl.load(GZ + row * F + offs_k, mask=kmask, other=0.0)
+        g, gz = _walk_states(G, GZ, kv, c, n_chunks, NG, F, D, offs_k, offs_v, kmask, st_mask, PREC)
         dv += _dot(_to(k.to(tl.float32) * kfac[:, None], k.dtype, PREC), g, PREC)
         dk = (_dot(v, tl.trans(g), PREC) + gz[None, :]) * kfac[:, None]
         for j in range(0, GRP):
@@ -658,6 +676,13 @@ def segment_len(n_chunks: int, programs: int = 1, sms: int = 132) -> int:
     chain = 2 * seg + -(-n_chunks // seg)
     return seg if seg < n_chunks and chain < 0.75 * n_chunks else n_chunks
 
+
+# The chunked backward's reverse walk (`_grad_state_kernel`): "kv", one walk per kv head over its group's query
+# heads (each of its N steps takes G dots; the default, measured on the H200 at SmolLM2's 9 heads on 3: performer
+# fwd+bwd 234 us a call at 2048, 229 at 1024), or "query", one walk per query head (3x the programs, each step one dot)
+# whose rows `_grad_dkv_kernel` sums per kv head as it reads them (3x the reads). Not yet timed on a GPU:
+# `benchmarks/short_calls.py`'s `+walkq` variants compare them.
+REVERSE_WALK = "kv"
 
 PARALLEL_MAX_F = 256  # the parallel passes hold every feature of a row in one tile: wider maps take the chunked form
 PARALLEL_BWD_MAX_F = 128  # the parallel backward keeps a [64, F] fp32 accumulator per program: wider maps (FAVOR+'s
@@ -851,14 +876,17 @@ def _chunked_backward(q, k, v, lkf, pex, dnum, dden, meta, shape, h=None, z=None
     fmap = meta.pop("MAP")  # q and k are an elementwise map's features: dq, dk get its slope (0: no map)
     if h is None:
         h, z = _states(k, v, lkf, pex, meta, n_chunks)
-    g, gz = torch.empty_like(h), torch.empty_like(z)
-    _segmented(_grad_state_kernel, (q, lkf, pex, dnum, dden), g, gz, t, f, d, n_chunks, meta, GRP=groups)
+    wg = groups if REVERSE_WALK == "kv" else 1  # query heads a reverse walk takes
+    g = h.new_empty(b * nh // wg, n_chunks, f, d)
+    gz = z.new_empty(b * nh // wg, n_chunks, f)
+    _segmented(_grad_state_kernel, (q, lkf, pex, dnum, dden), g, gz, t, f, d, n_chunks, meta, WG=wg,
+               NG=groups // wg)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     db = torch.empty_like(lkf) if meta["HAS_SCALE"] else lkf  # unwritten without log-scales
     _grad_dq_kernel[(n_chunks, b * nh)](q, k, v, lkf, pex, h, z, dnum, dden, dq, t, f, d, n_chunks, groups, **meta,
                                         MAP=fmap, **CONFIG["grad"])
     _grad_dkv_kernel[(n_chunks, b * nkv)](q, k, v, lkf, pex, g, gz, dnum, dden, dk, dv, db, t, f, d, n_chunks, groups,
-                                          **meta, MAP=fmap, **CONFIG["grad"])
+                                          groups // wg, **meta, MAP=fmap, **CONFIG["grad"])
     return dq, dk, dv, db if meta["HAS_SCALE"] else None
 
 
