@@ -110,8 +110,8 @@ def test_band_masks_match_the_reference(monkeypatch, tq, tk, window, sinks, caus
 
     monkeypatch.setattr(window_triton, "BAND", band)
     bm, bn = tiles
-    monkeypatch.setattr(window_triton, "INTERPRETED", {"fwd": dict(BM=bm, BN=bn), "dkdv": dict(BM=bm, BN=bn),
-                                                      "dq": dict(BM=bn, BN=bm)})
+    monkeypatch.setattr(window_triton, "INTERPRETED", {**window_triton.INTERPRETED, "fwd": dict(BM=bm, BN=bn),
+                                                      "dkdv": dict(BM=bm, BN=bn), "dq": dict(BM=bn, BN=bm)})
     q, k, v = rand_qkv(b=1, h=2, tq=tq, tk=tk, d=16, seed=tq + window)
     kpm = None
     if padded:
@@ -185,8 +185,8 @@ def test_sink_tiles_backward_in_chunks(monkeypatch, case, chunk_tiles, tiles):
     tq, tk, window, sinks, causal, padded = case
     monkeypatch.setattr(window_triton, "SINK_CHUNK_TILES", chunk_tiles)
     bm, bn = tiles
-    monkeypatch.setattr(window_triton, "INTERPRETED", {"fwd": dict(BM=16, BN=16), "dkdv": dict(BM=bm, BN=bn),
-                                                      "dq": dict(BM=16, BN=16)})
+    monkeypatch.setattr(window_triton, "INTERPRETED", {**window_triton.INTERPRETED, "fwd": dict(BM=16, BN=16),
+                                                      "dkdv": dict(BM=bm, BN=bn), "dq": dict(BM=16, BN=16)})
     q, k, v = rand_qkv(b=2, h=2, hkv=1, tq=tq, tk=tk, d=16, seed=tq + sinks)
     kpm = None
     if padded:

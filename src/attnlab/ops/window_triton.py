@@ -509,7 +509,7 @@ def _bwd(Q, K, V, PAD, DO, LSE, DELTA, DQ, DK, DV, LAY, IDX, CNT, IDXT, CNTT, DK
 
 def _config(stage: str, d: int) -> dict:
     if interpreted():
-        return INTERPRETED.get(stage, {})
+        return INTERPRETED[stage]
     return (CONFIG if d <= 64 else CONFIG_WIDE)[stage]
 
 
