@@ -3,6 +3,8 @@
     PYTHONPATH=src python benchmarks/profile_call.py lsh --t 65536 --mode fwd+bwd [--option backend=compiled]
     PYTHONPATH=src python benchmarks/profile_call.py window --t 4096 --causal --mode fwd+bwd --host
     PYTHONPATH=src python benchmarks/profile_call.py performer --t 1024 --heads 9 --kv-heads 3 --causal --mode fwd+bwd
+    PYTHONPATH=src python benchmarks/profile_call.py performer --t 1024 --heads 9 --kv-heads 3 --causal --mode fwd+bwd \
+        --hf-layout   # q, k, v and the output in transformers' layout, as a swapped SmolLM2 layer sees them
 
 bf16, batch 1, 16 heads, head dim 64 (the bench's long-length shape) unless told otherwise. Prints the CUDA
 kernels by total time (per call), the device time per call and the call's wall time, and writes the table as JSON
@@ -34,6 +36,9 @@ def main(argv=None) -> int:
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--mode", choices=("fwd", "fwd+bwd"), default="fwd")
     p.add_argument("--causal", action="store_true")
+    p.add_argument("--hf-layout", action="store_true",
+                   help="q, k, v as transformers hands them over (views of one [B, T, (H + 2 Hkv) D] projection) and the "
+                        "output through the adapter's transpose(1, 2).contiguous(), as benchmarks/short_calls.py")
     p.add_argument("--option", action="append", default=[], help="NAME=VALUE, repeatable (the method's options)")
     p.add_argument("--calls", type=int, default=5, help="profiled calls (after 3 warm-up calls)")
     p.add_argument("--top", type=int, default=15)
@@ -46,17 +51,26 @@ def main(argv=None) -> int:
     hkv = args.kv_heads or args.heads
     m = attnlab.make(args.method, head_dim=args.head_dim, num_heads=args.heads, num_kv_heads=hkv, **opts).cuda()
     g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(args.batch, h, args.t, args.head_dim, device="cuda", dtype=torch.bfloat16, generator=g)
-               for h in (args.heads, hkv, hkv))
     grad = args.mode == "fwd+bwd"
+    heads = (args.heads, hkv, hkv)
+    if args.hf_layout:
+        row = torch.randn(args.batch, args.t, sum(heads) * args.head_dim, device="cuda", dtype=torch.bfloat16,
+                          generator=g)
+        q, k, v = (x.unflatten(-1, (-1, args.head_dim)).transpose(1, 2).detach()
+                   for x in row.split([h * args.head_dim for h in heads], dim=-1))
+    else:
+        q, k, v = (torch.randn(args.batch, h, args.t, args.head_dim, device="cuda", dtype=torch.bfloat16, generator=g)
+                   for h in heads)
     for x in (q, k, v):
         x.requires_grad_(grad)
 
     def call():
         with torch.set_grad_enabled(grad):
             out = m(q, k, v, causal=args.causal).out
-            if grad:
-                out.backward(torch.ones_like(out))
+            if args.hf_layout:
+                out = out.transpose(1, 2).contiguous()
+            if grad:  # gradients returned, not accumulated into .grad (no accumulation kernels in the profile)
+                torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
 
     for _ in range(3):
         call()
@@ -84,7 +98,8 @@ def main(argv=None) -> int:
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"method": args.method, "options": opts, "kernel": m.kernel, "t": args.t, "mode": args.mode,
-                       "causal": args.causal, "device_ms": total, "wall_ms": wall, "kernels": rows,
+                       "causal": args.causal, "heads": args.heads, "kv_heads": hkv, "hf_layout": args.hf_layout,
+                       "device_ms": total, "wall_ms": wall, "kernels": rows,
                        "device": torch.cuda.get_device_name()}, f, indent=1)
     return 0
 
@@ -122,7 +137,8 @@ def _host(args, opts, m, call) -> int:
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"method": args.method, "options": opts, "kernel": m.kernel, "t": args.t, "mode": args.mode,
-                       "causal": args.causal, "host_us": host_us, "host_loops_us": loops, "functions": rows[:60],
+                       "causal": args.causal, "heads": args.heads, "kv_heads": args.kv_heads or args.heads,
+                       "hf_layout": args.hf_layout, "host_us": host_us, "host_loops_us": loops, "functions": rows[:60],
                        "device": torch.cuda.get_device_name()}, f, indent=1)
     return 0
 

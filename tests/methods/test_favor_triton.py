@@ -30,6 +30,16 @@ def ft():
         yield favor_triton
 
 
+@pytest.fixture(params=["one", "two"], ids=["one-sweep", "two-sweeps"])
+def sweep(ft, request, monkeypatch):
+    """Both forms of the forward: every feature in one tile (M = 96 <= ONE_SWEEP_MAX_M), or two sweeps of BM = 64
+    features (the second block partial), as maps wider than ONE_SWEEP_MAX_M run (the backward walks BM-feature
+    blocks in both)."""
+    if request.param == "two":
+        monkeypatch.setattr(ft, "ONE_SWEEP_MAX_M", 64)
+    return request.param
+
+
 def _inputs(dtype, seed=0, rows=70):
     from attnlab.feature_maps import orthogonal_gaussian
 
@@ -47,7 +57,7 @@ def _ref(x, feat, scale):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_features_and_log_scales_match_the_fp32_map(ft, dtype):
+def test_features_and_log_scales_match_the_fp32_map(ft, sweep, dtype):
     """Only the output's rounding to the half dtype may differ from fp64: the split hi + lo projection is as good as
     the fp32 GEMM (without lo, bf16 rounding of w moves x.w by ~0.05 and every feature by ~5%: this fails)."""
     scale = D ** -0.5
@@ -62,7 +72,7 @@ def test_features_and_log_scales_match_the_fp32_map(ft, dtype):
     assert rel <= (2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10)  # within the dtype's rounding
 
 
-def test_row_maxima_span_every_feature_block(ft):
+def test_row_maxima_span_every_feature_block(ft, sweep):
     """A feature in the second block that is the largest: the row's max must include it (each row's largest feature
     is exactly exp(log_inv) = m^-1/2 before rounding); a per-block max would give the first block's rows a different
     scale and break that identity."""
@@ -123,29 +133,55 @@ def test_performer_runs_the_kernel_for_half_inputs_only(ft, monkeypatch):
     assert "half-precision" in favor_triton_reasons(q)[-1]
 
 
-def test_rows_read_where_they_lie_in_memory(ft):
+def test_rows_read_where_they_lie_in_memory(ft, sweep):
     """q as transformers hands it over ([B, H, T, D] seen in [B, T, H, D] memory) is mapped where it lies: the same
     features and log-scales as a contiguous copy's (to fp32 rounding: a row's dots run in another block), phi and b
-    in x's memory order (their transpose back contiguous, no copy made), and the same gradient. Rows that do not lie densely (every other token) are copied
-    first and give the same result too. A wrong inverse order puts rows in the wrong places and fails."""
+    contiguous [B, H, T, *] whatever x's layout (the rows the causal kernels' backward reads without a copy). The
+    backward reads dphi with its strides and writes dx in x's layout (the caller's projection gets its gradient
+    without a copy), the same gradient as the contiguous input's. Rows that do not lie densely (every other token)
+    give the same result too. A wrong batch, head or token stride in either kernel reads other rows and fails."""
     scale = D ** -0.5
     consts = (math.sqrt(scale), scale / 2, -0.5 * math.log(M))
     x, feat = _inputs(torch.bfloat16, seed=3)
     held = x.transpose(1, 2).contiguous().transpose(1, 2)  # [2, 3, 70, D] values, [2, 70, 3, D] memory
-    cycled = x.permute(2, 0, 1, 3).contiguous().permute(1, 2, 0, 3)  # [70, 2, 3, D] memory: an order not its own inverse
+    cycled = x.permute(2, 0, 1, 3).contiguous().permute(1, 2, 0, 3)  # [70, 2, 3, D] memory
     sparse = torch.zeros(2, 3, 140, D, dtype=x.dtype)
     sparse[:, :, ::2] = x
     sparse = sparse[:, :, ::2]  # [2, 3, 70, D] values, every other row of a longer tensor
     want_phi, want_b = ft.favor_features(x, feat, *consts)
-    for y in (held, cycled, sparse):  # rows in other blocks of the kernel: fp32 dots may round differently
+    w = torch.randn(want_phi.shape, generator=torch.Generator().manual_seed(2)).to(want_phi.dtype)
+    x0 = x.detach().clone().requires_grad_(True)
+    want_dx = torch.autograd.grad((ft.favor_features(x0, feat, *consts)[0] * w).float().sum(), x0)[0]
+    for y in (held, cycled):  # rows in other blocks of the kernel: fp32 dots may round differently
+        y = y.detach()
         phi, b = ft.favor_features(y, feat, *consts)
+        assert phi.is_contiguous() and b.is_contiguous()
         assert max_err(b, want_b) <= 1e-6 * want_b.abs().max().item()
         assert max_err(phi, want_phi) <= 2.0 ** -8 * want_phi.abs().max().item()
-    phi, b = ft.favor_features(held, feat, *consts)
-    assert phi.transpose(1, 2).is_contiguous() and b.transpose(1, 2).is_contiguous()
-    phi, b = ft.favor_features(cycled, feat, *consts)
-    assert phi.permute(2, 0, 1, 3).is_contiguous() and b.permute(2, 0, 1).is_contiguous()
-    w = torch.randn(phi.shape, generator=torch.Generator().manual_seed(2)).to(phi.dtype)
-    xs = [t.detach().clone().requires_grad_(True) for t in (x, held)]
-    grads = [torch.autograd.grad((ft.favor_features(t, feat, *consts)[0] * w).float().sum(), t)[0] for t in xs]
-    assert max_err(grads[0], grads[1]) <= 2.0 ** -7 * grads[0].abs().max().item()
+        yg = y.requires_grad_(True)
+        for wl in (w, w.transpose(1, 2).contiguous().transpose(1, 2)):  # dphi contiguous and in another layout
+            dx = torch.autograd.grad((ft.favor_features(yg, feat, *consts)[0] * wl).float().sum(), yg)[0]
+            assert max_err(dx, want_dx) <= 2.0 ** -7 * want_dx.abs().max().item()
+        assert dx.stride() == y.stride()  # x's layout
+    y = sparse.detach().requires_grad_(True)  # not dense: read with its strides
+    phi, _ = ft.favor_features(y, feat, *consts)
+    assert max_err(phi, want_phi) <= 2.0 ** -8 * want_phi.abs().max().item()
+    dx = torch.autograd.grad((phi * w).float().sum(), y)[0]
+    assert max_err(dx, want_dx) <= 2.0 ** -7 * want_dx.abs().max().item()
+
+
+def test_other_ranks_map_as_rows(ft):
+    """x of another rank than 4 ([N, D], [B, T, D]) is mapped as one row of tokens: phi [..., m] and b [...] as the
+    4-dim input's, gradients too."""
+    scale = D ** -0.5
+    consts = (math.sqrt(scale), scale / 2, -0.5 * math.log(M))
+    x, feat = _inputs(torch.bfloat16, seed=4)
+    want_phi, want_b = ft.favor_features(x, feat, *consts)
+    for shape in ((-1, D), (6, 70, D)):
+        y = x.reshape(shape).detach().requires_grad_(True)
+        phi, b = ft.favor_features(y, feat, *consts)
+        assert phi.shape == (*y.shape[:-1], M) and b.shape == y.shape[:-1]
+        assert max_err(phi.reshape(want_phi.shape), want_phi) <= 2.0 ** -8 * want_phi.abs().max().item()
+        assert max_err(b.reshape(want_b.shape), want_b) <= 1e-6 * want_b.abs().max().item()
+        dx = torch.autograd.grad(phi.float().sum(), y)[0]
+        assert dx.shape == y.shape and torch.isfinite(dx.float()).all()
