@@ -9,7 +9,8 @@
 3. causal no-leak on CUDA, bit for bit;
 4. the declared extras (lse, column sums) on CUDA vs the CPU path;
 5. inputs in transformers' layout ([B, H, T, D] views of [B, T, H, D] memory) vs contiguous copies;
-6. per method: lsh's buckets, window's band masks, linear's maps inside the kernels with gradients, nystrom's solve.
+6. per method: lsh's buckets, window's band masks, linear's maps inside the kernels with gradients, performer's
+   reverse walks at its 256 features, nystrom's solve.
 
     PYTHONPATH=src python benchmarks/gpu_checks.py               # every method, prints a line per check, exits 1 on a failure
     PYTHONPATH=src python benchmarks/gpu_checks.py linear,window  # only these methods
@@ -384,6 +385,99 @@ def kernel_maps(dtypes) -> int:
     return failures
 
 
+def performer_walks(dtypes) -> int:
+    """performer at its defaults (FAVOR+'s 256 features: `favor_triton`'s one-sweep forward, the chunked passes, the
+    one-node path of `performer_triton` with its two streams) with SmolLM2's 9 query heads on 3, q, k, v in
+    transformers' layout, at 1000 tokens (16 chunks: `reverse_walk` takes the walk per query head) and 1500 (24: per
+    kv head), each walk forced too (`REVERSE_WALK`): outputs and gradients against the same module's fp64 CPU path,
+    within 2x its own bf16 CPU path's error (as check 2), and against each other. The one node against the
+    composition it replaces (`performer_triton.FUSED` off): equal bits (same kernels, same inputs; a race between
+    its streams would show here), also replayed from a CUDA graph (its fork and join captured). check 2 runs
+    performer at its 64-feature test options and 256 tokens, which reach none of this."""
+    from attnlab.ops import linear_triton, performer_triton
+
+    failures = 0
+    for t in (1000, 1500):
+        g = torch.Generator().manual_seed(t)
+        row = torch.randn(1, t, (9 + 3 + 3) * D, generator=g, dtype=torch.float64)
+        m64 = attnlab.make("performer", head_dim=D, num_heads=9, num_kv_heads=3, backend="eager").double()
+
+        def run(m, dev, dtype):
+            r = row.to(dev, dtype, copy=True).requires_grad_(True)
+            q, k, v = (x.unflatten(-1, (-1, D)).transpose(1, 2) for x in r.split([9 * D, 3 * D, 3 * D], dim=-1))
+            out = m(q, k, v, causal=True).out
+            w = torch.linspace(-1, 1, out.numel(), dtype=torch.float64).reshape(out.shape).to(dev, dtype)
+            (out * w).sum().backward()
+            return m.kernel, [out.detach().double().cpu(), r.grad.double().cpu()]
+
+        _, truth = run(m64, "cpu", torch.float64)
+        for dtype in dtypes:
+            _, cpu = run(attnlab.make("performer", head_dim=D, num_heads=9, num_kv_heads=3, backend="eager"), "cpu", dtype)
+            err_cpu = [((a - b).abs().max() / b.abs().max()).item() for a, b in zip(cpu, truth)]
+            got = {}
+            for walk in ("auto", "kv", "query", "composed"):
+                linear_triton.REVERSE_WALK = "auto" if walk == "composed" else walk
+                performer_triton.FUSED = walk != "composed"
+                try:
+                    kern, got[walk] = run(attnlab.make("performer", head_dim=D, num_heads=9, num_kv_heads=3).cuda(),
+                                          "cuda", dtype)
+                finally:
+                    linear_triton.REVERSE_WALK = "auto"
+                    performer_triton.FUSED = True
+                errs = [((a - b).abs().max() / b.abs().max()).item() for a, b in zip(got[walk], truth)]
+                finite = all(bool(torch.isfinite(a).all()) for a in got[walk])
+                ok = finite and all(e <= 2 * c + BOUND[dtype] for e, c in zip(errs, err_cpu))
+                if walk == "composed":  # the same kernels on the same inputs: the same bits
+                    ok = ok and all(torch.equal(a, b) for a, b in zip(got[walk], got["auto"]))
+                elif walk != "auto":
+                    ok = ok and all(((a - b).abs().max() / b.abs().max()).item() <= BOUND[dtype]
+                                    for a, b in zip(got[walk], got["auto"]))
+                failures += not ok
+                print(f"{'ok ' if ok else 'FAIL'} performer-walk T={t:5} walk={walk:8} "
+                      f"(auto: {linear_triton.reverse_walk(256, -(-t // 64))}) {str(dtype):15} kernel={kern}: rel err vs "
+                      f"fp64 out/grad cuda {errs[0]:.1e}/{errs[1]:.1e} cpu {err_cpu[0]:.1e}/{err_cpu[1]:.1e} "
+                      f"finite={finite}" + (" bits equal to the one node" if walk == "composed" else ""), flush=True)
+        failures += _performer_graph(row, t)
+    return failures
+
+
+def _performer_graph(row, t) -> int:
+    """The one-node path's fwd+bwd captured as a CUDA graph and replayed (after other work on both streams): the
+    eager call's bits."""
+    m = attnlab.make("performer", head_dim=D, num_heads=9, num_kv_heads=3).cuda()
+    r = row.to("cuda", torch.bfloat16, copy=True)
+    q, k, v = (x.unflatten(-1, (-1, D)).transpose(1, 2).detach().requires_grad_(True)
+               for x in r.split([9 * D, 3 * D, 3 * D], dim=-1))
+    w = torch.linspace(-1, 1, 9 * t * D, device="cuda").reshape(1, 9, t, D).to(torch.bfloat16)
+
+    def step():
+        out = m(q, k, v, causal=True).out
+        return (out, *torch.autograd.grad(out, (q, k, v), w))
+
+    side = torch.cuda.Stream()  # every eager call on a side stream: a leaf first used on the legacy stream would
+    # make autograd sync that stream inside the capture (an error of the harness, not of the code under test)
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture
+        step()
+        want = [x.clone() for x in step()]
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        held = step()
+    results = []
+    for _ in range(3):
+        with torch.cuda.stream(side):
+            step()  # eager work in between, on both of its streams
+        torch.cuda.current_stream().wait_stream(side)
+        graph.replay()
+        torch.cuda.synchronize()
+        results.append(all(torch.equal(a, b) for a, b in zip(held, want)))
+    ok = all(results) and m.kernel == "triton+favor"
+    print(f"{'ok ' if ok else 'FAIL'} performer-graph T={t:5} kernel={m.kernel}: fwd+bwd replayed from a CUDA graph "
+          f"3x, bits equal to the eager call: {results}", flush=True)
+    return int(not ok)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("methods", nargs="?", default=None, help="comma-separated subset (default: every method)")
@@ -408,6 +502,8 @@ def main(argv=None) -> int:
         failures += window_bands((torch.bfloat16,) if args.quick else (torch.float32, torch.bfloat16))
     if any(variant(n)[0] == "linear" for n in names):
         failures += kernel_maps((torch.bfloat16,) if args.quick else (torch.float32, torch.bfloat16))
+    if any(variant(n)[0] == "performer" for n in names):
+        failures += performer_walks((torch.bfloat16,))
     if any(variant(n)[0] == "nystrom" for n in names):
         failures += nystrom_solve((torch.bfloat16,) if args.quick else (torch.float32, torch.bfloat16))
     print(f"{failures} failure(s) on {torch.cuda.get_device_name()}, torch {torch.__version__} (linear form: "

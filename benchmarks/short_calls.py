@@ -13,10 +13,13 @@ replays, variants interleaved round by round. Variants:
     parallel pass (`ops.linear_triton.CONFIG["parallel"]`, `linear+p64w4s2` ...; F = 256: `"parallel_wide"`,
     `performer+p64w8s2` ...);
   - `linear+premap`: with gradients, q and k mapped by PyTorch ops before the kernels (`MAP_WITH_GRAD = False`),
-    not inside them; `linear+walkq`, `performer+walkq`: the chunked backward's reverse walk per query head
-    (`REVERSE_WALK = "query"`) instead of per kv head;
-  - performer's parts: `favor_map` (the FAVOR+ map of q and of k, two launches) and `favor_core` (the causal
-    kernels on the mapped features, F = 256, with the key log-scales), in each form.
+    not inside them; `+walkq`, `+walkkv` (linear, performer): the chunked backward's reverse walk per query head
+    or per kv head (`REVERSE_WALK`), not by `reverse_walk`'s rule; `performer+unfused`: the map of q, the map of k
+    and the causal kernels as three autograd nodes, each launch after the other (`performer_triton.FUSED = False`);
+  - performer's parts: `favor_map` (the FAVOR+ map of q and of k, two launches; `favor_map+two`: its forward in two sweeps of
+    64 features, as maps wider than `favor_triton.ONE_SWEEP_MAX_M` run; with `--favor-configs`, each (rows,
+    num_warps, num_stages) of the one-sweep forward, `favor_map+n32w4s2` ...) and `favor_core` (the causal kernels on the mapped
+    features, F = 256, with the key log-scales), in each form.
 fwd runs under no_grad (linear then maps q and k inside its kernels); fwd+bwd records gradients for q, k, v.
 
     PYTHONPATH=src python benchmarks/short_calls.py --out OUT            # OUT/short_calls.json
@@ -35,7 +38,9 @@ import torch
 import torch.nn.functional as F
 
 import attnlab
+from attnlab.ops import favor_triton as ft
 from attnlab.ops import linear_triton as lt
+from attnlab.ops import performer_triton as pt
 
 H, HKV, D = 9, 3, 64
 
@@ -55,16 +60,27 @@ FORMS = {"chunked": {"PARALLEL_MAX_T": 0}, "parallel": {"PARALLEL_MAX_T": 1 << 3
 
 
 def _settings(settings: dict):
-    """Install a variant's module settings (`ops.linear_triton` attributes, or CONFIG entries by their key);
-    returns a function restoring them."""
-    saved = {k: (dict(lt.CONFIG[k]) if k in lt.CONFIG else getattr(lt, k)) for k in settings}
+    """Install a variant's module settings (`ops.linear_triton` attributes, or CONFIG entries by their key; "favor."
+    keys: `ops.favor_triton`'s, "performer." keys `ops.performer_triton`'s); returns a function restoring them."""
+    def where(key):
+        for prefix, mod in (("favor.", ft), ("performer.", pt)):
+            if key.startswith(prefix):
+                return mod, key[len(prefix):]
+        return lt, key
+
+    def get(key):
+        mod, k = where(key)
+        return dict(mod.CONFIG[k]) if k in getattr(mod, "CONFIG", {}) else getattr(mod, k)
+
+    saved = {k: get(k) for k in settings}
 
     def put(values):
-        for k, val in values.items():
-            if k in lt.CONFIG:
-                lt.CONFIG[k] = val
+        for key, val in values.items():
+            mod, k = where(key)
+            if k in getattr(mod, "CONFIG", {}):
+                mod.CONFIG[k] = val
             else:
-                setattr(lt, k, val)
+                setattr(mod, k, val)
     put(settings)
     return lambda: put(saved)
 
@@ -81,14 +97,14 @@ def make_call(name: str, t: int, grad: bool):
 
     if name == "sdpa":
         return lambda: finish(F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
-    if name == "favor_map" or name.startswith("favor_core"):
+    if name.split("+")[0] in ("favor_map", "favor_core"):
         m = attnlab.make("performer", head_dim=D, num_heads=H, num_kv_heads=HKV).cuda()
         fm = m.feature_map
         scale = D ** -0.5
         with torch.no_grad():
             pq, _ = fm(q.detach(), scale=scale, is_query=True, compiled=True)
             pk, lk = fm(k.detach(), scale=scale, is_query=False, compiled=True)
-        if name == "favor_map":
+        if name.startswith("favor_map"):
             def call():
                 with torch.set_grad_enabled(grad):
                     a, _ = fm(q, scale=scale, is_query=True, compiled=True)
@@ -147,6 +163,8 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", default="fwd,fwd+bwd")
     ap.add_argument("--configs", action="store_true", help="also each (key tile, num_warps, num_stages) of the "
                                                            "parallel pass")
+    ap.add_argument("--favor-configs", action="store_true", help="also each (rows, num_warps, num_stages) of FAVOR+'s "
+                                                                 "one-sweep map forward")
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--out", required=True)
@@ -171,15 +189,20 @@ def main(argv=None) -> int:
     if "linear" in methods:
         variants += [(f"linear+{form}", FORMS[form]) for form in ("chunked", "parallel")]
         variants += [("linear+premap", {"MAP_WITH_GRAD": False})]  # with gradients, q and k mapped first (PyTorch)
-        variants += [("linear+walkq", {"REVERSE_WALK": "query"})]
+        variants += [("linear+walkq", {"REVERSE_WALK": "query"}), ("linear+walkkv", {"REVERSE_WALK": "kv"})]
         if a.configs:
             variants += [(f"linear+p{bn}w{w}s{s}",
                           {**FORMS["parallel"], "parallel": dict(BN=bn, num_warps=w, num_stages=s)})
                          for bn, w, s in itertools.product((64, 128), (4, 8), (1, 2, 3))]
     if "performer" in methods:
         variants += [(f"performer+{form}", FORMS[form]) for form in FORMS]
-        variants += [("performer+walkq", {"REVERSE_WALK": "query"})]
+        variants += [("performer+walkq", {"REVERSE_WALK": "query"}), ("performer+walkkv", {"REVERSE_WALK": "kv"})]
+        variants += [("performer+unfused", {"performer.FUSED": False})]  # the composition: map q, map k, core
         variants += [("favor_map", {})] + [(f"favor_core+{form}", FORMS[form]) for form in FORMS]
+        variants += [("favor_map+two", {"favor.ONE_SWEEP_MAX_M": 0})]  # two sweeps of 64 features (wider maps' form)
+        if a.favor_configs:  # the one-sweep forward's launch settings
+            variants += [(f"favor_map+n{bn}w{w}s{st}", {"favor.fwd_one": dict(BN=bn, num_warps=w, num_stages=st)})
+                         for bn, w, st in itertools.product((32, 64), (4, 8), (1, 2, 3))]
         if a.configs:  # the wide parallel passes' launch settings (F = 256)
             variants += [(f"performer+p{bn}w{w}s{s}",
                           {**FORMS["parallel"], "parallel_wide": dict(BN=bn, num_warps=w, num_stages=s)})

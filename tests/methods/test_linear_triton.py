@@ -186,6 +186,17 @@ def test_reverse_walk_per_query_head(chunked, seg, monkeypatch):
         assert max_err(a, b) <= 1e-5 * b.abs().max().item(), name
 
 
+def test_reverse_walk_rule(chunked, monkeypatch):
+    """REVERSE_WALK = "auto" takes the walk per query head for narrow maps and for wide ones up to 16 chunks (the
+    measured rule), per kv head for wide maps beyond; "kv" and "query" are taken as set."""
+    assert chunked.REVERSE_WALK == "auto"
+    assert [chunked.reverse_walk(f, n) for f, n in ((64, 16), (64, 1024), (256, 16), (256, 17), (96, 64))] == \
+        ["query", "query", "query", "kv", "kv"]
+    for walk in ("kv", "query"):
+        monkeypatch.setattr(chunked, "REVERSE_WALK", walk)
+        assert chunked.reverse_walk(256, 16) == walk and chunked.reverse_walk(64, 1024) == walk
+
+
 @pytest.mark.parametrize("scale", [False, True], ids=["plain", "log-scale"])
 def test_inputs_read_and_output_written_in_the_callers_layout(kernels, scale):
     """q, k, v as transformers hands them over (one fused projection [B, T, H F + Hkv F + Hkv D] split and seen as

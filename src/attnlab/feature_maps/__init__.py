@@ -41,6 +41,9 @@ class FeatureMap(nn.Module):
     # an elementwise map the causal Triton kernels can apply as they load q and k (`ops.linear_triton.FEATURE_MAPS`):
     # inference then writes no feature tensors
     kernel_map: str | None = None
+    # a map with a one-node causal Triton path of its own defines `causal_triton(q, k, v, *, scale, compiled)`,
+    # returning the output or None where it does not serve (FAVOR+: `ops.performer_triton`)
+    causal_triton = None
 
     def projection_flops(self, head_dim: int) -> int:
         """Matmul FLOPs to map one token (2 per multiply-add): 0 for elementwise maps."""
@@ -167,6 +170,19 @@ class FAVOR(_RandomFeatures):
             w = self.features.float() * math.sqrt(scale)  # (m, D): sqrt(scale) folded into the features
             phi, b = favor_features(x, w, scale / 2, log_inv, compiled=compiled)
         return phi, (None if is_query else b)
+
+    def causal_triton(self, q, k, v, *, scale, compiled=False):
+        """Causal attention of raw q, k, v through this map and the causal Triton kernels as one node
+        (`ops.performer_triton`: independent launches on two streams), or None where that does not serve the inputs
+        (the caller then maps q and k and runs the core)."""
+        if not compiled or favor_triton_reasons(q):
+            return None
+        from ..ops import performer_triton
+
+        if not performer_triton.serves(q, k, self.learn, self.num_features):
+            return None
+        return performer_triton.causal_favor(q, k, v, self.features, math.sqrt(scale), scale / 2,
+                                             -0.5 * math.log(self.num_features))
 
 
 def favor_triton_reasons(x: torch.Tensor) -> list[str]:

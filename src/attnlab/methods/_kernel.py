@@ -7,8 +7,10 @@ under Triton's interpreter) with compiled feature maps, or with an elementwise m
 relu) applied inside the forward's kernels, and with gradients one map launch in the backward ("triton+map");
 "compiled" the chunked PyTorch core with feature maps
 through torch.compile; "eager" everything in plain PyTorch; "auto" is triton where it can serve the call on
-CUDA, compiled on the rest of CUDA, eager on CPU. All compute the same function. `self.kernel` names the
-one that ran ("triton", "triton+map", "chunked", "one-pass" or "quadratic", "+compiled" when the feature maps were).
+CUDA, compiled on the rest of CUDA, eager on CPU. All compute the same function. A map may run the causal Triton
+path as one node of its own (`FeatureMap.causal_triton`: FAVOR+, `ops.performer_triton`, "triton+favor"). `self.kernel`
+names the one that ran ("triton", "triton+map", "triton+favor", "chunked", "one-pass" or "quadratic", "+compiled" when
+the feature maps were).
 """
 from __future__ import annotations
 
@@ -132,6 +134,13 @@ class KernelAttention(AttentionMethod):
 
             self.kernel = "triton+map"
             return linear_triton.causal_linear(q, k, v, feature_map=kmap), None
+        fused = getattr(fm_k, "causal_triton", None)  # a map with its own one-node causal path (FAVOR+)
+        if (core == "triton" and causal and fused is not None and fm_q is fm_k and key_padding_mask is None
+                and not need_probs and not need_col_sums):
+            out = fused(q, k, v, scale=scale, compiled=compiled)
+            if out is not None:
+                self.kernel = "triton+favor"
+                return out, None
         groups = q.shape[1] // k.shape[1]
         if groups > 1 and not getattr(fm_k, "head_shared", False):  # a map that does not say: per head
             k = repeat_kv(k, groups)

@@ -28,12 +28,13 @@ launch. Its backward (`_parallel_dq_kernel`, `_parallel_dkv_kernel`, features up
 quadratic form's too, dk and dv per kv head over its group's query heads.
 Layouts: the forward kernels and the parallel backward read q, k, v with their batch / head / token strides
 (transformers hands over [B, H, T, D] views of [B, T, H, D] memory) and the output is written as [B, T, H, D]
-memory, so a swapped layer makes no copies; the chunked backward copies them to contiguous rows.
+memory, so a swapped layer makes no copies; the chunked backward copies them to contiguous rows (none for
+contiguous [B, H, T, F] features, as FAVOR+'s kernel writes them).
 Chunked backward: H, Z as the forward wrote them (per kv head, kept: O(T F D / 64) memory, for a state walk fewer:
 performer's fwd+bwd step in a SmolLM2 CUDA graph 4-6% shorter at 1k-16k tokens, its peak 0.05-0.7 GiB higher;
-recomputed only after the parallel forward), `_grad_state_kernel` walks the chunks in reverse per kv head (in
-segments, as the forward's) and writes G[c] = sum over its group's query heads and the rows i after chunk c of
-e^{P_{c+1} - M_i} q_i dnum_i^T, and GZ[c] (every factor <= 1 since M_i >= P_{c+1}); then `_grad_dq_kernel` computes
+recomputed only after the parallel forward), `_grad_state_kernel` walks the chunks in reverse per kv head or per
+query head (`reverse_walk`; in segments, as the forward's) and writes G[c] = sum over its group's query heads (or its
+query head) and the rows i after chunk c of e^{P_{c+1} - M_i} q_i dnum_i^T, and GZ[c] (every factor <= 1 since M_i >= P_{c+1}); then `_grad_dq_kernel` computes
 dq per query head and `_grad_dkv_kernel` dk, dv per kv head (its group summed in registers: no expanded k, v, no
 gradient per query head) of every chunk in parallel (and the key log-scales' db_j = k_j . dk_j). The division
 out = num / den happens in `_out_kernel`, and its gradient in `_grad_prep_kernel` from out and den
@@ -57,6 +58,7 @@ from .triton_common import dot as _dot
 from .triton_common import precision as _precision
 from .triton_common import row_base as _row
 from .triton_common import strides as _strides
+from .triton_common import concurrently
 from .triton_common import unit_stride as _unit_stride
 from .triton_common import to as _to
 
@@ -224,9 +226,7 @@ def _grad_state_kernel(Q, LK, PEX, DNUM, DDEN, G, GZ, SEG, SEGZ, T, F, D, n_chun
     dtype) and GZ[c] = the same with dden_ji (fp32); every factor <= 1 since M_i >= P_{c+1} (b, P and M are the kv
     head's). In segments as `_state_kernel`, walked backwards: SUMS writes SEG[g] = the sum over chunks [c0, c1)
     with e^{P_{c0} - M_i} (and SEGZ); otherwise a segment starts from the later segments' sums brought to P_{c1}.
-    Measured on the H200 (short_calls.py, SmolLM2's 9 heads on 3) with a walk per kv head: performer's fwd+bwd call
-    234 us at 2048 tokens against 290 with the expanded per-query-head backward, but 229 against 201 at 1024, where
-    this walk is the critical path and each of its 16 steps takes WG dots."""
+    Which walk runs: `reverse_walk`'s rule (measured there)."""
     ik, iv = tl.program_id(0), tl.program_id(1)
     bh = (tl.program_id(2) // n_seg).to(tl.int64)
     kv = bh // NG
@@ -677,12 +677,24 @@ def segment_len(n_chunks: int, programs: int = 1, sms: int = 132) -> int:
     return seg if seg < n_chunks and chain < 0.75 * n_chunks else n_chunks
 
 
-# The chunked backward's reverse walk (`_grad_state_kernel`): "kv", one walk per kv head over its group's query
-# heads (each of its N steps takes G dots; the default, measured on the H200 at SmolLM2's 9 heads on 3: performer
-# fwd+bwd 234 us a call at 2048, 229 at 1024), or "query", one walk per query head (3x the programs, each step one dot)
-# whose rows `_grad_dkv_kernel` sums per kv head as it reads them (3x the reads). Not yet timed on a GPU:
-# `benchmarks/short_calls.py`'s `+walkq` variants compare them.
-REVERSE_WALK = "kv"
+# The chunked backward's reverse walk (`_grad_state_kernel`): "kv", one walk per kv head over its group's query heads
+# (each of its N steps takes G dots), "query", one walk per query head (G x the programs, each step one dot) whose rows
+# `_grad_dkv_kernel` sums per kv head as it reads them (G x the state writes and reads), or "auto", `reverse_walk`'s
+# rule. Tests set "kv" / "query" to exercise each.
+REVERSE_WALK = "auto"
+
+
+def reverse_walk(f: int, n_chunks: int) -> str:
+    """The reverse walk `REVERSE_WALK = "auto"` takes for f features and n_chunks chunks. Measured on the H200 at
+    SmolLM2's shapes (9 query heads on 3, bf16; `benchmarks/short_calls.py`, fwd+bwd a call, query vs kv walk): F = 64
+    (linear) 94.8 vs 97.9 us at 1024 tokens, 92.8 vs 105.6 at 2048, 134.1 vs 152.5 at 4096; F = 256 (FAVOR+) 194.5 vs
+    227.7 at 1024 (16 chunks: one segment, where the kv walk's three dots a step are the critical path), but 262.4 vs
+    233.4 at 2048 and 408.7 vs 346.0 at 4096 (segmented walks, where the per-query-head states' 3x writes and reads
+    cost more than the shorter steps save). So: per query head for narrow maps, and for wide ones up to 16 chunks."""
+    if REVERSE_WALK != "auto":
+        return REVERSE_WALK
+    return "query" if f <= 64 or n_chunks <= 16 else "kv"
+
 
 PARALLEL_MAX_F = 256  # the parallel passes hold every feature of a row in one tile: wider maps take the chunked form
 PARALLEL_BWD_MAX_F = 128  # the parallel backward keeps a [64, F] fp32 accumulator per program: wider maps (FAVOR+'s
@@ -761,6 +773,35 @@ def no_scale_tables(bh: int, t: int, n_chunks: int, device: torch.device) -> tup
     return lkf, _exclusive_chunk_max(lkf, n_chunks)
 
 
+def chunk_tables(lk, b: int, nkv: int, t: int, n_chunks: int, device, chunked: bool = True):
+    """(b [B Hkv, T] fp32 contiguous, its exclusive chunk maxima P [B Hkv, N + 1] or None) for key log-scales lk [B,
+    Hkv, T] (None: b = 0 for every key, the shared `no_scale_tables`). P only for the chunked passes (the parallel
+    pass keeps its running max; the backward builds P itself then)."""
+    if lk is None:
+        return no_scale_tables(b * nkv, t, n_chunks, device)
+    lkf = lk.reshape(b * nkv, t).float().contiguous()
+    return lkf, (_exclusive_chunk_max(lkf.detach(), n_chunks) if chunked else None)
+
+
+def kernel_meta(q: torch.Tensor, d: int, has_scale: bool) -> dict:
+    """The constexprs every causal kernel takes, for query features q and value width d."""
+    return dict(HAS_SCALE=has_scale, PREC=_precision(q), BT=BT, BK=BK, BV=max(16, triton.next_power_of_2(d)))
+
+
+def out_pass(q, k, v, lkf, pex, h, z, meta, fmap: int = 0):
+    """The chunked form's second pass (`_out_kernel`): (out [B, H, T, D] with [B, T, H, D] memory, den [B H, T] fp32)
+    from the states entering each chunk. Out in that layout: what transformers turns it into next (out.transpose(1,
+    2)) is then contiguous already, no copy."""
+    b, nh, t, f = q.shape
+    nkv, d = k.shape[1], v.shape[-1]
+    n_chunks = triton.cdiv(t, BT)
+    out = v.new_empty(b, t, nh, d).transpose(1, 2)
+    den = q.new_empty(b * nh, t, dtype=torch.float32)
+    _out_kernel[(n_chunks, b * nh)](q, k, v, lkf, pex, h, z, out, den, t, f, d, n_chunks, nh // nkv, nh, nkv,
+                                    *_strides(q, k, v, out), **meta, MAP=fmap, **CONFIG["out"])
+    return out, den
+
+
 def _forward(q, k, v, lk, fmap: int = 0):
     """The forward passes: (out [B, H, T, D], the tensors the backward saves, the kernels' meta, the shapes). fmap:
     an elementwise map applied to q and k on load (`_feature`; 0: they are the features)."""
@@ -770,33 +811,31 @@ def _forward(q, k, v, lk, fmap: int = 0):
     # read in the caller's layout (transformers' q, k, v are [B, T, H, D] in memory): no copies
     q, k, v = _unit_stride(q, k, v)
     n_chunks = triton.cdiv(t, BT)
-    has_scale = lk is not None
-    # without log-scales b = 0 (every weight 1), through the same kernels (see `_weights`)
     parallel = t <= parallel_max_t(f)
-    pex = None  # the chunk maxima: the chunked passes' (the parallel pass keeps its running max; the backward
-    # builds them itself then)
-    if has_scale:
-        lkf = lk.reshape(b * nkv, t).float().contiguous()
-        if not parallel:
-            pex = _exclusive_chunk_max(lkf.detach(), n_chunks)
-    else:
-        lkf, pex = no_scale_tables(b * nkv, t, n_chunks, q.device)
-    meta = dict(HAS_SCALE=has_scale, PREC=_precision(q), BT=BT, BK=BK, BV=max(16, triton.next_power_of_2(d)))
-    # out [B, H, T, D] with [B, T, H, D] memory: what transformers turns it into next (out.transpose(1, 2)) is then
-    # contiguous already, no copy
-    out = v.new_empty(b, t, nh, d).transpose(1, 2)
-    den = q.new_empty(b * nh, t, dtype=torch.float32)
-    strides = _strides(q, k, v, out)
+    # without log-scales b = 0 (every weight 1), through the same kernels (see `_weights`)
+    lkf, pex = chunk_tables(lk, b, nkv, t, n_chunks, q.device, chunked=not parallel)
+    meta = kernel_meta(q, d, lk is not None)
     h = z = None  # the states entering each chunk (the chunked form's), which the backward reads again
     if parallel:  # one quadratic pass (its DEN is the chunked form's: the backward is the same)
+        out = v.new_empty(b, t, nh, d).transpose(1, 2)  # [B, T, H, D] memory, as `out_pass` writes it
+        den = q.new_empty(b * nh, t, dtype=torch.float32)
         pmeta = {**meta, "BK": max(16, triton.next_power_of_2(f))}  # every feature in one tile
-        _parallel_kernel[(n_chunks, b * nh)](q, k, v, lkf, out, den, t, f, d, groups, nh, nkv, *strides, **pmeta,
-                                             MAP=fmap, **CONFIG["parallel_wide" if _wide(f) else "parallel"])
+        _parallel_kernel[(n_chunks, b * nh)](q, k, v, lkf, out, den, t, f, d, groups, nh, nkv, *_strides(q, k, v, out),
+                                             **pmeta, MAP=fmap, **CONFIG["parallel_wide" if _wide(f) else "parallel"])
     else:
         h, z = _states(k, v, lkf, pex, meta, n_chunks, fmap)
-        _out_kernel[(n_chunks, b * nh)](q, k, v, lkf, pex, h, z, out, den, t, f, d, n_chunks, groups, nh, nkv,
-                                        *strides, **meta, MAP=fmap, **CONFIG["out"])
+        out, den = out_pass(q, k, v, lkf, pex, h, z, meta, fmap)
     return out, (q, k, v, lkf, pex, out, den, h, z), meta, (b, nh, nkv, t, f, d, n_chunks)
+
+
+def grad_prep(dout, out, den, meta, shape):
+    """(dnum [B H, T, D] in the matmul dtype, dden [B H, T] fp32): the division's gradient (`_grad_prep_kernel`)."""
+    b, nh, nkv, t, f, d, n_chunks = shape
+    (dout,) = _unit_stride(dout)
+    dnum, dden = out.new_empty(b * nh, t, d), torch.empty_like(den)
+    _grad_prep_kernel[(n_chunks, b * nh)](dout, out, den, dnum, dden, t, d, nh, *_strides(dout, out), meta["PREC"],
+                                          BT, meta["BV"])
+    return dnum, dden
 
 
 class _CausalLinear(torch.autograd.Function):
@@ -814,12 +853,9 @@ class _CausalLinear(torch.autograd.Function):
         q, k, v, lkf, pex, out, den, h, z = ctx.saved_tensors
         b, nh, nkv, t, f, d, n_chunks = ctx.shape
         meta = ctx.meta
-        (dout,) = _unit_stride(dout)
-        dnum, dden = v.new_empty(b * nh, t, d), torch.empty_like(den)
         if meta["MAP"]:  # the forward mapped q and k as it loaded them: the backward's features, one launch for both
             q, k = _map_features(q, k, meta)
-        _grad_prep_kernel[(n_chunks, b * nh)](dout, out, den, dnum, dden, t, d, nh, *_strides(dout, out), meta["PREC"],
-                                              BT, meta["BV"])
+        dnum, dden = grad_prep(dout, out, den, meta, ctx.shape)
         if ctx.parallel_bwd:
             dq, dk, dv, db = _parallel_backward(q, k, v, lkf, dnum, dden, meta, ctx.shape)
         else:
@@ -863,30 +899,44 @@ def _parallel_backward(q, k, v, lkf, dnum, dden, meta, shape):
     return dq, dk, dv, db
 
 
-def _chunked_backward(q, k, v, lkf, pex, dnum, dden, meta, shape, h=None, z=None):
-    """The chunked form's gradients: the reverse walk per kv head over its group, then every chunk's dq (per query
-    head) and dk, dv (per kv head, its group summed in registers) in parallel. h, z: the states the forward's chunked
-    passes wrote (per kv head); None after the parallel forward, then recomputed."""
+def _chunked_backward(q, k, v, lkf, pex, dnum, dden, meta, shape, h=None, z=None, then_dq=None, then_dkv=None):
+    """The chunked form's gradients (dq [BH, T, F], dk, dv, db | None): two branches, run concurrently on CUDA
+    (`triton_common.concurrently`: at a few thousand tokens every pass is latency-bound on a few SMs): every chunk's
+    dq per query head (`_grad_dq_kernel`, from the forward's states), and the reverse walk (per kv head over its group
+    or per query head, `reverse_walk`) followed by every chunk's dk, dv per kv head (its group summed in registers).
+    h, z: the states the forward's chunked passes wrote (per kv head); None after the parallel forward, then
+    recomputed. then_dq(dq), then_dkv(dk, dv, db): launches that continue each branch on its stream (FAVOR+'s map
+    gradients, `ops.performer_triton`); the branches join after them."""
     b, nh, nkv, t, f, d, n_chunks = shape
     groups = nh // nkv
     q, k, v = (x.reshape(-1, t, x.shape[-1]).contiguous() for x in (q, k, v))  # contiguous [BH, T, *] rows
     if pex is None:  # the forward ran the parallel pass
         pex = _exclusive_chunk_max(lkf, n_chunks)
     meta = dict(meta)
-    fmap = meta.pop("MAP")  # q and k are an elementwise map's features: dq, dk get its slope (0: no map)
+    fmap = meta.pop("MAP", 0)  # q and k are an elementwise map's features: dq, dk get its slope (0: no map)
     if h is None:
         h, z = _states(k, v, lkf, pex, meta, n_chunks)
-    wg = groups if REVERSE_WALK == "kv" else 1  # query heads a reverse walk takes
-    g = h.new_empty(b * nh // wg, n_chunks, f, d)
-    gz = z.new_empty(b * nh // wg, n_chunks, f)
-    _segmented(_grad_state_kernel, (q, lkf, pex, dnum, dden), g, gz, t, f, d, n_chunks, meta, WG=wg,
-               NG=groups // wg)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     db = torch.empty_like(lkf) if meta["HAS_SCALE"] else lkf  # unwritten without log-scales
-    _grad_dq_kernel[(n_chunks, b * nh)](q, k, v, lkf, pex, h, z, dnum, dden, dq, t, f, d, n_chunks, groups, **meta,
-                                        MAP=fmap, **CONFIG["grad"])
-    _grad_dkv_kernel[(n_chunks, b * nkv)](q, k, v, lkf, pex, g, gz, dnum, dden, dk, dv, db, t, f, d, n_chunks, groups,
-                                          groups // wg, **meta, MAP=fmap, **CONFIG["grad"])
+    wg = groups if reverse_walk(f, n_chunks) == "kv" else 1  # query heads a reverse walk takes
+    g = h.new_empty(b * nh // wg, n_chunks, f, d)
+    gz = z.new_empty(b * nh // wg, n_chunks, f)
+
+    def dq_branch():
+        _grad_dq_kernel[(n_chunks, b * nh)](q, k, v, lkf, pex, h, z, dnum, dden, dq, t, f, d, n_chunks, groups, **meta,
+                                            MAP=fmap, **CONFIG["grad"])
+        if then_dq is not None:
+            then_dq(dq)
+
+    def dkv_branch():
+        _segmented(_grad_state_kernel, (q, lkf, pex, dnum, dden), g, gz, t, f, d, n_chunks, meta, WG=wg,
+                   NG=groups // wg)
+        _grad_dkv_kernel[(n_chunks, b * nkv)](q, k, v, lkf, pex, g, gz, dnum, dden, dk, dv, db, t, f, d, n_chunks,
+                                              groups, groups // wg, **meta, MAP=fmap, **CONFIG["grad"])
+        if then_dkv is not None:
+            then_dkv(dk, dv, db if meta["HAS_SCALE"] else None)
+
+    concurrently(dq_branch, dkv_branch, q.device)
     return dq, dk, dv, db if meta["HAS_SCALE"] else None
 
 

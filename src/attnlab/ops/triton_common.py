@@ -80,5 +80,33 @@ def kernel_reasons(device, *, dtype, dtypes, head_dim: int, max_head_dim: int, f
     return why
 
 
+# whether `concurrently` runs its two branches on two CUDA streams (False: one after the other, on the caller's)
+CONCURRENT = True
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def concurrently(first, second, device: torch.device):
+    """(first(), second()): on CUDA, first's launches on a second stream, concurrent with second's on the caller's,
+    joined before returning (the caller's stream waits for both); elsewhere (the interpreter) one after the other.
+
+    For passes that each fill a few SMs (at a few thousand tokens a chunked walk runs one program per head and block):
+    side by side they take the longer one's time, not the sum. The branches may read what existed before the call and
+    write what they allocate or were handed: tensors allocated inside `first` come from the second stream's pool,
+    which is safe because every fork waits for everything the caller's stream had issued (a freed block it reuses is
+    no longer read), and everything after the join waits for both. Captured by CUDA graphs as a fork and a join."""
+    if device.type != "cuda" or not CONCURRENT:
+        return first(), second()
+    main = torch.cuda.current_stream(device)
+    side = _SIDE_STREAMS.get(device.index)
+    if side is None:
+        side = _SIDE_STREAMS[device.index] = torch.cuda.Stream(device=device)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        a = first()
+    b = second()
+    main.wait_stream(side)
+    return a, b
+
+
 def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
