@@ -360,7 +360,10 @@ def test_methods_run_the_kernels_and_match(kernels, method, opts, dtype, hkv, mo
 
     torch_out, g_torch = run_torch(q, k, v), grads(run_torch, q, k, v)
     assert eager.kernel == "chunked"
-    assert set(seen) == {hkv if m.maps()[1].head_shared else 2}, seen
+    if m.kernel == "triton+favor":  # bf16 FAVOR+ in the chunked form: the one node (ops/performer_triton.py), which
+        assert seen == []  # maps the kv heads' keys itself and calls the kernels' pieces, not causal_linear
+    else:
+        assert set(seen) == {hkv if m.maps()[1].head_shared else 2}, seen
     low_out, g_low = quad(q, k, v), grads(quad, q, k, v)
     rel = 1e-4 if dtype == torch.float32 else 1e-3  # of the largest true value: a real bug is O(1)
     for got, other, low, t in zip([out, *g_kernel], [torch_out, *g_torch], [low_out, *g_low], [truth, *g_truth]):
