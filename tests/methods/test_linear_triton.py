@@ -281,6 +281,23 @@ def test_segmented_state_pass_matches_quadratic_and_does_not_leak(chunked, seg, 
     assert not torch.equal(a[:, :, cut:], b2[:, :, cut:])
 
 
+@pytest.mark.parametrize("t", [1, 130, 64 * 70 + 5])
+def test_exclusive_chunk_maxima(interpreted, t):
+    """P_c = the max of b over the keys before chunk c (P_0 = -inf) from the one-launch kernel, against PyTorch's
+    pad / amax / cummax: a partial last chunk, keys at -inf (ignored keys), a whole chunk of them, and more chunks than
+    one step of the kernel takes (71 > 64: the running max carried across steps). A max that skipped the previous
+    steps, or an inclusive P, fails it."""
+    g = torch.Generator().manual_seed(t)
+    b = torch.randn(3, t, generator=g) * 5
+    b[1, ::3] = float("-inf")
+    b[2, : min(t, 64)] = float("-inf")
+    n = -(-t // 64)
+    padded = torch.nn.functional.pad(b, (0, n * 64 - t), value=float("-inf"))
+    want = torch.nn.functional.pad(padded.reshape(3, n, 64).amax(-1).cummax(-1).values, (1, 0), value=float("-inf"))
+    got = interpreted._exclusive_chunk_max(b.contiguous(), n)
+    assert got.shape == (3, n + 1) and torch.equal(got, want)
+
+
 def test_segment_length_choice():
     from attnlab.ops.linear_triton import segment_len
 

@@ -649,12 +649,32 @@ def _parallel_dkv_kernel(Q, K, V, LK, M, DNUM, DDEN, DK, DV, DB, T, F, D, n_chun
         tl.store(DB + kvh * T + tk, tl.sum(dk * k.to(tl.float32), 1), mask=kin)
 
 
+@triton.jit
+def _chunk_max_kernel(LK, PEX, T, n_chunks, BT: tl.constexpr, BC: tl.constexpr):
+    """P [row, N + 1] of one row of b [rows, T] per program: P_0 = -inf, P_{c+1} = max(P_c, max of b over chunk c), BC
+    chunks a step (their maxima, then a running max within them and across steps)."""
+    row = tl.program_id(0).to(tl.int64)
+    base = PEX + row * (n_chunks + 1)
+    run = tl.max(tl.full([BC], float("-inf"), tl.float32), 0)
+    tl.store(base, run)
+    offs_t = tl.arange(0, BT)
+    for c0 in range(0, n_chunks, BC):
+        offs_c = c0 + tl.arange(0, BC)
+        t = offs_c[:, None] * BT + offs_t[None, :]
+        b = tl.load(LK + row * T + t, mask=t < T, other=float("-inf"))
+        cmax = tl.max(b, 1)
+        tl.store(base + 1 + offs_c, tl.maximum(tl.associative_scan(cmax, 0, _max2), run), mask=offs_c < n_chunks)
+        run = tl.maximum(run, tl.max(cmax, 0))
+
+
 def _exclusive_chunk_max(lk: torch.Tensor, n_chunks: int) -> torch.Tensor:
-    """[BH, T] -> P [BH, N + 1]: P_c = max b over the keys before chunk c (P_0 = -inf), fp32."""
+    """[BH, T] fp32 contiguous -> P [BH, N + 1]: P_c = max b over the keys before chunk c (P_0 = -inf), fp32. One
+    launch (`_chunk_max_kernel`): PyTorch's pad, amax, cummax and pad took five small kernels on the forward's critical
+    path, every layer."""
     bh, t = lk.shape
-    padded = torch.nn.functional.pad(lk, (0, n_chunks * BT - t), value=float("-inf"))
-    incl = padded.reshape(bh, n_chunks, BT).amax(-1).cummax(-1).values
-    return torch.nn.functional.pad(incl, (1, 0), value=float("-inf")).contiguous()
+    pex = lk.new_empty(bh, n_chunks + 1)
+    _chunk_max_kernel[(bh,)](lk, pex, t, n_chunks, BT=BT, BC=min(64, max(16, triton.next_power_of_2(n_chunks))))
+    return pex
 
 
 # chunks per segment of the state pass (None: `segment_len`'s choice); tests set it to exercise segments
