@@ -256,7 +256,17 @@ def model_table() -> str:
               ("model_bench_graph_map_bwd.json", "**CUDA graph, linear's map inside the kernels with gradients** "
                "(`model_bench_graph_map_bwd.json`: the same command with `--methods linear --budget-s 190`, commit "
                "dd51f8f: the forward maps raw q, k on load, the backward maps them once in one launch and applies "
-               "the slope to dq, dk in its kernels):", "CUDA graph, linear map with gradients"))
+               "the slope to dq, dk in its kernels):", "CUDA graph, linear map with gradients"),
+              ("model_bench_graph_performer_one_node.json", "**CUDA graph, performer as one node on two streams** "
+               "(`model_bench_graph_performer_one_node.json`: the same command with `--methods linear,performer "
+               "--budget-s 170`, commit d3ef41c: FAVOR+'s map and the causal kernels in one autograd node, the "
+               "launches that do not wait on each other on two streams; the map's forward in one tile of 256 "
+               "features, its tensors in the layouts the next kernel reads; the reverse walk by `reverse_walk`'s "
+               "rule):", "CUDA graph, performer one node"),
+              ("model_bench_graph_chunk_max.json", "**CUDA graph, the chunk maxima in one launch** "
+               "(`model_bench_graph_chunk_max.json`: the same command with `--budget-s 150`, commit 1735bac: the key "
+               "log-scales' chunk maxima from one Triton launch, not five PyTorch kernels, on the forward's critical "
+               "path):", "CUDA graph, chunk maxima in one launch"))
     for name, prose, label in graphs:
         if (MODEL_DIR / name).exists():
             gr = json.load(open(MODEL_DIR / name))
