@@ -35,8 +35,8 @@ performer's fwd+bwd step in a SmolLM2 CUDA graph 4-6% shorter at 1k-16k tokens, 
 recomputed only after the parallel forward), `_grad_state_kernel` walks the chunks in reverse per kv head or per
 query head (`reverse_walk`; in segments, as the forward's) and writes G[c] = sum over its group's query heads (or its
 query head) and the rows i after chunk c of e^{P_{c+1} - M_i} q_i dnum_i^T, and GZ[c] (every factor <= 1 since M_i >= P_{c+1}); then `_grad_dq_kernel` computes
-dq per query head and `_grad_dkv_kernel` dk, dv per kv head (its group summed in registers: no expanded k, v, no
-gradient per query head) of every chunk in parallel (and the key log-scales' db_j = k_j . dk_j). The division
+dq per query head and `_grad_dkv_kernel` dk per kv head and feature block, dv per kv head (its group summed in
+registers: no expanded k, v, no gradient per query head) of every chunk in parallel (and the key log-scales' db_j = k_j . dk_j). The division
 out = num / den happens in `_out_kernel`, and its gradient in `_grad_prep_kernel` from out and den
 (flash-attention's delta trick), so no fp32 [T, D] tensor is ever stored.
 
@@ -502,57 +502,64 @@ def _walk_states(G, GZ, kv, c, n_chunks, NG, F, D, offs_k, offs_v, kmask, st_mas
 
 
 @triton.jit
-def _grad_dkv_kernel(Q, K, V, LK, PEX, G, GZ, DNUM, DDEN, DK, DV, DB, T, F, D, n_chunks, GRP, NG,
+def _grad_dkv_kernel(Q, K, V, LK, PEX, G, GZ, DNUM, DDEN, DK, DV, DB, T, F, D, n_chunks, GRP, NG, s_db,
                      HAS_SCALE: tl.constexpr, PREC: tl.constexpr,
                      BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, MAP: tl.constexpr = 0):
-    """Chunk c's dk, dv (and db) for one kv head, in parallel over chunks, summed over its GRP query heads (rows
-    kv GRP + j) in fp32 registers and rounded once: dk = sum_j dA_j^T q_j + e^{b_j - P_{c+1}} (v G^T + GZ), dv =
-    sum_j (w * q_j k^T)^T dnum_j + e^{b_j - P_{c+1}} k G, with G, GZ the reverse states leaving the chunk (the
-    group's: the sum of its NG walks' rows, `_grad_state_kernel`); with key log-scales db_j = k_j . dk_j (fp32).
-    No expanded k, v, no gradient
-    per query head. MAP: q and k are the features of an elementwise map, and dk is the raw key's, times the map's
-    slope."""
+    """Chunk c's dk (one feature block per program) and dv for one kv head, in parallel over chunks and feature blocks,
+    summed over its GRP query heads (rows kv GRP + j) in fp32 registers and rounded once: dk = sum_j dA_j^T q_j +
+    e^{b_j - P_{c+1}} (v G^T + GZ), dv = sum_j (w * q_j k^T)^T dnum_j + e^{b_j - P_{c+1}} k G, with G, GZ the reverse
+    states leaving the chunk (the group's: the sum of its NG walks' rows, `_grad_state_kernel`). dv needs every
+    feature: the block-0 program computes it (its intra-chunk scores first, then every block's state term); the
+    others only their block of dk, so that the dk work runs on F / BK programs side by side (FAVOR+'s 256 features:
+    four; one for 64). With key log-scales each program writes its block's part of db_j = k_j . dk_j (fp32) to row
+    s_db apart, summed after (no atomics: the same bits every run). No expanded k, v, no gradient per query head. MAP:
+    q and k are the features of an elementwise map, and dk is the raw key's, times the map's slope."""
     c = tl.program_id(0)
     kv = tl.program_id(1).to(tl.int64)
+    kb = tl.program_id(2)
     offs_t, offs_v, vmask, t, tmask, tv_mask, v = _chunk_values(V, kv, c, T, D, BT, BV)
-    w, _, kfac, _ = _weights(LK, PEX, kv, c, n_chunks, T, offs_t, BT)
-    dv = tl.zeros([BT, BV], tl.float32)
-    for j in range(0, GRP):  # the intra-chunk part of dv: every feature of the scores first
-        qh = kv * GRP + j
-        dn = tl.load(DNUM + qh * T * D + t[:, None] * D + offs_v[None, :], mask=tv_mask, other=0.0)
-        s = tl.zeros([BT, BT], tl.float32)
-        for kb in range(0, tl.cdiv(F, BK)):
-            offs_k = kb * BK + tl.arange(0, BK)
-            qk_mask = tmask[:, None] & (offs_k < F)[None, :]
-            q = tl.load(Q + qh * T * F + t[:, None] * F + offs_k[None, :], mask=qk_mask, other=0.0)
-            k = tl.load(K + kv * T * F + t[:, None] * F + offs_k[None, :], mask=qk_mask, other=0.0)
-            s += _dot(q, tl.trans(k), PREC)
-        dv += _dot(tl.trans(_to(s * w, dn.dtype, PREC)), dn, PREC)
-    db = tl.zeros([BT], tl.float32)
-    for kb in range(0, tl.cdiv(F, BK)):
-        offs_k = kb * BK + tl.arange(0, BK)
-        kmask = offs_k < F
-        qk_mask = tmask[:, None] & kmask[None, :]
-        st_mask = kmask[:, None] & vmask[None, :]
-        k = tl.load(K + kv * T * F + t[:, None] * F + offs_k[None, :], mask=qk_mask, other=0.0)
-        g, gz = _walk_states(G, GZ, kv, c, n_chunks, NG, F, D, offs_k, offs_v, kmask, st_mask, PREC)
-        dv += _dot(_to(k.to(tl.float32) * kfac[:, None], k.dtype, PREC), g, PREC)
-        dk = (_dot(v, tl.trans(g), PREC) + gz[None, :]) * kfac[:, None]
-        for j in range(0, GRP):
+    w, _qfac, kfac, _sfac = _weights(LK, PEX, kv, c, n_chunks, T, offs_t, BT)
+    if kb == 0:
+        dv = tl.zeros([BT, BV], tl.float32)
+        for j in range(0, GRP):  # the intra-chunk part of dv: every feature of the scores first
             qh = kv * GRP + j
             dn = tl.load(DNUM + qh * T * D + t[:, None] * D + offs_v[None, :], mask=tv_mask, other=0.0)
-            dden = tl.load(DDEN + qh * T + t, mask=tmask, other=0.0)
-            da = _dscores(dn, dden, v, w, PREC)
-            q = tl.load(Q + qh * T * F + t[:, None] * F + offs_k[None, :], mask=qk_mask, other=0.0)
-            dk += _dot(tl.trans(da), q, PREC)
-        if MAP != 0:
-            dk = dk * _feature_grad(k, MAP)
-        tl.store(DK + kv * T * F + t[:, None] * F + offs_k[None, :], _to(dk, DK.dtype.element_ty, PREC), mask=qk_mask)
-        if HAS_SCALE:
-            db += tl.sum(dk * k.to(tl.float32), 1)  # db_j = k_j . dk_j, before dk is rounded
-    tl.store(DV + kv * T * D + t[:, None] * D + offs_v[None, :], _to(dv, DV.dtype.element_ty, PREC), mask=tv_mask)
-    if HAS_SCALE:
-        tl.store(DB + kv * T + t, db, mask=tmask)
+            s = tl.zeros([BT, BT], tl.float32)
+            for kb2 in range(0, tl.cdiv(F, BK)):
+                offs_k = kb2 * BK + tl.arange(0, BK)
+                qk_mask = tmask[:, None] & (offs_k < F)[None, :]
+                q = tl.load(Q + qh * T * F + t[:, None] * F + offs_k[None, :], mask=qk_mask, other=0.0)
+                k = tl.load(K + kv * T * F + t[:, None] * F + offs_k[None, :], mask=qk_mask, other=0.0)
+                s += _dot(q, tl.trans(k), PREC)
+            dv += _dot(tl.trans(_to(s * w, dn.dtype, PREC)), dn, PREC)
+        for kb2 in range(0, tl.cdiv(F, BK)):  # the state part of dv, every feature block
+            offs_k = kb2 * BK + tl.arange(0, BK)
+            kmask = offs_k < F
+            k = tl.load(K + kv * T * F + t[:, None] * F + offs_k[None, :], mask=tmask[:, None] & kmask[None, :],
+                        other=0.0)
+            g2, _gz2 = _walk_states(G, GZ, kv, c, n_chunks, NG, F, D, offs_k, offs_v, kmask,
+                                kmask[:, None] & vmask[None, :], PREC)
+            dv += _dot(_to(k.to(tl.float32) * kfac[:, None], k.dtype, PREC), g2, PREC)
+        tl.store(DV + kv * T * D + t[:, None] * D + offs_v[None, :], _to(dv, DV.dtype.element_ty, PREC), mask=tv_mask)
+    offs_k = kb * BK + tl.arange(0, BK)
+    kmask = offs_k < F
+    qk_mask = tmask[:, None] & kmask[None, :]
+    k = tl.load(K + kv * T * F + t[:, None] * F + offs_k[None, :], mask=qk_mask, other=0.0)
+    g, gz = _walk_states(G, GZ, kv, c, n_chunks, NG, F, D, offs_k, offs_v, kmask, kmask[:, None] & vmask[None, :],
+                         PREC)
+    dk = (_dot(v, tl.trans(g), PREC) + gz[None, :]) * kfac[:, None]
+    for j in range(0, GRP):
+        qh = kv * GRP + j
+        dn = tl.load(DNUM + qh * T * D + t[:, None] * D + offs_v[None, :], mask=tv_mask, other=0.0)
+        dden = tl.load(DDEN + qh * T + t, mask=tmask, other=0.0)
+        da = _dscores(dn, dden, v, w, PREC)
+        q = tl.load(Q + qh * T * F + t[:, None] * F + offs_k[None, :], mask=qk_mask, other=0.0)
+        dk += _dot(tl.trans(da), q, PREC)
+    if MAP != 0:
+        dk = dk * _feature_grad(k, MAP)
+    tl.store(DK + kv * T * F + t[:, None] * F + offs_k[None, :], _to(dk, DK.dtype.element_ty, PREC), mask=qk_mask)
+    if HAS_SCALE:  # this block's part of db_j = k_j . dk_j, before dk is rounded
+        tl.store(DB + kb * s_db + kv * T + t, tl.sum(dk * k.to(tl.float32), 1), mask=tmask)
 
 
 @triton.jit
@@ -937,7 +944,9 @@ def _chunked_backward(q, k, v, lkf, pex, dnum, dden, meta, shape, h=None, z=None
     if h is None:
         h, z = _states(k, v, lkf, pex, meta, n_chunks)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    db = torch.empty_like(lkf) if meta["HAS_SCALE"] else lkf  # unwritten without log-scales
+    n_fb = triton.cdiv(f, BK)  # dk's feature blocks, one program each (`_grad_dkv_kernel`)
+    # db's part per feature block (one block: db itself), summed after; unwritten without log-scales
+    db_parts = lkf.new_empty(n_fb, *lkf.shape) if meta["HAS_SCALE"] else lkf
     wg = groups if reverse_walk(f, n_chunks) == "kv" else 1  # query heads a reverse walk takes
     g = h.new_empty(b * nh // wg, n_chunks, f, d)
     gz = z.new_empty(b * nh // wg, n_chunks, f)
@@ -951,13 +960,18 @@ def _chunked_backward(q, k, v, lkf, pex, dnum, dden, meta, shape, h=None, z=None
     def dkv_branch():
         _segmented(_grad_state_kernel, (q, lkf, pex, dnum, dden), g, gz, t, f, d, n_chunks, meta, WG=wg,
                    NG=groups // wg)
-        _grad_dkv_kernel[(n_chunks, b * nkv)](q, k, v, lkf, pex, g, gz, dnum, dden, dk, dv, db, t, f, d, n_chunks,
-                                              groups, groups // wg, **meta, MAP=fmap, **CONFIG["grad"])
+        _grad_dkv_kernel[(n_chunks, b * nkv, n_fb)](q, k, v, lkf, pex, g, gz, dnum, dden, dk, dv, db_parts, t, f, d,
+                                                    n_chunks, groups, groups // wg, lkf.numel(), **meta, MAP=fmap,
+                                                    **CONFIG["grad"])
+        db = None
+        if meta["HAS_SCALE"]:
+            db = db_parts[0] if n_fb == 1 else db_parts.sum(0)
         if then_dkv is not None:
-            then_dkv(dk, dv, db if meta["HAS_SCALE"] else None)
+            then_dkv(dk, dv, db)
+        return db
 
-    concurrently(dq_branch, dkv_branch, q.device)
-    return dq, dk, dv, db if meta["HAS_SCALE"] else None
+    _, db = concurrently(dq_branch, dkv_branch, q.device)
+    return dq, dk, dv, db
 
 
 FEATURE_MAPS = {"elu": 1, "relu": 2}  # elementwise maps the kernels can apply on load (`_feature`)
