@@ -266,7 +266,11 @@ def model_table() -> str:
               ("model_bench_graph_chunk_max.json", "**CUDA graph, the chunk maxima in one launch** "
                "(`model_bench_graph_chunk_max.json`: the same command with `--budget-s 150`, commit 1735bac: the key "
                "log-scales' chunk maxima from one Triton launch, not five PyTorch kernels, on the forward's critical "
-               "path):", "CUDA graph, chunk maxima in one launch"))
+               "path):", "CUDA graph, chunk maxima in one launch"),
+              ("model_bench_graph_dk_blocks.json", "**CUDA graph, dk over feature blocks** "
+               "(`model_bench_graph_dk_blocks.json`: the same command with `--lengths 1024,4096 --budget-s 90`, the "
+               "working tree of 3318b01: the chunked backward's dk, dv pass on a program per feature block, dv in "
+               "block 0's):", "CUDA graph, dk over feature blocks"))
     for name, prose, label in graphs:
         if (MODEL_DIR / name).exists():
             gr = json.load(open(MODEL_DIR / name))
