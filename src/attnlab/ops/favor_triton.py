@@ -170,7 +170,7 @@ def favor_backward(x, features, dphi, b, sqrt_scale: float, half_scale: float, l
     return dx.to(x.dtype), dfeat
 
 
-def _as_rows(x: torch.Tensor) -> torch.Tensor:
+def as_rows(x: torch.Tensor) -> torch.Tensor:
     """x [..., D] as a [B, NH, T, D] view the kernels read with its strides (unit last stride): 4-dim x as it is
     (transformers' q [B, H, T, D] is a view of [B, T, H, D] memory: read where it lies), other ranks as one row of
     tokens (reshaped, a copy only where the leading dims do not merge)."""
@@ -180,7 +180,7 @@ def _as_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def map_rows(x4: torch.Tensor, features: torch.Tensor, consts: tuple[float, float, float]):
-    """(phi [B, NH, T, m] contiguous in x's dtype, b [B, NH, T] fp32) of x4 [B, NH, T, D] (`_as_rows`): the forward
+    """(phi [B, NH, T, m] contiguous in x's dtype, b [B, NH, T] fp32) of x4 [B, NH, T, D] (`as_rows`): the forward
     kernel's launch, outside autograd (consts: sqrt_scale, half_scale, log_inv)."""
     b_, nh, t, d = x4.shape
     m = features.shape[0]
@@ -214,7 +214,7 @@ class _Favor(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, features, sqrt_scale, half_scale, log_inv):
         ctx.consts = (sqrt_scale, half_scale, log_inv)
-        phi, b = map_rows(_as_rows(x), features, ctx.consts)
+        phi, b = map_rows(as_rows(x), features, ctx.consts)
         b = b.reshape(x.shape[:-1])
         ctx.mark_non_differentiable(b)
         ctx.save_for_backward(x, features, b)
@@ -224,7 +224,7 @@ class _Favor(torch.autograd.Function):
     def backward(ctx, dphi, _db):
         x, features, b = ctx.saved_tensors
         if grad_kernel_serves(x, ctx.needs_input_grad[1]):  # dx only (drawn features): the kernel
-            x4 = _as_rows(x)
+            x4 = as_rows(x)
             dphi4 = dphi.reshape(*x4.shape[:3], features.shape[0])
             dx = grad_rows(x4, features, dphi4 if dphi4.stride(-1) == 1 else dphi4.contiguous(), b,
                            torch.empty_like(x4), ctx.consts)  # dx in x's layout (strides kept for dense x)

@@ -815,15 +815,20 @@ def kernel_meta(q: torch.Tensor, d: int, has_scale: bool) -> dict:
     return dict(HAS_SCALE=has_scale, PREC=_precision(q), BT=BT, BK=BK, BV=max(16, triton.next_power_of_2(d)))
 
 
+def _outputs(q, v):
+    """(out [B, H, T, D] with [B, T, H, D] memory, den [B H, T] fp32), unwritten: the forward passes' outputs. Out in
+    that layout: what transformers turns it into next (out.transpose(1, 2)) is then contiguous already, no copy."""
+    b, nh, t, _ = q.shape
+    return v.new_empty(b, t, nh, v.shape[-1]).transpose(1, 2), q.new_empty(b * nh, t, dtype=torch.float32)
+
+
 def out_pass(q, k, v, lkf, pex, h, z, meta, fmap: int = 0):
-    """The chunked form's second pass (`_out_kernel`): (out [B, H, T, D] with [B, T, H, D] memory, den [B H, T] fp32)
-    from the states entering each chunk. Out in that layout: what transformers turns it into next (out.transpose(1,
-    2)) is then contiguous already, no copy."""
+    """The chunked form's second pass (`_out_kernel`): (out, den) as `_outputs` lays them out, from the states
+    entering each chunk."""
     b, nh, t, f = q.shape
     nkv, d = k.shape[1], v.shape[-1]
     n_chunks = triton.cdiv(t, BT)
-    out = v.new_empty(b, t, nh, d).transpose(1, 2)
-    den = q.new_empty(b * nh, t, dtype=torch.float32)
+    out, den = _outputs(q, v)
     _out_kernel[(n_chunks, b * nh)](q, k, v, lkf, pex, h, z, out, den, t, f, d, n_chunks, nh // nkv, nh, nkv,
                                     *_strides(q, k, v, out), **meta, MAP=fmap, **CONFIG["out"])
     return out, den
@@ -844,8 +849,7 @@ def _forward(q, k, v, lk, fmap: int = 0):
     meta = kernel_meta(q, d, lk is not None)
     h = z = None  # the states entering each chunk (the chunked form's), which the backward reads again
     if parallel:  # one quadratic pass (its DEN is the chunked form's: the backward is the same)
-        out = v.new_empty(b, t, nh, d).transpose(1, 2)  # [B, T, H, D] memory, as `out_pass` writes it
-        den = q.new_empty(b * nh, t, dtype=torch.float32)
+        out, den = _outputs(q, v)
         pmeta = {**meta, "BK": max(16, triton.next_power_of_2(f))}  # every feature in one tile
         _parallel_kernel[(n_chunks, b * nh)](q, k, v, lkf, out, den, t, f, d, groups, nh, nkv, *_strides(q, k, v, out),
                                              **pmeta, MAP=fmap, **CONFIG["parallel_wide" if _wide(f) else "parallel"])
@@ -926,14 +930,16 @@ def _parallel_backward(q, k, v, lkf, dnum, dden, meta, shape):
     return dq, dk, dv, db
 
 
-def _chunked_backward(q, k, v, lkf, pex, dnum, dden, meta, shape, h=None, z=None, then_dq=None, then_dkv=None):
+def _chunked_backward(q, k, v, lkf, pex, dnum, dden, meta, shape, h=None, z=None, then_dq=None, then_dk=None,
+                      need_db=True):
     """The chunked form's gradients (dq [BH, T, F], dk, dv, db | None): two branches, run concurrently on CUDA
     (`triton_common.concurrently`: at a few thousand tokens every pass is latency-bound on a few SMs): every chunk's
     dq per query head (`_grad_dq_kernel`, from the forward's states), and the reverse walk (per kv head over its group
     or per query head, `reverse_walk`) followed by every chunk's dk, dv per kv head (its group summed in registers).
     h, z: the states the forward's chunked passes wrote (per kv head); None after the parallel forward, then
-    recomputed. then_dq(dq), then_dkv(dk, dv, db): launches that continue each branch on its stream (FAVOR+'s map
-    gradients, `ops.performer_triton`); the branches join after them."""
+    recomputed. then_dq(dq), then_dk(dk): launches that continue each branch on its stream (FAVOR+'s map gradients,
+    `ops.performer_triton`); the branches join after them. need_db False: the key log-scales' gradient is not summed
+    (None; the kernel's per-block parts are written all the same)."""
     b, nh, nkv, t, f, d, n_chunks = shape
     groups = nh // nkv
     q, k, v = (x.reshape(-1, t, x.shape[-1]).contiguous() for x in (q, k, v))  # contiguous [BH, T, *] rows
@@ -963,12 +969,11 @@ def _chunked_backward(q, k, v, lkf, pex, dnum, dden, meta, shape, h=None, z=None
         _grad_dkv_kernel[(n_chunks, b * nkv, n_fb)](q, k, v, lkf, pex, g, gz, dnum, dden, dk, dv, db_parts, t, f, d,
                                                     n_chunks, groups, groups // wg, lkf.numel(), **meta, MAP=fmap,
                                                     **CONFIG["grad"])
-        db = None
-        if meta["HAS_SCALE"]:
-            db = db_parts[0] if n_fb == 1 else db_parts.sum(0)
-        if then_dkv is not None:
-            then_dkv(dk, dv, db)
-        return db
+        if then_dk is not None:
+            then_dk(dk)
+        if not (meta["HAS_SCALE"] and need_db):
+            return None
+        return db_parts[0] if n_fb == 1 else db_parts.sum(0)
 
     _, db = concurrently(dq_branch, dkv_branch, q.device)
     return dq, dk, dv, db

@@ -37,7 +37,7 @@ class _CausalFavor(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, features, sqrt_scale, half_scale, log_inv):
         consts = (sqrt_scale, half_scale, log_inv)
-        x4q, x4k = ft._as_rows(q), ft._as_rows(k)
+        x4q, x4k = ft.as_rows(q), ft.as_rows(k)
         (v,) = unit_stride(v)
         b, nh, t, _ = x4q.shape
         nkv, f, d = x4k.shape[1], features.shape[0], v.shape[-1]
@@ -62,11 +62,12 @@ class _CausalFavor(torch.autograd.Function):
         def then_dq(dpq):  # on the dq branch's stream: the map's gradient of q as soon as its dq is written
             ft.grad_rows(x4q, features, dpq.view(b, nh, t, f), bq, dxq, ctx.consts)
 
-        def then_dkv(dpk, _dv, _db):  # the key log-scales carry no gradient (FAVOR+'s b is detached)
+        def then_dk(dpk):  # on the dk, dv branch's stream, after it
             ft.grad_rows(x4k, features, dpk.view(b, nkv, t, f), lkf, dxk, ctx.consts)
 
-        _, _, dv, _ = lt._chunked_backward(pq, pk, v, lkf, pex, dnum, dden, ctx.meta, ctx.shape, h, z, then_dq,
-                                           then_dkv)
+        # the key log-scales carry no gradient (FAVOR+'s b is detached): no db
+        _, _, dv, _ = lt._chunked_backward(pq, pk, v, lkf, pex, dnum, dden, ctx.meta, ctx.shape, h, z, then_dq, then_dk,
+                                           need_db=False)
         return dxq, dxk, dv.view(b, nkv, t, d), None, None, None, None
 
 

@@ -80,8 +80,6 @@ def kernel_reasons(device, *, dtype, dtypes, head_dim: int, max_head_dim: int, f
     return why
 
 
-# whether `concurrently` runs its two branches on two CUDA streams (False: one after the other, on the caller's)
-CONCURRENT = True
 _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
 
 
@@ -94,7 +92,7 @@ def concurrently(first, second, device: torch.device):
     write what they allocate or were handed: tensors allocated inside `first` come from the second stream's pool,
     which is safe because every fork waits for everything the caller's stream had issued (a freed block it reuses is
     no longer read), and everything after the join waits for both. Captured by CUDA graphs as a fork and a join."""
-    if device.type != "cuda" or not CONCURRENT:
+    if device.type != "cuda":
         return first(), second()
     main = torch.cuda.current_stream(device)
     side = _SIDE_STREAMS.get(device.index)
