@@ -103,7 +103,7 @@ BAND_CASES = [  # (tq, tk, window, sinks, causal, padded, tiles): windows of sev
 ]
 
 
-@pytest.mark.parametrize("band", ["bounds", "rule"])
+@pytest.mark.parametrize("band", ["edges", "bounds", "rule"])
 @pytest.mark.parametrize("tq,tk,window,sinks,causal,padded,tiles", BAND_CASES)
 def test_band_masks_match_the_reference(monkeypatch, tq, tk, window, sinks, causal, padded, tiles, band):
     from attnlab.ops import window_triton
@@ -132,12 +132,14 @@ def test_band_masks_match_the_reference(monkeypatch, tq, tk, window, sinks, caus
     assert_grads_agree(loss_fn, q, k, v)
 
 
-@pytest.mark.parametrize("causal,shift,band", [(c, s, "bounds") for c in (True, False) for s in (0, 7, 30)]
-                         + [(c, 7, "rule") for c in (True, False)])
+@pytest.mark.parametrize("causal,shift,band", [(c, s, "edges") for c in (True, False) for s in (0, 7, 30)]
+                         + [(c, 7, band) for c in (True, False) for band in ("bounds", "rule")])
 def test_band_edges_at_every_window_residue(monkeypatch, causal, shift, band):
     """Every window length modulo the 16-token tiles, at three query/key offsets: each of the band mask's bounds
     (forward, dq and dk / dv programs) falls at every place in a tile in some case, where a bound one token off
-    would show a pair the window hides (or hide one it shows). The first kernel's mask ("rule") too."""
+    would show a pair the window hides (or hide one it shows), and so does each edge of the keys a query tile sees
+    whole ("edges": a tile inside them runs unmasked; one token off unmasks a tile that hides a pair). The mask on
+    every band tile ("bounds") and the first kernel's ("rule") too."""
     from attnlab.ops import window_triton
 
     monkeypatch.setattr(window_triton, "BAND", band)
@@ -160,6 +162,22 @@ def test_band_edges_at_every_window_residue(monkeypatch, causal, shift, band):
         for name, a, r in (("out", out, ref), ("dq", qt.grad, qr.grad), ("dk", kt.grad, kr.grad),
                            ("dv", vt.grad, vr.grad)):
             assert max_err(a, r) < 2e-5, (window, name, max_err(a, r))
+
+
+@pytest.mark.parametrize("scale", [-0.3, 0.0])
+def test_non_positive_scales_match_the_reference(scale):
+    """The kernels take max(s) * scale for the max of the scaled scores (the scale folded into exp2's FMA), true for
+    a positive scale: a negative one runs as -q with -scale, zero as a zero q (uniform weights over the band)."""
+    q, k, v = rand_qkv(b=1, h=2, tq=40, tk=40, d=16, seed=5)
+    allowed = _allowed(40, 40, 20, 2, True)
+    m = make("window", q, k, window=20, sinks=2, backend="triton")
+    out = m(q, k, v, causal=True, scale=scale).out
+    assert_matches_reference(out, q, k, v, attn_mask=allowed, scale=scale)
+
+    def loss_fn(backend):
+        mm = make("window", q, k, window=20, sinks=2, backend=backend)
+        return lambda q, k, v: mm(q, k, v, causal=True, scale=scale).out
+    assert_grads_agree(loss_fn, q, k, v)
 
 
 SINK_CASES = [  # (tq, tk, window, sinks, causal, padded)

@@ -9,8 +9,9 @@ the log-sum-exp kept for the backward, no T x T matrix) with the key loop bounde
 [m0, m0 + BM) walks the key tiles from (m0 + off - window) rounded down to a tile edge up to the tile's last
 visible key, plus the tiles holding the sinks below the band. Work is O(T (window + sinks) d) and memory
 O(T d), where FlexAttention's generic kernel walks the same band through a BlockMask of 128 x 128 blocks. In the
-band (no sinks there) a pair's mask is two compares against its row's first and last visible key (`BAND`;
-the sinks' tiles and block patterns keep the whole rule).
+band (no sinks there) only the tiles that some row of the query tile does not see whole are masked, a pair's mask
+two compares against its row's first and last visible key (`BAND`; the sinks' tiles and block patterns keep the
+whole rule). The scale goes into exp2's argument (one FMA a pair, FlashAttention's form).
 
 Block patterns (`block_tables`, global_sparse's blocks + band + sinks, or a layout alone): the same kernels with
 the key loop over the key tiles a query tile's row of the tables lists (the tiles the layout keeps, and those the
@@ -54,13 +55,17 @@ CONFIG_WIDE = {"fwd": dict(BM=128, BN=32, num_warps=8, num_stages=2),  # head_di
 INTERPRETED = {"fwd": dict(BM=16, BN=16), "dkdv": dict(BM=16, BN=16), "dq": dict(BM=16, BN=16), "bwd": {}}
 MAX_HEAD_DIM = 256
 # How the kernels mask the band's tiles (the sinks' tiles and block patterns always take the whole rule):
-# "bounds", each pair two compares against its row's first and last visible key (`_band_bounds`); "rule", the
-# whole rule of `_visible` (the first kernel). On an H200 "bounds" ran causal window 256 at 64k in 0.378 vs 0.459
-# ms fwd, 1.55 vs 1.75 ms fwd+bwd (benchmarks/results/window/h200_band_masks/; a third mode, the tiles every
-# query sees whole unmasked between masked edge tiles, ran 0.417 / 1.63 ms there and was not kept). Timed at head
-# dim 64 only: CONFIG_WIDE's settings (head dim 65-256) run "bounds" untimed.
-BAND_MODES = {"rule": 2, "bounds": 1}  # each mode's `_masked` MASK, the kernels' BAND_MASK
-BAND = "bounds"
+# "edges", the bounds below only in the tiles that reach outside the keys every row of the query tile sees
+# (`_edge`: causal window 256 in 64-token tiles, two of five; with padding every tile is masked, as "bounds");
+# "bounds", each pair of every band tile two compares against its row's first and last visible key
+# (`_band_bounds`); "rule", the whole rule of `_visible` (the first kernel). On an H200, window 256 at 64k, fwd:
+# "bounds" 0.378 vs "rule" 0.459 ms causal (benchmarks/results/window/h200_band_masks/; the unmasked tiles as a
+# separate loop between masked edge tiles ran 0.417 ms there and was not kept: three short loops), then "edges"
+# 0.356 vs 0.372 ms causal, 0.520 vs 0.583 non-causal, with fwd+bwd 1.72 vs 1.73 and 2.58 vs 2.67 ms
+# (benchmarks/results/window/h200_edges/, one process). Timed at head dim 64 only: CONFIG_WIDE's settings (head
+# dim 65-256) run "edges" untimed.
+BAND_MODES = {"rule": 2, "bounds": 1, "edges": 3}  # each mode's `_masked` MASK, the kernels' BAND_MASK
+BAND = "edges"
 # The backward's programs for the key tiles that hold sinks (seen by every later query; every query when not
 # causal) walk only their band's queries when there are more than this many query tiles; the rest come from
 # `_bwd_dkdv_sinks`, one program per chunk of this many query tiles (before, one program per sink tile walked all T
@@ -149,11 +154,16 @@ def _band_bounds(pos, Tk, W, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _masked(s, fill, pos, kj, blo, bhi, Tk, W, S, sel, PAD, pad_base, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
-            HAS_BLOCKS: tl.constexpr, MASK: tl.constexpr):
-    """s [BM, BN] with `fill` where the pattern hides a pair. MASK 1: a band tile without sinks, the window's rule
-    as the per-row bounds [blo, bhi] of `_band_bounds`; 2: the whole rule (sinks, block layouts)."""
-    if MASK == 1:
+def _masked(s, fill, pos, kj, blo, bhi, edge, Tk, W, S, sel, PAD, pad_base, HAS_PAD: tl.constexpr,
+            CAUSAL: tl.constexpr, HAS_BLOCKS: tl.constexpr, MASK: tl.constexpr):
+    """s [BM, BN] with `fill` where the pattern hides a pair. MASK 1: a band tile without sinks or padding, the
+    window's rule as the per-row bounds [blo, bhi] of `_band_bounds`; 3: the same, only where `edge` (the tile
+    reaches outside the keys every row of the query tile sees, `_band_common`; no padding); 2: the whole rule
+    (sinks, padding, block layouts)."""
+    if MASK == 3:
+        if edge:
+            s = tl.where((kj[None, :] >= blo[:, None]) & (kj[None, :] <= bhi[:, None]), s, fill)
+    elif MASK == 1:
         ok = (kj[None, :] >= blo[:, None]) & (kj[None, :] <= bhi[:, None])
         if HAS_PAD:
             ok = ok & (tl.load(PAD + pad_base + kj, mask=kj < Tk, other=0) != 0)[None, :]
@@ -164,19 +174,33 @@ def _masked(s, fill, pos, kj, blo, bhi, Tk, W, S, sel, PAD, pad_base, HAS_PAD: t
 
 
 @triton.jit
-def _fwd_tile(acc, m_i, l_i, q, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt, s0, sel, pos, blo, bhi, offs_n,
-              offs_d, Tk, D, W, S, qk_scale, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
+def _edge(n0, BN, m0, BM, off, Tk, W, CAUSAL: tl.constexpr):
+    """Whether the key tile [n0, n0 + BN) reaches outside the keys [flo, fhi] every row of the query tile [m0, m0 +
+    BM) sees in the band (rows past Tq included: more tiles masked, never fewer)."""
+    if CAUSAL:
+        fhi = tl.minimum(m0 + off, Tk - 1)
+    else:
+        fhi = tl.minimum(m0 + off + W, Tk - 1)
+    return (n0 < m0 + BM - 1 + off - W) | (n0 + BN - 1 > fhi)
+
+
+@triton.jit
+def _fwd_tile(acc, m_i, l_i, q, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt, s0, sel, pos, blo, bhi, edge,
+              offs_n, offs_d, Tk, D, W, S, qk_scale, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
               HAS_BLOCKS: tl.constexpr, MASK: tl.constexpr):
-    """One key tile [s0, s0 + BN) of the online softmax, masked as `_masked` says."""
+    """One key tile [s0, s0 + BN) of the online softmax, masked as `_masked` says. The scores stay unscaled
+    (qk_scale > 0, so max(s) * qk_scale is the max of the scaled scores) and the scale goes into exp2's argument,
+    one FMA a pair (FlashAttention's form)."""
     kj = s0 + offs_n
     kmask = (kj < Tk)[:, None] & (offs_d < D)[None, :]
     k = tl.load(K + k_base + kj[:, None] * s_kt + offs_d[None, :], mask=kmask, other=0.0)
-    s = dot(q, tl.trans(k), PREC) * qk_scale
-    s = _masked(s, float("-inf"), pos, kj, blo, bhi, Tk, W, S, sel, PAD, pad_base, HAS_PAD, CAUSAL, HAS_BLOCKS, MASK)
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    s = dot(q, tl.trans(k), PREC)
+    s = _masked(s, float("-inf"), pos, kj, blo, bhi, edge, Tk, W, S, sel, PAD, pad_base, HAS_PAD, CAUSAL, HAS_BLOCKS,
+                MASK)
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(s - m_safe[:, None])
+    p = tl.exp2(s * qk_scale - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     v = tl.load(V + v_base + kj[:, None] * s_vt + offs_d[None, :], mask=kmask, other=0.0)
     acc = acc * alpha[:, None] + dot(to(p, v.dtype, PREC), v, PREC)
@@ -184,12 +208,13 @@ def _fwd_tile(acc, m_i, l_i, q, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt,
 
 
 @triton.jit
-def _fwd_tiles(acc, m_i, l_i, q, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt, start, end, pos, blo, bhi, offs_n,
-               offs_d, Tk, D, W, S, qk_scale, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
-               BN: tl.constexpr, MASK: tl.constexpr):
+def _fwd_tiles(acc, m_i, l_i, q, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt, start, end, m0, off, pos, blo, bhi,
+               offs_n, offs_d, Tk, D, W, S, qk_scale, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
+               BM: tl.constexpr, BN: tl.constexpr, MASK: tl.constexpr):
     for s0 in range(start, end, BN):
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt, s0, 0, pos, blo,
-                                  bhi, offs_n, offs_d, Tk, D, W, S, qk_scale, HAS_PAD, CAUSAL, PREC, False, MASK)
+                                  bhi, _edge(s0, BN, m0, BM, off, Tk, W, CAUSAL), offs_n, offs_d, Tk, D, W, S,
+                                  qk_scale, HAS_PAD, CAUSAL, PREC, False, MASK)
     return acc, m_i, l_i
 
 
@@ -219,16 +244,19 @@ def _fwd(Q, K, V, PAD, O, LSE, LAY, IDX, CNT, H, G, Tq, Tk, D, W, S, qk_scale, N
         for i in range(0, tl.load(CNT + row)):
             kb = tl.load(IDX + row * MAXN + i)
             acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt, kb * BN,
-                                      tl.load(LAY + row * NB + kb), pos, pos, pos, offs_n, offs_d, Tk, D, W, S,
-                                      qk_scale, HAS_PAD, CAUSAL, PREC, True, 2)
+                                      tl.load(LAY + row * NB + kb), pos, pos, pos, True, offs_n, offs_d, Tk, D, W,
+                                      S, qk_scale, HAS_PAD, CAUSAL, PREC, True, 2)
     else:
         lo, hi, sink_end = _key_range(m0, BM, off, Tk, W, S, CAUSAL, BN)
         blo, bhi = _band_bounds(pos, Tk, W, CAUSAL)
         acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt, 0, sink_end,
-                                   pos, blo, bhi, offs_n, offs_d, Tk, D, W, S, qk_scale, HAS_PAD, CAUSAL, PREC, BN, 2)
-        # the band: each pair two compares against its row's bounds ("bounds"), or the whole rule ("rule")
-        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt, lo, hi, pos, blo,
-                                   bhi, offs_n, offs_d, Tk, D, W, S, qk_scale, HAS_PAD, CAUSAL, PREC, BN, BAND_MASK)
+                                   m0, off, pos, blo, bhi, offs_n, offs_d, Tk, D, W, S, qk_scale, HAS_PAD, CAUSAL,
+                                   PREC, BM, BN, 2)
+        # the band: each pair two compares against its row's bounds ("bounds"; "edges": only in the tiles not
+        # every row sees whole), or the whole rule ("rule")
+        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt, lo, hi, m0, off,
+                                   pos, blo, bhi, offs_n, offs_d, Tk, D, W, S, qk_scale, HAS_PAD, CAUSAL, PREC, BM, BN,
+                                   BAND_MASK)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     o_ptr = O + b * s_ob + h * s_oh + offs_m[:, None] * s_ot + offs_d[None, :]
@@ -257,7 +285,7 @@ def _delta_rows(O, DO, DLSE, DELTA, bh, offs_m, H, Tq, D, s_ob, s_oh, s_ot, s_db
 
 @triton.jit
 def _dkdv_tile(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt,
-               do_base, s_dt, m0, sel, kj, offs_m, offs_d, Tq,
+               do_base, s_dt, m0, sel, edge, kj, offs_m, offs_d, Tq,
                Tk, D, W, S, off, qk_scale, CAUSAL: tl.constexpr, PREC: tl.constexpr, HAS_BLOCKS: tl.constexpr,
                HAS_PAD: tl.constexpr, MASK: tl.constexpr):
     """One query tile [m0, m0 + BM)'s contribution to a key tile's dk, dv, masked as `_masked` says (rows past Tq
@@ -271,7 +299,11 @@ def _dkdv_tile(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt
     delta = tl.load(DELTA + bh * Tq + qi, mask=qi < Tq, other=0.0)
     s = dot(q, tl.trans(k), PREC) * qk_scale
     p = tl.exp2(s - lse[:, None])
-    if MASK == 1:
+    if MASK == 3:  # no padding here
+        if edge:
+            blo, bhi = _band_bounds(qi + off, Tk, W, CAUSAL)
+            p = tl.where((kj[None, :] >= blo[:, None]) & (kj[None, :] <= bhi[:, None]), p, 0.0)
+    elif MASK == 1:
         blo, bhi = _band_bounds(qi + off, Tk, W, CAUSAL)
         p = tl.where((kj[None, :] >= blo[:, None]) & (kj[None, :] <= bhi[:, None]) & real[None, :], p, 0.0)
     else:
@@ -286,13 +318,13 @@ def _dkdv_tile(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt
 
 @triton.jit
 def _dkdv_tiles(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt,
-                do_base, s_dt, start, end, kj, offs_m, offs_d, Tq,
+                do_base, s_dt, start, end, n0, kj, offs_m, offs_d, Tq,
                 Tk, D, W, S, off, qk_scale, CAUSAL: tl.constexpr, PREC: tl.constexpr, HAS_PAD: tl.constexpr,
                 MASK: tl.constexpr, BM: tl.constexpr):
     """The query tiles [start, end) of a key tile's dk, dv (start on a tile edge), as `_fwd_tiles` for the forward."""
     for m0 in range(start, end, BM):
         dk, dv = _dkdv_tile(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt,
-                            do_base, s_dt, m0, 0, kj, offs_m,
+                            do_base, s_dt, m0, 0, _edge(n0, kj.shape[0], m0, BM, off, Tk, W, CAUSAL), kj, offs_m,
                             offs_d, Tq, Tk, D, W, S, off, qk_scale, CAUSAL, PREC, False, HAS_PAD, MASK)
     return dk, dv
 
@@ -360,12 +392,12 @@ def _bwd_prep(O, DO, DLSE, DELTA, Q, K, V, PAD, LSE, DKP, DVP, H, G, Tq, Tk, D, 
             q_lo, q_hi, hb = _dkdv_band(n0, off, W, Tq, CAUSAL, BM, BN)
             if not CAUSAL:  # queries before the band (causal: they see none of this tile's keys)
                 dk, dv = _dkdv_tiles(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt, do_base, s_dt,
-                                     c0, tl.minimum(c1, q_lo), kj, offs_m, offs_d, Tq, Tk, D, W, S, off, qk_scale,
+                                     c0, tl.minimum(c1, q_lo), n0, kj, offs_m, offs_d, Tq, Tk, D, W, S, off, qk_scale,
                                      CAUSAL, PREC, HAS_PAD, 2, BM)
             # queries after the band
             dk, dv = _dkdv_tiles(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt,
                                  do_base, s_dt, tl.maximum(c0, hb), c1,
-                                 kj, offs_m, offs_d, Tq, Tk, D, W, S, off, qk_scale, CAUSAL, PREC, HAS_PAD, 2, BM)
+                                 n0, kj, offs_m, offs_d, Tq, Tk, D, W, S, off, qk_scale, CAUSAL, PREC, HAS_PAD, 2, BM)
             p_off = (((bh * NST + st) * NCH + c) * BN + tl.arange(0, BN)[:, None]) * BD + offs_d[None, :]
             tl.store(DKP + p_off, dk)
             tl.store(DVP + p_off, dv)
@@ -389,7 +421,7 @@ def _dkdv_program(pid_n, bh, Q, K, V, PAD, DO, LSE, DELTA, DK, DV, LAY, IDXT, CN
             qb = tl.load(IDXT + (base + pid_n) * MAXNT + i)
             dk, dv = _dkdv_tile(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt,
                                 do_base, s_dt, qb * BM,
-                                tl.load(LAY + (base + qb) * NB + pid_n), kj, offs_m, offs_d, Tq, Tk, D, W, S, off,
+                                tl.load(LAY + (base + qb) * NB + pid_n), True, kj, offs_m, offs_d, Tq, Tk, D, W, S, off,
                                 qk_scale, CAUSAL, PREC, True, HAS_PAD, 2)
     else:
         # the queries whose band reaches this key tile; a tile holding sinks is seen by every later query too:
@@ -401,11 +433,11 @@ def _dkdv_program(pid_n, bh, Q, K, V, PAD, DO, LSE, DELTA, DK, DV, LAY, IDXT, CN
                 q_lo = 0
         if n0 < S:  # a tile that holds sinks: the whole rule
             dk, dv = _dkdv_tiles(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt,
-                                 do_base, s_dt, q_lo, q_hi, kj,
+                                 do_base, s_dt, q_lo, q_hi, n0, kj,
                                  offs_m, offs_d, Tq, Tk, D, W, S, off, qk_scale, CAUSAL, PREC, HAS_PAD, 2, BM)
         else:
             dk, dv = _dkdv_tiles(dk, dv, k, v, real, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qt,
-                                 do_base, s_dt, q_lo, q_hi, kj,
+                                 do_base, s_dt, q_lo, q_hi, n0, kj,
                                  offs_m, offs_d, Tq, Tk, D, W, S, off, qk_scale, CAUSAL, PREC, HAS_PAD, BAND_MASK, BM)
         if pid_n < NST:
             p_base = ((bh * NST + pid_n) * NCH * BN + tl.arange(0, BN)[:, None]) * BD + offs_d[None, :]
@@ -419,15 +451,15 @@ def _dkdv_program(pid_n, bh, Q, K, V, PAD, DO, LSE, DELTA, DK, DV, LAY, IDXT, CN
 
 
 @triton.jit
-def _dq_tile(dq, q, do, lse, delta, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt, s0, sel, pos, blo, bhi, offs_n,
-             offs_d, Tk, D, W, S, qk_scale, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
+def _dq_tile(dq, q, do, lse, delta, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt, s0, sel, pos, blo, bhi, edge,
+             offs_n, offs_d, Tk, D, W, S, qk_scale, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
              HAS_BLOCKS: tl.constexpr, MASK: tl.constexpr):
     kj = s0 + offs_n
     kmask = (kj < Tk)[:, None] & (offs_d < D)[None, :]
     k = tl.load(K + k_base + kj[:, None] * s_kt + offs_d[None, :], mask=kmask, other=0.0)
     v = tl.load(V + v_base + kj[:, None] * s_vt + offs_d[None, :], mask=kmask, other=0.0)
     s = dot(q, tl.trans(k), PREC) * qk_scale
-    p = _masked(tl.exp2(s - lse[:, None]), 0.0, pos, kj, blo, bhi, Tk, W, S, sel, PAD, pad_base, HAS_PAD, CAUSAL,
+    p = _masked(tl.exp2(s - lse[:, None]), 0.0, pos, kj, blo, bhi, edge, Tk, W, S, sel, PAD, pad_base, HAS_PAD, CAUSAL,
                 HAS_BLOCKS, MASK)
     dp = dot(do, tl.trans(v), PREC)
     ds = p * (dp - delta[:, None])
@@ -436,12 +468,13 @@ def _dq_tile(dq, q, do, lse, delta, K, V, PAD, k_base, v_base, pad_base, s_kt, s
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, lse, delta, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt, start, end, pos, blo, bhi,
-              offs_n, offs_d, Tk, D, W, S, qk_scale, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
-              BN: tl.constexpr, MASK: tl.constexpr):
+def _dq_tiles(dq, q, do, lse, delta, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt, start, end, m0, off, pos, blo,
+              bhi, offs_n, offs_d, Tk, D, W, S, qk_scale, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
+              PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, MASK: tl.constexpr):
     for s0 in range(start, end, BN):
         dq = _dq_tile(dq, q, do, lse, delta, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt, s0, 0, pos, blo, bhi,
-                      offs_n, offs_d, Tk, D, W, S, qk_scale, HAS_PAD, CAUSAL, PREC, False, MASK)
+                      _edge(s0, BN, m0, BM, off, Tk, W, CAUSAL), offs_n, offs_d, Tk, D, W, S, qk_scale, HAS_PAD,
+                      CAUSAL, PREC, False, MASK)
     return dq
 
 
@@ -472,15 +505,15 @@ def _dq_program(pid_m, bh, Q, K, V, PAD, DO, LSE, DELTA, DQ, LAY, IDX, CNT, H, G
         for i in range(0, tl.load(CNT + row)):
             kb = tl.load(IDX + row * MAXN + i)
             dq = _dq_tile(dq, q, do, lse, delta, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt, kb * BN,
-                          tl.load(LAY + row * NB + kb), pos, pos, pos, offs_n, offs_d, Tk, D, W, S, qk_scale,
+                          tl.load(LAY + row * NB + kb), pos, pos, pos, True, offs_n, offs_d, Tk, D, W, S, qk_scale,
                           HAS_PAD, CAUSAL, PREC, True, 2)
     else:
         lo, hi, sink_end = _key_range(m0, BM, off, Tk, W, S, CAUSAL, BN)
         blo, bhi = _band_bounds(pos, Tk, W, CAUSAL)
-        dq = _dq_tiles(dq, q, do, lse, delta, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt, 0, sink_end, pos, blo,
-                       bhi, offs_n, offs_d, Tk, D, W, S, qk_scale, HAS_PAD, CAUSAL, PREC, BN, 2)
-        dq = _dq_tiles(dq, q, do, lse, delta, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt, lo, hi, pos, blo, bhi,
-                       offs_n, offs_d, Tk, D, W, S, qk_scale, HAS_PAD, CAUSAL, PREC, BN, BAND_MASK)
+        dq = _dq_tiles(dq, q, do, lse, delta, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt, 0, sink_end, m0, off,
+                       pos, blo, bhi, offs_n, offs_d, Tk, D, W, S, qk_scale, HAS_PAD, CAUSAL, PREC, BM, BN, 2)
+        dq = _dq_tiles(dq, q, do, lse, delta, K, V, PAD, k_base, v_base, pad_base, s_kt, s_vt, lo, hi, m0, off, pos,
+                       blo, bhi, offs_n, offs_d, Tk, D, W, S, qk_scale, HAS_PAD, CAUSAL, PREC, BM, BN, BAND_MASK)
     tl.store(DQ + bh * Tq * D + offs_m[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=qmask)
 
@@ -562,8 +595,11 @@ class _WindowAttention(torch.autograd.Function):
         out = torch.empty(b, tq, h, d, dtype=q.dtype, device=q.device).transpose(1, 2)
         lse2 = torch.empty(b, h, tq, dtype=torch.float32, device=q.device)
         pad_arg = pad if pad is not None else out  # never read when HAS_PAD is False
+        band = BAND_MODES[BAND]
+        if band == 3 and pad is not None:  # padding can hide any key: every band tile is masked
+            band = 1
         meta = dict(HAS_PAD=pad is not None, CAUSAL=bool(causal), PREC=precision(q), HAS_BLOCKS=blocks is not None,
-                    BD=max(16, triton.next_power_of_2(d)), BAND_MASK=BAND_MODES[BAND])
+                    BD=max(16, triton.next_power_of_2(d)), BAND_MASK=band)
         tiles, launch = _launch(_config("fwd", d), blocks)
         grid = (triton.cdiv(tq, tiles["BM"]), b * h)
         tab = _table_args(blocks, lse2)
@@ -664,6 +700,8 @@ def window_attention(q, k, v, *, window: int, sinks: int = 0, causal: bool = Fal
         raise ValueError(f"window_attention: kv heads ({k.shape[1]}, v {v.shape[1]}) must be equal and divide the "
                          f"query heads ({q.shape[1]})")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if scale <= 0:  # the kernels take max(s) * scale for the max of s * scale: true for a positive scale only
+        q, scale = (-q, -scale) if scale < 0 else (q * 0, 1.0)
     window = min(int(window), max(q.shape[-2], k.shape[-2]))  # the same mask; keeps the kernel's int32 sums in range
     if blocks is not None:
         nb = -(-k.shape[-2] // blocks.block_size)
