@@ -12,6 +12,9 @@ replays, variants interleaved round by round. Variants:
     parallel forward, the chunked backward) and, with `--configs`, each (key tile, num_warps, num_stages) of the
     parallel pass (`ops.linear_triton.CONFIG["parallel"]`, `linear+p64w4s2` ...; F = 256: `"parallel_wide"`,
     `performer+p64w8s2` ...);
+  - `linear+seg4`, `performer+seg1` ... (`--segments 1,4`): the chunked passes' walks in segments of that many
+    chunks (`SEGMENT_LEN`; 1: every chunk's own state in parallel, then each chunk's entering state as a sum of
+    the earlier ones), not `segment_len`'s choice;
   - `linear+premap`: with gradients, q and k mapped by PyTorch ops before the kernels (`MAP_WITH_GRAD = False`),
     not inside them; `+walkq`, `+walkkv` (linear, performer): the chunked backward's reverse walk per query head
     or per kv head (`REVERSE_WALK`), not by `reverse_walk`'s rule; `performer+unfused`: the map of q, the map of k
@@ -165,6 +168,8 @@ def main(argv=None) -> int:
                                                            "parallel pass")
     ap.add_argument("--favor-configs", action="store_true", help="also each (rows, num_warps, num_stages) of FAVOR+'s "
                                                                  "one-sweep map forward")
+    ap.add_argument("--segments", default="", help="comma list of chunks per segment of the chunked passes' walks "
+                                                   "(`linear_triton.SEGMENT_LEN`): linear / performer +seg<n> variants")
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--out", required=True)
@@ -173,6 +178,8 @@ def main(argv=None) -> int:
         lengths = [int(x) for x in a.lengths.split(",")]
     except ValueError:
         ap.error(f"--lengths: comma-separated token counts, got {a.lengths!r}")
+    if not all(n.isdigit() and int(n) > 0 for n in a.segments.split(",") if n):
+        ap.error(f"--segments: positive integers, got {a.segments!r}")
     if min(lengths) < 1 or a.layers < 1 or a.rounds < 1:
         ap.error("--lengths, --layers and --rounds must be positive")
     unknown = [m for m in a.methods.split(",") if m and m not in attnlab.registry.list_methods()]
@@ -186,6 +193,8 @@ def main(argv=None) -> int:
         return 1
     methods = [m for m in a.methods.split(",") if m]
     variants = [("sdpa", {})] + [(m, {}) for m in methods]  # (name, module settings)
+    variants += [(f"{m}+seg{n}", {"SEGMENT_LEN": int(n)}) for m in ("linear", "performer") if m in methods
+                 for n in a.segments.split(",") if n]
     if "linear" in methods:
         variants += [(f"linear+{form}", FORMS[form]) for form in ("chunked", "parallel")]
         variants += [("linear+premap", {"MAP_WITH_GRAD": False})]  # with gradients, q and k mapped first (PyTorch)

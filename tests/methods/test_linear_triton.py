@@ -301,9 +301,10 @@ def test_exclusive_chunk_maxima(interpreted, t):
 def test_segment_length_choice():
     from attnlab.ops.linear_triton import segment_len
 
-    assert segment_len(4) == 4 and segment_len(16, 18) == 16  # short: one segment
-    assert segment_len(64, 18) == 6 and segment_len(1024, 18) == 35  # sqrt(n / 2); then ~4 programs per SM
-    assert segment_len(256, 72) == 35
+    assert segment_len(4) == 4 and segment_len(8, 24) == 8  # short: one segment
+    assert segment_len(16, 24) == 2 and segment_len(64, 18) == 4  # sqrt(n / 4)
+    assert segment_len(1024, 18) == 35 and segment_len(256, 72) == 35  # ~4 programs per SM
+    assert segment_len(16, 72) == 16  # half the GPU's walks, 16 chunks: one segment
     assert segment_len(1024, 128) == 1024  # the walks alone nearly fill the GPU: one segment
 
 

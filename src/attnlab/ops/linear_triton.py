@@ -691,16 +691,22 @@ SEGMENT_LEN: int | None = None
 def segment_len(n_chunks: int, programs: int = 1, sms: int = 132) -> int:
     """Chunks per segment of the state passes, for `programs` (feature block, value block, head) walks on a GPU of
     `sms` multiprocessors. The sequential chain is ~2 L steps (a segment's sum, then its walk) plus n / L adds of
-    earlier segments' sums, least near L = sqrt(n / 2); each segment adds `programs` programs, so L grows until
-    they fit about four per multiprocessor. One segment (the plain walk, no extra launch) where that chain is not
-    under 3/4 of n (short inputs) or where the walks alone nearly fill the GPU (measured on the H200: FAVOR+'s 256
-    features x 16 heads, 128 walks, gained nothing from segments; x 9 heads, 72 walks, 1.25-1.5x at 16k-64k)."""
+    earlier segments' sums; an add costs about half a step (its loads wait on nothing), so the chain 2 L + n / (2 L)
+    is least near L = sqrt(n / 4). Each segment adds `programs` programs, so L grows until they fit about four per
+    multiprocessor. One segment (the plain walk, no extra launch) where that chain is not under 3/4 of n (short
+    inputs), where the walks alone nearly fill the GPU, or where they fill half of it and the walk is short (16
+    chunks or fewer). Measured on the H200 (`benchmarks/short_calls.py --segments`, SmolLM2's shapes, a call's device
+    time in CUDA graphs): FAVOR+'s forward (24 walks) at 1024 / 2048 / 4096 tokens took 36 / 53 / 89 us in segments
+    of 2 / 2 / 4 chunks, 49 / 54 / 95 us as the rule before chose them (one segment, then sqrt(n / 2): 4 and 6
+    chunks); its backward's 72 walks per query head at 1024 tokens were 11-13 us slower in segments of 2 or 4 than
+    in one (beside the concurrent dq branch); FAVOR+'s 256 features x 16 heads (128 walks) gained nothing from
+    segments at 16k-64k, x 9 heads (72 walks) 1.25-1.5x."""
     if SEGMENT_LEN is not None:
         return max(1, min(SEGMENT_LEN, n_chunks))
-    if programs >= 0.75 * sms:
+    if programs >= 0.75 * sms or (programs >= 0.5 * sms and n_chunks <= 16):
         return n_chunks
-    seg = max(1, round((n_chunks / 2) ** 0.5), -(-n_chunks * programs // (4 * sms)))
-    chain = 2 * seg + -(-n_chunks // seg)
+    seg = max(1, round((n_chunks / 4) ** 0.5), -(-n_chunks * programs // (4 * sms)))
+    chain = 2 * seg + -(-n_chunks // seg) / 2
     return seg if seg < n_chunks and chain < 0.75 * n_chunks else n_chunks
 
 
