@@ -270,7 +270,13 @@ def model_table() -> str:
               ("model_bench_graph_dk_blocks.json", "**CUDA graph, dk over feature blocks** "
                "(`model_bench_graph_dk_blocks.json`: the same command with `--lengths 1024,4096 --budget-s 90`, the "
                "working tree of 3318b01: the chunked backward's dk, dv pass on a program per feature block, dv in "
-               "block 0's):", "CUDA graph, dk over feature blocks"))
+               "block 0's):", "CUDA graph, dk over feature blocks"),
+              ("model_bench_graph_edges_segments.json", "**CUDA graph, window masks on edge tiles, shorter segments** "
+               "(`model_bench_graph_edges_segments.json`: `python benchmarks/model_bench.py --device cuda --dtype "
+               "bfloat16 --cuda-graph --lengths 1024,4096,16384 --methods window,linear,performer --originals sdpa "
+               "--modes fwd,fwd+bwd --budget-s 170`, one interleaved run; the window kernel masking only the band's "
+               "edge tiles, `window_triton.BAND = \"edges\"`; the state walks in segments of about sqrt(n / 4) "
+               "chunks, `linear_triton.segment_len`):", "CUDA graph, edge masks and shorter segments"))
     for name, prose, label in graphs:
         if (MODEL_DIR / name).exists():
             gr = json.load(open(MODEL_DIR / name))
