@@ -312,7 +312,7 @@ def test_backend_choice_is_visible_and_refused_where_it_cannot_run(name, monkeyp
 def test_a_fused_map_compiles_for_its_variants_without_falling_back(monkeypatch):
     """hedgehog's map compiled in a training run meets grad on and off, inputs requiring grad or not, batch 1 and
     others, fp32 and bf16: more than dynamo's default 8 variants, after which it ran eagerly (seen on the H200).
-    The first compile raises the limit; the 24 variants here compile without hitting it."""
+    The first compile raises the limit; the 16 variants here compile without hitting it."""
     import itertools
 
     import torch._dynamo
@@ -329,7 +329,7 @@ def test_a_fused_map_compiles_for_its_variants_without_falling_back(monkeypatch)
         "warning": lambda *a, **k: hits.append(a), "debug": lambda *a, **k: None, "info": lambda *a, **k: None,
         "isEnabledFor": lambda *a: False})())
     w = torch.randn(2, 8, 4, requires_grad=True)
-    for gm, rg, b, dt in itertools.product([True, False], [True, False], [1, 2, 3], [torch.float32, torch.bfloat16]):
+    for gm, rg, b, dt in itertools.product([True, False], [True, False], [1, 2], [torch.float32, torch.bfloat16]):
         x = torch.randn(b, 2, 5 + b, 8, dtype=dt).requires_grad_(rg)
         with torch.set_grad_enabled(gm):
             y = hedgehog_features(x, w, compiled=True)

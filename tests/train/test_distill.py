@@ -30,6 +30,18 @@ def cli(*args, env=None, timeout=600) -> subprocess.CompletedProcess:
                           cwd=REPO, env=env, timeout=timeout)
 
 
+def refused(capsys, *args) -> str:
+    """A CLI call expected to stop with exit code 2, in-process (a refusal needs no fresh interpreter: it saves the
+    ~5 s a subprocess spends importing); returns its stderr."""
+    import attnlab.cli
+
+    capsys.readouterr()
+    rc = attnlab.cli.main([str(a) for a in args])
+    err = capsys.readouterr().err
+    assert rc == 2, err[-1500:]
+    return err
+
+
 def losses(out: Path) -> list[float]:
     return [r["loss"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r]
 
@@ -109,7 +121,7 @@ def test_low_rank_adapters_alone_win_back_a_global_sparse_mask_on_smollm2(smollm
             p.requires_grad_(flags[n])
 
 
-def test_adapters_from_the_cli_alone_and_on_a_saved_attention(tiny_lm_dir, tmp_path):
+def test_adapters_from_the_cli_alone_and_on_a_saved_attention(tiny_lm_dir, tmp_path, capsys):
     """--lora on a method without parameters (window), and LoLCATs' order: a hybrid run, then --init of its saved
     attention with --lora (the saved hybrid state kept, adapters added); --lora on a saved attention that already
     has adapters is refused."""
@@ -130,8 +142,9 @@ def test_adapters_from_the_cli_alone_and_on_a_saved_attention(tiny_lm_dir, tmp_p
     assert set(before) < set(after) and any(".lora." in k for k in after)
     meta = json.loads((tmp_path / "hl" / "attention" / "attnlab.json").read_text())
     assert meta["spec"]["rules"][0]["lora"] == 2
-    again = cli("distill", "--init", tmp_path / "hl" / "attention", "--lora", "2", *common, "--out", tmp_path / "x")
-    assert again.returncode == 2 and "already has adapters" in again.stderr
+    again = refused(capsys, "distill", "--init", tmp_path / "hl" / "attention", "--lora", "2", *common, "--out",
+                    tmp_path / "x")
+    assert "already has adapters" in again
 
 
 def test_killed_run_resumes_onto_the_same_loss_curve(tiny_lm_dir, tmp_path):
@@ -209,17 +222,16 @@ def test_bad_input_is_one_line_before_any_work(args, match, tmp_path, capsys, mo
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
-def test_empty_or_short_corpus_and_an_occupied_out_are_refused(tiny_lm_dir, tmp_path):
+def test_empty_or_short_corpus_and_an_occupied_out_are_refused(tiny_lm_dir, tmp_path, capsys):
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "short.txt").write_text("Call me Ishmael.")
     base = ["distill", "--model", tiny_lm_dir, "--method", "hybrid", *QUICK[:-2]]
     for text, match in (("empty.txt", "hold no text"), ("short.txt", "fewer than one window")):
-        res = cli(*base, "--train", tmp_path / text, "--out", tmp_path / text.replace(".txt", ""))
-        assert res.returncode == 2 and match in res.stderr, res.stderr[-1500:]
+        err = refused(capsys, *base, "--train", tmp_path / text, "--out", tmp_path / text.replace(".txt", ""))
+        assert match in err, err[-1500:]
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "result.json").write_text("{}")
-    res = cli(*base, "--train", "sotu", "--out", tmp_path / "busy")
-    assert res.returncode == 2 and "already holds a run" in res.stderr
+    assert "already holds a run" in refused(capsys, *base, "--train", "sotu", "--out", tmp_path / "busy")
     assert (tmp_path / "busy" / "result.json").read_text() == "{}"
 
 
@@ -250,7 +262,8 @@ def test_a_diverged_step_stops_before_any_checkpoint(tiny_lm_dir, tmp_path, caps
     assert not (out / "checkpoints" / "step-000003").exists() and not (out / "result.json").exists()
 
 
-def test_resume_of_another_run_or_a_damaged_checkpoint_is_refused_and_changes_nothing(tiny_lm_dir, tmp_path):
+def test_resume_of_another_run_or_a_damaged_checkpoint_is_refused_and_changes_nothing(tiny_lm_dir, tmp_path,
+                                                                                      capsys):
     out = tmp_path / "run"
     args = ["distill", "--model", tiny_lm_dir, "--method", "hedgehog", "--set", "hedgehog.feature_dim=8", "--steps",
             "4", "--checkpoint-every", "2", "--eval-every", "1000", *QUICK]
@@ -258,14 +271,12 @@ def test_resume_of_another_run_or_a_damaged_checkpoint_is_refused_and_changes_no
     ck = out / "checkpoints" / "step-000002"
     before = {p: p.read_bytes() for p in ck.rglob("*") if p.is_file()}
     other = ["distill", "--model", tiny_lm_dir, "--method", "hybrid", *args[7:]]
-    res = cli(*other, "--out", out, "--resume")  # another method
-    assert res.returncode == 2 and "belongs to another run" in res.stderr, res.stderr[-1500:]
-    res = cli(*args, "--seq-len", "16", "--out", out, "--resume")  # another window length
-    assert res.returncode == 2 and "belongs to another run" in res.stderr
+    assert "belongs to another run" in refused(capsys, *other, "--out", out, "--resume")  # another method
+    # another window length
+    assert "belongs to another run" in refused(capsys, *args, "--seq-len", "16", "--out", out, "--resume")
     st = ck / "trainer.safetensors"
     st.write_bytes(st.read_bytes()[:100])  # truncated
-    res = cli(*args, "--out", out, "--resume")
-    assert res.returncode == 2 and "corrupt or truncated" in res.stderr, res.stderr[-1500:]
+    assert "corrupt or truncated" in refused(capsys, *args, "--out", out, "--resume")
     st.write_bytes(before[st])
     assert {p: p.read_bytes() for p in ck.rglob("*") if p.is_file()} == before  # nothing else was written
 
