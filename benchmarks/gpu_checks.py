@@ -354,6 +354,49 @@ def _window_bands(window_triton, dtypes, t, q64, k64, v64, w, kpm) -> int:
     return failures
 
 
+def window_launches() -> int:
+    """The window backward's launches (`window_triton.BWD_LAUNCHES`: one launch holding the dk, dv and the dq
+    programs, two launches, the two on two streams) give the same bits: each program computes the same thing in
+    each. T = 2000, 8 query heads on 2 kv heads, window 256 + 4 sinks (sink chunks in `_bwd_prep`), bf16, causal and
+    not; eagerly and replayed from a CUDA graph."""
+    from attnlab.ops import window_triton
+
+    failures, base = 0, window_triton.BWD_LAUNCHES
+    g = torch.Generator(device="cuda").manual_seed(5)
+    q = torch.randn(1, 8, T_BANDS, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    k, v = (torch.randn(1, 2, T_BANDS, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+    w = torch.randn_like(q)
+    try:
+        for causal in (True, False):
+            got = {}
+            for mode in ("one", "two", "streams"):
+                window_triton.BWD_LAUNCHES = mode
+                leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+
+                def step():
+                    out, _ = window_triton.window_attention(*leaves, window=256, sinks=4, causal=causal)
+                    return torch.autograd.grad((out.float() * w).sum(), leaves)
+                side = torch.cuda.Stream()  # eager calls on a side stream first, as a capture wants
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    eager = step()
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    static = step()
+                graph.replay()
+                torch.cuda.synchronize()
+                got[mode] = (eager, static)
+            for mode in ("two", "streams"):
+                ok = all(torch.equal(a, b) for run in range(2) for a, b in zip(got["one"][run], got[mode][run]))
+                failures += not ok
+                print(f"{'ok ' if ok else 'FAIL'} window-launches {mode:7} causal={causal!s:5} dq/dk/dv bits equal to "
+                      f"one launch's, eager and from a CUDA graph: {ok}", flush=True)
+    finally:
+        window_triton.BWD_LAUNCHES = base
+    return failures
+
+
 def kernel_maps(dtypes) -> int:
     """linear's elementwise maps inside the causal kernels with gradients ("triton+map": q and k mapped on load in the
     forward and backward kernels, the map's derivative applied there) against the same module mapping them first in
@@ -500,6 +543,7 @@ def main(argv=None) -> int:
         failures += lsh_buckets((torch.bfloat16,) if args.quick else (torch.float32, torch.bfloat16))
     if any(variant(n) == ("window", {"backend": "triton"}) for n in names):
         failures += window_bands((torch.bfloat16,) if args.quick else (torch.float32, torch.bfloat16))
+        failures += window_launches()
     if any(variant(n)[0] == "linear" for n in names):
         failures += kernel_maps((torch.bfloat16,) if args.quick else (torch.float32, torch.bfloat16))
     if any(variant(n)[0] == "performer" for n in names):

@@ -62,11 +62,16 @@ def main(argv=None) -> int:
                    help="comma list of window_triton.SINK_CHUNK_TILES values to time each setting with (with "
                         "--sinks: 100000 makes one chunk, so each sink tile's own program walks every query, the "
                         "kernel before chunks)")
+    p.add_argument("--bwd-launches", default="",
+                   help="comma list of window_triton.BWD_LAUNCHES values (one, two, streams) to time each fwd+bwd "
+                        "setting with (default: the rule's)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     bad = [b for b in args.bands.split(",") if b not in window_triton.BAND_MODES]
     if bad:
         p.error(f"--bands: {', '.join(bad)} not among {', '.join(window_triton.BAND_MODES)}")
+    if not set(x for x in args.bwd_launches.split(",") if x) <= {"one", "two", "streams"}:
+        p.error(f"--bwd-launches: one, two and / or streams, got {args.bwd_launches!r}")
     if not all(x.isdigit() and int(x) > 0 for x in args.sink_chunks.split(",") if x):
         p.error(f"--sink-chunks: positive integers, got {args.sink_chunks!r}")
     if not torch.cuda.is_available():
@@ -86,12 +91,14 @@ def main(argv=None) -> int:
     ceil = {"matmul_tflops": c["ceiling_matmul_tflops"], "hbm_gbps": c["ceiling_copy_gbps"]}
     print(f"ceilings: bf16 matmul {ceil['matmul_tflops']:.0f} TFLOP/s, copy {ceil['hbm_gbps']:.0f} GB/s", flush=True)
     base_cfg, base_band, base_chunks = dict(window_triton.CONFIG), window_triton.BAND, window_triton.SINK_CHUNK_TILES
+    base_launches = window_triton.BWD_LAUNCHES
     try:
         return _sweep(args, out, ceil, base_cfg)
     finally:
         window_triton.CONFIG.update(base_cfg)
         window_triton.BAND = base_band
         window_triton.SINK_CHUNK_TILES = base_chunks
+        window_triton.BWD_LAUNCHES = base_launches
 
 
 def _sweep(args, out, ceil, base_cfg) -> int:
@@ -125,7 +132,8 @@ def _sweep(args, out, ceil, base_cfg) -> int:
         stage = "fwd" if mode == "fwd" else "bwd"
         grid = [None] if args.no_grid else GRID[stage]
         chunks = [int(x) for x in args.sink_chunks.split(",") if x] or [window_triton.SINK_CHUNK_TILES]
-        for cfg, band, chunk in itertools.product(grid, args.bands.split(","), chunks):
+        launches = [x for x in args.bwd_launches.split(",") if x and mode != "fwd"] or [window_triton.BWD_LAUNCHES]
+        for cfg, band, chunk, bl in itertools.product(grid, args.bands.split(","), chunks, launches):
             # each tile setting as a whole CONFIG, installed with the band mode just before its row is timed
             full = dict(base_cfg)
             if cfg is not None and stage == "fwd":
@@ -134,14 +142,16 @@ def _sweep(args, out, ceil, base_cfg) -> int:
                 full.update(dkdv=dict(BM=cfg["BM"], BN=cfg["BN"]), dq=dict(BM=cfg["BN"], BN=cfg["BM"]),
                             bwd={k: v for k, v in cfg.items() if k not in ("BM", "BN")})
             label = f" sink_chunk_tiles={chunk}" if args.sink_chunks else ""
-            impls[f"attnlab triton {band} {json.dumps(cfg) if cfg else 'CONFIG'}{label}"] = (tri, full, band, chunk)
+            label += f" bwd={bl}" if args.bwd_launches and mode != "fwd" else ""
+            impls[f"attnlab triton {band} {json.dumps(cfg) if cfg else 'CONFIG'}{label}"] = (tri, full, band, chunk, bl)
         for name, fn in impls.items():
-            cfg = band = chunk = None
+            cfg = band = chunk = bl = None
             if isinstance(fn, tuple):
-                fn, cfg, band, chunk = fn
+                fn, cfg, band, chunk, bl = fn
                 window_triton.CONFIG.update(cfg)
                 window_triton.BAND = band
                 window_triton.SINK_CHUNK_TILES = chunk
+                window_triton.BWD_LAUNCHES = bl
             t0 = time.perf_counter()
             try:
                 ms = timed(fn, mode, q, k, v)
@@ -150,7 +160,7 @@ def _sweep(args, out, ceil, base_cfg) -> int:
                 ms, err = None, f"{type(e).__name__}: {str(e)[:200]}"
             row = {"impl": name, "seq_len": t, "causal": causal, "mode": mode, "window": w, "sinks": s, "heads": h,
                    "head_dim": d, "batch": 1, "dtype": "bfloat16", "ms": ms, "error": err, "config": cfg, "band": band,
-                   "sink_chunk_tiles": chunk,
+                   "sink_chunk_tiles": chunk, "bwd_launches": bl,
                    "flops": flops, "bytes_moved": bytes_moved, "device_name": torch.cuda.get_device_name(),
                    "torch_version": torch.__version__, "triton_version": triton.__version__, **ceil,
                    "wall_s": round(time.perf_counter() - t0, 1), "command": " ".join(sys.argv)}

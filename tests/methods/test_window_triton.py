@@ -180,6 +180,26 @@ def test_non_positive_scales_match_the_reference(scale):
     assert_grads_agree(loss_fn, q, k, v)
 
 
+def test_backward_launches_give_the_same_bits(monkeypatch):
+    """The backward's dk, dv and dq programs in one launch, in two (each kind compiled alone) or on two streams (one
+    after the other here): each program computes the same, so the gradients are equal bit for bit (sinks in chunks,
+    grouped kv heads); and the rule picks two launches from 2^20 query rows."""
+    from attnlab.ops import window_triton
+
+    monkeypatch.setattr(window_triton, "SINK_CHUNK_TILES", 1)
+    q, k, v = rand_qkv(b=1, h=4, hkv=2, tq=70, tk=70, d=16, seed=9)
+    g = torch.randn_like(q)
+    got = {}
+    for mode in ("one", "two", "streams"):
+        monkeypatch.setattr(window_triton, "BWD_LAUNCHES", mode)
+        leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+        out, _ = window_triton.window_attention(*leaves, window=20, sinks=3, causal=True)
+        got[mode] = torch.autograd.grad(out, leaves, g)
+    assert all(torch.equal(a, b) for m in ("two", "streams") for a, b in zip(got["one"], got[m]))
+    monkeypatch.setattr(window_triton, "BWD_LAUNCHES", "auto")
+    assert window_triton.bwd_launches(16 * 65536) == "two" and window_triton.bwd_launches(16 * 65536 - 1) == "one"
+
+
 SINK_CASES = [  # (tq, tk, window, sinks, causal, padded)
     (100, 100, 20, 3, True, False),
     (100, 100, 20, 20, False, True),  # sinks over two 16-token tiles, padding among them

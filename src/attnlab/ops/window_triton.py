@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import dot, interpreted, kernel_reasons, precision, row_base, strides, to, unit_stride
+from .triton_common import concurrently, dot, interpreted, kernel_reasons, precision, row_base, strides, to, unit_stride
 
 LOG2E = 1.4426950408889634
 # Tile sizes and launch settings (fwd, dkdv, dq) for head_dim <= 64 on the GPU: the fastest of
@@ -71,6 +71,22 @@ BAND = "edges"
 # `_bwd_dkdv_sinks`, one program per chunk of this many query tiles (before, one program per sink tile walked all T
 # queries: at 64k, 1,024 query tiles in a row while the other programs walk 5, causal, or 9).
 SINK_CHUNK_TILES = 16
+# The backward's dk, dv and dq programs (`_bwd`): "one" launch holding both kinds, "two" launches (each kind compiled
+# alone, with its own registers), "streams" (the two on two streams, side by side), or "auto", `bwd_launches`'s
+# rule. Tests and benchmarks/tune_window.py set the others.
+BWD_LAUNCHES = "auto"
+BWD_TWO_MIN_ROWS = 1 << 20  # B x H x Tq from which "auto" takes two launches
+
+
+def bwd_launches(rows: int) -> str:
+    """The backward's launches `BWD_LAUNCHES = "auto"` takes for `rows` = B x H x Tq query rows: two where the device
+    time decides, one where the host's launch cost does. Measured on an H200 (benchmarks/results/window/
+    h200_bwd_launches/, window 256, 16 heads, batch 1, bf16, fwd+bwd eagerly): 64k tokens (2^20 rows) one / two /
+    streams 1.72 / 1.65 / 1.64 ms causal, 2.59 / 2.29 / 2.28 non-causal; 16k 0.73 / 0.84 / 1.08 and 0.85 / 0.86 / 1.04
+    (a call's host time decides); a SmolLM2 step in CUDA graphs at 1k-16k the same in one launch or on two streams."""
+    if BWD_LAUNCHES != "auto":
+        return BWD_LAUNCHES
+    return "two" if rows >= BWD_TWO_MIN_ROWS else "one"
 
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -523,21 +539,26 @@ def _bwd(Q, K, V, PAD, DO, LSE, DELTA, DQ, DK, DV, LAY, IDX, CNT, IDXT, CNTT, DK
          qk_scale, scale, NB, MAXN, MAXNT, HL, NST, NCH, NKT, s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
          s_db, s_dh, s_dt, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, HAS_BLOCKS: tl.constexpr,
          KV_BM: tl.constexpr, KV_BN: tl.constexpr, Q_BM: tl.constexpr, Q_BN: tl.constexpr, BD: tl.constexpr,
-         BAND_MASK: tl.constexpr):
+         BAND_MASK: tl.constexpr, PART: tl.constexpr):
     """The backward's second launch, as FlexAttention's: programs [0, NKT) are the key tiles' dk, dv
     (`_dkdv_program`, key tiles of KV_BN walking query tiles of KV_BM), the rest the query tiles' dq (`_dq_program`,
     Q_BM walking Q_BN); they read only what `_bwd_prep` wrote before, so one launch serves both (on the H200's host a
-    Triton launch costs tens of microseconds: at a few thousand tokens the call is the host's)."""
+    Triton launch costs tens of microseconds: at a few thousand tokens the call is the host's). PART 1 / 2: only the
+    dk, dv / only the dq programs (pid their tile), each compiled alone (`BWD_LAUNCHES`)."""
     pid = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
-    if pid < NKT:
+    if PART == 0:
+        is_kv, q_tile = pid < NKT, pid - NKT
+    else:  # compile time: the other kind's code is not in the kernel
+        is_kv, q_tile = PART == 1, pid
+    if is_kv:
         _dkdv_program(pid, bh, Q, K, V, PAD, DO, LSE, DELTA, DK, DV, LAY, IDXT, CNTT, DKP, DVP, H, G, Tq, Tk, D, W, S,
                       qk_scale, scale, NB, MAXNT, HL, NST, NCH, s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
                       s_db, s_dh, s_dt, HAS_PAD, CAUSAL, PREC, HAS_BLOCKS, KV_BM, KV_BN, BD, BAND_MASK)
     else:
-        _dq_program(pid - NKT, bh, Q, K, V, PAD, DO, LSE, DELTA, DQ, LAY, IDX, CNT, H, G, Tq, Tk, D, W, S, qk_scale,
-                    scale, NB, MAXN, HL, s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_db, s_dh, s_dt,
-                    HAS_PAD, CAUSAL, PREC, HAS_BLOCKS, Q_BM, Q_BN, BD, BAND_MASK)
+        _dq_program(q_tile, bh, Q, K, V, PAD, DO, LSE, DELTA, DQ, LAY, IDX, CNT, H, G, Tq, Tk, D, W,
+                    S, qk_scale, scale, NB, MAXN, HL, s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_db, s_dh,
+                    s_dt, HAS_PAD, CAUSAL, PREC, HAS_BLOCKS, Q_BM, Q_BN, BD, BAND_MASK)
 
 
 def _config(stage: str, d: int) -> dict:
@@ -651,12 +672,22 @@ class _WindowAttention(torch.autograd.Function):
                                 window, sinks, scale * LOG2E, nst, nch, *strides(out), *qkv_do,
                                 HAS_DLSE=dlse is not None, HAS_PAD=meta["HAS_PAD"], CAUSAL=meta["CAUSAL"],
                                 PREC=meta["PREC"], BMD=bmd, BD=meta["BD"], CH=chunk, **kv_tiles, **launch)
-        nkt = triton.cdiv(tk, kv_tiles["BN"])
-        _bwd[(nkt + triton.cdiv(tq, q_tiles["BM"]), b * h)](
-            q, k, v, pad_arg, dout, lse2, delta, dq, dk, dv, tab.lay, tab.idx, tab.cnt, tab.idxt, tab.cntt, dkp, dvp,
-            h, h // hkv, tq, tk, d, window, sinks, scale * LOG2E, scale, tab.nb, tab.maxn, tab.maxnt, tab.hl, nst, nch,
-            nkt, *qkv_do, **meta, KV_BM=kv_tiles["BM"], KV_BN=kv_tiles["BN"], Q_BM=q_tiles["BM"], Q_BN=q_tiles["BN"],
-            **launch)
+        nkt, nqt = triton.cdiv(tk, kv_tiles["BN"]), triton.cdiv(tq, q_tiles["BM"])
+
+        def bwd(part: int, programs: int):
+            _bwd[(programs, b * h)](
+                q, k, v, pad_arg, dout, lse2, delta, dq, dk, dv, tab.lay, tab.idx, tab.cnt, tab.idxt, tab.cntt, dkp,
+                dvp, h, h // hkv, tq, tk, d, window, sinks, scale * LOG2E, scale, tab.nb, tab.maxn, tab.maxnt, tab.hl,
+                nst, nch, nkt, *qkv_do, **meta, KV_BM=kv_tiles["BM"], KV_BN=kv_tiles["BN"], Q_BM=q_tiles["BM"],
+                Q_BN=q_tiles["BN"], PART=part, **launch)
+        launches = bwd_launches(b * h * tq)
+        if launches == "one":
+            bwd(0, nkt + nqt)
+        elif launches == "two":
+            bwd(1, nkt)
+            bwd(2, nqt)
+        else:  # dq's programs on a second stream beside dk, dv's (they write different tensors)
+            concurrently(lambda: bwd(2, nqt), lambda: bwd(1, nkt), q.device)
         if hkv != h:
             dk = dk.view(b, hkv, h // hkv, tk, d).sum(2).to(k.dtype)
             dv = dv.view(b, hkv, h // hkv, tk, d).sum(2).to(v.dtype)
