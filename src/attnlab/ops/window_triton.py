@@ -23,9 +23,9 @@ mask_mod on partial blocks.
 Backward as FlashAttention-2's, in two launches as FlexAttention's: `_bwd_prep` (delta_i = do_i . o_i - dlse_i; the
 log-sum-exp output has a gradient too, d lse_i / d s_ij = p_ij), then `_bwd`, whose programs are either a key
 tile's dk, dv (`_dkdv_program`, looping over the query tiles whose band reaches it) or a query tile's dq
-(`_dq_program`, the forward's key loop). A tile that holds sinks is reached by every later query: past
-SINK_CHUNK_TILES query tiles, those outside its band are taken by `_bwd_prep`'s programs, one per chunk of queries,
-as fp32 partials that the tile's program adds.
+(`_dq_program`, the forward's key loop); from 2^20 query rows each kind in a launch of its own (`bwd_launches`).
+A tile that holds sinks is reached by every later query: past SINK_CHUNK_TILES query tiles, those outside its band
+are taken by `_bwd_prep`'s programs, one per chunk of queries, as fp32 partials that the tile's program adds.
 
 Precision: scores and p @ v in the inputs' dtype with fp32 accumulation (fp32 inputs: IEEE fp32, as
 torch.matmul), softmax statistics in fp32. A row with no visible key returns zeros and lse = -inf, and no NaN
@@ -174,7 +174,7 @@ def _masked(s, fill, pos, kj, blo, bhi, edge, Tk, W, S, sel, PAD, pad_base, HAS_
             CAUSAL: tl.constexpr, HAS_BLOCKS: tl.constexpr, MASK: tl.constexpr):
     """s [BM, BN] with `fill` where the pattern hides a pair. MASK 1: a band tile without sinks or padding, the
     window's rule as the per-row bounds [blo, bhi] of `_band_bounds`; 3: the same, only where `edge` (the tile
-    reaches outside the keys every row of the query tile sees, `_band_common`; no padding); 2: the whole rule
+    reaches outside the keys every row of the query tile sees, `_edge`; no padding); 2: the whole rule
     (sinks, padding, block layouts)."""
     if MASK == 3:
         if edge:
