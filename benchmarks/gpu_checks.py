@@ -357,14 +357,15 @@ def _window_bands(window_triton, dtypes, t, q64, k64, v64, w, kpm) -> int:
 def window_launches() -> int:
     """The window backward's launches (`window_triton.BWD_LAUNCHES`: one launch holding the dk, dv and the dq
     programs, two launches, the two on two streams) give the same bits: each program computes the same thing in
-    each. T = 2000, 8 query heads on 2 kv heads, window 256 + 4 sinks (sink chunks in `_bwd_prep`), bf16, causal and
-    not; eagerly and replayed from a CUDA graph."""
+    each. 2000 queries on 2640 keys (more key tiles than query tiles: a launch given the other kind's grid fails), 8
+    query heads on 2 kv heads, window 256 + 4 sinks (sink chunks in `_bwd_prep`), bf16, causal and not; eagerly and
+    replayed from a CUDA graph."""
     from attnlab.ops import window_triton
 
     failures, base = 0, window_triton.BWD_LAUNCHES
     g = torch.Generator(device="cuda").manual_seed(5)
     q = torch.randn(1, 8, T_BANDS, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    k, v = (torch.randn(1, 2, T_BANDS, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+    k, v = (torch.randn(1, 2, T_BANDS + 640, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
     w = torch.randn_like(q)
     try:
         for causal in (True, False):

@@ -36,7 +36,8 @@ def refused(capsys, *args) -> str:
     import attnlab.cli
 
     capsys.readouterr()
-    rc = attnlab.cli.main([str(a) for a in args])
+    with torch.random.fork_rng():  # a refusal after the run started has seeded the global generator
+        rc = attnlab.cli.main([str(a) for a in args])
     err = capsys.readouterr().err
     assert rc == 2, err[-1500:]
     return err

@@ -172,10 +172,10 @@ def _band_bounds(pos, Tk, W, CAUSAL: tl.constexpr):
 @triton.jit
 def _masked(s, fill, pos, kj, blo, bhi, edge, Tk, W, S, sel, PAD, pad_base, HAS_PAD: tl.constexpr,
             CAUSAL: tl.constexpr, HAS_BLOCKS: tl.constexpr, MASK: tl.constexpr):
-    """s [BM, BN] with `fill` where the pattern hides a pair. MASK 1: a band tile without sinks or padding, the
-    window's rule as the per-row bounds [blo, bhi] of `_band_bounds`; 3: the same, only where `edge` (the tile
-    reaches outside the keys every row of the query tile sees, `_edge`; no padding); 2: the whole rule
-    (sinks, padding, block layouts)."""
+    """s [BM, BN] with `fill` where the pattern hides a pair. MASK 1: a band tile (no sinks there), the window's rule
+    as the per-row bounds [blo, bhi] of `_band_bounds`, and the padding; 3: the same without padding, only where
+    `edge` (the tile reaches outside the keys every row of the query tile sees, `_edge`); 2: the whole rule (sinks'
+    tiles, block layouts)."""
     if MASK == 3:
         if edge:
             s = tl.where((kj[None, :] >= blo[:, None]) & (kj[None, :] <= bhi[:, None]), s, fill)
@@ -549,7 +549,7 @@ def _bwd(Q, K, V, PAD, DO, LSE, DELTA, DQ, DK, DV, LAY, IDX, CNT, IDXT, CNTT, DK
     bh = tl.program_id(1).to(tl.int64)
     if PART == 0:
         is_kv, q_tile = pid < NKT, pid - NKT
-    else:  # compile time: the other kind's code is not in the kernel
+    else:  # is_kv a constant: the other kind's code is dropped when the kernel is compiled
         is_kv, q_tile = PART == 1, pid
     if is_kv:
         _dkdv_program(pid, bh, Q, K, V, PAD, DO, LSE, DELTA, DK, DV, LAY, IDXT, CNTT, DKP, DVP, H, G, Tq, Tk, D, W, S,
@@ -731,8 +731,11 @@ def window_attention(q, k, v, *, window: int, sinks: int = 0, causal: bool = Fal
         raise ValueError(f"window_attention: kv heads ({k.shape[1]}, v {v.shape[1]}) must be equal and divide the "
                          f"query heads ({q.shape[1]})")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if scale <= 0:  # the kernels take max(s) * scale for the max of s * scale: true for a positive scale only
-        q, scale = (-q, -scale) if scale < 0 else (q * 0, 1.0)
+    # the kernels take max(s) * scale for the max of s * scale: true for a positive scale only
+    if scale < 0:
+        q, scale = -q, -scale
+    if scale * LOG2E < torch.finfo(torch.float32).tiny:  # zero, or zero once the kernels hold it in fp32
+        q, scale = q * 0, 1.0
     window = min(int(window), max(q.shape[-2], k.shape[-2]))  # the same mask; keeps the kernel's int32 sums in range
     if blocks is not None:
         nb = -(-k.shape[-2] // blocks.block_size)
