@@ -377,14 +377,7 @@ def window_launches() -> int:
                 def step():
                     out, _ = window_triton.window_attention(*leaves, window=256, sinks=4, causal=causal)
                     return torch.autograd.grad((out.float() * w).sum(), leaves)
-                side = torch.cuda.Stream()  # eager calls on a side stream first, as a capture wants
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    eager = step()
-                torch.cuda.current_stream().wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    static = step()
+                _, eager, graph, static = _eager_and_captured(step)
                 graph.replay()
                 torch.cuda.synchronize()
                 got[mode] = (eager, static)
@@ -485,6 +478,23 @@ def performer_walks(dtypes) -> int:
     return failures
 
 
+def _eager_and_captured(step):
+    """(side stream, step()'s eager outputs cloned, a CUDA graph of step, the graph's outputs): step run twice on a
+    side stream (warm-up and compilation outside the capture), then captured. Every eager call goes on the side
+    stream: a leaf first used on the legacy stream would make autograd sync that stream inside the capture (an error
+    of the harness, not of the code under test)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+        want = [x.clone() for x in step()]
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        held = step()
+    return side, want, graph, held
+
+
 def _performer_graph(row, t) -> int:
     """The one-node path's fwd+bwd captured as a CUDA graph and replayed (after other work on both streams): the
     eager call's bits."""
@@ -498,16 +508,7 @@ def _performer_graph(row, t) -> int:
         out = m(q, k, v, causal=True).out
         return (out, *torch.autograd.grad(out, (q, k, v), w))
 
-    side = torch.cuda.Stream()  # every eager call on a side stream: a leaf first used on the legacy stream would
-    # make autograd sync that stream inside the capture (an error of the harness, not of the code under test)
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up outside the capture
-        step()
-        want = [x.clone() for x in step()]
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        held = step()
+    side, want, graph, held = _eager_and_captured(step)
     results = []
     for _ in range(3):
         with torch.cuda.stream(side):
