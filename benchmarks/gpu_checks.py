@@ -531,6 +531,8 @@ def main(argv=None) -> int:
                    help="the causal linear kernels' forward (ops.linear_triton.PARALLEL_MAX_T): auto takes the one "
                         "quadratic pass at these short lengths; chunked checks the state walk and output passes")
     args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("error: gpu_checks.py checks the CUDA kernels against the CPU path; no CUDA device is available here")
     from attnlab.ops import linear_triton
 
     linear_triton.PARALLEL_MAX_T = {"auto": None, "chunked": 0, "parallel": 1 << 30}[args.linear_form]
