@@ -30,9 +30,17 @@ from attnlab.ops import sparse as sparse_ops
 from attnlab.ops import window_triton
 
 GRID = {"fwd": [dict(BM=64, BN=64, num_warps=4, num_stages=3), dict(BM=64, BN=64, num_warps=4, num_stages=4),
-                dict(BM=128, BN=64, num_warps=4, num_stages=3), dict(BM=128, BN=64, num_warps=8, num_stages=3)],
+                dict(BM=128, BN=64, num_warps=4, num_stages=3), dict(BM=128, BN=64, num_warps=8, num_stages=3),
+                # register caps (Triton's maxnreg): at 144-157 registers a thread, 3 blocks fit an SM (ncu on the H200,
+                # benchmarks/results/window/h200_ncu/); at 128, 4 (their shared memory fits 4 at 3 stages, 5 at 2)
+                dict(BM=64, BN=64, num_warps=4, num_stages=3, maxnreg=128),
+                dict(BM=64, BN=64, num_warps=4, num_stages=2, maxnreg=128),
+                dict(BM=64, BN=64, num_warps=4, num_stages=3),  # uncapped (the CONFIG before the cap)
+                dict(BM=64, BN=64, num_warps=4, num_stages=2, maxnreg=96)],  # 5 blocks an SM, if it does not spill
         "bwd": [dict(BM=64, BN=64, num_warps=4, num_stages=2), dict(BM=32, BN=64, num_warps=4, num_stages=2),
-                dict(BM=64, BN=64, num_warps=8, num_stages=3)]}
+                dict(BM=64, BN=64, num_warps=8, num_stages=3),
+                dict(BM=64, BN=64, num_warps=4, num_stages=2, maxnreg=168),  # register caps, as the forward's
+                dict(BM=64, BN=64, num_warps=4, num_stages=2, maxnreg=128)]}
 # (the grid before the band modes, 2026-12-02: fwd also BM=128/BN=128/8 warps/2 stages and BM=128/BN=32/4/4, bwd
 # BM=64/BN=128/8/2 and BM=32/BN=128/4/2: never the fastest, benchmarks/results/window/h200/tune.txt)
 

@@ -45,10 +45,13 @@ from .triton_common import concurrently, dot, interpreted, kernel_reasons, preci
 LOG2E = 1.4426950408889634
 # Tile sizes and launch settings (fwd, dkdv, dq) for head_dim <= 64 on the GPU: the fastest of
 # benchmarks/tune_window.py's grid on an H200 at 16k and 64k tokens, causal and not (benchmarks/results/window/);
-# the interpreter gets small tiles.
+# the interpreter gets small tiles. The forward's registers are capped at 128 a thread (Triton's maxnreg): compiled
+# freely it took 144 (causal) to 157, so that 3 blocks fit an SM (Nsight Compute: 18.75% occupancy, issue slots 55%
+# busy, benchmarks/results/window/h200_ncu/); capped, 4 fit, and window 256 at 64k ran 0.324 vs 0.362 ms causal,
+# 0.471 vs 0.522 non-causal (-10% both, 16k likewise; benchmarks/results/window/h200_maxnreg/, one process).
 # The backward's dk, dv programs (key tiles of "dkdv" BN walking query tiles of its BM) and dq programs (query tiles
 # of "dq" BM walking key tiles of its BN) run in one launch (`_bwd`) with "bwd"'s launch settings.
-CONFIG = {"fwd": dict(BM=64, BN=64, num_warps=4, num_stages=3),
+CONFIG = {"fwd": dict(BM=64, BN=64, num_warps=4, num_stages=3, maxnreg=128),
           "dkdv": dict(BM=64, BN=64), "dq": dict(BM=64, BN=64), "bwd": dict(num_warps=4, num_stages=2)}
 CONFIG_WIDE = {"fwd": dict(BM=128, BN=32, num_warps=8, num_stages=2),  # head_dim 65..256: smaller key tiles
                "dkdv": dict(BM=32, BN=64), "dq": dict(BM=64, BN=32), "bwd": dict(num_warps=8, num_stages=1)}
