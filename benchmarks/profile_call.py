@@ -5,6 +5,8 @@
     PYTHONPATH=src python benchmarks/profile_call.py performer --t 1024 --heads 9 --kv-heads 3 --causal --mode fwd+bwd
     PYTHONPATH=src python benchmarks/profile_call.py performer --t 1024 --heads 9 --kv-heads 3 --causal --mode fwd+bwd \
         --hf-layout   # q, k, v and the output in transformers' layout, as a swapped SmolLM2 layer sees them
+    PYTHONPATH=src ncu --clock-control none -k regex:_state_kernel --section WarpStateStats \
+        python benchmarks/profile_call.py performer --t 1024 --causal --plain --calls 1   # under Nsight Compute
 
 bf16, batch 1, 16 heads, head dim 64 (the bench's long-length shape) unless told otherwise. Prints the CUDA
 kernels by total time (per call), the device time per call and the call's wall time, and writes the table as JSON
@@ -14,10 +16,13 @@ time per call issued without a sync (median of 5 loops of --calls), and cProfile
 from __future__ import annotations
 
 import argparse
+import ast
 import cProfile
+import importlib
 import json
 import pstats
 import statistics
+import sys
 import time
 
 import torch
@@ -43,8 +48,27 @@ def main(argv=None) -> int:
     p.add_argument("--calls", type=int, default=5, help="profiled calls (after 3 warm-up calls)")
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--host", action="store_true", help="profile the host (cProfile) instead of the device")
+    p.add_argument("--plain", action="store_true", help="only run --calls calls after the warm-up, unprofiled: for a "
+                                                        "profiler outside (Nsight Compute: `ncu ... python "
+                                                        "benchmarks/profile_call.py ... --plain --calls 1`)")
+    p.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=VALUE",
+                   help="set an `attnlab.ops` module attribute first (a Python literal), e.g. "
+                        "linear_triton.SEGMENT_LEN=2 (repeatable)")
     p.add_argument("--out", default=None, help="write the table as JSON here")
     args = p.parse_args(argv)
+    for spec in args.set:
+        try:
+            target, value = spec.split("=", 1)
+            mod, name = target.rsplit(".", 1)
+            module = importlib.import_module(f"attnlab.ops.{mod}")
+            if not hasattr(module, name):
+                raise AttributeError
+            setattr(module, name, ast.literal_eval(value))
+        except (ValueError, SyntaxError, ImportError, AttributeError):
+            p.error(f"--set: MODULE.NAME=VALUE with an attnlab.ops module's attribute and a Python literal, got {spec!r}")
+    if not torch.cuda.is_available():
+        print("profile_call.py: needs a CUDA device", file=sys.stderr)
+        return 1
     opts = {k: parse_value(v) for k, v in (o.split("=", 1) for o in args.option)}
     cls = attnlab.registry.get(args.method)
     opts = {**cls.defaults(args.t), **opts}
@@ -77,6 +101,11 @@ def main(argv=None) -> int:
     torch.cuda.synchronize()
     if args.host:
         return _host(args, opts, m, call)
+    if args.plain:
+        for _ in range(args.calls):
+            call()
+        torch.cuda.synchronize()
+        return 0
     t0 = time.perf_counter()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(args.calls):

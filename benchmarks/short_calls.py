@@ -31,6 +31,7 @@ fwd runs under no_grad (linear then maps q and k inside its kernels); fwd+bwd re
 from __future__ import annotations
 
 import argparse
+import ast
 import itertools
 import json
 import statistics
@@ -170,6 +171,10 @@ def main(argv=None) -> int:
                                                                  "one-sweep map forward")
     ap.add_argument("--segments", default="", help="comma list of chunks per segment of the chunked passes' walks "
                                                    "(`linear_triton.SEGMENT_LEN`): linear / performer +seg<n> variants")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=KEY:VALUE[,KEY:VALUE]",
+                    help="an extra variant with module settings (`ops.linear_triton` attributes, CONFIG keys, 'favor.' / "
+                         "'performer.' ones as the built-in variants; values as Python literals), e.g. "
+                         "'performer+seg3=SEGMENT_LEN:3'; NAME's method is the part before '+' (repeatable)")
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--out", required=True)
@@ -188,11 +193,21 @@ def main(argv=None) -> int:
     bad_modes = [m for m in a.modes.split(",") if m not in ("fwd", "fwd+bwd")]
     if bad_modes:
         ap.error(f"--modes: fwd and / or fwd+bwd, got {bad_modes}")
+    methods = [m for m in a.methods.split(",") if m]
+    extra = []
+    for spec in a.variant:
+        try:
+            name, sets = spec.split("=", 1)
+            settings = {k: ast.literal_eval(v) for k, v in (kv.split(":", 1) for kv in sets.split(","))}
+        except (ValueError, SyntaxError):
+            ap.error(f"--variant: NAME=KEY:VALUE[,KEY:VALUE] with Python literal values, got {spec!r}")
+        if name.split("+")[0] not in methods + (["favor_map", "favor_core"] if "performer" in methods else []):
+            ap.error(f"--variant {spec!r}: its method {name.split('+')[0]!r} is not in --methods")
+        extra.append((name, settings))
     if not torch.cuda.is_available():
         print("short_calls.py: needs a CUDA device", file=sys.stderr)
         return 1
-    methods = [m for m in a.methods.split(",") if m]
-    variants = [("sdpa", {})] + [(m, {}) for m in methods]  # (name, module settings)
+    variants = [("sdpa", {})] + [(m, {}) for m in methods] + extra  # (name, module settings)
     variants += [(f"{m}+seg{n}", {"SEGMENT_LEN": int(n)}) for m in ("linear", "performer") if m in methods
                  for n in a.segments.split(",") if n]
     if "linear" in methods:
