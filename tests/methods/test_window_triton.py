@@ -318,6 +318,20 @@ def test_refusals_are_one_clear_line(monkeypatch):
         make("window", q, k, window=3, backend="triton")(q, k, v)
 
 
+def test_register_cap_only_on_cuda_builds(monkeypatch):
+    """The forward's register cap (`maxnreg`, a launch setting of Triton's CUDA backend only: its HIP backend raises
+    on it) is passed on CUDA builds of torch and left out on ROCm ones; the other settings are the same."""
+    from attnlab.ops import window_triton
+
+    monkeypatch.setattr(window_triton, "interpreted", lambda: False)
+    monkeypatch.setattr(torch.version, "hip", None)
+    cuda = window_triton._config("fwd", 64)
+    assert cuda["maxnreg"] == 128 and cuda is window_triton.CONFIG["fwd"]
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    rocm = window_triton._config("fwd", 64)
+    assert "maxnreg" not in rocm and rocm == {k: v for k, v in cuda.items() if k != "maxnreg"}
+
+
 def test_kv_heads_that_do_not_divide_the_query_heads_are_refused():
     from attnlab.ops.window_triton import window_attention
 

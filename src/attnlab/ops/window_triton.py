@@ -564,10 +564,14 @@ def _bwd(Q, K, V, PAD, DO, LSE, DELTA, DQ, DK, DV, LAY, IDX, CNT, IDXT, CNTT, DK
                     s_dt, HAS_PAD, CAUSAL, PREC, HAS_BLOCKS, Q_BM, Q_BN, BD, BAND_MASK)
 
 
+CUDA_ONLY = ("maxnreg",)  # launch settings only Triton's CUDA backend takes (its HIP one raises on them)
+
+
 def _config(stage: str, d: int) -> dict:
     if interpreted():
         return INTERPRETED[stage]
-    return (CONFIG if d <= 64 else CONFIG_WIDE)[stage]
+    cfg = (CONFIG if d <= 64 else CONFIG_WIDE)[stage]
+    return cfg if torch.version.hip is None else {k: v for k, v in cfg.items() if k not in CUDA_ONLY}
 
 
 def _launch(cfg: dict, blocks=None) -> tuple[dict, dict]:
