@@ -45,6 +45,7 @@ import attnlab
 from attnlab.ops import favor_triton as ft
 from attnlab.ops import linear_triton as lt
 from attnlab.ops import performer_triton as pt
+from attnlab.ops import triton_common as tc
 
 H, HKV, D = 9, 3, 64
 
@@ -65,9 +66,10 @@ FORMS = {"chunked": {"PARALLEL_MAX_T": 0}, "parallel": {"PARALLEL_MAX_T": 1 << 3
 
 def _settings(settings: dict):
     """Install a variant's module settings (`ops.linear_triton` attributes, or CONFIG entries by their key; "favor."
-    keys: `ops.favor_triton`'s, "performer." keys `ops.performer_triton`'s); returns a function restoring them."""
+    keys: `ops.favor_triton`'s, "performer." keys `ops.performer_triton`'s, "common." keys `ops.triton_common`'s);
+    returns a function restoring them."""
     def where(key):
-        for prefix, mod in (("favor.", ft), ("performer.", pt)):
+        for prefix, mod in (("favor.", ft), ("performer.", pt), ("common.", tc)):
             if key.startswith(prefix):
                 return mod, key[len(prefix):]
         return lt, key
@@ -172,9 +174,10 @@ def main(argv=None) -> int:
     ap.add_argument("--segments", default="", help="comma list of chunks per segment of the chunked passes' walks "
                                                    "(`linear_triton.SEGMENT_LEN`): linear / performer +seg<n> variants")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=KEY:VALUE[,KEY:VALUE]",
-                    help="an extra variant with module settings (`ops.linear_triton` attributes, CONFIG keys, 'favor.' / "
-                         "'performer.' ones as the built-in variants; values as Python literals), e.g. "
-                         "'performer+seg3=SEGMENT_LEN:3'; NAME's method is the part before '+' (repeatable)")
+                    help="an extra variant with module settings (`ops.linear_triton` attributes, CONFIG keys, "
+                         "'favor.' / 'performer.' / 'common.' (`ops.triton_common`) ones as the built-in variants; "
+                         "values as Python literals), e.g. 'performer+seg3=SEGMENT_LEN:3'; NAME's method is the part "
+                         "before '+' (repeatable)")
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--out", required=True)
