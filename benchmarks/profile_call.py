@@ -56,16 +56,22 @@ def main(argv=None) -> int:
                         "linear_triton.SEGMENT_LEN=2 (repeatable)")
     p.add_argument("--out", default=None, help="write the table as JSON here")
     args = p.parse_args(argv)
+    if args.plain and (args.host or args.out):
+        p.error("--plain runs the calls only: it takes neither --host nor --out")
     for spec in args.set:
         try:
             target, value = spec.split("=", 1)
             mod, name = target.rsplit(".", 1)
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError, TypeError):
+            p.error(f"--set: MODULE.NAME=VALUE with a Python literal value, got {spec!r}")
+        try:
             module = importlib.import_module(f"attnlab.ops.{mod}")
-            if not hasattr(module, name):
-                raise AttributeError
-            setattr(module, name, ast.literal_eval(value))
-        except (ValueError, SyntaxError, ImportError, AttributeError):
-            p.error(f"--set: MODULE.NAME=VALUE with an attnlab.ops module's attribute and a Python literal, got {spec!r}")
+        except ModuleNotFoundError as e:
+            p.error(f"--set {spec!r}: {e}")
+        if not hasattr(module, name):
+            p.error(f"--set {spec!r}: attnlab.ops.{mod} has no {name}")
+        setattr(module, name, value)
     if not torch.cuda.is_available():
         print("profile_call.py: needs a CUDA device", file=sys.stderr)
         return 1

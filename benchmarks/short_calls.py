@@ -64,15 +64,25 @@ FORMS = {"chunked": {"PARALLEL_MAX_T": 0}, "parallel": {"PARALLEL_MAX_T": 1 << 3
          "parallel-fwd": {"PARALLEL_MAX_T": 1 << 30, "PARALLEL_BWD_MAX_F": 0}}
 
 
+def _where(key: str):
+    """(module, name) of a setting key: `ops.linear_triton`'s by default, "favor." keys `ops.favor_triton`'s,
+    "performer." keys `ops.performer_triton`'s, "common." keys `ops.triton_common`'s."""
+    for prefix, mod in (("favor.", ft), ("performer.", pt), ("common.", tc)):
+        if key.startswith(prefix):
+            return mod, key[len(prefix):]
+    return lt, key
+
+
+def _known(key: str) -> bool:
+    """Whether a setting key names a module attribute or a CONFIG entry (`_where`)."""
+    mod, k = _where(key)
+    return k in getattr(mod, "CONFIG", {}) or hasattr(mod, k)
+
+
 def _settings(settings: dict):
-    """Install a variant's module settings (`ops.linear_triton` attributes, or CONFIG entries by their key; "favor."
-    keys: `ops.favor_triton`'s, "performer." keys `ops.performer_triton`'s, "common." keys `ops.triton_common`'s);
+    """Install a variant's module settings (attributes, or CONFIG entries by their key, of the module `_where` names);
     returns a function restoring them."""
-    def where(key):
-        for prefix, mod in (("favor.", ft), ("performer.", pt), ("common.", tc)):
-            if key.startswith(prefix):
-                return mod, key[len(prefix):]
-        return lt, key
+    where = _where
 
     def get(key):
         mod, k = where(key)
@@ -173,11 +183,11 @@ def main(argv=None) -> int:
                                                                  "one-sweep map forward")
     ap.add_argument("--segments", default="", help="comma list of chunks per segment of the chunked passes' walks "
                                                    "(`linear_triton.SEGMENT_LEN`): linear / performer +seg<n> variants")
-    ap.add_argument("--variant", action="append", default=[], metavar="NAME=KEY:VALUE[,KEY:VALUE]",
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=KEY:VALUE[;KEY:VALUE]",
                     help="an extra variant with module settings (`ops.linear_triton` attributes, CONFIG keys, "
                          "'favor.' / 'performer.' / 'common.' (`ops.triton_common`) ones as the built-in variants; "
                          "values as Python literals), e.g. 'performer+seg3=SEGMENT_LEN:3'; NAME's method is the part "
-                         "before '+' (repeatable)")
+                         "before '+', NAME a name no other variant has (repeatable)")
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--out", required=True)
@@ -201,15 +211,17 @@ def main(argv=None) -> int:
     for spec in a.variant:
         try:
             name, sets = spec.split("=", 1)
-            settings = {k: ast.literal_eval(v) for k, v in (kv.split(":", 1) for kv in sets.split(","))}
-        except (ValueError, SyntaxError):
-            ap.error(f"--variant: NAME=KEY:VALUE[,KEY:VALUE] with Python literal values, got {spec!r}")
+            settings = {k.strip(): ast.literal_eval(v) for k, v in (kv.split(":", 1) for kv in sets.split(";"))}
+        except (ValueError, SyntaxError, TypeError):
+            ap.error(f"--variant: NAME=KEY:VALUE[;KEY:VALUE] with Python literal values, got {spec!r}")
         if name.split("+")[0] not in methods + (["favor_map", "favor_core"] if "performer" in methods else []):
             ap.error(f"--variant {spec!r}: its method {name.split('+')[0]!r} is not in --methods")
+        unknown_keys = [k for k in settings if not _known(k)]
+        if unknown_keys:
+            ap.error(f"--variant {spec!r}: no such setting {unknown_keys} (ops.linear_triton's attributes or "
+                     "CONFIG keys; 'favor.', 'performer.', 'common.' for ops.favor_triton's, ops.performer_triton's, "
+                     "ops.triton_common's)")
         extra.append((name, settings))
-    if not torch.cuda.is_available():
-        print("short_calls.py: needs a CUDA device", file=sys.stderr)
-        return 1
     variants = [("sdpa", {})] + [(m, {}) for m in methods] + extra  # (name, module settings)
     variants += [(f"{m}+seg{n}", {"SEGMENT_LEN": int(n)}) for m in ("linear", "performer") if m in methods
                  for n in a.segments.split(",") if n]
@@ -234,6 +246,13 @@ def main(argv=None) -> int:
             variants += [(f"performer+p{bn}w{w}s{s}",
                           {**FORMS["parallel"], "parallel_wide": dict(BN=bn, num_warps=w, num_stages=s)})
                          for bn, w, s in itertools.product((32, 64), (4, 8), (1, 2))]
+    names = [n for n, _ in variants]
+    clash = sorted({n for n in names if names.count(n) > 1})
+    if clash:
+        ap.error(f"--variant: {clash} named twice (a built-in variant's or another --variant's name)")
+    if not torch.cuda.is_available():
+        print("short_calls.py: needs a CUDA device", file=sys.stderr)
+        return 1
     rows = []
     for t, mode in itertools.product(lengths, a.modes.split(",")):
         graphs = {}

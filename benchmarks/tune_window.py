@@ -31,11 +31,11 @@ from attnlab.ops import window_triton
 
 GRID = {"fwd": [dict(BM=64, BN=64, num_warps=4, num_stages=3), dict(BM=64, BN=64, num_warps=4, num_stages=4),
                 dict(BM=128, BN=64, num_warps=4, num_stages=3), dict(BM=128, BN=64, num_warps=8, num_stages=3),
-                # register caps (Triton's maxnreg): at 144-157 registers a thread, 3 blocks fit an SM (ncu on the H200,
-                # benchmarks/results/window/h200_ncu/); at 128, 4 (their shared memory fits 4 at 3 stages, 5 at 2)
+                # register caps (Triton's maxnreg; the first entry above is uncapped): at 144-157 registers a thread,
+                # 3 blocks fit an SM (ncu on the H200, benchmarks/results/window/h200_ncu/); at 128, 4 (their shared
+                # memory fits 4 at 3 stages, 5 at 2); 96 untimed
                 dict(BM=64, BN=64, num_warps=4, num_stages=3, maxnreg=128),
                 dict(BM=64, BN=64, num_warps=4, num_stages=2, maxnreg=128),
-                dict(BM=64, BN=64, num_warps=4, num_stages=3),  # uncapped (the CONFIG before the cap)
                 dict(BM=64, BN=64, num_warps=4, num_stages=2, maxnreg=96)],  # 5 blocks an SM, if it does not spill
         "bwd": [dict(BM=64, BN=64, num_warps=4, num_stages=2), dict(BM=32, BN=64, num_warps=4, num_stages=2),
                 dict(BM=64, BN=64, num_warps=8, num_stages=3),
