@@ -22,11 +22,13 @@ replays, variants interleaved round by round. Variants:
   - performer's parts: `favor_map` (the FAVOR+ map of q and of k, two launches; `favor_map+two`: its forward in two sweeps of
     64 features, as maps wider than `favor_triton.ONE_SWEEP_MAX_M` run; with `--favor-configs`, each (rows,
     num_warps, num_stages) of the one-sweep forward, `favor_map+n32w4s2` ...) and `favor_core` (the causal kernels on the mapped
-    features, F = 256, with the key log-scales), in each form.
+    features, F = 256, with the key log-scales), in each form;
+  - `--variant NAME=KEY:VALUE[;KEY:VALUE]`: variants of your own, with any module setting the ones above use.
 fwd runs under no_grad (linear then maps q and k inside its kernels); fwd+bwd records gradients for q, k, v.
 
     PYTHONPATH=src python benchmarks/short_calls.py --out OUT            # OUT/short_calls.json
     PYTHONPATH=src python benchmarks/short_calls.py --configs --out OUT  # + the parallel pass's launch settings
+    PYTHONPATH=src python benchmarks/short_calls.py --methods performer --variant "performer+seg2=SEGMENT_LEN:2" --out OUT
 """
 from __future__ import annotations
 
