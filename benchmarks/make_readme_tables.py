@@ -276,7 +276,9 @@ def model_table() -> str:
                "bfloat16 --cuda-graph --lengths 1024,4096,16384 --methods window,linear,performer --originals sdpa "
                "--modes fwd,fwd+bwd --budget-s 170`, one interleaved run; the window kernel masking only the band's "
                "edge tiles, `window_triton.BAND = \"edges\"`; the state walks in segments of about sqrt(n / 4) "
-               "chunks, `linear_triton.segment_len`):", "CUDA graph, edge masks and shorter segments"))
+               "chunks, `linear_triton.segment_len`; measured before the window forward's register cap of 23c89ac, "
+               "which made that kernel ~10% shorter at 16k-64k: not re-run at model level):",
+               "CUDA graph, edge masks and shorter segments"))
     for name, prose, label in graphs:
         if (MODEL_DIR / name).exists():
             gr = json.load(open(MODEL_DIR / name))
