@@ -84,17 +84,15 @@ def _known(key: str) -> bool:
 def _settings(settings: dict):
     """Install a variant's module settings (attributes, or CONFIG entries by their key, of the module `_where` names);
     returns a function restoring them."""
-    where = _where
-
     def get(key):
-        mod, k = where(key)
+        mod, k = _where(key)
         return dict(mod.CONFIG[k]) if k in getattr(mod, "CONFIG", {}) else getattr(mod, k)
 
     saved = {k: get(k) for k in settings}
 
     def put(values):
         for key, val in values.items():
-            mod, k = where(key)
+            mod, k = _where(key)
             if k in getattr(mod, "CONFIG", {}):
                 mod.CONFIG[k] = val
             else:
