@@ -427,7 +427,8 @@ def performer_walks(dtypes) -> int:
     one-node path of `performer_triton` with its two streams) with SmolLM2's 9 query heads on 3, q, k, v in
     transformers' layout, at 1000 tokens (16 chunks: `reverse_walk` takes the walk per query head) and 1500 (24: per
     kv head), each walk forced too (`REVERSE_WALK`): outputs and gradients against the same module's fp64 CPU path,
-    within 2x its own bf16 CPU path's error (as check 2), and against each other. The one node against the
+    within 2x its own bf16 CPU path's error (as check 2), and against each other (also "chunkmax": the chunk maxima
+    of the key log-scales from a launch of their own, `linear_triton.OWN_P` off). The one node against the
     composition it replaces (`performer_triton.FUSED` off): equal bits (same kernels, same inputs; a race between
     its streams would show here), also replayed from a CUDA graph (its fork and join captured). check 2 runs
     performer at its 64-feature test options and 256 tokens, which reach none of this."""
@@ -452,15 +453,16 @@ def performer_walks(dtypes) -> int:
             _, cpu = run(attnlab.make("performer", head_dim=D, num_heads=9, num_kv_heads=3, backend="eager"), "cpu", dtype)
             err_cpu = [((a - b).abs().max() / b.abs().max()).item() for a, b in zip(cpu, truth)]
             got = {}
-            for walk in ("auto", "kv", "query", "composed"):
-                linear_triton.REVERSE_WALK = "auto" if walk == "composed" else walk
+            for walk in ("auto", "kv", "query", "chunkmax", "composed"):
+                linear_triton.REVERSE_WALK = walk if walk in ("kv", "query") else "auto"
                 performer_triton.FUSED = walk != "composed"
+                linear_triton.OWN_P = walk != "chunkmax"
                 try:
                     kern, got[walk] = run(attnlab.make("performer", head_dim=D, num_heads=9, num_kv_heads=3).cuda(),
                                           "cuda", dtype)
                 finally:
                     linear_triton.REVERSE_WALK = "auto"
-                    performer_triton.FUSED = True
+                    performer_triton.FUSED = linear_triton.OWN_P = True
                 errs = [((a - b).abs().max() / b.abs().max()).item() for a, b in zip(got[walk], truth)]
                 finite = all(bool(torch.isfinite(a).all()) for a in got[walk])
                 ok = finite and all(e <= 2 * c + BOUND[dtype] for e, c in zip(errs, err_cpu))

@@ -19,6 +19,8 @@ replays, variants interleaved round by round. Variants:
     not inside them; `+walkq`, `+walkkv` (linear, performer): the chunked backward's reverse walk per query head
     or per kv head (`REVERSE_WALK`), not by `reverse_walk`'s rule; `performer+unfused`: the map of q, the map of k
     and the causal kernels as three autograd nodes, each launch after the other (`performer_triton.FUSED = False`);
+    `performer+chunkmax`: the key log-scales' chunk maxima from a launch of their own before the state pass
+    (`linear_triton.OWN_P = False`), not found by that pass;
   - performer's parts: `favor_map` (the FAVOR+ map of q and of k, two launches; `favor_map+two`: its forward in two sweeps of
     64 features, as maps wider than `favor_triton.ONE_SWEEP_MAX_M` run; with `--favor-configs`, each (rows,
     num_warps, num_stages) of the one-sweep forward, `favor_map+n32w4s2` ...) and `favor_core` (the causal kernels on the mapped
@@ -237,6 +239,7 @@ def main(argv=None) -> int:
         variants += [(f"performer+{form}", FORMS[form]) for form in FORMS]
         variants += [("performer+walkq", {"REVERSE_WALK": "query"}), ("performer+walkkv", {"REVERSE_WALK": "kv"})]
         variants += [("performer+unfused", {"performer.FUSED": False})]  # the composition: map q, map k, core
+        variants += [("performer+chunkmax", {"OWN_P": False})]  # the chunk maxima a launch of their own
         variants += [("favor_map", {})] + [(f"favor_core+{form}", FORMS[form]) for form in FORMS]
         variants += [("favor_map+two", {"favor.ONE_SWEEP_MAX_M": 0})]  # two sweeps of 64 features (wider maps' form)
         if a.favor_configs:  # the one-sweep forward's launch settings

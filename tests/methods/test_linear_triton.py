@@ -156,6 +156,38 @@ def test_grouped_query_heads_read_their_kv_head(kernels, seg, scale, monkeypatch
         kernels.causal_linear(ins[0].detach()[:, :, :64], ins[1].detach(), ins[2].detach())
 
 
+@pytest.mark.parametrize("walk", ["kv", "query"])
+@pytest.mark.parametrize("bv", [None, 16, 64])
+def test_state_walks_in_value_blocks(chunked, bv, walk, monkeypatch):
+    """The state walks with `state_bv`'s value columns a program and with 16 and 64 forced, for values 64 wide (one
+    block or four), 96 features (two feature blocks, the last partial: the rule's forward takes 64
+    columns), GQA, key log-scales, each reverse walk, in segments of 2 chunks: the quadratic form's outputs and
+    gradients. A block offset or mask wrong for some block width fails it."""
+    from attnlab.methods.base import repeat_kv
+
+    monkeypatch.setattr(chunked, "STATE_BV", bv)
+    monkeypatch.setattr(chunked, "REVERSE_WALK", walk)
+    monkeypatch.setattr(chunked, "SEGMENT_LEN", 2)
+    if bv is None:
+        assert chunked.state_bv(96) == 64 and chunked.state_bv(96, True, walk == "kv") == (64 if walk == "kv" else 32)
+    g = torch.Generator().manual_seed(12)
+    q = torch.rand(1, 4, 150, 96, generator=g, dtype=torch.float64)
+    k = torch.rand(1, 2, 150, 96, generator=g, dtype=torch.float64)
+    v = torch.randn(1, 2, 150, 64, generator=g, dtype=torch.float64)
+    lk = torch.randn(1, 2, 150, generator=g, dtype=torch.float64) * 4
+    ins = [x.float().requires_grad_(True) for x in (q, k, v, lk)]
+    out = _kernel_out(chunked, *ins)
+    ref_ins = [x.clone().requires_grad_(True) for x in (q, k, v, lk)]
+    want = _quadratic(ref_ins[0], repeat_kv(ref_ins[1], 2), repeat_kv(ref_ins[2], 2),
+                      repeat_kv(ref_ins[3][..., None], 2)[..., 0])
+    assert max_err(out, want) <= 1e-5 * want.abs().max().item()
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    got = torch.autograd.grad((out.double() * w).sum(), ins)
+    ref = torch.autograd.grad((want * w).sum(), ref_ins)
+    for name, a, b in zip("q k v b".split(), got, ref):
+        assert max_err(a, b) <= 1e-4 * b.abs().max().item(), name
+
+
 @pytest.mark.parametrize("seg", [None, 1])
 def test_reverse_walk_per_query_head(chunked, seg, monkeypatch):
     """REVERSE_WALK = "query": the chunked backward's reverse walk per query head (its kv head's log-scales and chunk
@@ -279,6 +311,38 @@ def test_segmented_state_pass_matches_quadratic_and_does_not_leak(chunked, seg, 
         b2 = _kernel_out(chunked, q2, k2, v2, lk2)
     assert torch.equal(a[:, :, :cut], b2[:, :, :cut])
     assert not torch.equal(a[:, :, cut:], b2[:, :, cut:])
+
+
+@pytest.mark.parametrize("seg", [None, 1, 2])
+def test_state_pass_finds_the_chunk_maxima(chunked, seg, monkeypatch):
+    """OWN_P (the state pass finds P from b as it walks, no `_exclusive_chunk_max` launch): the P it writes for the
+    output pass equals that launch's, with keys at -inf, a whole chunk of them and a partial last chunk, in one
+    segment and in segments of 1 and 2 chunks (each segment's sum with its own stabiliser, the walk starting from
+    the earlier segments' maxima). Outputs: equal bits to OWN_P off in one segment (the same factors at every step),
+    within fp32 rounding in segments (sums scaled by another max)."""
+    monkeypatch.setattr(chunked, "SEGMENT_LEN", seg)
+    q, k, v, lk = _features(1, 2, 330, 32, 16, torch.float32, seed=5, scale=True)
+    lk[0, 0, ::3] = float("-inf")
+    lk[0, 1, 64:128] = float("-inf")
+    lk[0, 1, 300:] += 10.0  # the last chunk's keys dominate: P grows at the end
+    seen = {}
+    real = chunked.out_pass
+
+    def spy(q_, k_, v_, lkf, pex, *a, **kw):
+        seen[chunked.OWN_P] = pex.clone()
+        return real(q_, k_, v_, lkf, pex, *a, **kw)
+
+    monkeypatch.setattr(chunked, "out_pass", spy)
+    with torch.no_grad():
+        own = chunked.causal_linear(q, k, v, lk)
+        monkeypatch.setattr(chunked, "OWN_P", False)
+        launched = chunked.causal_linear(q, k, v, lk)
+    assert torch.equal(seen[True], seen[False])
+    assert torch.equal(seen[True], chunked._exclusive_chunk_max(lk.reshape(2, 330).contiguous(), 6))
+    if seg is None:
+        assert chunked.segment_len(6, 2) == 6 and torch.equal(own, launched)
+    else:
+        assert max_err(own, launched) <= 1e-5 * launched.abs().max().item()
 
 
 @pytest.mark.parametrize("t", [1, 130, 64 * 70 + 5])

@@ -73,7 +73,9 @@ CONFIG = {"state": dict(num_warps=4, num_stages=3), "out": dict(num_warps=4, num
           # tiles), the fastest at 1024 tokens and F = 256 on the H200 (short_calls.py --configs: 72 us a call, 96
           # with 64-key tiles and 8 warps; the chunked passes take 44)
           "parallel_wide": dict(BN=32, num_warps=4, num_stages=2)}
-STATE_BV = 32  # value columns per program of the two sequential passes (fewer: more programs in parallel)
+# value columns per program of the sequential passes, forward and backward (None: `state_bv`'s rule); tests and
+# benchmarks/tune_triton.py set it
+STATE_BV: int | None = None
 
 
 @triton.jit
@@ -166,14 +168,21 @@ def _weights(LK, PEX, bh, c, n_chunks, T, offs_t, BT: tl.constexpr):
 
 @triton.jit
 def _state_kernel(K, V, LK, PEX, H, Z, SEG, SEGZ, T, F, D, n_chunks, seg_len, n_seg,
-                  NKV, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, SUMS: tl.constexpr, HAS_SCALE: tl.constexpr, PREC: tl.constexpr,
-                  BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, MAP: tl.constexpr = 0):
+                  NKV, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, LSEG, SUMS: tl.constexpr, HAS_SCALE: tl.constexpr,
+                  PREC: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, MAP: tl.constexpr = 0,
+                  OWN_P: tl.constexpr = False, BSEG: tl.constexpr = 1):
     """The state entering every chunk, H[c] = sum_{j < chunk c} e^{b_j - P_c} k_j v_j^T (in the matmul dtype,
     carried in fp32) and Z[c] (fp32), one (feature block, value block, segment of seg_len chunks) per program.
     SUMS: each segment's own sum only, all in parallel, SEG[g] = sum_{j in chunks [c0, c1)} e^{b_j - P_{c1}}
     k_j v_j^T and SEGZ[g] (fp32). Otherwise a segment starts from the earlier segments' sums brought to P_{c0}
     and walks its chunks, writing H and Z: the sequential chain is ~2 seg_len steps plus n_seg adds instead of n
-    (one segment: the plain walk, SEG unread)."""
+    (one segment: the plain walk, SEG unread).
+    OWN_P: P is not read but found along the way from b (P_{c+1} = max(P_c, max of b over chunk c)), so no launch
+    before this pass computes it (`_exclusive_chunk_max`). SUMS then sums each segment with its own stabiliser,
+    SEG[g] = sum_{j in segment g} e^{b_j - L_g} k_j v_j^T with L_g = LSEG[g] the max of b over the segment; the walk
+    starts a segment from P_{c0} = the max of the earlier L_g (BSEG >= n_seg), adds their sums with e^{L_g - P_{c0}},
+    and its program of the first feature and value block writes PEX [BH, N + 1] (the output pass and the backward
+    read it after)."""
     ik, iv = tl.program_id(0), tl.program_id(1)
     bh = (tl.program_id(2) // n_seg).to(tl.int64)
     g = tl.program_id(2) % n_seg
@@ -187,10 +196,19 @@ def _state_kernel(K, V, LK, PEX, H, Z, SEG, SEGZ, T, F, D, n_chunks, seg_len, n_
     c1 = tl.minimum(c0 + seg_len, n_chunks)
     s_kv = tl.zeros([BK, BV], tl.float32)
     s_z = tl.zeros([BK], tl.float32)
+    p = tl.max(tl.full([BT], float("-inf"), tl.float32), 0)  # OWN_P: the stabiliser along the walk (SUMS: L_g)
     if not SUMS:
-        p0 = tl.load(PEX + bh * (n_chunks + 1) + c0)
-        for g2 in range(0, g):  # every factor e^{P_{c1(g2)} - P_{c0}} <= 1
-            fac = _rel_exp(tl.load(PEX + bh * (n_chunks + 1) + (g2 + 1) * seg_len), p0)
+        if OWN_P:
+            offs_g = tl.arange(0, BSEG)
+            p0 = tl.max(tl.load(LSEG + bh * n_seg + offs_g, mask=offs_g < g, other=float("-inf")), 0)
+            p = p0
+        else:
+            p0 = tl.load(PEX + bh * (n_chunks + 1) + c0)
+        for g2 in range(0, g):  # every factor e^{P_{c1(g2)} - P_{c0}} (OWN_P: e^{L_g2 - P_{c0}}) <= 1
+            if OWN_P:
+                fac = _rel_exp(tl.load(LSEG + bh * n_seg + g2), p0)
+            else:
+                fac = _rel_exp(tl.load(PEX + bh * (n_chunks + 1) + (g2 + 1) * seg_len), p0)
             row2 = bh * n_seg + g2
             s_kv += fac * tl.load(SEG + (row2 * F + offs_k[:, None]) * D + offs_v[None, :], mask=st_mask, other=0.0)
             s_z += fac * tl.load(SEGZ + row2 * F + offs_k, mask=kmask, other=0.0)
@@ -206,7 +224,19 @@ def _state_kernel(K, V, LK, PEX, H, Z, SEG, SEGZ, T, F, D, n_chunks, seg_len, n_
         k = tl.load(K + k_row + t[:, None] * s_kt + offs_k[None, :], mask=tmask[:, None] & kmask[None, :], other=0.0)
         k = _mapped(k, tmask[:, None] & kmask[None, :], MAP, PREC)  # raw keys: mapped, rows past T kept at 0
         v = tl.load(V + v_row + t[:, None] * s_vt + offs_v[None, :], mask=tmask[:, None] & vmask[None, :], other=0.0)
-        _, _, kfac, sfac = _weights(LK, PEX, bh, c, n_chunks, T, offs_t, BT)
+        if OWN_P:
+            b = tl.load(LK + bh * T + t, mask=tmask, other=float("-inf"))
+            pn = tl.maximum(p, tl.max(b, 0))
+            if not SUMS:
+                if (ik == 0) & (iv == 0):
+                    tl.store(PEX + bh * (n_chunks + 1) + c, p)
+                    if c == n_chunks - 1:
+                        tl.store(PEX + bh * (n_chunks + 1) + n_chunks, pn)
+            kfac = _rel_exp(b, pn + tl.zeros([BT], tl.float32))
+            sfac = _rel_exp(p, pn)
+            p = pn
+        else:
+            _, _, kfac, sfac = _weights(LK, PEX, bh, c, n_chunks, T, offs_t, BT)
         kw = _to(k.to(tl.float32) * kfac[:, None], k.dtype, PREC)
         s_kv = s_kv * sfac + _dot(tl.trans(kw), v, PREC)
         s_z = s_z * sfac + tl.sum(kw.to(tl.float32), 0)
@@ -215,6 +245,9 @@ def _state_kernel(K, V, LK, PEX, H, Z, SEG, SEGZ, T, F, D, n_chunks, seg_len, n_
         tl.store(SEG + (row * F + offs_k[:, None]) * D + offs_v[None, :], s_kv, mask=st_mask)
         if iv == 0:
             tl.store(SEGZ + row * F + offs_k, s_z, mask=kmask)
+        if OWN_P:
+            if (ik == 0) & (iv == 0):
+                tl.store(LSEG + row, p)
 
 
 @triton.jit
@@ -767,15 +800,37 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
-def _segmented(kernel, inputs: tuple, out, out_z, t: int, f: int, d: int, n_chunks: int, meta: dict, **consts) -> None:
+def state_bv(f: int, backward: bool = False, per_kv: bool = False) -> int:
+    """Value columns per program of a state walk (`STATE_BV` None) for f features: 64 for the forward's walks of maps
+    wider than one feature block (f > BK) and for the backward's walk per kv head over its group (per_kv), 32
+    otherwise (more programs, each step shorter). Measured on the H200 at SmolLM2's shapes (9 query heads on 3, head
+    dim 64, bf16; `benchmarks/short_calls.py`, a call's device time in CUDA graphs, variants interleaved; 32 against
+    64 columns, `benchmarks/results/model_bench/h200/performer_1k_experiments/`): FAVOR+'s 256 features, forward, 35.0
+    / 52.5 / 88.5 us against 33.8 / 50.5 / 85.0 at 1024 / 2048 / 4096 tokens; linear's 64 features 19.3 / 33.5 /
+    44.7 against 19.4 / 34.8 / 46.6. The backward's walk (the forward at 64 in both): FAVOR+ per kv head (2048 and
+    4096 tokens, `reverse_walk`) fwd+bwd 171.8 / 280.8 against 157.6 / 258.5, per query head (1024) 112.3 against
+    114.5; linear (per query head) 95.6 / 86.9 / 123.6 against 95.7 / 80.2 / 119.6, not taken (-1% to -8% past 1k,
+    a rule of its own for one map)."""
+    if STATE_BV is not None:
+        return STATE_BV
+    return 64 if (per_kv if backward else f > BK) else 32
+
+
+def _segmented(kernel, inputs: tuple, out, out_z, t: int, f: int, d: int, n_chunks: int, meta: dict, bv: int,
+               own_p: bool = False, **consts) -> None:
     """Run a sequential pass (`_state_kernel` or `_grad_state_kernel`) into out [BH, N, F, D] and out_z [BH, N, F]
-    in segments of `segment_len` chunks: the segments' own sums first (SUMS, fp32) when there is more than one."""
+    in segments of `segment_len` chunks, bv value columns a program (`state_bv`): the segments' own sums first (SUMS,
+    fp32) when there is more than one. own_p: `_state_kernel` finds P itself (OWN_P), each segment's stabiliser in a
+    table of its own."""
     bh = out.shape[0]
-    meta = {**meta, "BV": min(meta["BV"], STATE_BV)}
+    meta = {**meta, "BV": min(meta["BV"], bv)}
     walks = triton.cdiv(f, BK) * triton.cdiv(d, meta["BV"]) * bh
     seg = segment_len(n_chunks, walks, _sm_count(out.device))
     n_seg = triton.cdiv(n_chunks, seg)
     grid = (triton.cdiv(f, BK), triton.cdiv(d, meta["BV"]), bh * n_seg)
+    if own_p:
+        consts.update(OWN_P=True, BSEG=max(2, triton.next_power_of_2(n_seg)),
+                      LSEG=out.new_empty(bh, n_seg, dtype=torch.float32))
     sums, sums_z = out, out_z  # not read with one segment
     if n_seg > 1:
         sums = out.new_empty(bh, n_seg, f, d, dtype=torch.float32)
@@ -787,14 +842,19 @@ def _segmented(kernel, inputs: tuple, out, out_z, t: int, f: int, d: int, n_chun
 
 
 def _states(k, v, lkf, pex, meta, n_chunks, fmap: int = 0):
-    """H [BH, N, F, D] (the inputs' dtype) and Z [BH, N, F] (fp32): the state entering each chunk, for k [B, Hkv, T,
-    F] and v [B, Hkv, T, D] in any layout with unit last stride (or contiguous [BH, T, *]); BH = B Hkv rows."""
+    """(H [BH, N, F, D] (the inputs' dtype), Z [BH, N, F] (fp32), P [BH, N + 1]): the state entering each chunk, for
+    k [B, Hkv, T, F] and v [B, Hkv, T, D] in any layout with unit last stride (or contiguous [BH, T, *]); BH = B Hkv
+    rows. pex None: P is found by the pass itself (`_state_kernel`'s OWN_P) and returned; otherwise pex is P."""
     bh, t, f, d = lkf.shape[0], k.shape[-2], k.shape[-1], v.shape[-1]
     h = k.new_empty(bh, n_chunks, f, d)
     z = k.new_empty(bh, n_chunks, f, dtype=torch.float32)
-    _segmented(_state_kernel, (k, v, lkf, pex), h, z, t, f, d, n_chunks, meta, MAP=fmap, NKV=k.shape[1] if k.dim() == 4 else 1,
+    own = pex is None
+    if own:
+        pex = lkf.new_empty(bh, n_chunks + 1)
+    _segmented(_state_kernel, (k, v, lkf, pex), h, z, t, f, d, n_chunks, meta, state_bv(f), own_p=own, MAP=fmap, LSEG=pex,
+               NKV=k.shape[1] if k.dim() == 4 else 1,
                **dict(zip(("s_kb", "s_kh", "s_kt", "s_vb", "s_vh", "s_vt"), _strides(k, v))))
-    return h, z
+    return h, z, pex
 
 
 @functools.lru_cache(maxsize=8)
@@ -806,14 +866,21 @@ def no_scale_tables(bh: int, t: int, n_chunks: int, device: torch.device) -> tup
     return lkf, _exclusive_chunk_max(lkf, n_chunks)
 
 
+# the forward's state pass finds the exclusive chunk maxima P of the key log-scales itself (`_state_kernel`'s OWN_P)
+# rather than after a launch of its own (`_exclusive_chunk_max`); False: that launch first. Measured on the H200 at
+# SmolLM2's shapes (`benchmarks/short_calls.py`, `performer+chunkmax`): see `benchmarks/results/model_bench/h200/`.
+OWN_P = True
+
+
 def chunk_tables(lk, b: int, nkv: int, t: int, n_chunks: int, device, chunked: bool = True):
     """(b [B Hkv, T] fp32 contiguous, its exclusive chunk maxima P [B Hkv, N + 1] or None) for key log-scales lk [B,
-    Hkv, T] (None: b = 0 for every key, the shared `no_scale_tables`). P only for the chunked passes (the parallel
-    pass keeps its running max; the backward builds P itself then)."""
+    Hkv, T] (None: b = 0 for every key, the shared `no_scale_tables`). P only for the chunked passes and without
+    OWN_P (the state pass finds it then; the parallel pass keeps its running max; the backward builds P itself
+    after it)."""
     if lk is None:
         return no_scale_tables(b * nkv, t, n_chunks, device)
     lkf = lk.reshape(b * nkv, t).float().contiguous()
-    return lkf, (_exclusive_chunk_max(lkf.detach(), n_chunks) if chunked else None)
+    return lkf, (_exclusive_chunk_max(lkf.detach(), n_chunks) if chunked and not OWN_P else None)
 
 
 def kernel_meta(q: torch.Tensor, d: int, has_scale: bool) -> dict:
@@ -860,7 +927,7 @@ def _forward(q, k, v, lk, fmap: int = 0):
         _parallel_kernel[(n_chunks, b * nh)](q, k, v, lkf, out, den, t, f, d, groups, nh, nkv, *_strides(q, k, v, out),
                                              **pmeta, MAP=fmap, **CONFIG["parallel_wide" if _wide(f) else "parallel"])
     else:
-        h, z = _states(k, v, lkf, pex, meta, n_chunks, fmap)
+        h, z, pex = _states(k, v, lkf, pex, meta, n_chunks, fmap)
         out, den = out_pass(q, k, v, lkf, pex, h, z, meta, fmap)
     return out, (q, k, v, lkf, pex, out, den, h, z), meta, (b, nh, nkv, t, f, d, n_chunks)
 
@@ -954,7 +1021,7 @@ def _chunked_backward(q, k, v, lkf, pex, dnum, dden, meta, shape, h=None, z=None
     meta = dict(meta)
     fmap = meta.pop("MAP", 0)  # q and k are an elementwise map's features: dq, dk get its slope (0: no map)
     if h is None:
-        h, z = _states(k, v, lkf, pex, meta, n_chunks)
+        h, z, _ = _states(k, v, lkf, pex, meta, n_chunks)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     n_fb = triton.cdiv(f, BK)  # dk's feature blocks, one program each (`_grad_dkv_kernel`)
     # db's part per feature block (one block: db itself), summed after; unwritten without log-scales
@@ -970,7 +1037,8 @@ def _chunked_backward(q, k, v, lkf, pex, dnum, dden, meta, shape, h=None, z=None
             then_dq(dq)
 
     def dkv_branch():
-        _segmented(_grad_state_kernel, (q, lkf, pex, dnum, dden), g, gz, t, f, d, n_chunks, meta, WG=wg,
+        _segmented(_grad_state_kernel, (q, lkf, pex, dnum, dden), g, gz, t, f, d, n_chunks, meta,
+                   state_bv(f, backward=True, per_kv=wg > 1), WG=wg,
                    NG=groups // wg)
         _grad_dkv_kernel[(n_chunks, b * nkv, n_fb)](q, k, v, lkf, pex, g, gz, dnum, dden, dk, dv, db_parts, t, f, d,
                                                     n_chunks, groups, groups // wg, lkf.numel(), **meta, MAP=fmap,

@@ -6,7 +6,7 @@ Composed of three autograd nodes (the map of q, the map of k, the core), every l
 SmolLM2's shapes and a few thousand tokens each pass fills a few of the GPU's SMs (a chunked walk runs one program
 per head and block, one chunk after another), so the order of the launches is the cost. Here:
 
-    forward:   map k -> chunk maxima -> [ map q  ||  state walk ] -> outputs
+    forward:   map k -> [ map q  ||  state walk ] -> outputs   (the walk finds the chunk maxima: `linear_triton.OWN_P`)
     backward:  division's gradient -> [ dq -> map q's gradient  ||  reverse walk -> dk, dv -> map k's gradient ]
 
 The same kernels on the same inputs as the composition: the same numbers, bit for bit (tests/methods/
@@ -43,10 +43,10 @@ class _CausalFavor(torch.autograd.Function):
         nkv, f, d = x4k.shape[1], features.shape[0], v.shape[-1]
         n_chunks = triton.cdiv(t, lt.BT)
         pk, bk = ft.map_rows(x4k, features, consts)  # the key features and log-scales first: the walk reads them
-        lkf, pex = lt.chunk_tables(bk, b, nkv, t, n_chunks, q.device)
+        lkf, pex = lt.chunk_tables(bk, b, nkv, t, n_chunks, q.device)  # pex None: the walk finds it (OWN_P)
         meta = lt.kernel_meta(pk, d, True)
-        (pq, bq), (h, z) = concurrently(lambda: ft.map_rows(x4q, features, consts),
-                                        lambda: lt._states(pk, v, lkf, pex, meta, n_chunks), q.device)
+        (pq, bq), (h, z, pex) = concurrently(lambda: ft.map_rows(x4q, features, consts),
+                                             lambda: lt._states(pk, v, lkf, pex, meta, n_chunks), q.device)
         out, den = lt.out_pass(pq, pk, v, lkf, pex, h, z, meta)
         ctx.save_for_backward(x4q, x4k, v, features, pq, pk, bq, lkf, pex, out, den, h, z)
         ctx.consts, ctx.meta, ctx.shape = consts, meta, (b, nh, nkv, t, f, d, n_chunks)
