@@ -277,8 +277,15 @@ def model_table() -> str:
                "--modes fwd,fwd+bwd --budget-s 170`, one interleaved run; the window kernel masking only the band's "
                "edge tiles, `window_triton.BAND = \"edges\"`; the state walks in segments of about sqrt(n / 4) "
                "chunks, `linear_triton.segment_len`; measured before the window forward's register cap of 23c89ac, "
-               "which made that kernel ~10% shorter at 16k-64k: not re-run at model level):",
-               "CUDA graph, edge masks and shorter segments"))
+               "which made that kernel ~10% shorter at 16k-64k; the next table is the run after it):",
+               "CUDA graph, edge masks and shorter segments"),
+              ("model_bench_graph_own_p_value_blocks.json", "**CUDA graph, the window forward's register cap, the state "
+               "pass finding the chunk maxima, wider value blocks** (`model_bench_graph_own_p_value_blocks.json`: the "
+               "same command, commit 42e11c3, one interleaved run; `window_triton.CONFIG[\"fwd\"]` with `maxnreg`, "
+               "`linear_triton.OWN_P` (no launch of its own for the key log-scales' chunk maxima) and "
+               "`linear_triton.state_bv` (64 value columns a walk for FAVOR+'s forward and the per-kv-head reverse "
+               "walk); `performer_1k_experiments/` times each call alone):",
+               "CUDA graph, register cap, chunk maxima in the walk, value blocks"))
     for name, prose, label in graphs:
         if (MODEL_DIR / name).exists():
             gr = json.load(open(MODEL_DIR / name))
