@@ -112,7 +112,7 @@ def main(argv=None) -> int:
                             ms["graph " + variant] = graph_ms(q, k, v, lk, mode == "fwd+bwd")
                         lt.SEGMENT_LEN = lt.PARALLEL_MAX_T = None
                     n = -(-t // lt.BT)
-                    walks = -(-f // lt.BK) * -(-64 // lt.state_bv(f)) * hkv  # the states are the kv heads'
+                    walks = lt.walk_count(f, 64, hkv)  # the states are the kv heads'
                     row = {"kind": kind, "seq_len": t, "heads": h, "kv_heads": hkv, "feature_dim": f, "mode": mode,
                            "dtype": "bfloat16", "segment_len": lt.segment_len(n, walks, lt._sm_count(dev)), "chunks": n,
                            **{"ms_" + name.replace("-", "_").replace(" ", "_"): val for name, val in ms.items()},

@@ -79,6 +79,18 @@ def _kernel_out(kernels, q, k, v, lk):
     return kernels.causal_linear(q, k, v, lk)
 
 
+def _assert_matches_quadratic(out, ins, want, ref_ins):
+    """out, and the gradients of ins under one random weighting of it, against the quadratic form's fp64 want and the
+    gradients of its inputs ref_ins (q, k, v, and b when given: the same shapes)."""
+    assert max_err(out, want) <= 1e-5 * want.abs().max().item()
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    got = torch.autograd.grad((out.double() * w).sum(), ins)
+    ref = torch.autograd.grad((want * w).sum(), ref_ins)
+    for name, a, b in zip("q k v b".split(), got, ref):
+        assert a.shape == b.shape, name
+        assert max_err(a, b) <= 1e-4 * b.abs().max().item(), name
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("scale", [False, True], ids=["plain", "log-scale"])
 @pytest.mark.parametrize("t,f,d", [(130, 64, 64), (64, 40, 24), (77, 96, 32)])
@@ -141,13 +153,7 @@ def test_grouped_query_heads_read_their_kv_head(kernels, seg, scale, monkeypatch
     want = _quadratic(ref_ins[0], repeat_kv(ref_ins[1], 2), repeat_kv(ref_ins[2], 2),
                       repeat_kv(ref_ins[3][..., None], 2)[..., 0] if scale else None)
     assert out.shape == (2, 4, 130, 16)
-    assert max_err(out, want) <= 1e-5 * want.abs().max().item()
-    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    got = torch.autograd.grad((out.double() * w).sum(), ins)
-    ref = torch.autograd.grad((want * w).sum(), ref_ins)
-    for name, a, b in zip("q k v b".split(), got, ref):
-        assert a.shape == b.shape, name
-        assert max_err(a, b) <= 1e-4 * b.abs().max().item(), name
+    _assert_matches_quadratic(out, ins, want, ref_ins)
     with pytest.raises(ValueError, match="must agree and divide"):
         kernels.causal_linear(ins[0].detach()[:, :3], ins[1].detach(), ins[2].detach())
     with pytest.raises(ValueError, match="key_log_scale must be"):  # log-scales per query head next to kv-head keys
@@ -168,8 +174,10 @@ def test_state_walks_in_value_blocks(chunked, bv, walk, monkeypatch):
     monkeypatch.setattr(chunked, "STATE_BV", bv)
     monkeypatch.setattr(chunked, "REVERSE_WALK", walk)
     monkeypatch.setattr(chunked, "SEGMENT_LEN", 2)
-    if bv is None:
-        assert chunked.state_bv(96) == 64 and chunked.state_bv(96, True, walk == "kv") == (64 if walk == "kv" else 32)
+    widths = []  # (pass, value columns a program) as the walks are launched
+    real = chunked._segmented
+    monkeypatch.setattr(chunked, "_segmented", lambda kernel, *a, **kw: widths.append((kernel.fn.__name__, a[8]))
+                        or real(kernel, *a, **kw))
     g = torch.Generator().manual_seed(12)
     q = torch.rand(1, 4, 150, 96, generator=g, dtype=torch.float64)
     k = torch.rand(1, 2, 150, 96, generator=g, dtype=torch.float64)
@@ -180,12 +188,9 @@ def test_state_walks_in_value_blocks(chunked, bv, walk, monkeypatch):
     ref_ins = [x.clone().requires_grad_(True) for x in (q, k, v, lk)]
     want = _quadratic(ref_ins[0], repeat_kv(ref_ins[1], 2), repeat_kv(ref_ins[2], 2),
                       repeat_kv(ref_ins[3][..., None], 2)[..., 0])
-    assert max_err(out, want) <= 1e-5 * want.abs().max().item()
-    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    got = torch.autograd.grad((out.double() * w).sum(), ins)
-    ref = torch.autograd.grad((want * w).sum(), ref_ins)
-    for name, a, b in zip("q k v b".split(), got, ref):
-        assert max_err(a, b) <= 1e-4 * b.abs().max().item(), name
+    _assert_matches_quadratic(out, ins, want, ref_ins)
+    rule = [("_state_kernel", 64), ("_grad_state_kernel", 64 if walk == "kv" else 32)]  # `state_bv`: 96 > BK features
+    assert widths == (rule if bv is None else [("_state_kernel", bv), ("_grad_state_kernel", bv)])
 
 
 @pytest.mark.parametrize("seg", [None, 1])
@@ -292,12 +297,7 @@ def test_segmented_state_pass_matches_quadratic_and_does_not_leak(chunked, seg, 
         x.requires_grad_(True)
     out = _kernel_out(chunked, q, k, v, lk)
     want = _quadratic(*(x.double() for x in (q, k, v)), None if lk is None else lk.double())
-    assert max_err(out, want) <= 1e-5 * want.abs().max().item()
-    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    got = torch.autograd.grad((out.double() * w).sum(), ins)
-    ref = torch.autograd.grad((want * w).sum(), ins)
-    for name, a, b in zip("q k v b".split(), got, ref):
-        assert max_err(a, b) <= 1e-4 * b.abs().max().item(), name
+    _assert_matches_quadratic(out, ins, want, ins)
     cut = 200  # inside chunk 3: later segments change
     q2, k2, v2 = (x.detach().clone() for x in (q, k, v))
     for x in (q2, k2, v2):
@@ -316,14 +316,16 @@ def test_segmented_state_pass_matches_quadratic_and_does_not_leak(chunked, seg, 
 @pytest.mark.parametrize("seg", [None, 1, 2])
 def test_state_pass_finds_the_chunk_maxima(chunked, seg, monkeypatch):
     """OWN_P (the state pass finds P from b as it walks, no `_exclusive_chunk_max` launch): the P it writes for the
-    output pass equals that launch's, with keys at -inf, a whole chunk of them and a partial last chunk, in one
+    output pass equals that launch's, with keys at -inf, a whole chunk of them, two leading chunks of them (segments
+    that start from P = -inf after others) and a partial last chunk, in one
     segment and in segments of 1 and 2 chunks (each segment's sum with its own stabiliser, the walk starting from
     the earlier segments' maxima). Outputs: equal bits to OWN_P off in one segment (the same factors at every step),
     within fp32 rounding in segments (sums scaled by another max)."""
     monkeypatch.setattr(chunked, "SEGMENT_LEN", seg)
     q, k, v, lk = _features(1, 2, 330, 32, 16, torch.float32, seed=5, scale=True)
     lk[0, 0, ::3] = float("-inf")
-    lk[0, 1, 64:128] = float("-inf")
+    lk[0, 0, 64:128] = float("-inf")
+    lk[0, 1, :128] = float("-inf")  # no key in the first two chunks: later segments start from P = -inf
     lk[0, 1, 300:] += 10.0  # the last chunk's keys dominate: P grows at the end
     seen = {}
     real = chunked.out_pass

@@ -16,8 +16,11 @@ sequential):
    b of the keys in the state) and writes the state entering every chunk, H [BH, N, F, D] in the inputs'
    dtype (the dtype its matmul reads it in) and Z [BH, N, F] in fp32. A segment starts from the sums of the
    segments before it (the same kernel with SUMS first: all segments in parallel, fp32), so that the sequential chain
-   is ~2 sqrt(2 N) steps, not N: with batch 1 and few heads the walk ran on a few SMs, latency-bound
+   is ~2 sqrt(N) steps, not N: with batch 1 and few heads the walk ran on a few SMs, latency-bound
    (0.1 ms a layer at 4k tokens on the H200, longer than cuDNN's whole causal attention there).
+   P for the key log-scales: found by this pass itself (`OWN_P`, `_state_kernel`'s docstring), or, with OWN_P off
+   and after the parallel forward (the backward's), one launch of `_exclusive_chunk_max`; without log-scales the
+   shared tables of b = 0 (`no_scale_tables`).
 2. `_out_kernel`: one program per (head, chunk), all in parallel: num = e^{P_c - M_i} q H[c] + the masked
    intra-chunk quadratic form, den likewise.
 Short inputs (up to `parallel_max_t` tokens) skip both: `_parallel_kernel` runs the quadratic form in one pass,
@@ -722,7 +725,7 @@ SEGMENT_LEN: int | None = None
 
 
 def segment_len(n_chunks: int, programs: int = 1, sms: int = 132) -> int:
-    """Chunks per segment of the state passes, for `programs` (feature block, value block, head) walks on a GPU of
+    """Chunks per segment of the state passes, for `programs` walks (`walk_count`) on a GPU of
     `sms` multiprocessors. The sequential chain is ~2 L steps (a segment's sum, then its walk) plus n / L adds of
     earlier segments' sums; an add costs about half a step (its loads wait on nothing), so the chain 2 L + n / (2 L)
     is least near L = sqrt(n / 4). Each segment adds `programs` programs, so L grows until they fit about four per
@@ -800,6 +803,13 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
+def walk_count(f: int, d: int, rows: int) -> int:
+    """The walks `segment_len` weighs for f features, d value columns and `rows` rows of states: (feature block,
+    32-column value block, row) triples, the unit its rule was measured in, whatever `state_bv` gives a program
+    (a walk of 64 columns counts as two: its segments then stay those measured)."""
+    return triton.cdiv(f, BK) * triton.cdiv(d, 32) * rows
+
+
 def state_bv(f: int, backward: bool = False, per_kv: bool = False) -> int:
     """Value columns per program of a state walk (`STATE_BV` None) for f features: 64 for the forward's walks of maps
     wider than one feature block (f > BK) and for the backward's walk per kv head over its group (per_kv), 32
@@ -809,8 +819,8 @@ def state_bv(f: int, backward: bool = False, per_kv: bool = False) -> int:
     / 52.5 / 88.5 us against 33.8 / 50.5 / 85.0 at 1024 / 2048 / 4096 tokens; linear's 64 features 19.3 / 33.5 /
     44.7 against 19.4 / 34.8 / 46.6. The backward's walk (the forward at 64 in both): FAVOR+ per kv head (2048 and
     4096 tokens, `reverse_walk`) fwd+bwd 171.8 / 280.8 against 157.6 / 258.5, per query head (1024) 112.3 against
-    114.5; linear (per query head) 95.6 / 86.9 / 123.6 against 95.7 / 80.2 / 119.6, not taken (-1% to -8% past 1k,
-    a rule of its own for one map)."""
+    114.5; linear (per query head) 95.6 / 86.9 / 123.6 against 95.7 / 80.2 / 119.6, not taken (-8% / -3% at 2048 /
+    4096, nothing at 1024: a rule of its own for one map)."""
     if STATE_BV is not None:
         return STATE_BV
     return 64 if (per_kv if backward else f > BK) else 32
@@ -824,13 +834,12 @@ def _segmented(kernel, inputs: tuple, out, out_z, t: int, f: int, d: int, n_chun
     table of its own."""
     bh = out.shape[0]
     meta = {**meta, "BV": min(meta["BV"], bv)}
-    walks = triton.cdiv(f, BK) * triton.cdiv(d, meta["BV"]) * bh
-    seg = segment_len(n_chunks, walks, _sm_count(out.device))
+    seg = segment_len(n_chunks, walk_count(f, d, bh), _sm_count(out.device))
     n_seg = triton.cdiv(n_chunks, seg)
     grid = (triton.cdiv(f, BK), triton.cdiv(d, meta["BV"]), bh * n_seg)
-    if own_p:
+    if own_p:  # each segment's stabiliser (one segment: none is read, out_z stands in)
         consts.update(OWN_P=True, BSEG=max(2, triton.next_power_of_2(n_seg)),
-                      LSEG=out.new_empty(bh, n_seg, dtype=torch.float32))
+                      LSEG=out.new_empty(bh, n_seg, dtype=torch.float32) if n_seg > 1 else out_z)
     sums, sums_z = out, out_z  # not read with one segment
     if n_seg > 1:
         sums = out.new_empty(bh, n_seg, f, d, dtype=torch.float32)
@@ -851,6 +860,7 @@ def _states(k, v, lkf, pex, meta, n_chunks, fmap: int = 0):
     own = pex is None
     if own:
         pex = lkf.new_empty(bh, n_chunks + 1)
+    # LSEG: a pointer the kernel reads only with OWN_P, when `_segmented` hands over the segments' own table
     _segmented(_state_kernel, (k, v, lkf, pex), h, z, t, f, d, n_chunks, meta, state_bv(f), own_p=own, MAP=fmap, LSEG=pex,
                NKV=k.shape[1] if k.dim() == 4 else 1,
                **dict(zip(("s_kb", "s_kh", "s_kt", "s_vb", "s_vh", "s_vt"), _strides(k, v))))
