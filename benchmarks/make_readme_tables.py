@@ -281,7 +281,8 @@ def model_table() -> str:
                "CUDA graph, edge masks and shorter segments"),
               ("model_bench_graph_own_p_value_blocks.json", "**CUDA graph, the window forward's register cap, the state "
                "pass finding the chunk maxima, wider value blocks** (`model_bench_graph_own_p_value_blocks.json`: the "
-               "same command, commit 42e11c3, one interleaved run; `window_triton.CONFIG[\"fwd\"]` with `maxnreg`, "
+               "same command, commit 382f801, one interleaved run (the run on 42e11c3, whose walks of 64 columns counted "
+               "as one walk in `segment_len`: `performer_1k_experiments/final_model_bench_42e11c3.json`, within 1%); `window_triton.CONFIG[\"fwd\"]` with `maxnreg`, "
                "`linear_triton.OWN_P` (no launch of its own for the key log-scales' chunk maxima) and "
                "`linear_triton.state_bv` (64 value columns a walk for FAVOR+'s forward and the per-kv-head reverse "
                "walk); `performer_1k_experiments/` times each call alone):",
