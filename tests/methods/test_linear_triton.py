@@ -374,6 +374,22 @@ def test_segment_length_choice():
     assert segment_len(1024, 128) == 1024  # the walks alone nearly fill the GPU: one segment
 
 
+@pytest.mark.parametrize("bv", [16, 32, 64])
+def test_segments_do_not_depend_on_the_value_columns(chunked, bv, monkeypatch):
+    """`segment_len` weighs the walks in 32-column units (`walk_count`), the unit its rule was measured in, whatever
+    value columns a program takes (`STATE_BV` / `state_bv`): the forward's and the backward's walks ask it about the
+    same count at every width (FAVOR+-like 96 features, values 64 wide, 2 kv heads: 2 x 2 x 2 = 8 walks)."""
+    monkeypatch.setattr(chunked, "STATE_BV", bv)
+    asked = []
+    real = chunked.segment_len
+    monkeypatch.setattr(chunked, "segment_len",
+                        lambda n, programs=1, sms=132: asked.append(programs) or real(n, programs, sms))
+    q, k, v, lk = _features(1, 2, 150, 96, 64, torch.float32, seed=3, scale=True)
+    ins = [x.requires_grad_(True) for x in (q, k, v, lk)]
+    torch.autograd.grad(chunked.causal_linear(*ins).sum(), ins)
+    assert chunked.walk_count(96, 64, 2) == 8 and asked == [8, 8]
+
+
 def test_short_inputs_take_the_parallel_pass(interpreted, monkeypatch):
     """Up to `parallel_max_t` tokens the forward is one quadratic pass (no state walk launched), beyond it the
     chunked passes; both give the same outputs and the same DEN (the backward's input) within fp32 rounding."""
