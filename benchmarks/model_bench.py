@@ -15,8 +15,9 @@ layer instead (regional compilation, the attention methods outside the graph).
 above it means the step waits on Python and launches), `attn_block_ms` (kernel time inside the layers' self_attn
 modules in the forward: projections, rotary and attention; the backward's kernels run outside the modules and are
 not attributed), `host_ms` and `host_top` (the step under cProfile: the host's time and its costliest functions by
-own time), on CUDA `top_kernels` (the largest kernels: name, ms, count) and `syncs` (host-device synchronisations
-counted by torch.cuda.set_sync_debug_mode during one step: each stalls the launch queue).
+own time), on CUDA `top_kernels` (the largest kernels: name, ms, count), `kernels` (all of them, largest first),
+`launches` (kernel launches in the step) and `syncs` (host-device synchronisations counted by
+torch.cuda.set_sync_debug_mode during one step: each stalls the launch queue).
 """
 from __future__ import annotations
 
@@ -166,6 +167,10 @@ def profile_step(model, ids, mode, device, trace: Path | None = None) -> dict:
         if cuda:  # where the device time goes: the largest kernels by their own time
             top = sorted(kernels, key=lambda e: -get(e, "self_device_time_total"))[:8]
             out["top_kernels"] = [[e.key[:80], round(get(e, "self_device_time_total") / 1e3, 3), e.count] for e in top]
+            # every kernel of the step (name, ms, launches), for comparing two configurations' steps kernel by kernel
+            out["kernels"] = [[e.key[:160], round(get(e, "self_device_time_total") / 1e3, 4), e.count] for e in
+                              sorted(kernels, key=lambda e: -get(e, "self_device_time_total"))]
+            out["launches"] = sum(e.count for e in kernels)
         if trace is not None:  # a step of its own: Python stacks slow the host, the numbers above stay unaffected
             with profile(activities=acts, with_stack=True) as tprof:
                 step()

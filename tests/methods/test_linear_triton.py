@@ -427,6 +427,53 @@ def test_short_inputs_take_the_parallel_pass(interpreted, monkeypatch):
         assert max_err(a, b) <= 1e-4 * b.abs().max().item(), name
 
 
+def test_the_rule_takes_the_chunked_form_with_gradients(interpreted, monkeypatch):
+    """`parallel_max_t`'s rule: 64 features or fewer take the quadratic pass up to PARALLEL_INFER_MAX_T tokens
+    without gradients (inference) and up to the shorter PARALLEL_GRAD_MAX_T when a backward follows (the chunked
+    backward measured faster beyond), whichever of q, k, v or the log-scales asks for gradients; PARALLEL_MAX_T
+    overrides both. The limits are set around the 200 tokens here."""
+    monkeypatch.setattr(interpreted, "PARALLEL_MAX_T", None)
+    assert interpreted.PARALLEL_GRAD_MAX_T < interpreted.PARALLEL_INFER_MAX_T
+    assert interpreted.parallel_max_t(64, grad=True) == interpreted.PARALLEL_GRAD_MAX_T
+    assert interpreted.parallel_max_t(65, grad=True) == interpreted.parallel_max_t(65) == 0
+    monkeypatch.setattr(interpreted, "PARALLEL_GRAD_MAX_T", 199)
+    monkeypatch.setattr(interpreted, "PARALLEL_INFER_MAX_T", 200)
+    assert interpreted.parallel_max_t(32) == 200 and interpreted.parallel_max_t(32, grad=True) == 199
+    walks, par_bwd = [], []
+    real, real_pb = interpreted._states, interpreted._parallel_backward
+    monkeypatch.setattr(interpreted, "_states", lambda *a, **kw: walks.append(1) or real(*a, **kw))
+    monkeypatch.setattr(interpreted, "_parallel_backward", lambda *a, **kw: par_bwd.append(1) or real_pb(*a, **kw))
+    g = torch.Generator().manual_seed(5)
+    ins = [torch.rand(1, 4, 200, 32, generator=g), torch.rand(1, 2, 200, 32, generator=g),
+           torch.randn(1, 2, 200, 16, generator=g), torch.randn(1, 2, 200, generator=g) * 4]
+    with torch.no_grad():
+        ref = interpreted.causal_linear(*ins)
+    assert walks == []  # inference: the quadratic pass
+    for i in range(4):  # gradients for one input only are enough to take the chunked form
+        xs = [x.clone().requires_grad_(j == i) for j, x in enumerate(ins)]
+        walks.clear()
+        out = interpreted.causal_linear(*xs)
+        assert walks == [1], i
+        assert max_err(out, ref) <= 1e-5 * ref.abs().max().item()
+        out.sum().backward()
+        assert par_bwd == [] and xs[i].grad is not None
+    with torch.no_grad():  # inputs that ask for gradients under no_grad: inference
+        walks.clear()
+        interpreted.causal_linear(*[x.clone().requires_grad_(True) for x in ins])
+        assert walks == []
+    monkeypatch.setattr(interpreted, "PARALLEL_GRAD_MAX_T", 200)  # up to the limit: the parallel passes with gradients
+    xs = [x.clone().requires_grad_(True) for x in ins]
+    walks.clear()
+    interpreted.causal_linear(*xs).sum().backward()
+    assert walks == [] and par_bwd == [1]
+    monkeypatch.setattr(interpreted, "PARALLEL_GRAD_MAX_T", 199)
+    monkeypatch.setattr(interpreted, "PARALLEL_MAX_T", 1 << 30)  # the override: the parallel passes with gradients
+    xs = [x.clone().requires_grad_(True) for x in ins]
+    walks.clear()
+    interpreted.causal_linear(*xs).sum().backward()
+    assert walks == [] and par_bwd == [1, 1]
+
+
 @pytest.mark.parametrize("method,opts", [("linear", {}), ("performer", {"num_features": 48}), ("rfa", {"num_features": 48})])
 @pytest.mark.parametrize("dtype,hkv", [(torch.float32, 2), (torch.bfloat16, 2), (torch.float32, 1)],
                          ids=["fp32", "bf16", "fp32-gqa"])

@@ -56,9 +56,10 @@ class KernelAttention(AttentionMethod):
         """Feature maps (their projections) + the linear-attention matmuls. Non-causal: K^T V and Q S, plus the
         normaliser. Causal (chunks of C = 64, the Triton kernel's): the state pass and the inter-chunk products
         as non-causal, plus the masked intra-chunk quadratic form (half of C per row, numerator and normaliser).
-        Causal inputs the CUDA kernels run in one quadratic pass (T <= `linear_triton.parallel_max_t`): that form's
-        work alone, every visible pair's phi(q).phi(k), its v and its normaliser term (the CPU's torch path runs the
-        chunked form there: this is the count of the GPU's kernels)."""
+        Causal inputs the CUDA kernels' inference forward runs in one quadratic pass (T <=
+        `linear_triton.parallel_max_t` without gradients; with them the chunked form runs): that form's work alone,
+        every visible pair's phi(q).phi(k), its v and its normaliser term (the CPU's torch path runs the chunked
+        form there: this is the count of the GPU's kernels)."""
         from ..ops.linear_triton import parallel_max_t
         from .base import visible_pairs
 

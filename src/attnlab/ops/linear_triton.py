@@ -770,27 +770,40 @@ PARALLEL_BWD_MAX_F = 128  # the parallel backward keeps a [64, F] fp32 accumulat
 # 256 features) take the chunked backward, measured faster there (short_calls.py at 1024 tokens: 240 us against 335
 # fwd+bwd a call, the parallel forward in both)
 
-# longest input the forward runs as one quadratic pass (`_parallel_kernel`); None: `parallel_max_t`'s rule. Tests
-# set it (0: always the chunked form) to exercise each form.
+# longest input the forward runs as one quadratic pass (`_parallel_kernel`), with or without gradients; None:
+# `parallel_max_t`'s rule. Tests set it (0: always the chunked form) to exercise each form.
 PARALLEL_MAX_T: int | None = None
+# the rule's limits for maps of up to 64 features: without gradients (inference), and with them (a backward follows)
+PARALLEL_INFER_MAX_T = 1024
+PARALLEL_GRAD_MAX_T = 512
 
 
-def parallel_max_t(f: int) -> int:
-    """The longest input whose forward (and, for f <= PARALLEL_BWD_MAX_F, backward) runs the quadratic passes
-    rather than the chunked ones, for f features. Their work grows as T^2 (F + D), the chunked form's as T F D, so
-    they win only while the chunked form's sequential walks and extra launches dominate. Measured on the H200 as
-    device time (each call replayed as a CUDA graph, `benchmarks/linear_segments.py --compare parallel --graph`,
-    9 query heads on 3 kv heads, bf16): F = 64 fwd 0.018 vs 0.033 ms at 1024 tokens, 0.050 vs 0.025 at 2048;
-    fwd+bwd 0.081 vs 0.120 and 0.161 vs 0.116. F = 256 (FAVOR+, every feature in one tile, CONFIG["parallel_wide"],
-    `benchmarks/short_calls.py`): fwd 0.041 vs 0.044 at 1024 but 0.095 vs 0.042 at 2048, and with gradients the
-    chunked forward keeps the states its backward reads (0.133 vs 0.173 at 1024): chunked throughout.
+def parallel_max_t(f: int, grad: bool = False) -> int:
+    """The longest input whose forward runs the quadratic passes rather than the chunked ones, for f features;
+    `grad`: a backward follows (it then runs the form the forward ran: the parallel backward for f <=
+    PARALLEL_BWD_MAX_F). Their work grows as T^2 (F + D), the chunked form's as T F D, so they win only while the
+    chunked form's sequential walks and extra launches dominate. Measured on the H200 as device time (each call
+    replayed in a CUDA graph, 9 query heads on 3 kv heads, bf16):
+    - F = 64 without gradients: 0.018 vs 0.033 ms at 1024 tokens, 0.050 vs 0.025 at 2048
+      (`benchmarks/linear_segments.py --compare parallel --graph`); 0.019 vs 0.022 at 1024 in every
+      `benchmarks/short_calls.py` run since (`linear+parallel`, `linear+chunked`).
+    - F = 64 with gradients (`PARALLEL_GRAD_MAX_T`): the parallel form won at first (0.081 vs 0.120 at 1024), but
+      the chunked backward has since lost half its time (segmented walks, `segment_len`): fwd+bwd 0.095 vs 0.064
+      at 1024 in one run (`benchmarks/short_calls.py --lengths 256,512,1024,2048`, results/model_bench/h200/
+      grad_rule/, as in the six runs before it, performer_1k_experiments/), 0.039 vs 0.048 at 256 and 0.055 vs
+      0.067 at 512. The SmolLM2 step in a CUDA graph at 1024 fell from 1.09x to 1.03x SDPA's.
+    - F = 256 (FAVOR+, every feature in one tile, CONFIG["parallel_wide"], `benchmarks/short_calls.py`): fwd 0.041
+      vs 0.044 at 1024 but 0.095 vs 0.042 at 2048, and with gradients the chunked forward keeps the states its
+      backward reads (0.133 vs 0.173 at 1024): chunked throughout.
     Timed as single eager calls the parallel form wins further (one launch instead of three or more), but
     device time is what a model step pays once the host keeps ahead."""
     if f > PARALLEL_MAX_F:
         return 0
     if PARALLEL_MAX_T is not None:
         return PARALLEL_MAX_T
-    return 1024 if f <= 64 else 0
+    if f > 64:
+        return 0
+    return PARALLEL_GRAD_MAX_T if grad else PARALLEL_INFER_MAX_T
 
 
 def _wide(f: int) -> bool:
@@ -919,16 +932,17 @@ def out_pass(q, k, v, lkf, pex, h, z, meta, fmap: int = 0):
     return out, den
 
 
-def _forward(q, k, v, lk, fmap: int = 0):
+def _forward(q, k, v, lk, fmap: int = 0, grad: bool = False):
     """The forward passes: (out [B, H, T, D], the tensors the backward saves, the kernels' meta, the shapes). fmap:
-    an elementwise map applied to q and k on load (`_feature`; 0: they are the features)."""
+    an elementwise map applied to q and k on load (`_feature`; 0: they are the features); grad: a backward follows
+    (`parallel_max_t`'s rule differs)."""
     b, nh, t, f = q.shape
     nkv, d = k.shape[1], v.shape[-1]
     groups = nh // nkv  # GQA: the states are the kv heads' (a group's query heads read the same ones)
     # read in the caller's layout (transformers' q, k, v are [B, T, H, D] in memory): no copies
     q, k, v = _unit_stride(q, k, v)
     n_chunks = triton.cdiv(t, BT)
-    parallel = t <= parallel_max_t(f)
+    parallel = t <= parallel_max_t(f, grad)
     # without log-scales b = 0 (every weight 1), through the same kernels (see `_weights`)
     lkf, pex = chunk_tables(lk, b, nkv, t, n_chunks, q.device, chunked=not parallel)
     meta = kernel_meta(q, d, lk is not None)
@@ -956,12 +970,12 @@ def grad_prep(dout, out, den, meta, shape):
 
 class _CausalLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, lk, fmap=0):
-        out, saved, ctx.meta, ctx.shape = _forward(q, k, v, lk, fmap)
+    def forward(ctx, q, k, v, lk, fmap=0, grad=True):
+        out, saved, ctx.meta, ctx.shape = _forward(q, k, v, lk, fmap, grad)
         ctx.meta = {**ctx.meta, "MAP": fmap}  # q, k saved raw: the backward maps them once (`_map_features`)
         ctx.save_for_backward(*saved)  # H, Z kept: O(T F D / 64), a walk fewer in the backward
-        f, t = q.shape[-1], q.shape[-2]
-        ctx.parallel_bwd = t <= parallel_max_t(f) and f <= PARALLEL_BWD_MAX_F  # decided with the forward's rule
+        # the backward's form is the forward's (no states H after the parallel pass), up to PARALLEL_BWD_MAX_F
+        ctx.parallel_bwd = saved[7] is None and q.shape[-1] <= PARALLEL_BWD_MAX_F
         return out
 
     @staticmethod
@@ -977,7 +991,7 @@ class _CausalLinear(torch.autograd.Function):
         else:
             dq, dk, dv, db = _chunked_backward(q, k, v, lkf, pex, dnum, dden, meta, ctx.shape, h, z)
         dlk = db.reshape(b, nkv, t) if meta["HAS_SCALE"] and ctx.needs_input_grad[3] else None
-        return dq.reshape(b, nh, t, f), dk.reshape(b, nkv, t, f), dv.reshape(b, nkv, t, d), dlk, None
+        return dq.reshape(b, nh, t, f), dk.reshape(b, nkv, t, f), dv.reshape(b, nkv, t, d), dlk, None, None
 
 
 def _map_features(q, k, meta):
@@ -1091,12 +1105,13 @@ def causal_linear(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_log_sca
     if key_log_scale is not None and key_log_scale.shape != k.shape[:3]:
         raise ValueError(f"causal_linear: key_log_scale must be [B, Hkv, T] = {tuple(k.shape[:3])}, got "
                          f"{tuple(key_log_scale.shape)}")
+    grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, key_log_scale))
     if feature_map is None:
-        return _CausalLinear.apply(q, k, v, key_log_scale)
+        return _CausalLinear.apply(q, k, v, key_log_scale, 0, grad)
     if feature_map not in FEATURE_MAPS:
         raise ValueError(f"causal_linear: feature_map must be one of {sorted(FEATURE_MAPS)}, got {feature_map!r}")
     if key_log_scale is not None:
         raise ValueError("causal_linear: feature_map= takes no key log-scales (an elementwise map has none)")
-    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
-        return _CausalLinear.apply(q, k, v, None, FEATURE_MAPS[feature_map])
+    if grad:
+        return _CausalLinear.apply(q, k, v, None, FEATURE_MAPS[feature_map], True)
     return _forward(q, k, v, None, FEATURE_MAPS[feature_map])[0]  # inference: no autograd node, nothing saved
