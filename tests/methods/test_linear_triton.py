@@ -240,7 +240,9 @@ def test_inputs_read_and_output_written_in_the_callers_layout(kernels, scale):
     [B, H, T, *]: token stride the whole row, head stride F) are read where they lie, with the same result bit for
     bit as contiguous copies, gradients included (batch 2, 4 query heads on 2 kv heads); the output is [B, H, T, D]
     with [B, T, H, D] memory, so the caller's transpose back is contiguous without a copy. A kernel taking a wrong
-    stride (batch, head or token of any tensor) reads other rows and fails the comparison."""
+    stride (batch, head or token of any tensor) reads other rows and fails the comparison. The gradients of q, k, v
+    come back in that layout too ([B, T, H, *] memory, `_grad_like`: through transformers' transpose and view with
+    no copy), and contiguous for contiguous inputs."""
     b, h, hkv, t, f, d = 2, 4, 2, 130, 32, 16
     g = torch.Generator().manual_seed(21)
     row = torch.rand(b, t, h * f + hkv * f + hkv * d, generator=g)
@@ -256,9 +258,12 @@ def test_inputs_read_and_output_written_in_the_callers_layout(kernels, scale):
     assert out.shape == (b, h, t, d) and out.transpose(1, 2).is_contiguous()
     assert torch.equal(out, want)
     w = torch.randn(out.shape, generator=g)
-    for name, x, y in zip("q k v b".split(), torch.autograd.grad((out * w).sum(), ins),
-                          torch.autograd.grad((want * w).sum(), copies)):
+    grads = torch.autograd.grad((out * w).sum(), ins)
+    grads_of_copies = torch.autograd.grad((want * w).sum(), copies)
+    for name, x, y in zip("q k v b".split(), grads, grads_of_copies):
         assert torch.equal(x, y), name
+    for x, y in zip(grads[:3], grads_of_copies[:3]):
+        assert x.transpose(1, 2).is_contiguous() and y.is_contiguous()
     with torch.no_grad():  # the inference path that maps raw q and k inside the kernels
         assert torch.equal(kernels.causal_linear(q, k, v, feature_map="elu"),
                            kernels.causal_linear(*(x.contiguous() for x in (q, k, v)), feature_map="elu"))
@@ -698,7 +703,7 @@ def test_chunked_backward_reads_the_forwards_states(chunked, hkv, scale, monkeyp
 
     kept = grads_of()
     assert len(walks) == 1  # the forward's walk only
-    monkeypatch.setattr(chunked, "_chunked_backward", lambda *a: real_backward(*a[:9]))  # states dropped: recomputed
+    monkeypatch.setattr(chunked, "_chunked_backward", lambda *a, **kw: real_backward(*a[:9], **kw))  # states dropped
     walks.clear()
     recomputed = grads_of()
     assert len(walks) == 2

@@ -53,7 +53,7 @@ def test_one_node_equals_the_composition_bit_for_bit(pt, walk, layout, monkeypat
     chunks, the last partial), GQA, each reverse walk, q, k, v as transformers hands them over and contiguous: the
     same kernels on the same inputs, so equal bits. A gradient of the wrong map (q's taken with k's log-scales), a
     branch reading a buffer before it is written or a wrong view of dq / dk fails it. dq, dk come back with q's and
-    k's order of dims."""
+    k's order of dims, and dv with v's."""
     from attnlab.ops import linear_triton
 
     monkeypatch.setattr(linear_triton, "REVERSE_WALK", walk)
@@ -66,7 +66,7 @@ def test_one_node_equals_the_composition_bit_for_bit(pt, walk, layout, monkeypat
     assert (kern, ref_kern) == ("triton+favor", "triton+compiled")
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
         assert a.dtype == b.dtype and torch.equal(a, b), name
-    for dx in got[1:3]:  # dq, dk in the inputs' order of dims: [B, T, H, D] memory for transformers' views
+    for dx in got[1:4]:  # dq, dk, dv in the inputs' order of dims: [B, T, H, D] memory for transformers' views
         assert (dx.transpose(1, 2) if layout == "hf" else dx).is_contiguous()
 
 

@@ -31,8 +31,10 @@ launch. Its backward (`_parallel_dq_kernel`, `_parallel_dkv_kernel`, features up
 quadratic form's too, dk and dv per kv head over its group's query heads.
 Layouts: the forward kernels and the parallel backward read q, k, v with their batch / head / token strides
 (transformers hands over [B, H, T, D] views of [B, T, H, D] memory) and the output is written as [B, T, H, D]
-memory, so a swapped layer makes no copies; the chunked backward copies them to contiguous rows (none for
-contiguous [B, H, T, F] features, as FAVOR+'s kernel writes them).
+memory, so a swapped layer makes no copies; the chunked backward reads v where it lies and copies q, k to
+contiguous rows (none for contiguous [B, H, T, F] features, as FAVOR+'s kernel and `_map_features` write them), and
+both backwards write dq, dk, dv in the inputs' layouts (`_grad_like`: no copy on their way back through
+transformers' transpose and view).
 Chunked backward: H, Z as the forward wrote them (per kv head, kept: O(T F D / 64) memory, for a state walk fewer:
 performer's fwd+bwd step in a SmolLM2 CUDA graph 4-6% shorter at 1k-16k tokens, its peak 0.05-0.7 GiB higher;
 recomputed only after the parallel forward), `_grad_state_kernel` walks the chunks in reverse per kv head or per
@@ -469,16 +471,17 @@ def _grad_prep_kernel(DOUT, OUT, DEN, DNUM, DDEN, T, D, NH, s_db, s_dh, s_dt, s_
 
 
 @triton.jit
-def _chunk_values(V, kv, c, T, D, BT: tl.constexpr, BV: tl.constexpr):
-    """Chunk c of kv row kv of V [B Hkv, T, D] (contiguous): (token offsets in the chunk, value offsets, their masks
-    and the two together, tokens t, v [BT, BV]), what the backward's per-chunk kernels start from."""
+def _chunk_values(V, v_row, s_vt, c, T, D, BT: tl.constexpr, BV: tl.constexpr):
+    """Chunk c of the head of V [B, Hkv, T, D] at offset v_row (`_row`), token stride s_vt: (token offsets in the
+    chunk, value offsets, their masks and the two together, tokens t, v [BT, BV]), what the backward's per-chunk
+    kernels start from."""
     offs_t = tl.arange(0, BT)
     offs_v = tl.arange(0, BV)
     vmask = offs_v < D
     t = c * BT + offs_t
     tmask = t < T
     tv_mask = tmask[:, None] & vmask[None, :]
-    v = tl.load(V + kv * T * D + t[:, None] * D + offs_v[None, :], mask=tv_mask, other=0.0)
+    v = tl.load(V + v_row + t[:, None] * s_vt + offs_v[None, :], mask=tv_mask, other=0.0)
     return offs_t, offs_v, vmask, t, tmask, tv_mask, v
 
 
@@ -489,18 +492,19 @@ def _dscores(dn, dden, v, w, PREC: tl.constexpr):
 
 
 @triton.jit
-def _grad_dq_kernel(Q, K, V, LK, PEX, H, Z, DNUM, DDEN, DQ, T, F, D, n_chunks, GRP,
-                    HAS_SCALE: tl.constexpr, PREC: tl.constexpr,
+def _grad_dq_kernel(Q, K, V, LK, PEX, H, Z, DNUM, DDEN, DQ, T, F, D, n_chunks, GRP, NH, NKV,
+                    s_vb, s_vh, s_vt, s_gb, s_gh, s_gt, HAS_SCALE: tl.constexpr, PREC: tl.constexpr,
                     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, MAP: tl.constexpr = 0):
     """Chunk c's dq for one query head, in parallel over chunks, from the state entering the chunk: with dA = w *
     (dnum v^T + dden) (the gradient of the masked weighted scores), dq = dA k + e^{P_c - M_i} (dnum H^T + dden Z^T).
-    k, v, the states H, Z and the weights are its kv head's (row bh // GRP). MAP: q and k are the features of an
-    elementwise map, and dq is the raw query's, times the map's slope (Q, the query features, read only then)."""
+    k, v, the states H, Z and the weights are its kv head's (row bh // GRP); v [B, Hkv, T, D] and dq [B, H, T, F] in
+    any layout with unit last stride (s_v*, s_g*). MAP: q and k are the features of an elementwise map, and dq is
+    the raw query's, times the map's slope (Q, the query features, read only then)."""
     c = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     kv = bh // GRP
     hrow = kv * n_chunks + c
-    offs_t, offs_v, vmask, t, tmask, tv_mask, v = _chunk_values(V, kv, c, T, D, BT, BV)
+    offs_t, offs_v, vmask, t, tmask, tv_mask, v = _chunk_values(V, _row(kv, NKV, s_vb, s_vh), s_vt, c, T, D, BT, BV)
     dn = tl.load(DNUM + bh * T * D + t[:, None] * D + offs_v[None, :], mask=tv_mask, other=0.0)
     dden = tl.load(DDEN + bh * T + t, mask=tmask, other=0.0)
     w, qfac, _, _ = _weights(LK, PEX, kv, c, n_chunks, T, offs_t, BT)
@@ -517,7 +521,8 @@ def _grad_dq_kernel(Q, K, V, LK, PEX, H, Z, DNUM, DDEN, DQ, T, F, D, n_chunks, G
         if MAP != 0:
             dq = dq * _feature_grad(tl.load(Q + bh * T * F + t[:, None] * F + offs_k[None, :], mask=qk_mask,
                                             other=0.0), MAP)
-        tl.store(DQ + bh * T * F + t[:, None] * F + offs_k[None, :], _to(dq, DQ.dtype.element_ty, PREC), mask=qk_mask)
+        tl.store(DQ + _row(bh, NH, s_gb, s_gh) + t[:, None] * s_gt + offs_k[None, :], _to(dq, DQ.dtype.element_ty, PREC),
+                 mask=qk_mask)
 
 
 @triton.jit
@@ -538,7 +543,8 @@ def _walk_states(G, GZ, kv, c, n_chunks, NG, F, D, offs_k, offs_v, kmask, st_mas
 
 
 @triton.jit
-def _grad_dkv_kernel(Q, K, V, LK, PEX, G, GZ, DNUM, DDEN, DK, DV, DB, T, F, D, n_chunks, GRP, NG, s_db,
+def _grad_dkv_kernel(Q, K, V, LK, PEX, G, GZ, DNUM, DDEN, DK, DV, DB, T, F, D, n_chunks, GRP, NG, s_db, NKV,
+                     s_vb, s_vh, s_vt, s_kgb, s_kgh, s_kgt, s_vgb, s_vgh, s_vgt,
                      HAS_SCALE: tl.constexpr, PREC: tl.constexpr,
                      BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, MAP: tl.constexpr = 0):
     """Chunk c's dk (one feature block per program) and dv for one kv head, in parallel over chunks and feature blocks,
@@ -548,12 +554,13 @@ def _grad_dkv_kernel(Q, K, V, LK, PEX, G, GZ, DNUM, DDEN, DK, DV, DB, T, F, D, n
     feature: the block-0 program computes it (its intra-chunk scores first, then every block's state term); the
     others only their block of dk, so that the dk work runs on F / BK programs side by side (FAVOR+'s 256 features:
     four; one for 64). With key log-scales each program writes its block's part of db_j = k_j . dk_j (fp32) to row
-    s_db apart, summed after (no atomics: the same bits every run). No expanded k, v, no gradient per query head. MAP:
-    q and k are the features of an elementwise map, and dk is the raw key's, times the map's slope."""
+    s_db apart, summed after (no atomics: the same bits every run). No expanded k, v, no gradient per query head. v,
+    dk and dv [B, Hkv, T, *] in any layout with unit last stride (s_v*, s_kg*, s_vg*). MAP: q and k are the features
+    of an elementwise map, and dk is the raw key's, times the map's slope."""
     c = tl.program_id(0)
     kv = tl.program_id(1).to(tl.int64)
     kb = tl.program_id(2)
-    offs_t, offs_v, vmask, t, tmask, tv_mask, v = _chunk_values(V, kv, c, T, D, BT, BV)
+    offs_t, offs_v, vmask, t, tmask, tv_mask, v = _chunk_values(V, _row(kv, NKV, s_vb, s_vh), s_vt, c, T, D, BT, BV)
     w, _qfac, kfac, _sfac = _weights(LK, PEX, kv, c, n_chunks, T, offs_t, BT)
     if kb == 0:
         dv = tl.zeros([BT, BV], tl.float32)
@@ -576,7 +583,8 @@ def _grad_dkv_kernel(Q, K, V, LK, PEX, G, GZ, DNUM, DDEN, DK, DV, DB, T, F, D, n
             g2, _gz2 = _walk_states(G, GZ, kv, c, n_chunks, NG, F, D, offs_k, offs_v, kmask,
                                 kmask[:, None] & vmask[None, :], PREC)
             dv += _dot(_to(k.to(tl.float32) * kfac[:, None], k.dtype, PREC), g2, PREC)
-        tl.store(DV + kv * T * D + t[:, None] * D + offs_v[None, :], _to(dv, DV.dtype.element_ty, PREC), mask=tv_mask)
+        tl.store(DV + _row(kv, NKV, s_vgb, s_vgh) + t[:, None] * s_vgt + offs_v[None, :], _to(dv, DV.dtype.element_ty, PREC),
+                 mask=tv_mask)
     offs_k = kb * BK + tl.arange(0, BK)
     kmask = offs_k < F
     qk_mask = tmask[:, None] & kmask[None, :]
@@ -593,7 +601,8 @@ def _grad_dkv_kernel(Q, K, V, LK, PEX, G, GZ, DNUM, DDEN, DK, DV, DB, T, F, D, n
         dk += _dot(tl.trans(da), q, PREC)
     if MAP != 0:
         dk = dk * _feature_grad(k, MAP)
-    tl.store(DK + kv * T * F + t[:, None] * F + offs_k[None, :], _to(dk, DK.dtype.element_ty, PREC), mask=qk_mask)
+    tl.store(DK + _row(kv, NKV, s_kgb, s_kgh) + t[:, None] * s_kgt + offs_k[None, :], _to(dk, DK.dtype.element_ty, PREC),
+             mask=qk_mask)
     if HAS_SCALE:  # this block's part of db_j = k_j . dk_j, before dk is rounded
         tl.store(DB + kb * s_db + kv * T + t, tl.sum(dk * k.to(tl.float32), 1), mask=tmask)
 
@@ -613,7 +622,7 @@ def _parallel_w(LK, M, bh, T, t, tk, tmask, kin, HAS_SCALE: tl.constexpr):
 
 @triton.jit
 def _parallel_dq_kernel(Q, K, V, LK, M, DNUM, DDEN, DQ, T, F, D, G, NH, NKV, s_qb, s_qh, s_qt, s_kb, s_kh, s_kt,
-                        s_vb, s_vh, s_vt, HAS_SCALE: tl.constexpr, PREC: tl.constexpr,
+                        s_vb, s_vh, s_vt, s_gb, s_gh, s_gt, HAS_SCALE: tl.constexpr, PREC: tl.constexpr,
                         BT: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, MAP: tl.constexpr = 0):
     """The parallel backward's dq for one (query chunk, query head), over the key chunks up to its own: with
     dA_ij = w_ij (dnum_i . v_j + dden_i), dq_i = sum_j dA_ij k_j (F <= BF: every feature in one tile). k, v (and the
@@ -642,13 +651,13 @@ def _parallel_dq_kernel(Q, K, V, LK, M, DNUM, DDEN, DQ, T, F, D, G, NH, NKV, s_q
         dq += _dot(_to(da, k.dtype, PREC), k, PREC)
     if MAP != 0:
         dq = dq * _feature_grad(_tile(Q, _row(bh, NH, s_qb, s_qh), s_qt, t, tmask, offs_f, fmask), MAP)
-    tl.store(DQ + bh * T * F + t[:, None] * F + offs_f[None, :], _to(dq, DQ.dtype.element_ty, PREC),
+    tl.store(DQ + _row(bh, NH, s_gb, s_gh) + t[:, None] * s_gt + offs_f[None, :], _to(dq, DQ.dtype.element_ty, PREC),
              mask=tmask[:, None] & fmask[None, :])
 
 
 @triton.jit
 def _parallel_dkv_kernel(Q, K, V, LK, M, DNUM, DDEN, DK, DV, DB, T, F, D, n_chunks, G, NH, NKV,
-                         s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
+                         s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_kgb, s_kgh, s_kgt, s_vgb, s_vgh, s_vgt,
                          HAS_SCALE: tl.constexpr, PREC: tl.constexpr,
                          BT: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, MAP: tl.constexpr = 0):
     """The parallel backward's dk, dv (and db) for one (key chunk, kv head), over its G query heads and, for each,
@@ -684,9 +693,9 @@ def _parallel_dkv_kernel(Q, K, V, LK, M, DNUM, DDEN, DK, DV, DB, T, F, D, n_chun
             dk += _dot(tl.trans(_to(da, q.dtype, PREC)), q, PREC)
     if MAP != 0:  # the key features loaded again, not kept in registers through the walk
         dk = dk * _feature_grad(_tile(K, _row(kvh, NKV, s_kb, s_kh), s_kt, tk, kin, offs_f, fmask), MAP)
-    tl.store(DK + kvh * T * F + tk[:, None] * F + offs_f[None, :], _to(dk, DK.dtype.element_ty, PREC),
+    tl.store(DK + _row(kvh, NKV, s_kgb, s_kgh) + tk[:, None] * s_kgt + offs_f[None, :], _to(dk, DK.dtype.element_ty, PREC),
              mask=kin[:, None] & fmask[None, :])
-    tl.store(DV + kvh * T * D + tk[:, None] * D + offs_v[None, :], _to(dv, DV.dtype.element_ty, PREC),
+    tl.store(DV + _row(kvh, NKV, s_vgb, s_vgh) + tk[:, None] * s_vgt + offs_v[None, :], _to(dv, DV.dtype.element_ty, PREC),
              mask=kin[:, None] & vmask[None, :])
     if HAS_SCALE:
         tl.store(DB + kvh * T + tk, tl.sum(dk * k.to(tl.float32), 1), mask=kin)
@@ -983,15 +992,16 @@ class _CausalLinear(torch.autograd.Function):
         q, k, v, lkf, pex, out, den, h, z = ctx.saved_tensors
         b, nh, nkv, t, f, d, n_chunks = ctx.shape
         meta = ctx.meta
+        like = (q, k, v)  # the gradients in the inputs' layouts (`_grad_like`)
         if meta["MAP"]:  # the forward mapped q and k as it loaded them: the backward's features, one launch for both
             q, k = _map_features(q, k, meta)
         dnum, dden = grad_prep(dout, out, den, meta, ctx.shape)
         if ctx.parallel_bwd:
-            dq, dk, dv, db = _parallel_backward(q, k, v, lkf, dnum, dden, meta, ctx.shape)
+            dq, dk, dv, db = _parallel_backward(q, k, v, lkf, dnum, dden, meta, ctx.shape, like)
         else:
-            dq, dk, dv, db = _chunked_backward(q, k, v, lkf, pex, dnum, dden, meta, ctx.shape, h, z)
+            dq, dk, dv, db = _chunked_backward(q, k, v, lkf, pex, dnum, dden, meta, ctx.shape, h, z, like=like)
         dlk = db.reshape(b, nkv, t) if meta["HAS_SCALE"] and ctx.needs_input_grad[3] else None
-        return dq.reshape(b, nh, t, f), dk.reshape(b, nkv, t, f), dv.reshape(b, nkv, t, d), dlk, None, None
+        return dq, dk, dv, dlk, None, None
 
 
 def _map_features(q, k, meta):
@@ -1010,28 +1020,41 @@ def _map_features(q, k, meta):
     return fq, fk
 
 
-def _parallel_backward(q, k, v, lkf, dnum, dden, meta, shape):
+def _grad_like(x: torch.Tensor) -> torch.Tensor:
+    """An unwritten gradient for x [B, NH, T, W] in x's layout: transformers' q, k, v are [B, H, T, D] views of
+    [B, T, H, D] memory, and a gradient laid out so goes back through their transpose and view with no copy (two
+    copy kernels a SmolLM2 layer otherwise, `benchmarks/results/model_bench/h200/grad_rule/`); contiguous for any
+    other layout."""
+    b, nh, t, w = x.shape
+    if nh > 1 and t > 1 and x.stride(1) < x.stride(2):  # heads inside tokens
+        return x.new_empty(b, t, nh, w).transpose(1, 2)
+    return x.new_empty(b, nh, t, w)
+
+
+def _parallel_backward(q, k, v, lkf, dnum, dden, meta, shape, like=None):
     """The quadratic form's gradients in two passes (dq per query head; dk, dv per kv head over its group), reading
-    q, k, v where the forward did: (dq [BH, T, F], dk [B Hkv, T, F], dv [B Hkv, T, D], db [B Hkv, T] | None)."""
+    q, k, v where the forward did: (dq [B, H, T, F], dk [B, Hkv, T, F], dv [B, Hkv, T, D], each laid out as the
+    tensor of `like` (q, k, v by default) is, `_grad_like`; db [B Hkv, T] | None)."""
     b, nh, nkv, t, f, d, n_chunks = shape
     groups = nh // nkv
     mrow = lkf.cummax(-1).values if meta["HAS_SCALE"] else lkf  # M_i per kv head (unread without log-scales)
     pmeta = dict(HAS_SCALE=meta["HAS_SCALE"], PREC=meta["PREC"], BT=BT, BF=max(16, triton.next_power_of_2(f)),
                  BV=meta["BV"], MAP=meta["MAP"])
-    dq = q.new_empty(b * nh, t, f)
-    dk, dv = k.new_empty(b * nkv, t, f), v.new_empty(b * nkv, t, d)
+    dq, dk, dv = (_grad_like(x) for x in (like or (q, k, v)))
     db = lkf.new_empty(b * nkv, t) if meta["HAS_SCALE"] else None
     launch = CONFIG["grad"]
     _parallel_dq_kernel[(n_chunks, b * nh)](q, k, v, lkf, mrow, dnum, dden, dq, t, f, d, groups, nh, nkv,
-                                            *_strides(q, k, v), **pmeta, **launch)
+                                            *_strides(q, k, v, dq), **pmeta, **launch)
     _parallel_dkv_kernel[(n_chunks, b * nkv)](q, k, v, lkf, mrow, dnum, dden, dk, dv, dden if db is None else db, t, f,
-                                              d, n_chunks, groups, nh, nkv, *_strides(q, k, v), **pmeta, **launch)
+                                              d, n_chunks, groups, nh, nkv, *_strides(q, k, v, dk, dv), **pmeta,
+                                              **launch)
     return dq, dk, dv, db
 
 
 def _chunked_backward(q, k, v, lkf, pex, dnum, dden, meta, shape, h=None, z=None, then_dq=None, then_dk=None,
-                      need_db=True):
-    """The chunked form's gradients (dq [BH, T, F], dk, dv, db | None): two branches, run concurrently on CUDA
+                      need_db=True, like=None):
+    """The chunked form's gradients (dq [B, H, T, F], dk, dv, each laid out as the tensor of `like` (q, k, v by
+    default) is, `_grad_like`; db | None): two branches, run concurrently on CUDA
     (`triton_common.concurrently`: at a few thousand tokens every pass is latency-bound on a few SMs): every chunk's
     dq per query head (`_grad_dq_kernel`, from the forward's states), and the reverse walk (per kv head over its group
     or per query head, `reverse_walk`) followed by every chunk's dk, dv per kv head (its group summed in registers).
@@ -1041,14 +1064,15 @@ def _chunked_backward(q, k, v, lkf, pex, dnum, dden, meta, shape, h=None, z=None
     (None; the kernel's per-block parts are written all the same)."""
     b, nh, nkv, t, f, d, n_chunks = shape
     groups = nh // nkv
-    q, k, v = (x.reshape(-1, t, x.shape[-1]).contiguous() for x in (q, k, v))  # contiguous [BH, T, *] rows
+    dq, dk, dv = (_grad_like(x) for x in (like or (q, k, v)))
+    q, k = q.contiguous(), k.contiguous()  # [B, H, T, F] rows, what the kernels index (none copied from FAVOR+)
+    (v,) = _unit_stride(v)  # [B, Hkv, T, D] read where it lies
     if pex is None:  # the forward ran the parallel pass
         pex = _exclusive_chunk_max(lkf, n_chunks)
     meta = dict(meta)
     fmap = meta.pop("MAP", 0)  # q and k are an elementwise map's features: dq, dk get its slope (0: no map)
     if h is None:
         h, z, _ = _states(k, v, lkf, pex, meta, n_chunks)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     n_fb = triton.cdiv(f, BK)  # dk's feature blocks, one program each (`_grad_dkv_kernel`)
     # db's part per feature block (one block: db itself), summed after; unwritten without log-scales
     db_parts = lkf.new_empty(n_fb, *lkf.shape) if meta["HAS_SCALE"] else lkf
@@ -1057,8 +1081,8 @@ def _chunked_backward(q, k, v, lkf, pex, dnum, dden, meta, shape, h=None, z=None
     gz = z.new_empty(b * nh // wg, n_chunks, f)
 
     def dq_branch():
-        _grad_dq_kernel[(n_chunks, b * nh)](q, k, v, lkf, pex, h, z, dnum, dden, dq, t, f, d, n_chunks, groups, **meta,
-                                            MAP=fmap, **CONFIG["grad"])
+        _grad_dq_kernel[(n_chunks, b * nh)](q, k, v, lkf, pex, h, z, dnum, dden, dq, t, f, d, n_chunks, groups, nh, nkv,
+                                            *_strides(v, dq), **meta, MAP=fmap, **CONFIG["grad"])
         if then_dq is not None:
             then_dq(dq)
 
@@ -1067,8 +1091,8 @@ def _chunked_backward(q, k, v, lkf, pex, dnum, dden, meta, shape, h=None, z=None
                    state_bv(f, backward=True, per_kv=wg > 1), WG=wg,
                    NG=groups // wg)
         _grad_dkv_kernel[(n_chunks, b * nkv, n_fb)](q, k, v, lkf, pex, g, gz, dnum, dden, dk, dv, db_parts, t, f, d,
-                                                    n_chunks, groups, groups // wg, lkf.numel(), **meta, MAP=fmap,
-                                                    **CONFIG["grad"])
+                                                    n_chunks, groups, groups // wg, lkf.numel(), nkv,
+                                                    *_strides(v, dk, dv), **meta, MAP=fmap, **CONFIG["grad"])
         if then_dk is not None:
             then_dk(dk)
         if not (meta["HAS_SCALE"] and need_db):

@@ -68,7 +68,7 @@ class _CausalFavor(torch.autograd.Function):
         # the key log-scales carry no gradient (FAVOR+'s b is detached): no db
         _, _, dv, _ = lt._chunked_backward(pq, pk, v, lkf, pex, dnum, dden, ctx.meta, ctx.shape, h, z, then_dq, then_dk,
                                            need_db=False)
-        return dxq, dxk, dv.view(b, nkv, t, d), None, None, None, None
+        return dxq, dxk, dv, None, None, None, None
 
 
 def causal_favor(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, features: torch.Tensor, sqrt_scale: float,
