@@ -286,7 +286,13 @@ def model_table() -> str:
                "`linear_triton.OWN_P` (no launch of its own for the key log-scales' chunk maxima) and "
                "`linear_triton.state_bv` (64 value columns a walk for FAVOR+'s forward and the per-kv-head reverse "
                "walk); `performer_1k_experiments/` times each call alone):",
-               "CUDA graph, register cap, chunk maxima in the walk, value blocks"))
+               "CUDA graph, register cap, chunk maxima in the walk, value blocks"),
+              ("model_bench_graph_grad_layouts.json", "**CUDA graph, linear's chunked form under gradients from 1024 "
+               "tokens, gradients in the inputs' layouts** (`model_bench_graph_grad_layouts.json`: the same command "
+               "with `--budget-s 150`, the working tree of c00ee71, one interleaved run; `linear_triton.PARALLEL_GRAD_MAX_T` "
+               "(the quadratic passes with gradients only up to 512 tokens) and `linear_triton._grad_like` (dq, dk, dv "
+               "written as transformers' [B, T, H, D] memory: no copy kernels on their way back); `grad_layouts/` "
+               "and `grad_rule/` hold the profiles):", "CUDA graph, chunked under gradients, gradient layouts"))
     for name, prose, label in graphs:
         if (MODEL_DIR / name).exists():
             gr = json.load(open(MODEL_DIR / name))
