@@ -267,6 +267,12 @@ def test_inputs_read_and_output_written_in_the_callers_layout(kernels, scale):
     with torch.no_grad():  # the inference path that maps raw q and k inside the kernels
         assert torch.equal(kernels.causal_linear(q, k, v, feature_map="elu"),
                            kernels.causal_linear(*(x.contiguous() for x in (q, k, v)), feature_map="elu"))
+    # with gradients: the backward maps the raw q, k into contiguous features, and dq, dk take the raw ones' layout
+    mapped = kernels.causal_linear(*ins[:3], feature_map="elu")
+    want = kernels.causal_linear(*copies[:3], feature_map="elu")
+    grads = torch.autograd.grad((mapped * w).sum(), ins[:3])
+    for name, x, y in zip("q k v".split(), grads, torch.autograd.grad((want * w).sum(), copies[:3])):
+        assert torch.equal(x, y) and x.transpose(1, 2).is_contiguous(), name
 
 
 def test_grouped_query_gradients_in_bf16_match_the_expanded_kernels(kernels):

@@ -124,3 +124,27 @@ def test_inference_runs_the_one_node(pt):
             assert torch.equal(out, m(q, k, v, causal=True).out)
         finally:
             pt.FUSED = True
+
+
+def test_narrow_maps_take_the_one_node_where_the_chunked_form_runs(pt, monkeypatch):
+    """With 64 features or fewer the composition runs the quadratic pass on short inputs (`parallel_max_t`), which
+    the one node has not: it serves inputs past that limit, the shorter one when gradients are recorded (limits set
+    around the 130 tokens here), whichever of q, k, v records them."""
+    from attnlab.ops import linear_triton
+
+    monkeypatch.setattr(linear_triton, "PARALLEL_INFER_MAX_T", 200)
+    monkeypatch.setattr(linear_triton, "PARALLEL_GRAD_MAX_T", 100)
+    ins = _inputs(130)
+    for i in range(3):
+        assert pt.serves(*[x.detach().requires_grad_(j == i) for j, x in enumerate(ins)], False, 64), i
+    plain = [x.detach() for x in ins]
+    assert not pt.serves(*plain, False, 64)  # inference: the composition's quadratic pass
+    with torch.no_grad():
+        assert not pt.serves(*ins, False, 64)
+    assert pt.serves(*plain, False, M)  # wider maps: the chunked form at every length
+    m = attnlab.make("performer", head_dim=D, num_heads=H, num_kv_heads=HKV, num_features=64, backend="triton")
+    m(*ins, causal=True)
+    assert m.kernel == "triton+favor"
+    with torch.no_grad():
+        m(*ins, causal=True)
+    assert m.kernel != "triton+favor"

@@ -179,7 +179,7 @@ class FAVOR(_RandomFeatures):
             return None
         from ..ops import performer_triton
 
-        if not performer_triton.serves(q, k, self.learn, self.num_features):
+        if not performer_triton.serves(q, k, v, self.learn, self.num_features):
             return None
         return performer_triton.causal_favor(q, k, v, self.features, math.sqrt(scale), scale / 2,
                                              -0.5 * math.log(self.num_features))

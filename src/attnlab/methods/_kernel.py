@@ -57,7 +57,8 @@ class KernelAttention(AttentionMethod):
         normaliser. Causal (chunks of C = 64, the Triton kernel's): the state pass and the inter-chunk products
         as non-causal, plus the masked intra-chunk quadratic form (half of C per row, numerator and normaliser).
         Causal inputs the CUDA kernels' inference forward runs in one quadratic pass (T <=
-        `linear_triton.parallel_max_t` without gradients; with them the chunked form runs): that form's work alone,
+        `linear_triton.parallel_max_t` without gradients; with them only up to its shorter limit, which this count
+        of the inference forward does not follow): that form's work alone,
         every visible pair's phi(q).phi(k), its v and its normaliser term (the CPU's torch path runs the chunked
         form there: this is the count of the GPU's kernels)."""
         from ..ops.linear_triton import parallel_max_t

@@ -26,11 +26,14 @@ from .triton_common import concurrently, unit_stride
 FUSED = True  # False: performer runs the composition (benchmarks/short_calls.py's `performer+unfused`)
 
 
-def serves(q: torch.Tensor, k: torch.Tensor, learn: bool, num_features: int) -> bool:
-    """Whether `causal_favor` serves these inputs (the caller checked the map's kernel, `favor_triton_reasons`)."""
+def serves(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, learn: bool, num_features: int) -> bool:
+    """Whether `causal_favor` serves these inputs (the caller checked the map's kernel, `favor_triton_reasons`): the
+    chunked form only, so inputs longer than `linear_triton.parallel_max_t` (its limit with gradients where they
+    are recorded: the composition would run the chunked form there too)."""
     t = q.shape[-2]
+    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
     return (FUSED and q.dim() == 4 and q.dtype == k.dtype == torch.bfloat16 and ft.grad_kernel_serves(q, learn)
-            and t > lt.parallel_max_t(num_features))
+            and t > lt.parallel_max_t(num_features, grad))
 
 
 class _CausalFavor(torch.autograd.Function):
