@@ -235,7 +235,7 @@ def test_reverse_walk_rule(chunked, monkeypatch):
 
 
 @pytest.mark.parametrize("scale", [False, True], ids=["plain", "log-scale"])
-def test_inputs_read_and_output_written_in_the_callers_layout(kernels, scale):
+def test_inputs_read_and_output_written_in_the_callers_layout(kernels, scale, monkeypatch):
     """q, k, v as transformers hands them over (one fused projection [B, T, H F + Hkv F + Hkv D] split and seen as
     [B, H, T, *]: token stride the whole row, head stride F) are read where they lie, with the same result bit for
     bit as contiguous copies, gradients included (batch 2, 4 query heads on 2 kv heads); the output is [B, H, T, D]
@@ -264,6 +264,10 @@ def test_inputs_read_and_output_written_in_the_callers_layout(kernels, scale):
         assert torch.equal(x, y), name
     for x, y in zip(grads[:3], grads_of_copies[:3]):
         assert x.transpose(1, 2).is_contiguous() and y.is_contiguous()
+    monkeypatch.setattr(kernels, "REVERSE_WALK", "kv")  # the other reverse walk (chunked form): within fp32 rounding
+    kv_walk = torch.autograd.grad((kernels.causal_linear(*ins[:3], ins[3] if scale else None) * w).sum(), ins)
+    for name, x, y in zip("q k v b".split(), kv_walk, grads_of_copies):
+        assert max_err(x, y) <= 1e-5 * y.abs().max().item(), name
     with torch.no_grad():  # the inference path that maps raw q and k inside the kernels
         assert torch.equal(kernels.causal_linear(q, k, v, feature_map="elu"),
                            kernels.causal_linear(*(x.contiguous() for x in (q, k, v)), feature_map="elu"))
@@ -721,13 +725,13 @@ def test_chunked_backward_reads_the_forwards_states(chunked, hkv, scale, monkeyp
 def test_parallel_forward_with_the_chunked_backward(interpreted, hkv, monkeypatch):
     """Features wider than PARALLEL_BWD_MAX_F: the parallel forward (which keeps no chunk maxima) followed by the
     chunked backward (which must build them): gradients equal to the chunked form's, key log-scales included (-inf
-    keys among them)."""
+    keys among them), batch 2 with v in transformers' layout (its states rebuilt from v read where it lies)."""
     g = torch.Generator().manual_seed(13)
     f = interpreted.PARALLEL_BWD_MAX_F + 32
-    ins = [torch.rand(1, 4, 100, f, generator=g), torch.rand(1, hkv, 100, f, generator=g),
-           torch.randn(1, hkv, 100, 16, generator=g), torch.randn(1, hkv, 100, generator=g) * 4]
+    ins = [torch.rand(2, 4, 100, f, generator=g), torch.rand(2, hkv, 100, f, generator=g),
+           torch.randn(2, 100, hkv, 16, generator=g).transpose(1, 2), torch.randn(2, hkv, 100, generator=g) * 4]
     ins[3][:, :, ::7] = float("-inf")
-    w = torch.randn(1, 4, 100, 16, generator=g)
+    w = torch.randn(2, 4, 100, 16, generator=g)
     got = {}
     for limit in (0, 1 << 30):
         monkeypatch.setattr(interpreted, "PARALLEL_MAX_T", limit)
@@ -737,3 +741,4 @@ def test_parallel_forward_with_the_chunked_backward(interpreted, hkv, monkeypatc
         fin = torch.isfinite(b)
         assert torch.equal(fin, torch.isfinite(a)), name
         assert max_err(a[fin], b[fin]) <= 1e-4 * b[fin].abs().max().item(), name
+    assert got[1 << 30][2].transpose(1, 2).is_contiguous()  # dv in v's layout
