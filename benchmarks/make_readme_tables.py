@@ -290,7 +290,7 @@ def model_table() -> str:
               ("model_bench_graph_grad_layouts.json", "**CUDA graph, linear's chunked form under gradients from 1024 "
                "tokens, gradients in the inputs' layouts** (`model_bench_graph_grad_layouts.json`: the same command "
                "with `--budget-s 150`, the working tree of c00ee71, one interleaved run; `linear_triton.PARALLEL_GRAD_MAX_T` "
-               "(the quadratic passes with gradients only up to 512 tokens) and `linear_triton._grad_like` (dq, dk, dv "
+               "(the quadratic passes with gradients only up to 512 tokens) and gradients from `torch.empty_like` (dq, dk, dv "
                "written as transformers' [B, T, H, D] memory: no copy kernels on their way back); `grad_layouts/` "
                "and `grad_rule/` hold the profiles):", "CUDA graph, chunked under gradients, gradient layouts"))
     for name, prose, label in graphs:

@@ -241,7 +241,7 @@ def test_inputs_read_and_output_written_in_the_callers_layout(kernels, scale, mo
     bit as contiguous copies, gradients included (batch 2, 4 query heads on 2 kv heads); the output is [B, H, T, D]
     with [B, T, H, D] memory, so the caller's transpose back is contiguous without a copy. A kernel taking a wrong
     stride (batch, head or token of any tensor) reads other rows and fails the comparison. The gradients of q, k, v
-    come back in that layout too ([B, T, H, *] memory, `_grad_like`: through transformers' transpose and view with
+    come back in that layout too ([B, T, H, *] memory, `torch.empty_like`: through transformers' transpose and view with
     no copy), and contiguous for contiguous inputs."""
     b, h, hkv, t, f, d = 2, 4, 2, 130, 32, 16
     g = torch.Generator().manual_seed(21)

@@ -58,9 +58,9 @@ class KernelAttention(AttentionMethod):
         as non-causal, plus the masked intra-chunk quadratic form (half of C per row, numerator and normaliser).
         Causal inputs the CUDA kernels' inference forward runs in one quadratic pass (T <=
         `linear_triton.parallel_max_t` without gradients; with them only up to its shorter limit, which this count
-        of the inference forward does not follow): that form's work alone,
-        every visible pair's phi(q).phi(k), its v and its normaliser term (the CPU's torch path runs the chunked
-        form there: this is the count of the GPU's kernels)."""
+        of the inference forward does not follow): that form's work alone, every visible pair's phi(q).phi(k), its v
+        and its normaliser term (the CPU's torch path runs the chunked form there: this is the count of the GPU's
+        kernels)."""
         from ..ops.linear_triton import parallel_max_t
         from .base import visible_pairs
 

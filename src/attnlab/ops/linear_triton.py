@@ -33,8 +33,9 @@ Layouts: the forward kernels and the parallel backward read q, k, v with their b
 (transformers hands over [B, H, T, D] views of [B, T, H, D] memory) and the output is written as [B, T, H, D]
 memory, so a swapped layer makes no copies; the chunked backward reads v where it lies and copies q, k to
 contiguous rows (none for contiguous [B, H, T, F] features, as FAVOR+'s kernel and `_map_features` write them), and
-both backwards write dq, dk, dv in the inputs' layouts (`_grad_like`: no copy on their way back through
-transformers' transpose and view).
+both backwards write dq, dk, dv in the inputs' layouts (`torch.empty_like` keeps their order of strides: no copy on
+their way back through transformers' transpose and view, two copy kernels a SmolLM2 layer otherwise,
+`benchmarks/results/model_bench/h200/grad_rule/`).
 Chunked backward: H, Z as the forward wrote them (per kv head, kept: O(T F D / 64) memory, for a state walk fewer:
 performer's fwd+bwd step in a SmolLM2 CUDA graph 4-6% shorter at 1k-16k tokens, its peak 0.05-0.7 GiB higher;
 recomputed only after the parallel forward), `_grad_state_kernel` walks the chunks in reverse per kv head or per
@@ -992,7 +993,7 @@ class _CausalLinear(torch.autograd.Function):
         q, k, v, lkf, pex, out, den, h, z = ctx.saved_tensors
         b, nh, nkv, t, f, d, n_chunks = ctx.shape
         meta = ctx.meta
-        like = (q, k, v)  # the gradients in the inputs' layouts (`_grad_like`)
+        like = (q, k, v)  # the gradients in the inputs' layouts
         if meta["MAP"]:  # the forward mapped q and k as it loaded them: the backward's features, one launch for both
             q, k = _map_features(q, k, meta)
         dnum, dden = grad_prep(dout, out, den, meta, ctx.shape)
@@ -1020,27 +1021,16 @@ def _map_features(q, k, meta):
     return fq, fk
 
 
-def _grad_like(x: torch.Tensor) -> torch.Tensor:
-    """An unwritten gradient for x [B, NH, T, W] in x's layout: transformers' q, k, v are [B, H, T, D] views of
-    [B, T, H, D] memory, and a gradient laid out so goes back through their transpose and view with no copy (two
-    copy kernels a SmolLM2 layer otherwise, `benchmarks/results/model_bench/h200/grad_rule/`); contiguous for any
-    other layout."""
-    b, nh, t, w = x.shape
-    if nh > 1 and t > 1 and x.stride(1) < x.stride(2):  # heads inside tokens
-        return x.new_empty(b, t, nh, w).transpose(1, 2)
-    return x.new_empty(b, nh, t, w)
-
-
 def _parallel_backward(q, k, v, lkf, dnum, dden, meta, shape, like=None):
     """The quadratic form's gradients in two passes (dq per query head; dk, dv per kv head over its group), reading
     q, k, v where the forward did: (dq [B, H, T, F], dk [B, Hkv, T, F], dv [B, Hkv, T, D], each laid out as the
-    tensor of `like` (q, k, v by default) is, `_grad_like`; db [B Hkv, T] | None)."""
+    tensor of `like` (q, k, v by default) is, `torch.empty_like`; db [B Hkv, T] | None)."""
     b, nh, nkv, t, f, d, n_chunks = shape
     groups = nh // nkv
     mrow = lkf.cummax(-1).values if meta["HAS_SCALE"] else lkf  # M_i per kv head (unread without log-scales)
     pmeta = dict(HAS_SCALE=meta["HAS_SCALE"], PREC=meta["PREC"], BT=BT, BF=max(16, triton.next_power_of_2(f)),
                  BV=meta["BV"], MAP=meta["MAP"])
-    dq, dk, dv = (_grad_like(x) for x in (like or (q, k, v)))
+    dq, dk, dv = (torch.empty_like(x) for x in (like or (q, k, v)))
     db = lkf.new_empty(b * nkv, t) if meta["HAS_SCALE"] else None
     launch = CONFIG["grad"]
     _parallel_dq_kernel[(n_chunks, b * nh)](q, k, v, lkf, mrow, dnum, dden, dq, t, f, d, groups, nh, nkv,
@@ -1054,7 +1044,7 @@ def _parallel_backward(q, k, v, lkf, dnum, dden, meta, shape, like=None):
 def _chunked_backward(q, k, v, lkf, pex, dnum, dden, meta, shape, h=None, z=None, then_dq=None, then_dk=None,
                       need_db=True, like=None):
     """The chunked form's gradients (dq [B, H, T, F], dk, dv, each laid out as the tensor of `like` (q, k, v by
-    default) is, `_grad_like`; db | None): two branches, run concurrently on CUDA
+    default) is, `torch.empty_like`; db | None): two branches, run concurrently on CUDA
     (`triton_common.concurrently`: at a few thousand tokens every pass is latency-bound on a few SMs): every chunk's
     dq per query head (`_grad_dq_kernel`, from the forward's states), and the reverse walk (per kv head over its group
     or per query head, `reverse_walk`) followed by every chunk's dk, dv per kv head (its group summed in registers).
@@ -1064,7 +1054,7 @@ def _chunked_backward(q, k, v, lkf, pex, dnum, dden, meta, shape, h=None, z=None
     (None; the kernel's per-block parts are written all the same)."""
     b, nh, nkv, t, f, d, n_chunks = shape
     groups = nh // nkv
-    dq, dk, dv = (_grad_like(x) for x in (like or (q, k, v)))
+    dq, dk, dv = (torch.empty_like(x) for x in (like or (q, k, v)))
     q, k = q.contiguous(), k.contiguous()  # [B, H, T, F] rows, what the kernels index (none copied from FAVOR+)
     (v,) = _unit_stride(v)  # [B, Hkv, T, D] read where it lies
     if pex is None:  # the forward ran the parallel pass
