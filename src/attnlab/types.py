@@ -164,3 +164,9 @@ def data_version(t: torch.Tensor):
     if t.is_inference():
         return (t.data_ptr(), object())
     return (t.data_ptr(), t._version)
+
+
+def records_grad(*tensors) -> bool:
+    """Whether autograd records a call on these tensors: grad mode is on and any of them (None skipped) requires
+    grad. The kernels choose their form by it (a backward needs saved state an inference forward can skip)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

@@ -218,6 +218,15 @@ def test_own_flops_follow_each_method_and_reach_the_rows():
     big = 4096  # beyond parallel_max_t: the chunked form's state pass + intra-chunk quadratic
     assert lin.flops(big, big, True) == 4.0 * big * d * d + 2.0 * big * d + big * 64 * (2 * d + 1)
     assert lin.flops(t, t, False) == 4.0 * t * d * d + 2.0 * t * d
+    mid = 768  # quadratic pass for inference, chunked form when autograd records (linear_triton.parallel_max_t)
+    chunked = 4.0 * mid * d * d + 2.0 * mid * d + mid * 64 * (2 * d + 1)
+    assert lin.flops(mid, mid, True) == 2 * (mid * (mid + 1) // 2) * (2 * d + 1)
+    assert lin.flops(mid, mid, True, grad=True) == chunked
+    rows = sweep.run_sweep(methods=["linear"], lengths=[mid], modes=["fwd", "fwd+bwd"], causal_list=[True],
+                           peer_list=[], **{**TINY, "repeats": 1, "warmup": 0})
+    by_mode = {r["mode"]: r for r in rows if r["method"] == "linear"}  # each mode counts the form it runs
+    assert by_mode["fwd"]["method_flops"] == lin.flops(mid, mid, True) * 2
+    assert by_mode["fwd+bwd"]["method_flops"] == chunked * 2 * 3.5
     lsh = attnlab.make("lsh", head_dim=d, num_heads=2, bucket_size=t, n_hashes=2)
     assert lsh.flops(t, t, False) == 4 * 2 * t * t * d  # one bucket, no hashing: each round is dense
     rows = sweep.run_sweep(methods=["window"], lengths=[32], modes=["fwd", "fwd+bwd"], peer_list=[], **TINY)

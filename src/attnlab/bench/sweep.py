@@ -232,7 +232,8 @@ def _measure(im, t, b, heads, head_dim, dtype, device, causal, mode, repeats, wa
             extra["overrides"] = _jsonable(overrides[im.method])
         fn, prepare, params, note, module = im.build(t, heads, head_dim, causal, dtype, device, options)
         extra["note"] = note
-        extra["_own_flops"] = _own_flops(im.method, module, options, t, heads, head_dim, causal)
+        extra["_own_flops"] = _own_flops(im.method, module, options, t, heads, head_dim, causal,
+                                         mode == "fwd+bwd")
     except Exception as exc:  # noqa: BLE001 - a row, not a crash
         fn = None
         failed = harness.failed_row(exc, device)
@@ -252,15 +253,16 @@ def _measure(im, t, b, heads, head_dim, dtype, device, causal, mode, repeats, wa
     return {**extra, **result}
 
 
-def _own_flops(method, module, options, t, heads, head_dim, causal):
-    """The method's forward FLOPs per (batch, head) at this length (peers: counted on attnlab's module with the
-    same options, built on CPU); None when the method does not count them."""
+def _own_flops(method, module, options, t, heads, head_dim, causal, grad):
+    """The method's forward FLOPs per (batch, head) at this length, of the form that runs with gradients when grad
+    (peers: counted on attnlab's module with the same options, built on CPU); None when the method does not count
+    them."""
     try:
         if module is None:
             import attnlab
 
             module = attnlab.make(method, head_dim=head_dim, num_heads=heads, **options)
-        return module.flops(t, t, causal)
+        return module.flops(t, t, causal, grad=grad)
     except Exception:  # noqa: BLE001 - a count we cannot make is a missing field, not a failed row
         return None
 

@@ -21,7 +21,7 @@ import torch
 
 from ..ops.fused import compile_unavailable_reason
 from ..ops.linear import linear_attention, linear_attention_quadratic, linear_col_sums, triton_unsupported_reasons
-from ..types import AttnOutput, opt
+from ..types import AttnOutput, opt, records_grad
 from .base import AttentionMethod, repeat_kv
 
 BACKENDS = ("auto", "triton", "compiled", "eager")
@@ -52,14 +52,13 @@ class KernelAttention(AttentionMethod):
     def feature_dim(self) -> int:
         return self.maps()[1].out_dim(self.head_dim)
 
-    def flops(self, tq, tk, causal):
+    def flops(self, tq, tk, causal, *, grad=False):
         """Feature maps (their projections) + the linear-attention matmuls. Non-causal: K^T V and Q S, plus the
         normaliser. Causal (chunks of C = 64, the Triton kernel's): the state pass and the inter-chunk products
         as non-causal, plus the masked intra-chunk quadratic form (half of C per row, numerator and normaliser).
-        Causal inputs the CUDA kernels' inference forward runs in one quadratic pass (T <=
-        `linear_triton.parallel_max_t` without gradients; with them only up to its shorter limit, which this count
-        of the inference forward does not follow): that form's work alone, every visible pair's phi(q).phi(k), its v
-        and its normaliser term (the CPU's torch path runs the chunked form there: this is the count of the GPU's
+        Causal inputs the CUDA kernels run in one quadratic pass (T <= `linear_triton.parallel_max_t(F, grad)`: a
+        shorter limit when autograd records): that form's work alone, every visible pair's phi(q).phi(k), its v and
+        its normaliser term (the CPU's torch path runs the chunked form there: this is the count of the GPU's
         kernels)."""
         from ..ops.linear_triton import parallel_max_t
         from .base import visible_pairs
@@ -67,7 +66,7 @@ class KernelAttention(AttentionMethod):
         f, d = self.feature_dim(), self.head_dim
         fq, fk = self.maps()
         maps = tq * fq.projection_flops(d) + tk * fk.projection_flops(d)
-        if causal and tq == tk and tk <= parallel_max_t(f) and self.opts.backend in ("auto", "triton"):
+        if causal and tq == tk and tk <= parallel_max_t(f, grad) and self.opts.backend in ("auto", "triton"):
             return maps + 2.0 * visible_pairs(tq, tk, True) * (f + d + 1)
         core = 2.0 * tk * f * d + 2.0 * tq * f * d + 2.0 * tq * f
         if causal:
@@ -126,7 +125,7 @@ class KernelAttention(AttentionMethod):
         core, compiled = self._choose(q, causal, tq, tk)
         fm_q, fm_k = self.maps()
         kmap = getattr(fm_k, "kernel_map", None)
-        grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+        grad = records_grad(q, k, v)
         if (core == "triton" and kmap is not None and fm_q is fm_k and key_padding_mask is None and not need_probs
                 and not need_col_sums and (not grad or _map_with_grad())):
             # an elementwise map: the forward's kernels map q and k as they load them (no feature tensors), the

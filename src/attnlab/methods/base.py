@@ -119,9 +119,11 @@ class AttentionMethod(nn.Module):
         """Small, non-trivial options for checks at a short length (leak, padding, conformance)."""
         return cls.defaults(seq_len)
 
-    def flops(self, tq: int, tk: int, causal: bool) -> float | None:
+    def flops(self, tq: int, tk: int, causal: bool, *, grad: bool = False) -> float | None:
         """The forward's own floating-point work for one (batch, head) at (Tq, Tk), 2 FLOPs per multiply-add,
-        counting the (query, key) pairs or features the method really computes, not the dense equivalent.
+        counting the (query, key) pairs or features the method really computes, not the dense equivalent. grad:
+        count the forward that runs when autograd records the call (a method whose kernels pick another form for
+        training counts that one).
         Matmul terms only (softmaxes, feature-map nonlinearities and masks are left out, as flash-attention's
         count does). None: not counted for this method. Default: softmax attention over every visible pair."""
         return 4.0 * visible_pairs(tq, tk, causal) * self.head_dim

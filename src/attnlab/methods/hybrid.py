@@ -90,7 +90,7 @@ class Hybrid(AttentionMethod):
         return linear_parts(phi_q, phi_k[:, :, :n_far], v[:, :, :n_far], causal=True, key_padding_mask=kpm,
                             chunk_size=self.opts.chunk_size)
 
-    def flops(self, tq, tk, causal):
+    def flops(self, tq, tk, causal, *, grad=False):
         return None  # not counted yet: bench rows carry only the dense-equivalent count for this method
 
     def _attend(self, q, k, v, *, causal, key_padding_mask, attn_mask, scale, need_probs):

@@ -213,7 +213,7 @@ class LearnedMask(AttentionMethod):
         mask = layout[..., (pos.clamp(min=0) // bs)[:, None], (kidx // bs)[None, :]]
         return mask | self._band(pos, kidx)
 
-    def flops(self, tq, tk, causal):
+    def flops(self, tq, tk, causal, *, grad=False):
         return None  # not counted yet: bench rows carry only the dense-equivalent count for this method
 
     def _attend(self, q, k, v, *, causal, key_padding_mask, attn_mask, scale, need_probs, need_lse=False,

@@ -77,7 +77,7 @@ class Linformer(AttentionMethod):
             return torch.eye(self.opts.max_len).expand(shape).clone()
         return torch.randn(shape, generator=gen) * self.opts.proj_len**-0.5  # variance 1/k: the paper's JL projection
 
-    def flops(self, tq, tk, causal):
+    def flops(self, tq, tk, causal, *, grad=False):
         """E K and F V (proj_len x Tk x D each), then softmax attention of Tq queries over proj_len keys."""
         k = min(self.opts.proj_len, tk) if self.opts.proj_len else tk
         return 4.0 * k * tk * self.head_dim + 4.0 * tq * k * self.head_dim

@@ -148,7 +148,7 @@ class LSH(AttentionMethod):
         buckets[..., t_real:] = n_buckets
         return buckets
 
-    def flops(self, tq, tk, causal):
+    def flops(self, tq, tk, causal, *, grad=False):
         """Hashing (the rotations: T x D x n_buckets/2 per round, for q, and k unless shared) and, per round,
         softmax attention of each chunk of L = min(bucket_size, T) queries over its own and the previous chunk."""
         o, d, t = self.opts, self.head_dim, tk

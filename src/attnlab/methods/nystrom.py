@@ -22,7 +22,7 @@ from torch import nn
 from .. import masks
 from ..ops.fused import triton_importable
 from ..registry import register
-from ..types import Capabilities, OptionError, opt
+from ..types import Capabilities, OptionError, opt, records_grad
 from .base import AttentionMethod
 
 _PINV = ("iterative", "exact")
@@ -204,7 +204,7 @@ class Nystrom(AttentionMethod):
     def test_options(cls, seq_len):
         return {"num_landmarks": max(2, seq_len // 4)}
 
-    def flops(self, tq, tk, causal):
+    def flops(self, tq, tk, causal, *, grad=False):
         """F = softmax(Q K~^T), B = softmax(Q~ K^T), B V and F X (T x m x D each), A (m x m x D), pinv (the
         Newton-Schulz iteration's four m x m x m products per step; the exact pinv counted as 6 steps)."""
         m, d = min(self.opts.num_landmarks, tk), self.head_dim
@@ -309,7 +309,7 @@ class Nystrom(AttentionMethod):
         kl = k_lm * scale
         real = None if lm_real is None else lm_real.expand(q.shape[0], m)
         if (self.opts.pinv == "iterative" and m <= SOLVE_MAX_LANDMARKS
-                and not (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)))):
+                and not records_grad(q, k, v)):
             # inference: A, pinv(A) and X in one kernel (`solve`); the launches of the PyTorch ops bound the call
             x = solve(q_lm, kl, q_lm * scale, k, v, pad, real, self.opts.pinv_iters)
             return f_side(q, kl, x, real, low=low).to(v.dtype)

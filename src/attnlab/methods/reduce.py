@@ -199,7 +199,7 @@ class Reduce(AttentionMethod):
         delta = c[None, :, None] + self.offset[:, None, None] - torch.arange(tk, device=device, dtype=torch.float32)
         return -F.softplus(self.slope)[:, None, None] * delta.abs()
 
-    def flops(self, tq, tk, causal):
+    def flops(self, tq, tk, causal, *, grad=False):
         return None  # not counted yet: bench rows carry only the dense-equivalent count for this method
 
     def _attend(self, q, k, v, *, causal, key_padding_mask, attn_mask, scale, need_probs):

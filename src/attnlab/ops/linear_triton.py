@@ -60,6 +60,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..types import records_grad
 from .triton_common import dot as _dot
 from .triton_common import precision as _precision
 from .triton_common import row_base as _row
@@ -1119,7 +1120,7 @@ def causal_linear(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_log_sca
     if key_log_scale is not None and key_log_scale.shape != k.shape[:3]:
         raise ValueError(f"causal_linear: key_log_scale must be [B, Hkv, T] = {tuple(k.shape[:3])}, got "
                          f"{tuple(key_log_scale.shape)}")
-    grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, key_log_scale))
+    grad = records_grad(q, k, v, key_log_scale)
     if feature_map is None:
         return _CausalLinear.apply(q, k, v, key_log_scale, 0, grad)
     if feature_map not in FEATURE_MAPS:

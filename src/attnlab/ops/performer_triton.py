@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import triton
 
+from ..types import records_grad
 from . import favor_triton as ft
 from . import linear_triton as lt
 from .triton_common import concurrently, unit_stride
@@ -31,9 +32,8 @@ def serves(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, learn: bool, num_f
     chunked form only, so inputs longer than `linear_triton.parallel_max_t` (its limit with gradients where they
     are recorded: the composition would run the chunked form there too)."""
     t = q.shape[-2]
-    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
     return (FUSED and q.dim() == 4 and q.dtype == k.dtype == torch.bfloat16 and ft.grad_kernel_serves(q, learn)
-            and t > lt.parallel_max_t(num_features, grad))
+            and t > lt.parallel_max_t(num_features, records_grad(q, k, v)))
 
 
 class _CausalFavor(torch.autograd.Function):

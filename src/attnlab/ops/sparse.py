@@ -30,7 +30,7 @@ from ..methods.base import repeat_kv
 from ..patterns.base import UnionPattern
 from ..patterns.blocks import BlockPattern
 from ..patterns.window import WindowPattern
-from ..types import AttnOutput, UnsupportedError
+from ..types import AttnOutput, UnsupportedError, records_grad
 from .fused import triton_importable
 from .reference import lse_and_probs
 
@@ -398,7 +398,7 @@ def sparse_attention(q, k, v, pattern, *, causal: bool, key_padding_mask, scale:
     from .reference import blockwise_attention
 
     tq, tk = q.shape[-2], k.shape[-2]
-    backward = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    backward = records_grad(q, k, v)
     kernel = "dense" if need_probs else resolve(backend, q, need_lse=need_lse, need_col_sums=need_col_sums,
                                                 pattern=pattern, backward=backward, tk=tk)
     if kernel not in ("flex", "triton"):
