@@ -20,6 +20,7 @@ from typing import ClassVar
 import torch
 
 from ..ops.fused import compile_unavailable_reason
+from ..ops.limits import span_reasons
 from ..ops.linear import linear_attention, linear_attention_quadratic, linear_col_sums, triton_unsupported_reasons
 from ..types import AttnOutput, opt, records_grad
 from .base import AttentionMethod, repeat_kv
@@ -75,8 +76,11 @@ class KernelAttention(AttentionMethod):
         return maps + core
 
     def _triton_reasons(self, device, causal, tq, tk, dtype) -> list[str]:
-        return triton_unsupported_reasons(device, causal=causal, tq=tq, tk=tk, head_dim=self.head_dim,
-                                          feature_dim=self.feature_dim(), dtype=dtype)
+        f = self.feature_dim()
+        why = triton_unsupported_reasons(device, causal=causal, tq=tq, tk=tk, head_dim=self.head_dim,
+                                         feature_dim=f, dtype=dtype)
+        t = None if tq is None and tk is None else max(tq or 0, tk or 0)
+        return why + span_reasons(t, heads=self.num_heads, head_dim=self.head_dim, feature_dim=f, fallback="compiled")
 
     def _unsupported_reasons(self, *, causal, tq, tk, dtype, device, need_probs=False, **extras):
         b = self.opts.backend

@@ -24,7 +24,7 @@ class SparseAttention(AttentionMethod):
                              need_probs=False):
         why = [] if need_probs else sparse_ops.unsupported_reasons(
             self.opts.backend, device, need_lse=need_lse, need_col_sums=need_col_sums, pattern=self.pattern,
-            head_dim=self.head_dim, dtype=dtype, tq=tq, tk=tk)
+            head_dim=self.head_dim, dtype=dtype, tq=tq, tk=tk, heads=self.num_heads)
         if tq is not None and tk is not None:
             cover = self.pattern.covers(tq, tk)
             if cover:

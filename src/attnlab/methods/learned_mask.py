@@ -213,6 +213,15 @@ class LearnedMask(AttentionMethod):
         mask = layout[..., (pos.clamp(min=0) // bs)[:, None], (kidx // bs)[None, :]]
         return mask | self._band(pos, kidx)
 
+    def _unsupported_reasons(self, *, causal, tq, tk, dtype, device, need_lse=False, need_col_sums=False,
+                             need_probs=False):
+        """The static form's sparse kernel (`ops.sparse`: an explicit backend that cannot run here is refused before
+        compute, as for window and block_sparse); the content form and need_probs run their own PyTorch paths."""
+        if need_probs or self.opts.form != "static":
+            return []
+        return sparse_ops.unsupported_reasons(self.opts.backend, device, need_lse=need_lse, need_col_sums=need_col_sums,
+                                              head_dim=self.head_dim, dtype=dtype, tq=tq, tk=tk, heads=self.num_heads)
+
     def flops(self, tq, tk, causal, *, grad=False):
         return None  # not counted yet: bench rows carry only the dense-equivalent count for this method
 

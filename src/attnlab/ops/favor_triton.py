@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .limits import check_call
 from .fused import fused
 from .triton_common import dot as _dot
 from .triton_common import precision as _precision
@@ -238,4 +239,6 @@ def favor_features(x: torch.Tensor, features: torch.Tensor, sqrt_scale: float, h
     """(phi [..., m] in x's dtype, b [...] fp32) for x [..., D] (bf16 / fp16) and features [m, D] (the drawn W,
     any dtype: scaled by sqrt_scale and split in the kernel). The caller checked
     `feature_maps.favor_triton_reasons`."""
+    check_call("favor_features", x.shape[-2] if x.dim() > 1 else 1, x, heads=1, head_dim=x.shape[-1],
+               feature_dim=features.shape[0])
     return _Favor.apply(x, features, float(sqrt_scale), float(half_scale), float(log_inv))

@@ -61,6 +61,7 @@ import triton
 import triton.language as tl
 
 from ..types import records_grad
+from .limits import check_call
 from .triton_common import dot as _dot
 from .triton_common import precision as _precision
 from .triton_common import row_base as _row
@@ -1120,6 +1121,7 @@ def causal_linear(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_log_sca
     if key_log_scale is not None and key_log_scale.shape != k.shape[:3]:
         raise ValueError(f"causal_linear: key_log_scale must be [B, Hkv, T] = {tuple(k.shape[:3])}, got "
                          f"{tuple(key_log_scale.shape)}")
+    check_call("causal_linear", q.shape[-2], q, k, v, heads=q.shape[1], head_dim=v.shape[-1], feature_dim=q.shape[-1])
     grad = records_grad(q, k, v, key_log_scale)
     if feature_map is None:
         return _CausalLinear.apply(q, k, v, key_log_scale, 0, grad)

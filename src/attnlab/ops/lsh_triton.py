@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .limits import check_call
 from .triton_common import dot as _dot
 from .triton_common import kernel_reasons
 from .triton_common import precision as _precision
@@ -230,6 +231,7 @@ def hash_sort(x: torch.Tensor, rotations: torch.Tensor, n_buckets: int, tp: int,
     multiply the parts exactly in fp32)."""
     b, h, t, d = x.shape
     r, half = rotations.shape[1], rotations.shape[2]
+    check_call("lsh hash_sort", max(t, tp), heads=1, head_dim=max(d, r))  # x's contiguous rows, R x Tp keys a row
     keys = torch.empty(b, h, r, tp, dtype=torch.int64, device=x.device)
     prec = _precision(x)
     bn, bm = 64, 64
@@ -297,6 +299,7 @@ def lsh_chunk_attention(q, k, v, q_order, q_sbkt, k_order, k_sbkt, *, scale: flo
     per round the sort: q_order / k_order [B, H, R, Tp] (sorted slot -> original position, >= T for the internal
     padding that fills the last chunk) and the sorted buckets q_sbkt / k_sbkt (keys that may not be attended to,
     padding, with bucket -1); Tp a multiple of `chunk`. The caller checked `unsupported_reasons`."""
+    check_call("lsh_chunk_attention", q.shape[-2], heads=1, head_dim=q.shape[-1])  # contiguous copies: T x D a row
     i32 = [x.to(torch.int32).contiguous() for x in (q_order, q_sbkt, k_order, k_sbkt)]
     return _LSHChunks.apply(q.contiguous(), k.contiguous(), v.contiguous(), *i32, float(scale), bool(causal),
                             bool(shared), int(chunk))

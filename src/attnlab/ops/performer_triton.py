@@ -20,6 +20,7 @@ import torch
 import triton
 
 from ..types import records_grad
+from .limits import check_call
 from . import favor_triton as ft
 from . import linear_triton as lt
 from .triton_common import concurrently, unit_stride
@@ -79,4 +80,6 @@ def causal_favor(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, features: to
     """out [B, H, T, D]: causal FAVOR+ attention of raw q [B, H, T, D], k, v [B, Hkv, T, D] (bf16, any layout with
     unit last stride) with the drawn features [m, D], what `feature_maps.FAVOR` followed by
     `linear_triton.causal_linear` compute (the caller checked `serves`)."""
+    check_call("causal_favor", q.shape[-2], q, k, v, heads=q.shape[1], head_dim=q.shape[-1],
+               feature_dim=features.shape[0])
     return _CausalFavor.apply(q, k, v, features, float(sqrt_scale), float(half_scale), float(log_inv))

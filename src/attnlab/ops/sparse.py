@@ -32,6 +32,7 @@ from ..patterns.blocks import BlockPattern
 from ..patterns.window import WindowPattern
 from ..types import AttnOutput, UnsupportedError, records_grad
 from .fused import triton_importable
+from .limits import span_reasons
 from .reference import lse_and_probs
 
 BACKENDS = ("auto", "flex", "torch", "triton")
@@ -88,14 +89,16 @@ def compiled_flex_attention(device_type: str = "cuda"):
 
 def unsupported_reasons(backend: str, device, *, need_lse: bool = False, need_col_sums: bool = False,
                         pattern=None, head_dim: int | None = None, dtype=None, tq: int | None = None,
-                        tk: int | None = None) -> list[str]:
+                        tk: int | None = None, heads: int = 1) -> list[str]:
     """Why an explicitly asked backend cannot serve a request on `device` (checked before compute)."""
     if backend == "triton":
         from . import window_triton
 
         why = [] if pattern is None or is_window(pattern) else block_triton_unsupported(pattern, tq, tk)
+        t = None if tq is None and tk is None else max(tq or 0, tk or 0)
         return why + window_triton.unsupported_reasons(device, head_dim=head_dim or 0, need_col_sums=need_col_sums,
-                                                       dtype=dtype)
+                                                       dtype=dtype) + span_reasons(t, heads=heads,
+                                                                                   head_dim=head_dim or 0)
     if backend != "flex" or device is None:
         return []
     why = []
@@ -176,7 +179,8 @@ def resolve(backend: str, q: torch.Tensor, *, need_lse: bool, need_col_sums: boo
                 parts is not None and parts[1] is not None and not block_triton_unsupported(pattern, q.shape[-2], tk))):
             from . import window_triton
 
-            if q.shape[-1] <= window_triton.MAX_HEAD_DIM and q.dtype in window_triton.AUTO_DTYPES:
+            if (q.shape[-1] <= window_triton.MAX_HEAD_DIM and q.dtype in window_triton.AUTO_DTYPES
+                    and not span_reasons(max(q.shape[-2], tk or 0), heads=q.shape[1], head_dim=q.shape[-1])):
                 return "triton"
         return "flex" if flex_unavailable_reason(q.device) is None else "torch"
     if backend == "flex":

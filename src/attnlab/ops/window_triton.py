@@ -40,6 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .limits import check_call
 from .triton_common import concurrently, dot, interpreted, kernel_reasons, precision, row_base, strides, to, unit_stride
 
 LOG2E = 1.4426950408889634
@@ -737,6 +738,7 @@ def window_attention(q, k, v, *, window: int, sinks: int = 0, causal: bool = Fal
     if k.shape[1] == 0 or q.shape[1] % k.shape[1] or v.shape[1] != k.shape[1]:
         raise ValueError(f"window_attention: kv heads ({k.shape[1]}, v {v.shape[1]}) must be equal and divide the "
                          f"query heads ({q.shape[1]})")
+    check_call("window_attention", max(q.shape[-2], k.shape[-2]), q, k, v, heads=q.shape[1], head_dim=q.shape[-1])
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     # the kernels take max(s) * scale for the max of s * scale: true for a positive scale only
     if scale < 0:
