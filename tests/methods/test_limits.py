@@ -1,8 +1,9 @@
-"""The Triton kernels' 32-bit row offsets (`ops.limits`): calls whose rows would pass 2^31 elements are refused with
-one clear line before any launch, by the methods' checks (shape level) and by the kernels' entry points (the tensors
-they are handed). Without them a wide enough row wraps its offsets: a segfault under the interpreter (a window call on
-a view with a 35M-element token stride, 2026-12-04), an illegal address or wrong rows on the GPU. The tests lower
-`limits.OFFSET_LIMIT` so that tiny inputs cross it."""
+"""The Triton kernels' size limits (`ops.limits`). 32-bit row offsets: calls whose rows would pass 2^31 elements are
+refused with one clear line before any launch, by the methods' checks (shape level) and by the kernels' entry points
+(the tensors they are handed). Without them a wide enough row wraps its offsets: a segfault under the interpreter (a
+window call on a view with a 35M-element token stride, 2026-12-04), an illegal address or wrong rows on the GPU. Grid
+rows: batches past CUDA's 65,535 programs along y / z run in pieces. The tests lower `limits.OFFSET_LIMIT` and
+`limits.MAX_GRID_ROWS` so that tiny inputs cross them."""
 from __future__ import annotations
 
 import math
@@ -104,3 +105,76 @@ def test_lsh_and_nystrom_entry_points_count_their_contiguous_rows(monkeypatch):
     with pytest.raises(UnsupportedError, match="lsh_chunk_attention"):
         lsh_triton.lsh_chunk_attention(x, x, x, order, order * 0, order, order * 0, scale=d ** -0.5, causal=False,
                                        shared=False, chunk=t)
+
+
+ENTRIES = {"window_triton": ["window_attention"], "linear_triton": ["causal_linear"],
+           "performer_triton": ["causal_favor"], "favor_triton": ["favor_features"],
+           "lsh_triton": ["hash_sort", "lsh_chunk_attention"], "nystrom_triton": ["b_side", "f_side", "solve"]}
+
+
+@pytest.mark.parametrize("name", ["window", "linear", "performer", "performer+learn", "lsh", "nystrom"])
+def test_batches_past_the_grid_rows_run_in_pieces(name, monkeypatch):
+    """CUDA grids hold 65,535 programs along y and z, where the kernels put batch x heads (x LSH's rounds): a larger
+    batch runs in pieces that fit, each item computed as in one launch. With the limit at 4 rows, a batch of 3 with 2
+    heads runs every entry point it reaches in pieces (2 + 1 items, or 1 + 1 + 1 for 4 rows an item: each entry then
+    runs more often than with the whole batch): outputs and gradients equal the whole batch's; at 1 row a single item
+    does not fit and is refused in one line. performer: its one node (drawn features); +learn: the map's kernel and
+    causal_linear (trained features)."""
+    import importlib
+    from collections import Counter
+
+    from attnlab.ops import linear_triton
+
+    monkeypatch.setattr(linear_triton, "PARALLEL_MAX_T", 0)  # the chunked form: FAVOR+'s one node serves it
+    calls = Counter()
+    for mod_name, fns in ENTRIES.items():
+        mod = importlib.import_module(f"attnlab.ops.{mod_name}")
+        for fn in fns:
+            def counted(*a, _fn=getattr(mod, fn), _key=fn, **kw):
+                calls[_key] += 1
+                return _fn(*a, **kw)
+            monkeypatch.setattr(mod, fn, counted)  # the entries' own recursive calls go through the module too
+    b, h, t, d = 3, 2, 64, 16
+    name, learn = name.split("+")[0], name.endswith("+learn")
+    opts = {**attnlab.defaults(name, t), "backend": "triton"}
+    if learn:
+        opts["learn_features"] = True
+    if name == "lsh":
+        opts.update(bucket_size=16, n_hashes=2)
+    if name == "nystrom":
+        opts.update(num_landmarks=8)
+    m = attnlab.make(name, head_dim=d, num_heads=h, **opts)
+    causal = name != "nystrom"
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(b, h, t, d, generator=g).to(torch.bfloat16).requires_grad_() for _ in range(3))
+    pad = None
+    if name in ("window", "nystrom"):
+        pad = torch.ones(b, t, dtype=torch.bool)
+        pad[1, -5:] = False
+
+    def run():
+        out = m(q, k, v, causal=causal, key_padding_mask=pad).out
+        grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+        return out.detach(), grads
+
+    def infer():  # nystrom: the solve kernel's entry
+        with torch.no_grad():
+            return m(q, k, v, causal=causal, key_padding_mask=pad).out
+
+    want, want_grads = run()
+    want_infer = infer()
+    whole = Counter(calls)
+    assert whole, "no Triton entry point ran"
+    calls.clear()
+    monkeypatch.setattr(limits, "MAX_GRID_ROWS", 4)
+    got, got_grads = run()
+    got_infer = infer()
+    assert set(calls) == set(whole) and all(calls[fn] > whole[fn] for fn in whole), (whole, calls)
+    assert torch.equal(got, want)
+    for a, e in zip(got_grads, want_grads):
+        assert torch.equal(a, e)
+    assert torch.equal(got_infer, want_infer)
+    monkeypatch.setattr(limits, "MAX_GRID_ROWS", 1)
+    with pytest.raises(UnsupportedError, match="grid rows") as err:
+        run()
+    assert "\n" not in str(err.value)

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .limits import check_call
+from .limits import check_call, in_batch_pieces
 from .fused import fused
 from .triton_common import dot as _dot
 from .triton_common import precision as _precision
@@ -241,4 +241,9 @@ def favor_features(x: torch.Tensor, features: torch.Tensor, sqrt_scale: float, h
     `feature_maps.favor_triton_reasons`."""
     check_call("favor_features", x.shape[-2] if x.dim() > 1 else 1, x, heads=1, head_dim=x.shape[-1],
                feature_dim=features.shape[0])
+    if x.dim() == 4:  # [B, H, T, D]: B x H grid rows (other ranks map as one row)
+        split = in_batch_pieces("favor_features", x.shape[0], x.shape[1], lambda lo, hi: favor_features(
+            x[lo:hi], features, sqrt_scale, half_scale, log_inv))
+        if split is not None:
+            return split
     return _Favor.apply(x, features, float(sqrt_scale), float(half_scale), float(log_inv))

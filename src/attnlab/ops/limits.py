@@ -1,4 +1,5 @@
-"""The size limits every attnlab Triton kernel shares: 32-bit offsets within one (batch, head) row.
+"""The size limits every attnlab Triton kernel shares: 32-bit offsets within one (batch, head) row, and CUDA's
+65,535 programs along a grid's second and third dims, where the kernels put batch x heads.
 
 The kernels form each row's base from 64-bit program ids (batch x head never overflows), but a token index times a
 token stride, and a chunk index times a state's size, are 32-bit integers (Triton types an int argument below 2^31
@@ -42,13 +43,36 @@ def span_reasons(t: int | None, *, heads: int, head_dim: int, feature_dim: int =
 
 
 def check_rows(op: str, *xs: torch.Tensor | None, lead: int = 2) -> None:
-    """Raise UnsupportedError where one row of any of xs spans 2^31 elements or more (see the module doc)."""
+    """Raise UnsupportedError where one row of any of xs spans 2^31 elements or more (see the module doc). A storage
+    of fewer bytes holds no such row: that test first (0.1 us a tensor, the span's sum 1 us, every call of a layer)."""
     for x in xs:
-        if x is not None and row_span(x, lead) >= OFFSET_LIMIT:
+        if x is not None and x.untyped_storage().nbytes() >= OFFSET_LIMIT and row_span(x, lead) >= OFFSET_LIMIT:
             raise UnsupportedError(
                 f"{op}: a tensor of shape {tuple(x.shape)} and strides {x.stride()} spans {row_span(x, lead):,} "
                 "elements within one (batch, head) row, past the Triton kernels' 32-bit offsets (2^31); pass it "
                 "contiguous, split the input, or use a non-Triton backend")
+
+
+# CUDA's limit on a grid's y and z dims (x takes 2^31 - 1), where the kernels put batch x heads (x LSH's rounds): past
+# it the launch fails ("Triton Error [CUDA]: invalid argument"). The tests lower it to exercise the split.
+MAX_GRID_ROWS = 65535
+
+
+def in_batch_pieces(op: str, batch: int, rows_per_item: int, call):
+    """None where one launch takes `batch` items of `rows_per_item` grid rows each; otherwise call(lo, hi) for pieces
+    of the batch that each fit, their outputs joined along dim 0 (a tuple's items each; None items stay None): batch
+    items are independent, so each piece computes its rows as the whole would (autograd records each piece). One
+    UnsupportedError where a single item needs more rows than a grid holds."""
+    if batch * rows_per_item <= MAX_GRID_ROWS:
+        return None
+    step = MAX_GRID_ROWS // rows_per_item
+    if step == 0:
+        raise UnsupportedError(f"{op}: one batch item needs {rows_per_item:,} grid rows (heads x rounds), past CUDA's "
+                               f"{MAX_GRID_ROWS:,}; use fewer heads or rounds, or a non-Triton backend")
+    outs = [call(lo, min(lo + step, batch)) for lo in range(0, batch, step)]
+    if isinstance(outs[0], tuple):
+        return tuple(None if parts[0] is None else torch.cat(parts, 0) for parts in zip(*outs))
+    return torch.cat(outs, 0)
 
 
 def check_call(op: str, t: int, *xs: torch.Tensor | None, heads: int, head_dim: int, feature_dim: int = 0) -> None:
@@ -58,3 +82,8 @@ def check_call(op: str, t: int, *xs: torch.Tensor | None, heads: int, head_dim: 
     if why:
         raise UnsupportedError(f"{op}: {why[0]}")
     check_rows(op, *xs)
+
+
+def piece(x: torch.Tensor | None, lo: int, hi: int) -> torch.Tensor | None:
+    """Batch items lo:hi of x for `in_batch_pieces`' call (None stays None; a batch of 1 broadcasts, kept whole)."""
+    return x if x is None or x.shape[0] == 1 else x[lo:hi]

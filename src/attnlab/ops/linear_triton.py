@@ -61,7 +61,7 @@ import triton
 import triton.language as tl
 
 from ..types import records_grad
-from .limits import check_call
+from .limits import check_call, in_batch_pieces, piece
 from .triton_common import dot as _dot
 from .triton_common import precision as _precision
 from .triton_common import row_base as _row
@@ -1122,6 +1122,10 @@ def causal_linear(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_log_sca
         raise ValueError(f"causal_linear: key_log_scale must be [B, Hkv, T] = {tuple(k.shape[:3])}, got "
                          f"{tuple(key_log_scale.shape)}")
     check_call("causal_linear", q.shape[-2], q, k, v, heads=q.shape[1], head_dim=v.shape[-1], feature_dim=q.shape[-1])
+    split = in_batch_pieces("causal_linear", q.shape[0], q.shape[1] + k.shape[1], lambda lo, hi: causal_linear(
+        q[lo:hi], k[lo:hi], v[lo:hi], piece(key_log_scale, lo, hi), feature_map=feature_map))
+    if split is not None:
+        return split
     grad = records_grad(q, k, v, key_log_scale)
     if feature_map is None:
         return _CausalLinear.apply(q, k, v, key_log_scale, 0, grad)

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .limits import check_call
+from .limits import check_call, in_batch_pieces
 from .triton_common import dot as _dot
 from .triton_common import kernel_reasons
 from .triton_common import precision as _precision
@@ -232,6 +232,9 @@ def hash_sort(x: torch.Tensor, rotations: torch.Tensor, n_buckets: int, tp: int,
     b, h, t, d = x.shape
     r, half = rotations.shape[1], rotations.shape[2]
     check_call("lsh hash_sort", max(t, tp), heads=1, head_dim=max(d, r))  # x's contiguous rows, R x Tp keys a row
+    joined = in_batch_pieces("lsh hash_sort", b, h, lambda lo, hi: hash_sort(x[lo:hi], rotations, n_buckets, tp, split))
+    if joined is not None:
+        return joined
     keys = torch.empty(b, h, r, tp, dtype=torch.int64, device=x.device)
     prec = _precision(x)
     bn, bm = 64, 64
@@ -300,6 +303,11 @@ def lsh_chunk_attention(q, k, v, q_order, q_sbkt, k_order, k_sbkt, *, scale: flo
     padding that fills the last chunk) and the sorted buckets q_sbkt / k_sbkt (keys that may not be attended to,
     padding, with bucket -1); Tp a multiple of `chunk`. The caller checked `unsupported_reasons`."""
     check_call("lsh_chunk_attention", q.shape[-2], heads=1, head_dim=q.shape[-1])  # contiguous copies: T x D a row
+    split = in_batch_pieces("lsh_chunk_attention", q.shape[0], q.shape[1] * q_order.shape[2], lambda lo, hi: (
+        lsh_chunk_attention(q[lo:hi], k[lo:hi], v[lo:hi], q_order[lo:hi], q_sbkt[lo:hi], k_order[lo:hi],
+                            k_sbkt[lo:hi], scale=scale, causal=causal, shared=shared, chunk=chunk)))
+    if split is not None:
+        return split
     i32 = [x.to(torch.int32).contiguous() for x in (q_order, q_sbkt, k_order, k_sbkt)]
     return _LSHChunks.apply(q.contiguous(), k.contiguous(), v.contiguous(), *i32, float(scale), bool(causal),
                             bool(shared), int(chunk))

@@ -20,7 +20,7 @@ import torch
 import triton
 
 from ..types import records_grad
-from .limits import check_call
+from .limits import check_call, in_batch_pieces
 from . import favor_triton as ft
 from . import linear_triton as lt
 from .triton_common import concurrently, unit_stride
@@ -82,4 +82,8 @@ def causal_favor(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, features: to
     `linear_triton.causal_linear` compute (the caller checked `serves`)."""
     check_call("causal_favor", q.shape[-2], q, k, v, heads=q.shape[1], head_dim=q.shape[-1],
                feature_dim=features.shape[0])
+    split = in_batch_pieces("causal_favor", q.shape[0], q.shape[1] + k.shape[1], lambda lo, hi: causal_favor(
+        q[lo:hi], k[lo:hi], v[lo:hi], features, sqrt_scale, half_scale, log_inv))
+    if split is not None:
+        return split
     return _CausalFavor.apply(q, k, v, features, float(sqrt_scale), float(half_scale), float(log_inv))

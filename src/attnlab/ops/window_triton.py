@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .limits import check_call
+from .limits import check_call, in_batch_pieces, piece
 from .triton_common import concurrently, dot, interpreted, kernel_reasons, precision, row_base, strides, to, unit_stride
 
 LOG2E = 1.4426950408889634
@@ -739,6 +739,11 @@ def window_attention(q, k, v, *, window: int, sinks: int = 0, causal: bool = Fal
         raise ValueError(f"window_attention: kv heads ({k.shape[1]}, v {v.shape[1]}) must be equal and divide the "
                          f"query heads ({q.shape[1]})")
     check_call("window_attention", max(q.shape[-2], k.shape[-2]), q, k, v, heads=q.shape[1], head_dim=q.shape[-1])
+    split = in_batch_pieces("window_attention", q.shape[0], q.shape[1], lambda lo, hi: window_attention(
+        q[lo:hi], k[lo:hi], v[lo:hi], window=window, sinks=sinks, causal=causal, scale=scale,
+        key_padding_mask=piece(key_padding_mask, lo, hi), blocks=blocks, need_lse=need_lse))
+    if split is not None:
+        return split
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     # the kernels take max(s) * scale for the max of s * scale: true for a positive scale only
     if scale < 0:
