@@ -17,6 +17,7 @@
     PYTHONPATH=src python benchmarks/gpu_checks.py --quick        # fp32 limits + bf16 CUDA-vs-CPU only (about a minute)
     PYTHONPATH=src python benchmarks/gpu_checks.py window@triton  # a method with a chosen CUDA backend (not auto)
     PYTHONPATH=src python benchmarks/gpu_checks.py linear --linear-form chunked  # the causal kernels' chunked forward
+    PYTHONPATH=src python benchmarks/gpu_checks.py --limits       # the kernels' size limits (grid rows, 32-bit rows)
 """
 from __future__ import annotations
 
@@ -525,6 +526,93 @@ def _performer_graph(row, t) -> int:
     return int(not ok)
 
 
+def size_limits(device="cuda", heads=16, t=64, d=32, huge=True, huge_heads=32, huge_dim=128, tail=128) -> int:
+    """The Triton kernels' size limits (`ops.limits`) where they bite, on the GPU (the CPU tests lower them instead).
+    Grid rows: a batch of batch x heads (x 2 for causal_linear's and FAVOR+'s map launches, x LSH's 2 rounds) past
+    CUDA's 65,535 programs along y runs in pieces (before: "invalid argument" at launch): window, linear, performer,
+    lsh and nystrom on backend='triton', outputs and gradients of the first, middle and last items against each item
+    run alone. huge: the 32-bit row offsets at 32 heads of 128 in transformers' layout: window and linear at the
+    longest length the kernels serve (524,287 tokens, a row of 2^31 - 4096 elements) against references on their
+    tails (window: the kernel on the last rows' keys alone; linear: the PyTorch form), and one token more refused by
+    backend='triton' and served by auto's other kernel."""
+    from attnlab import UnsupportedError
+    from attnlab.ops import limits
+
+    failures = 0
+    dtype = torch.bfloat16
+    b = limits.MAX_GRID_ROWS // heads + 2
+    for name, opts in (("window", {}), ("linear", {}), ("performer", {}), ("lsh", {"bucket_size": 32, "n_hashes": 2}),
+                       ("nystrom", {"num_landmarks": 16})):
+        causal = name != "nystrom"
+        m = attnlab.make(name, head_dim=d, num_heads=heads, **{**attnlab.defaults(name, t), **opts,
+                                                               "backend": "triton"}).to(device)
+        g = torch.Generator(device=device).manual_seed(11)
+        q, k, v = (torch.randn(b, heads, t, d, device=device, dtype=dtype, generator=g) for _ in range(3))
+
+        def run(idx):
+            leaves = [x[idx].clone().requires_grad_(True) for x in (q, k, v)]
+            out = m(*leaves, causal=causal).out
+            grads = torch.autograd.grad(out.float().square().sum(), leaves)
+            return [out.detach(), *grads]
+        try:
+            whole = run(slice(None))
+            worst = 0.0
+            for i in (0, b // 2, b - 1):
+                alone = run(slice(i, i + 1))
+                for got, want in zip(whole, alone):
+                    got, want = got[i:i + 1].double(), want.double()
+                    worst = max(worst, (got - want).abs().max().item() / max(1.0, want.abs().max().item()))
+            ok, note = worst <= BOUND[dtype], f"max rel. diff {worst:.2e} to each item alone"
+        except Exception as exc:  # noqa: BLE001 - a failed check, not a crash
+            ok, note = False, f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+        failures += not ok
+        print(f"{'ok ' if ok else 'FAIL'} size-limits grid rows {name:9} batch {b} x {heads} heads: {note}", flush=True)
+        del q, k, v
+    if not huge:
+        return failures
+    h, dh = huge_heads, huge_dim
+    t_max = (limits.OFFSET_LIMIT - 1) // (h * dh)  # 524,287 tokens at 32 x 128
+    for name, opts in (("window", {"window": 256, "sinks": 0}), ("linear", {})):
+        for t_run in (t_max, t_max + 1):
+            g = torch.Generator(device=device).manual_seed(12)
+            refused = False
+            # transformers' layout: [B, T, H, D] memory seen as [B, H, T, D]
+            q, k, v = (torch.randn(1, t_run, h, dh, device=device, dtype=dtype, generator=g).transpose(1, 2)
+                       for _ in range(3))
+            try:
+                with torch.no_grad():
+                    fits = t_run == t_max
+                    tri = attnlab.make(name, head_dim=dh, num_heads=h, **{**opts, "backend": "triton"}).to(device)
+                    if fits:
+                        out = tri(q, k, v, causal=True).out[:, :, -tail:]
+                    else:
+                        try:
+                            tri(q, k, v, causal=True)
+                            raise AssertionError("backend='triton' served a row past 2^31 elements")
+                        except UnsupportedError as exc:
+                            refused = "32-bit offsets" in str(exc)
+                        auto = attnlab.make(name, head_dim=dh, num_heads=h, **opts).to(device)
+                        out = auto(q, k, v, causal=True).out[:, :, -tail:]
+                    if name == "window":  # the last rows see only the last window + tail keys
+                        lo = t_run - tail - opts["window"]
+                        ref = attnlab.make(name, head_dim=dh, num_heads=h, **{**opts, "backend": "triton"}).to(device)(
+                            q[:, :, -tail:], k[:, :, lo:], v[:, :, lo:], causal=True).out
+                    else:
+                        ref = attnlab.make(name, head_dim=dh, num_heads=h, backend="eager").to(device)(
+                            q, k, v, causal=True).out[:, :, -tail:]
+                err = (out.double() - ref.double()).abs().max().item() / max(1.0, ref.abs().max().item())
+                ok = bool(torch.isfinite(out).all()) and err <= BOUND[dtype] and (fits or refused)
+                note = f"tail vs reference {err:.2e}" + ("" if fits else f", backend='triton' refused: {refused}")
+            except Exception as exc:  # noqa: BLE001
+                ok, note = False, f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+            failures += not ok
+            print(f"{'ok ' if ok else 'FAIL'} size-limits offsets {name:6} {t_run} tokens x {h} x {dh} "
+                  f"({'triton' if t_run == t_max else 'auto'}): {note}", flush=True)
+            del q, k, v
+            torch.cuda.empty_cache()
+    return failures
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("methods", nargs="?", default=None, help="comma-separated subset (default: every method)")
@@ -532,6 +620,8 @@ def main(argv=None) -> int:
     p.add_argument("--linear-form", choices=("auto", "chunked", "parallel"), default="auto",
                    help="the causal linear kernels' forward (ops.linear_triton.PARALLEL_MAX_T): auto takes the one "
                         "quadratic pass at these short lengths; chunked checks the state walk and output passes")
+    p.add_argument("--limits", action="store_true", help="only the kernels' size limits (`size_limits`: batches past "
+                   "the grid's 65,535 rows, rows of 2^31 elements at 524k tokens; about 40 GB of GPU memory)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("error: gpu_checks.py checks the CUDA kernels against the CPU path; no CUDA device is available here")
@@ -541,6 +631,10 @@ def main(argv=None) -> int:
     from attnlab.ops.fused import raise_recompile_limit
 
     raise_recompile_limit()  # many (method, shape, grad mode) variants of flex: past dynamo's default 8 it runs eagerly
+    if args.limits:
+        failures = size_limits()
+        print(f"{failures} failure(s) on {torch.cuda.get_device_name()}, torch {torch.__version__} (size limits)")
+        return 1 if failures else 0
     names = args.methods.split(",") if args.methods else registry.list_methods()
     failures = exact_limits(names, (torch.float32,) if args.quick else (torch.float32, torch.bfloat16))
     failures += cuda_vs_cpu(names, (torch.bfloat16,) if args.quick else (torch.float32, torch.bfloat16))

@@ -178,6 +178,15 @@ def test_auto_routing_and_refusals():
 
     fake = SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16, shape=q.shape)  # resolve reads only these
     assert sparse_ops.resolve("auto", fake, need_lse=False, need_col_sums=False, pattern=union, tk=32) == "triton"
+    # q, k, v whose rows pass 32-bit offsets (`ops.limits.rows_fit`): flex
+    assert sparse_ops.resolve("auto", fake, need_lse=False, need_col_sums=False, pattern=union, tk=32,
+                              rows_fit=False) != "triton"
+    from attnlab.patterns.window import WindowPattern
+
+    for t, want in ((524_287, True), (524_288, False)):  # 32 heads of 128: T x H x D reaches 2^31 at 524,288 tokens
+        big = SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16, shape=(1, 32, t, 128))
+        got = sparse_ops.resolve("auto", big, need_lse=False, need_col_sums=False, pattern=WindowPattern(256), tk=t)
+        assert (got == "triton") == want, (t, got)
     assert sparse_ops.resolve("auto", fake, need_lse=False, need_col_sums=False, pattern=union, tk=48) != "triton"
     assert sparse_ops.resolve("auto", fake, need_lse=False, need_col_sums=False, pattern=BlockPattern(lay, 16),
                               tk=32) != "triton"

@@ -15,7 +15,7 @@ import attnlab
 from attnlab import UnsupportedError
 from attnlab.ops import limits
 
-TRITON_METHODS = ["linear", "performer", "rfa", "hedgehog", "window", "block_sparse", "learned_mask", "lsh", "nystrom"]
+TRITON_METHODS = ["linear", "performer", "rfa", "hedgehog", "window", "block_sparse", "learned_mask"]
 
 
 def test_row_span_follows_the_layout():
@@ -27,37 +27,44 @@ def test_row_span_follows_the_layout():
 
 
 def test_the_limit_is_a_row_of_2_31_elements():
-    """524,288 tokens of 32 heads of 128 in transformers' layout are the first to reach it; feature maps and a chunked
-    form's states count too (T x F, T / 64 x F x D)."""
+    """524,288 tokens of 32 heads of 128 in transformers' layout are the first to reach it; a feature map counts too
+    (T x F)."""
     assert limits.OFFSET_LIMIT == 2**31
     assert limits.span_reasons(524_287, heads=32, head_dim=128) == []
     why = limits.span_reasons(524_288, heads=32, head_dim=128, fallback="compiled")
     assert len(why) == 1 and "32-bit offsets" in why[0] and "backend='compiled'" in why[0]
     assert limits.span_reasons(2**31 // 256, heads=1, head_dim=64, feature_dim=256) != []  # T x F
     assert limits.span_reasons(2**31 // 256 - 1, heads=1, head_dim=64, feature_dim=256) == []
-    assert limits.span_reasons(2**31 // 512, heads=1, head_dim=128, feature_dim=256) != []  # T / 64 x F x D
     assert limits.span_reasons(None, heads=32, head_dim=128) == []
 
 
 @pytest.mark.parametrize("name", TRITON_METHODS)
 def test_backend_triton_refuses_rows_past_the_offsets_before_compute(name, monkeypatch):
-    """Each method with a Triton backend: refused in one line by check() at a length whose rows reach the limit,
-    served at a length below it (the limit set between the two)."""
+    """Each method whose Triton kernels index rows with 32-bit offsets: refused in one line by check() at a length
+    whose rows reach the limit, served at a length below it (the limit set between the two)."""
     t, h, d = 64, 2, 16
     opts = {**attnlab.defaults(name, t), "backend": "triton"}
     if name == "block_sparse":  # a layout (its default pattern, BigBird's, runs on flex)
         opts["layout"] = [[True] * 4] * 4
     m = attnlab.make(name, head_dim=d, num_heads=h, **opts)
     f = m.feature_dim() if hasattr(m, "feature_dim") else 0
-    heads = 1 if name in ("lsh", "nystrom") else h  # these take contiguous copies: a row is T x D
-    per_token = max(heads * d, f, math.ceil(f * d / 64))
-    monkeypatch.setattr(limits, "OFFSET_LIMIT", t * per_token)
+    monkeypatch.setattr(limits, "OFFSET_LIMIT", t * max(h * d, f))
     q = torch.randn(1, h, t, d)
     with pytest.raises(UnsupportedError, match="32-bit offsets") as err:
-        m.check(q, q, q, causal=name != "nystrom")
+        m.check(q, q, q, causal=True)
     assert "\n" not in str(err.value)
     short = q[:, :, : t // 2]
-    m.check(short, short, short, causal=name != "nystrom")  # half the row: below the limit
+    m.check(short, short, short, causal=True)  # half the row: below the limit
+
+
+@pytest.mark.parametrize("name", ["lsh", "nystrom"])
+def test_lsh_and_nystrom_index_with_64_bit_positions(name, monkeypatch):
+    """Their kernels take q, k, v contiguous and index tokens from 64-bit positions: no row limit to refuse."""
+    t, h, d = 64, 2, 16
+    m = attnlab.make(name, head_dim=d, num_heads=h, **{**attnlab.defaults(name, t), "backend": "triton"})
+    monkeypatch.setattr(limits, "OFFSET_LIMIT", 16)
+    q = torch.randn(1, h, t, d)
+    m.check(q, q, q, causal=name == "lsh")
 
 
 def _wide(b, h, t, d, dtype):
@@ -91,20 +98,96 @@ def test_kernel_entry_points_refuse_inputs_wider_than_the_methods_count(monkeypa
             call(*dense)
 
 
-def test_lsh_and_nystrom_entry_points_count_their_contiguous_rows(monkeypatch):
-    from attnlab.ops import lsh_triton, nystrom_triton
-
+@pytest.mark.parametrize("name", ["linear", "performer"])
+def test_auto_takes_the_pytorch_core_for_a_layout_wider_than_it_counted(name, monkeypatch):
+    """auto decides per shape (cached), counting transformers' layout; a fused qkv's slices are wider. Where they pass
+    the limit, the call runs the PyTorch core instead of an entry point's refusal, with the eager module's output.
+    (auto takes Triton only on CUDA: its choice is forced here, the fallback after it is what is tested.)"""
     b, h, t, d = 1, 2, 32, 16
-    x = torch.randn(b, h, t, d)
-    monkeypatch.setattr(limits, "OFFSET_LIMIT", t * d)
-    with pytest.raises(UnsupportedError, match="nystrom b_side"):
-        nystrom_triton.b_side(torch.randn(b, h, 4, d), x, x, None)
-    with pytest.raises(UnsupportedError, match="lsh hash_sort"):
-        lsh_triton.hash_sort(x, torch.randn(d, 2, 2), 4, t)
-    order = torch.arange(t).expand(b, h, 1, t)
-    with pytest.raises(UnsupportedError, match="lsh_chunk_attention"):
-        lsh_triton.lsh_chunk_attention(x, x, x, order, order * 0, order, order * 0, scale=d ** -0.5, causal=False,
-                                       shared=False, chunk=t)
+    wide, dense = _wide(b, h, t, d, torch.float32)
+    m = attnlab.make(name, head_dim=d, num_heads=h, **attnlab.defaults(name, t))
+    ref = attnlab.make(name, head_dim=d, num_heads=h, **{**attnlab.defaults(name, t), "backend": "eager"})
+    ref.load_state_dict(m.state_dict())
+    monkeypatch.setattr(limits, "OFFSET_LIMIT", limits.row_span(wide[0]))
+    monkeypatch.setattr(m, "_choose", lambda *a: ("triton", False))
+    with torch.no_grad():
+        got = m(*wide, causal=True).out
+        assert not m.kernel.startswith("triton"), m.kernel
+        torch.testing.assert_close(got, ref(*dense, causal=True).out)
+        monkeypatch.setattr(limits, "OFFSET_LIMIT", 2**31)
+        m(*wide, causal=True)
+        assert m.kernel.startswith("triton"), m.kernel  # the forced choice stands where the rows fit
+
+
+def test_favor_map_takes_the_pytorch_map_past_the_offsets(monkeypatch):
+    """FAVOR+'s map kernel (compiled path) hands x it cannot index to the fused PyTorch map (run eagerly here: the
+    spy skips torch.compile), for 4-D inputs by their strides and T x m features, for other ranks as one row of
+    every token; its entry point refuses such x in one line."""
+    import attnlab.feature_maps as fmaps
+    from attnlab.ops import favor_triton
+
+    fm = attnlab.make("performer", head_dim=16, num_heads=2, num_features=32).feature_map
+    used, fused_map = [], fmaps.favor_features
+
+    def spy(*a, compiled=False, **kw):
+        used.append(compiled)
+        return fused_map.fn(*a, **kw)  # eagerly: the same maths without the compile
+    monkeypatch.setattr(fmaps, "favor_features", spy)
+    x = torch.randn(1, 2, 64, 16).to(torch.bfloat16)
+    fm(x, scale=0.25, is_query=True, compiled=True)  # fits: the kernel
+    assert used == []
+    monkeypatch.setattr(limits, "OFFSET_LIMIT", 64 * 32)  # T x m
+    fm(x, scale=0.25, is_query=True, compiled=True)
+    assert used == [True]
+    with pytest.raises(UnsupportedError, match="favor_features: .*32-bit row offsets"):
+        favor_triton.favor_features(x, fm.features, 0.5, 0.125, -0.5 * math.log(32))
+    flat = torch.randn(4, 16, 16).to(torch.bfloat16)  # mapped as one row of 64 tokens: 64 x 32 features
+    assert 16 * 32 < limits.OFFSET_LIMIT
+    with pytest.raises(UnsupportedError, match="favor_features"):
+        favor_triton.favor_features(flat, fm.features, 0.5, 0.125, -0.5 * math.log(32))
+
+
+@pytest.mark.parametrize("op", ["window", "linear"])
+def test_backwards_copy_a_gradient_wider_than_the_offsets(op, monkeypatch):
+    """The backwards read the output's gradient in the layout it arrives in; through a concatenation along features it
+    is wider than the output (and than anything the forward checked). Past the limit they read a contiguous copy:
+    the same gradients."""
+    from attnlab.ops import linear_triton, window_triton
+
+    b, h, t, d, extra = 1, 2, 32, 16, 96
+    g = torch.Generator().manual_seed(1)
+    base = [torch.randn(b, t, h, d, generator=g).to(torch.bfloat16).transpose(1, 2) for _ in range(3)]
+
+    def grads():
+        q, k, v = (x.clone().requires_grad_() for x in base)
+        if op == "window":
+            out, _ = window_triton.window_attention(q, k, v, window=4, causal=True, need_lse=False)
+        else:
+            out = linear_triton.causal_linear(q, k, v, feature_map="elu")
+        o = out.transpose(1, 2).reshape(b, t, h * d)
+        y = torch.cat([o, torch.ones(b, t, extra, dtype=o.dtype)], -1)  # dout: token stride h d + extra
+        return torch.autograd.grad(y.float().square().sum(), (q, k, v))
+
+    want = grads()
+    seen, real = [], limits.narrowed
+
+    def spy(x):
+        y = real(x)
+        seen.append((limits.row_span(x), y is not x and y.is_contiguous()))
+        return y
+    monkeypatch.setattr(limits, "narrowed", spy)
+    monkeypatch.setattr(limits, "OFFSET_LIMIT", t * h * d + 1)  # the forward's tensors fit, the gradient does not
+    got = grads()
+    assert seen and all(span >= limits.OFFSET_LIMIT and copied for span, copied in seen), seen
+    for a_, e in zip(got, want):
+        assert torch.equal(a_, e)
+
+
+def test_learned_mask_on_triton_refuses_blocks_the_kernels_do_not_run():
+    m = attnlab.make("learned_mask", head_dim=16, num_heads=2, block_size=128, max_blocks=4, backend="triton")
+    q = torch.randn(1, 2, 256, 16)
+    with pytest.raises(UnsupportedError, match="16, 32, 64-token blocks, not 128"):
+        m.check(q, q, q, causal=True)
 
 
 ENTRIES = {"window_triton": ["window_attention"], "linear_triton": ["causal_linear"],

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.fused import fused
+from ..ops.limits import map_fits
 from ..ops.linear import compute_dtype
 
 
@@ -162,7 +163,8 @@ class FAVOR(_RandomFeatures):
 
     def forward(self, x, *, scale, is_query, compiled=False):
         log_inv = -0.5 * math.log(self.num_features)
-        if compiled and not favor_triton_reasons(x):  # half inputs on CUDA: one kernel, split-precision dots
+        if compiled and not favor_triton_reasons(x) and map_fits(x, self.num_features):
+            # half inputs on CUDA: one kernel, split-precision dots (past 32-bit row offsets: the fused PyTorch map)
             from ..ops import favor_triton
 
             phi, b = favor_triton.favor_features(x, self.features, math.sqrt(scale), scale / 2, log_inv)

@@ -20,7 +20,7 @@ from typing import ClassVar
 import torch
 
 from ..ops.fused import compile_unavailable_reason
-from ..ops.limits import span_reasons
+from ..ops.limits import rows_fit, span_reasons
 from ..ops.linear import linear_attention, linear_attention_quadratic, linear_col_sums, triton_unsupported_reasons
 from ..types import AttnOutput, opt, records_grad
 from .base import AttentionMethod, repeat_kv
@@ -127,6 +127,8 @@ class KernelAttention(AttentionMethod):
         self.maybe_redraw()
         tq, tk = q.shape[-2], k.shape[-2]
         core, compiled = self._choose(q, causal, tq, tk)
+        if core == "triton" and self.opts.backend == "auto" and not rows_fit(q, k, v):
+            core = "torch"  # a layout wider than the choice counted (a fused qkv's slices): past 32-bit row offsets
         fm_q, fm_k = self.maps()
         kmap = getattr(fm_k, "kernel_map", None)
         grad = records_grad(q, k, v)

@@ -217,10 +217,20 @@ class LearnedMask(AttentionMethod):
                              need_probs=False):
         """The static form's sparse kernel (`ops.sparse`: an explicit backend that cannot run here is refused before
         compute, as for window and block_sparse); the content form and need_probs run their own PyTorch paths."""
-        if need_probs or self.opts.form != "static":
+        o = self.opts
+        if need_probs or o.form != "static":
             return []
-        return sparse_ops.unsupported_reasons(self.opts.backend, device, need_lse=need_lse, need_col_sums=need_col_sums,
-                                              head_dim=self.head_dim, dtype=dtype, tq=tq, tk=tk, heads=self.num_heads)
+        why = sparse_ops.unsupported_reasons(o.backend, device, need_lse=need_lse, need_col_sums=need_col_sums,
+                                             head_dim=self.head_dim, dtype=dtype, tq=tq, tk=tk, heads=self.num_heads)
+        if o.backend == "triton":  # the layout's blocks on the block kernels (`sparse.block_triton_unsupported`)
+            from ..ops.window_triton import BLOCK_SIZES
+
+            if o.block_size not in BLOCK_SIZES:
+                why.append(f"backend='triton' runs block patterns of {', '.join(map(str, BLOCK_SIZES))}-token blocks, "
+                           f"not {o.block_size}")
+            if tq is not None and tk is not None and tq != tk:
+                why.append(f"backend='triton' runs block patterns for self-attention (Tq == Tk), got Tq={tq}, Tk={tk}")
+        return why
 
     def flops(self, tq, tk, causal, *, grad=False):
         return None  # not counted yet: bench rows carry only the dense-equivalent count for this method

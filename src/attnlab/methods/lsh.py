@@ -50,7 +50,6 @@ import torch.nn.functional as F
 
 from ..registry import register
 from ..ops.fused import compile_unavailable_reason, fused, triton_importable
-from ..ops.limits import span_reasons
 from ..types import Capabilities, opt
 from .base import AttentionMethod
 
@@ -98,8 +97,7 @@ class LSH(AttentionMethod):
             if not triton_importable():
                 return ["backend='triton' needs triton, which is not installed"]
             return lsh_triton_reasons(device, chunk=min(self.opts.bucket_size, tk), head_dim=self.head_dim, dtype=dtype,
-                                      need_probs=need_probs) + span_reasons(
-                max(tq or 0, tk or 0) or None, heads=1, head_dim=self.head_dim, fallback="eager")  # contiguous copies
+                                      need_probs=need_probs)
         return []
 
     def __init__(self, head_dim: int, num_heads: int, num_kv_heads: int | None = None, **options):
@@ -169,8 +167,7 @@ class LSH(AttentionMethod):
         if o.backend == "auto" and q.is_cuda:
             chunk = min(o.bucket_size, q.shape[-2])
             if triton_importable() and q.dtype in (torch.bfloat16, torch.float16) and not lsh_triton_reasons(
-                    q.device, chunk=chunk, head_dim=q.shape[-1], dtype=q.dtype, need_probs=need_probs) and not (
-                    span_reasons(q.shape[-2], heads=1, head_dim=q.shape[-1])):
+                    q.device, chunk=chunk, head_dim=q.shape[-1], dtype=q.dtype, need_probs=need_probs):
                 return "triton"  # measured in bf16 (benchmarks/results/bench_h200/lsh/); fp32 stays compiled
             if compile_unavailable_reason(q.device) is None:
                 return "chunked+compiled"

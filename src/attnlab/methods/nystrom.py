@@ -21,7 +21,6 @@ from torch import nn
 
 from .. import masks
 from ..ops.fused import triton_importable
-from ..ops.limits import span_reasons
 from ..registry import register
 from ..types import Capabilities, OptionError, opt, records_grad
 from .base import AttentionMethod
@@ -212,19 +211,17 @@ class Nystrom(AttentionMethod):
         steps = self.opts.pinv_iters if self.opts.pinv == "iterative" else 6
         return 2.0 * m * d * (2 * tq + 2 * tk) + 4.0 * m * m * d + 8.0 * steps * m ** 3
 
-    def _triton_reasons(self, device, m, dtype, need_probs, t) -> list[str]:
+    def _triton_reasons(self, device, m, dtype, need_probs) -> list[str]:
         if not triton_importable():
             return ["backend='triton' needs triton, which is not installed"]
         from ..ops import nystrom_triton
 
         return nystrom_triton.unsupported_reasons(device, landmarks=m, head_dim=self.head_dim, dtype=dtype,
-                                                  need_probs=need_probs, conv=self.conv is not None) + span_reasons(
-            t, heads=1, head_dim=self.head_dim)  # the kernels take contiguous copies: a row is T x D
+                                                  need_probs=need_probs, conv=self.conv is not None)
 
     def _unsupported_reasons(self, *, causal, tq, tk, dtype, device, need_probs=False, **extras):
         if self.opts.backend == "triton":
-            t = None if tq is None and tk is None else max(tq or 0, tk or 0)
-            return self._triton_reasons(device, min(self.opts.num_landmarks, tk), dtype, need_probs, t)
+            return self._triton_reasons(device, min(self.opts.num_landmarks, tk), dtype, need_probs)
         return []
 
     def _landmarks(self, q, k, pad, m, ct, ft, c):
@@ -239,16 +236,16 @@ class Nystrom(AttentionMethod):
     def _pinv(self, a):
         return torch.linalg.pinv(a) if self.opts.pinv == "exact" else iterative_pinv(a, self.opts.pinv_iters)
 
-    def _use_triton(self, q, k, m, need_probs) -> bool:
+    def _use_triton(self, q, m, need_probs) -> bool:
         if self.opts.backend != "auto":
             return self.opts.backend == "triton"
         # measured in bf16 on an H200 (benchmarks/results/bench_h200/nystrom/); fp32 stays on torch
         return (q.is_cuda and q.dtype == torch.bfloat16
-                and not self._triton_reasons(q.device, m, q.dtype, need_probs, max(q.shape[-2], k.shape[-2])))
+                and not self._triton_reasons(q.device, m, q.dtype, need_probs))
 
     def _attend(self, q, k, v, *, causal, key_padding_mask, attn_mask, scale, need_probs):
         m = min(self.opts.num_landmarks, k.shape[-2])
-        if self._use_triton(q, k, m, need_probs):
+        if self._use_triton(q, m, need_probs):
             return self._attend_triton(q, k, v, key_padding_mask, scale, m), None
         self.kernel = "torch"
         out_dtype = v.dtype

@@ -28,7 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .limits import check_call, in_batch_pieces
+from ..types import UnsupportedError
+from .limits import in_batch_pieces, map_fits
 from .fused import fused
 from .triton_common import dot as _dot
 from .triton_common import precision as _precision
@@ -239,8 +240,10 @@ def favor_features(x: torch.Tensor, features: torch.Tensor, sqrt_scale: float, h
     """(phi [..., m] in x's dtype, b [...] fp32) for x [..., D] (bf16 / fp16) and features [m, D] (the drawn W,
     any dtype: scaled by sqrt_scale and split in the kernel). The caller checked
     `feature_maps.favor_triton_reasons`."""
-    check_call("favor_features", x.shape[-2] if x.dim() > 1 else 1, x, heads=1, head_dim=x.shape[-1],
-               feature_dim=features.shape[0])
+    if not map_fits(x, features.shape[0]):
+        raise UnsupportedError(f"favor_features: x {tuple(x.shape)} (strides {x.stride()}) mapped to "
+                               f"{features.shape[0]} features passes the kernel's 32-bit row offsets (2^31 elements); "
+                               "use a non-Triton backend, or split the input")
     if x.dim() == 4:  # [B, H, T, D]: B x H grid rows (other ranks map as one row)
         split = in_batch_pieces("favor_features", x.shape[0], x.shape[1], lambda lo, hi: favor_features(
             x[lo:hi], features, sqrt_scale, half_scale, log_inv))

@@ -1,23 +1,25 @@
 """The size limits every attnlab Triton kernel shares: 32-bit offsets within one (batch, head) row, and CUDA's
 65,535 programs along a grid's second and third dims, where the kernels put batch x heads.
 
-The kernels form each row's base from 64-bit program ids (batch x head never overflows), but a token index times a
-token stride, and a chunk index times a state's size, are 32-bit integers (Triton types an int argument below 2^31
-as int32, and its vector index arithmetic follows). Past 2^31 elements within one row they wrap: reads and writes
-land outside the tensor (an illegal address on the GPU, a crash under the interpreter, or silently wrong rows).
-In transformers' layout ([B, T, H, D] memory seen as [B, H, T, D]) a row spans T x H x D elements: 524,288 tokens
-of 32 heads of 128 reach it.
+The kernels form each row's base from 64-bit program ids (batch x head never overflows), but within a row a token
+index times a token stride (q, k, v, the outputs and their gradients in the caller's layout) and a token index times
+F (a contiguous feature map) are 32-bit integers (Triton types an int argument below 2^31 as int32, and its vector
+index arithmetic follows). Past 2^31 elements within one row they wrap: reads and writes land outside the tensor (an
+illegal address on the GPU, a crash under the interpreter, or silently wrong rows). In transformers' layout ([B, T, H,
+D] memory seen as [B, H, T, D]) a row spans T x H x D elements: 524,288 tokens of 32 heads of 128 reach it. (The
+chunked states and the LSH and nystrom kernels index from 64-bit rows or positions: no limit of this kind.)
 
-`span_reasons` is the shape-level check the methods' dispatch runs before any compute (backend='triton' is refused
-with it, backend='auto' takes another kernel); `check_rows` is the entry points' check of the tensors they are
-handed, for layouts wider than transformers' (a slice of a fused qkv projection)."""
+`span_reasons` is the shape-level check the methods run before any compute (backend='triton' is refused with it,
+backend='auto' takes another kernel); `rows_fit` the test of the tensors themselves (auto takes another kernel for a
+layout wider than transformers', a slice of a fused qkv projection); `check_call` / `check_rows` the entry points'
+refusal in one line; `narrowed` the backwards' contiguous copy of a gradient that arrives wider."""
 from __future__ import annotations
 
 import torch
 
 from ..types import UnsupportedError
 
-OFFSET_LIMIT = 2**31  # the first offset int32 cannot hold; the tests lower it to exercise both checks
+OFFSET_LIMIT = 2**31  # the first offset int32 cannot hold; the tests lower it to exercise the checks
 
 
 def row_span(x: torch.Tensor, lead: int = 2) -> int:
@@ -28,29 +30,69 @@ def row_span(x: torch.Tensor, lead: int = 2) -> int:
     return 1 + sum((n - 1) * s for n, s in zip(x.shape[lead:], x.stride()[lead:]))
 
 
-def span_reasons(t: int | None, *, heads: int, head_dim: int, feature_dim: int = 0, fallback: str = "torch") -> list[str]:
+def span_reasons(t: int | None, *, heads: int, head_dim: int, feature_dim: int = 0,
+                 fallback: str | None = None) -> list[str]:
     """Why the kernels' 32-bit row offsets cannot index a call of t tokens (empty: they can), counting the widest
-    row they touch: q, k, v and the output in transformers' layout (T x H x D), a contiguous feature map (T x F),
-    and a chunked form's per-chunk states (T / 64 x F x D)."""
+    row they touch: q, k, v and the output in transformers' layout (T x H x D) and a contiguous feature map (T x F).
+    fallback: the backend the message names (None: any other)."""
     if t is None:
         return []
-    per_token = max(heads * head_dim, feature_dim, -(-feature_dim * head_dim // 64))
+    per_token = max(heads * head_dim, feature_dim)
     span = t * per_token
     if span < OFFSET_LIMIT:
         return []
-    return [f"backend='triton' indexes each head's rows with 32-bit offsets: {t} tokens x {per_token} elements a "
-            f"token = {span:,} >= 2^31 (use backend='{fallback}', or split the input)"]
+    instead = f"backend='{fallback}'" if fallback else "a non-Triton backend"
+    return [f"the Triton kernels index each head's rows with 32-bit offsets: {t} tokens x {per_token} elements a "
+            f"token = {span:,} >= 2^31 (use {instead}, or split the input)"]
+
+
+def rows_fit(*xs: torch.Tensor | None, lead: int = 2) -> bool:
+    """Whether one row of each of xs spans fewer than 2^31 elements. A storage of fewer bytes holds no such row: that
+    test first (0.1 us a tensor, the span's sum 1 us; skipped while torch.compile traces, where it breaks the graph)."""
+    for x in xs:
+        if x is None:
+            continue
+        if not torch.compiler.is_compiling() and x.untyped_storage().nbytes() < OFFSET_LIMIT:
+            continue
+        if row_span(x, lead) >= OFFSET_LIMIT:
+            return False
+    return True
 
 
 def check_rows(op: str, *xs: torch.Tensor | None, lead: int = 2) -> None:
-    """Raise UnsupportedError where one row of any of xs spans 2^31 elements or more (see the module doc). A storage
-    of fewer bytes holds no such row: that test first (0.1 us a tensor, the span's sum 1 us, every call of a layer)."""
-    for x in xs:
-        if x is not None and x.untyped_storage().nbytes() >= OFFSET_LIMIT and row_span(x, lead) >= OFFSET_LIMIT:
-            raise UnsupportedError(
-                f"{op}: a tensor of shape {tuple(x.shape)} and strides {x.stride()} spans {row_span(x, lead):,} "
-                "elements within one (batch, head) row, past the Triton kernels' 32-bit offsets (2^31); pass it "
-                "contiguous, split the input, or use a non-Triton backend")
+    """Raise UnsupportedError where one row of any of xs spans 2^31 elements or more (see the module doc)."""
+    if rows_fit(*xs, lead=lead):
+        return
+    x = next(x for x in xs if x is not None and not rows_fit(x, lead=lead))
+    raise UnsupportedError(
+        f"{op}: a tensor of shape {tuple(x.shape)} and strides {x.stride()} spans {row_span(x, lead):,} elements "
+        "within one (batch, head) row, past the Triton kernels' 32-bit offsets (2^31); pass it contiguous, split the "
+        "input, or use a non-Triton backend")
+
+
+def map_fits(x: torch.Tensor, num_features: int) -> bool:
+    """Whether FAVOR+'s map kernel (`favor_triton`) can map x [..., D] into [..., m] features within 32-bit row
+    offsets: a [B, H, T, D] x as its strides place it, and T x m features a row; other ranks are mapped as one row of
+    every token (numel / D tokens, each as wide as x's token stride)."""
+    if x.dim() == 4:
+        return not span_reasons(x.shape[-2], heads=1, head_dim=x.shape[-1], feature_dim=num_features) and rows_fit(x)
+    width = max(x.shape[-1], x.stride(-2) if x.dim() > 1 else 0)
+    return not span_reasons(x.numel() // max(1, x.shape[-1]), heads=1, head_dim=width, feature_dim=num_features)
+
+
+def narrowed(x: torch.Tensor) -> torch.Tensor:
+    """x where its rows fit 32-bit offsets, else a contiguous copy (T x W a row): for a gradient the backwards read in
+    the layout it arrives in (the output's gradient through a concatenation can be wider than the output)."""
+    return x if rows_fit(x) else x.contiguous()
+
+
+def check_call(op: str, t: int, *xs: torch.Tensor | None, heads: int, head_dim: int, feature_dim: int = 0) -> None:
+    """An entry point's check before any launch: the rows it allocates (`span_reasons`) and the tensors it is handed
+    (`check_rows`) fit 32-bit offsets, else one UnsupportedError naming `op`."""
+    why = span_reasons(t, heads=heads, head_dim=head_dim, feature_dim=feature_dim)
+    if why:
+        raise UnsupportedError(f"{op}: {why[0]}")
+    check_rows(op, *xs)
 
 
 # CUDA's limit on a grid's y and z dims (x takes 2^31 - 1), where the kernels put batch x heads (x LSH's rounds): past
@@ -73,15 +115,6 @@ def in_batch_pieces(op: str, batch: int, rows_per_item: int, call):
     if isinstance(outs[0], tuple):
         return tuple(None if parts[0] is None else torch.cat(parts, 0) for parts in zip(*outs))
     return torch.cat(outs, 0)
-
-
-def check_call(op: str, t: int, *xs: torch.Tensor | None, heads: int, head_dim: int, feature_dim: int = 0) -> None:
-    """An entry point's check before any launch: the rows it allocates (`span_reasons`) and the tensors it is handed
-    (`check_rows`) fit 32-bit offsets, else one UnsupportedError naming `op`."""
-    why = span_reasons(t, heads=heads, head_dim=head_dim, feature_dim=feature_dim)
-    if why:
-        raise UnsupportedError(f"{op}: {why[0]}")
-    check_rows(op, *xs)
 
 
 def piece(x: torch.Tensor | None, lo: int, hi: int) -> torch.Tensor | None:

@@ -61,6 +61,7 @@ import triton
 import triton.language as tl
 
 from ..types import records_grad
+from . import limits as _limits
 from .limits import check_call, in_batch_pieces, piece
 from .triton_common import dot as _dot
 from .triton_common import precision as _precision
@@ -973,7 +974,7 @@ def _forward(q, k, v, lk, fmap: int = 0, grad: bool = False):
 def grad_prep(dout, out, den, meta, shape):
     """(dnum [B H, T, D] in the matmul dtype, dden [B H, T] fp32): the division's gradient (`_grad_prep_kernel`)."""
     b, nh, nkv, t, f, d, n_chunks = shape
-    (dout,) = _unit_stride(dout)
+    (dout,) = _unit_stride(_limits.narrowed(dout))  # in the caller's layout, unless wider than 32-bit offsets reach
     dnum, dden = out.new_empty(b * nh, t, d), torch.empty_like(den)
     _grad_prep_kernel[(n_chunks, b * nh)](dout, out, den, dnum, dden, t, d, nh, *_strides(dout, out), meta["PREC"],
                                           BT, meta["BV"])

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .limits import check_call, in_batch_pieces
+from .limits import in_batch_pieces
 from .triton_common import dot as _dot
 from .triton_common import kernel_reasons
 from .triton_common import precision as _precision
@@ -231,7 +231,6 @@ def hash_sort(x: torch.Tensor, rotations: torch.Tensor, n_buckets: int, tp: int,
     multiply the parts exactly in fp32)."""
     b, h, t, d = x.shape
     r, half = rotations.shape[1], rotations.shape[2]
-    check_call("lsh hash_sort", max(t, tp), heads=1, head_dim=max(d, r))  # x's contiguous rows, R x Tp keys a row
     joined = in_batch_pieces("lsh hash_sort", b, h, lambda lo, hi: hash_sort(x[lo:hi], rotations, n_buckets, tp, split))
     if joined is not None:
         return joined
@@ -302,7 +301,6 @@ def lsh_chunk_attention(q, k, v, q_order, q_sbkt, k_order, k_sbkt, *, scale: flo
     per round the sort: q_order / k_order [B, H, R, Tp] (sorted slot -> original position, >= T for the internal
     padding that fills the last chunk) and the sorted buckets q_sbkt / k_sbkt (keys that may not be attended to,
     padding, with bucket -1); Tp a multiple of `chunk`. The caller checked `unsupported_reasons`."""
-    check_call("lsh_chunk_attention", q.shape[-2], heads=1, head_dim=q.shape[-1])  # contiguous copies: T x D a row
     split = in_batch_pieces("lsh_chunk_attention", q.shape[0], q.shape[1] * q_order.shape[2], lambda lo, hi: (
         lsh_chunk_attention(q[lo:hi], k[lo:hi], v[lo:hi], q_order[lo:hi], q_sbkt[lo:hi], k_order[lo:hi],
                             k_sbkt[lo:hi], scale=scale, causal=causal, shared=shared, chunk=chunk)))

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .limits import check_call, in_batch_pieces, piece
+from .limits import in_batch_pieces, piece
 from .triton_common import dot as _dot
 from .triton_common import kernel_reasons
 from .triton_common import precision as _precision
@@ -379,7 +379,6 @@ class _FSide(torch.autograd.Function):
 def b_side(ql: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
     """softmax(ql k^T) v [B, H, m, D] in fp32, ql [B, H, m, D] fp32 (the scale folded in), k, v [B, H, T, D],
     pad Bool[B, T] (True: a real key) or None; a landmark row with no real key gives zeros."""
-    check_call("nystrom b_side", k.shape[-2], heads=1, head_dim=k.shape[-1])  # contiguous copies: T x D a row
     split = in_batch_pieces("nystrom b_side", k.shape[0], k.shape[1], lambda lo, hi: b_side(
         piece(ql, lo, hi), k[lo:hi], v[lo:hi], piece(pad, lo, hi)))
     if split is not None:
@@ -391,7 +390,6 @@ def f_side(q: torch.Tensor, kl: torch.Tensor, x: torch.Tensor, landmarks_real: t
            low: bool = False) -> torch.Tensor:
     """softmax(q kl^T) x [B, H, T, D] in q's dtype, q [B, H, T, D], kl, x [B, H, m, D] fp32 (the scale folded into kl),
     landmarks_real Bool[B, m] (False: out of the softmax) or None; low: kl and x rounded to q's dtype in the dots."""
-    check_call("nystrom f_side", q.shape[-2], heads=1, head_dim=q.shape[-1])
     split = in_batch_pieces("nystrom f_side", q.shape[0], q.shape[1], lambda lo, hi: f_side(
         q[lo:hi], piece(kl, lo, hi), piece(x, lo, hi), piece(landmarks_real, lo, hi), low))
     if split is not None:
@@ -410,7 +408,6 @@ def solve(q_lm: torch.Tensor, kl: torch.Tensor, qls: torch.Tensor, k: torch.Tens
     m = q_lm.shape[-2]
     if m > SOLVE_MAX_LANDMARKS:
         raise ValueError(f"nystrom_triton.solve takes up to {SOLVE_MAX_LANDMARKS} landmarks, got {m}")
-    check_call("nystrom solve", t, heads=1, head_dim=d)
     split = in_batch_pieces("nystrom solve", bs, h, lambda lo, hi: solve(
         piece(q_lm, lo, hi), piece(kl, lo, hi), piece(qls, lo, hi), k[lo:hi], v[lo:hi], piece(pad, lo, hi),
         piece(landmarks_real, lo, hi), iters))

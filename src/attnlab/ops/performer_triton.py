@@ -20,7 +20,7 @@ import torch
 import triton
 
 from ..types import records_grad
-from .limits import check_call, in_batch_pieces
+from .limits import check_call, in_batch_pieces, rows_fit, span_reasons
 from . import favor_triton as ft
 from . import linear_triton as lt
 from .triton_common import concurrently, unit_stride
@@ -34,7 +34,9 @@ def serves(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, learn: bool, num_f
     are recorded: the composition would run the chunked form there too)."""
     t = q.shape[-2]
     return (FUSED and q.dim() == 4 and q.dtype == k.dtype == torch.bfloat16 and ft.grad_kernel_serves(q, learn)
-            and t > lt.parallel_max_t(num_features, records_grad(q, k, v)))
+            and t > lt.parallel_max_t(num_features, records_grad(q, k, v))
+            and not span_reasons(t, heads=q.shape[1], head_dim=q.shape[-1], feature_dim=num_features)
+            and rows_fit(q, k, v))
 
 
 class _CausalFavor(torch.autograd.Function):

@@ -32,6 +32,7 @@ from ..patterns.blocks import BlockPattern
 from ..patterns.window import WindowPattern
 from ..types import AttnOutput, UnsupportedError, records_grad
 from .fused import triton_importable
+from . import limits
 from .limits import span_reasons
 from .reference import lse_and_probs
 
@@ -164,7 +165,7 @@ def triton_block_tables(pattern, tq: int, causal: bool, device):
 
 
 def resolve(backend: str, q: torch.Tensor, *, need_lse: bool, need_col_sums: bool, pattern=None,
-            backward: bool = False, tk: int | None = None) -> str:
+            backward: bool = False, tk: int | None = None, rows_fit: bool = True) -> str:
     """The kernel that will run. auto -> on CUDA the window's own Triton kernel for the plain sliding-window
     pattern in bf16 / fp16 (faster than FlexAttention's at 16k-64k on an H200, benchmarks/results/window/; in fp32
     it is not, window_triton.AUTO_DTYPES), and for a block pattern united with a window (global_sparse) for
@@ -180,7 +181,8 @@ def resolve(backend: str, q: torch.Tensor, *, need_lse: bool, need_col_sums: boo
             from . import window_triton
 
             if (q.shape[-1] <= window_triton.MAX_HEAD_DIM and q.dtype in window_triton.AUTO_DTYPES
-                    and not span_reasons(max(q.shape[-2], tk or 0), heads=q.shape[1], head_dim=q.shape[-1])):
+                    and not span_reasons(max(q.shape[-2], tk or 0), heads=q.shape[1], head_dim=q.shape[-1])
+                    and rows_fit):  # q, k, v's own rows (`limits.rows_fit`: wider layouts, a fused qkv's slices)
                 return "triton"
         return "flex" if flex_unavailable_reason(q.device) is None else "torch"
     if backend == "flex":
@@ -404,7 +406,8 @@ def sparse_attention(q, k, v, pattern, *, causal: bool, key_padding_mask, scale:
     tq, tk = q.shape[-2], k.shape[-2]
     backward = records_grad(q, k, v)
     kernel = "dense" if need_probs else resolve(backend, q, need_lse=need_lse, need_col_sums=need_col_sums,
-                                                pattern=pattern, backward=backward, tk=tk)
+                                                pattern=pattern, backward=backward, tk=tk,
+                                                rows_fit=backend != "auto" or limits.rows_fit(q, k, v))
     if kernel not in ("flex", "triton"):
         groups = q.shape[1] // k.shape[1]
         k, v = repeat_kv(k, groups), repeat_kv(v, groups)

@@ -40,6 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import limits as _limits
 from .limits import check_call, in_batch_pieces, piece
 from .triton_common import concurrently, dot, interpreted, kernel_reasons, precision, row_base, strides, to, unit_stride
 
@@ -648,7 +649,8 @@ class _WindowAttention(torch.autograd.Function):
         hkv, tk = k.shape[1], k.shape[2]
         if dout is None:
             dout = torch.zeros_like(out)
-        (dout,) = unit_stride(dout)  # read in the caller's layout (no copy)
+        # read in the caller's layout (no copy), unless wider than 32-bit offsets reach (`limits.narrowed`)
+        (dout,) = unit_stride(_limits.narrowed(dout))
         delta = torch.empty(b, h, tq, dtype=torch.float32, device=q.device)
         dlse_arg = dlse.float().contiguous() if dlse is not None else delta
         dq = torch.empty(b, h, tq, d, dtype=q.dtype, device=q.device)
