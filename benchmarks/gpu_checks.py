@@ -534,7 +534,9 @@ def size_limits(device="cuda", heads=16, t=64, d=32, huge=True, huge_heads=32, h
     run alone. huge: the 32-bit row offsets at 32 heads of 128 in transformers' layout: window and linear at the
     longest length the kernels serve (524,287 tokens, a row of 2^31 - 4096 elements) against references on their
     tails (window: the kernel on the last rows' keys alone; linear: the PyTorch form), and one token more refused by
-    backend='triton' and served by auto's other kernel."""
+    backend='triton' and served by auto's other kernel. v carries a signal along the positions, so rows read from the
+    wrong place fail the relative bound. A kernel that does hit an illegal address leaves the CUDA context unusable:
+    the checks after it then fail too (the huge ones run last)."""
     from attnlab import UnsupportedError
     from attnlab.ops import limits
 
@@ -579,6 +581,10 @@ def size_limits(device="cuda", heads=16, t=64, d=32, huge=True, huge_heads=32, h
             # transformers' layout: [B, T, H, D] memory seen as [B, H, T, D]
             q, k, v = (torch.randn(1, t_run, h, dh, device=device, dtype=dtype, generator=g).transpose(1, 2)
                        for _ in range(3))
+            # a signal in v that depends on the position (a causal mean of noise is ~0: rows read from the wrong
+            # place would still pass a relative bound)
+            pos = torch.arange(t_run, device=device, dtype=torch.float32)
+            v.add_(torch.sin(pos / 1000.0).to(dtype)[None, None, :, None])
             try:
                 with torch.no_grad():
                     fits = t_run == t_max
@@ -600,7 +606,7 @@ def size_limits(device="cuda", heads=16, t=64, d=32, huge=True, huge_heads=32, h
                     else:
                         ref = attnlab.make(name, head_dim=dh, num_heads=h, backend="eager").to(device)(
                             q, k, v, causal=True).out[:, :, -tail:]
-                err = (out.double() - ref.double()).abs().max().item() / max(1.0, ref.abs().max().item())
+                err = (out.double() - ref.double()).abs().max().item() / ref.double().abs().max().item()
                 ok = bool(torch.isfinite(out).all()) and err <= BOUND[dtype] and (fits or refused)
                 note = f"tail vs reference {err:.2e}" + ("" if fits else f", backend='triton' refused: {refused}")
             except Exception as exc:  # noqa: BLE001
@@ -621,7 +627,7 @@ def main(argv=None) -> int:
                    help="the causal linear kernels' forward (ops.linear_triton.PARALLEL_MAX_T): auto takes the one "
                         "quadratic pass at these short lengths; chunked checks the state walk and output passes")
     p.add_argument("--limits", action="store_true", help="only the kernels' size limits (`size_limits`: batches past "
-                   "the grid's 65,535 rows, rows of 2^31 elements at 524k tokens; about 40 GB of GPU memory)")
+                   "the grid's 65,535 rows, rows of 2^31 elements at 524k tokens; about 80 GB of GPU memory at peak)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("error: gpu_checks.py checks the CUDA kernels against the CPU path; no CUDA device is available here")

@@ -35,6 +35,8 @@ def test_the_limit_is_a_row_of_2_31_elements():
     assert len(why) == 1 and "32-bit offsets" in why[0] and "backend='compiled'" in why[0]
     assert limits.span_reasons(2**31 // 256, heads=1, head_dim=64, feature_dim=256) != []  # T x F
     assert limits.span_reasons(2**31 // 256 - 1, heads=1, head_dim=64, feature_dim=256) == []
+    # the chunked states (T / 64 x F x D) index from 64-bit rows: not counted
+    assert limits.span_reasons(2**31 // 256 - 1, heads=1, head_dim=128, feature_dim=256) == []
     assert limits.span_reasons(None, heads=32, head_dim=128) == []
 
 
@@ -119,6 +121,27 @@ def test_auto_takes_the_pytorch_core_for_a_layout_wider_than_it_counted(name, mo
         assert m.kernel.startswith("triton"), m.kernel  # the forced choice stands where the rows fit
 
 
+def test_window_auto_hands_the_rows_test_to_resolve(monkeypatch):
+    """window on auto passes q, k, v's own rows test to `sparse.resolve` (which takes flex or torch where they do not
+    fit: `test_block_triton.py::test_auto_routing_and_refusals`); explicit backends are not asked."""
+    from attnlab.ops import sparse as sparse_ops
+
+    b, h, t, d = 1, 2, 32, 16
+    wide, dense = _wide(b, h, t, d, torch.float32)
+    seen, real = [], sparse_ops.resolve
+
+    def spy(*a, **kw):
+        seen.append(kw.get("rows_fit"))
+        return real(*a, **kw)
+    monkeypatch.setattr(sparse_ops, "resolve", spy)
+    monkeypatch.setattr(limits, "OFFSET_LIMIT", limits.row_span(wide[0]))
+    m = attnlab.make("window", head_dim=d, num_heads=h, window=4)
+    with torch.no_grad():
+        m(*wide, causal=True)
+        m(*dense, causal=True)
+    assert seen == [False, True]
+
+
 def test_favor_map_takes_the_pytorch_map_past_the_offsets(monkeypatch):
     """FAVOR+'s map kernel (compiled path) hands x it cannot index to the fused PyTorch map (run eagerly here: the
     spy skips torch.compile), for 4-D inputs by their strides and T x m features, for other ranks as one row of
@@ -188,6 +211,9 @@ def test_learned_mask_on_triton_refuses_blocks_the_kernels_do_not_run():
     q = torch.randn(1, 2, 256, 16)
     with pytest.raises(UnsupportedError, match="16, 32, 64-token blocks, not 128"):
         m.check(q, q, q, causal=True)
+    m = attnlab.make("learned_mask", head_dim=16, num_heads=2, block_size=16, max_blocks=16, backend="triton")
+    with pytest.raises(UnsupportedError, match=r"self-attention \(Tq == Tk\), got Tq=128, Tk=256"):
+        m.check(q[:, :, :128], q, q, causal=True)
 
 
 ENTRIES = {"window_triton": ["window_attention"], "linear_triton": ["causal_linear"],

@@ -70,7 +70,9 @@ class LearnedMask(AttentionMethod):
         temperature: float = opt(1.0, "softness of the straight-through gates in training", low=1e-3)
         init: str = opt("window", "static: window (near distances first) | data (scores from the original attention's "
                                   "mass per head and distance on the first training batch)", choices=("window", "data"))
-        backend: str = opt("auto", "inference kernel: auto (flex on CUDA, torch elsewhere) | flex | torch",
+        backend: str = opt("auto", "the static form's kernel: auto (on CUDA in bf16 / fp16 the Triton block kernels "
+                                   "for 16-64-token blocks with a band or sinks, else flex; torch elsewhere) | triton | "
+                                   "flex | torch",
                            choices=sparse_ops.BACKENDS)
 
         def __post_init__(self):

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from ..types import UnsupportedError
-from .limits import in_batch_pieces, map_fits
+from .limits import in_batch_pieces, map_fits, narrowed
 from .fused import fused
 from .triton_common import dot as _dot
 from .triton_common import precision as _precision
@@ -227,7 +227,7 @@ class _Favor(torch.autograd.Function):
         x, features, b = ctx.saved_tensors
         if grad_kernel_serves(x, ctx.needs_input_grad[1]):  # dx only (drawn features): the kernel
             x4 = as_rows(x)
-            dphi4 = dphi.reshape(*x4.shape[:3], features.shape[0])
+            dphi4 = narrowed(dphi.reshape(*x4.shape[:3], features.shape[0]))  # wider than 32-bit offsets: a copy
             dx = grad_rows(x4, features, dphi4 if dphi4.stride(-1) == 1 else dphi4.contiguous(), b,
                            torch.empty_like(x4), ctx.consts)  # dx in x's layout (strides kept for dense x)
             return dx.reshape(x.shape), None, None, None, None
