@@ -287,3 +287,22 @@ def test_batches_past_the_grid_rows_run_in_pieces(name, monkeypatch):
     with pytest.raises(UnsupportedError, match="grid rows") as err:
         run()
     assert "\n" not in str(err.value)
+
+
+def test_favor_one_node_and_map_count_their_rows(monkeypatch):
+    """`performer_triton.serves` declines inputs whose rows (T x H x D, T x m, or wider views) pass the limit, so the
+    method composes the map and the core instead; `map_fits` counts a non-4-D x as one row of tokens as wide as its
+    token stride."""
+    from attnlab.ops import linear_triton, performer_triton
+
+    monkeypatch.setattr(linear_triton, "PARALLEL_MAX_T", 0)  # the chunked form, which the one node serves
+    b, h, t, d, m = 1, 2, 32, 16, 64
+    wide, dense = _wide(b, h, t, d, torch.bfloat16)
+    assert performer_triton.serves(*dense, False, m) and performer_triton.serves(*wide, False, m)
+    monkeypatch.setattr(limits, "OFFSET_LIMIT", limits.row_span(wide[0]))  # above T x H x D and T x m
+    assert performer_triton.serves(*dense, False, m) and not performer_triton.serves(*wide, False, m)
+    monkeypatch.setattr(limits, "OFFSET_LIMIT", t * m)
+    assert not performer_triton.serves(*dense, False, m)
+    x = torch.randn(64, 48)
+    monkeypatch.setattr(limits, "OFFSET_LIMIT", 64 * 40)  # between 64 tokens x 32 features and x 48 (the stride)
+    assert limits.map_fits(x[:, :16].contiguous(), 32) and not limits.map_fits(x[:, :16], 32)
