@@ -79,8 +79,7 @@ class KernelAttention(AttentionMethod):
         f = self.feature_dim()
         why = triton_unsupported_reasons(device, causal=causal, tq=tq, tk=tk, head_dim=self.head_dim,
                                          feature_dim=f, dtype=dtype)
-        t = None if tq is None and tk is None else max(tq or 0, tk or 0)
-        return why + span_reasons(t, heads=self.num_heads, head_dim=self.head_dim, feature_dim=f, fallback="compiled")
+        return why + span_reasons(tq, tk, heads=self.num_heads, head_dim=self.head_dim, feature_dim=f, fallback="compiled")
 
     def _unsupported_reasons(self, *, causal, tq, tk, dtype, device, need_probs=False, **extras):
         b = self.opts.backend

@@ -11,8 +11,9 @@ chunked states and the LSH and nystrom kernels index from 64-bit rows or positio
 
 `span_reasons` is the shape-level check the methods run before any compute (backend='triton' is refused with it,
 backend='auto' takes another kernel); `rows_fit` the test of the tensors themselves (auto takes another kernel for a
-layout wider than transformers', a slice of a fused qkv projection); `check_call` / `check_rows` the entry points'
-refusal in one line; `narrowed` the backwards' contiguous copy of a gradient that arrives wider."""
+layout wider than transformers', a slice of a fused qkv projection); `call_reasons` both, which the entry points
+refuse in one line (`check_call`) and the one-node FAVOR+ path declines; `narrowed` the backwards' contiguous copy of
+a gradient that arrives wider."""
 from __future__ import annotations
 
 import torch
@@ -30,11 +31,15 @@ def row_span(x: torch.Tensor, lead: int = 2) -> int:
     return 1 + sum((n - 1) * s for n, s in zip(x.shape[lead:], x.stride()[lead:]))
 
 
-def span_reasons(t: int | None, *, heads: int, head_dim: int, feature_dim: int = 0,
+def span_reasons(*lengths: int | None, heads: int, head_dim: int, feature_dim: int = 0,
                  fallback: str | None = None) -> list[str]:
-    """Why the kernels' 32-bit row offsets cannot index a call of t tokens (empty: they can), counting the widest
-    row they touch: q, k, v and the output in transformers' layout (T x H x D) and a contiguous feature map (T x F).
-    fallback: the backend the message names (None: any other)."""
+    """Why the kernels' 32-bit row offsets cannot index a call of the longest of `lengths` tokens (Tq, Tk; None: not
+    known; empty: they can), counting the widest row they touch: q, k, v and the output in transformers' layout (T x
+    H x D) and a contiguous feature map (T x F). fallback: the backend the message names (None: any other)."""
+    t = None  # the longest known length (a loop: this runs every call of a layer)
+    for n in lengths:
+        if n is not None and (t is None or n > t):
+            t = n
     if t is None:
         return []
     per_token = max(heads * head_dim, feature_dim)
@@ -49,25 +54,27 @@ def span_reasons(t: int | None, *, heads: int, head_dim: int, feature_dim: int =
 def rows_fit(*xs: torch.Tensor | None, lead: int = 2) -> bool:
     """Whether one row of each of xs spans fewer than 2^31 elements. A storage of fewer bytes holds no such row: that
     test first (0.1 us a tensor, the span's sum 1 us; skipped while torch.compile traces, where it breaks the graph)."""
+    tracing = torch.compiler.is_compiling()
     for x in xs:
         if x is None:
             continue
-        if not torch.compiler.is_compiling() and x.untyped_storage().nbytes() < OFFSET_LIMIT:
+        if not tracing and x.untyped_storage().nbytes() < OFFSET_LIMIT:
             continue
         if row_span(x, lead) >= OFFSET_LIMIT:
             return False
     return True
 
 
-def check_rows(op: str, *xs: torch.Tensor | None, lead: int = 2) -> None:
-    """Raise UnsupportedError where one row of any of xs spans 2^31 elements or more (see the module doc)."""
-    if rows_fit(*xs, lead=lead):
-        return
-    x = next(x for x in xs if x is not None and not rows_fit(x, lead=lead))
-    raise UnsupportedError(
-        f"{op}: a tensor of shape {tuple(x.shape)} and strides {x.stride()} spans {row_span(x, lead):,} elements "
-        "within one (batch, head) row, past the Triton kernels' 32-bit offsets (2^31); pass it contiguous, split the "
-        "input, or use a non-Triton backend")
+def call_reasons(t: int, *xs: torch.Tensor | None, heads: int, head_dim: int, feature_dim: int = 0) -> list[str]:
+    """Why a kernel call of t tokens cannot be indexed (empty: it can): the rows it allocates (`span_reasons`) and
+    the first of the tensors it is handed whose own rows do not fit (`rows_fit`)."""
+    why = span_reasons(t, heads=heads, head_dim=head_dim, feature_dim=feature_dim)
+    if not rows_fit(*xs):
+        x = next(x for x in xs if x is not None and not rows_fit(x))
+        why.append(f"a tensor of shape {tuple(x.shape)} and strides {x.stride()} spans {row_span(x):,} elements "
+                   "within one (batch, head) row, past the Triton kernels' 32-bit offsets (2^31); pass it contiguous, "
+                   "split the input, or use a non-Triton backend")
+    return why
 
 
 def map_fits(x: torch.Tensor, num_features: int) -> bool:
@@ -75,7 +82,7 @@ def map_fits(x: torch.Tensor, num_features: int) -> bool:
     offsets: a [B, H, T, D] x as its strides place it, and T x m features a row; other ranks are mapped as one row of
     every token (numel / D tokens, each as wide as x's token stride)."""
     if x.dim() == 4:
-        return not span_reasons(x.shape[-2], heads=1, head_dim=x.shape[-1], feature_dim=num_features) and rows_fit(x)
+        return not call_reasons(x.shape[-2], x, heads=1, head_dim=x.shape[-1], feature_dim=num_features)
     width = max(x.shape[-1], x.stride(-2) if x.dim() > 1 else 0)
     return not span_reasons(x.numel() // max(1, x.shape[-1]), heads=1, head_dim=width, feature_dim=num_features)
 
@@ -87,12 +94,10 @@ def narrowed(x: torch.Tensor) -> torch.Tensor:
 
 
 def check_call(op: str, t: int, *xs: torch.Tensor | None, heads: int, head_dim: int, feature_dim: int = 0) -> None:
-    """An entry point's check before any launch: the rows it allocates (`span_reasons`) and the tensors it is handed
-    (`check_rows`) fit 32-bit offsets, else one UnsupportedError naming `op`."""
-    why = span_reasons(t, heads=heads, head_dim=head_dim, feature_dim=feature_dim)
+    """An entry point's check before any launch (`call_reasons`): one UnsupportedError naming `op`."""
+    why = call_reasons(t, *xs, heads=heads, head_dim=head_dim, feature_dim=feature_dim)
     if why:
         raise UnsupportedError(f"{op}: {why[0]}")
-    check_rows(op, *xs)
 
 
 # CUDA's limit on a grid's y and z dims (x takes 2^31 - 1), where the kernels put batch x heads (x LSH's rounds): past

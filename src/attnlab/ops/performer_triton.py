@@ -20,7 +20,7 @@ import torch
 import triton
 
 from ..types import records_grad
-from .limits import check_call, in_batch_pieces, rows_fit, span_reasons
+from .limits import call_reasons, check_call, in_batch_pieces
 from . import favor_triton as ft
 from . import linear_triton as lt
 from .triton_common import concurrently, unit_stride
@@ -35,8 +35,7 @@ def serves(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, learn: bool, num_f
     t = q.shape[-2]
     return (FUSED and q.dim() == 4 and q.dtype == k.dtype == torch.bfloat16 and ft.grad_kernel_serves(q, learn)
             and t > lt.parallel_max_t(num_features, records_grad(q, k, v))
-            and not span_reasons(t, heads=q.shape[1], head_dim=q.shape[-1], feature_dim=num_features)
-            and rows_fit(q, k, v))
+            and not call_reasons(t, q, k, v, heads=q.shape[1], head_dim=q.shape[-1], feature_dim=num_features))
 
 
 class _CausalFavor(torch.autograd.Function):

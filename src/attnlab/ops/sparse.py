@@ -96,9 +96,8 @@ def unsupported_reasons(backend: str, device, *, need_lse: bool = False, need_co
         from . import window_triton
 
         why = [] if pattern is None or is_window(pattern) else block_triton_unsupported(pattern, tq, tk)
-        t = None if tq is None and tk is None else max(tq or 0, tk or 0)
         return why + window_triton.unsupported_reasons(device, head_dim=head_dim or 0, need_col_sums=need_col_sums,
-                                                       dtype=dtype) + span_reasons(t, heads=heads,
+                                                       dtype=dtype) + span_reasons(tq, tk, heads=heads,
                                                                                    head_dim=head_dim or 0)
     if backend != "flex" or device is None:
         return []
@@ -181,7 +180,7 @@ def resolve(backend: str, q: torch.Tensor, *, need_lse: bool, need_col_sums: boo
             from . import window_triton
 
             if (q.shape[-1] <= window_triton.MAX_HEAD_DIM and q.dtype in window_triton.AUTO_DTYPES
-                    and not span_reasons(max(q.shape[-2], tk or 0), heads=q.shape[1], head_dim=q.shape[-1])
+                    and not span_reasons(q.shape[-2], tk, heads=q.shape[1], head_dim=q.shape[-1])
                     and rows_fit):  # q, k, v's own rows (`limits.rows_fit`: wider layouts, a fused qkv's slices)
                 return "triton"
         return "flex" if flex_unavailable_reason(q.device) is None else "torch"
