@@ -283,6 +283,8 @@ def test_batches_past_the_grid_rows_run_in_pieces(name, monkeypatch):
     for a, e in zip(got_grads, want_grads):
         assert torch.equal(a, e)
     assert torch.equal(got_infer, want_infer)
+    # in the whole batch's memory layout too (a window output is [B, T, H, D] memory: no copy downstream)
+    assert got.stride() == want.stride() and got_infer.stride() == want_infer.stride()
     monkeypatch.setattr(limits, "MAX_GRID_ROWS", 1)
     with pytest.raises(UnsupportedError, match="grid rows") as err:
         run()

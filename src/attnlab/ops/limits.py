@@ -118,8 +118,18 @@ def in_batch_pieces(op: str, batch: int, rows_per_item: int, call):
                                f"{MAX_GRID_ROWS:,}; use fewer heads or rounds, or a non-Triton backend")
     outs = [call(lo, min(lo + step, batch)) for lo in range(0, batch, step)]
     if isinstance(outs[0], tuple):
-        return tuple(None if parts[0] is None else torch.cat(parts, 0) for parts in zip(*outs))
-    return torch.cat(outs, 0)
+        return tuple(None if parts[0] is None else _joined(parts) for parts in zip(*outs))
+    return _joined(outs)
+
+
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    """parts joined along dim 0 in their own memory order, the batch outermost: a [B, H, T, D] view of [B, T, H, D]
+    memory (the kernels' outputs, transformers' next layout) stays one, where torch.cat would make it contiguous."""
+    first = parts[0]
+    order = sorted(range(first.dim()), key=lambda i: (-first.stride(i), i))  # dims outermost first
+    if order[0] != 0 or not all(p.permute(order).is_contiguous() for p in parts):
+        return torch.cat(parts, 0)
+    return torch.cat([p.permute(order) for p in parts], 0).permute([order.index(i) for i in range(first.dim())])
 
 
 def piece(x: torch.Tensor | None, lo: int, hi: int) -> torch.Tensor | None:
