@@ -292,7 +292,12 @@ def model_table() -> str:
                "with `--budget-s 150`, the working tree of c00ee71, one interleaved run; `linear_triton.PARALLEL_GRAD_MAX_T` "
                "(the quadratic passes with gradients only up to 512 tokens) and gradients from `torch.empty_like` (dq, dk, dv "
                "written as transformers' [B, T, H, D] memory: no copy kernels on their way back); `grad_layouts/` "
-               "and `grad_rule/` hold the profiles):", "CUDA graph, chunked under gradients, gradient layouts"))
+               "and `grad_rule/` hold the profiles):", "CUDA graph, chunked under gradients, gradient layouts"),
+              ("model_bench_graph_after_limits.json", "**CUDA graph, after the kernels' size limits** "
+               "(`model_bench_graph_after_limits.json`: the same command with `--budget-s 100`, the tree of 3f0ef8c, "
+               "one interleaved run, 2026-12-05: every Triton entry point checks its rows against 32-bit offsets and "
+               "CUDA's grid rows before launching, `ops/limits.py`; the step moved by at most 0.4% against the table "
+               "above):", "CUDA graph, after the size limits"))
     for name, prose, label in graphs:
         if (MODEL_DIR / name).exists():
             gr = json.load(open(MODEL_DIR / name))
