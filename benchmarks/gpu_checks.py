@@ -622,7 +622,7 @@ def size_limits(device="cuda", heads=16, t=64, d=32, huge=True, huge_heads=32, h
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("methods", nargs="?", default=None, help="comma-separated subset (default: every method)")
-    p.add_argument("--quick", action="store_true", help="fp32 exact limits and bf16 CUDA-vs-CPU only")
+    p.add_argument("--quick", action="store_true", help="the exact limits in fp32, every other check in bf16 only")
     p.add_argument("--linear-form", choices=("auto", "chunked", "parallel"), default="auto",
                    help="the causal linear kernels' forward (ops.linear_triton.PARALLEL_MAX_T): auto takes the one "
                         "quadratic pass at these short lengths; chunked checks the state walk and output passes")
