@@ -224,14 +224,8 @@ class LearnedMask(AttentionMethod):
             return []
         why = sparse_ops.unsupported_reasons(o.backend, device, need_lse=need_lse, need_col_sums=need_col_sums,
                                              head_dim=self.head_dim, dtype=dtype, tq=tq, tk=tk, heads=self.num_heads)
-        if o.backend == "triton":  # the layout's blocks on the block kernels (`sparse.block_triton_unsupported`)
-            from ..ops.window_triton import BLOCK_SIZES
-
-            if o.block_size not in BLOCK_SIZES:
-                why.append(f"backend='triton' runs block patterns of {', '.join(map(str, BLOCK_SIZES))}-token blocks, "
-                           f"not {o.block_size}")
-            if tq is not None and tk is not None and tq != tk:
-                why.append(f"backend='triton' runs block patterns for self-attention (Tq == Tk), got Tq={tq}, Tk={tk}")
+        if o.backend == "triton":  # the layout's blocks on the block kernels
+            why += sparse_ops.block_size_unsupported(o.block_size, tq, tk)
         return why
 
     def flops(self, tq, tk, causal, *, grad=False):

@@ -33,7 +33,6 @@ from ..patterns.window import WindowPattern
 from ..types import AttnOutput, UnsupportedError, records_grad
 from .fused import triton_importable
 from . import limits
-from .limits import span_reasons
 from .reference import lse_and_probs
 
 BACKENDS = ("auto", "flex", "torch", "triton")
@@ -96,9 +95,9 @@ def unsupported_reasons(backend: str, device, *, need_lse: bool = False, need_co
         from . import window_triton
 
         why = [] if pattern is None or is_window(pattern) else block_triton_unsupported(pattern, tq, tk)
-        return why + window_triton.unsupported_reasons(device, head_dim=head_dim or 0, need_col_sums=need_col_sums,
-                                                       dtype=dtype) + span_reasons(tq, tk, heads=heads,
-                                                                                   head_dim=head_dim or 0)
+        why += window_triton.unsupported_reasons(device, head_dim=head_dim or 0, need_col_sums=need_col_sums,
+                                                 dtype=dtype)
+        return why + limits.span_reasons(tq, tk, heads=heads, head_dim=head_dim or 0)
     if backend != "flex" or device is None:
         return []
     why = []
@@ -132,16 +131,21 @@ def block_window_parts(pattern) -> tuple[BlockPattern, WindowPattern | None] | N
 
 def block_triton_unsupported(pattern, tq: int | None, tk: int | None) -> list[str]:
     """Why the Triton kernels cannot run `pattern` as a block pattern (empty: they can)."""
-    from .window_triton import BLOCK_SIZES
-
     parts = block_window_parts(pattern)
     if parts is None:
         return ["backend='triton' runs the sliding-window pattern and block patterns (alone or with a window and "
                 f"sinks), not {type(pattern).__name__}"]
+    return block_size_unsupported(parts[0].block_size, tq, tk)
+
+
+def block_size_unsupported(block_size: int, tq: int | None, tk: int | None) -> list[str]:
+    """Why the Triton block kernels cannot run blocks of `block_size` tokens at Tq x Tk (empty: they can)."""
+    from .window_triton import BLOCK_SIZES
+
     why = []
-    if parts[0].block_size not in BLOCK_SIZES:
+    if block_size not in BLOCK_SIZES:
         why.append(f"backend='triton' runs block patterns of {', '.join(map(str, BLOCK_SIZES))}-token blocks, not "
-                   f"{parts[0].block_size}")
+                   f"{block_size}")
     if tq is not None and tk is not None and tq != tk:
         why.append(f"backend='triton' runs block patterns for self-attention (Tq == Tk), got Tq={tq}, Tk={tk}")
     return why
@@ -180,7 +184,7 @@ def resolve(backend: str, q: torch.Tensor, *, need_lse: bool, need_col_sums: boo
             from . import window_triton
 
             if (q.shape[-1] <= window_triton.MAX_HEAD_DIM and q.dtype in window_triton.AUTO_DTYPES
-                    and not span_reasons(q.shape[-2], tk, heads=q.shape[1], head_dim=q.shape[-1])
+                    and not limits.span_reasons(q.shape[-2], tk, heads=q.shape[1], head_dim=q.shape[-1])
                     and rows_fit):  # q, k, v's own rows (`limits.rows_fit`: wider layouts, a fused qkv's slices)
                 return "triton"
         return "flex" if flex_unavailable_reason(q.device) is None else "torch"
