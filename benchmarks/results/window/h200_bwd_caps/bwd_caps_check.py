@@ -1,13 +1,23 @@
 """One-off (2026-12-05): after `tune_window.py --modes fwd+bwd`, the fastest backward setting at the longest length
 (causal and not); if it is a register cap and beats CONFIG["bwd"] by 3% in both, `gpu_checks.py window@triton
---quick` with it installed. Usage: python benchmarks/bwd_caps_check.py OUT/tune_window.json"""
+--quick` with it installed.
+
+    python benchmarks/results/window/h200_bwd_caps/bwd_caps_check.py OUT/tune_window.json
+"""
 import json
 import runpy
 import sys
 
 from attnlab.ops import window_triton
 
-rows = [r for r in json.load(open(sys.argv[1])) if r.get("ms") and r.get("config") and r["mode"] == "fwd+bwd"]
+if len(sys.argv) != 2:
+    sys.exit("usage: python benchmarks/results/window/h200_bwd_caps/bwd_caps_check.py OUT/tune_window.json")
+try:
+    rows = [r for r in json.load(open(sys.argv[1])) if r.get("ms") and r.get("config") and r["mode"] == "fwd+bwd"]
+except (OSError, ValueError, KeyError, TypeError) as e:
+    sys.exit(f"error: {sys.argv[1]}: not a tune_window.json ({type(e).__name__}: {e})")
+if not rows:
+    sys.exit(f"error: {sys.argv[1]}: no timed fwd+bwd rows with a config (run tune_window.py --modes fwd+bwd)")
 t = max(r["seq_len"] for r in rows)
 base = {k: window_triton.CONFIG[k] for k in ("dkdv", "dq", "bwd")}
 best = {}
