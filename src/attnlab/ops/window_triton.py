@@ -52,9 +52,12 @@ LOG2E = 1.4426950408889634
 # busy, benchmarks/results/window/h200_ncu/); capped, 4 fit, and window 256 at 64k ran 0.324 vs 0.362 ms causal,
 # 0.471 vs 0.522 non-causal (-10% both, 16k likewise; benchmarks/results/window/h200_maxnreg/, one process).
 # The backward's dk, dv programs (key tiles of "dkdv" BN walking query tiles of its BM) and dq programs (query tiles
-# of "dq" BM walking key tiles of its BN) run in one launch (`_bwd`) with "bwd"'s launch settings.
+# of "dq" BM walking key tiles of its BN) run in one launch (`_bwd`) with "bwd"'s launch settings, its registers
+# capped at 168 a thread: window 256 at 64k, fwd+bwd, 1.490 vs 1.617 ms causal (-7.9%), 2.235 vs 2.256 non-causal;
+# with 4 sinks 1.860 vs 2.010 causal, 2.573 vs 2.571 non-causal (benchmarks/results/window/h200_bwd_caps/, one
+# process each; a cap of 128 was slower).
 CONFIG = {"fwd": dict(BM=64, BN=64, num_warps=4, num_stages=3, maxnreg=128),
-          "dkdv": dict(BM=64, BN=64), "dq": dict(BM=64, BN=64), "bwd": dict(num_warps=4, num_stages=2)}
+          "dkdv": dict(BM=64, BN=64), "dq": dict(BM=64, BN=64), "bwd": dict(num_warps=4, num_stages=2, maxnreg=168)}
 CONFIG_WIDE = {"fwd": dict(BM=128, BN=32, num_warps=8, num_stages=2),  # head_dim 65..256: smaller key tiles
                "dkdv": dict(BM=32, BN=64), "dq": dict(BM=64, BN=32), "bwd": dict(num_warps=8, num_stages=1)}
 INTERPRETED = {"fwd": dict(BM=16, BN=16), "dkdv": dict(BM=16, BN=16), "dq": dict(BM=16, BN=16), "bwd": {}}
