@@ -297,7 +297,12 @@ def model_table() -> str:
                "(`model_bench_graph_after_limits.json`: the same command with `--budget-s 100`, the tree of 3f0ef8c, "
                "one interleaved run, 2026-12-05: every Triton entry point checks its rows against 32-bit offsets and "
                "CUDA's grid rows before launching, `ops/limits.py`; the step moved by at most 0.4% against the table "
-               "above):", "CUDA graph, after the size limits"))
+               "above):", "CUDA graph, after the size limits"),
+              ("model_bench_graph_window_bwdcap.json", "**CUDA graph, window's backward with its registers capped** "
+               "(`model_bench_graph_window_bwdcap.json`: the same command with `--methods window`, commit 751e8ba, "
+               "one interleaved run, 2026-12-05: `window_triton.CONFIG[\"bwd\"]` with `maxnreg=168`, 7.9% off the "
+               "kernel's causal fwd+bwd at 64k; at these lengths the step moved by under 0.5%):",
+               "CUDA graph, window backward capped"))
     for name, prose, label in graphs:
         if (MODEL_DIR / name).exists():
             gr = json.load(open(MODEL_DIR / name))
