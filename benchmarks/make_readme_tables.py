@@ -60,16 +60,17 @@ def limit_cell(r) -> str:
 
 
 def _pick_run(runs: dict, mode: str, causal: bool, method: str, impl: str):
-    """The run with the most ok lengths of this (method, impl); on a tie one that timed a peer of the method, then
-    the latest."""
+    """The run with the most ok lengths of this (method, impl); on a tie the one whose peers of the method were timed
+    at the most of those lengths (a run whose peers were cut short by its time budget does not replace one with
+    the ratio at every length), then the latest."""
     def score(item):
         rel, rows = item
         ok = [rows.get((mode, causal, method, impl, n)) for n in LENGTHS]
         n_ok = sum(1 for r in ok if r and r["status"] == "ok")
-        n_peer = sum(1 for k, r in rows.items() if k[:3] == (mode, causal, method) and not k[3].startswith("attnlab")
-                     and k[4] in LENGTHS and r["status"] == "ok")
+        peer_lengths = {k[4] for k, r in rows.items() if k[:3] == (mode, causal, method)
+                        and not k[3].startswith("attnlab") and k[4] in LENGTHS and r["status"] == "ok"}
         stamp = max((str(r.get("timestamp", "")) for r in ok if r), default="")
-        return (n_ok, any(ok), n_peer > 0, stamp)
+        return (n_ok, any(ok), len(peer_lengths), stamp)
     best = max(runs.items(), key=score, default=None)
     return best if best and score(best)[1] else None
 
