@@ -35,3 +35,23 @@ def test_model_crossover_counts_a_failed_length_as_a_loss_and_an_original_oom_as
     assert mod.crossover(oom + [row("m", 1, 2.0), row("m", 2, 0.5), row("m", 4, 9.0)], "m", "orig", "ms") == 2
     # slower at the longest: none, whatever happens below
     assert mod.crossover(base + [row("m", 1, 0.5), row("m", 2, 0.5), row("m", 4, 2.0)], "m", "orig", "ms") is None
+
+
+def test_a_run_whose_peers_were_cut_short_does_not_replace_one_with_every_ratio():
+    spec = importlib.util.spec_from_file_location("make_readme_tables", ROOT / "benchmarks" / "make_readme_tables.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def run(peer_lengths, stamp):
+        rows = {("fwd", False, "m", "attnlab", n): {"status": "ok", "timestamp": stamp} for n in mod.LENGTHS}
+        for n in mod.LENGTHS:
+            rows[("fwd", False, "m", "peer", n)] = {"status": "ok" if n in peer_lengths else "skipped"}
+        return rows
+
+    every, short = run(mod.LENGTHS, "2026-01-01"), run(mod.LENGTHS[:1], "2026-06-01")
+    assert mod._pick_run({"old": every, "new": short}, "fwd", False, "m", "attnlab")[0] == "old"
+    # peers at as many lengths: the latest
+    assert mod._pick_run({"old": every, "new": run(mod.LENGTHS, "2026-06-01")}, "fwd", False, "m", "attnlab")[0] == "new"
+    # more of the method's own lengths first, whatever its peers
+    fewer = {k: dict(v, status="oom") if k[3] == "attnlab" and k[4] == mod.LENGTHS[-1] else v for k, v in every.items()}
+    assert mod._pick_run({"old": fewer, "new": short}, "fwd", False, "m", "attnlab")[0] == "new"
