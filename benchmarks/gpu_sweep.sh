@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The full cost sweep on one GPU, in one command (about 9 minutes on an H100), run from the repository root
-# with the peer wheels carried in .whl/ (see benchmarks/README.md):
+# with the peer wheels carried in .whl/ (`bash benchmarks/peer_wheels.sh` makes them; see benchmarks/README.md):
 #   bash benchmarks/gpu_sweep.sh            # all four configurations: fits ~9 min; some long lengths may be "skipped"
 #   bash benchmarks/gpu_sweep.sh fwd        # the two fwd configurations, with 2.5x the time each (~9 min)
 #   bash benchmarks/gpu_sweep.sh fwd+bwd    # the two fwd+bwd configurations, with 2.5x the time each (~9 min)
