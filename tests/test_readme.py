@@ -8,10 +8,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_readme_tables_match_the_committed_json():
+def _tables():
+    """benchmarks/make_readme_tables.py as a module (benchmarks/ is not a package)."""
     spec = importlib.util.spec_from_file_location("make_readme_tables", ROOT / "benchmarks" / "make_readme_tables.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_readme_tables_match_the_committed_json():
+    mod = _tables()
     text = (ROOT / "README.md").read_text()
     for (start, end), _ in mod.blocks().items():
         assert start in text and end in text, f"README lost the {start} block"
@@ -19,9 +25,7 @@ def test_readme_tables_match_the_committed_json():
 
 
 def test_model_crossover_counts_a_failed_length_as_a_loss_and_an_original_oom_as_a_win():
-    spec = importlib.util.spec_from_file_location("make_readme_tables", ROOT / "benchmarks" / "make_readme_tables.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _tables()
 
     def row(impl, n, ms, status="ok"):
         return {"impl": impl, "seq_len": n, "ms": ms, "status": status}
@@ -38,9 +42,7 @@ def test_model_crossover_counts_a_failed_length_as_a_loss_and_an_original_oom_as
 
 
 def test_a_run_whose_peers_were_cut_short_does_not_replace_one_with_every_ratio():
-    spec = importlib.util.spec_from_file_location("make_readme_tables", ROOT / "benchmarks" / "make_readme_tables.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _tables()
 
     def run(peer_lengths, stamp):
         rows = {("fwd", False, "m", "attnlab", n): {"status": "ok", "timestamp": stamp} for n in mod.LENGTHS}
