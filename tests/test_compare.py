@@ -17,7 +17,6 @@ import attnlab.data
 import attnlab.models
 from tests.adapters import tiny_model
 
-SMOLLM2_DIR = attnlab.models.cache_dir() / "smollm2-135m-instruct"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
                    "chat_template.jinja")
 

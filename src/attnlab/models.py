@@ -85,19 +85,29 @@ def get(name: str) -> PackagedModel:
         raise ModelNotInstalled(f"unknown packaged model {name!r}; packaged: {', '.join(MODELS)} (or a local folder)") from None
 
 
+def smollm2_cache() -> Path:
+    """The folder of SmolLM2's safetensors copy, one per transformers major version: what transformers 5 writes
+    (its tokenizer class `TokenizersBackend`, for one) transformers 4 cannot read back, so an environment with the
+    other major version converts once for itself rather than failing on the first one's copy."""
+    import transformers
+
+    major = int(transformers.__version__.split(".")[0])
+    return cache_dir() / ("smollm2-135m-instruct" if major >= 5 else f"smollm2-135m-instruct-transformers{major}")
+
+
 def _smollm2_dir() -> Path:
     """SmolLM2 ships as a Q4_1 GGUF; transformers dequantises it (20-30 s), so the first call saves a safetensors
-    copy under the cache folder and later loads read that."""
+    copy under the cache folder (`smollm2_cache`) and later loads read that."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cached = cache_dir() / "smollm2-135m-instruct"
+    cached = smollm2_cache()
     if (cached / "model.safetensors").exists():
         return cached
     pkg = _package_dir(PACKAGED["smollm2"])
     print(f"attnlab: converting {SMOLLM2_GGUF} to safetensors under {cached} (once)", flush=True)
-    tok = AutoTokenizer.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF)
+    tok = _as_gguf_declares(AutoTokenizer.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF), pkg / SMOLLM2_GGUF)
     model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
 
     if getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config  # the saved copy is plain fp32, not GGUF
@@ -105,9 +115,56 @@ def _smollm2_dir() -> Path:
     tmp.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    save_model(model, str(tmp / "model.safetensors"))  # dedups the tied embedding / lm_head
+    save_file(_untied_state(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})  # transformers 4
+    # refuses a file whose metadata does not name the format
     tmp.replace(cached) if not cached.exists() else (shutil.rmtree(cached), tmp.replace(cached))
     return cached
+
+
+def _as_gguf_declares(tok, gguf_path: Path):
+    """The tokenizer with the special tokens and BOS rule the GGUF file's metadata declares. transformers 5 reads
+    them; 4.56 does not (SmolLM2: BOS prepended, eos <|im_start|>, no pad, where the file says no BOS and eos = pad
+    = <|im_end|>)."""
+    from gguf import GGUFReader, GGUFValueType
+
+    fields = GGUFReader(str(gguf_path)).fields
+
+    def value(key):
+        f = fields.get(f"tokenizer.ggml.{key}")
+        if f is None or not f.data:
+            return None
+        part = f.parts[f.data[0]]
+        return bytes(part).decode() if f.types[0] == GGUFValueType.STRING else part.tolist()[0]
+
+    for key, attr in (("bos_token_id", "bos_token"), ("eos_token_id", "eos_token"), ("padding_token_id", "pad_token"),
+                      ("unknown_token_id", "unk_token")):
+        if (i := value(key)) is not None and getattr(tok, f"{attr}_id") != i:
+            setattr(tok, attr, tok.convert_ids_to_tokens(int(i)))
+    add_bos = value("add_bos_token")
+    if add_bos is not None and hasattr(tok, "add_bos_token") and bool(tok.add_bos_token) != bool(add_bos):
+        tok.add_bos_token = bool(add_bos)  # a fast Llama tokenizer rebuilds its post-processor
+    if add_bos is not None and (tok("a").input_ids[:1] == [tok.bos_token_id]) != bool(add_bos):
+        raise AttnlabError(f"{gguf_path.name}: transformers {_transformers_version()} builds a tokenizer that "
+                           f"{'does not prepend' if add_bos else 'prepends'} BOS, against the file's add_bos_token")
+    return tok
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def _untied_state(model) -> dict[str, torch.Tensor]:
+    """The state dict with each shared tensor once, under the first name it has (the embedding of a tied LM head,
+    which from_pretrained ties the head to in transformers 4 and 5: safetensors' own `save_model` keeps
+    lm_head.weight instead, and transformers 4 then leaves the embedding on the meta device)."""
+    kept, seen = {}, set()
+    for name, t in model.state_dict().items():
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            kept[name] = t.contiguous()
+    return kept
 
 
 register_model(PackagedModel("smollm2", PACKAGED["smollm2"], "causal-lm", "lm",
