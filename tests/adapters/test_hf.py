@@ -16,7 +16,7 @@ import attnlab
 from attnlab import registry
 from attnlab.adapters import hf
 from attnlab.metrics import fidelity as fm
-from tests.adapters import VOCAB, max_diff, outputs, pad_batch, rand_ids, tiny_model
+from tests.adapters import VOCAB, max_diff, outputs, pad_batch, rand_ids, tiny_model, transformers_major
 
 KINDS = ("llama", "gpt2", "bert", "qwen2")
 CAUSAL_METHODS = [n for n in attnlab.list_methods() if attnlab.capabilities(n).causal]
@@ -560,17 +560,18 @@ def test_mask_outside_capture_hands_the_layers_the_warmup_decision(monkeypatch):
     try:
         with torch.no_grad():
             want, got_masks = masks()
-            assert got_masks and all(m is None for m in got_masks)
+            # transformers 4 hands its sdpa layers a 4D mask whenever there is no cache (its packed-sequence check)
+            assert got_masks and (all(m is None for m in got_masks) or transformers_major() < 5)
             if hasattr(import_utils, "is_cuda_stream_capturing"):  # transformers without the check builds no 4D mask
                 capturing(True)
                 assert all(m is not None and m.dim() == 4 for m in masks()[1])  # the trap
                 capturing(False)
             with hf.mask_outside_capture(model):
-                masks()  # the warm-up, outside the capture
+                warm = masks()[1]  # the warm-up, outside the capture
                 capturing(True)
                 got, got_masks = masks()
                 capturing(False)
-            assert got_masks and all(m is None for m in got_masks)
+            assert got_masks and all(m is w for m, w in zip(got_masks, warm, strict=True))
             torch.testing.assert_close(got, want)
             with hf.mask_outside_capture(model), pytest.raises(RuntimeError, match="before any warm-up"):
                 capturing(True)
@@ -597,3 +598,43 @@ def test_under_autocast_methods_get_q_k_v_in_the_autocast_dtype():
     assert seen[:2] == [{torch.float32}] * 2 and seen[2:] == [{torch.bfloat16}] * 2
     assert max_diff(low.float(), ref) < 0.05 * ref.abs().max()  # bf16 rounding, not another computation
     attnlab.unswap(model)
+
+
+@pytest.mark.skipif(transformers_major() >= 5, reason="transformers 4's BertModel only")
+def test_bert_before_transformers_5_is_refused_in_one_line():
+    """Under transformers 4, BertModel's attention does not call the attention interface: swapping it is refused,
+    the message saying from which version it does."""
+    model = tiny_model("bert", legacy_bert=True)
+    with pytest.raises(attnlab.AttnlabError, match=r"BertModel \(this is transformers 4\..*from transformers 5 on"):
+        attnlab.swap(model, "sdpa")
+
+
+def test_mask_function_takes_transformers_4_arguments():
+    """transformers 4 calls the mask function with cache_position (the queries' positions) where 5 passes q_length
+    and q_offset, and hands it causal AND "same sequence" on every call without a cache or mask. Prefill, a decode
+    step and a one-sequence packing come back as under 5: None (plain causal) or the padding. Two packed sequences,
+    and a static cache's queries on a device (where transformers 4 itself does not skip the mask), do not."""
+    from transformers import masking_utils as mu
+
+    causal = mu.causal_mask_function
+    one = mu.and_masks(causal, mu.packed_sequence_mask_function(torch.zeros(2, 6, dtype=torch.long)))
+    two = mu.and_masks(causal, mu.packed_sequence_mask_function(torch.tensor([[0, 0, 0, 1, 1, 1]] * 2)))
+    assert hf._one_sequence_a_row(one, causal) is causal
+    assert hf._one_sequence_a_row(two, causal) is two
+    other = mu.and_masks(causal, causal)
+    assert hf._one_sequence_a_row(other, causal) is other
+    kw = dict(batch_size=2, kv_offset=0, allow_is_causal_skip=False)
+    assert hf.attnlab_mask(cache_position=torch.arange(6), kv_length=6, mask_function=one, **kw) is None
+    assert hf.attnlab_mask(cache_position=torch.tensor([6]), kv_length=7, mask_function=causal, **kw) is None
+    pad = torch.tensor([[0, 1, 1, 1, 1, 1, 1], [1] * 7])
+    got = hf.attnlab_mask(cache_position=torch.tensor([6]), kv_length=7, mask_function=causal, attention_mask=pad, **kw)
+    assert torch.equal(got, pad.bool())
+    meta = torch.tensor([6], device="meta")  # a device tensor: no host read
+    assert hf._first_position(meta, 7, 0, {"allow_is_causal_skip": True}) == 6
+    assert hf._first_position(meta, 16, 0, {"allow_is_causal_skip": False}) is None
+    assert hf._first_position(torch.tensor([6]), 16, 0, {}) == 6
+    if transformers_major() < 5:  # the full mask is built by transformers 4's sdpa_mask from cache_position
+        full = hf.attnlab_mask(cache_position=torch.arange(6), kv_length=6, mask_function=two, **kw)
+        i = torch.arange(6)
+        want = (i[None, :] <= i[:, None]) & ((i[:, None] < 3) == (i[None, :] < 3))
+        assert full.shape == (2, 1, 6, 6) and bool((full == want).all())

@@ -35,20 +35,67 @@ def _plain_mask_functions():
     return mu.causal_mask_function, getattr(mu, "bidirectional_mask_function", None)
 
 
+def interface_hint() -> str:
+    """What to add to "no layer calls the attention interface" under transformers 4: several architectures (BERT,
+    the packaged MiniLM's, among them) call it only from transformers 5 on."""
+    import transformers
+
+    v = transformers.__version__
+    if int(v.split(".")[0]) >= 5:
+        return ""
+    return f" (this is transformers {v}; BERT among others calls the interface from transformers 5 on)"
+
+
+def _one_sequence_a_row(mask_function, causal_fn):
+    """transformers 4 looks for packed sequences on every call without a cache or an attention mask, and hands the
+    mask builder "causal and same sequence" even where each row is one sequence; transformers 5 reads that on the
+    host and hands the plain causal function. The same read here, on the packing table inside transformers 4's
+    closures: causal_fn where every row is one sequence, mask_function as it came otherwise (and where the read
+    cannot be made: a trace, a capture, or closures of another shape)."""
+    if getattr(mask_function, "__qualname__", "") != "and_masks.<locals>.and_mask" or not mask_function.__closure__:
+        return mask_function
+    parts = mask_function.__closure__[0].cell_contents
+    if not (isinstance(parts, tuple) and len(parts) == 2 and parts[0] is causal_fn
+            and getattr(parts[1], "__qualname__", "") == "packed_sequence_mask_function.<locals>.inner_mask"
+            and parts[1].__closure__):
+        return mask_function
+    packed = parts[1].__closure__[0].cell_contents
+    if not torch.is_tensor(packed) or packed.dim() != 2 or torch.compiler.is_compiling() or _capturing():
+        return mask_function
+    return causal_fn if bool((packed[:, -1] == 0).all()) else mask_function
+
+
+def _first_position(cache_position: torch.Tensor, kv_length: int, kv_offset: int, kwargs: dict) -> int | None:
+    """transformers 4's queries start at cache_position[0]: read where that costs no device sync (CPU); on a device,
+    known only where transformers itself would take the plain causal mask (`allow_is_causal_skip`: no cache or one
+    that grows with the keys, so the last query is the last key), None otherwise (then the full mask is built)."""
+    if cache_position.device.type == "cpu" and not torch.compiler.is_compiling():
+        return int(cache_position[0])
+    if kv_offset == 0 and kwargs.get("allow_is_causal_skip", False):
+        return kv_length - cache_position.shape[0]
+    return None
+
+
 def attnlab_mask(
     batch_size: int,
-    q_length: int,
-    kv_length: int,
+    q_length: int | None = None,
+    kv_length: int | None = None,
     q_offset: int = 0,
     kv_offset: int = 0,
     mask_function=None,
     attention_mask: torch.Tensor | None = None,
+    cache_position: torch.Tensor | None = None,
     **kwargs,
 ):
+    """transformers 5 describes the queries by q_length and q_offset, transformers 4 by cache_position (their
+    positions, a tensor): both are taken, and handed on to `sdpa_mask` as they came."""
     from transformers import masking_utils as mu
 
+    where = dict(q_length=q_length, q_offset=q_offset)
+    if q_length is None:  # transformers 4
+        q_length, q_offset, where = cache_position.shape[0], _first_position(cache_position, kv_length, kv_offset, kwargs), dict(cache_position=cache_position)
     causal_fn, bidir_fn = _plain_mask_functions()
-    mask_function = causal_fn if mask_function is None else mask_function
+    mask_function = causal_fn if mask_function is None else _one_sequence_a_row(mask_function, causal_fn)
     plain = mask_function is causal_fn or (bidir_fn is not None and mask_function is bidir_fn)
     aligned = (
         isinstance(q_offset, int) and isinstance(kv_offset, int) and kv_offset == 0 and q_offset + q_length == kv_length
@@ -62,8 +109,8 @@ def attnlab_mask(
     kwargs.pop("allow_is_causal_skip", None)
     kwargs.pop("allow_is_bidirectional_skip", None)
     return mu.sdpa_mask(
-        batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset, kv_offset=kv_offset,
-        mask_function=mask_function, attention_mask=attention_mask, allow_is_causal_skip=False, **kwargs,
+        batch_size=batch_size, kv_length=kv_length, kv_offset=kv_offset, mask_function=mask_function,
+        attention_mask=attention_mask, allow_is_causal_skip=False, **where, **kwargs,
     )
 
 

@@ -90,7 +90,7 @@ def swap(model, spec, **options):
     sites = hf.attention_modules(model)
     if not sites:
         raise AttnlabError(f"found no attention layers dispatching through transformers' attention interface in "
-                           f"{type(model).__name__}")
+                           f"{type(model).__name__}{hf.interface_hint()}")
     plans = spec.plan([n for n, _ in sites])
     impl = model.config._attn_implementation
     built = []
