@@ -15,6 +15,38 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _interpreter_numpy_index():
+    """Triton < 3.9's interpreter calls int() on 1-element arrays, an error from NumPy 2.4 (fixed in 3.9): every
+    kernel run through it gets an __index__ that reads the one element (3.2 patches the tensor class in place,
+    3.3-3.8 through a scope)."""
+    try:
+        import triton
+        import triton.runtime.interpreter as interp
+    except ImportError:
+        yield
+        return
+    if tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 9):
+        yield
+        return
+    orig = interp._patch_lang_tensor
+
+    def index(self):
+        return int(self.handle.data.reshape(-1)[0])
+
+    def patched(tensor, scope=None):
+        if scope is None:
+            orig(tensor)
+            tensor.__index__ = index
+        else:
+            orig(tensor, scope)
+            scope.set_attr(tensor, "__index__", index)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(interp, "_patch_lang_tensor", patched)
+        yield
+
+
 def _load(name: str):
     import attnlab.models
 
@@ -36,7 +68,11 @@ def smollm2():
 
 @pytest.fixture(scope="session")
 def minilm():
-    """(all-MiniLM-L6-v2 BertModel in eval mode, fp32; its tokenizer)."""
+    """(all-MiniLM-L6-v2 BertModel in eval mode, fp32; its tokenizer). Skipped under transformers 4, whose BertModel
+    does not call the attention interface."""
+    from tests.adapters import skip_bert_before_5
+
+    skip_bert_before_5()
     return _load("minilm")
 
 
@@ -49,7 +85,7 @@ def tiny_lm_dir(tmp_path_factory):
     import attnlab.models
     from tests.adapters import tiny_model
 
-    src = attnlab.models.cache_dir() / "smollm2-135m-instruct"
+    src = attnlab.models.smollm2_cache()
     if not (src / "tokenizer.json").exists():
         pytest.skip(f"SmolLM2 tokenizer not cached ({src} missing; attnlab.models.load('smollm2') creates it)")
     from transformers import AutoTokenizer

@@ -294,6 +294,9 @@ def test_narrow_backward_is_opt_in_and_adds_a_fitting_configuration(monkeypatch)
     from torch._inductor.choices import InductorChoices
     from torch._inductor.virtualized import V
 
+    if not hasattr(inductor_config, "inductor_choices_class"):  # torch 2.6
+        assert not sparse.enable_narrow_backward(64) and not sparse.NARROW_SIZES
+        pytest.skip("this torch has no inductor choices hook (refused: checked)")
     monkeypatch.setattr(inductor_config, "inductor_choices_class", None)
     try:
         if not sparse.enable_narrow_backward(64):

@@ -18,7 +18,7 @@ from attnlab import UnsupportedError
 from attnlab.ops import sparse as sparse_ops
 from attnlab.patterns import BlockPattern, UnionPattern, WindowPattern
 from tests.helpers import assert_grads_agree, assert_matches_reference, grads, make, max_err, rand_qkv
-from tests.methods.test_window_triton import interpreter, pytestmark  # noqa: F401 (the interpreter's marks, fixture)
+from tests.methods.test_window_triton import pytestmark  # noqa: F401 (the interpreter's marks)
 
 
 def _layout(heads, nb, seed, density=0.35):

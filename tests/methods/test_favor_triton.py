@@ -21,13 +21,9 @@ M, D = 96, 64  # two feature blocks of the kernel's 64, the second partial
 
 @pytest.fixture(scope="module")
 def ft():
-    from tests.methods.test_linear_triton import _numpy_index_shim
+    from attnlab.ops import favor_triton
 
-    with pytest.MonkeyPatch.context() as mp:
-        _numpy_index_shim(mp)
-        from attnlab.ops import favor_triton
-
-        yield favor_triton
+    return favor_triton
 
 
 @pytest.fixture(params=["one", "two"], ids=["one-sweep", "two-sweeps"])

@@ -25,11 +25,9 @@ pytestmark = [
 def interpreted():
     """The kernel module, run by Triton's CPU interpreter (TRITON_INTERPRET=1, set by conftest before triton
     is imported); methods built with backend="triton" run CPU tensors through it."""
-    with pytest.MonkeyPatch.context() as mp:
-        _numpy_index_shim(mp)
-        from attnlab.ops import linear_triton
+    from attnlab.ops import linear_triton
 
-        yield linear_triton
+    return linear_triton
 
 
 @pytest.fixture(params=["chunked", "parallel"])
@@ -45,19 +43,6 @@ def chunked(interpreted, monkeypatch):
     """The chunked forward only (the segment tests: the parallel pass has no state walk)."""
     monkeypatch.setattr(interpreted, "PARALLEL_MAX_T", 0)
     return interpreted
-
-
-def _numpy_index_shim(mp):
-    """Triton < 3.9's interpreter calls int() on 1-element arrays, an error from NumPy 2.4 (fixed in 3.9)."""
-    import triton.runtime.interpreter as interp
-
-    orig = interp._patch_lang_tensor
-
-    def patched(tensor, scope):
-        orig(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    mp.setattr(interp, "_patch_lang_tensor", patched)
 
 
 def _features(b, h, t, f, d, dtype, seed, scale):

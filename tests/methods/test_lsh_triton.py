@@ -14,7 +14,7 @@ import torch
 
 from attnlab import UnsupportedError
 from tests.helpers import assert_matches_reference, make, max_err, rand_qkv
-from tests.methods.test_window_triton import interpreter, pytestmark  # noqa: F401 (the interpreter's marks and fixture)
+from tests.methods.test_window_triton import pytestmark  # noqa: F401 (the interpreter's marks)
 
 from tests.methods.test_lsh import assert_shared_rule, loop_lsh
 

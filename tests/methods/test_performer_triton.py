@@ -21,13 +21,9 @@ H, HKV, D, M = 4, 2, 32, 96  # 96 features: over 64, so the chunked form at ever
 
 @pytest.fixture(scope="module")
 def pt():
-    from tests.methods.test_linear_triton import _numpy_index_shim
+    from attnlab.ops import performer_triton
 
-    with pytest.MonkeyPatch.context() as mp:
-        _numpy_index_shim(mp)
-        from attnlab.ops import performer_triton
-
-        yield performer_triton
+    return performer_triton
 
 
 def _inputs(t, seed=0, layout="hf"):

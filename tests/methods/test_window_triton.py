@@ -16,20 +16,12 @@ import torch
 
 from attnlab import OptionError, UnsupportedError
 from tests.helpers import assert_grads_agree, assert_matches_reference, grads, make, max_err, rand_qkv
-from tests.methods.test_linear_triton import _numpy_index_shim
 from tests.methods.test_window import window_mask
 
 pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed"),
     pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs Triton's CPU interpreter (conftest)"),
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def interpreter():
-    with pytest.MonkeyPatch.context() as mp:
-        _numpy_index_shim(mp)
-        yield
 
 
 def _allowed(tq, tk, window, sinks, causal):
