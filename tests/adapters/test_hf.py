@@ -632,6 +632,9 @@ def test_mask_function_takes_transformers_4_arguments():
     meta = torch.tensor([6], device="meta")  # a device tensor: no host read
     assert hf._first_position(meta, 7, 0, {"allow_is_causal_skip": True}) == 6
     assert hf._first_position(meta, 16, 0, {"allow_is_causal_skip": False}) is None
+    prefill = torch.arange(6, device="meta")  # no cache: the packed-sequence check turned the skip off
+    assert hf._first_position(prefill, 6, 0, {"allow_is_causal_skip": False}) == 0
+    assert hf._first_position(prefill, 6, 2, {"allow_is_causal_skip": False}) is None
     assert hf._first_position(torch.tensor([6]), 16, 0, {}) == 6
     if transformers_major() < 5:  # the full mask is built by transformers 4's sdpa_mask from cache_position
         full = hf.attnlab_mask(cache_position=torch.arange(6), kv_length=6, mask_function=two, **kw)

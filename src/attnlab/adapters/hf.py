@@ -67,11 +67,13 @@ def _one_sequence_a_row(mask_function, causal_fn):
 
 def _first_position(cache_position: torch.Tensor, kv_length: int, kv_offset: int, kwargs: dict) -> int | None:
     """transformers 4's queries start at cache_position[0]: read where that costs no device sync (CPU); on a device,
-    known only where transformers itself would take the plain causal mask (`allow_is_causal_skip`: no cache or one
-    that grows with the keys, so the last query is the last key), None otherwise (then the full mask is built)."""
+    known where there are as many keys as queries from 0 (they are the queries' own: no cache, as in training and
+    scoring, where transformers 4 also turns `allow_is_causal_skip` off for its packed-sequence check) or where
+    transformers itself would take the plain causal mask (`allow_is_causal_skip`: a cache that grows with the keys,
+    so the last query is the last key); None otherwise (then the full mask is built)."""
     if cache_position.device.type == "cpu" and not torch.compiler.is_compiling():
         return int(cache_position[0])
-    if kv_offset == 0 and kwargs.get("allow_is_causal_skip", False):
+    if kv_offset == 0 and (kwargs.get("allow_is_causal_skip", False) or kv_length == cache_position.shape[0]):
         return kv_length - cache_position.shape[0]
     return None
 
