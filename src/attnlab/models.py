@@ -156,13 +156,14 @@ def _transformers_version() -> str:
 
 
 def _untied_state(model) -> dict[str, torch.Tensor]:
-    """The state dict with each shared tensor once, under the first name it has (the embedding of a tied LM head,
+    """The state dict with each tensor shared under several names once, under the first name it has (the embedding of a tied LM head,
     which from_pretrained ties the head to in transformers 4 and 5: safetensors' own `save_model` keeps
     lm_head.weight instead, and transformers 4 then leaves the embedding on the meta device)."""
     kept, seen = {}, set()
     for name, t in model.state_dict().items():
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
+        same = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if t.numel() == 0 or same not in seen:  # only the very same tensor is dropped (not a view, not an empty one)
+            seen.add(same)
             kept[name] = t.contiguous()
     return kept
 

@@ -572,6 +572,7 @@ def test_mask_outside_capture_hands_the_layers_the_warmup_decision(monkeypatch):
                 got, got_masks = masks()
                 capturing(False)
             assert got_masks and all(m is w for m, w in zip(got_masks, warm, strict=True))
+            assert all(m is None for m in got_masks) or transformers_major() < 5  # 5: causal, no padding
             torch.testing.assert_close(got, want)
             with hf.mask_outside_capture(model), pytest.raises(RuntimeError, match="before any warm-up"):
                 capturing(True)
@@ -621,6 +622,10 @@ def test_mask_function_takes_transformers_4_arguments():
     two = mu.and_masks(causal, mu.packed_sequence_mask_function(torch.tensor([[0, 0, 0, 1, 1, 1]] * 2)))
     assert hf._one_sequence_a_row(one, causal) is causal
     assert hf._one_sequence_a_row(two, causal) is two
+    labels = mu.and_masks(causal, mu.packed_sequence_mask_function(torch.tensor([[1, 1, 1, 2, 2, 0]])))
+    assert hf._one_sequence_a_row(labels, causal) is labels  # a caller's labels need not count from 0
+    same = mu.and_masks(causal, mu.packed_sequence_mask_function(torch.full((2, 6), 3)))
+    assert hf._one_sequence_a_row(same, causal) is causal
     other = mu.and_masks(causal, causal)
     assert hf._one_sequence_a_row(other, causal) is other
     kw = dict(batch_size=2, kv_offset=0, allow_is_causal_skip=False)
@@ -635,6 +640,8 @@ def test_mask_function_takes_transformers_4_arguments():
     prefill = torch.arange(6, device="meta")  # no cache: the packed-sequence check turned the skip off
     assert hf._first_position(prefill, 6, 0, {"allow_is_causal_skip": False}) == 0
     assert hf._first_position(prefill, 6, 2, {"allow_is_causal_skip": False}) is None
+    window_offset = torch.tensor(2, device="meta")  # a sliding-window cache layer's offset: a tensor, never read
+    assert hf._first_position(prefill, 6, window_offset, {"allow_is_causal_skip": True}) is None
     assert hf._first_position(torch.tensor([6]), 16, 0, {}) == 6
     if transformers_major() < 5:  # the full mask is built by transformers 4's sdpa_mask from cache_position
         full = hf.attnlab_mask(cache_position=torch.arange(6), kv_length=6, mask_function=two, **kw)

@@ -62,7 +62,8 @@ def _one_sequence_a_row(mask_function, causal_fn):
     packed = parts[1].__closure__[0].cell_contents
     if not torch.is_tensor(packed) or packed.dim() != 2 or torch.compiler.is_compiling() or _capturing():
         return mask_function
-    return causal_fn if bool((packed[:, -1] == 0).all()) else mask_function
+    return causal_fn if bool((packed == packed[:, :1]).all()) else mask_function  # one label a row (any labels:
+    # a caller's and_mask_function of the same shape need not count from 0)
 
 
 def _first_position(cache_position: torch.Tensor, kv_length: int, kv_offset: int, kwargs: dict) -> int | None:
@@ -73,7 +74,9 @@ def _first_position(cache_position: torch.Tensor, kv_length: int, kv_offset: int
     so the last query is the last key); None otherwise (then the full mask is built)."""
     if cache_position.device.type == "cpu" and not torch.compiler.is_compiling():
         return int(cache_position[0])
-    if kv_offset == 0 and (kwargs.get("allow_is_causal_skip", False) or kv_length == cache_position.shape[0]):
+    # (a sliding-window cache layer's kv_offset is a tensor: not read)
+    if isinstance(kv_offset, int) and kv_offset == 0 and (kwargs.get("allow_is_causal_skip", False)
+                                                          or kv_length == cache_position.shape[0]):
         return kv_length - cache_position.shape[0]
     return None
 
