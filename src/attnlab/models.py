@@ -85,13 +85,21 @@ def get(name: str) -> PackagedModel:
         raise ModelNotInstalled(f"unknown packaged model {name!r}; packaged: {', '.join(MODELS)} (or a local folder)") from None
 
 
+def transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def transformers_major() -> int:
+    return int(transformers_version().split(".")[0])
+
+
 def smollm2_cache() -> Path:
     """The folder of SmolLM2's safetensors copy, one per transformers major version: what transformers 5 writes
     (its tokenizer class `TokenizersBackend`, for one) transformers 4 cannot read back, so an environment with the
     other major version converts once for itself rather than failing on the first one's copy."""
-    import transformers
-
-    major = int(transformers.__version__.split(".")[0])
+    major = transformers_major()
     return cache_dir() / ("smollm2-135m-instruct" if major >= 5 else f"smollm2-135m-instruct-transformers{major}")
 
 
@@ -144,15 +152,9 @@ def _as_gguf_declares(tok, gguf_path: Path):
     if add_bos is not None and hasattr(tok, "add_bos_token") and bool(tok.add_bos_token) != bool(add_bos):
         tok.add_bos_token = bool(add_bos)  # a fast Llama tokenizer rebuilds its post-processor
     if add_bos is not None and (tok("a").input_ids[:1] == [tok.bos_token_id]) != bool(add_bos):
-        raise AttnlabError(f"{gguf_path.name}: transformers {_transformers_version()} builds a tokenizer that "
+        raise AttnlabError(f"{gguf_path.name}: transformers {transformers_version()} builds a tokenizer that "
                            f"{'does not prepend' if add_bos else 'prepends'} BOS, against the file's add_bos_token")
     return tok
-
-
-def _transformers_version() -> str:
-    import transformers
-
-    return transformers.__version__
 
 
 def _untied_state(model) -> dict[str, torch.Tensor]:

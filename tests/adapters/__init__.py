@@ -11,6 +11,8 @@ import warnings
 
 import torch
 
+from attnlab.models import transformers_major
+
 VOCAB = 128
 HIDDEN = 32
 
@@ -37,12 +39,6 @@ def tiny_config(kind: str, vocab_size: int = VOCAB, **over):
     for k, v in over.items():
         setattr(cfg, k, v)
     return cfg
-
-
-def transformers_major() -> int:
-    import transformers
-
-    return int(transformers.__version__.split(".")[0])
 
 
 def skip_bert_before_5(kind: str = "bert") -> None:

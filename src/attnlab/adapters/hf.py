@@ -38,20 +38,20 @@ def _plain_mask_functions():
 def interface_hint() -> str:
     """What to add to "no layer calls the attention interface" under transformers 4: several architectures (BERT,
     the packaged MiniLM's, among them) call it only from transformers 5 on."""
-    import transformers
+    from ..models import transformers_major, transformers_version
 
-    v = transformers.__version__
-    if int(v.split(".")[0]) >= 5:
+    if transformers_major() >= 5:
         return ""
-    return f" (this is transformers {v}; BERT among others calls the interface from transformers 5 on)"
+    return f" (this is transformers {transformers_version()}; BERT among others calls the interface from transformers 5 on)"
 
 
 def _one_sequence_a_row(mask_function, causal_fn):
     """transformers 4 looks for packed sequences on every call without a cache or an attention mask, and hands the
     mask builder "causal and same sequence" even where each row is one sequence; transformers 5 reads that on the
     host and hands the plain causal function. The same read here, on the packing table inside transformers 4's
-    closures: causal_fn where every row is one sequence, mask_function as it came otherwise (and where the read
-    cannot be made: a trace, a capture, or closures of another shape)."""
+    closures: causal_fn where every row is one sequence (one label a row, whatever the labels: a caller's
+    and_mask_function of the same shape need not count from 0), mask_function as it came otherwise (and where the
+    read cannot be made: a trace, a capture, or closures of another shape)."""
     if getattr(mask_function, "__qualname__", "") != "and_masks.<locals>.and_mask" or not mask_function.__closure__:
         return mask_function
     parts = mask_function.__closure__[0].cell_contents
@@ -62,8 +62,7 @@ def _one_sequence_a_row(mask_function, causal_fn):
     packed = parts[1].__closure__[0].cell_contents
     if not torch.is_tensor(packed) or packed.dim() != 2 or torch.compiler.is_compiling() or _capturing():
         return mask_function
-    return causal_fn if bool((packed == packed[:, :1]).all()) else mask_function  # one label a row (any labels:
-    # a caller's and_mask_function of the same shape need not count from 0)
+    return causal_fn if bool((packed == packed[:, :1]).all()) else mask_function
 
 
 def _first_position(cache_position: torch.Tensor, kv_length: int, kv_offset: int, kwargs: dict) -> int | None:
@@ -98,7 +97,8 @@ def attnlab_mask(
 
     where = dict(q_length=q_length, q_offset=q_offset)
     if q_length is None:  # transformers 4
-        q_length, q_offset, where = cache_position.shape[0], _first_position(cache_position, kv_length, kv_offset, kwargs), dict(cache_position=cache_position)
+        where = dict(cache_position=cache_position)
+        q_length, q_offset = cache_position.shape[0], _first_position(cache_position, kv_length, kv_offset, kwargs)
     causal_fn, bidir_fn = _plain_mask_functions()
     mask_function = causal_fn if mask_function is None else _one_sequence_a_row(mask_function, causal_fn)
     plain = mask_function is causal_fn or (bidir_fn is not None and mask_function is bidir_fn)
