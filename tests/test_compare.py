@@ -148,3 +148,35 @@ def test_cpu_memory_profiler_prints_nothing():
     assert res.returncode == 0, res.stderr
     assert int(res.stdout.strip()) >= 4_000_000
     assert res.stderr.strip() == "after", res.stderr  # stderr works again after the profiler
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--methods", "sdpa,nystrom"], "cannot do causal attention"),
+    (["--methods", "window", "--seq-len", "100000", "--num-tokens", "512"], "max_position_embeddings=512"),
+    (["--methods", "window", "--seq-len", "64", "--grad-tokens", "100"], "--grad-tokens 100 is longer than a window"),
+    (["--methods", "window", "--num-examples", "5"], "--num-examples applies to --task spam"),
+])
+def test_what_the_model_cannot_run_is_refused_before_the_load(argv, match, tiny_lm_dir, no_model_load, tmp_path,
+                                                              capsys):
+    rc = attnlab.cli.main(["compare", "--model", str(tiny_lm_dir), *argv, "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and match in lines[0], err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_spec_is_checked_against_the_layers_and_takes_the_methods_defaults_at_the_length(tiny_lm_dir, no_model_load,
+                                                                                          tmp_path, capsys):
+    from attnlab.eval import compare
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"rules": [{"layers": "40", "method": "window"}]}))
+    rc = attnlab.cli.main(["compare", "--model", str(tiny_lm_dir), "--spec", str(bad), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "matches none of the model's 2 attention layers" in err, err
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"rules": [{"layers": "*", "method": "window", "options": {"window": 32}}]}))
+    by_name, by_spec = compare.resolve(["window"], {"window": {"window": 32}}, 128, specs=[str(good)])
+    assert by_spec.target.rules[0].options == by_name.options  # the same attention either way (sinks 4 included)
+    assert "sinks=4" in by_spec.options["spec"]

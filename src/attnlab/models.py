@@ -212,6 +212,24 @@ def resolve(name: str) -> tuple[Path, bool]:
     return path, causal
 
 
+def skeleton(name: str):
+    """The model `load(name)` returns, built from its config on the meta device: no weights read, under a second.
+    What the commands check a run against before the load: its attention layers (`attnlab.adapters.swap.check`),
+    whether it is causal, its longest input (`max_positions`)."""
+    _quiet_transformers()
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    path, causal = resolve(name)
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        return (AutoModelForCausalLM if causal else AutoModel).from_config(config, attn_implementation="sdpa")
+
+
+def max_positions(model) -> int | None:
+    """The longest input the model's position embeddings cover (None: no limit stated)."""
+    return getattr(getattr(model.config, "get_text_config", lambda: model.config)(), "max_position_embeddings", None)
+
+
 def load(name: str = "smollm2", *, dtype: torch.dtype = torch.float32, device: str = "cpu", attn_implementation: str = "sdpa"):
     """Return (model in eval mode, tokenizer). `name`: a packaged model ("smollm2", "minilm") or a local folder."""
     _quiet_transformers()

@@ -45,6 +45,33 @@ def test_spec_json_round_trip_and_bad_specs():
         SwapSpec.from_json("{nope")
 
 
+def test_at_length_fills_only_the_omitted_options_with_the_methods_defaults_there():
+    spec = SwapSpec.of({"*": ("window", {"window": 32}), "0": "original", "1": "linear"}).at_length(128)
+    window, original, linear = spec.rules
+    assert window.options == {**attnlab.registry.defaults("window", 128), "window": 32}
+    assert window.options["sinks"] == 4  # what --methods window --set window.window=32 builds at 128 tokens
+    assert original.options == {} and linear.options == attnlab.registry.defaults("linear", 128)
+    assert spec.at_length(128) == spec  # filled once: nothing more to fill
+    assert SwapSpec.of("window").at_length(4096).rules[0].options["window"] == 256
+    with pytest.raises(attnlab.UnsupportedError, match="cannot do causal"):
+        SwapSpec.of({"2": "nystrom"}).validate(causal=True)
+    SwapSpec.of({"2": "nystrom"}).validate(causal=False)
+
+
+def test_check_refuses_what_swap_would_without_swapping():
+    from attnlab.adapters.swap import check
+
+    model = tiny_model("llama")
+    with torch.device("meta"):
+        skeleton = type(model)(model.config)  # no weights: what the commands check against before a load
+    assert [p.method for p in check(skeleton, {"*": "window", "0": "original"})] == ["original", "window"]
+    with pytest.raises(attnlab.UnsupportedError, match="cannot do causal"):
+        check(skeleton, {"1": "linformer"})
+    with pytest.raises(attnlab.AttnlabError, match="matches none"):
+        check(skeleton, {"5": "window"})
+    assert attnlab.adapters.swapped_spec(model) is None and attnlab.adapters.swapped_spec(skeleton) is None
+
+
 def test_random_methods_get_a_seed_per_layer_unless_one_is_asked_for():
     names = ["a", "b", "c"]
     seeds = [p.options["seed"] for p in SwapSpec.of("performer").plan(names)]

@@ -201,3 +201,14 @@ def test_cli_spam_and_lm_end_to_end(minilm, tiny_lm_dir, tmp_path, capsys):
     assert all(by[t]["score_ms"] > 0 for t in ("attention", "accumulated", "h2o"))  # the scoring forward, timed
     assert all(by[t]["score_ms"] == 0 for t in ("original", "random", "first", "last"))
     assert "KV MiB" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kv_bytes_are_the_cache_the_model_holds(dtype):
+    from attnlab.reduction import kv_press, token_prune
+    from tests.adapters import tiny_model
+
+    model = tiny_model("llama").to(dtype)
+    with torch.no_grad():
+        cache = model(torch.randint(0, 100, (1, 12)), use_cache=True).past_key_values
+    assert token_prune.kv_bytes(model, 12) == kv_press.kv_bytes(cache)  # prune and press report the same bytes

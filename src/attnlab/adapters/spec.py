@@ -160,13 +160,25 @@ class SwapSpec:
     def methods(self) -> list[str]:
         return sorted({r.method for r in self.rules if r.method != ORIGINAL})
 
+    def at_length(self, seq_len: int) -> "SwapSpec":
+        """The same spec with each swapped rule's omitted options filled from its method's defaults at `seq_len`
+        (`registry.defaults`: a window a quarter of the length, window's 4 sinks, ...), the options given kept. What
+        every command that knows its length does, so `--methods window`, `--set window.window=32` and a spec rule
+        {"method": "window", "options": {"window": 32}} build the same attention; without a length (`attnlab.swap`
+        with a bare name) a method takes its Options' defaults."""
+        return dataclasses.replace(self, rules=[
+            r if r.method == ORIGINAL else dataclasses.replace(r, options={**registry.defaults(r.method, seq_len),
+                                                                           **r.options})
+            for r in self.rules])
+
     def with_lora(self, rank: int) -> "SwapSpec":
         """The same spec with low-rank adapters of `rank` on every swapped layer's projections."""
         return dataclasses.replace(self, rules=[r if r.method == ORIGINAL else dataclasses.replace(r, lora=rank)
                                                 for r in self.rules])
 
-    def validate(self) -> None:
-        """Unknown methods and option names fail here, before any model work."""
+    def validate(self, causal: bool | None = None) -> None:
+        """Unknown methods and option names fail here, before any model work; with `causal` (the model's kind, when
+        known), so does a method that cannot run it."""
         for r in self.rules:
             check_rank(r.lora)
             if r.lora and r.method == ORIGINAL:
@@ -178,6 +190,9 @@ class SwapSpec:
                         f"method {r.method!r} changes the sequence length (its output has ratio * n rows), so it "
                         "cannot replace a model's attention; use it as a layer of its own (attnlab.compress)")
                 registry.check_options(r.method, r.options)
+                if causal and not registry.capabilities(r.method).causal:
+                    raise UnsupportedError(f"rule {r.layers!r}: method {r.method!r} cannot do causal attention, and "
+                                           "this model is a causal LM")
 
     def plan(self, layer_names: list[str]) -> list[LayerPlan]:
         """One LayerPlan per attention layer (in the adapter's order)."""

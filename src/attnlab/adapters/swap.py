@@ -67,6 +67,33 @@ def _check_plan(model, plan: LayerPlan, module) -> None:
         )
 
 
+def _hf_plans(model, spec: SwapSpec) -> tuple[list, list[LayerPlan]]:
+    """(sites, plans) of a transformers model: every check of a swap that reads no weights (the layers found, the
+    selectors, each layer's method against the layer: causal, sliding window, adapters)."""
+    sites = hf.attention_modules(model)
+    if not sites:
+        raise AttnlabError(f"found no attention layers dispatching through transformers' attention interface in "
+                           f"{type(model).__name__}{hf.interface_hint()}")
+    plans = spec.plan([n for n, _ in sites])
+    for plan, (_, mod) in zip(plans, sites):
+        if plan.method != ORIGINAL:
+            _check_plan(model, plan, mod)
+            if plan.lora:
+                lora.check_site(mod, plan.lora)
+    return sites, plans
+
+
+def check(model, spec) -> list[LayerPlan]:
+    """What `swap(model, spec)` would refuse, refused without swapping; the layers' plans otherwise. For the commands'
+    checks before a load: `model` may be a skeleton on the meta device (`attnlab.models.skeleton`)."""
+    spec = SwapSpec.of(spec)
+    if hf.is_hf_model(model):
+        return _hf_plans(model, spec)[1]
+    from . import mha
+
+    return spec.plan([n for n, _ in mha.mha_modules(model)])
+
+
 def swap(model, spec, **options):
     """Run the attention layers of `model` through the methods of `spec` (a method name with options, or a
     per-layer spec). Random methods get a per-layer seed from the spec's seed. Returns the model."""
@@ -87,19 +114,12 @@ def swap(model, spec, **options):
         mha.swap_modules(model, plans)
         setattr(model, _STATE, SwapState(spec, plans, "mha"))
         return model
-    sites = hf.attention_modules(model)
-    if not sites:
-        raise AttnlabError(f"found no attention layers dispatching through transformers' attention interface in "
-                           f"{type(model).__name__}{hf.interface_hint()}")
-    plans = spec.plan([n for n, _ in sites])
+    sites, plans = _hf_plans(model, spec)
     impl = model.config._attn_implementation
     built = []
     for plan, (_, mod) in zip(plans, sites):
         if plan.method == ORIGINAL:
             continue
-        _check_plan(model, plan, mod)
-        if plan.lora:
-            lora.check_site(mod, plan.lora)
         heads, kv_heads, head_dim = hf.head_shape(mod, model.config)
         built.append((plan, mod, registry.make(plan.method, head_dim=head_dim, num_heads=heads,
                                                num_kv_heads=kv_heads, **plan.options)))

@@ -33,13 +33,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _close_bars() -> None:
+    """Progress bars still open when an error ends the command are closed first, so the error starts a line of its
+    own (a bar's carriage returns would otherwise put it on the bar's line, in a pipe too)."""
+    std = sys.modules.get("tqdm.std")
+    for bar in list(getattr(getattr(std, "tqdm", None), "_instances", None) or ()):
+        bar.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if argv is not None:
         args.command = "attnlab " + " ".join(argv)
+    if getattr(args, "no_progress", False):  # transformers' own bars too ("Loading weights")
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        except ImportError:
+            pass
     try:
         return int(args.func(args) or 0)
     except AttnlabError as e:
+        _close_bars()
         print(f"attnlab: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -67,6 +67,9 @@ def run(args: argparse.Namespace) -> int:
 
     for m in methods:
         attnlab.registry.get(split_spec(m)[0])  # unknown names: one line listing the valid ones
+        if args.causal and args.methods not in ("all", "") and not attnlab.registry.capabilities(split_spec(m)[0]).causal:
+            raise AttnlabError(f"method {split_spec(m)[0]!r} cannot do causal attention: drop it or --causal "
+                               "(--both-causal times it non-causal only)")
     modes = [m.strip() for m in args.mode.split(",")]
     if any(m not in harness.MODES for m in modes):
         raise AttnlabError(f"--mode must be fwd, fwd+bwd or both, got {args.mode!r}")
@@ -119,9 +122,15 @@ def run(args: argparse.Namespace) -> int:
 def summary(rows: list[dict]) -> str:
     lines = [f"{'mode':8} {'causal':6} {'method':13} {'impl':22} {'kernel':18} {'T':>6} {'B':>2} {'status':13} "
              f"{'ms':>10} {'peak MiB':>9}"]
+    reasons: list[str] = []  # why a row was not measured, once per distinct reason, under the table
     for r in rows:
         ms = f"{r['ms']:.3f}" if r.get("ms") is not None else "-"
         mem = f"{r['peak_mem_bytes'] / 2**20:.0f}" if r.get("peak_mem_bytes") else "-"
+        status = r["status"]
+        if status != "ok" and r.get("error"):
+            if r["error"] not in reasons:
+                reasons.append(r["error"])
+            status += f" [{reasons.index(r['error']) + 1}]"
         lines.append(f"{r['mode']:8} {str(r['causal']):6} {r['method']:13} {r['impl']:22} {str(r.get('kernel') or '-'):18} "
-                     f"{r['seq_len']:>6} {r['batch']:>2} {r['status']:13} {ms:>10} {mem:>9}")
-    return "\n".join(lines)
+                     f"{r['seq_len']:>6} {r['batch']:>2} {status:13} {ms:>10} {mem:>9}")
+    return "\n".join(lines + [f"[{i}] {why}" for i, why in enumerate(reasons, 1)])

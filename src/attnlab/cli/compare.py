@@ -27,7 +27,8 @@ def add_parser(sub) -> None:
     p.add_argument("--seq-len", type=int, default=None, help="tokens per window (lm: 512, spam: 128)")
     p.add_argument("--num-tokens", type=int, default=2048, help="lm: held-out tokens evaluated (windows = num_tokens / seq_len)")
     p.add_argument("--num-examples", type=int, default=None, help="spam: cap on train and test emails (default 1000 / 400)")
-    p.add_argument("--grad-tokens", type=int, default=128, help="lm: tokens of the window used for gradient cosine")
+    p.add_argument("--grad-tokens", type=int, default=None, help="lm: tokens of the window used for gradient cosine "
+                                                                 "(default: 128, or --seq-len if shorter)")
     p.add_argument("--text", default=None, help="lm: a UTF-8 text file instead of the packaged Moby Dick")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model and attention dtype")
@@ -53,33 +54,46 @@ def run(args) -> int:
     model_name = model_name or task.default_model
     args.seq_len = task.default_seq_len if args.seq_len is None else common.positive_int("--seq-len", args.seq_len, 2)
     common.positive_int("--num-tokens", args.num_tokens, 2)
-    common.positive_int("--grad-tokens", args.grad_tokens, 2)
+    if args.grad_tokens is not None:
+        common.positive_int("--grad-tokens", args.grad_tokens, 2)
+        if args.grad_tokens > args.seq_len:
+            raise AttnlabError(f"--grad-tokens {args.grad_tokens} is longer than a window (--seq-len {args.seq_len})")
     if args.num_examples is not None:
         common.positive_int("--num-examples", args.num_examples, 2)
+    for flag, value, only in (("--num-examples", args.num_examples, "spam"), ("--grad-tokens", args.grad_tokens, "lm"),
+                              ("--text", args.text, "lm")):
+        if value is not None and task.name != only:
+            raise AttnlabError(f"{flag} applies to --task {only}, not {task.name}")
+    args.grad_tokens = min(128, args.seq_len) if args.grad_tokens is None else args.grad_tokens
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     if args.quick:
         args.seq_len = min(args.seq_len, 64)
         methods = methods or (None if (args.spec or args.load) else ["sdpa", "window", "linear"])
         args.num_tokens, args.grad_tokens = 2 * args.seq_len, min(args.grad_tokens, 32)
         args.num_examples = args.num_examples or 60
-    if args.num_tokens < args.seq_len:
-        raise AttnlabError(f"--num-tokens {args.num_tokens} is less than one window of --seq-len {args.seq_len}")
     common.check_device(args.device)
-    # every input check comes before the (slow) model load: methods and options, spec files, saved dirs, data, model
+    # every input check comes before the (slow) model load: methods and options, spec files, saved dirs, the model's
+    # kind, length and layers (from its config alone), data
     overrides = common.parse_overrides(args.overrides)
     variants = compare.resolve(methods, overrides, args.seq_len, specs=args.spec, loads=args.load)
-    data = task.read_data(args)
-    path, causal = models.resolve(model_name)
+    skeleton = models.skeleton(model_name)
+    causal = models.is_causal_lm(skeleton)
     if (task.model_kind == "causal-lm") != causal:
         raise AttnlabError(f"--task {task.name} needs a {task.model_kind}; {model_name!r} is "
                            f"{'a causal LM' if causal else 'an encoder'} (try --task {'lm' if causal else 'spam'})")
-    dtype = getattr(torch, args.dtype)
-    print(f"attnlab compare: task={task.name} model={model_name} seq_len={args.seq_len} device={args.device} "
-          f"dtype={args.dtype}", flush=True)
-    model, tok = models.load(model_name, dtype=dtype, device=args.device)
-    max_pos = getattr(model.config, "max_position_embeddings", None)
+    max_pos = models.max_positions(skeleton)
     if max_pos and args.seq_len > max_pos:
         raise AttnlabError(f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings={max_pos}")
+    if args.num_tokens < args.seq_len:
+        raise AttnlabError(f"--num-tokens {args.num_tokens} is less than one window of --seq-len {args.seq_len}")
+    compare.check_variants(variants, skeleton, named=methods is not None)
+    data = task.read_data(args)
+    dtype = getattr(torch, args.dtype)
+    unused = args.num_tokens % args.seq_len if task.name == "lm" else 0
+    print(f"attnlab compare: task={task.name} model={model_name} seq_len={args.seq_len} device={args.device} "
+          f"dtype={args.dtype}" + (f" (windows of --seq-len: the last {unused} of --num-tokens {args.num_tokens} "
+                                   "unused)" if unused else ""), flush=True)
+    model, tok = models.load(model_name, dtype=dtype, device=args.device)
 
     t0 = time.time()
     rows, setup = task.run(model, tok, variants, data, args)

@@ -8,6 +8,12 @@ from ..types import AttnlabError
 from . import common
 
 
+ARCH_HELP = {"dim": "model width", "heads": "attention heads", "enc_layers": "encoder layers",
+             "dec_layers": "decoder layers", "mlp_dim": "feed-forward width", "latent_dim": "numbers per latent vector (what the codec stores)",
+             "radius": "relative mixing: reach in rows either side of a centre (at least the tokens a latent covers)",
+             "quant_bits": "training noise of one quantisation step at this many bits (0: none)"}
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("compress", help="sequence autoencoder (n tokens -> ratio * n vectors) and a lossy text codec",
                        description="Train an attention autoencoder whose encoder shortens a token sequence to "
@@ -35,10 +41,12 @@ def add_parser(sub) -> None:
     t.add_argument("--eval-every", type=int, default=d.eval_every, help="held-out evaluation every N steps (default: %(default)s)")
     t.add_argument("--eval-lengths", default=",".join(map(str, d.eval_lengths)),
                    help="held-out sequence lengths evaluated (default: %(default)s)")
-    t.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="default: %(default)s")
-    t.add_argument("--seed", type=int, default=d.seed, help="default: %(default)s")
-    for name in ("dim", "heads", "enc_layers", "dec_layers", "mlp_dim", "latent_dim", "radius", "quant_bits"):
-        t.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name), help="default: %(default)s")
+    t.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                   help="save a resumable checkpoint every N steps (default: %(default)s)")
+    t.add_argument("--seed", type=int, default=d.seed, help="initialisation and data order (default: %(default)s)")
+    for name, what in ARCH_HELP.items():
+        t.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name),
+                       help=f"{what} (default: %(default)s)")
     t.add_argument("--mixing", choices=("relative", "absolute"), default=d.mixing,
                    help="W_S: a kernel over row offsets, or the paper's matrix area-resampled (default: %(default)s)")
     t.add_argument("--bias", choices=("distance", "none"), default=d.bias,
@@ -149,9 +157,14 @@ def run_eval(args) -> int:
     else:
         text, split = _read_text(args.text), args.text
     rows = [{**r, "split": split, "characters": len(text)} for r in codec.lossless_baselines(text)]
+    print(f"{len(text):,} characters of {split}; lossless: " + "; ".join(
+        f"{r['codec']} {r['bytes_per_char']:.3f} B/char" for r in rows))
     for d, meta in zip(dirs, metas):
         model, tok, meta = store.load(d, args.device)
         ok = [n for n in lengths if n <= model.cfg.max_len]
+        if len(ok) < len(lengths):
+            print(f"{d}: trained up to {model.cfg.max_len} tokens: accuracy by length at "
+                  f"{','.join(map(str, ok)) or 'none'} (not {','.join(str(n) for n in lengths if n not in ok)})")
         by_len = evaluate(model, held_out(tok, ok, 8192), args.device, bits=max(bits))
         train = meta.get("train", {})
         for r in codec.report(model, tok, text, bits, args.device):

@@ -67,6 +67,7 @@ def run(args) -> int:
     from .. import data, models, registry
     from ..adapters.spec import SwapSpec
     from ..adapters.state import read_meta
+    from ..adapters.swap import check as check_swap
     from ..train.distill import DistillConfig, check_out, check_spec_trainable, distill
 
     cfg = DistillConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DistillConfig)
@@ -86,7 +87,7 @@ def run(args) -> int:
     elif args.spec:
         if not Path(args.spec).is_file():
             raise AttnlabError(f"--spec {args.spec!r}: no such file")
-        spec = SwapSpec.from_json(Path(args.spec))
+        spec = SwapSpec.from_json(Path(args.spec)).at_length(cfg.seq_len)
     else:
         if not args.method:
             raise AttnlabError("say what to distil: --method NAME, --spec FILE.json or --init DIR")
@@ -108,9 +109,10 @@ def run(args) -> int:
         data.read_text(cfg.eval_text)
     if os.environ.get("RANK", "0") == "0":
         check_out(Path(args.out), args.resume)
-    path, causal = models.resolve(args.model)
-    if not causal:
+    skeleton = models.skeleton(args.model)
+    if not models.is_causal_lm(skeleton):
         raise AttnlabError(f"attnlab distill trains against next-token distributions: {args.model!r} is not a causal LM")
+    check_swap(skeleton, spec)  # a layer selector that picks none, a method that cannot run causal: before the load
     dtype = args.dtype or ("bfloat16" if torch.device(device).type == "cuda" else "float32")
     model, tok = models.load(args.model, device=device)
     if args.init:

@@ -19,7 +19,7 @@ def add_parser(sub) -> None:
                                    "from the held-out tail of Moby Dick: " + ", ".join(LOCAL_TASKS) + ".")
     p.add_argument("--model", default="smollm2", help="a packaged causal LM (smollm2) or a local model folder")
     p.add_argument("--methods", default=None, help="comma-separated methods swapped in, each one more row (default: "
-                                                   "none unless --spec / --load: window,linear)")
+                                                   "window,linear; none when --spec or --load is given)")
     common.add_set_argument(p)
     p.add_argument("--spec", action="append", default=[], metavar="FILE.json",
                    help="a per-layer swap spec (attnlab advise's spec.json, attnlab.SwapSpec JSON) (repeatable)")
@@ -52,9 +52,10 @@ def run(args) -> int:
         methods = ["window", "linear"]
     variants = compare.resolve(methods or [], common.parse_overrides(args.overrides), args.seq_len, specs=args.spec,
                                loads=args.load)
-    path, causal = models.resolve(args.model)
-    if not causal:
+    skeleton = models.skeleton(args.model)
+    if not models.is_causal_lm(skeleton):
         raise AttnlabError(f"{args.model!r} is not a causal LM; the harness tasks score a decoder's continuations")
+    compare.check_variants(variants, skeleton)
     started = time.time()
     print(f"attnlab harness: model={args.model} tasks={','.join(tasks)} limit={args.limit} variants=original,"
           f"{','.join(v.label for v in variants)}", flush=True)

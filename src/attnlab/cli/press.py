@@ -33,8 +33,8 @@ def add_parser(sub) -> None:
                                                                    "[0, 1) (default: %(default)s)")
     p.add_argument("--seq-len", type=int, default=2048, help="prompt + continuation tokens per window "
                                                              "(default: %(default)s)")
-    p.add_argument("--prompt-len", type=int, default=1792, help="prompt tokens of each window (default: %(default)s; "
-                                                                "not used with --max-cache)")
+    p.add_argument("--prompt-len", type=int, default=None, help="prompt tokens of each window (default: 7/8 of "
+                                                                "--seq-len, 1792 of 2048; not used with --max-cache)")
     p.add_argument("--num-examples", type=int, default=2, help="held-out windows (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random press (default: %(default)s)")
     p.add_argument("--max-cache", default=None, help="bounded-cache mode instead of --evict: comma-separated cache "
@@ -65,6 +65,8 @@ def run(args) -> int:
     evicts = common.fraction_list("--evict", args.evict, upper_open=True, what="the fraction of the cache evicted")
     common.positive_int("--seq-len", args.seq_len, 4)
     common.positive_int("--num-examples", args.num_examples, 1)
+    if args.prompt_len is None:
+        args.prompt_len = min(args.seq_len * 7 // 8, args.seq_len - 2)
     if args.max_cache is None and not 1 <= args.prompt_len <= args.seq_len - 2:
         raise AttnlabError(f"--prompt-len {args.prompt_len} must be in [1, --seq-len - 2 = {args.seq_len - 2}]")
     common.check_device(args.device)

@@ -136,7 +136,8 @@ def run(args) -> int:
               + ("; head fitted on pruned embeddings" if args.head == "pruned" else "") if args.task == "spam"
               else f"{setup['windows']} held-out windows, prompt {args.prompt_len} + {seq_len - args.prompt_len} tokens"))
     common.write_result(out / "prune.json", args.device,
-                        {"task": args.task, "model": name, "setup": setup, "techniques": list(techniques),
+                        {"task": args.task, "model": name, "dtype": args.dtype, "setup": setup,
+                         "techniques": list(techniques),
                          "elapsed_s": round(time.time() - started, 1), "rows": rows},
                         None if args.no_plot or args.threshold is not None else
                         lambda png: plot(rows, args.task, png, title))

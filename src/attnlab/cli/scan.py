@@ -38,6 +38,8 @@ def parse_layers(raw: str | None) -> list[int] | None:
             if not part:
                 continue
             lo, dash, hi = part.partition("-")
+            if dash and int(hi) < int(lo):
+                raise AttnlabError(f"--layers: the range {part!r} runs backwards (write {hi}-{lo})")
             out += list(range(int(lo), int(hi) + 1)) if dash else [int(lo)]
     except ValueError:
         raise AttnlabError(f"--layers expects indices and ranges such as 0-3,10, got {raw!r}") from None

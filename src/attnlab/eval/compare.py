@@ -69,6 +69,7 @@ def resolve(methods: list[str] | None, overrides: dict[str, dict], seq_len: int,
         spec = SwapSpec.from_json(Path(path)) if Path(path).is_file() else None
         if spec is None:
             raise AttnlabError(f"--spec {path!r}: no such file")
+        spec = spec.at_length(seq_len)  # a rule's omitted options are the method's at this length, as for --methods
         spec.validate()
         out.append(Variant(f"spec:{Path(path).stem}", "spec", {"spec": spec.describe()}, spec))
     for path in loads:
@@ -77,6 +78,23 @@ def resolve(methods: list[str] | None, overrides: dict[str, dict], seq_len: int,
         spec.validate()
         out.append(Variant(f"saved:{Path(path).name}", "saved", {"spec": spec.describe(), "dir": str(path)}, saved))
     return out
+
+
+def check_variants(variants: list[Variant], model, named: bool = True) -> None:
+    """Each variant against the model's layers (`model`: its skeleton, `attnlab.models.skeleton`), before the load:
+    a selector that picks no layer, a method that cannot run a layer (causal, sliding window), a saved attention of
+    another architecture fail in one line. `named`: the methods were asked for by name; the default list keeps the
+    methods this model cannot run, as rows saying why."""
+    from ..adapters.swap import check
+
+    for v in variants:
+        if v.method in ("spec", "saved"):
+            try:
+                check(model, v.target if isinstance(v.target, SwapSpec) else v.target.spec())
+            except AttnlabError as e:
+                raise type(e)(f"{v.label}: {e}") from None  # which file
+        elif named:
+            check(model, v.target)
 
 
 def _attn_peak(variant: Variant, model, seq_len: int, device, dtype) -> int | None:

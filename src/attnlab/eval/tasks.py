@@ -84,38 +84,68 @@ def _fmt(v, spec):
     return f"{'-':>{width}}" if v is None else format(v, spec)
 
 
+class _Notes:
+    """Cells too long for their column end in a numbered mark, and the whole text is printed under the table."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def add(self, text: str) -> str:
+        self.lines.append(f"[{len(self.lines) + 1}] {text}")
+        return f"[{len(self.lines)}]"
+
+    def fit(self, text: str, width: int) -> str:
+        if len(text) <= width:
+            return text
+        mark = self.add(text)
+        return text[: width - len(mark) - 1] + "…" + mark
+
+
+def _label(r) -> str:
+    """A row's method and options: a spec or saved row's options are its per-layer spec."""
+    opts = r["options"]
+    if set(opts) <= {"spec", "dir"} and "spec" in opts:
+        return str(opts["spec"])
+    return ",".join(f"{k}={v}" for k, v in opts.items())
+
+
 def format_table(rows, task) -> str:
+    notes = _Notes()
     if task == "lm":
         head = f"{'method':<13}{'options':<38}{'KL mean':>9}{'KL p95':>9}{'top1':>7}{'ppl':>10}{'ppl0':>7}{'attnMSE':>9}{'gradcos':>8}{'ms/win':>8}{'attnMB':>8}  targets"
         lines = [head, "-" * len(head)]
         for r in rows:
-            opts = ",".join(f"{k}={v}" for k, v in r["options"].items())[:37]
+            name = notes.fit(r["method"], 12)
+            opts = notes.fit(_label(r), 37)
             if r["status"] != "ok":
-                lines.append(f"{r['method']:<13}{opts:<38}  {r['status']}: {r.get('reason', '')[:90]}")
+                lines.append(f"{name:<13}{opts:<38}  {r['status']}" + (f" {notes.add(r['reason'])}"
+                                                                          if r.get("reason") else ""))
                 continue
             met = r.get("targets_met", {})
             tags = " ".join(f"{k}{'✓' if v else '✗'}" for k, v in met.items() if v is not None)
             mem = None if r.get("attn_peak_bytes") is None else r["attn_peak_bytes"] / 2**20
             lines.append(
-                f"{r['method']:<13}{opts:<38}{_fmt(r['kl_mean'], '9.2e')}{_fmt(r['kl_p95'], '9.2e')}"
+                f"{name:<13}{opts:<38}{_fmt(r['kl_mean'], '9.2e')}{_fmt(r['kl_p95'], '9.2e')}"
                 f"{_fmt(r['top1_agree'], '7.3f')}{_fmt(r['ppl_new'], '10.4g')}{_fmt(r['ppl_base'], '7.2f')}"
                 f"{_fmt(r.get('attn_mse'), '9.2e')}{_fmt(r.get('grad_cos'), '8.4f')}{_fmt(r['ms_per_window'], '8.0f')}"
                 f"{_fmt(mem, '8.1f')}  {tags}"
             )
         lines.append("KL in nats/token vs the original model; attnMB = peak memory of one attention call at the model's shape;"
                      " targets: KL<=1e-3, attn MSE<=1e-4, grad cos>=0.95")
-        return "\n".join(lines)
+        return "\n".join(lines + notes.lines)
     head = f"{'method':<13}{'options':<40}{'accuracy':>9}{'retention':>10}{'seconds':>9}  target"
     lines = [head, "-" * len(head)]
     for r in rows:
-        opts = ",".join(f"{k}={v}" for k, v in r["options"].items())[:39]
+        name = notes.fit(r["method"], 12)
+        opts = notes.fit(_label(r), 39)
         if r["status"] != "ok":
-            lines.append(f"{r['method']:<13}{opts:<40}  {r['status']}: {r.get('reason', '')[:90]}")
+            lines.append(f"{name:<13}{opts:<40}  {r['status']}" + (f" {notes.add(r['reason'])}"
+                                                                      if r.get("reason") else ""))
             continue
         met = r.get("targets_met", {}).get("acc_retention")
-        lines.append(f"{r['method']:<13}{opts:<40}{r['accuracy']:9.4f}{r['acc_retention']:10.4f}{r['seconds']:9.1f}"
+        lines.append(f"{name:<13}{opts:<40}{r['accuracy']:9.4f}{r['acc_retention']:10.4f}{r['seconds']:9.1f}"
                      f"  {'' if met is None else ('>=95% ✓' if met else '>=95% ✗')}")
-    return "\n".join(lines)
+    return "\n".join(lines + notes.lines)
 
 
 def plot(rows, task, path, title="") -> None:

@@ -330,11 +330,14 @@ def split_windows(windows: torch.Tensor, prompt_len: int) -> tuple[torch.Tensor,
     return windows[:, :prompt_len], windows[:, prompt_len:]
 
 
-def kv_bytes(model, tokens: int, dtype_bytes: int = 2) -> int:
-    """Bytes of the key/value cache for `tokens` tokens (all layers, the model's KV heads)."""
+def kv_bytes(model, tokens: int, dtype_bytes: int | None = None) -> int:
+    """Bytes of the key/value cache for `tokens` tokens (all layers, the model's KV heads), in the model's dtype
+    unless `dtype_bytes` says otherwise (what transformers' cache holds: `attnlab press` measures the same)."""
     c = model.config
     heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    if dtype_bytes is None:
+        dtype_bytes = next(model.parameters()).element_size()
     return int(2 * c.num_hidden_layers * heads * head_dim * tokens * dtype_bytes)
 
 

@@ -120,6 +120,18 @@ def init_distributed(device: str) -> Dist:
     return Dist(rank, world, local)
 
 
+def no_buffer_sync() -> dict:
+    """DistributedDataParallel's keyword for "no buffer broadcast before every forward" (the methods' buffers, drawn
+    features and masks, are equal on every rank from their seeds): `forward_sync_buffers` from torch 2.13 on, where
+    `broadcast_buffers` warns once per process as deprecated; `broadcast_buffers` before."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    new = "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
+    return {"forward_sync_buffers": False} if new else {"broadcast_buffers": False}
+
+
 def _all_mean(value: float, d: Dist, device) -> float:
     if d.world == 1:
         return value
@@ -232,6 +244,12 @@ def _lr_lambda(cfg: DistillConfig):
     return f
 
 
+def _distillable(name: str) -> bool:
+    """A method distillation can train into a causal LM: parameters, causal attention, the sequence length kept."""
+    caps = registry.capabilities(name)
+    return caps.trainable and caps.causal and not caps.resizes
+
+
 def check_spec_trainable(spec: SwapSpec, transfer_steps: int = 0) -> dict[str, int]:
     """{method: trainable parameters of one small instance}; a method with none and no adapters is an error (before
     any model loads). Bad options fail here too, except those of a method built from per-layer data (a `layer`
@@ -258,7 +276,7 @@ def check_spec_trainable(spec: SwapSpec, transfer_steps: int = 0) -> dict[str, i
             hint = " (performer / rfa: --set {m}.learn_features=true)".format(m=r.method) if "learn_features" in registry.options(r.method) else ""
             raise AttnlabError(f"method {r.method!r} with options {r.options} has no trainable parameters: nothing to "
                                f"distil{hint}; trainable methods: "
-                               f"{', '.join(n for n in registry.list_methods() if registry.capabilities(n).trainable)}; "
+                               f"{', '.join(n for n in registry.list_methods() if _distillable(n))}; "
                                "or train low-rank adapters on its projections (--lora RANK)")
         counts[r.method] = n
     return counts
@@ -286,6 +304,8 @@ def distill(model, spec, *, tokenizer, out, config: DistillConfig | None = None,
     cfg = dataclasses.replace(config or DistillConfig(), **overrides)
     cfg.check()
     spec = SwapSpec.of(spec)
+    if getattr(model, "_attnlab_swap_state", None) is None:  # a fresh swap: options omitted are the method's at this
+        spec = spec.at_length(cfg.seq_len)                     # length, as the command line takes them
     counts = check_spec_trainable(spec, cfg.transfer_steps)
     device = torch.device(device or next(model.parameters()).device)
     d = init_distributed(str(device))
@@ -425,6 +445,13 @@ class _Run:
             print(f"attnlab distill: KL {result['kl_before']:.4g} -> {result['kl_after']:.4g} nats/token, ppl "
                   f"{result['ppl_before']:.4g} -> {result['ppl_after']:.4g} (original {result['ppl_base']:.4g}), top-1 "
                   f"{result['top1_after']:.3f}; wrote {self.out / 'attention'} and {self.out / 'result.json'}", flush=True)
+            asked = result["options"].get("density")
+            if result["density"] is not None and asked is not None and abs(result["density"] - asked) > 1e-6:
+                print(f"attnlab distill: the masks keep {result['density']:.3g} of the causal pairs at {c.seq_len} "
+                      f"tokens (asked {asked:.3g}: whole blocks, plus the local band every row keeps)", flush=True)
+            for b in result.get("baselines", []):
+                print(f"attnlab distill: beside it, {b['method']} {b['options']} at density {b['density']:.3g}: KL "
+                      f"{b['kl']:.4g}, ppl {b['ppl']:.4g}, top-1 {b['top1']:.3f}", flush=True)
         return result
 
     # ---- pieces --------------------------------------------------------------------------------------------------
@@ -445,7 +472,7 @@ class _Run:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [self.d.local_rank] if self.device.type == "cuda" else None
-        return DDP(model, device_ids=ids, broadcast_buffers=False)
+        return DDP(model, device_ids=ids, **no_buffer_sync())
 
     def _step(self, ddp, train, step, per_step, phase, params, opt) -> float:
         c, d, model = self.cfg, self.d, self.model
