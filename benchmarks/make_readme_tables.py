@@ -182,6 +182,15 @@ def model_table() -> str:
            "which the method is faster than the original at every longer one.", ""]
     for mode in ("fwd", "fwd+bwd"):
         out += _model_mode_table(rows, base, mode, f"**SmolLM2-135M {mode}**")
+    long = MODEL_DIR / "model_bench_long.json"
+    if long.exists():
+        lr = json.load(open(long))
+        lcmd = lr[0].get("command", "").replace("python3 ", "python ").split(" --out")[0]
+        out += [f"**Long inputs, the code as it is** (`model_bench_long.json`: `{lcmd}`, commit "
+                f"{lr[0].get('commit') or 'in the folder README'}, one interleaved run; eager steps: from 16k tokens "
+                "the host is not the bottleneck; `oom`: the step did not fit in the H200's memory):", ""]
+        for mode in ("fwd", "fwd+bwd"):
+            out += _model_mode_table(lr, base, mode, f"*long inputs, {mode}*")
     prof = MODEL_DIR / "model_bench_profile.json"
     if prof.exists():
         pr = [r for r in json.load(open(prof)) if r["status"] == "ok"]

@@ -213,16 +213,17 @@ def resolve(name: str) -> tuple[Path, bool]:
 
 
 def skeleton(name: str):
-    """The model `load(name)` returns, built from its config on the meta device: no weights read, under a second.
-    What the commands check a run against before the load: its attention layers (`attnlab.adapters.swap.check`),
-    whether it is causal, its longest input (`max_positions`)."""
+    """(model, is_causal_lm): the model `load(name)` returns, built from its config on the meta device (no weights
+    read, under a second), and `resolve`'s causal flag. What the commands check a run against before the load: its
+    attention layers (`attnlab.adapters.swap.check`), its longest input (`max_positions`)."""
     _quiet_transformers()
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     path, causal = resolve(name)
     config = AutoConfig.from_pretrained(path)
     with torch.device("meta"):
-        return (AutoModelForCausalLM if causal else AutoModel).from_config(config, attn_implementation="sdpa")
+        model = (AutoModelForCausalLM if causal else AutoModel).from_config(config, attn_implementation="sdpa")
+    return model, causal
 
 
 def max_positions(model) -> int | None:

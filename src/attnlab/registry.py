@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.metadata
+import inspect
 import pkgutil
 from typing import TYPE_CHECKING
 
@@ -135,6 +136,18 @@ def make(name: str, head_dim: int, num_heads: int, num_kv_heads: int | None = No
     return cls(head_dim=head_dim, num_heads=num_heads, num_kv_heads=num_kv_heads, **opts)
 
 
-def defaults(name: str, seq_len: int) -> dict:
-    """The options a method uses at sequence length `seq_len` unless told otherwise (the method owns them)."""
-    return dict(get(name).defaults(seq_len))
+def defaults(name: str, seq_len: int, given: dict | None = None) -> dict:
+    """The options a method uses at sequence length `seq_len` unless told otherwise (the method owns them). `given`:
+    the options the caller sets, for a default that depends on one of them (learned_mask's max_blocks on its
+    block_size); a method's `defaults` that takes no `given` is called without it."""
+    fn = get(name).defaults
+    if given and "given" in inspect.signature(fn).parameters:
+        return dict(fn(seq_len, given=dict(given)))
+    return dict(fn(seq_len))
+
+
+def options_at(name: str, seq_len: int, given: dict | None = None) -> dict:
+    """A method's options at `seq_len`: `given` over its defaults there, what every command that knows its length
+    builds (--methods, --set and a spec rule's options alike)."""
+    given = dict(given or {})
+    return {**defaults(name, seq_len, given), **given}

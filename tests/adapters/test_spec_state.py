@@ -53,9 +53,12 @@ def test_at_length_fills_only_the_omitted_options_with_the_methods_defaults_ther
     assert original.options == {} and linear.options == attnlab.registry.defaults("linear", 128)
     assert spec.at_length(128) == spec  # filled once: nothing more to fill
     assert SwapSpec.of("window").at_length(4096).rules[0].options["window"] == 256
-    with pytest.raises(attnlab.UnsupportedError, match="cannot do causal"):
-        SwapSpec.of({"2": "nystrom"}).validate(causal=True)
-    SwapSpec.of({"2": "nystrom"}).validate(causal=False)
+    # a default that depends on a given option sees it: blocks of 4 still cover the length
+    lm = SwapSpec.of("learned_mask", block_size=4).at_length(512).rules[0].options
+    assert lm["block_size"] == 4 and lm["max_blocks"] * 4 >= 512
+    lin = SwapSpec.of("linformer", init="identity", proj_len=64).at_length(512).rules[0].options
+    assert lin["max_len"] == lin["proj_len"] == 64  # identity's limit, not a max_len it cannot be built with
+    attnlab.make("linformer", head_dim=8, num_heads=2, **lin)
 
 
 def test_check_refuses_what_swap_would_without_swapping():
@@ -65,11 +68,22 @@ def test_check_refuses_what_swap_would_without_swapping():
     with torch.device("meta"):
         skeleton = type(model)(model.config)  # no weights: what the commands check against before a load
     assert [p.method for p in check(skeleton, {"*": "window", "0": "original"})] == ["original", "window"]
-    with pytest.raises(attnlab.UnsupportedError, match="cannot do causal"):
-        check(skeleton, {"1": "linformer"})
-    with pytest.raises(attnlab.AttnlabError, match="matches none"):
-        check(skeleton, {"5": "window"})
-    assert attnlab.adapters.swapped_spec(model) is None and attnlab.adapters.swapped_spec(skeleton) is None
+    for target in (model, skeleton):
+        with pytest.raises(attnlab.UnsupportedError, match="cannot do causal"):
+            check(target, {"1": "linformer"})
+        with pytest.raises(attnlab.AttnlabError, match="matches none"):
+            check(target, {"5": "window"})
+        with pytest.raises(attnlab.UnsupportedError, match="max_len=32 tokens; this run feeds 64"):
+            check(target, {"*": ("learned_mask", {"block_size": 4, "max_blocks": 8})}, seq_len=64)
+        check(target, {"*": ("learned_mask", {"block_size": 4, "max_blocks": 8})}, seq_len=32)
+        check(target, "window")
+        assert attnlab.adapters.swapped_spec(target) is None  # checked, not swapped
+    with pytest.raises(attnlab.UnsupportedError, match="no torch.nn.MultiheadAttention"):
+        check(torch.nn.Linear(2, 2), "window")
+    enc = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(16, 2, batch_first=True), 2)
+    with pytest.raises(attnlab.UnsupportedError, match="lora adapters need"):
+        check(enc, SwapSpec.of("window").with_lora(2))
+    assert [p.method for p in check(enc, "linear")] == ["linear", "linear"]
 
 
 def test_random_methods_get_a_seed_per_layer_unless_one_is_asked_for():

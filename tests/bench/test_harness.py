@@ -191,6 +191,7 @@ def test_crossover_on_synthetic_rows():
     (["--mode", "back"], "--mode must be fwd, fwd+bwd or both"),
     (["--methods", "window@nosuch"], "backend must be one of"),
     (["--methods", "nosuch@triton"], "unknown attention method 'nosuch'"),
+    (["--methods", "window,nystrom", "--causal"], "'nystrom' cannot do causal attention"),
 ])
 def test_cli_bad_input_is_one_line_before_any_timing(args, match, tmp_path, capsys):
     from tests.helpers import assert_cli_one_line_error
@@ -235,3 +236,15 @@ def test_own_flops_follow_each_method_and_reach_the_rows():
     assert by_mode["fwd"]["method_flops"] == own * 2 and by_mode["fwd+bwd"]["method_flops"] == own * 2 * 3.5
     assert by_mode["fwd"]["min_bytes"] == 2 * 32 * 16 * 4 * 4 and by_mode["fwd+bwd"]["min_bytes"] == 3 * by_mode["fwd"]["min_bytes"]
     assert "matmul_fraction" not in by_mode["fwd"]  # ceilings are measured on CUDA only
+
+
+def test_summary_says_why_a_row_was_not_measured_once_per_reason():
+    from attnlab.cli.bench import summary
+
+    row = {"mode": "fwd", "causal": True, "method": "nystrom", "impl": "attnlab", "seq_len": 64, "batch": 1}
+    rows = [{**row, "status": "unsupported", "error": "Unsupported: nystrom: it cannot do causal attention"},
+            {**row, "seq_len": 128, "status": "unsupported", "error": "Unsupported: nystrom: it cannot do causal attention"},
+            {**row, "method": "sdpa", "status": "ok", "ms": 1.0, "peak_mem_bytes": 2**20}]
+    lines = summary(rows).splitlines()
+    assert [ln.split()[-3] for ln in lines[1:3]] == ["[1]", "[1]"] and lines[-1].endswith("cannot do causal attention")
+    assert len(lines) == 5 and len({len(ln) for ln in lines[:4]}) == 1  # one footnote; the columns stay aligned

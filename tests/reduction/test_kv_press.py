@@ -296,3 +296,13 @@ def test_pyramid_budgets_sum_to_the_plain_total_and_run(tiny):
     zero, _, _ = kp.prefill(tiny, ids[:, :24], kp.get_press("pyramid_snapkv", evict=0.5, slope=0.0))
     torch.testing.assert_close(kp.continue_scoring(tiny, zero, ids[:, 24:], start=24),
                                kp.continue_scoring(tiny, flat, ids[:, 24:], start=24), atol=1e-5, rtol=1e-4)
+
+
+def test_cli_prompt_length_follows_the_sequence_length(tiny_lm_dir, tmp_path):
+    import attnlab.cli
+
+    out = tmp_path / "out"
+    assert attnlab.cli.main(["press", "--model", str(tiny_lm_dir), "--seq-len", "48", "--num-examples", "1",
+                             "--evict", "0.5", "--presses", "streaming_llm", "--no-progress", "--no-plot",
+                             "--out", str(out)]) == 0
+    assert json.loads((out / "press.json").read_text())["prompt_len"] == 42  # 7/8 of 48, where 1792 was refused

@@ -304,3 +304,54 @@ def test_the_readme_distill_example_runs_on_smollm2(tmp_path):
               "--out", tmp_path / "cmp", timeout=900)
     assert cmp.returncode == 0, cmp.stderr[-2000:]
     assert "saved:attention" in cmp.stdout
+
+
+def test_what_the_model_cannot_run_is_refused_before_the_load(tiny_lm_dir, tmp_path, capsys, monkeypatch):
+    """Checked against the model's skeleton (its config on the meta device), before any weight loads."""
+    import attnlab.models
+
+    monkeypatch.setattr(attnlab.models, "load", lambda *a, **k: pytest.fail("the model loaded before the check"))
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"rules": [{"layers": "40", "method": "hybrid"}]}))
+    base = ["distill", "--model", tiny_lm_dir, *QUICK]
+    for extra, match in ((["--spec", spec], "matches none of the model's 2 attention layers"),
+                         (["--method", "hybrid", "--seq-len", "1024"], "max_position_embeddings=512"),
+                         (["--method", "learned_mask", "--set", "learned_mask.block_size=4",
+                           "--set", "learned_mask.max_blocks=4"], "max_len=16 tokens; this run feeds 32")):
+        err = refused(capsys, *base, *extra, "--out", tmp_path / "out")
+        assert match in err, err[-1500:]
+        assert not (tmp_path / "out").exists()
+
+
+def test_a_spec_takes_the_options_the_command_line_would_and_an_old_run_resumes_as_recorded(tiny_lm_dir, tmp_path,
+                                                                                             monkeypatch):
+    """A spec's omitted options are the method's at --seq-len in attnlab.distill too; a run whose checkpoints
+    recorded its spec unfilled (begun before options were filled) resumes with it, not refused as another run."""
+    from attnlab.adapters.spec import SwapSpec
+
+    kw = dict(tokenizer=None, steps=4, seq_len=32, batch_size=2, eval_windows=1, eval_every=100, checkpoint_every=2,
+              warmup=1, train=("sotu",), progress=False, baseline=False)
+    model, tok = attnlab.models.load(str(tiny_lm_dir))
+    res = attnlab.distill(model, "hybrid", **{**kw, "tokenizer": tok}, out=tmp_path / "new")
+    assert res["options"] == attnlab.registry.options_at("hybrid", 32)  # window 4 at 32 tokens, not its class's 64
+    with monkeypatch.context() as m:  # the run as it began before: the spec as given
+        m.setattr(SwapSpec, "at_length", lambda self, n: self)
+        import attnlab.train.checkpoint as ckpt
+
+        m.setattr(ckpt, "save", _stop_after(ckpt.save, "step-000002"))
+        model, _ = attnlab.models.load(str(tiny_lm_dir))
+        with pytest.raises(KeyboardInterrupt):
+            attnlab.distill(model, "hybrid", **{**kw, "tokenizer": tok}, out=tmp_path / "old")
+    model, _ = attnlab.models.load(str(tiny_lm_dir))
+    res = attnlab.distill(model, "hybrid", **{**kw, "tokenizer": tok}, out=tmp_path / "old", resume=True)
+    assert res["options"] == {} and res["steps"] == 4
+
+
+def _stop_after(save, name):
+    def wrapped(out, *a, **k):
+        path = save(out, *a, **k)
+        if name in str(path):
+            raise KeyboardInterrupt  # killed once that checkpoint is on disk
+        return path
+
+    return wrapped

@@ -167,8 +167,8 @@ class SwapSpec:
         {"method": "window", "options": {"window": 32}} build the same attention; without a length (`attnlab.swap`
         with a bare name) a method takes its Options' defaults."""
         return dataclasses.replace(self, rules=[
-            r if r.method == ORIGINAL else dataclasses.replace(r, options={**registry.defaults(r.method, seq_len),
-                                                                           **r.options})
+            r if r.method == ORIGINAL else dataclasses.replace(r, options=registry.options_at(r.method, seq_len,
+                                                                                               r.options))
             for r in self.rules])
 
     def with_lora(self, rank: int) -> "SwapSpec":
@@ -176,9 +176,9 @@ class SwapSpec:
         return dataclasses.replace(self, rules=[r if r.method == ORIGINAL else dataclasses.replace(r, lora=rank)
                                                 for r in self.rules])
 
-    def validate(self, causal: bool | None = None) -> None:
-        """Unknown methods and option names fail here, before any model work; with `causal` (the model's kind, when
-        known), so does a method that cannot run it."""
+    def validate(self) -> None:
+        """Unknown methods and option names fail here, before any model work (what a model's layers cannot run:
+        `adapters.swap.check`)."""
         for r in self.rules:
             check_rank(r.lora)
             if r.lora and r.method == ORIGINAL:
@@ -190,9 +190,6 @@ class SwapSpec:
                         f"method {r.method!r} changes the sequence length (its output has ratio * n rows), so it "
                         "cannot replace a model's attention; use it as a layer of its own (attnlab.compress)")
                 registry.check_options(r.method, r.options)
-                if causal and not registry.capabilities(r.method).causal:
-                    raise UnsupportedError(f"rule {r.layers!r}: method {r.method!r} cannot do causal attention, and "
-                                           "this model is a causal LM")
 
     def plan(self, layer_names: list[str]) -> list[LayerPlan]:
         """One LayerPlan per attention layer (in the adapter's order)."""
@@ -215,8 +212,8 @@ class SwapSpec:
             out.append(LayerPlan(i, name, rule.method, opts, rule.lora))
         for r in self.rules:  # a selector that picks no layer is almost always a typo
             if not any(r.matches(i, nm, n) for i, nm in enumerate(layer_names)):
-                raise AttnlabError(f"layer selector {r.layers!r} matches none of the model's {n} attention layers "
-                                   f"(indices 0..{n - 1}, names like {layer_names[0]!r})")
+                raise AttnlabError(f"layer selector {r.layers!r} matches none of the model's {n} attention layers"
+                                   + (f" (indices 0..{n - 1}, names like {layer_names[0]!r})" if n else ""))
         return out
 
     def describe(self) -> str:

@@ -83,15 +83,44 @@ def _hf_plans(model, spec: SwapSpec) -> tuple[list, list[LayerPlan]]:
     return sites, plans
 
 
-def check(model, spec) -> list[LayerPlan]:
-    """What `swap(model, spec)` would refuse, refused without swapping; the layers' plans otherwise. For the commands'
-    checks before a load: `model` may be a skeleton on the meta device (`attnlab.models.skeleton`)."""
-    spec = SwapSpec.of(spec)
-    if hf.is_hf_model(model):
-        return _hf_plans(model, spec)[1]
+def _mha_plans(model, spec: SwapSpec) -> list[LayerPlan]:
+    """The plans of a model of torch.nn.MultiheadAttention layers, with every check of a swap that reads no weights."""
     from . import mha
 
-    return spec.plan([n for n, _ in mha.mha_modules(model)])
+    sites = mha.mha_modules(model)
+    if not sites:
+        raise UnsupportedError(f"no torch.nn.MultiheadAttention (and no transformers attention layer) found in "
+                               f"{type(model).__name__}")
+    plans = spec.plan([n for n, _ in sites])
+    if any(p.lora for p in plans):
+        raise UnsupportedError("lora adapters need a transformers model's attention projections; "
+                               "nn.MultiheadAttention's fused input projection has none to adapt")
+    return plans
+
+
+def check(model, spec, seq_len: int | None = None) -> list[LayerPlan]:
+    """What `swap(model, spec)` would refuse, refused without swapping; the layers' plans otherwise. For the commands'
+    checks before a load: `model` may be a skeleton on the meta device (`attnlab.models.skeleton`). With `seq_len`
+    (a transformers model), also a method built for shorter inputs than the run feeds it (its `max_len`: one
+    instance of each distinct method and options, at the layer's head shape, on the CPU)."""
+    spec = SwapSpec.of(spec)
+    if not hf.is_hf_model(model):
+        return _mha_plans(model, spec)
+    sites, plans = _hf_plans(model, spec)
+    if seq_len is not None:
+        seen = set()
+        for plan, (_, mod) in zip(plans, sites):
+            opts = {k: v for k, v in plan.options.items() if k != "seed"}
+            key = (plan.method, repr(sorted(opts.items())))
+            if plan.method == ORIGINAL or "layer" in opts or key in seen:
+                continue  # a method built from per-layer data (global_sparse) meets its shapes at swap time
+            seen.add(key)
+            heads, kv_heads, head_dim = hf.head_shape(mod, model.config)
+            built = registry.make(plan.method, head_dim=head_dim, num_heads=heads, num_kv_heads=kv_heads, **opts)
+            if built.max_len is not None and seq_len > built.max_len:
+                raise UnsupportedError(f"layer {plan.name!r}: {plan.method} with {opts} is built for at most "
+                                       f"max_len={built.max_len} tokens; this run feeds {seq_len}")
+    return plans
 
 
 def swap(model, spec, **options):
@@ -103,14 +132,7 @@ def swap(model, spec, **options):
     if not hf.is_hf_model(model):
         from . import mha
 
-        sites = mha.mha_modules(model)
-        if not sites:
-            raise UnsupportedError(f"no torch.nn.MultiheadAttention (and no transformers attention layer) found in "
-                                   f"{type(model).__name__}")
-        plans = spec.plan([n for n, _ in sites])
-        if any(p.lora for p in plans):
-            raise UnsupportedError("lora adapters need a transformers model's attention projections; "
-                                   "nn.MultiheadAttention's fused input projection has none to adapt")
+        plans = _mha_plans(model, spec)
         mha.swap_modules(model, plans)
         setattr(model, _STATE, SwapState(spec, plans, "mha"))
         return model

@@ -24,7 +24,7 @@ def method_options(method: str, seq_len: int, overrides: dict | None = None) -> 
     """The method's own options at this length, `--set` overrides on top (unknown names are an error)."""
     from .. import registry
 
-    opts = {**registry.defaults(method, seq_len), **(overrides or {})}
+    opts = registry.options_at(method, seq_len, overrides)
     registry.check_options(method, opts)
     return opts
 

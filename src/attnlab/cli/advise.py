@@ -73,7 +73,7 @@ def run(args) -> int:
         if scanned.get("model") != args.model or scanned.get("seq_len") != args.seq_len:
             raise AttnlabError(f"--scan {args.scan!r} was made for model {scanned.get('model')!r} at seq_len "
                                f"{scanned.get('seq_len')}, not {args.model!r} at {args.seq_len}")
-        missing = [m for m in methods if not any(r["method"] == m and {**registry.defaults(m, args.seq_len), **r["options"]}
+        missing = [m for m in methods if not any(r["method"] == m and registry.options_at(m, args.seq_len, r["options"])
                                                  == opts[m] for r in scan_rows)]
         if missing:
             raise AttnlabError(f"--scan {args.scan!r} has no rows for {missing} with the options asked for; rescan "

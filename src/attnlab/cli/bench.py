@@ -68,8 +68,8 @@ def run(args: argparse.Namespace) -> int:
     for m in methods:
         attnlab.registry.get(split_spec(m)[0])  # unknown names: one line listing the valid ones
         if args.causal and args.methods not in ("all", "") and not attnlab.registry.capabilities(split_spec(m)[0]).causal:
-            raise AttnlabError(f"method {split_spec(m)[0]!r} cannot do causal attention: drop it or --causal "
-                               "(--both-causal times it non-causal only)")
+            raise AttnlabError(f"method {split_spec(m)[0]!r} cannot do causal attention: leave it out of --methods, "
+                               "or time it non-causal (no --causal; --both-causal times it non-causal only)")
     modes = [m.strip() for m in args.mode.split(",")]
     if any(m not in harness.MODES for m in modes):
         raise AttnlabError(f"--mode must be fwd, fwd+bwd or both, got {args.mode!r}")
@@ -86,8 +86,8 @@ def run(args: argparse.Namespace) -> int:
     overrides = common.parse_overrides(args.overrides, [split_spec(m)[0] for m in methods])
     for spec in methods:  # option names and values (and options a method cannot do without) fail here, in one line
         m, backend = split_spec(spec)
-        attnlab.registry.check_options(m, {**attnlab.registry.defaults(m, lengths[0]), **overrides.get(m, {}),
-                                           **({"backend": backend} if backend else {})})
+        attnlab.registry.check_options(m, attnlab.registry.options_at(
+            m, lengths[0], {**overrides.get(m, {}), **({"backend": backend} if backend else {})}))
     dtype = common.DTYPES[args.dtype or ("fp32" if on_cpu else "bf16")]
     causal_list = [False, True] if args.both_causal else [bool(args.causal)]
     if "sdpa" not in methods:
@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def summary(rows: list[dict]) -> str:
-    lines = [f"{'mode':8} {'causal':6} {'method':13} {'impl':22} {'kernel':18} {'T':>6} {'B':>2} {'status':13} "
+    lines = [f"{'mode':8} {'causal':6} {'method':13} {'impl':22} {'kernel':18} {'T':>6} {'B':>2} {'status':17} "
              f"{'ms':>10} {'peak MiB':>9}"]
     reasons: list[str] = []  # why a row was not measured, once per distinct reason, under the table
     for r in rows:
@@ -132,5 +132,5 @@ def summary(rows: list[dict]) -> str:
                 reasons.append(r["error"])
             status += f" [{reasons.index(r['error']) + 1}]"
         lines.append(f"{r['mode']:8} {str(r['causal']):6} {r['method']:13} {r['impl']:22} {str(r.get('kernel') or '-'):18} "
-                     f"{r['seq_len']:>6} {r['batch']:>2} {status:13} {ms:>10} {mem:>9}")
+                     f"{r['seq_len']:>6} {r['batch']:>2} {status:17} {ms:>10} {mem:>9}")
     return "\n".join(lines + [f"[{i}] {why}" for i, why in enumerate(reasons, 1)])

@@ -153,7 +153,7 @@ def causal_method_options(raw: str, overrides: list[str] | None, seq_len: int) -
         if not registry.capabilities(m).causal:
             raise AttnlabError(f"method {m!r} cannot do causal attention (this command works on causal LMs)")
     over = parse_overrides(overrides, methods)
-    opts = {m: {**registry.defaults(m, seq_len), **over.get(m, {})} for m in methods}
+    opts = {m: registry.options_at(m, seq_len, over.get(m)) for m in methods}
     for m in methods:
         registry.check_options(m, opts[m])  # bad options fail here, before the model loads
     return opts

@@ -76,8 +76,7 @@ def run(args) -> int:
     # kind, length and layers (from its config alone), data
     overrides = common.parse_overrides(args.overrides)
     variants = compare.resolve(methods, overrides, args.seq_len, specs=args.spec, loads=args.load)
-    skeleton = models.skeleton(model_name)
-    causal = models.is_causal_lm(skeleton)
+    skeleton, causal = models.skeleton(model_name)
     if (task.model_kind == "causal-lm") != causal:
         raise AttnlabError(f"--task {task.name} needs a {task.model_kind}; {model_name!r} is "
                            f"{'a causal LM' if causal else 'an encoder'} (try --task {'lm' if causal else 'spam'})")
@@ -86,7 +85,7 @@ def run(args) -> int:
         raise AttnlabError(f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings={max_pos}")
     if args.num_tokens < args.seq_len:
         raise AttnlabError(f"--num-tokens {args.num_tokens} is less than one window of --seq-len {args.seq_len}")
-    compare.check_variants(variants, skeleton, named=methods is not None)
+    compare.check_variants(variants, skeleton, args.seq_len, named=methods is not None)
     data = task.read_data(args)
     dtype = getattr(torch, args.dtype)
     unused = args.num_tokens % args.seq_len if task.name == "lm" else 0

@@ -68,7 +68,8 @@ def run(args) -> int:
     from ..adapters.spec import SwapSpec
     from ..adapters.state import read_meta
     from ..adapters.swap import check as check_swap
-    from ..train.distill import DistillConfig, check_out, check_spec_trainable, distill
+    from ..train import checkpoint as ckpt
+    from ..train.distill import DistillConfig, check_out, check_spec_trainable, distill, spec_at_length
 
     cfg = DistillConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DistillConfig)
                            if f.name not in ("train", "eval_text", "baseline", "progress")},
@@ -87,14 +88,15 @@ def run(args) -> int:
     elif args.spec:
         if not Path(args.spec).is_file():
             raise AttnlabError(f"--spec {args.spec!r}: no such file")
-        spec = SwapSpec.from_json(Path(args.spec)).at_length(cfg.seq_len)
+        spec = SwapSpec.from_json(Path(args.spec))
     else:
         if not args.method:
             raise AttnlabError("say what to distil: --method NAME, --spec FILE.json or --init DIR")
         registry.get(args.method)
-        opts = {**registry.defaults(args.method, cfg.seq_len), **overrides.pop(args.method, {})}
+        given = overrides.pop(args.method, {})
         if args.density is not None:
-            opts["density"] = args.density
+            given["density"] = args.density
+        opts = registry.options_at(args.method, cfg.seq_len, given)
         spec = SwapSpec.of(args.method, **opts)
     if overrides:
         raise AttnlabError(f"--set for methods not distilled here: {sorted(overrides)}")
@@ -103,16 +105,22 @@ def run(args) -> int:
             raise AttnlabError(f"--lora: {args.init or args.spec} already has adapters (rank "
                                f"{max(r.lora for r in spec.rules)}); continue without --lora")
         spec = spec.with_lora(args.lora)  # --init + --lora: LoLCATs' order, the attention first, then adapters
+    if not args.init:  # what attnlab.distill swaps in: omitted options at --seq-len (a resumed run keeps its own)
+        spec = spec_at_length(spec, cfg.seq_len, ckpt.latest(Path(args.out)) if args.resume else None)
     check_spec_trainable(spec, cfg.transfer_steps)  # a method without parameters, bad options: before the model loads
     data.check_corpora(list(cfg.train))  # unknown or unfetched corpora, too
     if cfg.eval_text is not None:
         data.read_text(cfg.eval_text)
     if os.environ.get("RANK", "0") == "0":
         check_out(Path(args.out), args.resume)
-    skeleton = models.skeleton(args.model)
-    if not models.is_causal_lm(skeleton):
+    skeleton, causal = models.skeleton(args.model)
+    if not causal:
         raise AttnlabError(f"attnlab distill trains against next-token distributions: {args.model!r} is not a causal LM")
-    check_swap(skeleton, spec)  # a layer selector that picks none, a method that cannot run causal: before the load
+    max_pos = models.max_positions(skeleton)
+    if max_pos and cfg.seq_len > max_pos:
+        raise AttnlabError(f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings={max_pos}")
+    check_swap(skeleton, spec, cfg.seq_len)  # a selector that picks no layer, a method that cannot run causal or
+    # this length: before the load
     dtype = args.dtype or ("bfloat16" if torch.device(device).type == "cuda" else "float32")
     model, tok = models.load(args.model, device=device)
     if args.init:

@@ -52,8 +52,8 @@ def run(args) -> int:
         methods = ["window", "linear"]
     variants = compare.resolve(methods or [], common.parse_overrides(args.overrides), args.seq_len, specs=args.spec,
                                loads=args.load)
-    skeleton = models.skeleton(args.model)
-    if not models.is_causal_lm(skeleton):
+    skeleton, causal = models.skeleton(args.model)
+    if not causal:
         raise AttnlabError(f"{args.model!r} is not a causal LM; the harness tasks score a decoder's continuations")
     compare.check_variants(variants, skeleton)
     started = time.time()

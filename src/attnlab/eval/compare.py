@@ -62,7 +62,7 @@ def resolve(methods: list[str] | None, overrides: dict[str, dict], seq_len: int,
             raise AttnlabError(f"--set {m}.*: method {m!r} is not among the compared methods {methods}")
     out = []
     for n in methods:
-        opts = {**registry.defaults(n, seq_len), **overrides.get(n, {})}
+        opts = registry.options_at(n, seq_len, overrides.get(n))
         registry.check_options(n, opts)  # bad option names/values fail before any model work
         out.append(Variant.of_method(n, opts))
     for path in specs:
@@ -80,21 +80,21 @@ def resolve(methods: list[str] | None, overrides: dict[str, dict], seq_len: int,
     return out
 
 
-def check_variants(variants: list[Variant], model, named: bool = True) -> None:
-    """Each variant against the model's layers (`model`: its skeleton, `attnlab.models.skeleton`), before the load:
-    a selector that picks no layer, a method that cannot run a layer (causal, sliding window), a saved attention of
-    another architecture fail in one line. `named`: the methods were asked for by name; the default list keeps the
-    methods this model cannot run, as rows saying why."""
+def check_variants(variants: list[Variant], model, seq_len: int | None = None, named: bool = True) -> None:
+    """Each variant against the model's layers (`model`: its skeleton, `attnlab.models.skeleton`) and, with
+    `seq_len`, the run's length, before the load: a selector that picks no layer, a method that cannot run a layer
+    (causal, sliding window) or the length, a saved attention of another architecture fail in one line. `named`: the
+    methods were asked for by name; the default list keeps the methods this model cannot run, as rows saying why."""
     from ..adapters.swap import check
 
     for v in variants:
         if v.method in ("spec", "saved"):
             try:
-                check(model, v.target if isinstance(v.target, SwapSpec) else v.target.spec())
+                check(model, v.target if isinstance(v.target, SwapSpec) else v.target.spec(), seq_len)
             except AttnlabError as e:
                 raise type(e)(f"{v.label}: {e}") from None  # which file
         elif named:
-            check(model, v.target)
+            check(model, v.target, seq_len)
 
 
 def _attn_peak(variant: Variant, model, seq_len: int, device, dtype) -> int | None:

@@ -105,8 +105,10 @@ class AttentionMethod(nn.Module):
 
     # ---- what the method owns besides its maths ------------------------------------------------------------
     @classmethod
-    def defaults(cls, seq_len: int) -> dict:
-        """Options at sequence length `seq_len` unless told otherwise (compare, bench, advice read them here)."""
+    def defaults(cls, seq_len: int, given: dict | None = None) -> dict:
+        """Options at sequence length `seq_len` unless told otherwise (compare, bench, advice read them here);
+        `given`: the options the caller sets (`registry.options_at` puts them over these), for a default that
+        depends on one of them."""
         return {}
 
     @classmethod

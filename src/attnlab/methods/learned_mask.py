@@ -96,8 +96,10 @@ class LearnedMask(AttentionMethod):
         self._patterns: dict = {}  # (nb, causal, device) -> (scores version, pattern, its blocks): derived, not state
 
     @classmethod
-    def defaults(cls, seq_len):
-        return {"density": 0.5, "block_size": max(16, min(64, seq_len // 8)), "max_blocks": max(64, -(-seq_len // 16))}
+    def defaults(cls, seq_len, given=None):
+        # max_blocks covers seq_len in blocks of the given block_size where it is smaller than 16
+        bs = min(16, int((given or {}).get("block_size", 16)))
+        return {"density": 0.5, "block_size": max(16, min(64, seq_len // 8)), "max_blocks": max(64, -(-seq_len // bs))}
 
     @classmethod
     def exact_limit(cls, tq, tk):

@@ -61,7 +61,11 @@ class Linformer(AttentionMethod):
         self._unpadded_key, self._unpadded = None, None  # `_unpadded_allowed`'s cache
 
     @classmethod
-    def defaults(cls, seq_len):
+    def defaults(cls, seq_len, given=None):
+        given = given or {}
+        if given.get("init") == "identity":  # the exact limit: proj_len == max_len, whichever is given
+            n = given.get("max_len", given.get("proj_len", seq_len))
+            return {"max_len": n, "proj_len": n}
         return {"max_len": seq_len, "proj_len": max(8, min(256, seq_len // 4))}
 
     @classmethod

@@ -122,8 +122,9 @@ def init_distributed(device: str) -> Dist:
 
 def no_buffer_sync() -> dict:
     """DistributedDataParallel's keyword for "no buffer broadcast before every forward" (the methods' buffers, drawn
-    features and masks, are equal on every rank from their seeds): `forward_sync_buffers` from torch 2.13 on, where
-    `broadcast_buffers` warns once per process as deprecated; `broadcast_buffers` before."""
+    features and masks, are equal on every rank from their seeds): `forward_sync_buffers=False` from torch 2.13 on,
+    where `broadcast_buffers` warns once per process as deprecated (unlike it, that one still copies rank 0's buffers
+    once at the start: the same values here); `broadcast_buffers=False` before."""
     import inspect
 
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -282,6 +283,19 @@ def check_spec_trainable(spec: SwapSpec, transfer_steps: int = 0) -> dict[str, i
     return counts
 
 
+def spec_at_length(spec, seq_len: int, last: Path | None = None) -> SwapSpec:
+    """The spec a run swaps in: its omitted options the methods' at `seq_len` (`SwapSpec.at_length`, as the command
+    line takes them). A run resumed from `last` whose checkpoints recorded the spec as given, unfilled (runs
+    started before options were filled), keeps it as given: its trained shapes and its identity are those."""
+    spec = SwapSpec.of(spec)
+    filled = spec.at_length(seq_len)
+    if last is not None and filled != spec:
+        meta, _ = ckpt.read(last)
+        if meta.get("identity", {}).get("spec") == spec.to_dict():
+            return spec
+    return filled
+
+
 def check_out(out: Path, resume: bool) -> Path | None:
     """The output folder: a finished or started run is never overwritten; --resume needs a checkpoint."""
     out = Path(out)
@@ -304,12 +318,12 @@ def distill(model, spec, *, tokenizer, out, config: DistillConfig | None = None,
     cfg = dataclasses.replace(config or DistillConfig(), **overrides)
     cfg.check()
     spec = SwapSpec.of(spec)
-    if getattr(model, "_attnlab_swap_state", None) is None:  # a fresh swap: options omitted are the method's at this
-        spec = spec.at_length(cfg.seq_len)                     # length, as the command line takes them
+    last = check_out(Path(out), resume)
+    if getattr(model, "_attnlab_swap_state", None) is None:  # a fresh swap (not a model already running its spec)
+        spec = spec_at_length(spec, cfg.seq_len, last)
     counts = check_spec_trainable(spec, cfg.transfer_steps)
     device = torch.device(device or next(model.parameters()).device)
     d = init_distributed(str(device))
-    last = check_out(Path(out), resume)
     if d.world > 1:
         import torch.distributed as dist
 

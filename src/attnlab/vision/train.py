@@ -124,7 +124,7 @@ FROM_SCRATCH = {"rfa": {"normalize": True}}
 
 def method_options(method: str, seq_len: int, overrides: dict | None = None) -> dict:
     """The options a method trains with here: its defaults at `seq_len`, FROM_SCRATCH, then `--set` overrides."""
-    return {**registry.defaults(method, seq_len), **FROM_SCRATCH.get(method, {}), **(overrides or {})}
+    return registry.options_at(method, seq_len, {**FROM_SCRATCH.get(method, {}), **(overrides or {})})
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
