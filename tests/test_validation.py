@@ -119,6 +119,24 @@ def test_argparse_errors_are_one_line(argv, match, capsys):
     assert exc.value.code == 2 and len(err.strip().splitlines()) == 1 and match in err and "--help" in err, err
 
 
+def test_an_error_after_a_progress_bar_starts_a_line_of_its_own(monkeypatch, capsys):
+    """A bar's carriage returns would put the error on the bar's line (in a pipe too): open bars are closed first."""
+    import attnlab.cli.scan
+    from tqdm.auto import tqdm
+
+    bars = []  # held, as a running command holds its bar
+
+    def run(args):
+        bars.append(tqdm(total=3, desc="working"))
+        bars[0].update()
+        raise attnlab.AttnlabError("late refusal")
+
+    monkeypatch.setattr(attnlab.cli.scan, "run", run)
+    assert attnlab.cli.main(["scan"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == "attnlab: error: late refusal", err
+
+
 def test_check_is_cached_per_request_and_still_refuses(qkv, monkeypatch):
     """A passed request is remembered (the full check is not redone for the same shapes), but anything that
     changes the verdict (another flag, a padding mask of the wrong dtype, a pattern that no longer covers the
