@@ -195,3 +195,17 @@ def test_results_name_the_commit_and_whether_the_sources_differed(tmp_path, monk
     assert common.git_commit() == clean
     (pkg / "common.py").write_text("x = 2\n")
     assert common.git_commit() == clean + "+dirty"
+
+
+def test_a_backend_that_cannot_run_here_is_refused_naming_the_method():
+    q = torch.randn(1, 4, 16, 16)
+    for backend in ("efficient", "cudnn"):  # CUDA's kernels: torch's own error was "No viable backend"
+        with pytest.raises(attnlab.UnsupportedError, match=f"'sdpa'.*backend='{backend}' runs on CUDA only"):
+            attnlab.make("sdpa", head_dim=16, num_heads=4, backend=backend)(q, q, q, causal=True)
+    attnlab.make("sdpa", head_dim=16, num_heads=4, backend="math")(q, q, q, causal=True)
+    lm = attnlab.make("learned_mask", head_dim=16, num_heads=4, block_size=8, max_blocks=16, backend="flex")
+    with pytest.raises(attnlab.UnsupportedError, match="^learned_mask: backend='flex' on CPU cannot train"):
+        lm(q, q, q, causal=True)  # training mode: was torch's InductorError
+    w = attnlab.make("window", head_dim=16, num_heads=4, window=4, backend="flex")
+    with pytest.raises(attnlab.UnsupportedError, match="^window: backend='flex' on CPU is inference-only"):
+        w(q.requires_grad_(), q, q, causal=True)

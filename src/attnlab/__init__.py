@@ -22,15 +22,20 @@ __all__ = [
     "AttnOutput", "AttnlabError", "Capabilities", "CheckpointError", "OptionError", "Rule", "Saved", "ShapeError", "SwapSpec", "UnknownMethodError",
     "UnsupportedError", "attention_modules", "capabilities", "data", "defaults", "list_methods", "load", "make",
     "models", "nn", "options", "original", "register", "replace_mha", "save", "swap", "swapped", "swapped_layers",
-    "swapped_spec", "unswap", "distill",
+    "swapped_spec", "unswap", "distill", "patterns", "feature_maps",
 ]
 
 
-def distill(model, spec, **kwargs):
-    """Train only the swapped attention to match the original model (attnlab.train.distill)."""
+def distill(model, spec, *, tokenizer, out, config=None, resume: bool = False, device=None, autocast_dtype=None,
+            **overrides):
+    """Train only the swapped attention of `model` to match the original model (forward KL on held-out text) and
+    return the result row; `spec` a method name, a per-layer spec or a SwapSpec, its omitted options the methods'
+    at `seq_len`. Fields of `attnlab.train.DistillConfig` (steps, seq_len, batch_size, lr, ...) as keyword
+    arguments or `config`. See `attnlab.train.distill.distill`."""
     from .train.distill import distill as _distill
 
-    return _distill(model, spec, **kwargs)
+    return _distill(model, spec, tokenizer=tokenizer, out=out, config=config, resume=resume, device=device,
+                    autocast_dtype=autocast_dtype, **overrides)
 
 
 def __getattr__(name):  # subpackages loaded on first use (nothing heavy at import)

@@ -97,6 +97,8 @@ def get(name: str) -> type["AttentionMethod"]:
 
 
 def capabilities(name: str) -> Capabilities:
+    """What a method can serve: causal, padding, arbitrary masks, probabilities, extras (lse, col_sums), GQA, dtypes,
+    cross-attention, whether it trains or resizes the sequence."""
     return get(name).capabilities
 
 

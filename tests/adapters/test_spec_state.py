@@ -27,6 +27,7 @@ def test_selectors_and_last_match_wins():
     assert plan[2].options == {"window": 4}
     assert [p.index for p in plan] == list(range(6)) and plan[4].name == names[4]
     assert SwapSpec.of("window", window=3).plan(names[:2])[1].options == {"window": 3}
+    assert SwapSpec.of(("window", {"window": 3})) == SwapSpec.of("window", window=3)  # a rule's value, every layer
 
 
 def test_spec_json_round_trip_and_bad_specs():

@@ -66,8 +66,9 @@ def loop_lsh(m, q, k, v, *, causal=False, key_padding_mask=None):
                     return torch.cat([xr, -xr], -1).argmax(-1).tolist()
 
                 qb, kb = bucket(qs), bucket(ks)
-                q_sorted = sorted(range(t), key=lambda i: (qb[i], i))
-                k_sorted = sorted(range(t), key=lambda j: (kb[j], j))
+                # padded positions after every real one, each side by (bucket, position)
+                q_sorted = sorted(range(t), key=lambda i: (not real[b, i], qb[i], i))
+                k_sorted = sorted(range(t), key=lambda j: (not real[b, j], kb[j], j))
                 lse, ro, rw = torch.full((t,), -math.inf, dtype=torch.float64), torch.zeros(t, d, dtype=torch.float64), torch.zeros(t, t, dtype=torch.float64)
                 for slot, i in enumerate(q_sorted):
                     c = slot // chunk
@@ -301,6 +302,23 @@ def test_padding_equals_unpadded_in_exact_limit(shared_qk):
         padded, _ = m(q, k, v, causal=causal, key_padding_mask=kpm)
         short, _ = m(q[:, :, :n], k[:, :, :n], v[:, :, :n], causal=causal)
         assert max_err(padded[:, :, :n], short) < 1e-6
+
+
+@pytest.mark.parametrize("shared_qk", [True, False])
+@pytest.mark.parametrize("causal", [False, True])
+def test_what_padded_positions_hold_never_reaches_a_real_row(shared_qk, causal):
+    """Several buckets: a padded key (or, shared, a padded query) sorted among the real ones would push real keys
+    into other chunks, so its values changed real outputs (by up to 2 before); padded positions now sort last."""
+    q, k, v = rand_qkv(b=2, h=2, tq=64, d=16, seed=21)
+    kpm = torch.ones(2, 64, dtype=torch.bool)
+    kpm[0, 50:] = False
+    kpm[1, :9] = False  # left padding too
+    m = make("lsh", q, k, bucket_size=16, n_hashes=2, shared_qk=shared_qk)
+    out, _ = m(q, k, v, causal=causal, key_padding_mask=kpm)
+    pad = ~kpm[:, None, :, None]
+    other, _ = m(q + 3 * pad, k + 5 * pad, v * (1 + 6 * pad), causal=causal, key_padding_mask=kpm)
+    real = kpm[:, None, :, None].expand_as(out)
+    assert m.n_buckets(64) > 1 and torch.equal(out[real], other[real])
 
 
 @pytest.mark.parametrize("shared_qk", [True, False])

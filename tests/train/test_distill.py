@@ -47,6 +47,12 @@ def losses(out: Path) -> list[float]:
     return [r["loss"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r]
 
 
+def test_an_unknown_setting_is_one_attnlab_error(tmp_path):
+    with pytest.raises(attnlab.AttnlabError, match="no setting stepz; DistillConfig has .*steps"):
+        attnlab.distill(None, "hybrid", tokenizer=None, out=tmp_path / "run", stepz=3)
+    assert not (tmp_path / "run").exists()
+
+
 def test_kl_loss_is_forward_kl_in_fp32():
     p = torch.tensor([[0.5, 0.25, 0.25]]).log()
     q = torch.tensor([[0.2, 0.3, 0.5]]).log()
@@ -332,8 +338,15 @@ def test_a_spec_takes_the_options_the_command_line_would_and_an_old_run_resumes_
     kw = dict(tokenizer=None, steps=4, seq_len=32, batch_size=2, eval_windows=1, eval_every=100, checkpoint_every=2,
               warmup=1, train=("sotu",), progress=False, baseline=False)
     model, tok = attnlab.models.load(str(tiny_lm_dir))
+    before = {n for n, p in model.named_parameters() if p.requires_grad}
     res = attnlab.distill(model, "hybrid", **{**kw, "tokenizer": tok}, out=tmp_path / "new")
     assert res["options"] == attnlab.registry.options_at("hybrid", 32)  # window 4 at 32 tokens, not its class's 64
+    attnlab.unswap(model)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == before  # frozen only while it trained
+    attnlab.load(model, tmp_path / "new" / "attention")  # a model running the spec trains on by the same name
+    assert attnlab.distill(model, "hybrid", **{**kw, "tokenizer": tok, "steps": 1}, out=tmp_path / "on")["steps"] == 1
+    with pytest.raises(attnlab.AttnlabError, match="already runs .*hybrid.*, not .*hedgehog"):
+        attnlab.distill(model, "hedgehog", **{**kw, "tokenizer": tok}, out=tmp_path / "other")
     with monkeypatch.context() as m:  # the run as it began before: the spec as given
         m.setattr(SwapSpec, "at_length", lambda self, n: self)
         import attnlab.train.checkpoint as ckpt

@@ -106,6 +106,9 @@ class SwapSpec:
             return cls.from_json(Path(spec))
         if isinstance(spec, str):
             return cls([Rule("*", spec, dict(options))])
+        if (isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], str) and isinstance(spec[1], dict)
+                and not options):  # ("window", {"window": 128}): every layer, as a rule's value reads
+            return cls([Rule("*", spec[0], dict(spec[1]))])
         if options:
             raise AttnlabError("keyword options go with a single method name; put them in the rules of a per-layer spec")
         if isinstance(spec, dict) and "rules" in spec:

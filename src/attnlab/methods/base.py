@@ -170,7 +170,12 @@ class AttentionMethod(nn.Module):
                   need_probs=need_probs)
         if need_lse or need_col_sums:
             kw.update(need_lse=need_lse, need_col_sums=need_col_sums)
-        res = self._attend(q, k, v, **kw)
+        try:
+            res = self._attend(q, k, v, **kw)
+        except UnsupportedError as e:  # a kernel's own refusal (ops/*) names the method too
+            if str(e).startswith(f"{self.name}:"):
+                raise
+            raise UnsupportedError(f"{self.name}: {e}") from None
         return res if isinstance(res, AttnOutput) else AttnOutput(*res)
 
     def _attend(self, q, k, v, *, causal, key_padding_mask, attn_mask, scale, need_probs):

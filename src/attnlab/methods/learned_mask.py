@@ -276,6 +276,11 @@ class LearnedMask(AttentionMethod):
         forced, token pairs of the band and the sinks excluded. The same gradient as `_static_gate` through
         `gated_attention` (the reference the tests hold it to), without the checkpointed dense forward."""
         o, tk = self.opts, k.shape[-2]
+        if o.backend == "flex" and q.device.type == "cpu":
+            from ..types import UnsupportedError
+
+            raise UnsupportedError("backend='flex' on CPU cannot train the static mask (FlexAttention is inference-only "
+                                   "there and returns no log-sum-exp); use backend='torch' to train on CPU, or .eval()")
         if scale is None:
             scale = q.shape[-1] ** -0.5
         nb = -(-tk // o.block_size)

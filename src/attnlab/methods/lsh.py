@@ -189,9 +189,11 @@ class LSH(AttentionMethod):
 
         self.kernel = self._kernel(q, need_probs)
         pos = torch.arange(tp, device=device)
+        real = torch.zeros(b, tp, dtype=torch.bool, device=device)  # keys that may be attended to
+        real[:, :t] = True if key_padding_mask is None else key_padding_mask
         # Hash and sort by (bucket, position): the key bucket * Tp + pos is unique, so argsort is stable.
-        if self.kernel == "triton" and n_buckets > 1:  # the hash and its sort key in one kernel (ops.lsh_triton)
-            from ..ops.lsh_triton import hash_sort
+        if self.kernel == "triton" and n_buckets > 1 and key_padding_mask is None:  # the hash and its sort key in
+            from ..ops.lsh_triton import hash_sort                                   # one kernel (ops.lsh_triton)
 
             rot = self.rotations(n_buckets, device, torch.float32)
             q_order, q_sbkt = hash_sort(q, rot, n_buckets, tp)
@@ -199,15 +201,16 @@ class LSH(AttentionMethod):
         else:
             q_bkt = self._hash(q, n_buckets, tp)  # (B, H, R, Tp)
             k_bkt = q_bkt if o.shared_qk else self._hash(k, n_buckets, tp)
+            # padded positions sort after every real one (keeping their bucket): what they hold never moves a real
+            # query or key into another chunk (with one bucket, one chunk: the order is moot)
+            last = 0 if key_padding_mask is None else (~real).long()[:, None, None, :] * (n_buckets + 1)
 
             def sort(bkt):
-                order = (bkt * tp + pos).argsort(dim=-1)  # (B, H, R, Tp): sorted slot -> original position
+                order = ((bkt + last) * tp + pos).argsort(dim=-1)  # (B, H, R, Tp): sorted slot -> original position
                 return order, bkt.gather(-1, order)
 
             q_order, q_sbkt = sort(q_bkt)
             k_order, k_sbkt = (q_order, q_sbkt) if o.shared_qk else sort(k_bkt)
-        real = torch.zeros(b, tp, dtype=torch.bool, device=device)  # keys that may be attended to
-        real[:, :t] = True if key_padding_mask is None else key_padding_mask
 
         if self.kernel == "triton":  # ops.lsh_triton: the gathers, the window and the unsort in one kernel
             from ..ops.lsh_triton import lsh_chunk_attention

@@ -35,6 +35,12 @@ class SDPA(AttentionMethod):
     def exact_limit(cls, tq, tk):
         return {}
 
+    def _unsupported_reasons(self, *, causal, tq, tk, dtype, device, need_lse=False, need_col_sums=False,
+                             need_probs=False) -> list[str]:
+        if self.opts.backend in ("efficient", "cudnn") and device is not None and torch.device(device).type != "cuda":
+            return [f"backend={self.opts.backend!r} runs on CUDA only (here: auto, flash or math)"]
+        return []
+
     def _attend(self, q, k, v, *, causal, key_padding_mask, attn_mask, scale, need_probs, need_lse=False,
                 need_col_sums=False):
         tq, tk = q.shape[-2], k.shape[-2]

@@ -315,12 +315,22 @@ def distill(model, spec, *, tokenizer, out, config: DistillConfig | None = None,
     """Distil `spec` (a method name, a per-layer spec, a SwapSpec) into `model` (unswapped, or already running
     that spec, e.g. from `attnlab.load`) and return the result row. Fields of DistillConfig may be given as
     keyword arguments. The model ends up swapped, with the trained attention."""
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(DistillConfig)})
+    if unknown:
+        raise AttnlabError(f"attnlab.distill: no setting {', '.join(unknown)}; DistillConfig has "
+                           f"{', '.join(f.name for f in dataclasses.fields(DistillConfig))}")
     cfg = dataclasses.replace(config or DistillConfig(), **overrides)
     cfg.check()
     spec = SwapSpec.of(spec)
     last = check_out(Path(out), resume)
-    if getattr(model, "_attnlab_swap_state", None) is None:  # a fresh swap (not a model already running its spec)
+    current = getattr(model, "_attnlab_swap_state", None)
+    if current is None:  # a fresh swap
         spec = spec_at_length(spec, cfg.seq_len, last)
+    elif current.spec.to_dict() in (spec.to_dict(), spec.at_length(cfg.seq_len).to_dict()):
+        spec = current.spec  # the model already runs it (attnlab.load), its options filled as a fresh run fills them
+    else:
+        raise AttnlabError(f"the model already runs {current.spec.describe()!r}, not {spec.describe()!r} at "
+                           f"seq_len {cfg.seq_len}; pass attnlab.swapped_spec(model) to train it on, or unswap it first")
     counts = check_spec_trainable(spec, cfg.transfer_steps)
     device = torch.device(device or next(model.parameters()).device)
     d = init_distributed(str(device))
@@ -328,7 +338,12 @@ def distill(model, spec, *, tokenizer, out, config: DistillConfig | None = None,
         import torch.distributed as dist
 
         dist.barrier()  # every rank has looked at --out before rank 0 writes into it
-    return _Run(model, spec, tokenizer, Path(out), cfg, device, d, last, counts, autocast_dtype).run()
+    flags = [(p, p.requires_grad) for p in model.parameters()]  # the model's own, frozen while the methods train
+    try:
+        return _Run(model, spec, tokenizer, Path(out), cfg, device, d, last, counts, autocast_dtype).run()
+    finally:
+        for p, trains in flags:  # as they were, so attnlab.unswap gives back the model as it came
+            p.requires_grad_(trains)
 
 
 class _Run:
