@@ -27,6 +27,13 @@ def _no_fastpath(module, args):
 
 
 class MultiheadAttention(nn.MultiheadAttention):
+    """torch.nn.MultiheadAttention's constructor, forward and state_dict, with the attention run by an attnlab method:
+    `method=` (default "dense") and its options as keywords, e.g. `MultiheadAttention(256, 8, batch_first=True,
+    method="performer", num_features=128)`. torch's masks keep torch's meaning (True = padding / not allowed);
+    `is_causal=True` is the method's causal flag; a row with no visible key gives zeros, not NaN; attention dropout
+    is not applied (one warning in training mode); add_bias_kv / add_zero_attn are refused. A method's own buffers
+    (drawn features) are extra state_dict keys: load torch's weights into this module, not the reverse."""
+
     def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False, add_zero_attn=False,
                  kdim=None, vdim=None, batch_first=False, device=None, dtype=None, *, method: str = "dense", **options):
         if add_bias_kv or add_zero_attn:
