@@ -231,6 +231,13 @@ def max_positions(model) -> int | None:
     return getattr(getattr(model.config, "get_text_config", lambda: model.config)(), "max_position_embeddings", None)
 
 
+def check_seq_len(model, seq_len: int) -> None:
+    """--seq-len past the model's position embeddings (`max_positions`) is one error, before any load."""
+    max_pos = max_positions(model)
+    if max_pos and seq_len > max_pos:
+        raise AttnlabError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings={max_pos}")
+
+
 def load(name: str = "smollm2", *, dtype: torch.dtype = torch.float32, device: str = "cpu", attn_implementation: str = "sdpa"):
     """Return (model in eval mode, tokenizer). `name`: a packaged model ("smollm2", "minilm") or a local folder."""
     _quiet_transformers()

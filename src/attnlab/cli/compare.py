@@ -80,9 +80,7 @@ def run(args) -> int:
     if (task.model_kind == "causal-lm") != causal:
         raise AttnlabError(f"--task {task.name} needs a {task.model_kind}; {model_name!r} is "
                            f"{'a causal LM' if causal else 'an encoder'} (try --task {'lm' if causal else 'spam'})")
-    max_pos = models.max_positions(skeleton)
-    if max_pos and args.seq_len > max_pos:
-        raise AttnlabError(f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings={max_pos}")
+    models.check_seq_len(skeleton, args.seq_len)
     if args.num_tokens < args.seq_len:
         raise AttnlabError(f"--num-tokens {args.num_tokens} is less than one window of --seq-len {args.seq_len}")
     compare.check_variants(variants, skeleton, args.seq_len, named=methods is not None)

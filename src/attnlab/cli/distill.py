@@ -116,9 +116,7 @@ def run(args) -> int:
     skeleton, causal = models.skeleton(args.model)
     if not causal:
         raise AttnlabError(f"attnlab distill trains against next-token distributions: {args.model!r} is not a causal LM")
-    max_pos = models.max_positions(skeleton)
-    if max_pos and cfg.seq_len > max_pos:
-        raise AttnlabError(f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings={max_pos}")
+    models.check_seq_len(skeleton, cfg.seq_len)
     check_swap(skeleton, spec, cfg.seq_len)  # a selector that picks no layer, a method that cannot run causal or
     # this length: before the load
     dtype = args.dtype or ("bfloat16" if torch.device(device).type == "cuda" else "float32")
