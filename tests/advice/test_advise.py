@@ -84,6 +84,8 @@ def test_advise_on_a_tiny_model_verifies_and_keeps_within_the_budget():
     (["--scan", "/no/such.json"], "not a readable scan.json"),
     (["--num-tokens", "8", "--seq-len", "16"], "less than one window"),
     (["--cost-from", "/no/such.json"], "not a readable JSON file"),
+    (["--cost-len", "0"], "--cost-len must be an integer >= 2"),  # not silently --seq-len
+    (["--seq-len", "9000", "--num-tokens", "9000"], "exceeds the model's max_position_embeddings=8192"),
 ])
 def test_cli_bad_input_is_one_line(args, match, tmp_path, capsys, monkeypatch):
     import attnlab.models
@@ -97,8 +99,25 @@ def test_cli_scan_from_another_model_is_refused(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(attnlab.models, "load", lambda *a, **k: pytest.fail("the model loaded before the check"))
     f = tmp_path / "scan.json"
-    f.write_text(json.dumps({"model": "other", "seq_len": 512, "rows": []}))
+    row = {"method": "window", "options": {"window": 128, "sinks": 4}, "layer": 0, "kl": 0.01}
+    f.write_text(json.dumps({"model": "other", "seq_len": 512, "rows": [row]}))
     assert_cli_one_line_error(["advise", "--scan", str(f), "--out", str(tmp_path / "out")], "was made for model",
+                              capsys, tmp_path / "out")
+    # a scan of another text or seed measured other KLs than advise verifies: refused, naming what differs
+    f.write_text(json.dumps({"model": "smollm2", "seq_len": 512, "text": "other.txt", "seed": 3, "rows": [row]}))
+    assert_cli_one_line_error(["advise", "--scan", str(f), "--out", str(tmp_path / "out")],
+                              "measured with text 'other.txt' (here 'moby (held-out tail)'), seed 3 (here 0)",
+                              capsys, tmp_path / "out")
+
+
+@pytest.mark.parametrize("rows", [[{"method": "window"}], 5, [], [{"method": "window", "options": {}, "layer": 0}]])
+def test_cli_malformed_scan_rows_are_one_line(rows, tmp_path, capsys, monkeypatch):
+    import attnlab.models
+
+    monkeypatch.setattr(attnlab.models, "load", lambda *a, **k: pytest.fail("the model loaded before the check"))
+    f = tmp_path / "scan.json"
+    f.write_text(json.dumps({"model": "smollm2", "seq_len": 512, "rows": rows}))
+    assert_cli_one_line_error(["advise", "--scan", str(f), "--out", str(tmp_path / "out")], "not a readable scan.json",
                               capsys, tmp_path / "out")
 
 
@@ -106,6 +125,8 @@ def test_cli_end_to_end_on_a_tiny_model(tiny_lm_dir, tmp_path, capsys):
     import attnlab.cli
 
     out = tmp_path / "out"
+    out.mkdir()
+    (out / "spec.json").write_text("an earlier run's")  # replaced by this run's, or removed if it recommends none
     assert attnlab.cli.main(["advise", "--model", str(tiny_lm_dir), "--methods", "window,linear", "--set",
                              "window.window=8", "--seq-len", "64", "--num-tokens", "128", "--max-kl", "1000",
                              "--points", "2", "--no-progress", "--out", str(out)]) == 0

@@ -49,12 +49,19 @@ def test_a_layer_gets_the_seed_it_gets_in_a_whole_model_swap():
     (["--seq-len", "64", "--num-tokens", "32"], "less than one window"),
     (["--set", "window.nosuch=1", "--methods", "window"], "has no option"),
     (["--model", "/no/such/folder"], "neither a packaged model"),
+    (["--layers", "5-2"], "the range '5-2' runs backwards (write 2-5)"),
+    (["--layers", "0-99"], "the model has 30 attention layers"),
+    (["--seq-len", "9000", "--num-tokens", "9000"], "exceeds the model's max_position_embeddings=8192"),
+    (["--out", "FILE"], "is a file, not a folder"),  # before the scan, not after it
 ])
 def test_cli_bad_input_is_one_line(args, match, tmp_path, capsys, monkeypatch):
     import attnlab.models
 
     monkeypatch.setattr(attnlab.models, "load", lambda *a, **k: pytest.fail("the model loaded before the check"))
-    assert_cli_one_line_error(["scan", *args, "--out", str(tmp_path / "out")], match, capsys, tmp_path / "out")
+    (tmp_path / "FILE").write_text("")
+    args = [str(tmp_path / a) if a == "FILE" else a for a in args]
+    out = [] if "--out" in args else ["--out", str(tmp_path / "out")]
+    assert_cli_one_line_error(["scan", *args, *out], match, capsys, tmp_path / "out")
 
 
 def test_cli_end_to_end_on_a_tiny_model(tiny_lm_dir, tmp_path, capsys):

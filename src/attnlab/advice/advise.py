@@ -48,8 +48,15 @@ def attention_costs(model, methods: dict[str, dict], *, seq_len: int, mode: str 
                         warmup=2)
         if row["status"] != "ok":
             raise AttnlabError(f"advise: timing {name} at {seq_len} tokens failed: {row['status']}: {row['error']}")
-        out[name] = {k: row[k] for k in ("ms", "extra_mem_bytes", "peak_mem_bytes")}
+        out[name] = {k: row.get(k) for k in ("ms", "ms_min", "ms_max", "repeats", "extra_mem_bytes", "peak_mem_bytes")}
     return out
+
+
+def wide_spread(costs: dict[str, dict], factor: float = 1.5) -> list[str]:
+    """The timed rows whose slowest call took more than `factor` x their fastest (a busy or throttled machine:
+    the medians, and so the recommendation, may not repeat), as "name min-max ms"."""
+    return [f"{name} {c['ms_min']:.3g}-{c['ms_max']:.3g} ms" for name, c in costs.items()
+            if c.get("ms_min") and c.get("ms_max") and c["ms_max"] > factor * c["ms_min"]]
 
 
 def costs_from_rows(path, methods, *, seq_len: int, mode: str = "fwd") -> dict[str, dict]:

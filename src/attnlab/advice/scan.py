@@ -65,7 +65,11 @@ def heatmap(rows: list[dict], path, title: str = "") -> None:
     grid = torch.full((len(methods), len(layers)), float("nan"))
     for r in rows:
         grid[methods.index(r["method"]), layers.index(r["layer"])] = math.log10(max(r["kl"], 1e-8))
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.42 * len(layers) + 2.5), 1.6 + 0.6 * len(methods)))
+    import textwrap
+
+    width = max(6.0, 0.42 * len(layers) + 2.5)
+    title = "\n".join(textwrap.wrap(title, width=int(width * 13))) if title else title  # ~13 chars an inch at 9 pt
+    fig, ax = plt.subplots(figsize=(width, 1.6 + 0.6 * len(methods) + 0.15 * title.count("\n")))
     im = ax.imshow(grid.numpy(), aspect="auto", cmap="magma_r")
     ax.set_xticks(range(len(layers)), [str(x) for x in layers], fontsize=7)
     ax.set_yticks(range(len(methods)), methods, fontsize=8)
@@ -81,5 +85,5 @@ def heatmap(rows: list[dict], path, title: str = "") -> None:
     if title:
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # the colorbar's label too
     plt.close(fig)

@@ -53,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             pass
     try:
+        if getattr(args, "out", None) is not None:  # every command's results folder, before any of its work
+            from .common import check_out_folder
+
+            check_out_folder(args.out)
         return int(args.func(args) or 0)
     except AttnlabError as e:
         _close_bars()

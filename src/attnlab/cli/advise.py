@@ -46,7 +46,7 @@ def run(args) -> int:
 
     from .. import models, registry
     from ..adapters.spec import ORIGINAL
-    from ..advice.advise import advise, attention_costs, costs_from_rows, plot
+    from ..advice.advise import advise, attention_costs, costs_from_rows, plot, wide_spread
     from ..advice.scan import scan
     from ..train.data import eval_windows
 
@@ -57,7 +57,7 @@ def run(args) -> int:
         raise AttnlabError(f"--max-kl must be > 0, got {args.max_kl}")
     common.positive_int("--num-tokens", args.num_tokens, 2)
     common.positive_int("--points", args.points, 1)
-    cost_len = args.cost_len or args.seq_len
+    cost_len = args.seq_len if args.cost_len is None else args.cost_len
     common.positive_int("--cost-len", cost_len, 2)
     if args.num_tokens < args.seq_len:
         raise AttnlabError(f"--num-tokens {args.num_tokens} is less than one window of --seq-len {args.seq_len}")
@@ -65,23 +65,29 @@ def run(args) -> int:
     costs = costs_from_rows(args.cost_from, methods, seq_len=cost_len) if args.cost_from else None  # before loading
     scan_rows = None
     if args.scan:
-        try:
-            scanned = json.loads(Path(args.scan).read_text())
-            scan_rows = scanned["rows"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise AttnlabError(f"--scan {args.scan!r}: not a readable scan.json ({type(e).__name__}: {e})") from None
+        scanned, scan_rows = read_scan(args.scan)
         if scanned.get("model") != args.model or scanned.get("seq_len") != args.seq_len:
             raise AttnlabError(f"--scan {args.scan!r} was made for model {scanned.get('model')!r} at seq_len "
                                f"{scanned.get('seq_len')}, not {args.model!r} at {args.seq_len}")
+        # advise verifies on the held-out tail with --seed: a scan of another text, seed or window count is
+        # another measurement, and its KLs would not be comparable with the verified ones
+        windows_here = max(1, args.num_tokens // args.seq_len)
+        theirs = {"text": scanned.get("text"), "seed": scanned.get("seed"), "windows": scanned.get("windows")}
+        ours = {"text": "moby (held-out tail)", "seed": args.seed, "windows": windows_here}
+        differ = [f"{k} {theirs[k]!r} (here {ours[k]!r})" for k in ours if theirs[k] is not None and theirs[k] != ours[k]]
+        if differ:
+            raise AttnlabError(f"--scan {args.scan!r} was measured with {', '.join(differ)}: rescan, or match "
+                               "--seed / --num-tokens")
         missing = [m for m in methods if not any(r["method"] == m and registry.options_at(m, args.seq_len, r["options"])
                                                  == opts[m] for r in scan_rows)]
         if missing:
             raise AttnlabError(f"--scan {args.scan!r} has no rows for {missing} with the options asked for; rescan "
                                "or match --methods / --set")
         scan_rows = [r for r in scan_rows if r["method"] in methods]
-    path, causal = models.resolve(args.model)
+    skeleton, causal = models.skeleton(args.model)
     if not causal:
         raise AttnlabError(f"{args.model!r} is not a causal LM; advise measures next-token KL")
+    models.check_seq_len(skeleton, args.seq_len)
     print(f"attnlab advise: model={args.model} methods={','.join(methods)} max_kl={args.max_kl} seq_len={args.seq_len} "
           f"cost at {cost_len} tokens {'from ' + args.cost_from if args.cost_from else 'on ' + args.device}", flush=True)
     t0 = time.time()
@@ -91,11 +97,20 @@ def run(args) -> int:
         scan_rows = scan(model, windows, opts, seed=args.seed, progress=not args.no_progress)
     if costs is None:
         costs = attention_costs(model, opts, seq_len=cost_len)
+        spread = wide_spread(costs)
+        if spread:
+            print(f"note: the attention timings varied widely between calls ({'; '.join(spread)}; median of "
+                  f"{costs[ORIGINAL]['repeats']}): this machine is busy, and the recommendation may change on a rerun "
+                  "(--cost-from reads committed GPU rows instead)", flush=True)
     result = advise(model, windows, scan_rows, costs, opts, max_kl=args.max_kl, points=args.points, seed=args.seed,
                     progress=not args.no_progress)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rec = result["recommended"]
+    stale = out / "spec.json"
+    if rec is None and stale.is_file():  # an earlier run's recommendation must not sit beside this result
+        stale.unlink()
+        print(f"removed {stale}: an earlier run's recommendation; this run recommends none")
     print()
     print(format_table(result, costs))
     print()
@@ -129,6 +144,22 @@ def run(args) -> int:
             f"attnlab advise: {args.model}, {len(windows)} held-out windows x {args.seq_len} tokens;\nattention timed at "
             f"{cost_len} tokens on {where}")))
     return 0
+
+
+def read_scan(path) -> tuple[dict, list[dict]]:
+    """(scan.json's fields, its rows) of an `attnlab scan` result; anything else is one error line."""
+    try:
+        scanned = json.loads(Path(path).read_text())
+        rows = scanned["rows"]
+        if not isinstance(rows, list) or not rows:
+            raise TypeError("rows is not a non-empty list")
+        for r in rows:
+            if not (isinstance(r.get("method"), str) and isinstance(r.get("options"), dict)
+                    and isinstance(r.get("layer"), int) and isinstance(r.get("kl"), (int, float))):
+                raise TypeError(f"a row lacks method, options, layer or kl: {json.dumps(r)[:120]}")
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise AttnlabError(f"--scan {path!r}: not a readable scan.json ({type(e).__name__}: {e})") from None
+    return scanned, rows
 
 
 def format_table(result: dict, costs: dict) -> str:

@@ -185,6 +185,25 @@ def add_model_run_arguments(p: argparse.ArgumentParser, kind: str, writes: str) 
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def check_out_folder(raw, flag: str = "--out") -> Path:
+    """An output folder that can be made or written: not an existing file, no file on its way up, writable where it
+    starts. Checked before any work (attnlab's main does it for every command's --out), so a run is never lost at
+    the end to a path that could not take its results."""
+    import os
+
+    path = Path(raw)
+    if path.exists() and not path.is_dir():
+        raise AttnlabError(f"{flag} {str(raw)!r} is a file, not a folder")
+    first = path.absolute()
+    while not first.exists():
+        first = first.parent
+    if not first.is_dir():
+        raise AttnlabError(f"{flag} {str(raw)!r}: {first} is a file, so the folder cannot be made")
+    if not os.access(first, os.W_OK | os.X_OK):
+        raise AttnlabError(f"{flag} {str(raw)!r}: {first} is not writable")
+    return path
+
+
 def write_result(path, device, fields: dict, plot=None) -> Path:
     """PATH (JSON): the command, commit and environment, then `fields`; and, unless `plot` is None, PATH's .png
     drawn by plot(png_path). Prints what it wrote. The one result writer of compare, scan, sparsify and vision."""

@@ -1,7 +1,6 @@
 """`attnlab scan`: per-layer sensitivity, one method in one layer at a time; heat map, table, JSON."""
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -32,17 +31,18 @@ def parse_layers(raw: str | None) -> list[int] | None:
     if raw is None:
         return None
     out = []
-    try:
-        for part in raw.split(","):
-            part = part.strip()
-            if not part:
-                continue
-            lo, dash, hi = part.partition("-")
-            if dash and int(hi) < int(lo):
-                raise AttnlabError(f"--layers: the range {part!r} runs backwards (write {hi}-{lo})")
-            out += list(range(int(lo), int(hi) + 1)) if dash else [int(lo)]
-    except ValueError:
-        raise AttnlabError(f"--layers expects indices and ranges such as 0-3,10, got {raw!r}") from None
+    for part in raw.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        lo, dash, hi = part.partition("-")
+        try:
+            lo, hi = int(lo), int(hi) if dash else None
+        except ValueError:
+            raise AttnlabError(f"--layers expects indices and ranges such as 0-3,10, got {raw!r}") from None
+        if dash and hi < lo:
+            raise AttnlabError(f"--layers: the range {part!r} runs backwards (write {hi}-{lo})")
+        out += list(range(lo, hi + 1)) if dash else [lo]
     if not out or min(out) < 0:
         raise AttnlabError(f"--layers expects non-negative indices, got {raw!r}")
     return sorted(set(out))
@@ -64,11 +64,11 @@ def run(args) -> int:
     common.check_device(args.device)
     if args.text is not None:
         data.read_text(args.text)
-    path, causal = models.resolve(args.model)
+    skeleton, causal = models.skeleton(args.model)
     if not causal:
         raise AttnlabError(f"{args.model!r} is not a causal LM; scan measures next-token KL")
-    cfg_file = Path(path) / "config.json"
-    n_layers = json.loads(cfg_file.read_text()).get("num_hidden_layers") if cfg_file.is_file() else None
+    models.check_seq_len(skeleton, args.seq_len)
+    n_layers = getattr(skeleton.config.get_text_config(), "num_hidden_layers", None)
     if layers is not None and n_layers is not None and max(layers) >= n_layers:
         raise AttnlabError(f"--layers {args.layers}: the model has {n_layers} attention layers (0..{n_layers - 1})")
     model, tok = models.load(args.model, dtype=getattr(torch, args.dtype), device=args.device)
