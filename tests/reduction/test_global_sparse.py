@@ -219,7 +219,9 @@ def test_pattern_errors(tmp_path):
         attnlab.make("global_sparse", head_dim=8, num_heads=2, pattern=str(tmp_path), layer=0)
     with pytest.raises(OptionError, match="sparsity must be in"):
         attnlab.make("global_sparse", head_dim=8, num_heads=2, pattern=str(tmp_path / "p"), layer=0, sparsity=1.5)
-    m = attnlab.make("global_sparse", head_dim=8, num_heads=2, pattern=str(tmp_path / "p"), layer=0)
+    with pytest.raises(OptionError, match="records no sparsity; give one"):  # not a silent dense mask
+        attnlab.make("global_sparse", head_dim=8, num_heads=2, pattern=str(tmp_path / "p"), layer=0)
+    m = attnlab.make("global_sparse", head_dim=8, num_heads=2, pattern=str(tmp_path / "p"), layer=0, sparsity=0.5)
     q = torch.randn(1, 2, 17, 8)  # the pattern covers 16 tokens
     with pytest.raises(UnsupportedError, match="covers positions up to 16"):
         m(q, q, q, causal=True)
@@ -231,6 +233,12 @@ def test_pattern_errors(tmp_path):
     (tmp_path / "q" / "pattern.json").write_text(json.dumps({**meta, "num_heads": 3}))
     with pytest.raises(PatternError, match="pattern.json says"):
         load_pattern(tmp_path / "q")
+    for bad, msg in (([], "pattern format 'list'"), ({k: v for k, v in meta.items() if k != "block_size"},
+                                                     "block_size is None, not a positive integer"),
+                     ({**meta, "block_size": 0}, "block_size is 0, not a positive integer")):
+        (tmp_path / "q" / "pattern.json").write_text(json.dumps(bad))
+        with pytest.raises(PatternError, match=msg):
+            load_pattern(tmp_path / "q")
 
 
 def test_on_the_real_model_no_leak_per_layer_and_save_load(smollm2, tmp_path):
@@ -282,12 +290,16 @@ def test_on_the_real_model_no_leak_per_layer_and_save_load(smollm2, tmp_path):
     (["--cuda-graph"], "--cuda-graph changes only the --cost rows: add --cost"),
     (["--eager-reference"], "--eager-reference changes only the --cost rows: add --cost"),
     (["--cost", "--cuda-graph", "--device", "cpu"], "--cuda-graph captures CUDA graphs: use it with --device cuda"),
+    (["--out", "FILE"], "is a file, not a folder"),  # before measuring, not at the end
 ])
 def test_cli_bad_input_is_one_line(args, match, tmp_path, capsys, monkeypatch):
     import attnlab.models
 
     monkeypatch.setattr(attnlab.models, "load", lambda *a, **k: pytest.fail("the model loaded before the check"))
-    assert_cli_one_line_error(["sparsify", *args, "--out", str(tmp_path / "out")], match, capsys, tmp_path / "out")
+    (tmp_path / "FILE").write_text("")
+    args = [str(tmp_path / a) if a == "FILE" else a for a in args]
+    out = [] if "--out" in args else ["--out", str(tmp_path / "out")]
+    assert_cli_one_line_error(["sparsify", *args, *out], match, capsys, tmp_path / "out")
 
 
 def test_cli_end_to_end_on_a_tiny_model(tiny_lm_dir, tmp_path, capsys):
@@ -327,6 +339,23 @@ def test_cli_end_to_end_on_a_tiny_model(tiny_lm_dir, tmp_path, capsys):
     assert all(r["ms"] == cost[(r["technique"], r["fraction"], "fwd")]["ms"] for r in res2["result_rows"])
     assert "x orig" in capsys.readouterr().out
     capsys.readouterr()
+
+
+def test_cli_window_baseline_keeps_the_patterns_sinks(tiny_lm_dir, tmp_path, capsys):
+    """The baseline is window + the same sinks the pattern keeps (it was always 4, whatever --sinks said);
+    --sinks against a pattern measured with others is refused."""
+    import attnlab.cli
+
+    out = tmp_path / "out"
+    base = ["sparsify", "--model", str(tiny_lm_dir), "--seq-len", "64", "--block-size", "16", "--eval-windows", "1",
+            "--sparsity", "0.5", "--no-progress", "--no-plot"]
+    assert attnlab.cli.main([*base, "--sinks", "0", "--windows", "1", "--out", str(out)]) == 0
+    res = json.loads((out / "sparsify.json").read_text())
+    assert [r["options"]["sinks"] for r in res["rows"] if r["technique"] == "window_sinks"] == [0]
+    assert json.loads((out / "pattern" / "pattern.json").read_text())["sinks"] == 0
+    capsys.readouterr()
+    assert_cli_one_line_error([*base, "--pattern", str(out / "pattern"), "--sinks", "4", "--out", str(tmp_path / "x")],
+                              "the pattern was measured with 0 sinks", capsys, tmp_path / "x")
 
 
 def test_cost_eager_reference_runs_the_original_with_eager_attention_and_puts_its_own_back(tiny_lm_dir, tmp_path,

@@ -26,8 +26,10 @@ def add_parser(sub) -> None:
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per window, measured and evaluated (default: %(default)s)")
     p.add_argument("--block-size", type=int, default=None, help="tokens per block of the pattern measured (default: "
                                                                 "64; with --pattern: the pattern's own)")
-    p.add_argument("--sinks", type=int, default=4, help="first tokens every query keeps at token level, as "
-                                                         "StreamingLLM's sinks (0: none) (default: %(default)s)")
+    p.add_argument("--sinks", type=int, default=None, help="first tokens every query keeps at token level, as "
+                                                            "StreamingLLM's sinks (0: none), in the pattern and the "
+                                                            "window baseline alike (default: 4; with --pattern: "
+                                                            "the pattern's own)")
     p.add_argument("--windows", type=int, default=16, help="corpus windows measured (default: %(default)s)")
     p.add_argument("--eval-windows", type=int, default=4, help="held-out windows evaluated (default: %(default)s)")
     p.add_argument("--sparsity", default="0,0.5,0.7,0.8,0.9,0.95",
@@ -100,6 +102,8 @@ def run(args) -> int:
     args.block_size = 64 if given_block is None else given_block
     common.positive_int("--block-size", args.block_size, 1)
     common.positive_int("--windows", args.windows, 1)
+    given_sinks = args.sinks
+    args.sinks = 4 if given_sinks is None else given_sinks
     common.positive_int("--sinks", args.sinks, 0)
     common.positive_int("--eval-windows", args.eval_windows, 1)
     if not args.pattern and args.block_size > args.seq_len:
@@ -127,6 +131,10 @@ def run(args) -> int:
             raise AttnlabError(f"--block-size {given_block}: the pattern was measured with {pattern.block_size}-token "
                                "blocks (leave --block-size out with --pattern)")
         args.block_size = pattern.block_size
+        if given_sinks is not None and given_sinks != pattern.sinks:
+            raise AttnlabError(f"--sinks {given_sinks}: the pattern was measured with {pattern.sinks} sinks (leave "
+                               "--sinks out with --pattern)")
+        args.sinks = pattern.sinks
         if args.seq_len > pattern.max_len:
             raise AttnlabError(f"--seq-len {args.seq_len} exceeds what the pattern covers ({pattern.max_len} tokens)")
         if ("sensitivity" in budgets and probe_key(args, corpora, shares[0]) != pattern.meta.get("sensitivity_probe")
@@ -165,16 +173,18 @@ def run(args) -> int:
     if "sensitivity" in budgets:
         pattern_dir = probe(args, model, tok, corpora, pattern_dir, windows, shares[0], out)
     held = eval_windows(tok, None if args.eval_text == "moby" else args.eval_text, args.seq_len, args.eval_windows)
-    rows = gs.evaluate(model, held, pattern_dir, sparsities, baseline=not args.no_baseline, shares=shares,
+    rows = gs.evaluate(model, held, pattern_dir, sparsities, baseline=not args.no_baseline, sinks=args.sinks, shares=shares,
                        budgets=budgets, alpha=args.alpha, progress=not args.no_progress)
     device_name = common.environment(args.device)["device_name"]
     for r in rows:
         r.update(impl="attnlab", device=device_name)
     print()
     print(format_table(rows))
+    for note in floor_notes(rows):
+        print(note)
     costs = None
     if args.cost:
-        costs = gs.cost(model, args.seq_len, pattern_dir, sparsities, baseline=not args.no_baseline,
+        costs = gs.cost(model, args.seq_len, pattern_dir, sparsities, baseline=not args.no_baseline, sinks=args.sinks,
                         share=shares[0], budget=budgets[0], alpha=args.alpha, progress=not args.no_progress,
                         cuda_graph=args.cuda_graph, eager_reference=args.eager_reference)
         print()
@@ -189,6 +199,23 @@ def run(args) -> int:
         None if args.no_plot else lambda png: plot(rows, png, title=f"attnlab sparsify: {args.model}, {args.eval_windows} "
                                                    f"held-out windows x {args.seq_len} tokens, {args.block_size}-token blocks"))
     return 0
+
+
+def floor_notes(rows: list[dict]) -> list[str]:
+    """A line per (share, budget) whose higher sparsities keep exactly what a lower one keeps: past that point only
+    the band and the sinks are left, which every sparsity keeps, so the rows above it are the same mask."""
+    notes = []
+    for key in dict.fromkeys((r.get("share"), r.get("budget")) for r in rows if r["technique"] == "global_sparse"):
+        rs = sorted((r for r in rows if r["technique"] == "global_sparse" and (r.get("share"), r.get("budget")) == key),
+                    key=lambda r: r["fraction"])
+        same = [b for a, b in zip(rs, rs[1:]) if abs(a["density"] - b["density"]) < 1e-9]
+        if same:
+            first = next(a for a, b in zip(rs, rs[1:]) if abs(a["density"] - b["density"]) < 1e-9)
+            notes.append(f"note: global sparse ({key[0]}, {key[1] or 'uniform'}) keeps the same "
+                         f"{first['density']:.3f} of the causal pairs from {first['fraction']:.0%} on (the band and "
+                         f"sinks every sparsity keeps): the rows at {', '.join(format(b['fraction'], '.0%') for b in same)} "
+                         "are that mask again (a longer --seq-len or smaller --block-size prunes further)")
+    return notes
 
 
 def probe_key(args, corpora, share) -> dict:
@@ -289,7 +316,8 @@ def plot(rows: list[dict], path, title: str = "") -> None:
                                           f"global sparse (measured blocks, budget per {sh}"
                                           + (")" if bu == "uniform" else ", layers by sensitivity)"))
               for sh, bu in kinds}
-    styles[("window_sinks", None, None)] = ("tab:orange", "s", "window + 4 sinks, same density")
+    sinks = next((r["options"]["sinks"] for r in rows if r["technique"] == "window_sinks"), 0)
+    styles[("window_sinks", None, None)] = ("tab:orange", "s", f"window + {sinks} sinks, same density")
     for (tech, share, budget), (color, marker, label) in styles.items():
         rs = sorted((r for r in rows if r["technique"] == tech and r.get("share") == share
                      and (budget is None or (r.get("budget") or "uniform") == budget)), key=lambda r: r["fraction"])

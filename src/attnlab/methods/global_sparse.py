@@ -36,7 +36,8 @@ class GlobalSparse(SparseAttention):
     class Options:
         pattern: object = opt(None, "a pattern folder from `attnlab sparsify`, or block scores [nb, nb] / [H, nb, nb] / "
                                     "[L, H, nb, nb] (nested list or tensor)", kind=object)
-        sparsity: float = opt(None, "fraction of the candidate blocks pruned, in [0, 1); None: the pattern's own",
+        sparsity: float = opt(None, "fraction of the candidate blocks pruned, in [0, 1); None: the pattern's own "
+                                  "(a pattern folder that records none needs it; raw scores: 0)",
                               kind=object)
         layer: int = opt(-1, "the layer whose pattern this is (filled in per layer by attnlab.swap)", low=-1)
         block_size: int = opt(None, "tokens per block: from the pattern folder; needed with raw scores", kind=object)
@@ -81,7 +82,10 @@ class GlobalSparse(SparseAttention):
                 raise OptionError(f"global_sparse: layer {o.layer} is outside the pattern's {pat.num_layers} layers "
                                   "(a pattern of another model? attnlab.swap fills `layer` in)")
             scores, block_size, sinks, band, sink_mass = pat.mass, pat.block_size, pat.sinks, pat.band, pat.sink_mass
-            sparsity = pat.meta.get("sparsity", 0.0) if o.sparsity is None else o.sparsity
+            sparsity = pat.meta.get("sparsity") if o.sparsity is None else o.sparsity
+            if sparsity is None:  # `attnlab sparsify` keeps the scores, not one choice: a dense mask is no default
+                raise OptionError(f"global_sparse: the pattern {str(o.pattern)!r} records no sparsity; give one "
+                                  "(sparsity=0.9: the fraction of blocks pruned)")
         else:
             try:
                 scores = torch.as_tensor(o.pattern, dtype=torch.float32)

@@ -373,8 +373,12 @@ def load_pattern(path) -> GlobalPattern:
         sens = tensors.get("sensitivity")
     except (json.JSONDecodeError, SafetensorError, KeyError, OSError) as e:
         raise PatternError(f"{p}: damaged pattern files ({type(e).__name__}: {e})") from None
-    if meta.get("format") != FORMAT:
-        raise PatternError(f"{p}: pattern format {meta.get('format')!r}, expected {FORMAT!r}")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise PatternError(f"{p}: pattern format {found!r}, expected {FORMAT!r}")
+    for key in ("block_size", "num_layers", "num_heads", "num_blocks"):
+        if isinstance(meta.get(key), bool) or not isinstance(meta.get(key), int) or meta[key] < 1:
+            raise PatternError(f"{p}: pattern.json's {key} is {meta.get(key)!r}, not a positive integer")
     want = (meta.get("num_layers"), meta.get("num_heads"), meta.get("num_blocks"), meta.get("num_blocks"))
     if mass.dim() != 4 or tuple(mass.shape) != want:
         raise PatternError(f"{p}: mass has shape {tuple(mass.shape)}, pattern.json says {want}")
@@ -418,13 +422,13 @@ def probe_sensitivity(model, windows: torch.Tensor, pattern_dir, *, probe: float
     return torch.tensor(kl, dtype=torch.float32)
 
 
-def evaluate(model, windows: torch.Tensor, pattern_dir, sparsities, *, baseline: bool = True, sinks: int = 4,
+def evaluate(model, windows: torch.Tensor, pattern_dir, sparsities, *, baseline: bool = True, sinks: int | None = None,
              shares=("layer",), budgets=("uniform",), alpha: float = 0.5, progress: bool = True) -> list[dict]:
     """Held-out perplexity, KL(original || swapped) and top-1 agreement of the global-sparse pattern at each
     sparsity, budget sharing (`shares`: see select_blocks) and layer budget (`budgets`: uniform | sensitivity, see
-    layer_sparsities), and (with `baseline`) of a window + `sinks` mask of the same causal token density as the
-    first (share, budget)'s, all against the original model on the same windows. One dict per (technique, share,
-    budget, sparsity)."""
+    layer_sparsities), and (with `baseline`) of a window + `sinks` mask (default: the pattern's own sinks, so both
+    keep the same first tokens) of the same causal token density as the first (share, budget)'s, all against the
+    original model on the same windows. One dict per (technique, share, budget, sparsity)."""
     from tqdm.auto import tqdm
 
     from ..adapters.swap import swapped
@@ -433,6 +437,7 @@ def evaluate(model, windows: torch.Tensor, pattern_dir, sparsities, *, baseline:
     from ..timing import Timer
 
     pat = load_pattern(pattern_dir)
+    sinks = pat.sinks if sinks is None else sinks
     device = next(model.parameters()).device
     windows = windows.to(device)
     t = windows.shape[1]
@@ -486,13 +491,13 @@ def evaluate(model, windows: torch.Tensor, pattern_dir, sparsities, *, baseline:
     return rows
 
 
-def cost(model, seq_len: int, pattern_dir, sparsities, *, baseline: bool = True, sinks: int = 4,
+def cost(model, seq_len: int, pattern_dir, sparsities, *, baseline: bool = True, sinks: int | None = None,
          share: str = "layer", budget: str = "uniform", alpha: float = 0.5, modes=("fwd", "fwd+bwd"), repeats: int = 5,
          progress: bool = True, cuda_graph: bool = False, eager_reference: bool = False) -> list[dict]:
     """Time and peak memory of the model's backbone (its layers, not the vocabulary head, whose logits would
     dominate the memory) on one random window of `seq_len` tokens, batch 1: the original model (its own
-    attention), the global-sparse pattern at each sparsity and, with `baseline`, window + `sinks` of the same
-    density; with `eager_reference` also the original with transformers' eager attention (the T x T matrix
+    attention), the global-sparse pattern at each sparsity and, with `baseline`, window + `sinks` (default: the
+    pattern's own) of the same density; with `eager_reference` also the original with transformers' eager attention (the T x T matrix
     materialised, as dense attention without a fused kernel keeps it: the kind of baseline the published 27% memory
     cut was measured against). fwd+bwd backpropagates into the (unfrozen) weights, as fine-tuning would.
 
@@ -515,6 +520,7 @@ def cost(model, seq_len: int, pattern_dir, sparsities, *, baseline: bool = True,
     backbone = model.get_base_model() if hasattr(model, "get_base_model") else model
     backbone = getattr(backbone, "model", backbone)
     pat = load_pattern(pattern_dir)
+    sinks = pat.sinks if sinks is None else sinks
     if seq_len > pat.max_len:
         raise PatternError(f"{seq_len} tokens are longer than the pattern covers ({pat.max_len})")
     gen = torch.Generator().manual_seed(0)
