@@ -84,6 +84,22 @@ def test_pruning_inside_a_causal_lm_equals_the_hand_run_reference(technique):
     torch.testing.assert_close(out.logits, ref, atol=1e-5, rtol=1e-4)
 
 
+def test_random_pruning_follows_the_seed_and_draws_anew_for_each_batch():
+    """The same seed keeps the same tokens on a rerun; another seed, or the next batch of one run, others (a
+    generator re-seeded per call dropped the same positions from every batch of a shape)."""
+    from tests.adapters import tiny_model
+
+    model = tiny_model("llama", num_hidden_layers=3).eval()
+    ids = torch.randint(0, 100, (1, 32), generator=torch.Generator().manual_seed(0))
+
+    def kept(seed, calls=1):
+        with torch.no_grad(), tp.TokenPruner(model, keep=0.5, after=[0], technique="random", seed=seed) as pruner:
+            return [pruner(input_ids=ids)[1].index[0].tolist() for _ in range(calls)]
+
+    first, second = kept(3, calls=2)
+    assert kept(3) == [first] and first != second and kept(4) != [first]
+
+
 def test_pruning_an_encoder_keeps_specials_pads_rows_and_is_exact_at_keep_1(minilm):
     model, tok = minilm
     enc = tok(["the quick brown fox jumps over the lazy dog again", "short one"], padding=True,
@@ -163,6 +179,11 @@ def test_prompt_compression_is_exact_when_everything_is_kept_and_attention_beats
     (["--task", "lm", "--prompt-len", "600"], "--prompt-len 600"),
     (["--model", "/no/such"], "neither a packaged model"),
     (["--batch-size", "0"], "--batch-size must be an integer >= 1"),
+    (["--seq-len", "1024"], "--seq-len 1024 exceeds the model's max_position_embeddings=512"),  # an encoder too
+    (["--keep", "0.5", "--threshold", "1", "--techniques", "attention"], "--keep and --threshold both choose"),
+    (["--task", "lm", "--after", "3"], "--after: for --task spam only"),
+    (["--task", "lm", "--head", "pruned", "--batch-size", "4"], "--head, --batch-size: for --task spam only"),
+    (["--prompt-len", "100"], "--prompt-len: for --task lm only"),
 ])
 def test_cli_bad_input_is_one_line(args, match, tmp_path, capsys, monkeypatch):
     import attnlab.models
@@ -191,6 +212,14 @@ def test_cli_spam_and_lm_end_to_end(minilm, tiny_lm_dir, tmp_path, capsys):
     assert res["setup"]["head"] == "pruned" and {r["head"] for r in res["rows"]} == {"pruned"}
     assert again[("attention", 1.0)]["accuracy"] == again[("original", 1.0)]["accuracy"]
     assert again[("attention", 0.5)]["kept_fraction"] == rows[("attention", 0.5)]["kept_fraction"]
+    runs = {}  # --seed is recorded (test_random_pruning_follows_the_seed: that it is used)
+    for seed in (0, 7):
+        out = tmp_path / f"spam-seed{seed}"
+        assert attnlab.cli.main(["prune", "--task", "spam", "--num-examples", "24", "--seq-len", "64", "--keep", "0.5",
+                                 "--techniques", "random", "--seed", str(seed), "--head", "pruned", "--no-progress",
+                                 "--no-plot", "--out", str(out)]) == 0
+        runs[seed] = json.loads((out / "prune.json").read_text())
+        assert runs[seed]["setup"]["seed"] == seed
     out = tmp_path / "lm"
     assert attnlab.cli.main(["prune", "--task", "lm", "--model", str(tiny_lm_dir), "--seq-len", "48", "--prompt-len",
                              "32", "--num-examples", "1", "--keep", "0.5", "--no-progress", "--out", str(out)]) == 0

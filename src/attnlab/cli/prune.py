@@ -3,7 +3,6 @@ positional baselines: accuracy (encoder, Spam Assassin) or continuation KL / per
 compression) vs the fraction of tokens kept."""
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -11,6 +10,9 @@ from ..types import AttnlabError
 from . import common
 
 DEFAULT_MODEL = {"spam": "minilm", "lm": "smollm2"}
+DEFAULT_KEEP = "0.9,0.7,0.5,0.3,0.1"
+TASK_FLAGS = {"spam": (("--after", "after"), ("--head", "head"), ("--batch-size", "batch_size")),
+              "lm": (("--prompt-len", "prompt_len"),)}  # each task's own flags: given to the other, one error
 
 
 def add_parser(sub) -> None:
@@ -27,29 +29,29 @@ def add_parser(sub) -> None:
                                                                            "compression (default: %(default)s)")
     p.add_argument("--model", default=None, help="a packaged model or a local folder (default: minilm for spam, "
                                                  "smollm2 for lm)")
-    p.add_argument("--keep", default="0.9,0.7,0.5,0.3,0.1", help="fractions of the tokens kept, each in (0, 1] "
-                                                                  "(default: %(default)s)")
+    p.add_argument("--keep", default=None, help="fractions of the tokens kept, each in (0, 1] (default: "
+                                               f"{DEFAULT_KEEP})")
     p.add_argument("--threshold", type=float, default=None, help="keep tokens scoring at least this (1 = what "
                                                                   "uniform attention gives) instead of --keep; "
                                                                   "attention technique only")
     p.add_argument("--techniques", default=None, help="comma-separated: attention, random, first, last, "
                                                       "accumulated, h2o (lm) (default: attention,random,first for "
                                                       "spam; all six for lm)")
-    p.add_argument("--after", default="2", help="spam: layers (0-based) after which tokens are pruned, comma-"
-                                                "separated; several = progressive, keep^(1/stages) each "
-                                                "(default: %(default)s)")
-    p.add_argument("--head", choices=["full", "pruned"], default="full",
+    p.add_argument("--after", default=None, help="spam: layers (0-based) after which tokens are pruned, comma-"
+                                                 "separated; several = progressive, keep^(1/stages) each "
+                                                 "(default: 2)")
+    p.add_argument("--head", choices=["full", "pruned"], default=None,
                    help="spam: the classifier head is fitted on the full model's embeddings of the training messages "
                         "(full: pruning only at test time) or on embeddings made with the same pruning (pruned: the "
-                        "head sees the features it is tested on) (default: %(default)s)")
+                        "head sees the features it is tested on) (default: full)")
     p.add_argument("--seq-len", type=int, default=None, help="spam: max tokens per message (default 256); lm: "
                                                              "prompt + continuation tokens per window (default 512)")
-    p.add_argument("--prompt-len", type=int, default=384, help="lm: prompt tokens of each window (the rest is the "
-                                                               "continuation) (default: %(default)s)")
+    p.add_argument("--prompt-len", type=int, default=None, help="lm: prompt tokens of each window (the rest is the "
+                                                                "continuation) (default: 3/4 of --seq-len)")
     p.add_argument("--num-examples", type=int, default=None, help="spam: train and test messages (default 1000 and "
                                                                   "400); lm: held-out windows (default 4)")
-    p.add_argument("--batch-size", type=int, default=32, help="spam: messages per forward, in the accuracy and the "
-                                                              "timed passes (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=None, help="spam: messages per forward, in the accuracy and the "
+                                                                "timed passes (default: 32)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random baseline (default: %(default)s)")
     common.add_model_run_arguments(p, "prune", "prune.json and prune.png")
     p.set_defaults(func=run)
@@ -66,7 +68,16 @@ def run(args) -> int:
     from ..reduction import token_prune as tp
     from ..train.data import eval_windows
 
-    keeps = parse_keeps(args.keep)
+    for task, flags in TASK_FLAGS.items():
+        given = [flag for flag, dest in flags if getattr(args, dest) is not None]
+        if task != args.task and given:
+            raise AttnlabError(f"{', '.join(given)}: for --task {task} only (this run is --task {args.task})")
+    if args.threshold is not None and args.keep is not None:
+        raise AttnlabError("--keep and --threshold both choose the tokens kept: give one")
+    keeps = parse_keeps(DEFAULT_KEEP if args.keep is None else args.keep)
+    args.after = "2" if args.after is None else args.after
+    args.head = args.head or "full"
+    args.batch_size = 32 if args.batch_size is None else args.batch_size
     allowed = tp.TECHNIQUES if args.task == "spam" else tp.PROMPT_TECHNIQUES
     default = ("attention", "random", "first") if args.task == "spam" else tp.PROMPT_TECHNIQUES
     techniques = default if args.techniques is None else tuple(t.strip() for t in args.techniques.split(",") if t.strip())
@@ -88,6 +99,8 @@ def run(args) -> int:
         raise AttnlabError(f"--after expects non-negative layer indices, got {args.after!r}")
     seq_len = args.seq_len or (256 if args.task == "spam" else 512)
     common.positive_int("--seq-len", seq_len, 4)
+    if args.prompt_len is None:
+        args.prompt_len = seq_len * 3 // 4
     if args.num_examples is not None:
         common.positive_int("--num-examples", args.num_examples, 1)
     common.positive_int("--batch-size", args.batch_size, 1)
@@ -96,18 +109,15 @@ def run(args) -> int:
                            "is the continuation)")
     common.check_device(args.device)
     name = args.model or DEFAULT_MODEL[args.task]
-    path, causal = models.resolve(name)
+    skeleton, causal = models.skeleton(name)  # from the config alone: the weights load after every check
     if args.task == "lm" and not causal:
         raise AttnlabError(f"--task lm needs a causal LM; {name!r} is an encoder (use --task spam)")
     if args.task == "spam" and causal:
         raise AttnlabError(f"--task spam needs an encoder; {name!r} is a causal LM (use --task lm)")
-    config = json.loads((Path(path) / "config.json").read_text())  # checked before the weights load
-    layers = config.get("num_hidden_layers")
+    layers = getattr(skeleton.config.get_text_config(), "num_hidden_layers", None)
     if args.task == "spam" and layers and max(after) > layers - 2:
         raise AttnlabError(f"--after {args.after}: the model has {layers} layers; prune after layers 0..{layers - 2}")
-    if causal and seq_len > config.get("max_position_embeddings", seq_len):
-        raise AttnlabError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings "
-                           f"({config['max_position_embeddings']})")
+    models.check_seq_len(skeleton, seq_len)  # an encoder's position embeddings too (MiniLM: 512)
     split = data.spam_assassin() if args.task == "spam" else None  # a missing dataset fails before the model loads
     model, tok = models.load(name, dtype=getattr(torch, args.dtype), device=args.device)
     started = time.time()
@@ -118,18 +128,20 @@ def run(args) -> int:
         n_train, n_test = (args.num_examples, args.num_examples) if args.num_examples else (1000, 400)
         rows = tp.evaluate_spam(model, tok, train[:n_train], test[:n_test], keeps=keeps, techniques=techniques,
                                 after=after, threshold=args.threshold, seq_len=seq_len, progress=not args.no_progress,
-                                head=args.head, batch_size=args.batch_size)
+                                head=args.head, batch_size=args.batch_size, seed=args.seed)
         setup = {"train": min(n_train, len(train)), "test": min(n_test, len(test)), "seq_len": seq_len, "after": after,
-                 "head": args.head, "batch_size": args.batch_size}
+                 "head": args.head, "batch_size": args.batch_size, "seed": args.seed}
     else:
         n = args.num_examples or 4
         windows = eval_windows(tok, None, seq_len, n)
         rows = tp.evaluate_prompt(model, windows, prompt_len=args.prompt_len, keeps=keeps, techniques=techniques,
                                   threshold=args.threshold, seed=args.seed, progress=not args.no_progress)
         setup = {"windows": int(windows.shape[0]), "seq_len": seq_len, "prompt_len": args.prompt_len,
-                 "text": "moby_dick (held-out tail)"}
+                 "text": "moby_dick (held-out tail)", "seed": args.seed}
     print()
     print(format_table(rows, args.task))
+    if args.threshold is not None and not args.no_plot:
+        print("(no plot: --threshold gives one point per technique, the table is all of it)")
     out = Path(args.out)
     title = (f"attnlab prune --task {args.task}: {name}, " +
              (f"pruned after layer(s) {','.join(map(str, after))}, {setup['test']} test messages"
@@ -178,7 +190,8 @@ def plot(rows: list[dict], task: str, path, title: str = "") -> None:
     for ax, (key, label) in zip(axes, metrics):
         for tech in techniques:
             rs = sorted((r for r in rows if r["technique"] == tech), key=lambda r: r["kept_fraction"])
-            ax.plot([100 * r["kept_fraction"] for r in rs], [r[key] for r in rs], marker=markers[tech], label=tech)
+            ys = [max(r[key], 1e-5) if key == "kl" else r[key] for r in rs]  # KL 0 (all kept) on the log axis
+            ax.plot([100 * r["kept_fraction"] for r in rs], ys, marker=markers[tech], label=tech)
         if key in ("accuracy", "ppl", "speedup"):  # the full model's level (speed-up: 1x, slower below it)
             ax.axhline(base[key], color="gray", ls="--", lw=1)
             ax.text(0.99, base[key], f"all tokens {base[key]:.3g}" + ("x " if key == "speedup" else " "), color="gray", fontsize=8, va="bottom",

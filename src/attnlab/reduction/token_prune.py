@@ -178,12 +178,14 @@ class TokenPruner:
             raise AttnlabError("token pruning needs at least one layer in `after`")
         self.keep = None if keep is None else keep ** (1.0 / len(self.after))  # per stage
         self.seed = seed
+        self._generator = torch.Generator().manual_seed(seed)  # one stream over the calls (reset on __enter__)
         self._handles: list = []
         self._stack = contextlib.ExitStack()
 
     def __enter__(self):
         from ..adapters.swap import method_modules, state, swapped
 
+        self._generator.manual_seed(self.seed)  # each `with` draws the same stream: a run repeats
         if state(self.model) is None:
             self._stack.enter_context(swapped(self.model, self.method))
         try:
@@ -220,7 +222,7 @@ class TokenPruner:
         valid = torch.ones(b, t, dtype=torch.bool, device=ref.device) if mask is None else mask.bool()
         self._state = {"index": torch.arange(t, device=ref.device).expand(b, t), "valid": valid, "t0": t,
                        "special": torch.zeros_like(valid) if special is None else special.bool().to(ref.device),
-                       "scores": {}, "generator": torch.Generator().manual_seed(self.seed)}
+                       "scores": {}, "generator": self._generator}
         try:
             out = self.model(**inputs)
             return out, Kept(self._state["index"], self._state["valid"])
@@ -348,7 +350,7 @@ __all__ = ["Kept", "PROMPT_TECHNIQUES", "TECHNIQUES", "TokenPruner", "check_keep
 # ---- evaluations (attnlab prune) -----------------------------------------------------------------------------------
 def evaluate_spam(model, tok, train, test, *, keeps, techniques=("attention", "random", "first"), after=(2,),
                   threshold=None, seq_len: int = 256, batch_size: int = 32, progress: bool = True,
-                  head: str = "full", timing_repeats: int = 3) -> list[dict]:
+                  head: str = "full", timing_repeats: int = 3, seed: int = 0) -> list[dict]:
     """Spam Assassin with an encoder (MiniLM), as `attnlab compare --task spam`: test accuracy with tokens pruned
     inside the model (mean pooling over the kept tokens) by a logistic head on mean-pooled embeddings, trained on
     the full model's embeddings of `train` (head="full": the model as shipped, pruning only at test time) or on
@@ -414,17 +416,17 @@ def evaluate_spam(model, tok, train, test, *, keeps, techniques=("attention", "r
     base_s = seconds(test_b)
     base_acc = accuracy(full_head, x0, yte)
     rows = [{"technique": "original", "keep": 1.0, "kept_fraction": 1.0, "accuracy": base_acc, "acc_retention": 1.0,
-             "seconds": base_s, "speedup": 1.0, "head": head, "batch_size": batch_size}]
+             "seconds": base_s, "speedup": 1.0, "head": head, "batch_size": batch_size, "seed": seed}]
     jobs = [(tech, k) for tech in techniques for k in keeps]
     for tech, k in tqdm(jobs, desc="prune", disable=not progress):
         with TokenPruner(model, keep=None if threshold is not None else k, threshold=threshold, after=after,
-                         technique=tech) as pruner:
+                         technique=tech, seed=seed) as pruner:
             x, frac = embed(test_b, pruner, desc=f"{tech} {k}")
             sec = seconds(test_b, pruner)
             clf = full_head if head == "full" else train_head(embed(train_b, pruner, desc=f"train {tech} {k}")[0], ytr)
         acc = accuracy(clf, x, yte)
         rows.append({"technique": tech, "keep": k, "threshold": threshold, "after": list(after), "head": head,
-                     "batch_size": batch_size, "kept_fraction": frac, "accuracy": acc, "acc_retention": acc / base_acc,
+                     "batch_size": batch_size, "seed": seed, "kept_fraction": frac, "accuracy": acc, "acc_retention": acc / base_acc,
                      "seconds": sec, "speedup": base_s / sec})
     return rows
 
@@ -457,7 +459,6 @@ def evaluate_prompt(model, windows: torch.Tensor, *, prompt_len: int, keeps, tec
     n = prompts.shape[0]
     always = torch.zeros(1, prompt_len, dtype=torch.bool, device=device)
     always[:, 0] = True
-    gen = torch.Generator().manual_seed(seed)
 
     def score(i, logits):  # continuation positions 0..M-2 predict its tokens 1..M-1
         return fm.next_token_stats(full[i], logits.float().cpu(), conts[i:i + 1].cpu())
@@ -484,6 +485,7 @@ def evaluate_prompt(model, windows: torch.Tensor, *, prompt_len: int, keeps, tec
     jobs = [(tech, k) for tech in techniques for k in keeps]
     for tech, k in tqdm(jobs, desc="prune prompt", disable=not progress):
         stats, ms, kept_total = [], [], 0
+        gen = torch.Generator().manual_seed(seed)  # per row: a row does not depend on which others the run has
         for i in range(n):
             base_tech = "attention" if tech in ("accumulated", "h2o") else tech
             sc = technique_scores(base_tech, prompt_len, 1, device, generator=gen,
