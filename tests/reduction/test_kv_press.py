@@ -166,6 +166,9 @@ def test_bounded_generation(tiny):
     (["--presses", "adakv_snapkv", "--alpha", "1.5"], "alpha must be in"),
     (["--presses", "adakv_snapkv", "--max-cache", "64"], "press the prompt once"),
     (["--presses", "pyramid_snapkv", "--slope", "1"], "slope must be in"),
+    (["--presses", "snapkv", "--alpha", "0.5"], "--alpha applies to adakv_<press> presses only"),
+    (["--presses", "snapkv", "--slope", "0.5"], "--slope applies to pyramid_<press> presses only"),
+    (["--chunk", "16"], "--chunk is for the bounded-cache mode, with --max-cache"),
 ])
 def test_cli_bad_input_is_one_line(args, match, tmp_path, capsys, monkeypatch):
     import attnlab.models
@@ -209,12 +212,27 @@ def test_cli_bounded_cache_mode(tiny_lm_dir, tmp_path, capsys):
     (["--max-cache", "abc"], "--max-cache must be comma-separated integers"),
     (["--max-cache", "2000", "--seq-len", "2048"], "--max-cache 2000 must be below"),
     (["--max-cache", "64", "--chunk", "0"], "--chunk"),
+    (["--max-cache", "64", "--evict", "0.5"], "--evict is not used with --max-cache"),
+    (["--max-cache", "64", "--prompt-len", "100"], "--prompt-len is not used with --max-cache"),
 ])
 def test_cli_bounded_bad_input_is_one_line(args, match, tmp_path, capsys, monkeypatch):
     import attnlab.models
 
     monkeypatch.setattr(attnlab.models, "load", lambda *a, **k: pytest.fail("the model loaded before the check"))
     assert_cli_one_line_error(["press", *args, "--out", str(tmp_path / "out")], match, capsys, tmp_path / "out")
+
+
+def test_a_budget_below_the_kept_anyway_positions_keeps_the_newest_of_them():
+    """SnapKV keeps its observation window whatever the scores (+inf): with fewer slots than the window, the newest
+    window positions stay (equal scores went to whichever position topk returned), as AdaKV's per-head floor does."""
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 2, 40, 8, generator=g), torch.randn(1, 2, 40, 8, generator=g)
+    scores = kp.get_press("snapkv", keep_tokens=10, window=32).score(q, k, scale=0.3)
+    assert torch.isinf(scores[..., -32:]).all()
+    assert kp.top_newest(scores, 10).sort(-1).values.tolist() == [[list(range(30, 40))] * 2]
+    chosen = kp.allocate(scores, 10, alpha=1.0)
+    assert chosen[..., 30:].all() and not chosen[..., :30].any()
+    assert kp.top_newest(torch.tensor([[3.0, 1.0, 3.0, 2.0]]), 2).tolist() == [[2, 0]]  # ties: newest first
 
 
 def test_random_press_draws_anew_for_each_bounded_press():

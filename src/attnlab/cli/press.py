@@ -3,12 +3,15 @@ the prompt (continuation KL and perplexity vs the fraction evicted, the KV bytes
 while the text streams in chunks (--max-cache: KL and perplexity vs the bound)."""
 from __future__ import annotations
 
-import json
+import itertools
 import time
 from pathlib import Path
 
 from ..types import AttnlabError
 from . import common
+
+DEFAULT_EVICT = "0.1,0.3,0.5,0.7,0.9"
+MARKERS = "osD^v<>pP*XhH8d"  # one a press (cycled past 15)
 
 
 def add_parser(sub) -> None:
@@ -25,12 +28,12 @@ def add_parser(sub) -> None:
     p.add_argument("--presses", default=",".join(PRESSES), help="comma-separated (default: %(default)s); "
                    "adakv_<press> shares each layer's budget between its KV heads by that press's scores (Ada-KV); "
                    "pyramid_<press> gives the lower layers more of the same total (PyramidKV)")
-    p.add_argument("--alpha", type=float, default=0.2, help="adakv_ presses: the share of the budget every head keeps "
-                                                            "at least (Ada-KV's safeguard; default %(default)s)")
-    p.add_argument("--slope", type=float, default=0.5, help="pyramid_ presses (PyramidKV): layer l of L keeps budget x "
-                                                            "(1 + slope x (1 - 2l/(L-1))), in [0, 1) (default %(default)s)")
-    p.add_argument("--evict", default="0.1,0.3,0.5,0.7,0.9", help="fractions of the prompt's cache evicted, each in "
-                                                                   "[0, 1) (default: %(default)s)")
+    p.add_argument("--alpha", type=float, default=None, help="adakv_ presses: the share of the budget every head keeps "
+                                                             "at least (Ada-KV's safeguard; default 0.2)")
+    p.add_argument("--slope", type=float, default=None, help="pyramid_ presses (PyramidKV): layer l of L keeps budget x "
+                                                             "(1 + slope x (1 - 2l/(L-1))), in [0, 1) (default 0.5)")
+    p.add_argument("--evict", default=None, help="fractions of the prompt's cache evicted, each in [0, 1) (default: "
+                                                 f"{DEFAULT_EVICT}; not with --max-cache)")
     p.add_argument("--seq-len", type=int, default=2048, help="prompt + continuation tokens per window "
                                                              "(default: %(default)s)")
     p.add_argument("--prompt-len", type=int, default=None, help="prompt tokens of each window (default: 7/8 of "
@@ -41,8 +44,7 @@ def add_parser(sub) -> None:
                                                      "bounds in tokens; each window is scored whole in chunks with "
                                                      "the cache pressed back to the bound after every chunk "
                                                      "(writes press-bounded.json)")
-    p.add_argument("--chunk", type=int, default=64, help="bounded-cache mode: tokens fed per call (default: "
-                                                         "%(default)s)")
+    p.add_argument("--chunk", type=int, default=None, help="bounded-cache mode: tokens fed per call (default: 64)")
     common.add_model_run_arguments(p, "press", "press.json and press.png")
     p.set_defaults(func=run)
 
@@ -55,6 +57,18 @@ def run(args) -> int:
     from ..train.data import eval_windows
 
     presses = [x.strip() for x in args.presses.split(",") if x.strip()]
+    for flag, value, prefix in (("--alpha", args.alpha, "adakv_"), ("--slope", args.slope, "pyramid_")):
+        if value is not None and not any(n.startswith(prefix) for n in presses):
+            raise AttnlabError(f"{flag} applies to {prefix}<press> presses only; none is in --presses")
+    bounded = args.max_cache is not None
+    for flag, given, mode in (("--evict", args.evict, not bounded), ("--prompt-len", args.prompt_len, not bounded),
+                              ("--chunk", args.chunk, bounded)):
+        if given is not None and not mode:
+            raise AttnlabError(f"{flag} is {'not used with' if bounded else 'for the bounded-cache mode, with'} "
+                               "--max-cache")
+    args.alpha = 0.2 if args.alpha is None else args.alpha
+    args.slope = 0.5 if args.slope is None else args.slope
+    args.chunk = 64 if args.chunk is None else args.chunk
     for name in presses:
         kp.get_press(name, evict=0.0, alpha=args.alpha, slope=args.slope)  # an unknown name, a bad alpha / slope
     if args.max_cache is not None and any(n.startswith(tuple(kp.WRAPPERS)) for n in presses):
@@ -62,7 +76,8 @@ def run(args) -> int:
                            "takes the plain presses")
     if not presses:
         raise AttnlabError("--presses is empty")
-    evicts = common.fraction_list("--evict", args.evict, upper_open=True, what="the fraction of the cache evicted")
+    evicts = common.fraction_list("--evict", args.evict or DEFAULT_EVICT, upper_open=True,
+                                  what="the fraction of the cache evicted")
     common.positive_int("--seq-len", args.seq_len, 4)
     common.positive_int("--num-examples", args.num_examples, 1)
     if args.prompt_len is None:
@@ -70,13 +85,10 @@ def run(args) -> int:
     if args.max_cache is None and not 1 <= args.prompt_len <= args.seq_len - 2:
         raise AttnlabError(f"--prompt-len {args.prompt_len} must be in [1, --seq-len - 2 = {args.seq_len - 2}]")
     common.check_device(args.device)
-    path, causal = models.resolve(args.model)
+    skeleton, causal = models.skeleton(args.model)
     if not causal:
         raise AttnlabError(f"{args.model!r} is not a causal LM; presses act on a decoder's KV cache")
-    config = json.loads((Path(path) / "config.json").read_text())
-    if args.seq_len > config.get("max_position_embeddings", args.seq_len):
-        raise AttnlabError(f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings "
-                           f"({config['max_position_embeddings']})")
+    models.check_seq_len(skeleton, args.seq_len)
     bounds = None
     if args.max_cache is not None:
         bounds = common.int_list("--max-cache", args.max_cache)
@@ -88,7 +100,13 @@ def run(args) -> int:
     started = time.time()
     if bounds is not None:
         return run_bounded(args, presses, bounds, started)
-    print(f"attnlab press: model={args.model} presses={','.join(presses)} evict={args.evict} windows={args.num_examples} x "
+    window = kp.SnapKV(evict=0.0).window
+    small = [e for e in evicts if kp.SnapKV(evict=e).budget(args.prompt_len) < window]
+    if small and any("snapkv" in n for n in presses):
+        print(f"note: at evict {', '.join(map(str, small))} the snapkv presses keep fewer than their {window}-token "
+              "observation window, which they keep whatever the scores: they keep its newest tokens, as `window` "
+              "does", flush=True)
+    print(f"attnlab press: model={args.model} presses={','.join(presses)} evict={args.evict or DEFAULT_EVICT} windows={args.num_examples} x "
           f"({args.prompt_len} + {args.seq_len - args.prompt_len}) tokens", flush=True)
     model, tok = models.load(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     windows = eval_windows(tok, None, args.seq_len, args.num_examples)
@@ -150,7 +168,7 @@ def plot_bounded(rows: list[dict], path, title: str = "") -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
     names = list(dict.fromkeys(r["technique"] for r in rows if r["technique"] != "full_cache"))
-    for name, marker in zip(names, "osD^v<>p"):
+    for name, marker in zip(names, itertools.cycle(MARKERS)):
         rs = sorted((r for r in rows if r["technique"] == name), key=lambda r: r["max_cache"])
         for ax, key in zip(axes, ("kl", "ppl")):
             ax.plot([r["max_cache"] for r in rs], [max(r[key], 1e-5) for r in rs], marker=marker, label=name)
@@ -188,7 +206,7 @@ def plot(rows: list[dict], path, title: str = "") -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
     base = rows[0]
     names = list(dict.fromkeys(r["technique"] for r in rows[1:]))
-    for name, marker in zip(names, "osD^v<>p"):
+    for name, marker in zip(names, itertools.cycle(MARKERS)):
         rs = sorted((r for r in rows if r["technique"] == name), key=lambda r: r["evict"])
         for ax, key in zip(axes, ("kl", "ppl")):
             ax.plot([100 * r["evict"] for r in rs], [max(r[key], 1e-5) for r in rs], marker=marker, label=name)

@@ -285,6 +285,15 @@ def _cache_layers(cache):
     return layers
 
 
+def top_newest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the `k` highest scores along the last dim; equal scores go to the newest (highest) position. A
+    press's kept-anyway positions score +inf (SnapKV's observation window, StreamingLLM's sinks): when the budget is
+    below their count, the newest of them stay, not whichever `topk` happens to return."""
+    t = scores.shape[-1]
+    order = torch.argsort(scores.flip(-1), dim=-1, descending=True, stable=True)[..., :k]
+    return t - 1 - order
+
+
 def compress(cache, scores: list[torch.Tensor], keep: int | list[int], alpha: float | None = None) -> torch.Tensor:
     """Keep the `keep` best-scored positions of every layer and KV head (ascending order); returns the kept
     indices [L, B, Hkv, keep]. With `alpha` (AdaKV), each layer keeps keep x Hkv positions shared between its
@@ -296,7 +305,7 @@ def compress(cache, scores: list[torch.Tensor], keep: int | list[int], alpha: fl
     keeps = keep if isinstance(keep, (list, tuple)) else [keep] * len(layers)  # per layer (Pyramid) or one for all
     for layer, s, keep in zip(layers, scores, keeps):
         if alpha is None:
-            idx = torch.topk(s, keep, dim=-1).indices.sort(-1).values  # [B, Hkv, keep]
+            idx = top_newest(s, keep).sort(-1).values  # [B, Hkv, keep]
         else:
             idx, valid = _head_slots(allocate(s, keep, alpha))
             masks.append(valid)
@@ -320,11 +329,11 @@ def allocate(scores: torch.Tensor, keep: int, alpha: float) -> torch.Tensor:
     floor = min(keep, max(1, int(alpha * keep)) if alpha > 0 else 0)  # kvpress AdaKVPress's n_safe
     chosen = torch.zeros(b, hkv, t, dtype=torch.bool, device=scores.device)
     if floor:
-        chosen.scatter_(-1, torch.topk(scores, floor, dim=-1).indices, True)
+        chosen.scatter_(-1, top_newest(scores, floor), True)
     rest = keep * hkv - floor * hkv
     if rest:
         flat = scores.float().masked_fill(chosen, float("-inf")).reshape(b, hkv * t)
-        chosen.view(b, hkv * t).scatter_(-1, torch.topk(flat, rest, dim=-1).indices, True)
+        chosen.view(b, hkv * t).scatter_(-1, torch.topk(flat, rest, dim=-1).indices, True)  # across heads: any tie
     return chosen
 
 
