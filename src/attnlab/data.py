@@ -63,10 +63,15 @@ def windows_of(ids: torch.Tensor, *, seq_len: int, num_tokens: int, held_out: fl
     """`token_windows` of an already tokenised text (LongTensor [T]): tokenise once, cut at several lengths."""
     n = max(1, num_tokens // seq_len)
     tail = ids[int(len(ids) * (1 - held_out)):]
-    if len(tail) < n * seq_len:
-        tail = ids[-n * seq_len:]
-    if len(tail) < n * seq_len:
+    if len(ids) < n * seq_len:
         raise AttnlabError(f"text has {len(ids)} tokens; need {n * seq_len} for {n} windows of {seq_len}")
+    if len(tail) < n * seq_len:  # said, not silent: the windows reach into text that measuring or training may read
+        import warnings
+
+        warnings.warn(f"the held-out tail has {len(tail)} tokens, {n} windows of {seq_len} need {n * seq_len}: the "
+                      f"first {n * seq_len - len(tail)} come from before it (text a measured pattern or a trained "
+                      "model may have seen); ask for fewer or shorter windows to stay held out", stacklevel=2)
+        tail = ids[-n * seq_len:]
     return tail[: n * seq_len].view(n, seq_len)
 
 
