@@ -112,10 +112,27 @@ def _read_text(path: str) -> str:
         raise AttnlabError(f"{path!r} is not UTF-8 text") from None
 
 
+def _check_output(path: str, flag: str = "-o/--output") -> Path:
+    """The file to write: not a folder, in a folder that exists and is writable; checked before the model loads."""
+    import os
+
+    p = Path(path)
+    if p.is_dir():
+        raise AttnlabError(f"{flag} {path!r} is a folder; give the file to write")
+    parent = p.parent
+    if not parent.is_dir():
+        raise AttnlabError(f"{flag} {path!r}: the folder {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise AttnlabError(f"{flag} {path!r}: the folder {str(parent)!r} is not writable")
+    return p
+
+
 def run_encode(args) -> int:
     from ..compress import codec, store
 
     common.check_device(args.device)
+    _check_output(args.output)
+    store.read_config(args.model)  # the folder checked before the text is read or the model built
     text = _read_text(args.file)
     model, tok, _ = store.load(args.model, args.device)
     buf = codec.encode(model, tok, text, bits=args.bits, device=args.device)
@@ -132,6 +149,8 @@ def run_decode(args) -> int:
     p = Path(args.file)
     if not p.is_file():
         raise AttnlabError(f"{args.file!r} is not a file")
+    _check_output(args.output)
+    store.read_config(args.model)
     model, tok, _ = store.load(args.model, args.device)
     text, ids = codec.decode(model, tok, p.read_bytes(), device=args.device)
     Path(args.output).write_text(text, encoding="utf-8")
@@ -150,21 +169,35 @@ def run_eval(args) -> int:
         raise AttnlabError(f"--bits must be in 1..16, got {args.bits}")
     lengths = common.int_list("--lengths", args.lengths)
     dirs = [d.strip() for d in args.models.split(",") if d.strip()]
+    if not dirs:
+        raise AttnlabError("--models is empty")
     metas = [store.read_config(d) for d in dirs]  # every folder checked before any work
+    for d, meta in zip(dirs, metas):  # each model needs a length it can evaluate (its max_len is in config.json)
+        max_len = (meta.get("model") or {}).get("max_len")
+        if isinstance(max_len, int) and not any(n <= max_len for n in lengths):
+            raise AttnlabError(_no_length(d, max_len, lengths))
     if args.text is None:
         full = data.moby_dick()
         text, split = full[int(len(full) * (1 - data.HELD_OUT)):], "held-out (tail of Moby Dick)"
     else:
         text, split = _read_text(args.text), args.text
+        if not text:
+            raise AttnlabError(f"--text {args.text!r} is empty")
+        for d in dirs:  # the tokenizers only (light): a text with no tokens is refused before any model loads
+            if not codec.text_ids(store.model_tokenizer(d), text):
+                raise AttnlabError(f"--text {args.text!r} has no tokens for the tokenizer of {d} (only whitespace "
+                                   "or characters it drops): nothing to encode")
     rows = [{**r, "split": split, "characters": len(text)} for r in codec.lossless_baselines(text)]
     print(f"{len(text):,} characters of {split}; lossless: " + "; ".join(
         f"{r['codec']} {r['bytes_per_char']:.3f} B/char" for r in rows))
     for d, meta in zip(dirs, metas):
         model, tok, meta = store.load(d, args.device)
         ok = [n for n in lengths if n <= model.cfg.max_len]
+        if not ok:
+            raise AttnlabError(_no_length(d, model.cfg.max_len, lengths))
         if len(ok) < len(lengths):
             print(f"{d}: trained up to {model.cfg.max_len} tokens: accuracy by length at "
-                  f"{','.join(map(str, ok)) or 'none'} (not {','.join(str(n) for n in lengths if n not in ok)})")
+                  f"{','.join(map(str, ok))} (not {','.join(str(n) for n in lengths if n not in ok)})")
         by_len = evaluate(model, held_out(tok, ok, 8192), args.device, bits=max(bits))
         train = meta.get("train", {})
         for r in codec.report(model, tok, text, bits, args.device):
@@ -181,3 +214,8 @@ def run_eval(args) -> int:
     common.write_result(out / "compress.json", args.device, {"rows": rows},
                         plot=None if args.no_plot else (lambda png: plot(rows, png)))
     return 0
+
+
+def _no_length(model_dir: str, max_len: int, lengths: list[int]) -> str:
+    return (f"--lengths {','.join(map(str, lengths))}: {model_dir} was trained up to {max_len} tokens, so none of "
+            f"these lengths can be evaluated (give lengths in 1..{max_len})")

@@ -181,6 +181,8 @@ def lossless_baselines(text: str) -> list[dict]:
     import bz2
     import gzip
 
+    if not text:
+        raise AttnlabError("the text is empty: no bytes per character to measure")
     raw = text.encode("utf-8")
     rows = []
     for name, fn in (("gzip", lambda b: gzip.compress(b, 9)), ("bz2", lambda b: bz2.compress(b, 9)),
@@ -194,6 +196,9 @@ def report(model, tokenizer, text: str, bits_list=(8, 6, 4), device="cpu") -> li
     """One row per bit width: bytes per character of the encoded file, token and character accuracy of what it
     decodes to (against the tokenizer's own tokens of `text`)."""
     ids = text_ids(tokenizer, text)
+    if not ids:
+        raise AttnlabError(f"the text ({len(text):,} characters) has no tokens for this tokenizer (empty or only "
+                           "whitespace): nothing to encode")
     rows = []
     for bits in bits_list:
         lengths, codes = latent_codes(model, ids, bits, device)  # one encoder pass serves the file and its decoding

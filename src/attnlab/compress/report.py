@@ -16,6 +16,16 @@ def recipe_label(key: tuple) -> str:
     return f"{steps} steps, {dim}-d latents" + ("" if bias == "distance" else f", bias {bias} (the paper's)")
 
 
+def longest_length(models) -> int:
+    """The longest length every model with accuracy by length was evaluated at (models trained to different
+    lengths share their shorter ones), else the longest any was; 0 where none has any."""
+    sets = [set(map(int, r["by_length"])) for r in models if r.get("by_length")]
+    if not sets:
+        return 0
+    shared = set.intersection(*sets)
+    return max(shared) if shared else max(max(s) for s in sets)
+
+
 def plot(rows: list[dict], path, title: str = "attnlab compress: the autoencoder as a lossy text codec") -> None:
     import matplotlib
 
@@ -27,13 +37,14 @@ def plot(rows: list[dict], path, title: str = "attnlab compress: the autoencoder
 
     fig, (a, m, b) = plt.subplots(1, 3, figsize=(18, 4.8), gridspec_kw={"width_ratios": [1, 1, 1.1]})
     models = {r["model"]: r for r in rows if r.get("codec") == "attnlab"}  # one row per model (its by_length)
-    longest = max((max(map(int, r["by_length"])) for r in models.values()), default=0)
+    longest = longest_length(models.values())
     colours = {}
     for key in sorted({recipe(r) for r in models.values()}, key=lambda k: (k[2] != "distance", -(k[1] or 0), -(k[0] or 0))):
         colours[key] = f"C{len(colours)}"
     groups = defaultdict(lambda: defaultdict(list))
     for r in models.values():
-        groups[recipe(r)][r["ratio"]].append(r["by_length"][str(longest)]["token_accuracy"])
+        if str(longest) in (r.get("by_length") or {}):  # a model evaluated at no length, or not at this one: not here
+            groups[recipe(r)][r["ratio"]].append(r["by_length"][str(longest)]["token_accuracy"])
     for key in sorted(groups, key=lambda k: (k[2] != "distance", -(k[1] or 0), -(k[0] or 0))):
         ratios = sorted(groups[key])
         accs = [groups[key][x] for x in ratios]
@@ -46,20 +57,22 @@ def plot(rows: list[dict], path, title: str = "attnlab compress: the autoencoder
     a.set_xticks(sorted({1 / r["ratio"] for r in models.values()}) or [1])
     a.get_xaxis().set_major_formatter(FormatStrFormatter("%.3g"))
     a.grid(alpha=0.3)
-    a.legend(fontsize=7)
+    if a.get_legend_handles_labels()[0]:
+        a.legend(fontsize=7)
     main = max(groups, key=lambda k: (k[2] == "distance", k[1] or 0, k[0] or 0)) if groups else None
-    for r in sorted((r for r in models.values() if recipe(r) == main and r.get("seed") in (0, None)),
-                    key=lambda r: -r["ratio"]):
+    for r in sorted((r for r in models.values() if recipe(r) == main and r.get("seed") in (0, None)
+                     and r.get("by_length")), key=lambda r: -r["ratio"]):
         lengths = sorted(map(int, r["by_length"]))
         m.plot(lengths, [r["by_length"][str(n)]["token_accuracy"] for n in lengths], marker="o", ms=4,
                label=f"ratio 1/{1 / r['ratio']:.3g}")
     m.set(xlabel="input length (tokens)", ylabel="held-out token accuracy", xscale="log",
           title="one model per ratio, every length" + (f"\n({recipe_label(main)})" if main else ""))
     if main:
-        m.set_xticks(sorted({int(n) for r in models.values() for n in r["by_length"]}))
+        m.set_xticks(sorted({int(n) for r in models.values() for n in r.get("by_length") or {}}))
     m.get_xaxis().set_major_formatter(FormatStrFormatter("%d"))
     m.grid(alpha=0.3)
-    m.legend(fontsize=7)
+    if m.get_legend_handles_labels()[0]:
+        m.legend(fontsize=7)
     for name, r0 in sorted(models.items()):
         if r0.get("seed") not in (0, None):
             continue

@@ -64,11 +64,22 @@ def save(model: SequenceAutoencoder, tokenizer, path, extra: dict | None = None)
     return path
 
 
+def _is_model_folder(path: Path) -> bool:
+    try:
+        meta = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == FORMAT
+
+
 def read_config(path) -> dict:
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"--model {str(path)!r} is not a folder (a trained autoencoder: attnlab compress train "
                               "--out DIR writes DIR/model)")
+    if not _is_model_folder(path) and _is_model_folder(path / "model"):  # the run folder of `compress train --out`
+        raise CheckpointError(f"{path} is a training run folder, not a model: pass {path / 'model'} (the trained "
+                              "autoencoder it holds)")
     try:
         meta = json.loads((path / "config.json").read_text())
     except FileNotFoundError:
@@ -98,12 +109,16 @@ def load(path, device: str = "cpu", tokenizer: bool = True):
         model.load_state_dict(tensors)
     except RuntimeError as e:
         raise CheckpointError(f"{path}/model.safetensors does not match its config ({str(e)[:160]})") from None
-    tok = None
-    if tokenizer:
-        if not (path / "tokenizer").is_dir():
-            raise CheckpointError(f"{path} has no tokenizer/ folder")
-        tok = load_tokenizer(str(path / "tokenizer"))
+    tok = model_tokenizer(path) if tokenizer else None
     return model.to(device).eval(), tok, meta
+
+
+def model_tokenizer(path):
+    """The tokenizer of a trained autoencoder folder (its tokenizer/), without loading the model."""
+    path = Path(path)
+    if not (path / "tokenizer").is_dir():
+        raise CheckpointError(f"{path} has no tokenizer/ folder")
+    return load_tokenizer(str(path / "tokenizer"))
 
 
 class ModelWeights:
