@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from pathlib import Path
 
 from ..types import AttnlabError
 from . import common
@@ -20,25 +19,29 @@ def add_parser(sub) -> None:
                        description="Train the same small Vision Transformer on Fashion-MNIST (Debian's "
                                    "dataset-fashion-mnist) once per attention method, with identical starting weights, "
                                    "data order, augmentation and hyper-parameters; report test accuracy, training time "
-                                   "per epoch, inference throughput and peak memory as a table, JSON and a PNG.")
+                                   "per epoch, inference throughput and (on CUDA) peak memory as a table, JSON and a PNG.")
     p.add_argument("--methods", default=DEFAULT_METHODS,
                    help="comma-separated method names, or 'all' for every registered method (default: %(default)s)")
     p.add_argument("--patch", default="4", help="patch size(s), comma-separated: 4 gives 49 patches, 2 gives 196, 1 "
                                                 "gives 784 (pixel-level, LRA's image regime) (default: %(default)s)")
     common.add_set_argument(p)
     helps = {"epochs": "training epochs", "batch_size": "images per step", "lr": "peak AdamW learning rate",
-             "weight_decay": "AdamW weight decay (matrices only)", "warmup_epochs": "linear warmup, then cosine decay",
+             "weight_decay": "AdamW weight decay (weight matrices only: not biases, norms, the position "
+             "embedding or the CLS token)", "warmup_epochs": "linear warmup (below --epochs), then cosine decay",
              "label_smoothing": "cross-entropy label smoothing", "dim": "ViT width", "depth": "ViT blocks",
              "heads": "attention heads", "mlp_dim": "MLP hidden width", "seed": "seed of weights, data order and "
              "augmentation (the same for every method)"}
+    helps["warmup_epochs"] += f" (default: {d.warmup_epochs}, or 0 in a run of one epoch)"
     for f in dataclasses.fields(d):
         if f.name in helps:
-            p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
-                           help=f"{helps[f.name]} (default: %(default)s)")
+            p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default),
+                           default=None if f.name == "warmup_epochs" else f.default,
+                           help=helps[f.name] + ("" if f.name == "warmup_epochs" else " (default: %(default)s)"))
     p.add_argument("--pool", default=d.pool, choices=["cls", "mean"], help="classify from a CLS token or the mean of "
                                                                             "the patch tokens (default: %(default)s)")
-    p.add_argument("--train-size", type=int, default=None, help="use the first N of the 60k training images")
-    p.add_argument("--test-size", type=int, default=None, help="use the first N of the 10k test images")
+    p.add_argument("--train-size", type=int, default=None, help="use the first N (at most 60000) of the 60k training "
+                                                                "images")
+    p.add_argument("--test-size", type=int, default=None, help="use the first N (at most 10000) of the 10k test images")
     p.add_argument("--no-augment", action="store_true", help="no random shifts and flips")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
@@ -72,6 +75,8 @@ def run(args) -> int:
         [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods:
         raise AttnlabError("--methods is empty")
+    if args.warmup_epochs is None:  # the warmup must end before the run does: a one-epoch run has none
+        args.warmup_epochs = VisionConfig.warmup_epochs if args.epochs > 1 else 0.0
     cfg = VisionConfig(patches=parse_patches(args.patch), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                        weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
                        label_smoothing=args.label_smoothing, augment=not args.no_augment, dim=args.dim,
@@ -80,11 +85,11 @@ def run(args) -> int:
                        progress=not args.no_progress)
     cfg.check()
     common.check_device(args.device)
+    out = common.check_out_folder(args.out)  # main checks it too; run() may be called alone
     overrides = common.parse_overrides(args.overrides, methods)
     check_methods(methods, cfg, overrides)
     fashion_mnist_dir()  # a missing dataset fails here, in one line
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = out / f"vision-{stamp}.json"

@@ -16,12 +16,15 @@ import torch
 
 from ..data import DataNotInstalled
 from ..models import cache_dir
+from ..types import OptionError
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
+# images in each split of the real dataset: a --train-size / --test-size above these is refused before any read
+SIZES = {"train": 60000, "test": 10000}
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 # mean and standard deviation of the training pixels (in [0, 1]); inputs are normalised with them
 MEAN, STD = 0.2860, 0.3530
@@ -83,5 +86,7 @@ def fashion_mnist(split: str = "train", limit: int | None = None) -> tuple[torch
     if images.shape[0] != labels.shape[0]:
         raise DataNotInstalled(f"{d}: {split} has {images.shape[0]} images but {labels.shape[0]} labels; {_INSTALL}")
     if limit is not None:
+        if limit > images.shape[0]:  # never fewer images than asked for, silently
+            raise OptionError(f"{split}_size {limit} exceeds the {images.shape[0]} {split} images in {d}")
         images, labels = images[:limit], labels[:limit]
     return images, labels.long()

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import registry
+from ..adapters.spec import Rule, SwapSpec
 from ..adapters.swap import method_modules, swap
 from ..timing import sync
 from ..types import OptionError, UnsupportedError
@@ -44,15 +45,26 @@ class VisionConfig:
     progress: bool = True
 
     def check(self) -> None:
+        """Every setting, in one line each, before any data is read."""
         for name in ("epochs", "batch_size"):
             if isinstance(getattr(self, name), bool) or getattr(self, name) < 1:
                 raise OptionError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("train_size", "test_size"):
+        for name, split, what in (("train_size", "train", "training"), ("test_size", "test", "test")):
             val = getattr(self, name)
             if val is not None and val < 1:
                 raise OptionError(f"{name} must be >= 1, got {val}")
+            if val is not None and val > vdata.SIZES[split]:
+                raise OptionError(f"{name} {val} exceeds the {vdata.SIZES[split]} Fashion-MNIST {what} images "
+                                  f"(--{name.replace('_', '-')} at most {vdata.SIZES[split]})")
+        n_train = self.train_size if self.train_size is not None else vdata.SIZES["train"]
+        if self.batch_size > n_train:
+            raise OptionError(f"batch_size {self.batch_size} exceeds the {n_train} training images")
         if not self.lr > 0 or self.weight_decay < 0 or self.warmup_epochs < 0 or not 0 <= self.label_smoothing < 1:
             raise OptionError("lr must be > 0, weight_decay and warmup_epochs >= 0, label_smoothing in [0, 1)")
+        if self.warmup_epochs and self.warmup_epochs >= self.epochs:
+            raise OptionError(f"warmup_epochs {self.warmup_epochs} must be less than epochs {self.epochs} (the "
+                              "learning rate would never reach lr and decay from it); lower --warmup-epochs "
+                              "(0: no warmup)")
         if not self.patches:
             raise OptionError("at least one patch size is needed")
         for p in self.patches:
@@ -128,12 +140,16 @@ def method_options(method: str, seq_len: int, overrides: dict | None = None) -> 
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: matrices decay; biases, norms, embeddings' 1-d parts and a method's temperatures (rfa's
-    sigma [H, D], which decay would pull toward a flat kernel) do not."""
+    """AdamW groups: weight matrices (projections, MLP, patch embedding, head) decay; biases, norms, the position
+    embedding `pos` [1, T, d], the CLS token `cls` [1, 1, d] (the usual ViT practice) and a method's temperatures
+    (rfa's sigma [H, D], which decay would pull toward a flat kernel) do not."""
+    embeddings = {id(p) for p in (getattr(model, "pos", None), getattr(model, "cls", None))
+                  if isinstance(p, torch.nn.Parameter)}
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 and not name.endswith("sigma") else no_decay).append(p)
+            matrix = p.dim() >= 2 and id(p) not in embeddings and not name.endswith("sigma")
+            (decay if matrix else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -231,59 +247,95 @@ def train_one(method: str, options: dict, patch: int, cfg: VisionConfig, train_s
 
 
 def check_methods(methods: list[str], cfg: VisionConfig, overrides: dict) -> None:
-    """Unknown methods, option names and values (the method's defaults at each patch's length with the overrides
-    on top, as `train_one` builds them) fail here, before any data is read."""
+    """Unknown methods, methods that cannot replace the ViT's attention (reduce: it changes the sequence length),
+    option names and values (the method's defaults at each patch's length with the overrides on top, as
+    `train_one` builds them) fail here, before any data is read: the swap spec's own check, as `swap` makes it."""
     for m in methods:
         for patch in cfg.patches:
-            registry.check_options(m, method_options(m, cfg.vit(patch).seq_len, overrides.get(m, {})))
+            SwapSpec([Rule("*", m, method_options(m, cfg.vit(patch).seq_len, overrides.get(m, {})))]).validate()
+
+
+def new_run_id() -> str:
+    """What every row of one `run_vision` call records as `run`: the time it started and a random suffix."""
+    import secrets
+
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
 
 def run_vision(methods: list[str], cfg: VisionConfig, *, overrides: dict | None = None, device="cpu",
-               dtype=None, on_row=None) -> list[dict]:
-    """Train once per (patch, method); returns the rows. A method that cannot run gives a row with `error`."""
+               dtype=None, on_row=None, run_id: str | None = None) -> list[dict]:
+    """Train once per (patch, method); returns the rows, each carrying `run` (`run_id`, else a new one): the
+    reports compare rows of one run only. A method that cannot run gives a row with `error`."""
     cfg.check()
     overrides = overrides or {}
     check_methods(methods, cfg, overrides)
     device = torch.device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    run_id = run_id or new_run_id()
     train_set = vdata.fashion_mnist("train", cfg.train_size)
     test_set = vdata.fashion_mnist("test", cfg.test_size)
-    if len(train_set[0]) < cfg.batch_size:
+    if len(train_set[0]) < cfg.batch_size:  # a dataset folder smaller than the real one (cfg.check knows 60k)
         raise OptionError(f"batch_size {cfg.batch_size} exceeds the {len(train_set[0])} training images")
     rows = []
     for patch in cfg.patches:
         for m in methods:
+            failed = {"method": m, "patch": patch, "seq_len": cfg.vit(patch).seq_len, "device": str(device),
+                      "dtype": str(dtype).removeprefix("torch."), "train_images": len(train_set[0]),
+                      "test_images": len(test_set[0]), "batch_size": cfg.batch_size, "seed": cfg.seed}
             try:
                 row = train_one(m, overrides.get(m, {}), patch, cfg, train_set, test_set, device=device, dtype=dtype)
             except (UnsupportedError, OptionError) as e:
-                row = {"method": m, "patch": patch, "seq_len": cfg.vit(patch).seq_len, "device": str(device),
-                       "error": str(e)}
+                row = {**failed, "error": str(e)}
             except torch.OutOfMemoryError:
                 torch.cuda.empty_cache()
-                row = {"method": m, "patch": patch, "seq_len": cfg.vit(patch).seq_len, "device": str(device),
-                       "error": "out of memory"}
+                row = {**failed, "error": "out of memory"}
+            row = {"run": run_id, **row}
             rows.append(row)
             if on_row:
                 on_row(row)
     return rows
 
 
+# What a row records of the run it came from: rows agreeing on all of these (and on `patch`) are compared with
+# each other; `run` is the call's id (`run_vision`), or the file a row was read from when it has none (older
+# files; `report.load_rows`).
+RUN_FIELDS = ("run", "epochs", "train_images", "test_images", "batch_size", "device", "dtype", "seed")
+REFERENCES = ("sdpa", "dense")
+
+
+def run_key(row: dict) -> tuple:
+    """(patch, seq_len, the RUN_FIELDS): rows with the same key are one run's rows at one patch size."""
+    return (row.get("patch"), row.get("seq_len")) + tuple(str(row.get(f)) for f in RUN_FIELDS)
+
+
+def references(rows: list[dict]) -> dict[tuple, dict[str, dict]]:
+    """{run_key: {"sdpa": row, "dense": row}}: each run's (first) successful sdpa and dense rows at each patch size.
+    The one lookup of the table's columns and the plot's reference line."""
+    out: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        if r.get("method") in REFERENCES and "error" not in r:
+            out.setdefault(run_key(r), {}).setdefault(r["method"], r)
+    return out
+
+
 def summary_rows(rows: list[dict]) -> list[dict]:
-    """The table: each row with its accuracy difference to exact attention (`accuracy_vs_dense`: to sdpa, else
-    dense) and its time and memory ratios to sdpa and to dense, within the same patch size."""
+    """The table: each row with its accuracy difference to sdpa (`accuracy_vs_sdpa`) and its time and memory
+    ratios to sdpa and to dense (`time_ratio_sdpa`, `mem_ratio_dense`, ...), each against the row of that method
+    from the same run at the same patch size (`run_key`); absent where that run has none (never against another
+    run's row, nor against dense under sdpa's name)."""
+    refs = references(rows)
     out = []
     for r in rows:
-        same = {x["method"]: x for x in rows if x.get("patch") == r.get("patch") and "error" not in x}
-        ref = same.get("sdpa") or same.get("dense")
         s = dict(r)
-        if "error" not in r and ref:
-            s["accuracy_vs_dense"] = r["test_accuracy"] - ref["test_accuracy"]
-        for base in ("sdpa", "dense"):
-            b = same.get(base)
-            if "error" in r or not b:
-                continue
-            s[f"time_ratio_{base}"] = r["epoch_s"] / b["epoch_s"]
+        out.append(s)
+        if "error" in r:
+            continue
+        same = refs.get(run_key(r), {})
+        if "sdpa" in same and r.get("test_accuracy") is not None and same["sdpa"].get("test_accuracy") is not None:
+            s["accuracy_vs_sdpa"] = r["test_accuracy"] - same["sdpa"]["test_accuracy"]
+        for base, b in same.items():
+            if r.get("epoch_s") and b.get("epoch_s"):
+                s[f"time_ratio_{base}"] = r["epoch_s"] / b["epoch_s"]
             if r.get("peak_mem_bytes") and b.get("peak_mem_bytes"):
                 s[f"mem_ratio_{base}"] = r["peak_mem_bytes"] / b["peak_mem_bytes"]
-        out.append(s)
     return out

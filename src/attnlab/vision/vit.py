@@ -31,15 +31,17 @@ class ViTConfig:
     pool: str = "cls"  # cls | mean
 
     def check(self) -> None:
+        # sizes first: `dim % heads` below needs heads >= 1 (heads 0 was a ZeroDivisionError)
+        for name in ("dim", "depth", "heads", "mlp_dim"):
+            val = getattr(self, name)
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                raise OptionError(f"{name} must be an integer >= 1, got {val!r}")
         if self.patch < 1 or self.image_size % self.patch:
             raise OptionError(f"patch {self.patch} must divide the image size {self.image_size} (28: 1, 2, 4, 7, 14)")
         if self.dim % self.heads:
             raise OptionError(f"dim {self.dim} must be a multiple of heads {self.heads}")
         if self.pool not in ("cls", "mean"):
             raise OptionError(f"pool must be 'cls' or 'mean', got {self.pool!r}")
-        for name in ("dim", "depth", "heads", "mlp_dim"):
-            if getattr(self, name) < 1:
-                raise OptionError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     @property
     def num_patches(self) -> int:
