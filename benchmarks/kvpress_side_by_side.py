@@ -49,13 +49,19 @@ KVPRESS_NAMES = {"streaming_llm": "StreamingLLMPress", "snapkv": "SnapKVPress", 
                  "random": "RandomPress"}
 
 
+def fail(message: str) -> None:
+    """A user error: one line on stderr, exit code 2 (as attnlab's commands)."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def import_kvpress(path: str | None):
     if path:
         sys.path.insert(0, path)
     try:
         import kvpress
     except Exception as e:  # noqa: BLE001 - any import failure is reported the same way
-        sys.exit(f"error: kvpress is not importable ({type(e).__name__}: {e}); install it with: {INSTALL}")
+        fail(f"kvpress is not importable ({type(e).__name__}: {e}); install it with: {INSTALL}")
     return kvpress
 
 
@@ -193,10 +199,10 @@ def main(argv=None) -> int:
         try:
             kp.get_press(x, evict=0.5)
         except Exception as e:
-            sys.exit(f"error: --attnlab-only: {e}")
+            fail(f"--attnlab-only: {e}")
     bad = [x for x in presses if not known(x)]
     if bad:
-        sys.exit(f"error: no kvpress press of the name {bad[0]!r}; shared presses: {', '.join(KVPRESS_NAMES)}, and "
+        fail(f"no kvpress press of the name {bad[0]!r}; shared presses: {', '.join(KVPRESS_NAMES)}, and "
                  f"adakv_<press> for {', '.join(ADAKV_BASES)}")
     prompt_len = args.prompt_len or args.seq_len - 128
     kv_version = getattr(kvpress, "__version__", None)
