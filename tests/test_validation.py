@@ -209,3 +209,20 @@ def test_a_backend_that_cannot_run_here_is_refused_naming_the_method():
     w = attnlab.make("window", head_dim=16, num_heads=4, window=4, backend="flex")
     with pytest.raises(attnlab.UnsupportedError, match="^window: backend='flex' on CPU is inference-only"):
         w(q.requires_grad_(), q, q, causal=True)
+
+
+def test_check_out_folder_refuses_what_could_not_take_results(tmp_path, monkeypatch):
+    """--out (every command's, checked by main before any work): a file, a file on its way up and a link to nothing
+    are one error each; a folder to be made, an existing one and '.' pass."""
+    from attnlab.cli.common import check_out_folder
+    from attnlab.types import AttnlabError
+
+    (tmp_path / "f").write_text("")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    for bad, match in (("f", "is a file, not a folder"), ("f/sub", "is a file, so the folder cannot be made"),
+                       ("dangling", "is a link to nothing")):
+        with pytest.raises(AttnlabError, match=match):
+            check_out_folder(tmp_path / bad)
+    monkeypatch.chdir(tmp_path)
+    for good in ("new/deeper", ".", str(tmp_path)):
+        check_out_folder(good)

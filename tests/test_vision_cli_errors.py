@@ -125,7 +125,8 @@ def test_report_bad_jsonl_line_is_one_line(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("where,match", [("file/x.png", "is a file, not a folder"), ("dir", "is a folder"),
-                                         ("x.txt", "matplotlib writes no '.txt' files")])
+                                         ("x.txt", "matplotlib writes no '.txt' files"),
+                                         ("plot", "with its extension (e.g.")])
 def test_report_bad_out_is_one_line_before_reading(where, match, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     (tmp_path / "dir").mkdir()

@@ -230,8 +230,11 @@ def test_a_budget_below_the_kept_anyway_positions_keeps_the_newest_of_them():
     scores = kp.get_press("snapkv", keep_tokens=10, window=32).score(q, k, scale=0.3)
     assert torch.isinf(scores[..., -32:]).all()
     assert kp.top_newest(scores, 10).sort(-1).values.tolist() == [[list(range(30, 40))] * 2]
-    chosen = kp.allocate(scores, 10, alpha=1.0)
-    assert chosen[..., 30:].all() and not chosen[..., :30].any()
+    for alpha in (1.0, 0.2):  # the per-head floor alone, and mostly the layer-wide rest
+        chosen = kp.allocate(scores, 10, alpha=alpha)
+        assert chosen[..., 30:].all() and not chosen[..., :30].any()
+    with pytest.raises(ValueError, match="outside"):
+        kp.top_newest(scores, 41)
     assert kp.top_newest(torch.tensor([[3.0, 1.0, 3.0, 2.0]]), 2).tolist() == [[2, 0]]  # ties: newest first
 
 
@@ -277,7 +280,9 @@ def test_adakv_cache_masks_the_slots_a_head_does_not_keep(tiny):
         assert torch.equal(k1, k2)
         torch.testing.assert_close(kp.continue_scoring(tiny, c2, ids[:, 24:], start=24),
                                    kp.continue_scoring(tiny, c1, ids[:, 24:], start=24), atol=1e-5, rtol=1e-4)
-    press = kp.get_press("adakv_snapkv", evict=0.5, alpha=0.2)
+    # a 4-token observation window: SnapKV's default 32 covers the whole 24-token prompt (every score +inf, no
+    # head preferring any key: the newest 12 in each)
+    press = kp.get_press("adakv_snapkv", evict=0.5, alpha=0.2, window=4)
     cache, kept, _ = kp.prefill(tiny, ids[:, :24], press)
     masks = cache.attnlab_key_masks
     assert all(m.sum().item() == 12 * m.shape[1] for m in masks)  # keep 12 of 24, per KV head on average

@@ -192,6 +192,8 @@ def check_out_folder(raw, flag: str = "--out") -> Path:
     import os
 
     path = Path(raw)
+    if path.is_symlink() and not path.exists():
+        raise AttnlabError(f"{flag} {str(raw)!r} is a link to nothing ({os.readlink(path)})")
     if path.exists() and not path.is_dir():
         raise AttnlabError(f"{flag} {str(raw)!r} is a file, not a folder")
     first = path.absolute()

@@ -69,6 +69,7 @@ def run(args) -> int:
     args.alpha = 0.2 if args.alpha is None else args.alpha
     args.slope = 0.5 if args.slope is None else args.slope
     args.chunk = 64 if args.chunk is None else args.chunk
+    args.evict = DEFAULT_EVICT if args.evict is None else args.evict
     for name in presses:
         kp.get_press(name, evict=0.0, alpha=args.alpha, slope=args.slope)  # an unknown name, a bad alpha / slope
     if args.max_cache is not None and any(n.startswith(tuple(kp.WRAPPERS)) for n in presses):
@@ -76,7 +77,7 @@ def run(args) -> int:
                            "takes the plain presses")
     if not presses:
         raise AttnlabError("--presses is empty")
-    evicts = common.fraction_list("--evict", args.evict or DEFAULT_EVICT, upper_open=True,
+    evicts = common.fraction_list("--evict", args.evict, upper_open=True,
                                   what="the fraction of the cache evicted")
     common.positive_int("--seq-len", args.seq_len, 4)
     common.positive_int("--num-examples", args.num_examples, 1)
@@ -106,7 +107,7 @@ def run(args) -> int:
         print(f"note: at evict {', '.join(map(str, small))} the snapkv presses keep fewer than their {window}-token "
               "observation window, which they keep whatever the scores: they keep its newest tokens, as `window` "
               "does", flush=True)
-    print(f"attnlab press: model={args.model} presses={','.join(presses)} evict={args.evict or DEFAULT_EVICT} windows={args.num_examples} x "
+    print(f"attnlab press: model={args.model} presses={','.join(presses)} evict={args.evict} windows={args.num_examples} x "
           f"({args.prompt_len} + {args.seq_len - args.prompt_len}) tokens", flush=True)
     model, tok = models.load(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     windows = eval_windows(tok, None, args.seq_len, args.num_examples)

@@ -121,7 +121,7 @@ def run(args) -> int:
     split = data.spam_assassin() if args.task == "spam" else None  # a missing dataset fails before the model loads
     model, tok = models.load(name, dtype=getattr(torch, args.dtype), device=args.device)
     started = time.time()
-    print(f"attnlab prune: task={args.task} model={name} keep={args.keep if args.threshold is None else 'threshold ' + str(args.threshold)} "
+    print(f"attnlab prune: task={args.task} model={name} keep={(args.keep or DEFAULT_KEEP) if args.threshold is None else 'threshold ' + str(args.threshold)} "
           f"techniques={','.join(techniques)}", flush=True)
     if args.task == "spam":
         train, test = split

@@ -290,6 +290,8 @@ def top_newest(scores: torch.Tensor, k: int) -> torch.Tensor:
     press's kept-anyway positions score +inf (SnapKV's observation window, StreamingLLM's sinks): when the budget is
     below their count, the newest of them stay, not whichever `topk` happens to return."""
     t = scores.shape[-1]
+    if not 0 <= k <= t:
+        raise ValueError(f"top_newest: k={k} outside [0, {t}]")
     order = torch.argsort(scores.flip(-1), dim=-1, descending=True, stable=True)[..., :k]
     return t - 1 - order
 
@@ -331,9 +333,11 @@ def allocate(scores: torch.Tensor, keep: int, alpha: float) -> torch.Tensor:
     if floor:
         chosen.scatter_(-1, top_newest(scores, floor), True)
     rest = keep * hkv - floor * hkv
-    if rest:
-        flat = scores.float().masked_fill(chosen, float("-inf")).reshape(b, hkv * t)
-        chosen.view(b, hkv * t).scatter_(-1, torch.topk(flat, rest, dim=-1).indices, True)  # across heads: any tie
+    if rest:  # across the heads, position-major so that equal scores go to the newest positions too
+        flat = scores.float().masked_fill(chosen, float("-inf")).transpose(1, 2).reshape(b, t * hkv)
+        pick = torch.zeros(b, t * hkv, dtype=torch.bool, device=scores.device)
+        pick.scatter_(-1, top_newest(flat, rest), True)
+        chosen |= pick.view(b, t, hkv).transpose(1, 2)
     return chosen
 
 

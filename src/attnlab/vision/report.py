@@ -230,6 +230,8 @@ def check_png(path) -> Path:
     if path.is_dir():
         raise AttnlabError(f"--out {path} is a folder; give the plot's file name (e.g. {path / 'vision.png'})")
     formats = Figure().canvas.get_supported_filetypes()
+    if not path.suffix:  # matplotlib would write PATH.png and the report say PATH
+        raise AttnlabError(f"--out {path}: give the plot's file name with its extension (e.g. {path}.png)")
     if path.suffix and path.suffix[1:].lower() not in formats:
         raise AttnlabError(f"--out {path}: matplotlib writes no {path.suffix!r} files ({', '.join(sorted(formats))})")
     check_out_folder(path.parent, "--out's folder")
