@@ -291,6 +291,8 @@ def test_on_the_real_model_no_leak_per_layer_and_save_load(smollm2, tmp_path):
     (["--eager-reference"], "--eager-reference changes only the --cost rows: add --cost"),
     (["--cost", "--cuda-graph", "--device", "cpu"], "--cuda-graph captures CUDA graphs: use it with --device cuda"),
     (["--out", "FILE"], "is a file, not a folder"),  # before measuring, not at the end
+    (["--pattern", "/no/such", "--windows", "4"], "--windows: the --pattern is measured already"),
+    (["--pattern", "/no/such", "--data", "moby"], "--data: the --pattern is measured already"),
 ])
 def test_cli_bad_input_is_one_line(args, match, tmp_path, capsys, monkeypatch):
     import attnlab.models

@@ -19,8 +19,9 @@ def add_parser(sub) -> None:
                                    "+ sinks mask of the same causal density. Use the pattern with "
                                    "attnlab.swap(model, 'global_sparse', pattern='OUT/pattern', sparsity=p).")
     p.add_argument("--model", default="smollm2", help="a packaged causal LM (smollm2) or a local model folder")
-    p.add_argument("--data", default="sotu,brown", help="corpora measured on, comma-separated (sotu, brown, moby's "
-                                                         "first 90%%, or UTF-8 files) (default: %(default)s)")
+    p.add_argument("--data", default=None, help="corpora measured on (and probed, --budget sensitivity), comma-"
+                                                "separated (sotu, brown, moby's first 90%%, or UTF-8 files) (default: "
+                                                "sotu,brown)")
     p.add_argument("--eval", dest="eval_text", default="moby", help="held-out text: moby (the tail of Moby Dick) or a "
                                                                      "UTF-8 file (default: %(default)s)")
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per window, measured and evaluated (default: %(default)s)")
@@ -30,7 +31,8 @@ def add_parser(sub) -> None:
                                                             "StreamingLLM's sinks (0: none), in the pattern and the "
                                                             "window baseline alike (default: 4; with --pattern: "
                                                             "the pattern's own)")
-    p.add_argument("--windows", type=int, default=16, help="corpus windows measured (default: %(default)s)")
+    p.add_argument("--windows", type=int, default=None, help="corpus windows measured (default: 16; not with "
+                                                              "--pattern)")
     p.add_argument("--eval-windows", type=int, default=4, help="held-out windows evaluated (default: %(default)s)")
     p.add_argument("--sparsity", default="0,0.5,0.7,0.8,0.9,0.95",
                    help="fractions of the causal blocks pruned, each in [0, 1) (default: %(default)s)")
@@ -101,6 +103,14 @@ def run(args) -> int:
     given_block = args.block_size
     args.block_size = 64 if given_block is None else given_block
     common.positive_int("--block-size", args.block_size, 1)
+    if args.pattern and args.windows is not None:
+        raise AttnlabError("--windows: the --pattern is measured already (its windows are in its pattern.json; "
+                           "--budget sensitivity's probe takes --probe-windows)")
+    if args.pattern and args.data is not None and "sensitivity" not in budgets:
+        raise AttnlabError("--data: the --pattern is measured already; corpora are read here only by --budget "
+                           "sensitivity's probe")
+    args.data = "sotu,brown" if args.data is None else args.data
+    args.windows = 16 if args.windows is None else args.windows
     common.positive_int("--windows", args.windows, 1)
     given_sinks = args.sinks
     args.sinks = 4 if given_sinks is None else given_sinks
