@@ -191,6 +191,11 @@ def model_table() -> str:
                 "the host is not the bottleneck; `oom`: the step did not fit in the H200's memory):", ""]
         for mode in ("fwd", "fwd+bwd"):
             out += _model_mode_table(lr, base, mode, f"*long inputs, {mode}*")
+            lens = sorted({r["seq_len"] for r in lr if r["mode"] == mode})
+            none = [n for n in lens if all(r["status"] == "oom" for r in lr if r["mode"] == mode and r["seq_len"] == n)]
+            if none:  # a length no row fitted at has no column: say so
+                out += [f"(at {', '.join(map(str, none))} tokens every {mode} row was `oom`, the original's too: "
+                        "not in the table)", ""]
     prof = MODEL_DIR / "model_bench_profile.json"
     if prof.exists():
         pr = [r for r in json.load(open(prof)) if r["status"] == "ok"]
