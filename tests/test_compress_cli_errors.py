@@ -94,13 +94,14 @@ def test_report_plot_skips_models_without_a_shared_length(tmp_path):
 
 
 @pytest.mark.parametrize("cmd", ["encode", "decode"])
-@pytest.mark.parametrize("where,match", [("missing/x", "does not exist"), (".", "is a folder")])
+@pytest.mark.parametrize("where,match", [("file/x", "is a file, not a folder"), (".", "is a folder")])
 def test_output_path_is_checked_before_the_model(tiny, cmd, where, match, tmp_path, capsys, no_model_load):
     src = tmp_path / "in.txt"
     src.write_text("call me ishmael.")
+    (tmp_path / "file").write_text("")
     out = tmp_path / where
     one_line_error([cmd, src, "--model", tiny[0], "-o", out], capsys, match)
-    assert not (tmp_path / "missing").exists()
+    assert (tmp_path / "file").read_text() == ""
 
 
 def test_run_folder_as_model_names_its_model_folder(tiny, tmp_path, capsys, no_model_load):

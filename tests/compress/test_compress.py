@@ -74,7 +74,7 @@ def test_codec_round_trip_is_the_models_reconstruction(trained, short_text, tmp_
         want = codec.reconstruct(model, ids, bits)
         assert got == want and text == tok.decode(want) and len(got) == len(ids)
     # the CLI writes and reads the same files
-    alc, txt = tmp_path / "t.alc", tmp_path / "t.txt"
+    alc, txt = tmp_path / "t.alc", tmp_path / "new" / "t.txt"  # -o's folder is made
     assert attnlab.cli.main(["compress", "encode", str(short_text), "--model", str(out / "model"), "-o", str(alc)]) == 0
     assert attnlab.cli.main(["compress", "decode", str(alc), "--model", str(out / "model"), "-o", str(txt)]) == 0
     assert txt.read_text() == tok.decode(codec.reconstruct(model, ids, 8))

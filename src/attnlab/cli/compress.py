@@ -113,17 +113,12 @@ def _read_text(path: str) -> str:
 
 
 def _check_output(path: str, flag: str = "-o/--output") -> Path:
-    """The file to write: not a folder, in a folder that exists and is writable; checked before the model loads."""
-    import os
-
+    """The file to write: not a folder, in a folder that exists or can be made (common.check_out_folder); checked
+    before the model loads."""
     p = Path(path)
     if p.is_dir():
         raise AttnlabError(f"{flag} {path!r} is a folder; give the file to write")
-    parent = p.parent
-    if not parent.is_dir():
-        raise AttnlabError(f"{flag} {path!r}: the folder {str(parent)!r} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise AttnlabError(f"{flag} {path!r}: the folder {str(parent)!r} is not writable")
+    common.check_out_folder(p.parent, f"{flag}'s folder")
     return p
 
 
@@ -136,6 +131,7 @@ def run_encode(args) -> int:
     text = _read_text(args.file)
     model, tok, _ = store.load(args.model, args.device)
     buf = codec.encode(model, tok, text, bits=args.bits, device=args.device)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_bytes(buf)
     print(f"wrote {args.output}: {len(buf):,} bytes for {len(text):,} characters ({len(buf) / max(1, len(text)):.4f} "
           f"bytes/char, {args.bits}-bit latents, ratio {model.cfg.ratio:.4g})")
@@ -153,6 +149,7 @@ def run_decode(args) -> int:
     store.read_config(args.model)
     model, tok, _ = store.load(args.model, args.device)
     text, ids = codec.decode(model, tok, p.read_bytes(), device=args.device)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(text, encoding="utf-8")
     print(f"wrote {args.output}: {len(ids):,} tokens, {len(text):,} characters")
     return 0
