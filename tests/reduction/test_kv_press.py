@@ -329,3 +329,14 @@ def test_cli_prompt_length_follows_the_sequence_length(tiny_lm_dir, tmp_path):
                              "--evict", "0.5", "--presses", "streaming_llm", "--no-progress", "--no-plot",
                              "--out", str(out)]) == 0
     assert json.loads((out / "press.json").read_text())["prompt_len"] == 42  # 7/8 of 48, where 1792 was refused
+
+
+def test_cli_says_when_snapkv_keeps_less_than_its_window(tiny_lm_dir, tmp_path, capsys):
+    """40 prompt tokens kept whole: above SnapKV's 32-token window, but pyramid_'s top layer keeps half (slope 0.5)."""
+    import attnlab.cli
+
+    base = ["press", "--model", str(tiny_lm_dir), "--seq-len", "48", "--prompt-len", "40", "--num-examples", "1",
+            "--evict", "0", "--no-progress", "--no-plot"]
+    for presses, said in (("snapkv", False), ("pyramid_snapkv", True)):
+        assert attnlab.cli.main([*base, "--presses", presses, "--out", str(tmp_path / presses)]) == 0
+        assert ("observation window (in some layer" in capsys.readouterr().out) == said

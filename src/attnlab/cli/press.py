@@ -102,11 +102,12 @@ def run(args) -> int:
     if bounds is not None:
         return run_bounded(args, presses, bounds, started)
     window = kp.SnapKV(evict=0.0).window
-    small = [e for e in evicts if kp.SnapKV(evict=e).budget(args.prompt_len) < window]
+    least = 1 - args.slope if any(n.startswith("pyramid_") and "snapkv" in n for n in presses) else 1.0
+    small = [e for e in evicts if least * kp.SnapKV(evict=e).budget(args.prompt_len) < window]  # pyramid's top layer
     if small and any("snapkv" in n for n in presses):
         print(f"note: at evict {', '.join(map(str, small))} the snapkv presses keep fewer than their {window}-token "
-              "observation window, which they keep whatever the scores: they keep its newest tokens, as `window` "
-              "does", flush=True)
+              "observation window (in some layer, for pyramid_), which they keep whatever the scores: they keep its "
+              "newest tokens there, as `window` does", flush=True)
     print(f"attnlab press: model={args.model} presses={','.join(presses)} evict={args.evict} windows={args.num_examples} x "
           f"({args.prompt_len} + {args.seq_len - args.prompt_len}) tokens", flush=True)
     model, tok = models.load(args.model, dtype=getattr(torch, args.dtype), device=args.device)
