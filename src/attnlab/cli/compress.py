@@ -126,13 +126,13 @@ def run_encode(args) -> int:
     from ..compress import codec, store
 
     common.check_device(args.device)
-    _check_output(args.output)
+    output = _check_output(args.output)
     store.read_config(args.model)  # the folder checked before the text is read or the model built
     text = _read_text(args.file)
     model, tok, _ = store.load(args.model, args.device)
     buf = codec.encode(model, tok, text, bits=args.bits, device=args.device)
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_bytes(buf)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_bytes(buf)
     print(f"wrote {args.output}: {len(buf):,} bytes for {len(text):,} characters ({len(buf) / max(1, len(text)):.4f} "
           f"bytes/char, {args.bits}-bit latents, ratio {model.cfg.ratio:.4g})")
     return 0
@@ -145,12 +145,12 @@ def run_decode(args) -> int:
     p = Path(args.file)
     if not p.is_file():
         raise AttnlabError(f"{args.file!r} is not a file")
-    _check_output(args.output)
+    output = _check_output(args.output)
     store.read_config(args.model)
     model, tok, _ = store.load(args.model, args.device)
     text, ids = codec.decode(model, tok, p.read_bytes(), device=args.device)
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(text, encoding="utf-8")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(text, encoding="utf-8")
     print(f"wrote {args.output}: {len(ids):,} tokens, {len(text):,} characters")
     return 0
 

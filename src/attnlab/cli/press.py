@@ -77,8 +77,7 @@ def run(args) -> int:
                            "takes the plain presses")
     if not presses:
         raise AttnlabError("--presses is empty")
-    evicts = common.fraction_list("--evict", args.evict, upper_open=True,
-                                  what="the fraction of the cache evicted")
+    evicts = common.fraction_list("--evict", args.evict, upper_open=True, what="the fraction of the cache evicted")
     common.positive_int("--seq-len", args.seq_len, 4)
     common.positive_int("--num-examples", args.num_examples, 1)
     if args.prompt_len is None:

@@ -74,7 +74,8 @@ def run(args) -> int:
             raise AttnlabError(f"{', '.join(given)}: for --task {task} only (this run is --task {args.task})")
     if args.threshold is not None and args.keep is not None:
         raise AttnlabError("--keep and --threshold both choose the tokens kept: give one")
-    keeps = parse_keeps(DEFAULT_KEEP if args.keep is None else args.keep)
+    args.keep = DEFAULT_KEEP if args.keep is None else args.keep
+    keeps = parse_keeps(args.keep)
     args.after = "2" if args.after is None else args.after
     args.head = args.head or "full"
     args.batch_size = 32 if args.batch_size is None else args.batch_size
@@ -121,7 +122,7 @@ def run(args) -> int:
     split = data.spam_assassin() if args.task == "spam" else None  # a missing dataset fails before the model loads
     model, tok = models.load(name, dtype=getattr(torch, args.dtype), device=args.device)
     started = time.time()
-    print(f"attnlab prune: task={args.task} model={name} keep={(args.keep or DEFAULT_KEEP) if args.threshold is None else 'threshold ' + str(args.threshold)} "
+    print(f"attnlab prune: task={args.task} model={name} keep={args.keep if args.threshold is None else 'threshold ' + str(args.threshold)} "
           f"techniques={','.join(techniques)}", flush=True)
     if args.task == "spam":
         train, test = split

@@ -183,7 +183,7 @@ def run(args) -> int:
     if "sensitivity" in budgets:
         pattern_dir = probe(args, model, tok, corpora, pattern_dir, windows, shares[0], out)
     held = eval_windows(tok, None if args.eval_text == "moby" else args.eval_text, args.seq_len, args.eval_windows)
-    rows = gs.evaluate(model, held, pattern_dir, sparsities, baseline=not args.no_baseline, sinks=args.sinks, shares=shares,
+    rows = gs.evaluate(model, held, pattern_dir, sparsities, baseline=not args.no_baseline, shares=shares,
                        budgets=budgets, alpha=args.alpha, progress=not args.no_progress)
     device_name = common.environment(args.device)["device_name"]
     for r in rows:
@@ -194,7 +194,7 @@ def run(args) -> int:
         print(note)
     costs = None
     if args.cost:
-        costs = gs.cost(model, args.seq_len, pattern_dir, sparsities, baseline=not args.no_baseline, sinks=args.sinks,
+        costs = gs.cost(model, args.seq_len, pattern_dir, sparsities, baseline=not args.no_baseline,
                         share=shares[0], budget=budgets[0], alpha=args.alpha, progress=not args.no_progress,
                         cuda_graph=args.cuda_graph, eager_reference=args.eager_reference)
         print()
@@ -218,12 +218,12 @@ def floor_notes(rows: list[dict]) -> list[str]:
     for key in dict.fromkeys((r.get("share"), r.get("budget")) for r in rows if r["technique"] == "global_sparse"):
         rs = sorted((r for r in rows if r["technique"] == "global_sparse" and (r.get("share"), r.get("budget")) == key),
                     key=lambda r: r["fraction"])
-        same = [b for a, b in zip(rs, rs[1:]) if abs(a["density"] - b["density"]) < 1e-9]
-        if same:
-            first = next(a for a, b in zip(rs, rs[1:]) if abs(a["density"] - b["density"]) < 1e-9)
+        pairs = [(a, b) for a, b in zip(rs, rs[1:]) if abs(a["density"] - b["density"]) < 1e-9]
+        if pairs:
+            first = pairs[0][0]
             notes.append(f"note: global sparse ({key[0]}, {key[1] or 'uniform'}) keeps the same "
                          f"{first['density']:.3f} of the causal pairs from {first['fraction']:.0%} on (the band and "
-                         f"sinks every sparsity keeps): the rows at {', '.join(format(b['fraction'], '.0%') for b in same)} "
+                         f"sinks every sparsity keeps): the rows at {', '.join(format(b['fraction'], '.0%') for _, b in pairs)} "
                          "are that mask again (a longer --seq-len or smaller --block-size prunes further)")
     return notes
 

@@ -178,7 +178,7 @@ class TokenPruner:
             raise AttnlabError("token pruning needs at least one layer in `after`")
         self.keep = None if keep is None else keep ** (1.0 / len(self.after))  # per stage
         self.seed = seed
-        self._generator = torch.Generator().manual_seed(seed)  # one stream over the calls (reset on __enter__)
+        self._generator = torch.Generator()  # one stream over a `with` block's calls, seeded on __enter__
         self._handles: list = []
         self._stack = contextlib.ExitStack()
 
