@@ -313,3 +313,63 @@ def test_narrow_backward_is_opt_in_and_adds_a_fitting_configuration(monkeypatch)
         torch.testing.assert_close(torch.compile(lambda t: t.sin() + 1)(x), x.sin() + 1)
     finally:
         V.set_choices_handler(InductorChoices())  # this thread's handler back to inductor's own
+
+
+def _block_mask_pairs(bm, tq, tk, heads):
+    """Bool[H, Tq, Tk]: what FlexAttention computes under `bm`: every pair of a full block, and the pairs of a
+    partial block where bm.mask_mod says True (out-of-range pairs dropped, as the kernel's bounds check does)."""
+    bs = bm.BLOCK_SIZE[0] if isinstance(bm.BLOCK_SIZE, tuple) else bm.BLOCK_SIZE
+    nq, nk = bm.kv_num_blocks.shape[-1], -(-tk // bs)
+    qi, kj = torch.arange(tq)[:, None], torch.arange(tk)[None, :]
+    out = torch.zeros(heads, tq, tk, dtype=torch.bool)
+    for h in range(heads):
+        hb = min(h, bm.kv_num_blocks.shape[1] - 1)
+        inside = bm.mask_mod(torch.zeros((), dtype=torch.long), torch.tensor(h), qi, kj).expand(tq, tk)
+        for a in range(nq):
+            rows = slice(a * bs, min((a + 1) * bs, tq))
+            for num, idx, full in ((bm.kv_num_blocks, bm.kv_indices, False),
+                                   (bm.full_kv_num_blocks, bm.full_kv_indices, True)):
+                for b in idx[0, hb, a, : num[0, hb, a]].tolist():
+                    assert b < nk
+                    cols = slice(b * bs, min((b + 1) * bs, tk))
+                    out[h, rows, cols] |= True if full else inside[rows, cols]
+    return out
+
+
+@pytest.mark.parametrize("tq,tk", [(256, 256), (200, 200), (64, 256), (100, 228)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_block_masks_partial_blocks_evaluate_only_what_can_cut_them(tq, tk, causal):
+    """A block layout aligned with the BlockMask's blocks hands flex only the causal diagonal for its partial
+    blocks (no table lookup); unaligned ones (BlockMask blocks wider than the layout's, or a query offset that is
+    not a whole number of layout blocks) keep the whole mask_mod. Either way the pairs the kernel computes are the
+    pattern's exactly: full blocks, plus partial blocks filtered by the mask_mod the BlockMask carries."""
+    g = torch.Generator().manual_seed(3)
+    per_head = (torch.rand(2, 8, 8, generator=g) < 0.4) | torch.eye(8, dtype=torch.bool)
+    cheap_seen = 0
+    for pat, heads in ((patterns.BlockPattern.from_blocks(per_head, 32), 2),
+                       (patterns.BlockPattern.from_blocks(per_head[0], 64), 1),
+                       (patterns.BigBirdPattern(32, num_global=1, num_window=3, num_random=2, seed=1), 1)):
+        for bs in (16, 32, 64):
+            bm = pat.block_mask(tq, tk, causal, "cpu", bs)
+            aligned = causal and pat.block_size % bs == 0 and (tk - tq) % pat.block_size == 0
+            cheap = pat.partial_mask_mod(tq, tk, causal, "cpu", bs)
+            assert (cheap is not None) == aligned
+            cheap_seen += aligned
+            want = pat.dense(tq, tk, causal).expand(heads, tq, tk)
+            assert torch.equal(_block_mask_pairs(bm, tq, tk, heads), want), (type(pat).__name__, bs)
+    assert cheap_seen or not causal or (tk - tq) % 32
+
+
+@pytest.mark.flex
+def test_aligned_causal_block_layout_on_flex_matches_the_reference():
+    """The causal-only partial-block mask_mod through the compiled kernel (per-head layout of 16-token blocks under
+    a 16-token BlockMask, a ragged length; the flex shape of the test above)."""
+    blocks = (torch.rand(3, 3, 3, generator=torch.Generator().manual_seed(4)) < 0.5) | torch.eye(3, dtype=torch.bool)
+    pat = patterns.BlockPattern.from_blocks(blocks, block_size=16)
+    assert pat.partial_mask_mod(37, 37, True, "cpu", 16) is not None  # the path under test
+    q, k, v = rand_qkv(b=2, h=3, tq=37, d=16, seed=5)
+    with torch.no_grad():
+        res, kernel = sparse.sparse_attention(q, k, v, pat, causal=True, key_padding_mask=None, scale=0.25,
+                                              backend="flex", flex_block_size=16)
+    assert kernel == "flex"
+    assert_matches_reference(res.out, q, k, v, attn_mask=pat.dense(37, 37, False)[None], causal=True, scale=0.25)

@@ -14,7 +14,7 @@ import functools
 
 import torch
 
-from .base import MaskMod, Pattern, const
+from .base import MaskMod, Pattern, causal_mod, const
 
 
 def block_layout_mod(layout: torch.Tensor, block_size: int, offset: int = 0, device=None) -> MaskMod:
@@ -32,6 +32,18 @@ def block_layout_mod(layout: torch.Tensor, block_size: int, offset: int = 0, dev
         return table[(q_idx + off).clamp(min=0) // bs, kv_idx // bs]
 
     return block_mask
+
+
+def aligned_partial_mod(layout_block: int, tq: int, tk: int, causal: bool, device, block_size: int) -> MaskMod | None:
+    """`Pattern.partial_mask_mod` of a layout of `layout_block`-token blocks under a BlockMask of `block_size`:
+    when every BlockMask block lies inside one layout block (block_size divides layout_block, and the query
+    positions' offset Tk - Tq is a whole number of layout blocks, so pos(i) // layout_block, clamped at 0, is
+    constant on each query block), the layout is True on every block the kernel visits, and only the causal
+    diagonal can cut one: the mask_mod there is causal alone, no table lookup (a gather and two int64 divisions
+    per pair). Non-causal aligned layouts have no partial blocks but ragged tails: the whole mask_mod (None)."""
+    if not causal or layout_block % block_size or (tk - tq) % layout_block:
+        return None
+    return causal_mod(tk - tq, device)
 
 
 def layout_chunks(layout: torch.Tensor, tq: int, tk: int, block_size: int, *, causal: bool, device):
@@ -131,6 +143,9 @@ class BlockPattern(Pattern):
             full = full & (b < a)
         return any_, full
 
+    def partial_mask_mod(self, tq, tk, causal, device, block_size):
+        return aligned_partial_mod(self.block_size, tq, tk, causal, device, block_size)
+
     def key_chunks(self, tq, tk, causal):
         return layout_chunks(self.layout, tq, tk, self.block_size, causal=causal, device=self.device)
 
@@ -178,11 +193,14 @@ class BigBirdPattern(Pattern):
 
     def mask_mod(self, tq, tk, causal=False, device=None):
         # the layout depends on (Tq, Tk, causal): built here rather than in _mask_mod
-        from .base import and_masks, causal_mod
+        from .base import and_masks
 
         device = self.device if device is None else device
         mod = block_layout_mod(self.layout_for(tq, tk, causal), self.block_size, tk - tq, device)
         return and_masks(mod, causal_mod(tk - tq, device)) if causal else mod
+
+    def partial_mask_mod(self, tq, tk, causal, device, block_size):
+        return aligned_partial_mod(self.block_size, tq, tk, causal, device, block_size)
 
     def key_chunks(self, tq, tk, causal):
         return layout_chunks(self.layout_for(tq, tk, causal), tq, tk, self.block_size, causal=causal, device=self.device)
