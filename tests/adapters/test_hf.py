@@ -320,10 +320,16 @@ def _seqs(lengths=(12, 7, 10), high=128):
     return [torch.randint(1, high, (n,), generator=g) for n in lengths]
 
 
-@pytest.mark.parametrize("method", list(LLAMA_PAD))
-def test_padding_tiny_llama(method):
+# patterns that read absolute positions (sinks, a block grid narrower than the sequence): a left-padded row counts
+# them from its first real token, so it matches the row alone
+LLAMA_PAD_ANCHORED = {"window": {"window": 2, "sinks": 2},
+                      "block_sparse": {"block_size": 2, "num_window_blocks": 1, "num_random_blocks": 1}}
+
+
+@pytest.mark.parametrize("method,opts", [*LLAMA_PAD.items(), *LLAMA_PAD_ANCHORED.items()])
+def test_padding_tiny_llama(method, opts):
     model = tiny_model("llama")
-    _check_padding(model, _seqs(), 1e-4, ctx=attnlab.swapped(model, method, **LLAMA_PAD[method]))
+    _check_padding(model, _seqs(), 1e-4, ctx=attnlab.swapped(model, method, **opts))
 
 
 @pytest.mark.parametrize("method", list(BERT_PAD))
@@ -369,6 +375,19 @@ def test_smollm2_reproduces_original_and_padding(smollm2, method):
     assert attnlab_leftovers(model) == []
 
 
+@pytest.mark.model
+def test_smollm2_sinks_count_from_a_rows_first_token(smollm2):
+    """StreamingLLM's sinks are a sequence's first tokens: on the real model a left-padded row keeps its own (the
+    logits match the row alone), as a right-padded one does."""
+    model, tok = smollm2
+    texts = ["Call me Ishmael, some years ago.", "The whale is the largest animal that lives in the sea, and it sings."]
+    seqs = [tok(t, return_tensors="pt").input_ids[0] for t in texts]
+    assert len(seqs[0]) > 2 + 2 + 1 and len(seqs[1]) > len(seqs[0]) + 2  # past band and sinks; padded past the sinks
+    errs = _check_padding(model, seqs, 2e-4, pad_id=tok.pad_token_id or 0,
+                          ctx=attnlab.swapped(model, "window", window=2, sinks=2))
+    print(f"SmolLM2 window 2 + 2 sinks, padded vs unbatched: {errs}")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 5. generation (KV cache: Tq = 1 < Tk while decoding)
 # ---------------------------------------------------------------------------------------------------------------
@@ -398,11 +417,12 @@ def test_generate(method, opts):
         assert max_diff(steps, torch.stack(ref.logits, 1)) <= 1e-4
 
 
-def test_generate_left_padded_batch_matches_single():
+@pytest.mark.parametrize("method,opts", [("linear", {}), ("window", {"window": 3, "sinks": 2})])
+def test_generate_left_padded_batch_matches_single(method, opts):
     model = tiny_model("llama")
     seqs = _seqs((9, 6))
     ids, mask, _ = pad_batch(seqs, "left")
-    with attnlab.swapped(model, "linear"):
+    with attnlab.swapped(model, method, **opts):
         batch = _generate(model, ids, attention_mask=mask).sequences[:, ids.shape[1]:]
         singles = [_generate(model, s[None]).sequences[0, len(s):] for s in seqs]
     assert torch.equal(batch, torch.stack(singles))

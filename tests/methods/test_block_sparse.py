@@ -99,11 +99,13 @@ def test_need_probs():
     kpm[1, :3] = False
     out, probs = make("block_sparse", q, k, block_size=4, layout=lay)(q, k, v, causal=True, key_padding_mask=kpm,
                                                                       need_probs=True)
-    allowed = expand(lay, 23, 23, 4) & torch.ones(23, 23, dtype=torch.bool).tril() & kpm[:, None, None, :]
+    grid = torch.zeros(2, 1, 23, 23, dtype=torch.bool)  # the layout counts positions from a row's first real key
+    grid[0, 0], grid[1, 0, 3:, 3:] = expand(lay, 23, 23, 4), expand(lay, 20, 20, 4)
+    allowed = grid & torch.ones(23, 23, dtype=torch.bool).tril() & kpm[:, None, None, :]
     assert probs.masked_select(~allowed.expand_as(probs)).abs().max() == 0
     rows = allowed.any(-1).expand(2, 4, 23)
     torch.testing.assert_close(probs.sum(-1), rows.float())
-    assert_matches_reference(out, q, k, v, attn_mask=expand(lay, 23, 23, 4), causal=True, key_padding_mask=kpm)
+    assert_matches_reference(out, q, k, v, attn_mask=grid, causal=True, key_padding_mask=kpm)
 
 
 def test_key_padding_and_empty_rows():

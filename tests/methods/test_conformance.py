@@ -134,6 +134,38 @@ def test_padded_keys_ignored_and_empty_rows_zero(name):
         assert max_err(out, junk) <= 1e-5, f"{name}: padded keys changed the output"
 
 
+ANCHORED = [n for n in METHODS if caps(n).padding and build(n, cls(n).test_options(20)).anchored()]
+
+
+def test_methods_reading_absolute_positions_are_anchored():
+    assert {"window", "block_sparse", "global_sparse", "learned_mask"} <= set(ANCHORED)  # (window: its test sinks)
+
+
+@pytest.mark.parametrize("name", ANCHORED)
+def test_left_padded_row_equals_the_row_alone(name):
+    """A method that reads absolute positions (sinks, a block grid) counts them from each row's first real key: a
+    left-padded row's real queries give what the row alone gives, values and gradients; its padded queries zeros.
+    Decoding too: the last 3 queries against every key, with a padded cache (Tq < Tk)."""
+    for causal in causal_modes(name):
+        for tq in (20, 3) if caps(name).cross else (20,):
+            q, k, v = qkv(name, tq=tq, tk=20, seed=6)
+            kpm = torch.ones(2, 20, dtype=torch.bool)
+            kpm[0, :7] = False
+            m = build(name, cls(name).test_options(20))
+            q, k, v = (x.requires_grad_() for x in (q, k, v))
+            out = m(q, k, v, causal=causal, key_padding_mask=kpm).out
+            w = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+            (out * w).sum().backward()
+            drop = max(0, 7 - (20 - tq))
+            a, b, c = (x.detach()[:1].clone().requires_grad_() for x in (q[:, :, drop:], k[:, :, 7:], v[:, :, 7:]))
+            alone = m(a, b, c, causal=causal).out
+            (alone * w[:1, :, drop:]).sum().backward()
+            assert (out[0, :, :drop] == 0).all(), name
+            assert max_err(out[0, :, drop:], alone[0]) <= 1e-5, (name, causal, tq)
+            assert max_err(q.grad[0, :, drop:], a.grad[0]) <= 1e-5 and max_err(k.grad[0, :, 7:], b.grad[0]) <= 1e-5
+            assert max_err(v.grad[0, :, 7:], c.grad[0]) <= 1e-5 and k.grad[0, :, :7].abs().max() == 0
+
+
 @pytest.mark.parametrize("name", [n for n in METHODS if caps(n).causal and caps(n).cross])
 def test_causal_rows_before_the_first_key_are_zero(name):
     q, k, v = qkv(name, tq=12, tk=7)
@@ -230,6 +262,21 @@ def test_bad_options_refused(name):
             attnlab.make(name, head_dim=D, num_heads=4, **{**cls(name).test_options(T), opt: value})
 
 
+def anchored_mask(pattern, tq, tk, causal, kpm):
+    """Bool[B|1, H|1, Tq, Tk]: `pattern` with each row's positions counted from its first real key (kpm None: from
+    key 0). Query i sits at position i + Tk - Tq; the queries before a row's first real key see nothing."""
+    if kpm is None:
+        return pattern.dense(tq, tk, causal)[None]
+    heads = pattern.num_heads if pattern.per_head else 1
+    out = torch.zeros(kpm.shape[0], heads, tq, tk, dtype=torch.bool)
+    for b, row in enumerate(kpm):
+        lead = int(row.nonzero()[0]) if row.any() else tk
+        drop = min(tq, max(0, lead - (tk - tq)))
+        if drop < tq:
+            out[b, :, drop:, lead:] = pattern.dense(tq - drop, tk - lead, causal)
+    return out
+
+
 def _extras_reference(name, m, q, k, v, causal, kpm):
     """(lse, col_sums) from dense maths under the mask the method implies: its pattern for sparse methods, none
     for exact ones, and its own implied-matrix (need_probs) form for the rest."""
@@ -238,7 +285,7 @@ def _extras_reference(name, m, q, k, v, causal, kpm):
     kk, vv = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
     pattern = getattr(m, "pattern", None)
     if pattern is not None:
-        allowed = pattern.dense(q.shape[2], k.shape[2], causal)[None]
+        allowed = anchored_mask(pattern, q.shape[2], k.shape[2], causal, kpm if m.anchored() else None)
         r = dense(q, kk, vv, causal=causal, key_padding_mask=kpm, attn_mask=allowed, need_lse=True, need_col_sums=True)
         return r.lse, r.col_sums
     if name in ("dense", "sdpa") or cls(name).exact_limit(q.shape[2], k.shape[2]) == {}:

@@ -223,3 +223,19 @@ def test_calibration_measures_the_attention_mass_per_head_and_distance():
     s = m.scores.detach()
     assert s[0, 0] > s[0, 1:6].max()  # head 0: distance 0
     assert s[1, 5] > s[1, 1]  # head 1: block 0 seen from the last row (distance 5) beats a neighbour block
+
+
+def test_content_gate_loss_of_a_left_padded_batch_is_the_rows_mean():
+    """learned_mask counts its block grid from a row's first real key (rows grouped by leading padding): the gate
+    loss it leaves for training is then the mean of the rows' own losses, not the last group's."""
+    m = attnlab.make("learned_mask", head_dim=16, num_heads=4, form="content", block_size=4).train()
+    q, k, v = rand_qkv(b=2, h=4, tq=20, d=16, seed=2)
+    kpm = torch.ones(2, 20, dtype=torch.bool)
+    kpm[0, :7] = False
+    m(q, k, v, causal=True, key_padding_mask=kpm)
+    both = m.aux_loss
+    m(q[:1, :, 7:], k[:1, :, 7:], v[:1, :, 7:], causal=True)
+    first = m.aux_loss
+    m(q[1:], k[1:], v[1:], causal=True)
+    assert abs(first.item() - m.aux_loss.item()) > 1e-4  # the rows differ, so a single group's loss would show
+    torch.testing.assert_close(both, (first + m.aux_loss) / 2)

@@ -112,14 +112,21 @@ def test_key_padding_matches_unpadded_and_empty_rows_are_zero():
     out, _ = m(q, k, v, causal=False, key_padding_mask=kpm)
     alone, _ = m(q[1:, :, :60], k[1:, :, :60], v[1:, :, :60], causal=False)
     torch.testing.assert_close(out[1, :, :60], alone[0], rtol=0, atol=1e-6)
-    # left padding longer than the window: the first queries see only padded keys (their sink is padded too)
+    # left padding longer than the window: the padded queries see nothing; the sink is the row's first real key,
+    # so the real queries equal the row alone (StreamingLLM's sinks are a sequence's first tokens)
     kpm = torch.ones(2, 80, dtype=torch.bool)
     kpm[0, :20] = False
-    out, _ = m(q, k, v, causal=True, key_padding_mask=kpm)
-    assert torch.isfinite(out).all()
-    assert out[0, :, :20].abs().max() == 0  # query 19 sees keys 14..19 (padded) and sink 0 (padded)
-    assert out[0, :, 20:].abs().min() > 0
-    assert_matches_reference(out, q, k, v, attn_mask=window_mask(80, 80, 5, 1), causal=True, key_padding_mask=kpm)
+    for causal in (True, False):
+        out, _ = m(q, k, v, causal=causal, key_padding_mask=kpm)
+        assert torch.isfinite(out).all()
+        assert out[0, :, :20].abs().max() == 0
+        alone, _ = m(q[:1, :, 20:], k[:1, :, 20:], v[:1, :, 20:], causal=causal)
+        torch.testing.assert_close(out[0, :, 20:], alone[0], rtol=0, atol=1e-6)
+        mask = torch.zeros(2, 1, 80, 80, dtype=torch.bool)
+        mask[0, 0, 20:, 20:], mask[1, 0] = window_mask(60, 60, 5, 1), window_mask(80, 80, 5, 1)
+        assert_matches_reference(out[1:], q[1:], k[1:], v[1:], attn_mask=mask[1:], causal=causal)
+        assert_matches_reference(out[:, :, 20:], q[:, :, 20:], k, v, attn_mask=mask[:, :, 20:], causal=causal,
+                                 key_padding_mask=kpm)
 
 
 def test_single_token_and_gqa():

@@ -31,6 +31,9 @@ class SparseAttention(AttentionMethod):
                 why.append(cover)
         return why
 
+    def anchored(self):
+        return not self.pattern.shift_invariant
+
     def flops(self, tq, tk, causal, *, grad=False):
         pairs = self.pattern.visible_pairs(tq, tk, causal)
         return None if pairs is None else 4.0 * pairs * self.head_dim

@@ -38,6 +38,54 @@ def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x[:, :, None].expand(b, hkv, groups, t, d).reshape(b, hkv * groups, t, d)
 
 
+def attend_from_first_key(method, q, k, v, key_padding_mask, kw) -> AttnOutput:
+    """`method._attend(q, k, v, **kw)` with each row's keys counted from its first real key: rows are grouped by their
+    leading padding L, and a group runs on keys [L, Tk) and on the queries that sit at or after position L
+    (bottom-right: query i at position i + Tk - Tq); the queries on padded positions see no key (zeros, lse -inf).
+    For a pattern that reads absolute positions (StreamingLLM's sinks are a row's first tokens, a block layout
+    measured from position 0) a left-padded row is then the same as the row alone; distances are unchanged, so a
+    band or causal mask is too. Rows without leading padding run together, uncropped (one host sync to find L).
+    A training loss the method leaves in `aux_loss` (learned_mask's gate) becomes the groups' row-weighted mean."""
+    attend = method._attend
+    b, tq, tk = q.shape[0], q.shape[-2], k.shape[-2]
+    real = key_padding_mask.any(-1)
+    lead = torch.where(real, key_padding_mask.int().argmax(-1), torch.full_like(real, tk, dtype=torch.long))
+    leads = lead.tolist()
+    if not any(leads):
+        return attend(q, k, v, **kw)
+    res, aux = {}, []
+    for n in sorted(set(leads)):
+        drop = min(tq, max(0, n - (tk - tq)))  # queries on padded positions
+        if drop == tq:  # nothing left to attend (a fully padded row, or queries all on padding)
+            continue
+        rows = torch.tensor([i for i, x in enumerate(leads) if x == n], device=q.device)
+        got = attend(q[rows, :, drop:], k[rows, :, n:], v[rows, :, n:],
+                     **{**kw, "key_padding_mask": key_padding_mask[rows, n:]})
+        res[n] = (rows, drop, got if isinstance(got, AttnOutput) else AttnOutput(*got))
+        if getattr(method, "aux_loss", None) is not None:
+            aux.append((len(rows), method.aux_loss))
+    if aux:
+        method.aux_loss = sum(n * loss for n, loss in aux) / sum(n for n, _ in aux)
+    first = next(iter(res.values()))[2] if res else None
+    out = q.new_zeros(*q.shape[:-1], v.shape[-1]) if first is None else first.out.new_zeros(*q.shape[:-1], v.shape[-1])
+    probs = lse = cols = None
+    if kw.get("need_probs"):
+        probs = out.new_zeros(b, q.shape[1], tq, tk, dtype=first.probs.dtype if first is not None else out.dtype)
+    if kw.get("need_lse"):
+        lse = torch.full((b, q.shape[1], tq), float("-inf"), device=q.device)
+    if kw.get("need_col_sums"):
+        cols = torch.zeros(b, q.shape[1], tk, device=q.device)
+    for n, (rows, drop, got) in res.items():
+        out[rows, :, drop:] = got.out
+        if probs is not None:
+            probs[rows, :, drop:, n:] = got.probs
+        if lse is not None:
+            lse[rows, :, drop:] = got.lse
+        if cols is not None:
+            cols[rows, :, n:] = got.col_sums
+    return AttnOutput(out, probs, lse=lse, col_sums=cols)
+
+
 def visible_pairs(tq: int, tk: int, causal: bool) -> int:
     """(query, key) pairs of a Tq x Tk attention; causal bottom-right (query i sees keys j <= i + Tk - Tq)."""
     if not causal:
@@ -171,7 +219,10 @@ class AttentionMethod(nn.Module):
         if need_lse or need_col_sums:
             kw.update(need_lse=need_lse, need_col_sums=need_col_sums)
         try:
-            res = self._attend(q, k, v, **kw)
+            if key_padding_mask is not None and self.anchored():
+                res = attend_from_first_key(self, q, k, v, key_padding_mask, kw)
+            else:
+                res = self._attend(q, k, v, **kw)
         except UnsupportedError as e:  # a kernel's own refusal (ops/*) names the method too
             if str(e).startswith(f"{self.name}:"):
                 raise
@@ -180,6 +231,11 @@ class AttentionMethod(nn.Module):
 
     def _attend(self, q, k, v, *, causal, key_padding_mask, attn_mask, scale, need_probs):
         raise NotImplementedError
+
+    def anchored(self) -> bool:
+        """Whether the method reads absolute key positions (attention sinks, a block grid): then a row's positions
+        count from its first real key (`attend_from_first_key`), as a left-padded row's position ids do."""
+        return False
 
     # ---- validation, before any compute --------------------------------------------------------------
     def unsupported_reasons(

@@ -233,6 +233,9 @@ class LearnedMask(AttentionMethod):
     def flops(self, tq, tk, causal, *, grad=False):
         return None  # not counted yet: bench rows carry only the dense-equivalent count for this method
 
+    def anchored(self):
+        return True  # its blocks are a grid from position 0 (and it may keep sinks)
+
     def _attend(self, q, k, v, *, causal, key_padding_mask, attn_mask, scale, need_probs, need_lse=False,
                 need_col_sums=False):
         o, tq, tk = self.opts, q.shape[-2], k.shape[-2]

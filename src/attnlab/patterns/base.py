@@ -89,6 +89,10 @@ class Pattern(nn.Module):
     is added here) and, for an efficient plain-PyTorch kernel, `key_chunks`."""
 
     per_head = False  # True when the pattern depends on the head (its BlockMask then has an H dimension)
+    # True when the pattern depends only on distances pos(i) - j (a band, causal): left padding cannot move it.
+    # Otherwise it reads absolute key positions (sinks, a block grid), and a method running it counts them from
+    # each row's first real key (methods.base.attend_from_first_key).
+    shift_invariant = False
     chunk_queries = 64  # query rows per step of the default key_chunks
 
     def __init__(self):
@@ -235,6 +239,10 @@ class UnionPattern(Pattern):
     @property
     def per_head(self) -> bool:
         return any(p.per_head for p in self.parts)
+
+    @property
+    def shift_invariant(self) -> bool:
+        return all(p.shift_invariant for p in self.parts)
 
     @property
     def num_heads(self) -> int:

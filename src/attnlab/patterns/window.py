@@ -32,6 +32,10 @@ class WindowPattern(Pattern):
         super().__init__()
         self.window, self.sinks = int(window), int(sinks)
 
+    @property
+    def shift_invariant(self) -> bool:
+        return not self.sinks
+
     def extra_repr(self) -> str:
         return f"window={self.window}, sinks={self.sinks}"
 
