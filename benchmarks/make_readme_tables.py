@@ -32,6 +32,8 @@ def load_runs() -> dict[str, dict]:
                 continue
             if r.get("dtype", "bfloat16") != "bfloat16" or r.get("heads") not in (None, 16):
                 continue  # the tables' setup (bf16, 16 heads): runs of other shapes answer other questions
+            if "H200" not in str(r.get("device_name", "H200")):
+                continue  # the tables are the H200's; a run on another card is cited in the prose beside its folder
             impl = r["impl"]
             if r.get("overrides") and impl.startswith("attnlab"):  # `--set` options: a variant, not the default
                 impl += "{" + ",".join(f"{k}={v}" for k, v in sorted(r["overrides"].items())) + "}"
@@ -182,6 +184,17 @@ def model_table() -> str:
            "which the method is faster than the original at every longer one.", ""]
     for mode in ("fwd", "fwd+bwd"):
         out += _model_mode_table(rows, base, mode, f"**SmolLM2-135M {mode}**")
+    h100 = HERE / "results" / "model_bench" / "h100" / "model_bench_1k_32k.json"
+    if h100.exists():
+        hr = json.load(open(h100))
+        hcmd = hr[0].get("command", "").replace("python3 ", "python ").split(" --out")[0]
+        out += ["**The same lengths with the code of ce2072a, on an H100** (`model_bench/h100/model_bench_1k_32k.json`, "
+                f"`{hcmd}`, one interleaved run, 2026-12-05; the session's device call got an NVIDIA H100 80GB, not the "
+                "H200, so these rows are not comparable with the H200 tables' milliseconds, only within the run; "
+                "`block_sparse` is BigBird's recipe at its length defaults, after its causal partial blocks stopped "
+                "reading the layout (c641899)):", ""]
+        for mode in ("fwd", "fwd+bwd"):
+            out += _model_mode_table(hr, base, mode, f"*H100, code of ce2072a, {mode}*")
     long = MODEL_DIR / "model_bench_long.json"
     if long.exists():
         lr = json.load(open(long))
