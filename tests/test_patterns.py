@@ -350,13 +350,15 @@ def test_block_masks_partial_blocks_evaluate_only_what_can_cut_them(tq, tk, caus
                        (patterns.BlockPattern.from_blocks(per_head[0], 64), 1),
                        (patterns.BigBirdPattern(32, num_global=1, num_window=3, num_random=2, seed=1), 1)):
         for bs in (16, 32, 64):
-            bm = pat.block_mask(tq, tk, causal, "cpu", bs)
+            bm = pat.kernel_block_mask(tq, tk, causal, "cpu", bs)
             aligned = causal and pat.block_size % bs == 0 and (tk - tq) % pat.block_size == 0
             cheap = pat.partial_mask_mod(tq, tk, causal, "cpu", bs)
             assert (cheap is not None) == aligned
             cheap_seen += aligned
             want = pat.dense(tq, tk, causal).expand(heads, tq, tk)
             assert torch.equal(_block_mask_pairs(bm, tq, tk, heads), want), (type(pat).__name__, bs)
+            whole = pat.block_mask(tq, tk, causal, "cpu", bs)  # what eager flex runs: the mask_mod on every pair
+            assert torch.equal(patterns.dense_mask(whole.mask_mod, tq, tk, heads=heads), want)
     assert cheap_seen or not causal or (tk - tq) % 32
 
 
@@ -373,3 +375,41 @@ def test_aligned_causal_block_layout_on_flex_matches_the_reference():
                                               backend="flex", flex_block_size=16)
     assert kernel == "flex"
     assert_matches_reference(res.out, q, k, v, attn_mask=pat.dense(37, 37, False)[None], causal=True, scale=0.25)
+
+
+def test_flex_runs_the_cheap_mask_only_compiled(monkeypatch):
+    """The kernel BlockMask (causal alone inside partial blocks) reaches only the compiled call, made with dynamo told
+    to raise past its recompile limit; when it does raise, or dynamo is disabled, the call runs the whole mask_mod
+    (flex's eager form reads no block table: the kernel mask there would attend the pairs the layout removes)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    blocks = (torch.rand(2, 3, 3, generator=torch.Generator().manual_seed(4)) < 0.5) | torch.eye(3, dtype=torch.bool)
+    pat = patterns.BlockPattern.from_blocks(blocks, block_size=16)
+    kbm, bm = pat.kernel_block_mask(37, 37, True, "cpu", 16), pat.block_mask(37, 37, True, "cpu", 16)
+    assert kbm is not bm
+    q, k, v = rand_qkv(b=1, h=2, tq=37, d=16, seed=5)
+    seen, limit = [], sparse._limit_hit()
+    assert limit is not None  # this torch has the flag: the guard is on
+
+    def fake(*a, block_mask, **kw):  # the compiled call past its limit, else eager flex (what dynamo falls back to)
+        seen.append((block_mask, getattr(torch._dynamo.config, limit[0])))
+        if block_mask is kbm:
+            raise limit[1]("limit")
+        return flex_attention(*a, block_mask=block_mask, **kw)
+
+    monkeypatch.setattr(sparse, "compiled_flex_attention", lambda *a: fake)
+    monkeypatch.setattr(sparse, "_warned_eager_flex", False)
+    with pytest.warns(UserWarning, match="eagerly"):
+        out = sparse.flex(q, k, v, bm, scale=0.25, kernel_block_mask=kbm)
+    assert [(m is kbm, flag) for m, flag in seen] == [(True, True), (False, False)]
+    assert_matches_reference(out, q, k, v, attn_mask=pat.dense(37, 37, False)[None], causal=True, scale=0.25)
+    seen.clear()
+    monkeypatch.setattr(torch._dynamo.config, "disable", True)
+    sparse.flex(q, k, v, bm, scale=0.25, kernel_block_mask=kbm)
+    assert [m is bm for m, _ in seen] == [True]
+    monkeypatch.setattr(torch._dynamo.config, "disable", False)
+    seen.clear()
+    monkeypatch.setattr(sparse, "compiled_flex_attention", lambda *a: lambda *x, block_mask, **kw: (
+        seen.append(block_mask), torch.zeros(()))[1])
+    sparse.flex(q, k, v, bm, scale=0.25, kernel_block_mask=kbm)
+    assert seen == [kbm]  # compiled: the cheap mask, once

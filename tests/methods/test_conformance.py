@@ -144,26 +144,56 @@ def test_methods_reading_absolute_positions_are_anchored():
 @pytest.mark.parametrize("name", ANCHORED)
 def test_left_padded_row_equals_the_row_alone(name):
     """A method that reads absolute positions (sinks, a block grid) counts them from each row's first real key: a
-    left-padded row's real queries give what the row alone gives, values and gradients; its padded queries zeros.
-    Decoding too: the last 3 queries against every key, with a padded cache (Tq < Tk)."""
+    left-padded row's real queries give what the row alone gives, values and gradients. Dropped (zeros): causal, the
+    queries before the row's first key; self-attention not causal, the padded tokens' own queries; none otherwise.
+    Decoding shapes too (Tq < Tk, and queries partly before the first real key), and Tq > Tk where allowed."""
+    shapes = [(20, 20, 7)] + ([(3, 20, 7), (10, 20, 15), (20, 12, 2)] if caps(name).cross else [])
     for causal in causal_modes(name):
-        for tq in (20, 3) if caps(name).cross else (20,):
-            q, k, v = qkv(name, tq=tq, tk=20, seed=6)
-            kpm = torch.ones(2, 20, dtype=torch.bool)
-            kpm[0, :7] = False
+        for tq, tk, pad in shapes:
+            q, k, v = qkv(name, tq=tq, tk=tk, seed=6)
+            kpm = torch.ones(2, tk, dtype=torch.bool)
+            kpm[0, :pad] = False
             m = build(name, cls(name).test_options(20))
             q, k, v = (x.requires_grad_() for x in (q, k, v))
             out = m(q, k, v, causal=causal, key_padding_mask=kpm).out
             w = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
             (out * w).sum().backward()
-            drop = max(0, 7 - (20 - tq))
-            a, b, c = (x.detach()[:1].clone().requires_grad_() for x in (q[:, :, drop:], k[:, :, 7:], v[:, :, 7:]))
+            drop = max(0, pad - (tk - tq)) if causal else (pad if tq == tk else 0)
+            a, b, c = (x.detach()[:1].clone().requires_grad_() for x in (q[:, :, drop:], k[:, :, pad:], v[:, :, pad:]))
             alone = m(a, b, c, causal=causal).out
             (alone * w[:1, :, drop:]).sum().backward()
-            assert (out[0, :, :drop] == 0).all(), name
-            assert max_err(out[0, :, drop:], alone[0]) <= 1e-5, (name, causal, tq)
-            assert max_err(q.grad[0, :, drop:], a.grad[0]) <= 1e-5 and max_err(k.grad[0, :, 7:], b.grad[0]) <= 1e-5
-            assert max_err(v.grad[0, :, 7:], c.grad[0]) <= 1e-5 and k.grad[0, :, :7].abs().max() == 0
+            case = (name, causal, tq, tk, pad)
+            assert (out[0, :, :drop] == 0).all(), case
+            assert max_err(out[0, :, drop:], alone[0]) <= 1e-5, case
+            assert max_err(q.grad[0, :, drop:], a.grad[0]) <= 1e-5 and max_err(k.grad[0, :, pad:], b.grad[0]) <= 1e-5, case
+            assert max_err(v.grad[0, :, pad:], c.grad[0]) <= 1e-5 and k.grad[0, :, :pad].abs().max() == 0, case
+    ex = caps(name).extras
+    if ex and torch.float64 in caps(name).dtypes:  # the extras keep the kernels' dtype (fp64 in, fp64 lse)
+        q, k, v = qkv(name, tq=20, dtype=torch.float64, seed=7)
+        kpm = torch.ones(2, 20, dtype=torch.bool)
+        kpm[0, :7] = False
+        r = build(name, cls(name).test_options(20))(q, k, v, causal=True, key_padding_mask=kpm,
+                                                    need_lse="lse" in ex, need_col_sums="col_sums" in ex)
+        assert all(x is None or x.dtype == torch.float64 for x in (r.lse, r.col_sums))
+
+
+@pytest.mark.parametrize("name", ANCHORED[:1])
+def test_left_padding_inside_a_compiled_graph_counts_from_key_0(name, monkeypatch):
+    """Where the host cannot read the padding (a CUDA-graph capture, a torch.compile trace) the graph must not depend
+    on it: the call runs uncropped, as before 2026-12-05, with a warning."""
+    import attnlab.methods.base as base
+
+    q, k, v = qkv(name, tq=20, seed=6)
+    kpm = torch.ones(2, 20, dtype=torch.bool)
+    kpm[0, :7] = False
+    m = build(name, cls(name).test_options(20))
+    monkeypatch.setattr(base, "_warned_capture", False)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with pytest.warns(UserWarning, match="count from key 0"):
+        out = m(q, k, v, causal=True, key_padding_mask=kpm).out
+    want = m._attend(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), causal=True, key_padding_mask=kpm,
+                     attn_mask=None, scale=D ** -0.5, need_probs=False)
+    assert max_err(out, want[0]) <= 1e-6
 
 
 @pytest.mark.parametrize("name", [n for n in METHODS if caps(n).causal and caps(n).cross])

@@ -239,3 +239,5 @@ def test_content_gate_loss_of_a_left_padded_batch_is_the_rows_mean():
     m(q[1:], k[1:], v[1:], causal=True)
     assert abs(first.item() - m.aux_loss.item()) > 1e-4  # the rows differ, so a single group's loss would show
     torch.testing.assert_close(both, (first + m.aux_loss) / 2)
+    m(q, k, v, causal=True, key_padding_mask=torch.zeros(2, 20, dtype=torch.bool))  # no row has a real key
+    assert m.aux_loss is None  # not the previous call's

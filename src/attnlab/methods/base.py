@@ -22,6 +22,7 @@ What else a method owns (class methods, read by compare, bench, the tests and th
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import ClassVar
 
 import torch
@@ -38,25 +39,44 @@ def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x[:, :, None].expand(b, hkv, groups, t, d).reshape(b, hkv * groups, t, d)
 
 
+_warned_capture = False
+
+
 def attend_from_first_key(method, q, k, v, key_padding_mask, kw) -> AttnOutput:
     """`method._attend(q, k, v, **kw)` with each row's keys counted from its first real key: rows are grouped by their
-    leading padding L, and a group runs on keys [L, Tk) and on the queries that sit at or after position L
-    (bottom-right: query i at position i + Tk - Tq); the queries on padded positions see no key (zeros, lse -inf).
-    For a pattern that reads absolute positions (StreamingLLM's sinks are a row's first tokens, a block layout
-    measured from position 0) a left-padded row is then the same as the row alone; distances are unchanged, so a
-    band or causal mask is too. Rows without leading padding run together, uncropped (one host sync to find L).
+    leading padding L and a group runs on keys [L, Tk). For a pattern that reads absolute positions (StreamingLLM's
+    sinks are a row's first tokens, a block layout measured from position 0) a left-padded row is then the same as
+    the row alone; distances are unchanged, so a band or causal mask is too. Queries on padded positions are
+    dropped (zeros; lse -inf): causal, those that see no key (query i sits at position i + Tk - Tq); in
+    self-attention (Tq == Tk) not causal, the padded tokens' own rows. Other queries (cross-attention) all stay.
+    Rows without leading padding run together, uncropped: one host sync finds L. That sync cannot happen inside a
+    CUDA-graph capture or a torch.compile trace, whose graph must not depend on the data: there the call runs
+    uncropped (positions from key 0, as before 2026-12-05), with a warning.
     A training loss the method leaves in `aux_loss` (learned_mask's gate) becomes the groups' row-weighted mean."""
+    global _warned_capture
     attend = method._attend
+    if (q.is_cuda and torch.cuda.is_current_stream_capturing()) or torch.compiler.is_compiling():
+        if not _warned_capture:
+            warnings.warn(f"{method.name}: a key padding mask inside a CUDA-graph capture or a compiled graph: sinks and "
+                          "block layouts count from key 0 there (a left-padded row's sinks fall on its padding); "
+                          "eagerly they count from each row's first real key")
+            _warned_capture = True
+        return attend(q, k, v, **kw)
     b, tq, tk = q.shape[0], q.shape[-2], k.shape[-2]
     real = key_padding_mask.any(-1)
     lead = torch.where(real, key_padding_mask.int().argmax(-1), torch.full_like(real, tk, dtype=torch.long))
     leads = lead.tolist()
     if not any(leads):
         return attend(q, k, v, **kw)
+    if hasattr(method, "aux_loss"):
+        method.aux_loss = None  # (no group may run: never a previous call's loss)
     res, aux = {}, []
     for n in sorted(set(leads)):
-        drop = min(tq, max(0, n - (tk - tq)))  # queries on padded positions
-        if drop == tq:  # nothing left to attend (a fully padded row, or queries all on padding)
+        if kw["causal"]:
+            drop = min(tq, max(0, n - (tk - tq)))  # queries before the row's first real key see nothing
+        else:
+            drop = min(tq, n) if tq == tk else 0  # self-attention: the padded tokens' own queries
+        if drop == tq or n == tk:  # nothing left to attend (a fully padded row, or every query dropped)
             continue
         rows = torch.tensor([i for i, x in enumerate(leads) if x == n], device=q.device)
         got = attend(q[rows, :, drop:], k[rows, :, n:], v[rows, :, n:],
@@ -68,13 +88,15 @@ def attend_from_first_key(method, q, k, v, key_padding_mask, kw) -> AttnOutput:
         method.aux_loss = sum(n * loss for n, loss in aux) / sum(n for n, _ in aux)
     first = next(iter(res.values()))[2] if res else None
     out = q.new_zeros(*q.shape[:-1], v.shape[-1]) if first is None else first.out.new_zeros(*q.shape[:-1], v.shape[-1])
+    extra = torch.promote_types(torch.float32, q.dtype)  # what the kernels give lse and col_sums (fp32; fp64 inputs: fp64)
     probs = lse = cols = None
     if kw.get("need_probs"):
         probs = out.new_zeros(b, q.shape[1], tq, tk, dtype=first.probs.dtype if first is not None else out.dtype)
     if kw.get("need_lse"):
-        lse = torch.full((b, q.shape[1], tq), float("-inf"), device=q.device)
+        dt = first.lse.dtype if first is not None else extra
+        lse = torch.full((b, q.shape[1], tq), float("-inf"), device=q.device, dtype=dt)
     if kw.get("need_col_sums"):
-        cols = torch.zeros(b, q.shape[1], tk, device=q.device)
+        cols = torch.zeros(b, q.shape[1], tk, device=q.device, dtype=first.col_sums.dtype if first is not None else extra)
     for n, (rows, drop, got) in res.items():
         out[rows, :, drop:] = got.out
         if probs is not None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import warnings
 
 import torch
 
@@ -322,10 +323,32 @@ def with_narrow(configs: list, config_cls, sizes) -> list:
     return out
 
 
-def flex(q, k, v, block_mask, *, scale: float, key_padding_mask: torch.Tensor | None = None, return_lse: bool = False):
+_warned_eager_flex = False
+
+
+@functools.lru_cache(maxsize=1)
+def _limit_hit():
+    """(dynamo's flag that makes its recompile limit raise, the exception it raises), or None on a torch without one."""
+    import torch._dynamo
+
+    flag = next((n for n in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit")
+                 if hasattr(torch._dynamo.config, n)), None)
+    exc = getattr(torch._dynamo.exc, "FailOnRecompileLimitHit", None) or getattr(torch._dynamo.exc,
+                                                                                   "FailOnCacheLimitHit", None)
+    return (flag, exc) if flag and exc else None
+
+
+def flex(q, k, v, block_mask, *, scale: float, key_padding_mask: torch.Tensor | None = None, return_lse: bool = False,
+         kernel_block_mask=None):
     """Compiled flex_attention; rows with no visible key return zeros, never NaN. k and v may carry fewer heads
     than q (grouped-query attention, Hkv dividing H): flex reads each query head's kv head itself
     (`enable_gqa`), no expanded copies.
+
+    `kernel_block_mask` (`Pattern.kernel_block_mask`: the same blocks, a cheaper mask_mod inside the partial ones)
+    is only correct in the compiled kernel: flex's eager form evaluates the mask_mod on every pair and reads no
+    block table. So it runs with dynamo told to raise rather than fall back to eager past its recompile limit
+    (where that flag exists), and with dynamo disabled, or when the limit is hit, the call runs `block_mask`
+    (eager flex: the dense matrix; a warning says so once).
 
     Padding reaches the kernel as a score_mod (score -> -inf at padded keys) so the BlockMask stays
     batch-independent and cached; the price is that padded tail blocks are computed, not skipped.
@@ -346,10 +369,31 @@ def flex(q, k, v, block_mask, *, scale: float, key_padding_mask: torch.Tensor | 
     if k.shape[1] != q.shape[1]:
         kw["enable_gqa"] = True
     if return_lse:
-        out, lse = fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, return_lse=True, **kw)
+        kw["return_lse"] = True
+    out = None
+    if kernel_block_mask is not None and kernel_block_mask is not block_mask:
+        global _warned_eager_flex
+        limit, cfg = _limit_hit(), torch._dynamo.config
+        if limit is not None and not cfg.disable:
+            flag, hit = limit
+            old = getattr(cfg, flag)
+            setattr(cfg, flag, True)
+            try:
+                out = fn(q, k, v, score_mod=score_mod, block_mask=kernel_block_mask, scale=scale, **kw)
+            except hit:
+                pass
+            finally:
+                setattr(cfg, flag, old)
+        if out is None and not _warned_eager_flex:
+            warnings.warn("flex_attention runs eagerly here (dynamo disabled, or past its recompile limit: raise "
+                          "torch._dynamo.config.recompile_limit): the dense matrix, with the pattern's whole mask_mod")
+            _warned_eager_flex = True
+    if out is None:
+        out = fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, **kw)
+    if return_lse:
         # flex reports a row with no visible key as lse = -inf (CUDA) or a large negative number; keep -inf
-        return out, lse.float()
-    return fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, **kw)
+        return out[0], out[1].float()
+    return out
 
 
 def gathered_attention(q, k, v, mask_mod, chunks, *, scale: float, key_padding_mask: torch.Tensor | None = None,
@@ -436,11 +480,13 @@ def sparse_attention(q, k, v, pattern, *, causal: bool, key_padding_mask, scale:
                                     key_padding_mask=key_padding_mask, blocks=blocks, need_lse=need_lse)
         return AttnOutput(out, None, lse=lse), "triton"
     if kernel == "flex":
-        bm = pattern.block_mask(tq, tk, causal, q.device, call_block_size(flex_block_size, q.device, backward, tq))
+        bs = call_block_size(flex_block_size, q.device, backward, tq)
+        bm, kbm = pattern.block_mask(tq, tk, causal, q.device, bs), pattern.kernel_block_mask(tq, tk, causal, q.device, bs)
         if need_lse:
-            out, lse = flex(q, k, v, bm, scale=scale, key_padding_mask=key_padding_mask, return_lse=True)
+            out, lse = flex(q, k, v, bm, scale=scale, key_padding_mask=key_padding_mask, return_lse=True,
+                            kernel_block_mask=kbm)
             return AttnOutput(out, None, lse=lse), "flex"
-        return AttnOutput(flex(q, k, v, bm, scale=scale, key_padding_mask=key_padding_mask)), "flex"
+        return AttnOutput(flex(q, k, v, bm, scale=scale, key_padding_mask=key_padding_mask, kernel_block_mask=kbm)), "flex"
     out, lse, cols = gathered_attention(
         q, k, v, pattern.mask_mod(tq, tk, causal, q.device), pattern.key_chunks(tq, tk, causal), scale=scale,
         key_padding_mask=key_padding_mask, need_lse=need_lse, need_col_sums=need_col_sums,

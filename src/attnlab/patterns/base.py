@@ -124,10 +124,11 @@ class Pattern(nn.Module):
         return None
 
     def partial_mask_mod(self, tq: int, tk: int, causal: bool, device, block_size: int) -> MaskMod | None:
-        """What FlexAttention evaluates inside the BlockMask's partial blocks (blocks of `block_size` tokens; full
-        blocks evaluate nothing, empty ones are skipped). None: the whole mask_mod (the default). A pattern whose
-        own verdict is constant on every such block (a block layout aligned with them) returns only what can cut a
-        visited block, the causal diagonal, and spares the kernel its per-pair table lookup there."""
+        """What compiled FlexAttention need evaluate inside the BlockMask's partial blocks (blocks of `block_size`
+        tokens; full blocks evaluate nothing, empty ones are skipped): `kernel_block_mask`. None: the whole
+        mask_mod (the default). A pattern whose own verdict is constant on every such block (a block layout aligned
+        with them) returns only what can cut a visited block, the causal diagonal, and spares the kernel its
+        per-pair table lookup there."""
         return None
 
     # ---- shared mechanics ----------------------------------------------------------------------------------
@@ -191,7 +192,7 @@ class Pattern(nn.Module):
 
     def block_mask(self, tq: int, tk: int, causal: bool, device, block_size: int = 128):
         """The FlexAttention BlockMask of this pattern at (Tq, Tk), built once per data version and LRU-cached."""
-        from torch.nn.attention.flex_attention import BlockMask, create_block_mask
+        from torch.nn.attention.flex_attention import create_block_mask
 
         device = torch.device(device)
         heads = self.num_heads if self.per_head else None
@@ -200,14 +201,25 @@ class Pattern(nn.Module):
             nb = -(-tk // block_size)
             tables = self.block_tables(nb, block_size, causal) if tq == tk else None
             mod = self.mask_mod(tq, tk, causal, device)
-            inside = self.partial_mask_mod(tq, tk, causal, device, block_size)
             if tables is None:
-                bm = create_block_mask(mod, None, heads, tq, tk, device=device, BLOCK_SIZE=block_size)
-                return bm if inside is None else BlockMask.from_kv_blocks(  # the blocks classified by the whole mod
-                    bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices, BLOCK_SIZE=block_size,
-                    mask_mod=inside, seq_lengths=(tq, tk))
-            return block_mask_from_tables(*tables, inside or mod, tq, tk, block_size, device)
+                return create_block_mask(mod, None, heads, tq, tk, device=device, BLOCK_SIZE=block_size)
+            return block_mask_from_tables(*tables, mod, tq, tk, block_size, device)
         return self.cached((tq, tk, causal, str(device), block_size), make)
+
+    def kernel_block_mask(self, tq: int, tk: int, causal: bool, device, block_size: int = 128):
+        """`block_mask`'s blocks with `partial_mask_mod` inside the partial ones, for the compiled kernel (the same
+        object where the pattern has no cheaper mod). Only compiled flex may run it: flex's eager form evaluates the
+        mask_mod on every pair and reads no block table (`ops.sparse.flex` passes `block_mask` there)."""
+        from torch.nn.attention.flex_attention import BlockMask
+
+        device = torch.device(device)
+        bm = self.block_mask(tq, tk, causal, device, block_size)
+        inside = self.partial_mask_mod(tq, tk, causal, device, block_size)
+        if inside is None:
+            return bm
+        return self.cached(("kernel", tq, tk, causal, str(device), block_size), lambda: BlockMask.from_kv_blocks(
+            bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices, BLOCK_SIZE=block_size,
+            mask_mod=inside, seq_lengths=(tq, tk)))
 
     def cached(self, key: tuple, make):
         """make(), kept under `key` for this data version (the pattern's BlockMasks and kernel tables): the 16 most
