@@ -387,6 +387,9 @@ def test_flex_runs_the_cheap_mask_only_compiled(monkeypatch):
     pat = patterns.BlockPattern.from_blocks(blocks, block_size=16)
     kbm, bm = pat.kernel_block_mask(37, 37, True, "cpu", 16), pat.block_mask(37, 37, True, "cpu", 16)
     assert kbm is not bm
+    monkeypatch.setattr(type(pat), "partial_mask_mod", lambda *a: pytest.fail("rebuilt on a cache hit"))
+    assert pat.kernel_block_mask(37, 37, True, "cpu", 16) is kbm  # (on CUDA a rebuilt mask_mod's constants sync)
+    monkeypatch.undo()
     q, k, v = rand_qkv(b=1, h=2, tq=37, d=16, seed=5)
     seen, limit = [], sparse._limit_hit()
     assert limit is not None  # this torch has the flag: the guard is on

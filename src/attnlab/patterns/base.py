@@ -213,13 +213,14 @@ class Pattern(nn.Module):
         from torch.nn.attention.flex_attention import BlockMask
 
         device = torch.device(device)
-        bm = self.block_mask(tq, tk, causal, device, block_size)
-        inside = self.partial_mask_mod(tq, tk, causal, device, block_size)
-        if inside is None:
-            return bm
-        return self.cached(("kernel", tq, tk, causal, str(device), block_size), lambda: BlockMask.from_kv_blocks(
-            bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices, BLOCK_SIZE=block_size,
-            mask_mod=inside, seq_lengths=(tq, tk)))
+
+        def make():  # on a miss only: a mask_mod's constants are device tensors, made by a copy that waits for the GPU
+            bm = self.block_mask(tq, tk, causal, device, block_size)
+            inside = self.partial_mask_mod(tq, tk, causal, device, block_size)
+            return bm if inside is None else BlockMask.from_kv_blocks(
+                bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices, BLOCK_SIZE=block_size,
+                mask_mod=inside, seq_lengths=(tq, tk))
+        return self.cached(("kernel", tq, tk, causal, str(device), block_size), make)
 
     def cached(self, key: tuple, make):
         """make(), kept under `key` for this data version (the pattern's BlockMasks and kernel tables): the 16 most
