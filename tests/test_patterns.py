@@ -377,42 +377,30 @@ def test_aligned_causal_block_layout_on_flex_matches_the_reference():
     assert_matches_reference(res.out, q, k, v, attn_mask=pat.dense(37, 37, False)[None], causal=True, scale=0.25)
 
 
-def test_flex_runs_the_cheap_mask_only_compiled(monkeypatch):
-    """The kernel BlockMask (causal alone inside partial blocks) reaches only the compiled call, made with dynamo told
-    to raise past its recompile limit; when it does raise, or dynamo is disabled, the call runs the whole mask_mod
-    (flex's eager form reads no block table: the kernel mask there would attend the pairs the layout removes)."""
-    from torch.nn.attention.flex_attention import flex_attention
+@pytest.mark.flex
+def test_the_kernel_block_mask_reaches_only_the_compiled_kernel(monkeypatch):
+    """The kernel BlockMask (causal alone inside partial blocks) is right only where the block tables are read: in the
+    compiled kernel. Made visible with a poisoned kernel mask (nothing visible inside partial blocks): compiled, the
+    rows whose only visited blocks are partial come back zero; run eagerly (a force-eager stance, as past dynamo's
+    recompile limit), flex_with takes the whole mask; traced into another backend's graph, flex stays outside it."""
+    from torch.nn.attention.flex_attention import BlockMask
 
-    blocks = (torch.rand(2, 3, 3, generator=torch.Generator().manual_seed(4)) < 0.5) | torch.eye(3, dtype=torch.bool)
+    blocks = (torch.rand(3, 3, 3, generator=torch.Generator().manual_seed(4)) < 0.5) | torch.eye(3, dtype=torch.bool)
     pat = patterns.BlockPattern.from_blocks(blocks, block_size=16)
     kbm, bm = pat.kernel_block_mask(37, 37, True, "cpu", 16), pat.block_mask(37, 37, True, "cpu", 16)
     assert kbm is not bm
     monkeypatch.setattr(type(pat), "partial_mask_mod", lambda *a: pytest.fail("rebuilt on a cache hit"))
     assert pat.kernel_block_mask(37, 37, True, "cpu", 16) is kbm  # (on CUDA a rebuilt mask_mod's constants sync)
     monkeypatch.undo()
-    q, k, v = rand_qkv(b=1, h=2, tq=37, d=16, seed=5)
-    seen, limit = [], sparse._limit_hit()
-    assert limit is not None  # this torch has the flag: the guard is on
-
-    def fake(*a, block_mask, **kw):  # the compiled call past its limit, else eager flex (what dynamo falls back to)
-        seen.append((block_mask, getattr(torch._dynamo.config, limit[0])))
-        if block_mask is kbm:
-            raise limit[1]("limit")
-        return flex_attention(*a, block_mask=block_mask, **kw)
-
-    monkeypatch.setattr(sparse, "compiled_flex_attention", lambda *a: fake)
-    monkeypatch.setattr(sparse, "_warned_eager_flex", False)
-    with pytest.warns(UserWarning, match="eagerly"):
-        out = sparse.flex(q, k, v, bm, scale=0.25, kernel_block_mask=kbm)
-    assert [(m is kbm, flag) for m, flag in seen] == [(True, True), (False, False)]
-    assert_matches_reference(out, q, k, v, attn_mask=pat.dense(37, 37, False)[None], causal=True, scale=0.25)
-    seen.clear()
-    monkeypatch.setattr(torch._dynamo.config, "disable", True)
-    sparse.flex(q, k, v, bm, scale=0.25, kernel_block_mask=kbm)
-    assert [m is bm for m, _ in seen] == [True]
-    monkeypatch.setattr(torch._dynamo.config, "disable", False)
-    seen.clear()
-    monkeypatch.setattr(sparse, "compiled_flex_attention", lambda *a: lambda *x, block_mask, **kw: (
-        seen.append(block_mask), torch.zeros(()))[1])
-    sparse.flex(q, k, v, bm, scale=0.25, kernel_block_mask=kbm)
-    assert seen == [kbm]  # compiled: the cheap mask, once
+    poison = BlockMask.from_kv_blocks(kbm.kv_num_blocks, kbm.kv_indices, kbm.full_kv_num_blocks, kbm.full_kv_indices,
+                                      BLOCK_SIZE=16, mask_mod=lambda b, h, q, kv: kv < 0, seq_lengths=(37, 37))
+    q, k, v = rand_qkv(b=2, h=3, tq=37, d=16, seed=5)
+    want = pat.dense(37, 37, False)[None]
+    with torch.no_grad():
+        out = sparse.flex(q, k, v, bm, scale=0.25, kernel_block_mask=poison)
+        assert out[:, :, :16].abs().max() == 0  # query block 0 visits only its partial diagonal block
+        with torch.compiler.set_stance("force_eager"):
+            eager = sparse.flex(q, k, v, bm, scale=0.25, kernel_block_mask=poison)
+        assert_matches_reference(eager, q, k, v, attn_mask=want, causal=True, scale=0.25)
+        outer = torch.compile(lambda *x: sparse.flex(*x, bm, scale=0.25, kernel_block_mask=poison), backend="aot_eager")
+        torch.testing.assert_close(outer(q, k, v), out)  # flex compiled on its own inside, not run by aot_eager

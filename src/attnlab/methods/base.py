@@ -47,8 +47,9 @@ def attend_from_first_key(method, q, k, v, key_padding_mask, kw) -> AttnOutput:
     leading padding L and a group runs on keys [L, Tk). For a pattern that reads absolute positions (StreamingLLM's
     sinks are a row's first tokens, a block layout measured from position 0) a left-padded row is then the same as
     the row alone; distances are unchanged, so a band or causal mask is too. Queries on padded positions are
-    dropped (zeros; lse -inf): causal, those that see no key (query i sits at position i + Tk - Tq); in
-    self-attention (Tq == Tk) not causal, the padded tokens' own rows. Other queries (cross-attention) all stay.
+    dropped (zeros; lse -inf): causal, those that see no key (query i sits at position i + Tk - Tq); not causal,
+    the padded tokens' own rows where Tq == Tk, which the library takes as self-attention (as its column sums do:
+    a cross-attention with as many queries as keys has its first L queries dropped too). Otherwise all stay.
     Rows without leading padding run together, uncropped: one host sync finds L. That sync cannot happen inside a
     CUDA-graph capture or a torch.compile trace, whose graph must not depend on the data: there the call runs
     uncropped (positions from key 0, as before 2026-12-05), with a warning.

@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
-import warnings
 
 import torch
 
@@ -76,14 +75,12 @@ def compiled_flex_attention(device_type: str = "cuda"):
     """
     fn = _COMPILED_FLEX.get(device_type)
     if fn is None:
-        from torch.nn.attention.flex_attention import flex_attention
-
         from .fused import FUSED_RECOMPILE_LIMIT, raise_recompile_limit
 
         # variants per (length, grad mode, block size, score_mod): past dynamo's default 8 flex runs eagerly (the
         # dense matrix); the benchmarks raised it themselves, a training run through the CLI did not
         raise_recompile_limit(FUSED_RECOMPILE_LIMIT)
-        fn = torch.compile(flex_attention, dynamic=False if device_type == "cpu" else None)
+        fn = torch.compile(flex_with, dynamic=False if device_type == "cpu" else None)
         _COMPILED_FLEX[device_type] = fn
     return fn
 
@@ -323,32 +320,29 @@ def with_narrow(configs: list, config_cls, sizes) -> list:
     return out
 
 
-_warned_eager_flex = False
+def flex_with(q, k, v, *, block_mask, kernel_block_mask, **kw):
+    """flex_attention with `kernel_block_mask` where torch.compile traces this function, `block_mask` where it runs
+    eagerly. The kernel BlockMask (`Pattern.kernel_block_mask`: the same blocks, a cheaper mask_mod inside the
+    partial ones) is right only where the block tables are read, in the compiled kernel; flex's eager form
+    evaluates the mask_mod on every pair and reads no block table. Eager is what dynamo runs past its recompile
+    limit, when disabled, or under a force-eager stance: the choice is made where that happens, so no such case
+    can pair the eager form with the kernel mask."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return flex_attention(q, k, v, block_mask=kernel_block_mask if torch.compiler.is_compiling() else block_mask, **kw)
 
 
-@functools.lru_cache(maxsize=1)
-def _limit_hit():
-    """(dynamo's flag that makes its recompile limit raise, the exception it raises), or None on a torch without one."""
-    import torch._dynamo
-
-    flag = next((n for n in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit")
-                 if hasattr(torch._dynamo.config, n)), None)
-    exc = getattr(torch._dynamo.exc, "FailOnRecompileLimitHit", None) or getattr(torch._dynamo.exc,
-                                                                                   "FailOnCacheLimitHit", None)
-    return (flag, exc) if flag and exc else None
-
-
+@torch.compiler.disable
 def flex(q, k, v, block_mask, *, scale: float, key_padding_mask: torch.Tensor | None = None, return_lse: bool = False,
          kernel_block_mask=None):
     """Compiled flex_attention; rows with no visible key return zeros, never NaN. k and v may carry fewer heads
     than q (grouped-query attention, Hkv dividing H): flex reads each query head's kv head itself
     (`enable_gqa`), no expanded copies.
 
-    `kernel_block_mask` (`Pattern.kernel_block_mask`: the same blocks, a cheaper mask_mod inside the partial ones)
-    is only correct in the compiled kernel: flex's eager form evaluates the mask_mod on every pair and reads no
-    block table. So it runs with dynamo told to raise rather than fall back to eager past its recompile limit
-    (where that flag exists), and with dynamo disabled, or when the limit is hit, the call runs `block_mask`
-    (eager flex: the dense matrix; a warning says so once).
+    `kernel_block_mask` (default `block_mask`) goes to the compiled kernel only (`flex_with`). This function stays
+    outside any caller's torch.compile (`torch.compiler.disable`: a graph break there): traced into a graph that
+    another backend runs (aot_eager, eager), the kernel mask would meet flex's eager form; here flex compiles on
+    its own, with inductor.
 
     Padding reaches the kernel as a score_mod (score -> -inf at padded keys) so the BlockMask stays
     batch-independent and cached; the price is that padded tail blocks are computed, not skipped.
@@ -368,32 +362,13 @@ def flex(q, k, v, block_mask, *, scale: float, key_padding_mask: torch.Tensor | 
     kw = {} if tiles is None else {"kernel_options": tiles}
     if k.shape[1] != q.shape[1]:
         kw["enable_gqa"] = True
+    kbm = block_mask if kernel_block_mask is None else kernel_block_mask
     if return_lse:
-        kw["return_lse"] = True
-    out = None
-    if kernel_block_mask is not None and kernel_block_mask is not block_mask:
-        global _warned_eager_flex
-        limit, cfg = _limit_hit(), torch._dynamo.config
-        if limit is not None and not cfg.disable:
-            flag, hit = limit
-            old = getattr(cfg, flag)
-            setattr(cfg, flag, True)
-            try:
-                out = fn(q, k, v, score_mod=score_mod, block_mask=kernel_block_mask, scale=scale, **kw)
-            except hit:
-                pass
-            finally:
-                setattr(cfg, flag, old)
-        if out is None and not _warned_eager_flex:
-            warnings.warn("flex_attention runs eagerly here (dynamo disabled, or past its recompile limit: raise "
-                          "torch._dynamo.config.recompile_limit): the dense matrix, with the pattern's whole mask_mod")
-            _warned_eager_flex = True
-    if out is None:
-        out = fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, **kw)
-    if return_lse:
+        out, lse = fn(q, k, v, score_mod=score_mod, block_mask=block_mask, kernel_block_mask=kbm, scale=scale,
+                      return_lse=True, **kw)
         # flex reports a row with no visible key as lse = -inf (CUDA) or a large negative number; keep -inf
-        return out[0], out[1].float()
-    return out
+        return out, lse.float()
+    return fn(q, k, v, score_mod=score_mod, block_mask=block_mask, kernel_block_mask=kbm, scale=scale, **kw)
 
 
 def gathered_attention(q, k, v, mask_mod, chunks, *, scale: float, key_padding_mask: torch.Tensor | None = None,
