@@ -320,7 +320,7 @@ def with_narrow(configs: list, config_cls, sizes) -> list:
     return out
 
 
-def flex_with(q, k, v, *, block_mask, kernel_block_mask, **kw):
+def flex_with(q, k, v, *, block_mask, kernel_block_mask=None, **kw):
     """flex_attention with `kernel_block_mask` where torch.compile traces this function, `block_mask` where it runs
     eagerly. The kernel BlockMask (`Pattern.kernel_block_mask`: the same blocks, a cheaper mask_mod inside the
     partial ones) is right only where the block tables are read, in the compiled kernel; flex's eager form
@@ -329,7 +329,8 @@ def flex_with(q, k, v, *, block_mask, kernel_block_mask, **kw):
     can pair the eager form with the kernel mask."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    return flex_attention(q, k, v, block_mask=kernel_block_mask if torch.compiler.is_compiling() else block_mask, **kw)
+    kernel = block_mask if kernel_block_mask is None else kernel_block_mask  # (alone: flex_attention's signature)
+    return flex_attention(q, k, v, block_mask=kernel if torch.compiler.is_compiling() else block_mask, **kw)
 
 
 @torch.compiler.disable
@@ -362,13 +363,13 @@ def flex(q, k, v, block_mask, *, scale: float, key_padding_mask: torch.Tensor | 
     kw = {} if tiles is None else {"kernel_options": tiles}
     if k.shape[1] != q.shape[1]:
         kw["enable_gqa"] = True
-    kbm = block_mask if kernel_block_mask is None else kernel_block_mask
     if return_lse:
-        out, lse = fn(q, k, v, score_mod=score_mod, block_mask=block_mask, kernel_block_mask=kbm, scale=scale,
-                      return_lse=True, **kw)
+        out, lse = fn(q, k, v, score_mod=score_mod, block_mask=block_mask, kernel_block_mask=kernel_block_mask,
+                      scale=scale, return_lse=True, **kw)
         # flex reports a row with no visible key as lse = -inf (CUDA) or a large negative number; keep -inf
         return out, lse.float()
-    return fn(q, k, v, score_mod=score_mod, block_mask=block_mask, kernel_block_mask=kbm, scale=scale, **kw)
+    return fn(q, k, v, score_mod=score_mod, block_mask=block_mask, kernel_block_mask=kernel_block_mask, scale=scale,
+              **kw)
 
 
 def gathered_attention(q, k, v, mask_mod, chunks, *, scale: float, key_padding_mask: torch.Tensor | None = None,
