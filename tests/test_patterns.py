@@ -350,7 +350,7 @@ def test_block_masks_partial_blocks_evaluate_only_what_can_cut_them(tq, tk, caus
                        (patterns.BlockPattern.from_blocks(per_head[0], 64), 1),
                        (patterns.BigBirdPattern(32, num_global=1, num_window=3, num_random=2, seed=1), 1)):
         for bs in (16, 32, 64):
-            bm = pat.kernel_block_mask(tq, tk, causal, "cpu", bs)
+            bm = pat.block_masks(tq, tk, causal, "cpu", bs)[1]
             aligned = causal and pat.block_size % bs == 0 and (tk - tq) % pat.block_size == 0
             cheap = pat.partial_mask_mod(tq, tk, causal, "cpu", bs)
             assert (cheap is not None) == aligned
@@ -387,10 +387,10 @@ def test_the_kernel_block_mask_reaches_only_the_compiled_kernel(monkeypatch):
 
     blocks = (torch.rand(3, 3, 3, generator=torch.Generator().manual_seed(4)) < 0.5) | torch.eye(3, dtype=torch.bool)
     pat = patterns.BlockPattern.from_blocks(blocks, block_size=16)
-    kbm, bm = pat.kernel_block_mask(37, 37, True, "cpu", 16), pat.block_mask(37, 37, True, "cpu", 16)
+    bm, kbm = pat.block_masks(37, 37, True, "cpu", 16)
     assert kbm is not bm
     monkeypatch.setattr(type(pat), "partial_mask_mod", lambda *a: pytest.fail("rebuilt on a cache hit"))
-    assert pat.kernel_block_mask(37, 37, True, "cpu", 16) is kbm  # (on CUDA a rebuilt mask_mod's constants sync)
+    assert pat.block_masks(37, 37, True, "cpu", 16)[1] is kbm  # (on CUDA a rebuilt mask_mod's constants sync)
     monkeypatch.undo()
     poison = BlockMask.from_kv_blocks(kbm.kv_num_blocks, kbm.kv_indices, kbm.full_kv_num_blocks, kbm.full_kv_indices,
                                       BLOCK_SIZE=16, mask_mod=lambda b, h, q, kv: kv < 0, seq_lengths=(37, 37))

@@ -322,7 +322,7 @@ def with_narrow(configs: list, config_cls, sizes) -> list:
 
 def flex_with(q, k, v, *, block_mask, kernel_block_mask=None, **kw):
     """flex_attention with `kernel_block_mask` where torch.compile traces this function, `block_mask` where it runs
-    eagerly. The kernel BlockMask (`Pattern.kernel_block_mask`: the same blocks, a cheaper mask_mod inside the
+    eagerly. The kernel BlockMask (`Pattern.block_masks`' second: the same blocks, a cheaper mask_mod inside the
     partial ones) is right only where the block tables are read, in the compiled kernel; flex's eager form
     evaluates the mask_mod on every pair and reads no block table. Eager is what dynamo runs past its recompile
     limit, when disabled, or under a force-eager stance: the choice is made where that happens, so no such case
@@ -457,7 +457,7 @@ def sparse_attention(q, k, v, pattern, *, causal: bool, key_padding_mask, scale:
         return AttnOutput(out, None, lse=lse), "triton"
     if kernel == "flex":
         bs = call_block_size(flex_block_size, q.device, backward, tq)
-        bm, kbm = pattern.block_mask(tq, tk, causal, q.device, bs), pattern.kernel_block_mask(tq, tk, causal, q.device, bs)
+        bm, kbm = pattern.block_masks(tq, tk, causal, q.device, bs)
         if need_lse:
             out, lse = flex(q, k, v, bm, scale=scale, key_padding_mask=key_padding_mask, return_lse=True,
                             kernel_block_mask=kbm)

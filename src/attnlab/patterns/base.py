@@ -125,7 +125,7 @@ class Pattern(nn.Module):
 
     def partial_mask_mod(self, tq: int, tk: int, causal: bool, device, block_size: int) -> MaskMod | None:
         """What compiled FlexAttention need evaluate inside the BlockMask's partial blocks (blocks of `block_size`
-        tokens; full blocks evaluate nothing, empty ones are skipped): `kernel_block_mask`. None: the whole
+        tokens; full blocks evaluate nothing, empty ones are skipped): `block_masks`' second. None: the whole
         mask_mod (the default). A pattern whose own verdict is constant on every such block (a block layout aligned
         with them) returns only what can cut a visited block, the causal diagonal, and spares the kernel its
         per-pair table lookup there."""
@@ -206,10 +206,11 @@ class Pattern(nn.Module):
             return block_mask_from_tables(*tables, mod, tq, tk, block_size, device)
         return self.cached((tq, tk, causal, str(device), block_size), make)
 
-    def kernel_block_mask(self, tq: int, tk: int, causal: bool, device, block_size: int = 128):
-        """`block_mask`'s blocks with `partial_mask_mod` inside the partial ones, for the compiled kernel (the same
-        object where the pattern has no cheaper mod). Only compiled flex may run it: flex's eager form evaluates the
-        mask_mod on every pair and reads no block table (`ops.sparse.flex` passes `block_mask` there)."""
+    def block_masks(self, tq: int, tk: int, causal: bool, device, block_size: int = 128):
+        """(`block_mask`, the kernel BlockMask) in one cache lookup (flex's hot path). The kernel BlockMask has the same
+        blocks with `partial_mask_mod` inside the partial ones (the same object where the pattern has no cheaper
+        mod); only compiled flex may run it: flex's eager form evaluates the mask_mod on every pair and reads no
+        block table (`ops.sparse.flex_with` passes the whole one there)."""
         from torch.nn.attention.flex_attention import BlockMask
 
         device = torch.device(device)
@@ -217,10 +218,10 @@ class Pattern(nn.Module):
         def make():  # on a miss only: a mask_mod's constants are device tensors, made by a copy that waits for the GPU
             bm = self.block_mask(tq, tk, causal, device, block_size)
             inside = self.partial_mask_mod(tq, tk, causal, device, block_size)
-            return bm if inside is None else BlockMask.from_kv_blocks(
+            return bm, bm if inside is None else BlockMask.from_kv_blocks(
                 bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices, BLOCK_SIZE=block_size,
                 mask_mod=inside, seq_lengths=(tq, tk))
-        return self.cached(("kernel", tq, tk, causal, str(device), block_size), make)
+        return self.cached(("pair", tq, tk, causal, str(device), block_size), make)
 
     def cached(self, key: tuple, make):
         """make(), kept under `key` for this data version (the pattern's BlockMasks and kernel tables): the 16 most
