@@ -9,8 +9,8 @@
 3. causal no-leak on CUDA, bit for bit;
 4. the declared extras (lse, column sums) on CUDA vs the CPU path;
 5. inputs in transformers' layout ([B, H, T, D] views of [B, T, H, D] memory) vs contiguous copies;
-6. per method: lsh's buckets, window's band masks, linear's maps inside the kernels with gradients, performer's
-   reverse walks at its 256 features, nystrom's solve.
+6. per method: lsh's buckets, window's band masks, block_sparse's cheap kernel mask_mod (compiled and force-eager),
+   linear's maps inside the kernels with gradients, performer's reverse walks at its 256 features, nystrom's solve.
 
     PYTHONPATH=src python benchmarks/gpu_checks.py               # every method, prints a line per check, exits 1 on a failure
     PYTHONPATH=src python benchmarks/gpu_checks.py linear,window  # only these methods
@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 import torch
@@ -423,6 +424,60 @@ def kernel_maps(dtypes) -> int:
     return failures
 
 
+def kernel_masks(dtypes) -> int:
+    """block_sparse where the compiled kernel gets the cheap mask_mod (`Pattern.block_masks`' second: only the causal
+    comparison inside the blocks the diagonal cuts, for a layout aligned with the BlockMask's blocks): outputs and
+    gradients on CUDA, compiled and under a force-eager stance (what dynamo runs past its recompile limit: the whole
+    mask_mod), against the CPU path's fp64 truth with the CPU path's own error in that dtype as the yardstick; the
+    BigBird recipe and a fixed per-head layout, 64- and 128-token blocks, Tq = Tk (ragged and not), decoding-shaped
+    Tq < Tk with the offset a whole number of blocks (cheap) and not (the whole mask_mod), key padding."""
+    failures = 0
+    g = torch.Generator().manual_seed(1)
+    shapes = ((1024, 1024), (1000, 1000), (256, 1024), (200, 1024))
+    for bs in (64, 128):
+        nb = -(-1024 // bs)
+        per_head = torch.rand(H, nb, nb, generator=g) < 0.4
+        per_head[:, torch.arange(nb), torch.arange(nb)] = True
+        for kind, opts in (("bigbird", {"block_size": bs}), ("layout", {"block_size": bs, "layout": per_head})):
+            for tq, tk in shapes:
+                q64 = torch.randn(B, H, tq, D, generator=g, dtype=torch.float64)
+                k64, v64 = (torch.randn(B, HKV, tk, D, generator=g, dtype=torch.float64) for _ in range(2))
+                kpm = torch.ones(B, tk, dtype=torch.bool)
+                kpm[1, tk - 37:] = False
+                m64 = attnlab.make("block_sparse", head_dim=D, num_heads=H, num_kv_heads=HKV, backend="torch",
+                                   **opts).double()
+                cheap = m64.pattern.partial_mask_mod(tq, tk, True, "cpu", m64.flex_block_size) is not None
+                q, k, v = (x.clone().requires_grad_(True) for x in (q64, k64, v64))
+                out = m64(q, k, v, causal=True, key_padding_mask=kpm).out
+                w = torch.linspace(-1, 1, out.numel(), dtype=torch.float64).reshape(out.shape)
+                (out * w).sum().backward()
+                truth, gtruth = out.detach(), [x.grad for x in (q, k, v)]
+                for dtype in dtypes:
+                    errs, kernels = [], []
+                    for dev, stance in (("cpu", None), ("cuda", None), ("cuda", "force_eager")):
+                        m = attnlab.make("block_sparse", head_dim=D, num_heads=H, num_kv_heads=HKV,
+                                         **opts, **({"backend": "torch"} if dev == "cpu" else {})).to(dev)
+                        q, k, v = (x.to(dev, dtype).requires_grad_(True) for x in (q64, k64, v64))
+                        ctx = torch.compiler.set_stance(stance) if stance else contextlib.nullcontext()
+                        with ctx:
+                            out = m(q, k, v, causal=True, key_padding_mask=kpm.to(dev)).out
+                            (out * w.to(dev, dtype)).sum().backward()
+                        kernels.append(m.kernel)
+                        e = (out.detach().double().cpu() - truth).abs().max().item()
+                        ge = max(((x.grad.double().cpu() - t).abs().max() / t.abs().max().clamp_min(1e-6)).item()
+                                 for x, t in zip((q, k, v), gtruth))
+                        fin = bool(torch.isfinite(out).all()) and all(bool(torch.isfinite(x.grad).all()) for x in (q, k, v))
+                        errs.append((e, ge, fin))
+                    (e0, g0, _), *cuda = errs
+                    ok = all(f and e <= 2 * e0 + BOUND[dtype] and ge <= 2 * g0 + 10 * BOUND[dtype] for e, ge, f in cuda)
+                    failures += not ok
+                    print(f"{'ok ' if ok else 'FAIL'} kernel-mask block_sparse {kind:7} block={bs} Tq={tq} Tk={tk} "
+                          f"{str(dtype):15} cheap-mod={cheap!s:5} kernels={kernels[1]}/{kernels[2]} out err vs fp64 "
+                          f"compiled={cuda[0][0]:.2e} force-eager={cuda[1][0]:.2e} cpu={e0:.2e} grad rel err "
+                          f"compiled={cuda[0][1]:.2e} force-eager={cuda[1][1]:.2e} cpu={g0:.2e}", flush=True)
+    return failures
+
+
 def performer_walks(dtypes) -> int:
     """performer at its defaults (FAVOR+'s 256 features: `favor_triton`'s one-sweep forward, the chunked passes, the
     one-node path of `performer_triton` with its two streams) with SmolLM2's 9 query heads on 3, q, k, v in
@@ -652,6 +707,8 @@ def main(argv=None) -> int:
         failures += window_launches()
     if any(variant(n)[0] == "linear" for n in names):
         failures += kernel_maps((torch.bfloat16,) if args.quick else (torch.float32, torch.bfloat16))
+    if any(variant(n)[0] == "block_sparse" for n in names):
+        failures += kernel_masks((torch.bfloat16,) if args.quick else (torch.float32, torch.bfloat16))
     if any(variant(n)[0] == "performer" for n in names):
         failures += performer_walks((torch.bfloat16,))
     if any(variant(n)[0] == "nystrom" for n in names):
