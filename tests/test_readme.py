@@ -57,3 +57,23 @@ def test_a_run_whose_peers_were_cut_short_does_not_replace_one_with_every_ratio(
     # more of the method's own lengths first, whatever its peers
     fewer = {k: dict(v, status="oom") if k[3] == "attnlab" and k[4] == mod.LENGTHS[-1] else v for k, v in every.items()}
     assert mod._pick_run({"old": fewer, "new": short}, "fwd", False, "m", "attnlab")[0] == "new"
+
+
+def test_a_later_run_on_another_card_is_listed_under_the_tables_and_an_earlier_one_is_not():
+    mod = _tables()
+
+    def run(stamp, ms, device, method="m"):
+        rows = {}
+        for n in mod.LENGTHS:
+            rows[("fwd", True, method, "attnlab", n)] = {"status": "ok", "timestamp": stamp, "ms": ms, "device_name": device}
+            rows[("fwd", True, method, "peer", n)] = {"status": "ok", "timestamp": stamp, "ms": 2.0, "device_name": device}
+        return rows
+
+    h200 = {"results/a/sweep.json": run("2026-06-01", 3.0, "NVIDIA H200")}
+    later = {"results/b/sweep.json": run("2026-07-01", 0.5, "NVIDIA H100 80GB HBM3")}
+    notes = mod.other_card_notes(h200, later)
+    assert len(notes) == 2 and "**m**" in notes[1] and "H100" in notes[1] and "b/sweep.json" in notes[1]
+    assert "fwd causal 0.25 / 0.25 / 0.25" in notes[1]  # that run's own ratio to its peer, never across cards
+    assert mod.other_card_notes(h200, {"results/b/sweep.json": run("2026-05-01", 0.5, "H100")}) == []  # older: no note
+    assert mod.other_card_notes(h200, {"results/b/sweep.json": run("2026-07-01", 0.5, "H100", "sdpa")}) == []
+    assert len(mod.other_card_notes({}, later)) == 2  # a method with no H200 row at all: listed
