@@ -33,8 +33,8 @@ def load_runs(h200: bool = True) -> dict[str, dict]:
                 continue
             if r.get("dtype", "bfloat16") != "bfloat16" or r.get("heads") not in (None, 16):
                 continue  # the tables' setup (bf16, 16 heads): runs of other shapes answer other questions
-            if ("H200" in str(r.get("device_name", "H200"))) != h200:
-                continue  # the tables are the H200's; a run on another card is cited in the prose beside its folder
+            if ("H200" in str(r.get("device_name", "H200"))) != h200 or not str(r.get("device", "cuda")).startswith("cuda"):
+                continue  # the tables are the H200's; a run on another GPU is cited beside them, a CPU run not at all
             impl = r["impl"]
             if r.get("overrides") and impl.startswith("attnlab"):  # `--set` options: a variant, not the default
                 impl += "{" + ",".join(f"{k}={v}" for k, v in sorted(r["overrides"].items())) + "}"
@@ -79,41 +79,48 @@ def _pick_run(runs: dict, mode: str, causal: bool, method: str, impl: str):
 
 
 def other_card_notes(runs: dict, others: dict) -> list[str]:
-    """A line per attnlab row measured again on another card after the H200 run its table row comes from (a session
-    whose device calls got an H100): the newer run's same-run ratios to the best peer, so a stale H200 row says so.
-    Milliseconds are not compared across cards."""
+    """A line per attnlab row measured on another GPU after the H200 run its table row comes from (a session whose
+    device calls got an H100), or never on the H200: each mode's same-run ratios to the best peer, with the run each
+    comes from, so a stale H200 row says so. Milliseconds are not compared across cards."""
     lines = []
     variants = sorted({(k[2], k[3]) for rows in others.values() for k in rows
                        if k[3].startswith("attnlab") and k[2] != "sdpa"})  # (sdpa: the baseline every sweep runs)
     for m, impl in variants:
-        cells, newest, stale, peer = [], None, False, set()
+        cells, used, stale, peer, h200 = [], {}, False, set(), False
+
+        def stamp(rs):
+            return max((str(r.get("timestamp", "")) for k, r in rs.items() if k[2:4] == (m, impl)), default="")
         for mode in ("fwd", "fwd+bwd"):
             for causal in (False, True):
                 mine, theirs = _pick_run(runs, mode, causal, m, impl), _pick_run(others, mode, causal, m, impl)
                 if theirs is None:
                     continue
                 rel, rows = theirs
-                stamp = lambda rs: max((str(r.get("timestamp", "")) for k, r in rs.items() if k[2:4] == (m, impl)),
-                                       default="")
+                h200 |= mine is not None
                 stale |= mine is None or stamp(rows) > stamp(mine[1])
                 ratios = []
                 for n in LENGTHS:
                     own = rows.get((mode, causal, m, impl, n))
-                    peers = [r for k, r in rows.items() if k[:3] == (mode, causal, m) and not k[3].startswith("attnlab")
-                             and k[4] == n and r["status"] == "ok"]
-                    best = min(peers, key=lambda r: r["ms"]) if peers else None
+                    peers = {k[3]: r for k, r in rows.items() if k[:3] == (mode, causal, m)
+                             and not k[3].startswith("attnlab") and k[4] == n and r["status"] == "ok"}
+                    best = min(peers.values(), key=lambda r: r["ms"]) if peers else None
                     ok = own is not None and own["status"] == "ok" and best is not None
                     ratios.append(f"{own['ms'] / best['ms']:.2f}" if ok else "-")
-                peer |= {k[3] for k, r in rows.items() if k[:3] == (mode, causal, m) and not k[3].startswith("attnlab")}
-                cells.append(f"{mode} {'causal' if causal else 'non-causal'} {' / '.join(ratios)}")
-                newest = max(newest or (stamp(rows), rel), (stamp(rows), rel))
-        if stale and newest:
-            dev = next(r.get("device_name") for r in others[newest[1]].values())
-            label = m + impl[len("attnlab"):]
-            lines.append(f"- **{label}** was measured again after its rows above, on an {dev} "
-                         f"([{Path(newest[1]).parent.name}/{Path(newest[1]).name}]({newest[1]}), {newest[0][:10]}); x "
-                         f"the best peer in that run ({', '.join(sorted(peer))}) at "
-                         f"{' / '.join(f'{n // 1024}k' for n in LENGTHS)}: " + "; ".join(cells) + ".")
+                    peer |= set(peers) if ok else set()
+                used.setdefault(rel, len(used) + 1)
+                cells.append((f"{mode} {'causal' if causal else 'non-causal'} {' / '.join(ratios)}", rel))
+        if not (stale and used):
+            continue
+        many = len(used) > 1  # a mode whose best run is another: each cell names its run
+        cells = [text + (f" [{used[rel]}]" if many else "") for text, rel in cells]
+        devs = sorted({r.get("device_name") for rel in used for r in others[rel].values()})
+        links = ", ".join((f"[{i}] " if many else "") + f"[{Path(rel).parent.name}/{Path(rel).name}]({rel}), "
+                          f"{stamp(others[rel])[:10]}" for rel, i in used.items())
+        label = m + impl[len("attnlab"):]
+        when = "was measured again after its rows above" if h200 else "has no H200 row in a mode below; measured"
+        lines.append(f"- **{label}** {when}, on {' and '.join('an ' + d for d in devs)} ({links}); x the best peer in "
+                     f"the same run ({', '.join(sorted(peer)) or 'none ran'}) at "
+                     f"{' / '.join(f'{n // 1024}k' for n in LENGTHS)}: " + "; ".join(cells) + ".")
     if lines:
         lines.insert(0, "Rows above that a later run on another card re-measured (its same-run ratios; the H200 rows "
                         "stand until an H200 run replaces them):")

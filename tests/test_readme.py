@@ -76,4 +76,10 @@ def test_a_later_run_on_another_card_is_listed_under_the_tables_and_an_earlier_o
     assert "fwd causal 0.25 / 0.25 / 0.25" in notes[1]  # that run's own ratio to its peer, never across cards
     assert mod.other_card_notes(h200, {"results/b/sweep.json": run("2026-05-01", 0.5, "H100")}) == []  # older: no note
     assert mod.other_card_notes(h200, {"results/b/sweep.json": run("2026-07-01", 0.5, "H100", "sdpa")}) == []
-    assert len(mod.other_card_notes({}, later)) == 2  # a method with no H200 row at all: listed
+    alone = mod.other_card_notes({}, later)  # a method with no H200 row at all: listed, and said so
+    assert len(alone) == 2 and "has no H200 row" in alone[1]
+    # a mode whose best run is another one: each cell names its run
+    fwdbwd = {(("fwd+bwd",) + k[1:]): v for k, v in run("2026-07-02", 1.0, "H100").items()}
+    two = mod.other_card_notes(h200, {**later, "results/c/sweep.json": fwdbwd})
+    assert "fwd causal 0.25 / 0.25 / 0.25 [1]" in two[1] and "fwd+bwd causal 0.50 / 0.50 / 0.50 [2]" in two[1]
+    assert "[2] [c/sweep.json]" in two[1]
