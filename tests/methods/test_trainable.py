@@ -225,6 +225,27 @@ def test_calibration_measures_the_attention_mass_per_head_and_distance():
     assert s[1, 5] > s[1, 1]  # head 1: block 0 seen from the last row (distance 5) beats a neighbour block
 
 
+def test_calibration_of_a_left_padded_batch_counts_each_row_from_its_first_key():
+    """The mask counts its block grid and sinks from a row's first real key; calibration measures them so too: a
+    left-padded row calibrates as the row alone, and a batch of a padded and a full row as their pooled mass."""
+    q, k, _ = rand_qkv(b=2, h=2, tq=24, d=8, seed=5)
+    kpm = torch.ones(2, 24, dtype=torch.bool)
+    kpm[0, :9] = False
+
+    def scores(*args, **kw):
+        m = attnlab.make("learned_mask", head_dim=8, num_heads=2, block_size=4, max_blocks=8, init="data", sinks=1)
+        m.calibrate(*args, causal=True, scale=0.5, **kw)
+        return m.scores.detach().clone()
+
+    alone = scores(q[:1, :, 9:], k[:1, :, 9:])
+    padded = scores(q[:1], k[:1], key_padding_mask=kpm[:1])
+    assert torch.allclose(padded, alone, atol=1e-6)
+    assert not torch.allclose(scores(q[:1], k[:1]), alone, atol=1e-3)  # from position 0 the padding would count
+    both = scores(q, k, key_padding_mask=kpm)
+    assert not torch.allclose(both, alone, atol=1e-3) and not torch.allclose(both, scores(q[1:], k[1:]), atol=1e-3)
+    assert scores(q[1:], k[1:], key_padding_mask=kpm[1:]).equal(scores(q[1:], k[1:]))  # no padding: as before
+
+
 def test_content_gate_loss_of_a_left_padded_batch_is_the_rows_mean():
     """learned_mask counts its block grid from a row's first real key (rows grouped by leading padding): the gate
     loss it leaves for training is then the mean of the rows' own losses, not the last group's."""

@@ -370,11 +370,37 @@ class LearnedMask(AttentionMethod):
     @torch.no_grad()
     def calibrate(self, q, k, *, causal: bool, key_padding_mask=None, scale: float) -> None:
         """Set the scores from the original attention on (q, k) [B, H, T, D]: log of the mean probability a query
-        block puts on one key block at each distance, per head (blockwise: a block of query rows at a time)."""
-        bs, tq, tk = self.opts.block_size, q.shape[-2], k.shape[-2]
+        block puts on one key block at each distance, per head (blockwise: a block of query rows at a time). Rows
+        are measured from their first real key, as the mask is applied (`anchored`, `attend_from_first_key`): a
+        left-padded row's blocks and sinks are its own, not its padding's; distances no row reached stay last."""
+        bs, tk = self.opts.block_size, k.shape[-2]
         nb = -(-tk // bs)
         mass = torch.zeros(q.shape[1], nb, dtype=torch.float64, device=q.device)
-        pairs = torch.zeros(nb, dtype=torch.float64, device=q.device)
+        pairs = torch.zeros(nb, dtype=torch.float64, device=q.device)  # (block pairs x rows) at each distance
+        lead = [0] * q.shape[0]
+        if key_padding_mask is not None:
+            real = key_padding_mask.bool().any(-1)
+            lead = torch.where(real, key_padding_mask.int().argmax(-1), tk).tolist()
+        for n in sorted(set(lead)):
+            rows = torch.tensor([i for i, x in enumerate(lead) if x == n], device=q.device)
+            drop = min(q.shape[-2], max(0, n - (tk - q.shape[-2]))) if causal else 0  # queries that see no key
+            if n >= tk or drop >= q.shape[-2]:
+                continue  # (a fully padded row)
+            kpm = None if key_padding_mask is None else key_padding_mask[rows, n:]
+            self._calibration_mass(q[rows, :, drop:], k[rows, :, n:], causal, kpm, scale, mass, pairs)
+        seen = pairs > 0
+        mean = mass[:, seen] / pairs[seen]  # (H, seen): the mean probability one query puts on a block at distance d
+        scores = torch.log(mean.clamp_min(1e-12)).float()
+        self.scores.data[:] = scores.min() - 1.0  # distances not seen: last
+        self.scores.data[:, :nb][:, seen] = scores
+        self.calibrated.fill_(True)
+        self._patterns.clear()
+
+    def _calibration_mass(self, q, k, causal, key_padding_mask, scale, mass, pairs) -> None:
+        """Add one group's (rows with the same leading padding, cropped to their first real key) probability mass per
+        head and block distance into `mass`, and its (block pair x row) counts into `pairs`."""
+        bs, tq, tk = self.opts.block_size, q.shape[-2], k.shape[-2]
+        nb = -(-tk // bs)
         for a in range(nb):
             s, e = max(0, a * bs - (tk - tq)), min(tq, (a + 1) * bs - (tk - tq))
             if e <= s:
@@ -387,14 +413,8 @@ class LearnedMask(AttentionMethod):
             per_block = torch.nn.functional.pad(p, (0, nb * bs - tk)).unflatten(-1, (nb, bs)).sum(-1).sum(-2)  # (B, H, nb)
             d = (a - torch.arange(nb, device=q.device)).abs()
             keep = d <= a if causal else torch.ones_like(d, dtype=torch.bool)
-            mass.index_add_(1, d[keep], per_block.sum(0)[:, keep].double() / (e - s) / q.shape[0])
-            pairs.index_add_(0, d[keep], torch.ones_like(d[keep], dtype=torch.float64))
-        mean = mass / pairs.clamp_min(1)  # (H, nb): the mean probability one query puts on a block at distance d
-        scores = torch.log(mean.clamp_min(1e-12)).float()
-        self.scores.data[:, :nb] = scores
-        self.scores.data[:, nb:] = scores.min() - 1.0  # distances not seen: last
-        self.calibrated.fill_(True)
-        self._patterns.clear()
+            mass.index_add_(1, d[keep], per_block.sum(0)[:, keep].double() / (e - s))
+            pairs.index_add_(0, d[keep], torch.full_like(d[keep], q.shape[0], dtype=torch.float64))
 
     def density_at(self, seq_len: int, causal: bool = True) -> float:
         """Fraction of the causal token pairs the static mask keeps at this length (averaged over heads)."""
