@@ -232,18 +232,34 @@ def test_calibration_of_a_left_padded_batch_counts_each_row_from_its_first_key()
     kpm = torch.ones(2, 24, dtype=torch.bool)
     kpm[0, :9] = False
 
-    def scores(*args, **kw):
+    def scores(*args, causal=True, **kw):
         m = attnlab.make("learned_mask", head_dim=8, num_heads=2, block_size=4, max_blocks=8, init="data", sinks=1)
-        m.calibrate(*args, causal=True, scale=0.5, **kw)
+        m.calibrate(*args, causal=causal, scale=0.5, **kw)
         return m.scores.detach().clone()
 
     alone = scores(q[:1, :, 9:], k[:1, :, 9:])
     padded = scores(q[:1], k[:1], key_padding_mask=kpm[:1])
     assert torch.allclose(padded, alone, atol=1e-6)
+    # not causal: the padded tokens' own queries are left out, as the mask leaves them (this raised before)
+    assert torch.allclose(scores(q[:1], k[:1], key_padding_mask=kpm[:1], causal=False),
+                          scores(q[:1, :, 9:], k[:1, :, 9:], causal=False), atol=1e-6)
     assert not torch.allclose(scores(q[:1], k[:1]), alone, atol=1e-3)  # from position 0 the padding would count
     both = scores(q, k, key_padding_mask=kpm)
     assert not torch.allclose(both, alone, atol=1e-3) and not torch.allclose(both, scores(q[1:], k[1:]), atol=1e-3)
     assert scores(q[1:], k[1:], key_padding_mask=kpm[1:]).equal(scores(q[1:], k[1:]))  # no padding: as before
+
+
+def test_content_gate_loss_not_causal_with_key_padding():
+    """The gate's target under key padding alone (a mask every query row shares) covers every block of query rows:
+    it raised past the first before (the shared mask was sliced by query rows)."""
+    m = attnlab.make("learned_mask", head_dim=16, num_heads=4, form="content", block_size=4).train()
+    q, k, v = rand_qkv(b=2, h=4, tq=20, d=16, seed=3)
+    kpm = torch.ones(2, 20, dtype=torch.bool)
+    kpm[0, 15:] = False
+    m(q, k, v, causal=False, key_padding_mask=kpm)
+    padded = m.aux_loss
+    m(q, k, v, causal=False)
+    assert torch.isfinite(padded) and abs(padded.item() - m.aux_loss.item()) > 1e-6
 
 
 def test_content_gate_loss_of_a_left_padded_batch_is_the_rows_mean():

@@ -42,6 +42,21 @@ def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
 _warned_capture = False
 
 
+def leading_padding(key_padding_mask: torch.Tensor) -> list[int]:
+    """Each row's count of padded keys before its first real one (Tk for a fully padded row): one host sync."""
+    kpm = key_padding_mask.bool()
+    real = kpm.any(-1)
+    return torch.where(real, kpm.int().argmax(-1), kpm.shape[-1]).tolist()
+
+
+def queries_before(n: int, tq: int, tk: int, causal: bool) -> int:
+    """How many leading queries a row whose keys start at n drops: causal, those that see no key (query i sits at
+    position i + Tk - Tq); not causal, the padded tokens' own queries where Tq == Tk (self-attention), else none."""
+    if causal:
+        return min(tq, max(0, n - (tk - tq)))
+    return min(tq, n) if tq == tk else 0
+
+
 def attend_from_first_key(method, q, k, v, key_padding_mask, kw) -> AttnOutput:
     """`method._attend(q, k, v, **kw)` with each row's keys counted from its first real key: rows are grouped by their
     leading padding L and a group runs on keys [L, Tk). For a pattern that reads absolute positions (StreamingLLM's
@@ -64,19 +79,14 @@ def attend_from_first_key(method, q, k, v, key_padding_mask, kw) -> AttnOutput:
             _warned_capture = True
         return attend(q, k, v, **kw)
     b, tq, tk = q.shape[0], q.shape[-2], k.shape[-2]
-    real = key_padding_mask.any(-1)
-    lead = torch.where(real, key_padding_mask.int().argmax(-1), torch.full_like(real, tk, dtype=torch.long))
-    leads = lead.tolist()
+    leads = leading_padding(key_padding_mask)
     if not any(leads):
         return attend(q, k, v, **kw)
     if hasattr(method, "aux_loss"):
         method.aux_loss = None  # (no group may run: never a previous call's loss)
     res, aux = {}, []
     for n in sorted(set(leads)):
-        if kw["causal"]:
-            drop = min(tq, max(0, n - (tk - tq)))  # queries before the row's first real key see nothing
-        else:
-            drop = min(tq, n) if tq == tk else 0  # self-attention: the padded tokens' own queries
+        drop = queries_before(n, tq, tk, kw["causal"])
         if drop == tq or n == tk:  # nothing left to attend (a fully padded row, or every query dropped)
             continue
         rows = torch.tensor([i for i, x in enumerate(leads) if x == n], device=q.device)

@@ -44,8 +44,14 @@ from ..ops.gated import gated_attention, straight_through_blocks
 from ..patterns import BlockPattern, UnionPattern, WindowPattern
 from ..registry import register
 from ..types import AttnOutput, Capabilities, OptionError, data_version, opt
-from .base import AttentionMethod
+from .base import AttentionMethod, leading_padding, queries_before
 from .dense import column_sums, dense_attention
+
+
+def query_rows(allowed: torch.Tensor | None, s: int, e: int) -> torch.Tensor | None:
+    """`masks.combine`'s allowed [B|1, H|1, Tq|1, Tk] for query rows s:e; a key-padding-only mask ([B, 1, 1, Tk])
+    is every row's (sliced, it had no rows left past the first)."""
+    return allowed if allowed is None or allowed.shape[-2] == 1 else allowed[..., s:e, :]
 
 
 @register("learned_mask")
@@ -347,14 +353,13 @@ class LearnedMask(AttentionMethod):
         nb = -(-tk // bs)
         with torch.no_grad():
             target = torch.zeros(q.shape[0], q.shape[1], nb, nb, device=q.device)
+            allowed, _ = masks.combine(tq, tk, causal=causal, key_padding_mask=key_padding_mask, device=q.device)
             for a in range(nb):
                 s, e = max(0, a * bs - (tk - tq)), min(tq, (a + 1) * bs - (tk - tq))
                 if e <= s:
                     continue
-                allowed, _ = masks.combine(tq, tk, causal=causal, key_padding_mask=key_padding_mask, device=q.device)
-                rows = None if allowed is None else allowed[..., s:e, :]
                 sc = torch.matmul(q[:, :, s:e].float(), k.float().transpose(-1, -2)) * scale
-                p = masks.masked_softmax(sc, rows)  # (B, H, C, Tk)
+                p = masks.masked_softmax(sc, query_rows(allowed, s, e))  # (B, H, C, Tk)
                 p = torch.nn.functional.pad(p, (0, nb * bs - tk)).unflatten(-1, (nb, bs))
                 target[:, :, a] = p.amax(dim=(-3, -1))
             target = target / target.sum(-1, keepdim=True).clamp_min(1e-30)
@@ -377,13 +382,10 @@ class LearnedMask(AttentionMethod):
         nb = -(-tk // bs)
         mass = torch.zeros(q.shape[1], nb, dtype=torch.float64, device=q.device)
         pairs = torch.zeros(nb, dtype=torch.float64, device=q.device)  # (block pairs x rows) at each distance
-        lead = [0] * q.shape[0]
-        if key_padding_mask is not None:
-            real = key_padding_mask.bool().any(-1)
-            lead = torch.where(real, key_padding_mask.int().argmax(-1), tk).tolist()
+        lead = [0] * q.shape[0] if key_padding_mask is None else leading_padding(key_padding_mask)
         for n in sorted(set(lead)):
             rows = torch.tensor([i for i, x in enumerate(lead) if x == n], device=q.device)
-            drop = min(q.shape[-2], max(0, n - (tk - q.shape[-2]))) if causal else 0  # queries that see no key
+            drop = queries_before(n, q.shape[-2], tk, causal)
             if n >= tk or drop >= q.shape[-2]:
                 continue  # (a fully padded row)
             kpm = None if key_padding_mask is None else key_padding_mask[rows, n:]
@@ -401,13 +403,13 @@ class LearnedMask(AttentionMethod):
         head and block distance into `mass`, and its (block pair x row) counts into `pairs`."""
         bs, tq, tk = self.opts.block_size, q.shape[-2], k.shape[-2]
         nb = -(-tk // bs)
+        allowed, _ = masks.combine(tq, tk, causal=causal, key_padding_mask=key_padding_mask, device=q.device)
         for a in range(nb):
             s, e = max(0, a * bs - (tk - tq)), min(tq, (a + 1) * bs - (tk - tq))
             if e <= s:
                 continue
-            allowed, _ = masks.combine(tq, tk, causal=causal, key_padding_mask=key_padding_mask, device=q.device)
             sc = torch.matmul(q[:, :, s:e].float(), k.float().transpose(-1, -2)) * scale
-            p = masks.masked_softmax(sc, None if allowed is None else allowed[..., s:e, :])  # (B, H, C, Tk)
+            p = masks.masked_softmax(sc, query_rows(allowed, s, e))  # (B, H, C, Tk)
             p = p.clone()
             p[..., : self.opts.sinks] = 0  # the sink tokens are always kept: their mass says nothing about distances
             per_block = torch.nn.functional.pad(p, (0, nb * bs - tk)).unflatten(-1, (nb, bs)).sum(-1).sum(-2)  # (B, H, nb)
