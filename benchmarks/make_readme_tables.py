@@ -78,6 +78,13 @@ def _pick_run(runs: dict, mode: str, causal: bool, method: str, impl: str):
     return best if best and score(best)[1] else None
 
 
+def _best_peer(rows: dict, mode: str, causal: bool, method: str, n: int):
+    """(name, row) of the fastest ok peer of `method` at length n in one run (None: no peer ran there)."""
+    peers = [(k[3], r) for k, r in rows.items() if k[:3] == (mode, causal, method) and not k[3].startswith("attnlab")
+             and k[4] == n and r["status"] == "ok"]
+    return min(peers, key=lambda p: p[1]["ms"]) if peers else None
+
+
 def other_card_notes(runs: dict, others: dict) -> list[str]:
     """A line per attnlab row measured on another GPU after the H200 run its table row comes from (a session whose
     device calls got an H100), or never on the H200: each mode's same-run ratios to the best peer, with the run each
@@ -100,13 +107,10 @@ def other_card_notes(runs: dict, others: dict) -> list[str]:
                 stale |= mine is None or stamp(rows) > stamp(mine[1])
                 ratios = []
                 for n in LENGTHS:
-                    own = rows.get((mode, causal, m, impl, n))
-                    peers = {k[3]: r for k, r in rows.items() if k[:3] == (mode, causal, m)
-                             and not k[3].startswith("attnlab") and k[4] == n and r["status"] == "ok"}
-                    best = min(peers.values(), key=lambda r: r["ms"]) if peers else None
+                    own, best = rows.get((mode, causal, m, impl, n)), _best_peer(rows, mode, causal, m, n)
                     ok = own is not None and own["status"] == "ok" and best is not None
-                    ratios.append(f"{own['ms'] / best['ms']:.2f}" if ok else "-")
-                    peer |= set(peers) if ok else set()
+                    ratios.append(f"{own['ms'] / best[1]['ms']:.2f}" if ok else "-")
+                    peer |= {best[0]} if ok else set()
                 used.setdefault(rel, len(used) + 1)
                 cells.append((f"{mode} {'causal' if causal else 'non-causal'} {' / '.join(ratios)}", rel))
         if not (stale and used):
@@ -144,19 +148,14 @@ def table(runs: dict, mode: str, causal: bool) -> str:
         big = own[-1]
         ratio_sdpa = (f"{big['ms'] / sd['ms']:.2f}" if big and sd and big["status"] == sd["status"] == "ok" else "-")
 
-        def best_peer(n):
-            peers = [r for k, r in rows.items() if k[0] == mode and k[1] == causal and k[2] == m
-                     and not k[3].startswith("attnlab") and k[4] == n and r["status"] == "ok"]
-            return min(peers, key=lambda r: r["ms"]) if peers else None
-
         ratios = []
         for r, n in zip(own, LENGTHS):
-            bp = best_peer(n)
-            ratios.append(f"{r['ms'] / bp['ms']:.2f}" if bp and r and r["status"] == "ok" else "-")
-        best = best_peer(LENGTHS[-1])
+            bp = _best_peer(rows, mode, causal, m, n)
+            ratios.append(f"{r['ms'] / bp[1]['ms']:.2f}" if bp and r and r["status"] == "ok" else "-")
+        best = _best_peer(rows, mode, causal, m, LENGTHS[-1])
         label = m + impl[len("attnlab"):]
         lines.append(f"| {label} | " + " | ".join(cell(r) for r in own)
-                     + f" | {ratio_sdpa} | {best['impl'] + ' {:.2f} ms'.format(best['ms']) if best else '-'}"
+                     + f" | {ratio_sdpa} | {best[0] + ' {:.2f} ms'.format(best[1]['ms']) if best else '-'}"
                      + f" | {' / '.join(ratios)} | {limit_cell(big)} | [{Path(rel).parent.name}/{Path(rel).name}]({rel}) |")
     return "\n".join(lines)
 
