@@ -496,6 +496,7 @@ def poisoned_reads(opts, tq, tk, dtype, q64, k64, v64) -> tuple[bool, bool]:
     compiled column above ran eagerly (past the recompile limit) or without the cheap mask, and proved nothing."""
     m = attnlab.make("block_sparse", head_dim=D, num_heads=H, num_kv_heads=HKV, **opts).to("cuda")
     q, k, v = (x.to("cuda", dtype) for x in (q64, k64, v64))
+
     def both():
         with torch.no_grad():
             compiled = m(q, k, v, causal=True).out
