@@ -160,7 +160,9 @@ def cuda_vs_cpu(names, dtypes) -> int:
                         a = m(q, k, v, causal=True).out
                         b = m(q, k2, v2, causal=True).out
                     leak = (a[:, :, : t0 + 1] - b[:, :, : t0 + 1]).abs().max().item()
-                ok = (finite and e_cuda <= 2 * e_cpu + BOUND[dtype] * scale and gerr <= 2 * g_rel[0] + 10 * BOUND[dtype]
+                # gradients: the CPU path's own error twice, plus the output's margin (every committed run's CUDA
+                # gradient error is within 2x the CPU's but rfa's bf16 trig features, 0.064 against 2 * 0.024)
+                ok = (finite and e_cuda <= 2 * e_cpu + BOUND[dtype] * scale and gerr <= 2 * g_rel[0] + BOUND[dtype]
                       and leak == 0.0 and xerr <= BOUND[dtype])
                 failures += not ok
                 print(f"{'ok ' if ok else 'FAIL'} cuda-vs-cpu {spec:12} causal={causal!s:5} {str(dtype):15} "
