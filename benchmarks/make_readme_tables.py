@@ -215,6 +215,116 @@ def _model_mode_table(rows, base: str, mode: str, title: str) -> list[str]:
     return out + [""]
 
 
+GRAPH_RUNS = (("model_bench_graph.json", "**Each step captured as one CUDA graph** (`--cuda-graph`, `model_bench_graph.json`: "
+           "`python benchmarks/model_bench.py --device cuda --dtype bfloat16 --lengths L --methods "
+           "sdpa,window,linear,performer,global_sparse --originals sdpa --modes fwd,fwd+bwd --cuda-graph`, one run per "
+           "length, each interleaved; 16384 fwd only). A replay launches the whole step at once: no Python, no "
+           "per-kernel launch cost, so this is what the kernels cost. transformers' mask is decided outside the "
+           "capture (`adapters/hf.py` `mask_outside_capture`); peak memory is what the capture allocated.",
+           "CUDA graph"),
+          ("model_bench_graph_segments.json", "**CUDA graph, after the linear kernels' state passes went into "
+           "segments** (`model_bench_graph_segments.json`: `python benchmarks/model_bench.py --device cuda --dtype "
+           "bfloat16 --cuda-graph --lengths 1024,4096,16384 --methods linear,performer --originals sdpa`, one "
+           "interleaved run; `ops/linear_triton.py` `segment_len`):", "CUDA graph with segments"),
+          ("model_bench_graph_favor_gqa.json", "**CUDA graph, after FAVOR+'s Triton feature map and the causal "
+           "kernels' kv-head states** (`model_bench_graph_favor_gqa.json`: the same command, commit 6666ffd; "
+           "`ops/favor_triton.py`, `ops/linear_triton.py`):", "CUDA graph, FAVOR+ kernel and "
+           "kv-head states"),
+          ("model_bench_graph_favor_bwd.json", "**CUDA graph, after FAVOR+'s backward became a kernel too** "
+           "(`model_bench_graph_favor_bwd.json`: the same command with `--methods performer`, commit fa4bc38):",
+           "CUDA graph, FAVOR+ forward and backward kernels"),
+          ("model_bench_graph_linear_map.json", "**CUDA graph, linear with its elementwise map inside the kernels** "
+           "(`model_bench_graph_linear_map.json`: `python benchmarks/model_bench.py --cuda-graph --lengths "
+           "1024,4096,16384 --methods linear --modes fwd,fwd+bwd`, commit 0f612e0):", "CUDA graph, in-kernel map"),
+          ("model_bench_graph_global_sparse_triton.json", "**CUDA graph, global_sparse on the Triton block kernels** "
+           "(`model_bench_graph_global_sparse_triton.json`: `python benchmarks/model_bench.py --device cuda --dtype "
+           "bfloat16 --lengths 4096,8192,16384 --methods global_sparse@flex,global_sparse,window --originals sdpa "
+           "--modes fwd,fwd+bwd --cuda-graph --narrow-backward`, commit 0a2f224; the synthetic 90%-pruned "
+           "pattern with its sinks and band; `global_sparse` is the default, now `ops/window_triton.py` with block "
+           "tables; `@flex` the FlexAttention path, its backward on 64-token blocks):",
+           "CUDA graph, global_sparse: Triton vs Flex"),
+          ("model_bench_graph_window_bounds.json", "**CUDA graph, window with the band's two-bound mask** "
+           "(`model_bench_graph_window_bounds.json`: `python benchmarks/model_bench.py --device cuda --dtype "
+           "bfloat16 --cuda-graph --lengths 1024,4096,16384 --methods window --originals sdpa --modes "
+           "fwd,fwd+bwd --budget-s 120`, commit 4004224, one interleaved run; `window_triton.BAND`):",
+           "CUDA graph, window two-bound mask"),
+          ("model_bench_graph_layouts.json", "**CUDA graph, q, k, v read and the output written in transformers' "
+           "layout** (`model_bench_graph_layouts.json`: `python benchmarks/model_bench.py --device cuda --dtype "
+           "bfloat16 --cuda-graph --lengths 1024,4096,16384 --methods window,linear,performer --originals sdpa "
+           "--modes fwd,fwd+bwd --budget-s 200`, commit 42ce912, one interleaved run; no copies of q, k, v or the "
+           "output a layer):",
+           "CUDA graph, caller's layout"),
+          ("model_bench_graph_parallel_bwd.json", "**CUDA graph, linear's short-input passes reworked** "
+           "(`model_bench_graph_parallel_bwd.json`: the same command, commit 9760bac: the parallel forward's "
+           "walk without an inner loop and with 128-token key tiles, the parallel backward per kv head in the "
+           "caller's layout; `model_bench/h200/short_calls.json` times each call alone):",
+           "CUDA graph, linear parallel passes"),
+          ("model_bench_graph_saved_states.json", "**CUDA graph, the chunked backward reading the forward's "
+           "states** (`model_bench_graph_saved_states.json`: the same command with `--methods linear,performer`, "
+           "commit 8c57186: no second state walk in the backward, O(T F D / 64) memory kept per layer):",
+           "CUDA graph, states kept for the backward"),
+          ("model_bench_graph_kv_backward.json", "**CUDA graph, the chunked backward per kv head** "
+           "(`model_bench_graph_kv_backward.json`: the same command, the working tree of 95e54ae but for a "
+           "docstring: the reverse walk and dk, dv per kv head over its group, no expanded k, v and no group "
+           "sums):", "CUDA graph, chunked backward per kv head"),
+          ("model_bench_graph_fused_bwd_map_on_load.json", "**CUDA graph, window's backward in two launches** "
+           "(`model_bench_graph_fused_bwd_map_on_load.json`: `python benchmarks/model_bench.py --device cuda "
+           "--dtype bfloat16 --cuda-graph --lengths 1024,4096,16384 --methods linear,window --originals sdpa "
+           "--modes fwd,fwd+bwd --budget-s 230`, the window of 1d2e1b4; its linear rows are a discarded working "
+           "tree that mapped q and k on load inside every backward kernel's walk, 1.25x at 1024):",
+           "CUDA graph, window backward in two launches"),
+          ("model_bench_graph_map_bwd.json", "**CUDA graph, linear's map inside the kernels with gradients** "
+           "(`model_bench_graph_map_bwd.json`: the same command with `--methods linear --budget-s 190`, commit "
+           "dd51f8f: the forward maps raw q, k on load, the backward maps them once in one launch and applies "
+           "the slope to dq, dk in its kernels):", "CUDA graph, linear map with gradients"),
+          ("model_bench_graph_performer_one_node.json", "**CUDA graph, performer as one node on two streams** "
+           "(`model_bench_graph_performer_one_node.json`: the same command with `--methods linear,performer "
+           "--budget-s 170`, commit d3ef41c: FAVOR+'s map and the causal kernels in one autograd node, the "
+           "launches that do not wait on each other on two streams; the map's forward in one tile of 256 "
+           "features, its tensors in the layouts the next kernel reads; the reverse walk by `reverse_walk`'s "
+           "rule):", "CUDA graph, performer one node"),
+          ("model_bench_graph_chunk_max.json", "**CUDA graph, the chunk maxima in one launch** "
+           "(`model_bench_graph_chunk_max.json`: the same command with `--budget-s 150`, commit 1735bac: the key "
+           "log-scales' chunk maxima from one Triton launch, not five PyTorch kernels, on the forward's critical "
+           "path):", "CUDA graph, chunk maxima in one launch"),
+          ("model_bench_graph_dk_blocks.json", "**CUDA graph, dk over feature blocks** "
+           "(`model_bench_graph_dk_blocks.json`: the same command with `--lengths 1024,4096 --budget-s 90`, the "
+           "working tree of 3318b01: the chunked backward's dk, dv pass on a program per feature block, dv in "
+           "block 0's):", "CUDA graph, dk over feature blocks"),
+          ("model_bench_graph_edges_segments.json", "**CUDA graph, window masks on edge tiles, shorter segments** "
+           "(`model_bench_graph_edges_segments.json`: `python benchmarks/model_bench.py --device cuda --dtype "
+           "bfloat16 --cuda-graph --lengths 1024,4096,16384 --methods window,linear,performer --originals sdpa "
+           "--modes fwd,fwd+bwd --budget-s 170`, one interleaved run; the window kernel masking only the band's "
+           "edge tiles, `window_triton.BAND = \"edges\"`; the state walks in segments of about sqrt(n / 4) "
+           "chunks, `linear_triton.segment_len`; measured before the window forward's register cap of 23c89ac, "
+           "which made that kernel ~10% shorter at 16k-64k; the next table is the run after it):",
+           "CUDA graph, edge masks and shorter segments"),
+          ("model_bench_graph_own_p_value_blocks.json", "**CUDA graph, the window forward's register cap, the state "
+           "pass finding the chunk maxima, wider value blocks** (`model_bench_graph_own_p_value_blocks.json`: the "
+           "same command, commit 382f801, one interleaved run (the run on 42e11c3, whose walks of 64 columns counted "
+           "as one walk in `segment_len`: `performer_1k_experiments/final_model_bench_42e11c3.json`, within 1%); `window_triton.CONFIG[\"fwd\"]` with `maxnreg`, "
+           "`linear_triton.OWN_P` (no launch of its own for the key log-scales' chunk maxima) and "
+           "`linear_triton.state_bv` (64 value columns a walk for FAVOR+'s forward and the per-kv-head reverse "
+           "walk); `performer_1k_experiments/` times each call alone):",
+           "CUDA graph, register cap, chunk maxima in the walk, value blocks"),
+          ("model_bench_graph_grad_layouts.json", "**CUDA graph, linear's chunked form under gradients from 1024 "
+           "tokens, gradients in the inputs' layouts** (`model_bench_graph_grad_layouts.json`: the same command "
+           "with `--budget-s 150`, the working tree of c00ee71, one interleaved run; `linear_triton.PARALLEL_GRAD_MAX_T` "
+           "(the quadratic passes with gradients only up to 512 tokens) and gradients from `torch.empty_like` (dq, dk, dv "
+           "written as transformers' [B, T, H, D] memory: no copy kernels on their way back); `grad_layouts/` "
+           "and `grad_rule/` hold the profiles):", "CUDA graph, chunked under gradients, gradient layouts"),
+          ("model_bench_graph_after_limits.json", "**CUDA graph, after the kernels' size limits** "
+           "(`model_bench_graph_after_limits.json`: the same command with `--budget-s 100`, the tree of 3f0ef8c, "
+           "one interleaved run, 2026-12-05: every Triton entry point checks its rows against 32-bit offsets and "
+           "CUDA's grid rows before launching, `ops/limits.py`; the step moved by at most 0.4% against the table "
+           "above):", "CUDA graph, after the size limits"),
+          ("model_bench_graph_window_bwdcap.json", "**CUDA graph, window's backward with its registers capped** "
+           "(`model_bench_graph_window_bwdcap.json`: the same command with `--methods window`, commit 751e8ba, "
+           "one interleaved run, 2026-12-05: `window_triton.CONFIG[\"bwd\"]` with `maxnreg=168`, 7.9% off the "
+           "kernel's causal fwd+bwd at 64k; at these lengths the step moved by under 0.5%):",
+           "CUDA graph, window backward capped"))
+
+
 def model_table() -> str:
     """SmolLM2-135M model level on the H200: each swapped method against the original model (sdpa), interleaved
     step by step in one process; the crossover length per method; the profile of one step; regional compile."""
@@ -258,6 +368,39 @@ def model_table() -> str:
             if none:  # a length no row fitted at has no column: say so
                 out += [f"(at {', '.join(map(str, none))} tokens every {mode} row was `oom`, the original's too: "
                         "not in the table)", ""]
+    out += ["**Each step captured as one CUDA graph, the code as it is** (`--cuda-graph`, "
+            "`model_bench_graph_after_limits.json`: `python benchmarks/model_bench.py --device cuda --dtype bfloat16 "
+            "--cuda-graph --lengths 1024,4096,16384 --methods window,linear,performer --originals sdpa --modes "
+            "fwd,fwd+bwd --budget-s 100`, the tree of 3f0ef8c, one interleaved run, 2026-12-05). A replay launches "
+            "the whole step at once: no Python, no per-kernel launch cost, so this is what the kernels cost. "
+            "transformers' mask is decided outside the capture (`adapters/hf.py` `mask_outside_capture`); peak "
+            "memory is what the capture allocated. Every earlier graph run, each with the change it measured, is in "
+            "[docs/speed.md](docs/speed.md#model-level-every-run).", ""]
+    for name, label in (("model_bench_graph_after_limits.json", "CUDA graph"),
+                        ("model_bench_graph_global_sparse_triton.json", "CUDA graph, global_sparse: Triton vs Flex")):
+        if (MODEL_DIR / name).exists():
+            if name != "model_bench_graph_after_limits.json":
+                out += [dict((n, p) for n, p, _ in GRAPH_RUNS)[name], ""]
+            gr = json.load(open(MODEL_DIR / name))
+            for mode in ("fwd", "fwd+bwd"):
+                out += _model_mode_table(gr, "original-sdpa+graph", mode, f"*{label}, {mode}*")
+    gsb = MODEL_DIR / "model_bench_global_sparse_bwd.json"
+    if gsb.exists():
+        out += _model_mode_table(json.load(open(gsb)), base, "fwd+bwd", "**global_sparse fwd+bwd** (`model_bench_"
+                                 "global_sparse_bwd.json`, its own interleaved run beside the original; the backward "
+                                 "runs 128-token Flex blocks over the 64-token pattern: the sparsify section's notes on fwd+bwd)")
+    gsn = MODEL_DIR / "model_bench_global_sparse_bwd_narrow.json"
+    if gsn.exists():
+        out += _model_mode_table(json.load(open(gsn)), base, "fwd+bwd", "**global_sparse fwd+bwd with "
+                                 "`enable_narrow_backward`** (`model_bench_global_sparse_bwd_narrow.json`, "
+                                 "`model_bench.py --narrow-backward`: the backward runs the pattern's 64-token blocks)")
+    return "\n".join(out)
+
+
+def model_history() -> str:
+    """docs/speed.md's model-level record: the profile of one eager step, every CUDA-graph run in the order they
+    were made (each with the change it measured), regional compile."""
+    out = []
     prof = MODEL_DIR / "model_bench_profile.json"
     if prof.exists():
         pr = [r for r in json.load(open(prof)) if r["status"] == "ok"]
@@ -272,115 +415,7 @@ def model_table() -> str:
             out.append(f"| {r['impl']} | {r['seq_len']} | {r['ms']:.1f} | {r.get('busy_ms', 0):.1f} | "
                        f"{r.get('host_ms', 0):.1f} | `{k[0][0][:40]}` {k[0][1]:.1f} |")
         out.append("")
-    graphs = (("model_bench_graph.json", "**Each step captured as one CUDA graph** (`--cuda-graph`, `model_bench_graph.json`: "
-               "`python benchmarks/model_bench.py --device cuda --dtype bfloat16 --lengths L --methods "
-               "sdpa,window,linear,performer,global_sparse --originals sdpa --modes fwd,fwd+bwd --cuda-graph`, one run per "
-               "length, each interleaved; 16384 fwd only). A replay launches the whole step at once: no Python, no "
-               "per-kernel launch cost, so this is what the kernels cost. transformers' mask is decided outside the "
-               "capture (`adapters/hf.py` `mask_outside_capture`); peak memory is what the capture allocated.",
-               "CUDA graph"),
-              ("model_bench_graph_segments.json", "**CUDA graph, after the linear kernels' state passes went into "
-               "segments** (`model_bench_graph_segments.json`: `python benchmarks/model_bench.py --device cuda --dtype "
-               "bfloat16 --cuda-graph --lengths 1024,4096,16384 --methods linear,performer --originals sdpa`, one "
-               "interleaved run; `ops/linear_triton.py` `segment_len`):", "CUDA graph with segments"),
-              ("model_bench_graph_favor_gqa.json", "**CUDA graph, after FAVOR+'s Triton feature map and the causal "
-               "kernels' kv-head states** (`model_bench_graph_favor_gqa.json`: the same command, commit 6666ffd; "
-               "`ops/favor_triton.py`, `ops/linear_triton.py`):", "CUDA graph, FAVOR+ kernel and "
-               "kv-head states"),
-              ("model_bench_graph_favor_bwd.json", "**CUDA graph, after FAVOR+'s backward became a kernel too** "
-               "(`model_bench_graph_favor_bwd.json`: the same command with `--methods performer`, commit fa4bc38):",
-               "CUDA graph, FAVOR+ forward and backward kernels"),
-              ("model_bench_graph_linear_map.json", "**CUDA graph, linear with its elementwise map inside the kernels** "
-               "(`model_bench_graph_linear_map.json`: `python benchmarks/model_bench.py --cuda-graph --lengths "
-               "1024,4096,16384 --methods linear --modes fwd,fwd+bwd`, commit 0f612e0):", "CUDA graph, in-kernel map"),
-              ("model_bench_graph_global_sparse_triton.json", "**CUDA graph, global_sparse on the Triton block kernels** "
-               "(`model_bench_graph_global_sparse_triton.json`: `python benchmarks/model_bench.py --device cuda --dtype "
-               "bfloat16 --lengths 4096,8192,16384 --methods global_sparse@flex,global_sparse,window --originals sdpa "
-               "--modes fwd,fwd+bwd --cuda-graph --narrow-backward`, commit 0a2f224; the synthetic 90%-pruned "
-               "pattern with its sinks and band; `global_sparse` is the default, now `ops/window_triton.py` with block "
-               "tables; `@flex` the FlexAttention path, its backward on 64-token blocks):",
-               "CUDA graph, global_sparse: Triton vs Flex"),
-              ("model_bench_graph_window_bounds.json", "**CUDA graph, window with the band's two-bound mask** "
-               "(`model_bench_graph_window_bounds.json`: `python benchmarks/model_bench.py --device cuda --dtype "
-               "bfloat16 --cuda-graph --lengths 1024,4096,16384 --methods window --originals sdpa --modes "
-               "fwd,fwd+bwd --budget-s 120`, commit 4004224, one interleaved run; `window_triton.BAND`):",
-               "CUDA graph, window two-bound mask"),
-              ("model_bench_graph_layouts.json", "**CUDA graph, q, k, v read and the output written in transformers' "
-               "layout** (`model_bench_graph_layouts.json`: `python benchmarks/model_bench.py --device cuda --dtype "
-               "bfloat16 --cuda-graph --lengths 1024,4096,16384 --methods window,linear,performer --originals sdpa "
-               "--modes fwd,fwd+bwd --budget-s 200`, commit 42ce912, one interleaved run; no copies of q, k, v or the "
-               "output a layer):",
-               "CUDA graph, caller's layout"),
-              ("model_bench_graph_parallel_bwd.json", "**CUDA graph, linear's short-input passes reworked** "
-               "(`model_bench_graph_parallel_bwd.json`: the same command, commit 9760bac: the parallel forward's "
-               "walk without an inner loop and with 128-token key tiles, the parallel backward per kv head in the "
-               "caller's layout; `model_bench/h200/short_calls.json` times each call alone):",
-               "CUDA graph, linear parallel passes"),
-              ("model_bench_graph_saved_states.json", "**CUDA graph, the chunked backward reading the forward's "
-               "states** (`model_bench_graph_saved_states.json`: the same command with `--methods linear,performer`, "
-               "commit 8c57186: no second state walk in the backward, O(T F D / 64) memory kept per layer):",
-               "CUDA graph, states kept for the backward"),
-              ("model_bench_graph_kv_backward.json", "**CUDA graph, the chunked backward per kv head** "
-               "(`model_bench_graph_kv_backward.json`: the same command, the working tree of 95e54ae but for a "
-               "docstring: the reverse walk and dk, dv per kv head over its group, no expanded k, v and no group "
-               "sums):", "CUDA graph, chunked backward per kv head"),
-              ("model_bench_graph_fused_bwd_map_on_load.json", "**CUDA graph, window's backward in two launches** "
-               "(`model_bench_graph_fused_bwd_map_on_load.json`: `python benchmarks/model_bench.py --device cuda "
-               "--dtype bfloat16 --cuda-graph --lengths 1024,4096,16384 --methods linear,window --originals sdpa "
-               "--modes fwd,fwd+bwd --budget-s 230`, the window of 1d2e1b4; its linear rows are a discarded working "
-               "tree that mapped q and k on load inside every backward kernel's walk, 1.25x at 1024):",
-               "CUDA graph, window backward in two launches"),
-              ("model_bench_graph_map_bwd.json", "**CUDA graph, linear's map inside the kernels with gradients** "
-               "(`model_bench_graph_map_bwd.json`: the same command with `--methods linear --budget-s 190`, commit "
-               "dd51f8f: the forward maps raw q, k on load, the backward maps them once in one launch and applies "
-               "the slope to dq, dk in its kernels):", "CUDA graph, linear map with gradients"),
-              ("model_bench_graph_performer_one_node.json", "**CUDA graph, performer as one node on two streams** "
-               "(`model_bench_graph_performer_one_node.json`: the same command with `--methods linear,performer "
-               "--budget-s 170`, commit d3ef41c: FAVOR+'s map and the causal kernels in one autograd node, the "
-               "launches that do not wait on each other on two streams; the map's forward in one tile of 256 "
-               "features, its tensors in the layouts the next kernel reads; the reverse walk by `reverse_walk`'s "
-               "rule):", "CUDA graph, performer one node"),
-              ("model_bench_graph_chunk_max.json", "**CUDA graph, the chunk maxima in one launch** "
-               "(`model_bench_graph_chunk_max.json`: the same command with `--budget-s 150`, commit 1735bac: the key "
-               "log-scales' chunk maxima from one Triton launch, not five PyTorch kernels, on the forward's critical "
-               "path):", "CUDA graph, chunk maxima in one launch"),
-              ("model_bench_graph_dk_blocks.json", "**CUDA graph, dk over feature blocks** "
-               "(`model_bench_graph_dk_blocks.json`: the same command with `--lengths 1024,4096 --budget-s 90`, the "
-               "working tree of 3318b01: the chunked backward's dk, dv pass on a program per feature block, dv in "
-               "block 0's):", "CUDA graph, dk over feature blocks"),
-              ("model_bench_graph_edges_segments.json", "**CUDA graph, window masks on edge tiles, shorter segments** "
-               "(`model_bench_graph_edges_segments.json`: `python benchmarks/model_bench.py --device cuda --dtype "
-               "bfloat16 --cuda-graph --lengths 1024,4096,16384 --methods window,linear,performer --originals sdpa "
-               "--modes fwd,fwd+bwd --budget-s 170`, one interleaved run; the window kernel masking only the band's "
-               "edge tiles, `window_triton.BAND = \"edges\"`; the state walks in segments of about sqrt(n / 4) "
-               "chunks, `linear_triton.segment_len`; measured before the window forward's register cap of 23c89ac, "
-               "which made that kernel ~10% shorter at 16k-64k; the next table is the run after it):",
-               "CUDA graph, edge masks and shorter segments"),
-              ("model_bench_graph_own_p_value_blocks.json", "**CUDA graph, the window forward's register cap, the state "
-               "pass finding the chunk maxima, wider value blocks** (`model_bench_graph_own_p_value_blocks.json`: the "
-               "same command, commit 382f801, one interleaved run (the run on 42e11c3, whose walks of 64 columns counted "
-               "as one walk in `segment_len`: `performer_1k_experiments/final_model_bench_42e11c3.json`, within 1%); `window_triton.CONFIG[\"fwd\"]` with `maxnreg`, "
-               "`linear_triton.OWN_P` (no launch of its own for the key log-scales' chunk maxima) and "
-               "`linear_triton.state_bv` (64 value columns a walk for FAVOR+'s forward and the per-kv-head reverse "
-               "walk); `performer_1k_experiments/` times each call alone):",
-               "CUDA graph, register cap, chunk maxima in the walk, value blocks"),
-              ("model_bench_graph_grad_layouts.json", "**CUDA graph, linear's chunked form under gradients from 1024 "
-               "tokens, gradients in the inputs' layouts** (`model_bench_graph_grad_layouts.json`: the same command "
-               "with `--budget-s 150`, the working tree of c00ee71, one interleaved run; `linear_triton.PARALLEL_GRAD_MAX_T` "
-               "(the quadratic passes with gradients only up to 512 tokens) and gradients from `torch.empty_like` (dq, dk, dv "
-               "written as transformers' [B, T, H, D] memory: no copy kernels on their way back); `grad_layouts/` "
-               "and `grad_rule/` hold the profiles):", "CUDA graph, chunked under gradients, gradient layouts"),
-              ("model_bench_graph_after_limits.json", "**CUDA graph, after the kernels' size limits** "
-               "(`model_bench_graph_after_limits.json`: the same command with `--budget-s 100`, the tree of 3f0ef8c, "
-               "one interleaved run, 2026-12-05: every Triton entry point checks its rows against 32-bit offsets and "
-               "CUDA's grid rows before launching, `ops/limits.py`; the step moved by at most 0.4% against the table "
-               "above):", "CUDA graph, after the size limits"),
-              ("model_bench_graph_window_bwdcap.json", "**CUDA graph, window's backward with its registers capped** "
-               "(`model_bench_graph_window_bwdcap.json`: the same command with `--methods window`, commit 751e8ba, "
-               "one interleaved run, 2026-12-05: `window_triton.CONFIG[\"bwd\"]` with `maxnreg=168`, 7.9% off the "
-               "kernel's causal fwd+bwd at 64k; at these lengths the step moved by under 0.5%):",
-               "CUDA graph, window backward capped"))
-    for name, prose, label in graphs:
+    for name, prose, label in GRAPH_RUNS:
         if (MODEL_DIR / name).exists():
             gr = json.load(open(MODEL_DIR / name))
             out += [prose, ""]
@@ -393,16 +428,6 @@ def model_table() -> str:
                 "methods outside the graph, one break per layer):", ""]
         for mode in ("fwd", "fwd+bwd"):
             out += _model_mode_table(cr, "original-sdpa+compile", mode, f"*regional compile, {mode}*")
-    gsb = MODEL_DIR / "model_bench_global_sparse_bwd.json"
-    if gsb.exists():
-        out += _model_mode_table(json.load(open(gsb)), base, "fwd+bwd", "**global_sparse fwd+bwd** (`model_bench_"
-                                 "global_sparse_bwd.json`, its own interleaved run beside the original; the backward "
-                                 "runs 128-token Flex blocks over the 64-token pattern, see the notes below)")
-    gsn = MODEL_DIR / "model_bench_global_sparse_bwd_narrow.json"
-    if gsn.exists():
-        out += _model_mode_table(json.load(open(gsn)), base, "fwd+bwd", "**global_sparse fwd+bwd with "
-                                 "`enable_narrow_backward`** (`model_bench_global_sparse_bwd_narrow.json`, "
-                                 "`model_bench.py --narrow-backward`: the backward runs the pattern's 64-token blocks)")
     return "\n".join(out)
 
 
@@ -865,11 +890,17 @@ def blocks() -> dict[tuple[str, str], str]:
     for task in ("lm", "spam"):
         if (HERE.parent / "docs" / f"compare-{task}.json").exists():
             out[(f"<!-- compare-{task}:start -->", f"<!-- compare-{task}:end -->")] = compare_block(task)
+    out[HISTORY] = model_history()
     return out
 
 
-def render(text: str) -> str:
-    for (start, end), body in blocks().items():
+HISTORY = ("<!-- model-history:start -->", "<!-- model-history:end -->")
+# the files whose blocks this script writes: the README, and the speed record its cost section links to
+DOCS = (HERE.parent / "README.md", HERE.parent / "docs" / "speed.md")
+
+
+def render(text: str, bodies: dict | None = None) -> str:
+    for (start, end), body in (blocks() if bodies is None else bodies).items():
         block = start + "\n" + body + "\n" + end
         if start in text:
             text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
@@ -879,16 +910,21 @@ def render(text: str) -> str:
 def main() -> int:
     import sys
 
-    readme = HERE.parent / "README.md"
-    text = readme.read_text()
-    new = render(text)
-    if "--check" in sys.argv:
+    bodies, stale = blocks(), []
+    for doc in DOCS:
+        text = doc.read_text()
+        new = render(text, bodies)
         if new != text:
-            print("README.md differs from the tables the committed JSON gives: run python benchmarks/make_readme_tables.py")
+            stale.append(doc.relative_to(HERE.parent))
+            if "--check" not in sys.argv:
+                doc.write_text(new)
+    if "--check" in sys.argv:
+        if stale:
+            print(f"{', '.join(map(str, stale))} differ from the tables the committed JSON gives: run python "
+                  "benchmarks/make_readme_tables.py")
             return 1
         return 0
-    readme.write_text(new)
-    print("README.md tables regenerated")
+    print(f"tables regenerated: {', '.join(map(str, stale)) or 'none changed'}")
     return 0
 
 
