@@ -362,12 +362,57 @@ def test_block_masks_partial_blocks_evaluate_only_what_can_cut_them(tq, tk, caus
     assert cheap_seen or not causal or (tk - tq) % 32
 
 
+@pytest.mark.parametrize("tq,tk", [(256, 256), (200, 200), (64, 256), (100, 228)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_union_with_a_wide_band_hands_partial_blocks_the_band_alone(tq, tk, causal):
+    """learned_mask's and global_sparse's patterns: an aligned block layout OR a band (+ sinks). Where the band admits
+    every causal pair of a diagonal block (window >= block - 1), the union's partial blocks get the band, the sinks
+    and causal, never the layout's table; a narrower band, an unaligned layout or non-causal keep the whole
+    mask_mod. Either way the pairs the kernel computes are the pattern's exactly."""
+    g = torch.Generator().manual_seed(7)
+    per_head = (torch.rand(2, 8, 8, generator=g) < 0.3) | torch.eye(8, dtype=torch.bool)
+    cheap_seen = 0
+    for window, sinks in ((31, 0), (32, 4), (63, 2), (15, 4), (0, 4)):
+        for layout_bs in (32, 64):
+            pat = patterns.UnionPattern(patterns.BlockPattern.from_blocks(per_head, layout_bs),
+                                        patterns.WindowPattern(window, sinks))
+            for bs in (16, 32, 64):
+                kbm = pat.block_masks(tq, tk, causal, "cpu", bs)[1]
+                cheap = pat.partial_mask_mod(tq, tk, causal, "cpu", bs)
+                # ragged lengths need the BlockMask built from block tables (Tq == Tk, block >= layout block)
+                whole_blocks = (tq % bs == 0 and tk % bs == 0) or (tq == tk and bs % layout_bs == 0)
+                expect = (causal and layout_bs % bs == 0 and (tk - tq) % layout_bs == 0 and window >= bs - 1
+                          and whole_blocks)
+                assert (cheap is not None) == expect, (window, layout_bs, bs)
+                cheap_seen += expect
+                want = pat.dense(tq, tk, causal).expand(2, tq, tk)
+                assert torch.equal(_block_mask_pairs(kbm, tq, tk, 2), want), (window, sinks, layout_bs, bs)
+    assert cheap_seen or not causal or (tq, tk) == (100, 228)  # ragged decoding shapes: the whole mask_mod
+
+
+def test_union_partial_mask_mod_reads_no_layout():
+    """The kernel mod of an aligned layout OR a wide band is the band's: changing the layout leaves its verdict on
+    every pair unchanged (the whole mask_mod's moves)."""
+    a = torch.eye(4, dtype=torch.bool)
+    b = a | torch.tril(torch.ones(4, 4, dtype=torch.bool), -2)
+    mods = []
+    for lay in (a, b):
+        pat = patterns.UnionPattern(patterns.BlockPattern.from_blocks(lay, 16), patterns.WindowPattern(16, 2))
+        cheap = pat.partial_mask_mod(64, 64, True, "cpu", 16)
+        mods.append((patterns.dense_mask(cheap, 64, 64), pat.dense(64, 64, True)))
+    assert torch.equal(mods[0][0], mods[1][0]) and not torch.equal(mods[0][1], mods[1][1])
+
+
 @pytest.mark.flex
-def test_aligned_causal_block_layout_on_flex_matches_the_reference():
-    """The causal-only partial-block mask_mod through the compiled kernel (per-head layout of 16-token blocks under
-    a 16-token BlockMask, a ragged length; the flex shape of the test above)."""
+@pytest.mark.parametrize("band", [None, (16, 2)])
+def test_aligned_causal_block_layout_on_flex_matches_the_reference(band):
+    """The cheap partial-block mask_mod through the compiled kernel (per-head layout of 16-token blocks under a
+    16-token BlockMask, a ragged length; the flex shape of the test above): causal alone for the layout, the band
+    and sinks with causal for the layout OR a band (learned_mask's pattern)."""
     blocks = (torch.rand(3, 3, 3, generator=torch.Generator().manual_seed(4)) < 0.5) | torch.eye(3, dtype=torch.bool)
     pat = patterns.BlockPattern.from_blocks(blocks, block_size=16)
+    if band:
+        pat = patterns.UnionPattern(pat, patterns.WindowPattern(*band))
     assert pat.partial_mask_mod(37, 37, True, "cpu", 16) is not None  # the path under test
     q, k, v = rand_qkv(b=2, h=3, tq=37, d=16, seed=5)
     with torch.no_grad():

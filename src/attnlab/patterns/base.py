@@ -123,13 +123,24 @@ class Pattern(nn.Module):
         BlockMask is then built by evaluating the mask_mod at token resolution."""
         return None
 
+    def blockwise(self, tq: int, tk: int, block_size: int) -> bool:
+        """True when the pattern's own verdict (causal aside) is constant on every block of a BlockMask of
+        `block_size` tokens at (Tq, Tk): a block layout aligned with those blocks. Such a pattern is then cut only by
+        the causal diagonal. False (the default) says nothing."""
+        return False
+
+    def sees_causal_block(self, block_size: int) -> bool:
+        """True when the pattern keeps every pair 0 <= pos(i) - j < block_size (a band at least that wide): all the
+        causal pairs of a BlockMask block on the diagonal, where the blocks are whole numbers of positions."""
+        return False
+
     def partial_mask_mod(self, tq: int, tk: int, causal: bool, device, block_size: int) -> MaskMod | None:
         """What compiled FlexAttention need evaluate inside the BlockMask's partial blocks (blocks of `block_size`
         tokens; full blocks evaluate nothing, empty ones are skipped): `block_masks`' second. None: the whole
-        mask_mod (the default). A pattern whose own verdict is constant on every such block (a block layout aligned
-        with them) returns only what can cut a visited block, the causal diagonal, and spares the kernel its
-        per-pair table lookup there."""
-        return None
+        mask_mod. A causal `blockwise` pattern is partial only where the diagonal cuts a block it keeps whole, so
+        the causal comparison alone is its mask there: no per-pair table lookup (a gather and two int64 divisions).
+        Non-causal blockwise layouts have no partial blocks but ragged tails: the whole mask_mod."""
+        return causal_mod(tk - tq, device) if causal and self.blockwise(tq, tk, block_size) else None
 
     # ---- shared mechanics ----------------------------------------------------------------------------------
     @property
@@ -281,6 +292,31 @@ class UnionPattern(Pattern):
         for a, f in tables[1:]:
             any_, full = any_ | a, full | f
         return any_, full
+
+    def blockwise(self, tq, tk, block_size):
+        return all(p.blockwise(tq, tk, block_size) for p in self.parts)
+
+    def sees_causal_block(self, block_size):
+        return any(p.sees_causal_block(block_size) for p in self.parts)
+
+    def partial_mask_mod(self, tq, tk, causal, device, block_size):
+        """A partial block of the union is one where no part is full. A `blockwise` part (an aligned block layout)
+        is there either empty or cut by the causal diagonal; on the diagonal, a part that `sees_causal_block`
+        (learned_mask's local band, global_sparse's band) already admits every causal pair. So in every partial block
+        the union is the other parts' mask_mods with causal, and the layout's table is never read (the whole
+        mask_mod gathers from it on every pair of a partial block). Except in a ragged last block built by
+        evaluating the mask_mod (`create_block_mask`, without block tables): it counts the positions past the end as
+        masked, so a block the layout keeps whole is partial there and needs the layout."""
+        if not causal or self.blockwise(tq, tk, block_size):
+            return super().partial_mask_mod(tq, tk, causal, device, block_size)
+        rest = [p for p in self.parts if not p.blockwise(tq, tk, block_size)]
+        if len(rest) == len(self.parts) or not any(p.sees_causal_block(block_size) for p in rest):
+            return None
+        if (tq % block_size or tk % block_size) and (
+                tq != tk or self.block_tables(-(-tk // block_size), block_size, causal) is None):
+            return None
+        dev = device if device is not None else self.device
+        return and_masks(or_masks(*(p.mask_mod(tq, tk, False, dev) for p in rest)), causal_mod(tk - tq, dev))
 
     def mask_mod(self, tq, tk, causal=False, device=None):
         mods = [p.mask_mod(tq, tk, False, device) for p in self.parts]

@@ -34,16 +34,12 @@ def block_layout_mod(layout: torch.Tensor, block_size: int, offset: int = 0, dev
     return block_mask
 
 
-def aligned_partial_mod(layout_block: int, tq: int, tk: int, causal: bool, device, block_size: int) -> MaskMod | None:
-    """`Pattern.partial_mask_mod` of a layout of `layout_block`-token blocks under a BlockMask of `block_size`:
-    when every BlockMask block lies inside one layout block (block_size divides layout_block, and the query
-    positions' offset Tk - Tq is a whole number of layout blocks, so pos(i) // layout_block, clamped at 0, is
-    constant on each query block), the layout is True on every block the kernel visits, and only the causal
-    diagonal can cut one: the mask_mod there is causal alone, no table lookup (a gather and two int64 divisions
-    per pair). Non-causal aligned layouts have no partial blocks but ragged tails: the whole mask_mod (None)."""
-    if not causal or layout_block % block_size or (tk - tq) % layout_block:
-        return None
-    return causal_mod(tk - tq, device)
+def aligned(layout_block: int, tq: int, tk: int, block_size: int) -> bool:
+    """`Pattern.blockwise` of a layout of `layout_block`-token blocks under a BlockMask of `block_size`: every
+    BlockMask block lies inside one layout block when block_size divides layout_block and the query positions'
+    offset Tk - Tq is a whole number of layout blocks (so pos(i) // layout_block, clamped at 0, is constant on each
+    query block)."""
+    return layout_block % block_size == 0 and (tk - tq) % layout_block == 0
 
 
 def layout_chunks(layout: torch.Tensor, tq: int, tk: int, block_size: int, *, causal: bool, device):
@@ -143,8 +139,8 @@ class BlockPattern(Pattern):
             full = full & (b < a)
         return any_, full
 
-    def partial_mask_mod(self, tq, tk, causal, device, block_size):
-        return aligned_partial_mod(self.block_size, tq, tk, causal, device, block_size)
+    def blockwise(self, tq, tk, block_size):
+        return aligned(self.block_size, tq, tk, block_size)
 
     def key_chunks(self, tq, tk, causal):
         return layout_chunks(self.layout, tq, tk, self.block_size, causal=causal, device=self.device)
@@ -199,8 +195,8 @@ class BigBirdPattern(Pattern):
         mod = block_layout_mod(self.layout_for(tq, tk, causal), self.block_size, tk - tq, device)
         return and_masks(mod, causal_mod(tk - tq, device)) if causal else mod
 
-    def partial_mask_mod(self, tq, tk, causal, device, block_size):
-        return aligned_partial_mod(self.block_size, tq, tk, causal, device, block_size)
+    def blockwise(self, tq, tk, block_size):
+        return aligned(self.block_size, tq, tk, block_size)
 
     def key_chunks(self, tq, tk, causal):
         return layout_chunks(self.layout_for(tq, tk, causal), tq, tk, self.block_size, causal=causal, device=self.device)

@@ -46,6 +46,9 @@ class WindowPattern(Pattern):
         mod = sliding_window_mod(self.window, offset, device)
         return or_masks(mod, sinks_mod(self.sinks, device)) if self.sinks else mod
 
+    def sees_causal_block(self, block_size):
+        return self.window >= block_size - 1
+
     def block_tables(self, nb, bs, causal):
         a = torch.arange(nb)[:, None]
         b = torch.arange(nb)[None, :]
