@@ -358,7 +358,7 @@ def model_table() -> str:
     if long.exists():
         lr = json.load(open(long))
         lcmd = lr[0].get("command", "").replace("python3 ", "python ").split(" --out")[0]
-        out += [f"**Long inputs, the code as it is** (`model_bench_long.json`: `{lcmd}`, commit "
+        out += [f"**Long inputs** (`model_bench_long.json`: `{lcmd}`, commit "
                 f"{lr[0].get('commit') or 'in the folder README'}, one interleaved run; eager steps: from 16k tokens "
                 "the host is not the bottleneck; `oom`: the step did not fit in the H200's memory):", ""]
         for mode in ("fwd", "fwd+bwd"):
@@ -368,10 +368,11 @@ def model_table() -> str:
             if none:  # a length no row fitted at has no column: say so
                 out += [f"(at {', '.join(map(str, none))} tokens every {mode} row was `oom`, the original's too: "
                         "not in the table)", ""]
-    out += ["**Each step captured as one CUDA graph, the code as it is** (`--cuda-graph`, "
-            "`model_bench_graph_after_limits.json`: `python benchmarks/model_bench.py --device cuda --dtype bfloat16 "
-            "--cuda-graph --lengths 1024,4096,16384 --methods window,linear,performer --originals sdpa --modes "
-            "fwd,fwd+bwd --budget-s 100`, the tree of 3f0ef8c, one interleaved run, 2026-12-05). A replay launches "
+    out += ["**Each step captured as one CUDA graph, the latest run of window, linear and performer together** "
+            "(`--cuda-graph`, `model_bench_graph_after_limits.json`: `python benchmarks/model_bench.py --device cuda "
+            "--dtype bfloat16 --cuda-graph --lengths 1024,4096,16384 --methods window,linear,performer --originals sdpa "
+            "--modes fwd,fwd+bwd --budget-s 100`, the tree of 3f0ef8c, one interleaved run, 2026-12-05; window's run "
+            "after its backward's register cap, 751e8ba, moved its step by under 0.5%). A replay launches "
             "the whole step at once: no Python, no per-kernel launch cost, so this is what the kernels cost. "
             "transformers' mask is decided outside the capture (`adapters/hf.py` `mask_outside_capture`); peak "
             "memory is what the capture allocated. Every earlier graph run, each with the change it measured, is in "
@@ -911,8 +912,13 @@ def main() -> int:
     import sys
 
     bodies, stale = blocks(), []
+    texts = {doc: doc.read_text() for doc in DOCS}
+    lost = [start for start, end in bodies if sum(start in t and end in t for t in texts.values()) != 1]
+    if lost:  # render() fills only the markers it finds: a deleted pair would otherwise pass unseen
+        print(f"each of these blocks should be in exactly one of {', '.join(d.name for d in DOCS)}: {', '.join(lost)}")
+        return 1
     for doc in DOCS:
-        text = doc.read_text()
+        text = texts[doc]
         new = render(text, bodies)
         if new != text:
             stale.append(doc.relative_to(HERE.parent))
