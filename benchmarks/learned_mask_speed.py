@@ -34,8 +34,8 @@ def main() -> None:
     p.add_argument("--lengths", default="4096,16384,65536")
     p.add_argument("--densities", default="0.5,0.25")
     p.add_argument("--device", default="cuda")
-    p.add_argument("--block-size", type=int, default=128, help="the learned blocks (128: FlexAttention; 16-64 take "
-                   "the Triton block kernels on CUDA by default)")
+    p.add_argument("--block-size", type=int, default=128, help="the learned blocks (run on FlexAttention: "
+                   "backend='flex', which 16-64-token blocks would otherwise leave for the Triton block kernels)")
     p.add_argument("--whole-mod", action="store_true", help="also time the layout with the whole mask_mod in partial "
                    "blocks (learned_mask@whole-mod rows), in the same run")
     args = p.parse_args()
@@ -44,14 +44,14 @@ def main() -> None:
     rows = []
     for t in map(int, args.lengths.split(",")):
         for density in map(float, args.densities.split(",")):
-            lm = attnlab.make("learned_mask", head_dim=d, num_heads=h, density=density, block_size=bs,
-                              max_blocks=-(-t // bs)).to(dev).eval()
+            opts = dict(density=density, block_size=bs, max_blocks=-(-t // bs), backend="flex")
+            lm = attnlab.make("learned_mask", head_dim=d, num_heads=h, **opts).to(dev).eval()
             real = lm.density_at(t)
-            variants = [("learned_mask", lm)]
+            variants, patched = [("learned_mask", lm)], None
             if args.whole_mod:
-                whole = attnlab.make("learned_mask", head_dim=d, num_heads=h, density=density, block_size=bs,
-                                     max_blocks=-(-t // bs)).to(dev).eval()
-                whole._pattern(-(-t // bs), True).partial_mask_mod = lambda *a, **kw: None  # the whole mask_mod
+                whole = attnlab.make("learned_mask", head_dim=d, num_heads=h, **opts).to(dev).eval()
+                patched = whole._pattern(-(-t // bs), True)  # kept while its scores do not change (eval)
+                patched.partial_mask_mod = lambda *a, **kw: None  # the whole mask_mod
                 variants.append(("learned_mask@whole-mod", whole))
             pat = WindowPattern.for_density(real, t, sinks=4)
             win = attnlab.make("window", head_dim=d, num_heads=h, window=pat.window, sinks=4).to(dev)
@@ -67,6 +67,8 @@ def main() -> None:
                                  "options": m.options_dict(), "kernel": m.kernel, **{k: r[k] for k in ("status", "ms", "peak_mem_bytes", "error")},
                                  **environment(dev), "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S")})
                     print(json.dumps({k: rows[-1][k] for k in ("method", "seq_len", "mode", "target_density", "density", "kernel", "status", "ms")}), flush=True)
+            if patched is not None:
+                assert whole._pattern(-(-t // bs), True) is patched, "the whole-mod rows lost their patched pattern"
             Path(args.out).mkdir(parents=True, exist_ok=True)
             (Path(args.out) / "learned_mask_speed.json").write_text(json.dumps(rows, indent=1, default=str))
 

@@ -377,13 +377,12 @@ def test_a_union_with_a_wide_band_hands_partial_blocks_the_band_alone(tq, tk, ca
             pat = patterns.UnionPattern(patterns.BlockPattern.from_blocks(per_head, layout_bs),
                                         patterns.WindowPattern(window, sinks))
             for bs in (16, 32, 64):
-                kbm = pat.block_masks(tq, tk, causal, "cpu", bs)[1]
-                cheap = pat.partial_mask_mod(tq, tk, causal, "cpu", bs)
+                bm, kbm = pat.block_masks(tq, tk, causal, "cpu", bs)
                 # ragged lengths need the BlockMask built from block tables (Tq == Tk, block >= layout block)
                 whole_blocks = (tq % bs == 0 and tk % bs == 0) or (tq == tk and bs % layout_bs == 0)
                 expect = (causal and layout_bs % bs == 0 and (tk - tq) % layout_bs == 0 and window >= bs - 1
                           and whole_blocks)
-                assert (cheap is not None) == expect, (window, layout_bs, bs)
+                assert (kbm is not bm) == expect, (window, layout_bs, bs)
                 cheap_seen += expect
                 want = pat.dense(tq, tk, causal).expand(2, tq, tk)
                 assert torch.equal(_block_mask_pairs(kbm, tq, tk, 2), want), (window, sinks, layout_bs, bs)
@@ -398,7 +397,7 @@ def test_union_partial_mask_mod_reads_no_layout():
     mods = []
     for lay in (a, b):
         pat = patterns.UnionPattern(patterns.BlockPattern.from_blocks(lay, 16), patterns.WindowPattern(16, 2))
-        cheap = pat.partial_mask_mod(64, 64, True, "cpu", 16)
+        cheap = pat.block_masks(64, 64, True, "cpu", 16)[1].mask_mod
         mods.append((patterns.dense_mask(cheap, 64, 64), pat.dense(64, 64, True)))
     assert torch.equal(mods[0][0], mods[1][0]) and not torch.equal(mods[0][1], mods[1][1])
 
@@ -413,7 +412,8 @@ def test_aligned_causal_block_layout_on_flex_matches_the_reference(band):
     pat = patterns.BlockPattern.from_blocks(blocks, block_size=16)
     if band:
         pat = patterns.UnionPattern(pat, patterns.WindowPattern(*band))
-    assert pat.partial_mask_mod(37, 37, True, "cpu", 16) is not None  # the path under test
+    bm, kbm = pat.block_masks(37, 37, True, "cpu", 16)
+    assert kbm is not bm  # the path under test: the kernel BlockMask carries the cheap mask_mod
     q, k, v = rand_qkv(b=2, h=3, tq=37, d=16, seed=5)
     with torch.no_grad():
         res, kernel = sparse.sparse_attention(q, k, v, pat, causal=True, key_padding_mask=None, scale=0.25,

@@ -129,17 +129,20 @@ class Pattern(nn.Module):
         the causal diagonal. False (the default) says nothing."""
         return False
 
-    def sees_causal_block(self, block_size: int) -> bool:
+    def covers_diagonal_block(self, block_size: int) -> bool:
         """True when the pattern keeps every pair 0 <= pos(i) - j < block_size (a band at least that wide): all the
-        causal pairs of a BlockMask block on the diagonal, where the blocks are whole numbers of positions."""
+        causal pairs of a BlockMask block on the diagonal, when Tk - Tq is a whole number of blocks."""
         return False
 
-    def partial_mask_mod(self, tq: int, tk: int, causal: bool, device, block_size: int) -> MaskMod | None:
+    def partial_mask_mod(self, tq: int, tk: int, causal: bool, device, block_size: int,
+                         tables: bool = False) -> MaskMod | None:
         """What compiled FlexAttention need evaluate inside the BlockMask's partial blocks (blocks of `block_size`
         tokens; full blocks evaluate nothing, empty ones are skipped): `block_masks`' second. None: the whole
         mask_mod. A causal `blockwise` pattern is partial only where the diagonal cuts a block it keeps whole, so
         the causal comparison alone is its mask there: no per-pair table lookup (a gather and two int64 divisions).
-        Non-causal blockwise layouts have no partial blocks but ragged tails: the whole mask_mod."""
+        Non-causal blockwise layouts have no partial blocks but ragged tails: the whole mask_mod. `tables`: the
+        BlockMask was built from `block_tables` (`block_masks` says), where a ragged last block the pattern keeps
+        whole counts as full; built by evaluating the mask_mod, it counts as partial (positions past the end masked)."""
         return causal_mod(tk - tq, device) if causal and self.blockwise(tq, tk, block_size) else None
 
     # ---- shared mechanics ----------------------------------------------------------------------------------
@@ -203,6 +206,11 @@ class Pattern(nn.Module):
 
     def block_mask(self, tq: int, tk: int, causal: bool, device, block_size: int = 128):
         """The FlexAttention BlockMask of this pattern at (Tq, Tk), built once per data version and LRU-cached."""
+        return self._block_mask(tq, tk, causal, device, block_size)[0]
+
+    def _block_mask(self, tq: int, tk: int, causal: bool, device, block_size: int):
+        """(BlockMask, whether it was built from `block_tables`): from the tables for self-attention where the
+        pattern has them, else by evaluating the mask_mod at token resolution (`create_block_mask`)."""
         from torch.nn.attention.flex_attention import create_block_mask
 
         device = torch.device(device)
@@ -213,8 +221,8 @@ class Pattern(nn.Module):
             tables = self.block_tables(nb, block_size, causal) if tq == tk else None
             mod = self.mask_mod(tq, tk, causal, device)
             if tables is None:
-                return create_block_mask(mod, None, heads, tq, tk, device=device, BLOCK_SIZE=block_size)
-            return block_mask_from_tables(*tables, mod, tq, tk, block_size, device)
+                return create_block_mask(mod, None, heads, tq, tk, device=device, BLOCK_SIZE=block_size), False
+            return block_mask_from_tables(*tables, mod, tq, tk, block_size, device), True
         return self.cached((tq, tk, causal, str(device), block_size), make)
 
     def block_masks(self, tq: int, tk: int, causal: bool, device, block_size: int = 128):
@@ -227,8 +235,8 @@ class Pattern(nn.Module):
         device = torch.device(device)
 
         def make():  # on a miss only: a mask_mod's constants are device tensors, made by a copy that waits for the GPU
-            bm = self.block_mask(tq, tk, causal, device, block_size)
-            inside = self.partial_mask_mod(tq, tk, causal, device, block_size)
+            bm, tables = self._block_mask(tq, tk, causal, device, block_size)
+            inside = self.partial_mask_mod(tq, tk, causal, device, block_size, tables=tables)
             return bm, bm if inside is None else BlockMask.from_kv_blocks(
                 bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices, BLOCK_SIZE=block_size,
                 mask_mod=inside, seq_lengths=(tq, tk))
@@ -296,27 +304,25 @@ class UnionPattern(Pattern):
     def blockwise(self, tq, tk, block_size):
         return all(p.blockwise(tq, tk, block_size) for p in self.parts)
 
-    def sees_causal_block(self, block_size):
-        return any(p.sees_causal_block(block_size) for p in self.parts)
+    def covers_diagonal_block(self, block_size):
+        return any(p.covers_diagonal_block(block_size) for p in self.parts)
 
-    def partial_mask_mod(self, tq, tk, causal, device, block_size):
-        """A partial block of the union is one where no part is full. A `blockwise` part (an aligned block layout)
-        is there either empty or cut by the causal diagonal; on the diagonal, a part that `sees_causal_block`
-        (learned_mask's local band, global_sparse's band) already admits every causal pair. So in every partial block
-        the union is the other parts' mask_mods with causal, and the layout's table is never read (the whole
-        mask_mod gathers from it on every pair of a partial block). Except in a ragged last block built by
-        evaluating the mask_mod (`create_block_mask`, without block tables): it counts the positions past the end as
-        masked, so a block the layout keeps whole is partial there and needs the layout."""
+    def partial_mask_mod(self, tq, tk, causal, device, block_size, tables=False):
+        """Causal, with Tk - Tq a whole number of blocks (so the diagonal cuts only blocks whose pairs lie
+        0 <= pos(i) - j < block_size apart): in a partial block of the union no part is full, so a `blockwise` part
+        (an aligned block layout) is there either empty or cut by the diagonal, and on the diagonal a part that
+        `covers_diagonal_block` (learned_mask's local band, global_sparse's band) already admits every causal pair.
+        The union there is the other parts' mask_mods with causal, and the layout's table is never read (the whole
+        mask_mod gathers from it on every pair of a partial block). A ragged last block is partial even where the
+        layout keeps it whole unless the BlockMask came from block tables (`tables`): then the whole mask_mod. A
+        blockwise part nested in another union is still read (correct, no saving)."""
         if not causal or self.blockwise(tq, tk, block_size):
-            return super().partial_mask_mod(tq, tk, causal, device, block_size)
+            return super().partial_mask_mod(tq, tk, causal, device, block_size, tables)
         rest = [p for p in self.parts if not p.blockwise(tq, tk, block_size)]
-        if len(rest) == len(self.parts) or not any(p.sees_causal_block(block_size) for p in rest):
+        if (len(rest) == len(self.parts) or not any(p.covers_diagonal_block(block_size) for p in rest)
+                or (tk - tq) % block_size or ((tq % block_size or tk % block_size) and not tables)):
             return None
-        if (tq % block_size or tk % block_size) and (
-                tq != tk or self.block_tables(-(-tk // block_size), block_size, causal) is None):
-            return None
-        dev = device if device is not None else self.device
-        return and_masks(or_masks(*(p.mask_mod(tq, tk, False, dev) for p in rest)), causal_mod(tk - tq, dev))
+        return and_masks(or_masks(*(p.mask_mod(tq, tk, False, device) for p in rest)), causal_mod(tk - tq, device))
 
     def mask_mod(self, tq, tk, causal=False, device=None):
         mods = [p.mask_mod(tq, tk, False, device) for p in self.parts]

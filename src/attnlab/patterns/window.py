@@ -46,7 +46,7 @@ class WindowPattern(Pattern):
         mod = sliding_window_mod(self.window, offset, device)
         return or_masks(mod, sinks_mod(self.sinks, device)) if self.sinks else mod
 
-    def sees_causal_block(self, block_size):
+    def covers_diagonal_block(self, block_size):
         return self.window >= block_size - 1
 
     def block_tables(self, nb, bs, causal):
