@@ -1,7 +1,8 @@
 """`Pattern`: which (query, key) pairs may attend, as an nn.Module whose data are buffers.
 
     pattern.mask_mod(tq, tk, causal=True)   # fn(b, h, q_idx, kv_idx) -> Bool, FlexAttention's signature
-    pattern.block_mask(tq, tk, causal, device, block_size, heads)   # the cached FlexAttention BlockMask
+    pattern.block_mask(tq, tk, causal, device, block_size)   # the cached FlexAttention BlockMask
+    pattern.block_masks(tq, tk, causal, device, block_size)  # it and the compiled kernel's (partial_mask_mod inside)
     pattern.key_chunks(tq, tk, causal)      # (start, end, key indices) per query chunk: the plain-PyTorch kernel
     pattern.dense(tq, tk, causal)           # Bool[H|1, Tq, Tk], for need_probs and tests
 
