@@ -9,9 +9,9 @@
 3. causal no-leak on CUDA, bit for bit;
 4. the declared extras (lse, column sums) on CUDA vs the CPU path;
 5. inputs in transformers' layout ([B, H, T, D] views of [B, T, H, D] memory) vs contiguous copies;
-6. per method: lsh's buckets, window's band masks, block_sparse's cheap kernel mask_mod (compiled and force-eager),
-   linear's maps inside the kernels with gradients, performer's reverse walks at its 256 features, nystrom's solve;
-   learned_mask's cheap kernel mask_mod (its layout OR band + sinks) beside block_sparse's.
+6. per method: lsh's buckets, window's band masks, block_sparse's and learned_mask's cheap kernel mask_mod
+   (compiled and force-eager), linear's maps inside the kernels with gradients, performer's reverse walks at its 256
+   features, nystrom's solve.
 
     PYTHONPATH=src python benchmarks/gpu_checks.py               # every method, prints a line per check, exits 1 on a failure
     PYTHONPATH=src python benchmarks/gpu_checks.py linear,window  # only these methods
@@ -430,8 +430,8 @@ def kernel_maps(dtypes) -> int:
 
 
 def _masked(method: str, opts: dict, dev_opts: dict, dev: str):
-    """(module, its pattern at Tk = 1024's blocks) for kernel_masks: block_sparse, or learned_mask in eval (its hard
-    mask through the sparse kernel, gradients included) with random scores, so each head keeps other blocks."""
+    """A module for kernel_masks: block_sparse, or learned_mask in eval (its hard mask through the sparse kernel,
+    gradients included) with random scores, so each head keeps other blocks."""
     m = attnlab.make(method, head_dim=D, num_heads=H, num_kv_heads=HKV, **opts, **dev_opts)
     if method == "learned_mask":
         with torch.no_grad():

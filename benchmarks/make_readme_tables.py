@@ -325,6 +325,19 @@ GRAPH_RUNS = (("model_bench_graph.json", "**Each step captured as one CUDA graph
            "CUDA graph, window backward capped"))
 
 
+GRAPH_PROSE = {name: (prose, label) for name, prose, label in GRAPH_RUNS}
+
+
+def _graph_tables(name: str, prose: str, label: str) -> list[str]:
+    """A CUDA-graph model_bench file's fwd and fwd+bwd tables against the original's graph, under `prose`."""
+    if not (MODEL_DIR / name).exists():
+        return []
+    rows, out = json.load(open(MODEL_DIR / name)), [prose, ""]
+    for mode in ("fwd", "fwd+bwd"):
+        out += _model_mode_table(rows, "original-sdpa+graph", mode, f"*{label}, {mode}*")
+    return out
+
+
 def model_table() -> str:
     """SmolLM2-135M model level on the H200: each swapped method against the original model (sdpa), interleaved
     step by step in one process; the crossover length per method; the profile of one step; regional compile."""
@@ -368,23 +381,18 @@ def model_table() -> str:
             if none:  # a length no row fitted at has no column: say so
                 out += [f"(at {', '.join(map(str, none))} tokens every {mode} row was `oom`, the original's too: "
                         "not in the table)", ""]
-    out += ["**Each step captured as one CUDA graph, the latest run of window, linear and performer together** "
-            "(`--cuda-graph`, `model_bench_graph_after_limits.json`: `python benchmarks/model_bench.py --device cuda "
-            "--dtype bfloat16 --cuda-graph --lengths 1024,4096,16384 --methods window,linear,performer --originals sdpa "
-            "--modes fwd,fwd+bwd --budget-s 100`, the tree of 3f0ef8c, one interleaved run, 2026-12-05; window's run "
-            "after its backward's register cap, 751e8ba, moved its step by under 0.5%). A replay launches "
-            "the whole step at once: no Python, no per-kernel launch cost, so this is what the kernels cost. "
-            "transformers' mask is decided outside the capture (`adapters/hf.py` `mask_outside_capture`); peak "
-            "memory is what the capture allocated. Every earlier graph run, each with the change it measured, is in "
-            "[docs/speed.md](docs/speed.md#model-level-every-run).", ""]
-    for name, label in (("model_bench_graph_after_limits.json", "CUDA graph"),
-                        ("model_bench_graph_global_sparse_triton.json", "CUDA graph, global_sparse: Triton vs Flex")):
-        if (MODEL_DIR / name).exists():
-            if name != "model_bench_graph_after_limits.json":
-                out += [dict((n, p) for n, p, _ in GRAPH_RUNS)[name], ""]
-            gr = json.load(open(MODEL_DIR / name))
-            for mode in ("fwd", "fwd+bwd"):
-                out += _model_mode_table(gr, "original-sdpa+graph", mode, f"*{label}, {mode}*")
+    latest = ("**Each step captured as one CUDA graph, the latest run of window, linear and performer together** "
+              "(`--cuda-graph`, `model_bench_graph_after_limits.json`: `python benchmarks/model_bench.py --device cuda "
+              "--dtype bfloat16 --cuda-graph --lengths 1024,4096,16384 --methods window,linear,performer --originals sdpa "
+              "--modes fwd,fwd+bwd --budget-s 100`, the tree of 3f0ef8c, one interleaved run, 2026-12-05; window's run "
+              "after its backward's register cap, 751e8ba, moved its step by under 0.5%). A replay launches "
+              "the whole step at once: no Python, no per-kernel launch cost, so this is what the kernels cost. "
+              "transformers' mask is decided outside the capture (`adapters/hf.py` `mask_outside_capture`); peak "
+              "memory is what the capture allocated. Every earlier graph run, each with the change it measured, is in "
+              "[docs/speed.md](docs/speed.md#model-level-every-run).")
+    out += _graph_tables("model_bench_graph_after_limits.json", latest, "CUDA graph")
+    out += _graph_tables("model_bench_graph_global_sparse_triton.json",
+                         *GRAPH_PROSE["model_bench_graph_global_sparse_triton.json"])
     gsb = MODEL_DIR / "model_bench_global_sparse_bwd.json"
     if gsb.exists():
         out += _model_mode_table(json.load(open(gsb)), base, "fwd+bwd", "**global_sparse fwd+bwd** (`model_bench_"
@@ -417,11 +425,7 @@ def model_history() -> str:
                        f"{r.get('host_ms', 0):.1f} | `{k[0][0][:40]}` {k[0][1]:.1f} |")
         out.append("")
     for name, prose, label in GRAPH_RUNS:
-        if (MODEL_DIR / name).exists():
-            gr = json.load(open(MODEL_DIR / name))
-            out += [prose, ""]
-            for mode in ("fwd", "fwd+bwd"):
-                out += _model_mode_table(gr, "original-sdpa+graph", mode, f"*{label}, {mode}*")
+        out += _graph_tables(name, prose, label)
     comp = MODEL_DIR / "model_bench_compile.json"
     if comp.exists():
         cr = json.load(open(comp))

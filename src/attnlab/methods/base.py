@@ -57,6 +57,16 @@ def queries_before(n: int, tq: int, tk: int, causal: bool) -> int:
     return min(tq, n) if tq == tk else 0
 
 
+def padding_groups(leads: list[int], tq: int, tk: int, causal: bool, device):
+    """(n, drop, rows) per distinct leading padding n in `leads` (`leading_padding`): the batch rows with it (a
+    LongTensor on `device`) and the leading queries they drop (`queries_before`); groups left with nothing to attend
+    (a fully padded row, or every query dropped) are skipped."""
+    for n in sorted(set(leads)):
+        drop = queries_before(n, tq, tk, causal)
+        if drop < tq and n < tk:
+            yield n, drop, torch.tensor([i for i, x in enumerate(leads) if x == n], device=device)
+
+
 def attend_from_first_key(method, q, k, v, key_padding_mask, kw) -> AttnOutput:
     """`method._attend(q, k, v, **kw)` with each row's keys counted from its first real key: rows are grouped by their
     leading padding L and a group runs on keys [L, Tk). For a pattern that reads absolute positions (StreamingLLM's
@@ -85,11 +95,7 @@ def attend_from_first_key(method, q, k, v, key_padding_mask, kw) -> AttnOutput:
     if hasattr(method, "aux_loss"):
         method.aux_loss = None  # (no group may run: never a previous call's loss)
     res, aux = {}, []
-    for n in sorted(set(leads)):
-        drop = queries_before(n, tq, tk, kw["causal"])
-        if drop == tq or n == tk:  # nothing left to attend (a fully padded row, or every query dropped)
-            continue
-        rows = torch.tensor([i for i, x in enumerate(leads) if x == n], device=q.device)
+    for n, drop, rows in padding_groups(leads, tq, tk, kw["causal"], q.device):
         got = attend(q[rows, :, drop:], k[rows, :, n:], v[rows, :, n:],
                      **{**kw, "key_padding_mask": key_padding_mask[rows, n:]})
         res[n] = (rows, drop, got if isinstance(got, AttnOutput) else AttnOutput(*got))

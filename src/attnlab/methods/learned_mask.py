@@ -44,7 +44,7 @@ from ..ops.gated import gated_attention, straight_through_blocks
 from ..patterns import BlockPattern, UnionPattern, WindowPattern
 from ..registry import register
 from ..types import AttnOutput, Capabilities, OptionError, data_version, opt
-from .base import AttentionMethod, leading_padding, queries_before
+from .base import AttentionMethod, leading_padding, padding_groups
 from .dense import column_sums, dense_attention
 
 
@@ -383,11 +383,7 @@ class LearnedMask(AttentionMethod):
         mass = torch.zeros(q.shape[1], nb, dtype=torch.float64, device=q.device)
         pairs = torch.zeros(nb, dtype=torch.float64, device=q.device)  # (block pairs x rows) at each distance
         lead = [0] * q.shape[0] if key_padding_mask is None else leading_padding(key_padding_mask)
-        for n in sorted(set(lead)):
-            rows = torch.tensor([i for i, x in enumerate(lead) if x == n], device=q.device)
-            drop = queries_before(n, q.shape[-2], tk, causal)
-            if n >= tk or drop >= q.shape[-2]:
-                continue  # (a fully padded row)
+        for n, drop, rows in padding_groups(lead, q.shape[-2], tk, causal, q.device):
             kpm = None if key_padding_mask is None else key_padding_mask[rows, n:]
             self._calibration_mass(q[rows, :, drop:], k[rows, :, n:], causal, kpm, scale, mass, pairs)
         seen = pairs > 0
