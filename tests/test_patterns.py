@@ -443,7 +443,10 @@ def test_the_kernel_block_mask_reaches_only_the_compiled_kernel(monkeypatch):
     want = pat.dense(37, 37, False)[None]
     with torch.no_grad():
         out = sparse.flex(q, k, v, bm, scale=0.25, kernel_block_mask=poison)
-        assert out[:, :, :16].abs().max() == 0  # query block 0 visits only its partial diagonal block
+        if sparse.kernel_reads_tables(q.device):
+            assert out[:, :, :16].abs().max() == 0  # query block 0 visits only its partial diagonal block
+        else:  # CPU before torch 2.8: the kernel reads no block table, so flex_with gives it the whole mask
+            assert_matches_reference(out, q, k, v, attn_mask=want, causal=True, scale=0.25)
         with torch.compiler.set_stance("force_eager"):
             eager = sparse.flex(q, k, v, bm, scale=0.25, kernel_block_mask=poison)
         assert_matches_reference(eager, q, k, v, attn_mask=want, causal=True, scale=0.25)

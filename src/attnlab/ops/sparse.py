@@ -320,17 +320,31 @@ def with_narrow(configs: list, config_cls, sizes) -> list:
     return out
 
 
+# Compiled flex on CPU visits only the BlockMask's blocks, and evaluates no mask_mod in its full ones, from torch 2.8
+# (pytorch/pytorch#147196). torch 2.6's and 2.7's CPU kernel walks every key block and evaluates the mask_mod on
+# every pair, reading no block table (found by .ci/oldest: the kernel mask's causal-only mod let rows see the layout's
+# dropped blocks there).
+CPU_KERNEL_READS_TABLES = torch.__version__ >= "2.8"
+
+
+def kernel_reads_tables(device) -> bool:
+    """Whether compiled flex on `device` skips blocks by the BlockMask's tables and runs no mask_mod in full blocks:
+    what a kernel BlockMask (`Pattern.block_masks`' second) needs to be right. CUDA always; CPU from torch 2.8."""
+    return torch.device(device).type != "cpu" or CPU_KERNEL_READS_TABLES
+
+
 def flex_with(q, k, v, *, block_mask, kernel_block_mask=None, **kw):
     """flex_attention with `kernel_block_mask` where torch.compile traces this function, `block_mask` where it runs
     eagerly. The kernel BlockMask (`Pattern.block_masks`' second: the same blocks, a cheaper mask_mod inside the
-    partial ones) is right only where the block tables are read, in the compiled kernel; flex's eager form
-    evaluates the mask_mod on every pair and reads no block table. Eager is what dynamo runs past its recompile
-    limit, when disabled, or under a force-eager stance: the choice is made where that happens, so no such case
-    can pair the eager form with the kernel mask."""
+    partial ones) is right only where the block tables are read, in the compiled kernel (on CPU only from torch 2.8,
+    `kernel_reads_tables`); flex's eager form evaluates the mask_mod on every pair and reads no block table. Eager
+    is what dynamo runs past its recompile limit, when disabled, or under a force-eager stance: the choice is made
+    where that happens, so no such case can pair the eager form with the kernel mask."""
     from torch.nn.attention.flex_attention import flex_attention
 
     kernel = block_mask if kernel_block_mask is None else kernel_block_mask  # (alone: flex_attention's signature)
-    return flex_attention(q, k, v, block_mask=kernel if torch.compiler.is_compiling() else block_mask, **kw)
+    compiled = torch.compiler.is_compiling() and kernel_reads_tables(q.device)
+    return flex_attention(q, k, v, block_mask=kernel if compiled else block_mask, **kw)
 
 
 @torch.compiler.disable

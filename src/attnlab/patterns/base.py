@@ -229,8 +229,9 @@ class Pattern(nn.Module):
     def block_masks(self, tq: int, tk: int, causal: bool, device, block_size: int = 128):
         """(`block_mask`, the kernel BlockMask) in one cache lookup (flex's hot path). The kernel BlockMask has the same
         blocks with `partial_mask_mod` inside the partial ones (the same object where the pattern has no cheaper
-        mod); only compiled flex may run it: flex's eager form evaluates the mask_mod on every pair and reads no
-        block table (`ops.sparse.flex_with` passes the whole one there)."""
+        mod); only compiled flex may run it, and on CPU only from torch 2.8: flex's eager form, and the CPU kernel of
+        torch 2.6 and 2.7, evaluate the mask_mod on every pair and read no block table (`ops.sparse.flex_with` passes
+        the whole one there)."""
         from torch.nn.attention.flex_attention import BlockMask
 
         device = torch.device(device)
