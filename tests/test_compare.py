@@ -180,3 +180,25 @@ def test_a_spec_is_checked_against_the_layers_and_takes_the_methods_defaults_at_
     by_name, by_spec = compare.resolve(["window"], {"window": {"window": 32}}, 128, specs=[str(good)])
     assert by_spec.target.rules[0].options == by_name.options  # the same attention either way (sinks 4 included)
     assert "sinks=4" in by_spec.options["spec"]
+
+
+def test_a_truncated_or_misplaced_saved_attention_is_refused_before_the_load(tiny_lm_dir, no_model_load, tmp_path,
+                                                                             capsys):
+    """--load reads the saved directory's spec and its state file's header before the model loads: a truncated
+    attention.safetensors, or the file given in place of its directory, is one line (it was caught only when the
+    saved row ran, minutes into the run)."""
+    from tests.adapters import tiny_model
+
+    model = tiny_model("llama")
+    attnlab.swap(model, "performer", num_features=16)
+    saved = attnlab.save(model, tmp_path / "att")
+    st = saved / "attention.safetensors"
+    st.write_bytes(st.read_bytes()[:-64])
+    for target, match in ((saved, "attention.safetensors is corrupt or truncated"),
+                          (st, "is a file; a saved attention is the directory")):
+        rc = attnlab.cli.main(["compare", "--model", str(tiny_lm_dir), "--methods", "sdpa", "--load", str(target),
+                               "--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err
+        lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+        assert rc == 2 and len(lines) == 1 and match in lines[0], err
+        assert not (tmp_path / "o").exists()

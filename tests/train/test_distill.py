@@ -329,6 +329,22 @@ def test_what_the_model_cannot_run_is_refused_before_the_load(tiny_lm_dir, tmp_p
         assert not (tmp_path / "out").exists()
 
 
+def test_a_truncated_init_is_refused_before_the_load(tiny_lm_dir, tmp_path, capsys, monkeypatch):
+    """--init checks the saved attention's state file (its header) before the model loads, as compare's --load."""
+    import attnlab.models
+    from tests.adapters import tiny_model
+
+    model = tiny_model("llama")
+    attnlab.swap(model, "hedgehog", feature_dim=8)
+    saved = attnlab.save(model, tmp_path / "att")
+    st = saved / "attention.safetensors"
+    st.write_bytes(st.read_bytes()[:-64])
+    monkeypatch.setattr(attnlab.models, "load", lambda *a, **k: pytest.fail("the model loaded before the check"))
+    err = refused(capsys, "distill", "--model", tiny_lm_dir, "--init", saved, *QUICK, "--out", tmp_path / "out")
+    assert "attention.safetensors is corrupt or truncated" in err, err[-1500:]
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_spec_takes_the_options_the_command_line_would_and_an_old_run_resumes_as_recorded(tiny_lm_dir, tmp_path,
                                                                                              monkeypatch):
     """A spec's omitted options are the method's at --seq-len in attnlab.distill too; a run whose checkpoints

@@ -46,6 +46,10 @@ class Saved:
     def spec(self) -> SwapSpec:
         return SwapSpec.from_dict(read_meta(self.path)["spec"])
 
+    def check(self) -> dict:
+        """The directory's metadata, after checking both files without reading the tensors (`check_saved`)."""
+        return check_saved(self.path)
+
 
 def fingerprint(model) -> dict:
     """What a saved attention must match: the architecture and every attention layer's head shape."""
@@ -124,6 +128,9 @@ def _replace_dir(src: Path, dst: Path) -> None:
 
 def read_meta(directory) -> dict:
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise CheckpointError(f"{str(directory)!r} is a file; a saved attention is the directory that holds "
+                              f"{SPEC_FILE} and {STATE_FILE}")
     if not directory.is_dir():
         raise CheckpointError(f"attention directory {str(directory)!r} does not exist")
     spec_path = directory / SPEC_FILE
@@ -152,6 +159,29 @@ def load_safetensors(path, what: str = "") -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path} is corrupt or truncated ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def check_safetensors(path, what: str = "") -> None:
+    """`load_safetensors`' refusals without reading the tensors (milliseconds): the file is there and its header parses
+    and covers the whole file, so a truncated or corrupt file fails before a command loads its model."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{str(path.parent)!r} has no {path.name}{f' ({what})' if what else ''}")
+    try:
+        with safe_open(str(path), "pt"):
+            pass
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path} is corrupt or truncated ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def check_saved(directory) -> dict:
+    """A saved attention directory's metadata (`read_meta`), after its state file's header is checked too: what a
+    command does with `--load` / `--init` before anything heavy."""
+    meta = read_meta(directory)
+    check_safetensors(Path(directory) / STATE_FILE)
+    return meta
 
 
 def read_tensors(directory) -> dict[str, torch.Tensor]:

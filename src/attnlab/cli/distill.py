@@ -66,7 +66,7 @@ def run(args) -> int:
 
     from .. import data, models, registry
     from ..adapters.spec import SwapSpec
-    from ..adapters.state import read_meta
+    from ..adapters.state import check_saved
     from ..adapters.swap import check as check_swap
     from ..train import checkpoint as ckpt
     from ..train.distill import DistillConfig, check_out, check_spec_trainable, distill, spec_at_length
@@ -84,7 +84,7 @@ def run(args) -> int:
         torch.cuda.set_device(device)
     overrides = common.parse_overrides(args.overrides)
     if args.init:
-        spec = SwapSpec.from_dict(read_meta(args.init)["spec"])
+        spec = SwapSpec.from_dict(check_saved(args.init)["spec"])
     elif args.spec:
         if not Path(args.spec).is_file():
             raise AttnlabError(f"--spec {args.spec!r}: no such file")

@@ -74,7 +74,7 @@ def resolve(methods: list[str] | None, overrides: dict[str, dict], seq_len: int,
         out.append(Variant(f"spec:{Path(path).stem}", "spec", {"spec": spec.describe()}, spec))
     for path in loads:
         saved = Saved(path)
-        spec = saved.spec()  # a missing or corrupt directory fails here
+        spec = SwapSpec.from_dict(saved.check()["spec"])  # a missing, corrupt or truncated directory fails here
         spec.validate()
         out.append(Variant(f"saved:{Path(path).name}", "saved", {"spec": spec.describe(), "dir": str(path)}, saved))
     return out
