@@ -51,6 +51,17 @@ def test_missing_dataset_names_the_fix(tmp_path, monkeypatch):
         vdata.fashion_mnist_dir()
 
 
+def test_data_status_reports_the_images(tmp_path, monkeypatch, capsys):
+    """`attnlab data status` lists Fashion-MNIST beside the corpora and models: where it is, or the fix."""
+    import attnlab.cli
+
+    assert attnlab.cli.main(["data", "status"]) == 0
+    assert "images fashion-mnist: ok (" in capsys.readouterr().out
+    monkeypatch.setenv("ATTNLAB_FASHION_MNIST", str(tmp_path))
+    assert attnlab.cli.main(["data", "status"]) == 0
+    assert "images fashion-mnist: missing (ATTNLAB_FASHION_MNIST=" in capsys.readouterr().out
+
+
 def test_real_fashion_mnist():
     """The Debian package that install.sh installs: 60k / 10k images, 10 balanced classes."""
     x, y = fashion_mnist("train")

