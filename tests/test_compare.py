@@ -202,3 +202,24 @@ def test_a_truncated_or_misplaced_saved_attention_is_refused_before_the_load(tin
         lines = [ln for ln in err.strip().splitlines() if ln.strip()]
         assert rc == 2 and len(lines) == 1 and match in lines[0], err
         assert not (tmp_path / "o").exists()
+
+
+def test_a_distilled_attention_at_another_length_is_noted_and_titled_as_trained(tiny_lm_dir, tmp_path, capsys):
+    """A saved attention trained at another length than --seq-len gets a note (its KL there is not the row's), and
+    the plot's title no longer says every row is untrained."""
+    import attnlab.cli.compare as cli_compare
+    from tests.adapters import tiny_model
+
+    model = tiny_model("llama")
+    attnlab.swap(model, "performer", num_features=16)
+    saved = attnlab.save(model, tmp_path / "att", extra={"distill": {"kl_before": 2.0, "kl_after": 0.5, "seq_len": 16}})
+    argv = ["compare", "--model", str(tiny_lm_dir), "--quick", "--methods", "sdpa", "--no-plot", "--out", str(tmp_path)]
+    assert attnlab.cli.main([*argv, "--load", str(saved)]) == 0
+    out = capsys.readouterr().out
+    assert "note: saved:att was distilled at 16 tokens (KL 2 -> 0.5 there); here it runs at 64" in out, out
+    assert attnlab.cli.main([*argv, "--seq-len", "16", "--num-tokens", "32", "--load", str(saved)]) == 0
+    assert "note:" not in capsys.readouterr().out
+    setup = {"windows": 2, "text": "moby", "train": 8, "test": 4}
+    for task in ("lm", "spam"):
+        assert "untrained" in cli_compare.plot_title(task, "m", setup, 64, trained=True)
+    assert "without fine-tuning" in cli_compare.plot_title("lm", "m", setup, 64, trained=False)

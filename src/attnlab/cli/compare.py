@@ -45,6 +45,7 @@ def run(args) -> int:
     from .. import models
     from ..eval import compare, tasks
     from ..metrics import TARGETS
+    from ..adapters.state import read_meta
 
     model_name = args.model
     if args.task is None:
@@ -90,6 +91,11 @@ def run(args) -> int:
     print(f"attnlab compare: task={task.name} model={model_name} seq_len={args.seq_len} device={args.device} "
           f"dtype={args.dtype}" + (f" (windows of --seq-len: the last {unused} of --num-tokens {args.num_tokens} "
                                    "unused)" if unused else ""), flush=True)
+    for v in variants:  # a distilled attention measured at another length than it was trained at: say so
+        trained = read_meta(v.target.path).get("extra", {}).get("distill", {}) if v.method == "saved" else {}
+        if trained.get("seq_len") not in (None, args.seq_len):
+            print(f"note: {v.label} was distilled at {trained['seq_len']} tokens (KL {trained['kl_before']:.3g} -> "
+                  f"{trained['kl_after']:.3g} there); here it runs at {args.seq_len} (--seq-len)", flush=True)
     model, tok = models.load(model_name, dtype=dtype, device=args.device)
 
     t0 = time.time()
@@ -97,15 +103,21 @@ def run(args) -> int:
     elapsed = time.time() - t0
     print()
     print(task.table(rows))
-    if task.name == "lm":
-        title = (f"attnlab compare: {model_name}, {setup['windows']} held-out windows x {args.seq_len} tokens of "
-                 f"{setup['text']}; every method swapped in without fine-tuning")
-    else:
-        title = (f"attnlab compare: {model_name} on Spam Assassin ({setup['train']} train / {setup['test']} test "
-                 f"emails, {args.seq_len} tokens); frozen head, no fine-tuning")
+    title = plot_title(task.name, model_name, setup, args.seq_len, trained=any(v.method == "saved" for v in variants))
     common.write_result(
         Path(args.out) / f"compare-{task.name}-{time.strftime('%Y%m%d-%H%M%S')}.json", args.device,
         {"task": task.name, "model": model_name, "seq_len": args.seq_len, "dtype": args.dtype, "setup": setup,
          "elapsed_s": round(elapsed, 1), "targets": {k: list(v) for k, v in TARGETS.items()}, "rows": rows},
         None if args.no_plot else lambda png: task.plot(rows, png, title=title))
     return 0
+
+
+def plot_title(task: str, model_name: str, setup: dict, seq_len: int, trained: bool) -> str:
+    """The compare plot's title; `trained`: a saved (distilled) attention is among the rows (--load)."""
+    if task == "lm":
+        return (f"attnlab compare: {model_name}, {setup['windows']} held-out windows x {seq_len} tokens of "
+                f"{setup['text']}; " + ("saved (trained) attention as loaded, every other method untrained"
+                                        if trained else "every method swapped in without fine-tuning"))
+    return (f"attnlab compare: {model_name} on Spam Assassin ({setup['train']} train / {setup['test']} test emails, "
+            f"{seq_len} tokens); frozen head, " + ("saved attention as loaded, the rest untrained" if trained
+                                                  else "no fine-tuning"))

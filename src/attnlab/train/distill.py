@@ -465,7 +465,8 @@ class _Run:
         if d.main:
             from ..adapters.state import save
 
-            save(model, self.out / "attention", extra={"distill": {k: result[k] for k in ("kl_before", "kl_after")}})
+            save(model, self.out / "attention", extra={"distill": {**{k: result[k] for k in ("kl_before", "kl_after")},
+                                                                   "seq_len": c.seq_len, "steps": c.steps}})
             (self.out / "result.json").write_text(json.dumps(result, indent=1, default=str))
             self._append_log()
             self._plot()
