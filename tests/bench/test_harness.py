@@ -174,7 +174,13 @@ def test_crossover_on_synthetic_rows():
     assert got["dense"]["crossover_time"] is None
     assert got["linear"]["ratio_time"]["16384"] is None  # SDPA ran out of memory there: cheaper, no ratio
     assert "sdpa" not in got
-    assert "linear" in plot.crossover_table(list(got.values()))
+    absent = [_row("window", "peer", t, None, status="not installed") for t in lengths]
+    table = plot.crossover_table(list(got.values()) + plot.crossover(sdpa + absent)).splitlines()
+    cells = {ln.split()[3]: ln.split()[4:] for ln in table[2:]}  # impl -> (time, memory)
+    assert table[0].startswith("crossover against sdpa [attnlab]")
+    assert cells["peer"] == ["-", "-"]  # never compared: not "never"
+    assert [ln.split()[4:] for ln in table[2:] if ln.split()[2] in ("linear", "dense")] == [["never", "-"],
+                                                                                               ["4096", "8192"]]
     # cheaper at 4096 but out of memory at 8192, where SDPA ran: no crossover (a failure is not "cheaper")
     fails = [_row("lsh", "attnlab", t, 0.001) for t in lengths[:3]] + [_row("lsh", "attnlab", 8192, None, "oom")]
     assert plot.crossover(sdpa + fails)[0]["crossover_time"] is None

@@ -287,7 +287,8 @@ def _sdpa_factory(backend: str):
             except RuntimeError as e:
                 msg = str(e)
                 if "No available kernel" in msg or "No viable backend" in msg or "not supported" in msg.lower():
-                    raise Unsupported(f"SDPA backend {backend!r}: {msg.splitlines()[0]}") from None
+                    raise Unsupported(f"SDPA backend {backend!r} has no kernel for these inputs on "
+                                      f"{torch.device(device).type} (torch: {msg.splitlines()[0]})") from None
                 raise
 
         return PeerFn(call, note=f"torch.nn.functional.scaled_dot_product_attention under sdpa_kernel([{kind.name}])")

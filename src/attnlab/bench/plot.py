@@ -74,11 +74,20 @@ def crossover(rows: list[dict], baseline: tuple[str, str] = BASELINE) -> list[di
 
 
 def crossover_table(entries: list[dict]) -> str:
-    lines = [f"{'mode':8} {'causal':6} {'method':13} {'impl':22} {'time x-over':>12} {'mem x-over':>11}"]
+    """One line per (configuration, method, impl): the crossover length against the baseline, in time and memory.
+    "never": compared, and not cheaper up to the longest length; "-": never compared (the impl or the baseline did
+    not run, or memory is not measured on this device)."""
+    def cell(e, metric):
+        return "-" if not e[f"ratio_{metric}"] else ("never" if e[f"crossover_{metric}"] is None
+                                                     else str(e[f"crossover_{metric}"]))
+    base = entries[0]["baseline"] if entries else "the baseline"
+    lines = [f"crossover against {base}: the shortest length from which an impl is faster (time) or smaller "
+             "(memory) at every longer length measured; never: not up to the longest; -: not compared",
+             f"{'mode':8} {'causal':6} {'method':13} {'impl':22} {'time x-over':>12} {'mem x-over':>11}"]
     for e in entries:
         lines.append(
             f"{e['mode']:8} {str(e['causal']):6} {e['method']:13} {e['impl']:22} "
-            f"{str(e['crossover_time']):>12} {str(e['crossover_memory']):>11}"
+            f"{cell(e, 'time'):>12} {cell(e, 'memory'):>11}"
         )
     return "\n".join(lines)
 
