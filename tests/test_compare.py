@@ -223,3 +223,31 @@ def test_a_distilled_attention_at_another_length_is_noted_and_titled_as_trained(
     for task in ("lm", "spam"):
         assert "untrained" in cli_compare.plot_title(task, "m", setup, 64, trained=True)
     assert "without fine-tuning" in cli_compare.plot_title("lm", "m", setup, 64, trained=False)
+
+
+def test_an_interrupted_compare_keeps_the_rows_it_finished(tiny_lm_dir, tmp_path, capsys, monkeypatch):
+    """Each row goes to a .partial.jsonl as it is done (removed once the whole result is written): Ctrl-C in the
+    middle of a long run leaves the rows measured so far and says where."""
+    from attnlab.eval import compare
+
+    real, calls = compare.swapped, []
+
+    def interrupt_the_second(model, target):
+        calls.append(target)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(model, target)
+
+    monkeypatch.setattr(compare, "swapped", interrupt_the_second)
+    out = tmp_path / "out"
+    rc = attnlab.cli.main(["compare", "--model", str(tiny_lm_dir), "--quick", "--no-plot", "--out", str(out)])
+    err = capsys.readouterr().err
+    partial = list(out.glob("*.partial.jsonl"))
+    assert rc == 130 and len(partial) == 1 and f"the rows done so far are in {partial[0]}" in err, err
+    rows = [json.loads(line) for line in partial[0].read_text().splitlines()]
+    assert [r["method"] for r in rows] == ["sdpa"] and rows[0]["kl_mean"] <= 1e-6
+    assert not list(out.glob("*.json"))
+    monkeypatch.setattr(compare, "swapped", real)
+    whole = tmp_path / "whole"
+    assert attnlab.cli.main(["compare", "--model", str(tiny_lm_dir), "--quick", "--no-plot", "--out", str(whole)]) == 0
+    assert len(list(whole.glob("*.json"))) == 1 and not list(whole.glob("*.partial.jsonl"))

@@ -1,6 +1,8 @@
 """`attnlab compare`: the main job. Defaults: SmolLM2-135M on held-out Moby Dick windows, every method."""
 from __future__ import annotations
 
+import json
+import sys
 import time
 from pathlib import Path
 
@@ -98,17 +100,31 @@ def run(args) -> int:
                   f"{trained['kl_after']:.3g} there); here it runs at {args.seq_len} (--seq-len)", flush=True)
     model, tok = models.load(model_name, dtype=dtype, device=args.device)
 
+    result = Path(args.out) / f"compare-{task.name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    partial = result.with_suffix(".partial.jsonl")  # each row as it is done: an interrupted run keeps them
+
+    def on_row(row):
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        with partial.open("a") as f:
+            f.write(json.dumps(row, default=str) + "\n")
+
     t0 = time.time()
-    rows, setup = task.run(model, tok, variants, data, args)
+    try:
+        rows, setup = task.run(model, tok, variants, data, args, on_row=on_row)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; the rows done so far are in {partial}" if partial.exists() else "\ninterrupted",
+              file=sys.stderr)
+        return 130
     elapsed = time.time() - t0
     print()
     print(task.table(rows))
     title = plot_title(task.name, model_name, setup, args.seq_len, trained=any(v.method == "saved" for v in variants))
     common.write_result(
-        Path(args.out) / f"compare-{task.name}-{time.strftime('%Y%m%d-%H%M%S')}.json", args.device,
+        result, args.device,
         {"task": task.name, "model": model_name, "seq_len": args.seq_len, "dtype": args.dtype, "setup": setup,
          "elapsed_s": round(elapsed, 1), "targets": {k: list(v) for k, v in TARGETS.items()}, "rows": rows},
         None if args.no_plot else lambda png: task.plot(rows, png, title=title))
+    partial.unlink(missing_ok=True)  # the whole result is written
     return 0
 
 

@@ -124,8 +124,9 @@ def _attn_peak(variant: Variant, model, seq_len: int, device, dtype) -> int | No
         return fm.peak_cpu_memory(lambda: m(q, k, v, causal=causal))
 
 
-def compare_lm(model, windows: torch.Tensor, specs: list[Variant], *, grad_tokens: int = 128, progress: bool = True) -> list[dict]:
-    """One row per method. `windows`: LongTensor [N, T] of held-out text."""
+def compare_lm(model, windows: torch.Tensor, specs: list[Variant], *, grad_tokens: int = 128, progress: bool = True,
+               on_row=None) -> list[dict]:
+    """One row per method. `windows`: LongTensor [N, T] of held-out text. `on_row(row)`: called as each row is done."""
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     windows = windows.to(device)
@@ -174,6 +175,8 @@ def compare_lm(model, windows: torch.Tensor, specs: list[Variant], *, grad_token
             row.update(status="unsupported", reason=str(e))
         row["targets_met"] = {m: fm.meets(m, row.get(m)) for m in ("kl_mean", "attn_mse", "grad_cos")}
         rows.append(row)
+        if on_row is not None:
+            on_row(row)
         bar.update()
     bar.close()
     return rows
@@ -214,7 +217,10 @@ def train_head(x: torch.Tensor, y: torch.Tensor, steps: int = 300, l2: float = 1
     return head
 
 
-def compare_spam(model, tok, train, test, specs: list[Variant], *, seq_len: int, progress: bool = True) -> list[dict]:
+def compare_spam(model, tok, train, test, specs: list[Variant], *, seq_len: int, progress: bool = True,
+                 on_row=None) -> list[dict]:
+    """One row per method (the original first): accuracy of a head trained on the original's embeddings.
+    `on_row(row)`: called as each row is done."""
     xtr = _embed(model, tok, [t for t, _ in train], seq_len, desc="embed train", progress=progress)
     ytr = torch.tensor([y for _, y in train])
     yte = torch.tensor([y for _, y in test])
@@ -230,6 +236,8 @@ def compare_spam(model, tok, train, test, specs: list[Variant], *, seq_len: int,
     base_s = time.perf_counter() - t0
     rows = [{"method": "original", "options": {}, "status": "ok", "accuracy": base_acc, "acc_retention": 1.0,
              "seconds": base_s}]
+    if on_row is not None:
+        on_row(rows[0])
     for spec in tqdm(specs, desc="compare", disable=not progress):
         row = {"method": spec.label, "options": spec.options, "status": "ok"}
         try:
@@ -241,4 +249,6 @@ def compare_spam(model, tok, train, test, specs: list[Variant], *, seq_len: int,
             row.update(status="unsupported", reason=str(e))
         row["targets_met"] = {"acc_retention": fm.meets("acc_retention", row.get("acc_retention"))}
         rows.append(row)
+        if on_row is not None:
+            on_row(row)
     return rows

