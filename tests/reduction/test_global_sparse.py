@@ -436,3 +436,22 @@ def test_merge_rounds_takes_the_median_time_the_largest_peak_and_a_failure_first
     assert row["repeats"] == 3 and row["extra_mem_bytes"] is None
     bad = gs.merge_rounds(ok[:1] + [{"status": "oom", "error": "out of memory"}] + ok[1:])
     assert bad["status"] == "oom" and bad["error"] == "out of memory"
+
+
+def test_sparsify_notes_the_floor_of_the_band_and_sinks():
+    """sparsify's notes: a sparsity whose mask keeps well over what was asked (the band and sinks every mask keeps)
+    is named for both techniques, and a run of equal masks is named once; a run on target gets no note."""
+    from attnlab.cli.sparsify import floor_notes
+
+    def row(tech, fraction, density):
+        share, budget = ("layer", "uniform") if tech == "global_sparse" else (None, None)
+        return {"technique": tech, "share": share, "budget": budget, "fraction": fraction, "density": density}
+
+    on_target = [row("global_sparse", 0.5, 0.4999), row("window_sinks", 0.5, 0.4997)]
+    assert floor_notes(on_target) == []
+    floor = [*on_target, row("global_sparse", 0.9, 0.2478), row("window_sinks", 0.9, 0.2478)]
+    notes = floor_notes(floor)
+    assert len(notes) == 2 and all("could not prune as asked at 90% (keeps 0.248, not 0.100)" in n for n in notes)
+    assert notes[0].startswith("note: global sparse (layer, uniform)") and notes[1].startswith("note: window_sinks")
+    again = floor_notes([*floor, row("global_sparse", 0.95, 0.2478)])
+    assert any("keeps the same 0.248 of the causal pairs from 90% on" in n for n in again), again

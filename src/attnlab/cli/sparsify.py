@@ -213,7 +213,8 @@ def run(args) -> int:
 
 def floor_notes(rows: list[dict]) -> list[str]:
     """A line per (share, budget) whose higher sparsities keep exactly what a lower one keeps: past that point only
-    the band and the sinks are left, which every sparsity keeps, so the rows above it are the same mask."""
+    the band and the sinks are left, which every sparsity keeps, so the rows above it are the same mask. And a line
+    per technique whose rows keep well over what was asked (more than 1.1x 1 - sparsity): the same floor, reached."""
     notes = []
     for key in dict.fromkeys((r.get("share"), r.get("budget")) for r in rows if r["technique"] == "global_sparse"):
         rs = sorted((r for r in rows if r["technique"] == "global_sparse" and (r.get("share"), r.get("budget")) == key),
@@ -225,6 +226,15 @@ def floor_notes(rows: list[dict]) -> list[str]:
                          f"{first['density']:.3f} of the causal pairs from {first['fraction']:.0%} on (the band and "
                          f"sinks every sparsity keeps): the rows at {', '.join(format(b['fraction'], '.0%') for _, b in pairs)} "
                          "are that mask again (a longer --seq-len or smaller --block-size prunes further)")
+    for key in dict.fromkeys((r["technique"], r.get("share"), r.get("budget")) for r in rows):
+        short = [r for r in rows if (r["technique"], r.get("share"), r.get("budget")) == key
+                 and r.get("density") is not None and r["density"] > 1.1 * (1 - r["fraction"]) + 1e-3]
+        if short:
+            what = f"global sparse ({key[1]}, {key[2] or 'uniform'})" if key[0] == "global_sparse" else key[0]
+            notes.append(f"note: {what} could not prune as asked at "
+                         + ", ".join(f"{r['fraction']:.0%} (keeps {r['density']:.3f}, not {1 - r['fraction']:.3f})"
+                                     for r in short)
+                         + ": the band and sinks every mask keeps are that much of the causal pairs at this length")
     return notes
 
 
