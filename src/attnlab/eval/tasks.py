@@ -111,21 +111,22 @@ def _label(r) -> str:
 
 def format_table(rows, task) -> str:
     notes = _Notes()
+    mw = min(24, max([12] + [len(r["method"]) for r in rows]))  # the method column: a saved row's name whole
     if task == "lm":
-        head = f"{'method':<13}{'options':<38}{'KL mean':>9}{'KL p95':>9}{'top1':>7}{'ppl':>10}{'ppl0':>7}{'attnMSE':>9}{'gradcos':>8}{'ms/win':>8}{'attnMB':>8}  targets"
+        head = f"{'method':<{mw + 1}}{'options':<38}{'KL mean':>9}{'KL p95':>9}{'top1':>7}{'ppl':>10}{'ppl0':>7}{'attnMSE':>9}{'gradcos':>8}{'ms/win':>8}{'attnMB':>8}  targets"
         lines = [head, "-" * len(head)]
         for r in rows:
-            name = notes.fit(r["method"], 12)
+            name = notes.fit(r["method"], mw)
             opts = notes.fit(_label(r), 37)
             if r["status"] != "ok":
-                lines.append(f"{name:<13}{opts:<38}  {r['status']}" + (f" {notes.add(r['reason'])}"
+                lines.append(f"{name:<{mw + 1}}{opts:<38}  {r['status']}" + (f" {notes.add(r['reason'])}"
                                                                           if r.get("reason") else ""))
                 continue
             met = r.get("targets_met", {})
             tags = " ".join(f"{k}{'✓' if v else '✗'}" for k, v in met.items() if v is not None)
             mem = None if r.get("attn_peak_bytes") is None else r["attn_peak_bytes"] / 2**20
             lines.append(
-                f"{name:<13}{opts:<38}{_fmt(r['kl_mean'], '9.2e')}{_fmt(r['kl_p95'], '9.2e')}"
+                f"{name:<{mw + 1}}{opts:<38}{_fmt(r['kl_mean'], '9.2e')}{_fmt(r['kl_p95'], '9.2e')}"
                 f"{_fmt(r['top1_agree'], '7.3f')}{_fmt(r['ppl_new'], '10.4g')}{_fmt(r['ppl_base'], '7.2f')}"
                 f"{_fmt(r.get('attn_mse'), '9.2e')}{_fmt(r.get('grad_cos'), '8.4f')}{_fmt(r['ms_per_window'], '8.0f')}"
                 f"{_fmt(mem, '8.1f')}  {tags}"
@@ -133,17 +134,17 @@ def format_table(rows, task) -> str:
         lines.append("KL in nats/token vs the original model; attnMB = peak memory of one attention call at the model's shape;"
                      " targets: KL<=1e-3, attn MSE<=1e-4, grad cos>=0.95")
         return "\n".join(lines + notes.lines)
-    head = f"{'method':<13}{'options':<40}{'accuracy':>9}{'retention':>10}{'seconds':>9}  target"
+    head = f"{'method':<{mw + 1}}{'options':<40}{'accuracy':>9}{'retention':>10}{'seconds':>9}  target"
     lines = [head, "-" * len(head)]
     for r in rows:
-        name = notes.fit(r["method"], 12)
+        name = notes.fit(r["method"], mw)
         opts = notes.fit(_label(r), 39)
         if r["status"] != "ok":
-            lines.append(f"{name:<13}{opts:<40}  {r['status']}" + (f" {notes.add(r['reason'])}"
+            lines.append(f"{name:<{mw + 1}}{opts:<40}  {r['status']}" + (f" {notes.add(r['reason'])}"
                                                                       if r.get("reason") else ""))
             continue
         met = r.get("targets_met", {}).get("acc_retention")
-        lines.append(f"{name:<13}{opts:<40}{r['accuracy']:9.4f}{r['acc_retention']:10.4f}{r['seconds']:9.1f}"
+        lines.append(f"{name:<{mw + 1}}{opts:<40}{r['accuracy']:9.4f}{r['acc_retention']:10.4f}{r['seconds']:9.1f}"
                      f"  {'' if met is None else ('>=95% ✓' if met else '>=95% ✗')}")
     return "\n".join(lines + notes.lines)
 
