@@ -45,7 +45,9 @@ def test_harness_runs_original_and_swapped(tiny_lm_dir, tmp_path, capsys):
     assert (rows[("original", "attnlab_moby_lastword", "perplexity")]["value"]
             != rows[("window", "attnlab_moby_lastword", "perplexity")]["value"])
     assert res["lm_eval_version"] == lm_eval.__version__
-    assert (out / "harness.png").stat().st_size > 5_000 and "moby_cloze" in capsys.readouterr().out
+    stdout = capsys.readouterr().out
+    assert (out / "harness.png").stat().st_size > 5_000 and "moby_cloze" in stdout
+    assert "\nwindow (window=16, sinks=4) " in stdout, stdout  # the variant's options, as in the README's table
 
 
 @pytest.mark.parametrize("args,match", [

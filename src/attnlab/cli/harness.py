@@ -63,7 +63,7 @@ def run(args) -> int:
     rows = harness.evaluate(model, tok, variants, tasks=tasks, limit=args.limit, batch_size=args.batch_size,
                             progress=not args.no_progress)
     print()
-    print(format_table(rows))
+    print(format_table(rows, {v.label: v.options for v in variants}))
     import lm_eval
 
     common.write_result(
@@ -76,17 +76,25 @@ def run(args) -> int:
     return 0
 
 
-def format_table(rows: list[dict]) -> str:
+def format_table(rows: list[dict], options: dict | None = None) -> str:
+    """lm-eval's value ± its bootstrap stderr per (task, metric), a line per variant; `options`: {variant label:
+    its options}, shown beside the label (as the README's table does)."""
     cols = list(dict.fromkeys((r["task"], r["metric"]) for r in rows))
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     by = {(r["variant"], r["task"], r["metric"]): r for r in rows}
-    lines = [f"{'variant':<24} " + " ".join(f"{t.removeprefix('attnlab_')[:18] + ' ' + m:>28}" for t, m in cols)]
+
+    def label(v):
+        opts = (options or {}).get(v)
+        return v if not opts else f"{v} ({', '.join(f'{k}={x}' for k, x in opts.items() if k != 'max_len')})"
+    width = max([len("variant")] + [len(label(v)) for v in variants])
+    lines = [f"{'variant':<{width}} " + " ".join(f"{t.removeprefix('attnlab_')[:18] + ' ' + m:>28}" for t, m in cols)]
     for v in variants:
         cells = []
         for t, m in cols:
             r = by.get((v, t, m))
-            cells.append(f"{'-' if r is None else format(r['value'], '.4g'):>28}")
-        lines.append(f"{v:<24} " + " ".join(cells))
+            cell = "-" if r is None else format(r["value"], ".4g") + (f" ± {r['stderr']:.2g}" if r.get("stderr") else "")
+            cells.append(f"{cell:>28}")
+        lines.append(f"{label(v):<{width}} " + " ".join(cells))
     return "\n".join(lines)
 
 
