@@ -226,9 +226,13 @@ def test_a_distilled_attention_at_another_length_is_noted_and_titled_as_trained(
 
 
 def test_an_interrupted_compare_keeps_the_rows_it_finished(tiny_lm_dir, tmp_path, capsys, monkeypatch):
-    """Each row goes to a .partial.jsonl as it is done (removed once the whole result is written): Ctrl-C in the
-    middle of a long run leaves the rows measured so far and says where."""
+    """Each row goes to a .partial.jsonl as it is done (removed once the whole result is written): Ctrl-C or an error
+    in the middle of a long run leaves the rows measured so far and says where. A task whose run() predates on_row
+    still runs (whole result only)."""
+    import dataclasses
+
     from attnlab.eval import compare
+    from attnlab.eval.tasks import TASKS
 
     real, calls = compare.swapped, []
 
@@ -243,11 +247,25 @@ def test_an_interrupted_compare_keeps_the_rows_it_finished(tiny_lm_dir, tmp_path
     rc = attnlab.cli.main(["compare", "--model", str(tiny_lm_dir), "--quick", "--no-plot", "--out", str(out)])
     err = capsys.readouterr().err
     partial = list(out.glob("*.partial.jsonl"))
-    assert rc == 130 and len(partial) == 1 and f"the rows done so far are in {partial[0]}" in err, err
+    assert rc == 130 and len(partial) == 1 and f"interrupted; the rows done so far are in {partial[0]}" in err, err
     rows = [json.loads(line) for line in partial[0].read_text().splitlines()]
     assert [r["method"] for r in rows] == ["sdpa"] and rows[0]["kl_mean"] <= 1e-6
     assert not list(out.glob("*.json"))
+
+    def fail_the_second(model, target):
+        calls.append(target)
+        if len(calls) % 2 == 0:
+            raise attnlab.AttnlabError("boom")
+        return real(model, target)
+
+    monkeypatch.setattr(compare, "swapped", fail_the_second)
+    calls.clear()
+    rc = attnlab.cli.main(["compare", "--model", str(tiny_lm_dir), "--quick", "--no-plot", "--out", str(tmp_path / "f")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "compare stopped; the rows done so far are in" in err and "boom" in err, err
     monkeypatch.setattr(compare, "swapped", real)
+    lm = TASKS["lm"]
+    monkeypatch.setitem(TASKS, "lm", dataclasses.replace(lm, run=lambda m, t, v, d, a: lm.run(m, t, v, d, a)))
     whole = tmp_path / "whole"
     assert attnlab.cli.main(["compare", "--model", str(tiny_lm_dir), "--quick", "--no-plot", "--out", str(whole)]) == 0
     assert len(list(whole.glob("*.json"))) == 1 and not list(whole.glob("*.partial.jsonl"))

@@ -254,3 +254,11 @@ def test_summary_says_why_a_row_was_not_measured_once_per_reason():
     lines = summary(rows).splitlines()
     assert [ln.split()[-3] for ln in lines[1:3]] == ["[1]", "[1]"] and lines[-1].endswith("cannot do causal attention")
     assert len(lines) == 5 and len({len(ln) for ln in lines[:4]}) == 1  # one footnote; the columns stay aligned
+
+
+def test_an_sdpa_backend_without_a_kernel_says_so():
+    """The memory-efficient SDPA backend has no CPU kernel: the row's reason says that first, torch's words after."""
+    fn = peers._sdpa_factory("efficient")(64, 2, 16, False, torch.float32, "cpu")
+    q = torch.randn(1, 2, 64, 16)
+    with pytest.raises(peers.Unsupported, match=r"SDPA backend 'efficient' has no kernel for these inputs on cpu \(torch: "):
+        fn(q, q, q)

@@ -149,6 +149,7 @@ def test_adapters_from_the_cli_alone_and_on_a_saved_attention(tiny_lm_dir, tmp_p
     assert set(before) < set(after) and any(".lora." in k for k in after)
     meta = json.loads((tmp_path / "hl" / "attention" / "attnlab.json").read_text())
     assert meta["spec"]["rules"][0]["lora"] == 2
+    assert meta["extra"]["distill"]["seq_len"] == 32 and meta["extra"]["distill"]["steps"] == 2  # compare's note reads it
     again = refused(capsys, "distill", "--init", tmp_path / "hl" / "attention", "--lora", "2", *common, "--out",
                     tmp_path / "x")
     assert "already has adapters" in again

@@ -1,7 +1,9 @@
 """`attnlab compare`: the main job. Defaults: SmolLM2-135M on held-out Moby Dick windows, every method."""
 from __future__ import annotations
 
+import inspect
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -96,12 +98,15 @@ def run(args) -> int:
     for v in variants:  # a distilled attention measured at another length than it was trained at: say so
         trained = read_meta(v.target.path).get("extra", {}).get("distill", {}) if v.method == "saved" else {}
         if trained.get("seq_len") not in (None, args.seq_len):
-            print(f"note: {v.label} was distilled at {trained['seq_len']} tokens (KL {trained['kl_before']:.3g} -> "
-                  f"{trained['kl_after']:.3g} there); here it runs at {args.seq_len} (--seq-len)", flush=True)
+            kl = (f" (KL {trained['kl_before']:.3g} -> {trained['kl_after']:.3g} there)"
+                  if isinstance(trained.get("kl_before"), float) and isinstance(trained.get("kl_after"), float) else "")
+            print(f"note: {v.label} was distilled at {trained['seq_len']} tokens{kl}; here it runs at {args.seq_len} "
+                  "(--seq-len)", flush=True)
     model, tok = models.load(model_name, dtype=dtype, device=args.device)
 
     result = Path(args.out) / f"compare-{task.name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    partial = result.with_suffix(".partial.jsonl")  # each row as it is done: an interrupted run keeps them
+    partial = result.with_name(f"{result.stem}-{os.getpid()}.partial.jsonl")  # each row as it is done: a run that
+    # stops early keeps them (the pid: two runs started in the same second into one --out)
 
     def on_row(row):
         partial.parent.mkdir(parents=True, exist_ok=True)
@@ -109,12 +114,17 @@ def run(args) -> int:
             f.write(json.dumps(row, default=str) + "\n")
 
     t0 = time.time()
+    takes_on_row = "on_row" in inspect.signature(task.run).parameters  # a task registered before on_row existed
     try:
-        rows, setup = task.run(model, tok, variants, data, args, on_row=on_row)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted; the rows done so far are in {partial}" if partial.exists() else "\ninterrupted",
-              file=sys.stderr)
-        return 130
+        rows, setup = task.run(model, tok, variants, data, args, **({"on_row": on_row} if takes_on_row else {}))
+    except BaseException as e:
+        where = f"; the rows done so far are in {partial}" if partial.exists() else ""
+        if isinstance(e, KeyboardInterrupt):
+            print(f"\nattnlab: interrupted{where}", file=sys.stderr)
+            return 130
+        if where:
+            print(f"\nattnlab: compare stopped{where}", file=sys.stderr)
+        raise
     elapsed = time.time() - t0
     print()
     print(task.table(rows))

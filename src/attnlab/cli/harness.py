@@ -83,9 +83,11 @@ def format_table(rows: list[dict], options: dict | None = None) -> str:
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     by = {(r["variant"], r["task"], r["metric"]): r for r in rows}
 
-    def label(v):
+    def label(v):  # a spec or saved variant shows its per-layer spec (not its folder), as compare's table does
         opts = (options or {}).get(v)
-        return v if not opts else f"{v} ({', '.join(f'{k}={x}' for k, x in opts.items() if k != 'max_len')})"
+        text = v if not opts else (f"{v} ({opts['spec']})" if "spec" in opts else
+                                   f"{v} ({', '.join(f'{k}={x}' for k, x in opts.items() if k != 'max_len')})")
+        return text if len(text) <= 48 else text[:47] + "…"
     width = max([len("variant")] + [len(label(v)) for v in variants])
     lines = [f"{'variant':<{width}} " + " ".join(f"{t.removeprefix('attnlab_')[:18] + ' ' + m:>28}" for t, m in cols)]
     for v in variants:
