@@ -12,6 +12,7 @@ replaces DIR only when complete, so an interrupted save never leaves a half-writ
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -45,10 +46,6 @@ class Saved:
 
     def spec(self) -> SwapSpec:
         return SwapSpec.from_dict(read_meta(self.path)["spec"])
-
-    def check(self) -> dict:
-        """The directory's metadata, after checking both files without reading the tensors (`check_saved`)."""
-        return check_saved(self.path)
 
 
 def fingerprint(model) -> dict:
@@ -146,34 +143,37 @@ def read_meta(directory) -> dict:
     return meta
 
 
-def load_safetensors(path, what: str = "") -> dict[str, torch.Tensor]:
-    """A safetensors file's tensors, or one CheckpointError: missing (incomplete), corrupt or truncated. The one
-    reader of every attnlab weights file (saved attention, trainer state, the compress autoencoder)."""
+@contextlib.contextmanager
+def _refusing(path, what: str = ""):
+    """The path as a str for a safetensors reader, and one CheckpointError for a missing (incomplete), corrupt or
+    truncated file: the refusals `load_safetensors` and `check_safetensors` share."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{str(path.parent)!r} has no {path.name}{f' ({what})' if what else ''}")
     try:
-        return load_file(str(path))
+        yield str(path)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path} is corrupt or truncated ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def load_safetensors(path, what: str = "") -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors, or one CheckpointError: missing (incomplete), corrupt or truncated. The one
+    reader of every attnlab weights file (saved attention, trainer state, the compress autoencoder)."""
+    from safetensors.torch import load_file
+
+    with _refusing(path, what) as p:
+        return load_file(p)
 
 
 def check_safetensors(path, what: str = "") -> None:
     """`load_safetensors`' refusals without reading the tensors (milliseconds): the file is there and its header parses
     and covers the whole file, so a truncated or corrupt file fails before a command loads its model."""
-    from safetensors import SafetensorError, safe_open
+    from safetensors import safe_open
 
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{str(path.parent)!r} has no {path.name}{f' ({what})' if what else ''}")
-    try:
-        with safe_open(str(path), "pt"):
-            pass
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{path} is corrupt or truncated ({type(e).__name__}: {str(e)[:200]})") from None
+    with _refusing(path, what) as p, safe_open(p, "pt"):
+        pass
 
 
 def check_saved(directory) -> dict:

@@ -117,13 +117,13 @@ def run(args) -> int:
     takes_on_row = "on_row" in inspect.signature(task.run).parameters  # a task registered before on_row existed
     try:
         rows, setup = task.run(model, tok, variants, data, args, **({"on_row": on_row} if takes_on_row else {}))
-    except BaseException as e:
-        where = f"; the rows done so far are in {partial}" if partial.exists() else ""
-        if isinstance(e, KeyboardInterrupt):
-            print(f"\nattnlab: interrupted{where}", file=sys.stderr)
-            return 130
-        if where:
-            print(f"\nattnlab: compare stopped{where}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("\nattnlab: interrupted" + (f"; the rows done so far are in {partial}" if partial.exists() else ""),
+              file=sys.stderr)
+        return 130
+    except BaseException:
+        if partial.exists():
+            print(f"\nattnlab: compare stopped; the rows done so far are in {partial}", file=sys.stderr)
         raise
     elapsed = time.time() - t0
     print()

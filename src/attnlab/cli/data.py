@@ -18,6 +18,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from .. import data, models
     from ..types import AttnlabError
+    from ..vision.data import fashion_mnist_dir
 
     if args.action == "fetch":
         for name, fetch in data.FETCHERS.items():
@@ -34,8 +35,6 @@ def run(args) -> int:
     for name in data.FETCHERS:
         path = data.spam_path() if name == "spam" else data._corpus_path(name)
         print(f"corpus {name}: {'ok' if path.exists() else 'missing (attnlab data fetch)'}")
-    from ..vision.data import fashion_mnist_dir
-
     try:
         print(f"images fashion-mnist: ok ({fashion_mnist_dir()})")
     except AttnlabError as e:

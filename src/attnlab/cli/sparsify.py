@@ -215,23 +215,20 @@ def floor_notes(rows: list[dict]) -> list[str]:
     """A line per (share, budget) whose higher sparsities keep exactly what a lower one keeps: past that point only
     the band and the sinks are left, which every sparsity keeps, so the rows above it are the same mask. Otherwise a
     line where global sparse keeps well over what was asked (more than 1.1x 1 - sparsity): that floor, reached."""
-    notes, same = [], set()
+    notes = []
     for key in dict.fromkeys((r.get("share"), r.get("budget")) for r in rows if r["technique"] == "global_sparse"):
         rs = sorted((r for r in rows if r["technique"] == "global_sparse" and (r.get("share"), r.get("budget")) == key),
                     key=lambda r: r["fraction"])
         pairs = [(a, b) for a, b in zip(rs, rs[1:]) if abs(a["density"] - b["density"]) < 1e-9]
+        # window_sinks rows are matched to global sparse's density: a floor there is global sparse's, noted here
+        short = [r for r in rs if r.get("density") is not None and r["density"] > 1.1 * (1 - r["fraction"]) + 1e-3]
         if pairs:
-            same.add(key)
             first = pairs[0][0]
             notes.append(f"note: global sparse ({key[0]}, {key[1] or 'uniform'}) keeps the same "
                          f"{first['density']:.3f} of the causal pairs from {first['fraction']:.0%} on (the band and "
                          f"sinks every sparsity keeps): the rows at {', '.join(format(b['fraction'], '.0%') for _, b in pairs)} "
                          "are that mask again (a longer --seq-len or smaller --block-size prunes further)")
-    # global sparse alone: window_sinks rows are matched to its density (a floor there is global sparse's)
-    for key in dict.fromkeys((r.get("share"), r.get("budget")) for r in rows if r["technique"] == "global_sparse"):
-        short = [r for r in rows if r["technique"] == "global_sparse" and (r.get("share"), r.get("budget")) == key
-                 and r.get("density") is not None and r["density"] > 1.1 * (1 - r["fraction"]) + 1e-3]
-        if short and key not in same:
+        elif short:
             notes.append(f"note: global sparse ({key[0]}, {key[1] or 'uniform'}) could not prune as asked at "
                          + ", ".join(f"{r['fraction']:.0%} (keeps {r['density']:.3f}, not {1 - r['fraction']:.3f})"
                                      for r in short)

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .. import registry
 from ..adapters.spec import SwapSpec
-from ..adapters.state import Saved
+from ..adapters.state import Saved, check_saved
 from ..adapters.swap import swapped
 from ..metrics import fidelity as fm
 from ..timing import Timer
@@ -73,10 +73,10 @@ def resolve(methods: list[str] | None, overrides: dict[str, dict], seq_len: int,
         spec.validate()
         out.append(Variant(f"spec:{Path(path).stem}", "spec", {"spec": spec.describe()}, spec))
     for path in loads:
-        saved = Saved(path)
-        spec = SwapSpec.from_dict(saved.check()["spec"])  # a missing, corrupt or truncated directory fails here
+        spec = SwapSpec.from_dict(check_saved(path)["spec"])  # a missing, corrupt or truncated directory fails here
         spec.validate()
-        out.append(Variant(f"saved:{Path(path).name}", "saved", {"spec": spec.describe(), "dir": str(path)}, saved))
+        out.append(Variant(f"saved:{Path(path).name}", "saved", {"spec": spec.describe(), "dir": str(path)},
+                           Saved(path)))
     return out
 
 
