@@ -47,9 +47,15 @@ def read_text(path: str | None) -> str:
     if path is None:
         return moby_dick()
     p = Path(path)
+    if p.is_dir():
+        raise AttnlabError(f"text file {path!r} is a folder, not a text file")
     if not p.is_file():
         raise DataNotInstalled(f"text file {path!r} does not exist")
-    return p.read_text(encoding="utf-8", errors="replace")
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:  # never read with replacement characters in silence: say so, once
+        raise AttnlabError(f"text file {path!r} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                           f"{e.start}); convert it first, e.g. iconv -f latin1 -t utf-8") from None
 
 
 def token_windows(tokenizer, text: str, *, seq_len: int, num_tokens: int, held_out: float = HELD_OUT) -> torch.Tensor:

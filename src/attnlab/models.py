@@ -194,8 +194,22 @@ def check_model_dir(path) -> Path:
         raise ModelNotInstalled(f"--model {str(path)!r}: config.json is not valid JSON ({e})") from None
     if not isinstance(meta, dict) or "model_type" not in meta:
         raise ModelNotInstalled(f"--model {str(path)!r}: config.json has no model_type (not a transformers model folder)")
-    if not any(p.glob("*.safetensors")) and not any(p.glob("*.bin")):
+    _quiet_transformers()
+    from transformers import CONFIG_MAPPING
+
+    if meta["model_type"] not in CONFIG_MAPPING:
+        raise ModelNotInstalled(f"--model {str(path)!r}: model_type {meta['model_type']!r} is not one transformers "
+                                f"{transformers_version()} knows")
+    weights = sorted(p.glob("*.safetensors"))
+    if not weights and not any(p.glob("*.bin")):
         raise ModelNotInstalled(f"--model {str(path)!r} has a config.json but no weights (*.safetensors or *.bin)")
+    from .adapters.state import CheckpointError, check_safetensors
+
+    for w in weights:  # headers only (milliseconds): a truncated or corrupt file fails here, not in the load
+        try:
+            check_safetensors(w)
+        except CheckpointError as e:
+            raise ModelNotInstalled(f"--model {str(path)!r}: {e}") from None
     return p
 
 
@@ -208,7 +222,15 @@ def resolve(name: str) -> tuple[Path, bool]:
     path = check_model_dir(name)
     meta = json.loads((path / "config.json").read_text())
     archs = meta.get("architectures") or []
-    causal = bool(meta.get("is_decoder")) or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    if archs:
+        causal = bool(meta.get("is_decoder")) or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    else:  # a config saved without its class (AutoConfig's own save): a causal LM if that is all its type can be
+        from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                            MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+        kind = meta["model_type"]
+        causal = bool(meta.get("is_decoder")) or (kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+                                                  and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES)
     return path, causal
 
 
@@ -245,9 +267,24 @@ def load(name: str = "smollm2", *, dtype: torch.dtype = torch.float32, device: s
 
     path, causal = resolve(name)
     auto = AutoModelForCausalLM if causal else AutoModel
-    tok = AutoTokenizer.from_pretrained(path)
-    model = auto.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation).to(device).eval()
-    return model, tok
+    try:  # before the weights: a folder with no (or a broken) tokenizer fails in a second
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise ModelNotInstalled(f"--model {name!r}: transformers cannot build its tokenizer "
+                                f"({type(e).__name__}: {_first_line(e)})") from None
+    model, info = auto.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
+                                       output_loading_info=True)
+    missing = list(info.get("missing_keys") or []) + [k for k, *_ in info.get("mismatched_keys") or []]
+    if missing:  # never a silent substitute: from_pretrained would run these at their random initialisation
+        total = sum(1 for _ in model.state_dict())
+        raise ModelNotInstalled(f"--model {name!r}: its weights do not match its config.json ({len(missing)} of "
+                                f"{total} tensors missing or of another shape, e.g. {sorted(missing)[0]!r})")
+    return model.to(device).eval(), tok
+
+
+def _first_line(e: Exception, limit: int = 200) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else "")[:limit]
 
 
 def is_causal_lm(model) -> bool:

@@ -132,13 +132,25 @@ class SwapSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "SwapSpec":
+        expected = "expected {'rules': [{'layers', 'method', 'options'}], 'seed': n}"
+        if not isinstance(d, dict):
+            raise AttnlabError(f"not a swap spec (a JSON {type(d).__name__}); {expected}")
+        unknown = sorted(set(d) - {"rules", "seed"})
+        if unknown:  # a misspelt key must not quietly become a default ("layer" read as every layer)
+            raise AttnlabError(f"swap spec: unknown key {unknown[0]!r}; {expected}")
+        if not isinstance(d.get("rules"), list):
+            raise AttnlabError(f"not a swap spec ('rules' is {type(d.get('rules')).__name__}, not a list); {expected}")
+        for i, r in enumerate(d["rules"], 1):
+            bad = sorted(set(r) - {f.name for f in dataclasses.fields(Rule)}) if isinstance(r, dict) else None
+            if bad is None or bad:
+                raise AttnlabError(f"swap spec rule {i}: " + (f"unknown key {bad[0]!r}" if bad else f"a JSON "
+                                   f"{type(r).__name__}, not an object") + "; expected layers, method, options, lora")
         try:
             rules = [Rule(str(r.get("layers", "*")), r["method"], dict(r.get("options", {})), r.get("lora", 0))
                      for r in d["rules"]]
             seed = int(d.get("seed", 0))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise AttnlabError(f"not a swap spec ({type(e).__name__}: {e}); expected {{'rules': [{{'layers', 'method', "
-                               "'options'}}], 'seed': n}") from None
+            raise AttnlabError(f"not a swap spec ({type(e).__name__}: {e}); {expected}") from None
         return cls(rules, seed)
 
     @classmethod
@@ -148,7 +160,7 @@ class SwapSpec:
             d = json.loads(text)
         except json.JSONDecodeError as e:
             raise AttnlabError(f"swap spec {src if isinstance(src, Path) else 'text'} is not valid JSON ({e})") from None
-        return cls.from_dict(d.get("spec", d))
+        return cls.from_dict(d.get("spec", d) if isinstance(d, dict) else d)
 
     def to_dict(self) -> dict:
         return {"rules": [r.to_dict() for r in self.rules], "seed": self.seed}

@@ -62,18 +62,33 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     common.check_device(device)
     on_cpu = torch.device(device).type == "cpu"
-    methods = attnlab.registry.standalone_methods() if args.methods in ("all", "") else [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = attnlab.registry.standalone_methods() if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        raise AttnlabError("--methods is empty (all: every registered method)")
+    from ..bench import peers as peers_mod
     from ..bench.sweep import split_spec
 
     for m in methods:
         attnlab.registry.get(split_spec(m)[0])  # unknown names: one line listing the valid ones
-        if args.causal and args.methods not in ("all", "") and not attnlab.registry.capabilities(split_spec(m)[0]).causal:
+        if args.causal and args.methods != "all" and not attnlab.registry.capabilities(split_spec(m)[0]).causal:
             raise AttnlabError(f"method {split_spec(m)[0]!r} cannot do causal attention: leave it out of --methods, "
                                "or time it non-causal (no --causal; --both-causal times it non-causal only)")
     modes = [m.strip() for m in args.mode.split(",")]
     if any(m not in harness.MODES for m in modes):
         raise AttnlabError(f"--mode must be fwd, fwd+bwd or both, got {args.mode!r}")
-    lengths_arg = args.lengths or ("128,256,512" if on_cpu else "1024,2048,4096,8192,16384,32768,65536")
+    if args.peers not in ("all", "none"):
+        known = sorted({p.impl for p in peers_mod.PEERS})
+        unknown = [x for x in (y.strip() for y in args.peers.split(",")) if x not in known]
+        if unknown:
+            raise AttnlabError(f"--peers: unknown peer {unknown[0]!r}; all, none or a comma list of {', '.join(known)}")
+    for flag, value in (("--time-budget", args.time_budget), ("--row-budget", args.row_budget),
+                        ("--max-row-seconds", args.max_row_seconds)):
+        if value is not None and not value > 0:
+            raise AttnlabError(f"{flag} must be a positive number of seconds, got {value}")
+    if args.name is not None and (not args.name.strip() or "/" in args.name or args.name in (".", "..")):
+        raise AttnlabError(f"--name {args.name!r}: a file stem (letters, digits, -_.), not empty and not a path")
+    lengths_arg = args.lengths if args.lengths is not None else ("128,256,512" if on_cpu else
+                                                                 "1024,2048,4096,8192,16384,32768,65536")
     try:
         lengths = [int(x) for x in lengths_arg.split(",") if x.strip()]
     except ValueError:

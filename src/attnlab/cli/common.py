@@ -140,6 +140,17 @@ def int_list(name: str, raw: str) -> list[int]:
     return vals
 
 
+def name_list(raw: str | None, flag: str = "--methods") -> list[str] | None:
+    """A comma list given on the command line (None when the flag was not given): given but empty ("" or ",") is
+    an error, never the default list in silence."""
+    if raw is None:
+        return None
+    names = [m.strip() for m in raw.split(",") if m.strip()]
+    if not names:
+        raise AttnlabError(f"{flag} is empty")
+    return names
+
+
 def causal_method_options(raw: str, overrides: list[str] | None, seq_len: int) -> dict[str, dict]:
     """--methods a,b plus --set overrides -> {method: options at seq_len (its defaults + overrides)}, each method
     known, able to run causal attention, its options checked: all before a model loads."""
@@ -190,6 +201,7 @@ def check_out_folder(raw, flag: str = "--out") -> Path:
     starts. Checked before any work (attnlab's main does it for every command's --out), so a run is never lost at
     the end to a path that could not take its results."""
     import os
+    import tempfile
 
     path = Path(raw)
     if path.is_symlink() and not path.exists():
@@ -203,6 +215,11 @@ def check_out_folder(raw, flag: str = "--out") -> Path:
         raise AttnlabError(f"{flag} {str(raw)!r}: {first} is a file, so the folder cannot be made")
     if not os.access(first, os.W_OK | os.X_OK):
         raise AttnlabError(f"{flag} {str(raw)!r}: {first} is not writable")
+    try:  # os.access says yes to root everywhere (/proc too): a file made and removed is the proof
+        with tempfile.TemporaryFile(dir=first):
+            pass
+    except OSError as e:
+        raise AttnlabError(f"{flag} {str(raw)!r}: nothing can be written in {first} ({e.strerror or e})") from None
     return path
 
 

@@ -70,7 +70,7 @@ def run(args) -> int:
         if value is not None and task.name != only:
             raise AttnlabError(f"{flag} applies to --task {only}, not {task.name}")
     args.grad_tokens = min(128, args.seq_len) if args.grad_tokens is None else args.grad_tokens
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    methods = common.name_list(args.methods)
     if args.quick:
         args.seq_len = min(args.seq_len, 64)
         methods = methods or (None if (args.spec or args.load) else ["sdpa", "window", "linear"])

@@ -65,8 +65,8 @@ def run(args) -> int:
     import torch
 
     from .. import data, models, registry
-    from ..adapters.spec import SwapSpec
-    from ..adapters.state import check_saved
+    from ..adapters.spec import ORIGINAL, SwapSpec
+    from ..adapters.state import check_fingerprint, check_saved, read_meta
     from ..adapters.swap import check as check_swap
     from ..train import checkpoint as ckpt
     from ..train.distill import DistillConfig, check_out, check_spec_trainable, distill, spec_at_length
@@ -117,8 +117,13 @@ def run(args) -> int:
     if not causal:
         raise AttnlabError(f"attnlab distill trains against next-token distributions: {args.model!r} is not a causal LM")
     models.check_seq_len(skeleton, cfg.seq_len)
-    check_swap(skeleton, spec, cfg.seq_len)  # a selector that picks no layer, a method that cannot run causal or
-    # this length: before the load
+    if args.init:  # saved for another model (layers, heads): the skeleton tells, before the load
+        check_fingerprint(skeleton, read_meta(args.init), args.init)
+    plans = check_swap(skeleton, spec, cfg.seq_len)  # a selector that picks no layer, a method that cannot run
+    # causal or this length: before the load
+    if all(pl.method == ORIGINAL and not pl.lora for pl in plans):
+        raise AttnlabError(f"{args.init or args.spec or args.method}: the spec leaves every layer its original "
+                           "attention, so there is nothing to distil")
     dtype = args.dtype or ("bfloat16" if torch.device(device).type == "cuda" else "float32")
     model, tok = models.load(args.model, device=device)
     if args.init:

@@ -47,7 +47,8 @@ def run(args) -> int:
     common.positive_int("--limit", args.limit, 1)
     common.positive_int("--batch-size", args.batch_size, 1)
     common.check_device(args.device)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    methods = common.name_list(args.methods)
+    common.positive_int("--seq-len", args.seq_len, 2)
     if methods is None and not (args.spec or args.load):
         methods = ["window", "linear"]
     variants = compare.resolve(methods or [], common.parse_overrides(args.overrides), args.seq_len, specs=args.spec,
@@ -55,6 +56,7 @@ def run(args) -> int:
     skeleton, causal = models.skeleton(args.model)
     if not causal:
         raise AttnlabError(f"{args.model!r} is not a causal LM; the harness tasks score a decoder's continuations")
+    models.check_seq_len(skeleton, args.seq_len)
     compare.check_variants(variants, skeleton)
     started = time.time()
     print(f"attnlab harness: model={args.model} tasks={','.join(tasks)} limit={args.limit} variants=original,"

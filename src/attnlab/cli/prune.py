@@ -98,7 +98,7 @@ def run(args) -> int:
         raise AttnlabError(f"--after expects layer indices such as 2 or 1,3, got {args.after!r}") from None
     if not after or min(after) < 0:
         raise AttnlabError(f"--after expects non-negative layer indices, got {args.after!r}")
-    seq_len = args.seq_len or (256 if args.task == "spam" else 512)
+    seq_len = args.seq_len if args.seq_len is not None else (256 if args.task == "spam" else 512)
     common.positive_int("--seq-len", seq_len, 4)
     if args.prompt_len is None:
         args.prompt_len = seq_len * 3 // 4

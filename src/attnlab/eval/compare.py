@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .. import registry
 from ..adapters.spec import SwapSpec
-from ..adapters.state import Saved, check_saved
+from ..adapters.state import Saved, check_fingerprint, check_saved, read_meta
 from ..adapters.swap import swapped
 from ..metrics import fidelity as fm
 from ..timing import Timer
@@ -90,6 +90,8 @@ def check_variants(variants: list[Variant], model, seq_len: int | None = None, n
     for v in variants:
         if v.method in ("spec", "saved"):
             try:
+                if v.method == "saved":  # saved for another model (layers, heads): the skeleton tells, unloaded
+                    check_fingerprint(model, read_meta(v.target.path), v.target.path)
                 check(model, v.target if isinstance(v.target, SwapSpec) else v.target.spec(), seq_len)
             except AttnlabError as e:
                 raise type(e)(f"{v.label}: {e}") from None  # which file
