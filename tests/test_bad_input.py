@@ -133,6 +133,8 @@ def test_a_saved_attention_of_another_model_is_refused_before_the_load(tiny_lm_d
     (["harness", "--methods", ","], "--methods is empty"),
     (["harness", "--seq-len", "0"], "--seq-len must be an integer >= 2"),
     (["prune", "--seq-len", "0"], "--seq-len must be an integer >= 4"),
+    (["sparsify", "--data", ","], "--data is empty"),  # was refused only after the model loaded, naming --train
+    (["compress", "train", "--data", ","], "--data is empty"),
     (["bench", "--methods", ","], "--methods is empty"),
     (["bench", "--methods", "sdpa", "--lengths", ""], "--lengths must be positive integers"),
     (["bench", "--methods", "sdpa", "--peers", "nosuch"], "--peers: unknown peer 'nosuch'"),
@@ -168,3 +170,42 @@ def test_an_out_folder_nothing_can_be_written_in_is_refused_even_for_root():
 
     with pytest.raises(AttnlabError, match="nothing can be written in /proc"):
         check_out_folder("/proc/attnlab-out")
+
+
+def test_quick_says_which_given_lengths_it_does_not_use(tiny_lm_dir, tmp_path, capsys, monkeypatch):
+    """--quick runs 2 windows of 64 tokens; an explicit longer --seq-len or --num-tokens is named, not dropped in
+    silence (the run is stopped at the load here)."""
+    def stop(*a, **k):
+        raise AttnlabError("stopped at the load")
+
+    monkeypatch.setattr(attnlab.models, "load", stop)
+    err = refused(capsys, "compare", "--quick", "--methods", "sdpa", "--seq-len", "512", "--num-tokens", "4096",
+                  "--model", tiny_lm_dir, "--out", tmp_path / "out")
+    assert "--quick runs 2 windows of 64 tokens, not --seq-len 512 and --num-tokens 4096" in err, err
+    err = refused(capsys, "compare", "--quick", "--methods", "sdpa", "--seq-len", "32", "--model", tiny_lm_dir,
+                  "--out", tmp_path / "out")
+    assert "--quick runs" not in err and "stopped at the load" in err, err
+
+
+@pytest.mark.parametrize("name", ["sdpa", "performer", "rfa", "window"])
+def test_a_call_with_a_bad_scale_or_causal_flag_is_one_error(name):
+    """scale=-1 was a math domain error 9 frames down in the random-feature methods and scale=nan all-NaN outputs;
+    causal="yes" was truthy for some methods and a TypeError inside SDPA for others."""
+    m = attnlab.make(name, head_dim=8, num_heads=2)
+    q = k = v = torch.randn(1, 2, 16, 8)
+    for scale in (-1.0, 0.0, float("nan"), float("inf"), "x", True):
+        with pytest.raises(AttnlabError, match=f"{name}: scale must be a finite number > 0, got"):
+            m(q, k, v, scale=scale)
+    with pytest.raises(AttnlabError, match=f"{name}: causal must be True or False, got 'yes'"):
+        m(q, k, v, causal="yes")
+    assert torch.isfinite(m(q, k, v, scale=0.5, causal=True).out).all()
+
+
+def test_vision_refuses_a_max_len_shorter_than_the_patch_length():
+    """It once trained nothing and exited 0 with a "not run" row: the length is known from the patch size."""
+    from attnlab.vision.train import VisionConfig, check_methods
+
+    cfg = VisionConfig(patches=(4,), epochs=1, train_size=1024, test_size=64)
+    with pytest.raises(AttnlabError, match="linformer with max_len=10 cannot take patch 4's 50 tokens"):
+        check_methods(["linformer"], cfg, {"linformer": {"max_len": 10}})
+    check_methods(["linformer"], cfg, {"linformer": {"max_len": 50}})

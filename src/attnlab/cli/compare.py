@@ -29,7 +29,8 @@ def add_parser(sub) -> None:
     p.add_argument("--load", action="append", default=[], metavar="DIR",
                    help="a saved attention (attnlab.save / attnlab distill --out) compared as one more row (repeatable)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per window (lm: 512, spam: 128)")
-    p.add_argument("--num-tokens", type=int, default=2048, help="lm: held-out tokens evaluated (windows = num_tokens / seq_len)")
+    p.add_argument("--num-tokens", type=int, default=None, help="lm: held-out tokens evaluated (windows = num_tokens / "
+                                                                "seq_len; default 2048)")
     p.add_argument("--num-examples", type=int, default=None, help="spam: cap on train and test emails (default 1000 / 400)")
     p.add_argument("--grad-tokens", type=int, default=None, help="lm: tokens of the window used for gradient cosine "
                                                                  "(default: 128, or --seq-len if shorter)")
@@ -57,8 +58,9 @@ def run(args) -> int:
         args.task = kind
     task = tasks.get(args.task)
     model_name = model_name or task.default_model
+    given = {flag: v for flag, v in (("--seq-len", args.seq_len), ("--num-tokens", args.num_tokens)) if v is not None}
     args.seq_len = task.default_seq_len if args.seq_len is None else common.positive_int("--seq-len", args.seq_len, 2)
-    common.positive_int("--num-tokens", args.num_tokens, 2)
+    args.num_tokens = 2048 if args.num_tokens is None else common.positive_int("--num-tokens", args.num_tokens, 2)
     if args.grad_tokens is not None:
         common.positive_int("--grad-tokens", args.grad_tokens, 2)
         if args.grad_tokens > args.seq_len:
@@ -76,6 +78,11 @@ def run(args) -> int:
         methods = methods or (None if (args.spec or args.load) else ["sdpa", "window", "linear"])
         args.num_tokens, args.grad_tokens = 2 * args.seq_len, min(args.grad_tokens, 32)
         args.num_examples = args.num_examples or 60
+        unused = [f"{flag} {v}" for flag, v in given.items()
+                  if (args.seq_len if flag == "--seq-len" else args.num_tokens) != v]
+        if unused:  # said, not silent
+            print(f"attnlab compare: --quick runs 2 windows of {args.seq_len} tokens, not {' and '.join(unused)}",
+                  file=sys.stderr)
     common.check_device(args.device)
     # every input check comes before the (slow) model load: methods and options, spec files, saved dirs, the model's
     # kind, length and layers (from its config alone), data

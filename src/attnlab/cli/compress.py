@@ -93,7 +93,7 @@ def run_train(args) -> int:
     common.check_device(args.device)
     cfg = TrainConfig(ratio=args.ratio, max_len=args.seq_len, min_len=args.min_len, steps=args.steps,
                       batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr, decay_steps=args.decay_steps,
-                      data=tuple(x.strip() for x in args.data.split(",") if x.strip()), tokenizer=args.tokenizer,
+                      data=tuple(common.name_list(args.data, "--data")), tokenizer=args.tokenizer,
                       eval_lengths=tuple(common.int_list("--eval-lengths", args.eval_lengths)), eval_every=args.eval_every,
                       checkpoint_every=args.checkpoint_every, seed=args.seed, progress=not args.no_progress,
                       mixing=args.mixing, bias=args.bias, **{k: getattr(args, k) for k in ("dim", "heads", "enc_layers", "dec_layers",

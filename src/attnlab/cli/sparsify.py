@@ -133,7 +133,7 @@ def run(args) -> int:
             raise AttnlabError("--narrow-backward is for flex's CUDA backward: use it with --device cuda")
         if not enable_narrow_backward(64):
             raise AttnlabError("--narrow-backward: this torch has no inductor choices hook (see attnlab/ops/sparse.py)")
-    corpora = [c.strip() for c in args.data.split(",") if c.strip()]
+    corpora = common.name_list(args.data, "--data")
     pattern = None
     if args.pattern:
         pattern = gs.load_pattern(args.pattern)  # a foreign or damaged folder fails here

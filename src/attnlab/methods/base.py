@@ -22,13 +22,14 @@ What else a method owns (class methods, read by compare, bench, the tests and th
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from typing import ClassVar
 
 import torch
 from torch import nn
 
-from ..types import AttnOutput, Capabilities, OptionError, ShapeError, UnsupportedError, validate_options
+from ..types import AttnlabError, AttnOutput, Capabilities, OptionError, ShapeError, UnsupportedError, validate_options
 
 
 def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -244,6 +245,15 @@ class AttentionMethod(nn.Module):
         need_lse: bool = False,
         need_col_sums: bool = False,
     ) -> AttnOutput:
+        if causal not in (True, False):  # "yes" was truthy for some methods and a TypeError deep in SDPA for others
+            raise AttnlabError(f"{self.name}: causal must be True or False, got {causal!r}")
+        if scale is not None:
+            try:
+                ok = not isinstance(scale, bool) and math.isfinite(float(scale)) and float(scale) > 0
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:  # NaN gave all-NaN outputs; a negative scale a math domain error 9 frames down
+                raise AttnlabError(f"{self.name}: scale must be a finite number > 0, got {scale!r}")
         self.check(q, k, v, causal=causal, key_padding_mask=key_padding_mask, attn_mask=attn_mask, need_probs=need_probs,
                    need_lse=need_lse, need_col_sums=need_col_sums)
         if scale is None:

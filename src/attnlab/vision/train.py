@@ -252,7 +252,12 @@ def check_methods(methods: list[str], cfg: VisionConfig, overrides: dict) -> Non
     `train_one` builds them) fail here, before any data is read: the swap spec's own check, as `swap` makes it."""
     for m in methods:
         for patch in cfg.patches:
-            SwapSpec([Rule("*", m, method_options(m, cfg.vit(patch).seq_len, overrides.get(m, {})))]).validate()
+            seq_len = cfg.vit(patch).seq_len
+            opts = method_options(m, seq_len, overrides.get(m, {}))
+            SwapSpec([Rule("*", m, opts)]).validate()
+            built = registry.make(m, head_dim=cfg.dim // cfg.heads, num_heads=cfg.heads, **opts)
+            if built.max_len is not None and seq_len > built.max_len:  # a run that could only end in a "not run" row
+                raise UnsupportedError(f"{m} with max_len={built.max_len} cannot take patch {patch}'s {seq_len} tokens")
 
 
 def new_run_id() -> str:
