@@ -3,9 +3,11 @@ silent substitute. The cases a fuzz of every subcommand found getting through: a
 type or tokenizer are wrong, a spec with a misspelt key, a saved attention of another model, empty lists, unchecked
 numbers, a text that is not UTF-8 and an --out nothing can be written in."""
 import json
+import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -67,6 +69,10 @@ def test_weights_that_do_not_match_the_config_are_refused_not_run_at_random(mode
     with pytest.raises(AttnlabError, match=r"its weights do not match its config.json \(\d+ of \d+ tensors missing.*"
                                            r"layers\.2\."):
         attnlab.models.load(str(more))
+    wide = model_copy("wide")  # a tensor of another shape: transformers' own error pointed at a hidden report
+    (wide / "config.json").write_text(json.dumps({**cfg, "intermediate_size": cfg["intermediate_size"] + 8}))
+    with pytest.raises(AttnlabError, match=r"its weights do not match its config.json .*mlp"):
+        attnlab.models.load(str(wide))
     notok = model_copy("notok")
     for f in notok.glob("tokenizer*"):
         f.unlink()
@@ -74,6 +80,19 @@ def test_weights_that_do_not_match_the_config_are_refused_not_run_at_random(mode
         attnlab.models.load(str(notok))
     model, _ = attnlab.models.load(str(model_copy("fine")))  # the intact folder loads
     assert type(model).__name__ == "LlamaForCausalLM"
+
+
+def test_an_encoder_saved_from_a_task_class_without_a_pooler_loads(tmp_path, tiny_lm_dir):
+    """An MLM or classifier checkpoint often has no pooler; AutoModel reports it missing, and attnlab never reads it."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    cfg = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    folder = tmp_path / "mlm"
+    BertForMaskedLM(cfg).save_pretrained(folder)
+    for f in Path(tiny_lm_dir).glob("tokenizer*"):
+        shutil.copy(f, folder / f.name)
+    model, _ = attnlab.models.load(str(folder))
+    assert type(model).__name__ == "BertModel"
 
 
 def test_a_causal_lm_saved_without_its_architectures_is_still_a_causal_lm(model_copy):
@@ -138,6 +157,8 @@ def test_a_saved_attention_of_another_model_is_refused_before_the_load(tiny_lm_d
     (["bench", "--methods", ","], "--methods is empty"),
     (["bench", "--methods", "sdpa", "--lengths", ""], "--lengths must be positive integers"),
     (["bench", "--methods", "sdpa", "--peers", "nosuch"], "--peers: unknown peer 'nosuch'"),
+    (["bench", "--methods", "sdpa", "--peers", ","], "--peers is empty"),
+    (["compare", "--task", "spam", "--model", "minilm", "--num-tokens", "512"], "--num-tokens applies to --task lm"),
     (["bench", "--methods", "sdpa", "--time-budget", "-5"], "--time-budget must be a positive number"),
     (["bench", "--methods", "sdpa", "--max-row-seconds", "0"], "--max-row-seconds must be a positive number"),
     (["bench", "--methods", "sdpa", "--name", "a/b"], "--name 'a/b': a file stem"),
@@ -159,11 +180,14 @@ def test_a_text_that_is_not_utf8_or_is_a_folder_is_refused(tmp_path):
         data.read_text(str(f))
     with pytest.raises(AttnlabError, match="is a folder, not a text file"):
         data.read_text(str(tmp_path))
+    with pytest.raises(AttnlabError, match="is not UTF-8 text"):  # as a training corpus: before any model loads
+        data.check_corpora([str(f)])
     f.write_text("café au lait", encoding="utf-8")
     assert data.read_text(str(f)) == "café au lait"
 
 
-@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+@pytest.mark.skipif(not Path("/proc/self").is_dir() or os.geteuid() != 0,
+                    reason="needs Linux's /proc, as root (for whom os.access says yes there)")
 def test_an_out_folder_nothing_can_be_written_in_is_refused_even_for_root():
     """os.access says yes to root everywhere: the check writes (and removes) a file to know."""
     from attnlab.cli.common import check_out_folder
@@ -198,6 +222,9 @@ def test_a_call_with_a_bad_scale_or_causal_flag_is_one_error(name):
             m(q, k, v, scale=scale)
     with pytest.raises(AttnlabError, match=f"{name}: causal must be True or False, got 'yes'"):
         m(q, k, v, causal="yes")
+    ref = m(q, k, v, causal=True).out
+    for flag in (1, np.bool_(True), torch.tensor(True)):  # booleans of another type run as True, in every method
+        assert torch.equal(m(q, k, v, causal=flag).out, ref)
     assert torch.isfinite(m(q, k, v, scale=0.5, causal=True).out).all()
 
 

@@ -237,6 +237,7 @@ def check_corpora(names: list[str]) -> None:
     for n in names:
         if n not in CORPORA:
             if Path(n).is_file():
+                read_text(n)  # not UTF-8: refused here, before the model loads, not when training reads it
                 continue
             raise AttnlabError(f"unknown corpus {n!r}; corpora: {', '.join(CORPORA)} (or a text file)")
         if n != "moby" and not _corpus_path(n).exists():

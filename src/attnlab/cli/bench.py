@@ -78,7 +78,9 @@ def run(args: argparse.Namespace) -> int:
         raise AttnlabError(f"--mode must be fwd, fwd+bwd or both, got {args.mode!r}")
     if args.peers not in ("all", "none"):
         known = sorted({p.impl for p in peers_mod.PEERS})
-        unknown = [x for x in (y.strip() for y in args.peers.split(",")) if x not in known]
+        wanted = common.name_list(args.peers, "--peers")
+        args.peers = ",".join(wanted)  # as the sweep filters them: "a, b" must not drop b
+        unknown = [x for x in wanted if x not in known]
         if unknown:
             raise AttnlabError(f"--peers: unknown peer {unknown[0]!r}; all, none or a comma list of {', '.join(known)}")
     for flag, value in (("--time-budget", args.time_budget), ("--row-budget", args.row_budget),

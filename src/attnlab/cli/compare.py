@@ -68,7 +68,7 @@ def run(args) -> int:
     if args.num_examples is not None:
         common.positive_int("--num-examples", args.num_examples, 2)
     for flag, value, only in (("--num-examples", args.num_examples, "spam"), ("--grad-tokens", args.grad_tokens, "lm"),
-                              ("--text", args.text, "lm")):
+                              ("--text", args.text, "lm"), ("--num-tokens", given.get("--num-tokens"), "lm")):
         if value is not None and task.name != only:
             raise AttnlabError(f"{flag} applies to --task {only}, not {task.name}")
     args.grad_tokens = min(128, args.seq_len) if args.grad_tokens is None else args.grad_tokens
@@ -81,8 +81,8 @@ def run(args) -> int:
         unused = [f"{flag} {v}" for flag, v in given.items()
                   if (args.seq_len if flag == "--seq-len" else args.num_tokens) != v]
         if unused:  # said, not silent
-            print(f"attnlab compare: --quick runs 2 windows of {args.seq_len} tokens, not {' and '.join(unused)}",
-                  file=sys.stderr)
+            runs = f"2 windows of {args.seq_len} tokens" if task.name == "lm" else f"{args.seq_len} tokens"
+            print(f"attnlab compare: --quick runs {runs}, not {' and '.join(unused)}", file=sys.stderr)
     common.check_device(args.device)
     # every input check comes before the (slow) model load: methods and options, spec files, saved dirs, the model's
     # kind, length and layers (from its config alone), data

@@ -28,8 +28,7 @@ def add_parser(sub) -> None:
     p.add_argument("--tasks", default=",".join(LOCAL_TASKS), help="lm-eval task names (default: %(default)s)")
     p.add_argument("--limit", type=int, default=100, help="documents per task (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size (default: %(default)s)")
-    p.add_argument("--seq-len", type=int, default=512, help="the length method defaults are taken at "
-                                                            "(default: %(default)s)")
+    p.add_argument("--seq-len", type=int, default=None, help="the length method defaults are taken at (default: 512)")
     common.add_model_run_arguments(p, "harness", "harness.json and harness.png")
     p.set_defaults(func=run)
 
@@ -48,7 +47,8 @@ def run(args) -> int:
     common.positive_int("--batch-size", args.batch_size, 1)
     common.check_device(args.device)
     methods = common.name_list(args.methods)
-    common.positive_int("--seq-len", args.seq_len, 2)
+    given_len = args.seq_len is not None
+    args.seq_len = 512 if args.seq_len is None else common.positive_int("--seq-len", args.seq_len, 2)
     if methods is None and not (args.spec or args.load):
         methods = ["window", "linear"]
     variants = compare.resolve(methods or [], common.parse_overrides(args.overrides), args.seq_len, specs=args.spec,
@@ -56,7 +56,8 @@ def run(args) -> int:
     skeleton, causal = models.skeleton(args.model)
     if not causal:
         raise AttnlabError(f"{args.model!r} is not a causal LM; the harness tasks score a decoder's continuations")
-    models.check_seq_len(skeleton, args.seq_len)
+    if given_len:  # the default only sets method options: a model with shorter positions is not refused for it
+        models.check_seq_len(skeleton, args.seq_len)
     compare.check_variants(variants, skeleton)
     started = time.time()
     print(f"attnlab harness: model={args.model} tasks={','.join(tasks)} limit={args.limit} variants=original,"

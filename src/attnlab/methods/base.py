@@ -245,8 +245,13 @@ class AttentionMethod(nn.Module):
         need_lse: bool = False,
         need_col_sums: bool = False,
     ) -> AttnOutput:
-        if causal not in (True, False):  # "yes" was truthy for some methods and a TypeError deep in SDPA for others
+        try:  # "yes" was truthy for some methods and a TypeError deep in SDPA for others
+            ok = causal in (True, False)
+        except RuntimeError:  # a tensor of several values
+            ok = False
+        if not ok:
             raise AttnlabError(f"{self.name}: causal must be True or False, got {causal!r}")
+        causal = bool(causal)  # 1, numpy's and torch's booleans: a Python bool for every kernel
         if scale is not None:
             try:
                 ok = not isinstance(scale, bool) and math.isfinite(float(scale)) and float(scale) > 0
