@@ -270,14 +270,15 @@ def load(name: str = "smollm2", *, dtype: torch.dtype = torch.float32, device: s
     auto = AutoModelForCausalLM if causal else AutoModel
     try:  # before the weights: a folder with no (or a broken) tokenizer fails in a second
         tok = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, TypeError, KeyError) as e:
+    except (OSError, ValueError, TypeError, KeyError, ImportError) as e:  # 4.x ends a failed conversion in ImportError
         raise ModelNotInstalled(f"--model {name!r}: transformers cannot build its tokenizer "
                                 f"({type(e).__name__}: {_first_line(e)})") from None
     # ignore_mismatched_sizes: a tensor of another shape is reported in the loading info (refused below) instead of
     # transformers' own error, which points at a report its quiet logging hides
     model, info = auto.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
                                        output_loading_info=True, ignore_mismatched_sizes=True)
-    missing = list(info.get("missing_keys") or []) + [k for k, *_ in info.get("mismatched_keys") or []]
+    missing = list(info.get("missing_keys") or []) + [k if isinstance(k, str) else k[0]  # 4.x: names; 5.x: with
+                                                       for k in info.get("mismatched_keys") or []]  # the shapes
     if not causal:  # an encoder saved from a task class (MLM, token or sequence classification) may have no pooler:
         missing = [k for k in missing if not re.search(r"(^|\.)pooler\.", k)]  # attnlab never reads it
     if missing:  # never a silent substitute: from_pretrained would run these at their random initialisation
