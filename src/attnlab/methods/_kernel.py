@@ -198,6 +198,7 @@ class RandomFeatureAttention(KernelAttention):
 
     feature_map_cls: ClassVar[type]
     Options = RandomFeatureOptions
+    positive_scale = True  # the features take sqrt(scale)
 
     def __init__(self, head_dim: int, num_heads: int, num_kv_heads: int | None = None, **options):
         super().__init__(head_dim, num_heads, num_kv_heads, **options)

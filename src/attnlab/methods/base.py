@@ -157,6 +157,9 @@ class AttentionMethod(nn.Module):
     # options with no usable default: the data a method is built from (global_sparse's measured pattern). Runs
     # over "every method" (compare, bench all, vision all) leave such a method out unless it is named with them.
     requires: ClassVar[tuple[str, ...]] = ()
+    # a call's `scale` must be > 0 (random features of exp(q.k * scale) take its square root); softmax methods take
+    # any finite scale (a negative one is -q at -scale, zero uniform weights)
+    positive_scale: ClassVar[bool] = False
 
     @dataclasses.dataclass
     class Options:
@@ -254,11 +257,13 @@ class AttentionMethod(nn.Module):
         causal = bool(causal)  # 1, numpy's and torch's booleans: a Python bool for every kernel
         if scale is not None:
             try:
-                ok = not isinstance(scale, bool) and math.isfinite(float(scale)) and float(scale) > 0
+                ok = not isinstance(scale, bool) and math.isfinite(float(scale))
+                ok = ok and (float(scale) > 0 or not self.positive_scale)
             except (TypeError, ValueError):
                 ok = False
-            if not ok:  # NaN gave all-NaN outputs; a negative scale a math domain error 9 frames down
-                raise AttnlabError(f"{self.name}: scale must be a finite number > 0, got {scale!r}")
+            if not ok:  # NaN gave all-NaN outputs; a negative scale a math domain error 9 frames down in performer
+                raise AttnlabError(f"{self.name}: scale must be a finite number{' > 0' * self.positive_scale}, got "
+                                   f"{scale!r}")
         self.check(q, k, v, causal=causal, key_padding_mask=key_padding_mask, attn_mask=attn_mask, need_probs=need_probs,
                    need_lse=need_lse, need_col_sums=need_col_sums)
         if scale is None:
