@@ -272,13 +272,14 @@ def load(name: str = "smollm2", *, dtype: torch.dtype = torch.float32, device: s
         tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, TypeError, KeyError, ImportError) as e:  # 4.x ends a failed conversion in ImportError
         raise ModelNotInstalled(f"--model {name!r}: transformers cannot build its tokenizer "
-                                f"({type(e).__name__}: {_first_line(e)})") from None
+                                f"({type(e).__name__}: {first_line(e)})") from None
     # ignore_mismatched_sizes: a tensor of another shape is reported in the loading info (refused below) instead of
     # transformers' own error, which points at a report its quiet logging hides
     model, info = auto.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
                                        output_loading_info=True, ignore_mismatched_sizes=True)
-    missing = list(info.get("missing_keys") or []) + [k if isinstance(k, str) else k[0]  # 4.x: names; 5.x: with
-                                                       for k in info.get("mismatched_keys") or []]  # the shapes
+    # mismatched_keys: names in transformers 4.x, (name, shape, shape) in 5.x
+    missing = [*(info.get("missing_keys") or []),
+               *(k if isinstance(k, str) else k[0] for k in info.get("mismatched_keys") or [])]
     if not causal:  # an encoder saved from a task class (MLM, token or sequence classification) may have no pooler:
         missing = [k for k in missing if not re.search(r"(^|\.)pooler\.", k)]  # attnlab never reads it
     if missing:  # never a silent substitute: from_pretrained would run these at their random initialisation
@@ -288,7 +289,8 @@ def load(name: str = "smollm2", *, dtype: torch.dtype = torch.float32, device: s
     return model.to(device).eval(), tok
 
 
-def _first_line(e: Exception, limit: int = 200) -> str:
+def first_line(e: Exception, limit: int = 200) -> str:
+    """An exception's first line, capped: what a one-line refusal quotes of a library's multi-line message."""
     text = str(e).strip().splitlines()
     return (text[0] if text else "")[:limit]
 

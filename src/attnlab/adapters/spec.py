@@ -140,11 +140,13 @@ class SwapSpec:
             raise AttnlabError(f"swap spec: unknown key {unknown[0]!r}; {expected}")
         if not isinstance(d.get("rules"), list):
             raise AttnlabError(f"not a swap spec ('rules' is {type(d.get('rules')).__name__}, not a list); {expected}")
+        keys = "expected layers, method, options, lora"
         for i, r in enumerate(d["rules"], 1):
-            bad = sorted(set(r) - {f.name for f in dataclasses.fields(Rule)}) if isinstance(r, dict) else None
-            if bad is None or bad:
-                raise AttnlabError(f"swap spec rule {i}: " + (f"unknown key {bad[0]!r}" if bad else f"a JSON "
-                                   f"{type(r).__name__}, not an object") + "; expected layers, method, options, lora")
+            if not isinstance(r, dict):
+                raise AttnlabError(f"swap spec rule {i}: a JSON {type(r).__name__}, not an object; {keys}")
+            bad = sorted(set(r) - {f.name for f in dataclasses.fields(Rule)})
+            if bad:
+                raise AttnlabError(f"swap spec rule {i}: unknown key {bad[0]!r}; {keys}")
         try:
             rules = [Rule(str(r.get("layers", "*")), r["method"], dict(r.get("options", {})), r.get("lora", 0))
                      for r in d["rules"]]

@@ -62,9 +62,7 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     common.check_device(device)
     on_cpu = torch.device(device).type == "cpu"
-    methods = attnlab.registry.standalone_methods() if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
-    if not methods:
-        raise AttnlabError("--methods is empty (all: every registered method)")
+    methods = attnlab.registry.standalone_methods() if args.methods == "all" else common.name_list(args.methods)
     from ..bench import peers as peers_mod
     from ..bench.sweep import split_spec
 

@@ -156,9 +156,7 @@ def causal_method_options(raw: str, overrides: list[str] | None, seq_len: int) -
     known, able to run causal attention, its options checked: all before a model loads."""
     from .. import registry
 
-    methods = [m.strip() for m in raw.split(",") if m.strip()]
-    if not methods:
-        raise AttnlabError("--methods is empty")
+    methods = name_list(raw)
     for m in methods:
         registry.get(m)
         if not registry.capabilities(m).causal:

@@ -165,9 +165,7 @@ def run_eval(args) -> int:
     if max(bits) > 16:
         raise AttnlabError(f"--bits must be in 1..16, got {args.bits}")
     lengths = common.int_list("--lengths", args.lengths)
-    dirs = [d.strip() for d in args.models.split(",") if d.strip()]
-    if not dirs:
-        raise AttnlabError("--models is empty")
+    dirs = common.name_list(args.models, "--models")
     metas = [store.read_config(d) for d in dirs]  # every folder checked before any work
     for d, meta in zip(dirs, metas):  # each model needs a length it can evaluate (its max_len is in config.json)
         max_len = (meta.get("model") or {}).get("max_len")

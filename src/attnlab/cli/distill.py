@@ -66,7 +66,7 @@ def run(args) -> int:
 
     from .. import data, models, registry
     from ..adapters.spec import ORIGINAL, SwapSpec
-    from ..adapters.state import check_fingerprint, check_saved, read_meta
+    from ..adapters.state import check_fingerprint, check_saved
     from ..adapters.swap import check as check_swap
     from ..train import checkpoint as ckpt
     from ..train.distill import DistillConfig, check_out, check_spec_trainable, distill, spec_at_length
@@ -83,8 +83,9 @@ def run(args) -> int:
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         torch.cuda.set_device(device)
     overrides = common.parse_overrides(args.overrides)
+    saved_meta = check_saved(args.init) if args.init else None
     if args.init:
-        spec = SwapSpec.from_dict(check_saved(args.init)["spec"])
+        spec = SwapSpec.from_dict(saved_meta["spec"])
     elif args.spec:
         if not Path(args.spec).is_file():
             raise AttnlabError(f"--spec {args.spec!r}: no such file")
@@ -118,7 +119,7 @@ def run(args) -> int:
         raise AttnlabError(f"attnlab distill trains against next-token distributions: {args.model!r} is not a causal LM")
     models.check_seq_len(skeleton, cfg.seq_len)
     if args.init:  # saved for another model (layers, heads): the skeleton tells, before the load
-        check_fingerprint(skeleton, read_meta(args.init), args.init)
+        check_fingerprint(skeleton, saved_meta, args.init)
     plans = check_swap(skeleton, spec, cfg.seq_len)  # a selector that picks no layer, a method that cannot run
     # causal or this length: before the load
     if all(pl.method == ORIGINAL and not pl.lora for pl in plans):

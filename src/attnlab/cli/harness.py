@@ -40,9 +40,7 @@ def run(args) -> int:
     from ..eval import compare, harness
 
     harness.check_installed()
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    if not tasks:
-        raise AttnlabError("--tasks is empty")
+    tasks = common.name_list(args.tasks, "--tasks")
     common.positive_int("--limit", args.limit, 1)
     common.positive_int("--batch-size", args.batch_size, 1)
     common.check_device(args.device)

@@ -71,10 +71,7 @@ def run(args) -> int:
     from ..vision.data import fashion_mnist_dir
     from ..vision.train import VisionConfig, check_methods, run_vision
 
-    methods = registry.standalone_methods() if args.methods.strip() == "all" else \
-        [m.strip() for m in args.methods.split(",") if m.strip()]
-    if not methods:
-        raise AttnlabError("--methods is empty")
+    methods = registry.standalone_methods() if args.methods.strip() == "all" else common.name_list(args.methods)
     if args.warmup_epochs is None:  # the warmup must end before the run does: a one-epoch run has none
         args.warmup_epochs = VisionConfig.warmup_epochs if args.epochs > 1 else 0.0
     cfg = VisionConfig(patches=parse_patches(args.patch), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,

@@ -38,7 +38,7 @@ def load_tokenizer(name: str):
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise AttnlabError(f"--tokenizer {name!r}: no usable tokenizer in {path} ({(str(e).strip().splitlines() or [''])[0][:160]})") from None
+        raise AttnlabError(f"--tokenizer {name!r}: no usable tokenizer in {path} ({models.first_line(e, 160)})") from None
 
 
 def fingerprint(model: SequenceAutoencoder) -> str:
@@ -108,7 +108,7 @@ def load(path, device: str = "cpu", tokenizer: bool = True):
     try:
         model.load_state_dict(tensors)
     except RuntimeError as e:
-        raise CheckpointError(f"{path}/model.safetensors does not match its config ({(str(e).strip().splitlines() or [''])[0][:160]})") from None
+        raise CheckpointError(f"{path}/model.safetensors does not match its config ({str(e)[:160]})") from None
     tok = model_tokenizer(path) if tokenizer else None
     return model.to(device).eval(), tok, meta
 
