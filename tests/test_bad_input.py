@@ -132,6 +132,16 @@ def test_distill_refuses_a_spec_that_swaps_no_layer_before_the_load(tiny_lm_dir,
         assert "leaves every layer its original attention, so there is nothing to distil" in err, err
 
 
+def test_compare_refuses_a_spec_that_swaps_no_layer_before_the_load(tiny_lm_dir, tmp_path, capsys, monkeypatch):
+    """Its row was the original's again, under the spec's name."""
+    no_load(monkeypatch)
+    for i, rules in enumerate(([], [{"layers": "*", "method": "original"}])):
+        f = tmp_path / f"s{i}.json"
+        f.write_text(json.dumps({"rules": rules}))
+        err = refused(capsys, "compare", "--quick", "--model", tiny_lm_dir, "--spec", f, "--out", tmp_path / "out")
+        assert f"spec:s{i}: the spec leaves every layer its original attention" in err, err
+
+
 def test_a_saved_attention_of_another_model_is_refused_before_the_load(tiny_lm_dir, tmp_path, capsys, monkeypatch):
     """The layer count and head shapes are in the saved metadata: checked against the model's skeleton."""
     from tests.adapters import tiny_model

@@ -285,6 +285,9 @@ def test_on_the_real_model_no_leak_per_layer_and_save_load(smollm2, tmp_path):
     (["--budget", "sensitivity", "--share", "model"], "cannot go with --share model"),
     (["--budget", "sensitivity", "--probe", "1.5"], "--probe must be in (0, 1)"),
     (["--budget", "sensitivity", "--alpha", "-1"], "--alpha must be in [0, 4]"),
+    (["--alpha", "1"], "--alpha applies to --budget sensitivity only"),  # each was ignored in silence
+    (["--budget", "uniform", "--probe", "0.9"], "--probe applies to --budget sensitivity only"),
+    (["--probe-windows", "3"], "--probe-windows applies to --budget sensitivity only"),
     (["--narrow-backward"], "add --cost"),
     (["--cost", "--narrow-backward", "--device", "cpu"], "use it with --device cuda"),
     (["--cuda-graph"], "--cuda-graph changes only the --cost rows: add --cost"),

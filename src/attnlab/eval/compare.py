@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import registry
-from ..adapters.spec import SwapSpec
+from ..adapters.spec import ORIGINAL, SwapSpec
 from ..adapters.state import Saved, check_fingerprint, check_saved, read_meta
 from ..adapters.swap import swapped
 from ..metrics import fidelity as fm
@@ -92,7 +92,10 @@ def check_variants(variants: list[Variant], model, seq_len: int | None = None, n
             try:
                 if v.method == "saved":  # saved for another model (layers, heads): the skeleton tells, unloaded
                     check_fingerprint(model, read_meta(v.target.path), v.target.path)
-                check(model, v.target if isinstance(v.target, SwapSpec) else v.target.spec(), seq_len)
+                plans = check(model, v.target if isinstance(v.target, SwapSpec) else v.target.spec(), seq_len)
+                if all(pl.method == ORIGINAL and not pl.lora for pl in plans):
+                    raise AttnlabError("the spec leaves every layer its original attention: its row would be the "
+                                       "original's")
             except AttnlabError as e:
                 raise type(e)(f"{v.label}: {e}") from None  # which file
         elif named:
