@@ -689,7 +689,7 @@ def size_limits(device="cuda", heads=16, t=64, d=32, huge=True, huge_heads=32, h
             ok, note = False, f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
         failures += not ok
         print(f"{'ok ' if ok else 'FAIL'} size-limits grid rows {name:9} batch {b} x {heads} heads: {note}", flush=True)
-        del q, k, v
+        q = k = v = None  # freed before the next method
     if not huge:
         return failures
     h, dh = huge_heads, huge_dim
@@ -734,7 +734,7 @@ def size_limits(device="cuda", heads=16, t=64, d=32, huge=True, huge_heads=32, h
             failures += not ok
             print(f"{'ok ' if ok else 'FAIL'} size-limits offsets {name:6} {t_run} tokens x {h} x {dh} "
                   f"({'triton' if t_run == t_max else 'auto'}): {note}", flush=True)
-            del q, k, v
+            q = k = v = None
             torch.cuda.empty_cache()
     return failures
 
