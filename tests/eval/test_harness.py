@@ -28,9 +28,10 @@ def test_local_task_documents_are_well_formed():
     assert harness.cloze_docs(tail) == cloze  # seeded
 
 
-def test_harness_runs_original_and_swapped(tiny_lm_dir, tmp_path, capsys):
+def test_harness_runs_original_and_swapped(tiny_lm_dir, tmp_path, capfd, monkeypatch):
     import attnlab.cli
 
+    monkeypatch.chdir(tmp_path)  # outside a git checkout: lm-eval's `git describe` printed "fatal: ..." there
     out = tmp_path / "out"
     assert attnlab.cli.main(["harness", "--model", str(tiny_lm_dir), "--methods", "window", "--set",
                              "window.window=16", "--limit", "8", "--batch-size", "4", "--no-progress",
@@ -45,7 +46,8 @@ def test_harness_runs_original_and_swapped(tiny_lm_dir, tmp_path, capsys):
     assert (rows[("original", "attnlab_moby_lastword", "perplexity")]["value"]
             != rows[("window", "attnlab_moby_lastword", "perplexity")]["value"])
     assert res["lm_eval_version"] == lm_eval.__version__
-    stdout = capsys.readouterr().out
+    stdout, stderr = capfd.readouterr()
+    assert "not a git repository" not in stderr, stderr
     assert (out / "harness.png").stat().st_size > 5_000 and "moby_cloze" in stdout
     assert "\nwindow (window=16, sinks=4) " in stdout, stdout  # the variant's options, as in the README's table
 

@@ -120,6 +120,19 @@ def write_local_tasks(folder) -> Path:
     return folder
 
 
+def no_git_probe():
+    """lm-eval records the git commit of the working directory (`git describe` with its stderr left open): outside a
+    checkout, every evaluation printed "fatal: not a git repository". attnlab's rows name their commit themselves."""
+    import contextlib
+    from unittest import mock
+
+    import lm_eval.evaluator
+
+    if not hasattr(lm_eval.evaluator, "get_git_commit_hash"):
+        return contextlib.nullcontext()
+    return mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", lambda: None)
+
+
 def check_installed():
     try:
         import lm_eval  # noqa: F401
@@ -160,7 +173,7 @@ def evaluate(model, tokenizer, variants, *, tasks=LOCAL_TASKS, limit: int | None
     for variant in [None, *variants]:
         label = "original" if variant is None else variant.label
         ctx = contextlib.nullcontext() if variant is None else swapped(model, variant.target)
-        with ctx:
+        with ctx, no_git_probe():
             try:
                 res = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
                                               bootstrap_iters=100, log_samples=False)
