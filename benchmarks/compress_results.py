@@ -9,6 +9,7 @@ eval` over its models) and runs.tgz (every run's log, result.json, log.jsonl, co
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import tarfile
@@ -33,7 +34,8 @@ def read_runs(tgz: Path) -> dict[str, dict]:
     return runs
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     from attnlab.compress.report import plot
 
     rows, runs, calls = [], [], []

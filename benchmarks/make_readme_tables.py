@@ -912,9 +912,13 @@ def render(text: str, bodies: dict | None = None) -> str:
     return text
 
 
-def main() -> int:
-    import sys
+def main(argv=None) -> int:
+    import argparse
 
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--check", action="store_true", help="write nothing; exit 1 when a table differs from what the "
+                                                        "committed JSON gives")
+    args = p.parse_args(argv)
     bodies, stale = blocks(), []
     texts = {doc: doc.read_text() for doc in DOCS}
     lost = [start for start, end in bodies if sum(start in t and end in t for t in texts.values()) != 1]
@@ -926,9 +930,9 @@ def main() -> int:
         new = render(text, bodies)
         if new != text:
             stale.append(doc.relative_to(HERE.parent))
-            if "--check" not in sys.argv:
+            if not args.check:
                 doc.write_text(new)
-    if "--check" in sys.argv:
+    if args.check:
         if stale:
             print(f"{', '.join(map(str, stale))} differ from the tables the committed JSON gives: run python "
                   "benchmarks/make_readme_tables.py")
