@@ -48,6 +48,7 @@ def test_harness_runs_original_and_swapped(tiny_lm_dir, tmp_path, capfd, monkeyp
     assert res["lm_eval_version"] == lm_eval.__version__
     stdout, stderr = capfd.readouterr()
     assert "not a git repository" not in stderr, stderr
+    assert "it/s]" not in stderr, stderr  # lm-eval's own bars under --no-progress
     assert (out / "harness.png").stat().st_size > 5_000 and "moby_cloze" in stdout
     assert "\nwindow (window=16, sinks=4) " in stdout, stdout  # the variant's options, as in the README's table
 

@@ -17,6 +17,7 @@ swapping with `attnlab.swapped` around `simple_evaluate` evaluates the swapped m
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -120,17 +121,31 @@ def write_local_tasks(folder) -> Path:
     return folder
 
 
-def no_git_probe():
-    """lm-eval records the git commit of the working directory (`git describe` with its stderr left open): outside a
-    checkout, every evaluation printed "fatal: not a git repository". attnlab's rows name their commit themselves."""
-    import contextlib
+@contextlib.contextmanager
+def quiet_lm_eval(progress: bool):
+    """lm-eval's own output, for the length of an evaluation: its `git describe` of the working directory (stderr left
+    open: outside a checkout every evaluation printed "fatal: not a git repository"; attnlab's rows name their commit
+    themselves) always, and with `progress` False its progress bars (building contexts, the requests), which its
+    evaluator gives no switch for."""
+    import sys
     from unittest import mock
 
     import lm_eval.evaluator
+    import tqdm as tqdm_package
 
-    if not hasattr(lm_eval.evaluator, "get_git_commit_hash"):
-        return contextlib.nullcontext()
-    return mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", lambda: None)
+    tqdm = tqdm_package.tqdm
+
+    def silent(*args, **kwargs):
+        return tqdm(*args, **{**kwargs, "disable": True})
+
+    with contextlib.ExitStack() as stack:
+        if hasattr(lm_eval.evaluator, "get_git_commit_hash"):
+            stack.enter_context(mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", lambda: None))
+        if not progress:  # the modules that imported tqdm, and the package for those importing it inside a function
+            for name, module in [("tqdm", tqdm_package), *sys.modules.items()]:
+                if (name == "tqdm" or name.startswith("lm_eval")) and getattr(module, "tqdm", None) is tqdm:
+                    stack.enter_context(mock.patch.object(module, "tqdm", silent))
+        yield
 
 
 def check_installed():
@@ -145,7 +160,6 @@ def evaluate(model, tokenizer, variants, *, tasks=LOCAL_TASKS, limit: int | None
              folder=None, progress: bool = True) -> list[dict]:
     """One row per (variant, task, metric): lm-eval's value and stderr. `variants`: compare.Variant list; the
     original model is always evaluated first (variant "original")."""
-    import contextlib
     import logging
 
     check_installed()
@@ -173,7 +187,7 @@ def evaluate(model, tokenizer, variants, *, tasks=LOCAL_TASKS, limit: int | None
     for variant in [None, *variants]:
         label = "original" if variant is None else variant.label
         ctx = contextlib.nullcontext() if variant is None else swapped(model, variant.target)
-        with ctx, no_git_probe():
+        with ctx, quiet_lm_eval(progress):
             try:
                 res = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
                                               bootstrap_iters=100, log_samples=False)
