@@ -341,32 +341,25 @@ def _graph_tables(name: str, prose: str, label: str) -> list[str]:
 def model_table() -> str:
     """SmolLM2-135M model level on the H200: each swapped method against the original model (sdpa), interleaved
     step by step in one process; the crossover length per method; the profile of one step; regional compile."""
-    f = MODEL_DIR / "model_bench.json"
+    f = MODEL_DIR / "model_bench_1k_32k.json"  # the latest run of the first tables' command (model_bench.json's)
     if not f.exists():
         return ""
     rows = json.load(open(f))
     base = "original-sdpa"
     cmd = rows[0].get("command", "").replace("python3 ", "python ")
-    out = [f"NVIDIA H200, bf16, batch 1, `{cmd.split(' --out')[0]}` ([`model_bench/h200/`](benchmarks/results/model_bench/h200/); "
-           "results README there). Every configuration's model is resident and their steps interleave (the r-th "
+    out = [f"NVIDIA H200, bf16, batch 1, `{cmd.split(' --out')[0]}` (`model_bench/h200/model_bench_1k_32k.json`, "
+           "2026-12-06, the tree of e9f11cb; [`model_bench/h200/`](benchmarks/results/model_bench/h200/), results "
+           "README there, also for the first run of this command, `model_bench.json`, before the kernels' later work). "
+           "Every configuration's model is resident and their steps interleave (the r-th "
            "step of each, then the next), so host drift hits all alike. ms / peak GiB, in brackets time vs the "
            "original model; `global_sparse` is a synthetic 64-token-block pattern with 90% of the blocks pruned "
-           "(cost depends on the kept count and layout, not on which text chose them). fwd's peak is the logits "
+           "(cost depends on the kept count and layout, not on which text chose them); `block_sparse` is BigBird's "
+           "recipe at its length defaults. fwd's peak is the logits "
            "(tokens x 49152 vocabulary), the same for every method. Crossover: the shortest measured length from "
-           "which the method is faster than the original at every longer one.", ""]
+           "which the method is faster than the original at every longer one. Eager steps: below 16k tokens the host "
+           "issuing kernels is the bottleneck (the CUDA-graph tables below are the kernels' cost).", ""]
     for mode in ("fwd", "fwd+bwd"):
         out += _model_mode_table(rows, base, mode, f"**SmolLM2-135M {mode}**")
-    h100 = HERE / "results" / "model_bench" / "h100" / "model_bench_1k_32k.json"
-    if h100.exists():
-        hr = json.load(open(h100))
-        hcmd = hr[0].get("command", "").replace("python3 ", "python ").split(" --out")[0]
-        out += ["**The same lengths with the code of ce2072a, on an H100** (`model_bench/h100/model_bench_1k_32k.json`, "
-                f"`{hcmd}`, one interleaved run, 2026-12-05; the session's device call got an NVIDIA H100 80GB, not the "
-                "H200, so these rows are not comparable with the H200 tables' milliseconds, only within the run; "
-                "`block_sparse` is BigBird's recipe at its length defaults, after its causal partial blocks stopped "
-                "reading the layout (c641899)):", ""]
-        for mode in ("fwd", "fwd+bwd"):
-            out += _model_mode_table(hr, base, mode, f"*H100, code of ce2072a, {mode}*")
     long = MODEL_DIR / "model_bench_long.json"
     if long.exists():
         lr = json.load(open(long))
