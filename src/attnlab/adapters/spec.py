@@ -88,6 +88,11 @@ class LayerPlan:
         return d
 
 
+def changes_nothing(plans: list[LayerPlan]) -> bool:
+    """Every layer keeps its own attention and gains no adapter: a swap of these plans is the original model."""
+    return all(pl.method == ORIGINAL and not pl.lora for pl in plans)
+
+
 @dataclasses.dataclass
 class SwapSpec:
     rules: list[Rule]

@@ -65,7 +65,7 @@ def run(args) -> int:
     import torch
 
     from .. import data, models, registry
-    from ..adapters.spec import ORIGINAL, SwapSpec
+    from ..adapters.spec import SwapSpec, changes_nothing
     from ..adapters.state import check_fingerprint, check_saved
     from ..adapters.swap import check as check_swap
     from ..train import checkpoint as ckpt
@@ -122,7 +122,7 @@ def run(args) -> int:
         check_fingerprint(skeleton, saved_meta, args.init)
     plans = check_swap(skeleton, spec, cfg.seq_len)  # a selector that picks no layer, a method that cannot run
     # causal or this length: before the load
-    if all(pl.method == ORIGINAL and not pl.lora for pl in plans):
+    if changes_nothing(plans):
         raise AttnlabError(f"{args.init or args.spec or args.method}: the spec leaves every layer its original "
                            "attention, so there is nothing to distil")
     dtype = args.dtype or ("bfloat16" if torch.device(device).type == "cuda" else "float32")

@@ -10,6 +10,9 @@ from ..types import AttnlabError
 from . import common
 
 
+SENSITIVITY = {"alpha": 0.5, "probe": 0.97, "probe_windows": 2}  # --budget sensitivity's options and defaults
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("sparsify", help="data-informed global sparse attention: measure, select blocks, evaluate",
                        description="Run the model over a corpus, average its attention per layer and head over "
@@ -46,12 +49,11 @@ def add_parser(sub) -> None:
                         "windows and its KL measured; a layer then keeps blocks in proportion to KL ** --alpha, at the "
                         "uniform budget's mean density; the probe is stored in the pattern) (default: %(default)s)")
     p.add_argument("--alpha", type=float, default=None, help="exponent of the sensitivity budget (0: uniform in "
-                                                             "blocks; --budget sensitivity only) (default: 0.5)")
+                   f"blocks; --budget sensitivity only) (default: {SENSITIVITY['alpha']})")
     p.add_argument("--probe", type=float, default=None, help="fraction of one layer's blocks pruned when probing its "
-                                                             "sensitivity (--budget sensitivity only) (default: 0.97)")
+                   f"sensitivity (--budget sensitivity only) (default: {SENSITIVITY['probe']})")
     p.add_argument("--probe-windows", type=int, default=None, help="calibration windows of the probe (from --data, "
-                                                                   "not the held-out text; --budget sensitivity "
-                                                                   "only) (default: 2)")
+                   f"not the held-out text; --budget sensitivity only) (default: {SENSITIVITY['probe_windows']})")
     p.add_argument("--pattern", default=None, metavar="DIR", help="evaluate an existing pattern instead of measuring one")
     p.add_argument("--no-baseline", action="store_true", help="skip the window + sinks baseline")
     p.add_argument("--cost", action="store_true", help="also time the model's layers (fwd and fwd+bwd, batch 1, one "
@@ -92,12 +94,12 @@ def run(args) -> int:
     bad = [b for b in budgets if b not in gs.BUDGETS]
     if bad or not budgets:
         raise AttnlabError(f"--budget {args.budget!r}: each must be one of {', '.join(gs.BUDGETS)}")
-    for flag, given in (("--alpha", args.alpha), ("--probe", args.probe), ("--probe-windows", args.probe_windows)):
-        if given is not None and "sensitivity" not in budgets:
-            raise AttnlabError(f"{flag} applies to --budget sensitivity only; --budget is {args.budget!r}")
-    args.alpha = 0.5 if args.alpha is None else args.alpha
-    args.probe = 0.97 if args.probe is None else args.probe
-    args.probe_windows = 2 if args.probe_windows is None else args.probe_windows
+    for key, default in SENSITIVITY.items():
+        if getattr(args, key) is None:
+            setattr(args, key, default)
+        elif "sensitivity" not in budgets:
+            raise AttnlabError(f"--{key.replace('_', '-')} applies to --budget sensitivity only; --budget is "
+                               f"{args.budget!r}")
     if "sensitivity" in budgets:
         if "model" in shares:
             raise AttnlabError("--budget sensitivity divides the blocks between layers: it cannot go with --share model")

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import registry
-from ..adapters.spec import ORIGINAL, SwapSpec
+from ..adapters.spec import SwapSpec, changes_nothing
 from ..adapters.state import Saved, check_fingerprint, check_saved, read_meta
 from ..adapters.swap import swapped
 from ..metrics import fidelity as fm
@@ -93,7 +93,7 @@ def check_variants(variants: list[Variant], model, seq_len: int | None = None, n
                 if v.method == "saved":  # saved for another model (layers, heads): the skeleton tells, unloaded
                     check_fingerprint(model, read_meta(v.target.path), v.target.path)
                 plans = check(model, v.target if isinstance(v.target, SwapSpec) else v.target.spec(), seq_len)
-                if all(pl.method == ORIGINAL and not pl.lora for pl in plans):
+                if changes_nothing(plans):
                     raise AttnlabError("the spec leaves every layer its original attention: its row would be the "
                                        "original's")
             except AttnlabError as e:

@@ -142,7 +142,7 @@ def quiet_lm_eval(progress: bool):
         if hasattr(lm_eval.evaluator, "get_git_commit_hash"):
             stack.enter_context(mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", lambda: None))
         if not progress:  # the modules that imported tqdm, and the package for those importing it inside a function
-            for name, module in [("tqdm", tqdm_package), *sys.modules.items()]:
+            for name, module in list(sys.modules.items()):
                 if (name == "tqdm" or name.startswith("lm_eval")) and getattr(module, "tqdm", None) is tqdm:
                     stack.enter_context(mock.patch.object(module, "tqdm", silent))
         yield
